@@ -1,0 +1,154 @@
+"""The one config dataclass of the flow GRPO recipe (`flowalign/train.py`).
+
+Sections: model, sampling, algorithm, train, reward, data, log. Every field is documented once,
+here; `python flowalign/train.py --describe` prints them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Optional
+
+from shared.config import ConfigError, option
+
+EMBEDDED_MODEL = "embedded:digits"  # the project's own tiny SD3 pipeline, built and cached on first use
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    path: str = option(EMBEDDED_MODEL, "diffusers pipeline: local directory, hub id, or 'embedded:digits'")
+    pipeline: Literal["sd3"] = option("sd3", "pipeline family of the adapter (SD3 family; FLUX adapter not yet built)")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the transformer and frozen parts")
+    lora: bool = option(True, "train a LoRA adapter (true) or the full transformer (false)")
+    lora_rank: int = option(32, "LoRA rank r")
+    lora_alpha: int = option(64, "LoRA alpha")
+    lora_targets: list[str] = option(["to_q", "to_k", "to_v", "to_out.0"], "module names LoRA wraps")
+    allow_remote_code: bool = option(False, "pass trust_remote_code to from_pretrained (off: never run hub code)")
+
+
+@dataclasses.dataclass
+class SamplingConfig:
+    num_steps: int = option(10, "denoising steps per rollout (Flow-GRPO trains with 10)")
+    eval_num_steps: int = option(20, "ODE steps for evaluation samples and image grids")
+    guidance_scale: float = option(4.5, "classifier-free guidance during rollout and training (1 = off)")
+    noise_level: float = option(0.7, "SDE noise level a; 0 makes the SDE step the ODE step")
+    sde_kind: Literal["flow_grpo", "cps"] = option("flow_grpo", "SDE step: Flow-GRPO or coefficients-preserving (CPS)")
+    same_noise_per_group: bool = option(False, "members of a group share their initial noise (TempFlow seed groups)")
+
+
+@dataclasses.dataclass
+class AlgorithmConfig:
+    name: Literal["flow_grpo", "mixgrpo", "tempflow"] = option("flow_grpo", "which rollout/training scheme")
+    train_fraction: float = option(1.0, "flow_grpo: fraction of the SDE steps trained each iteration (random subset)")
+    window_size: int = option(4, "mixgrpo: SDE window length w")
+    window_stride: int = option(1, "mixgrpo: window moves by s steps ...")
+    window_interval: int = option(25, "mixgrpo: ... every tau iterations")
+    window_mode: Literal["progressive", "frozen", "random"] = option("progressive", "mixgrpo: window schedule")
+    flash_ratio: Optional[float] = option(None, "mixgrpo-flash: compress post-window ODE steps by this ratio (2nd order)")
+    branch_steps: Literal["all", "subset", "window"] = option("all", "tempflow: where trajectories branch")
+    branch_subset: list[int] = option([], "tempflow: branch step indices when branch_steps = subset")
+    num_branches: int = option(4, "tempflow: SDE samples K drawn at each branch step")
+    noise_aware_weighting: bool = option(False, "scale each step's loss by its noise scale (TempFlow-GRPO)")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    iterations: int = option(100, "GRPO iterations (rollout + update)")
+    prompts_per_iteration: int = option(10, "distinct prompts per iteration")
+    group_size: int = option(8, "samples per prompt G")
+    updates_per_iteration: int = option(2, "optimizer steps per iteration (the batch is split in this many parts)")
+    micro_batch_size: int = option(32, "samples per forward pass in the update (gradient accumulation)")
+    learning_rate: float = option(3e-4, "AdamW learning rate")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    clip_range: float = option(1e-4, "PPO clip epsilon on the per-step ratio (Flow-GRPO: 1e-4)")
+    advantage_clip: float = option(5.0, "clip advantages to +-this")
+    advantage_scale: Literal["group", "batch", "none"] = option("batch", "std for advantages: per group, whole batch (Flow-GRPO), none")
+    kl_beta: float = option(0.01, "weight of the Gaussian-mean KL to the reference (LoRA disabled); 0 = off")
+    ema_decay: Optional[float] = option(None, "keep an EMA of the trained weights for evaluation (e.g. 0.9)")
+    seed: int = option(0, "seed for prompts, noise and initialisation")
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    weights: dict[str, float] = option(
+        {"flowalign.rewards:digit_classifier_reward": 1.0},
+        "reward import path 'module:name' -> weight; the name is a reward fn or a factory taking no arguments",
+    )
+    kwargs: dict[str, dict[str, Any]] = option({}, "reward import path -> keyword arguments for its factory")
+    composition: Literal["sum_then_normalize", "normalize_then_sum"] = option(
+        "sum_then_normalize", "weighted sum then normalise, or normalise each reward then sum (MixGRPO)")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    prompts: list[str] = option([f"the digit {w}" for w in
+                                 "zero one two three four five six seven eight nine".split()], "training prompts")
+    prompts_file: Optional[str] = option(None, "text file with one prompt per line (replaces prompts)")
+    eval_prompts: list[str] = option([], "evaluation prompts (default: the training prompts)")
+    eval_seeds: int = option(4, "held-out noise seeds per eval prompt (fixed, never used in training)")
+
+
+@dataclasses.dataclass
+class LogConfig:
+    output_dir: str = option("runs/flow_grpo", "where metrics, images, plots and checkpoints go")
+    eval_every: int = option(10, "evaluate and write an image grid every N iterations (0 = only at start and end)")
+    checkpoint_every: int = option(10, "checkpoint every N iterations (0 = only at the end)")
+    keep_last: int = option(2, "checkpoints kept on disk")
+
+
+@dataclasses.dataclass
+class FlowGRPOConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks, before any model loads."""
+        s, a, t = self.sampling, self.algorithm, self.train
+
+        def need(condition: bool, field: str, message: str) -> None:
+            if not condition:
+                raise ConfigError(f"config field '{field}': {message}")
+
+        need(s.num_steps >= 2, "sampling.num_steps", f"{s.num_steps} is too few; use at least 2")
+        need(s.eval_num_steps >= 1, "sampling.eval_num_steps", f"{s.eval_num_steps}; use at least 1")
+        need(0 <= s.noise_level <= 1.5, "sampling.noise_level", f"{s.noise_level} is outside [0, 1.5]; Flow-GRPO uses 0.7")
+        need(s.noise_level > 0, "sampling.noise_level", "0 gives deterministic steps with no log-prob to train; use 0.7")
+        need(t.group_size >= 2, "train.group_size", f"{t.group_size} < 2; group advantages need at least 2 samples per prompt")
+        need(t.prompts_per_iteration >= 1, "train.prompts_per_iteration", f"{t.prompts_per_iteration}; use at least 1")
+        need(t.iterations >= 0, "train.iterations", f"{t.iterations} is negative")
+        need(t.learning_rate > 0, "train.learning_rate", f"{t.learning_rate} must be positive, e.g. 3e-4")
+        need(t.micro_batch_size >= 1, "train.micro_batch_size", f"{t.micro_batch_size}; use at least 1")
+        need(t.updates_per_iteration >= 1, "train.updates_per_iteration", f"{t.updates_per_iteration}; use at least 1")
+        need(t.clip_range > 0, "train.clip_range", f"{t.clip_range} must be positive, e.g. 1e-4")
+        need(t.kl_beta >= 0, "train.kl_beta", f"{t.kl_beta} must be >= 0")
+        need(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay", f"{t.ema_decay} must be in (0, 1) or null")
+        need(0 < a.train_fraction <= 1, "algorithm.train_fraction", f"{a.train_fraction} must be in (0, 1]")
+        trainable_steps = s.num_steps - 1  # the last step lands on sigma = 0 and has no noise
+        if a.name == "mixgrpo" or a.branch_steps == "window":
+            need(1 <= a.window_size <= trainable_steps, "algorithm.window_size",
+                 f"{a.window_size} does not fit in {trainable_steps} noisy steps (sampling.num_steps - 1); lower it")
+            need(a.window_stride >= 1, "algorithm.window_stride", f"{a.window_stride}; use at least 1")
+            need(a.window_interval >= 1, "algorithm.window_interval", f"{a.window_interval}; use at least 1")
+        if a.flash_ratio is not None:
+            need(a.name == "mixgrpo", "algorithm.flash_ratio", "only MixGRPO has a Flash variant; set algorithm.name=mixgrpo")
+            need(0 < a.flash_ratio <= 1, "algorithm.flash_ratio", f"{a.flash_ratio} must be in (0, 1], e.g. 0.4")
+        if a.name == "tempflow":
+            need(a.num_branches >= 2, "algorithm.num_branches", f"{a.num_branches} < 2; branches form the groups")
+            if a.branch_steps == "subset":
+                need(bool(a.branch_subset), "algorithm.branch_subset", "empty; list step indices or use branch_steps=all")
+                bad = [k for k in a.branch_subset if not 0 <= k < trainable_steps]
+                need(not bad, "algorithm.branch_subset", f"{bad} outside 0..{trainable_steps - 1}")
+        need(bool(self.reward.weights), "reward.weights", "empty; name at least one reward 'module:name': weight")
+        for path in list(self.reward.weights) + list(self.reward.kwargs):
+            need(":" in path, "reward.weights", f"{path!r} is not 'module:name'; e.g. flowalign.rewards:jpeg_compressibility")
+        unknown = set(self.reward.kwargs) - set(self.reward.weights)
+        need(not unknown, "reward.kwargs", f"{sorted(unknown)} have no weight in reward.weights; add them there")
+        need(self.data.eval_seeds >= 1, "data.eval_seeds", f"{self.data.eval_seeds}; use at least 1")
+        need(self.log.keep_last >= 1, "log.keep_last", f"{self.log.keep_last}; keep at least 1 checkpoint")
+        need(self.model.lora_rank >= 1, "model.lora_rank", f"{self.model.lora_rank}; use at least 1")

@@ -1,0 +1,83 @@
+"""Trainable parameters of the transformer: LoRA through peft (or full fine-tuning), EMA, saving."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+
+def make_trainable(transformer: torch.nn.Module, lora: bool, rank: int, alpha: int, targets: list[str]) -> list[torch.nn.Parameter]:
+    """Add a LoRA adapter (peft) or unfreeze the whole transformer; return the trainable parameters."""
+    if lora:
+        from peft import LoraConfig
+
+        transformer.requires_grad_(False)
+        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+        params = [p for p in transformer.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"model.lora_targets {targets} matched no module of the transformer; "
+                             "list attention projection names such as to_q, to_k, to_v")
+        return params
+    transformer.requires_grad_(True)
+    return list(transformer.parameters())
+
+
+@contextlib.contextmanager
+def reference_model(transformer: torch.nn.Module, lora: bool):
+    """Inside the block the transformer is the reference policy: the base model with LoRA disabled."""
+    if not lora:
+        raise ValueError("a KL reference needs model.lora=true (full fine-tuning keeps no reference copy); "
+                         "set train.kl_beta=0 or model.lora=true")
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
+
+
+def trainable_state(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in transformer.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(transformer.named_parameters())
+    missing = [name for name in state if name not in params]
+    if missing:
+        raise ValueError(f"checkpoint has parameters the model lacks, e.g. {missing[:3]}; was it made with another config?")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def save_lora_for_pipeline(pipeline_class, transformer: torch.nn.Module, directory: str | Path) -> None:
+    """Write the adapter as `pytorch_lora_weights.safetensors`, the form `pipeline.load_lora_weights` reads."""
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline_class.save_lora_weights(str(directory), transformer_lora_layers=get_peft_model_state_dict(transformer))
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters, swapped in for evaluation."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay = params, decay
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)

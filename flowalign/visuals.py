@@ -1,0 +1,54 @@
+"""What a researcher looks at: image grids of evaluation samples and reward curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def save_image_grid(images: torch.Tensor, rows: int, path: str | Path, labels: list[str] | None = None,
+                    min_cell: int = 64) -> None:
+    """images [rows*cols, 3, H, W] in [0, 1], row-major -> one PNG; small images are upscaled (nearest)."""
+    count, _, height, width = images.shape
+    cols = count // rows
+    zoom = max(1, -(-min_cell // max(height, width)))  # ceil: tiny toy images stay visible
+    label_width = 8 * max((len(label) for label in labels), default=0) + 8 if labels else 0
+    cells = (images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())  # [N, H, W, 3]
+    canvas = Image.new("RGB", (label_width + cols * width * zoom, rows * height * zoom), "white")
+    for index in range(rows * cols):
+        r, c = divmod(index, cols)
+        cell = Image.fromarray(np.ascontiguousarray(cells[index])).resize((width * zoom, height * zoom), Image.NEAREST)
+        canvas.paste(cell, (label_width + c * width * zoom, r * height * zoom))
+    if labels:
+        draw = ImageDraw.Draw(canvas)
+        for r, label in enumerate(labels[:rows]):
+            draw.text((4, r * height * zoom + height * zoom // 2 - 5), label, fill="black")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+def plot_curves(metrics_path: str | Path, out_path: str | Path, keys: list[str], title: str) -> list[str]:
+    """Plot `keys` from a metrics.jsonl against the iteration; returns the keys that were found."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    found = [key for key in keys if any(key in r for r in records)]
+    fig, axes = plt.subplots(1, max(1, len(found)), figsize=(4.5 * max(1, len(found)), 3.2), squeeze=False)
+    for axis, key in zip(axes[0], found):
+        points = [(r["iteration"], r[key]) for r in records if key in r]
+        axis.plot(*zip(*points), marker="." if len(points) < 30 else None)
+        axis.set_xlabel("iteration")
+        axis.set_title(key)
+        axis.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return found

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up a virtual environment (default .venv) with the CPU build of torch and everything else.
+# Usage: bash scripts/setup.sh            (VENV=path to choose another location)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PY="$VENV/bin/python"
+"$PY" -m pip install --quiet --upgrade pip
+# torch first, pinned: a bare or open-ended torch requirement would pull a multi-GB CUDA build.
+"$PY" -m pip install --quiet torch==2.13.0
+"$PY" -m pip install --quiet -c constraints.txt -e ".[dev]"
+# torchvision from PyPI is a CUDA build; this hook lets it import beside CPU torch (README, "torchvision").
+"$PY" scripts/torchvision_cpu_hook.py --install
+"$PY" -c "import shared, flowalign, llmalign, open_clip, diffusers, transformers, peft; print('environment ready')"

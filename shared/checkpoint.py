@@ -1,0 +1,137 @@
+"""Checkpoint I/O: safetensors for tensors, JSON for everything else, written atomically.
+
+A checkpoint is a directory `step-000010/` holding `<name>.safetensors` + `<name>.json` pairs
+(for example `optimizer`, `rng`, `trainer`). It is written under a temporary name and renamed
+into place, and `latest` (a text file naming the newest checkpoint) is replaced atomically
+afterwards, so a crash mid-write never damages the previous checkpoint. Nothing is unpickled:
+nested state (optimizer state dicts, RNG states) is split into a tensor dict and a JSON skeleton.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+_TENSOR_REF = "__tensor__"  # a JSON marker that stands for an entry of the safetensors file
+_TUPLE = "__tuple__"
+
+
+def flatten_state(obj: Any, tensors: dict[str, torch.Tensor] | None = None, path: str = "") -> tuple[Any, dict]:
+    """Split nested state into a JSON-able skeleton and a flat `{key: tensor}` dict."""
+    tensors = {} if tensors is None else tensors
+    if isinstance(obj, torch.Tensor):
+        key = path or "tensor"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {_TENSOR_REF: key}, tensors
+    if isinstance(obj, np.ndarray):
+        return flatten_state(torch.from_numpy(obj.copy()), tensors, path)
+    if isinstance(obj, dict):
+        if not all(isinstance(k, (str, int)) for k in obj):
+            raise TypeError(f"checkpoint state at '{path}': only str/int keys can be saved")
+        items = [[k, flatten_state(v, tensors, f"{path}.{k}" if path else str(k))[0]] for k, v in obj.items()]
+        return {"__dict__": items}, tensors
+    if isinstance(obj, (list, tuple)):
+        items = [flatten_state(v, tensors, f"{path}.{i}")[0] for i, v in enumerate(obj)]
+        return ({_TUPLE: items} if isinstance(obj, tuple) else items), tensors
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item(), tensors
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj, tensors
+    raise TypeError(f"checkpoint state at '{path}': cannot save a {type(obj).__name__}")
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(skeleton, dict):
+        if _TENSOR_REF in skeleton:
+            return tensors[skeleton[_TENSOR_REF]]
+        if _TUPLE in skeleton:
+            return tuple(unflatten_state(v, tensors) for v in skeleton[_TUPLE])
+        return {k: unflatten_state(v, tensors) for k, v in skeleton["__dict__"]}
+    if isinstance(skeleton, list):
+        return [unflatten_state(v, tensors) for v in skeleton]
+    return skeleton
+
+
+def save_state(directory: Path, name: str, state: Any) -> None:
+    skeleton, tensors = flatten_state(state)
+    save_file(tensors, str(directory / f"{name}.safetensors"))
+    (directory / f"{name}.json").write_text(json.dumps(skeleton))
+
+
+def load_state(directory: Path, name: str) -> Any:
+    directory = Path(directory)
+    tensors = load_file(str(directory / f"{name}.safetensors"))
+    return unflatten_state(json.loads((directory / f"{name}.json").read_text()), tensors)
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch (CPU, and CUDA when present) generator states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def save_checkpoint(root: str | Path, step: int, states: dict[str, Any], keep_last: int | None = None,
+                    extra_writer=None) -> Path:
+    """Write `root/step-{step:06d}/` atomically, then point `root/latest` at it.
+
+    states: name -> nested state (tensors, numbers, strings, lists, dicts).
+    extra_writer: optional `fn(tmp_dir)` for files in other formats (a LoRA adapter directory, say).
+    keep_last: delete older checkpoints beyond this many, only after the new one is in place.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, state in states.items():
+        save_state(tmp, name, state)
+    if extra_writer is not None:
+        extra_writer(tmp)
+    _fsync_tree(tmp)
+    if final.exists():  # a re-save of the same step replaces it as a whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer_tmp = root / f".latest.tmp-{os.getpid()}"
+    pointer_tmp.write_text(final.name + "\n")
+    os.replace(pointer_tmp, root / "latest")
+    if keep_last is not None:
+        for old in sorted(root.glob("step-*"))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The checkpoint `root/latest` names, or None when there is none yet."""
+    pointer = Path(root) / "latest"
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())

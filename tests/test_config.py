@@ -1,0 +1,94 @@
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Literal, Optional
+
+import pytest
+
+from shared.config import ConfigError, describe, load_config, option, parse_overrides
+
+
+@dataclasses.dataclass
+class Optim:
+    lr: float = option(1e-4, "learning rate")
+    betas: list[float] = option([0.9, 0.999], "Adam betas")
+
+
+@dataclasses.dataclass
+class Recipe:
+    group_size: int = option(4, "samples per prompt")
+    scale: Literal["group", "batch", "none"] = option("group", "advantage scale")
+    lora: bool = option(True, "train a LoRA adapter")
+    resume_from: Optional[str] = option(None, "checkpoint directory")
+    weights: dict[str, float] = option({"a": 1.0}, "reward weights")
+    optim: Optim = dataclasses.field(default_factory=Optim)
+
+    def validate(self):
+        if self.group_size < 2:
+            raise ConfigError(f"config field 'group_size': {self.group_size} < 2; use at least 2 samples per prompt")
+
+
+def test_yaml_and_overrides_merge(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("group_size: 8\noptim:\n  lr: 0.001\nweights: {a: 0.5, b: 2}\n")
+    config = load_config(Recipe, path, ["optim.betas=[0.5, 0.6]", "scale=batch", "resume_from=runs/x"])
+    assert config.group_size == 8
+    assert config.optim.lr == 0.001 and config.optim.betas == [0.5, 0.6]
+    assert config.scale == "batch" and config.resume_from == "runs/x"
+    assert config.weights == {"a": 0.5, "b": 2.0} and isinstance(config.weights["b"], float)
+    # defaults are per instance, not shared between configs
+    assert Recipe().weights is not Recipe().weights
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["group_sise=3"], "unknown config field 'group_sise'; did you mean 'group_size'?"),
+        (["optim.lrr=3"], "did you mean 'optim.lr'?"),
+        (["group_size=abc"], "config field 'group_size': expected an integer, got 'abc'"),
+        (["group_size=2.5"], "expected an integer, got 2.5"),
+        (["lora=1"], "config field 'lora': expected true or false, got 1"),
+        (["scale=global"], "config field 'scale': 'global' is not allowed; use one of ['group', 'batch', 'none']"),
+        (["weights={a: x}"], "config field 'weights.a': expected a number, got 'x'"),
+        (["group_size=1"], "config field 'group_size': 1 < 2"),
+        (["optim=3"], "config section 'optim': expected a mapping"),
+        (["nokey"], "override 'nokey' is not key=value"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(Recipe, None, overrides)
+    assert message in str(info.value)
+
+
+def test_parse_overrides_nests_and_parses_yaml():
+    assert parse_overrides(["a.b.c=1", "a.d=x", "e=[1, 2]", "f="]) == {"a": {"b": {"c": 1}, "d": "x"}, "e": [1, 2], "f": ""}
+
+
+def test_missing_file_and_describe(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(Recipe, tmp_path / "nope.yaml")
+    lines = describe(Recipe)
+    assert "optim.lr (float, default 0.0001): learning rate" in lines
+    assert any(line.startswith("scale (one of 'group'|'batch'|'none'") for line in lines)
+
+
+def test_exit_code_2_and_no_traceback(tmp_path):
+    script = tmp_path / "cli.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from shared.config import ConfigError, exit_on_config_error, load_config
+        from tests.test_config import Recipe
+        try:
+            load_config(Recipe, None, sys.argv[1:])
+        except ConfigError as error:
+            exit_on_config_error(error)
+    """))
+    root = str(Path(__file__).parents[1])
+    result = subprocess.run([sys.executable, str(script), "group_size=x"], capture_output=True, text=True,
+                            cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["config error: config field 'group_size': expected an integer, got 'x' (str)"]

@@ -1,0 +1,122 @@
+"""The embedded digits toy: tokenizers, tiny components, data split, build and cache."""
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from flowalign import toy
+
+PROMPTS = ["the digit seven", "a photo of the digit 3", "handwritten nine", "", "Unknown WORDS, 42!"]
+
+
+def test_vocab_words_are_single_tokens():
+    tok = toy.build_clip_tokenizer()
+    for word in toy.VOCAB_WORDS:
+        ids = tok(word).input_ids
+        assert ids == [tok.bos_token_id, tok.convert_tokens_to_ids(word + "</w>"), tok.eos_token_id], word
+    # Unknown text falls back to byte pieces, never to <unk> (= eos, which would end the pooled text).
+    assert tok("zzq").input_ids.count(tok.eos_token_id) == 1
+
+
+def test_tokenizer_reloads_identically(tmp_path):
+    from transformers import CLIPTokenizer
+
+    tok = toy.build_clip_tokenizer()
+    tok.save_pretrained(tmp_path)
+    reloaded = CLIPTokenizer.from_pretrained(tmp_path)
+    for prompt in PROMPTS:
+        assert reloaded(prompt, padding="max_length", max_length=16).input_ids == tok(
+            prompt, padding="max_length", max_length=16
+        ).input_ids
+    assert reloaded.model_max_length == toy.TOKEN_LENGTH and len(reloaded) == len(tok)
+
+
+def test_tiny_pipeline_runs_saves_and_reloads(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipeline = toy.build_pipeline(toy.build_tiny_components(seed=0))
+    images = pipeline(
+        PROMPTS[:2], num_inference_steps=2, guidance_scale=3.0, output_type="pt", max_sequence_length=0,
+        generator=torch.Generator().manual_seed(0),
+    ).images  # fmt: skip
+    assert images.shape == (2, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
+    pipeline.save_pretrained(tmp_path)
+    reloaded = StableDiffusion3Pipeline.from_pretrained(tmp_path, text_encoder_3=None, tokenizer_3=None)
+    reloaded.set_progress_bar_config(disable=True)
+    for prompt in PROMPTS:
+        assert reloaded.tokenizer(prompt).input_ids == pipeline.tokenizer(prompt).input_ids
+        assert reloaded.tokenizer_2(prompt).input_ids == pipeline.tokenizer_2(prompt).input_ids
+    again = reloaded(
+        PROMPTS[:2], num_inference_steps=2, guidance_scale=3.0, output_type="pt", max_sequence_length=0,
+        generator=torch.Generator().manual_seed(0),
+    ).images  # fmt: skip
+    assert_close(again, images)
+
+
+def test_tiny_components_depend_on_seed():
+    a, b = toy.build_tiny_components(seed=0), toy.build_tiny_components(seed=1)
+    wa = a["transformer"].proj_out.weight
+    assert_close(wa, toy.build_tiny_components(seed=0)["transformer"].proj_out.weight)
+    assert not torch.equal(wa, b["transformer"].proj_out.weight)
+    assert a["text_encoder_3"] is None and a["tokenizer_3"] is None
+
+
+def test_digit_data_and_fixed_split():
+    images, labels = toy.load_digit_images(size=8)
+    from sklearn.datasets import load_digits
+
+    assert_close(images[:, 0], torch.tensor(load_digits().images, dtype=torch.float32) / 16)
+    assert toy.load_digit_images()[0].shape == (1797, 1, 16, 16)
+    train, heldout = toy.digit_split(1797)
+    # 1797 * 0.2 = 359.4 -> 359 held out, 1438 for training; disjoint and covering all.
+    assert len(heldout) == 359 and len(train) == 1438
+    assert sorted(torch.cat([train, heldout]).tolist()) == list(range(1797))
+    assert torch.equal(heldout, toy.digit_split(1797)[1])  # same split every time
+
+
+def test_prompt_lists():
+    assert [toy.digit_in_prompt(p) for p in toy.TRAIN_PROMPTS] == list(range(10))
+    assert [toy.digit_in_prompt(p) for p in toy.HELDOUT_PROMPTS] == list(range(10)) * 2
+    assert not set(toy.TRAIN_PROMPTS) & set(toy.HELDOUT_PROMPTS)
+
+
+def test_classifier_accepts_rgb_and_other_sizes():
+    torch.manual_seed(0)
+    model = toy.DigitClassifier().eval()
+    gray = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        assert_close(model(gray.expand(-1, 3, -1, -1)), model(gray))
+        big = torch.nn.functional.interpolate(gray, size=(32, 32), mode="bilinear", align_corners=False)
+        assert model(big).shape == (2, 10)
+    with pytest.raises(ValueError, match="B, 1 or 3, H, W"):
+        model(torch.rand(2, 16, 16))
+
+
+def test_quick_build_is_cached_and_loads(tmp_path, monkeypatch):
+    from flowalign.adapters import SD3Adapter
+
+    monkeypatch.setenv("FLOWALIGN_CACHE", str(tmp_path))
+    path = toy.ensure_digits_pipeline(quick=True)
+    assert path == str(tmp_path / "digits-sd3-v1-quick")
+    settings = json.loads((tmp_path / "digits-sd3-v1-quick" / "flowalign.json").read_text())
+    assert settings["quick"] and settings["max_sequence_length"] == 0
+    stamp = (tmp_path / "digits-sd3-v1-quick" / "flowalign.json").stat().st_mtime_ns
+    assert toy.ensure_digits_pipeline(quick=True) == path  # second call: no rebuild
+    assert (tmp_path / "digits-sd3-v1-quick" / "flowalign.json").stat().st_mtime_ns == stamp
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary left over
+    adapter = SD3Adapter.from_pretrained(path)
+    assert adapter.max_sequence_length == 0 and adapter.latent_shape() == (4, 8, 8)
+    assert toy.load_digit_classifier(tmp_path / "digits-sd3-v1-quick" / "digit_classifier").image_size == 16
+
+
+@pytest.mark.skipif(not toy.is_complete(toy.default_cache_dir()), reason="pretrained toy not built")
+def test_cached_pretrained_toy_follows_prompts_better_than_chance():
+    from flowalign.adapters import SD3Adapter
+
+    adapter = SD3Adapter.from_pretrained(toy.default_cache_dir())
+    classifier = toy.load_digit_classifier(toy.default_cache_dir() / "digit_classifier")
+    # 10 samples per digit at guidance 4.5, 10 steps; chance is 0.1, the build measured ~0.6.
+    acc = toy.prompted_digit_accuracy(adapter.pipeline, classifier, 4.5, 10, per_prompt=10, seed=123)
+    assert acc > 0.3
