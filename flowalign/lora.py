@@ -55,7 +55,9 @@ def save_lora_for_pipeline(pipeline_class, transformer: torch.nn.Module, directo
     """Write the adapter as `pytorch_lora_weights.safetensors`, the form `pipeline.load_lora_weights` reads."""
     from peft.utils import get_peft_model_state_dict
 
-    pipeline_class.save_lora_weights(str(directory), transformer_lora_layers=get_peft_model_state_dict(transformer))
+    pipeline_class.save_lora_weights(
+        str(directory), transformer_lora_layers=get_peft_model_state_dict(transformer),
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())  # keeps alpha: scale = alpha / r
 
 
 class EMA:

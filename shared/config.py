@@ -97,6 +97,11 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             raise ConfigError(f"config field '{name}': expected an integer, got {value!r} ({type(value).__name__})")
         return value
     if hint is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-4 without a dot as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config field '{name}': expected a number, got {value!r} ({type(value).__name__})")
         return float(value)

@@ -38,6 +38,7 @@ def test_yaml_and_overrides_merge(tmp_path):
     assert config.group_size == 8
     assert config.optim.lr == 0.001 and config.optim.betas == [0.5, 0.6]
     assert config.scale == "batch" and config.resume_from == "runs/x"
+    assert load_config(Recipe, None, ["optim.lr=1e-3"]).optim.lr == 0.001  # YAML 1.1 reads 1e-3 as a string
     assert config.weights == {"a": 0.5, "b": 2.0} and isinstance(config.weights["b"], float)
     # defaults are per instance, not shared between configs
     assert Recipe().weights is not Recipe().weights
