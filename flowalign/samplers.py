@@ -100,6 +100,8 @@ def dpm_solver_2m_step(latents: Tensor, velocity: Tensor, sigma: float, sigma_ne
     and the first-order step equals the Euler step exactly.
     """
     x, x0 = latents.float(), latents.float() - sigma * velocity.float()
+    if sigma >= 1:  # lambda = -inf at pure noise: take the (equivalent) first-order Euler step
+        return euler_ode_step(latents, velocity, sigma, sigma_next)
     if sigma_next <= 0:
         return x0.to(latents.dtype)
     h = _log_snr(sigma_next) - _log_snr(sigma)
