@@ -264,3 +264,222 @@ class SD3Adapter:
         z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)  # undo the SD3 latent scaling
         images = vae.decode(z.to(vae.dtype), return_dict=False)[0]  # [B, 3, H, W] in ~[-1, 1]
         return (images * 0.5 + 0.5).clamp(0, 1).float()
+
+
+# ----------------------------------------------------------------------------- FLUX
+
+FLUX_DEFAULT_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.__call__'s default T5 length (also its maximum)
+FLUX_PATCH = 2  # FLUX packs each 2x2 patch of latent pixels into one image token
+
+
+def _pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """Latents [B, C, h, w] -> image tokens [B, (h/2)*(w/2), 4C]: token (i, j) holds the 2x2 patch
+    at rows 2i..2i+1, columns 2j..2j+1, features ordered (channel, patch row, patch column)."""
+    b, c, h, w = latents.shape
+    patches = latents.reshape(b, c, h // FLUX_PATCH, FLUX_PATCH, w // FLUX_PATCH, FLUX_PATCH)  # [B, C, i, di, j, dj]
+    patches = patches.permute(0, 2, 4, 1, 3, 5)  # [B, i, j, C, di, dj]
+    return patches.reshape(b, (h // FLUX_PATCH) * (w // FLUX_PATCH), c * FLUX_PATCH * FLUX_PATCH)  # [B, N, 4C]
+
+
+def _unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of `_pack_latents`: tokens [B, (h/2)*(w/2), 4C] -> latents [B, C, h, w] (h, w unpacked)."""
+    b, _, features = tokens.shape
+    c = features // (FLUX_PATCH * FLUX_PATCH)
+    patches = tokens.reshape(b, height // FLUX_PATCH, width // FLUX_PATCH, c, FLUX_PATCH, FLUX_PATCH)
+    # patches: [B, i, j, C, di, dj]
+    return patches.permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)  # [B, C, h, w]
+
+
+def _image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
+    """RoPE position ids of the packed image tokens [(h/2)*(w/2), 3]: (0, token row i, token column j),
+    rows in the order `_pack_latents` emits tokens (row-major over (i, j))."""
+    rows = torch.arange(height // FLUX_PATCH, device=device).repeat_interleave(width // FLUX_PATCH)  # [N]
+    cols = torch.arange(width // FLUX_PATCH, device=device).repeat(height // FLUX_PATCH)  # [N]
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=1).to(dtype)  # [N, 3]
+
+
+class FluxAdapter:
+    """`FlowPipelineAdapter` for `FluxPipeline` (FLUX.1 dev / schnell): CLIP pooled + T5 token
+    conditioning, latents packed into 2x2-patch tokens, transformer called at timestep = sigma.
+
+    Guidance: a guidance-distilled transformer (config.guidance_embeds, FLUX.1-dev) gets
+    guidance_scale as its `guidance` input and one forward, as the pipeline's guidance_scale.
+    A transformer without guidance embeddings (schnell, de-distilled models) gets true CFG when
+    guidance_scale > 1: v = v_u + g * (v_c - v_u), v_u from the empty prompt "", both from one
+    batched forward of [uncond, cond]; this equals `pipeline(..., true_cfg_scale=g,
+    negative_prompt="")`, which runs the two forwards separately."""
+
+    def __init__(self, pipeline, max_sequence_length: int = FLUX_DEFAULT_MAX_SEQUENCE_LENGTH):
+        if not 1 <= max_sequence_length <= FLUX_DEFAULT_MAX_SEQUENCE_LENGTH:
+            raise ValueError(
+                f"max_sequence_length must be in [1, {FLUX_DEFAULT_MAX_SEQUENCE_LENGTH}] (T5 tokens), "
+                f"got {max_sequence_length}; FluxPipeline uses 512 by default"
+            )
+        self.pipeline = pipeline
+        self.transformer = pipeline.transformer  # replace with a wrapped (e.g. LoRA) module if needed
+        self.scheduler = pipeline.scheduler
+        self.max_sequence_length = max_sequence_length
+        # Only the transformer is trained: text encoders and VAE are frozen, in eval mode.
+        for name in ("text_encoder", "text_encoder_2", "vae"):
+            module = getattr(pipeline, name, None)
+            if module is not None:
+                module.requires_grad_(False).eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        max_sequence_length: int | None = None,
+        **pipeline_kwargs,
+    ) -> FluxAdapter:
+        """Load with `FluxPipeline.from_pretrained` (local directory or hub id). For a local
+        directory, components saved as null are passed as None and `max_sequence_length` defaults
+        to the value in its flowalign.json if there is one, else to the pipeline's 512.
+        `pipeline_kwargs` go to from_pretrained."""
+        from diffusers import FluxPipeline
+
+        index, settings = _read_settings(str(path_or_hub_id))
+        for name, value in index.items():
+            if isinstance(value, list) and value == [None, None]:
+                pipeline_kwargs.setdefault(name, None)
+        if max_sequence_length is None:
+            max_sequence_length = settings.get("max_sequence_length", FLUX_DEFAULT_MAX_SEQUENCE_LENGTH)
+        pipeline_kwargs[_DTYPE_KWARG] = dtype
+        pipeline = FluxPipeline.from_pretrained(str(path_or_hub_id), **pipeline_kwargs)
+        pipeline = pipeline.to(device)
+        pipeline.set_progress_bar_config(disable=True)
+        return cls(pipeline, max_sequence_length=max_sequence_length)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipeline.transformer.dtype
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        """The pipeline's own `encode_prompt` (T5 tokens [B, L, D], CLIP pooled [B, P]) for `prompts`,
+        and for "" as the negative fields (read only by true CFG; "" is encoded once and repeated)."""
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompts must be a non-empty list of str, got {prompts!r}; wrap one prompt in a list")
+        common = dict(prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length)
+        embeds, pooled, _ = self.pipeline.encode_prompt(prompt=list(prompts), **common)  # [B, L, D], [B, P]
+        empty, empty_pooled, _ = self.pipeline.encode_prompt(prompt=[""], **common)  # [1, L, D], [1, P]
+        batch = len(prompts)
+        return PromptEmbeds(embeds, pooled, empty.expand(batch, -1, -1).clone(), empty_pooled.expand(batch, -1).clone())
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        """(C, h, w) of the unpacked latents for a height x width image: C = in_channels / 4 (the
+        transformer sees 2x2 patches), h = height / VAE factor. Default size: the pipeline's
+        default_sample_size (128) * VAE factor."""
+        factor = self.pipeline.vae_scale_factor
+        multiple = factor * FLUX_PATCH
+        height = height or self.pipeline.default_sample_size * factor
+        width = width or self.pipeline.default_sample_size * factor
+        if height % multiple or width % multiple:
+            # The pipeline would silently round down; we refuse, so sizes always mean what they say.
+            raise ValueError(
+                f"height and width must be multiples of {multiple} (VAE factor {factor} x patch size "
+                f"{FLUX_PATCH}); got height={height}, width={width}"
+            )
+        channels = self.pipeline.transformer.config.in_channels // (FLUX_PATCH * FLUX_PATCH)
+        return (channels, height // factor, width // factor)
+
+    def initial_noise(
+        self, batch: int, generator: torch.Generator | None = None, height: int | None = None, width: int | None = None
+    ) -> torch.Tensor:
+        """Standard normal latents [B, C, h, w], drawn unpacked as the pipeline draws them before
+        packing (same generator -> same noise as `pipeline(..., generator=generator)`)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (batch, *self.latent_shape(height, width))
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)  # [B, C, h, w]
+
+    def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """FluxPipeline's noise levels, ending with 0: [T + 1]. Base sigmas linspace(1, 1/T, T); with
+        dynamic shifting, sigma' = e^mu / (e^mu + 1/sigma - 1) with mu linear in the image token count
+        N = (h/2)(w/2): mu = base_shift + (N - base_seq_len) * (max_shift - base_shift) /
+        (max_seq_len - base_seq_len); otherwise the scheduler's fixed shift. (Sets the scheduler's
+        timesteps, as the pipeline does before sampling.)"""
+        import numpy as np
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        _, h, w = self.latent_shape(height, width)
+        config = self.scheduler.config
+        mu = calculate_shift(
+            (h // FLUX_PATCH) * (w // FLUX_PATCH),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),  # FLUX's default (SD3's is 1.16)
+        )
+        # As the pipeline: its own base sigmas, unless the scheduler makes flow sigmas itself.
+        base = None if config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
+        self.scheduler.set_timesteps(num_steps, device=self.device, sigmas=base, mu=mu)
+        return self.scheduler.sigmas.clone()  # [T + 1]
+
+    def velocity(
+        self, latents: torch.Tensor, sigma: float | torch.Tensor, embeds: PromptEmbeds, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
+        """Predicted v = noise - x0 at noise level sigma: [B, C, h, w], in the transformer's dtype.
+
+        Latents are packed into 2x2-patch tokens with position ids (0, i, j) (text ids are zeros),
+        the transformer is called at timestep = sigma (FluxPipeline passes t / 1000; the model scales
+        by 1000 inside) and its output is unpacked. Guidance as in the class docstring.
+        Differentiable outside no_grad."""
+        batch, _, h, w = latents.shape
+        if len(embeds) != batch:
+            raise ValueError(
+                f"embeds has {len(embeds)} rows but latents has batch {batch}; "
+                "encode one prompt per latent (e.g. embeds.repeat_interleave(group_size))"
+            )
+        if h % FLUX_PATCH or w % FLUX_PATCH:
+            raise ValueError(f"latents height and width must be even (2x2 patches), got shape {tuple(latents.shape)}")
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(batch)
+        if sigma.shape != (batch,):
+            raise ValueError(f"sigma must be a float or a [B] = [{batch}] tensor, got shape {tuple(sigma.shape)}")
+        tokens = _pack_latents(latents.to(self.dtype))  # [B, N, 4C]
+        img_ids = _image_ids(h, w, latents.device, self.dtype)  # [N, 3]
+        txt_ids = torch.zeros(embeds.prompt_embeds.shape[1], 3, device=latents.device, dtype=self.dtype)  # [L, 3]
+        distilled = bool(self.transformer.config.guidance_embeds)
+        true_cfg = guidance_scale > 1 and not distilled
+        if true_cfg:  # one batched forward of [uncond, cond]
+            tokens = torch.cat([tokens, tokens])  # [2B, N, 4C]
+            sigma = torch.cat([sigma, sigma])  # [2B]
+            text = torch.cat([embeds.negative_prompt_embeds, embeds.prompt_embeds])  # [2B, L, D]
+            pooled = torch.cat([embeds.negative_pooled_prompt_embeds, embeds.pooled_prompt_embeds])  # [2B, P]
+        else:
+            text, pooled = embeds.prompt_embeds, embeds.pooled_prompt_embeds  # [B, L, D], [B, P]
+        # FLUX.1-dev was distilled to take the guidance scale as an input (embedded like the timestep).
+        guidance = torch.full((tokens.shape[0],), float(guidance_scale), device=latents.device) if distilled else None
+        v = self.transformer(
+            hidden_states=tokens,
+            timestep=sigma,
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=text,
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]  # [B or 2B, N, 4C]
+        v = _unpack_latents(v, h, w)  # [B or 2B, C, h, w]
+        if true_cfg:
+            v_uncond, v_cond = v.chunk(2)  # [B, C, h, w] each
+            return v_uncond + guidance_scale * (v_cond - v_uncond)
+        return v
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] (float32): VAE decode of latents / scaling + shift, then
+        x / 2 + 1/2 clamped, as the pipeline's output_type="pt". Differentiable outside no_grad."""
+        vae = self.pipeline.vae
+        z = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)  # undo the FLUX latent scaling
+        images = vae.decode(z.to(vae.dtype), return_dict=False)[0]  # [B, 3, H, W] in ~[-1, 1]
+        return (images * 0.5 + 0.5).clamp(0, 1).float()

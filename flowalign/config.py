@@ -17,7 +17,7 @@ EMBEDDED_MODEL = "embedded:digits"  # the project's own tiny SD3 pipeline, built
 @dataclasses.dataclass
 class ModelConfig:
     path: str = option(EMBEDDED_MODEL, "diffusers pipeline: local directory, hub id, or 'embedded:digits'")
-    pipeline: Literal["sd3"] = option("sd3", "pipeline family of the adapter (SD3 family; FLUX adapter not yet built)")
+    pipeline: Literal["sd3", "flux"] = option("sd3", "pipeline family: sd3 (SD3, SD3.5) or flux (FLUX.1)")
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the transformer and frozen parts")
     lora: bool = option(True, "train a LoRA adapter (true) or the full transformer (false)")
     lora_rank: int = option(32, "LoRA rank r")

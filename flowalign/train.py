@@ -59,16 +59,19 @@ class StepBatch:
 
 
 def load_adapter(config: FlowGRPOConfig, device: torch.device):
-    from flowalign.adapters import SD3Adapter
+    """The pipeline adapter named by model.pipeline, loaded with from_pretrained (directory or hub id)."""
+    from flowalign import adapters
 
     path = config.model.path
     if path == EMBEDDED_MODEL:
         from flowalign.toy import ensure_digits_pipeline
 
         path = ensure_digits_pipeline()
-    dtype = getattr(torch, config.model.dtype)
+    adapter_class = {"sd3": adapters.SD3Adapter, "flux": getattr(adapters, "FluxAdapter", None)}[config.model.pipeline]
+    if adapter_class is None:
+        raise ConfigError("config field 'model.pipeline': the flux adapter is not available in this build; use sd3")
     remote = {"trust_remote_code": True} if config.model.allow_remote_code else {}  # off unless the config says so
-    return SD3Adapter.from_pretrained(path, dtype=dtype, device=device, **remote)
+    return adapter_class.from_pretrained(path, dtype=getattr(torch, config.model.dtype), device=device, **remote)
 
 
 def read_prompts(config: FlowGRPOConfig) -> tuple[list[str], list[str]]:

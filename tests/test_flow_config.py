@@ -1,0 +1,42 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flowalign.config import FlowGRPOConfig
+from shared.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "configs" / "flow").glob("*.yaml"))
+
+
+def test_every_shipped_recipe_loads():
+    names = {path.stem: load_config(FlowGRPOConfig, path).algorithm for path in RECIPES}
+    assert set(names) == {"flow_grpo", "mixgrpo", "mixgrpo_flash", "tempflow"}
+    assert names["mixgrpo_flash"].name == "mixgrpo" and names["mixgrpo_flash"].flash_ratio == 0.4
+    assert names["tempflow"].noise_aware_weighting
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.group_size=1"], "config field 'train.group_size': 1 < 2"),
+    (["train.learning_rate=-1e-4"], "config field 'train.learning_rate': -0.0001 must be positive"),
+    (["algorithm.name=mixgrpo", "algorithm.window_size=10"], "config field 'algorithm.window_size': 10 does not fit in 9"),
+    (["algorithm.flash_ratio=0.4"], "only MixGRPO has a Flash variant"),
+    (["algorithm.name=tempflow", "algorithm.branch_steps=subset", "algorithm.branch_subset=[9]"], "[9] outside 0..8"),
+    (["reward.weights={not_a_path: 1.0}"], "'not_a_path' is not 'module:name'"),
+    (["sampling.noise_level=0"], "config field 'sampling.noise_level'"),
+    (["train.iteratons=3"], "did you mean 'train.iterations'?"),
+])
+def test_impossible_values_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(FlowGRPOConfig, RECIPES[0], overrides)
+    assert message in str(info.value)
+
+
+def test_cli_refuses_bad_config_with_one_line_and_exit_2():
+    result = subprocess.run([sys.executable, "flowalign/train.py", "--config", "configs/flow/flow_grpo.yaml",
+                             "train.group_size=1"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "config error: config field 'train.group_size': 1 < 2; group advantages need at least 2 samples per prompt"]
