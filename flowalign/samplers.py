@@ -5,6 +5,10 @@ Conventions (../shared/DESIGN.md): x_sigma = (1 - sigma) * x0 + sigma * noise, t
 v = noise - x0, sampling runs sigma from ~1 down to 0 and dt = sigma_next - sigma < 0.
 Samplers never see a model: they take `velocity_fn(latents [B, ...], sigma: float | Tensor[B]) -> v`
 and the schedule `sigmas` [T + 1] (decreasing, last = 0) as a diffusers flow-matching scheduler makes it.
+
+Public names: euler_ode_step, sde_step_with_logprob, SDE_STEPS, dpm_solver_2m_step, compressed_sigmas,
+Trajectory, sample_trajectory, SlidingWindow, select_branch_steps, BranchRollout, branch_rollout,
+branch_group_ids, branch_advantages, noise_aware_weights.
 """
 
 from __future__ import annotations
@@ -16,39 +20,65 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from shared.advantages import group_advantages
+
 VelocityFn = Callable[[Tensor, "float | Tensor"], Tensor]
 
 
+# ------------------------------------------------------------------------------- helpers
+def _math_dtype(latents: Tensor) -> torch.dtype:
+    """float64 stays float64 (exact tests); half precision and float32 compute in float32."""
+    return torch.float64 if latents.dtype == torch.float64 else torch.float32
+
+
 def _per_sample(value: float | Tensor, like: Tensor) -> Tensor:
-    """A float, 0-d or [B] value as a float32 tensor [B, 1, ..., 1] that broadcasts over `like`."""
-    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    """A float, 0-d or [B] value as a tensor [B, 1, ..., 1] that broadcasts over `like` [B, ...]."""
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
     if value.ndim == 0:
         value = value.expand(like.shape[0])
+    if value.shape != (like.shape[0],):
+        raise ValueError(f"sigma must be a float, a 0-d tensor or a [B] = [{like.shape[0]}] tensor, "
+                         f"got shape {tuple(value.shape)}")
     return value.reshape(-1, *([1] * (like.ndim - 1)))  # [B, 1, 1, 1]
+
+
+def _check_sigmas(sigmas: Tensor) -> int:
+    """Return T for a schedule [T + 1]; it must be 1-D, in [0, 1] and strictly decreasing (dt < 0)."""
+    if not isinstance(sigmas, Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
+        shape = tuple(sigmas.shape) if isinstance(sigmas, Tensor) else type(sigmas).__name__
+        raise ValueError(f"sigmas must be a 1-D tensor [T + 1] with T >= 1, got {shape}; "
+                         "pass scheduler.sigmas (it ends with 0)")
+    # 1 + 1e-6: a float32 shifted schedule may start a rounding error above 1 (treated as 1 by the steps)
+    if not bool((sigmas[1:] < sigmas[:-1]).all()) or float(sigmas[0]) > 1 + 1e-6 or float(sigmas[-1]) < 0:
+        raise ValueError(f"sigmas must decrease strictly from <= 1 to >= 0 (dt < 0), got {sigmas.tolist()}")
+    return sigmas.numel() - 1
 
 
 def euler_ode_step(latents: Tensor, velocity: Tensor, sigma: float | Tensor, sigma_next: float | Tensor) -> Tensor:
     """Deterministic Euler step of the flow ODE: x' = x + v * (sigma_next - sigma)."""
-    dt = _per_sample(sigma_next, latents) - _per_sample(sigma, latents)  # [B, 1, 1, 1]
-    return (latents.float() + velocity.float() * dt).to(latents.dtype)
+    x, v = latents.to(_math_dtype(latents)), velocity.to(_math_dtype(latents))
+    dt = _per_sample(sigma_next, x) - _per_sample(sigma, x)  # [B, 1, 1, 1]
+    return (x + v * dt).to(latents.dtype)
 
 
 # ------------------------------------------------------------------------------- SDE steps
 def _flow_grpo_mean_std(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: float):
     """Flow-GRPO: sigma_t = a*sqrt(sigma/(1-sigma)); mean = x + v dt + sigma_t^2/(2 sigma) (x + (1-sigma) v) dt;
-    std = sigma_t sqrt(-dt). At sigma = 1 the ratio uses sigma_next (sigma/(1-sigma) is infinite there)."""
+    std = sigma_t sqrt(-dt). At sigma = 1 the ratio uses sigma_next (sigma/(1-sigma) is infinite there).
+    Note std > 0 on the last step too (sigma_next = 0, std = sigma_t sqrt(sigma)): only a = 0 makes it 0."""
     dt = sigma_next - sigma  # [B, 1, 1, 1]
     ratio_sigma = torch.where(sigma >= 1, sigma_next, sigma)
-    sigma_t = noise_level * torch.sqrt(ratio_sigma / (1 - ratio_sigma))
-    mean = x + v * dt + sigma_t**2 / (2 * sigma) * (x + (1 - sigma) * v) * dt
+    sigma_t = noise_level * torch.sqrt(ratio_sigma / (1 - ratio_sigma))  # [B, 1, 1, 1]
+    mean = x + v * dt + sigma_t**2 / (2 * sigma) * (x + (1 - sigma) * v) * dt  # [B, C, H, W]
     return mean, sigma_t * torch.sqrt(-dt)
 
 
 def _cps_mean_std(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: float):
     """Coefficients-preserving sampling: std = sigma_next sin(a pi/2); x0_hat = x - sigma v;
-    x1_hat = x + (1 - sigma) v; mean = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) x1_hat."""
-    std = sigma_next * math.sin(noise_level * math.pi / 2)
-    x0_hat, x1_hat = x - sigma * v, x + (1 - sigma) * v
+    x1_hat = x + (1 - sigma) v; mean = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) x1_hat.
+    std = 0 on the last step (sigma_next = 0), where the step is x0_hat."""
+    std = sigma_next * math.sin(noise_level * math.pi / 2)  # [B, 1, 1, 1]
+    x0_hat, x1_hat = x - sigma * v, x + (1 - sigma) * v  # [B, C, H, W]
     mean = (1 - sigma_next) * x0_hat + torch.sqrt((sigma_next**2 - std**2).clamp_min(0)) * x1_hat
     return mean, std
 
@@ -59,30 +89,43 @@ SDE_STEPS = {"flow_grpo": _flow_grpo_mean_std, "cps": _cps_mean_std}
 def sde_step_with_logprob(latents: Tensor, velocity: Tensor, sigma: float | Tensor, sigma_next: float | Tensor,
                           noise_level: float = 0.7, kind: str = "flow_grpo", prev_sample: Tensor | None = None,
                           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One stochastic step x' ~ N(mean, std^2): returns (next_latents, log_prob [B], mean, std).
+    """One stochastic step x' ~ N(mean, std^2): returns (next_latents, log_prob [B], mean, std [B, 1, ...]).
 
-    log_prob is the Gaussian log-density of x' averaged over the non-batch elements (as Flow-GRPO).
+    mean and std come from SDE_STEPS[kind] (formulas in its functions). log_prob is the Gaussian
+    log-density of x' averaged over the non-batch elements (as Flow-GRPO):
+        mean_i [ -(x'_i - mean_i)^2 / (2 std^2) - log std - log(2 pi) / 2 ].
     prev_sample: score this given x' instead of drawing one (recomputing a recorded step under new
-    weights); the gradient reaches log_prob through `mean`. Where std == 0 (noise_level 0, or CPS at
-    sigma_next = 0) the step is deterministic: x' = mean and log_prob = 0, so a = 0 is the Euler step.
-    Math runs in float32; next_latents come back in the latents' dtype.
+    weights); the gradient reaches log_prob through `mean` only (x' is treated as data).
+    Otherwise x' = mean + std * eps, eps = torch.randn(..., generator=generator) on latents' device.
+    Where std == 0 (noise_level 0, or CPS at sigma_next = 0) the step is deterministic: x' = mean and
+    log_prob = 0 (a point mass has no density; 0 makes the ratio exp(0 - 0) = 1, so such a step
+    contributes no policy gradient). Thus a = 0 gives the Euler step.
+    Math runs in float32 (float64 for float64 latents); x' is rounded to latents' dtype *before* it is
+    scored, so the recorded old log-prob equals the one recomputed later from the stored x'.
     """
     if kind not in SDE_STEPS:
         raise ValueError(f"kind must be one of {sorted(SDE_STEPS)}, got {kind!r}")
-    x, v = latents.float(), velocity.float()
+    if not noise_level >= 0:
+        raise ValueError(f"noise_level must be >= 0, got {noise_level}; 0 gives the ODE step")
+    dtype = _math_dtype(latents)
+    x, v = latents.to(dtype), velocity.to(dtype)  # [B, C, H, W]
     s, s_next = _per_sample(sigma, x), _per_sample(sigma_next, x)  # [B, 1, 1, 1]
     mean, std = SDE_STEPS[kind](x, v, s, s_next, noise_level)
-    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).expand_as(s)  # [B, 1, 1, 1]
-    stochastic = std > 0
+    std = torch.as_tensor(std, dtype=dtype, device=x.device).expand_as(s)  # [B, 1, 1, 1]
+    stochastic = std > 0  # [B, 1, 1, 1]
     if prev_sample is None:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-        sample = torch.where(stochastic, mean + std * noise, mean)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype)  # [B, C, H, W]
+        sample = torch.where(stochastic, mean + std * noise, mean).to(latents.dtype)
     else:
-        sample = prev_sample.float()
-    safe_std = torch.where(stochastic, std, torch.ones_like(std))
-    log_density = -((sample.detach() - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - 0.5 * math.log(2 * math.pi)
-    log_prob = torch.where(stochastic, log_density, torch.zeros_like(log_density)).mean(dim=tuple(range(1, x.ndim)))  # [B]
-    return sample.to(latents.dtype), log_prob, mean, std
+        if prev_sample.shape != latents.shape:
+            raise ValueError(f"prev_sample has shape {tuple(prev_sample.shape)}, latents {tuple(latents.shape)}; "
+                             "pass the recorded next_latents of this step")
+        sample = prev_sample
+    safe_std = torch.where(stochastic, std, torch.ones_like(std))  # avoids 0/0 in the unused branch
+    log_density = (-((sample.detach().to(dtype) - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std)
+                   - 0.5 * math.log(2 * math.pi))  # [B, C, H, W]
+    log_prob = torch.where(stochastic, log_density, torch.zeros_like(log_density)).mean(dim=tuple(range(1, x.ndim)))
+    return sample, log_prob, mean, std  # log_prob [B]
 
 
 # ------------------------------------------------------------------- second-order ODE (Flash)
@@ -92,14 +135,21 @@ def _log_snr(sigma: float) -> float:
 
 def dpm_solver_2m_step(latents: Tensor, velocity: Tensor, sigma: float, sigma_next: float,
                        previous: tuple[Tensor, float] | None) -> Tensor:
-    """DPM-Solver++(2M) on the data prediction x0 = x - sigma v (one NFE per step).
+    """DPM-Solver++(2M), midpoint form, on the data prediction x0 = x - sigma v: ONE velocity
+    evaluation (NFE) per step, the second order coming from the previous step's x0.
 
-    h = lambda_next - lambda; D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev with r = h_prev / h;
-    x' = (sigma_next / sigma) x - alpha_next (exp(-h) - 1) D. `previous` = (x0_prev, lambda_prev) or None
-    for a first-order step; the step into sigma_next = 0 is first order (lambda is infinite there),
-    and the first-order step equals the Euler step exactly.
+    With lambda = log((1 - sigma) / sigma), h = lambda_next - lambda, r = (lambda - lambda_prev) / h:
+        D = (1 + 1/(2r)) x0 - 1/(2r) x0_prev
+        x' = (sigma_next / sigma) x - (1 - sigma_next) (exp(-h) - 1) D.
+    `previous` = (x0_prev, lambda_prev) of the previous deterministic step, or None for a first-order
+    step (D = x0), which equals the Euler step exactly. Steps from sigma = 1 (lambda = -inf) are Euler
+    steps; the step into sigma_next = 0 (lambda = +inf) returns x0, which is again the Euler step.
+    sigma and sigma_next are scalars (floats or 0-d tensors): the whole batch shares the schedule.
     """
-    x, x0 = latents.float(), latents.float() - sigma * velocity.float()
+    sigma, sigma_next = float(sigma), float(sigma_next)
+    dtype = _math_dtype(latents)
+    x = latents.to(dtype)  # [B, C, H, W]
+    x0 = x - sigma * velocity.to(dtype)  # [B, C, H, W]
     if sigma >= 1:  # lambda = -inf at pure noise: take the (equivalent) first-order Euler step
         return euler_ode_step(latents, velocity, sigma, sigma_next)
     if sigma_next <= 0:
@@ -109,68 +159,102 @@ def dpm_solver_2m_step(latents: Tensor, velocity: Tensor, sigma: float, sigma_ne
     if previous is not None:
         x0_prev, lambda_prev = previous
         r = (_log_snr(sigma) - lambda_prev) / h
-        data = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        data = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev.to(dtype)  # linear extrapolation in lambda
     out = (sigma_next / sigma) * x - (1 - sigma_next) * math.expm1(-h) * data
     return out.to(latents.dtype)
 
 
 def compressed_sigmas(sigmas: Tensor, start_index: int, ratio: float) -> Tensor:
-    """Keep sigmas[:start_index + 1]; replace the tail by max(1, round((T - start) * ratio)) steps placed at
-    evenly spaced fractional indices of the original tail, so the schedule keeps its (shifted) shape."""
-    num_steps = sigmas.numel() - 1
+    """MixGRPO-Flash schedule: keep sigmas[:start_index + 1]; replace the tail sigmas[start_index:] (T - start
+    steps) by count = max(1, round((T - start) * ratio)) steps. The new points sit at evenly spaced fractional
+    indices of the original tail (linear interpolation between neighbours), so the tail keeps the shape of
+    the original (e.g. shifted) schedule rather than being uniform in sigma; it still ends at sigmas[-1].
+    ratio = 1 returns the schedule unchanged. Returns [start_index + count + 1]."""
+    num_steps = _check_sigmas(sigmas)
+    if not 0 <= start_index <= num_steps:
+        raise ValueError(f"start_index must be in 0..{num_steps} for a {num_steps}-step schedule, got {start_index}")
+    if not ratio > 0:
+        raise ValueError(f"ratio must be > 0 (the fraction of tail steps kept, e.g. 0.4), got {ratio}")
     tail_steps = num_steps - start_index
-    if tail_steps <= 0:
+    if tail_steps == 0:
         return sigmas.clone()
     count = max(1, round(tail_steps * ratio))
-    positions = torch.linspace(start_index, num_steps, count + 1, dtype=torch.float64)
+    positions = torch.linspace(start_index, num_steps, count + 1, dtype=torch.float64)  # [count + 1]
     low = positions.floor().long().clamp(max=num_steps - 1)
     frac = (positions - low).to(sigmas.dtype)
-    tail = sigmas[low] + frac * (sigmas[low + 1] - sigmas[low])  # linear interpolation between neighbours
+    tail = sigmas[low] + frac * (sigmas[low + 1] - sigmas[low])  # [count + 1]
     return torch.cat([sigmas[:start_index], tail])
 
 
 # ------------------------------------------------------------------------- trajectories
 @dataclasses.dataclass
 class Trajectory:
+    """One rollout. Everything the trainer needs to recompute the log-prob of SDE step j under new weights:
+    latents[j], next_latents[j], sigmas[j], sigmas[j + 1] and the old log_probs[j] (see training_rows)."""
+
     latents: Tensor       # [T, B, ...] state before each step
     next_latents: Tensor  # [T, B, ...] state after each step
     log_probs: Tensor     # [T, B] log-prob of the SDE steps, 0 on ODE steps
-    sde_steps: list[int]  # steps that used the SDE (the ones to train)
+    sde_steps: list[int]  # sorted steps that used the SDE (the ones to train)
     sigmas: Tensor        # [T + 1] the schedule actually used (compressed after the window with Flash)
     final: Tensor         # [B, ...]
-    nfe: int              # velocity evaluations (one per step; CFG's doubled batch counts as one)
+    nfe: int              # velocity_fn calls (one per step; CFG's doubled batch counts as one)
+
+    def training_rows(self, steps: list[int] | None = None) -> dict[str, Tensor]:
+        """Flatten `steps` (default: sde_steps) step-major into rows: latents/next_latents [R, ...], sigma,
+        sigma_next, log_prob, step, sample [R] with R = len(steps) * B."""
+        steps = self.sde_steps if steps is None else steps
+        not_sde = [j for j in steps if j not in self.sde_steps]
+        if not_sde:
+            raise ValueError(f"steps {not_sde} were ODE steps (sde_steps {self.sde_steps}); they have no log-prob")
+        batch = self.final.shape[0]
+        step = torch.tensor(steps, dtype=torch.long).repeat_interleave(batch)  # [R]
+        sample = torch.arange(batch).repeat(len(steps))  # [R]
+        return {"latents": self.latents[step, sample], "next_latents": self.next_latents[step, sample],
+                "sigma": self.sigmas[step], "sigma_next": self.sigmas[step + 1],
+                "log_prob": self.log_probs[step, sample], "step": step, "sample": sample}
 
 
 def sample_trajectory(velocity_fn: VelocityFn, initial_latents: Tensor, sigmas: Tensor, sde_steps: list[int],
                       noise_level: float = 0.7, kind: str = "flow_grpo", generator: torch.Generator | None = None,
                       flash_ratio: float | None = None) -> Trajectory:
-    """Integrate from sigmas[0] to 0: SDE with log-probs on `sde_steps`, Euler ODE elsewhere (MixGRPO's
-    mixed sampling; all steps SDE = Flow-GRPO, none = ODE). flash_ratio (MixGRPO-Flash): the steps after
-    the last SDE step run DPM-Solver++(2M) on a schedule compressed by this ratio."""
-    num_steps = sigmas.numel() - 1
-    sde = sorted(set(sde_steps))
+    """Integrate from sigmas[0] to sigmas[-1]: SDE with log-probs on `sde_steps`, Euler ODE elsewhere
+    (MixGRPO's mixed sampling; all steps SDE = Flow-GRPO, none = plain ODE sampling).
+
+    flash_ratio (MixGRPO-Flash): the steps after the last SDE step run DPM-Solver++(2M) (1 NFE per step)
+    on a tail compressed to max(1, round(n_tail * flash_ratio)) steps (compressed_sigmas); the steps
+    before and inside the window are unchanged (accelerating them hurts, per the paper). With no SDE
+    steps the whole schedule is compressed. velocity_fn is called with a python float sigma.
+    """
+    num_steps = _check_sigmas(sigmas)
+    sde = sorted(set(int(j) for j in sde_steps))
     if sde and not (0 <= sde[0] and sde[-1] < num_steps):
         raise ValueError(f"sde_steps {sde} must lie in 0..{num_steps - 1} for a {num_steps}-step schedule")
-    solver_start = num_steps
+    solver_start = num_steps  # first step run by the second-order solver (none without Flash)
     if flash_ratio is not None:
+        if not flash_ratio > 0:
+            raise ValueError(f"flash_ratio must be > 0 (paper: 0.4 Flash, 0.2 Flash*), got {flash_ratio}")
         solver_start = sde[-1] + 1 if sde else 0
         sigmas = compressed_sigmas(sigmas, solver_start, flash_ratio)
         num_steps = sigmas.numel() - 1
     x = initial_latents
+    zeros = torch.zeros(x.shape[0], device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     states, nexts, log_probs = [], [], []
-    previous = None  # (x0, lambda) of the last step, for the multistep solver
+    previous = None  # (x0, lambda) of the last deterministic step, for the multistep solver
     for step in range(num_steps):
         sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])
-        v = velocity_fn(x, sigma)
+        v = velocity_fn(x, sigma)  # [B, C, H, W]
+        log_prob = zeros
         if step in sde:
-            x_next, log_prob, _, _ = sde_step_with_logprob(x, v, sigma, sigma_next, noise_level, kind, generator=generator)
+            x_next, log_prob, _, _ = sde_step_with_logprob(x, v, sigma, sigma_next, noise_level, kind,
+                                                           generator=generator)
         elif step >= solver_start:
             x_next = dpm_solver_2m_step(x, v, sigma, sigma_next, previous)
-            log_prob = torch.zeros(x.shape[0], device=x.device)
         else:
-            x_next, log_prob = euler_ode_step(x, v, sigma, sigma_next), torch.zeros(x.shape[0], device=x.device)
+            x_next = euler_ode_step(x, v, sigma, sigma_next)
         # the multistep solver extrapolates along a deterministic path: an SDE step breaks that path
-        previous = (x.float() - sigma * v.float(), _log_snr(sigma)) if 0 < sigma < 1 and step not in sde else None
+        deterministic = 0 < sigma < 1 and step not in sde
+        previous = (x.to(_math_dtype(x)) - sigma * v.to(_math_dtype(x)), _log_snr(sigma)) if deterministic else None
         states.append(x), nexts.append(x_next), log_probs.append(log_prob)
         x = x_next
     return Trajectory(torch.stack(states), torch.stack(nexts), torch.stack(log_probs), sde, sigmas, x, num_steps)
@@ -178,20 +262,25 @@ def sample_trajectory(velocity_fn: VelocityFn, initial_latents: Tensor, sigmas: 
 
 @dataclasses.dataclass
 class SlidingWindow:
-    """MixGRPO's window W(l) = {l, ..., l + w - 1} over `num_steps` trainable steps: SDE inside, ODE outside.
-    progressive: l = min(floor(iteration / tau) * s, T - w); frozen: l = 0; random: l ~ U{0..T - w}."""
+    """MixGRPO's window W(l) = {l, ..., l + w - 1} over `num_steps` steps: SDE (and training) inside,
+    ODE outside. progressive: l = min(floor(iteration / tau) * s, T - w); frozen: l = 0;
+    random: l ~ U{0, ..., T - w} drawn from `generator`."""
 
-    num_steps: int
-    window_size: int
-    stride: int = 1
-    shift_interval: int = 25
+    num_steps: int            # T: steps the window may cover (the recipe passes sampling steps - 1)
+    window_size: int          # w (paper: 4)
+    stride: int = 1           # s: how far the window moves at each shift
+    shift_interval: int = 25  # tau: iterations between shifts
     mode: str = "progressive"
 
     def __post_init__(self):
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if not 1 <= self.window_size <= self.num_steps:
-            raise ValueError(f"window_size {self.window_size} must be in 1..{self.num_steps} (the trainable steps)")
-        if self.stride < 1 or self.shift_interval < 1:
-            raise ValueError(f"stride ({self.stride}) and shift_interval ({self.shift_interval}) must be >= 1")
+            raise ValueError(f"window_size {self.window_size} must be in 1..{self.num_steps} (num_steps)")
+        if self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
+        if self.shift_interval < 1:
+            raise ValueError(f"shift_interval must be >= 1 (iterations per shift), got {self.shift_interval}")
         if self.mode not in ("progressive", "frozen", "random"):
             raise ValueError(f"mode must be progressive, frozen or random, got {self.mode!r}")
 
@@ -200,7 +289,10 @@ class SlidingWindow:
         if self.mode == "frozen":
             return 0
         if self.mode == "random":
-            return int(torch.randint(0, last + 1, (1,), generator=generator))
+            device = generator.device if generator is not None else "cpu"  # a CUDA generator draws on CUDA
+            return int(torch.randint(0, last + 1, (1,), generator=generator, device=device))
+        if iteration < 0:
+            raise ValueError(f"iteration must be >= 0, got {iteration}")
         return min((iteration // self.shift_interval) * self.stride, last)
 
     def steps(self, iteration: int, generator: torch.Generator | None = None) -> list[int]:
@@ -211,25 +303,31 @@ class SlidingWindow:
 # ------------------------------------------------------------------------------ TempFlow
 @dataclasses.dataclass
 class BranchRollout:
-    """One row per branch sample; rows of branch step k are K tiles of the initial batch."""
+    """One row per branch sample. Rows are ordered (branch step, branch, prompt): for each branch step k the
+    K branches are K whole tiles of the initial batch, so row r of step k's block comes from prompt r % B."""
 
-    latents: Tensor        # [R, ...] state at the branch step (shared by the K branches)
+    latents: Tensor        # [R, ...] state at the branch step (the ODE prefix, shared by the K branches)
     next_latents: Tensor   # [R, ...] the SDE sample drawn there
-    log_probs: Tensor      # [R]
-    final: Tensor          # [R, ...] after the ODE to sigma = 0
-    prompt_index: Tensor   # [R] row of the initial batch each sample came from
+    log_probs: Tensor      # [R] old log-prob of that SDE sample
+    final: Tensor          # [R, ...] after the ODE from the SDE sample down to sigma = 0
+    prompt_index: Tensor   # [R] row b of the initial batch the sample came from
     branch_step: Tensor    # [R] step k whose process reward this sample's final reward is
-    nfe: int
+    branch_index: Tensor   # [R] which of the K branches (0..K-1)
+    nfe: int               # velocity_fn calls (a call on K*B rows counts as one)
 
 
 def select_branch_steps(num_steps: int, mode: str = "all", subset: list[int] | None = None,
                         window: list[int] | None = None) -> list[int]:
-    """Branch steps among 0..num_steps-2 (the last step lands on sigma = 0: nothing to branch).
-    all: every one; subset: the given indices; window: the MixGRPO window's steps (the two compose)."""
+    """Sorted branch steps among 0..num_steps-2. The last step (into sigma = 0) is excluded: there is no ODE
+    left to finish a branch with, with CPS it has no noise at all, and Flow-GRPO leaves it untrained.
+    all: every allowed step; subset: the given indices; window: a SlidingWindow's steps at an iteration
+    (this is how MixGRPO's window and TempFlow's branching compose)."""
+    if num_steps < 2:
+        raise ValueError(f"num_steps must be >= 2 to have a step to branch at, got {num_steps}")
     allowed = range(num_steps - 1)
-    chosen = {"all": list(allowed), "subset": subset, "window": window}.get(mode, "unknown")
-    if chosen == "unknown":
+    if mode not in ("all", "subset", "window"):
         raise ValueError(f"branch mode must be all, subset or window, got {mode!r}")
+    chosen = {"all": list(allowed), "subset": subset, "window": window}[mode]
     if not chosen:
         raise ValueError(f"branch mode {mode!r} needs a non-empty {'subset' if mode == 'subset' else 'window'}")
     bad = [k for k in chosen if k not in allowed]
@@ -241,46 +339,71 @@ def select_branch_steps(num_steps: int, mode: str = "all", subset: list[int] | N
 def branch_rollout(velocity_fn: VelocityFn, initial_latents: Tensor, sigmas: Tensor, branch_steps: list[int],
                    num_branches: int, noise_level: float = 0.7, kind: str = "flow_grpo",
                    generator: torch.Generator | None = None) -> BranchRollout:
-    """TempFlow-GRPO branching: one ODE prefix; at each branch step k draw K SDE samples from the prefix
-    state, then finish each with the ODE. velocity_fn receives batches of K whole tiles of the initial
-    batch (row r is initial row r % B)."""
-    batch, num_steps = initial_latents.shape[0], sigmas.numel() - 1
+    """TempFlow-GRPO branching: one Euler ODE prefix from sigmas[0] (computed once, up to the last branch
+    step); at each branch step k draw K SDE samples from the prefix state x_k, then finish each with the
+    Euler ODE. velocity_fn receives [B] batches on the prefix and [K*B] batches (K tiles of the initial
+    batch: row r is initial row r % B) on the branches.
+    NFE = (max k + 1) + sum_k (T - k - 1)."""
+    num_steps = _check_sigmas(sigmas)
+    if num_branches < 1:
+        raise ValueError(f"num_branches must be >= 1 (TempFlow uses K >= 2 to form groups), got {num_branches}")
+    branch_steps = select_branch_steps(num_steps, "subset", subset=list(branch_steps))
+    batch = initial_latents.shape[0]
     prefix_states, prefix_velocities = [initial_latents], []
     x = initial_latents
-    for step in range(max(branch_steps) + 1):  # the ODE prefix, computed once
-        v = velocity_fn(x, float(sigmas[step]))
+    for step in range(branch_steps[-1] + 1):  # the ODE prefix, computed once
+        v = velocity_fn(x, float(sigmas[step]))  # [B, C, H, W]
         prefix_velocities.append(v)
-        x = euler_ode_step(x, v, sigmas[step], sigmas[step + 1])
+        x = euler_ode_step(x, v, float(sigmas[step]), float(sigmas[step + 1]))
         prefix_states.append(x)
-    nfe = max(branch_steps) + 1
-    rows = {name: [] for name in ("latents", "next_latents", "log_probs", "final", "prompt_index", "branch_step")}
+    nfe = branch_steps[-1] + 1
+    rows = {name: [] for name in ("latents", "next_latents", "log_probs", "final", "prompt_index", "branch_step",
+                                  "branch_index")}
     tile = lambda t: t.repeat(num_branches, *([1] * (t.ndim - 1)))  # noqa: E731  [K*B, ...]
     for k in branch_steps:
-        state = tile(prefix_states[k])
+        state = tile(prefix_states[k])  # [K*B, C, H, W]
         x, log_prob, _, _ = sde_step_with_logprob(state, tile(prefix_velocities[k]), float(sigmas[k]),
                                                   float(sigmas[k + 1]), noise_level, kind, generator=generator)
         rows["latents"].append(state), rows["next_latents"].append(x), rows["log_probs"].append(log_prob)
         for step in range(k + 1, num_steps):
-            x = euler_ode_step(x, velocity_fn(x, float(sigmas[step])), sigmas[step], sigmas[step + 1])
+            x = euler_ode_step(x, velocity_fn(x, float(sigmas[step])), float(sigmas[step]), float(sigmas[step + 1]))
         nfe += num_steps - k - 1
         rows["final"].append(x)
         rows["prompt_index"].append(torch.arange(batch).repeat(num_branches))
         rows["branch_step"].append(torch.full((batch * num_branches,), k, dtype=torch.long))
+        rows["branch_index"].append(torch.arange(num_branches).repeat_interleave(batch))
     return BranchRollout(**{name: torch.cat(values) for name, values in rows.items()}, nfe=nfe)
 
 
 def branch_group_ids(prompt_index: Tensor, branch_step: Tensor, num_steps: int) -> Tensor:
-    """One advantage group per (prompt, branch step): TempFlow normalises per prompt and per step."""
+    """One advantage group per (prompt, branch step): id = prompt_index * num_steps + branch_step."""
+    if bool((branch_step >= num_steps).any()) or bool((branch_step < 0).any()):
+        raise ValueError(f"branch_step values must be in 0..{num_steps - 1} (num_steps), got {branch_step.tolist()}")
     return prompt_index * num_steps + branch_step  # [R]
 
 
+def branch_advantages(rewards: Tensor, prompt_index: Tensor, branch_step: Tensor, eps: float = 1e-4) -> Tensor:
+    """TempFlow-GRPO process advantages: the final reward of a branch is the reward of its branch step, and
+    advantages are normalised within each (prompt, branch step) group of K branches:
+    A = (r - mean_group r) / (std_group r + eps) (population std), via shared.advantages.group_advantages."""
+    num_steps = int(branch_step.max()) + 1 if branch_step.numel() else 1
+    return group_advantages(rewards, branch_group_ids(prompt_index, branch_step, num_steps), scale="group", eps=eps)
+
+
 def noise_aware_weights(sigmas: Tensor, steps: list[int], noise_level: float = 0.7, kind: str = "flow_grpo") -> Tensor:
-    """TempFlow-GRPO: weight of step k proportional to its noise scale std_k (sigma_t sqrt(-dt) for Flow-GRPO),
-    normalised to mean 1 over `steps`."""
-    x = torch.zeros(len(steps), 1)
-    sigma, sigma_next = sigmas[steps].float(), sigmas[[k + 1 for k in steps]].float()
-    _, std = SDE_STEPS[kind](x, x, sigma[:, None], sigma_next[:, None], noise_level)
-    std = torch.as_tensor(std, dtype=torch.float32).expand(len(steps), 1).flatten()  # [K]
-    if not (std > 0).all():
-        raise ValueError(f"steps {steps} include a step without noise (std 0); it cannot be weighted or trained")
-    return std / std.mean()
+    """TempFlow-GRPO: weight of step k proportional to its noise scale std_k (Flow-GRPO: sigma_t sqrt(-dt);
+    CPS: sigma_next sin(a pi / 2)), normalised to mean 1 over `steps`: w_k = std_k / mean_j std_j. [len(steps)]"""
+    num_steps = _check_sigmas(sigmas)
+    if kind not in SDE_STEPS:
+        raise ValueError(f"kind must be one of {sorted(SDE_STEPS)}, got {kind!r}")
+    if not steps or any(not 0 <= k < num_steps for k in steps):
+        raise ValueError(f"steps must be a non-empty list in 0..{num_steps - 1}, got {steps}")
+    sigma = sigmas[list(steps)].double()[:, None]  # [K, 1]
+    sigma_next = sigmas[[k + 1 for k in steps]].double()[:, None]  # [K, 1]
+    x = torch.zeros_like(sigma)  # the std does not depend on x or v
+    _, std = SDE_STEPS[kind](x, x, sigma, sigma_next, noise_level)
+    std = torch.as_tensor(std, dtype=torch.float64).expand_as(sigma).flatten()  # [K]
+    if not bool((std > 0).all()):
+        raise ValueError(f"steps {steps} include a step without noise (std 0, e.g. noise_level 0 or CPS's last "
+                         "step); it cannot be weighted or trained")
+    return (std / std.mean()).to(sigmas.dtype if sigmas.is_floating_point() else torch.float32)

@@ -306,8 +306,10 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
 
         # log
         record = {"iteration": iteration + 1, **{f"reward/{k}": v for k, v in reward_stats.items()},
-                  **{f"train/{k}": v for k, v in metrics.items()}, "nfe/rollout": nfe,
-                  "nfe/update": len(batch) * (2 if s.guidance_scale > 1 else 1) * (2 if t.kl_beta > 0 else 1),
+                  **{f"train/{k}": v for k, v in metrics.items()},
+                  "nfe/rollout": nfe,  # batched velocity evaluations of the rollout (CFG's doubled batch counts once)
+                  "nfe/update_forward": len(batch) * (2 if t.kl_beta > 0 else 1),  # per (sample, step) row; + reference
+                  "nfe/update_backward": len(batch),
                   "samples": samples_per_iteration, **timings}
         done = iteration + 1
         if config.log.eval_every and done % config.log.eval_every == 0 or done == t.iterations:

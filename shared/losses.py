@@ -1,70 +1,147 @@
-"""Clipped policy-gradient loss (PPO/GRPO family) and its aggregation modes.
+"""Clipped policy-gradient loss (PPO/GRPO surrogate) and its aggregations.
 
-Per element t of sequence i (a token, or a denoising step for flows):
+Per element (token t of sequence i, or denoising step t of trajectory i):
+
     ratio = exp(logp_new - logp_old)
-    l_it  = -min(ratio * A_i, clip(ratio, 1 - eps_low, 1 + eps_high) * A_i)
-Aggregation over the mask M (chosen by name through LOSS_AGGREGATIONS):
-    grpo:    mean over sequences of (sum_t M l / sum_t M)        rows with no unmasked element are left out
-    dapo:    sum_{i,t} M l / sum_{i,t} M                          token mean over the whole batch
-    dr_grpo: sum_{i,t} M l / (B * L_max)                          constant normaliser (Dr. GRPO)
+    l     = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+
+The [B, T] element losses are reduced by one of ``LOSS_AGGREGATIONS``:
+
+- ``"grpo"``:    mean over sequences of each sequence's masked mean (rows with no unmasked
+  element are left out of the mean over sequences);
+- ``"dapo"``:    sum of masked losses / number of unmasked elements in the whole batch;
+- ``"dr_grpo"``: sum of masked losses / (B * max_length), max_length defaulting to T.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
-
-def _grpo(loss: Tensor, mask: Tensor, max_length: int | None) -> Tensor:
-    tokens = mask.sum(dim=1)  # [B]
-    per_sequence = (loss * mask).sum(dim=1) / tokens.clamp_min(1)  # [B]
-    rows = (tokens > 0).float()  # [B] fully masked rows have no loss to average
-    return (per_sequence * rows).sum() / rows.sum().clamp_min(1)
+__all__ = ["LOSS_AGGREGATIONS", "clipped_policy_loss"]
 
 
-def _dapo(loss: Tensor, mask: Tensor, max_length: int | None) -> Tensor:
-    return (loss * mask).sum() / mask.sum().clamp_min(1)
+# ----------------------------------------------------------------------------- aggregations
+# Each takes (elem_loss [B, T] with zeros at masked places, mask [B, T] bool, max_length int)
+# and returns a scalar that stays connected to the graph even when everything is masked.
 
 
-def _dr_grpo(loss: Tensor, mask: Tensor, max_length: int | None) -> Tensor:
-    return (loss * mask).sum() / (loss.shape[0] * (max_length or loss.shape[1]))
+def _aggregate_grpo(elem_loss: Tensor, mask: Tensor, max_length: int) -> Tensor:
+    count = mask.sum(dim=1)  # [B]
+    row_mean = elem_loss.sum(dim=1) / count.clamp(min=1)  # [B]; fully masked rows give 0
+    num_rows = (count > 0).sum().clamp(min=1)
+    return row_mean.sum() / num_rows
 
 
-LOSS_AGGREGATIONS = {"grpo": _grpo, "dapo": _dapo, "dr_grpo": _dr_grpo}
+def _aggregate_dapo(elem_loss: Tensor, mask: Tensor, max_length: int) -> Tensor:
+    # Token-level mean over the batch: long sequences weigh in proportion to their length.
+    return elem_loss.sum() / mask.sum().clamp(min=1)
 
 
-def clipped_policy_loss(logp_new: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor | None = None,
-                        eps_low: float = 0.2, eps_high: float | None = None, aggregation: str = "grpo",
-                        max_length: int | None = None) -> tuple[Tensor, dict[str, float]]:
-    """Scalar loss and metrics (clip_frac_low/high, clip_frac, ratio_mean, ratio_max over unmasked elements).
+def _aggregate_dr_grpo(elem_loss: Tensor, mask: Tensor, max_length: int) -> Tensor:
+    # Constant normaliser: no length bias from dividing by each sequence's own length.
+    return elem_loss.sum() / (elem_loss.shape[0] * max_length)
 
-    logp_new, logp_old: [B, T]; advantages: [B] (one per sequence) or [B, T]; mask: [B, T] (None = all).
-    Gradients flow to logp_new only. eps_high defaults to eps_low (DAPO's clip-higher sets it larger).
+
+LOSS_AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
+    "grpo": _aggregate_grpo,
+    "dapo": _aggregate_dapo,
+    "dr_grpo": _aggregate_dr_grpo,
+}
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def _check_inputs(logp_new: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor | None) -> None:
+    if logp_new.dim() != 2:
+        raise ValueError(f"logp_new must be [B, T], got shape {tuple(logp_new.shape)}; use [B, 1] for one element per sample")
+    if logp_old.shape != logp_new.shape:
+        raise ValueError(f"logp_old has shape {tuple(logp_old.shape)} but logp_new has {tuple(logp_new.shape)}; they must match")
+    B = logp_new.shape[0]
+    if advantages.shape not in ((B,), logp_new.shape):
+        raise ValueError(
+            f"advantages must be [B]={B} or [B, T]={tuple(logp_new.shape)}, got {tuple(advantages.shape)}"
+        )
+    if mask is not None:
+        if mask.shape != logp_new.shape:
+            raise ValueError(f"mask has shape {tuple(mask.shape)} but logp_new has {tuple(logp_new.shape)}; they must match")
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(
+                "mask must hold only 0 and 1 (or be bool); for per-element weights, scale the "
+                "advantages instead"
+            )
+
+
+def clipped_policy_loss(
+    logp_new: Tensor,
+    logp_old: Tensor,
+    advantages: Tensor,
+    mask: Tensor | None = None,
+    eps_low: float = 0.2,
+    eps_high: float | None = None,
+    aggregation: str = "grpo",
+    max_length: int | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO-clip surrogate l = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A).
+
+    Args:
+        logp_new: [B, T] log-probs under the policy being trained (gradients flow here only).
+        logp_old: [B, T] log-probs under the sampling policy (detached).
+        advantages: [B] (broadcast over T) or [B, T] (detached).
+        mask: [B, T] bool or 0/1 float; None means every element counts. Masked elements
+            contribute neither loss nor gradient, even if their log-probs are -inf.
+        eps_low: lower clip range, ratio >= 1 - eps_low.
+        eps_high: upper clip range, ratio <= 1 + eps_high; defaults to eps_low (DAPO's
+            "clip-higher" uses 0.28 with eps_low 0.2).
+        aggregation: "grpo", "dapo" or "dr_grpo" (see ``LOSS_AGGREGATIONS``).
+        max_length: the normaliser L_max of "dr_grpo" (default T); ignored by the others.
+
+    Returns:
+        (loss scalar, metrics) where metrics are python floats over the unmasked elements:
+        "clip_frac_low" (A < 0 and ratio < 1 - eps_low), "clip_frac_high" (A > 0 and
+        ratio > 1 + eps_high), "clip_frac" (their sum), "ratio_mean", "ratio_max". With no
+        unmasked element the fractions are 0.0 and the ratio statistics NaN.
     """
     if aggregation not in LOSS_AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {sorted(LOSS_AGGREGATIONS)}, got {aggregation!r}")
-    if logp_new.shape != logp_old.shape or logp_new.ndim != 2:
-        raise ValueError(f"logp_new and logp_old must both be [B, T]; got {tuple(logp_new.shape)} and {tuple(logp_old.shape)}")
     eps_high = eps_low if eps_high is None else eps_high
-    if advantages.ndim == 1:
-        advantages = advantages[:, None]  # [B, 1] broadcasts over T
-    mask = torch.ones_like(logp_new) if mask is None else mask.to(logp_new.dtype)  # [B, T]
-    ratio = torch.exp(logp_new - logp_old.detach())  # [B, T]
-    advantages = advantages.detach().to(logp_new.dtype)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - eps_low, 1 + eps_high) * advantages
-    loss = -torch.minimum(unclipped, clipped)  # [B, T]
-    total = LOSS_AGGREGATIONS[aggregation](loss, mask, max_length)
+    if not 0 <= eps_low < 1:
+        raise ValueError(f"eps_low must be in [0, 1), got {eps_low}")
+    if not eps_high >= 0:
+        raise ValueError(f"eps_high must be >= 0, got {eps_high}")
+    _check_inputs(logp_new, logp_old, advantages, mask)
+    B, T = logp_new.shape
+    if max_length is None:
+        max_length = T
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive int (the generation budget L_max), got {max_length!r}")
+
+    keep = torch.ones_like(logp_new, dtype=torch.bool) if mask is None else mask.detach().bool()  # [B, T]
+    adv = advantages.detach().to(logp_new.dtype)
+    adv = adv[:, None].expand(B, T) if adv.dim() == 1 else adv  # [B, T]
+    # Zero the log-ratio at masked places *before* exp: padding often holds -inf log-probs,
+    # and inf - inf = NaN would leak NaN gradients through torch.where.
+    log_ratio = torch.where(keep, logp_new - logp_old.detach(), torch.zeros_like(logp_new))  # [B, T]
+    ratio = torch.exp(log_ratio)  # [B, T]
+    adv = torch.where(keep, adv, torch.zeros_like(adv))  # [B, T]
+    unclipped = ratio * adv  # [B, T]
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv  # [B, T]
+    elem_loss = -torch.minimum(unclipped, clipped)  # [B, T]; zero where masked (adv = 0)
+    loss = LOSS_AGGREGATIONS[aggregation](elem_loss, keep, max_length)
+
     with torch.no_grad():
-        active = mask > 0
-        count = active.sum().clamp_min(1)
-        low = (ratio < 1 - eps_low) & (advantages < 0) & active  # the lower clip binds
-        high = (ratio > 1 + eps_high) & (advantages > 0) & active  # the upper clip binds
+        n = int(keep.sum())
+        low = (keep & (adv < 0) & (ratio < 1.0 - eps_low)).sum().item()
+        high = (keep & (adv > 0) & (ratio > 1.0 + eps_high)).sum().item()
+        kept_ratio = ratio[keep]
         metrics = {
-            "clip_frac_low": (low.sum() / count).item(),
-            "clip_frac_high": (high.sum() / count).item(),
-            "ratio_mean": (ratio * mask).sum().div(count).item(),
-            "ratio_max": ratio[active].max().item() if active.any() else 1.0,
+            "clip_frac_low": low / n if n else 0.0,
+            "clip_frac_high": high / n if n else 0.0,
+            "clip_frac": (low + high) / n if n else 0.0,
+            "ratio_mean": float(kept_ratio.mean()) if n else float("nan"),
+            "ratio_max": float(kept_ratio.max()) if n else float("nan"),
         }
-        metrics["clip_frac"] = metrics["clip_frac_low"] + metrics["clip_frac_high"]
-    return total, metrics
+    return loss, metrics

@@ -1,51 +1,93 @@
-"""Per-prompt reward statistics across steps (Flow-GRPO style) for image prompts."""
+"""Per-prompt reward statistics usable across steps (Flow-GRPO's per-prompt stat tracker).
+
+For a reward r of prompt p:
+
+    A = (r - mean_p) / (std_p + eps)
+
+mean_p and std_p (population std, unbiased=False) come from p's rewards in this update, or,
+with ``history=True``, from all of p's rewards since the last ``clear()`` (so a prompt drawn
+with few samples per step still gets a usable std). With ``global_std=True`` the divisor is
+the population std of all rewards of this update instead. A prompt whose pooled rewards are
+all equal gets advantages exactly 0, as in ``group_advantages``.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+__all__ = ["PromptStatTracker"]
+
 
 class PromptStatTracker:
-    """Advantages (r - mean_prompt) / (std + eps) with statistics kept per prompt string.
+    """Per-prompt advantages with statistics kept by prompt string; state is JSON-safe.
 
-    history=False: the statistics of a prompt come from its rewards in the current update only.
-    history=True: from all its rewards since the last `clear()` (so a prompt seen with few samples per
-    step still gets a useful std). global_std: divide by the std of the whole update instead.
-    State is plain python (JSON-safe) for checkpoints."""
+    Args:
+        global_std: divide by the std of the whole update instead of the prompt's std.
+        eps: added to the std before dividing.
+        history: pool each prompt's rewards since the last ``clear()``; otherwise only the
+            current update's rewards are kept and used.
+    """
 
-    def __init__(self, global_std: bool = False, history: bool = False, eps: float = 1e-4):
-        self.global_std, self.history, self.eps = global_std, history, eps
-        self.rewards: dict[str, list[float]] = {}
+    def __init__(self, global_std: bool = False, eps: float = 1e-4, history: bool = False):
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.global_std, self.eps, self.history = bool(global_std), float(eps), bool(history)
+        self.rewards: dict[str, list[float]] = {}  # prompt -> rewards seen (python floats)
 
     def update(self, prompts: list[str], rewards: Tensor) -> Tensor:
-        if len(prompts) != rewards.numel():
-            raise ValueError(f"{len(prompts)} prompts but {rewards.numel()} rewards; give one prompt per reward")
-        values = rewards.detach().double().flatten().cpu()  # [N]
-        current: dict[str, list[float]] = {}
-        for prompt, value in zip(prompts, values.tolist()):
-            current.setdefault(prompt, []).append(value)
-        for prompt, seen in current.items():
-            self.rewards[prompt] = (self.rewards.get(prompt, []) if self.history else []) + seen
-        advantages = torch.zeros_like(values)
-        batch_std = values.std(unbiased=False).item()
+        """Record the rewards and return their advantages [N] (float dtype of ``rewards``)."""
+        if rewards.dim() != 1 or len(prompts) != rewards.numel():
+            raise ValueError(
+                f"got {len(prompts)} prompts and rewards of shape {tuple(rewards.shape)}; give one prompt per reward, rewards as [N]"
+            )
+        dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
+        values = rewards.detach().double().cpu()  # [N]; float64 so stored floats round-trip exactly
+        if bool(torch.isnan(values).any()):
+            raise ValueError(f"rewards contain NaN at positions {torch.nonzero(torch.isnan(values)).flatten().tolist()[:20]}; drop or replace them first")
+
+        current: dict[str, list[int]] = {}  # prompt -> positions in this update
         for i, prompt in enumerate(prompts):
-            pool = torch.tensor(self.rewards[prompt], dtype=torch.float64)
-            std = batch_std if self.global_std else pool.std(unbiased=False).item()
-            advantages[i] = (values[i] - pool.mean()) / (std + self.eps)
-        return advantages.to(rewards.dtype)
+            current.setdefault(prompt, []).append(i)
+        for prompt, positions in current.items():
+            previous = self.rewards.get(prompt, []) if self.history else []
+            self.rewards[prompt] = previous + values[positions].tolist()
+
+        batch_std = values.std(unbiased=False) if values.numel() > 1 else values.new_zeros(())
+        advantages = torch.zeros_like(values)  # [N]
+        for prompt, positions in current.items():
+            pool = torch.tensor(self.rewards[prompt], dtype=torch.float64)  # [n_p]
+            if bool(pool.max() == pool.min()):
+                continue  # no spread: exactly 0, not a rounding residue divided by eps
+            std = batch_std if self.global_std else pool.std(unbiased=False)
+            advantages[positions] = (values[positions] - pool.mean()) / (std + self.eps)
+        return advantages.to(dtype=dtype, device=rewards.device)
 
     def clear(self) -> None:
+        """Forget every prompt (Flow-GRPO clears once per epoch)."""
         self.rewards = {}
 
     def prompt_stats(self) -> dict[str, float]:
+        """{"num_prompts": prompts tracked, "mean_group_size": mean number of rewards kept per prompt}."""
         sizes = [len(v) for v in self.rewards.values()]
-        return {"prompts": len(sizes), "mean_count": sum(sizes) / len(sizes) if sizes else 0.0}
+        return {"num_prompts": len(sizes), "mean_group_size": sum(sizes) / len(sizes) if sizes else 0.0}
 
     def state_dict(self) -> dict:
-        return {"global_std": self.global_std, "history": self.history, "eps": self.eps,
-                "rewards": {k: list(v) for k, v in self.rewards.items()}}
+        return {
+            "global_std": self.global_std,
+            "eps": self.eps,
+            "history": self.history,
+            "rewards": {prompt: list(values) for prompt, values in self.rewards.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.global_std, self.history, self.eps = state["global_std"], state["history"], state["eps"]
-        self.rewards = {k: list(v) for k, v in state["rewards"].items()}
+        """Restore the tracked rewards; the options must match the ones this tracker was built with."""
+        for key in ("global_std", "eps", "history"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"tracker state has {key}={state[key]!r} but this tracker has {key}={getattr(self, key)!r}; "
+                    "construct PromptStatTracker with the same options as the run that saved it"
+                )
+        if "rewards" not in state:
+            raise ValueError(f"tracker state has no 'rewards' entry (keys: {sorted(state)})")
+        self.rewards = {str(prompt): [float(v) for v in values] for prompt, values in state["rewards"].items()}

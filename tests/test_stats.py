@@ -1,36 +1,90 @@
+"""PromptStatTracker: per-prompt advantages across updates, and its JSON-safe state."""
+
+import json
 import math
 
+import pytest
 import torch
 from torch.testing import assert_close
 
+from shared.advantages import group_advantages
 from shared.stats import PromptStatTracker
 
 EPS = 1e-4
+PROMPTS_1 = ["a", "b", "a", "b"]
+REWARDS_1 = torch.tensor([1.0, 0.0, 3.0, 4.0])  # a: (1, 3), b: (0, 4)
+PROMPTS_2 = ["a", "b", "a"]
+REWARDS_2 = torch.tensor([5.0, 4.0, 5.0])  # a: (5, 5), b: (4)
 
 
-def test_per_prompt_update_by_hand():
+def test_first_update_by_hand():
+    # a (1, 3): mean 2, std 1 -> -+1 / (1 + eps); b (0, 4): mean 2, std 2 -> -+2 / (2 + eps)
+    out = PromptStatTracker().update(PROMPTS_1, REWARDS_1)
+    assert_close(out, torch.tensor([-1 / (1 + EPS), -2 / (2 + EPS), 1 / (1 + EPS), 2 / (2 + EPS)]))
+
+
+def test_without_history_matches_group_advantages():
     tracker = PromptStatTracker()
-    # prompt a: (1, 3) mean 2 std 1; prompt b: (2, 2) constant -> 0
-    advantages = tracker.update(["a", "a", "b", "b"], torch.tensor([1.0, 3.0, 2.0, 2.0]))
-    assert_close(advantages, torch.tensor([-1 / (1 + EPS), 1 / (1 + EPS), 0.0, 0.0]))
+    tracker.update(PROMPTS_1, REWARDS_1)
+    # second update uses only its own rewards: a (5, 5) constant, b a single reward -> exactly 0
+    assert torch.equal(tracker.update(PROMPTS_2, REWARDS_2), torch.zeros(3))
+    rewards, prompts = torch.tensor([0.3, 2.0, 0.9, 0.3, 0.4]), ["x", "y", "x", "z", "y"]
+    assert_close(PromptStatTracker().update(prompts, rewards), group_advantages(rewards, torch.tensor([0, 1, 0, 2, 1])))
 
 
-def test_history_across_steps_and_state_round_trip():
+def test_history_across_two_updates_by_hand():
     tracker = PromptStatTracker(history=True)
-    tracker.update(["a", "a"], torch.tensor([1.0, 3.0]))
-    restored = PromptStatTracker()
-    restored.load_state_dict(tracker.state_dict())
-    # pool for a: (1, 3, 5, 5): mean 3.5, variance (6.25 + 0.25 + 2.25 + 2.25) / 4 = 2.75
-    advantages = restored.update(["a", "a"], torch.tensor([5.0, 5.0]))
-    assert_close(advantages, torch.full((2,), 1.5 / (math.sqrt(2.75) + EPS)))
-    assert restored.prompt_stats() == {"prompts": 1, "mean_count": 4.0}
-    restored.clear()
-    assert restored.prompt_stats() == {"prompts": 0, "mean_count": 0.0}
+    tracker.update(PROMPTS_1, REWARDS_1)
+    out = tracker.update(PROMPTS_2, REWARDS_2)
+    # a pool (1, 3, 5, 5): mean 3.5, variance (6.25 + 0.25 + 2.25 + 2.25) / 4 = 2.75, std 1.658312
+    #   A(5) = 1.5 / 1.658412 = 0.904482
+    # b pool (0, 4, 4): mean 8/3, variance (64/9 + 16/9 + 16/9) / 3 = 32/9, std 1.885618
+    #   A(4) = (4/3) / 1.885718 = 0.707069
+    assert_close(out, torch.tensor([0.904482, 0.707069, 0.904482]))
+    assert tracker.prompt_stats() == {"num_prompts": 2, "mean_group_size": 3.5}  # 4 and 3 rewards kept
 
 
-def test_global_std():
-    tracker = PromptStatTracker(global_std=True)
-    # batch population std of (1, 3, 2, 2) = sqrt(2 / 4)
-    advantages = tracker.update(["a", "a", "b", "b"], torch.tensor([1.0, 3.0, 2.0, 2.0]))
-    scale = 1 / (math.sqrt(0.5) + EPS)
-    assert_close(advantages, torch.tensor([-scale, scale, 0.0, 0.0]))
+def test_global_std_by_hand():
+    # batch population std of (1, 0, 3, 4): mean 2, variance (1 + 4 + 1 + 4) / 4 = 2.5, std 1.581139
+    # a: (-1, 1) / 1.581239; b: (-2, 2) / 1.581239
+    out = PromptStatTracker(global_std=True).update(PROMPTS_1, REWARDS_1)
+    s = math.sqrt(2.5) + EPS
+    assert_close(out, torch.tensor([-1 / s, -2 / s, 1 / s, 2 / s]))
+
+
+def test_state_dict_json_round_trip_matches_uninterrupted_run():
+    uninterrupted = PromptStatTracker(history=True)
+    uninterrupted.update(PROMPTS_1, REWARDS_1)
+    expected = uninterrupted.update(PROMPTS_2, REWARDS_2)
+
+    first = PromptStatTracker(history=True)
+    first.update(PROMPTS_1, REWARDS_1)
+    state = json.loads(json.dumps(first.state_dict()))  # must survive JSON
+    resumed = PromptStatTracker(history=True)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == first.state_dict()
+    assert torch.equal(resumed.update(PROMPTS_2, REWARDS_2), expected)
+
+
+def test_load_rejects_other_options():
+    state = PromptStatTracker(history=True).state_dict()
+    with pytest.raises(ValueError, match="history=True but this tracker has history=False"):
+        PromptStatTracker().load_state_dict(state)
+
+
+def test_clear_and_prompt_stats():
+    tracker = PromptStatTracker()
+    assert tracker.prompt_stats() == {"num_prompts": 0, "mean_group_size": 0.0}
+    tracker.update(PROMPTS_1, REWARDS_1)
+    tracker.update(PROMPTS_2, REWARDS_2)  # without history the latest update replaces: a 2, b 1
+    assert tracker.prompt_stats() == {"num_prompts": 2, "mean_group_size": 1.5}
+    tracker.clear()
+    assert tracker.prompt_stats() == {"num_prompts": 0, "mean_group_size": 0.0}
+    assert tracker.state_dict()["rewards"] == {}
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="one prompt per reward"):
+        PromptStatTracker().update(["a"], torch.ones(2))
+    with pytest.raises(ValueError, match="NaN"):
+        PromptStatTracker().update(["a", "a"], torch.tensor([1.0, float("nan")]))
