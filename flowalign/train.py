@@ -50,6 +50,7 @@ class StepBatch:
     old_log_prob: torch.Tensor  # [R]
     advantage: torch.Tensor     # [R] (already multiplied by the noise-aware weight when that is on)
     prompt_index: torch.Tensor  # [R] index into the iteration's prompt embeddings
+    step: torch.Tensor          # [R] index of the denoising step
 
     def rows(self, index: torch.Tensor) -> "StepBatch":
         return StepBatch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
@@ -122,7 +123,8 @@ def rollout(config: FlowGRPOConfig, adapter, prompts: list[str], iteration: int,
         sample_prompt = prompt_index[branches.prompt_index]  # [R] one row per final sample
         group_ids = samplers.branch_group_ids(branches.prompt_index, branches.branch_step, s.num_steps)  # [R]
         rows = StepBatch(branches.latents, branches.next_latents, sigmas[branches.branch_step],
-                         sigmas[branches.branch_step + 1], branches.log_probs, torch.zeros(len(group_ids)), sample_prompt)
+                         sigmas[branches.branch_step + 1], branches.log_probs, torch.zeros(len(group_ids)), sample_prompt,
+                         branches.branch_step)
         return branches.final, group_ids, rows, torch.arange(len(group_ids)), branches.nfe, sample_prompt
 
     if a.name == "mixgrpo":
@@ -135,14 +137,10 @@ def rollout(config: FlowGRPOConfig, adapter, prompts: list[str], iteration: int,
     trajectory = samplers.sample_trajectory(velocity, noise, sigmas, sde_steps, noise_level=s.noise_level,
                                             kind=s.sde_kind, generator=generator,
                                             flash_ratio=a.flash_ratio if a.name == "mixgrpo" else None)
-    n = noise.shape[0]
-    step = torch.tensor(trained).repeat_interleave(n)  # [R] step of each row, step-major
-    sample = torch.arange(n).repeat(len(trained))  # [R]
-    used_sigmas = trajectory.sigmas
-    rows = StepBatch(trajectory.latents[step, sample], trajectory.next_latents[step, sample], used_sigmas[step],
-                     used_sigmas[step + 1], trajectory.log_probs[step, sample], torch.zeros(len(step)),
-                     prompt_index[sample])
-    return trajectory.final, prompt_index, rows, sample, trajectory.nfe, prompt_index
+    row = trajectory.training_rows(trained)  # step-major rows of the trained SDE steps
+    rows = StepBatch(row["latents"], row["next_latents"], row["sigma"], row["sigma_next"], row["log_prob"],
+                     torch.zeros(len(row["step"])), prompt_index[row["sample"]], row["step"])
+    return trajectory.final, prompt_index, rows, row["sample"], trajectory.nfe, prompt_index
 
 
 # ------------------------------------------------------------------------------------ reward
@@ -287,12 +285,11 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
         advantages = clip_advantages(advantages, t.advantage_clip)  # [N]
         batch.advantage = advantages[row_sample]  # [R]
         if a.noise_aware_weighting:
-            steps_used = (batch.sigma[:, None] == adapter.sigmas(s.num_steps)[None, :-1]).float().argmax(1)  # [R]
-            unique_steps = sorted(set(steps_used.tolist()))
-            weights = samplers.noise_aware_weights(adapter.sigmas(s.num_steps), unique_steps, s.noise_level, s.sde_kind)
-            lookup = dict(zip(unique_steps, weights.tolist()))
+            steps = sorted(set(batch.step.tolist()))
+            weights = samplers.noise_aware_weights(adapter.sigmas(s.num_steps), steps, s.noise_level, s.sde_kind)  # [K]
+            weight_of_step = torch.zeros(s.num_steps).index_copy_(0, torch.tensor(steps), weights)  # [T]
             # the clipped loss is linear in A for a positive weight w: w * l(A) = l(w * A)
-            batch.advantage = batch.advantage * torch.tensor([lookup[k] for k in steps_used.tolist()])
+            batch.advantage = batch.advantage * weight_of_step[batch.step]  # [R]
 
         # update
         clock = time.perf_counter()
