@@ -102,6 +102,22 @@ def _read_settings(path_or_hub_id: str) -> tuple[dict, dict]:
     return index, settings
 
 
+def _load_pipeline(pipeline_class, path_or_hub_id, dtype, device, max_sequence_length, default_length, kwargs):
+    """`pipeline_class.from_pretrained` with components saved as null passed as None, and the text length from
+    the directory's flowalign.json when it has one; returns (pipeline, max_sequence_length)."""
+    index, settings = _read_settings(str(path_or_hub_id))
+    kwargs = dict(kwargs)
+    for name, value in index.items():
+        if isinstance(value, list) and value == [None, None]:
+            kwargs.setdefault(name, None)
+    if max_sequence_length is None:
+        max_sequence_length = settings.get("max_sequence_length", default_length)
+    kwargs[_DTYPE_KWARG] = dtype
+    pipeline = pipeline_class.from_pretrained(str(path_or_hub_id), **kwargs).to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline, max_sequence_length
+
+
 class SD3Adapter:
     """`FlowPipelineAdapter` for `StableDiffusion3Pipeline` (SD3, SD3.5): CLIP x2 (+ T5) text
     conditioning, CFG as one batched forward of [uncond, cond], timestep = sigma * 1000."""
@@ -134,17 +150,9 @@ class SD3Adapter:
         (e.g. text_encoder_3=None to drop T5 from a hub model)."""
         from diffusers import StableDiffusion3Pipeline
 
-        index, settings = _read_settings(str(path_or_hub_id))
-        for name, value in index.items():
-            if isinstance(value, list) and value == [None, None]:
-                pipeline_kwargs.setdefault(name, None)
-        if max_sequence_length is None:
-            max_sequence_length = settings.get("max_sequence_length", SD3_DEFAULT_MAX_SEQUENCE_LENGTH)
-        pipeline_kwargs[_DTYPE_KWARG] = dtype
-        pipeline = StableDiffusion3Pipeline.from_pretrained(str(path_or_hub_id), **pipeline_kwargs)
-        pipeline = pipeline.to(device)
-        pipeline.set_progress_bar_config(disable=True)
-        return cls(pipeline, max_sequence_length=max_sequence_length)
+        pipeline, length = _load_pipeline(StableDiffusion3Pipeline, path_or_hub_id, dtype, device,
+                                          max_sequence_length, SD3_DEFAULT_MAX_SEQUENCE_LENGTH, pipeline_kwargs)
+        return cls(pipeline, max_sequence_length=length)
 
     @property
     def device(self) -> torch.device:
@@ -340,17 +348,9 @@ class FluxAdapter:
         `pipeline_kwargs` go to from_pretrained."""
         from diffusers import FluxPipeline
 
-        index, settings = _read_settings(str(path_or_hub_id))
-        for name, value in index.items():
-            if isinstance(value, list) and value == [None, None]:
-                pipeline_kwargs.setdefault(name, None)
-        if max_sequence_length is None:
-            max_sequence_length = settings.get("max_sequence_length", FLUX_DEFAULT_MAX_SEQUENCE_LENGTH)
-        pipeline_kwargs[_DTYPE_KWARG] = dtype
-        pipeline = FluxPipeline.from_pretrained(str(path_or_hub_id), **pipeline_kwargs)
-        pipeline = pipeline.to(device)
-        pipeline.set_progress_bar_config(disable=True)
-        return cls(pipeline, max_sequence_length=max_sequence_length)
+        pipeline, length = _load_pipeline(FluxPipeline, path_or_hub_id, dtype, device, max_sequence_length,
+                                          FLUX_DEFAULT_MAX_SEQUENCE_LENGTH, pipeline_kwargs)
+        return cls(pipeline, max_sequence_length=length)
 
     @property
     def device(self) -> torch.device:
