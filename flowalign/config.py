@@ -76,6 +76,8 @@ class RewardConfig:
         "reward import path 'module:name' -> weight; the name is a reward fn or a factory taking no arguments",
     )
     kwargs: dict[str, dict[str, Any]] = option({}, "reward import path -> keyword arguments for its factory")
+    on_bad_score: Literal["stop", "drop"] = option(
+        "stop", "a NaN/inf score stops the run naming the reward (stop), or its sample gets advantage 0 and is counted (drop)")
     composition: Literal["sum_then_normalize", "normalize_then_sum"] = option(
         "sum_then_normalize", "weighted sum then normalise, or normalise each reward then sum (MixGRPO)")
 
@@ -127,6 +129,14 @@ class FlowGRPOConfig:
         need(t.updates_per_iteration >= 1, "train.updates_per_iteration", f"{t.updates_per_iteration}; use at least 1")
         need(t.clip_range > 0, "train.clip_range", f"{t.clip_range} must be positive, e.g. 1e-4")
         need(t.kl_beta >= 0, "train.kl_beta", f"{t.kl_beta} must be >= 0")
+        need(t.max_grad_norm > 0, "train.max_grad_norm", f"{t.max_grad_norm} must be positive, e.g. 1.0")
+        need(t.advantage_clip > 0, "train.advantage_clip", f"{t.advantage_clip} must be positive, e.g. 5.0")
+        need(t.weight_decay >= 0, "train.weight_decay", f"{t.weight_decay} must be >= 0")
+        need(t.seed >= 0, "train.seed", f"{t.seed} must be >= 0")
+        need(s.guidance_scale >= 0, "sampling.guidance_scale", f"{s.guidance_scale} must be >= 0 (1 = no guidance)")
+        need(self.log.eval_every >= 0, "log.eval_every", f"{self.log.eval_every} must be >= 0 (0 = start and end only)")
+        need(self.log.checkpoint_every >= 0, "log.checkpoint_every", f"{self.log.checkpoint_every} must be >= 0")
+        need(self.model.lora_alpha >= 1, "model.lora_alpha", f"{self.model.lora_alpha}; use at least 1")
         need(t.ema_decay is None or 0 < t.ema_decay < 1, "train.ema_decay", f"{t.ema_decay} must be in (0, 1) or null")
         need(0 < a.train_fraction <= 1, "algorithm.train_fraction", f"{a.train_fraction} must be in (0, 1]")
         trainable_steps = s.num_steps - 1  # the last step lands on sigma = 0 and has no noise

@@ -56,8 +56,10 @@ def load_reward(path: str, kwargs: dict | None = None) -> RewardFn:
     return obj
 
 
-def call_reward(name: str, fn: RewardFn, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> torch.Tensor:
-    """Call one reward and check its output: one finite float per image."""
+def call_reward(name: str, fn: RewardFn, images: torch.Tensor, prompts: list[str], metadata: list[dict],
+                allow_nonfinite: bool = False) -> torch.Tensor:
+    """Call one reward and check its output: one float per image, finite unless `allow_nonfinite`
+    (then NaN/inf come back as NaN, for the caller to drop)."""
     try:
         scores = fn(images, prompts, metadata)
     except Exception as error:
@@ -68,13 +70,16 @@ def call_reward(name: str, fn: RewardFn, images: torch.Tensor, prompts: list[str
         raise RewardError(f"reward '{name}' returned {scores.numel()} scores for {len(prompts)} images; "
                           "return one score per image")
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad and allow_nonfinite:
+        return torch.where(torch.isfinite(scores), scores, torch.full_like(scores, float("nan")))
     if bad:
         raise RewardError(f"reward '{name}' returned non-finite scores at positions {bad[:10]} "
                           f"(prompts {[prompts[i] for i in bad[:3]]}); values {[scores[i].item() for i in bad[:3]]}")
     return scores
 
 
-def check_rewards_on_dummy_batch(rewards: dict[str, RewardFn], images: torch.Tensor, prompts: list[str]) -> None:
+def check_rewards_on_dummy_batch(rewards: dict[str, RewardFn], images: torch.Tensor, prompts: list[str],
+                                 allow_nonfinite: bool = False) -> None:
     """Run each reward once on a small batch so a broken reward fails before training, not after a rollout."""
     for name, fn in rewards.items():
-        call_reward(name, fn, images, prompts, [{} for _ in prompts])
+        call_reward(name, fn, images, prompts, [{} for _ in prompts], allow_nonfinite)

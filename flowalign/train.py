@@ -144,9 +144,9 @@ def rollout(config: FlowGRPOConfig, adapter, prompts: list[str], iteration: int,
 
 
 # ------------------------------------------------------------------------------------ reward
-def score(rewards: dict, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+def score(rewards: dict, images: torch.Tensor, prompts: list[str], allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
     metadata = [{} for _ in prompts]
-    return {name: call_reward(name, fn, images, prompts, metadata) for name, fn in rewards.items()}
+    return {name: call_reward(name, fn, images, prompts, metadata, allow_nonfinite) for name, fn in rewards.items()}
 
 
 # ------------------------------------------------------------------------------------ update
@@ -202,7 +202,8 @@ def evaluate(config: FlowGRPOConfig, adapter, rewards: dict, prompts: list[str],
     images = adapter.decode(trajectory.final)  # [P*S, 3, H, W]
     if grid_path is not None:
         save_image_grid(images, rows=len(prompts), path=grid_path, labels=prompts)
-    return {f"eval/{name}": value.mean().item() for name, value in score(rewards, images, repeated).items()}
+    scores = score(rewards, images, repeated, allow_nonfinite=config.reward.on_bad_score == "drop")
+    return {f"eval/{name}": value.nanmean().item() for name, value in scores.items()}  # dropped scores left out
 
 
 # -------------------------------------------------------------------------------------- main
@@ -251,7 +252,8 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
     first_images = adapter.decode(adapter.initial_noise(2, iteration_generator(t.seed, -1, accelerator.device)))
-    check_rewards_on_dummy_batch(rewards, first_images, train_prompts[:2] * (2 // len(train_prompts[:2])))
+    check_rewards_on_dummy_batch(rewards, first_images, train_prompts[:2] * (2 // len(train_prompts[:2])),
+                                 allow_nonfinite=config.reward.on_bad_score == "drop")
     history = {}
     if start == 0 and main_process:
         history["before"] = evaluate(config, adapter, rewards, eval_prompts, out / "images" / "iter-000000.png")
@@ -276,12 +278,17 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
         with torch.no_grad():
             images = adapter.decode(final)  # [N, 3, H, W]
         sample_prompts = [prompts[i] for i in sample_prompt.tolist()]
-        scores = score(rewards, images, sample_prompts)
+        drop_bad = config.reward.on_bad_score == "drop"
+        scores = score(rewards, images, sample_prompts, allow_nonfinite=drop_bad)
+        bad_sample = torch.stack(list(scores.values())).isnan().any(dim=0)  # [N] a reward gave NaN/inf
         timings["time/reward"] = time.perf_counter() - clock
 
-        # advantage
+        # advantage (dropped samples: NaN rewards are masked out of the statistics and get advantage 0)
         advantages, reward_stats = compose_rewards(scores, config.reward.weights, group_ids,
-                                                   mode=config.reward.composition, scale=t.advantage_scale)
+                                                   mode=config.reward.composition, scale=t.advantage_scale,
+                                                   nan_policy="mask" if drop_bad else "raise")
+        advantages = advantages.masked_fill(bad_sample, 0.0)  # dropped from every reward, not just the bad one
+        reward_stats["dropped"] = int(bad_sample.sum())
         advantages = clip_advantages(advantages, t.advantage_clip)  # [N]
         batch.advantage = advantages[row_sample]  # [R]
         if a.noise_aware_weighting:
