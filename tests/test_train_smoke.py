@@ -31,14 +31,18 @@ def tiny_pipeline_dir(tmp_path_factory):
 
 
 def tiny_config(pipeline_dir, out_dir, *extra):
-    return load_config(FlowGRPOConfig, None, [
+    return load_config(FlowGRPOConfig, None, tiny_overrides(pipeline_dir, out_dir, *extra))
+
+
+def tiny_overrides(pipeline_dir, out_dir, *extra):
+    return [
         f"model.path={pipeline_dir}", "model.lora_rank=4", "model.lora_alpha=8",
         "sampling.num_steps=4", "sampling.eval_num_steps=3", "sampling.guidance_scale=2.0",
         "train.iterations=2", "train.prompts_per_iteration=2", "train.group_size=2", "train.micro_batch_size=3",
         "train.learning_rate=1e-2", "train.clip_range=0.2", "train.kl_beta=0.1",
         "data.prompts=[the digit one, the digit two, the digit three]", "data.eval_seeds=1",
         "reward.weights={flowalign.rewards:jpeg_incompressibility: 1.0}",
-        f"log.output_dir={out_dir}", "log.eval_every=1", "log.checkpoint_every=1", *extra])
+        f"log.output_dir={out_dir}", "log.eval_every=1", "log.checkpoint_every=1", *extra]
 
 
 def lora_params(checkpoint):
