@@ -77,6 +77,8 @@ class FlowPipelineAdapter(Protocol):
 
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds: ...
 
+    def prompts_over_context(self, prompts: list[str]) -> list[str]: ...
+
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]: ...
 
     def initial_noise(
@@ -100,6 +102,19 @@ def _read_settings(path_or_hub_id: str) -> tuple[dict, dict]:
     index = json.loads((local / "model_index.json").read_text()) if (local / "model_index.json").is_file() else {}
     settings = json.loads((local / SETTINGS_FILE).read_text()) if (local / SETTINGS_FILE).is_file() else {}
     return index, settings
+
+
+def _prompts_over_context(pipeline, prompts: list[str], long_text_encoder: str, long_length: int) -> list[str]:
+    """Prompts that some tokenizer of the pipeline cuts: CLIP ones at model_max_length, the long (T5) one at
+    the adapter's max_sequence_length."""
+    over, prompts = [], list(dict.fromkeys(prompts))  # each prompt once
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tokenizer = getattr(pipeline, name, None)
+        if tokenizer is None or (name == long_text_encoder and long_length <= 0):
+            continue
+        limit = long_length if name == long_text_encoder else tokenizer.model_max_length
+        over += [p for p in prompts if len(tokenizer(p).input_ids) > limit and p not in over]
+    return over
 
 
 def _load_pipeline(pipeline_class, path_or_hub_id, dtype, device, max_sequence_length, default_length, kwargs):
@@ -161,6 +176,10 @@ class SD3Adapter:
     @property
     def dtype(self) -> torch.dtype:
         return self.pipeline.transformer.dtype
+
+    def prompts_over_context(self, prompts: list[str]) -> list[str]:
+        """Prompts the CLIP tokenizers (or T5 at max_sequence_length) would truncate."""
+        return _prompts_over_context(self.pipeline, prompts, "tokenizer_3", self.max_sequence_length)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
@@ -359,6 +378,10 @@ class FluxAdapter:
     @property
     def dtype(self) -> torch.dtype:
         return self.pipeline.transformer.dtype
+
+    def prompts_over_context(self, prompts: list[str]) -> list[str]:
+        """Prompts the CLIP tokenizers (or T5 at max_sequence_length) would truncate."""
+        return _prompts_over_context(self.pipeline, prompts, "tokenizer_2", self.max_sequence_length)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:

@@ -251,6 +251,10 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    too_long = adapter.prompts_over_context(train_prompts + eval_prompts)
+    if too_long and main_process:  # the text encoders truncate them: say so once, with a count
+        print(f"[flowalign] warning: {len(too_long)} prompt(s) exceed the text encoder's context and are truncated, "
+              f"e.g. {too_long[0][:80]!r}")
     first_images = adapter.decode(adapter.initial_noise(2, iteration_generator(t.seed, -1, accelerator.device)))
     check_rewards_on_dummy_batch(rewards, first_images, train_prompts[:2] * (2 // len(train_prompts[:2])),
                                  allow_nonfinite=config.reward.on_bad_score == "drop")
@@ -302,7 +306,12 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
         clock = time.perf_counter()
         embeds = adapter.encode_prompts(prompts)
         adapter.transformer.train()
-        metrics = update(config, adapter, optimizer, params, embeds, batch, generator)
+        try:
+            metrics = update(config, adapter, optimizer, params, embeds, batch, generator)
+        except FloatingPointError as error:
+            last = latest_checkpoint(out / "checkpoints")
+            raise FloatingPointError(f"iteration {iteration + 1}: {error}; the last good checkpoint is "
+                                     f"{last or 'none (none written yet)'}, and --resume starts from it") from None
         adapter.transformer.eval()
         if ema is not None:
             ema.update()
@@ -396,6 +405,9 @@ def main(argv: list[str] | None = None) -> None:
     except RewardError as error:
         print(f"reward error: {error}", file=sys.stderr)
         raise SystemExit(3) from None
+    except FloatingPointError as error:
+        print(f"training stopped: {error}", file=sys.stderr)
+        raise SystemExit(4) from None
 
 
 if __name__ == "__main__":

@@ -64,3 +64,34 @@ def test_wrong_signature_and_bad_paths_are_refused_at_load():
         load_reward("tests.test_reward_faults:nope")
     with pytest.raises(RewardError, match="cannot import module 'no_such_module'"):
         load_reward("no_such_module:reward")
+
+
+def test_overlong_prompts_are_counted_and_reported(tiny_pipeline_dir, tmp_path, capsys):  # noqa: F811
+    from flowalign.adapters import SD3Adapter
+
+    adapter = SD3Adapter.from_pretrained(str(tiny_pipeline_dir))
+    long_prompt = "the digit " + " ".join(["three"] * 40)  # the toy tokenizers keep 16 tokens
+    assert adapter.prompts_over_context(["the digit one", long_prompt]) == [long_prompt]
+    train(tiny_config(tiny_pipeline_dir, tmp_path / "run", f"data.prompts=[the digit one, {long_prompt}]",
+                      "train.iterations=1"))
+    assert "warning: 1 prompt(s) exceed the text encoder's context and are truncated" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_with_the_iteration_and_keeps_the_checkpoint(tiny_pipeline_dir, tmp_path, monkeypatch):  # noqa: F811
+    import flowalign.train as recipe
+
+    config = tiny_config(tiny_pipeline_dir, tmp_path / "run", "train.iterations=3")
+    real_update, calls = recipe.update, {"n": 0}
+
+    def update_that_fails_on_the_second_call(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise FloatingPointError("loss became nan; lower train.learning_rate or check the rewards")
+        return real_update(*args)
+
+    monkeypatch.setattr(recipe, "update", update_that_fails_on_the_second_call)
+    with pytest.raises(FloatingPointError, match="iteration 2: loss became nan.*last good checkpoint is .*step-000001"):
+        recipe.train(config)
+    from shared.checkpoint import latest_checkpoint, load_state
+
+    assert load_state(latest_checkpoint(tmp_path / "run" / "checkpoints"), "trainer")["iteration"] == 1
