@@ -67,6 +67,7 @@ class TrainConfig:
     kl_beta: float = option(0.01, "weight of the Gaussian-mean KL to the reference (LoRA disabled); 0 = off")
     ema_decay: Optional[float] = option(None, "keep an EMA of the trained weights for evaluation (e.g. 0.9)")
     seed: int = option(0, "seed for prompts, noise and initialisation")
+    max_seconds: Optional[float] = option(None, "stop after this many seconds of training (then evaluate and save)")
 
 
 @dataclasses.dataclass
@@ -133,6 +134,7 @@ class FlowGRPOConfig:
         need(t.advantage_clip > 0, "train.advantage_clip", f"{t.advantage_clip} must be positive, e.g. 5.0")
         need(t.weight_decay >= 0, "train.weight_decay", f"{t.weight_decay} must be >= 0")
         need(t.seed >= 0, "train.seed", f"{t.seed} must be >= 0")
+        need(t.max_seconds is None or t.max_seconds > 0, "train.max_seconds", f"{t.max_seconds} must be positive or null")
         need(s.guidance_scale >= 0, "sampling.guidance_scale", f"{s.guidance_scale} must be >= 0 (1 = no guidance)")
         need(self.log.eval_every >= 0, "log.eval_every", f"{self.log.eval_every} must be >= 0 (0 = start and end only)")
         need(self.log.checkpoint_every >= 0, "log.checkpoint_every", f"{self.log.checkpoint_every} must be >= 0")

@@ -265,6 +265,7 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
         print(f"[flowalign] held-out reward before: {_fmt(history['before'])}")
 
     progress = tqdm(range(start, t.iterations), desc=a.name, disable=not main_process, initial=start, total=t.iterations)
+    started = time.perf_counter()
     for iteration in progress:
         generator = iteration_generator(t.seed, iteration, accelerator.device)
         timings = {}
@@ -325,7 +326,8 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
                   "nfe/update_backward": len(batch),
                   "samples": samples_per_iteration, **timings}
         done = iteration + 1
-        if config.log.eval_every and done % config.log.eval_every == 0 or done == t.iterations:
+        last = done == t.iterations or (t.max_seconds is not None and time.perf_counter() - started > t.max_seconds)
+        if config.log.eval_every and done % config.log.eval_every == 0 or last:
             with ema.swapped_in() if ema else _nothing():
                 record.update(evaluate(config, adapter, rewards, eval_prompts, out / "images" / f"iter-{done:06d}.png"))
         if main_process:
@@ -334,8 +336,10 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
                                  clip=f"{metrics['clip_frac']:.2f}")
 
         # checkpoint
-        if (config.log.checkpoint_every and done % config.log.checkpoint_every == 0) or done == t.iterations:
+        if (config.log.checkpoint_every and done % config.log.checkpoint_every == 0) or last:
             save_training_checkpoint(config, accelerator, adapter, optimizer, ema, done, out)
+        if last:
+            break
 
     final_eval = {k: v for k, v in record.items() if k.startswith("eval/")} if t.iterations > start else {}
     if main_process:

@@ -120,3 +120,10 @@ def test_flux_pipeline_trains_through_the_same_recipe(tmp_path):
     fresh = FluxPipeline.from_pretrained(pipeline_dir)
     fresh.load_lora_weights(str(latest_checkpoint(tmp_path / "run" / "checkpoints") / "lora"))
     assert any("lora" in name for name, _ in fresh.transformer.named_parameters())
+
+
+def test_time_budget_stops_evaluates_and_saves(tiny_pipeline_dir, tmp_path):
+    result = train(tiny_config(tiny_pipeline_dir, tmp_path / "run", "train.iterations=50", "train.max_seconds=1e-6",
+                               "log.eval_every=0", "log.checkpoint_every=0"))
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-000001"  # stopped after one iteration
+    assert set(result["after"]) == {"eval/flowalign.rewards:jpeg_incompressibility"}

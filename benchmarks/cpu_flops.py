@@ -1,0 +1,70 @@
+"""The CPU's measured float32 matmul peak, and the FLOP/s a Flow-GRPO update step achieves as a fraction of it.
+
+    python benchmarks/cpu_flops.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def matmul_peak(size: int = 1024, repeats: int = 20) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / min(times)
+
+
+def update_step_flops() -> tuple[float, float]:
+    """(FLOPs counted by torch's FlopCounterMode, median seconds) of one update() on the embedded default."""
+    from flowalign.config import FlowGRPOConfig
+    from flowalign.lora import make_trainable
+    from flowalign.train import iteration_generator, load_adapter, rollout, update
+    from shared.config import load_config
+
+    config = load_config(FlowGRPOConfig, ROOT / "configs" / "flow" / "flow_grpo.yaml", ["train.updates_per_iteration=1"])
+    adapter = load_adapter(config, torch.device("cpu"))
+    params = make_trainable(adapter.transformer, True, config.model.lora_rank, config.model.lora_alpha,
+                            config.model.lora_targets)
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    prompts = config.data.prompts[: config.train.prompts_per_iteration]
+    _, _, batch, _, _, _ = rollout(config, adapter, prompts, 0, None, iteration_generator(0, 0, adapter.device))
+    batch.advantage = torch.randn(len(batch))
+    embeds = adapter.encode_prompts(prompts)
+    with FlopCounterMode(display=False) as counter:
+        update(config, adapter, optimizer, params, embeds, batch, iteration_generator(0, 1, adapter.device))
+    times = []
+    for i in range(3):
+        start = time.perf_counter()
+        update(config, adapter, optimizer, params, embeds, batch, iteration_generator(0, 2 + i, adapter.device))
+        times.append(time.perf_counter() - start)
+    return counter.get_total_flops(), statistics.median(times)
+
+
+def main() -> dict:
+    peak = matmul_peak()
+    flops, seconds = update_step_flops()
+    achieved = flops / seconds
+    lines = ["| measure | value |", "|---|---|",
+             f"| float32 matmul peak (1024^3, {torch.get_num_threads()} threads) | {peak / 1e9:.1f} GFLOP/s |",
+             f"| Flow-GRPO update step (embedded default) | {flops / 1e9:.2f} GFLOP in {seconds:.2f} s |",
+             f"| achieved | {achieved / 1e9:.2f} GFLOP/s = {achieved / peak:.1%} of peak |"]
+    print("\n".join(lines))
+    return {"peak": peak, "flops": flops, "seconds": seconds, "fraction": achieved / peak, "table": "\n".join(lines)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Run every benchmark and print its table; `--quick` keeps the whole run to a few minutes on 2 CPU cores.
+
+    python benchmarks/run_all.py [--quick]
+
+Written so far: the flow recipes side by side (flow_bench.py) and the CPU FLOP/s of an update step
+(cpu_flops.py). The LLM comparisons against TRL (issue 7) come with llmalign.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks import cpu_flops, flow_bench  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}")
+    header = f"Benchmarks of {datetime.date.today().isoformat()} on {machine}" + (" (--quick)" if args.quick else "")
+    print(header)
+    flops = cpu_flops.main()
+    flow_bench.main(["--quick"] if args.quick else [])
+    flow_table = (ROOT / "benchmarks" / "out" / "flow_bench.md").read_text()
+    (ROOT / "benchmarks" / "out" / "RESULTS.md").write_text(f"{header}\n\n{flops['table']}\n\n{flow_table}")
+    print(f"\n{header}\n\n{flops['table']}\n\n{flow_table}")
+
+
+if __name__ == "__main__":
+    main()
