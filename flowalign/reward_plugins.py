@@ -2,8 +2,8 @@
 
 A reward is a callable `(images [B, 3, H, W] in [0, 1], prompts: list[str], metadata: list[dict])
 -> scores [B]`. A config names it as 'module:name'; `name` is either the reward itself or a
-factory that returns it (a callable whose parameters all have defaults, called with the config's
-`reward.kwargs`). Problems are reported with the reward's name before training starts.
+factory that returns it: called with the config's `reward.kwargs` when it has an entry, or with no
+arguments when all its parameters have defaults. Problems are reported with the reward's name before training starts.
 """
 
 from __future__ import annotations
@@ -42,10 +42,12 @@ def load_reward(path: str, kwargs: dict | None = None) -> RewardFn:
     obj = getattr(module, attribute)
     if not callable(obj):
         raise RewardError(f"reward '{path}': '{attribute}' is a {type(obj).__name__}, not a function")
-    if _is_factory(obj):
-        obj = obj(**(kwargs or {}))
-    elif kwargs:
-        raise RewardError(f"reward '{path}' is a reward function, not a factory; remove its reward.kwargs entry")
+    if kwargs or _is_factory(obj):  # given kwargs, or nothing required: a factory that returns the reward
+        try:
+            obj = obj(**(kwargs or {}))
+        except TypeError as error:
+            raise RewardError(f"reward '{path}': calling it with reward.kwargs {kwargs or {}} failed ({error}); "
+                              "give the factory's arguments, or no kwargs for a reward function") from None
     try:
         inspect.signature(obj).bind(None, None, None)
     except TypeError:

@@ -95,3 +95,10 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_checkpoint(tiny_pipelin
     from shared.checkpoint import latest_checkpoint, load_state
 
     assert load_state(latest_checkpoint(tmp_path / "run" / "checkpoints"), "trainer")["iteration"] == 1
+
+
+def test_factories_with_required_arguments_take_their_kwargs():
+    reward = load_reward("flowalign.reward_server:remote_reward", {"url": "http://127.0.0.1:9", "token": "t"})
+    assert callable(reward) and reward.__name__ != "remote_reward"
+    with pytest.raises(RewardError, match="calling it with reward.kwargs \\{'quality': 50, 'colour': 1\\} failed"):
+        load_reward("flowalign.rewards:jpeg_compressibility", {"quality": 50, "colour": 1})
