@@ -56,6 +56,7 @@ class TrainConfig:
     iterations: int = option(100, "GRPO iterations (rollout + update)")
     prompts_per_iteration: int = option(10, "distinct prompts per iteration")
     group_size: int = option(8, "samples per prompt G")
+    rollout_chunks: int = option(1, "sample the prompts in this many sequential batches (memory; async scoring)")
     updates_per_iteration: int = option(2, "optimizer steps per iteration (the batch is split in this many parts)")
     micro_batch_size: int = option(32, "samples per forward pass in the update (gradient accumulation)")
     learning_rate: float = option(3e-4, "AdamW learning rate")
@@ -77,6 +78,7 @@ class RewardConfig:
         "reward import path 'module:name' -> weight; the name is a reward fn or a factory taking no arguments",
     )
     kwargs: dict[str, dict[str, Any]] = option({}, "reward import path -> keyword arguments for its factory")
+    async_scoring: bool = option(False, "score each rollout chunk in a worker thread while the next chunk samples")
     on_bad_score: Literal["stop", "drop"] = option(
         "stop", "a NaN/inf score stops the run naming the reward (stop), or its sample gets advantage 0 and is counted (drop)")
     composition: Literal["sum_then_normalize", "normalize_then_sum"] = option(
@@ -126,6 +128,7 @@ class FlowGRPOConfig:
         need(t.prompts_per_iteration >= 1, "train.prompts_per_iteration", f"{t.prompts_per_iteration}; use at least 1")
         need(t.iterations >= 0, "train.iterations", f"{t.iterations} is negative")
         need(t.learning_rate > 0, "train.learning_rate", f"{t.learning_rate} must be positive, e.g. 3e-4")
+        need(t.rollout_chunks >= 1, "train.rollout_chunks", f"{t.rollout_chunks}; use at least 1")
         need(t.micro_batch_size >= 1, "train.micro_batch_size", f"{t.micro_batch_size}; use at least 1")
         need(t.updates_per_iteration >= 1, "train.updates_per_iteration", f"{t.updates_per_iteration}; use at least 1")
         need(t.clip_range > 0, "train.clip_range", f"{t.clip_range} must be positive, e.g. 1e-4")

@@ -11,6 +11,7 @@ Each iteration: rollout (SDE steps with log-probs) -> reward -> advantage (share
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import Future, ThreadPoolExecutor
 import dataclasses
 import json
 import math
@@ -100,9 +101,12 @@ def velocity_fn_for(adapter, embeds, guidance_scale: float):
 
 # ----------------------------------------------------------------------------------- rollout
 @torch.no_grad()
-def rollout(config: FlowGRPOConfig, adapter, prompts: list[str], iteration: int, window, generator) -> tuple:
-    """Sample the iteration's images; return (final latents [N, ...], group ids [N], StepBatch without advantages,
-    the sample index of every StepBatch row [R], nfe, prompts of the N samples)."""
+def rollout(config: FlowGRPOConfig, adapter, prompts: list[str], iteration: int, window, generator,
+            on_chunk=None) -> tuple:
+    """Sample the iteration's images in `train.rollout_chunks` sequential batches of prompts; return (final latents
+    [N, ...], group ids [N], StepBatch without advantages, the sample index of every StepBatch row [R], nfe,
+    prompt index of the N samples). `on_chunk(final, prompt_index)` runs after each chunk (scoring it while the
+    next chunk samples). Noise and the steps to train are drawn once per iteration, before the chunks."""
     s, a = config.sampling, config.algorithm
     sigmas = adapter.sigmas(s.num_steps)  # [T+1]
     embeds = adapter.encode_prompts(prompts)
@@ -111,36 +115,50 @@ def rollout(config: FlowGRPOConfig, adapter, prompts: list[str], iteration: int,
     noise = adapter.initial_noise(len(prompts) * groups, generator)  # [N, C, h, w]
     if s.same_noise_per_group:
         noise = noise[::groups].repeat_interleave(groups, dim=0)
-    velocity = velocity_fn_for(adapter, embeds[prompt_index], s.guidance_scale)
-
     if a.name == "tempflow":
         steps = samplers.select_branch_steps(s.num_steps, a.branch_steps, subset=a.branch_subset,
                                              window=window.steps(iteration, generator) if window else None)
-        tiled_embeds = lambda rows: embeds[prompt_index[torch.arange(rows) % len(prompt_index)]]  # noqa: E731
-        branches = samplers.branch_rollout(
-            lambda x, sigma: adapter.velocity(x, sigma, tiled_embeds(x.shape[0]), s.guidance_scale), noise, sigmas,
-            steps, a.num_branches, noise_level=s.noise_level, kind=s.sde_kind, generator=generator)
-        sample_prompt = prompt_index[branches.prompt_index]  # [R] one row per final sample
-        group_ids = samplers.branch_group_ids(branches.prompt_index, branches.branch_step, s.num_steps)  # [R]
-        rows = StepBatch(branches.latents, branches.next_latents, sigmas[branches.branch_step],
-                         sigmas[branches.branch_step + 1], branches.log_probs, torch.zeros(len(group_ids)), sample_prompt,
-                         branches.branch_step)
-        return branches.final, group_ids, rows, torch.arange(len(group_ids)), branches.nfe, sample_prompt
-
-    if a.name == "mixgrpo":
+    elif a.name == "mixgrpo":
         sde_steps = window.steps(iteration, generator)
         trained = sde_steps
     else:  # flow_grpo: SDE on every noisy step, train a random fraction of them
         sde_steps = list(range(s.num_steps - 1))
         count = max(1, math.ceil(a.train_fraction * len(sde_steps)))
         trained = sorted(torch.randperm(len(sde_steps), generator=generator)[:count].tolist())
-    trajectory = samplers.sample_trajectory(velocity, noise, sigmas, sde_steps, noise_level=s.noise_level,
-                                            kind=s.sde_kind, generator=generator,
-                                            flash_ratio=a.flash_ratio if a.name == "mixgrpo" else None)
-    row = trajectory.training_rows(trained)  # step-major rows of the trained SDE steps
-    rows = StepBatch(row["latents"], row["next_latents"], row["sigma"], row["sigma_next"], row["log_prob"],
-                     torch.zeros(len(row["step"])), prompt_index[row["sample"]], row["step"])
-    return trajectory.final, prompt_index, rows, row["sample"], trajectory.nfe, prompt_index
+
+    parts = []
+    for chunk in torch.arange(len(prompts)).tensor_split(min(config.train.rollout_chunks, len(prompts))):
+        first, last = int(chunk[0]) * groups, (int(chunk[-1]) + 1) * groups  # this chunk's samples
+        chunk_prompts = prompt_index[first:last]  # [n]
+        if a.name == "tempflow":
+            tiled = lambda rows, p=chunk_prompts: embeds[p[torch.arange(rows) % len(p)]]  # noqa: E731
+            branches = samplers.branch_rollout(
+                lambda x, sigma, tiled=tiled: adapter.velocity(x, sigma, tiled(x.shape[0]), s.guidance_scale),
+                noise[first:last], sigmas, steps, a.num_branches, noise_level=s.noise_level, kind=s.sde_kind,
+                generator=generator)
+            sample_prompt = chunk_prompts[branches.prompt_index]  # [r] one row per final sample
+            group_ids = samplers.branch_group_ids(first + branches.prompt_index, branches.branch_step, s.num_steps)
+            rows = StepBatch(branches.latents, branches.next_latents, sigmas[branches.branch_step],
+                             sigmas[branches.branch_step + 1], branches.log_probs, torch.zeros(len(group_ids)),
+                             sample_prompt, branches.branch_step)
+            part = (branches.final, group_ids, rows, torch.arange(len(group_ids)), branches.nfe, sample_prompt)
+        else:
+            velocity = velocity_fn_for(adapter, embeds[chunk_prompts], s.guidance_scale)
+            trajectory = samplers.sample_trajectory(velocity, noise[first:last], sigmas, sde_steps,
+                                                    noise_level=s.noise_level, kind=s.sde_kind, generator=generator,
+                                                    flash_ratio=a.flash_ratio if a.name == "mixgrpo" else None)
+            row = trajectory.training_rows(trained)  # step-major rows of the trained SDE steps
+            rows = StepBatch(row["latents"], row["next_latents"], row["sigma"], row["sigma_next"], row["log_prob"],
+                             torch.zeros(len(row["step"])), chunk_prompts[row["sample"]], row["step"])
+            part = (trajectory.final, chunk_prompts, rows, row["sample"], trajectory.nfe, chunk_prompts)
+        if on_chunk is not None:
+            on_chunk(part[0], part[5])
+        parts.append(part)
+    finals, group_ids, batches, row_samples, nfes, sample_prompts = zip(*parts)
+    offsets = torch.tensor([0] + [f.shape[0] for f in finals[:-1]]).cumsum(0)  # first sample of each chunk
+    merged = StepBatch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(StepBatch)))
+    row_sample = torch.cat([r + o for r, o in zip(row_samples, offsets.tolist())])  # [R]
+    return torch.cat(finals), torch.cat(group_ids), merged, row_sample, sum(nfes), torch.cat(sample_prompts)
 
 
 # ------------------------------------------------------------------------------------ reward
@@ -264,29 +282,38 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
         _append_metrics(out / "metrics.jsonl", {"iteration": 0, **history["before"]})
         print(f"[flowalign] held-out reward before: {_fmt(history['before'])}")
 
+    drop_bad = config.reward.on_bad_score == "drop"
+    # async: one worker thread scores while the main thread samples; sync: the same calls, run on submit
+    scorer = ThreadPoolExecutor(max_workers=1) if config.reward.async_scoring else _InlineExecutor()
     progress = tqdm(range(start, t.iterations), desc=a.name, disable=not main_process, initial=start, total=t.iterations)
     started = time.perf_counter()
     for iteration in progress:
         generator = iteration_generator(t.seed, iteration, accelerator.device)
         timings = {}
 
-        # rollout
+        # rollout (each chunk is decoded and handed to the scorer as soon as it is sampled)
         clock = time.perf_counter()
         chosen = torch.randperm(len(train_prompts), generator=generator)[: t.prompts_per_iteration].tolist()
         prompts = [train_prompts[i % len(train_prompts)] for i in chosen]
+        jobs, reward_seconds = [], [0.0]
+
+        def score_chunk(final_chunk, chunk_prompt_index):
+            started_chunk = time.perf_counter()
+            images = adapter.decode(final_chunk)  # [n, 3, H, W]
+            texts = [prompts[i] for i in chunk_prompt_index.tolist()]
+            jobs.append(scorer.submit(score, rewards, images, texts, drop_bad))  # async: overlaps the next chunk
+            reward_seconds[0] += time.perf_counter() - started_chunk
+
         final, group_ids, batch, row_sample, nfe, sample_prompt = rollout(config, adapter, prompts, iteration, window,
-                                                                         generator)
-        timings["time/rollout"] = time.perf_counter() - clock
+                                                                         generator, on_chunk=score_chunk)
+        timings["time/rollout"] = time.perf_counter() - clock - reward_seconds[0]
 
         # reward
         clock = time.perf_counter()
-        with torch.no_grad():
-            images = adapter.decode(final)  # [N, 3, H, W]
-        sample_prompts = [prompts[i] for i in sample_prompt.tolist()]
-        drop_bad = config.reward.on_bad_score == "drop"
-        scores = score(rewards, images, sample_prompts, allow_nonfinite=drop_bad)
+        chunk_scores = [job.result() for job in jobs]  # re-raises a reward's error here
+        scores = {name: torch.cat([chunk[name] for chunk in chunk_scores]) for name in rewards}  # [N] each
         bad_sample = torch.stack(list(scores.values())).isnan().any(dim=0)  # [N] a reward gave NaN/inf
-        timings["time/reward"] = time.perf_counter() - clock
+        timings["time/reward"] = reward_seconds[0] + time.perf_counter() - clock  # decode + scoring not overlapped
 
         # advantage (dropped samples: NaN rewards are masked out of the statistics and get advantage 0)
         advantages, reward_stats = compose_rewards(scores, config.reward.weights, group_ids,
@@ -341,6 +368,7 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
         if last:
             break
 
+    scorer.shutdown()
     final_eval = {k: v for k, v in record.items() if k.startswith("eval/")} if t.iterations > start else {}
     if main_process:
         plot_curves(out / "metrics.jsonl", out / "reward_curve.png",
@@ -363,6 +391,21 @@ def save_training_checkpoint(config, accelerator, adapter, optimizer, ema, itera
         states["ema"] = ema.shadow
     writer = (lambda tmp: save_lora_for_pipeline(type(adapter.pipeline), transformer, tmp / "lora")) if config.model.lora else None
     save_checkpoint(out / "checkpoints", iteration, states, keep_last=config.log.keep_last, extra_writer=writer)
+
+
+class _InlineExecutor:
+    """The executor interface, running each call at once in the calling thread."""
+
+    def submit(self, fn, *args) -> Future:
+        future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as error:  # delivered by .result(), as a thread pool would
+            future.set_exception(error)
+        return future
+
+    def shutdown(self) -> None:
+        pass
 
 
 class _nothing:

@@ -127,3 +127,18 @@ def test_time_budget_stops_evaluates_and_saves(tiny_pipeline_dir, tmp_path):
                                "log.eval_every=0", "log.checkpoint_every=0"))
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-000001"  # stopped after one iteration
     assert set(result["after"]) == {"eval/flowalign.rewards:jpeg_incompressibility"}
+
+
+@pytest.mark.parametrize("algorithm", ["flow_grpo", "tempflow"])
+def test_async_scoring_of_rollout_chunks_equals_sync(tiny_pipeline_dir, tmp_path, algorithm):
+    """Scoring each chunk in a worker thread while the next samples changes timing, not results; chunked
+    rollouts group and index their samples like one big rollout (checked through identical training)."""
+    weights = {}
+    for mode in ("false", "true"):
+        out = tmp_path / mode
+        train(tiny_config(tiny_pipeline_dir, out, *ALGORITHMS[algorithm], "train.prompts_per_iteration=3",
+                          "train.rollout_chunks=2", f"reward.async_scoring={mode}", "log.eval_every=0"))
+        weights[mode] = load_state(latest_checkpoint(out / "checkpoints"), "trainable")
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["samples"] == 6  # 3 prompts x 2 (group size, or branches for tempflow)
+    assert all(torch.equal(weights["false"][k], weights["true"][k]) for k in weights["false"])
