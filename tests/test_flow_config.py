@@ -42,3 +42,11 @@ def test_cli_refuses_bad_config_with_one_line_and_exit_2():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "config error: config field 'train.group_size': 1 < 2; group advantages need at least 2 samples per prompt"]
+
+
+def test_accelerate_configs_parse():
+    import yaml
+
+    configs = {path.stem: yaml.safe_load(path.read_text()) for path in (ROOT / "configs" / "accelerate").glob("*.yaml")}
+    assert configs["cpu"]["use_cpu"] is True and configs["cpu"]["distributed_type"] == "NO"
+    assert configs["multi_gpu"]["distributed_type"] == "MULTI_GPU"
