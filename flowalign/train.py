@@ -11,6 +11,7 @@ Each iteration: rollout (SDE steps with log-probs) -> reward -> advantage (share
 from __future__ import annotations
 
 import argparse
+import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 import dataclasses
 import json
@@ -274,7 +275,7 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
         print(f"[flowalign] warning: {len(too_long)} prompt(s) exceed the text encoder's context and are truncated, "
               f"e.g. {too_long[0][:80]!r}")
     first_images = adapter.decode(adapter.initial_noise(2, iteration_generator(t.seed, -1, accelerator.device)))
-    check_rewards_on_dummy_batch(rewards, first_images, train_prompts[:2] * (2 // len(train_prompts[:2])),
+    check_rewards_on_dummy_batch(rewards, first_images, [train_prompts[i % len(train_prompts)] for i in range(2)],
                                  allow_nonfinite=config.reward.on_bad_score == "drop")
     history = {}
     if start == 0 and main_process:
@@ -293,8 +294,9 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
 
         # rollout (each chunk is decoded and handed to the scorer as soon as it is sampled)
         clock = time.perf_counter()
-        chosen = torch.randperm(len(train_prompts), generator=generator)[: t.prompts_per_iteration].tolist()
-        prompts = [train_prompts[i % len(train_prompts)] for i in chosen]
+        rounds = -(-t.prompts_per_iteration // len(train_prompts))  # more prompts asked than exist: go round again
+        chosen = torch.cat([torch.randperm(len(train_prompts), generator=generator) for _ in range(rounds)])
+        prompts = [train_prompts[i] for i in chosen[: t.prompts_per_iteration].tolist()]
         jobs, reward_seconds = [], [0.0]
 
         def score_chunk(final_chunk, chunk_prompt_index):
@@ -355,7 +357,7 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
         done = iteration + 1
         last = done == t.iterations or (t.max_seconds is not None and time.perf_counter() - started > t.max_seconds)
         if config.log.eval_every and done % config.log.eval_every == 0 or last:
-            with ema.swapped_in() if ema else _nothing():
+            with ema.swapped_in() if ema else contextlib.nullcontext():
                 record.update(evaluate(config, adapter, rewards, eval_prompts, out / "images" / f"iter-{done:06d}.png"))
         if main_process:
             _append_metrics(out / "metrics.jsonl", record)
@@ -406,14 +408,6 @@ class _InlineExecutor:
 
     def shutdown(self) -> None:
         pass
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _fmt(metrics: dict) -> str:
