@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from shared.checkpoint import load_trainable_state, trainable_state  # noqa: F401 (re-exported)
+
 
 def make_trainable(transformer: torch.nn.Module, lora: bool, rank: int, alpha: int, targets: list[str]) -> list[torch.nn.Parameter]:
     """Add a LoRA adapter (peft) or unfreeze the whole transformer; return the trainable parameters."""
@@ -35,20 +37,6 @@ def reference_model(transformer: torch.nn.Module, lora: bool):
         yield
     finally:
         transformer.enable_adapters()
-
-
-def trainable_state(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in transformer.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    params = dict(transformer.named_parameters())
-    missing = [name for name in state if name not in params]
-    if missing:
-        raise ValueError(f"checkpoint has parameters the model lacks, e.g. {missing[:3]}; was it made with another config?")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
 
 
 def save_lora_for_pipeline(pipeline_class, transformer: torch.nn.Module, directory: str | Path) -> None:

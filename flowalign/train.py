@@ -31,12 +31,13 @@ from flowalign.config import EMBEDDED_MODEL, FlowGRPOConfig
 from flowalign.lora import (EMA, load_trainable_state, make_trainable, reference_model, save_lora_for_pipeline,
                             trainable_state)
 from flowalign.reward_plugins import RewardError, call_reward, check_rewards_on_dummy_batch, load_reward
-from flowalign.visuals import plot_curves, save_image_grid
+from flowalign.visuals import save_image_grid
 from shared.advantages import clip_advantages, compose_rewards
 from shared.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from shared.config import ConfigError, describe, exit_on_config_error, load_config, to_dict
 from shared.kl import gaussian_mean_kl
 from shared.losses import clipped_policy_loss
+from shared.runlog import append_metrics, plot_curves, truncate_metrics
 
 EVAL_SEED_OFFSET = 1_000_003  # evaluation noise comes from seeds training never draws
 
@@ -263,7 +264,7 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
         start = trainer_state["iteration"]
         if ema is not None:
             ema.shadow = [x.to(accelerator.device) for x in load_state(checkpoint, "ema")]
-        _truncate_metrics(out / "metrics.jsonl", start)
+        truncate_metrics(out / "metrics.jsonl", start)
         print(f"[flowalign] resumed from {checkpoint} at iteration {start}")
     elif resume:
         print(f"[flowalign] --resume: no checkpoint in {out / 'checkpoints'}, starting fresh")
@@ -280,7 +281,7 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
     history = {}
     if start == 0 and main_process:
         history["before"] = evaluate(config, adapter, rewards, eval_prompts, out / "images" / "iter-000000.png")
-        _append_metrics(out / "metrics.jsonl", {"iteration": 0, **history["before"]})
+        append_metrics(out / "metrics.jsonl", {"iteration": 0, **history["before"]})
         print(f"[flowalign] held-out reward before: {_fmt(history['before'])}")
 
     drop_bad = config.reward.on_bad_score == "drop"
@@ -360,7 +361,7 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
             with ema.swapped_in() if ema else contextlib.nullcontext():
                 record.update(evaluate(config, adapter, rewards, eval_prompts, out / "images" / f"iter-{done:06d}.png"))
         if main_process:
-            _append_metrics(out / "metrics.jsonl", record)
+            append_metrics(out / "metrics.jsonl", record)
             progress.set_postfix(reward=f"{reward_stats['total/mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}",
                                  clip=f"{metrics['clip_frac']:.2f}")
 
@@ -412,18 +413,6 @@ class _InlineExecutor:
 
 def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in metrics.items())
-
-
-def _append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """After a resume, drop records written after the checkpoint (they will be written again)."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["iteration"] <= iteration]
-        path.write_text("".join(line + "\n" for line in keep))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -29,26 +28,3 @@ def save_image_grid(images: torch.Tensor, rows: int, path: str | Path, labels: l
             draw.text((4, r * height * zoom + height * zoom // 2 - 5), label, fill="black")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
-
-
-def plot_curves(metrics_path: str | Path, out_path: str | Path, keys: list[str], title: str) -> list[str]:
-    """Plot `keys` from a metrics.jsonl against the iteration; returns the keys that were found."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    found = [key for key in keys if any(key in r for r in records)]
-    fig, axes = plt.subplots(1, max(1, len(found)), figsize=(4.5 * max(1, len(found)), 3.2), squeeze=False)
-    for axis, key in zip(axes[0], found):
-        points = [(r["iteration"], r[key]) for r in records if key in r]
-        axis.plot(*zip(*points), marker="." if len(points) < 30 else None)
-        axis.set_xlabel("iteration")
-        axis.set_title(key)
-        axis.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return found

@@ -135,3 +135,17 @@ def _fsync_tree(directory: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+
+
+def trainable_state(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in transformer.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(transformer.named_parameters())
+    missing = [name for name in state if name not in params]
+    if missing:
+        raise ValueError(f"checkpoint has parameters the model lacks, e.g. {missing[:3]}; was it made with another config?")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)

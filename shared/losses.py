@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["LOSS_AGGREGATIONS", "clipped_policy_loss"]
+__all__ = ["LOSS_AGGREGATIONS", "aggregation_denominator", "clipped_policy_loss"]
 
 
 # ----------------------------------------------------------------------------- aggregations
@@ -145,3 +145,21 @@ def clipped_policy_loss(
             "ratio_max": float(kept_ratio.max()) if n else float("nan"),
         }
     return loss, metrics
+
+
+def aggregation_denominator(aggregation: str, mask: Tensor) -> int:
+    """The count an aggregation divides by, for splitting a batch into micro-batches exactly.
+
+    Each aggregation is (sum of per-row terms) / denominator: "grpo" counts rows with at least one
+    unmasked element, "dapo" unmasked elements, "dr_grpo" rows. So with micro-batches m of a batch,
+    loss(batch) = sum_m loss(m) * denominator(m) / denominator(batch) (for "dr_grpo" with a
+    fixed max_length); gradient accumulation with these weights equals one big batch.
+    """
+    if aggregation not in LOSS_AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {sorted(LOSS_AGGREGATIONS)}, got {aggregation!r}")
+    keep = mask.bool()  # [B, T]
+    if aggregation == "grpo":
+        return int((keep.sum(dim=1) > 0).sum())
+    if aggregation == "dapo":
+        return int(keep.sum())
+    return keep.shape[0]
