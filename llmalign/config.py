@@ -1,0 +1,189 @@
+"""The config dataclass of the text GRPO recipe (`llmalign grpo`, `llmalign/grpo.py`).
+
+Sections: model, data, sampling, algorithm, train, reward, log. Every field is documented once,
+here; `llmalign grpo --describe` prints them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Optional
+
+from shared.config import ConfigError, option
+
+EMBEDDED_MODEL = "embedded:arith"  # the project's own tiny Qwen2 arithmetic model, built and cached on first use
+
+
+def need(condition: bool, field: str, message: str) -> None:
+    """Raise the one-line ConfigError for `field` unless `condition` holds."""
+    if not condition:
+        raise ConfigError(f"config field '{field}': {message}")
+
+
+@dataclasses.dataclass
+class LMModelConfig:
+    path: str = option(EMBEDDED_MODEL, "causal LM: local directory, hub id, or 'embedded:arith'")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the model weights")
+    lora: bool = option(False, "train a LoRA adapter (true) or the full model (false)")
+    lora_rank: int = option(16, "LoRA rank r")
+    lora_alpha: int = option(32, "LoRA alpha")
+    lora_targets: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                     "module names LoRA wraps")
+    allow_remote_code: bool = option(False, "pass trust_remote_code to from_pretrained (off: never run hub code)")
+
+    def check(self) -> None:
+        need(self.lora_rank >= 1, "model.lora_rank", f"{self.lora_rank}; use at least 1")
+        need(self.lora_alpha >= 1, "model.lora_alpha", f"{self.lora_alpha}; use at least 1")
+        need(bool(self.lora_targets) or not self.lora, "model.lora_targets", "empty; name the modules LoRA wraps")
+
+
+@dataclasses.dataclass
+class LMDataConfig:
+    train: str = option(EMBEDDED_MODEL + "/train.jsonl", "training data: .jsonl/.json/.csv/.parquet or a datasets directory")
+    test: Optional[str] = option(EMBEDDED_MODEL + "/test.jsonl", "held-out data for accuracy before/after (null = none)")
+    split: Optional[str] = option(None, "split of a DatasetDict directory (default 'train')")
+    eval_size: int = option(200, "held-out rows evaluated (greedy) at start, every log.eval_every and at the end")
+    max_prompt_length: int = option(256, "prompt tokens allowed")
+    overlong_prompts: Literal["error", "truncate"] = option(
+        "error", "a longer prompt stops with its row (error) or keeps its last tokens and is counted (truncate)")
+
+    def check(self) -> None:
+        need(self.eval_size >= 1, "data.eval_size", f"{self.eval_size}; use at least 1")
+        need(self.max_prompt_length >= 1, "data.max_prompt_length", f"{self.max_prompt_length}; use at least 1")
+
+
+@dataclasses.dataclass
+class LMSamplingConfig:
+    max_new_tokens: int = option(64, "completion budget L_max in tokens")
+    temperature: float = option(1.0, "sampling temperature (log-probs are computed at the same temperature)")
+    top_p: float = option(1.0, "nucleus sampling threshold (1 = off)")
+
+    def check(self) -> None:
+        need(self.max_new_tokens >= 1, "sampling.max_new_tokens", f"{self.max_new_tokens}; use at least 1")
+        need(self.temperature > 0, "sampling.temperature", f"{self.temperature} must be positive, e.g. 1.0")
+        need(0 < self.top_p <= 1, "sampling.top_p", f"{self.top_p} must be in (0, 1]")
+
+
+@dataclasses.dataclass
+class LMAlgorithmConfig:
+    loss: Literal["grpo", "dr_grpo", "dapo", "disco"] = option(
+        "grpo", "grpo (sequence mean), dr_grpo (sum / (B*L_max), no std), dapo (token mean, clip-higher), disco")
+    advantage_scale: Optional[Literal["group", "batch", "none"]] = option(
+        None, "advantage std: per group, batch or none (null: 'none' for dr_grpo, else 'group')")
+    eps_low: float = option(0.2, "clip range below 1 of the ratio")
+    eps_high: Optional[float] = option(None, "clip range above 1 (null: 0.28 for dapo, else eps_low)")
+    beta: float = option(0.0, "weight of the k3 KL to the reference model (0 = no reference kept)")
+    mask_truncated: Optional[bool] = option(None, "leave completions that hit L_max out of the loss (null: true for dapo)")
+    filter_zero_std: bool = option(False, "drop groups whose rewards are all equal (DAPO dynamic-sampling filter)")
+    shared_prefix: bool = option(False, "Prefix Grouper: encode each prompt once per group in the training forward")
+    disco_tau: float = option(10.0, "disco: temperature of the log-sum-exp over wrong answers")
+    disco_delta: float = option(1e-4, "disco: KL(old || new) budget of the squared-hinge constraint")
+    disco_penalty: float = option(1e3, "disco: weight beta of the squared hinge (beta/2) max(KL - delta, 0)^2")
+    disco_score: Literal["log_likelihood", "likelihood_ratio"] = option(
+        "log_likelihood", "disco: score of a completion, mean token log-prob or mean token ratio")
+    correct_threshold: float = option(0.5, "disco: a completion is 'correct' when its first reward exceeds this")
+
+    def check(self) -> None:
+        need(0 <= self.eps_low < 1, "algorithm.eps_low", f"{self.eps_low} must be in [0, 1), e.g. 0.2")
+        need(self.eps_high is None or self.eps_high >= 0, "algorithm.eps_high", f"{self.eps_high} must be >= 0")
+        need(self.beta >= 0, "algorithm.beta", f"{self.beta} must be >= 0 (0 = no KL)")
+        need(self.disco_tau > 0, "algorithm.disco_tau", f"{self.disco_tau} must be positive, e.g. 10")
+        need(self.disco_delta >= 0, "algorithm.disco_delta", f"{self.disco_delta} must be >= 0")
+        need(self.disco_penalty >= 0, "algorithm.disco_penalty", f"{self.disco_penalty} must be >= 0")
+
+    @property
+    def scale(self) -> str:
+        return self.advantage_scale or ("none" if self.loss == "dr_grpo" else "group")
+
+    @property
+    def clip_high(self) -> float:
+        return self.eps_high if self.eps_high is not None else (0.28 if self.loss == "dapo" else self.eps_low)
+
+    @property
+    def mask_overlong(self) -> bool:
+        return self.mask_truncated if self.mask_truncated is not None else self.loss == "dapo"
+
+
+@dataclasses.dataclass
+class LMTrainConfig:
+    iterations: int = option(100, "GRPO iterations (rollout + updates)")
+    prompts_per_iteration: int = option(8, "distinct prompts per iteration B")
+    group_size: int = option(8, "completions per prompt G")
+    num_iterations: int = option(1, "mu: passes over each rollout (>1 reuses it with the clipped ratio)")
+    updates_per_pass: int = option(1, "optimizer steps per pass (the rollout is split into this many parts)")
+    micro_batch_size: int = option(16, "completions per forward pass (gradient accumulation)")
+    learning_rate: float = option(1e-5, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    seed: int = option(0, "seed for prompt order, sampling and initialisation")
+    max_seconds: Optional[float] = option(None, "stop after this many seconds of training (then evaluate and save)")
+
+    def check(self) -> None:
+        need(self.iterations >= 0, "train.iterations", f"{self.iterations} is negative")
+        need(self.group_size >= 2, "train.group_size", f"{self.group_size} < 2; group advantages need at least 2 completions per prompt")
+        need(self.prompts_per_iteration >= 1, "train.prompts_per_iteration", f"{self.prompts_per_iteration}; use at least 1")
+        need(self.num_iterations >= 1, "train.num_iterations", f"{self.num_iterations}; use at least 1")
+        need(self.updates_per_pass >= 1, "train.updates_per_pass", f"{self.updates_per_pass}; use at least 1")
+        rollout = self.prompts_per_iteration * self.group_size
+        need(rollout % self.updates_per_pass == 0, "train.updates_per_pass",
+             f"the rollout of {rollout} completions (prompts_per_iteration * group_size) does not split into "
+             f"{self.updates_per_pass} equal parts; pick a divisor of {rollout}")
+        need(self.micro_batch_size >= 1, "train.micro_batch_size", f"{self.micro_batch_size}; use at least 1")
+        need(self.learning_rate > 0, "train.learning_rate", f"{self.learning_rate} must be positive, e.g. 1e-5")
+        need(self.weight_decay >= 0, "train.weight_decay", f"{self.weight_decay} must be >= 0")
+        need(self.max_grad_norm > 0, "train.max_grad_norm", f"{self.max_grad_norm} must be positive, e.g. 1.0")
+        need(self.seed >= 0, "train.seed", f"{self.seed} must be >= 0")
+        need(self.max_seconds is None or self.max_seconds > 0, "train.max_seconds", f"{self.max_seconds} must be positive or null")
+
+
+@dataclasses.dataclass
+class LMRewardConfig:
+    weights: dict[str, float] = option(
+        {"accuracy": 1.0}, "reward -> weight; a builtin name (accuracy, format, cosine_length, soft_overlong, "
+        "grpo_lambda, length_budget) or an import path 'module:name' of a fn(prompts, completions, **columns)")
+    params: dict[str, dict[str, Any]] = option({}, "reward -> keyword arguments of its factory")
+    on_bad_score: Literal["stop", "drop"] = option(
+        "stop", "a NaN/inf/missing score stops the run naming the reward (stop), or the sample gets advantage 0 and is counted (drop)")
+
+    def check(self) -> None:
+        need(bool(self.weights), "reward.weights", "empty; name at least one reward, e.g. {accuracy: 1.0}")
+        unknown = set(self.params) - set(self.weights)
+        need(not unknown, "reward.params", f"{sorted(unknown)} have no weight in reward.weights; add them there")
+
+
+@dataclasses.dataclass
+class LMLogConfig:
+    output_dir: str = option("runs/llm_grpo", "where metrics, samples, plots and checkpoints go")
+    eval_every: int = option(0, "evaluate held-out accuracy every N iterations (0 = only at start and end)")
+    checkpoint_every: int = option(20, "checkpoint every N iterations (0 = only at the end)")
+    keep_last: int = option(2, "checkpoints kept on disk")
+
+    def check(self) -> None:
+        need(self.eval_every >= 0, "log.eval_every", f"{self.eval_every} must be >= 0 (0 = start and end only)")
+        need(self.checkpoint_every >= 0, "log.checkpoint_every", f"{self.checkpoint_every} must be >= 0")
+        need(self.keep_last >= 1, "log.keep_last", f"{self.keep_last}; keep at least 1 checkpoint")
+
+
+@dataclasses.dataclass
+class GRPOConfig:
+    model: LMModelConfig = dataclasses.field(default_factory=LMModelConfig)
+    data: LMDataConfig = dataclasses.field(default_factory=LMDataConfig)
+    sampling: LMSamplingConfig = dataclasses.field(default_factory=LMSamplingConfig)
+    algorithm: LMAlgorithmConfig = dataclasses.field(default_factory=LMAlgorithmConfig)
+    train: LMTrainConfig = dataclasses.field(default_factory=LMTrainConfig)
+    reward: LMRewardConfig = dataclasses.field(default_factory=LMRewardConfig)
+    log: LMLogConfig = dataclasses.field(default_factory=LMLogConfig)
+
+    def validate(self) -> None:
+        """Field checks per section, before any model loads."""
+        for section in (self.model, self.data, self.sampling, self.algorithm, self.train, self.reward, self.log):
+            section.check()
+        t, a = self.train, self.algorithm
+        if a.shared_prefix or a.loss == "disco":  # both work on whole groups: the prompt, or the group's contrast
+            why = "algorithm.shared_prefix" if a.shared_prefix else "algorithm.loss=disco"
+            need(t.micro_batch_size % t.group_size == 0, "train.micro_batch_size",
+                 f"{t.micro_batch_size} is not a multiple of train.group_size={t.group_size}, which {why} needs")
+            step_rows = t.prompts_per_iteration * t.group_size // t.updates_per_pass
+            need(step_rows % t.group_size == 0, "train.updates_per_pass",
+                 f"{t.updates_per_pass} splits groups across optimizer steps, which {why} cannot do; use a divisor "
+                 f"of train.prompts_per_iteration={t.prompts_per_iteration}")

@@ -1,0 +1,513 @@
+"""Verifiable rewards for text GRPO: answer checking, format, and length shaping.
+
+Every reward has TRL's signature
+
+    fn(prompts: list[str], completions: list[str], **kwargs) -> list[float | None]
+
+with one score per completion (None: this reward does not apply to that sample, e.g. its
+reference answer is None). The trainer passes as keyword arguments every data column other than
+the prompt (a list aligned with completions, e.g. `answer`), plus `completion_ids` (token ids of
+each completion, EOS excluded), `group_size` (completions of prompt g are at [g*G, (g+1)*G)),
+`step` (0-based training iteration) and `max_completion_length`. Unknown kwargs are ignored.
+Rewards with parameters come from factories `make_...(**params)`; config files name them
+through `BUILTIN_REWARDS` / `build_reward`.
+
+    reward_fn = build_reward("cosine_length", {"max_length": 512})
+    scores = reward_fn(prompts, completions, answer=answers, completion_ids=ids)
+
+Formulas (L = completion length in tokens, "correct" = answers_match(extract_answer(c), answer)):
+- accuracy:      r = 1 if correct else 0.
+- format:        r = 1 if the completion is `<think>...</think> <answer>...</answer>` and nothing else.
+- cosine_length (open-rs, but counting tokens, not characters), L clamped to L_max:
+                 r = v_min + 0.5 (v_max - v_min)(1 + cos(pi L / L_max)),
+                 correct: (v_min, v_max) = (0.5, 1.0), so shorter is better (L=0 -> 1.0, L=L_max -> 0.5);
+                 wrong:   (v_min, v_max) = (-0.5, -1.0), so longer is better (L=0 -> -1.0, L=L_max -> -0.5).
+- soft_overlong (DAPO): r = 0 if L <= L_max - L_cache; (L_max - L_cache - L) / L_cache if
+                 L_max - L_cache < L <= L_max; -1 beyond.
+- grpo_lambda:   groups ranked by correctness ratio (ties: lower group index first); the top
+                 ceil(lambda * num_groups) groups get r = 1 - alpha * sigmoid((L - mean L_c) / std L_c)
+                 if correct (mean and population std over that group's correct members; z = 0 when
+                 std = 0), 0 if wrong; the other groups get r = 1 if correct else 0.
+- length_budget ("Train Long, Think Short" curriculum): r = 1 if correct and L <= B(step) else 0, with
+                 B(t) = max(B_min, B0 * decay^floor(t / period))                  (exponential)
+                 B(t) = B0 - (B0 - B_min) * min(t / total_steps, 1)                (linear).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from fractions import Fraction
+from typing import Any, Callable
+
+__all__ = [
+    "BUILTIN_REWARDS", "accuracy_reward", "answers_match", "build_reward", "extract_answer", "format_reward",
+    "length_budget", "make_cosine_length_reward", "make_grpo_lambda_reward", "make_length_budget_reward",
+    "make_soft_overlong_reward",
+]
+
+RewardFn = Callable[..., list]
+
+# ----------------------------------------------------------------------------------------------
+# Answer extraction and matching
+# ----------------------------------------------------------------------------------------------
+
+_BOXED = re.compile(r"\\boxed\s*\{")
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_ANSWER_PHRASE = re.compile(r"answer\s+is|answer\s*:", re.IGNORECASE)
+# A number: "1,000,000.5" (thousands groups of exactly 3), "-12.5", ".5", "3/4". The minus sign
+# counts only when not glued to a word or digit, so "x-5" and "3-5" end in the number 5, not -5.
+_NUMBER = re.compile(
+    r"(?:(?<![\w.)])-)?(?<![\w.])"
+    r"(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:/\d+)?|\.\d+)"
+    r"(?![\d])"
+)
+
+
+def _balanced_content(text: str, open_index: int) -> str | None:
+    """Content between the '{' at text[open_index] and its matching '}', or None if unclosed."""
+    depth = 0
+    for i in range(open_index, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_index + 1:i]
+    return None
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last complete, non-empty `\\boxed{...}`, by start position: for nested
+    `\\boxed{\\boxed{3}}` the inner one starts last, so "3"; an unclosed last box falls back to the one before."""
+    for match in reversed(list(_BOXED.finditer(text))):
+        content = _balanced_content(text, match.end() - 1)
+        if content is not None and content.strip():
+            return content.strip()
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a completion, tried in this order:
+
+    1. the last complete `\\boxed{...}` (nested braces kept: `\\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`);
+    2. the content of the last closed `<answer>...</answer>`;
+    3. the text after the last "answer is" / "answer:" (any case), up to the end of that line or
+       the first ". " (sentence end), with surrounding ':', '*' (markdown bold) and spaces removed;
+    4. the last number in the text ("-3", "2.5", "1,000" -> "1000", "3/4").
+
+    Empty candidates are skipped. Returns None when nothing is found.
+    """
+    if not text:
+        return None
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed
+    tagged = [t.strip() for t in _ANSWER_TAG.findall(text)]
+    if tagged and tagged[-1]:
+        return tagged[-1]
+    phrases = list(_ANSWER_PHRASE.finditer(text))
+    if phrases:
+        rest = text[phrases[-1].end():].split("\n", 1)[0]
+        rest = re.split(r"\.\s", rest, maxsplit=1)[0]
+        rest = rest.strip().strip(":*").strip().rstrip(".").strip()
+        if rest:
+            return rest
+    numbers = _NUMBER.findall(text)
+    if numbers:
+        return numbers[-1].replace(",", "")
+    return None
+
+
+_LATEX_NOISE = (r"\left", r"\right", r"\!", r"\,", r"\;", r"\:", r"\ ", r"\displaystyle")
+_WRAPPERS = re.compile(r"^\\(?:boxed|text|textbf|mathrm|mbox)\{(.*)\}$", re.DOTALL)
+_PLAIN_NUMBER = re.compile(r"^-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d{1,3})?$")  # exponent capped: 1e999999999 would hang
+_THOUSANDS = re.compile(r"^-?\d{1,3}(?:,\d{3})+(?:\.\d*)?$")
+_FRAC = re.compile(r"^(-?)\\frac\{([^{}]+)\}\{([^{}]+)\}$")
+_FRAC_SHORT = re.compile(r"^(-?)\\frac(\d)(\d)$")  # \frac12
+
+
+def _normalise(value: Any) -> str:
+    """Canonical string form: no whitespace, no `$` or `\\( \\)` delimiters, no `\\boxed{}`/`\\text{}`
+    wrapper, `\\dfrac`/`\\tfrac` -> `\\frac`, no trailing period, no leading '+'."""
+    s = str(value).strip()
+    for noise in _LATEX_NOISE:
+        s = s.replace(noise, " ")
+    s = s.replace(r"\dfrac", r"\frac").replace(r"\tfrac", r"\frac").replace(r"\$", "").replace("$", "")
+    s = re.sub(r"\s+", "", s)
+    for left, right in ((r"\(", r"\)"), (r"\[", r"\]")):
+        if s.startswith(left) and s.endswith(right):
+            s = s[len(left):-len(right)]
+    while (wrapped := _WRAPPERS.match(s)) and _balanced_content(s, s.index("{")) == wrapped.group(1):
+        s = wrapped.group(1)
+    s = s.rstrip(".")
+    return s[1:] if s.startswith("+") else s
+
+
+def _plain_fraction(s: str) -> Fraction | None:
+    """'16', '-2.5', '.5', '1e3', '1,000' -> Fraction; anything else -> None."""
+    s = s[1:] if s.startswith("+") else s
+    if _THOUSANDS.match(s):
+        s = s.replace(",", "")
+    if not _PLAIN_NUMBER.match(s):
+        return None
+    try:
+        return Fraction(s)
+    except ValueError:  # e.g. more digits than int() converts (sys.get_int_max_str_digits)
+        return None
+
+
+def _to_fraction(s: str) -> Fraction | None:
+    """A normalised answer as an exact number: plain numbers, `\\frac{a}{b}`, `\\frac12`, `a/b`; else None."""
+    frac = _FRAC.match(s) or _FRAC_SHORT.match(s)
+    if frac:
+        sign, num, den = frac.group(1), _plain_fraction(frac.group(2)), _plain_fraction(frac.group(3))
+    elif s.count("/") == 1:
+        numerator, denominator = s.split("/")
+        sign, num, den = "", _plain_fraction(numerator), _plain_fraction(denominator)
+    else:
+        return _plain_fraction(s)
+    if num is None or den is None or den == 0:
+        return None
+    return -num / den if sign else num / den
+
+
+def answers_match(predicted: str | None, reference: Any) -> bool:
+    """Whether a predicted answer equals the reference (int, float or str).
+
+    Both sides are normalised (spacing, `$...$`, trailing '.', leading '+', `\\boxed{}` wrappers).
+    When both parse as numbers (thousands separators, decimals, `a/b`, `\\frac{a}{b}`) they are
+    compared exactly as fractions.Fraction: "0.5" == "1/2" == "\\frac{1}{2}", "16" == "16.0".
+    Otherwise the normalised strings are compared case-insensitively. None never matches.
+    """
+    if predicted is None or reference is None:
+        return False
+    pred, ref = _normalise(predicted), _normalise(reference)
+    pred_num, ref_num = _to_fraction(pred), _to_fraction(ref)
+    if pred_num is not None and ref_num is not None:
+        return pred_num == ref_num
+    return pred.lower() == ref.lower()
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks shared by the rewards
+# ----------------------------------------------------------------------------------------------
+
+def _column(kwargs: dict, name: str, n: int, reward: str, hint: str) -> list:
+    """kwargs[name] as a list of length n, with an error naming the reward and the fix otherwise."""
+    values = kwargs.get(name)
+    if values is None:
+        given = sorted(k for k, v in kwargs.items() if v is not None) or "no keyword arguments"
+        raise ValueError(f"reward '{reward}' needs the keyword argument '{name}' ({hint}); got only {given}")
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"reward '{reward}': '{name}' must be a list with one entry per completion, "
+                         f"got the string {values!r}")
+    values = list(values)
+    if len(values) != n:
+        raise ValueError(f"reward '{reward}': '{name}' has {len(values)} entries for {n} completions; "
+                         "pass one per completion (repeat a prompt's value for each of its completions)")
+    return values
+
+
+def _answers(kwargs: dict, n: int, reward: str) -> list:
+    return _column(kwargs, "answer", n, reward,
+                   "the reference answers; the data needs an 'answer' column with one reference per prompt")
+
+
+def _token_lengths(kwargs: dict, n: int, reward: str) -> list[int]:
+    ids = _column(kwargs, "completion_ids", n, reward,
+                  "token ids of each completion, which the trainer passes; "
+                  "pass completion_ids=[...] when calling it by hand")
+    return [len(x) for x in ids]
+
+
+def _max_length(max_length: int | None, kwargs: dict, reward: str) -> int:
+    """The length budget L_max: the factory's max_length, else the trainer's max_completion_length."""
+    value = max_length if max_length is not None else kwargs.get("max_completion_length")
+    if value is None:
+        raise ValueError(f"reward '{reward}' needs L_max: give the factory max_length=..., or pass "
+                         "max_completion_length=... (the trainer does)")
+    if value <= 0:
+        raise ValueError(f"reward '{reward}': L_max must be positive, got {value}; "
+                         "set max_length or max_completion_length > 0")
+    return value
+
+
+def _correct(completions: list[str], answers: list) -> list[bool | None]:
+    """Per completion: True/False, or None where the reference answer is None (reward does not apply)."""
+    return [None if a is None else answers_match(extract_answer(c), a) for c, a in zip(completions, answers)]
+
+
+def _factory(fn: Callable) -> Callable:
+    """Mark a factory so build_reward calls it with the config's params."""
+    fn.is_reward_factory = True
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewards
+# ----------------------------------------------------------------------------------------------
+
+def accuracy_reward(prompts: list[str], completions: list[str], answer: list | None = None,
+                    **kwargs) -> list[float | None]:
+    """r = 1.0 if answers_match(extract_answer(completion), answer) else 0.0; None where answer is None.
+    Needs the data column `answer` (one reference per completion)."""
+    answers = _answers({**kwargs, "answer": answer}, len(completions), "accuracy")
+    return [None if ok is None else float(ok) for ok in _correct(completions, answers)]
+
+
+_FORMAT = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
+_FORMAT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+def format_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+    """r = 1.0 if the completion is exactly `<think>...</think>`, optional whitespace, then
+    `<answer>...</answer>` (whitespace allowed around, newlines allowed inside, each tag exactly
+    once, nothing else), else 0.0."""
+    return [float(bool(_FORMAT.fullmatch(c)) and all(c.count(tag) == 1 for tag in _FORMAT_TAGS))
+            for c in completions]
+
+
+@_factory
+def make_cosine_length_reward(min_value_wrong: float = -1.0, max_value_wrong: float = -0.5,
+                              min_value_correct: float = 0.5, max_value_correct: float = 1.0,
+                              max_length: int | None = None) -> RewardFn:
+    """open-rs cosine-scaled reward, with lengths in tokens (from `completion_ids`):
+
+        R = v_min + 0.5 (v_max - v_min)(1 + cos(pi L / L_max)),  L clamped to L_max,
+
+    correct: (v_min, v_max) = (min_value_correct, max_value_correct): shorter correct scores more;
+    wrong: (v_min, v_max) = (max_value_wrong, min_value_wrong): longer wrong scores more (less negative).
+    L_max = max_length, else the trainer's max_completion_length. Needs `answer`; None where it is None."""
+    if max_length is not None and max_length <= 0:
+        raise ValueError(f"max_length must be positive or None (use max_completion_length), got {max_length}")
+
+    def cosine_length(prompts: list[str], completions: list[str], **kwargs) -> list[float | None]:
+        n = len(completions)
+        l_max = _max_length(max_length, kwargs, "cosine_length")
+        lengths = _token_lengths(kwargs, n, "cosine_length")
+        scores = []
+        for ok, length in zip(_correct(completions, _answers(kwargs, n, "cosine_length")), lengths):
+            if ok is None:
+                scores.append(None)
+                continue
+            v_min, v_max = (min_value_correct, max_value_correct) if ok else (max_value_wrong, min_value_wrong)
+            progress = min(length, l_max) / l_max
+            scores.append(v_min + 0.5 * (v_max - v_min) * (1.0 + math.cos(math.pi * progress)))
+        return scores
+
+    return cosine_length
+
+
+@_factory
+def make_soft_overlong_reward(max_length: int | None = None, cache_length: int | None = None) -> RewardFn:
+    """DAPO's soft overlong punishment (lengths in tokens, from `completion_ids`):
+
+        r = 0                               if L <= L_max - L_cache
+        r = (L_max - L_cache - L) / L_cache if L_max - L_cache < L <= L_max   (0 down to -1)
+        r = -1                              if L > L_max
+
+    L_max = max_length, else the trainer's max_completion_length. L_cache = cache_length, in
+    (0, L_max]; default round(0.2 * L_max) (DAPO: 4096 of 20480)."""
+    if max_length is not None and max_length <= 0:
+        raise ValueError(f"max_length must be positive or None (use max_completion_length), got {max_length}")
+
+    def cache_for(l_max: int) -> int:
+        cache = cache_length if cache_length is not None else max(1, round(0.2 * l_max))
+        if not 0 < cache <= l_max:
+            raise ValueError(f"soft_overlong: cache_length must be in (0, L_max = {l_max}], got {cache}; "
+                             "it is the soft zone at the end of the budget (DAPO uses 4096 of 20480)")
+        return cache
+
+    if max_length is not None:
+        cache_for(max_length)  # fail at build time when L_max is known
+
+    def soft_overlong(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
+        l_max = _max_length(max_length, kwargs, "soft_overlong")
+        cache = cache_for(l_max)
+        lengths = _token_lengths(kwargs, len(completions), "soft_overlong")
+        return [0.0 if length <= l_max - cache else (l_max - cache - length) / cache if length <= l_max else -1.0
+                for length in lengths]
+
+    return soft_overlong
+
+
+def _sigmoid(z: float) -> float:
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)  # no overflow for very negative z
+    return e / (1.0 + e)
+
+
+@_factory
+def make_grpo_lambda_reward(fraction: float = 0.5, alpha: float = 0.5) -> RewardFn:
+    """GRPO-lambda: length penalty only for the groups that already solve the prompt best.
+
+    Groups are consecutive blocks of `group_size`. Each group's correctness ratio is the fraction of
+    its members that are correct (members whose answer is None are left out and score None; a group
+    with no reference ranks last). Groups are ranked by ratio, highest first, ties by lower group index;
+    the top k = ceil(fraction * num_groups) get (rounding up, so any fraction > 0 penalises at least
+    one group; a 1e-9 slack keeps 0.7 * 10 at 7, not 8)
+
+        r = 1 - alpha * sigmoid((L - mean L_c) / std L_c) if correct, 0 if wrong,
+
+    with mean and population std of the token lengths of that group's correct members (z = 0 when
+    std = 0, e.g. a single correct member scores 1 - alpha / 2). The other groups get r = 1 / 0."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"grpo_lambda: fraction must be in [0, 1] (the share of groups to length-penalise), "
+                         f"got {fraction}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"grpo_lambda: alpha must be in [0, 1] (the penalty's scale), got {alpha}")
+
+    def grpo_lambda(prompts: list[str], completions: list[str], **kwargs) -> list[float | None]:
+        n = len(completions)
+        group_size = kwargs.get("group_size")
+        if not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"reward 'grpo_lambda' needs group_size (a positive int, completions per prompt), "
+                             f"got {group_size!r}; the trainer passes it")
+        if n % group_size:
+            raise ValueError(f"grpo_lambda: {n} completions is not a multiple of group_size {group_size}; "
+                             "pass whole groups (completions of one prompt are consecutive)")
+        correct = _correct(completions, _answers(kwargs, n, "grpo_lambda"))
+        lengths = _token_lengths(kwargs, n, "grpo_lambda")
+        num_groups = n // group_size
+        groups = [range(g * group_size, (g + 1) * group_size) for g in range(num_groups)]
+
+        def ratio(g: int) -> float:
+            judged = [correct[i] for i in groups[g] if correct[i] is not None]
+            return sum(judged) / len(judged) if judged else -1.0
+
+        top = set(sorted(range(num_groups), key=lambda g: (-ratio(g), g))[:math.ceil(fraction * num_groups - 1e-9)])
+        scores: list[float | None] = [None if ok is None else float(ok) for ok in correct]
+        for g in top:
+            good = [lengths[i] for i in groups[g] if correct[i]]
+            if not good:
+                continue  # nothing correct: all 0 either way
+            mean = sum(good) / len(good)
+            std = math.sqrt(sum((x - mean) ** 2 for x in good) / len(good))  # population std
+            for i in groups[g]:
+                if correct[i]:
+                    z = (lengths[i] - mean) / std if std > 0 else 0.0
+                    scores[i] = 1.0 - alpha * _sigmoid(z)
+        return scores
+
+    return grpo_lambda
+
+
+_SCHEDULES = ("exponential", "linear")
+
+
+def length_budget(step: int, initial_budget: float, min_budget: float, schedule: str = "exponential",
+                  decay: float = 0.9, period: int = 10, total_steps: int | None = None) -> float:
+    """The token budget B at training step `step` (0-based):
+
+        exponential: B = max(min_budget, initial_budget * decay ** floor(step / period))
+        linear:      B = initial_budget - (initial_budget - min_budget) * min(step / total_steps, 1)"""
+    if schedule == "exponential":
+        return max(float(min_budget), initial_budget * decay ** (step // period))
+    if schedule == "linear":
+        if not total_steps or total_steps <= 0:
+            raise ValueError(f"length_budget: schedule 'linear' needs total_steps > 0 (steps to reach min_budget), "
+                             f"got {total_steps!r}")
+        return initial_budget - (initial_budget - min_budget) * min(step / total_steps, 1.0)
+    raise ValueError(f"length_budget: schedule must be one of {list(_SCHEDULES)}, got {schedule!r}")
+
+
+@_factory
+def make_length_budget_reward(initial_budget: float, min_budget: float, schedule: str = "exponential",
+                              decay: float = 0.9, period: int = 10, total_steps: int | None = None) -> RewardFn:
+    """Length curriculum ("Train Long, Think Short"): r = 1.0 if the completion is correct and its
+    token length L <= B(step), else 0.0 (a correct answer over budget earns 0, and a short wrong one
+    earns nothing either). B(step) is `length_budget`; the returned function's `.budget(step)`
+    gives it for logging. Needs `answer`, `completion_ids` and `step`; None where answer is None."""
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"length_budget: schedule must be one of {list(_SCHEDULES)}, got {schedule!r}")
+    if not 0 < min_budget <= initial_budget:
+        raise ValueError(f"length_budget: need 0 < min_budget <= initial_budget, got min_budget={min_budget}, "
+                         f"initial_budget={initial_budget}")
+    if schedule == "exponential" and not 0 < decay <= 1:
+        raise ValueError(f"length_budget: decay must be in (0, 1], got {decay}")
+    if schedule == "exponential" and (not isinstance(period, int) or period < 1):
+        raise ValueError(f"length_budget: period must be a positive int (steps between decays), got {period!r}")
+    params = dict(initial_budget=initial_budget, min_budget=min_budget, schedule=schedule, decay=decay,
+                  period=period, total_steps=total_steps)
+    length_budget(0, **params)  # linear without total_steps fails here, at build time
+
+    def budget(step: int) -> float:
+        return length_budget(step, **params)
+
+    def length_budget_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float | None]:
+        step = kwargs.get("step")
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"reward 'length_budget' needs step (the 0-based training iteration), got {step!r}; "
+                             "the trainer passes it")
+        n = len(completions)
+        limit = budget(step)
+        lengths = _token_lengths(kwargs, n, "length_budget")
+        correct = _correct(completions, _answers(kwargs, n, "length_budget"))
+        return [None if ok is None else float(ok and length <= limit) for ok, length in zip(correct, lengths)]
+
+    length_budget_reward.__name__ = "length_budget"
+    length_budget_reward.budget = budget
+    return length_budget_reward
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------
+
+BUILTIN_REWARDS: dict[str, Callable] = {
+    "accuracy": accuracy_reward,
+    "format": format_reward,
+    "cosine_length": make_cosine_length_reward,
+    "soft_overlong": make_soft_overlong_reward,
+    "grpo_lambda": make_grpo_lambda_reward,
+    "length_budget": make_length_budget_reward,
+}
+
+
+def _import(path: str) -> Callable:
+    """'package.module:attr' (attr may be dotted) or 'package.module.attr' -> the object."""
+    module_name, _, attribute = path.partition(":") if ":" in path else path.rpartition(".")
+    if not module_name or not attribute:
+        raise ValueError(f"reward '{path}': expected 'package.module:attribute' or 'package.module.attribute'")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as error:  # ImportError, or the module raised while importing
+        raise ValueError(f"reward '{path}': cannot import module '{module_name}' "
+                         f"({type(error).__name__}: {error})") from error
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"reward '{path}': '{module_name}' has no attribute '{attribute}'")
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_reward(name_or_import_path: str, params: dict | None = None) -> RewardFn:
+    """A reward function from a config entry: a BUILTIN_REWARDS name, or the import path of a user
+    reward ('package.module:attribute' or 'package.module.attribute'). Factories (our make_*, or any
+    callable with `is_reward_factory = True`) are called with `params`; a plain reward takes no params."""
+    params = dict(params or {})
+    name = name_or_import_path
+    if name in BUILTIN_REWARDS:
+        obj = BUILTIN_REWARDS[name]
+    elif ":" in name or "." in name:
+        obj = _import(name)
+    else:
+        raise ValueError(f"unknown reward {name!r}; builtins are {sorted(BUILTIN_REWARDS)}, or give a user "
+                         "reward as an import path 'package.module:attribute'")
+    if not callable(obj):
+        raise ValueError(f"reward {name!r} is a {type(obj).__name__}, not a function")
+    if getattr(obj, "is_reward_factory", False):
+        try:
+            obj = obj(**params)
+        except TypeError as error:
+            raise ValueError(f"reward {name!r}: its factory rejected params {params} ({error}); "
+                             "check the parameter names") from error
+        if not callable(obj):
+            raise ValueError(f"reward {name!r}: its factory returned a {type(obj).__name__}, not a function")
+    elif params:
+        raise ValueError(f"reward {name!r} is a plain reward function and takes no params, got {params}; "
+                         "remove the params, or make it a factory marked with `is_reward_factory = True`")
+    return obj

@@ -1,0 +1,280 @@
+"""The embedded default: a tiny but real transformers `Qwen2ForCausalLM` that does arithmetic.
+
+Everything is built in-process (no hub access): a byte-level `Qwen2Tokenizer` (256 byte tokens,
+no merges, plus <|endoftext|>, <|im_start|>, <|im_end|> and a chat template), a small Qwen2
+model, and a generated task: add and subtract three numbers, with a short worked answer
+
+    prompt:      "Compute 23+45-17.\\n"
+    completion:  "<think>23+45=68 68-17=51</think><answer>51</answer><|endoftext|>"
+
+A fraction of the supervised answers append a redundant check ("check 51+17=68") inside the
+think block, so the pretrained model writes some long and some short completions at equal
+accuracy: the length rewards (GRPO-lambda, the length curriculum) have something to shorten
+without costing accuracy. The model is pretrained (SFT) briefly, so it is right on some
+problems and wrong on others, and GRPO has room to help.
+
+    python -m llmalign.toy build                 # ~/.cache/flowalign/arith-qwen2-v1
+    python -m llmalign.toy build --quick         # a few seconds; for smoke tests only
+    FLOWALIGN_CACHE=/tmp/fa python -m llmalign.toy build
+
+Layout of the cached directory: config.json, model.safetensors, generation_config.json,
+tokenizer.json, tokenizer_config.json, chat_template.jinja (all loadable with
+`AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`), train.jsonl and
+test.jsonl (prompt, answer), and llmalign.json (the build report, written last: its presence
+marks a complete build).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+CACHE_NAME = "arith-qwen2-v1"
+EMBEDDED_MODEL = "embedded:arith"
+"""The model.path (and data.train/test prefix) that stands for this toy in configs."""
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+MAX_OPERAND = 49
+CHECK_FRACTION = 0.5  # share of SFT answers that carry the redundant check step
+TRAIN_PROBLEMS, TEST_PROBLEMS = 2000, 200
+FULL = {"sft_steps": 1500, "batch_size": 64, "hidden": 128, "layers": 4}
+QUICK = {"sft_steps": 20, "batch_size": 16, "hidden": 32, "layers": 2}
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins of byte-level BPE (GPT-2's scheme): printable bytes stand for
+    themselves, the others are shifted to code points 256+n, so every byte is one visible char."""
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(shifted)) for b in range(256)]
+
+
+def build_tokenizer():
+    """A byte-level Qwen2Tokenizer: one token per byte, no merges, the three special tokens and a
+    chat template. Built this way (vocab dict + empty merges) it saves and reloads identically
+    with AutoTokenizer, which in transformers 5 rebuilds a Qwen2Tokenizer from the saved vocab."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {symbol: i for i, symbol in enumerate(byte_alphabet())}
+    vocab[SPECIAL_TOKENS[0]] = len(vocab)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token=SPECIAL_TOKENS[0], pad_token=SPECIAL_TOKENS[0]
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS[1:])})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.padding_side = "left"  # prompts are left-padded for generation
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- task
+
+
+def make_problem(rng: random.Random) -> dict:
+    """One problem: a o1 b o2 c with operands in [0, MAX_OPERAND] and o in {+, -}."""
+    a, b, c = (rng.randint(0, MAX_OPERAND) for _ in range(3))
+    o1, o2 = rng.choice("+-"), rng.choice("+-")
+    partial = a + b if o1 == "+" else a - b
+    answer = partial + c if o2 == "+" else partial - c
+    return {
+        "prompt": f"Compute {a}{o1}{b}{o2}{c}.\n",
+        "answer": str(answer),
+        "steps": f"{a}{o1}{b}={partial} {partial}{o2}{c}={answer}",
+        "check": f" check {answer}{'-' if o2 == '+' else '+'}{c}={partial}",
+    }
+
+
+def solution(problem: dict, with_check: bool) -> str:
+    """The supervised completion (without the end-of-text token)."""
+    check = problem["check"] if with_check else ""
+    return f"<think>{problem['steps']}{check}</think><answer>{problem['answer']}</answer>"
+
+
+def make_split(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """n distinct problems (by prompt), none of whose prompts is in `exclude`."""
+    rng = random.Random(seed)
+    problems, seen = [], set(exclude)
+    while len(problems) < n:
+        problem = make_problem(rng)
+        if problem["prompt"] not in seen:
+            seen.add(problem["prompt"])
+            problems.append(problem)
+    return problems
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_model(tokenizer, hidden: int = 128, layers: int = 4, seed: int = 0):
+    """A small Qwen2ForCausalLM sized for the byte-level vocabulary."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def sft_batch(tokenizer, problems: list[dict], rng: random.Random) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+solution+EOS ids with labels only on the solution and EOS."""
+    rows, labels = [], []
+    for problem in problems:
+        prompt = tokenizer(problem["prompt"], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(solution(problem, rng.random() < CHECK_FRACTION), add_special_tokens=False)["input_ids"]
+        answer = answer + [tokenizer.eos_token_id]
+        rows.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)  # the loss is on the completion only
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # [N, L]
+    attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])  # [N, L]
+    label_ids = torch.tensor([l + [-100] * (width - len(l)) for l in labels])  # [N, L]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
+
+
+def supervised_finetune(model, tokenizer, problems: list[dict], steps: int, batch_size: int, lr: float = 3e-3,
+                        seed: int = 0, progress: bool = True) -> float:
+    """AdamW with linear warm-up and cosine decay; returns the mean loss of the last 50 steps."""
+    rng = random.Random(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item())
+    )
+    model.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="sft", disable=not progress, mininterval=2):
+        batch = sft_batch(tokenizer, rng.sample(problems, batch_size), rng)
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    model.eval()
+    tail = losses[-50:]
+    return sum(tail) / len(tail)
+
+
+# ----------------------------------------------------------------------------- build and cache
+
+
+def default_cache_dir(quick: bool = False) -> Path:
+    """$FLOWALIGN_CACHE/arith-qwen2-v1 (FLOWALIGN_CACHE defaults to ~/.cache/flowalign); quick
+    builds go to a separate ...-quick directory so they never stand in for the real model."""
+    root = Path(os.environ.get("FLOWALIGN_CACHE") or Path.home() / ".cache" / "flowalign")
+    return root / (CACHE_NAME + ("-quick" if quick else ""))
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    return (Path(path) / "llmalign.json").is_file()
+
+
+def _write_jsonl(path: Path, problems: list[dict]) -> None:
+    with open(path, "w") as f:
+        for p in problems:
+            f.write(json.dumps({"prompt": p["prompt"], "answer": p["answer"]}) + "\n")
+
+
+def build_arith_model(out: str | os.PathLike, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
+    """Generate the task, SFT the tiny model, measure held-out greedy accuracy, save to `out`
+    (replaced if present) through a temporary sibling directory renamed at the end."""
+    from llmalign.evaluate import accuracy_on  # evaluation is shared with `llmalign eval`
+
+    start = time.time()
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sizes = QUICK if quick else FULL
+    train = make_split(TRAIN_PROBLEMS, seed)
+    test = make_split(TEST_PROBLEMS, seed + 1, exclude={p["prompt"] for p in train})
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, sizes["hidden"], sizes["layers"], seed)
+    loss = supervised_finetune(model, tokenizer, train, sizes["sft_steps"], sizes["batch_size"], seed=seed,
+                               progress=progress)
+    greedy = accuracy_on(model, tokenizer, test, max_new_tokens=64, batch_size=100)
+    report = {
+        "version": 1, "quick": quick, "seed": seed, "sizes": sizes, "max_operand": MAX_OPERAND,
+        "check_fraction": CHECK_FRACTION, "sft_final_loss": loss,
+        "test_greedy_accuracy": greedy["accuracy"], "test_greedy_mean_length": greedy["mean_length"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_jsonl(tmp / "train.jsonl", train)
+        _write_jsonl(tmp / "test.jsonl", test)
+        report["build_seconds"] = round(time.time() - start, 1)
+        (tmp / "llmalign.json").write_text(json.dumps(report, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"arith model: {report['parameters']} parameters, sft loss {loss:.4f}, held-out greedy accuracy "
+          f"{greedy['accuracy']:.3f}, mean completion {greedy['mean_length']:.1f} tokens; saved to {out} "
+          f"in {report['build_seconds']:.0f} s")
+    return report
+
+
+def ensure_arith_model(path: str | os.PathLike | None = None, quick: bool = False) -> str:
+    """The directory of the pretrained toy (default `default_cache_dir(quick)`), built first if it
+    is missing or incomplete."""
+    out = Path(path).expanduser() if path is not None else default_cache_dir(quick)
+    if not is_complete(out):
+        print(f"building the arithmetic toy model into {out} (once; a few minutes on CPU)")
+        build_arith_model(out, quick=quick)
+    return str(out)
+
+
+def resolve_embedded(path: str) -> str:
+    """`embedded:arith` -> the cached model directory; `embedded:arith/test.jsonl` -> a file in it;
+    anything else unchanged (a local directory, a file or a hub id)."""
+    if path == EMBEDDED_MODEL or path.startswith(EMBEDDED_MODEL + "/"):
+        root = ensure_arith_model()
+        rest = path[len(EMBEDDED_MODEL):].lstrip("/")
+        return str(Path(root) / rest) if rest else root
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m llmalign.toy", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="generate the arithmetic task, SFT the tiny model, save to the cache")
+    build.add_argument("--out", default=None, help="directory to write (default: the cache directory)")
+    build.add_argument("--quick", action="store_true", help="a few steps only (smoke tests; useless model)")
+    build.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    build_arith_model(args.out if args.out is not None else default_cache_dir(args.quick), quick=args.quick,
+                      seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

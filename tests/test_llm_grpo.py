@@ -1,0 +1,183 @@
+"""`llmalign grpo` on a tiny Qwen2 built in the test: 2-step smoke runs (parameters change, the
+checkpoint reloads with from_pretrained / PeftModel.from_pretrained), gradient accumulation equal
+to one big batch, the shared-prefix update equal to the plain one, resume bit-identical, and
+config errors that exit with code 2."""
+
+import copy
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from llmalign import toy
+from llmalign.cli import main
+from llmalign.config import GRPOConfig
+from llmalign.evaluate import generate
+from llmalign.grpo import load_policy, update
+from shared.checkpoint import latest_checkpoint, load_state
+from shared.config import load_config
+
+
+def char_count_reward(prompts, completions, **kwargs):
+    """A dense reward (completion length / 64) so even an untrained model gets signal."""
+    return [len(c) / 64 for c in completions]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-qwen2")
+    tokenizer = toy.build_tokenizer()
+    toy.build_model(tokenizer, hidden=32, layers=2, seed=0).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    for name, seed, n in (("train.jsonl", 0, 40), ("test.jsonl", 1, 8)):
+        with open(directory / name, "w") as f:
+            for p in toy.make_split(n, seed):
+                f.write(json.dumps({"prompt": p["prompt"], "answer": p["answer"]}) + "\n")
+    return directory
+
+
+def overrides(model_dir, out_dir, *extra):
+    return [
+        f"model.path={model_dir}", f"data.train={model_dir}/train.jsonl", f"data.test={model_dir}/test.jsonl",
+        "data.eval_size=4", "sampling.max_new_tokens=12", "train.iterations=2", "train.prompts_per_iteration=2",
+        "train.group_size=3", "train.micro_batch_size=3", "train.learning_rate=1e-2",
+        "reward.weights={accuracy: 1.0, tests.test_llm_grpo:char_count_reward: 1.0}",
+        f"log.output_dir={out_dir}", "log.checkpoint_every=1", *extra]
+
+
+def initial_weights(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(model_dir).state_dict().items()}
+
+
+def test_cli_two_steps_full_finetune_changes_weights_and_reloads(tiny_lm_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    main(["grpo", *overrides(tiny_lm_dir, tmp_path, "algorithm.beta=0.05", "train.num_iterations=2")])
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    before = initial_weights(tiny_lm_dir)
+    changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, before[k])]
+    assert set(changed) == set(before), f"unchanged: {sorted(set(before) - set(changed))}"
+    state = load_state(latest_checkpoint(tmp_path / "checkpoints"), "trainable")
+    for name, value in trained.named_parameters():
+        assert torch.equal(state[name], value), name  # the model directory and the training state agree
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+    for key in ("reward/accuracy/mean", "reward/tests.test_llm_grpo:char_count_reward/std", "train/kl",
+                "train/clip_frac", "train/zero_std_groups", "completion/mean_length", "tokens_per_second"):
+        assert key in records[1], key
+    assert "eval/accuracy" in records[0] and "eval/accuracy" in records[2]
+    assert (tmp_path / "reward_curve.png").stat().st_size > 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "final")
+    assert tokenizer("Compute 1+2-3.\n")["input_ids"] == toy.build_tokenizer()("Compute 1+2-3.\n")["input_ids"]
+
+
+def test_cli_two_steps_lora_saves_a_peft_adapter(tiny_lm_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    main(["grpo", *overrides(tiny_lm_dir, tmp_path, "model.lora=true", "model.lora_rank=4", "algorithm.beta=0.1",
+                             "algorithm.loss=dapo", "algorithm.mask_truncated=false",
+                             "algorithm.shared_prefix=true")])
+    state = load_state(latest_checkpoint(tmp_path / "checkpoints"), "trainable")
+    assert state and all("lora_" in name for name in state)
+    assert any(name.endswith("lora_B.default.weight") and value.abs().sum() > 0 for name, value in state.items())
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), tmp_path / "final")
+    params = dict(reloaded.named_parameters())
+    for name, value in state.items():
+        assert torch.equal(params[name], value), name
+
+
+def rollout_for(model_dir, group_size=3, prompts=4):
+    model, tokenizer = load_policy(load_config(GRPOConfig, None, [f"model.path={model_dir}"]).model)
+    rows = toy.make_split(prompts, 5)
+    ids = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    torch.manual_seed(0)
+    rollout = generate(model, tokenizer, ids, group_size, 10)
+    return model, rollout
+
+
+@pytest.mark.parametrize("loss, shared_prefix", [("grpo", False), ("dapo", False), ("dr_grpo", False),
+                                                 ("grpo", True), ("disco", False)])
+def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, loss, shared_prefix):
+    model, rollout = rollout_for(tiny_lm_dir)
+    N = rollout.completion_ids.shape[0]  # 12
+    advantages = torch.linspace(-1, 1, N)
+    keep = torch.ones(N, dtype=torch.bool)
+    keep[4] = False  # a dropped sample must stay dropped in every split
+    correct = torch.arange(N) % 2 == 0
+    results = []
+    for micro in (N, 3):
+        trained = copy.deepcopy(model)
+        config = load_config(GRPOConfig, None, [
+            f"algorithm.loss={loss}", f"algorithm.shared_prefix={str(shared_prefix).lower()}", "algorithm.beta=0.1",
+            "train.group_size=3", "train.prompts_per_iteration=4", f"train.micro_batch_size={micro}",
+            "train.max_grad_norm=1e9", "sampling.max_new_tokens=10"])
+        optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=1.0)
+        reference = lambda: __import__("contextlib").nullcontext(model)  # the untouched copy as reference
+        update(config, trained, optimizer, reference, rollout, advantages, keep, correct)
+        results.append(dict(trained.named_parameters()))
+    big, small = results
+    moved = 0
+    for name, value in big.items():
+        assert_close(small[name], value, atol=2e-6, rtol=1e-5, msg=name)
+        moved += int(not torch.equal(value, dict(model.named_parameters())[name]))
+    assert moved > 0  # the step did something
+
+
+def test_shared_prefix_update_equals_plain_update(tiny_lm_dir):
+    model, rollout = rollout_for(tiny_lm_dir)
+    N = rollout.completion_ids.shape[0]
+    results = []
+    for shared in ("false", "true"):
+        trained = copy.deepcopy(model)
+        config = load_config(GRPOConfig, None, [f"algorithm.shared_prefix={shared}", "train.group_size=3",
+                                                "train.prompts_per_iteration=4", "train.micro_batch_size=6",
+                                                "train.num_iterations=2", "train.max_grad_norm=1e9"])
+        optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
+        update(config, trained, optimizer, None, rollout, torch.linspace(-1, 1, N), torch.ones(N, dtype=torch.bool),
+               torch.zeros(N, dtype=torch.bool))
+        results.append(dict(trained.named_parameters()))
+    for name, value in results[0].items():
+        assert_close(results[1][name], value, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_resume_ends_bit_identical(tiny_lm_dir, tmp_path):
+    torch.set_num_threads(1)
+    main(["grpo", *overrides(tiny_lm_dir, tmp_path / "straight", "train.iterations=3")])
+    main(["grpo", *overrides(tiny_lm_dir, tmp_path / "split", "train.iterations=1")])
+    main(["grpo", *overrides(tiny_lm_dir, tmp_path / "split", "train.iterations=3"), "--resume"])
+    straight = load_state(latest_checkpoint(tmp_path / "straight" / "checkpoints"), "trainable")
+    resumed = load_state(latest_checkpoint(tmp_path / "split" / "checkpoints"), "trainable")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    iterations = [json.loads(l)["iteration"] for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert iterations == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.group_size=1", "train.group_size"),
+    ("train.grup_size=4", "did you mean 'train.group_size'"),
+    ("train.learning_rate=-1", "train.learning_rate"),
+    ("algorithm.loss=ppo", "algorithm.loss"),
+    ("train.updates_per_pass=5", "train.updates_per_pass"),
+    ("algorithm.shared_prefix=true", "train.micro_batch_size"),  # 3 is not a multiple of group_size 2
+])
+def test_bad_config_exits_2_with_one_line(tiny_lm_dir, tmp_path, capsys, override, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["grpo", *overrides(tiny_lm_dir, tmp_path, "train.group_size=2"), override])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_missing_answer_column_exits_2(tiny_lm_dir, tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "Compute 1+1.\\n", "solution": "2"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        main(["grpo", *overrides(tiny_lm_dir, tmp_path, f"data.train={data}")])
+    assert exit_info.value.code == 2
+    assert "answer" in capsys.readouterr().err

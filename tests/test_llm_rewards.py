@@ -1,0 +1,353 @@
+"""Verifiable text rewards: answer extraction and matching, format, cosine length, DAPO soft
+overlong, GRPO-lambda, length-budget curriculum, and the name/import-path registry."""
+
+import math
+
+import pytest
+
+from llmalign.rewards import (
+    BUILTIN_REWARDS,
+    accuracy_reward,
+    answers_match,
+    build_reward,
+    extract_answer,
+    format_reward,
+    length_budget,
+    make_cosine_length_reward,
+    make_grpo_lambda_reward,
+    make_length_budget_reward,
+    make_soft_overlong_reward,
+)
+
+# User rewards for build_reward's import-path form ("tests.test_llm_rewards:...").
+
+
+def always_half(prompts, completions, **kwargs):
+    return [0.5] * len(completions)
+
+
+def constant_reward_factory(value=1.0):
+    def constant(prompts, completions, **kwargs):
+        return [value] * len(completions)
+    return constant
+
+
+constant_reward_factory.is_reward_factory = True
+NOT_A_FUNCTION = 3
+
+
+def ids(*lengths):
+    """Stand-in completion_ids: only their lengths matter to the rewards."""
+    return [[1] * n for n in lengths]
+
+
+# ---------------------------------------------------------------- extract_answer
+
+
+@pytest.mark.parametrize("text, expected", [
+    (r"so \boxed{42}", "42"),
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),                        # nested braces kept
+    (r"first \boxed{1}, then \boxed{ 2 }", "2"),                     # several boxed: last wins, stripped
+    (r"\boxed{\boxed{3}}", "3"),                                     # nested boxed: the inner one starts last
+    (r"\boxed{4} and \boxed{5", "4"),                                # unclosed last box: falls back to the closed one
+    (r"\boxed{ } the answer is 9", "9"),                             # empty box skipped
+    (r"<answer>7</answer> \boxed{8}", "8"),                          # boxed beats the answer tag
+    ("<answer>1</answer> ... <answer> 2/3 </answer>", "2/3"),        # last closed tag, stripped
+    ("<think>3 and 4</think><answer>5", "5"),                        # unclosed tag: last number
+    ("The answer is 42. I am sure of 43.", "42"),                    # "answer is": up to sentence end
+    ("Final Answer: $\\frac{3}{4}$\nchecking 7", "$\\frac{3}{4}$"),  # up to end of the line
+    ("**Answer:** 12", "12"),                                        # markdown bold stripped
+    ("x-5 gives -3", "-3"),                                          # last number, negative
+    ("between 3-5 items", "5"),                                      # a hyphen after a digit is not a sign
+    ("total: 1,000 apples", "1000"),                                 # thousands separator dropped
+    ("cost 1,234,567.89 and", "1234567.89"),
+    ("half is 3/4 of it", "3/4"),                                    # simple fraction as a number
+    ("pi is 3.14.", "3.14"),                                         # the sentence's period is not a decimal
+    ("no number here", None),
+    ("", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+# ---------------------------------------------------------------- answers_match
+
+
+@pytest.mark.parametrize("predicted, reference", [
+    ("0.5", "1/2"), (r"\frac{1}{2}", "0.5"), (r"\dfrac{1}{2}", 0.5), (r"\frac12", ".5"),
+    ("16", "16.0"), ("16.0", " 16 "), ("16", 16), ("$16$", "16"), ("16.", 16), ("+16", "16"),
+    ("1,000", 1000), ("$1,000$", "1000"), (r"-\frac{3}{4}", -0.75), ("-3/4", "-0.75"),
+    (r"\boxed{7}", 7), ("0.1", 0.1),                       # float reference compared via str(0.1) = "0.1"
+    ("x + 1", "x+1"), ("Paris", "paris"), (r"\text{Paris}", "Paris"),
+])
+def test_answers_match_equal(predicted, reference):
+    assert answers_match(predicted, reference)
+
+
+@pytest.mark.parametrize("predicted, reference", [
+    ("2", 3), ("0.333", "1/3"),             # exact Fraction, no tolerance
+    (None, 1), ("", "0"), ("12 apples", 12), ("1/0", "0"), ("1,2", "12"),
+    ("x+2", "x+1"),
+])
+def test_answers_match_different(predicted, reference):
+    assert not answers_match(predicted, reference)
+
+
+# ---------------------------------------------------------------- accuracy and format
+
+
+def test_accuracy_reward_values_and_none_reference():
+    completions = [r"\boxed{\frac{1}{2}}", "The answer is 0.5", "so it is 1,000", "", r"\boxed{2", "<answer>3"]
+    answers = ["0.5", "1/2", 1000, "0", 2, None]
+    # \boxed{2 is unclosed, so the last number "2" is used; None reference: reward does not apply.
+    assert accuracy_reward([""] * 6, completions, answer=answers, step=3) == [1.0, 1.0, 1.0, 0.0, 1.0, None]
+
+
+def test_accuracy_reward_errors_name_the_answer_column():
+    with pytest.raises(ValueError, match="'answer' column"):
+        accuracy_reward(["p"], ["1"], solution=["1"])
+    with pytest.raises(ValueError, match="'answer' has 1 entries for 2 completions"):
+        accuracy_reward(["p", "p"], ["1", "2"], answer=["1"])
+
+
+@pytest.mark.parametrize("completion, expected", [
+    ("<think>a</think><answer>1</answer>", 1.0),
+    ("\n <think>\nstep 1\nstep 2\n</think>\n\n<answer>\n42\n</answer>\n", 1.0),  # whitespace and newlines allowed
+    ("<think></think><answer></answer>", 1.0),                   # empty contents still the right format
+    ("", 0.0),
+    ("<answer>1</answer>", 0.0),                                 # no think
+    ("<think>a</think>", 0.0),                                   # no answer
+    ("<think>a</think><answer>1", 0.0),                          # unclosed answer
+    ("<think>a<answer>1</answer>", 0.0),                         # unclosed think
+    ("<answer>1</answer><think>a</think>", 0.0),                 # wrong order
+    ("<think>a</think> ok <answer>1</answer>", 0.0),             # text between
+    ("hi <think>a</think><answer>1</answer>", 0.0),              # text before
+    ("<think>a</think><answer>1</answer> bye", 0.0),             # text after
+    ("<think>a</think><answer>1</answer><answer>2</answer>", 0.0),  # two answers
+    ("<think>a <think> b</think><answer>1</answer>", 0.0),       # a tag twice
+])
+def test_format_reward(completion, expected):
+    assert format_reward(["p"], [completion]) == [expected]
+
+
+# ---------------------------------------------------------------- cosine length
+
+
+def test_cosine_length_reward_by_hand():
+    # R = v_min + 0.5 (v_max - v_min)(1 + cos(pi L / L_max)), L_max = 100 tokens.
+    # correct, (v_min, v_max) = (0.5, 1.0):
+    #   L = 0:   0.5 + 0.5*0.5*(1 + cos 0)      = 0.5 + 0.25*2 = 1.0
+    #   L = 25:  0.5 + 0.25*(1 + cos(pi/4))     = 0.5 + 0.25*1.70711 = 0.926777
+    #   L = 50:  0.5 + 0.25*(1 + cos(pi/2))     = 0.75
+    #   L = 100: 0.5 + 0.25*(1 + cos pi)        = 0.5;  L = 150 is clamped to 100: 0.5
+    # wrong, (v_min, v_max) = (-0.5, -1.0):
+    #   L = 0:   -0.5 + 0.5*(-0.5)*(1 + 1)      = -1.0
+    #   L = 50:  -0.5 - 0.25*(1 + 0)            = -0.75
+    #   L = 100: -0.5 - 0.25*(1 - 1)            = -0.5
+    reward = make_cosine_length_reward()
+    assert reward.__name__ == "cosine_length"
+    completions = [r"\boxed{5}"] * 5 + [r"\boxed{6}", "no answer", r"\boxed{6}"]
+    scores = reward(["p"] * 8, completions, answer=["5"] * 8, completion_ids=ids(0, 25, 50, 100, 150, 0, 50, 100),
+                    max_completion_length=100, group_size=4)
+    assert scores == pytest.approx([1.0, 0.926777, 0.75, 0.5, 0.5, -1.0, -0.75, -0.5], abs=1e-6)
+
+
+def test_cosine_length_max_length_overrides_trainer_budget_and_errors():
+    reward = make_cosine_length_reward(max_length=50)
+    # L = 50 of L_max = 50 (the trainer's 100 is ignored): correct -> 0.5.
+    assert reward(["p"], ["5"], answer=[5], completion_ids=ids(50), max_completion_length=100) == [0.5]
+    assert reward(["p"], ["5"], answer=[None], completion_ids=ids(50)) == [None]
+    with pytest.raises(ValueError, match="max_completion_length"):
+        make_cosine_length_reward()(["p"], ["5"], answer=[5], completion_ids=ids(3))
+    with pytest.raises(ValueError, match="completion_ids"):
+        reward(["p"], ["5"], answer=[5])
+    with pytest.raises(ValueError, match="'completion_ids' has 2 entries for 1 completions"):
+        reward(["p"], ["5"], answer=[5], completion_ids=ids(1, 2))
+    with pytest.raises(ValueError, match="'answer' column"):
+        reward(["p"], ["5"], completion_ids=ids(1))
+
+
+# ---------------------------------------------------------------- soft overlong
+
+
+def test_soft_overlong_three_regions():
+    # L_max = 100, L_cache = 20: free up to 80 tokens, then a linear ramp to -1 at 100.
+    #   L = 50, 80: 0;  L = 90: (100 - 20 - 90) / 20 = -0.5;  L = 95: -15/20 = -0.75;
+    #   L = 100: -20/20 = -1;  L = 120 (beyond): -1.
+    reward = make_soft_overlong_reward(max_length=100, cache_length=20)
+    assert reward.__name__ == "soft_overlong"
+    scores = reward(["p"] * 6, [""] * 6, completion_ids=ids(50, 80, 90, 95, 100, 120))
+    assert scores == pytest.approx([0.0, 0.0, -0.5, -0.75, -1.0, -1.0])
+
+
+def test_soft_overlong_default_cache_from_trainer_budget():
+    # No max_length: L_max = max_completion_length = 50; default L_cache = round(0.2 * 50) = 10.
+    #   L = 40: 0;  L = 45: (50 - 10 - 45) / 10 = -0.5.
+    reward = make_soft_overlong_reward()
+    assert reward(["p"] * 2, ["a", "b"], completion_ids=ids(40, 45), max_completion_length=50) == [0.0, -0.5]
+
+
+@pytest.mark.parametrize("cache", [0, -5, 101])
+def test_soft_overlong_rejects_cache_outside_budget(cache):
+    with pytest.raises(ValueError, match=f"cache_length must be in \\(0, L_max = 100\\], got {cache}"):
+        make_soft_overlong_reward(max_length=100, cache_length=cache)
+    late = make_soft_overlong_reward(cache_length=cache)  # L_max only known at call time
+    with pytest.raises(ValueError, match="cache_length"):
+        late(["p"], ["a"], completion_ids=ids(1), max_completion_length=100)
+
+
+# ---------------------------------------------------------------- GRPO-lambda
+
+
+def test_grpo_lambda_penalises_only_the_best_group():
+    # 3 groups of 4, fraction 1/3 -> ceil(1/3 * 3) = 1 group penalised, alpha = 0.5.
+    # group 0: 2/4 correct; group 1: 3/4 correct (best); group 2: 1/4 correct.
+    right, wrong = r"\boxed{5}", r"\boxed{4}"
+    completions = [right, right, wrong, wrong,
+                   right, right, right, wrong,
+                   wrong, right, wrong, wrong]
+    lengths = ids(7, 9, 3, 3,
+                  10, 20, 30, 5,
+                  1, 2, 3, 4)
+    # Group 1, correct lengths 10, 20, 30: mean 20, population std sqrt((100 + 0 + 100) / 3) = 8.164966.
+    # z = -10/8.164966 = -1.224745, 0, +1.224745.
+    # sigmoid(-1.224745) = 1 / (1 + e^1.224745) = 1 / (1 + 3.403298) = 0.227103;  sigmoid(0) = 0.5;
+    # sigmoid(1.224745) = 1 - 0.227103 = 0.772897.
+    # r = 1 - 0.5*0.227103 = 0.886449;  1 - 0.5*0.5 = 0.75;  1 - 0.5*0.772897 = 0.613551;  wrong: 0.
+    # Groups 0 and 2 keep plain 0/1 correctness whatever their lengths.
+    reward = make_grpo_lambda_reward(fraction=1 / 3, alpha=0.5)
+    assert reward.__name__ == "grpo_lambda"
+    scores = reward(["p"] * 12, completions, answer=["5"] * 12, completion_ids=lengths, group_size=4)
+    expected = [1.0, 1.0, 0.0, 0.0,
+                0.886449, 0.75, 0.613551, 0.0,
+                0.0, 1.0, 0.0, 0.0]
+    assert scores == pytest.approx(expected, abs=1e-6)
+
+
+def test_grpo_lambda_ties_rounding_and_equal_lengths():
+    right, wrong = "5", "4"
+    completions = [right, wrong, right, wrong, right, right]  # groups of 2: ratios 1/2, 1/2, 1
+    # fraction 0.5 of 3 groups: ceil(1.5) = 2 -> group 2 (ratio 1) and, of the tied groups 0 and 1,
+    # the lower index 0. Group 2's correct lengths are equal (std 0 -> z = 0): r = 1 - 0.8*0.5 = 0.6.
+    # Group 0 has one correct member (std 0): 0.6 too. Group 1 keeps 1/0.
+    reward = make_grpo_lambda_reward(fraction=0.5, alpha=0.8)
+    scores = reward(["p"] * 6, completions, answer=[5] * 6, completion_ids=ids(3, 9, 1, 2, 6, 6), group_size=2)
+    assert scores == pytest.approx([0.6, 0.0, 1.0, 0.0, 0.6, 0.6])
+    # fraction 0: no group penalised -> plain correctness; fraction 1: every group penalised.
+    plain = make_grpo_lambda_reward(fraction=0.0)(["p"] * 6, completions, answer=[5] * 6,
+                                                    completion_ids=ids(3, 9, 1, 2, 6, 6), group_size=2)
+    assert plain == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+    everyone = make_grpo_lambda_reward(fraction=1.0, alpha=0.8)(["p"] * 6, completions, answer=[5] * 6,
+                                                                 completion_ids=ids(3, 9, 1, 2, 6, 6), group_size=2)
+    assert everyone == pytest.approx([0.6, 0.0, 0.6, 0.0, 0.6, 0.6])
+
+
+def test_grpo_lambda_fraction_rounding_has_no_float_creep():
+    # 0.7 * 10 = 7.000000000000001 in floats; ceil must give 7 groups, not 8. Groups of 1, all correct,
+    # so a penalised group scores 1 - 0.5*sigmoid(0) = 0.75 and the others 1.0.
+    reward = make_grpo_lambda_reward(fraction=0.7, alpha=0.5)
+    scores = reward(["p"] * 10, ["5"] * 10, answer=[5] * 10, completion_ids=ids(*range(10)), group_size=1)
+    assert scores == [0.75] * 7 + [1.0] * 3
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(fraction=1.5), "fraction must be in \\[0, 1\\]"),
+    (dict(fraction=-0.1), "fraction must be in \\[0, 1\\]"),
+    (dict(alpha=1.1), "alpha must be in \\[0, 1\\]"),
+])
+def test_grpo_lambda_rejects_bad_parameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make_grpo_lambda_reward(**kwargs)
+
+
+def test_grpo_lambda_rejects_partial_groups():
+    reward = make_grpo_lambda_reward()
+    with pytest.raises(ValueError, match="5 completions is not a multiple of group_size 2"):
+        reward(["p"] * 5, ["1"] * 5, answer=[1] * 5, completion_ids=ids(1, 1, 1, 1, 1), group_size=2)
+    with pytest.raises(ValueError, match="needs group_size"):
+        reward(["p"] * 2, ["1"] * 2, answer=[1] * 2, completion_ids=ids(1, 1))
+
+
+# ---------------------------------------------------------------- length budget
+
+
+@pytest.mark.parametrize("step, expected", [
+    # B = max(500, 1000 * 0.9 ** floor(step / 10))
+    (0, 1000.0), (9, 1000.0), (10, 900.0), (25, 810.0), (30, 729.0),
+    (70, 500.0),   # 1000 * 0.9^7 = 478.3 < 500 -> floor at min_budget
+])
+def test_length_budget_exponential(step, expected):
+    assert length_budget(step, 1000, 500, "exponential", decay=0.9, period=10) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("step, expected", [
+    # B = 1000 - (1000 - 200) * min(step / 100, 1)
+    (0, 1000.0), (25, 800.0), (50, 600.0), (100, 200.0), (150, 200.0),
+])
+def test_length_budget_linear(step, expected):
+    assert length_budget(step, 1000, 200, "linear", total_steps=100) == pytest.approx(expected)
+
+
+def test_length_budget_reward_correct_and_within_budget_only():
+    reward = make_length_budget_reward(initial_budget=1000, min_budget=500, decay=0.9, period=10)
+    assert reward.__name__ == "length_budget"
+    assert reward.budget(10) == pytest.approx(900.0)
+    # At step 10 the budget is 900 tokens.
+    completions = ["5", "5", "4", "5"]
+    scores = reward(["p"] * 4, completions, answer=["5", "5", "5", None], completion_ids=ids(900, 901, 10, 1), step=10)
+    assert scores == [1.0, 0.0, 0.0, None]  # at budget; over budget; short but wrong; no reference
+    # The same 901-token correct answer was within budget at step 0 (1000).
+    assert reward(["p"], ["5"], answer=["5"], completion_ids=ids(901), step=0) == [1.0]
+
+
+def test_length_budget_errors():
+    with pytest.raises(ValueError, match="needs total_steps"):
+        make_length_budget_reward(1000, 200, schedule="linear")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        make_length_budget_reward(1000, 200, schedule="cosine")
+    with pytest.raises(ValueError, match="min_budget <= initial_budget"):
+        make_length_budget_reward(100, 200)
+    with pytest.raises(ValueError, match="needs step"):
+        make_length_budget_reward(1000, 200)(["p"], ["5"], answer=["5"], completion_ids=ids(1))
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_builtin_rewards_map_to_functions_and_factories():
+    assert set(BUILTIN_REWARDS) == {"accuracy", "format", "cosine_length", "soft_overlong", "grpo_lambda",
+                                    "length_budget"}
+    assert build_reward("accuracy", {}) is accuracy_reward
+    assert build_reward("format", None) is format_reward
+    cosine = build_reward("cosine_length", {"max_length": 100})
+    assert cosine.__name__ == "cosine_length"
+    # correct at L = 50 of 100: 0.75 (worked in test_cosine_length_reward_by_hand).
+    assert cosine(["p"], ["5"], answer=[5], completion_ids=ids(50)) == pytest.approx([0.75])
+
+
+def test_build_reward_from_import_path():
+    for path in ("tests.test_llm_rewards:always_half", "tests.test_llm_rewards.always_half"):
+        assert build_reward(path, {})(["p", "q"], ["a", "b"]) == [0.5, 0.5]
+    constant = build_reward("tests.test_llm_rewards:constant_reward_factory", {"value": 2.0})
+    assert constant(["p"], ["a"]) == [2.0]
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("acuracy", {}, "unknown reward 'acuracy'; builtins are .*'accuracy'.*package.module:attribute"),
+    ("no_such_package.module:fn", {}, "cannot import module 'no_such_package.module'"),
+    ("tests.test_llm_rewards:missing_fn", {}, "has no attribute 'missing_fn'"),
+    ("tests.test_llm_rewards:NOT_A_FUNCTION", {}, "is a int, not a function"),
+    ("tests.test_llm_rewards:always_half", {"value": 1}, "plain reward function and takes no params"),
+    ("accuracy", {"strict": True}, "plain reward function and takes no params"),
+    ("cosine_length", {"max_len": 10}, "factory rejected params"),
+])
+def test_build_reward_errors(name, params, message):
+    with pytest.raises(ValueError, match=message):
+        build_reward(name, params)
+
+
+def test_rewards_ignore_unknown_kwargs():
+    extra = dict(completion_ids=ids(3), group_size=1, step=0, max_completion_length=10, difficulty=["hard"])
+    assert accuracy_reward(["p"], ["5"], answer=["5"], **extra) == [1.0]
+    assert format_reward(["p"], ["5"], **extra) == [0.0]
+    assert math.isfinite(make_cosine_length_reward()(["p"], ["5"], answer=["5"], **extra)[0])
