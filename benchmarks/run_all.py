@@ -2,8 +2,9 @@
 
     python benchmarks/run_all.py [--quick]
 
-Written so far: the flow recipes side by side (flow_bench.py) and the CPU FLOP/s of an update step
-(cpu_flops.py). The LLM comparisons against TRL (issue 7) come with llmalign.
+Written so far: the flow recipes side by side (flow_bench.py), the CPU FLOP/s of an update step
+(cpu_flops.py) and the shared-prefix forward against the plain one (prefix_bench.py). The LLM
+comparisons against TRL (issue 7) are not written yet.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks import cpu_flops, flow_bench  # noqa: E402
+from benchmarks import cpu_flops, flow_bench, prefix_bench  # noqa: E402
 
 
 def main() -> None:
@@ -33,9 +34,12 @@ def main() -> None:
     print(header)
     flops = cpu_flops.main()
     flow_bench.main(["--quick"] if args.quick else [])
+    prefix_bench.main(["--quick"] if args.quick else [])
     flow_table = (ROOT / "benchmarks" / "out" / "flow_bench.md").read_text()
-    (ROOT / "benchmarks" / "out" / "RESULTS.md").write_text(f"{header}\n\n{flops['table']}\n\n{flow_table}")
-    print(f"\n{header}\n\n{flops['table']}\n\n{flow_table}")
+    prefix_table = (ROOT / "benchmarks" / "out" / "prefix_bench.md").read_text()
+    results = f"{header}\n\n{flops['table']}\n\n{flow_table}\n\n{prefix_table}"
+    (ROOT / "benchmarks" / "out" / "RESULTS.md").write_text(results)
+    print(f"\n{results}")
 
 
 if __name__ == "__main__":

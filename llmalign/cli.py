@@ -1,6 +1,10 @@
 """`llmalign`: the text-RL command line.
 
     llmalign grpo --config configs/llm/arith.yaml [key=value ...] [--resume] [--describe]
+    llmalign dpo --config configs/llm/arith_dpo.yaml [key=value ...] [--resume] [--describe]
+    llmalign pairs --model DIR --data FILE --out pairs.jsonl [--adapter DIR] [--group-size G]
+                   [--pairs-per-prompt K] [--max-new-tokens N] [--temperature T] [--limit N] [--seed S]
+                   [--format-check | --no-format-check]
     llmalign eval --model DIR --data FILE [--limit N] [--max-new-tokens N]
 
 Exit codes: 2 bad config or data, 3 a reward failed, 4 the loss became NaN/inf.
@@ -40,11 +44,86 @@ def run_grpo(args: argparse.Namespace) -> None:
         raise SystemExit(4) from None
 
 
-def run_eval(args: argparse.Namespace) -> None:
+def run_dpo(args: argparse.Namespace) -> None:
+    from llmalign.dpo_config import DPOConfig
+
+    if args.describe:
+        print("\n".join(describe(DPOConfig)))
+        return
+    try:
+        config = load_config(DPOConfig, args.config, args.overrides)
+    except ConfigError as error:
+        exit_on_config_error(error)
+    from llmalign.data import DataError
+    from llmalign.dpo import train
+
+    try:
+        train(config, resume=args.resume)
+    except ConfigError as error:  # found only once a model is loaded (a guidance model of another vocabulary)
+        exit_on_config_error(error)
+    except DataError as error:
+        print(f"data error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except FloatingPointError as error:
+        print(f"training stopped: {error}", file=sys.stderr)
+        raise SystemExit(4) from None
+
+
+def run_pairs(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from llmalign.data import DataError, load_rows, write_rows
+    from llmalign.pairs import level_table, make_pairs, sample_completions
+    from llmalign.toy import resolve_embedded
+
+    try:
+        if Path(args.out).suffix.lower() != ".jsonl":  # checked before sampling, which takes the time
+            raise DataError(f"--out {args.out}: pairs are written as JSON lines; name the file .jsonl")
+        rows = load_rows(resolve_embedded(args.data))[: args.limit]
+    except DataError as error:
+        print(f"data error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    model, tokenizer = load_for_sampling(args.model, args.adapter)
+    completions = sample_completions(model, tokenizer, rows, args.group_size, args.max_new_tokens,
+                                     temperature=args.temperature, seed=args.seed, batch_size=args.batch_size)
+    pairs, summary = make_pairs(rows, completions, args.pairs_per_prompt, args.format_check)
+    write_rows(args.out, pairs)
+    print(level_table(summary))
+    print(f"{summary['pairs']} pairs from {len(rows)} prompts x {args.group_size} completions written to {args.out}")
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def load_for_sampling(model_path: str, adapter: str | None):
+    """(model, tokenizer) of a model directory, hub id or embedded:arith, with an optional LoRA adapter on top."""
     from llmalign.config import LMModelConfig
+    from llmalign.grpo import load_policy
+
+    model, tokenizer = load_policy(LMModelConfig(path=model_path, lora=False))
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    return model, tokenizer
+
+
+def run_eval(args: argparse.Namespace) -> None:
     from llmalign.data import DataError, load_rows
     from llmalign.evaluate import accuracy_on
-    from llmalign.grpo import load_policy
     from llmalign.toy import resolve_embedded
 
     try:
@@ -52,11 +131,7 @@ def run_eval(args: argparse.Namespace) -> None:
     except DataError as error:
         print(f"data error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    model, tokenizer = load_policy(LMModelConfig(path=args.model, lora=False))
-    if (adapter := args.adapter) is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
+    model, tokenizer = load_for_sampling(args.model, args.adapter)
     result = accuracy_on(model, tokenizer, rows, args.max_new_tokens, progress=True)
     for prompt, completion in result["samples"][: args.show]:
         print(f"--- {prompt.strip()!r}\n    {completion!r}")
@@ -66,13 +141,34 @@ def run_eval(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmalign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{grpo,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{grpo,dpo,pairs,eval}")
     grpo = sub.add_parser("grpo", help="GRPO / Dr. GRPO / DAPO / DisCO training with verifiable rewards")
     grpo.add_argument("--config", help="YAML recipe, e.g. configs/llm/arith.yaml")
     grpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
     grpo.add_argument("--describe", action="store_true", help="list every config field and exit")
     grpo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=5")
     grpo.set_defaults(run=run_grpo)
+    dpo = sub.add_parser("dpo", help="DPO / IPO / robust / hinge / SimPO (and TGDPO) training on preference pairs")
+    dpo.add_argument("--config", help="YAML recipe, e.g. configs/llm/arith_dpo.yaml")
+    dpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
+    dpo.add_argument("--describe", action="store_true", help="list every config field and exit")
+    dpo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algorithm.loss=ipo")
+    dpo.set_defaults(run=run_dpo)
+    pairs = sub.add_parser("pairs", help="sample completions and write chosen/rejected pairs by preference level")
+    pairs.add_argument("--model", required=True, help="model directory, hub id or embedded:arith")
+    pairs.add_argument("--adapter", help="a LoRA adapter directory to load on top of --model")
+    pairs.add_argument("--data", required=True, help="JSONL/JSON/CSV/Parquet or datasets directory with prompt, answer")
+    pairs.add_argument("--out", required=True, help="pairs file to write (.jsonl): prompt, chosen, rejected, levels")
+    pairs.add_argument("--group-size", type=_at_least(2), default=8, help="completions sampled per prompt")
+    pairs.add_argument("--pairs-per-prompt", type=_at_least(1), default=1, help="pairs written per prompt at most")
+    pairs.add_argument("--max-new-tokens", type=_at_least(1), default=64)
+    pairs.add_argument("--temperature", type=_positive_float, default=1.0)
+    pairs.add_argument("--limit", type=_at_least(1), default=None, help="use the first N rows")
+    pairs.add_argument("--seed", type=_at_least(0), default=0, help="sampling seed")
+    pairs.add_argument("--batch-size", type=_at_least(1), default=32, help="prompts per generate call")
+    pairs.add_argument("--format-check", action=argparse.BooleanOptionalAction, default=True,
+                       help="rank completions that break <think>...</think><answer>...</answer> lowest (level 0)")
+    pairs.set_defaults(run=run_pairs)
     ev = sub.add_parser("eval", help="greedy accuracy of a model on prompt/answer data")
     ev.add_argument("--model", required=True, help="model directory, hub id or embedded:arith")
     ev.add_argument("--adapter", help="a LoRA adapter directory to load on top of --model")

@@ -258,15 +258,19 @@ def train(config: GRPOConfig, resume: bool = False) -> dict:
         if not test_rows:
             return {}
         result = accuracy_on(model, tokenizer, test_rows, s.max_new_tokens)
-        return {"eval/accuracy": result["accuracy"], "eval/mean_length": result["mean_length"]}
+        with torch.random.fork_rng():  # sampled accuracy on fixed seeds, without touching training's RNG
+            torch.manual_seed(t.seed + 12345)
+            sampled = accuracy_on(model, tokenizer, test_rows, s.max_new_tokens, greedy=False, temperature=s.temperature)
+        return {"eval/accuracy": result["accuracy"], "eval/mean_length": result["mean_length"],
+                "eval/sampled_accuracy": sampled["accuracy"]}
 
     before = {}
     if start == 0:
         before = evaluate()
         append_metrics(out / "metrics.jsonl", {"iteration": 0, **before, "prompts_truncated": truncated_prompts})
         if before:
-            print(f"[llmalign] held-out accuracy before: {before['eval/accuracy']:.3f} "
-                  f"(mean length {before['eval/mean_length']:.1f} tokens, greedy, {len(test_rows)} problems)")
+            print(f"[llmalign] held-out accuracy before: greedy {before['eval/accuracy']:.3f}, sampled "
+                  f"{before['eval/sampled_accuracy']:.3f} ({len(test_rows)} problems)")
 
     drop_bad = config.reward.on_bad_score == "drop"
     progress = tqdm(range(start, t.iterations), desc=f"grpo[{a.loss}]", initial=start, total=t.iterations)
@@ -342,13 +346,13 @@ def train(config: GRPOConfig, resume: bool = False) -> dict:
 
     after = {k: v for k, v in record.items() if k.startswith("eval/")}
     plot_curves(out / "metrics.jsonl", out / "reward_curve.png",
-                ["reward/total/mean", "eval/accuracy", "completion/mean_length", "train/kl", "train/clip_frac"],
+                ["reward/total/mean", "eval/accuracy", "eval/sampled_accuracy", "completion/mean_length", "train/kl"],
                 f"GRPO ({a.loss}) on {config.model.path}")
     if before and after:
-        print(f"[llmalign] held-out accuracy before: {before['eval/accuracy']:.3f} "
-              f"(mean length {before['eval/mean_length']:.1f} tokens)")
-        print(f"[llmalign] held-out accuracy after : {after['eval/accuracy']:.3f} "
-              f"(mean length {after['eval/mean_length']:.1f} tokens)")
+        for label, result in (("before", before), ("after ", after)):
+            print(f"[llmalign] held-out accuracy {label}: greedy {result['eval/accuracy']:.3f}, sampled "
+                  f"{result['eval/sampled_accuracy']:.3f} (T={s.temperature}), mean length "
+                  f"{result['eval/mean_length']:.1f} tokens")
     print(f"[llmalign] metrics {out / 'metrics.jsonl'}, curves {out / 'reward_curve.png'}, model {out / 'final'}")
     return {"before": before, "after": after}
 

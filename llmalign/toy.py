@@ -46,10 +46,10 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-MAX_OPERAND = 49
+MAX_OPERAND = 19
 CHECK_FRACTION = 0.5  # share of SFT answers that carry the redundant check step
 TRAIN_PROBLEMS, TEST_PROBLEMS = 2000, 200
-FULL = {"sft_steps": 1500, "batch_size": 64, "hidden": 128, "layers": 4}
+FULL = {"sft_steps": 600, "batch_size": 64, "hidden": 128, "layers": 4}
 QUICK = {"sft_steps": 20, "batch_size": 16, "hidden": 32, "layers": 2}
 
 

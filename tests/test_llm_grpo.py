@@ -181,3 +181,11 @@ def test_missing_answer_column_exits_2(tiny_lm_dir, tmp_path, capsys):
         main(["grpo", *overrides(tiny_lm_dir, tmp_path, f"data.train={data}")])
     assert exit_info.value.code == 2
     assert "answer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["arith", "arith_short"])
+def test_shipped_grpo_recipes_load(name):
+    from pathlib import Path
+
+    config = load_config(GRPOConfig, Path(__file__).resolve().parents[1] / "configs" / "llm" / f"{name}.yaml")
+    assert config.model.path == "embedded:arith" and config.train.group_size >= 2

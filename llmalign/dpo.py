@@ -1,0 +1,478 @@
+"""DPO-family preference training of any transformers causal LM on prompt/chosen/rejected pairs.
+
+    llmalign pairs --model embedded:arith --data embedded:arith/train.jsonl --out runs/arith_pairs.jsonl
+    llmalign dpo --config configs/llm/arith_dpo.yaml                     # DPO on those on-policy pairs
+    llmalign dpo --config configs/llm/arith_dpo.yaml algorithm.loss=ipo train.learning_rate=1e-5
+    llmalign dpo --config configs/llm/arith_dpo.yaml --resume            # continue the run
+
+Setup: every pair is tokenized once (prompt left-padded as the policy saw it; chosen and rejected each get
+the end-of-text token, so stopping is trained too). The reference log-probs are computed once, by the
+initial model (full fine-tuning) or the model with its LoRA adapter disabled, and cached per row in
+`output_dir/reference_logprobs.safetensors`; a JSON sidecar holds a fingerprint of the data file, the
+tokens and the model, so a stale cache is rebuilt. No reference model stays in memory (with
+algorithm.reference=live a frozen copy does, or the adapter is switched off per batch). TGDPO's guidance
+log-probs are cached the same way and the guidance model is dropped after that one pass.
+
+Each step: batch_size pairs (epochs of a seeded permutation, so the data position is a function of the
+step alone), split into micro-batches whose chosen and rejected completions share one forward;
+sequence log-prob = sum of completion token log-probs (ipo and simpo divide by the length inside the
+shared loss); the loss is shared.preference's (or shared.token_weights' for TGDPO), averaged over the
+step's pairs; clip, AdamW step, log, checkpoint. Dropout stays off (the model is in eval mode
+throughout), as in TRL's DPO: with dropout the policy would differ from its own reference at step 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+from tqdm.auto import tqdm
+
+from llmalign.data import DataError, load_rows, render_prompt, tokenize_prompts
+from llmalign.dpo_config import DPOAlgorithmConfig, DPOConfig, DPODataConfig
+from llmalign.evaluate import accuracy_on, pad_left
+from llmalign.grpo import iteration_rows, load_policy, micro_batches, reference_policy, save_training_checkpoint
+from llmalign.logprobs import completion_logprobs
+from llmalign.toy import resolve_embedded
+from shared.checkpoint import latest_checkpoint, load_state, load_trainable_state, set_rng_state
+from shared.config import ConfigError, to_dict
+from shared.preference import PREFERENCE_LOSSES
+from shared.runlog import append_metrics, plot_curves, truncate_metrics
+from shared.token_weights import tgdpo_token_weights, weighted_dpo_sigmoid_loss
+
+CACHE_VERSION = 1  # bump when the cached values' meaning changes, so old caches are rebuilt
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class EncodedPairs:
+    """Token ids of every pair: the prompt, and chosen / rejected completions ending in end-of-text."""
+
+    prompts: list[list[int]]
+    chosen: list[list[int]]
+    rejected: list[list[int]]
+    truncated_prompts: int = 0
+    truncated_completions: int = 0
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def digest(self) -> str:
+        """sha256 of all the ids: a cache keyed on it follows any change of data, tokenizer or truncation."""
+        return hashlib.sha256(json.dumps([self.prompts, self.chosen, self.rejected]).encode()).hexdigest()
+
+
+def encode_pairs(tokenizer, rows: list[dict], data: DPODataConfig) -> EncodedPairs:
+    """Prompts rendered (chat template for messages) and tokenized with the length check of
+    `tokenize_prompts`; completions tokenized without special tokens, then end-of-text appended."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer of model.path has no end-of-text token (eos_token); DPO appends it to every "
+                        "completion, so use a tokenizer that defines one")
+    for index, row in enumerate(rows):
+        for column in ("chosen", "rejected"):
+            if not isinstance(row[column], str):
+                raise DataError(f"row {index} has a {column!r} of type {type(row[column]).__name__}; chosen and "
+                                f"rejected are completion texts (what follows the prompt)")
+    texts = [render_prompt(tokenizer, row["prompt"]) for row in rows]
+    prompts, truncated_prompts = tokenize_prompts(tokenizer, texts, data.max_prompt_length, data.overlong_prompts)
+    encoded = {}
+    truncated = 0
+    for column in ("chosen", "rejected"):
+        ids = tokenizer([row[column] for row in rows], add_special_tokens=False)["input_ids"]
+        ids = [list(row) + [eos] for row in ids]
+        for index, row in enumerate(ids):
+            if len(row) <= data.max_completion_length:
+                continue
+            if data.overlong_completions == "error":
+                raise DataError(f"row {index}: the {column} completion is {len(row)} tokens (end-of-text included), "
+                                f"longer than data.max_completion_length={data.max_completion_length}; raise it or "
+                                f"set data.overlong_completions=truncate to keep its first tokens")
+            ids[index] = row[: data.max_completion_length]
+            truncated += 1
+        encoded[column] = ids
+    return EncodedPairs(prompts, encoded["chosen"], encoded["rejected"], truncated_prompts, truncated)
+
+
+@dataclass
+class PairBatch:
+    """n pairs as 2n sequences: rows 0..n-1 the chosen completions, rows n..2n-1 the rejected ones,
+    each with its own copy of the prompt (group_size 1)."""
+
+    rows: list[int]  # [n] pair indices
+    prompt_ids: Tensor  # [2n, P] left-padded
+    prompt_mask: Tensor  # [2n, P]
+    completion_ids: Tensor  # [2n, C] right-padded, end-of-text included
+    completion_mask: Tensor  # [2n, C]
+
+
+def pair_batch(encoded: EncodedPairs, rows: list[int], pad_id: int, device: torch.device | str = "cpu") -> PairBatch:
+    prompt_ids, prompt_mask = pad_left([encoded.prompts[i] for i in rows] * 2, pad_id)  # [2n, P]
+    completions = [encoded.chosen[i] for i in rows] + [encoded.rejected[i] for i in rows]
+    width = max(len(c) for c in completions)
+    completion_ids = torch.tensor([c + [pad_id] * (width - len(c)) for c in completions], dtype=torch.long)  # [2n, C]
+    completion_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions], dtype=torch.long)
+    return PairBatch(list(rows), prompt_ids.to(device), prompt_mask.to(device), completion_ids.to(device),
+                     completion_mask.to(device))
+
+
+def batch_token_logprobs(model, batch: PairBatch) -> Tensor:
+    """log pi(y_t | x, y_<t) per completion token, [2n, C], 0 at padding."""
+    logp = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                               batch.completion_mask, group_size=1)  # [2n, C]
+    return logp.where(batch.completion_mask.bool(), 0.0)
+
+
+# ----------------------------------------------------------------------------- reference and guidance log-probs
+
+
+@torch.no_grad()
+def compute_token_logprobs(model, encoded: EncodedPairs, pad_id: int, micro_batch_size: int,
+                           desc: str = "reference") -> dict[str, Tensor]:
+    """One pass over all pairs: {"chosen.i": [len chosen_i], "rejected.i": [len rejected_i]} token log-probs."""
+    device = next(model.parameters()).device
+    out = {}
+    for rows in tqdm(micro_batches(list(range(len(encoded))), micro_batch_size), desc=desc, mininterval=2):
+        batch = pair_batch(encoded, rows, pad_id, device)
+        logp = batch_token_logprobs(model, batch).float().cpu()  # [2n, C]
+        n = len(rows)
+        for k, i in enumerate(rows):  # clone: safetensors stores tensors that do not share memory
+            out[f"chosen.{i}"] = logp[k, : len(encoded.chosen[i])].clone()
+            out[f"rejected.{i}"] = logp[n + k, : len(encoded.rejected[i])].clone()
+    return out
+
+
+class CachedLogprobs:
+    """Token log-probs computed once, looked up per batch (`fn(batch) -> [2n, C]`)."""
+
+    def __init__(self, tensors: dict[str, Tensor]):
+        self.tensors = tensors
+
+    def __call__(self, batch: PairBatch) -> Tensor:
+        rows = [self.tensors[f"chosen.{i}"] for i in batch.rows] + [self.tensors[f"rejected.{i}"] for i in batch.rows]
+        padded = pad_sequence(rows, batch_first=True)  # [2n, C]: the batch is exactly as wide as its longest row
+        return padded.to(batch.completion_ids.device)
+
+
+class LiveLogprobs:
+    """Token log-probs of a reference kept in memory (a frozen copy, or the model under `disable_adapter`)."""
+
+    def __init__(self, model, reference: Callable[[], contextlib.AbstractContextManager]):
+        self.model, self.reference = model, reference
+
+    @torch.no_grad()
+    def __call__(self, batch: PairBatch) -> Tensor:
+        with self.reference() as frozen:  # disable_adapter yields None: the policy itself, adapter off
+            return batch_token_logprobs(frozen if frozen is not None else self.model, batch)  # [2n, C]
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file, or of a directory's files (relative names and bytes, in sorted order)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(path: str) -> list:
+    """[path, [[file, size, mtime_ns], ...]] of a local model directory (hashing the weights would take as
+    long as a forward pass over a small dataset); a hub id is named only."""
+    directory = Path(path)
+    files = sorted(p for p in directory.iterdir() if p.is_file()) if directory.is_dir() else []
+    return [str(directory.resolve()) if directory.exists() else path,
+            [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]]
+
+
+def cached_logprobs(path: Path, fingerprint: dict, compute: Callable[[], dict[str, Tensor]]) -> tuple[dict, bool]:
+    """(tensors, whether the cache was used): the cache at `path` when its sidecar `path.json` holds
+    `fingerprint`, else `compute()` written there (atomically; the sidecar last, so it never vouches for a
+    half-written or older file)."""
+    sidecar = path.with_suffix(".json")
+    if path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()) == fingerprint:
+        return load_file(str(path)), True
+    tensors = compute()
+    sidecar.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    sidecar.write_text(json.dumps(fingerprint, indent=1))
+    return tensors, False
+
+
+def cache_fingerprint(config: DPOConfig, data_path: str, encoded: EncodedPairs, models: list[str]) -> dict:
+    return {"version": CACHE_VERSION, "data": str(data_path), "data_sha256": file_digest(data_path),
+            "tokens_sha256": encoded.digest(), "models": [model_fingerprint(resolve_embedded(m)) for m in models],
+            "dtype": config.model.dtype}
+
+
+def precomputed_reference(config: DPOConfig, model, encoded: EncodedPairs, data_path: str, out: Path,
+                          pad_id: int) -> tuple[CachedLogprobs, str]:
+    """Reference = the initial model: computed now, before any update, with the LoRA adapter disabled (its
+    B matrices start at 0, and on --resume it already holds trained weights)."""
+    def compute() -> dict[str, Tensor]:
+        off = model.disable_adapter() if config.model.lora else contextlib.nullcontext()
+        with off:
+            return compute_token_logprobs(model, encoded, pad_id, config.train.micro_batch_size, "reference")
+
+    fingerprint = cache_fingerprint(config, data_path, encoded, [config.model.path])
+    path = out / "reference_logprobs.safetensors"
+    tensors, hit = cached_logprobs(path, fingerprint, compute)
+    return CachedLogprobs(tensors), f"precomputed ({'read from' if hit else 'written to'} {path})"
+
+
+def live_reference(config: DPOConfig, model, encoded: EncodedPairs, data_path: str, out: Path,
+                   pad_id: int) -> tuple[LiveLogprobs, str]:
+    kind = "the model with its LoRA adapter disabled" if config.model.lora else "a frozen copy of the initial model"
+    return LiveLogprobs(model, reference_policy(model, config.model.lora)), f"live ({kind})"
+
+
+REFERENCE_SOURCES = {"precompute": precomputed_reference, "live": live_reference}
+
+
+def load_guidance_model(config: DPOConfig, vocab_size: int):
+    """The TGDPO guidance model: a full model directory, or a LoRA adapter directory on top of model.path."""
+    path = config.algorithm.guidance_model
+    if (Path(path) / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base, _ = load_policy(replace(config.model, lora=False))
+        guide = PeftModel.from_pretrained(base, path)
+    else:
+        guide, _ = load_policy(replace(config.model, path=path, lora=False))
+    size = guide.get_input_embeddings().num_embeddings
+    if size != vocab_size:
+        raise ConfigError(f"config field 'algorithm.guidance_model': {path} has a vocabulary of {size} tokens but "
+                          f"model.path has {vocab_size}; the guidance model must share the policy's tokenizer")
+    return guide.eval().requires_grad_(False)
+
+
+def guidance_logprobs(config: DPOConfig, model, encoded: EncodedPairs, data_path: str, out: Path,
+                      pad_id: int) -> CachedLogprobs | None:
+    """TGDPO's guidance token log-probs, computed once (the guidance model is frozen) and cached."""
+    if config.algorithm.tgdpo_alpha == 0:
+        return None
+
+    def compute() -> dict[str, Tensor]:
+        guide = load_guidance_model(config, model.get_input_embeddings().num_embeddings)
+        return compute_token_logprobs(guide, encoded, pad_id, config.train.micro_batch_size, "guidance")
+
+    models = [config.model.path, config.algorithm.guidance_model]
+    tensors, _ = cached_logprobs(out / "guidance_logprobs.safetensors",
+                                 cache_fingerprint(config, data_path, encoded, models), compute)
+    return CachedLogprobs(tensors)  # the guidance model went out of scope inside compute()
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+class Sequences(NamedTuple):
+    """Per-pair sequence log-probs (sums over tokens) and lengths, [n] each."""
+
+    chosen: Tensor
+    rejected: Tensor
+    ref_chosen: Tensor | None
+    ref_rejected: Tensor | None
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+
+
+# How each shared loss is called: their signatures differ (ipo and simpo take lengths, simpo no reference).
+_LOSS_CALLS: dict[str, Callable[[Callable, Sequences, DPOAlgorithmConfig], tuple[Tensor, Tensor, Tensor]]] = {
+    "sigmoid": lambda f, s, a: f(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=a.effective_beta,
+                                 label_smoothing=a.label_smoothing),
+    "ipo": lambda f, s, a: f(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, s.chosen_lengths,
+                             s.rejected_lengths, beta=a.effective_beta),
+    "robust": lambda f, s, a: f(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=a.effective_beta,
+                                flip_rate=a.label_smoothing),
+    "hinge": lambda f, s, a: f(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=a.effective_beta),
+    "simpo": lambda f, s, a: f(s.chosen, s.rejected, s.chosen_lengths, s.rejected_lengths, beta=a.effective_beta,
+                               gamma=a.simpo_gamma),
+}
+
+
+def pair_losses(a: DPOAlgorithmConfig, logp: Tensor, mask: Tensor, ref: Tensor | None,
+                guide: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(losses [n], chosen_rewards [n], rejected_rewards [n]) of n pairs from token log-probs [2n, C]
+    (chosen rows first), the reference's [2n, C] (None for simpo) and the guidance model's (TGDPO)."""
+    n = logp.shape[0] // 2
+    if a.tgdpo_alpha > 0:
+        rhat = guide - ref  # [2n, C] the guidance model's per-token log-ratio to the reference
+        weights_chosen, weights_rejected = tgdpo_token_weights(rhat[:n], rhat[n:], a.effective_beta, a.tgdpo_alpha)
+        return weighted_dpo_sigmoid_loss(logp[:n], logp[n:], ref[:n], ref[n:], mask[:n], mask[n:], weights_chosen,
+                                         weights_rejected, label_smoothing=a.label_smoothing)
+    keep = mask.bool()
+    seq = logp.where(keep, 0.0).sum(-1)  # [2n]
+    ref_seq = ref.where(keep, 0.0).sum(-1) if ref is not None else None  # [2n]
+    lengths = mask.sum(-1).to(logp.dtype)  # [2n] end-of-text included
+    sequences = Sequences(seq[:n], seq[n:], ref_seq[:n] if ref_seq is not None else None,
+                          ref_seq[n:] if ref_seq is not None else None, lengths[:n], lengths[n:])
+    return _LOSS_CALLS[a.loss](PREFERENCE_LOSSES[a.loss], sequences, a)
+
+
+def micro_batch_terms(a: DPOAlgorithmConfig, model, encoded: EncodedPairs, rows: list[int], pad_id: int,
+                      reference: Callable | None, guidance: Callable | None) -> dict[str, Tensor]:
+    """Loss terms of the pairs `rows` under the current policy: losses, implied rewards, sequence log-probs [n]."""
+    batch = pair_batch(encoded, rows, pad_id, next(model.parameters()).device)
+    ref = reference(batch) if reference is not None else None  # [2n, C]
+    guide = guidance(batch) if guidance is not None else None  # [2n, C]
+    logp = batch_token_logprobs(model, batch)  # [2n, C]
+    losses, chosen_rewards, rejected_rewards = pair_losses(a, logp, batch.completion_mask, ref, guide)
+    seq = logp.detach().sum(-1)  # [2n] (0 at padding already)
+    n = len(rows)
+    return {"losses": losses, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
+            "chosen_logps": seq[:n], "rejected_logps": seq[n:]}
+
+
+def train_step(config: DPOConfig, model, optimizer, encoded: EncodedPairs, indices: list[int], pad_id: int,
+               reference: Callable | None, guidance: Callable | None) -> dict[str, float]:
+    """One optimizer step on the pairs `indices`: the mean pair loss, accumulated over micro-batches."""
+    t = config.train
+    optimizer.zero_grad(set_to_none=True)
+    sums = dict.fromkeys(("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
+                          "logps/chosen", "logps/rejected"), 0.0)
+    for rows in micro_batches(indices, t.micro_batch_size):
+        terms = micro_batch_terms(config.algorithm, model, encoded, rows, pad_id, reference, guidance)
+        loss = terms["losses"].sum() / len(indices)  # this micro-batch's share of the step's mean
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss is {loss.item()} (pairs {rows[0]}..{rows[-1]} of the data)")
+        loss.backward()
+        chosen, rejected = terms["chosen_rewards"], terms["rejected_rewards"]
+        sums["loss"] += float(terms["losses"].detach().sum())
+        sums["rewards/chosen"] += float(chosen.sum())
+        sums["rewards/rejected"] += float(rejected.sum())
+        sums["rewards/margin"] += float((chosen - rejected).sum())
+        sums["rewards/accuracy"] += float((chosen > rejected).float().sum())
+        sums["logps/chosen"] += float(terms["chosen_logps"].sum())
+        sums["logps/rejected"] += float(terms["rejected_logps"].sum())
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+    optimizer.step()
+    return {**{key: value / len(indices) for key, value in sums.items()}, "grad_norm": float(grad_norm)}
+
+
+def learning_rate(config: DPOConfig, step: int) -> float:
+    """Linear warm-up to train.learning_rate over train.warmup_steps, then constant (a function of the step
+    alone, so --resume needs no scheduler state)."""
+    t = config.train
+    return t.learning_rate * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.learning_rate
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def train(config: DPOConfig, resume: bool = False) -> dict:
+    t, a, d = config.train, config.algorithm, config.data
+    out = Path(config.log.output_dir)
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+
+    # setup: data, model, reference (and guidance) log-probs, optimizer
+    data_path = resolve_embedded(d.train)
+    rows = load_rows(data_path, required=("prompt", "chosen", "rejected"), split=d.split)
+    test_rows = load_rows(resolve_embedded(d.test))[: d.eval_size] if d.test else []
+    model, tokenizer = load_policy(config.model)
+    model.eval()  # dropout off for the whole run (see the module docstring)
+    pad_id = tokenizer.pad_token_id
+    encoded = encode_pairs(tokenizer, rows, d)
+    out.mkdir(parents=True, exist_ok=True)
+    # before any checkpoint is loaded: the reference is the initial model
+    reference, reference_note = (REFERENCE_SOURCES[a.reference](config, model, encoded, data_path, out, pad_id)
+                                 if a.uses_reference else (None, "none (reference-free loss)"))
+    guidance = guidance_logprobs(config, model, encoded, data_path, out, pad_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    steps = t.steps if t.steps is not None else math.ceil(t.epochs * len(rows) / t.batch_size)
+    tgdpo = f", TGDPO alpha {a.tgdpo_alpha} guided by {a.guidance_model}" if guidance is not None else ""
+    print(f"[llmalign] dpo[{a.loss}] beta {a.effective_beta}{tgdpo}: {len(rows)} pairs, {t.batch_size} per step in "
+          f"micro-batches of {t.micro_batch_size} -> {steps} steps = {steps * t.batch_size / len(rows):.2f} epochs, "
+          f"{sum(p.numel() for p in params):,} trainable parameters, {encoded.truncated_prompts} prompts and "
+          f"{encoded.truncated_completions} completions truncated; reference {reference_note}; output {out}")
+
+    start = 0
+    if resume and (checkpoint := latest_checkpoint(out / "checkpoints")) is not None:
+        load_trainable_state(model, load_state(checkpoint, "trainable"))
+        optimizer.load_state_dict(load_state(checkpoint, "optimizer"))
+        set_rng_state(load_state(checkpoint, "rng"))
+        start = load_state(checkpoint, "trainer")["iteration"]
+        truncate_metrics(out / "metrics.jsonl", start)
+        print(f"[llmalign] resumed from {checkpoint} at step {start}")
+    elif resume:
+        print(f"[llmalign] --resume: no checkpoint in {out / 'checkpoints'}, starting fresh")
+    (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+
+    def evaluate() -> dict:
+        if not test_rows:
+            return {}
+        result = accuracy_on(model, tokenizer, test_rows, d.eval_max_new_tokens)
+        return {"eval/accuracy": result["accuracy"], "eval/mean_length": result["mean_length"]}
+
+    before = {}
+    if start == 0:
+        before = evaluate()
+        append_metrics(out / "metrics.jsonl", {"iteration": 0, **before, "prompts_truncated": encoded.truncated_prompts,
+                                               "completions_truncated": encoded.truncated_completions})
+        if before:
+            print(f"[llmalign] held-out accuracy before: {before['eval/accuracy']:.3f} "
+                  f"(mean length {before['eval/mean_length']:.1f} tokens, greedy, {len(test_rows)} problems)")
+
+    progress = tqdm(range(start, steps), desc=f"dpo[{a.loss}]", initial=start, total=steps)
+    started, record = time.perf_counter(), {}
+    all_rows = list(range(len(rows)))
+    for step in progress:
+        clock = time.perf_counter()
+        indices = iteration_rows(all_rows, step, t.batch_size, t.seed)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        try:
+            metrics = train_step(config, model, optimizer, encoded, indices, pad_id, reference, guidance)
+        except FloatingPointError as error:
+            last = latest_checkpoint(out / "checkpoints")
+            raise FloatingPointError(f"step {step + 1}: {error}; the last good checkpoint is "
+                                     f"{last or 'none (none written yet)'}, and --resume starts from it") from None
+
+        # log
+        done = step + 1
+        record = {"iteration": done, **{f"train/{k}": v for k, v in metrics.items()},
+                  "train/lr": learning_rate(config, step), "time/step": time.perf_counter() - clock}
+        last = done == steps or (t.max_seconds is not None and time.perf_counter() - started > t.max_seconds)
+        if (config.log.eval_every and done % config.log.eval_every == 0) or last:
+            record.update(evaluate())
+        append_metrics(out / "metrics.jsonl", record)
+        progress.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margin']:.3f}",
+                             acc=f"{metrics['rewards/accuracy']:.2f}")
+
+        # checkpoint
+        if (config.log.checkpoint_every and done % config.log.checkpoint_every == 0) or last:
+            save_training_checkpoint(config, model, tokenizer, optimizer, done, out)
+        if last:
+            break
+
+    after = {k: v for k, v in record.items() if k.startswith("eval/")}
+    plot_curves(out / "metrics.jsonl", out / "dpo_curves.png",
+                ["train/loss", "train/rewards/margin", "train/rewards/accuracy", "train/logps/chosen",
+                 "train/logps/rejected", "eval/accuracy"], f"DPO ({a.loss}) on {config.model.path}")
+    if before and after:
+        print(f"[llmalign] held-out accuracy before: {before['eval/accuracy']:.3f} "
+              f"(mean length {before['eval/mean_length']:.1f} tokens)")
+        print(f"[llmalign] held-out accuracy after : {after['eval/accuracy']:.3f} "
+              f"(mean length {after['eval/mean_length']:.1f} tokens)")
+    print(f"[llmalign] metrics {out / 'metrics.jsonl'}, curves {out / 'dpo_curves.png'}, model {out / 'final'}")
+    return {"before": before, "after": after}
