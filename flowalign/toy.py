@@ -37,14 +37,14 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from shared.checkpoint import replaced_atomically
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Words the tokenizers know as single tokens; anything else falls back to byte-level pieces.
@@ -486,7 +486,6 @@ def build_digits_pipeline(out: str | os.PathLike, quick: bool = False, seed: int
     Returns the report also stored in flowalign.json."""
     start = time.time()
     out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
     steps = QUICK_STEPS if quick else FULL_STEPS
     torch.manual_seed(seed)
 
@@ -535,18 +534,11 @@ def build_digits_pipeline(out: str | os.PathLike, quick: bool = False, seed: int
         "heldout_prompts_accuracy_guidance=4.5,steps=20": heldout_acc,
     }
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with replaced_atomically(out) as tmp:
         pipeline.save_pretrained(tmp)
         save_digit_classifier(classifier, tmp / "digit_classifier", heldout_accuracy=clf_acc)
         report["build_seconds"] = round(time.time() - start, 1)
         (tmp / "flowalign.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"prompted-digit accuracy of ODE samples ({steps['eval_per_prompt']} per prompt, train prompts):")
     print("  guidance  " + "  ".join(f"{n:>2d} steps" for n in EVAL_STEPS))

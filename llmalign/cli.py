@@ -18,21 +18,22 @@ import sys
 from shared.config import ConfigError, describe, exit_on_config_error, load_config
 
 
-def run_grpo(args: argparse.Namespace) -> None:
-    from llmalign.config import GRPOConfig
-
+def run_recipe(config_class, train, args: argparse.Namespace) -> None:
+    """--describe, or load and validate the config, then train; errors become one line and an exit code."""
     if args.describe:
-        print("\n".join(describe(GRPOConfig)))
+        print("\n".join(describe(config_class)))
         return
     try:
-        config = load_config(GRPOConfig, args.config, args.overrides)
+        config = load_config(config_class, args.config, args.overrides)
     except ConfigError as error:
         exit_on_config_error(error)
     from llmalign.data import DataError
-    from llmalign.grpo import RewardError, train
+    from llmalign.grpo import RewardError
 
     try:
         train(config, resume=args.resume)
+    except ConfigError as error:  # found only once a model is loaded (a guidance model of another vocabulary)
+        exit_on_config_error(error)
     except DataError as error:
         print(f"data error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -44,29 +45,18 @@ def run_grpo(args: argparse.Namespace) -> None:
         raise SystemExit(4) from None
 
 
+def run_grpo(args: argparse.Namespace) -> None:
+    from llmalign import grpo
+    from llmalign.config import GRPOConfig
+
+    run_recipe(GRPOConfig, grpo.train, args)
+
+
 def run_dpo(args: argparse.Namespace) -> None:
+    from llmalign import dpo
     from llmalign.dpo_config import DPOConfig
 
-    if args.describe:
-        print("\n".join(describe(DPOConfig)))
-        return
-    try:
-        config = load_config(DPOConfig, args.config, args.overrides)
-    except ConfigError as error:
-        exit_on_config_error(error)
-    from llmalign.data import DataError
-    from llmalign.dpo import train
-
-    try:
-        train(config, resume=args.resume)
-    except ConfigError as error:  # found only once a model is loaded (a guidance model of another vocabulary)
-        exit_on_config_error(error)
-    except DataError as error:
-        print(f"data error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except FloatingPointError as error:
-        print(f"training stopped: {error}", file=sys.stderr)
-        raise SystemExit(4) from None
+    run_recipe(DPOConfig, dpo.train, args)
 
 
 def run_pairs(args: argparse.Namespace) -> None:

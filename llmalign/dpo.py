@@ -43,13 +43,14 @@ from tqdm.auto import tqdm
 from llmalign.data import DataError, load_rows, render_prompt, tokenize_prompts
 from llmalign.dpo_config import DPOAlgorithmConfig, DPOConfig, DPODataConfig
 from llmalign.evaluate import accuracy_on, pad_left
-from llmalign.grpo import iteration_rows, load_policy, micro_batches, reference_policy, save_training_checkpoint
+from llmalign.grpo import (iteration_rows, load_policy, micro_batches, reference_policy, resume_training,
+                           save_training_checkpoint)
 from llmalign.logprobs import completion_logprobs
 from llmalign.toy import resolve_embedded
-from shared.checkpoint import latest_checkpoint, load_state, load_trainable_state, set_rng_state
+from shared.checkpoint import latest_checkpoint
 from shared.config import ConfigError, to_dict
 from shared.preference import PREFERENCE_LOSSES
-from shared.runlog import append_metrics, plot_curves, truncate_metrics
+from shared.runlog import append_metrics, plot_curves
 from shared.token_weights import tgdpo_token_weights, weighted_dpo_sigmoid_loss
 
 CACHE_VERSION = 1  # bump when the cached values' meaning changes, so old caches are rebuilt
@@ -406,16 +407,7 @@ def train(config: DPOConfig, resume: bool = False) -> dict:
           f"{sum(p.numel() for p in params):,} trainable parameters, {encoded.truncated_prompts} prompts and "
           f"{encoded.truncated_completions} completions truncated; reference {reference_note}; output {out}")
 
-    start = 0
-    if resume and (checkpoint := latest_checkpoint(out / "checkpoints")) is not None:
-        load_trainable_state(model, load_state(checkpoint, "trainable"))
-        optimizer.load_state_dict(load_state(checkpoint, "optimizer"))
-        set_rng_state(load_state(checkpoint, "rng"))
-        start = load_state(checkpoint, "trainer")["iteration"]
-        truncate_metrics(out / "metrics.jsonl", start)
-        print(f"[llmalign] resumed from {checkpoint} at step {start}")
-    elif resume:
-        print(f"[llmalign] --resume: no checkpoint in {out / 'checkpoints'}, starting fresh")
+    start = resume_training(out, model, optimizer) if resume else 0
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
     def evaluate() -> dict:

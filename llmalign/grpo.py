@@ -80,6 +80,22 @@ def reference_policy(model, lora: bool):
     return lambda: contextlib.nullcontext(frozen)
 
 
+def resume_training(out: Path, model, optimizer) -> int:
+    """Load the latest checkpoint under out/checkpoints (trainable weights, optimizer, RNG), trim
+    metrics.jsonl back to it and return its step; 0 when there is none yet."""
+    checkpoint = latest_checkpoint(out / "checkpoints")
+    if checkpoint is None:
+        print(f"[llmalign] --resume: no checkpoint in {out / 'checkpoints'}, starting fresh")
+        return 0
+    load_trainable_state(model, load_state(checkpoint, "trainable"))
+    optimizer.load_state_dict(load_state(checkpoint, "optimizer"))
+    set_rng_state(load_state(checkpoint, "rng"))
+    start = load_state(checkpoint, "trainer")["iteration"]
+    truncate_metrics(out / "metrics.jsonl", start)
+    print(f"[llmalign] resumed from {checkpoint} at step {start}")
+    return start
+
+
 def iteration_rows(rows: list[dict], iteration: int, count: int, seed: int) -> list[dict]:
     """The prompts of an iteration: epochs of a seeded permutation, so the data position is a
     function of the iteration alone (resume needs nothing else)."""
@@ -241,16 +257,7 @@ def train(config: GRPOConfig, resume: bool = False) -> dict:
           f"{len(train_rows)} training rows, {sum(p.numel() for p in params):,} trainable parameters, "
           f"{truncated_prompts} prompts truncated; output {out}")
 
-    start = 0
-    if resume and (checkpoint := latest_checkpoint(out / "checkpoints")) is not None:
-        load_trainable_state(model, load_state(checkpoint, "trainable"))
-        optimizer.load_state_dict(load_state(checkpoint, "optimizer"))
-        set_rng_state(load_state(checkpoint, "rng"))
-        start = load_state(checkpoint, "trainer")["iteration"]
-        truncate_metrics(out / "metrics.jsonl", start)
-        print(f"[llmalign] resumed from {checkpoint} at iteration {start}")
-    elif resume:
-        print(f"[llmalign] --resume: no checkpoint in {out / 'checkpoints'}, starting fresh")
+    start = resume_training(out, model, optimizer) if resume else 0
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 

@@ -30,13 +30,13 @@ import argparse
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from shared.checkpoint import replaced_atomically
 
 CACHE_NAME = "arith-qwen2-v1"
 EMBEDDED_MODEL = "embedded:arith"
@@ -209,7 +209,6 @@ def build_arith_model(out: str | os.PathLike, quick: bool = False, seed: int = 0
 
     start = time.time()
     out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
     sizes = QUICK if quick else FULL
     train = make_split(TRAIN_PROBLEMS, seed)
     test = make_split(TEST_PROBLEMS, seed + 1, exclude={p["prompt"] for p in train})
@@ -224,20 +223,13 @@ def build_arith_model(out: str | os.PathLike, quick: bool = False, seed: int = 0
         "test_greedy_accuracy": greedy["accuracy"], "test_greedy_mean_length": greedy["mean_length"],
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with replaced_atomically(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _write_jsonl(tmp / "train.jsonl", train)
         _write_jsonl(tmp / "test.jsonl", test)
         report["build_seconds"] = round(time.time() - start, 1)
         (tmp / "llmalign.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     print(f"arith model: {report['parameters']} parameters, sft loss {loss:.4f}, held-out greedy accuracy "
           f"{greedy['accuracy']:.3f}, mean completion {greedy['mean_length']:.1f} tokens; saved to {out} "
           f"in {report['build_seconds']:.0f} s")

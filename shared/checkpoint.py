@@ -9,10 +9,12 @@ nested state (optimizer state dicts, RNG states) is split into a tensor dict and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +151,20 @@ def load_trainable_state(transformer: torch.nn.Module, state: dict[str, torch.Te
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)
+
+
+@contextlib.contextmanager
+def replaced_atomically(out: str | Path):
+    """Yield a temporary sibling directory to fill; on success it replaces `out` by a rename, so an
+    interrupted build never leaves a half-written `out` (nor damages an older one until the swap)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -63,3 +63,20 @@ def test_flatten_keeps_tuples_ints_keys_and_rejects_objects():
     assert restored["a"] == (1, 2.5, "x") and restored[3][1] is None
     with pytest.raises(TypeError, match="cannot save a object"):
         flatten_state({"bad": object()})
+
+
+def test_replaced_atomically_swaps_only_on_success(tmp_path):
+    from shared.checkpoint import replaced_atomically
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with replaced_atomically(out) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("interrupted build")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary left behind
+    assert (out / "old.txt").read_text() == "old"
+    with replaced_atomically(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
