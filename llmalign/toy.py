@@ -13,14 +13,14 @@ accuracy: the length rewards (GRPO-lambda, the length curriculum) have something
 without costing accuracy. The model is pretrained (SFT) briefly, so it is right on some
 problems and wrong on others, and GRPO has room to help.
 
-    python -m llmalign.toy build                 # ~/.cache/flowalign/arith-qwen2-v1
+    python -m llmalign.toy build                 # ~/.cache/flowalign/arith-qwen2-v2
     python -m llmalign.toy build --quick         # a few seconds; for smoke tests only
     FLOWALIGN_CACHE=/tmp/fa python -m llmalign.toy build
 
 Layout of the cached directory: config.json, model.safetensors, generation_config.json,
 tokenizer.json, tokenizer_config.json, chat_template.jinja (all loadable with
-`AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`), train.jsonl and
-test.jsonl (prompt, answer), and llmalign.json (the build report, written last: its presence
+`AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`), sft.jsonl (the
+supervised problems), train.jsonl (RL prompts never supervised on) and test.jsonl (prompt, answer), and llmalign.json (the build report, written last: its presence
 marks a complete build).
 """
 
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from shared.checkpoint import replaced_atomically
 
-CACHE_NAME = "arith-qwen2-v1"
+CACHE_NAME = "arith-qwen2-v2"
 EMBEDDED_MODEL = "embedded:arith"
 """The model.path (and data.train/test prefix) that stands for this toy in configs."""
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -186,7 +186,7 @@ def supervised_finetune(model, tokenizer, problems: list[dict], steps: int, batc
 
 
 def default_cache_dir(quick: bool = False) -> Path:
-    """$FLOWALIGN_CACHE/arith-qwen2-v1 (FLOWALIGN_CACHE defaults to ~/.cache/flowalign); quick
+    """$FLOWALIGN_CACHE/arith-qwen2-v2 (FLOWALIGN_CACHE defaults to ~/.cache/flowalign); quick
     builds go to a separate ...-quick directory so they never stand in for the real model."""
     root = Path(os.environ.get("FLOWALIGN_CACHE") or Path.home() / ".cache" / "flowalign")
     return root / (CACHE_NAME + ("-quick" if quick else ""))
@@ -210,11 +210,13 @@ def build_arith_model(out: str | os.PathLike, quick: bool = False, seed: int = 0
     start = time.time()
     out = Path(out).expanduser()
     sizes = QUICK if quick else FULL
-    train = make_split(TRAIN_PROBLEMS, seed)
-    test = make_split(TEST_PROBLEMS, seed + 1, exclude={p["prompt"] for p in train})
+    sft = make_split(TRAIN_PROBLEMS, seed)
+    test = make_split(TEST_PROBLEMS, seed + 1, exclude={p["prompt"] for p in sft})
+    # RL prompts the model was never supervised on: a gain must come from better arithmetic, not recall
+    train = make_split(TRAIN_PROBLEMS, seed + 2, exclude={p["prompt"] for p in sft + test})
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, sizes["hidden"], sizes["layers"], seed)
-    loss = supervised_finetune(model, tokenizer, train, sizes["sft_steps"], sizes["batch_size"], seed=seed,
+    loss = supervised_finetune(model, tokenizer, sft, sizes["sft_steps"], sizes["batch_size"], seed=seed,
                                progress=progress)
     greedy = accuracy_on(model, tokenizer, test, max_new_tokens=64, batch_size=100)
     report = {
@@ -226,6 +228,7 @@ def build_arith_model(out: str | os.PathLike, quick: bool = False, seed: int = 0
     with replaced_atomically(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _write_jsonl(tmp / "sft.jsonl", sft)
         _write_jsonl(tmp / "train.jsonl", train)
         _write_jsonl(tmp / "test.jsonl", test)
         report["build_seconds"] = round(time.time() - start, 1)
