@@ -10,7 +10,7 @@ G completions of 64 tokens, all real tokens (no padding, which keeps the repeate
 path, its best case). The loss is the sum of the completion log-probs; backward reaches every parameter.
 
 Each measurement runs in a fresh subprocess so that peak memory is its own: peak RSS growth = the process's
-ru_maxrss after its first forward + backward minus its resident set just before it (model and inputs built).
+peak RSS (VmHWM) after its first forward + backward minus its resident set just before it (model and inputs built).
 This counts everything the forward and backward allocate (activations kept for backward, KV cache, logits,
 parameter gradients) as the OS sees it. Time: median over --repeats runs after one warm-up run (--quick: one
 run, no warm-up; P=2048 with G=16 skipped).
@@ -68,6 +68,15 @@ def resident_bytes() -> int:
 
 
 def peak_resident_bytes() -> int:
+    """Peak RSS of this process. On Linux VmHWM, which belongs to the process's own address space:
+    ru_maxrss survives fork + exec, so under a big parent (run_all.py) it would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
@@ -149,7 +158,7 @@ def main(argv=None) -> list[dict]:
     title = (f"Prefix Grouper vs repeated prompts: forward + backward of completion_logprobs on CPU "
              f"({rows[0]['threads']} threads), Qwen2 hidden {MODEL['hidden_size']}, {MODEL['num_hidden_layers']} "
              f"layers, vocab {MODEL['vocab_size']}, B=1, completion length {COMPLETION_LENGTH}; time = median of "
-             f"{repeats} run(s); memory = peak RSS growth of the first forward + backward (ru_maxrss minus RSS before "
+             f"{repeats} run(s); memory = peak RSS growth of the first forward + backward (VmHWM minus RSS before "
              f"it), fresh process each")
     header = ["P", "G", "plain s", "shared s", "speed-up (plain/shared)", "plain peak RSS MiB", "shared peak RSS MiB",
               "memory ratio (plain/shared)"]
