@@ -2,9 +2,11 @@
 
     python benchmarks/run_all.py [--quick]
 
-Written so far: the flow recipes side by side (flow_bench.py), the CPU FLOP/s of an update step
-(cpu_flops.py) and the shared-prefix forward against the plain one (prefix_bench.py). The LLM
-comparisons against TRL (issue 7) are not written yet.
+The flow recipes side by side (flow_bench.py), the CPU FLOP/s of an update step (cpu_flops.py), the
+shared-prefix forward against the plain one (prefix_bench.py), and llmalign's GRPO and DPO trainers against
+TRL's GRPOTrainer and DPOTrainer (trl_bench.py; TRL is installed into .bench/trl for the benchmark only, and
+without it that part prints how to install it and the rest still runs). All tables also go to
+benchmarks/out/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import datetime
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,13 +24,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks import cpu_flops, flow_bench, prefix_bench  # noqa: E402
+from benchmarks import cpu_flops, flow_bench, prefix_bench, trl_bench  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
+    started = time.perf_counter()
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU only'}")
     header = f"Benchmarks of {datetime.date.today().isoformat()} on {machine}" + (" (--quick)" if args.quick else "")
@@ -35,10 +39,12 @@ def main() -> None:
     flops = cpu_flops.main()
     flow_bench.main(["--quick"] if args.quick else [])
     prefix_bench.main(["--quick"] if args.quick else [])
-    flow_table = (ROOT / "benchmarks" / "out" / "flow_bench.md").read_text()
-    prefix_table = (ROOT / "benchmarks" / "out" / "prefix_bench.md").read_text()
-    results = f"{header}\n\n{flops['table']}\n\n{flow_table}\n\n{prefix_table}"
-    (ROOT / "benchmarks" / "out" / "RESULTS.md").write_text(results)
+    trl_bench.main(["--quick"] if args.quick else [])
+    out = ROOT / "benchmarks" / "out"
+    tables = [(out / f"{name}.md").read_text() for name in ("flow_bench", "prefix_bench", "trl_bench")]
+    minutes, seconds = divmod(time.perf_counter() - started, 60)
+    results = "\n\n".join([header, flops["table"], *tables, f"run_all took {minutes:.0f} min {seconds:.0f} s."])
+    (out / "RESULTS.md").write_text(results)
     print(f"\n{results}")
 
 
