@@ -2,18 +2,20 @@
 
 Everything is built in-process (no hub access): a byte-level `Qwen2Tokenizer` (256 byte tokens,
 no merges, plus <|endoftext|>, <|im_start|>, <|im_end|> and a chat template), a small Qwen2
-model, and a generated task: add and subtract three numbers, with a short worked answer
+model, and a generated task: add and subtract three one-digit numbers, with a short worked answer
 
-    prompt:      "Compute 23+45-17.\\n"
-    completion:  "<think>23+45=68 68-17=51</think><answer>51</answer><|endoftext|>"
+    prompt:      "Compute 8+5-7.\\n"
+    completion:  "<think>8+5=13 13-7=6</think><answer>6</answer><|endoftext|>"
 
-A fraction of the supervised answers append a redundant check ("check 51+17=68") inside the
-think block, so the pretrained model writes some long and some short completions at equal
-accuracy: the length rewards (GRPO-lambda, the length curriculum) have something to shorten
-without costing accuracy. The model is pretrained (SFT) briefly, so it is right on some
-problems and wrong on others, and GRPO has room to help.
+The supervised answers come in three styles, all correct: worked (as above), worked with a
+redundant check ("check 6+7=13") inside the think block, and direct ("<think></think><answer>6</answer>",
+no steps). On held-out problems the three are about equally accurate (greedy 0.77 / 0.80 / 0.73 for
+direct / checked / worked in the v3 build), so completions vary in length at equal accuracy and the
+length rewards (GRPO-lambda, the length curriculum) have something to shorten. The model is
+supervised briefly, so it is right on most held-out problems and wrong on some (mostly off by one
+on negative partial sums), and RL has room to help.
 
-    python -m llmalign.toy build                 # ~/.cache/flowalign/arith-qwen2-v2
+    python -m llmalign.toy build                 # ~/.cache/flowalign/arith-qwen2-v3
     python -m llmalign.toy build --quick         # a few seconds; for smoke tests only
     FLOWALIGN_CACHE=/tmp/fa python -m llmalign.toy build
 
@@ -38,7 +40,7 @@ from tqdm.auto import tqdm
 
 from shared.checkpoint import replaced_atomically
 
-CACHE_NAME = "arith-qwen2-v2"
+CACHE_NAME = "arith-qwen2-v3"
 EMBEDDED_MODEL = "embedded:arith"
 """The model.path (and data.train/test prefix) that stands for this toy in configs."""
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -46,9 +48,10 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-MAX_OPERAND = 19
-CHECK_FRACTION = 0.5  # share of SFT answers that carry the redundant check step
-TRAIN_PROBLEMS, TEST_PROBLEMS = 2000, 200
+MAX_OPERAND = 9
+DIRECT_FRACTION = 0.5  # share of SFT answers given without steps
+CHECK_FRACTION = 0.5  # share of the worked SFT answers that carry the redundant check step
+TRAIN_PROBLEMS, TEST_PROBLEMS = 1500, 200  # of the 4000 distinct problems
 FULL = {"sft_steps": 600, "batch_size": 64, "hidden": 128, "layers": 4}
 QUICK = {"sft_steps": 20, "batch_size": 16, "hidden": 32, "layers": 2}
 
@@ -98,10 +101,18 @@ def make_problem(rng: random.Random) -> dict:
     }
 
 
-def solution(problem: dict, with_check: bool) -> str:
-    """The supervised completion (without the end-of-text token)."""
+def solution(problem: dict, with_check: bool, direct: bool = False) -> str:
+    """The supervised completion (without the end-of-text token): worked, worked and checked, or
+    direct (an empty think block; `with_check` is then ignored)."""
+    if direct:
+        return f"<think></think><answer>{problem['answer']}</answer>"
     check = problem["check"] if with_check else ""
     return f"<think>{problem['steps']}{check}</think><answer>{problem['answer']}</answer>"
+
+
+def supervised_style(rng: random.Random) -> dict[str, bool]:
+    """The keyword arguments of `solution` for one supervised example, drawn by the fractions above."""
+    return {"direct": rng.random() < DIRECT_FRACTION, "with_check": rng.random() < CHECK_FRACTION}
 
 
 def make_split(n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
@@ -145,7 +156,7 @@ def sft_batch(tokenizer, problems: list[dict], rng: random.Random) -> dict[str, 
     rows, labels = [], []
     for problem in problems:
         prompt = tokenizer(problem["prompt"], add_special_tokens=False)["input_ids"]
-        answer = tokenizer(solution(problem, rng.random() < CHECK_FRACTION), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(solution(problem, **supervised_style(rng)), add_special_tokens=False)["input_ids"]
         answer = answer + [tokenizer.eos_token_id]
         rows.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)  # the loss is on the completion only
@@ -186,7 +197,7 @@ def supervised_finetune(model, tokenizer, problems: list[dict], steps: int, batc
 
 
 def default_cache_dir(quick: bool = False) -> Path:
-    """$FLOWALIGN_CACHE/arith-qwen2-v2 (FLOWALIGN_CACHE defaults to ~/.cache/flowalign); quick
+    """$FLOWALIGN_CACHE/arith-qwen2-v3 (FLOWALIGN_CACHE defaults to ~/.cache/flowalign); quick
     builds go to a separate ...-quick directory so they never stand in for the real model."""
     root = Path(os.environ.get("FLOWALIGN_CACHE") or Path.home() / ".cache" / "flowalign")
     return root / (CACHE_NAME + ("-quick" if quick else ""))
@@ -220,8 +231,8 @@ def build_arith_model(out: str | os.PathLike, quick: bool = False, seed: int = 0
                                progress=progress)
     greedy = accuracy_on(model, tokenizer, test, max_new_tokens=64, batch_size=100)
     report = {
-        "version": 1, "quick": quick, "seed": seed, "sizes": sizes, "max_operand": MAX_OPERAND,
-        "check_fraction": CHECK_FRACTION, "sft_final_loss": loss,
+        "version": 3, "quick": quick, "seed": seed, "sizes": sizes, "max_operand": MAX_OPERAND,
+        "check_fraction": CHECK_FRACTION, "direct_fraction": DIRECT_FRACTION, "sft_final_loss": loss,
         "test_greedy_accuracy": greedy["accuracy"], "test_greedy_mean_length": greedy["mean_length"],
         "parameters": sum(p.numel() for p in model.parameters()),
     }

@@ -46,6 +46,6 @@ def test_quick_build_reloads_and_splits_are_disjoint(tmp_path):
     assert AutoTokenizer.from_pretrained(out)("Compute 1+1-1.\n")["input_ids"] == toy.build_tokenizer()("Compute 1+1-1.\n")["input_ids"]
     splits = {name: {json.loads(l)["prompt"] for l in (out / f"{name}.jsonl").read_text().splitlines()}
               for name in ("sft", "train", "test")}
-    assert [len(splits[n]) for n in ("sft", "train", "test")] == [2000, 2000, 200]
+    assert [len(splits[n]) for n in ("sft", "train", "test")] == [1500, 1500, 200]
     assert not (splits["sft"] & splits["train"]) and not (splits["sft"] & splits["test"]) and not (splits["train"] & splits["test"])
     assert not list(tmp_path.glob(".arith.tmp-*"))
