@@ -43,12 +43,14 @@ class LMDataConfig:
     test: Optional[str] = option(EMBEDDED_MODEL + "/test.jsonl", "held-out data for accuracy before/after (null = none)")
     split: Optional[str] = option(None, "split of a DatasetDict directory (default 'train')")
     eval_size: int = option(200, "held-out rows evaluated (greedy) at start, every log.eval_every and at the end")
+    eval_samples: int = option(1, "completions sampled per held-out row for the sampled accuracy (its mean over them)")
     max_prompt_length: int = option(256, "prompt tokens allowed")
     overlong_prompts: Literal["error", "truncate"] = option(
         "error", "a longer prompt stops with its row (error) or keeps its last tokens and is counted (truncate)")
 
     def check(self) -> None:
         need(self.eval_size >= 1, "data.eval_size", f"{self.eval_size}; use at least 1")
+        need(self.eval_samples >= 1, "data.eval_samples", f"{self.eval_samples}; use at least 1")
         need(self.max_prompt_length >= 1, "data.max_prompt_length", f"{self.max_prompt_length}; use at least 1")
 
 

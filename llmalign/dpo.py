@@ -42,14 +42,14 @@ from tqdm.auto import tqdm
 
 from llmalign.data import DataError, load_rows, render_prompt, tokenize_prompts
 from llmalign.dpo_config import DPOAlgorithmConfig, DPOConfig, DPODataConfig
-from llmalign.evaluate import accuracy_on, pad_left
+from llmalign.evaluate import describe_held_out, held_out_metrics, pad_left
 from llmalign.grpo import (iteration_rows, load_policy, micro_batches, reference_policy, resume_training,
                            save_training_checkpoint)
 from llmalign.logprobs import completion_logprobs
 from llmalign.toy import resolve_embedded
 from shared.checkpoint import latest_checkpoint
 from shared.config import ConfigError, to_dict
-from shared.preference import PREFERENCE_LOSSES
+from shared.preference import PREFERENCE_LOSSES, chosen_nll_loss
 from shared.runlog import append_metrics, plot_curves
 from shared.token_weights import tgdpo_token_weights, weighted_dpo_sigmoid_loss
 
@@ -315,18 +315,23 @@ def pair_losses(a: DPOAlgorithmConfig, logp: Tensor, mask: Tensor, ref: Tensor |
     """(losses [n], chosen_rewards [n], rejected_rewards [n]) of n pairs from token log-probs [2n, C]
     (chosen rows first), the reference's [2n, C] (None for simpo) and the guidance model's (TGDPO)."""
     n = logp.shape[0] // 2
+    keep = mask.bool()
+    seq = logp.where(keep, 0.0).sum(-1)  # [2n]
+    lengths = mask.sum(-1).to(logp.dtype)  # [2n] end-of-text included
     if a.tgdpo_alpha > 0:
         rhat = guide - ref  # [2n, C] the guidance model's per-token log-ratio to the reference
         weights_chosen, weights_rejected = tgdpo_token_weights(rhat[:n], rhat[n:], a.effective_beta, a.tgdpo_alpha)
-        return weighted_dpo_sigmoid_loss(logp[:n], logp[n:], ref[:n], ref[n:], mask[:n], mask[n:], weights_chosen,
-                                         weights_rejected, label_smoothing=a.label_smoothing)
-    keep = mask.bool()
-    seq = logp.where(keep, 0.0).sum(-1)  # [2n]
-    ref_seq = ref.where(keep, 0.0).sum(-1) if ref is not None else None  # [2n]
-    lengths = mask.sum(-1).to(logp.dtype)  # [2n] end-of-text included
-    sequences = Sequences(seq[:n], seq[n:], ref_seq[:n] if ref_seq is not None else None,
-                          ref_seq[n:] if ref_seq is not None else None, lengths[:n], lengths[n:])
-    return _LOSS_CALLS[a.loss](PREFERENCE_LOSSES[a.loss], sequences, a)
+        losses, chosen, rejected = weighted_dpo_sigmoid_loss(logp[:n], logp[n:], ref[:n], ref[n:], mask[:n], mask[n:],
+                                                             weights_chosen, weights_rejected,
+                                                             label_smoothing=a.label_smoothing)
+    else:
+        ref_seq = ref.where(keep, 0.0).sum(-1) if ref is not None else None  # [2n]
+        sequences = Sequences(seq[:n], seq[n:], ref_seq[:n] if ref_seq is not None else None,
+                              ref_seq[n:] if ref_seq is not None else None, lengths[:n], lengths[n:])
+        losses, chosen, rejected = _LOSS_CALLS[a.loss](PREFERENCE_LOSSES[a.loss], sequences, a)
+    if a.nll_weight > 0:  # iterative RPO
+        losses = losses + a.nll_weight * chosen_nll_loss(seq[:n], lengths[:n])  # [n]
+    return losses, chosen, rejected
 
 
 def micro_batch_terms(a: DPOAlgorithmConfig, model, encoded: EncodedPairs, rows: list[int], pad_id: int,
@@ -411,10 +416,8 @@ def train(config: DPOConfig, resume: bool = False) -> dict:
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
     def evaluate() -> dict:
-        if not test_rows:
-            return {}
-        result = accuracy_on(model, tokenizer, test_rows, d.eval_max_new_tokens)
-        return {"eval/accuracy": result["accuracy"], "eval/mean_length": result["mean_length"]}
+        return held_out_metrics(model, tokenizer, test_rows, d.eval_max_new_tokens, 1.0, d.eval_samples,
+                                seed=t.seed + 12345)
 
     before = {}
     if start == 0:
@@ -422,8 +425,8 @@ def train(config: DPOConfig, resume: bool = False) -> dict:
         append_metrics(out / "metrics.jsonl", {"iteration": 0, **before, "prompts_truncated": encoded.truncated_prompts,
                                                "completions_truncated": encoded.truncated_completions})
         if before:
-            print(f"[llmalign] held-out accuracy before: {before['eval/accuracy']:.3f} "
-                  f"(mean length {before['eval/mean_length']:.1f} tokens, greedy, {len(test_rows)} problems)")
+            print(f"[llmalign] held-out accuracy before ({len(test_rows)} problems): "
+                  f"{describe_held_out(before, 1.0, d.eval_samples)}")
 
     progress = tqdm(range(start, steps), desc=f"dpo[{a.loss}]", initial=start, total=steps)
     started, record = time.perf_counter(), {}
@@ -460,11 +463,9 @@ def train(config: DPOConfig, resume: bool = False) -> dict:
     after = {k: v for k, v in record.items() if k.startswith("eval/")}
     plot_curves(out / "metrics.jsonl", out / "dpo_curves.png",
                 ["train/loss", "train/rewards/margin", "train/rewards/accuracy", "train/logps/chosen",
-                 "train/logps/rejected", "eval/accuracy"], f"DPO ({a.loss}) on {config.model.path}")
+                 "train/logps/rejected", "eval/accuracy", "eval/sampled_accuracy"], f"DPO ({a.loss}) on {config.model.path}")
     if before and after:
-        print(f"[llmalign] held-out accuracy before: {before['eval/accuracy']:.3f} "
-              f"(mean length {before['eval/mean_length']:.1f} tokens)")
-        print(f"[llmalign] held-out accuracy after : {after['eval/accuracy']:.3f} "
-              f"(mean length {after['eval/mean_length']:.1f} tokens)")
+        for label, result in (("before", before), ("after ", after)):
+            print(f"[llmalign] held-out accuracy {label}: {describe_held_out(result, 1.0, d.eval_samples)}")
     print(f"[llmalign] metrics {out / 'metrics.jsonl'}, curves {out / 'dpo_curves.png'}, model {out / 'final'}")
     return {"before": before, "after": after}

@@ -25,6 +25,7 @@ class DPODataConfig:
     split: Optional[str] = option(None, "split of a DatasetDict directory (default 'train')")
     eval_size: int = option(200, "held-out rows evaluated (greedy) at start, every log.eval_every and at the end")
     eval_max_new_tokens: int = option(64, "completion budget of the held-out evaluation")
+    eval_samples: int = option(1, "completions sampled (T = 1) per held-out row for the sampled accuracy (their mean)")
     max_prompt_length: int = option(256, "prompt tokens allowed")
     max_completion_length: int = option(256, "tokens allowed in a chosen/rejected completion, end-of-text included")
     overlong_prompts: Literal["error", "truncate"] = option(
@@ -36,6 +37,7 @@ class DPODataConfig:
         need(self.train is not None, "data.train", "not set; give a file of prompt/chosen/rejected rows, e.g. "
              "made with `llmalign pairs --model ... --data ... --out pairs.jsonl`")
         need(self.eval_size >= 1, "data.eval_size", f"{self.eval_size}; use at least 1")
+        need(self.eval_samples >= 1, "data.eval_samples", f"{self.eval_samples}; use at least 1")
         need(self.eval_max_new_tokens >= 1, "data.eval_max_new_tokens", f"{self.eval_max_new_tokens}; use at least 1")
         need(self.max_prompt_length >= 1, "data.max_prompt_length", f"{self.max_prompt_length}; use at least 1")
         need(self.max_completion_length >= 1, "data.max_completion_length",
@@ -51,6 +53,8 @@ class DPOAlgorithmConfig:
     label_smoothing: float = option(
         0.0, "sigmoid: label smoothing e of cDPO; robust: the assumed label flip rate e (in [0, 0.5))")
     simpo_gamma: float = option(0.5, "simpo: target reward margin gamma")
+    nll_weight: float = option(0.0, "alpha of iterative RPO: adds alpha * (-logp(chosen) / |chosen|) to each pair's "
+                               "loss (0 = off; Pang et al. use 1)")
     reference: Literal["precompute", "live"] = option(
         "precompute", "reference log-probs computed once before training and cached in log.output_dir (precompute), "
         "or by a reference model kept in memory (live: a frozen copy, or the LoRA-disabled model); simpo uses none")
@@ -67,6 +71,7 @@ class DPOAlgorithmConfig:
         need(self.label_smoothing == 0 or self.loss in ("sigmoid", "robust"), "algorithm.label_smoothing",
              f"{self.label_smoothing} has no effect with loss={self.loss}; it applies to sigmoid and robust only")
         need(self.simpo_gamma >= 0, "algorithm.simpo_gamma", f"{self.simpo_gamma} must be >= 0, e.g. 0.5")
+        need(self.nll_weight >= 0, "algorithm.nll_weight", f"{self.nll_weight} must be >= 0 (0 = off), e.g. 1.0")
         need(self.tgdpo_alpha >= 0, "algorithm.tgdpo_alpha", f"{self.tgdpo_alpha} must be >= 0 (0 = off)")
         if self.tgdpo_alpha > 0:
             need(self.guidance_model is not None, "algorithm.guidance_model",

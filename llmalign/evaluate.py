@@ -93,3 +93,24 @@ def accuracy_on(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_s
         samples += list(zip(texts, rollout.texts))
     n = max(len(correct), 1)
     return {"accuracy": sum(correct) / n, "mean_length": sum(lengths) / n, "samples": samples}
+
+
+def held_out_metrics(model, tokenizer, rows: list[dict], max_new_tokens: int, temperature: float = 1.0,
+                     samples: int = 1, seed: int = 0) -> dict:
+    """What both trainers log and print before and after: greedy accuracy and length, and the
+    sampled accuracy at `temperature` averaged over `samples` draws per problem (mean@k; more draws,
+    less noise), drawn on fixed seeds without touching the caller's RNG stream."""
+    if not rows:
+        return {}
+    greedy = accuracy_on(model, tokenizer, rows, max_new_tokens)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        sampled = accuracy_on(model, tokenizer, rows * samples, max_new_tokens, greedy=False, temperature=temperature)
+    return {"eval/accuracy": greedy["accuracy"], "eval/mean_length": greedy["mean_length"],
+            "eval/sampled_accuracy": sampled["accuracy"]}
+
+
+def describe_held_out(result: dict, temperature: float, samples: int) -> str:
+    """The before/after line both trainers print."""
+    return (f"greedy {result['eval/accuracy']:.3f}, sampled {result['eval/sampled_accuracy']:.3f} (T={temperature}, "
+            f"mean over {samples} sample(s) per problem), greedy mean length {result['eval/mean_length']:.1f} tokens")

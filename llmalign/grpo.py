@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from llmalign.config import GRPOConfig, LMModelConfig
 from llmalign.data import load_rows, render_prompt, tokenize_prompts
-from llmalign.evaluate import Rollout, accuracy_on, generate
+from llmalign.evaluate import Rollout, describe_held_out, generate, held_out_metrics
 from llmalign.logprobs import completion_logprobs
 from llmalign.rewards import build_reward
 from llmalign.toy import resolve_embedded
@@ -262,22 +262,16 @@ def train(config: GRPOConfig, resume: bool = False) -> dict:
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
     def evaluate() -> dict:
-        if not test_rows:
-            return {}
-        result = accuracy_on(model, tokenizer, test_rows, s.max_new_tokens)
-        with torch.random.fork_rng():  # sampled accuracy on fixed seeds, without touching training's RNG
-            torch.manual_seed(t.seed + 12345)
-            sampled = accuracy_on(model, tokenizer, test_rows, s.max_new_tokens, greedy=False, temperature=s.temperature)
-        return {"eval/accuracy": result["accuracy"], "eval/mean_length": result["mean_length"],
-                "eval/sampled_accuracy": sampled["accuracy"]}
+        return held_out_metrics(model, tokenizer, test_rows, s.max_new_tokens, s.temperature,
+                                config.data.eval_samples, seed=t.seed + 12345)
 
     before = {}
     if start == 0:
         before = evaluate()
         append_metrics(out / "metrics.jsonl", {"iteration": 0, **before, "prompts_truncated": truncated_prompts})
         if before:
-            print(f"[llmalign] held-out accuracy before: greedy {before['eval/accuracy']:.3f}, sampled "
-                  f"{before['eval/sampled_accuracy']:.3f} ({len(test_rows)} problems)")
+            print(f"[llmalign] held-out accuracy before ({len(test_rows)} problems): "
+                  f"{describe_held_out(before, s.temperature, config.data.eval_samples)}")
 
     drop_bad = config.reward.on_bad_score == "drop"
     progress = tqdm(range(start, t.iterations), desc=f"grpo[{a.loss}]", initial=start, total=t.iterations)
@@ -357,9 +351,7 @@ def train(config: GRPOConfig, resume: bool = False) -> dict:
                 f"GRPO ({a.loss}) on {config.model.path}")
     if before and after:
         for label, result in (("before", before), ("after ", after)):
-            print(f"[llmalign] held-out accuracy {label}: greedy {result['eval/accuracy']:.3f}, sampled "
-                  f"{result['eval/sampled_accuracy']:.3f} (T={s.temperature}), mean length "
-                  f"{result['eval/mean_length']:.1f} tokens")
+            print(f"[llmalign] held-out accuracy {label}: {describe_held_out(result, s.temperature, config.data.eval_samples)}")
     print(f"[llmalign] metrics {out / 'metrics.jsonl'}, curves {out / 'reward_curve.png'}, model {out / 'final'}")
     return {"before": before, "after": after}
 

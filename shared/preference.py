@@ -20,6 +20,7 @@ from torch import Tensor
 
 __all__ = [
     "PREFERENCE_LOSSES",
+    "chosen_nll_loss",
     "dpo_sigmoid_loss",
     "hinge_loss",
     "ipo_loss",
@@ -156,6 +157,18 @@ def simpo_loss(
     rejected = beta * policy_rejected / rejected_lengths  # [B]
     losses = -F.logsigmoid(chosen - rejected - gamma)  # [B]
     return losses, chosen.detach(), rejected.detach()
+
+
+def chosen_nll_loss(policy_chosen: Tensor, chosen_lengths: Tensor) -> Tensor:
+    """The length-normalised negative log-likelihood of the chosen completion, -logp(y_w) / |y_w|, [B].
+
+    Added to a preference loss with a weight alpha it gives iterative RPO (Pang et al., 2024):
+    -log s(beta D) - alpha logp(y_w) / |y_w|. When chosen and rejected answers share most of their
+    tokens (a wrong digit), DPO alone can lower both; the NLL term keeps the chosen one likely.
+    """
+    _check_pairs(policy_chosen=policy_chosen, chosen_lengths=chosen_lengths)
+    _check_lengths(chosen_lengths=chosen_lengths)
+    return -policy_chosen / chosen_lengths  # [B]
 
 
 # Names follow TRL's loss_type values. Signatures differ: ipo and simpo need lengths, simpo

@@ -158,6 +158,7 @@ LOSS_CASES = [
     ("hinge", ["algorithm.loss=hinge", "algorithm.beta=2.0"]),
     ("simpo", ["algorithm.loss=simpo", "algorithm.simpo_gamma=0.3"]),
     ("tgdpo", ["algorithm.tgdpo_alpha=3.0", "algorithm.beta=0.5"]),
+    ("rpo", ["algorithm.nll_weight=0.7"]),
 ]
 
 
@@ -174,6 +175,9 @@ def expected_losses(name, config, policy, ref, guide):
         return torch.stack(out)
     pc, pr = (torch.stack([p[k].sum() for p in policy]) for k in (0, 1))
     lc, lr = (torch.tensor([float(len(p[k])) for p in policy]) for k in (0, 1))
+    if name == "rpo":  # sigmoid DPO plus alpha times the chosen answer's mean token NLL, written out
+        rc, rr = (torch.stack([r[k].sum() for r in ref]) for k in (0, 1))
+        return -F.logsigmoid(beta * ((pc - rc) - (pr - rr))) - a.nll_weight * pc / lc
     if name == "simpo":
         return PREFERENCE_LOSSES["simpo"](pc, pr, lc, lr, beta=beta, gamma=a.simpo_gamma)[0]
     rc, rr = (torch.stack([r[k].sum() for r in ref]) for k in (0, 1))

@@ -189,3 +189,20 @@ def test_shipped_grpo_recipes_load(name):
 
     config = load_config(GRPOConfig, Path(__file__).resolve().parents[1] / "configs" / "llm" / f"{name}.yaml")
     assert config.model.path == "embedded:arith" and config.train.group_size >= 2
+
+
+def test_held_out_metrics_leave_the_training_rng_alone(tiny_lm_dir):
+    from llmalign.config import LMModelConfig
+    from llmalign.data import load_rows
+    from llmalign.evaluate import accuracy_on, held_out_metrics
+
+    model, tokenizer = load_policy(LMModelConfig(path=str(tiny_lm_dir)))
+    rows = load_rows(str(tiny_lm_dir / "test.jsonl"))[:3]
+    torch.manual_seed(5)
+    expected_next = torch.rand(4)
+    torch.manual_seed(5)
+    metrics = held_out_metrics(model, tokenizer, rows, 8, samples=3, seed=1)
+    assert torch.equal(torch.rand(4), expected_next)  # evaluation draws from a forked RNG
+    greedy = accuracy_on(model, tokenizer, rows, 8)
+    assert (metrics["eval/accuracy"], metrics["eval/mean_length"]) == (greedy["accuracy"], greedy["mean_length"])
+    assert held_out_metrics(model, tokenizer, [], 8) == {}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from shared.preference import (PREFERENCE_LOSSES, dpo_sigmoid_loss, hinge_loss, ipo_loss, robust_dpo_loss,
+from shared.preference import (PREFERENCE_LOSSES, chosen_nll_loss, dpo_sigmoid_loss, hinge_loss, ipo_loss, robust_dpo_loss,
                                simpo_loss)
 
 # policy chosen -10, rejected -12; reference -11 for both
@@ -113,3 +113,11 @@ def test_bad_arguments():
         dpo_sigmoid_loss(PC, torch.zeros(2), RC, RR)
     with pytest.raises(ValueError, match="beta must be > 0"):
         hinge_loss(PC, PR, RC, RR, beta=0.0)
+
+
+def test_chosen_nll_by_hand():
+    # chosen log-probs -10 over 4 tokens and -3 over 2 tokens -> NLL per token 2.5 and 1.5
+    assert_close(chosen_nll_loss(torch.tensor([-10.0, -3.0]), torch.tensor([4.0, 2.0])), torch.tensor([2.5, 1.5]))
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        chosen_nll_loss(torch.tensor([-1.0]), torch.tensor([0.0]))
+
