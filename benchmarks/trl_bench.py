@@ -267,29 +267,34 @@ def run_grpo_ours(spec: dict, clock: StepClock, work: str) -> None:
                  f"log.output_dir={work}/run", "log.eval_every=0", "log.checkpoint_every=0"]
     if spec["seconds"]:
         overrides.append(f"train.max_seconds={spec['seconds']}")
-    config = load_config(GRPOConfig, None, overrides)
+    clock.finish(train_with_clock(grpo, load_config(GRPOConfig, None, overrides), clock, "reward/total/mean"))
+
+
+def train_with_clock(trainer_module, config, clock: StepClock, value_key: str):
+    """`trainer_module.train(config)` (llmalign.grpo or llmalign.dpo) with the clock on its metrics records
+    (one before the loop, then one per step) and `value_key` of each step recorded; returns the trained model."""
     captured = {}
-    load_policy, append_metrics = grpo.load_policy, grpo.append_metrics
+    load_policy, append_metrics = trainer_module.load_policy, trainer_module.append_metrics
 
     def capturing_load_policy(*args, **kwargs):
         captured["model"], tokenizer = load_policy(*args, **kwargs)
         return captured["model"], tokenizer
 
-    def timed_append_metrics(path, record):  # one metrics record before the loop, then one per step
+    def timed_append_metrics(path, record):
         append_metrics(path, record)
-        if Path(path).name != "metrics.jsonl":
+        if Path(path).name != "metrics.jsonl":  # GRPO also appends samples.jsonl
             return
         if record["iteration"] == 0:
             clock.begin(captured["model"])
         else:
-            clock.step_end(captured["model"], record.get("reward/total/mean"))
+            clock.step_end(captured["model"], record.get(value_key))
 
-    grpo.load_policy, grpo.append_metrics = capturing_load_policy, timed_append_metrics
+    trainer_module.load_policy, trainer_module.append_metrics = capturing_load_policy, timed_append_metrics
     try:
-        grpo.train(config)
+        trainer_module.train(config)
     finally:
-        grpo.load_policy, grpo.append_metrics = load_policy, append_metrics
-    clock.finish(captured["model"])
+        trainer_module.load_policy, trainer_module.append_metrics = load_policy, append_metrics
+    return captured["model"]
 
 
 def run_grpo_trl(spec: dict, clock: StepClock, work: str) -> None:
@@ -335,25 +340,7 @@ def run_dpo_ours(spec: dict, clock: StepClock, work: str) -> None:
         f"train.micro_batch_size={d['batch_size']}", f"train.learning_rate={d['learning_rate']}",
         "train.warmup_steps=0", f"train.seed={d['seed']}", f"log.output_dir={work}/run", "log.eval_every=0",
         "log.checkpoint_every=0"])
-    captured = {}
-    load_policy, append_metrics = dpo.load_policy, dpo.append_metrics
-
-    def capturing_load_policy(*args, **kwargs):
-        captured["model"], tokenizer = load_policy(*args, **kwargs)
-        return captured["model"], tokenizer
-
-    def timed_append_metrics(path, record):
-        append_metrics(path, record)
-        if record["iteration"] == 0:
-            clock.begin(captured["model"])
-        else:
-            clock.step_end(captured["model"], record.get("train/loss"))
-
-    dpo.load_policy, dpo.append_metrics = capturing_load_policy, timed_append_metrics
-    try:
-        dpo.train(config)
-    finally:
-        dpo.load_policy, dpo.append_metrics = load_policy, append_metrics
+    train_with_clock(dpo, config, clock, "train/loss")
 
 
 def trl_dpo_trainer(model, ref_model, tokenizer, rows: list[dict], work: str, steps: int | None, precompute: bool,
