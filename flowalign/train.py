@@ -33,7 +33,8 @@ from flowalign.lora import (EMA, load_trainable_state, make_trainable, reference
 from flowalign.reward_plugins import RewardError, call_reward, check_rewards_on_dummy_batch, load_reward
 from flowalign.visuals import save_image_grid
 from shared.advantages import clip_advantages, compose_rewards
-from shared.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from shared.checkpoint import (latest_checkpoint, load_state, prepare_fresh_output_dir, rng_state, save_checkpoint,
+                               set_rng_state)
 from shared.config import ConfigError, describe, exit_on_config_error, load_config, to_dict
 from shared.kl import gaussian_mean_kl
 from shared.losses import clipped_policy_loss
@@ -232,6 +233,8 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
 
     train_prompts, eval_prompts = read_prompts(config)
     out = Path(config.log.output_dir)
+    if not resume:
+        prepare_fresh_output_dir(out)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main_process = accelerator.is_main_process
     torch.manual_seed(config.train.seed)
@@ -432,6 +435,8 @@ def main(argv: list[str] | None = None) -> None:
         exit_on_config_error(error)
     try:
         train(config, resume=args.resume)
+    except ConfigError as error:  # a used log.output_dir, found before anything loads
+        exit_on_config_error(error)
     except RewardError as error:
         print(f"reward error: {error}", file=sys.stderr)
         raise SystemExit(3) from None

@@ -47,7 +47,7 @@ from llmalign.grpo import (iteration_rows, load_policy, micro_batches, reference
                            save_training_checkpoint)
 from llmalign.logprobs import completion_logprobs
 from llmalign.toy import resolve_embedded
-from shared.checkpoint import latest_checkpoint
+from shared.checkpoint import latest_checkpoint, prepare_fresh_output_dir
 from shared.config import ConfigError, to_dict
 from shared.preference import PREFERENCE_LOSSES, chosen_nll_loss
 from shared.runlog import append_metrics, plot_curves
@@ -387,6 +387,8 @@ def learning_rate(config: DPOConfig, step: int) -> float:
 def train(config: DPOConfig, resume: bool = False) -> dict:
     t, a, d = config.train, config.algorithm, config.data
     out = Path(config.log.output_dir)
+    if not resume:
+        prepare_fresh_output_dir(out)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
 

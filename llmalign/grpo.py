@@ -31,8 +31,8 @@ from llmalign.logprobs import completion_logprobs
 from llmalign.rewards import build_reward
 from llmalign.toy import resolve_embedded
 from shared.advantages import compose_rewards
-from shared.checkpoint import (latest_checkpoint, load_state, load_trainable_state, rng_state, save_checkpoint,
-                               set_rng_state, trainable_state)
+from shared.checkpoint import (latest_checkpoint, load_state, load_trainable_state, prepare_fresh_output_dir, rng_state,
+                               save_checkpoint, set_rng_state, trainable_state)
 from shared.config import to_dict
 from shared.disco import disco_loss
 from shared.filtering import zero_variance_group_mask
@@ -237,6 +237,8 @@ def update(config: GRPOConfig, model, optimizer, reference, rollout: Rollout, ad
 def train(config: GRPOConfig, resume: bool = False) -> dict:
     t, a, s = config.train, config.algorithm, config.sampling
     out = Path(config.log.output_dir)
+    if not resume:
+        prepare_fresh_output_dir(out)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
 

@@ -206,3 +206,15 @@ def test_held_out_metrics_leave_the_training_rng_alone(tiny_lm_dir):
     greedy = accuracy_on(model, tokenizer, rows, 8)
     assert (metrics["eval/accuracy"], metrics["eval/mean_length"]) == (greedy["accuracy"], greedy["mean_length"])
     assert held_out_metrics(model, tokenizer, [], 8) == {}
+
+
+def test_a_fresh_run_into_a_used_output_dir_exits_2_and_loses_nothing(tiny_lm_dir, tmp_path, capsys):
+    main(["grpo", *overrides(tiny_lm_dir, tmp_path, "train.iterations=1")])
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["grpo", *overrides(tiny_lm_dir, tmp_path, "train.iterations=1")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "log.output_dir" in err and "--resume" in err and err.count("\n") == 1
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics

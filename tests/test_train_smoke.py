@@ -142,3 +142,17 @@ def test_async_scoring_of_rollout_chunks_equals_sync(tiny_pipeline_dir, tmp_path
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert records[-1]["samples"] == 6  # 3 prompts x 2 (group size, or branches for tempflow)
     assert all(torch.equal(weights["false"][k], weights["true"][k]) for k in weights["false"])
+
+
+def test_a_fresh_run_into_a_used_output_dir_exits_2_and_loses_nothing(tiny_pipeline_dir, tmp_path, capsys):
+    from flowalign.train import main
+
+    train(tiny_config(tiny_pipeline_dir, tmp_path, "train.iterations=1"))
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(tiny_overrides(tiny_pipeline_dir, tmp_path, "train.iterations=1"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "log.output_dir" in err and "--resume" in err and err.count("\n") == 1
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
