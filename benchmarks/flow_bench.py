@@ -34,7 +34,7 @@ RECIPES = {
 
 
 def run(name: str, recipe: str, extra: list[str], seconds: float, out: Path) -> dict:
-    shutil.rmtree(out, ignore_errors=True)  # a fresh run appends to an existing metrics.jsonl; start clean
+    shutil.rmtree(out, ignore_errors=True)  # scratch space: a fresh run refuses a directory with a checkpoint
     config = load_config(FlowGRPOConfig, ROOT / "configs" / "flow" / f"{recipe}.yaml",
                          [f"log.output_dir={out}", "train.iterations=100000", f"train.max_seconds={seconds}",
                           "log.eval_every=0", "log.checkpoint_every=0", *extra])

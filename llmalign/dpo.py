@@ -53,6 +53,7 @@ from shared.preference import PREFERENCE_LOSSES, chosen_nll_loss
 from shared.runlog import append_metrics, plot_curves
 from shared.token_weights import tgdpo_token_weights, weighted_dpo_sigmoid_loss
 
+EVAL_TEMPERATURE = 1.0  # DPO has no sampling settings: held-out sampled accuracy is at T = 1
 CACHE_VERSION = 1  # bump when the cached values' meaning changes, so old caches are rebuilt
 
 # ----------------------------------------------------------------------------- data
@@ -418,7 +419,7 @@ def train(config: DPOConfig, resume: bool = False) -> dict:
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
     def evaluate() -> dict:
-        return held_out_metrics(model, tokenizer, test_rows, d.eval_max_new_tokens, 1.0, d.eval_samples,
+        return held_out_metrics(model, tokenizer, test_rows, d.eval_max_new_tokens, EVAL_TEMPERATURE, d.eval_samples,
                                 seed=t.seed + 12345)
 
     before = {}
@@ -428,7 +429,7 @@ def train(config: DPOConfig, resume: bool = False) -> dict:
                                                "completions_truncated": encoded.truncated_completions})
         if before:
             print(f"[llmalign] held-out accuracy before ({len(test_rows)} problems): "
-                  f"{describe_held_out(before, 1.0, d.eval_samples)}")
+                  f"{describe_held_out(before, EVAL_TEMPERATURE, d.eval_samples)}")
 
     progress = tqdm(range(start, steps), desc=f"dpo[{a.loss}]", initial=start, total=steps)
     started, record = time.perf_counter(), {}
@@ -465,9 +466,11 @@ def train(config: DPOConfig, resume: bool = False) -> dict:
     after = {k: v for k, v in record.items() if k.startswith("eval/")}
     plot_curves(out / "metrics.jsonl", out / "dpo_curves.png",
                 ["train/loss", "train/rewards/margin", "train/rewards/accuracy", "train/logps/chosen",
-                 "train/logps/rejected", "eval/accuracy", "eval/sampled_accuracy"], f"DPO ({a.loss}) on {config.model.path}")
+                 "train/logps/rejected", "eval/accuracy", "eval/sampled_accuracy"],
+                f"DPO ({a.loss}) on {config.model.path}")
     if before and after:
         for label, result in (("before", before), ("after ", after)):
-            print(f"[llmalign] held-out accuracy {label}: {describe_held_out(result, 1.0, d.eval_samples)}")
+            described = describe_held_out(result, EVAL_TEMPERATURE, d.eval_samples)
+            print(f"[llmalign] held-out accuracy {label}: {described}")
     print(f"[llmalign] metrics {out / 'metrics.jsonl'}, curves {out / 'dpo_curves.png'}, model {out / 'final'}")
     return {"before": before, "after": after}
