@@ -33,7 +33,7 @@ from flowalign.lora import (EMA, load_trainable_state, make_trainable, reference
 from flowalign.reward_plugins import RewardError, call_reward, check_rewards_on_dummy_batch, load_reward
 from flowalign.visuals import save_image_grid
 from shared.advantages import clip_advantages, compose_rewards
-from shared.checkpoint import (latest_checkpoint, load_state, prepare_fresh_output_dir, rng_state, save_checkpoint,
+from shared.checkpoint import (latest_checkpoint, load_state, open_output_dir, rng_state, save_checkpoint,
                                set_rng_state)
 from shared.config import ConfigError, describe, exit_on_config_error, load_config, to_dict
 from shared.kl import gaussian_mean_kl
@@ -233,8 +233,7 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
 
     train_prompts, eval_prompts = read_prompts(config)
     out = Path(config.log.output_dir)
-    if not resume:
-        prepare_fresh_output_dir(out)
+    checkpoint = open_output_dir(out, resume)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main_process = accelerator.is_main_process
     torch.manual_seed(config.train.seed)
@@ -259,7 +258,7 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
               f"{sum(p.numel() for p in params):,} trainable parameters; output {out}")
 
     start = 0
-    if resume and (checkpoint := latest_checkpoint(out / "checkpoints")) is not None:
+    if checkpoint is not None:
         load_trainable_state(accelerator.unwrap_model(adapter.transformer), load_state(checkpoint, "trainable"))
         optimizer.load_state_dict(load_state(checkpoint, "optimizer"))
         set_rng_state(load_state(checkpoint, "rng"))

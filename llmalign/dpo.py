@@ -47,7 +47,7 @@ from llmalign.grpo import (iteration_rows, load_policy, micro_batches, reference
                            save_training_checkpoint)
 from llmalign.logprobs import completion_logprobs
 from llmalign.toy import resolve_embedded
-from shared.checkpoint import latest_checkpoint, prepare_fresh_output_dir
+from shared.checkpoint import latest_checkpoint, open_output_dir
 from shared.config import ConfigError, to_dict
 from shared.preference import PREFERENCE_LOSSES, chosen_nll_loss
 from shared.runlog import append_metrics, plot_curves
@@ -388,8 +388,7 @@ def learning_rate(config: DPOConfig, step: int) -> float:
 def train(config: DPOConfig, resume: bool = False) -> dict:
     t, a, d = config.train, config.algorithm, config.data
     out = Path(config.log.output_dir)
-    if not resume:
-        prepare_fresh_output_dir(out)
+    checkpoint = open_output_dir(out, resume)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
 
@@ -415,7 +414,7 @@ def train(config: DPOConfig, resume: bool = False) -> dict:
           f"{sum(p.numel() for p in params):,} trainable parameters, {encoded.truncated_prompts} prompts and "
           f"{encoded.truncated_completions} completions truncated; reference {reference_note}; output {out}")
 
-    start = resume_training(out, model, optimizer) if resume else 0
+    start = resume_training(checkpoint, out, model, optimizer) if resume else 0
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
     def evaluate() -> dict:

@@ -31,7 +31,7 @@ from llmalign.logprobs import completion_logprobs
 from llmalign.rewards import build_reward
 from llmalign.toy import resolve_embedded
 from shared.advantages import compose_rewards
-from shared.checkpoint import (latest_checkpoint, load_state, load_trainable_state, prepare_fresh_output_dir, rng_state,
+from shared.checkpoint import (latest_checkpoint, load_state, load_trainable_state, open_output_dir, rng_state,
                                save_checkpoint, set_rng_state, trainable_state)
 from shared.config import to_dict
 from shared.disco import disco_loss
@@ -80,10 +80,9 @@ def reference_policy(model, lora: bool):
     return lambda: contextlib.nullcontext(frozen)
 
 
-def resume_training(out: Path, model, optimizer) -> int:
-    """Load the latest checkpoint under out/checkpoints (trainable weights, optimizer, RNG), trim
-    metrics.jsonl back to it and return its step; 0 when there is none yet."""
-    checkpoint = latest_checkpoint(out / "checkpoints")
+def resume_training(checkpoint: Path | None, out: Path, model, optimizer) -> int:
+    """Load `checkpoint` (trainable weights, optimizer, RNG), trim metrics.jsonl back to it and return
+    its step; 0 when there is none yet."""
     if checkpoint is None:
         print(f"[llmalign] --resume: no checkpoint in {out / 'checkpoints'}, starting fresh")
         return 0
@@ -237,8 +236,7 @@ def update(config: GRPOConfig, model, optimizer, reference, rollout: Rollout, ad
 def train(config: GRPOConfig, resume: bool = False) -> dict:
     t, a, s = config.train, config.algorithm, config.sampling
     out = Path(config.log.output_dir)
-    if not resume:
-        prepare_fresh_output_dir(out)
+    checkpoint = open_output_dir(out, resume)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
 
@@ -259,7 +257,7 @@ def train(config: GRPOConfig, resume: bool = False) -> dict:
           f"{len(train_rows)} training rows, {sum(p.numel() for p in params):,} trainable parameters, "
           f"{truncated_prompts} prompts truncated; output {out}")
 
-    start = resume_training(out, model, optimizer) if resume else 0
+    start = resume_training(checkpoint, out, model, optimizer) if resume else 0
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 

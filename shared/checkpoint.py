@@ -132,20 +132,25 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def prepare_fresh_output_dir(out: str | Path) -> None:
-    """Called by a fresh (not --resume) run before anything loads: an output directory that already holds a
-    checkpoint is refused, so the new run neither mixes its logs and checkpoints with the old ones nor
-    overwrites them; one without a checkpoint (a run stopped before its first) has its logs started afresh."""
+def open_output_dir(out: str | Path, resume: bool) -> Path | None:
+    """The checkpoint a run starts from (None: step 0), decided before anything loads.
+
+    A fresh run (resume False) into an output directory that already holds a checkpoint is refused, so it
+    neither mixes its logs and checkpoints with the old run's nor overwrites them; --resume takes the latest
+    checkpoint. A run that starts from step 0 either way (a directory whose run stopped before its first
+    checkpoint) has its logs started afresh, since it writes every line of them again."""
     from shared.config import ConfigError
     from shared.runlog import truncate_metrics
 
     out = Path(out)
     checkpoint = latest_checkpoint(out / "checkpoints")
-    if checkpoint is not None:
+    if checkpoint is not None and not resume:
         raise ConfigError(f"log.output_dir: {out} already holds a run (checkpoint {checkpoint.name}); continue it with "
                           f"--resume, or set log.output_dir to a new directory (or delete this one)")
-    for log in ("metrics.jsonl", "samples.jsonl"):
-        truncate_metrics(out / log, -1)
+    if checkpoint is None:
+        for log in ("metrics.jsonl", "samples.jsonl"):
+            truncate_metrics(out / log, -1)
+    return checkpoint
 
 
 def _fsync_tree(directory: Path) -> None:

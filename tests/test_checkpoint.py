@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.checkpoint import (flatten_state, latest_checkpoint, load_state, prepare_fresh_output_dir, rng_state,
+from shared.checkpoint import (flatten_state, latest_checkpoint, load_state, open_output_dir, rng_state,
                                save_checkpoint, set_rng_state, unflatten_state)
 
 
@@ -82,18 +82,23 @@ def test_replaced_atomically_swaps_only_on_success(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
 
 
-def test_a_fresh_run_refuses_a_directory_with_a_checkpoint_and_resets_stale_logs(tmp_path):
+def test_a_fresh_run_refuses_a_directory_with_a_checkpoint_and_a_start_from_step_0_resets_stale_logs(tmp_path):
     from shared.config import ConfigError
 
-    stale = tmp_path / "stopped"  # a run stopped before its first checkpoint: its logs start afresh
-    stale.mkdir()
-    (stale / "metrics.jsonl").write_text('{"iteration": 0, "x": 1}\n{"iteration": 1, "x": 2}\n')
-    prepare_fresh_output_dir(stale)
-    assert (stale / "metrics.jsonl").read_text() == ""
-    prepare_fresh_output_dir(tmp_path / "new")  # a directory that does not exist yet is fine
+    stale_lines = '{"iteration": 0, "x": 1}\n{"iteration": 1, "x": 2}\n'
+    for resume in (False, True):  # a run stopped before its first checkpoint: fresh or --resume, it restarts at 0
+        stale = tmp_path / f"stopped-{resume}"
+        stale.mkdir()
+        (stale / "metrics.jsonl").write_text(stale_lines)
+        (stale / "samples.jsonl").write_text(stale_lines)
+        assert open_output_dir(stale, resume) is None
+        assert (stale / "metrics.jsonl").read_text() == "" and (stale / "samples.jsonl").read_text() == ""
+    assert open_output_dir(tmp_path / "new", resume=False) is None  # a directory that does not exist yet is fine
     used = tmp_path / "used"
     save_checkpoint(used / "checkpoints", 3, {"trainer": {"iteration": 3}})
     (used / "metrics.jsonl").write_text('{"iteration": 3}\n')
     with pytest.raises(ConfigError, match=r"log.output_dir: .*step-000003.*--resume"):
-        prepare_fresh_output_dir(used)
+        open_output_dir(used, resume=False)
     assert (used / "metrics.jsonl").read_text() == '{"iteration": 3}\n'  # nothing lost
+    assert open_output_dir(used, resume=True).name == "step-000003"  # the trainer trims the logs to it
+    assert (used / "metrics.jsonl").read_text() == '{"iteration": 3}\n'
