@@ -6,8 +6,8 @@ same seeds) on both sides:
 
     llmalign pairs --model embedded:arith --data embedded:arith/train.jsonl --out runs/arith_pairs.jsonl \\
                    --group-size 8 --max-new-tokens 80
-    llmalign dpo --config configs/llm/arith_dpo.yaml algorithm.nll_weight=0 train.learning_rate=3e-5 \\
-                 train.epochs=2 train.warmup_steps=0 log.eval_every=0
+    llmalign dpo --config configs/llm/arith_dpo.yaml algorithm.loss=sigmoid algorithm.beta=0.1 \\
+                 train.learning_rate=3e-5 train.epochs=2 train.warmup_steps=0 data.eval_samples=4 log.eval_every=0
     python benchmarks/trl_dpo_accuracy.py --pairs runs/arith_pairs.jsonl --learning-rate 3e-5 --epochs 2
 
 TRL is installed into .bench/trl as for trl_bench.py (not a project dependency).
@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     rows = [{key: row[key] for key in ("prompt", "chosen", "rejected")} for row in rows]
     tokenizer = AutoTokenizer.from_pretrained(root)
     model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32)
-    trl_bench.DPO.update(learning_rate=args.learning_rate)  # batch 32, beta 0.1, sigmoid: as arith_dpo.yaml
+    trl_bench.DPO.update(learning_rate=args.learning_rate)  # batch 32, beta 0.1, sigmoid: as the llmalign command above
     steps = math.ceil(args.epochs * len(rows) / trl_bench.DPO["batch_size"])
     trainer = trl_bench.trl_dpo_trainer(model, None, tokenizer, rows, str(ROOT / "benchmarks" / "out" / "trl_dpo"),
                                         steps, precompute=True)

@@ -301,6 +301,8 @@ class Sequences(NamedTuple):
 _LOSS_CALLS: dict[str, Callable[[Callable, Sequences, DPOAlgorithmConfig], tuple[Tensor, Tensor, Tensor]]] = {
     "sigmoid": lambda f, s, a: f(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=a.effective_beta,
                                  label_smoothing=a.label_smoothing),
+    "dpop": lambda f, s, a: f(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=a.effective_beta,
+                              lambda_=a.dpop_lambda),
     "ipo": lambda f, s, a: f(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, s.chosen_lengths,
                              s.rejected_lengths, beta=a.effective_beta),
     "robust": lambda f, s, a: f(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=a.effective_beta,

@@ -46,13 +46,15 @@ class DPODataConfig:
 
 @dataclasses.dataclass
 class DPOAlgorithmConfig:
-    loss: Literal["sigmoid", "ipo", "robust", "hinge", "simpo"] = option(
-        "sigmoid", "preference loss of shared.preference: sigmoid (DPO), ipo, robust (noisy labels), hinge (SLiC), "
-        "simpo (reference-free, length-normalised)")
+    loss: Literal["sigmoid", "dpop", "ipo", "robust", "hinge", "simpo"] = option(
+        "sigmoid", "preference loss of shared.preference: sigmoid (DPO), dpop (DPO-Positive: the chosen answer may "
+        "not fall below the reference), ipo, robust (noisy labels), hinge (SLiC), simpo (reference-free, "
+        "length-normalised)")
     beta: Optional[float] = option(None, "beta of the loss (IPO's tau) (null: 2.0 for simpo as in its paper, else 0.1)")
     label_smoothing: float = option(
         0.0, "sigmoid: label smoothing e of cDPO; robust: the assumed label flip rate e (in [0, 0.5))")
     simpo_gamma: float = option(0.5, "simpo: target reward margin gamma")
+    dpop_lambda: float = option(50.0, "dpop: weight lambda of the penalty max(0, log pi_ref(chosen) - log pi(chosen))")
     nll_weight: float = option(0.0, "alpha of iterative RPO: adds alpha * (-logp(chosen) / |chosen|) to each pair's "
                                "loss (0 = off; Pang et al. use 1)")
     reference: Literal["precompute", "live"] = option(
@@ -71,6 +73,7 @@ class DPOAlgorithmConfig:
         need(self.label_smoothing == 0 or self.loss in ("sigmoid", "robust"), "algorithm.label_smoothing",
              f"{self.label_smoothing} has no effect with loss={self.loss}; it applies to sigmoid and robust only")
         need(self.simpo_gamma >= 0, "algorithm.simpo_gamma", f"{self.simpo_gamma} must be >= 0, e.g. 0.5")
+        need(self.dpop_lambda >= 0, "algorithm.dpop_lambda", f"{self.dpop_lambda} must be >= 0, e.g. 50")
         need(self.nll_weight >= 0, "algorithm.nll_weight", f"{self.nll_weight} must be >= 0 (0 = off), e.g. 1.0")
         need(self.tgdpo_alpha >= 0, "algorithm.tgdpo_alpha", f"{self.tgdpo_alpha} must be >= 0 (0 = off)")
         if self.tgdpo_alpha > 0:

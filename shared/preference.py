@@ -22,6 +22,7 @@ __all__ = [
     "PREFERENCE_LOSSES",
     "chosen_nll_loss",
     "dpo_sigmoid_loss",
+    "dpop_loss",
     "hinge_loss",
     "ipo_loss",
     "robust_dpo_loss",
@@ -69,6 +70,30 @@ def dpo_sigmoid_loss(
     margin, chosen, rejected = _logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     logits = beta * margin  # [B]
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)  # [B]
+    return losses, (beta * chosen).detach(), (beta * rejected).detach()
+
+
+def dpop_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float = 0.1,
+    lambda_: float = 50.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO-Positive (Pal et al., 2024, eq. 3): -log s(beta (D - lambda max(0, rc - pc))).
+
+    The penalty is zero while the chosen completion is at least as likely as under the reference, and
+    outweighs the margin once it falls below: when chosen and rejected differ in a few tokens (a wrong
+    digit), plain DPO can widen D by lowering both, and the chosen answer loses probability to others.
+    """
+    _check_pairs(policy_chosen=policy_chosen, policy_rejected=policy_rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+    _check_beta(beta)
+    if not lambda_ >= 0:
+        raise ValueError(f"lambda_ must be >= 0, got {lambda_}")
+    margin, chosen, rejected = _logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    penalty = torch.relu(-chosen)  # [B] how far the chosen log-prob fell below the reference's
+    losses = -F.logsigmoid(beta * (margin - lambda_ * penalty))  # [B]
     return losses, (beta * chosen).detach(), (beta * rejected).detach()
 
 
@@ -175,6 +200,7 @@ def chosen_nll_loss(policy_chosen: Tensor, chosen_lengths: Tensor) -> Tensor:
 # takes no reference log-probs.
 PREFERENCE_LOSSES: dict[str, Callable[..., tuple[Tensor, Tensor, Tensor]]] = {
     "sigmoid": dpo_sigmoid_loss,
+    "dpop": dpop_loss,
     "ipo": ipo_loss,
     "robust": robust_dpo_loss,
     "hinge": hinge_loss,

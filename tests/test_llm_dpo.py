@@ -153,6 +153,7 @@ def test_weighted_loss_with_alpha_zero_is_dpo_sigmoid():
 
 LOSS_CASES = [
     ("sigmoid", ["algorithm.label_smoothing=0.1"]),
+    ("dpop", ["algorithm.loss=dpop", "algorithm.beta=0.5", "algorithm.dpop_lambda=5.0"]),
     ("ipo", ["algorithm.loss=ipo", "algorithm.beta=0.5"]),
     ("robust", ["algorithm.loss=robust", "algorithm.label_smoothing=0.2"]),
     ("hinge", ["algorithm.loss=hinge", "algorithm.beta=2.0"]),
@@ -178,6 +179,9 @@ def expected_losses(name, config, policy, ref, guide):
     if name == "rpo":  # sigmoid DPO plus alpha times the chosen answer's mean token NLL, written out
         rc, rr = (torch.stack([r[k].sum() for r in ref]) for k in (0, 1))
         return -F.logsigmoid(beta * ((pc - rc) - (pr - rr))) - a.nll_weight * pc / lc
+    if name == "dpop":  # DPO with the chosen answer's fall below the reference subtracted lambda-fold, written out
+        rc, rr = (torch.stack([r[k].sum() for r in ref]) for k in (0, 1))
+        return -F.logsigmoid(beta * ((pc - rc) - (pr - rr) - a.dpop_lambda * (rc - pc).clamp(min=0)))
     if name == "simpo":
         return PREFERENCE_LOSSES["simpo"](pc, pr, lc, lr, beta=beta, gamma=a.simpo_gamma)[0]
     rc, rr = (torch.stack([r[k].sum() for r in ref]) for k in (0, 1))
@@ -442,7 +446,7 @@ def test_missing_rejected_column_exits_2(tiny, tmp_path, capsys):
 def test_shipped_config_loads_and_describe_lists_fields(capsys):
     config = load_config(DPOConfig, ROOT / "configs" / "llm" / "arith_dpo.yaml")
     assert (config.data.train, config.algorithm.loss, config.algorithm.effective_beta, config.model.lora) == \
-        ("runs/arith_pairs.jsonl", "sigmoid", 0.1, False)
+        ("runs/arith_pairs.jsonl", "dpop", 0.3, False)
     main(["dpo", "--describe"])
     out = capsys.readouterr().out
     for field in ("algorithm.tgdpo_alpha", "algorithm.reference", "log.output_dir (str, default 'runs/llm_dpo')"):

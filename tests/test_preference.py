@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from shared.preference import (PREFERENCE_LOSSES, chosen_nll_loss, dpo_sigmoid_loss, hinge_loss, ipo_loss, robust_dpo_loss,
-                               simpo_loss)
+from shared.preference import (PREFERENCE_LOSSES, chosen_nll_loss, dpo_sigmoid_loss, dpop_loss, hinge_loss, ipo_loss,
+                               robust_dpo_loss, simpo_loss)
 
 # policy chosen -10, rejected -12; reference -11 for both
 # -> log-ratios: chosen +1, rejected -1; D = 1 - (-1) = 2; with beta 0.1, beta D = 0.2
@@ -18,7 +18,7 @@ NEG_LOGSIG_M02 = math.log(1 + math.exp(0.2))  # -log s(-0.2) = 0.798139
 
 
 def test_dict():
-    assert PREFERENCE_LOSSES == {"sigmoid": dpo_sigmoid_loss, "ipo": ipo_loss, "robust": robust_dpo_loss,
+    assert PREFERENCE_LOSSES == {"sigmoid": dpo_sigmoid_loss, "dpop": dpop_loss, "ipo": ipo_loss, "robust": robust_dpo_loss,
                                  "hinge": hinge_loss, "simpo": simpo_loss}
 
 
@@ -53,6 +53,28 @@ def test_sigmoid_dpo_is_stable_for_large_margins():
     assert losses.item() == 0.0
     losses, _, _ = dpo_sigmoid_loss(-big, big, torch.zeros(1), torch.zeros(1), beta=1.0)  # beta D = -2e4
     assert_close(losses, torch.tensor([2e4]))  # -log s(-x) = x for large x, finite
+
+
+def test_dpop_is_dpo_while_the_chosen_answer_stays_above_the_reference():
+    # PC = -10 > RC = -11: penalty max(0, -11 - -10) = 0, so DPOP is sigmoid DPO
+    assert_close(dpop_loss(PC, PR, RC, RR, beta=0.1, lambda_=50.0)[0], torch.tensor([0.598139]))
+
+
+def test_dpop_penalises_a_chosen_answer_below_the_reference_by_hand():
+    # chosen -12 vs reference -11 (log-ratio -1), rejected -15 vs -11 (-4): D = 3, penalty 1
+    # beta 0.5, lambda 2: beta (D - lambda * 1) = 0.5; -log s(0.5) = log(1 + e^-0.5) = 0.474077
+    # (plain DPO: -log s(1.5) = 0.201413, it likes this pair though the chosen answer lost probability)
+    pc = torch.tensor([-12.0], requires_grad=True)
+    ref = torch.tensor([-11.0])
+    losses, chosen, rejected = dpop_loss(pc, torch.tensor([-15.0]), ref, ref, beta=0.5, lambda_=2.0)
+    assert_close(losses, torch.tensor([0.474077]))
+    assert_close(dpo_sigmoid_loss(pc, torch.tensor([-15.0]), ref, ref, beta=0.5)[0], torch.tensor([0.201413]))
+    assert_close(chosen, torch.tensor([-0.5])) and assert_close(rejected, torch.tensor([-2.0]))
+    losses.sum().backward()
+    # d/dpc = -beta (1 + lambda) (1 - s(0.5)) = -0.5 * 3 * 0.377541 = -0.566311: (1 + lambda) times DPO's pull
+    assert_close(pc.grad, torch.tensor([-0.566311]))
+    with pytest.raises(ValueError, match="lambda_"):
+        dpop_loss(PC, PR, RC, RR, lambda_=-1.0)
 
 
 def test_robust_dpo_by_hand():
