@@ -196,8 +196,8 @@ def chosen_nll_loss(policy_chosen: Tensor, chosen_lengths: Tensor) -> Tensor:
     return -policy_chosen / chosen_lengths  # [B]
 
 
-# Names follow TRL's loss_type values. Signatures differ: ipo and simpo need lengths, simpo
-# takes no reference log-probs.
+# Names follow TRL's loss_type values; dpop, which TRL 1.16 lacks, is the paper's name. Signatures
+# differ: ipo and simpo need lengths, simpo takes no reference log-probs.
 PREFERENCE_LOSSES: dict[str, Callable[..., tuple[Tensor, Tensor, Tensor]]] = {
     "sigmoid": dpo_sigmoid_loss,
     "dpop": dpop_loss,
