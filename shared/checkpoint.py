@@ -132,7 +132,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def open_output_dir(out: str | Path, resume: bool) -> Path | None:
+def open_output_dir(out: str | Path, resume: bool, write: bool = True) -> Path | None:
     """The checkpoint a run starts from (None: step 0), decided before anything loads.
 
     A fresh run (resume False) into an output directory that already holds a checkpoint is refused, so it
@@ -147,7 +147,7 @@ def open_output_dir(out: str | Path, resume: bool) -> Path | None:
     if checkpoint is not None and not resume:
         raise ConfigError(f"log.output_dir: {out} already holds a run (checkpoint {checkpoint.name}); continue it with "
                           f"--resume, or set log.output_dir to a new directory (or delete this one)")
-    if checkpoint is None:
+    if checkpoint is None and write:
         for log in ("metrics.jsonl", "samples.jsonl"):
             truncate_metrics(out / log, -1)
     return checkpoint

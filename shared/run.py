@@ -1,0 +1,240 @@
+"""One training run over one or many processes: what the three trainers share around their loops.
+
+`Run` owns
+- the accelerator (accelerate: DDP, FSDP or DeepSpeed as `accelerate launch` chose; one process without it),
+  on its device (a GPU when there is one) and with its mixed precision;
+- the run directory: the starting checkpoint decided once (`open_output_dir`), the config snapshot, and every
+  log line and checkpoint, written by the main process alone while the others wait at a barrier;
+- rank sharding of whole groups (rank r takes the r-th contiguous block), gathers in rank order and global
+  sums, so statistics and loss denominators are those of the global batch;
+- the time budget and the NaN stop, decided the same way on every rank (a rank that stopped alone would leave
+  the others waiting in a collective), and the checkpoint cadence.
+
+Batch sizes in configs are global (per iteration, over all processes); `require_divisible` refuses a config
+whose batch does not split over the world size, before any model loads. Gradients: DDP and FSDP average them
+over ranks, so `backward(share)` multiplies this rank's share of the global loss by the world size; the sum over
+ranks is then the gradient of the global loss, whatever the world size.
+
+This module holds no model code and imports neither front end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from shared.checkpoint import (latest_checkpoint, load_state, load_trainable_state, open_output_dir, rng_state,
+                               save_checkpoint, set_rng_state, trainable_state)
+from shared.config import ConfigError, to_dict
+from shared.runlog import append_metrics, truncate_metrics
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+class Run:
+    """The process-level side of a training run (see the module docstring)."""
+
+    def __init__(self, output_dir: str | Path, resume: bool, tag: str, mixed_precision: str = "no"):
+        from accelerate import Accelerator
+
+        self.out = Path(output_dir)
+        self.tag = tag
+        # cpu=True only where there is no GPU: on a GPU machine every process takes its own device
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
+        self.device = self.accelerator.device
+        # every rank reads the directory (a used one is refused on all of them alike); the main process alone
+        # starts fresh logs, and the others wait for it so no rank sees a half-truncated file
+        self.checkpoint = open_output_dir(self.out, resume, write=self.is_main)
+        self.barrier()
+        self._started = time.perf_counter()
+
+    # ------------------------------------------------------------------------- sharding and collectives
+    def require_divisible(self, value: int, field: str, what: str) -> None:
+        """Refuse a global batch size that does not split into equal whole parts over the processes."""
+        if value % self.world:
+            raise ConfigError(f"config field '{field}': {value} {what} do not split over {self.world} processes; "
+                              f"use a multiple of {self.world} (batch sizes count over all processes)")
+
+    def block(self, count: int) -> range:
+        """This rank's contiguous block of `count` items (whole groups); `count` divides by the world size."""
+        size = count // self.world
+        return range(self.rank * size, (self.rank + 1) * size)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's equal-shaped `tensor` concatenated along dim 0 in rank order, on the tensor's device."""
+        if self.world == 1:
+            return tensor
+        return self.accelerator.gather(tensor.contiguous().to(self.device)).to(tensor.device)
+
+    def gather_objects(self, items: list) -> list:
+        """Every rank's list concatenated in rank order (pickled over the process group: run-internal data only)."""
+        if self.world == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(items))
+
+    def sum(self, value: float | torch.Tensor) -> torch.Tensor:
+        """The sum over ranks, as a float64 tensor on the CPU (a scalar or the tensor's shape)."""
+        tensor = torch.as_tensor(value, dtype=torch.float64)
+        if self.world == 1:
+            return tensor
+        return self.accelerator.reduce(tensor.to(self.device), reduction="sum").cpu()
+
+    def max(self, value: float | torch.Tensor) -> torch.Tensor:
+        tensor = torch.as_tensor(value, dtype=torch.float64)
+        if self.world == 1:
+            return tensor
+        gathered = self.accelerator.gather(tensor.reshape(1, *tensor.shape).to(self.device)).cpu()
+        return gathered.max(dim=0).values
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on any rank."""
+        return bool(self.max(float(flag)) > 0)
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------------- model and update
+    def prepare(self, *objects):
+        return self.accelerator.prepare(*objects)
+
+    def unwrap(self, model):
+        """The model under its DDP/FSDP wrapper: call peft and diffusers methods on this one."""
+        return self.accelerator.unwrap_model(model)
+
+    def sync_gradients(self, model, last: bool):
+        """Gradient accumulation: all-reduce on the last micro-batch of an optimizer step only."""
+        return contextlib.nullcontext() if last or self.world == 1 else self.accelerator.no_sync(model)
+
+    def backward(self, share: torch.Tensor) -> None:
+        """Backward of this rank's share of the global loss (its rows' terms over the GLOBAL denominator).
+        DDP/FSDP average gradients over ranks, so the share is scaled by the world size: the synced gradient is
+        then the global loss's, the same as one process computing everything."""
+        self.accelerator.backward(share * self.world)
+
+    def clip_grad_norm(self, model, parameters, max_norm: float) -> float:
+        """Clip the synced gradients (FSDP and DeepSpeed need accelerate's own clipping)."""
+        return float(self.accelerator.clip_grad_norm_(parameters, max_norm))
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    @contextlib.contextmanager
+    def unwrapped_for_generation(self, model):
+        """The plain module to call `generate` or a sampler loop on, outside the training wrapper. Under FSDP the
+        root's own parameters (embeddings, final norm, head) are gathered for the duration; every rank must enter
+        it together."""
+        inner = self.unwrap(model)
+        if self.accelerator.distributed_type.name == "FSDP":
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            with FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False):
+                yield inner
+        else:
+            yield inner
+
+    def trainable_state(self, model) -> dict[str, torch.Tensor]:
+        """Full (unsharded) trainable weights under the unwrapped model's parameter names, for a checkpoint.
+        Every rank calls it (FSDP gathers)."""
+        return trainable_state(self.unwrap(model))
+
+    def load_trainable(self, model, state: dict[str, torch.Tensor]) -> None:
+        load_trainable_state(self.unwrap(model), state)
+
+    def optimizer_state(self, model, optimizer) -> dict:
+        """The optimizer's full state dict (every rank calls it)."""
+        return optimizer.state_dict()
+
+    def load_optimizer(self, model, optimizer, state: dict) -> None:
+        optimizer.load_state_dict(state)
+
+    # ------------------------------------------------------------------------- output: main process only
+    def print(self, message: str) -> None:
+        if self.is_main:
+            print(f"{self.tag} {message}", flush=True)
+
+    def write_config(self, config: Any) -> None:
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+
+    def append(self, record: dict, name: str = "metrics.jsonl") -> None:
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            append_metrics(self.out / name, record)
+
+    def main_only(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the main process (a plot, an image grid), then let every rank go on together."""
+        result = fn() if self.is_main else None
+        self.barrier()
+        return result
+
+    # ------------------------------------------------------------------------- budget, cadence, NaN stop
+    def out_of_time(self, max_seconds: float | None) -> bool:
+        """The main process's clock decides for everyone, so all ranks stop after the same iteration."""
+        if max_seconds is None:
+            return False
+        return self.any(self.is_main and time.perf_counter() - self._started > max_seconds)
+
+    def is_last(self, done: int, total: int, max_seconds: float | None) -> bool:
+        return done == total or self.out_of_time(max_seconds)
+
+    @staticmethod
+    def due(done: int, every: int, last: bool) -> bool:
+        """Evaluate / checkpoint now: every `every` steps (0 = never on the way) and at the last one."""
+        return bool(every and done % every == 0) or last
+
+    def nan_stop(self, label: str, error: Exception) -> FloatingPointError:
+        """The error every rank raises when the loss became NaN/inf, naming the checkpoint to resume from."""
+        last = latest_checkpoint(self.out / "checkpoints")
+        return FloatingPointError(f"{label}: {error}; the last good checkpoint is "
+                                  f"{last or 'none (none written yet)'}, and --resume starts from it")
+
+    # ------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, step: int, states: dict[str, Any], keep_last: int,
+                        extra_writer: Callable[[Path], None] | None = None) -> Path | None:
+        """Write `states` (taken on the main process) plus every rank's RNG state, on the main process; all ranks
+        call this (the RNG gather is a collective) and leave it together once the checkpoint is in place."""
+        rng = self.gather_objects([rng_state()])
+        path = None
+        if self.is_main:
+            states = {**states, "rng": rng[0], **{f"rng.rank{r}": rng[r] for r in range(1, len(rng))}}
+            path = save_checkpoint(self.out / "checkpoints", step, states, keep_last=keep_last,
+                                   extra_writer=extra_writer)
+        self.barrier()
+        return path
+
+    def load(self, name: str) -> Any:
+        return load_state(self.checkpoint, name)
+
+    def restore(self, trainer_key: str = "iteration") -> int:
+        """Restore this rank's RNG state from the starting checkpoint, trim the logs back to it and return its
+        step (0 without a checkpoint). A rank without its own saved state (the run was saved with fewer
+        processes) takes rank 0's."""
+        if self.checkpoint is None:
+            return 0
+        own = f"rng.rank{self.rank}"
+        set_rng_state(self.load(own if (self.checkpoint / f"{own}.json").is_file() else "rng"))
+        start = self.load("trainer")[trainer_key]
+        if self.is_main:
+            for log in ("metrics.jsonl", "samples.jsonl"):
+                truncate_metrics(self.out / log, start)
+        self.barrier()
+        self.print(f"resumed from {self.checkpoint} at step {start}")
+        return start
+
+    def close(self) -> None:
+        """Leave the process group cleanly (a multi-process run would otherwise warn at exit)."""
+        self.barrier()
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+

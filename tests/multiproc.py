@@ -1,0 +1,38 @@
+"""Start real multi-process runs for the tests: `accelerate launch --multi_gpu --num_processes N` (on a CPU-only
+machine accelerate then runs N processes over gloo; `--cpu --num_processes N` would start only one), one torch
+thread per process (more threads than cores slowed a build 17x on this 2-core machine)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_command(processes: int) -> list[str]:
+    """The launcher prefix: `python` for 1 process, accelerate's multi-process launcher for more."""
+    if processes == 1:
+        return [sys.executable]
+    return [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+
+
+def run_processes(processes: int, args: list[str], timeout: float = 240, cwd: Path = REPO,
+                  env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python ARGS` in `processes` processes (a script path and its arguments, or `-m module ...`)."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                   "PYTHONPATH": str(REPO), **(env or {})}
+    command = launch_command(processes) + list(args)
+    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
