@@ -273,27 +273,29 @@ def run_grpo_ours(spec: dict, clock: StepClock, work: str) -> None:
 def train_with_clock(trainer_module, config, clock: StepClock, value_key: str):
     """`trainer_module.train(config)` (llmalign.grpo or llmalign.dpo) with the clock on its metrics records
     (one before the loop, then one per step) and `value_key` of each step recorded; returns the trained model."""
+    from shared.run import Run
+
     captured = {}
-    load_policy, append_metrics = trainer_module.load_policy, trainer_module.append_metrics
+    load_policy, append = trainer_module.load_policy, Run.append
 
     def capturing_load_policy(*args, **kwargs):
         captured["model"], tokenizer = load_policy(*args, **kwargs)
         return captured["model"], tokenizer
 
-    def timed_append_metrics(path, record):
-        append_metrics(path, record)
-        if Path(path).name != "metrics.jsonl":  # GRPO also appends samples.jsonl
+    def timed_append(run, record, name="metrics.jsonl"):
+        append(run, record, name)
+        if name != "metrics.jsonl":  # GRPO also appends samples.jsonl
             return
         if record["iteration"] == 0:
             clock.begin(captured["model"])
         else:
             clock.step_end(captured["model"], record.get(value_key))
 
-    trainer_module.load_policy, trainer_module.append_metrics = capturing_load_policy, timed_append_metrics
+    trainer_module.load_policy, Run.append = capturing_load_policy, timed_append
     try:
         trainer_module.train(config)
     finally:
-        trainer_module.load_policy, trainer_module.append_metrics = load_policy, append_metrics
+        trainer_module.load_policy, Run.append = load_policy, append
     return captured["model"]
 
 

@@ -6,6 +6,10 @@
                    [--pairs-per-prompt K] [--max-new-tokens N] [--temperature T] [--limit N] [--seed S]
                    [--format-check | --no-format-check]
     llmalign eval --model DIR --data FILE [--limit N] [--max-new-tokens N]
+    accelerate launch --multi_gpu --num_processes N -m llmalign {grpo,dpo,pairs,eval} ...   # N processes
+
+Batch sizes count over all processes; pairs and eval split their prompts over the processes and the main
+process alone writes.
 
 Exit codes: 2 bad config or data, 3 a reward failed, 4 the loss became NaN/inf.
 """
@@ -65,21 +69,26 @@ def run_pairs(args: argparse.Namespace) -> None:
     from llmalign.data import DataError, load_rows, write_rows
     from llmalign.pairs import level_table, make_pairs, sample_completions
     from llmalign.toy import resolve_embedded
+    from shared.run import Run
 
+    run = Run(None, resume=False, tag="[llmalign]")
     try:
         if Path(args.out).suffix.lower() != ".jsonl":  # checked before sampling, which takes the time
             raise DataError(f"--out {args.out}: pairs are written as JSON lines; name the file .jsonl")
-        rows = load_rows(resolve_embedded(args.data))[: args.limit]
+        rows = load_rows(run.main_first(lambda: resolve_embedded(args.data)))[: args.limit]
     except DataError as error:
         print(f"data error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    model, tokenizer = load_for_sampling(args.model, args.adapter)
+    model, tokenizer = load_for_sampling(run, args.model, args.adapter)
     completions = sample_completions(model, tokenizer, rows, args.group_size, args.max_new_tokens,
-                                     temperature=args.temperature, seed=args.seed, batch_size=args.batch_size)
+                                     temperature=args.temperature, seed=args.seed, batch_size=args.batch_size, run=run)
     pairs, summary = make_pairs(rows, completions, args.pairs_per_prompt, args.format_check)
-    write_rows(args.out, pairs)
-    print(level_table(summary))
-    print(f"{summary['pairs']} pairs from {len(rows)} prompts x {args.group_size} completions written to {args.out}")
+    run.main_only(lambda: write_rows(args.out, pairs))
+    if run.is_main:
+        print(level_table(summary))
+        print(f"{summary['pairs']} pairs from {len(rows)} prompts x {args.group_size} completions written to "
+              f"{args.out}")
+    run.close()
 
 
 def _at_least(minimum: int):
@@ -98,12 +107,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def load_for_sampling(model_path: str, adapter: str | None):
-    """(model, tokenizer) of a model directory, hub id or embedded:arith, with an optional LoRA adapter on top."""
+def load_for_sampling(run, model_path: str, adapter: str | None):
+    """(model, tokenizer) of a model directory, hub id or embedded:arith on the run's device, with an optional LoRA
+    adapter on top."""
     from llmalign.config import LMModelConfig
-    from llmalign.grpo import load_policy
+    from llmalign.policy import load_policy
+    from llmalign.toy import resolve_embedded
 
-    model, tokenizer = load_policy(LMModelConfig(path=model_path, lora=False))
+    path = run.main_first(lambda: resolve_embedded(model_path))
+    model, tokenizer = load_policy(LMModelConfig(path=path, lora=False), run.device)
     if adapter is not None:
         from peft import PeftModel
 
@@ -115,18 +127,22 @@ def run_eval(args: argparse.Namespace) -> None:
     from llmalign.data import DataError, load_rows
     from llmalign.evaluate import accuracy_on
     from llmalign.toy import resolve_embedded
+    from shared.run import Run
 
+    run = Run(None, resume=False, tag="[llmalign]")
     try:
-        rows = load_rows(resolve_embedded(args.data))[: args.limit]
+        rows = load_rows(run.main_first(lambda: resolve_embedded(args.data)))[: args.limit]
     except DataError as error:
         print(f"data error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    model, tokenizer = load_for_sampling(args.model, args.adapter)
-    result = accuracy_on(model, tokenizer, rows, args.max_new_tokens, progress=True)
-    for prompt, completion in result["samples"][: args.show]:
-        print(f"--- {prompt.strip()!r}\n    {completion!r}")
-    print(f"accuracy {result['accuracy']:.4f} on {len(rows)} rows (greedy), mean completion length "
-          f"{result['mean_length']:.1f} tokens")
+    model, tokenizer = load_for_sampling(run, args.model, args.adapter)
+    result = accuracy_on(model, tokenizer, rows, args.max_new_tokens, progress=True, run=run)
+    if run.is_main:
+        for prompt, completion in result["samples"][: args.show]:
+            print(f"--- {prompt.strip()!r}\n    {completion!r}")
+        print(f"accuracy {result['accuracy']:.4f} on {len(rows)} rows (greedy), mean completion length "
+              f"{result['mean_length']:.1f} tokens")
+    run.close()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,20 @@ def need(condition: bool, field: str, message: str) -> None:
         raise ConfigError(f"config field '{field}': {message}")
 
 
+def gradient_checkpointing_option():
+    """train.gradient_checkpointing of both recipes (GRPO and DPO), documented here once."""
+    return option(False, "recompute each decoder layer's activations in the backward instead of keeping them "
+                  "(transformers gradient checkpointing, non-reentrant): less memory for about one more forward "
+                  "per update; not with GRPO's algorithm.shared_prefix")
+
+
+def mixed_precision_option():
+    """train.mixed_precision of both recipes (GRPO and DPO), documented here once."""
+    return option("no", "compute the forward passes in bf16 or fp16 under accelerate's autocast ('no' = off); the "
+                  "weights stay in model.dtype, so with the default "
+                  "float32 the trainable weights and the optimizer stay float32")
+
+
 @dataclasses.dataclass
 class LMModelConfig:
     path: str = option(EMBEDDED_MODEL, "causal LM: local directory, hub id, or 'embedded:arith'")
@@ -102,6 +116,12 @@ class LMAlgorithmConfig:
         return self.eps_high if self.eps_high is not None else (0.28 if self.loss == "dapo" else self.eps_low)
 
     @property
+    def whole_groups(self) -> bool:
+        """The update splits the rollout by whole groups: the shared prompt (Prefix Grouper) or the contrast
+        within a group (DisCO) needs all of a group's completions together."""
+        return self.shared_prefix or self.loss == "disco"
+
+    @property
     def mask_overlong(self) -> bool:
         return self.mask_truncated if self.mask_truncated is not None else self.loss == "dapo"
 
@@ -109,16 +129,21 @@ class LMAlgorithmConfig:
 @dataclasses.dataclass
 class LMTrainConfig:
     iterations: int = option(100, "GRPO iterations (rollout + updates)")
-    prompts_per_iteration: int = option(8, "distinct prompts per iteration B")
+    prompts_per_iteration: int = option(8, "distinct prompts per iteration B, over all processes (each process "
+                                        "samples a block of B / processes whole groups)")
     group_size: int = option(8, "completions per prompt G")
     num_iterations: int = option(1, "mu: passes over each rollout (>1 reuses it with the clipped ratio)")
-    updates_per_pass: int = option(1, "optimizer steps per pass (the rollout is split into this many parts)")
-    micro_batch_size: int = option(16, "completions per forward pass (gradient accumulation)")
+    updates_per_pass: int = option(1, "optimizer steps per pass U: step p trains on the completions (whole groups "
+                                   "for disco and shared_prefix) whose index in the rollout is p modulo U")
+    micro_batch_size: int = option(16, "completions per forward pass on each process (gradient accumulation; a "
+                                   "memory knob, the loss is the same)")
     learning_rate: float = option(1e-5, "AdamW learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     seed: int = option(0, "seed for prompt order, sampling and initialisation")
     max_seconds: Optional[float] = option(None, "stop after this many seconds of training (then evaluate and save)")
+    gradient_checkpointing: bool = gradient_checkpointing_option()
+    mixed_precision: Literal["no", "bf16", "fp16"] = mixed_precision_option()
 
     def check(self) -> None:
         need(self.iterations >= 0, "train.iterations", f"{self.iterations} is negative")
@@ -181,7 +206,9 @@ class GRPOConfig:
         for section in (self.model, self.data, self.sampling, self.algorithm, self.train, self.reward, self.log):
             section.check()
         t, a = self.train, self.algorithm
-        if a.shared_prefix or a.loss == "disco":  # both work on whole groups: the prompt, or the group's contrast
+        need(not (a.shared_prefix and t.gradient_checkpointing), "train.gradient_checkpointing",
+             "checkpointed layers drop the KV cache that algorithm.shared_prefix shares; turn one of them off")
+        if a.whole_groups:
             why = "algorithm.shared_prefix" if a.shared_prefix else "algorithm.loss=disco"
             need(t.micro_batch_size % t.group_size == 0, "train.micro_batch_size",
                  f"{t.micro_batch_size} is not a multiple of train.group_size={t.group_size}, which {why} needs")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 FORMATS = ".jsonl, .json, .csv or .parquet file, or a directory written by datasets' save_to_disk"
 
@@ -338,3 +339,22 @@ def tokenize_prompts(tokenizer, texts: list[str], max_length: int,
         ids[index] = row[-max_length:]
         truncated += 1
     return ids, truncated
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def iteration_rows(rows: list, iteration: int, count: int, seed: int) -> list:
+    """The `count` rows of an iteration (or step): epochs of a seeded permutation, so the data position is a
+    function of the iteration alone (resume needs nothing else), the same on every rank."""
+    picked = []
+    for k in range(iteration * count, (iteration + 1) * count):
+        epoch, index = divmod(k, len(rows))
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        picked.append(rows[int(order[index])])
+    return picked
+
+
+def micro_batches(indices: list[int], size: int) -> list[list[int]]:
+    """`indices` in consecutive chunks of `size` (the last may be shorter)."""
+    return [indices[i:i + size] for i in range(0, len(indices), size)]

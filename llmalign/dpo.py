@@ -4,6 +4,7 @@
     llmalign dpo --config configs/llm/arith_dpo.yaml                     # DPO on those on-policy pairs
     llmalign dpo --config configs/llm/arith_dpo.yaml algorithm.loss=ipo train.learning_rate=1e-5
     llmalign dpo --config configs/llm/arith_dpo.yaml --resume            # continue the run
+    accelerate launch --multi_gpu --num_processes 2 -m llmalign dpo --config configs/llm/arith_dpo.yaml
 
 Setup: every pair is tokenized once (prompt left-padded as the policy saw it; chosen and rejected each get
 the end-of-text token, so stopping is trained too). The reference log-probs are computed once, by the
@@ -17,8 +18,14 @@ Each step: batch_size pairs (epochs of a seeded permutation, so the data positio
 step alone), split into micro-batches whose chosen and rejected completions share one forward;
 sequence log-prob = sum of completion token log-probs (ipo and simpo divide by the length inside the
 shared loss); the loss is shared.preference's (or shared.token_weights' for TGDPO), averaged over the
-step's pairs; clip, AdamW step, log, checkpoint. Dropout stays off (the model is in eval mode
-throughout), as in TRL's DPO: with dropout the policy would differ from its own reference at step 0.
+step's pairs; clip, AdamW step, log, checkpoint. Dropout is off (`disable_dropout`), as in TRL's DPO: with
+dropout the policy would differ from its own reference at step 0.
+
+Over W processes (`shared.run.Run`): train.batch_size counts pairs over all of them; rank r takes the r-th
+contiguous block of each step's pairs, and its share of the loss is its pairs' sum over the global batch size,
+so the step equals one process's. The reference (and guidance) pass is split over the ranks by micro-batch,
+gathered into one cache that the main process writes; every micro-batch is the same whatever W, so the cache is
+too.
 """
 
 from __future__ import annotations
@@ -40,17 +47,17 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from llmalign.data import DataError, load_rows, render_prompt, tokenize_prompts
+from llmalign.data import DataError, iteration_rows, load_rows, micro_batches, render_prompt, tokenize_prompts
 from llmalign.dpo_config import DPOAlgorithmConfig, DPOConfig, DPODataConfig
 from llmalign.evaluate import describe_held_out, held_out_metrics, pad_left
-from llmalign.grpo import (iteration_rows, load_policy, micro_batches, reference_policy, resume_training,
-                           save_training_checkpoint)
 from llmalign.logprobs import completion_logprobs
+from llmalign.policy import (disable_dropout, enable_gradient_checkpointing, load_policy, reference_policy,
+                             restore_policy, save_policy_checkpoint)
 from llmalign.toy import resolve_embedded
-from shared.checkpoint import latest_checkpoint, open_output_dir
-from shared.config import ConfigError, to_dict
+from shared.config import ConfigError
 from shared.preference import PREFERENCE_LOSSES, chosen_nll_loss
-from shared.runlog import append_metrics, plot_curves
+from shared.run import Run
+from shared.runlog import plot_curves
 from shared.token_weights import tgdpo_token_weights, weighted_dpo_sigmoid_loss
 
 EVAL_TEMPERATURE = 1.0  # DPO has no sampling settings: held-out sampled accuracy is at T = 1
@@ -142,19 +149,21 @@ def batch_token_logprobs(model, batch: PairBatch) -> Tensor:
 
 
 @torch.no_grad()
-def compute_token_logprobs(model, encoded: EncodedPairs, pad_id: int, micro_batch_size: int,
+def compute_token_logprobs(run: Run, model, encoded: EncodedPairs, pad_id: int, micro_batch_size: int,
                            desc: str = "reference") -> dict[str, Tensor]:
-    """One pass over all pairs: {"chosen.i": [len chosen_i], "rejected.i": [len rejected_i]} token log-probs."""
+    """One pass over all pairs: {"chosen.i": [len chosen_i], "rejected.i": [len rejected_i]} token log-probs.
+    Rank r computes micro-batches r, r + W, ... with the plain (unwrapped) model, and every rank gets all of them."""
     device = next(model.parameters()).device
+    chunks = micro_batches(list(range(len(encoded))), micro_batch_size)
     out = {}
-    for rows in tqdm(micro_batches(list(range(len(encoded))), micro_batch_size), desc=desc, mininterval=2):
+    for rows in tqdm(chunks[run.rank::run.world], desc=desc, mininterval=2, disable=not run.is_main):
         batch = pair_batch(encoded, rows, pad_id, device)
         logp = batch_token_logprobs(model, batch).float().cpu()  # [2n, C]
         n = len(rows)
         for k, i in enumerate(rows):  # clone: safetensors stores tensors that do not share memory
             out[f"chosen.{i}"] = logp[k, : len(encoded.chosen[i])].clone()
             out[f"rejected.{i}"] = logp[n + k, : len(encoded.rejected[i])].clone()
-    return out
+    return {key: value for part in run.gather_objects([out]) for key, value in part.items()}
 
 
 class CachedLogprobs:
@@ -203,20 +212,27 @@ def model_fingerprint(path: str) -> list:
             [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]]
 
 
-def cached_logprobs(path: Path, fingerprint: dict, compute: Callable[[], dict[str, Tensor]]) -> tuple[dict, bool]:
+def cached_logprobs(run: Run, path: Path, fingerprint: dict,
+                    compute: Callable[[], dict[str, Tensor]]) -> tuple[dict, bool]:
     """(tensors, whether the cache was used): the cache at `path` when its sidecar `path.json` holds
-    `fingerprint`, else `compute()` written there (atomically; the sidecar last, so it never vouches for a
-    half-written or older file)."""
+    `fingerprint`, else `compute()` (a collective: every rank gets all tensors) written there by the main
+    process while the others wait (atomically; the sidecar last, so it never vouches for a half-written or older
+    file). Every rank reads the sidecar before any rank can write: `compute` holds them together."""
     sidecar = path.with_suffix(".json")
-    if path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()) == fingerprint:
+    fresh = path.is_file() and sidecar.is_file() and json.loads(sidecar.read_text()) == fingerprint
+    if not run.any(not fresh):  # decided alike on every rank, so none enters the collective `compute` alone
         return load_file(str(path)), True
     tensors = compute()
-    sidecar.unlink(missing_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-    sidecar.write_text(json.dumps(fingerprint, indent=1))
+
+    def write() -> None:
+        sidecar.unlink(missing_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+        sidecar.write_text(json.dumps(fingerprint, indent=1))
+
+    run.main_only(write)
     return tensors, False
 
 
@@ -226,23 +242,25 @@ def cache_fingerprint(config: DPOConfig, data_path: str, encoded: EncodedPairs, 
             "dtype": config.model.dtype}
 
 
-def precomputed_reference(config: DPOConfig, model, encoded: EncodedPairs, data_path: str, out: Path,
+def precomputed_reference(run: Run, config: DPOConfig, model, encoded: EncodedPairs, data_path: str,
                           pad_id: int) -> tuple[CachedLogprobs, str]:
-    """Reference = the initial model: computed now, before any update, with the LoRA adapter disabled (its
-    B matrices start at 0, and on --resume it already holds trained weights)."""
+    """Reference = the initial model: computed now, on the plain model before it is wrapped and before any
+    update, with the LoRA adapter disabled (its B matrices start at 0, and on --resume it already holds trained
+    weights)."""
     def compute() -> dict[str, Tensor]:
         off = model.disable_adapter() if config.model.lora else contextlib.nullcontext()
         with off:
-            return compute_token_logprobs(model, encoded, pad_id, config.train.micro_batch_size, "reference")
+            return compute_token_logprobs(run, model, encoded, pad_id, config.train.micro_batch_size, "reference")
 
     fingerprint = cache_fingerprint(config, data_path, encoded, [config.model.path])
-    path = out / "reference_logprobs.safetensors"
-    tensors, hit = cached_logprobs(path, fingerprint, compute)
+    path = run.out / "reference_logprobs.safetensors"
+    tensors, hit = cached_logprobs(run, path, fingerprint, compute)
     return CachedLogprobs(tensors), f"precomputed ({'read from' if hit else 'written to'} {path})"
 
 
-def live_reference(config: DPOConfig, model, encoded: EncodedPairs, data_path: str, out: Path,
+def live_reference(run: Run, config: DPOConfig, model, encoded: EncodedPairs, data_path: str,
                    pad_id: int) -> tuple[LiveLogprobs, str]:
+    """A reference kept in memory, called on the plain model (no rank waits on another: it is not a collective)."""
     kind = "the model with its LoRA adapter disabled" if config.model.lora else "a frozen copy of the initial model"
     return LiveLogprobs(model, reference_policy(model, config.model.lora)), f"live ({kind})"
 
@@ -250,16 +268,16 @@ def live_reference(config: DPOConfig, model, encoded: EncodedPairs, data_path: s
 REFERENCE_SOURCES = {"precompute": precomputed_reference, "live": live_reference}
 
 
-def load_guidance_model(config: DPOConfig, vocab_size: int):
+def load_guidance_model(config: DPOConfig, vocab_size: int, device: torch.device | str = "cpu"):
     """The TGDPO guidance model: a full model directory, or a LoRA adapter directory on top of model.path."""
     path = config.algorithm.guidance_model
     if (Path(path) / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base, _ = load_policy(replace(config.model, lora=False))
+        base, _ = load_policy(replace(config.model, lora=False), device)
         guide = PeftModel.from_pretrained(base, path)
     else:
-        guide, _ = load_policy(replace(config.model, path=path, lora=False))
+        guide, _ = load_policy(replace(config.model, path=path, lora=False), device)
     size = guide.get_input_embeddings().num_embeddings
     if size != vocab_size:
         raise ConfigError(f"config field 'algorithm.guidance_model': {path} has a vocabulary of {size} tokens but "
@@ -267,18 +285,18 @@ def load_guidance_model(config: DPOConfig, vocab_size: int):
     return guide.eval().requires_grad_(False)
 
 
-def guidance_logprobs(config: DPOConfig, model, encoded: EncodedPairs, data_path: str, out: Path,
+def guidance_logprobs(run: Run, config: DPOConfig, model, encoded: EncodedPairs, data_path: str,
                       pad_id: int) -> CachedLogprobs | None:
     """TGDPO's guidance token log-probs, computed once (the guidance model is frozen) and cached."""
     if config.algorithm.tgdpo_alpha == 0:
         return None
 
     def compute() -> dict[str, Tensor]:
-        guide = load_guidance_model(config, model.get_input_embeddings().num_embeddings)
-        return compute_token_logprobs(guide, encoded, pad_id, config.train.micro_batch_size, "guidance")
+        guide = load_guidance_model(config, model.get_input_embeddings().num_embeddings, run.device)
+        return compute_token_logprobs(run, guide, encoded, pad_id, config.train.micro_batch_size, "guidance")
 
     models = [config.model.path, config.algorithm.guidance_model]
-    tensors, _ = cached_logprobs(out / "guidance_logprobs.safetensors",
+    tensors, _ = cached_logprobs(run, run.out / "guidance_logprobs.safetensors",
                                  cache_fingerprint(config, data_path, encoded, models), compute)
     return CachedLogprobs(tensors)  # the guidance model went out of scope inside compute()
 
@@ -351,30 +369,38 @@ def micro_batch_terms(a: DPOAlgorithmConfig, model, encoded: EncodedPairs, rows:
             "chosen_logps": seq[:n], "rejected_logps": seq[n:]}
 
 
-def train_step(config: DPOConfig, model, optimizer, encoded: EncodedPairs, indices: list[int], pad_id: int,
-               reference: Callable | None, guidance: Callable | None) -> dict[str, float]:
-    """One optimizer step on the pairs `indices`: the mean pair loss, accumulated over micro-batches."""
+def train_step(run: Run, config: DPOConfig, model, optimizer, encoded: EncodedPairs, indices: list[int],
+               pad_id: int, reference: Callable | None, guidance: Callable | None) -> dict[str, float]:
+    """One optimizer step on the pairs `indices` (the global batch): the mean pair loss. This rank takes its
+    contiguous block of them in micro-batches; each adds its pairs' loss sum over the global batch size, so the
+    synced gradient is that of the global mean. Gradients sync on the last micro-batch only; a non-finite loss on
+    any rank stops every rank before the optimizer step."""
     t = config.train
+    block = run.block(len(indices))
+    micro = micro_batches(indices[block.start:block.stop], t.micro_batch_size)
     optimizer.zero_grad(set_to_none=True)
-    sums = dict.fromkeys(("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
-                          "logps/chosen", "logps/rejected"), 0.0)
-    for rows in micro_batches(indices, t.micro_batch_size):
-        terms = micro_batch_terms(config.algorithm, model, encoded, rows, pad_id, reference, guidance)
-        loss = terms["losses"].sum() / len(indices)  # this micro-batch's share of the step's mean
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss is {loss.item()} (pairs {rows[0]}..{rows[-1]} of the data)")
-        loss.backward()
-        chosen, rejected = terms["chosen_rewards"], terms["rejected_rewards"]
-        sums["loss"] += float(terms["losses"].detach().sum())
-        sums["rewards/chosen"] += float(chosen.sum())
-        sums["rewards/rejected"] += float(rejected.sum())
-        sums["rewards/margin"] += float((chosen - rejected).sum())
-        sums["rewards/accuracy"] += float((chosen > rejected).float().sum())
-        sums["logps/chosen"] += float(terms["chosen_logps"].sum())
-        sums["logps/rejected"] += float(terms["rejected_logps"].sum())
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+    names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
+             "logps/rejected")
+    sums = torch.zeros(len(names), dtype=torch.float64)  # this rank's sums over its pairs
+    failure = None
+    for index, rows in enumerate(micro):
+        with run.sync_gradients(model, last=index == len(micro) - 1):
+            terms = micro_batch_terms(config.algorithm, model, encoded, rows, pad_id, reference, guidance)
+            loss = terms["losses"].sum() / len(indices)  # this micro-batch's share of the step's global mean
+            if failure is None and not torch.isfinite(loss):
+                failure = f"the loss is {loss.item()} (pairs {rows[0]}..{rows[-1]} of the data)"
+            run.backward(loss)
+        chosen, rejected = terms["chosen_rewards"].detach(), terms["rejected_rewards"].detach()
+        sums += torch.stack([terms["losses"].detach().sum(), chosen.sum(), rejected.sum(), (chosen - rejected).sum(),
+                             (chosen > rejected).float().sum(), terms["chosen_logps"].sum(),
+                             terms["rejected_logps"].sum()]).double().cpu()
+    failure = run.first_failure(failure)
+    if failure is not None:
+        raise FloatingPointError(failure)
+    grad_norm = run.clip_grad_norm(model, [p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
     optimizer.step()
-    return {**{key: value / len(indices) for key, value in sums.items()}, "grad_norm": float(grad_norm)}
+    means = run.sum(sums) / len(indices)  # [7] over the global batch
+    return {**dict(zip(names, means.tolist())), "grad_norm": grad_norm}
 
 
 def learning_rate(config: DPOConfig, step: int) -> float:
@@ -389,89 +415,95 @@ def learning_rate(config: DPOConfig, step: int) -> float:
 
 def train(config: DPOConfig, resume: bool = False) -> dict:
     t, a, d = config.train, config.algorithm, config.data
-    out = Path(config.log.output_dir)
-    checkpoint = open_output_dir(out, resume)
+    run = Run(config.log.output_dir, resume, tag="[llmalign]", mixed_precision=t.mixed_precision)
+    run.require_divisible(t.batch_size, "train.batch_size", "pairs")
     torch.manual_seed(t.seed)
     random.seed(t.seed)
 
-    # setup: data, model, reference (and guidance) log-probs, optimizer
+    # setup: data, model, reference (and guidance) log-probs, optimizer; the main process builds the embedded toy
+    # first if a path names it
+    run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, d.train, d.test) if p])
     data_path = resolve_embedded(d.train)
     rows = load_rows(data_path, required=("prompt", "chosen", "rejected"), split=d.split)
     test_rows = load_rows(resolve_embedded(d.test))[: d.eval_size] if d.test else []
-    model, tokenizer = load_policy(config.model)
-    model.eval()  # dropout off for the whole run (see the module docstring)
+    model, tokenizer = load_policy(config.model, run.device)
+    disable_dropout(model)  # dropout off for the whole run (see the module docstring)
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     pad_id = tokenizer.pad_token_id
     encoded = encode_pairs(tokenizer, rows, d)
-    out.mkdir(parents=True, exist_ok=True)
-    # before any checkpoint is loaded: the reference is the initial model
-    reference, reference_note = (REFERENCE_SOURCES[a.reference](config, model, encoded, data_path, out, pad_id)
+    # on the plain model, before any checkpoint is loaded: the reference is the initial model
+    reference, reference_note = (REFERENCE_SOURCES[a.reference](run, config, model, encoded, data_path, pad_id)
                                  if a.uses_reference else (None, "none (reference-free loss)"))
-    guidance = guidance_logprobs(config, model, encoded, data_path, out, pad_id)
+    guidance = guidance_logprobs(run, config, model, encoded, data_path, pad_id)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    model, optimizer = run.prepare(model, optimizer)
+    start = restore_policy(run, model, optimizer)
+    run.write_config(config)
     steps = t.steps if t.steps is not None else math.ceil(t.epochs * len(rows) / t.batch_size)
     tgdpo = f", TGDPO alpha {a.tgdpo_alpha} guided by {a.guidance_model}" if guidance is not None else ""
-    print(f"[llmalign] dpo[{a.loss}] beta {a.effective_beta}{tgdpo}: {len(rows)} pairs, {t.batch_size} per step in "
-          f"micro-batches of {t.micro_batch_size} -> {steps} steps = {steps * t.batch_size / len(rows):.2f} epochs, "
-          f"{sum(p.numel() for p in params):,} trainable parameters, {encoded.truncated_prompts} prompts and "
-          f"{encoded.truncated_completions} completions truncated; reference {reference_note}; output {out}")
-
-    start = resume_training(checkpoint, out, model, optimizer) if resume else 0
-    (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    run.print(f"dpo[{a.loss}] beta {a.effective_beta}{tgdpo}: {len(rows)} pairs, {t.batch_size} per step over "
+              f"{run.world} process(es) ({t.batch_size // run.world} each, in micro-batches of {t.micro_batch_size}) "
+              f"-> {steps} steps = {steps * t.batch_size / len(rows):.2f} epochs, {sum(p.numel() for p in params):,} "
+              f"trainable parameters, {encoded.truncated_prompts} prompts and {encoded.truncated_completions} "
+              f"completions truncated; reference {reference_note}; device {run.device}, mixed precision "
+              f"{t.mixed_precision}; output {run.out}")
 
     def evaluate() -> dict:
-        return held_out_metrics(model, tokenizer, test_rows, d.eval_max_new_tokens, EVAL_TEMPERATURE, d.eval_samples,
-                                seed=t.seed + 12345)
+        with run.unwrapped_for_generation(model) as policy:
+            return held_out_metrics(policy, tokenizer, test_rows, d.eval_max_new_tokens, EVAL_TEMPERATURE,
+                                    d.eval_samples, seed=t.seed + 12345, run=run)
 
     before = {}
     if start == 0:
         before = evaluate()
-        append_metrics(out / "metrics.jsonl", {"iteration": 0, **before, "prompts_truncated": encoded.truncated_prompts,
-                                               "completions_truncated": encoded.truncated_completions})
+        run.append({"iteration": 0, **before, "prompts_truncated": encoded.truncated_prompts,
+                    "completions_truncated": encoded.truncated_completions})
         if before:
-            print(f"[llmalign] held-out accuracy before ({len(test_rows)} problems): "
-                  f"{describe_held_out(before, EVAL_TEMPERATURE, d.eval_samples)}")
+            run.print(f"held-out accuracy before ({len(test_rows)} problems): "
+                      f"{describe_held_out(before, EVAL_TEMPERATURE, d.eval_samples)}")
 
-    progress = tqdm(range(start, steps), desc=f"dpo[{a.loss}]", initial=start, total=steps)
-    started, record = time.perf_counter(), {}
+    progress = tqdm(range(start, steps), desc=f"dpo[{a.loss}]", initial=start, total=steps, disable=not run.is_main)
+    record = {}
     all_rows = list(range(len(rows)))
+    model.train()  # dropout is off; transformers checkpoints activations in train mode only
     for step in progress:
         clock = time.perf_counter()
-        indices = iteration_rows(all_rows, step, t.batch_size, t.seed)
+        indices = iteration_rows(all_rows, step, t.batch_size, t.seed)  # the global batch
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
         try:
-            metrics = train_step(config, model, optimizer, encoded, indices, pad_id, reference, guidance)
+            metrics = train_step(run, config, model, optimizer, encoded, indices, pad_id, reference, guidance)
         except FloatingPointError as error:
-            last = latest_checkpoint(out / "checkpoints")
-            raise FloatingPointError(f"step {step + 1}: {error}; the last good checkpoint is "
-                                     f"{last or 'none (none written yet)'}, and --resume starts from it") from None
+            raise run.nan_stop(f"step {step + 1}", error) from None
 
         # log
         done = step + 1
         record = {"iteration": done, **{f"train/{k}": v for k, v in metrics.items()},
                   "train/lr": learning_rate(config, step), "time/step": time.perf_counter() - clock}
-        last = done == steps or (t.max_seconds is not None and time.perf_counter() - started > t.max_seconds)
-        if (config.log.eval_every and done % config.log.eval_every == 0) or last:
+        last = run.is_last(done, steps, t.max_seconds)
+        if run.due(done, config.log.eval_every, last):
             record.update(evaluate())
-        append_metrics(out / "metrics.jsonl", record)
+        run.append(record)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margin']:.3f}",
                              acc=f"{metrics['rewards/accuracy']:.2f}")
 
         # checkpoint
-        if (config.log.checkpoint_every and done % config.log.checkpoint_every == 0) or last:
-            save_training_checkpoint(config, model, tokenizer, optimizer, done, out)
+        if run.due(done, config.log.checkpoint_every, last):
+            save_policy_checkpoint(run, config, model, tokenizer, optimizer, done)
         if last:
             break
 
     after = {k: v for k, v in record.items() if k.startswith("eval/")}
-    plot_curves(out / "metrics.jsonl", out / "dpo_curves.png",
-                ["train/loss", "train/rewards/margin", "train/rewards/accuracy", "train/logps/chosen",
-                 "train/logps/rejected", "eval/accuracy", "eval/sampled_accuracy"],
-                f"DPO ({a.loss}) on {config.model.path}")
+    out = run.out
+    run.main_only(lambda: plot_curves(out / "metrics.jsonl", out / "dpo_curves.png",
+                                      ["train/loss", "train/rewards/margin", "train/rewards/accuracy",
+                                       "train/logps/chosen", "train/logps/rejected", "eval/accuracy",
+                                       "eval/sampled_accuracy"], f"DPO ({a.loss}) on {config.model.path}"))
     if before and after:
         for label, result in (("before", before), ("after ", after)):
-            described = describe_held_out(result, EVAL_TEMPERATURE, d.eval_samples)
-            print(f"[llmalign] held-out accuracy {label}: {described}")
-    print(f"[llmalign] metrics {out / 'metrics.jsonl'}, curves {out / 'dpo_curves.png'}, model {out / 'final'}")
+            run.print(f"held-out accuracy {label}: {describe_held_out(result, EVAL_TEMPERATURE, d.eval_samples)}")
+    run.print(f"metrics {out / 'metrics.jsonl'}, curves {out / 'dpo_curves.png'}, model {out / 'final'}")
+    run.close()
     return {"before": before, "after": after}

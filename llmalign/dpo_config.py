@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Optional
 
-from llmalign.config import EMBEDDED_MODEL, LMLogConfig, LMModelConfig, need
+from llmalign.config import (EMBEDDED_MODEL, LMLogConfig, LMModelConfig, gradient_checkpointing_option,
+                             mixed_precision_option, need)
 from shared.config import option
 
 REFERENCE_FREE_LOSSES = ("simpo",)
@@ -101,14 +102,18 @@ class DPOAlgorithmConfig:
 class DPOTrainConfig:
     epochs: float = option(1.0, "passes over the pairs (sets the step count unless train.steps is given)")
     steps: Optional[int] = option(None, "optimizer steps (null: ceil(epochs * pairs / batch_size))")
-    batch_size: int = option(32, "preference pairs per optimizer step")
-    micro_batch_size: int = option(8, "pairs per forward pass (gradient accumulation; the loss equals one big batch)")
+    batch_size: int = option(32, "preference pairs per optimizer step, over all processes (each takes batch_size / "
+                             "processes of them)")
+    micro_batch_size: int = option(8, "pairs per forward pass on each process (gradient accumulation; the loss "
+                                   "equals one big batch)")
     learning_rate: float = option(1e-6, "AdamW learning rate")
     warmup_steps: int = option(0, "linear learning-rate warm-up over this many steps (0 = constant)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     seed: int = option(0, "seed for the pair order")
     max_seconds: Optional[float] = option(None, "stop after this many seconds of training (then evaluate and save)")
+    gradient_checkpointing: bool = gradient_checkpointing_option()
+    mixed_precision: Literal["no", "bf16", "fp16"] = mixed_precision_option()
 
     def check(self) -> None:
         need(self.epochs > 0, "train.epochs", f"{self.epochs} must be positive, e.g. 1")

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from shared.run import Run
+
 
 @dataclass
 class Rollout:
@@ -75,37 +77,60 @@ def generate(model, tokenizer, prompt_token_ids: list[list[int]], group_size: in
     return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, ~ended, texts)
 
 
-def accuracy_on(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 64,
-                greedy: bool = True, temperature: float = 1.0, progress: bool = False) -> dict:
-    """Held-out accuracy (answer extraction and matching of `llmalign.rewards`) and mean
-    completion length in tokens (EOS included) over `rows` with `prompt` and `answer`."""
+EVAL_BATCH = 64  # held-out rows per generate call
+
+
+def accuracy_on(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = EVAL_BATCH,
+                greedy: bool = True, temperature: float = 1.0, seed: int = 0, progress: bool = False,
+                run: Run | None = None) -> dict:
+    """Held-out accuracy (answer extraction and matching of `llmalign.rewards`) and mean completion length in
+    tokens (EOS included) over `rows` with `prompt` and `answer`, and the (prompt, completion) samples.
+
+    The rows go in chunks of `batch_size`. Over the processes of `run` (None: this process alone), rank r
+    generates chunks r, r + W, ... and the results are gathered, so every rank returns the metrics of all rows.
+    A sampled chunk k draws from the seed (seed, k) in a forked RNG (the caller's stream is left alone), and a
+    chunk holds the same rows whatever the world size, so the result does not depend on it. Every rank makes the
+    same number of generate calls (under FSDP each forward is a collective): a rank short of chunks generates its
+    last one again and drops the result."""
     from llmalign.data import render_prompt
     from llmalign.rewards import accuracy_reward
 
-    correct, lengths, samples = [], [], []
-    for start in tqdm(range(0, len(rows), batch_size), desc="eval", disable=not progress):
-        chunk = rows[start:start + batch_size]
+    rank, world = (run.rank, run.world) if run is not None else (0, 1)
+    chunks = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
+    mine = list(range(rank, len(chunks), world))
+    calls = -(-len(chunks) // world)  # ceil: the busiest rank's count
+    results = []
+    for call in tqdm(range(calls), desc="eval", disable=not progress or rank > 0):
+        k = mine[min(call, len(mine) - 1)] if mine else 0
+        chunk = chunks[k]
         texts = [render_prompt(tokenizer, row["prompt"]) for row in chunk]
         ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        rollout = generate(model, tokenizer, ids, 1, max_new_tokens, temperature=temperature, greedy=greedy)
-        correct += accuracy_reward(texts, rollout.texts, answer=[row["answer"] for row in chunk])
-        lengths += rollout.lengths.tolist()
-        samples += list(zip(texts, rollout.texts))
+        device = next(model.parameters()).device
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            torch.manual_seed(seed * 1_000_003 + k)
+            rollout = generate(model, tokenizer, ids, 1, max_new_tokens, temperature=temperature, greedy=greedy)
+        if call < len(mine):
+            correct = accuracy_reward(texts, rollout.texts, answer=[row["answer"] for row in chunk])
+            results.append((k, correct, rollout.lengths.tolist(), list(zip(texts, rollout.texts))))
+    results = sorted(run.gather_objects(results) if run is not None else results)  # by chunk: the rows' order
+    correct = [c for _, chunk, _, _ in results for c in chunk]
+    lengths = [n for _, _, chunk, _ in results for n in chunk]
     n = max(len(correct), 1)
-    return {"accuracy": sum(correct) / n, "mean_length": sum(lengths) / n, "samples": samples}
+    return {"accuracy": sum(correct) / n, "mean_length": sum(lengths) / n,
+            "samples": [s for _, _, _, chunk in results for s in chunk]}
 
 
 def held_out_metrics(model, tokenizer, rows: list[dict], max_new_tokens: int, temperature: float = 1.0,
-                     samples: int = 1, seed: int = 0) -> dict:
-    """What both trainers log and print before and after: greedy accuracy and length, and the
-    sampled accuracy at `temperature` averaged over `samples` draws per problem (mean@k; more draws,
-    less noise), drawn on fixed seeds without touching the caller's RNG stream."""
+                     samples: int = 1, seed: int = 0, run: Run | None = None) -> dict:
+    """What both trainers log and print before and after: greedy accuracy and length, and the sampled accuracy
+    at `temperature` averaged over `samples` draws per problem (mean@k; more draws, less noise), on fixed seeds
+    without touching the caller's RNG stream; sharded over the processes of `run` (`accuracy_on`), the same on
+    every rank. `model` is the plain module (`run.unwrapped_for_generation`)."""
     if not rows:
         return {}
-    greedy = accuracy_on(model, tokenizer, rows, max_new_tokens)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        sampled = accuracy_on(model, tokenizer, rows * samples, max_new_tokens, greedy=False, temperature=temperature)
+    greedy = accuracy_on(model, tokenizer, rows, max_new_tokens, run=run)
+    sampled = accuracy_on(model, tokenizer, rows * samples, max_new_tokens, greedy=False, temperature=temperature,
+                          seed=seed, run=run)
     return {"eval/accuracy": greedy["accuracy"], "eval/mean_length": greedy["mean_length"],
             "eval/sampled_accuracy": sampled["accuracy"]}
 

@@ -3,115 +3,62 @@
     llmalign grpo --config configs/llm/arith.yaml                       # embedded default
     llmalign grpo --config configs/llm/arith.yaml train.iterations=5 algorithm.loss=dapo
     llmalign grpo --config configs/llm/arith.yaml --resume              # continue the run
-    accelerate launch -m llmalign grpo --config ...                     # several processes
+    accelerate launch --multi_gpu --num_processes 2 -m llmalign grpo --config configs/llm/arith.yaml
 
 Each iteration: rollout (B prompts x G completions with `generate`), reward (the configured
 functions, TRL's signature), advantage (shared.advantages), update (num_iterations passes, each
 split into updates_per_pass optimizer steps of micro-batches), log, checkpoint.
+
+Over W processes (`shared.run.Run`): B counts over all of them, and rank r samples the r-th contiguous block of
+B/W whole groups, from the seed (seed, iteration, rank). Every reward's values are gathered, so advantages (group
+or batch std), the zero-variance filter and the logs see the global batch; each rank keeps its own rows. The loss
+of an optimizer step is the global batch's (its denominators are sums over ranks) and `update` splits the rollout
+into the same optimizer steps whatever W, so the update on given rollouts does not depend on the world size.
+One departure from one process: a reward that compares groups within its batch (grpo_lambda's top fraction of
+groups) compares the groups of one rank's block.
 """
 
 from __future__ import annotations
 
-import copy
-import contextlib
-import json
 import math
 import random
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from llmalign.config import GRPOConfig, LMModelConfig
-from llmalign.data import load_rows, render_prompt, tokenize_prompts
+from llmalign.config import GRPOConfig
+from llmalign.data import iteration_rows, load_rows, micro_batches, render_prompt, tokenize_prompts
 from llmalign.evaluate import Rollout, describe_held_out, generate, held_out_metrics
 from llmalign.logprobs import completion_logprobs
+from llmalign.policy import (enable_gradient_checkpointing, load_policy, reference_policy, restore_policy,
+                             save_policy_checkpoint)
 from llmalign.rewards import build_reward
 from llmalign.toy import resolve_embedded
 from shared.advantages import compose_rewards
-from shared.checkpoint import (latest_checkpoint, load_state, load_trainable_state, open_output_dir, rng_state,
-                               save_checkpoint, set_rng_state, trainable_state)
-from shared.config import to_dict
+from shared.config import ConfigError
 from shared.disco import disco_loss
 from shared.filtering import zero_variance_group_mask
 from shared.kl import kl_k3
 from shared.losses import LOSS_AGGREGATIONS, aggregation_denominator, clipped_policy_loss
-from shared.runlog import append_metrics, plot_curves, truncate_metrics
+from shared.run import Run
+from shared.runlog import plot_curves
+
+RANK_SEED_STRIDE = 2 ** 40  # rank r samples from seed + r * stride: rank 0 keeps the one-process seeds
 
 
 class RewardError(RuntimeError):
     """A reward function failed or returned unusable scores; the message names it and the batch."""
 
 
-# ----------------------------------------------------------------------------- setup
-
-
-def load_policy(config: LMModelConfig, device: torch.device | str = "cpu"):
-    """(model, tokenizer) from a directory or hub id, with a LoRA adapter when config.lora."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_embedded(config.path)
-    remote = {"trust_remote_code": True} if config.allow_remote_code else {}  # off unless the config says so
-    tokenizer = AutoTokenizer.from_pretrained(path, **remote)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere; any id will do
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype), **remote).to(device)
-    if config.lora:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=config.lora_targets,
-                          task_type="CAUSAL_LM")
-        try:
-            model = get_peft_model(model, lora)
-        except ValueError as error:
-            raise ValueError(f"model.lora_targets {config.lora_targets}: {error}") from None
-    return model, tokenizer
-
-
-def reference_policy(model, lora: bool):
-    """A context manager factory giving the KL reference: the base model under a disabled LoRA
-    adapter (no extra memory), or a frozen copy of the initial weights for full fine-tuning."""
-    if lora:
-        return model.disable_adapter
-    frozen = copy.deepcopy(model).requires_grad_(False).eval()
-    return lambda: contextlib.nullcontext(frozen)
-
-
-def resume_training(checkpoint: Path | None, out: Path, model, optimizer) -> int:
-    """Load `checkpoint` (trainable weights, optimizer, RNG), trim metrics.jsonl back to it and return
-    its step; 0 when there is none yet."""
-    if checkpoint is None:
-        print(f"[llmalign] --resume: no checkpoint in {out / 'checkpoints'}, starting fresh")
-        return 0
-    load_trainable_state(model, load_state(checkpoint, "trainable"))
-    optimizer.load_state_dict(load_state(checkpoint, "optimizer"))
-    set_rng_state(load_state(checkpoint, "rng"))
-    start = load_state(checkpoint, "trainer")["iteration"]
-    truncate_metrics(out / "metrics.jsonl", start)
-    print(f"[llmalign] resumed from {checkpoint} at step {start}")
-    return start
-
-
-def iteration_rows(rows: list[dict], iteration: int, count: int, seed: int) -> list[dict]:
-    """The prompts of an iteration: epochs of a seeded permutation, so the data position is a
-    function of the iteration alone (resume needs nothing else)."""
-    picked = []
-    for k in range(iteration * count, (iteration + 1) * count):
-        epoch, index = divmod(k, len(rows))
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        picked.append(rows[int(order[index])])
-    return picked
-
-
 # ----------------------------------------------------------------------------- reward
 
 
 def score(rewards: dict, prompts: list[str], rollout: Rollout, rows: list[dict], group_size: int, step: int,
-          max_new_tokens: int, drop_bad: bool) -> dict[str, Tensor]:
-    """name -> [B*G] scores; None/NaN/inf become NaN when drop_bad, else raise RewardError."""
+          max_new_tokens: int, drop_bad: bool, first_index: int = 0) -> dict[str, Tensor]:
+    """name -> [B*G] scores; None/NaN/inf become NaN when drop_bad, else raise RewardError. Completions are
+    named by their index in the global rollout, which starts at `first_index` on this rank."""
     columns = {key: [row[key] for row in rows for _ in range(group_size)] for key in rows[0] if key != "prompt"}
     completions = rollout.texts
     expanded_prompts = [p for p in prompts for _ in range(group_size)]
@@ -131,18 +78,23 @@ def score(rewards: dict, prompts: list[str], rollout: Rollout, rows: list[dict],
         bad = ~torch.isfinite(tensor)
         if bad.any() and not drop_bad:
             i = int(bad.nonzero()[0])
-            raise RewardError(f"reward {name!r} gave {values[i]!r} for completion {i} (iteration {step + 1}, "
-                              f"{int(bad.sum())} bad in the batch): {completions[i][:80]!r}; fix the reward or set "
-                              f"reward.on_bad_score=drop to drop and count such samples")
+            raise RewardError(f"reward {name!r} gave {values[i]!r} for completion {first_index + i} (iteration "
+                              f"{step + 1}, {int(bad.sum())} bad in the batch): {completions[i][:80]!r}; fix the "
+                              f"reward or set reward.on_bad_score=drop to drop and count such samples")
         scores[name] = tensor.masked_fill(bad, math.nan)
     return scores
 
 
+def gathered_scores(run: Run, local: dict[str, Tensor] | None, failure: str | None) -> dict[str, Tensor]:
+    """Every reward's [B*G] values over the global rollout (rank order is rollout order), or the RewardError of
+    the first rank whose rewards failed, raised on every rank together."""
+    failure = run.first_failure(failure)
+    if failure is not None:
+        raise RewardError(failure)
+    return {name: run.gather(values) for name, values in local.items()}
+
+
 # ----------------------------------------------------------------------------- update
-
-
-def micro_batches(indices: list[int], size: int) -> list[list[int]]:
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
 def policy_logprobs(model, rollout: Rollout, rows: list[int], group_size: int, shared_prefix: bool,
@@ -178,196 +130,232 @@ def micro_batch_loss(config: GRPOConfig, logp: Tensor, old: Tensor, ref: Tensor 
     return loss, metrics
 
 
-def weight_of(config: GRPOConfig, mask: Tensor, part_mask: Tensor, groups: int, part_groups: int) -> float:
-    """Share of a micro-batch in its optimizer step, so accumulation equals one big batch."""
+def loss_denominator(config: GRPOConfig, mask: Tensor, groups: int) -> int:
+    """What a micro-batch's loss is normalised by as its own batch: its groups (DisCO averages over groups) or the
+    aggregation's count (shared.losses.aggregation_denominator: rows for grpo and dr_grpo, tokens for dapo)."""
     if config.algorithm.loss == "disco":
-        return groups / max(part_groups, 1)
-    total = aggregation_denominator(config.algorithm.loss, part_mask)
-    return aggregation_denominator(config.algorithm.loss, mask) / max(total, 1)
+        return groups
+    return aggregation_denominator(config.algorithm.loss, mask)
 
 
-def update(config: GRPOConfig, model, optimizer, reference, rollout: Rollout, advantages: Tensor, keep: Tensor,
-           correct: Tensor) -> dict:
-    """num_iterations passes over the rollout, each updates_per_pass optimizer steps."""
+def update_parts(rows: int, parts: int, unit: int) -> list[list[int]]:
+    """This rank's rows of each optimizer step of a pass: step p takes the units (rows, or whole groups of `unit`
+    rows) whose index is p modulo `parts`. Each rank's block starts at a multiple of `parts` units (train refuses
+    other sizes), so local and global unit indices agree modulo `parts`: step p trains on the same rows whatever
+    the world size, and every rank holds rows / parts of them (the same number of forward calls everywhere)."""
+    return [[i for i in range(rows) if (i // unit) % parts == p] for p in range(parts)]
+
+
+def update(run: Run, config: GRPOConfig, model, optimizer, reference, rollout: Rollout, advantages: Tensor,
+           keep: Tensor, correct: Tensor) -> dict:
+    """num_iterations passes over this rank's rows of the rollout, each updates_per_pass optimizer steps.
+
+    Each micro-batch's loss is normalised as its own batch, then weighted by its denominator over the step's
+    global one (the sum over ranks): the dapo token mean over the global batch's tokens, dr_grpo's B * L_max
+    with the global B, grpo's mean over the global sequences, DisCO's mean over the global groups. `run.backward`
+    then makes the synced gradient that of the global loss. Gradients sync on the last micro-batch only; a
+    non-finite loss on any rank stops every rank before the optimizer step.
+    """
     t, a, s = config.train, config.algorithm, config.sampling
     G = t.group_size
-    mask = rollout.completion_mask * keep[:, None]  # [N, C] dropped samples/groups train on nothing
-    group_ids = torch.arange(len(keep)) // G  # [N]
-    rows_all = list(range(len(keep)))
-    step_size = len(rows_all) // t.updates_per_pass
+    mask = rollout.completion_mask * keep[:, None]  # [n, C] dropped samples/groups train on nothing
+    group_ids = torch.arange(len(keep), device=mask.device) // G  # [n] groups never straddle ranks
+    first_row = run.rank * len(keep)  # this rank's rows in the global rollout, for messages
     needs_old = t.num_iterations > 1 or t.updates_per_pass > 1
     with torch.no_grad():
-        chunks = micro_batches(rows_all, t.micro_batch_size)
+        chunks = micro_batches(list(range(len(keep))), t.micro_batch_size)
         logp_of = lambda m: torch.cat([policy_logprobs(m, rollout, c, G, a.shared_prefix, s.temperature) for c in chunks])
-        old = logp_of(model) if needs_old else None  # [N, C]
+        old = logp_of(model) if needs_old else None  # [n, C]
         ref = None
         if a.beta > 0:
             with reference() as ref_model:
-                ref = logp_of(ref_model if ref_model is not None else model)  # [N, C]
+                ref = logp_of(ref_model if ref_model is not None else model)  # [n, C]
     totals: dict[str, list[float]] = {}
+    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     for _ in range(t.num_iterations):
-        for start in range(0, len(rows_all), step_size):
-            part = rows_all[start:start + step_size]
-            part_mask = mask[part]
+        for part in update_parts(len(keep), t.updates_per_pass, G if a.whole_groups else 1):
+            step_denominator = max(float(run.sum(loss_denominator(config, mask[part], len(part) // G))), 1.0)
             optimizer.zero_grad(set_to_none=True)
-            for rows in micro_batches(part, t.micro_batch_size):
-                logp = policy_logprobs(model, rollout, rows, G, a.shared_prefix, s.temperature)  # [n, C]
-                old_rows = old[rows] if old is not None else logp.detach()  # mu = 1: ratio 1, gradient of the GRPO loss
-                loss, metrics = micro_batch_loss(config, logp, old_rows, ref[rows] if ref is not None else None,
-                                                 advantages[rows], mask[rows], correct[rows], group_ids[rows])
-                weight = weight_of(config, mask[rows], part_mask, len(rows) // G, len(part) // G)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss is {loss.item()} (rows {rows[0]}..{rows[-1]})")
-                (loss * weight).backward()
+            micro = micro_batches(part, t.micro_batch_size)
+            failure = None
+            for index, rows in enumerate(micro):
+                with run.sync_gradients(model, last=index == len(micro) - 1):
+                    logp = policy_logprobs(model, rollout, rows, G, a.shared_prefix, s.temperature)  # [m, C]
+                    old_rows = old[rows] if old is not None else logp.detach()  # mu = 1: ratio 1, the GRPO gradient
+                    loss, metrics = micro_batch_loss(config, logp, old_rows, ref[rows] if ref is not None else None,
+                                                     advantages[rows], mask[rows], correct[rows], group_ids[rows])
+                    if failure is None and not torch.isfinite(loss):
+                        failure = f"the loss is {loss.item()} (rows {first_row + rows[0]}..{first_row + rows[-1]})"
+                    run.backward(loss * loss_denominator(config, mask[rows], len(rows) // G) / step_denominator)
                 for key, value in metrics.items():
                     totals.setdefault(key, []).append(value)
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                       t.max_grad_norm)
-            totals.setdefault("grad_norm", []).append(float(grad_norm))
+            failure = run.first_failure(failure)
+            if failure is not None:
+                raise FloatingPointError(failure)
+            totals.setdefault("grad_norm", []).append(run.clip_grad_norm(model, params, t.max_grad_norm))
             optimizer.step()
     model.eval()
-    return {k: sum(v) / len(v) for k, v in totals.items() if v and not any(math.isnan(x) for x in v)}
+    merged: dict[str, list[float]] = {}
+    for rank_totals in run.gather_objects([totals]):  # every rank's micro-batches, for the log
+        for key, values in rank_totals.items():
+            merged.setdefault(key, []).extend(values)
+    return {k: sum(v) / len(v) for k, v in merged.items() if v and not any(math.isnan(x) for x in v)}
 
 
 # ----------------------------------------------------------------------------- train
 
 
+def check_world_split(run: Run, config: GRPOConfig) -> None:
+    """Refuse, before any model loads, a global batch that does not split into whole groups per rank, or a rank
+    block that does not split into updates_per_pass equal optimizer steps (see `update_parts`)."""
+    t, a = config.train, config.algorithm
+    run.require_divisible(t.prompts_per_iteration, "train.prompts_per_iteration", "prompts")
+    units = t.prompts_per_iteration // run.world * (1 if a.whole_groups else t.group_size)
+    if units % t.updates_per_pass:
+        what = "groups" if a.whole_groups else "completions"
+        raise ConfigError(f"config field 'train.updates_per_pass': {t.updates_per_pass} does not divide the "
+                          f"{units} {what} of each of the {run.world} processes; use a divisor of {units}")
+
+
 def train(config: GRPOConfig, resume: bool = False) -> dict:
     t, a, s = config.train, config.algorithm, config.sampling
-    out = Path(config.log.output_dir)
-    checkpoint = open_output_dir(out, resume)
+    run = Run(config.log.output_dir, resume, tag="[llmalign]", mixed_precision=t.mixed_precision)
+    check_world_split(run, config)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
 
-    # setup: data, model, rewards, optimizer
-    train_rows = load_rows(resolve_embedded(config.data.train), split=config.data.split)
-    test_rows = load_rows(resolve_embedded(config.data.test))[: config.data.eval_size] if config.data.test else []
-    model, tokenizer = load_policy(config.model)
+    # setup: data, model, rewards, optimizer; the main process builds the embedded toy first if it is missing
+    d = config.data
+    run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, d.train, d.test) if p])
+    train_rows = load_rows(resolve_embedded(d.train), split=d.split)
+    test_rows = load_rows(resolve_embedded(d.test))[: d.eval_size] if d.test else []
+    model, tokenizer = load_policy(config.model, run.device)
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     texts = [render_prompt(tokenizer, row["prompt"]) for row in train_rows]
-    prompt_ids, truncated_prompts = tokenize_prompts(tokenizer, texts, config.data.max_prompt_length,
-                                                     config.data.overlong_prompts)
+    prompt_ids, truncated_prompts = tokenize_prompts(tokenizer, texts, d.max_prompt_length, d.overlong_prompts)
     for row, text, ids in zip(train_rows, texts, prompt_ids):
         row["_text"], row["_ids"] = text, ids
     rewards = {name: build_reward(name, config.reward.params.get(name)) for name in config.reward.weights}
+    reference = reference_policy(model, config.model.lora) if a.beta > 0 else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    reference = reference_policy(model, config.model.lora) if a.beta > 0 else None
-    print(f"[llmalign] {a.loss}: {t.prompts_per_iteration} prompts x {t.group_size} completions, "
-          f"{len(train_rows)} training rows, {sum(p.numel() for p in params):,} trainable parameters, "
-          f"{truncated_prompts} prompts truncated; output {out}")
-
-    start = resume_training(checkpoint, out, model, optimizer) if resume else 0
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+    model, optimizer = run.prepare(model, optimizer)
+    start = restore_policy(run, model, optimizer)
+    run.write_config(config)
+    per_rank = t.prompts_per_iteration // run.world
+    run.print(f"{a.loss}: {t.prompts_per_iteration} prompts x {t.group_size} completions per iteration over "
+              f"{run.world} process(es) ({per_rank} prompts = {per_rank * t.group_size} completions each, "
+              f"{t.updates_per_pass} optimizer step(s) per pass), {len(train_rows)} training rows, "
+              f"{sum(p.numel() for p in params):,} trainable parameters, {truncated_prompts} prompts truncated; "
+              f"device {run.device}, mixed precision {t.mixed_precision}; output {run.out}")
 
     def evaluate() -> dict:
-        return held_out_metrics(model, tokenizer, test_rows, s.max_new_tokens, s.temperature,
-                                config.data.eval_samples, seed=t.seed + 12345)
+        with run.unwrapped_for_generation(model) as policy:
+            return held_out_metrics(policy, tokenizer, test_rows, s.max_new_tokens, s.temperature, d.eval_samples,
+                                    seed=t.seed + 12345, run=run)
 
     before = {}
     if start == 0:
         before = evaluate()
-        append_metrics(out / "metrics.jsonl", {"iteration": 0, **before, "prompts_truncated": truncated_prompts})
+        run.append({"iteration": 0, **before, "prompts_truncated": truncated_prompts})
         if before:
-            print(f"[llmalign] held-out accuracy before ({len(test_rows)} problems): "
-                  f"{describe_held_out(before, s.temperature, config.data.eval_samples)}")
+            run.print(f"held-out accuracy before ({len(test_rows)} problems): "
+                      f"{describe_held_out(before, s.temperature, d.eval_samples)}")
 
     drop_bad = config.reward.on_bad_score == "drop"
-    progress = tqdm(range(start, t.iterations), desc=f"grpo[{a.loss}]", initial=start, total=t.iterations)
-    started, record = time.perf_counter(), {}
+    progress = tqdm(range(start, t.iterations), desc=f"grpo[{a.loss}]", initial=start, total=t.iterations,
+                    disable=not run.is_main)
+    record = {}
     for iteration in progress:
         timings = {}
 
-        # rollout
+        # rollout: this rank's block of whole groups
         clock = time.perf_counter()
-        torch.manual_seed(t.seed * 1_000_003 + iteration)  # sampling depends on the iteration only: exact resume
-        rows = iteration_rows(train_rows, iteration, t.prompts_per_iteration, t.seed)
-        rollout = generate(model, tokenizer, [row["_ids"] for row in rows], t.group_size, s.max_new_tokens,
-                           temperature=s.temperature, top_p=s.top_p)
+        rows = iteration_rows(train_rows, iteration, t.prompts_per_iteration, t.seed)  # the global batch
+        block = run.block(len(rows))
+        mine = rows[block.start:block.stop]
+        torch.manual_seed(t.seed * 1_000_003 + iteration + run.rank * RANK_SEED_STRIDE)  # exact resume
+        with run.unwrapped_for_generation(model) as policy:
+            rollout = generate(policy, tokenizer, [row["_ids"] for row in mine], t.group_size, s.max_new_tokens,
+                               temperature=s.temperature, top_p=s.top_p)
         timings["time/rollout"] = time.perf_counter() - clock
 
-        # reward
+        # reward: this rank's completions, every reward's values gathered over the global rollout
         clock = time.perf_counter()
-        columns = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
-        scores = score(rewards, [row["_text"] for row in rows], rollout, columns, t.group_size, iteration,
-                       s.max_new_tokens, drop_bad)
-        bad = torch.stack(list(scores.values())).isnan().any(dim=0)  # [N]
+        columns = [{k: v for k, v in row.items() if not k.startswith("_")} for row in mine]
+        local, failure = None, None
+        try:
+            local = score(rewards, [row["_text"] for row in mine], rollout, columns, t.group_size, iteration,
+                          s.max_new_tokens, drop_bad, first_index=block.start * t.group_size)
+        except RewardError as error:
+            failure = str(error)
+        scores = gathered_scores(run, local, failure)  # name -> [B*G]
+        bad = torch.stack(list(scores.values())).isnan().any(dim=0)  # [B*G]
         timings["time/reward"] = time.perf_counter() - clock
 
-        # advantage (and what takes part: dropped samples, zero-variance groups, truncated completions)
-        group_ids = torch.arange(len(bad)) // t.group_size  # [N]
+        # advantage on the global batch (and what takes part: dropped samples, zero-variance groups, truncated
+        # completions); this rank keeps its own rows
+        group_ids = torch.arange(len(bad)) // t.group_size  # [B*G]
         advantages, reward_stats = compose_rewards(scores, config.reward.weights, group_ids, scale=a.scale,
                                                    nan_policy="mask" if drop_bad else "raise")
-        total = sum(config.reward.weights[n] * scores[n].nan_to_num(0.0) for n in scores)  # [N]
-        keep = ~bad  # [N]
+        total = sum(config.reward.weights[n] * scores[n].nan_to_num(0.0) for n in scores)  # [B*G]
+        truncated = run.gather(rollout.truncated)  # [B*G]
+        keep = ~bad  # [B*G]
         zero_std_keep, zero_std_fraction = zero_variance_group_mask(total, group_ids)
         if a.filter_zero_std:
             keep &= zero_std_keep
         if a.mask_overlong:
-            keep &= ~rollout.truncated
+            keep &= ~truncated.cpu()
         first = scores[next(iter(scores))]  # DisCO's correctness: the first reward above a threshold
-        correct = first.nan_to_num(0.0) > a.correct_threshold  # [N]
+        correct = first.nan_to_num(0.0) > a.correct_threshold  # [B*G]
+        own = slice(block.start * t.group_size, block.stop * t.group_size)
+        on_device = lambda x: x[own].to(run.device)  # [n] this rank's rows
 
         # update
         clock = time.perf_counter()
         try:
-            metrics = update(config, model, optimizer, reference, rollout, advantages.masked_fill(bad, 0.0), keep, correct)
+            metrics = update(run, config, model, optimizer, reference, rollout,
+                             on_device(advantages.masked_fill(bad, 0.0)), on_device(keep), on_device(correct))
         except FloatingPointError as error:
-            last = latest_checkpoint(out / "checkpoints")
-            raise FloatingPointError(f"iteration {iteration + 1}: {error}; the last good checkpoint is "
-                                     f"{last or 'none (none written yet)'}, and --resume starts from it") from None
+            raise run.nan_stop(f"iteration {iteration + 1}", error) from None
         timings["time/update"] = time.perf_counter() - clock
-        tokens = int(rollout.completion_mask.sum())
+        lengths = run.gather(rollout.lengths).float()  # [B*G]
 
         # log
-        record = {"iteration": iteration + 1, **{f"reward/{k}": v for k, v in reward_stats.items()},
+        done = iteration + 1
+        record = {"iteration": done, **{f"reward/{k}": v for k, v in reward_stats.items()},
                   **{f"train/{k}": v for k, v in metrics.items()},
                   "train/zero_std_groups": zero_std_fraction, "train/dropped": int(bad.sum()),
-                  "train/kept": float(keep.float().mean()), "completion/mean_length": float(rollout.lengths.float().mean()),
-                  "completion/truncated": float(rollout.truncated.float().mean()),
-                  "tokens_per_second": tokens / max(sum(timings.values()), 1e-9), **timings}
+                  "train/kept": float(keep.float().mean()), "completion/mean_length": float(lengths.mean()),
+                  "completion/truncated": float(truncated.float().mean()),
+                  "tokens_per_second": float(lengths.sum()) / max(sum(timings.values()), 1e-9), **timings}
         record.update({f"reward/{n}/budget": fn.budget(iteration) for n, fn in rewards.items() if hasattr(fn, "budget")})
-        done = iteration + 1
-        last = done == t.iterations or (t.max_seconds is not None and time.perf_counter() - started > t.max_seconds)
-        if (config.log.eval_every and done % config.log.eval_every == 0) or last:
+        last = run.is_last(done, t.iterations, t.max_seconds)
+        if run.due(done, config.log.eval_every, last):
             record.update(evaluate())
-        append_metrics(out / "metrics.jsonl", record)
-        append_metrics(out / "samples.jsonl", {  # the first group of each iteration, to read
-            "iteration": done, "prompt": rows[0]["_text"], "completions": rollout.texts[: t.group_size],
-            "rewards": {n: v[: t.group_size].tolist() for n, v in scores.items()}})
+        run.append(record)
+        run.append({"iteration": done, "prompt": rows[0]["_text"], "completions": rollout.texts[: t.group_size],
+                    "rewards": {n: v[: t.group_size].tolist() for n, v in scores.items()}},
+                   name="samples.jsonl")  # the first group of each iteration (the main process's), to read
         progress.set_postfix(reward=f"{reward_stats['total/mean']:.3f}", length=f"{record['completion/mean_length']:.1f}",
                              clip=f"{metrics.get('clip_frac', 0):.2f}")
 
         # checkpoint
-        if (config.log.checkpoint_every and done % config.log.checkpoint_every == 0) or last:
-            save_training_checkpoint(config, model, tokenizer, optimizer, done, out)
+        if run.due(done, config.log.checkpoint_every, last):
+            save_policy_checkpoint(run, config, model, tokenizer, optimizer, done)
         if last:
             break
 
     after = {k: v for k, v in record.items() if k.startswith("eval/")}
-    plot_curves(out / "metrics.jsonl", out / "reward_curve.png",
-                ["reward/total/mean", "eval/accuracy", "eval/sampled_accuracy", "completion/mean_length", "train/kl"],
-                f"GRPO ({a.loss}) on {config.model.path}")
+    out = run.out
+    curves = ["reward/total/mean", "eval/accuracy", "eval/sampled_accuracy", "completion/mean_length", "train/kl"]
+    run.main_only(lambda: plot_curves(out / "metrics.jsonl", out / "reward_curve.png", curves,
+                                      f"GRPO ({a.loss}) on {config.model.path}"))
     if before and after:
         for label, result in (("before", before), ("after ", after)):
-            print(f"[llmalign] held-out accuracy {label}: {describe_held_out(result, s.temperature, config.data.eval_samples)}")
-    print(f"[llmalign] metrics {out / 'metrics.jsonl'}, curves {out / 'reward_curve.png'}, model {out / 'final'}")
+            run.print(f"held-out accuracy {label}: {describe_held_out(result, s.temperature, d.eval_samples)}")
+    run.print(f"metrics {out / 'metrics.jsonl'}, curves {out / 'reward_curve.png'}, model {out / 'final'}")
+    run.close()
     return {"before": before, "after": after}
-
-
-def save_training_checkpoint(config: GRPOConfig, model, tokenizer, optimizer, iteration: int, out: Path) -> None:
-    """Training state (shared.checkpoint) plus the model in from_pretrained form: the LoRA adapter
-    (PeftModel.from_pretrained) or the full model and tokenizer (AutoModelForCausalLM)."""
-    def write_model(directory: Path) -> None:
-        model.save_pretrained(directory / "model")
-        tokenizer.save_pretrained(directory / "model")
-
-    states = {"trainable": trainable_state(model), "optimizer": optimizer.state_dict(), "rng": rng_state(),
-              "trainer": {"iteration": iteration, "config": to_dict(config)}}
-    final = save_checkpoint(out / "checkpoints", iteration, states, keep_last=config.log.keep_last,
-                            extra_writer=write_model)
-    pointer = out / "final"  # the newest model, for `llmalign eval --model RUN/final`
-    if pointer.is_symlink() or pointer.exists():
-        pointer.unlink()
-    pointer.symlink_to(Path("checkpoints") / final.name / "model")

@@ -89,9 +89,11 @@ def _call_options(model) -> tuple[str, bool]:
     """(name of the cache keyword, whether `logits_to_keep` is accepted) for this model's forward.
 
     transformers 5.x renamed `past_key_values` to `cache` (the old name still works until 5.40 with a
-    deprecation warning); a peft wrapper passes keywords through to the model it wraps.
+    deprecation warning); a peft wrapper, and a DDP/FSDP wrapper (which keeps the model as `.module`), pass
+    keywords through to the model they wrap.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(model, "module", model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     parameters = inspect.signature(base.forward).parameters
     return ("cache" if "cache" in parameters else "past_key_values"), "logits_to_keep" in parameters
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from llmalign.data import render_prompt
 from llmalign.evaluate import generate
 from llmalign.rewards import _normalise, _to_fraction, answers_match, extract_answer, format_reward
+from shared.run import Run
 
 LEVEL_NAMES = {3: "correct", 2: "wrong answer", 1: "no usable answer", 0: "format error"}
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -105,15 +106,21 @@ def level_table(summary: dict) -> str:
 
 
 def sample_completions(model, tokenizer, rows: list[dict], group_size: int, max_new_tokens: int,
-                       temperature: float = 1.0, seed: int = 0, batch_size: int = 32,
-                       progress: bool = True) -> list[list[str]]:
-    """group_size sampled completions per row (texts, special tokens skipped), batch_size prompts at a time."""
-    completions = []
-    for number, start in enumerate(tqdm(range(0, len(rows), batch_size), desc="sample", disable=not progress)):
-        chunk = rows[start:start + batch_size]
+                       temperature: float = 1.0, seed: int = 0, batch_size: int = 32, progress: bool = True,
+                       run: Run | None = None) -> list[list[str]]:
+    """group_size sampled completions per row (texts, special tokens skipped), batch_size prompts at a time.
+    Batch b is sampled from the seed (seed, b); over the processes of `run` (None: this process alone) rank
+    b mod W samples it and the batches are gathered: every rank returns all rows' completions, the same whatever
+    the world size."""
+    rank, world = (run.rank, run.world) if run is not None else (0, 1)
+    batches = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
+    mine = []
+    for number in tqdm(range(rank, len(batches), world), desc="sample", disable=not progress or rank > 0):
+        chunk = batches[number]
         texts = [render_prompt(tokenizer, row["prompt"]) for row in chunk]
         ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         torch.manual_seed(seed * 1_000_003 + number)  # a batch's samples depend on the seed and its position only
         rollout = generate(model, tokenizer, ids, group_size, max_new_tokens, temperature=temperature)
-        completions += [rollout.texts[g * group_size:(g + 1) * group_size] for g in range(len(chunk))]
-    return completions
+        mine.append((number, [rollout.texts[g * group_size:(g + 1) * group_size] for g in range(len(chunk))]))
+    gathered = run.gather_objects(mine) if run is not None else mine
+    return [texts for _, batch in sorted(gathered) for texts in batch]

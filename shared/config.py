@@ -65,6 +65,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     if hint is Any:
         return value
     if origin is Literal:
+        if value is False and "no" in get_args(hint):  # YAML 1.1 reads a bare `no` as false (mixed_precision: no)
+            value = "no"
         if value not in get_args(hint):
             raise ConfigError(f"config field '{name}': {value!r} is not allowed; use one of {list(get_args(hint))}")
         return value

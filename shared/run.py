@@ -28,8 +28,10 @@ from typing import Any, Callable
 
 import torch
 
-from shared.checkpoint import (latest_checkpoint, load_state, load_trainable_state, open_output_dir, rng_state,
-                               save_checkpoint, set_rng_state, trainable_state)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+from shared.checkpoint import latest_checkpoint, load_state, open_output_dir, rng_state, save_checkpoint, set_rng_state
 from shared.config import ConfigError, to_dict
 from shared.runlog import append_metrics, truncate_metrics
 
@@ -39,10 +41,12 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 class Run:
     """The process-level side of a training run (see the module docstring)."""
 
-    def __init__(self, output_dir: str | Path, resume: bool, tag: str, mixed_precision: str = "no"):
+    def __init__(self, output_dir: str | Path | None, resume: bool, tag: str, mixed_precision: str = "no"):
+        """output_dir None: a command that writes one file of its own (`llmalign pairs`, `llmalign eval`): the
+        accelerator and the collectives, without run directory, config snapshot or checkpoints."""
         from accelerate import Accelerator
 
-        self.out = Path(output_dir)
+        self.out = Path(output_dir) if output_dir is not None else None
         self.tag = tag
         # cpu=True only where there is no GPU: on a GPU machine every process takes its own device
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
@@ -52,7 +56,7 @@ class Run:
         self.device = self.accelerator.device
         # every rank reads the directory (a used one is refused on all of them alike); the main process alone
         # starts fresh logs, and the others wait for it so no rank sees a half-truncated file
-        self.checkpoint = open_output_dir(self.out, resume, write=self.is_main)
+        self.checkpoint = open_output_dir(self.out, resume, write=self.is_main) if self.out is not None else None
         self.barrier()
         self._started = time.perf_counter()
 
@@ -103,8 +107,35 @@ class Run:
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def first_failure(self, failure: str | None) -> str | None:
+        """The first failing rank's message on every rank when any rank failed (a reward that raised, a NaN loss),
+        else None; every rank then raises together instead of one stopping while the others wait in the next
+        collective. One small all-reduce when nothing failed."""
+        if not self.any(failure is not None):
+            return None
+        return next(message for message in self.gather_objects([failure]) if message is not None)
+
+    def main_first(self, fn: Callable[[], Any]) -> Any:
+        """`fn()` on the main process first (it may build a cached artefact once, e.g. an embedded model), then on
+        the other ranks, which find it built; returns this rank's result."""
+        if self.is_main:
+            result = fn()
+            self.barrier()
+            return result
+        self.barrier()
+        return fn()
+
     # ------------------------------------------------------------------------- model and update
+    @property
+    def deepspeed(self) -> bool:
+        return self.accelerator.distributed_type.name == "DEEPSPEED"
+
     def prepare(self, *objects):
+        if self.deepspeed:  # no dataloader is prepared: DeepSpeed must be told the batch it steps on
+            config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+                if config.get(key, "auto") == "auto":
+                    config[key] = 1  # the trainers micro-batch and accumulate themselves (see sync_gradients)
         return self.accelerator.prepare(*objects)
 
     def unwrap(self, model):
@@ -112,8 +143,13 @@ class Run:
         return self.accelerator.unwrap_model(model)
 
     def sync_gradients(self, model, last: bool):
-        """Gradient accumulation: all-reduce on the last micro-batch of an optimizer step only."""
-        return contextlib.nullcontext() if last or self.world == 1 else self.accelerator.no_sync(model)
+        """Gradient accumulation: all-reduce on the last micro-batch of an optimizer step only. Under DeepSpeed the
+        same flag marks the accumulation boundary, where its engine reduces, clips and steps (the prepared
+        optimizer's own step is then a no-op)."""
+        self.accelerator.gradient_state._set_sync_gradients(last)
+        if last or self.world == 1 or self.deepspeed:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(model)
 
     def backward(self, share: torch.Tensor) -> None:
         """Backward of this rank's share of the global loss (its rows' terms over the GLOBAL denominator).
@@ -123,7 +159,12 @@ class Run:
 
     def clip_grad_norm(self, model, parameters, max_norm: float) -> float:
         """Clip the synced gradients (FSDP and DeepSpeed need accelerate's own clipping)."""
-        return float(self.accelerator.clip_grad_norm_(parameters, max_norm))
+        if self.accelerator.distributed_type.name == "FSDP" and hasattr(model, "clip_grad_norm_"):
+            # FSDP1's own clipping takes the norm over every rank's shard; accelerate hands it over only when the
+            # parameters are all of the model's, not a LoRA subset (frozen weights have no gradient and add nothing)
+            return float(model.clip_grad_norm_(max_norm))
+        norm = self.accelerator.clip_grad_norm_(parameters, max_norm)
+        return float(norm) if norm is not None else float("nan")  # DeepSpeed before its first step has none
 
     def autocast(self):
         return self.accelerator.autocast()
@@ -144,18 +185,53 @@ class Run:
 
     def trainable_state(self, model) -> dict[str, torch.Tensor]:
         """Full (unsharded) trainable weights under the unwrapped model's parameter names, for a checkpoint.
-        Every rank calls it (FSDP gathers)."""
-        return trainable_state(self.unwrap(model))
+        Every rank calls it (FSDP gathers); pass the prepared model. Frozen weights are left out."""
+        if self.deepspeed:  # ZeRO-3 partitions parameters; accelerate consolidates them
+            names = {name for name, p in self.unwrap(model).named_parameters() if p.requires_grad}
+            return {k: v for k, v in self.accelerator.get_state_dict(model).items() if k in names}
+        state = get_model_state_dict(model, options=self._gather_options())
+        return {name: tensor for name, tensor in state.items() if name in self._parameter_names(model)}
+
+    def _parameter_names(self, model) -> set[str]:
+        """The unwrapped model's parameter names, each shared (tied) weight once, as named_parameters lists them
+        (a tied head and embedding share storage, which safetensors refuses to save twice); FSDP's wrapper
+        prefixes left out, as state dicts leave them out."""
+        wrappers = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+        names = set()
+        for name, _ in self.unwrap(model).named_parameters():
+            for prefix in wrappers:
+                name = name.replace(prefix, "")
+            names.add(name)
+        return names
 
     def load_trainable(self, model, state: dict[str, torch.Tensor]) -> None:
-        load_trainable_state(self.unwrap(model), state)
+        """Every rank loads the full dict read from the checkpoint (FSDP keeps its own shard of it)."""
+        unknown = sorted(set(state) - self._parameter_names(model))
+        if unknown:
+            raise ValueError(f"checkpoint has parameters the model lacks, e.g. {unknown[:3]}; was it made with "
+                             f"another config?")
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def optimizer_state(self, model, optimizer) -> dict:
-        """The optimizer's full state dict (every rank calls it)."""
-        return optimizer.state_dict()
+        """The optimizer's full state keyed by parameter name (not by position, so it moves between DDP and FSDP
+        and between world sizes). Every rank calls it. Under DeepSpeed none is saved: its engine keeps the state
+        in its own pickled format, which these checkpoints never hold, so --resume refuses such a run."""
+        if self.deepspeed:
+            return {}
+        return get_optimizer_state_dict(model, optimizer, options=self._gather_options())
 
     def load_optimizer(self, model, optimizer, state: dict) -> None:
-        optimizer.load_state_dict(state)
+        if self.deepspeed or not state:
+            raise ConfigError("--resume: this run's checkpoints hold no optimizer state (saved under DeepSpeed, whose "
+                              "optimizer state is not kept as safetensors); resume it under DDP or FSDP "
+                              "(configs/accelerate/multi_gpu.yaml or fsdp.yaml), or start a new run")
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+
+    @staticmethod
+    def _gather_options():
+        # full_state_dict: unsharded tensors; cpu_offload only on GPUs (FSDP1's offload segfaults on CPU here), and
+        # with it only rank 0 receives the tensors, which is the rank that writes them
+        return StateDictOptions(full_state_dict=True, cpu_offload=torch.cuda.is_available(), ignore_frozen_params=True)
 
     # ------------------------------------------------------------------------- output: main process only
     def print(self, message: str) -> None:

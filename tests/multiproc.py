@@ -30,9 +30,26 @@ def launch_command(processes: int) -> list[str]:
 
 
 def run_processes(processes: int, args: list[str], timeout: float = 240, cwd: Path = REPO,
-                  env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python ARGS` in `processes` processes (a script path and its arguments, or `-m module ...`)."""
+                  env: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python ARGS` in `processes` processes (a script path and its arguments, or `-m module ...`);
+    `launcher`: other `accelerate launch` options in place of the multi-process defaults (a config file)."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                    "PYTHONPATH": str(REPO), **(env or {})}
-    command = launch_command(processes) + list(args)
+    command = ([ACCELERATE, "launch", *launcher] if launcher else launch_command(processes)) + list(args)
     return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+def force_fsdp_on_cpu(accelerator) -> None:
+    """Put `accelerator` on accelerate's FSDP path on a CPU-only machine, where accelerate 1.15 never chooses FSDP
+    by itself (its processes run as MULTI_CPU DDP). The plugin is the one accelerate builds from the FSDP_*
+    variables that `accelerate launch --config_file configs/accelerate/fsdp.yaml` sets; the state is changed in
+    PartialState too, which AcceleratorState copies again whenever it is instantiated (prepare does)."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    assert os.environ.get("ACCELERATE_USE_FSDP") == "true", "launch with --config_file configs/accelerate/fsdp.yaml"
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    for state in (PartialState(), accelerator.state):
+        state.distributed_type = DistributedType.FSDP
+        state.device = torch.device("cpu")  # FSDP1 wants its device_id to equal the compute device "cpu"

@@ -93,3 +93,17 @@ def test_exit_code_2_and_no_traceback(tmp_path):
                             cwd=root, env={**os.environ, "PYTHONPATH": root})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["config error: config field 'group_size': expected an integer, got 'x' (str)"]
+
+
+def test_a_bare_yaml_no_reads_as_the_literal_no(tmp_path):
+    @dataclasses.dataclass
+    class Precision:
+        mixed_precision: Literal["no", "bf16", "fp16"] = option("bf16", "autocast")
+        scale: Literal["group", "none"] = option("group", "no 'no' among the choices")
+
+    path = tmp_path / "p.yaml"
+    path.write_text("mixed_precision: no\n")  # YAML 1.1 reads this as false
+    assert load_config(Precision, path).mixed_precision == "no"
+    assert load_config(Precision, None, ["mixed_precision=no"]).mixed_precision == "no"
+    with pytest.raises(ConfigError, match="'scale': False is not allowed"):
+        load_config(Precision, None, ["scale=no"])  # false stays false where 'no' is not a choice

@@ -25,10 +25,12 @@ from llmalign.data import load_rows, write_rows
 from llmalign.dpo import (CachedLogprobs, cache_fingerprint, cached_logprobs, compute_token_logprobs, encode_pairs,
                           live_reference, load_guidance_model, micro_batch_terms, precomputed_reference, train_step)
 from llmalign.dpo_config import DPOConfig
-from llmalign.grpo import load_policy, micro_batches
+from llmalign.data import micro_batches
 from llmalign.pairs import make_pairs, preference_level, sample_completions, select_pairs
+from llmalign.policy import load_policy
 from shared.checkpoint import latest_checkpoint, load_state
 from shared.config import load_config
+from shared.run import Run
 from shared.preference import PREFERENCE_LOSSES
 from shared.token_weights import tgdpo_token_weights, weighted_dpo_sigmoid_loss
 
@@ -82,6 +84,12 @@ def overrides(tiny, out_dir, *extra):
             "data.eval_size=4", "data.eval_max_new_tokens=12", "train.steps=2", "train.batch_size=4",
             "train.micro_batch_size=3", "train.learning_rate=1e-2", f"log.output_dir={out_dir}",
             "log.checkpoint_every=1", *extra]
+
+
+@pytest.fixture
+def one_process(tmp_path):
+    """A Run of this process alone (world size 1), for calling the trainer's parts directly."""
+    return Run(tmp_path / "one_process", resume=False, tag="[test]")
 
 
 def config_for(tiny, *extra):
@@ -192,18 +200,19 @@ def expected_losses(name, config, policy, ref, guide):
 
 
 @pytest.mark.parametrize("name, extra", LOSS_CASES, ids=[c[0] for c in LOSS_CASES])
-def test_each_loss_path_equals_the_shared_loss_on_unpadded_logprobs(tiny, name, extra):
+def test_each_loss_path_equals_the_shared_loss_on_unpadded_logprobs(tiny, one_process, name, extra):
     config = config_for(tiny, *extra, *([f"algorithm.guidance_model={tiny / 'guide'}"] if name == "tgdpo" else []))
     reference_model, tokenizer = load_policy(config.model)
     policy = perturbed(tiny / "model", seed=1)
     rows = pair_rows()
     encoded = encode_pairs(tokenizer, rows, config.data)
     pad = tokenizer.pad_token_id
-    reference = (CachedLogprobs(compute_token_logprobs(reference_model, encoded, pad, micro_batch_size=4))
+    reference = (CachedLogprobs(compute_token_logprobs(one_process, reference_model, encoded, pad, micro_batch_size=4))
                  if config.algorithm.uses_reference else None)
     guidance = None
     if name == "tgdpo":
-        guidance = CachedLogprobs(compute_token_logprobs(perturbed(tiny / "model", seed=7), encoded, pad, 4))
+        guide_model = perturbed(tiny / "model", seed=7)
+        guidance = CachedLogprobs(compute_token_logprobs(one_process, guide_model, encoded, pad, 4))
     order = [4, 0, 3, 1, 5, 2]  # micro-batches of 2 in a shuffled order: padding and index lookups differ
     got = torch.cat([micro_batch_terms(config.algorithm, policy, encoded, rows_, pad, reference, guidance)["losses"]
                      for rows_ in micro_batches(order, 2)]).detach()
@@ -217,13 +226,13 @@ def test_each_loss_path_equals_the_shared_loss_on_unpadded_logprobs(tiny, name, 
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_precomputed_reference_equals_live_reference(tiny, tmp_path, lora):
+def test_precomputed_reference_equals_live_reference(tiny, one_process, lora):
     config = config_for(tiny, f"model.lora={str(lora).lower()}", "model.lora_rank=4")
     model, tokenizer = load_policy(config.model)
     encoded = encode_pairs(tokenizer, pair_rows(), config.data)
     pad = tokenizer.pad_token_id
-    precomputed, _ = precomputed_reference(config, model, encoded, str(tiny / "pairs.jsonl"), tmp_path, pad)
-    live, _ = live_reference(config, model, encoded, str(tiny / "pairs.jsonl"), tmp_path, pad)
+    precomputed, _ = precomputed_reference(one_process, config, model, encoded, str(tiny / "pairs.jsonl"), pad)
+    live, _ = live_reference(one_process, config, model, encoded, str(tiny / "pairs.jsonl"), pad)
     with torch.no_grad():  # now the policy moves away from its reference
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -237,21 +246,22 @@ def test_precomputed_reference_equals_live_reference(tiny, tmp_path, lora):
 
 
 @pytest.mark.parametrize("loss", ["sigmoid", "simpo"])
-def test_gradient_accumulation_equals_one_big_batch(tiny, loss):
+def test_gradient_accumulation_equals_one_big_batch(tiny, one_process, loss):
     import copy
 
     config = config_for(tiny, f"algorithm.loss={loss}", "train.max_grad_norm=1e9")
     model, tokenizer = load_policy(config.model)
     encoded = encode_pairs(tokenizer, pair_rows(), config.data)
     pad = tokenizer.pad_token_id
-    reference = CachedLogprobs(compute_token_logprobs(model, encoded, pad, 6)) if loss != "simpo" else None
+    reference = CachedLogprobs(compute_token_logprobs(one_process, model, encoded, pad, 6)) if loss != "simpo" else None
     policy = perturbed(tiny / "model", seed=2).requires_grad_(True)  # D != 0, so the sigmoid gradient is not at 0
     results = []
     for micro in (6, 4, 2):  # 4: micro-batches of unequal size (4 + 2)
         trained = copy.deepcopy(policy)
         optimizer = torch.optim.SGD(trained.parameters(), lr=1.0)
         config.train.micro_batch_size = micro
-        metrics = train_step(config, trained, optimizer, encoded, [3, 1, 4, 0, 5, 2], pad, reference, None)
+        metrics = train_step(one_process, config, trained, optimizer, encoded, [3, 1, 4, 0, 5, 2], pad, reference,
+                             None)
         results.append((dict(trained.named_parameters()), metrics))
     (big, big_metrics), *smaller = results
     for params, metrics in smaller:
@@ -261,7 +271,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny, loss):
     assert any(not torch.equal(v, dict(policy.named_parameters())[k]) for k, v in big.items())
 
 
-def test_reference_cache_is_reused_and_rebuilt_when_stale(tiny, tmp_path):
+def test_reference_cache_is_reused_and_rebuilt_when_stale(tiny, tmp_path, one_process):
     calls = []
 
     def compute():
@@ -269,11 +279,11 @@ def test_reference_cache_is_reused_and_rebuilt_when_stale(tiny, tmp_path):
         return {"chosen.0": torch.tensor([float(len(calls))])}
 
     path = tmp_path / "reference_logprobs.safetensors"
-    first, hit = cached_logprobs(path, {"data_sha256": "a"}, compute)
+    first, hit = cached_logprobs(one_process, path, {"data_sha256": "a"}, compute)
     assert not hit and len(calls) == 1
-    again, hit = cached_logprobs(path, {"data_sha256": "a"}, compute)
+    again, hit = cached_logprobs(one_process, path, {"data_sha256": "a"}, compute)
     assert hit and len(calls) == 1 and torch.equal(again["chosen.0"], torch.tensor([1.0]))
-    rebuilt, hit = cached_logprobs(path, {"data_sha256": "b"}, compute)
+    rebuilt, hit = cached_logprobs(one_process, path, {"data_sha256": "b"}, compute)
     assert not hit and torch.equal(rebuilt["chosen.0"], torch.tensor([2.0]))
     assert json.loads(path.with_suffix(".json").read_text()) == {"data_sha256": "b"}
     # the fingerprint follows the data file's bytes, even when the tokens stay the same

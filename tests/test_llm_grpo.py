@@ -14,9 +14,11 @@ from llmalign import toy
 from llmalign.cli import main
 from llmalign.config import GRPOConfig
 from llmalign.evaluate import generate
-from llmalign.grpo import load_policy, update
+from llmalign.grpo import update
+from llmalign.policy import load_policy
 from shared.checkpoint import latest_checkpoint, load_state
 from shared.config import load_config
+from shared.run import Run
 
 
 def char_count_reward(prompts, completions, **kwargs):
@@ -44,6 +46,12 @@ def overrides(model_dir, out_dir, *extra):
         "train.group_size=3", "train.micro_batch_size=3", "train.learning_rate=1e-2",
         "reward.weights={accuracy: 1.0, tests.test_llm_grpo:char_count_reward: 1.0}",
         f"log.output_dir={out_dir}", "log.checkpoint_every=1", *extra]
+
+
+@pytest.fixture
+def one_process(tmp_path):
+    """A Run of this process alone (world size 1), for calling the trainer's parts directly."""
+    return Run(tmp_path / "one_process", resume=False, tag="[test]")
 
 
 def initial_weights(model_dir):
@@ -101,7 +109,7 @@ def rollout_for(model_dir, group_size=3, prompts=4):
 
 @pytest.mark.parametrize("loss, shared_prefix", [("grpo", False), ("dapo", False), ("dr_grpo", False),
                                                  ("grpo", True), ("disco", False)])
-def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, loss, shared_prefix):
+def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, one_process, loss, shared_prefix):
     model, rollout = rollout_for(tiny_lm_dir)
     N = rollout.completion_ids.shape[0]  # 12
     advantages = torch.linspace(-1, 1, N)
@@ -117,7 +125,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, loss, shared_pr
             "train.max_grad_norm=1e9", "sampling.max_new_tokens=10"])
         optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=1.0)
         reference = lambda: __import__("contextlib").nullcontext(model)  # the untouched copy as reference
-        update(config, trained, optimizer, reference, rollout, advantages, keep, correct)
+        update(one_process, config, trained, optimizer, reference, rollout, advantages, keep, correct)
         results.append(dict(trained.named_parameters()))
     big, small = results
     moved = 0
@@ -127,7 +135,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, loss, shared_pr
     assert moved > 0  # the step did something
 
 
-def test_shared_prefix_update_equals_plain_update(tiny_lm_dir):
+def test_shared_prefix_update_equals_plain_update(tiny_lm_dir, one_process):
     model, rollout = rollout_for(tiny_lm_dir)
     N = rollout.completion_ids.shape[0]
     results = []
@@ -137,8 +145,8 @@ def test_shared_prefix_update_equals_plain_update(tiny_lm_dir):
                                                 "train.prompts_per_iteration=4", "train.micro_batch_size=6",
                                                 "train.num_iterations=2", "train.max_grad_norm=1e9"])
         optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
-        update(config, trained, optimizer, None, rollout, torch.linspace(-1, 1, N), torch.ones(N, dtype=torch.bool),
-               torch.zeros(N, dtype=torch.bool))
+        update(one_process, config, trained, optimizer, None, rollout, torch.linspace(-1, 1, N),
+               torch.ones(N, dtype=torch.bool), torch.zeros(N, dtype=torch.bool))
         results.append(dict(trained.named_parameters()))
     for name, value in results[0].items():
         assert_close(results[1][name], value, atol=1e-5, rtol=1e-5, msg=name)

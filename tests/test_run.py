@@ -35,13 +35,14 @@ SCRIPT = textwrap.dedent("""
         run.save_checkpoint(1, {"trainer": {"iteration": 1}}, keep_last=2)
         result["draw"] = torch.rand(2).tolist()  # what a resumed rank must draw next
     run.close()
-    print("RESULT " + json.dumps(result))
+    with open(f"{out}.{'resume' if resume else 'fresh'}.rank{result['rank']}.json", "w") as handle:
+        json.dump(result, handle)  # a file per rank: two ranks' stdout lines can interleave
 """)
 
 
-def results(completed) -> dict[int, dict]:
+def results(completed, out, phase: str) -> dict[int, dict]:
     assert completed.returncode == 0, completed.stderr[-3000:]
-    rows = [json.loads(line.split("RESULT ", 1)[1]) for line in completed.stdout.splitlines() if "RESULT " in line]
+    rows = [json.loads(path.read_text()) for path in sorted(out.parent.glob(f"{out.name}.{phase}.rank*.json"))]
     return {row["rank"]: row for row in rows}
 
 
@@ -50,7 +51,7 @@ def test_run_helpers_on_two_processes(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(SCRIPT)
     out = tmp_path / "run"
-    first = results(run_processes(2, [str(script), str(out), "fresh"]))
+    first = results(run_processes(2, [str(script), str(out), "fresh"]), out, "fresh")
     assert sorted(first) == [0, 1] and all(r["world"] == 2 for r in first.values())
     assert first[0]["block"] == [0, 1, 2] and first[1]["block"] == [3, 4, 5]
     for r in first.values():
@@ -65,7 +66,7 @@ def test_run_helpers_on_two_processes(tmp_path):
     step = out / "checkpoints" / "step-000001"
     assert (step / "rng.json").is_file() and (step / "rng.rank1.json").is_file()
 
-    resumed = results(run_processes(2, [str(script), str(out), "resume"]))
+    resumed = results(run_processes(2, [str(script), str(out), "resume"]), out, "resume")
     for rank in (0, 1):
         assert resumed[rank]["start"] == 1
         assert resumed[rank]["draw"] == first[rank]["draw"]  # each rank's own stream, restored

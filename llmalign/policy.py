@@ -1,0 +1,104 @@
+"""The policy both trainers train: loading on the run's device, the memory options, the reference, and the
+checkpoint that holds the training state plus the model in from_pretrained form.
+
+    model, tokenizer = load_policy(config.model, run.device)
+    if config.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    reference = reference_policy(model, config.model.lora)       # before run.prepare wraps the model
+    ...
+    start = restore_policy(run, model, optimizer)                 # 0, or the step of the starting checkpoint
+    save_policy_checkpoint(run, config, model, tokenizer, optimizer, step)
+
+Through a DDP/FSDP wrapper, peft methods (disable_adapter, save_pretrained) are called on `run.unwrap(model)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+
+from llmalign.config import LMModelConfig
+from llmalign.toy import resolve_embedded
+from shared.config import to_dict
+from shared.run import Run
+
+
+def load_policy(config: LMModelConfig, device: torch.device | str = "cpu"):
+    """(model, tokenizer) from a directory or hub id, on `device`, with a LoRA adapter when config.lora."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_embedded(config.path)
+    remote = {"trust_remote_code": True} if config.allow_remote_code else {}  # off unless the config says so
+    tokenizer = AutoTokenizer.from_pretrained(path, **remote)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere; any id will do
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype), **remote).to(device)
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=config.lora_targets,
+                          task_type="CAUSAL_LM")
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as error:
+            raise ValueError(f"model.lora_targets {config.lora_targets}: {error}") from None
+    return model, tokenizer
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """transformers activation (gradient) checkpointing, non-reentrant: it works under DDP and with frozen inputs.
+    transformers also makes the input embeddings' output require grad, so that with LoRA (frozen embeddings) a
+    checkpointed layer still passes gradients to its adapters. Active in train mode only (transformers)."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def disable_dropout(model) -> None:
+    """Dropout off while the model stays in train mode (as TRL's `disable_dropout`, which zeroes nn.Dropout).
+    Attention dropout that a model applies functionally from a float attribute (Qwen2, Llama: `attention_dropout`)
+    is zeroed too, which TRL does not do."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def reference_policy(model, lora: bool):
+    """A context manager factory giving the KL reference: the base model under a disabled LoRA adapter (it yields
+    None: run the policy itself; no extra memory), or a frozen copy of the initial weights for full fine-tuning.
+    Call it on the plain model, before `run.prepare` wraps it."""
+    if lora:
+        return model.disable_adapter
+    frozen = copy.deepcopy(model).requires_grad_(False).eval()
+    return lambda: contextlib.nullcontext(frozen)
+
+
+def restore_policy(run: Run, model, optimizer) -> int:
+    """Trainable weights and optimizer state from the run's starting checkpoint, then each rank's RNG state and the
+    logs trimmed back to it (`run.restore`); returns its step, 0 without one."""
+    if run.checkpoint is not None:
+        run.load_trainable(model, run.load("trainable"))
+        run.load_optimizer(model, optimizer, run.load("optimizer"))
+    return run.restore()
+
+
+def save_policy_checkpoint(run: Run, config, model, tokenizer, optimizer, step: int) -> None:
+    """Training state (shared.checkpoint, through `run`) plus the model in from_pretrained form: the LoRA adapter
+    (PeftModel.from_pretrained) or the full model and tokenizer (AutoModelForCausalLM); `final` points at the
+    newest. Every rank calls it; the main process writes."""
+    def write_model(directory: Path) -> None:
+        run.unwrap(model).save_pretrained(directory / "model")
+        tokenizer.save_pretrained(directory / "model")
+
+    states = {"trainable": run.trainable_state(model), "optimizer": run.optimizer_state(model, optimizer),
+              "trainer": {"iteration": step, "config": to_dict(config)}}
+    written = run.save_checkpoint(step, states, keep_last=config.log.keep_last, extra_writer=write_model)
+    if run.is_main:  # the others only read `final` after training, if at all
+        pointer = run.out / "final"  # the newest model, for `llmalign eval --model RUN/final`
+        if pointer.is_symlink() or pointer.exists():
+            pointer.unlink()
+        pointer.symlink_to(Path("checkpoints") / written.name / "model")
