@@ -195,30 +195,19 @@ import json, os, sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from accelerate.utils import DistributedType
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from shared.checkpoint import load_state, save_state
+from shared.run import Run
+from tests.multiproc import force_fsdp_on_cpu
 
 out = Path(sys.argv[1])
-accelerator = Accelerator(cpu=True)
+run = Run(None, resume=False, tag="[fsdp]")  # the trainers' checkpoint state goes through its methods
+accelerator = run.accelerator
 assert accelerator.distributed_type == DistributedType.MULTI_CPU  # accelerate's choice on CPU: FSDP is not used
-assert os.environ["ACCELERATE_USE_FSDP"] == "true"
-# force accelerate's FSDP path with the plugin it builds from fsdp.yaml's FSDP_* variables; in PartialState too,
-# which AcceleratorState copies again whenever it is instantiated (prepare does)
-accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
-for state in (PartialState(), accelerator.state):
-    state.distributed_type = DistributedType.FSDP
-    state.device = torch.device("cpu")  # FSDP1 wants its device_id to equal the compute device "cpu"
+force_fsdp_on_cpu(accelerator)  # accelerate's FSDP path, with the plugin it builds from fsdp.yaml
 rank, world = accelerator.process_index, accelerator.num_processes
-
-# full (unsharded) state of the trainable parameters / optimizer, FQN-keyed; cpu_offload (GPU only: it crashes FSDP1
-# on CPU) would leave the tensors on rank 0 alone
-GATHER = StateDictOptions(full_state_dict=True, cpu_offload=torch.cuda.is_available(), ignore_frozen_params=True)
-LOAD = StateDictOptions(full_state_dict=True, strict=False)
 
 
 def build(lora: bool, shift: float = 0.0):
@@ -244,8 +233,8 @@ for lora in (False, True):
     model, optimizer = accelerator.prepare(*build(lora))
     accelerator.backward(model(input_ids=mine, labels=mine).loss)
     optimizer.step(); optimizer.zero_grad()
-    step1 = get_model_state_dict(model, options=GATHER)
-    optim = get_optimizer_state_dict(model, optimizer, options=GATHER)
+    step1 = run.trainable_state(model)  # full (unsharded), by parameter name
+    optim = run.optimizer_state(model, optimizer)
     ckpt = out / tag
     if rank == 0:  # the checkpoint: safetensors + JSON, no pickle
         ckpt.mkdir(parents=True)
@@ -254,11 +243,11 @@ for lora in (False, True):
     accelerator.wait_for_everyone()
     # resume: a fresh model and optimizer, every rank reads the full state from the files
     model2, optimizer2 = accelerator.prepare(*build(lora, shift=1.0))
-    set_model_state_dict(model2, load_state(ckpt, "trainable"), options=LOAD)
-    set_optimizer_state_dict(model2, optimizer2, load_state(ckpt, "optimizer"), options=LOAD)
+    run.load_trainable(model2, load_state(ckpt, "trainable"))
+    run.load_optimizer(model2, optimizer2, load_state(ckpt, "optimizer"))
     accelerator.backward(model2(input_ids=mine, labels=mine).loss)
     optimizer2.step()
-    step2 = get_model_state_dict(model2, options=GATHER)
+    step2 = run.trainable_state(model2)
     if rank == 0:
         ref, ref_opt = build(lora)  # one process, no FSDP, the whole batch
         diffs = []
