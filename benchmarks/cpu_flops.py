@@ -30,26 +30,36 @@ def matmul_peak(size: int = 1024, repeats: int = 20) -> float:
 
 def update_step_flops() -> tuple[float, float]:
     """(FLOPs counted by torch's FlopCounterMode, median seconds) of one update() on the embedded default."""
+    import tempfile
+
     from flowalign.config import FlowGRPOConfig
-    from flowalign.lora import make_trainable
-    from flowalign.train import iteration_generator, load_adapter, rollout, update
+    from flowalign.train import iteration_generator, load_adapter, make_policy, rollout, update, update_parts
     from shared.config import load_config
+    from shared.run import Run
 
     config = load_config(FlowGRPOConfig, ROOT / "configs" / "flow" / "flow_grpo.yaml", ["train.updates_per_iteration=1"])
-    adapter = load_adapter(config, torch.device("cpu"))
-    params = make_trainable(adapter.transformer, True, config.model.lora_rank, config.model.lora_alpha,
-                            config.model.lora_targets)
+    run = Run(tempfile.mkdtemp(prefix="cpu_flops-"), resume=False, tag="[cpu_flops]")
+    adapter = load_adapter(config, run.device)
+    params = make_policy(config, adapter.transformer)
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     prompts = config.data.prompts[: config.train.prompts_per_iteration]
-    _, _, batch, _, _, _ = rollout(config, adapter, prompts, 0, None, iteration_generator(0, 0, adapter.device))
+    sampled = rollout(config, adapter, adapter.encode_prompts, prompts, 0, 0, None, iteration_generator(0, 0))
+    batch = sampled.rows
     batch.advantage = torch.randn(len(batch))
     embeds = adapter.encode_prompts(prompts)
+    steps = config.sampling.num_steps
+    keys = sampled.sample_id[sampled.row_sample] * steps + batch.step  # [R]
+
+    def one_update(iteration: int) -> None:
+        parts = update_parts(keys, keys, len(sampled.final) * steps, 1, iteration_generator(0, iteration))
+        update(config, run, adapter, optimizer, params, embeds, batch, parts, len(keys))
+
     with FlopCounterMode(display=False) as counter:
-        update(config, adapter, optimizer, params, embeds, batch, iteration_generator(0, 1, adapter.device))
+        one_update(1)
     times = []
     for i in range(3):
         start = time.perf_counter()
-        update(config, adapter, optimizer, params, embeds, batch, iteration_generator(0, 2 + i, adapter.device))
+        one_update(2 + i)
         times.append(time.perf_counter() - start)
     return counter.get_total_flops(), statistics.median(times)
 

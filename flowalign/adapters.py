@@ -66,6 +66,10 @@ class PromptEmbeds:
     def to(self, *args, **kwargs) -> PromptEmbeds:
         return self._map(lambda t: t.to(*args, **kwargs))
 
+    @classmethod
+    def cat(cls, parts: list[PromptEmbeds]) -> PromptEmbeds:
+        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)})
+
 
 @runtime_checkable
 class FlowPipelineAdapter(Protocol):
@@ -92,6 +96,36 @@ class FlowPipelineAdapter(Protocol):
     ) -> torch.Tensor: ...
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+class CachedPromptEncoder:
+    """`encode_prompts` from a cache computed once per distinct prompt, after which the text encoders leave the
+    device (moved to the CPU): SD3.5 and FLUX carry a 4.7B T5 that would otherwise sit next to the transformer
+    for the whole run. The cache lives on the CPU and rows move to the device when asked for; it holds every
+    prompt of the run, so it suits prompt sets whose embeddings fit in host memory."""
+
+    def __init__(self, adapter, prompts: list[str], batch_size: int = 32):
+        distinct = list(dict.fromkeys(prompts))
+        parts = [adapter.encode_prompts(distinct[i:i + batch_size]).to("cpu") for i in range(0, len(distinct), batch_size)]
+        self.embeds = PromptEmbeds.cat(parts)  # one row per distinct prompt, on the CPU
+        self.row = {prompt: i for i, prompt in enumerate(distinct)}
+        self.device = adapter.device
+        for name in TEXT_ENCODERS:
+            module = getattr(adapter.pipeline, name, None)
+            if module is not None:
+                module.to("cpu")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __call__(self, prompts: list[str]) -> PromptEmbeds:
+        unknown = [p for p in prompts if p not in self.row]
+        if unknown:
+            raise KeyError(f"prompt {unknown[0]!r} was not encoded before the text encoders were offloaded; "
+                           "pass every training and evaluation prompt to CachedPromptEncoder")
+        return self.embeds[[self.row[p] for p in prompts]].to(self.device)
 
 
 def _read_settings(path_or_hub_id: str) -> tuple[dict, dict]:
@@ -139,7 +173,9 @@ class SD3Adapter:
 
     def __init__(self, pipeline, max_sequence_length: int = SD3_DEFAULT_MAX_SEQUENCE_LENGTH):
         self.pipeline = pipeline
-        self.transformer = pipeline.transformer  # replace with a wrapped (e.g. LoRA) module if needed
+        # what velocity() calls: a trainer may put its DDP/FSDP wrapper here, so config lookups go through
+        # pipeline.transformer (the module itself)
+        self.transformer = pipeline.transformer
         self.scheduler = pipeline.scheduler
         self.max_sequence_length = max_sequence_length  # T5 tokens (zeros when T5 is absent)
         # Only the transformer is trained: text encoders and VAE are frozen, in eval mode.
@@ -343,7 +379,9 @@ class FluxAdapter:
                 f"got {max_sequence_length}; FluxPipeline uses 512 by default"
             )
         self.pipeline = pipeline
-        self.transformer = pipeline.transformer  # replace with a wrapped (e.g. LoRA) module if needed
+        # what velocity() calls: a trainer may put its DDP/FSDP wrapper here, so config lookups go through
+        # pipeline.transformer (the module itself)
+        self.transformer = pipeline.transformer
         self.scheduler = pipeline.scheduler
         self.max_sequence_length = max_sequence_length
         # Only the transformer is trained: text encoders and VAE are frozen, in eval mode.
@@ -472,7 +510,7 @@ class FluxAdapter:
         tokens = _pack_latents(latents.to(self.dtype))  # [B, N, 4C]
         img_ids = _image_ids(h, w, latents.device, self.dtype)  # [N, 3]
         txt_ids = torch.zeros(embeds.prompt_embeds.shape[1], 3, device=latents.device, dtype=self.dtype)  # [L, 3]
-        distilled = bool(self.transformer.config.guidance_embeds)
+        distilled = bool(self.pipeline.transformer.config.guidance_embeds)  # self.transformer may be a DDP wrapper
         true_cfg = guidance_scale > 1 and not distilled
         if true_cfg:  # one batched forward of [uncond, cond]
             tokens = torch.cat([tokens, tokens])  # [2B, N, 4C]

@@ -1,7 +1,8 @@
 """The one config dataclass of the flow GRPO recipe (`flowalign/train.py`).
 
 Sections: model, sampling, algorithm, train, reward, data, log. Every field is documented once,
-here; `python flowalign/train.py --describe` prints them all.
+here; `python flowalign/train.py --describe` prints them all. Batch sizes are global (per iteration, over all
+processes), so a config trains the same way on 1 or N processes; micro_batch_size is a per-process memory knob.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ class ModelConfig:
     lora_alpha: int = option(64, "LoRA alpha")
     lora_targets: list[str] = option(["to_q", "to_k", "to_v", "to_out.0"], "module names LoRA wraps")
     allow_remote_code: bool = option(False, "pass trust_remote_code to from_pretrained (off: never run hub code)")
+    offload_text_encoders: bool = option(
+        False, "encode every training and eval prompt once at start, cache the embeddings on the CPU and move the "
+               "text encoders off the device (frees SD3.5/FLUX's T5 for the run)")
 
 
 @dataclasses.dataclass
@@ -34,6 +38,8 @@ class SamplingConfig:
     noise_level: float = option(0.7, "SDE noise level a; 0 makes the SDE step the ODE step")
     sde_kind: Literal["flow_grpo", "cps"] = option("flow_grpo", "SDE step: Flow-GRPO or coefficients-preserving (CPS)")
     same_noise_per_group: bool = option(False, "members of a group share their initial noise (TempFlow seed groups)")
+    height: Optional[int] = option(None, "image height in pixels for rollouts and evaluation (null: the pipeline's default)")
+    width: Optional[int] = option(None, "image width in pixels for rollouts and evaluation (null: the pipeline's default)")
 
 
 @dataclasses.dataclass
@@ -54,11 +60,18 @@ class AlgorithmConfig:
 @dataclasses.dataclass
 class TrainConfig:
     iterations: int = option(100, "GRPO iterations (rollout + update)")
-    prompts_per_iteration: int = option(10, "distinct prompts per iteration")
-    group_size: int = option(8, "samples per prompt G")
-    rollout_chunks: int = option(1, "sample the prompts in this many sequential batches (memory; async scoring)")
-    updates_per_iteration: int = option(2, "optimizer steps per iteration (the batch is split in this many parts)")
-    micro_batch_size: int = option(32, "samples per forward pass in the update (gradient accumulation)")
+    prompts_per_iteration: int = option(
+        10, "distinct prompts per iteration, over all processes (a multiple of the number of processes: each takes "
+            "a block of whole groups)")
+    group_size: int = option(8, "samples per prompt G (a group never straddles processes)")
+    rollout_chunks: int = option(1, "each process samples its prompts in this many sequential batches (memory; async scoring)")
+    updates_per_iteration: int = option(
+        2, "optimizer steps per iteration: the global batch of (sample, step) rows is split in this many parts, "
+           "the same split whatever the number of processes")
+    micro_batch_size: int = option(32, "rows per forward pass in the update, per process (a memory knob: gradient accumulation)")
+    gradient_checkpointing: bool = option(False, "recompute the transformer's activations in the backward pass (memory for time)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option(
+        "no", "autocast through accelerate; the trainable weights (LoRA or full) stay float32. fp16 needs a GPU")
     learning_rate: float = option(3e-4, "AdamW learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
@@ -137,6 +150,8 @@ class FlowGRPOConfig:
         need(t.advantage_clip > 0, "train.advantage_clip", f"{t.advantage_clip} must be positive, e.g. 5.0")
         need(t.weight_decay >= 0, "train.weight_decay", f"{t.weight_decay} must be >= 0")
         need(t.seed >= 0, "train.seed", f"{t.seed} must be >= 0")
+        for field, value in (("sampling.height", s.height), ("sampling.width", s.width)):
+            need(value is None or value > 0, field, f"{value} must be positive or null (the pipeline's default)")
         need(t.max_seconds is None or t.max_seconds > 0, "train.max_seconds", f"{t.max_seconds} must be positive or null")
         need(s.guidance_scale >= 0, "sampling.guidance_scale", f"{s.guidance_scale} must be >= 0 (1 = no guidance)")
         need(self.log.eval_every >= 0, "log.eval_every", f"{self.log.eval_every} must be >= 0 (0 = start and end only)")

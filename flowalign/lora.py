@@ -11,7 +11,8 @@ from shared.checkpoint import load_trainable_state, trainable_state  # noqa: F40
 
 
 def make_trainable(transformer: torch.nn.Module, lora: bool, rank: int, alpha: int, targets: list[str]) -> list[torch.nn.Parameter]:
-    """Add a LoRA adapter (peft) or unfreeze the whole transformer; return the trainable parameters."""
+    """Add a LoRA adapter (peft) or unfreeze the whole transformer; return the trainable parameters, in float32
+    whatever the model's dtype (optimizer updates in bf16 would round away; mixed precision autocasts the compute)."""
     if lora:
         from peft import LoraConfig
 
@@ -21,14 +22,18 @@ def make_trainable(transformer: torch.nn.Module, lora: bool, rank: int, alpha: i
         if not params:
             raise ValueError(f"model.lora_targets {targets} matched no module of the transformer; "
                              "list attention projection names such as to_q, to_k, to_v")
-        return params
-    transformer.requires_grad_(True)
-    return list(transformer.parameters())
+    else:
+        transformer.requires_grad_(True)
+        params = list(transformer.parameters())
+    for param in params:
+        param.data = param.data.float()
+    return params
 
 
 @contextlib.contextmanager
 def reference_model(transformer: torch.nn.Module, lora: bool):
-    """Inside the block the transformer is the reference policy: the base model with LoRA disabled."""
+    """Inside the block the transformer is the reference policy: the base model with LoRA disabled. Pass the module
+    itself (`Run.unwrap`): a DDP/FSDP wrapper has no disable_adapters."""
     if not lora:
         raise ValueError("a KL reference needs model.lora=true (full fine-tuning keeps no reference copy); "
                          "set train.kl_beta=0 or model.lora=true")
@@ -39,12 +44,15 @@ def reference_model(transformer: torch.nn.Module, lora: bool):
         transformer.enable_adapters()
 
 
-def save_lora_for_pipeline(pipeline_class, transformer: torch.nn.Module, directory: str | Path) -> None:
-    """Write the adapter as `pytorch_lora_weights.safetensors`, the form `pipeline.load_lora_weights` reads."""
+def save_lora_for_pipeline(pipeline_class, transformer: torch.nn.Module, directory: str | Path,
+                           trainable: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the adapter as `pytorch_lora_weights.safetensors`, the form `pipeline.load_lora_weights` reads.
+    `trainable`: the full trainable weights by parameter name (`Run.trainable_state`), where the module's own are
+    shards (FSDP); default: the module's own."""
     from peft.utils import get_peft_model_state_dict
 
     pipeline_class.save_lora_weights(
-        str(directory), transformer_lora_layers=get_peft_model_state_dict(transformer),
+        str(directory), transformer_lora_layers=get_peft_model_state_dict(transformer, state_dict=trainable),
         transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())  # keeps alpha: scale = alpha / r
 
 

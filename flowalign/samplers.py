@@ -6,14 +6,18 @@ v = noise - x0, sampling runs sigma from ~1 down to 0 and dt = sigma_next - sigm
 Samplers never see a model: they take `velocity_fn(latents [B, ...], sigma: float | Tensor[B]) -> v`
 and the schedule `sigmas` [T + 1] (decreasing, last = 0) as a diffusers flow-matching scheduler makes it.
 
-Public names: euler_ode_step, sde_step_with_logprob, SDE_STEPS, dpm_solver_2m_step, compressed_sigmas,
-Trajectory, sample_trajectory, SlidingWindow, select_branch_steps, BranchRollout, branch_rollout,
-branch_group_ids, branch_advantages, noise_aware_weights.
+Randomness: every sampler takes `generator`, either a torch.Generator (one stream for the whole batch) or a
+`SampleNoise` (one stream per sample, so a sample's noise does not depend on the batch or the process it is in).
+
+Public names: euler_ode_step, sde_step_with_logprob, SDE_STEPS, stream_seed, SampleNoise, standard_normal,
+dpm_solver_2m_step, compressed_sigmas, Trajectory, sample_trajectory, SlidingWindow, select_branch_steps,
+BranchRollout, branch_rollout, branch_group_ids, branch_advantages, noise_aware_weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from typing import Callable
 
@@ -54,6 +58,54 @@ def _check_sigmas(sigmas: Tensor) -> int:
     return sigmas.numel() - 1
 
 
+# ------------------------------------------------------------------------------- noise
+def stream_seed(*keys: int | str) -> int:
+    """A 63-bit seed from a tuple of keys, e.g. (seed, iteration, global sample index): distinct tuples give
+    unrelated torch streams (a hash, not an arithmetic combination that could make two tuples collide)."""
+    digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SampleNoise:
+    """One Gaussian stream per sample. A draw of shape [R, ...] gives row r the next draw of stream r % n (n
+    streams), row after row: a batch of n samples takes one draw from each, and TempFlow's K tiles of the batch
+    take K draws from each, tile by tile. A sample's noise thus depends only on its own stream, not on which
+    samples share its batch, its chunk or its process, which makes a rollout independent of the world size."""
+
+    def __init__(self, generators: list[torch.Generator]):
+        if not generators:
+            raise ValueError("SampleNoise needs at least one generator (one per sample)")
+        self.generators = list(generators)
+
+    @classmethod
+    def seeded(cls, seeds: list[int], device: str | torch.device = "cpu") -> SampleNoise:
+        return cls([torch.Generator(device=device).manual_seed(seed) for seed in seeds])
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def __getitem__(self, index: slice) -> SampleNoise:
+        """The streams of a slice of the samples (the same generator objects: drawing advances them here too)."""
+        return SampleNoise(self.generators[index])
+
+    def randn(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+        rows = shape[0]
+        if rows % len(self):
+            raise ValueError(f"a draw of {rows} rows does not tile {len(self)} sample streams; "
+                             "draw a multiple of the number of samples")
+        draws = [torch.randn((1, *shape[1:]), generator=self.generators[r % len(self)],
+                             device=self.generators[r % len(self)].device, dtype=dtype) for r in range(rows)]
+        return torch.cat(draws).to(device)  # [R, ...]
+
+
+def standard_normal(shape: tuple[int, ...], generator: torch.Generator | SampleNoise | None, device: torch.device,
+                    dtype: torch.dtype) -> Tensor:
+    """N(0, 1) noise of `shape` from a torch.Generator (or the global stream) or from per-sample streams."""
+    if isinstance(generator, SampleNoise):
+        return generator.randn(shape, device, dtype)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
 def euler_ode_step(latents: Tensor, velocity: Tensor, sigma: float | Tensor, sigma_next: float | Tensor) -> Tensor:
     """Deterministic Euler step of the flow ODE: x' = x + v * (sigma_next - sigma)."""
     x, v = latents.to(_math_dtype(latents)), velocity.to(_math_dtype(latents))
@@ -88,7 +140,7 @@ SDE_STEPS = {"flow_grpo": _flow_grpo_mean_std, "cps": _cps_mean_std}
 
 def sde_step_with_logprob(latents: Tensor, velocity: Tensor, sigma: float | Tensor, sigma_next: float | Tensor,
                           noise_level: float = 0.7, kind: str = "flow_grpo", prev_sample: Tensor | None = None,
-                          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                          generator: torch.Generator | SampleNoise | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One stochastic step x' ~ N(mean, std^2): returns (next_latents, log_prob [B], mean, std [B, 1, ...]).
 
     mean and std come from SDE_STEPS[kind] (formulas in its functions). log_prob is the Gaussian
@@ -96,7 +148,8 @@ def sde_step_with_logprob(latents: Tensor, velocity: Tensor, sigma: float | Tens
         mean_i [ -(x'_i - mean_i)^2 / (2 std^2) - log std - log(2 pi) / 2 ].
     prev_sample: score this given x' instead of drawing one (recomputing a recorded step under new
     weights); the gradient reaches log_prob through `mean` only (x' is treated as data).
-    Otherwise x' = mean + std * eps, eps = torch.randn(..., generator=generator) on latents' device.
+    Otherwise x' = mean + std * eps, eps drawn from `generator` (a torch.Generator, or a SampleNoise with one
+    stream per sample: see standard_normal) and moved to latents' device.
     Where std == 0 (noise_level 0, or CPS at sigma_next = 0) the step is deterministic: x' = mean and
     log_prob = 0 (a point mass has no density; 0 makes the ratio exp(0 - 0) = 1, so such a step
     contributes no policy gradient). Thus a = 0 gives the Euler step.
@@ -114,7 +167,7 @@ def sde_step_with_logprob(latents: Tensor, velocity: Tensor, sigma: float | Tens
     std = torch.as_tensor(std, dtype=dtype, device=x.device).expand_as(s)  # [B, 1, 1, 1]
     stochastic = std > 0  # [B, 1, 1, 1]
     if prev_sample is None:
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype)  # [B, C, H, W]
+        noise = standard_normal(x.shape, generator, x.device, dtype)  # [B, C, H, W]
         sample = torch.where(stochastic, mean + std * noise, mean).to(latents.dtype)
     else:
         if prev_sample.shape != latents.shape:
@@ -216,7 +269,8 @@ class Trajectory:
 
 
 def sample_trajectory(velocity_fn: VelocityFn, initial_latents: Tensor, sigmas: Tensor, sde_steps: list[int],
-                      noise_level: float = 0.7, kind: str = "flow_grpo", generator: torch.Generator | None = None,
+                      noise_level: float = 0.7, kind: str = "flow_grpo",
+                      generator: torch.Generator | SampleNoise | None = None,
                       flash_ratio: float | None = None) -> Trajectory:
     """Integrate from sigmas[0] to sigmas[-1]: SDE with log-probs on `sde_steps`, Euler ODE elsewhere
     (MixGRPO's mixed sampling; all steps SDE = Flow-GRPO, none = plain ODE sampling).
@@ -338,11 +392,12 @@ def select_branch_steps(num_steps: int, mode: str = "all", subset: list[int] | N
 
 def branch_rollout(velocity_fn: VelocityFn, initial_latents: Tensor, sigmas: Tensor, branch_steps: list[int],
                    num_branches: int, noise_level: float = 0.7, kind: str = "flow_grpo",
-                   generator: torch.Generator | None = None) -> BranchRollout:
+                   generator: torch.Generator | SampleNoise | None = None) -> BranchRollout:
     """TempFlow-GRPO branching: one Euler ODE prefix from sigmas[0] (computed once, up to the last branch
     step); at each branch step k draw K SDE samples from the prefix state x_k, then finish each with the
     Euler ODE. velocity_fn receives [B] batches on the prefix and [K*B] batches (K tiles of the initial
-    batch: row r is initial row r % B) on the branches.
+    batch: row r is initial row r % B) on the branches. With a SampleNoise of B streams, initial row b's stream
+    draws every branch of that row, in the order (branch step, branch).
     NFE = (max k + 1) + sum_k (T - k - 1)."""
     num_steps = _check_sigmas(sigmas)
     if num_branches < 1:

@@ -1,11 +1,26 @@
 """GRPO for flow-matching image models: Flow-GRPO, MixGRPO (+Flash) and TempFlow-GRPO in one recipe.
 
-    accelerate launch flowalign/train.py --config configs/flow/flow_grpo.yaml [key=value ...] [--resume]
-    python flowalign/train.py --config configs/flow/mixgrpo.yaml train.iterations=5
+    python flowalign/train.py --config configs/flow/flow_grpo.yaml [key=value ...] [--resume]
+    accelerate launch --multi_gpu --num_processes 2 flowalign/train.py --config configs/flow/flow_grpo.yaml
+    accelerate launch --config_file configs/accelerate/multi_gpu.yaml flowalign/train.py --config ...
     python flowalign/train.py --describe            # every config field, documented
 
 Each iteration: rollout (SDE steps with log-probs) -> reward -> advantage (shared/) -> update
 (clipped policy loss + KL to the LoRA-disabled reference, shared/) -> log -> checkpoint.
+
+Several processes (shared/run.py owns the accelerator, the run directory and the collectives). Batch sizes are
+global and a run does not depend on the number of processes:
+- the iteration's prompt list is drawn alike on every rank; rank r samples its contiguous block of whole groups;
+- each sample's initial noise and SDE noise come from its own stream, seeded from (seed, iteration, global sample
+  index); iteration-level choices (prompts, trained steps, the MixGRPO window, the update split) come from one
+  generator seeded from (seed, iteration), shared by all ranks;
+- rewards and group ids are gathered before advantages, so group/batch statistics are those of the global batch;
+- the update splits the global (sample, step) rows into optimizer steps by a permutation of their global keys,
+  and every rank makes the same number of forward calls per optimizer step (short ranks add a zero-weight
+  micro-batch), as DDP's and FSDP's collectives require.
+Departure from the official code: ddpo-pytorch and the Flow-GRPO code built on it seed every process differently
+(`set_seed(seed, device_specific=True)`) and shuffle each process's samples on their own, so their runs change
+with the number of GPUs; here the same config gives the same run on 1 or N processes.
 """
 
 from __future__ import annotations
@@ -14,8 +29,8 @@ import argparse
 import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 import dataclasses
-import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,20 +42,17 @@ import torch
 from tqdm.auto import tqdm
 
 from flowalign import samplers
+from flowalign.adapters import CachedPromptEncoder
 from flowalign.config import EMBEDDED_MODEL, FlowGRPOConfig
-from flowalign.lora import (EMA, load_trainable_state, make_trainable, reference_model, save_lora_for_pipeline,
-                            trainable_state)
+from flowalign.lora import EMA, make_trainable, reference_model, save_lora_for_pipeline
 from flowalign.reward_plugins import RewardError, call_reward, check_rewards_on_dummy_batch, load_reward
 from flowalign.visuals import save_image_grid
 from shared.advantages import clip_advantages, compose_rewards
-from shared.checkpoint import (latest_checkpoint, load_state, open_output_dir, rng_state, save_checkpoint,
-                               set_rng_state)
 from shared.config import ConfigError, describe, exit_on_config_error, load_config, to_dict
 from shared.kl import gaussian_mean_kl
 from shared.losses import clipped_policy_loss
-from shared.runlog import append_metrics, plot_curves, truncate_metrics
-
-EVAL_SEED_OFFSET = 1_000_003  # evaluation noise comes from seeds training never draws
+from shared.run import Run
+from shared.runlog import plot_curves
 
 
 @dataclasses.dataclass
@@ -53,7 +65,7 @@ class StepBatch:
     sigma_next: torch.Tensor    # [R]
     old_log_prob: torch.Tensor  # [R]
     advantage: torch.Tensor     # [R] (already multiplied by the noise-aware weight when that is on)
-    prompt_index: torch.Tensor  # [R] index into the iteration's prompt embeddings
+    prompt_index: torch.Tensor  # [R] index into this rank's prompts of the iteration
     step: torch.Tensor          # [R] index of the denoising step
 
     def rows(self, index: torch.Tensor) -> "StepBatch":
@@ -61,6 +73,30 @@ class StepBatch:
 
     def __len__(self) -> int:
         return self.sigma.numel()
+
+
+@dataclasses.dataclass
+class Rollout:
+    """This rank's samples of one iteration, with the global ids that make them world-size invariant."""
+
+    final: torch.Tensor         # [N, C, h, w] final latents
+    prompt_index: torch.Tensor  # [N] index into this rank's prompts
+    sample_id: torch.Tensor     # [N] global sample index (reward metadata "sample"; update row keys)
+    group_id: torch.Tensor      # [N] advantage group, global (the prompt's slot, and the branch step for tempflow)
+    rows: StepBatch             # [R] the (sample, step) rows to train, without advantages yet
+    row_sample: torch.Tensor    # [R] which of the N samples each row belongs to
+    trained_steps: list[int]    # the denoising steps trained this iteration (the same on every rank)
+    nfe: int                    # batched velocity evaluations
+
+    @staticmethod
+    def cat(chunks: list["Rollout"]) -> "Rollout":
+        """One rollout from sequentially sampled chunks (row_sample shifted to index the joined samples)."""
+        offsets = torch.tensor([0] + [len(c.final) for c in chunks[:-1]]).cumsum(0).tolist()  # first sample of each
+        rows = StepBatch(*(torch.cat([getattr(c.rows, f.name) for c in chunks]) for f in dataclasses.fields(StepBatch)))
+        return Rollout(torch.cat([c.final for c in chunks]), torch.cat([c.prompt_index for c in chunks]),
+                       torch.cat([c.sample_id for c in chunks]), torch.cat([c.group_id for c in chunks]), rows,
+                       torch.cat([c.row_sample + o for c, o in zip(chunks, offsets)]), chunks[0].trained_steps,
+                       sum(c.nfe for c in chunks))
 
 
 def load_adapter(config: FlowGRPOConfig, device: torch.device):
@@ -91,36 +127,73 @@ def read_prompts(config: FlowGRPOConfig) -> tuple[list[str], list[str]]:
     return prompts, (config.data.eval_prompts or prompts)
 
 
-def iteration_generator(seed: int, iteration: int, device: torch.device) -> torch.Generator:
-    """All randomness of iteration i comes from (seed, i): a resumed run draws exactly what it would have."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed * 1_000_000 + iteration)
-    return generator
+def iteration_generator(seed: int, iteration: int) -> torch.Generator:
+    """The iteration-level choices of iteration i come from (seed, i), alike on every rank: a resumed run draws
+    exactly what it would have. On the CPU, so the choices do not depend on the device either."""
+    return torch.Generator().manual_seed(seed * 1_000_000 + iteration)
+
+
+def sample_noise(device: torch.device, *keys: int | str, samples: range | list[int]) -> samplers.SampleNoise:
+    """One noise stream per sample, seeded from (keys..., global sample index)."""
+    return samplers.SampleNoise.seeded([samplers.stream_seed(*keys, i) for i in samples], device)
+
+
+def make_policy(config: FlowGRPOConfig, transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """LoRA (or full fine-tuning) with float32 trainable weights, and gradient checkpointing when asked for."""
+    m = config.model
+    params = make_trainable(transformer, m.lora, m.lora_rank, m.lora_alpha, m.lora_targets)
+    if config.train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()  # diffusers: recompute each block in the backward pass
+    return params
+
+
+@contextlib.contextmanager
+def plain_transformer(run: Run, adapter):
+    """Rollouts, evaluation and the KL reference call the transformer itself, not its DDP wrapper: no gradient
+    hooks and no buffer broadcast, and peft's disable_adapters is there to call."""
+    wrapped = adapter.transformer
+    with run.unwrapped_for_generation(wrapped) as plain:
+        adapter.transformer = plain
+        try:
+            yield plain
+        finally:
+            adapter.transformer = wrapped
 
 
 def velocity_fn_for(adapter, embeds, guidance_scale: float):
     return lambda latents, sigma: adapter.velocity(latents, sigma, embeds, guidance_scale)
 
 
+def draw_prompts(prompts: list[str], count: int, generator: torch.Generator) -> list[str]:
+    """The iteration's global prompt list (more asked than exist: go round again)."""
+    rounds = -(-count // len(prompts))
+    chosen = torch.cat([torch.randperm(len(prompts), generator=generator) for _ in range(rounds)])
+    return [prompts[i] for i in chosen[:count].tolist()]
+
+
 # ----------------------------------------------------------------------------------- rollout
 @torch.no_grad()
-def rollout(config: FlowGRPOConfig, adapter, prompts: list[str], iteration: int, window, generator,
-            on_chunk=None) -> tuple:
-    """Sample the iteration's images in `train.rollout_chunks` sequential batches of prompts; return (final latents
-    [N, ...], group ids [N], StepBatch without advantages, the sample index of every StepBatch row [R], nfe,
-    prompt index of the N samples). `on_chunk(final, prompt_index)` runs after each chunk (scoring it while the
-    next chunk samples). Noise and the steps to train are drawn once per iteration, before the chunks."""
+def rollout(config: FlowGRPOConfig, adapter, encode, prompts: list[str], first_slot: int, iteration: int, window,
+            generator: torch.Generator, on_chunk=None) -> Rollout:
+    """Sample this rank's `prompts` (global slots first_slot, first_slot + 1, ...) in `train.rollout_chunks`
+    sequential batches. `on_chunk(final, prompt_index, sample_id)` runs after each chunk (scoring it while the
+    next chunk samples). The steps to train come from the shared `generator`; the noise of every sample from its
+    own stream (flow_grpo/mixgrpo: per sample; tempflow: per prompt, whose stream then draws every branch)."""
     s, a = config.sampling, config.algorithm
-    sigmas = adapter.sigmas(s.num_steps)  # [T+1]
-    embeds = adapter.encode_prompts(prompts)
-    groups = config.train.group_size if a.name != "tempflow" else 1
-    prompt_index = torch.arange(len(prompts)).repeat_interleave(groups)  # [N]
-    noise = adapter.initial_noise(len(prompts) * groups, generator)  # [N, C, h, w]
+    sigmas = adapter.sigmas(s.num_steps, s.height, s.width)  # [T+1]
+    embeds = encode(prompts)
+    tempflow = a.name == "tempflow"
+    groups = config.train.group_size if not tempflow else 1  # tempflow's groups are its branches
+    prompt_index = torch.arange(len(prompts)).repeat_interleave(groups)  # [n]
+    first_sample = first_slot * groups  # global index of this rank's first initial sample
+    noise_source = sample_noise(adapter.device, config.train.seed, iteration,
+                                samples=range(first_sample, first_sample + len(prompt_index)))
+    noise = adapter.initial_noise(len(prompt_index), noise_source.generators, s.height, s.width)  # [n, C, h, w]
     if s.same_noise_per_group:
         noise = noise[::groups].repeat_interleave(groups, dim=0)
-    if a.name == "tempflow":
-        steps = samplers.select_branch_steps(s.num_steps, a.branch_steps, subset=a.branch_subset,
-                                             window=window.steps(iteration, generator) if window else None)
+    if tempflow:
+        trained = samplers.select_branch_steps(s.num_steps, a.branch_steps, subset=a.branch_subset,
+                                               window=window.steps(iteration, generator) if window else None)
     elif a.name == "mixgrpo":
         sde_steps = window.steps(iteration, generator)
         trained = sde_steps
@@ -128,195 +201,269 @@ def rollout(config: FlowGRPOConfig, adapter, prompts: list[str], iteration: int,
         sde_steps = list(range(s.num_steps - 1))
         count = max(1, math.ceil(a.train_fraction * len(sde_steps)))
         trained = sorted(torch.randperm(len(sde_steps), generator=generator)[:count].tolist())
+    step_position = torch.zeros(s.num_steps, dtype=torch.long)  # tempflow: branch step -> its position in `trained`
+    step_position[trained] = torch.arange(len(trained))
 
     parts = []
     for chunk in torch.arange(len(prompts)).tensor_split(min(config.train.rollout_chunks, len(prompts))):
         first, last = int(chunk[0]) * groups, (int(chunk[-1]) + 1) * groups  # this chunk's samples
-        chunk_prompts = prompt_index[first:last]  # [n]
-        if a.name == "tempflow":
+        chunk_prompts = prompt_index[first:last]  # [c]
+        if tempflow:
             tiled = lambda rows, p=chunk_prompts: embeds[p[torch.arange(rows) % len(p)]]  # noqa: E731
             branches = samplers.branch_rollout(
                 lambda x, sigma, tiled=tiled: adapter.velocity(x, sigma, tiled(x.shape[0]), s.guidance_scale),
-                noise[first:last], sigmas, steps, a.num_branches, noise_level=s.noise_level, kind=s.sde_kind,
-                generator=generator)
+                noise[first:last], sigmas, trained, a.num_branches, noise_level=s.noise_level, kind=s.sde_kind,
+                generator=noise_source[first:last])
             sample_prompt = chunk_prompts[branches.prompt_index]  # [r] one row per final sample
-            group_ids = samplers.branch_group_ids(first + branches.prompt_index, branches.branch_step, s.num_steps)
+            slot = first_slot + sample_prompt  # [r]
+            group_id = samplers.branch_group_ids(slot, branches.branch_step, s.num_steps)  # [r]
+            # global index: (prompt slot, branch step, branch), contiguous over the global batch
+            sample_id = (slot * len(trained) + step_position[branches.branch_step]) * a.num_branches \
+                + branches.branch_index  # [r]
             rows = StepBatch(branches.latents, branches.next_latents, sigmas[branches.branch_step],
-                             sigmas[branches.branch_step + 1], branches.log_probs, torch.zeros(len(group_ids)),
+                             sigmas[branches.branch_step + 1], branches.log_probs, torch.zeros(len(group_id)),
                              sample_prompt, branches.branch_step)
-            part = (branches.final, group_ids, rows, torch.arange(len(group_ids)), branches.nfe, sample_prompt)
+            part = Rollout(branches.final, sample_prompt, sample_id, group_id, rows, torch.arange(len(group_id)),
+                           trained, branches.nfe)
         else:
             velocity = velocity_fn_for(adapter, embeds[chunk_prompts], s.guidance_scale)
             trajectory = samplers.sample_trajectory(velocity, noise[first:last], sigmas, sde_steps,
-                                                    noise_level=s.noise_level, kind=s.sde_kind, generator=generator,
+                                                    noise_level=s.noise_level, kind=s.sde_kind,
+                                                    generator=noise_source[first:last],
                                                     flash_ratio=a.flash_ratio if a.name == "mixgrpo" else None)
             row = trajectory.training_rows(trained)  # step-major rows of the trained SDE steps
             rows = StepBatch(row["latents"], row["next_latents"], row["sigma"], row["sigma_next"], row["log_prob"],
                              torch.zeros(len(row["step"])), chunk_prompts[row["sample"]], row["step"])
-            part = (trajectory.final, chunk_prompts, rows, row["sample"], trajectory.nfe, chunk_prompts)
+            sample_id = first_sample + torch.arange(first, last)  # [c]
+            part = Rollout(trajectory.final, chunk_prompts, sample_id, first_slot + chunk_prompts, rows, row["sample"],
+                           trained, trajectory.nfe)
         if on_chunk is not None:
-            on_chunk(part[0], part[5])
+            on_chunk(part.final, part.prompt_index, part.sample_id)
         parts.append(part)
-    finals, group_ids, batches, row_samples, nfes, sample_prompts = zip(*parts)
-    offsets = torch.tensor([0] + [f.shape[0] for f in finals[:-1]]).cumsum(0)  # first sample of each chunk
-    merged = StepBatch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(StepBatch)))
-    row_sample = torch.cat([r + o for r, o in zip(row_samples, offsets.tolist())])  # [R]
-    return torch.cat(finals), torch.cat(group_ids), merged, row_sample, sum(nfes), torch.cat(sample_prompts)
+    return Rollout.cat(parts)
 
 
 # ------------------------------------------------------------------------------------ reward
-def score(rewards: dict, images: torch.Tensor, prompts: list[str], allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
-    metadata = [{} for _ in prompts]
+def score(rewards: dict, images: torch.Tensor, prompts: list[str], metadata: list[dict],
+          allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
     return {name: call_reward(name, fn, images, prompts, metadata, allow_nonfinite) for name, fn in rewards.items()}
 
 
 # ------------------------------------------------------------------------------------ update
-def update(config: FlowGRPOConfig, adapter, optimizer, params, embeds, batch: StepBatch, generator) -> dict:
-    """updates_per_iteration optimizer steps over a shuffled split of the rows, micro-batched."""
+def update_parts(row_key: torch.Tensor, all_keys: torch.Tensor, key_space: int, parts: int,
+                 generator: torch.Generator) -> list[tuple[torch.Tensor, int]]:
+    """Split the global rows into `parts` optimizer steps, the same way whatever the world size.
+
+    A permutation of the key space (from the generator every rank shares) orders the global rows `all_keys`
+    [R_global]; part u takes positions u*size .. (u+1)*size - 1 of that order (size = ceil(R_global / parts)).
+    Returns, per part, (this rank's rows in it [k] as indices into row_key, in global order; the part's global
+    row count, the loss denominator)."""
+    position = torch.randperm(key_space, generator=generator)  # [key_space]
+    global_order = position[all_keys].sort().values  # [R_global]
+    sequence = torch.searchsorted(global_order, position[row_key])  # [R] place of each local row in the order
+    total = len(all_keys)
+    size = -(-total // parts)
+    result = []
+    for start in range(0, total, size):
+        mine = ((sequence >= start) & (sequence < start + size)).nonzero().flatten()  # [k]
+        result.append((mine[sequence[mine].argsort()], min(size, total - start)))
+    return result
+
+
+def update(config: FlowGRPOConfig, run: Run, adapter, optimizer, params, embeds, batch: StepBatch,
+           parts: list[tuple[torch.Tensor, int]], total_rows: int) -> dict:
+    """One optimizer step per part, micro-batched. Each rank's share of a part's loss is the sum of its rows'
+    losses over the part's GLOBAL row count (Run.backward scales for DDP's averaging). Every rank runs the same
+    number of micro-batches per part (the maximum over ranks); a rank short of rows runs zero-weight ones."""
     s, t = config.sampling, config.train
-    transformer = adapter.transformer
-    order = torch.randperm(len(batch), generator=generator)  # [R]
-    totals: dict[str, float] = {}
-    for part in order.chunk(t.updates_per_iteration):
+    model = adapter.transformer  # the DDP/FSDP wrapper: its forward and backward sync the gradients
+    micro_counts = run.max(torch.tensor([-(-len(rows) // t.micro_batch_size) for rows, _ in parts]))  # [U]
+    totals: dict[str, float] = {}  # this rank's rows' metrics, each weighted by its share of the global rows
+    peaks: dict[str, float] = {}  # "*_max" metrics: the maximum over micro-batches, then over ranks
+    grad_norms = []
+    for (rows_of_part, part_rows), micro_count in zip(parts, micro_counts.long().tolist()):
         optimizer.zero_grad(set_to_none=True)
-        for micro in part.split(t.micro_batch_size):
+        micros = list(rows_of_part.split(t.micro_batch_size))
+        fillers = [torch.zeros(1, dtype=torch.long)] * (micro_count - len(micros))  # any row, weighted 0
+        nonfinite = False
+        for index, micro in enumerate(micros + fillers):
+            real = index < len(micros)
             rows = batch.rows(micro)
             step_embeds = embeds[rows.prompt_index]
-            velocity = adapter.velocity(rows.latents, rows.sigma, step_embeds, s.guidance_scale)  # [m, C, h, w]
-            _, log_prob, mean, std = samplers.sde_step_with_logprob(
-                rows.latents, velocity, rows.sigma, rows.sigma_next, noise_level=s.noise_level, kind=s.sde_kind,
-                prev_sample=rows.next_latents)
-            loss, metrics = clipped_policy_loss(log_prob[:, None], rows.old_log_prob[:, None], rows.advantage,
-                                                eps_low=t.clip_range, aggregation="grpo")  # one "token" per step
-            if t.kl_beta > 0:
-                with torch.no_grad(), reference_model(transformer, config.model.lora):
-                    ref_velocity = adapter.velocity(rows.latents, rows.sigma, step_embeds, s.guidance_scale)
-                    _, _, ref_mean, _ = samplers.sde_step_with_logprob(
-                        rows.latents, ref_velocity, rows.sigma, rows.sigma_next, noise_level=s.noise_level,
-                        kind=s.sde_kind, prev_sample=rows.next_latents)
-                kl = gaussian_mean_kl(mean, ref_mean, std.clamp_min(1e-8)).mean()
-                loss = loss + t.kl_beta * kl
-                metrics["kl"] = kl.item()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()}; lower train.learning_rate or check the rewards")
-            (loss * len(micro) / len(part)).backward()  # accumulation: the part's mean over rows
+            with run.sync_gradients(model, last=index == micro_count - 1):
+                velocity = adapter.velocity(rows.latents, rows.sigma, step_embeds, s.guidance_scale)  # [m, C, h, w]
+                _, log_prob, mean, std = samplers.sde_step_with_logprob(
+                    rows.latents, velocity, rows.sigma, rows.sigma_next, noise_level=s.noise_level, kind=s.sde_kind,
+                    prev_sample=rows.next_latents)
+                loss, metrics = clipped_policy_loss(log_prob[:, None], rows.old_log_prob[:, None], rows.advantage,
+                                                    eps_low=t.clip_range, aggregation="grpo")  # one "token" per step
+                if t.kl_beta > 0:
+                    with torch.no_grad(), plain_transformer(run, adapter) as plain, \
+                            reference_model(plain, config.model.lora):
+                        ref_velocity = adapter.velocity(rows.latents, rows.sigma, step_embeds, s.guidance_scale)
+                        _, _, ref_mean, _ = samplers.sde_step_with_logprob(
+                            rows.latents, ref_velocity, rows.sigma, rows.sigma_next, noise_level=s.noise_level,
+                            kind=s.sde_kind, prev_sample=rows.next_latents)
+                    kl = gaussian_mean_kl(mean, ref_mean, std.clamp_min(1e-8)).mean()
+                    loss = loss + t.kl_beta * kl
+                    metrics["kl"] = kl.item()
+                weight = len(micro) / part_rows if real else 0.0  # this micro-batch's share of the part's mean
+                run.backward(loss * weight)
             metrics["loss"] = loss.item()
+            nonfinite |= not math.isfinite(metrics["loss"])
             for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value * len(micro) / len(batch)
-        totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(
-            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)) / t.updates_per_iteration
+                if key.endswith("_max"):
+                    peaks[key] = max(peaks.get(key, -math.inf), value if real else -math.inf)
+                else:
+                    totals[key] = totals.get(key, 0.0) + (value * len(micro) / total_rows if real else 0.0)
+        if run.any(nonfinite):  # every rank stops together, before the step spoils the weights
+            raise FloatingPointError("loss became non-finite; lower train.learning_rate or check the rewards")
+        grad_norms.append(run.clip_grad_norm(model, params, t.max_grad_norm))  # of the synced gradient: alike on all ranks
         optimizer.step()
-    return totals
+    summed = run.sum(torch.tensor(list(totals.values()), dtype=torch.float64))  # [K] over ranks
+    peaked = run.max(torch.tensor(list(peaks.values()), dtype=torch.float64))  # [K']
+    return {**dict(zip(totals, summed.tolist())), **dict(zip(peaks, peaked.tolist())),
+            "grad_norm": sum(grad_norms) / len(grad_norms)}
 
 
 # -------------------------------------------------------------------------------------- eval
 @torch.no_grad()
-def evaluate(config: FlowGRPOConfig, adapter, rewards: dict, prompts: list[str], grid_path: Path | None) -> dict:
-    """ODE samples of the eval prompts from held-out seeds; mean reward per reward fn; optional image grid."""
-    seeds = config.data.eval_seeds
-    repeated = [p for p in prompts for _ in range(seeds)]
-    embeds = adapter.encode_prompts(prompts).repeat_interleave(seeds)
-    generator = iteration_generator(config.train.seed + EVAL_SEED_OFFSET, 0, adapter.device)
-    noise = adapter.initial_noise(len(repeated), generator)
-    trajectory = samplers.sample_trajectory(velocity_fn_for(adapter, embeds, config.sampling.guidance_scale), noise,
-                                            adapter.sigmas(config.sampling.eval_num_steps), [], generator=generator)
-    images = adapter.decode(trajectory.final)  # [P*S, 3, H, W]
+def evaluate(config: FlowGRPOConfig, run: Run, adapter, encode, rewards: dict, prompts: list[str],
+             grid_path: Path | None) -> dict:
+    """ODE samples of the eval prompts from held-out noise, split over the ranks and gathered; mean reward per
+    reward fn; the image grid from the main process. Sample i (prompt i // seeds) draws its noise from
+    (eval, seed, i), so the numbers do not depend on the world size. Every rank samples the same count (the last
+    sample repeated as padding), so ranks make the same forward calls."""
+    s, seeds = config.sampling, config.data.eval_seeds
+    total = len(prompts) * seeds
+    per_rank = -(-total // run.world)
+    mine = range(run.rank * per_rank, (run.rank + 1) * per_rank)
+    index = [min(i, total - 1) for i in mine]
+    real = [i for i in mine if i < total]
+    embeds = encode(prompts)[[i // seeds for i in index]]
+    noise = adapter.initial_noise(len(index), sample_noise(adapter.device, "eval", config.train.seed, samples=index)
+                                  .generators, s.height, s.width)  # [n, C, h, w]
+    with plain_transformer(run, adapter):
+        trajectory = samplers.sample_trajectory(velocity_fn_for(adapter, embeds, s.guidance_scale), noise,
+                                                adapter.sigmas(s.eval_num_steps, s.height, s.width), [])
+    images, scores, error = None, {}, None
+    if real:  # a rank holding only padding (fewer samples than ranks) scores nothing
+        images = adapter.decode(trajectory.final[: len(real)])  # [n, 3, H, W]
+        try:
+            scores = score(rewards, images, [prompts[i // seeds] for i in real],
+                           [{"split": "eval", "sample": i} for i in real],
+                           allow_nonfinite=config.reward.on_bad_score == "drop")
+        except RewardError as failure:
+            error = failure
+    run.raise_together(error, RewardError)
+    gathered = run.gather_objects([(i, images[k].cpu(), {name: float(v[k]) for name, v in scores.items()})
+                                   for k, i in enumerate(real)])
+    gathered.sort(key=lambda item: item[0])  # sample order, as one process makes them
     if grid_path is not None:
-        save_image_grid(images, rows=len(prompts), path=grid_path, labels=prompts)
-    scores = score(rewards, images, repeated, allow_nonfinite=config.reward.on_bad_score == "drop")
-    return {f"eval/{name}": value.nanmean().item() for name, value in scores.items()}  # dropped scores left out
+        run.main_only(lambda: save_image_grid(torch.stack([image for _, image, _ in gathered]), rows=len(prompts),
+                                              path=grid_path, labels=prompts))
+    values = {name: torch.tensor([item[2][name] for item in gathered]) for name in rewards}  # [P*S] each
+    return {f"eval/{name}": value.nanmean().item() for name, value in values.items()}  # dropped scores left out
 
 
 # -------------------------------------------------------------------------------------- main
 def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
-    from accelerate import Accelerator
-
-    train_prompts, eval_prompts = read_prompts(config)
-    out = Path(config.log.output_dir)
-    checkpoint = open_output_dir(out, resume)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    main_process = accelerator.is_main_process
-    torch.manual_seed(config.train.seed)
     t, s, a = config.train, config.sampling, config.algorithm
+    train_prompts, eval_prompts = read_prompts(config)
+    run = Run(config.log.output_dir, resume, tag="[flowalign]", mixed_precision=t.mixed_precision)
+    run.require_divisible(t.prompts_per_iteration, "train.prompts_per_iteration", "prompts")  # before the model loads
 
-    # setup: model, trainable parameters, optimizer, rewards
-    adapter = load_adapter(config, accelerator.device)
-    params = make_trainable(adapter.transformer, config.model.lora, config.model.lora_rank, config.model.lora_alpha,
-                            config.model.lora_targets)
+    # setup: model, trainable parameters, optimizer, rewards, prompt embeddings
+    if config.model.path == EMBEDDED_MODEL:  # built on first use: by the main process alone while the others wait
+        from flowalign.toy import ensure_digits_pipeline
+
+        run.main_only(ensure_digits_pipeline)
+    torch.manual_seed(t.seed)  # the LoRA initialisation, alike on every rank
+    adapter = load_adapter(config, run.device)
+    try:
+        adapter.latent_shape(s.height, s.width)
+    except ValueError as error:  # a size the VAE and patching cannot take
+        raise ConfigError(f"config fields 'sampling.height', 'sampling.width': {error}") from None
+    params = make_policy(config, adapter.transformer)
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    adapter.transformer, optimizer = accelerator.prepare(adapter.transformer, optimizer)
+    adapter.transformer, optimizer = run.prepare(adapter.transformer, optimizer)
     ema = EMA(params, t.ema_decay) if t.ema_decay else None
     rewards = {path: load_reward(path, config.reward.kwargs.get(path)) for path in config.reward.weights}
     window = None
     if a.name == "mixgrpo" or a.branch_steps == "window":
         window = samplers.SlidingWindow(num_steps=s.num_steps - 1, window_size=a.window_size, stride=a.window_stride,
                                         shift_interval=a.window_interval, mode=a.window_mode)
-    samples_per_iteration = t.prompts_per_iteration * (t.group_size if a.name != "tempflow" else a.num_branches)
-    if main_process:
-        print(f"[flowalign] {a.name}: {t.prompts_per_iteration} prompts x "
-              f"{t.group_size if a.name != 'tempflow' else a.num_branches} samples; {s.num_steps} steps; "
-              f"{sum(p.numel() for p in params):,} trainable parameters; output {out}")
-
-    start = 0
-    if checkpoint is not None:
-        load_trainable_state(accelerator.unwrap_model(adapter.transformer), load_state(checkpoint, "trainable"))
-        optimizer.load_state_dict(load_state(checkpoint, "optimizer"))
-        set_rng_state(load_state(checkpoint, "rng"))
-        trainer_state = load_state(checkpoint, "trainer")
-        start = trainer_state["iteration"]
-        if ema is not None:
-            ema.shadow = [x.to(accelerator.device) for x in load_state(checkpoint, "ema")]
-        truncate_metrics(out / "metrics.jsonl", start)
-        print(f"[flowalign] resumed from {checkpoint} at iteration {start}")
-    elif resume:
-        print(f"[flowalign] --resume: no checkpoint in {out / 'checkpoints'}, starting fresh")
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
     too_long = adapter.prompts_over_context(train_prompts + eval_prompts)
-    if too_long and main_process:  # the text encoders truncate them: say so once, with a count
-        print(f"[flowalign] warning: {len(too_long)} prompt(s) exceed the text encoder's context and are truncated, "
-              f"e.g. {too_long[0][:80]!r}")
-    first_images = adapter.decode(adapter.initial_noise(2, iteration_generator(t.seed, -1, accelerator.device)))
+    if too_long:  # the text encoders truncate them: say so once, with a count
+        run.print(f"warning: {len(too_long)} prompt(s) exceed the text encoder's context and are truncated, "
+                  f"e.g. {too_long[0][:80]!r}")
+    encode = (CachedPromptEncoder(adapter, train_prompts + eval_prompts) if config.model.offload_text_encoders
+              else adapter.encode_prompts)
+    per_prompt = t.group_size if a.name != "tempflow" else a.num_branches
+    samples_per_iteration = t.prompts_per_iteration * per_prompt
+    run.print(f"{a.name}: {t.prompts_per_iteration} prompts x {per_prompt} samples = {samples_per_iteration} per "
+              f"iteration over {run.world} process(es) ({t.prompts_per_iteration // run.world} prompts each); "
+              f"{s.num_steps} steps; {sum(p.numel() for p in params):,} trainable parameters; mixed precision "
+              f"{run.accelerator.mixed_precision}; output {run.out}")
+
+    start = run.restore()
+    if run.checkpoint is not None:
+        run.load_trainable(adapter.transformer, run.load("trainable"))
+        run.load_optimizer(adapter.transformer, optimizer, run.load("optimizer"))
+        if ema is not None:
+            ema.shadow = [x.to(run.device) for x in run.load("ema")]
+    run.write_config(config)
+    first_images = adapter.decode(adapter.initial_noise(2, iteration_generator(t.seed, -1), s.height, s.width))
     check_rewards_on_dummy_batch(rewards, first_images, [train_prompts[i % len(train_prompts)] for i in range(2)],
                                  allow_nonfinite=config.reward.on_bad_score == "drop")
     history = {}
-    if start == 0 and main_process:
-        history["before"] = evaluate(config, adapter, rewards, eval_prompts, out / "images" / "iter-000000.png")
-        append_metrics(out / "metrics.jsonl", {"iteration": 0, **history["before"]})
-        print(f"[flowalign] held-out reward before: {_fmt(history['before'])}")
+    if start == 0:
+        history["before"] = evaluate(config, run, adapter, encode, rewards, eval_prompts,
+                                     run.out / "images" / "iter-000000.png")
+        run.append({"iteration": 0, **history["before"]})
+        run.print(f"held-out reward before: {_fmt(history['before'])}")
 
     drop_bad = config.reward.on_bad_score == "drop"
     # async: one worker thread scores while the main thread samples; sync: the same calls, run on submit
     scorer = ThreadPoolExecutor(max_workers=1) if config.reward.async_scoring else _InlineExecutor()
-    progress = tqdm(range(start, t.iterations), desc=a.name, disable=not main_process, initial=start, total=t.iterations)
-    started = time.perf_counter()
+    progress = tqdm(range(start, t.iterations), desc=a.name, disable=not run.is_main, initial=start,
+                    total=t.iterations)
+    record = {}
     for iteration in progress:
-        generator = iteration_generator(t.seed, iteration, accelerator.device)
+        generator = iteration_generator(t.seed, iteration)  # shared by all ranks
         timings = {}
 
-        # rollout (each chunk is decoded and handed to the scorer as soon as it is sampled)
+        # rollout: every rank draws the same global prompt list and samples its own block of whole groups;
+        # each chunk is decoded and handed to the scorer as soon as it is sampled
         clock = time.perf_counter()
-        rounds = -(-t.prompts_per_iteration // len(train_prompts))  # more prompts asked than exist: go round again
-        chosen = torch.cat([torch.randperm(len(train_prompts), generator=generator) for _ in range(rounds)])
-        prompts = [train_prompts[i] for i in chosen[: t.prompts_per_iteration].tolist()]
+        prompts = draw_prompts(train_prompts, t.prompts_per_iteration, generator)
+        block = run.block(len(prompts))
+        local_prompts = prompts[block.start:block.stop]
         jobs, reward_seconds = [], [0.0]
 
-        def score_chunk(final_chunk, chunk_prompt_index):
+        def score_chunk(final_chunk, chunk_prompt_index, chunk_sample_id):
             started_chunk = time.perf_counter()
-            images = adapter.decode(final_chunk)  # [n, 3, H, W]
-            texts = [prompts[i] for i in chunk_prompt_index.tolist()]
-            jobs.append(scorer.submit(score, rewards, images, texts, drop_bad))  # async: overlaps the next chunk
+            images = adapter.decode(final_chunk)  # [c, 3, H, W]
+            texts = [local_prompts[i] for i in chunk_prompt_index.tolist()]
+            metadata = [{"split": "train", "iteration": iteration + 1, "sample": i} for i in chunk_sample_id.tolist()]
+            jobs.append(scorer.submit(score, rewards, images, texts, metadata, drop_bad))  # async: overlaps the next chunk
             reward_seconds[0] += time.perf_counter() - started_chunk
 
-        final, group_ids, batch, row_sample, nfe, sample_prompt = rollout(config, adapter, prompts, iteration, window,
-                                                                         generator, on_chunk=score_chunk)
+        with plain_transformer(run, adapter):
+            sampled = rollout(config, adapter, encode, local_prompts, block.start, iteration, window, generator,
+                              on_chunk=score_chunk)
         timings["time/rollout"] = time.perf_counter() - clock - reward_seconds[0]
 
-        # reward
+        # reward: gathered in rank order, so the advantages below see the global batch
         clock = time.perf_counter()
-        chunk_scores = [job.result() for job in jobs]  # re-raises a reward's error here
-        scores = {name: torch.cat([chunk[name] for chunk in chunk_scores]) for name in rewards}  # [N] each
+        chunk_scores, failure = [], None
+        try:
+            chunk_scores = [job.result() for job in jobs]  # re-raises a reward's error here
+        except RewardError as error:
+            failure = error
+        run.raise_together(failure, RewardError)  # every rank stops together, with the failing rank's message
+        scores = {name: run.gather(torch.cat([chunk[name] for chunk in chunk_scores])) for name in rewards}  # [N] each
+        group_ids = run.gather(sampled.group_id)  # [N]
         bad_sample = torch.stack(list(scores.values())).isnan().any(dim=0)  # [N] a reward gave NaN/inf
         timings["time/reward"] = reward_seconds[0] + time.perf_counter() - clock  # decode + scoring not overlapped
 
@@ -327,75 +474,81 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
         advantages = advantages.masked_fill(bad_sample, 0.0)  # dropped from every reward, not just the bad one
         reward_stats["dropped"] = int(bad_sample.sum())
         advantages = clip_advantages(advantages, t.advantage_clip)  # [N]
-        batch.advantage = advantages[row_sample]  # [R]
+        mine = run.block(len(advantages))
+        batch = sampled.rows
+        batch.advantage = advantages[mine.start:mine.stop][sampled.row_sample]  # [R] this rank's rows
         if a.noise_aware_weighting:
-            steps = sorted(set(batch.step.tolist()))
-            weights = samplers.noise_aware_weights(adapter.sigmas(s.num_steps), steps, s.noise_level, s.sde_kind)  # [K]
+            steps = sampled.trained_steps
+            weights = samplers.noise_aware_weights(adapter.sigmas(s.num_steps, s.height, s.width), steps,
+                                                   s.noise_level, s.sde_kind)  # [K]
             weight_of_step = torch.zeros(s.num_steps).index_copy_(0, torch.tensor(steps), weights)  # [T]
             # the clipped loss is linear in A for a positive weight w: w * l(A) = l(w * A)
             batch.advantage = batch.advantage * weight_of_step[batch.step]  # [R]
 
-        # update
+        # update: a world-size invariant split of the global rows (key = global sample * T + step)
         clock = time.perf_counter()
-        embeds = adapter.encode_prompts(prompts)
+        row_key = sampled.sample_id[sampled.row_sample] * s.num_steps + batch.step  # [R]
+        all_keys = run.gather(row_key)  # [R_global]
+        parts = update_parts(row_key, all_keys, len(advantages) * s.num_steps, t.updates_per_iteration, generator)
         adapter.transformer.train()
         try:
-            metrics = update(config, adapter, optimizer, params, embeds, batch, generator)
+            metrics = update(config, run, adapter, optimizer, params, encode(local_prompts), batch, parts,
+                             len(all_keys))
         except FloatingPointError as error:
-            last = latest_checkpoint(out / "checkpoints")
-            raise FloatingPointError(f"iteration {iteration + 1}: {error}; the last good checkpoint is "
-                                     f"{last or 'none (none written yet)'}, and --resume starts from it") from None
+            raise run.nan_stop(f"iteration {iteration + 1}", error) from None
         adapter.transformer.eval()
         if ema is not None:
             ema.update()
         timings["time/update"] = time.perf_counter() - clock
 
         # log
-        record = {"iteration": iteration + 1, **{f"reward/{k}": v for k, v in reward_stats.items()},
-                  **{f"train/{k}": v for k, v in metrics.items()},
-                  "nfe/rollout": nfe,  # batched velocity evaluations of the rollout (CFG's doubled batch counts once)
-                  "nfe/update_forward": len(batch) * (2 if t.kl_beta > 0 else 1),  # per (sample, step) row; + reference
-                  "nfe/update_backward": len(batch),
-                  "samples": samples_per_iteration, **timings}
         done = iteration + 1
-        last = done == t.iterations or (t.max_seconds is not None and time.perf_counter() - started > t.max_seconds)
-        if config.log.eval_every and done % config.log.eval_every == 0 or last:
+        last = run.is_last(done, t.iterations, t.max_seconds)
+        record = {"iteration": done, **{f"reward/{k}": v for k, v in reward_stats.items()},
+                  **{f"train/{k}": v for k, v in metrics.items()},
+                  "nfe/rollout": sampled.nfe,  # per process: batched velocity evaluations (CFG's doubled batch counts once)
+                  "nfe/update_forward": len(all_keys) * (2 if t.kl_beta > 0 else 1),  # per (sample, step) row; + reference
+                  "nfe/update_backward": len(all_keys),
+                  "samples": samples_per_iteration, "world_size": run.world, **timings}
+        if run.due(done, config.log.eval_every, last):
             with ema.swapped_in() if ema else contextlib.nullcontext():
-                record.update(evaluate(config, adapter, rewards, eval_prompts, out / "images" / f"iter-{done:06d}.png"))
-        if main_process:
-            append_metrics(out / "metrics.jsonl", record)
-            progress.set_postfix(reward=f"{reward_stats['total/mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}",
-                                 clip=f"{metrics['clip_frac']:.2f}")
+                record.update(evaluate(config, run, adapter, encode, rewards, eval_prompts,
+                                       run.out / "images" / f"iter-{done:06d}.png"))
+        run.append(record)
+        progress.set_postfix(reward=f"{reward_stats['total/mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}",
+                             clip=f"{metrics['clip_frac']:.2f}")
 
-        # checkpoint
-        if (config.log.checkpoint_every and done % config.log.checkpoint_every == 0) or last:
-            save_training_checkpoint(config, accelerator, adapter, optimizer, ema, done, out)
+        # checkpoint (every rank takes part: the RNG states are gathered)
+        if run.due(done, config.log.checkpoint_every, last):
+            save_training_checkpoint(config, run, adapter, optimizer, ema, done)
         if last:
             break
 
     scorer.shutdown()
-    final_eval = {k: v for k, v in record.items() if k.startswith("eval/")} if t.iterations > start else {}
-    if main_process:
-        plot_curves(out / "metrics.jsonl", out / "reward_curve.png",
-                    ["reward/total/mean", *[f"eval/{name}" for name in rewards], "train/kl", "train/clip_frac"],
-                    f"{a.name} on {config.model.path}")
-        if "before" in history and final_eval:
-            print(f"[flowalign] held-out reward before: {_fmt(history['before'])}")
-            print(f"[flowalign] held-out reward after : {_fmt(final_eval)}")
-        print(f"[flowalign] metrics {out / 'metrics.jsonl'}, curve {out / 'reward_curve.png'}, images {out / 'images'}")
+    final_eval = {k: v for k, v in record.items() if k.startswith("eval/")}
+    run.main_only(lambda: plot_curves(
+        run.out / "metrics.jsonl", run.out / "reward_curve.png",
+        ["reward/total/mean", *[f"eval/{name}" for name in rewards], "train/kl", "train/clip_frac"],
+        f"{a.name} on {config.model.path}"))
+    if "before" in history and final_eval:
+        run.print(f"held-out reward before: {_fmt(history['before'])}")
+        run.print(f"held-out reward after : {_fmt(final_eval)}")
+    run.print(f"metrics {run.out / 'metrics.jsonl'}, curve {run.out / 'reward_curve.png'}, images {run.out / 'images'}")
+    run.close()
     return {"before": history.get("before"), "after": final_eval}
 
 
-def save_training_checkpoint(config, accelerator, adapter, optimizer, ema, iteration: int, out: Path) -> None:
-    if not accelerator.is_main_process:
-        return
-    transformer = accelerator.unwrap_model(adapter.transformer)
-    states = {"trainable": trainable_state(transformer), "optimizer": optimizer.state_dict(), "rng": rng_state(),
+def save_training_checkpoint(config, run: Run, adapter, optimizer, ema, iteration: int) -> None:
+    model = adapter.transformer
+    states = {"trainable": run.trainable_state(model), "optimizer": run.optimizer_state(model, optimizer),
               "trainer": {"iteration": iteration, "config": to_dict(config)}}
     if ema is not None:
         states["ema"] = ema.shadow
-    writer = (lambda tmp: save_lora_for_pipeline(type(adapter.pipeline), transformer, tmp / "lora")) if config.model.lora else None
-    save_checkpoint(out / "checkpoints", iteration, states, keep_last=config.log.keep_last, extra_writer=writer)
+    writer = None
+    if config.model.lora:
+        writer = lambda tmp: save_lora_for_pipeline(type(adapter.pipeline), run.unwrap(model), tmp / "lora",  # noqa: E731
+                                                    states["trainable"])
+    run.save_checkpoint(iteration, states, keep_last=config.log.keep_last, extra_writer=writer)
 
 
 class _InlineExecutor:
@@ -427,15 +580,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.describe:
         print("\n".join(describe(FlowGRPOConfig)))
         return
+    # every process meets the same config error; the first prints it, so the user reads one line
+    first_process = int(os.environ.get("RANK", "0")) == 0
     try:
         config = load_config(FlowGRPOConfig, args.config, args.overrides)
         read_prompts(config)
-    except ConfigError as error:
-        exit_on_config_error(error)
-    try:
         train(config, resume=args.resume)
-    except ConfigError as error:  # a used log.output_dir, found before anything loads
-        exit_on_config_error(error)
+    except ConfigError as error:  # also a used log.output_dir or a batch that does not split, before anything loads
+        if first_process:
+            exit_on_config_error(error)
+        raise SystemExit(2) from None
     except RewardError as error:
         print(f"reward error: {error}", file=sys.stderr)
         raise SystemExit(3) from None

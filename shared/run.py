@@ -115,6 +115,13 @@ class Run:
             return None
         return next(message for message in self.gather_objects([failure]) if message is not None)
 
+    def raise_together(self, error: Exception | None, kind: type[Exception]) -> None:
+        """`first_failure` for an exception: when any rank failed, every rank raises `kind` with the first failing
+        rank's message."""
+        message = self.first_failure(None if error is None else str(error))
+        if message is not None:
+            raise kind(message)
+
     def main_first(self, fn: Callable[[], Any]) -> Any:
         """`fn()` on the main process first (it may build a cached artefact once, e.g. an embedded model), then on
         the other ranks, which find it built; returns this rank's result."""
