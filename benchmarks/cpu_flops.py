@@ -51,8 +51,8 @@ def update_step_flops() -> tuple[float, float]:
     keys = sampled.sample_id[sampled.row_sample] * steps + batch.step  # [R]
 
     def one_update(iteration: int) -> None:
-        parts = update_parts(keys, keys, len(sampled.final) * steps, 1, iteration_generator(0, iteration))
-        update(config, run, adapter, optimizer, params, embeds, batch, parts, len(keys))
+        (rows,) = update_parts(keys, batch.prompt_index, 1, 0, iteration)  # one optimizer step: every row
+        update(config, run, adapter, optimizer, params, embeds, batch, [(rows, len(rows))], len(keys))
 
     with FlopCounterMode(display=False) as counter:
         one_update(1)

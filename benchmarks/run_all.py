@@ -5,7 +5,8 @@
 The flow recipes side by side (flow_bench.py), the CPU FLOP/s of an update step (cpu_flops.py), the
 shared-prefix forward against the plain one (prefix_bench.py), and llmalign's GRPO and DPO trainers against
 TRL's GRPOTrainer and DPOTrainer (trl_bench.py; TRL is installed into .bench/trl for the benchmark only, and
-without it that part prints how to install it and the rest still runs). All tables also go to
+without it that part prints how to install it and the rest still runs), and samples per second at 1 and 2
+processes (scale_bench.py). All tables also go to
 benchmarks/out/RESULTS.md.
 """
 
@@ -24,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks import cpu_flops, flow_bench, prefix_bench, trl_bench  # noqa: E402
+from benchmarks import cpu_flops, flow_bench, prefix_bench, scale_bench, trl_bench  # noqa: E402
 
 
 def main() -> None:
@@ -40,8 +41,9 @@ def main() -> None:
     flow_bench.main(["--quick"] if args.quick else [])
     prefix_bench.main(["--quick"] if args.quick else [])
     trl_bench.main(["--quick"] if args.quick else [])
+    scale_bench.main(["--quick"] if args.quick else [])
     out = ROOT / "benchmarks" / "out"
-    tables = [(out / f"{name}.md").read_text() for name in ("flow_bench", "prefix_bench", "trl_bench")]
+    tables = [(out / f"{name}.md").read_text() for name in ("flow_bench", "prefix_bench", "trl_bench", "scale_bench")]
     minutes, seconds = divmod(time.perf_counter() - started, 60)
     results = "\n\n".join([header, flops["table"], *tables, f"run_all took {minutes:.0f} min {seconds:.0f} s."])
     (out / "RESULTS.md").write_text(results)

@@ -12,12 +12,13 @@ Several processes (shared/run.py owns the accelerator, the run directory and the
 global and a run does not depend on the number of processes:
 - the iteration's prompt list is drawn alike on every rank; rank r samples its contiguous block of whole groups;
 - each sample's initial noise and SDE noise come from its own stream, seeded from (seed, iteration, global sample
-  index); iteration-level choices (prompts, trained steps, the MixGRPO window, the update split) come from one
-  generator seeded from (seed, iteration), shared by all ranks;
+  index); iteration-level choices (prompts, trained steps, the MixGRPO window) come from one generator seeded
+  from (seed, iteration), shared by all ranks;
 - rewards and group ids are gathered before advantages, so group/batch statistics are those of the global batch;
-- the update splits the global (sample, step) rows into optimizer steps by a permutation of their global keys,
-  and every rank makes the same number of forward calls per optimizer step (short ranks add a zero-weight
-  micro-batch), as DDP's and FSDP's collectives require.
+- the update deals each prompt group's (sample, step) rows into the optimizer steps in equal shares, shuffled
+  from (seed, iteration, global group index): the same split on any world size, with every rank making the same
+  number of forward calls per optimizer step (as DDP's and FSDP's collectives require; a rank short of rows
+  would add a zero-weight micro-batch).
 Departure from the official code: ddpo-pytorch and the Flow-GRPO code built on it seed every process differently
 (`set_seed(seed, device_specific=True)`) and shuffle each process's samples on their own, so their runs change
 with the number of GPUs; here the same config gives the same run on 1 or N processes.
@@ -250,23 +251,27 @@ def score(rewards: dict, images: torch.Tensor, prompts: list[str], metadata: lis
 
 
 # ------------------------------------------------------------------------------------ update
-def update_parts(row_key: torch.Tensor, all_keys: torch.Tensor, key_space: int, parts: int,
-                 generator: torch.Generator) -> list[tuple[torch.Tensor, int]]:
-    """Split the global rows into `parts` optimizer steps, the same way whatever the world size.
+def update_parts(row_key: torch.Tensor, row_group: torch.Tensor, parts: int, seed: int,
+                 iteration: int) -> list[torch.Tensor]:
+    """Split this rank's rows into `parts` optimizer steps, the same way whatever the world size, with every rank
+    holding as many rows of each step as the others (no idle forward passes).
 
-    A permutation of the key space (from the generator every rank shares) orders the global rows `all_keys`
-    [R_global]; part u takes positions u*size .. (u+1)*size - 1 of that order (size = ceil(R_global / parts)).
-    Returns, per part, (this rank's rows in it [k] as indices into row_key, in global order; the part's global
-    row count, the loss denominator)."""
-    position = torch.randperm(key_space, generator=generator)  # [key_space]
-    global_order = position[all_keys].sort().values  # [R_global]
-    sequence = torch.searchsorted(global_order, position[row_key])  # [R] place of each local row in the order
-    total = len(all_keys)
-    size = -(-total // parts)
+    The unit is the prompt group, which never straddles ranks: each group's rows, ordered by their global key
+    (sample * T + step), are shuffled by a generator seeded from (seed, iteration, global group index) and dealt
+    into the parts in equal shares (the first len % parts parts take one more row). Every optimizer step thus sees
+    a random share of every group's rows. Returns, per part, this rank's rows in it (indices into row_key), in
+    global-key order."""
+    assignment = torch.empty_like(row_key)  # [R] the part of each row
+    for group in row_group.unique().tolist():
+        rows = (row_group == group).nonzero().flatten()  # [n]
+        rows = rows[row_key[rows].argsort()]  # global-key order: the same on any world size
+        generator = torch.Generator().manual_seed(samplers.stream_seed("update", seed, iteration, group))
+        shuffled = rows[torch.randperm(len(rows), generator=generator)]
+        assignment[shuffled] = torch.arange(len(rows)) * parts // len(rows)
     result = []
-    for start in range(0, total, size):
-        mine = ((sequence >= start) & (sequence < start + size)).nonzero().flatten()  # [k]
-        result.append((mine[sequence[mine].argsort()], min(size, total - start)))
+    for part in range(parts):
+        mine = (assignment == part).nonzero().flatten()  # [k]
+        result.append(mine[row_key[mine].argsort()])
     return result
 
 
@@ -485,15 +490,17 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
             # the clipped loss is linear in A for a positive weight w: w * l(A) = l(w * A)
             batch.advantage = batch.advantage * weight_of_step[batch.step]  # [R]
 
-        # update: a world-size invariant split of the global rows (key = global sample * T + step)
+        # update: a world-size invariant split of the rows into optimizer steps, group by group
         clock = time.perf_counter()
         row_key = sampled.sample_id[sampled.row_sample] * s.num_steps + batch.step  # [R]
-        all_keys = run.gather(row_key)  # [R_global]
-        parts = update_parts(row_key, all_keys, len(advantages) * s.num_steps, t.updates_per_iteration, generator)
+        rows_of_part = update_parts(row_key, block.start + batch.prompt_index, t.updates_per_iteration, t.seed,
+                                    iteration)
+        part_rows = run.sum(torch.tensor([len(rows) for rows in rows_of_part])).long().tolist()  # [U] global counts
+        total_rows = sum(part_rows)
         adapter.transformer.train()
         try:
-            metrics = update(config, run, adapter, optimizer, params, encode(local_prompts), batch, parts,
-                             len(all_keys))
+            metrics = update(config, run, adapter, optimizer, params, encode(local_prompts), batch,
+                             list(zip(rows_of_part, part_rows)), total_rows)
         except FloatingPointError as error:
             raise run.nan_stop(f"iteration {iteration + 1}", error) from None
         adapter.transformer.eval()
@@ -507,8 +514,8 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
         record = {"iteration": done, **{f"reward/{k}": v for k, v in reward_stats.items()},
                   **{f"train/{k}": v for k, v in metrics.items()},
                   "nfe/rollout": sampled.nfe,  # per process: batched velocity evaluations (CFG's doubled batch counts once)
-                  "nfe/update_forward": len(all_keys) * (2 if t.kl_beta > 0 else 1),  # per (sample, step) row; + reference
-                  "nfe/update_backward": len(all_keys),
+                  "nfe/update_forward": total_rows * (2 if t.kl_beta > 0 else 1),  # per (sample, step) row; + reference
+                  "nfe/update_backward": total_rows,
                   "samples": samples_per_iteration, "world_size": run.world, **timings}
         if run.due(done, config.log.eval_every, last):
             with ema.swapped_in() if ema else contextlib.nullcontext():

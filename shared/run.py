@@ -47,7 +47,10 @@ class Run:
         from accelerate import Accelerator
 
         self.out = Path(output_dir) if output_dir is not None else None
-        self.tag = tag
+        self.tag, self.resume = tag, resume
+        if mixed_precision == "fp16" and not torch.cuda.is_available():  # accelerate would run in float32, silently
+            raise ConfigError("config field 'train.mixed_precision': fp16 needs a GPU (on the CPU accelerate does not "
+                              "autocast to it); use bf16 or no")
         # cpu=True only where there is no GPU: on a GPU machine every process takes its own device
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
         self.world = self.accelerator.num_processes
@@ -304,6 +307,8 @@ class Run:
         step (0 without a checkpoint). A rank without its own saved state (the run was saved with fewer
         processes) takes rank 0's."""
         if self.checkpoint is None:
+            if self.resume:
+                self.print(f"--resume: no checkpoint in {self.out / 'checkpoints'}, starting fresh")
             return 0
         own = f"rng.rank{self.rank}"
         set_rng_state(self.load(own if (self.checkpoint / f"{own}.json").is_file() else "rng"))

@@ -190,14 +190,20 @@ def test_bf16_run_with_every_memory_feature_completes(digits, tmp_path):
 
 # ------------------------------------------------------------------------------------------ in-process
 def test_update_split_does_not_depend_on_the_world_size():
-    """The rows of each optimizer step are the same set whether one rank holds all rows or two ranks hold halves."""
-    keys = torch.tensor([3, 17, 4, 22, 9, 11, 30, 1, 14, 25])  # [R] global row keys, in rank order
-    one = update_parts(keys, keys, 32, 3, torch.Generator().manual_seed(5))
-    halves = [update_parts(keys[r * 5:(r + 1) * 5], keys, 32, 3, torch.Generator().manual_seed(5)) for r in (0, 1)]
-    assert [size for _, size in one] == [4, 4, 2] == [size for _, size in halves[0]]
-    for u, (rows, size) in enumerate(one):
-        split = torch.cat([keys[r * 5:(r + 1) * 5][halves[r][u][0]] for r in (0, 1)])
+    """The rows of each optimizer step are the same set whether one rank holds all groups or two ranks hold half of
+    them each, and every rank holds an equal share of each step."""
+    groups = torch.arange(4).repeat_interleave(6)  # [R] 4 prompt groups of 6 rows, in rank order
+    keys = torch.randperm(100, generator=torch.Generator().manual_seed(3))[:24]  # [R] distinct global row keys
+    one = update_parts(keys, groups, 3, 7, 2)
+    halves = [update_parts(keys[r * 12:(r + 1) * 12], groups[r * 12:(r + 1) * 12], 3, 7, 2) for r in (0, 1)]
+    assert [len(rows) for rows in one] == [8, 8, 8]
+    assert [[len(rows) for rows in half] for half in halves] == [[4, 4, 4], [4, 4, 4]]
+    for u, rows in enumerate(one):
+        split = torch.cat([keys[r * 12:(r + 1) * 12][halves[r][u]] for r in (0, 1)])
         assert sorted(keys[rows].tolist()) == sorted(split.tolist())
+        assert all(int((groups[rows] == g).sum()) == 2 for g in range(4))  # every step: a share of every group
+    assert sorted(torch.cat(one).tolist()) == list(range(24))  # every row in exactly one step
+    assert update_parts(keys, groups, 3, 7, 3)[0].tolist() != one[0].tolist()  # reshuffled every iteration
 
 
 def test_per_sample_noise_does_not_depend_on_the_batch():

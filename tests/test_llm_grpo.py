@@ -135,19 +135,25 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, one_process, lo
     assert moved > 0  # the step did something
 
 
+def updated_parameters(run, model, rollout, overrides: list[str], lr: float, prepare=None) -> dict:
+    """The parameters of a copy of `model` after one `update` on `rollout` (4 prompts x 3, advantages spread over
+    -1..1, every row kept), plain SGD at `lr`; `prepare(copy)` runs first."""
+    N = rollout.completion_ids.shape[0]
+    trained = copy.deepcopy(model)
+    if prepare is not None:
+        prepare(trained)
+    config = load_config(GRPOConfig, None, ["train.group_size=3", "train.prompts_per_iteration=4",
+                                            "train.micro_batch_size=6", *overrides])
+    update(run, config, trained, torch.optim.SGD(trained.parameters(), lr=lr), None, rollout,
+           torch.linspace(-1, 1, N), torch.ones(N, dtype=torch.bool), torch.zeros(N, dtype=torch.bool))
+    return dict(trained.named_parameters())
+
+
 def test_shared_prefix_update_equals_plain_update(tiny_lm_dir, one_process):
     model, rollout = rollout_for(tiny_lm_dir)
-    N = rollout.completion_ids.shape[0]
-    results = []
-    for shared in ("false", "true"):
-        trained = copy.deepcopy(model)
-        config = load_config(GRPOConfig, None, [f"algorithm.shared_prefix={shared}", "train.group_size=3",
-                                                "train.prompts_per_iteration=4", "train.micro_batch_size=6",
-                                                "train.num_iterations=2", "train.max_grad_norm=1e9"])
-        optimizer = torch.optim.SGD(trained.parameters(), lr=0.1)
-        update(one_process, config, trained, optimizer, None, rollout, torch.linspace(-1, 1, N),
-               torch.ones(N, dtype=torch.bool), torch.zeros(N, dtype=torch.bool))
-        results.append(dict(trained.named_parameters()))
+    results = [updated_parameters(one_process, model, rollout, [f"algorithm.shared_prefix={shared}",
+                                                                 "train.num_iterations=2", "train.max_grad_norm=1e9"],
+                                  lr=0.1) for shared in ("false", "true")]
     for name, value in results[0].items():
         assert_close(results[1][name], value, atol=1e-5, rtol=1e-5, msg=name)
 

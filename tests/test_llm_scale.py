@@ -13,7 +13,6 @@
 """
 
 import atexit
-import copy
 import json
 import os
 import re
@@ -28,7 +27,7 @@ from llmalign import toy
 from llmalign.cli import main
 from llmalign.config import GRPOConfig
 from llmalign.data import iteration_rows, load_rows, write_rows
-from llmalign.grpo import check_world_split, update
+from llmalign.grpo import check_world_split
 from llmalign.logprobs import completion_logprobs
 from llmalign.policy import enable_gradient_checkpointing, load_policy
 from shared.checkpoint import latest_checkpoint, load_state
@@ -39,7 +38,7 @@ from tests.multiproc import REPO, run_processes
 from tests.test_llm_dpo import overrides as dpo_overrides
 from tests.test_llm_dpo import tiny  # noqa: F401  (fixture)
 from tests.test_llm_grpo import overrides as grpo_overrides
-from tests.test_llm_grpo import rollout_for, tiny_lm_dir  # noqa: F401  (fixture)
+from tests.test_llm_grpo import rollout_for, tiny_lm_dir, updated_parameters  # noqa: F401  (fixture)
 
 RECORD = "LLMALIGN_TEST_RECORD"
 
@@ -257,19 +256,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_lm_dir, lora):  # 
 def test_gradient_checkpointing_in_the_grpo_update(tiny_lm_dir, tmp_path):  # noqa: F811
     run = Run(tmp_path / "run", resume=False, tag="[test]")
     model, rollout = rollout_for(tiny_lm_dir)
-    N = rollout.completion_ids.shape[0]
-    results = []
-    for checkpointing in (False, True):
-        trained = copy.deepcopy(model)
-        if checkpointing:
-            enable_gradient_checkpointing(trained)
-        config = load_config(GRPOConfig, None, [f"train.gradient_checkpointing={str(checkpointing).lower()}",
-                                                "train.group_size=3", "train.prompts_per_iteration=4",
-                                                "train.micro_batch_size=6", "algorithm.loss=dapo"])
-        optimizer = torch.optim.SGD(trained.parameters(), lr=1.0)
-        update(run, config, trained, optimizer, None, rollout, torch.linspace(-1, 1, N),
-               torch.ones(N, dtype=torch.bool), torch.zeros(N, dtype=torch.bool))
-        results.append(dict(trained.named_parameters()))
+    results = [updated_parameters(run, model, rollout, [f"train.gradient_checkpointing={str(on).lower()}",
+                                                        "algorithm.loss=dapo"], lr=1.0,
+                                  prepare=enable_gradient_checkpointing if on else None) for on in (False, True)]
     for name, value in results[0].items():
         assert_close(results[1][name], value, atol=1e-5, rtol=1e-5, msg=name)
 

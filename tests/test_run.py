@@ -81,3 +81,16 @@ def test_one_process_run_is_plain(tmp_path):
     assert list(run.block(5)) == [0, 1, 2, 3, 4]
     run.require_divisible(5, "train.prompts_per_iteration", "prompts")  # one process takes any size
     assert float(run.sum(2.5)) == 2.5 and run.any(False) is False
+
+
+def test_fp16_without_a_gpu_is_refused(tmp_path):
+    import torch
+
+    from shared.config import ConfigError
+    from shared.run import Run
+
+    if torch.cuda.is_available():
+        pytest.skip("fp16 autocast works on a GPU")
+    with pytest.raises(ConfigError, match="'train.mixed_precision': fp16 needs a GPU"):
+        Run(tmp_path / "fp16", resume=False, tag="[test]", mixed_precision="fp16")
+    assert not (tmp_path / "fp16").exists()  # refused before anything is written
