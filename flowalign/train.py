@@ -31,7 +31,6 @@ import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 import dataclasses
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -587,16 +586,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.describe:
         print("\n".join(describe(FlowGRPOConfig)))
         return
-    # every process meets the same config error; the first prints it, so the user reads one line
-    first_process = int(os.environ.get("RANK", "0")) == 0
     try:
         config = load_config(FlowGRPOConfig, args.config, args.overrides)
         read_prompts(config)
         train(config, resume=args.resume)
     except ConfigError as error:  # also a used log.output_dir or a batch that does not split, before anything loads
-        if first_process:
-            exit_on_config_error(error)
-        raise SystemExit(2) from None
+        exit_on_config_error(error)
     except RewardError as error:
         print(f"reward error: {error}", file=sys.stderr)
         raise SystemExit(3) from None

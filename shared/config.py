@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import sys
 import types
 import typing
@@ -192,6 +193,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 
 def exit_on_config_error(error: ConfigError) -> typing.NoReturn:
-    """Print the one-line message (no traceback) and exit with code 2, as command lines should."""
-    print(f"config error: {error}", file=sys.stderr)
+    """Print the one-line message (no traceback) and exit with code 2, as command lines should. Under a
+    multi-process launcher every process meets the same error; only the first (RANK 0) prints it, so the user
+    reads one line."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"config error: {error}", file=sys.stderr)
     raise SystemExit(2)
