@@ -171,14 +171,18 @@ def test_deepspeed_plugin_from_launcher_env(monkeypatch, stage):
 
 # ----------------------------------------------------------------------------------------------- real launches
 WORLD_SCRIPT = """
+import sys
+from pathlib import Path
+
 import torch
 from accelerate import Accelerator
 
 accelerator = Accelerator(cpu=not torch.cuda.is_available())  # as shared/run.py does
 total = accelerator.reduce(torch.tensor([accelerator.process_index + 1.0], device=accelerator.device), "sum")
-print(f"WORLD rank={accelerator.process_index} world={accelerator.num_processes} "
-      f"type={accelerator.distributed_type.name} backend={accelerator.state.backend} sum={int(total.item())}",
-      flush=True)
+# a file per rank: two processes' lines on one stdout pipe can interleave
+Path(sys.argv[1], f"rank{accelerator.process_index}.txt").write_text(
+    f"WORLD rank={accelerator.process_index} world={accelerator.num_processes} "
+    f"type={accelerator.distributed_type.name} backend={accelerator.state.backend} sum={int(total.item())}")
 torch.distributed.destroy_process_group()  # leaving without it can abort a gloo process at exit
 """
 
@@ -186,7 +190,8 @@ torch.distributed.destroy_process_group()  # leaving without it can abort a gloo
 def test_cpu_2proc_starts_two_processes(tmp_path):
     script = tmp_path / "world.py"
     script.write_text(WORLD_SCRIPT)
-    lines = sorted(line for line in _launch("cpu_2proc.yaml", script).stdout.splitlines() if line.startswith("WORLD"))
+    _launch("cpu_2proc.yaml", script, str(tmp_path))
+    lines = [path.read_text() for path in sorted(tmp_path.glob("rank*.txt"))]
     assert lines == [f"WORLD rank={rank} world=2 type=MULTI_CPU backend=gloo sum=3" for rank in (0, 1)]
 
 
