@@ -4,7 +4,7 @@ Prompts: a text file with one prompt per line, matched to the images in sorted f
 object {file name: prompt}. Prints `file,score` lines (CSV) to stdout, or writes them with --out.
 
     flowalign-score --reward flowalign.rewards:jpeg_compressibility --images samples/ --prompts prompts.txt
-    flowalign-score --reward flowalign.reward_models:clip_score --kwargs '{"model_name": "ViT-B-32"}' \\
+    flowalign-score --reward flowalign.rewards.models:clip_score --kwargs '{"model_name": "ViT-B-32"}' \\
         --images samples/ --prompts prompts.json --out scores.csv
 """
 
@@ -50,7 +50,7 @@ def load_batch(files: list[Path]) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from flowalign.reward_plugins import RewardError, call_reward, load_reward
+    from flowalign.rewards.plugins import RewardError, call_reward, load_reward
 
     parser = argparse.ArgumentParser(prog="flowalign-score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

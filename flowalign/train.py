@@ -45,7 +45,7 @@ from flowalign import samplers
 from flowalign.adapters import CachedPromptEncoder
 from flowalign.config import EMBEDDED_MODEL, FlowGRPOConfig
 from flowalign.lora import EMA, make_trainable, reference_model, save_lora_for_pipeline
-from flowalign.reward_plugins import RewardError, call_reward, check_rewards_on_dummy_batch, load_reward
+from flowalign.rewards.plugins import RewardError, call_reward, check_rewards_on_dummy_batch, load_reward
 from flowalign.visuals import save_image_grid
 from shared.advantages import clip_advantages, compose_rewards
 from shared.config import ConfigError, describe, exit_on_config_error, load_config, to_dict

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from flowalign.reward_plugins import RewardError, load_reward
+from flowalign.rewards.plugins import RewardError, load_reward
 from flowalign.train import train
 from tests.test_train_smoke import tiny_config, tiny_pipeline_dir  # noqa: F401  (fixture)
 
@@ -98,7 +98,7 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_checkpoint(tiny_pipelin
 
 
 def test_factories_with_required_arguments_take_their_kwargs():
-    reward = load_reward("flowalign.reward_server:remote_reward", {"url": "http://127.0.0.1:9", "token": "t"})
+    reward = load_reward("flowalign.rewards.server:remote_reward", {"url": "http://127.0.0.1:9", "token": "t"})
     assert callable(reward) and reward.__name__ != "remote_reward"
     with pytest.raises(RewardError, match="calling it with reward.kwargs \\{'quality': 50, 'colour': 1\\} failed"):
         load_reward("flowalign.rewards:jpeg_compressibility", {"quality": 50, "colour": 1})

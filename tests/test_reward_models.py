@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from flowalign.reward_models import aesthetic_score, clip_pixels, clip_score, load_aesthetic_mlp, pickscore
+from flowalign.rewards.models import aesthetic_score, clip_pixels, clip_score, load_aesthetic_mlp, pickscore
 
 TINY = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}

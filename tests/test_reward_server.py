@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 import torch
 
-from flowalign.reward_server import remote_reward, serve
+from flowalign.rewards.server import remote_reward, serve
 from flowalign.rewards import jpeg_compressibility
 
 TOKEN = "test-token"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flowalign.reward_plugins import load_reward
+from flowalign.rewards.plugins import load_reward
 from flowalign.rewards import jpeg_compressibility
 from flowalign.score import load_batch, main
 

@@ -3,8 +3,8 @@
 Factories return `fn(images [B, 3, H, W] in [0, 1], prompts, metadata) -> Tensor[B]`. Models load on the
 first call (not when the factory runs), run under torch.no_grad in batches of `batch_size`, and are loaded
 with weights-only readers (open_clip `weights_only=True`, safetensors, transformers `from_pretrained`).
-Name them in a config like any reward, e.g. `flowalign.reward_models:clip_score` with
-`reward.kwargs: {flowalign.reward_models:clip_score: {model_name: ViT-B-32, pretrained: openai}}`.
+Name them in a config like any reward, e.g. `flowalign.rewards.models:clip_score` with
+`reward.kwargs: {flowalign.rewards.models:clip_score: {model_name: ViT-B-32, pretrained: openai}}`.
 """
 
 from __future__ import annotations

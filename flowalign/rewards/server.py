@@ -4,7 +4,7 @@ A reward that needs its own process (a large scorer, another GPU, another enviro
 behind a small JSON server; training uses `remote_reward(url, token)` like any local reward.
 
     # terminal 1: the scorer (prints the token when none is given)
-    python -m flowalign.reward_server --reward flowalign.rewards:jpeg_compressibility --port 8765
+    python -m flowalign.rewards.server --reward flowalign.rewards:jpeg_compressibility --port 8765
     # training side
     reward_fn = remote_reward("http://127.0.0.1:8765", token="...")
     scores = reward_fn(images, prompts, metadata)  # [B]
@@ -40,7 +40,7 @@ import torch
 
 RewardFn = Callable[[torch.Tensor, list, list], torch.Tensor]
 DISCARD_LIMIT = 256 * 2**20  # refused bodies up to this size are read and dropped so the client sees the answer
-SERVE_HINT = "start it with flowalign-reward-serve (python -m flowalign.reward_server --reward module:name --port PORT)"
+SERVE_HINT = "start it with flowalign-reward-serve (python -m flowalign.rewards.server --reward module:name --port PORT)"
 
 
 class BadRequest(ValueError):
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch", type=int, default=256)
     args = parser.parse_args(argv)
 
-    from flowalign.reward_plugins import load_reward
+    from flowalign.rewards.plugins import load_reward
 
     try:
         kwargs = json.loads(args.kwargs)
