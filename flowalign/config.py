@@ -96,6 +96,10 @@ class RewardConfig:
         "stop", "a NaN/inf score stops the run naming the reward (stop), or its sample gets advantage 0 and is counted (drop)")
     composition: Literal["sum_then_normalize", "normalize_then_sum"] = option(
         "sum_then_normalize", "weighted sum then normalise, or normalise each reward then sum (MixGRPO)")
+    timeout_s: Optional[float] = option(
+        None, "seconds one reward call may take (the first includes loading its model); past it the run stops "
+        "naming the reward, or under on_bad_score=drop the batch is dropped; the hung call is abandoned, not killed "
+        "(null = no limit)")
 
 
 @dataclasses.dataclass
@@ -175,8 +179,13 @@ class FlowGRPOConfig:
                 bad = [k for k in a.branch_subset if not 0 <= k < trainable_steps]
                 need(not bad, "algorithm.branch_subset", f"{bad} outside 0..{trainable_steps - 1}")
         need(bool(self.reward.weights), "reward.weights", "empty; name at least one reward 'module:name': weight")
+        from flowalign.rewards.plugins import import_path_problem  # imported here: this module stays free of torch
+
         for path in list(self.reward.weights) + list(self.reward.kwargs):
-            need(":" in path, "reward.weights", f"{path!r} is not 'module:name'; e.g. flowalign.rewards:jpeg_compressibility")
+            problem = import_path_problem(path)
+            need(problem is None, "reward.weights", problem or "")
+        need(self.reward.timeout_s is None or self.reward.timeout_s > 0, "reward.timeout_s",
+             f"{self.reward.timeout_s} must be positive seconds, or null for no limit")
         unknown = set(self.reward.kwargs) - set(self.reward.weights)
         need(not unknown, "reward.kwargs", f"{sorted(unknown)} have no weight in reward.weights; add them there")
         need(self.data.eval_seeds >= 1, "data.eval_seeds", f"{self.data.eval_seeds}; use at least 1")

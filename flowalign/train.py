@@ -392,7 +392,8 @@ def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     adapter.transformer, optimizer = run.prepare(adapter.transformer, optimizer)
     ema = EMA(params, t.ema_decay) if t.ema_decay else None
-    rewards = {path: load_reward(path, config.reward.kwargs.get(path)) for path in config.reward.weights}
+    rewards = {path: load_reward(path, config.reward.kwargs.get(path), timeout_s=config.reward.timeout_s)
+               for path in config.reward.weights}  # each call bounded by reward.timeout_s (null: unbounded)
     window = None
     if a.name == "mixgrpo" or a.branch_steps == "window":
         window = samplers.SlidingWindow(num_steps=s.num_steps - 1, window_size=a.window_size, stride=a.window_stride,
