@@ -5,10 +5,17 @@ place and `describe(cls)` can print it. Unknown keys (with a did-you-mean), wron
 outside a Literal's choices raise `ConfigError` naming the field and the fix; a recipe's own
 cross-field checks go in a `validate()` method that raises `ConfigError` the same way.
 Command lines catch `ConfigError`, print its one line and exit with code 2 (`exit_on_config_error`).
+
+Overrides apply in order. A section given a mapping (`train={lr: 1e-4}`) sets only the fields it names; every
+other field, a mapping-typed one such as `reward.weights` included, is replaced whole by its value
+(`reward.weights={x: 1}` trains on x alone, `reward.weights={}` empties it), and `reward.weights.NAME=v` sets
+one entry of it (NAME may contain dots: the rest of the key after the field). YAML files must be UTF-8 and
+give each key once (PyYAML would keep the last of two silently); tags (`!!python/...`) are refused.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -28,6 +35,81 @@ class ConfigError(ValueError):
     """A config problem, phrased as one line that names the field and the fix."""
 
 
+SEED_LIMIT = 2**32  # seeds are in [0, 2**32): the generators seeded from seed * 10**6 + i stay within torch's 64 bits
+SAMPLES_PER_ITERATION_LIMIT = 2**20  # rollout size cap: far above any published recipe, far below an OOM at startup
+DICT_OVERRIDE_NOTE = "an override replaces the whole mapping ({name}={{a: 1}} keeps a alone, {name}={{}} empties it); {name}.KEY=value sets one entry"
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tags that build Python objects), refusing a mapping that gives a key twice."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}  # key -> the line it first appears on
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may repeat keys of the base on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the safe loader itself refuses it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first on line {seen[key] + 1}); keep one "
+                    f"(YAML would silently use the last)", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error as one line: the line number and the problem, without PyYAML's multi-line excerpt."""
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem and mark is not None:
+        return f"line {mark.line + 1}: {problem}"
+    return str(error).replace("\n", " ")
+
+
+def read_text_file(path: str | Path, field: str, example: str = "") -> str:
+    """The UTF-8 text of a file named by a config field or flag; a missing, unreadable or non-UTF-8 file is a
+    ConfigError naming `field`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{field} {path}: no such file{'; ' + example if example else ''}")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{field} {path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise ConfigError(f"{field} {path}: cannot be read ({error.strerror})") from None
+
+
+def output_dir_problem(path: str) -> str | None:
+    """Why `path` cannot be a run's output directory, or None: empty (it would be the current directory), or
+    it or one of its parents is a file."""
+    if not path.strip():
+        return "empty; name a directory such as runs/my_run (an empty path would write into the current directory)"
+    for existing in (Path(path), *Path(path).parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "is" if existing == Path(path) else f"is inside {str(existing)!r}, which is"
+                return f"{path!r} {where} a file, not a directory; choose another path"
+            return None
+    return None
+
+
+def local_path_problem(path: str) -> str | None:
+    """Why `path`, given where a local directory or a hub id may go, names a missing local directory, or None.
+    A string that could be a hub id ('name' or 'org/name') and is not a local path is left to the loader."""
+    local = Path(path).expanduser()
+    if local.exists():
+        return None if local.is_dir() else f"{path!r} is a file; give the model's directory"
+    could_be_hub_id = (not path.startswith(("/", ".", "~")) and "\\" not in path and path.count("/") <= 1)
+    if could_be_hub_id:
+        return None
+    return f"{path!r}: no such directory; give a model directory or a hub id such as org/name"
+
+
 def option(default: Any, doc: str, **kwargs: Any) -> Any:
     """A dataclass field with its one-line documentation; mutable defaults are copied per instance."""
     if isinstance(default, (list, dict)):
@@ -45,7 +127,10 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             lines += describe(hint, prefix + field.name + ".")
             continue
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        lines.append(f"{prefix}{field.name} ({_type_name(hint)}, default {default!r}): {field.metadata.get('doc', '')}")
+        doc = field.metadata.get("doc", "")
+        if get_origin(hint) is dict:  # say how overrides treat it: replaced whole, not merged with the YAML's
+            doc += "; " + DICT_OVERRIDE_NOTE.format(name=prefix + field.name)
+        lines.append(f"{prefix}{field.name} ({_type_name(hint)}, default {default!r}): {doc}")
     return lines
 
 
@@ -108,6 +193,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config field '{name}': expected a number, got {value!r} ({type(value).__name__})")
+        if isinstance(value, int) and not -2**1023 < value < 2**1023:  # float() of it would overflow
+            raise ConfigError(f"config field '{name}': an integer of {len(str(abs(value)))} digits is too large for a number")
         if not math.isfinite(value):
             raise ConfigError(f"config field '{name}': {value!r} is not a finite number")
         return float(value)
@@ -144,17 +231,24 @@ def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
+def _split_override(item: str) -> tuple[str, Any]:
+    """`"a.b=[1, 2]"` -> `("a.b", [1, 2])`: the value parsed as YAML (duplicate keys refused)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not key=value; write for example train.lr=1e-4")
+    try:
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({getattr(error, 'problem', None) or error})"
+                          .replace("\n", " ")) from None
+    return key, value
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """`["a.b=3", "c=[1, 2]"]` -> `{"a": {"b": 3}, "c": [1, 2]}`; values are parsed as YAML."""
     tree: dict = {}
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} is not key=value; write for example train.lr=1e-4")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as error:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({error.problem})") from None
+        key, value = _split_override(item)
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
@@ -165,14 +259,45 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+def apply_overrides(cls: type, data: dict, overrides: list[str]) -> dict:
+    """`data` (the YAML's mapping, left untouched) with the `key=value` overrides applied in order, by the
+    dataclass `cls`: a section given a mapping sets the fields it names, any other field is replaced whole (a
+    mapping-typed one too: `reward.weights={x: 1}` is x alone), and a dotted key past a mapping-typed field sets
+    one entry (`reward.weights.pkg.mod:fn=2`)."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, value = _split_override(item)
+        _assign(cls, data, key.split("."), value, item, "")
+    return data
+
+
+def _assign(cls: type | None, node: dict, parts: list[str], value: Any, item: str, prefix: str) -> None:
+    """Set `parts` (a dotted key split) under `node`, the mapping of dataclass `cls` (None: a key the schema
+    does not know; it is nested as written and from_dict names it)."""
+    name, rest = parts[0], parts[1:]
+    hint = get_type_hints(cls).get(name) if cls is not None else None
+    section = hint is not None and dataclasses.is_dataclass(hint)
+    if not rest:
+        if section and isinstance(value, dict) and isinstance(node.get(name, {}), (dict, type(None))):
+            child = node[name] = dict(node.get(name) or {})
+            for key, entry in value.items():  # a section's mapping sets the fields it names, each replaced whole
+                _assign(hint, child, [key], entry, item, f"{prefix}{name}.")
         else:
-            merged[key] = value
-    return merged
+            node[name] = value
+        return
+    if section or hint is None:
+        child = node.get(name)
+        if child is None:
+            child = node[name] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: '{prefix}{name}' is set to a value and used as a section")
+        _assign(hint if section else None, child, rest, value, item, f"{prefix}{name}.")
+    elif get_origin(hint) is dict:  # one entry of a mapping-typed field; the key is the rest (it may hold dots)
+        entries = node.get(name)
+        node[name] = {**(entries if isinstance(entries, dict) else {}), ".".join(rest): value}
+    else:
+        raise ConfigError(f"override {item!r}: '{prefix}{name}' is a single value, not a section; write "
+                          f"{prefix}{name}=value")
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
@@ -180,16 +305,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file; pass a YAML file such as configs/flow/flow_grpo.yaml")
+        text = read_text_file(path, "--config", "pass a YAML file such as configs/flow/flow_grpo.yaml")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(text, Loader=_StrictLoader) or {}
         except yaml.YAMLError as error:
-            raise ConfigError(f"--config {path}: not valid YAML ({error})".replace("\n", " ")) from None
+            raise ConfigError(f"--config {path}: not valid YAML ({_yaml_problem(error)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"--config {path}: the top level must be a mapping of field: value")
-    data = _merge(data, parse_overrides(overrides or []))
-    return from_dict(cls, data)
+    return from_dict(cls, apply_overrides(cls, data, overrides or []))
 
 
 def exit_on_config_error(error: ConfigError) -> typing.NoReturn:
