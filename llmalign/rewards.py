@@ -56,6 +56,8 @@ RewardFn = Callable[..., list]
 _BOXED = re.compile(r"\\boxed\s*\{")
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ANSWER_PHRASE = re.compile(r"answer\s+is|answer\s*:", re.IGNORECASE)
+_PHRASE_LEAD = " \t:*_"  # after "answer is": a colon, markdown bold/italics (** __ * _), spaces
+_PHRASE_TRAIL = " \t:*_.,;!?"  # closing bold/italics and sentence punctuation after the answer
 # A number: "1,000,000.5" (thousands groups of exactly 3), "-12.5", ".5", "3/4". The minus sign
 # counts only when not glued to a word or digit, so "x-5" and "3-5" end in the number 5, not -5.
 _NUMBER = re.compile(
@@ -94,7 +96,8 @@ def extract_answer(text: str) -> str | None:
     1. the last complete `\\boxed{...}` (nested braces kept: `\\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`);
     2. the content of the last closed `<answer>...</answer>`;
     3. the text after the last "answer is" / "answer:" (any case), up to the end of that line or
-       the first ". " (sentence end), with surrounding ':', '*' (markdown bold) and spaces removed;
+       the first ". " (sentence end), without the ':', markdown bold or italics ('*', '_') and spaces
+       around it, nor trailing punctuation ('.', ',', ';', ':', '!', '?'): "The answer is: **7**." -> "7";
     4. the last number in the text ("-3", "2.5", "1,000" -> "1000", "3/4").
 
     Empty candidates are skipped. Returns None when nothing is found.
@@ -111,7 +114,7 @@ def extract_answer(text: str) -> str | None:
     if phrases:
         rest = text[phrases[-1].end():].split("\n", 1)[0]
         rest = re.split(r"\.\s", rest, maxsplit=1)[0]
-        rest = rest.strip().strip(":*").strip().rstrip(".").strip()
+        rest = rest.lstrip(_PHRASE_LEAD).rstrip(_PHRASE_TRAIL)  # "is: **7**." -> "7"
         if rest:
             return rest
     numbers = _NUMBER.findall(text)

@@ -57,6 +57,13 @@ def ids(*lengths):
     ("The answer is 42. I am sure of 43.", "42"),                    # "answer is": up to sentence end
     ("Final Answer: $\\frac{3}{4}$\nchecking 7", "$\\frac{3}{4}$"),  # up to end of the line
     ("**Answer:** 12", "12"),                                        # markdown bold stripped
+    ("The answer is: **7**", "7"),                                   # colon after "answer is", then bold
+    ("The answer is **7**.", "7"),                                   # bold, then the sentence's period
+    ("The answer is **7.5**.", "7.5"),                               # a decimal point is kept, the period not
+    ("So the answer is *-3*!", "-3"),                                # italics, exclamation mark
+    ("The answer is: 7;", "7"),                                      # trailing semicolon
+    ("Is the answer 12? The answer is 13?", "13"),                   # the last "answer is", question mark
+    ("The answer is .5", ".5"),                                      # a leading decimal point is the number's
     ("x-5 gives -3", "-3"),                                          # last number, negative
     ("between 3-5 items", "5"),                                      # a hyphen after a digit is not a sign
     ("total: 1,000 apples", "1000"),                                 # thousands separator dropped
@@ -101,6 +108,12 @@ def test_accuracy_reward_values_and_none_reference():
     answers = ["0.5", "1/2", 1000, "0", 2, None]
     # \boxed{2 is unclosed, so the last number "2" is used; None reference: reward does not apply.
     assert accuracy_reward([""] * 6, completions, answer=answers, step=3) == [1.0, 1.0, 1.0, 0.0, 1.0, None]
+
+
+def test_accuracy_reward_scores_markdown_answers():
+    # both scored 0 before: the bold markers stayed glued to the number ("**7", "7**")
+    completions = ["The answer is: **7**", "The answer is **7**.", "The answer is **8**."]
+    assert accuracy_reward([""] * 3, completions, answer=[7, "7", 7]) == [1.0, 1.0, 0.0]
 
 
 def test_accuracy_reward_errors_name_the_answer_column():
