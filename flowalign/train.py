@@ -1,6 +1,6 @@
 """GRPO for flow-matching image models: Flow-GRPO, MixGRPO (+Flash) and TempFlow-GRPO in one recipe.
 
-    python flowalign/train.py --config configs/flow/flow_grpo.yaml [key=value ...] [--resume]
+    python flowalign/train.py --config configs/flow/flow_grpo.yaml [key=value ...] [--resume [--allow-config-change]]
     accelerate launch --multi_gpu --num_processes 2 flowalign/train.py --config configs/flow/flow_grpo.yaml
     accelerate launch --config_file configs/accelerate/multi_gpu.yaml flowalign/train.py --config ...
     python flowalign/train.py --describe            # every config field, documented
@@ -48,6 +48,7 @@ from flowalign.lora import EMA, make_trainable, reference_model, save_lora_for_p
 from flowalign.rewards.plugins import RewardError, call_reward, check_rewards_on_dummy_batch, load_reward
 from flowalign.visuals import save_image_grid
 from shared.advantages import clip_advantages, compose_rewards
+from shared.checkpoint import WriteError
 from shared.config import ConfigError, describe, exit_on_config_error, load_config, to_dict
 from shared.kl import gaussian_mean_kl
 from shared.losses import clipped_policy_loss
@@ -371,10 +372,11 @@ def evaluate(config: FlowGRPOConfig, run: Run, adapter, encode, rewards: dict, p
 
 
 # -------------------------------------------------------------------------------------- main
-def train(config: FlowGRPOConfig, resume: bool = False) -> dict:
+def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
     t, s, a = config.train, config.sampling, config.algorithm
     train_prompts, eval_prompts = read_prompts(config)
-    run = Run(config.log.output_dir, resume, tag="[flowalign]", mixed_precision=t.mixed_precision)
+    run = Run(config.log.output_dir, resume, tag="[flowalign]", mixed_precision=t.mixed_precision, config=config,
+              allow_config_change=allow_config_change)
     run.require_divisible(t.prompts_per_iteration, "train.prompts_per_iteration", "prompts")  # before the model loads
 
     # setup: model, trainable parameters, optimizer, rewards, prompt embeddings
@@ -581,6 +583,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe, e.g. configs/flow/flow_grpo.yaml")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="with --resume: apply config changes beyond train.iterations, train.max_seconds and "
+                             "log.* (refused without it)")
     parser.add_argument("--describe", action="store_true", help="list every config field and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=5")
     args = parser.parse_args(argv)
@@ -590,9 +595,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load_config(FlowGRPOConfig, args.config, args.overrides)
         read_prompts(config)
-        train(config, resume=args.resume)
+        train(config, resume=args.resume, allow_config_change=args.allow_config_change)
     except ConfigError as error:  # also a used log.output_dir or a batch that does not split, before anything loads
         exit_on_config_error(error)
+    except WriteError as error:  # a full disk: the previous checkpoint is intact
+        print(f"write error: {error}", file=sys.stderr)
+        raise SystemExit(5) from None
     except RewardError as error:
         print(f"reward error: {error}", file=sys.stderr)
         raise SystemExit(3) from None

@@ -1,7 +1,7 @@
 """`llmalign`: the text-RL command line.
 
-    llmalign grpo --config configs/llm/arith.yaml [key=value ...] [--resume] [--describe]
-    llmalign dpo --config configs/llm/arith_dpo.yaml [key=value ...] [--resume] [--describe]
+    llmalign grpo --config configs/llm/arith.yaml [key=value ...] [--resume [--allow-config-change]] [--describe]
+    llmalign dpo --config configs/llm/arith_dpo.yaml [key=value ...] [--resume [--allow-config-change]] [--describe]
     llmalign pairs --model DIR --data FILE --out pairs.jsonl [--adapter DIR] [--group-size G]
                    [--pairs-per-prompt K] [--max-new-tokens N] [--temperature T] [--limit N] [--seed S]
                    [--format-check | --no-format-check]
@@ -11,7 +11,8 @@
 Batch sizes count over all processes; pairs and eval split their prompts over the processes and the main
 process alone writes.
 
-Exit codes: 2 bad config or data, 3 a reward failed, 4 the loss became NaN/inf.
+Exit codes: 2 bad config or data, 3 a reward failed, 4 the loss became NaN/inf, 5 a checkpoint or log could not
+be written (a full disk; the previous checkpoint is intact).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ def run_recipe(config_class, train, args: argparse.Namespace) -> None:
         exit_on_config_error(error)
     from llmalign.data import DataError
     from llmalign.grpo import RewardError
+    from shared.checkpoint import WriteError
 
     try:
-        train(config, resume=args.resume)
+        train(config, resume=args.resume, allow_config_change=args.allow_config_change)
     except ConfigError as error:  # found only once a model is loaded (a guidance model of another vocabulary)
         exit_on_config_error(error)
     except DataError as error:
@@ -47,6 +49,9 @@ def run_recipe(config_class, train, args: argparse.Namespace) -> None:
     except FloatingPointError as error:
         print(f"training stopped: {error}", file=sys.stderr)
         raise SystemExit(4) from None
+    except WriteError as error:
+        print(f"write error: {error}", file=sys.stderr)
+        raise SystemExit(5) from None
 
 
 def run_grpo(args: argparse.Namespace) -> None:
@@ -145,18 +150,24 @@ def run_eval(args: argparse.Namespace) -> None:
     run.close()
 
 
+ALLOW_CONFIG_CHANGE_HELP = ("with --resume: apply config changes beyond train.iterations, train.max_seconds, "
+                            "train.steps, train.epochs and log.* (refused without it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmalign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{grpo,dpo,pairs,eval}")
     grpo = sub.add_parser("grpo", help="GRPO / Dr. GRPO / DAPO / DisCO training with verifiable rewards")
     grpo.add_argument("--config", help="YAML recipe, e.g. configs/llm/arith.yaml")
     grpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
+    grpo.add_argument("--allow-config-change", action="store_true", help=ALLOW_CONFIG_CHANGE_HELP)
     grpo.add_argument("--describe", action="store_true", help="list every config field and exit")
     grpo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=5")
     grpo.set_defaults(run=run_grpo)
     dpo = sub.add_parser("dpo", help="DPO / IPO / robust / hinge / SimPO (and TGDPO) training on preference pairs")
     dpo.add_argument("--config", help="YAML recipe, e.g. configs/llm/arith_dpo.yaml")
     dpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
+    dpo.add_argument("--allow-config-change", action="store_true", help=ALLOW_CONFIG_CHANGE_HELP)
     dpo.add_argument("--describe", action="store_true", help="list every config field and exit")
     dpo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algorithm.loss=ipo")
     dpo.set_defaults(run=run_dpo)

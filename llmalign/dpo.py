@@ -413,9 +413,10 @@ def learning_rate(config: DPOConfig, step: int) -> float:
 # ----------------------------------------------------------------------------- train
 
 
-def train(config: DPOConfig, resume: bool = False) -> dict:
+def train(config: DPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
     t, a, d = config.train, config.algorithm, config.data
-    run = Run(config.log.output_dir, resume, tag="[llmalign]", mixed_precision=t.mixed_precision)
+    run = Run(config.log.output_dir, resume, tag="[llmalign]", mixed_precision=t.mixed_precision, config=config,
+              allow_config_change=allow_config_change)
     run.require_divisible(t.batch_size, "train.batch_size", "pairs")
     torch.manual_seed(t.seed)
     random.seed(t.seed)

@@ -218,9 +218,10 @@ def check_world_split(run: Run, config: GRPOConfig) -> None:
                           f"{units} {what} of each of the {run.world} processes; use a divisor of {units}")
 
 
-def train(config: GRPOConfig, resume: bool = False) -> dict:
+def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
     t, a, s = config.train, config.algorithm, config.sampling
-    run = Run(config.log.output_dir, resume, tag="[llmalign]", mixed_precision=t.mixed_precision)
+    run = Run(config.log.output_dir, resume, tag="[llmalign]", mixed_precision=t.mixed_precision, config=config,
+              allow_config_change=allow_config_change)
     check_world_split(run, config)
     torch.manual_seed(t.seed)
     random.seed(t.seed)

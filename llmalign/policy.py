@@ -96,9 +96,5 @@ def save_policy_checkpoint(run: Run, config, model, tokenizer, optimizer, step: 
 
     states = {"trainable": run.trainable_state(model), "optimizer": run.optimizer_state(model, optimizer),
               "trainer": {"iteration": step, "config": to_dict(config)}}
-    written = run.save_checkpoint(step, states, keep_last=config.log.keep_last, extra_writer=write_model)
-    if run.is_main:  # the others only read `final` after training, if at all
-        pointer = run.out / "final"  # the newest model, for `llmalign eval --model RUN/final`
-        if pointer.is_symlink() or pointer.exists():
-            pointer.unlink()
-        pointer.symlink_to(Path("checkpoints") / written.name / "model")
+    # RUN/final: the newest model, for `llmalign eval --model RUN/final`; re-pointed atomically with `latest`
+    run.save_checkpoint(step, states, keep_last=config.log.keep_last, extra_writer=write_model, link=("final", "model"))

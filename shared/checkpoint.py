@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+RUN_LOGS = ("metrics.jsonl", "samples.jsonl", "config_changes.jsonl")  # records keyed by "iteration", trimmed on resume
 _TENSOR_REF = "__tensor__"  # a JSON marker that stands for an entry of the safetensors file
 _TUPLE = "__tuple__"
 
@@ -92,35 +94,105 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
+class WriteError(RuntimeError):
+    """A file of the run could not be written (a full disk, a read-only or vanished directory), as one line that
+    names the path; the command lines exit with code 5."""
+
+
+def io_failure(error: BaseException) -> str | None:
+    """The operating system's reason when `error` is an I/O failure (an OSError, or safetensors' own error type
+    for one, which it raises instead of OSError), else None."""
+    if isinstance(error, OSError):
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        return f"{reason}: {error.filename}" if error.filename else reason
+    if isinstance(error, SafetensorError) and "I/O error" in str(error):  # "Error while serializing: I/O error: ..."
+        return str(error).split("I/O error:", 1)[1].strip()
+    return None
+
+
+def checkpoints_by_step(root: Path) -> list[Path]:
+    """The `step-*` checkpoint directories under `root`, oldest first by step number (not by name, which puts
+    step-1000000 before step-999999)."""
+    found = [path for path in Path(root).glob("step-*") if path.name.removeprefix("step-").isdigit()]
+    return sorted(found, key=lambda path: int(path.name.removeprefix("step-")))
+
+
+def point_symlink(link: Path, target: Path) -> None:
+    """Make `link` a symlink to `target` (relative to the link's directory) atomically: a temporary link is
+    renamed over it, so `link` names either the old or the new target at every moment, never nothing."""
+    link = Path(link)
+    tmp = link.parent / f".{link.name}.tmp-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(os.path.relpath(target, link.parent))
+    os.replace(tmp, link)
+
+
 def save_checkpoint(root: str | Path, step: int, states: dict[str, Any], keep_last: int | None = None,
-                    extra_writer=None) -> Path:
+                    extra_writer=None, link: tuple[Path, str] | None = None) -> Path:
     """Write `root/step-{step:06d}/` atomically, then point `root/latest` at it.
 
     states: name -> nested state (tensors, numbers, strings, lists, dicts).
     extra_writer: optional `fn(tmp_dir)` for files in other formats (a LoRA adapter directory, say).
-    keep_last: delete older checkpoints beyond this many, only after the new one is in place.
+    link: optional (symlink, path inside the checkpoint), e.g. (RUN/final, "model"): re-pointed atomically right
+    after `latest`, before older checkpoints are deleted, so it never names a deleted one.
+    keep_last: delete older checkpoints beyond this many (by step number), only after the new one is in place.
+    A write that fails for an I/O reason (a full disk) raises WriteError naming the checkpoint; the unfinished
+    directory is removed and `latest` still names the previous checkpoint, untouched.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name, state in states.items():
-        save_state(tmp, name, state)
-    if extra_writer is not None:
-        extra_writer(tmp)
-    _fsync_tree(tmp)
-    if final.exists():  # a re-save of the same step replaces it as a whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
     pointer_tmp = root / f".latest.tmp-{os.getpid()}"
-    pointer_tmp.write_text(final.name + "\n")
-    os.replace(pointer_tmp, root / "latest")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name, state in states.items():
+            save_state(tmp, name, state)
+        if extra_writer is not None:
+            extra_writer(tmp)
+        _fsync_tree(tmp)
+        if final.exists():  # a re-save of the same step replaces it as a whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer_tmp.write_text(final.name + "\n")
+        os.replace(pointer_tmp, root / "latest")
+        if link is not None:
+            point_symlink(link[0], final / link[1])
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)  # also frees the space a full disk needs
+        pointer_tmp.unlink(missing_ok=True)
+        reason = io_failure(error)
+        if reason is None:
+            raise
+        previous = latest_checkpoint(root)
+        kept = f"{previous} is intact and --resume starts from it" if previous else "no earlier checkpoint exists"
+        reason = reason.replace(str(tmp), str(final))  # the file's name in the checkpoint, not in its temporary
+        raise WriteError(f"cannot write checkpoint {final} ({reason}); {kept}") from None
     if keep_last is not None:
-        for old in sorted(root.glob("step-*"))[:-keep_last]:
+        for old in checkpoints_by_step(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_crash_leftovers(out: Path) -> list[Path]:
+    """Delete what a run killed in the middle of a checkpoint leaves behind: unfinished `.tmp-step-*` directories
+    and temporary `latest` pointers under out/checkpoints, temporary symlinks (`.final.tmp-*`) and temporary
+    trimmed logs (`.metrics.jsonl.tmp-*`) in out.
+    Returns what was removed. Call it before the run writes anything, on the main process."""
+    removed = []
+    checkpoints = out / "checkpoints"
+    for path in sorted(checkpoints.glob(".tmp-step-*")) + sorted(checkpoints.glob(".latest.tmp-*")):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        removed.append(path)
+    for path in sorted(out.glob(".*.tmp-*")):
+        # point_symlink's temporary links and truncate_metrics's temporary logs (not replaced_atomically's
+        # directories, which belong to other builds)
+        if path.is_symlink() or (path.is_file() and path.name.split(".tmp-")[0][1:] in RUN_LOGS):
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -138,7 +210,8 @@ def open_output_dir(out: str | Path, resume: bool, write: bool = True) -> Path |
     A fresh run (resume False) into an output directory that already holds a checkpoint is refused, so it
     neither mixes its logs and checkpoints with the old run's nor overwrites them; --resume takes the latest
     checkpoint. A run that starts from step 0 either way (a directory whose run stopped before its first
-    checkpoint) has its logs started afresh, since it writes every line of them again."""
+    checkpoint) has its logs started afresh, since it writes every line of them again. With `write` (the main
+    process), what a run killed mid-checkpoint left behind is removed first (`remove_crash_leftovers`)."""
     from shared.config import ConfigError
     from shared.runlog import truncate_metrics
 
@@ -147,8 +220,11 @@ def open_output_dir(out: str | Path, resume: bool, write: bool = True) -> Path |
     if checkpoint is not None and not resume:
         raise ConfigError(f"log.output_dir: {out} already holds a run (checkpoint {checkpoint.name}); continue it with "
                           f"--resume, or set log.output_dir to a new directory (or delete this one)")
+    if write:
+        for path in remove_crash_leftovers(out):
+            print(f"removed {path}: left unfinished by a run killed while writing a checkpoint", flush=True)
     if checkpoint is None and write:
-        for log in ("metrics.jsonl", "samples.jsonl"):
+        for log in RUN_LOGS:
             truncate_metrics(out / log, -1)
     return checkpoint
 

@@ -5,6 +5,8 @@
   on its device (a GPU when there is one) and with its mixed precision;
 - the run directory: the starting checkpoint decided once (`open_output_dir`), the config snapshot, and every
   log line and checkpoint, written by the main process alone while the others wait at a barrier;
+- on --resume, the comparison of the config with the one the checkpoint was written under (`config_changes`):
+  a change outside RESUME_CHANGEABLE is refused unless --allow-config-change applies it;
 - rank sharding of whole groups (rank r takes the r-th contiguous block), gathers in rank order and global
   sums, so statistics and loss denominators are those of the global batch;
 - the time budget and the NaN stop, decided the same way on every rank (a rank that stopped alone would leave
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,20 +34,64 @@ import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from shared.checkpoint import latest_checkpoint, load_state, open_output_dir, rng_state, save_checkpoint, set_rng_state
+from shared.checkpoint import (RUN_LOGS, WriteError, io_failure, latest_checkpoint, load_state, open_output_dir,
+                               rng_state, save_checkpoint, set_rng_state)
 from shared.config import ConfigError, to_dict
 from shared.runlog import append_metrics, truncate_metrics
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
+# Config fields a resumed run may change without --allow-config-change: how long it runs (flowalign and GRPO:
+# train.iterations; DPO: train.steps or train.epochs, its pair order being a function of the step alone), its
+# time budget, and the log section (where and how often it logs and checkpoints). Any other change alters what
+# the run computes: a new learning rate, for one, would be recorded in config.json while the restored optimizer
+# went on with the old one.
+RESUME_CHANGEABLE = ("train.iterations", "train.max_seconds", "train.steps", "train.epochs", "log.*")
+_ABSENT = "<absent>"
+
+
+def config_changes(saved: Any, current: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted field name -> (saved value, current value) for every field that differs between two configs as
+    nested dicts (`to_dict`). Mappings (sections, and mapping-valued fields such as reward weights) are compared key
+    by key, so a changed weight is named `reward.weights.<reward>`; a key on one side only shows "<absent>" on the
+    other. Both sides go through JSON first (what a checkpoint stores), so a tuple equals its list."""
+    saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))
+    if isinstance(saved, dict) and isinstance(current, dict):
+        changes = {}
+        for key in list(saved) + [k for k in current if k not in saved]:
+            changes.update(config_changes(saved.get(key, _ABSENT), current.get(key, _ABSENT), f"{prefix}{key}."))
+        return changes
+    return {} if saved == current else {prefix.rstrip("."): (saved, current)}
+
+
+def changeable_on_resume(field: str) -> bool:
+    return any(field == allowed or (allowed.endswith(".*") and field.startswith(allowed[:-1]))
+               for allowed in RESUME_CHANGEABLE)
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """`a.b (1 -> 2), c (x -> y)`, each value cut to 60 characters, for one line."""
+    def short(value: Any) -> str:
+        text = value if value == _ABSENT else json.dumps(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return ", ".join(f"{name} ({short(old)} -> {short(new)})" for name, (old, new) in changes.items())
+
 
 class Run:
     """The process-level side of a training run (see the module docstring)."""
 
-    def __init__(self, output_dir: str | Path | None, resume: bool, tag: str, mixed_precision: str = "no"):
+    def __init__(self, output_dir: str | Path | None, resume: bool, tag: str, mixed_precision: str = "no",
+                 config: Any = None, allow_config_change: bool = False):
         """output_dir None: a command that writes one file of its own (`llmalign pairs`, `llmalign eval`): the
-        accelerator and the collectives, without run directory, config snapshot or checkpoints."""
+        accelerator and the collectives, without run directory, config snapshot or checkpoints.
+        config: the run's config dataclass; on --resume it is compared with the checkpoint's (`check_config`),
+        before any model loads. allow_config_change: --allow-config-change, apply changes outside
+        RESUME_CHANGEABLE instead of refusing them."""
         from accelerate import Accelerator
+
+        if allow_config_change and not resume:
+            raise ConfigError("--allow-config-change: it applies config changes to a resumed run; add --resume, or "
+                              "drop --allow-config-change")
 
         self.out = Path(output_dir) if output_dir is not None else None
         self.tag, self.resume = tag, resume
@@ -61,7 +108,29 @@ class Run:
         # starts fresh logs, and the others wait for it so no rank sees a half-truncated file
         self.checkpoint = open_output_dir(self.out, resume, write=self.is_main) if self.out is not None else None
         self.barrier()
+        self.config_changes = {}
+        if config is not None and self.checkpoint is not None:
+            self.config_changes = self.check_config(config, allow_config_change)
         self._started = time.perf_counter()
+
+    def check_config(self, config: Any, allow_change: bool) -> dict[str, tuple[Any, Any]]:
+        """Compare `config` with the config the starting checkpoint was written under (its trainer state holds
+        it). Changes outside RESUME_CHANGEABLE raise ConfigError listing them, unless `allow_change`; returns every
+        change, which the caller then runs with: the optimizer takes this config's settings (`load_optimizer`),
+        config.json is rewritten and the change is recorded in config_changes.jsonl (`restore`)."""
+        saved = self.load("trainer").get("config")
+        if saved is None:
+            self.print(f"warning: {self.checkpoint} holds no config, so the config is not compared with it")
+            return {}
+        changes = config_changes(saved, to_dict(config))
+        fixed = {name: change for name, change in changes.items() if not changeable_on_resume(name)}
+        if fixed and not allow_change:
+            raise ConfigError(f"--resume: the config differs from the one {self.checkpoint.name} was written under in "
+                              f"{describe_changes(fixed)}; set them back, or add --allow-config-change to apply them "
+                              f"(on resume only {', '.join(RESUME_CHANGEABLE)} may change without it)")
+        if changes:
+            self.print(f"config changed from {self.checkpoint.name}'s: {describe_changes(changes)}")
+        return changes
 
     # ------------------------------------------------------------------------- sharding and collectives
     def require_divisible(self, value: int, field: str, what: str) -> None:
@@ -231,11 +300,17 @@ class Run:
         return get_optimizer_state_dict(model, optimizer, options=self._gather_options())
 
     def load_optimizer(self, model, optimizer, state: dict) -> None:
+        """The checkpoint's optimizer state (moments, step counts) into `optimizer`, whose settings (learning
+        rate, weight decay, betas) stay those it was built with from this run's config: the same as the
+        checkpoint's unless --allow-config-change changed them, and then the change takes effect."""
         if self.deepspeed or not state:
             raise ConfigError("--resume: this run's checkpoints hold no optimizer state (saved under DeepSpeed, whose "
                               "optimizer state is not kept as safetensors); resume it under DDP or FSDP "
                               "(configs/accelerate/multi_gpu.yaml or fsdp.yaml), or start a new run")
+        settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        for group, own in zip(optimizer.param_groups, settings):  # load_state_dict took the saved groups' settings
+            group.update(own)
 
     @staticmethod
     def _gather_options():
@@ -248,15 +323,27 @@ class Run:
         if self.is_main:
             print(f"{self.tag} {message}", flush=True)
 
+    @contextlib.contextmanager
+    def writing(self, path: Path) -> Iterator[None]:
+        """An I/O failure (a full disk) inside becomes WriteError, one line naming `path`."""
+        try:
+            yield
+        except OSError as error:
+            raise WriteError(f"cannot write {path} ({io_failure(error)})") from None
+
     def write_config(self, config: Any) -> None:
+        """config.json: the config the run runs with, rewritten on every start (after a resume with changes it
+        holds the new config; config_changes.jsonl records what changed at which step)."""
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
+            with self.writing(self.out / "config.json"):
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
     def append(self, record: dict, name: str = "metrics.jsonl") -> None:
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            append_metrics(self.out / name, record)
+            with self.writing(self.out / name):
+                self.out.mkdir(parents=True, exist_ok=True)
+                append_metrics(self.out / name, record)
 
     def main_only(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the main process (a plot, an image grid), then let every rank go on together."""
@@ -287,24 +374,32 @@ class Run:
 
     # ------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int, states: dict[str, Any], keep_last: int,
-                        extra_writer: Callable[[Path], None] | None = None) -> Path | None:
+                        extra_writer: Callable[[Path], None] | None = None,
+                        link: tuple[str, str] | None = None) -> Path | None:
         """Write `states` (taken on the main process) plus every rank's RNG state, on the main process; all ranks
-        call this (the RNG gather is a collective) and leave it together once the checkpoint is in place."""
+        call this (the RNG gather is a collective) and leave it together once the checkpoint is in place.
+        link: (a symlink's name in the run directory, a path inside the checkpoint), e.g. ("final", "model"),
+        re-pointed atomically with `latest`. A write that fails (a full disk) raises WriteError on every rank."""
         rng = self.gather_objects([rng_state()])
-        path = None
+        path, failure = None, None
         if self.is_main:
             states = {**states, "rng": rng[0], **{f"rng.rank{r}": rng[r] for r in range(1, len(rng))}}
-            path = save_checkpoint(self.out / "checkpoints", step, states, keep_last=keep_last,
-                                   extra_writer=extra_writer)
-        self.barrier()
+            try:
+                path = save_checkpoint(self.out / "checkpoints", step, states, keep_last=keep_last,
+                                       extra_writer=extra_writer,
+                                       link=(self.out / link[0], link[1]) if link is not None else None)
+            except WriteError as error:
+                failure = error
+        self.raise_together(failure, WriteError)  # the others would otherwise wait for the main in the next collective
         return path
 
     def load(self, name: str) -> Any:
         return load_state(self.checkpoint, name)
 
     def restore(self, trainer_key: str = "iteration") -> int:
-        """Restore this rank's RNG state from the starting checkpoint, trim the logs back to it and return its
-        step (0 without a checkpoint). A rank without its own saved state (the run was saved with fewer
+        """Restore this rank's RNG state from the starting checkpoint, trim the logs back to it (a cut-off last
+        line dropped with a warning), record the config changes (`check_config`) in config_changes.jsonl and
+        return its step (0 without a checkpoint). A rank without its own saved state (the run was saved with fewer
         processes) takes rank 0's."""
         if self.checkpoint is None:
             if self.resume:
@@ -314,8 +409,13 @@ class Run:
         set_rng_state(self.load(own if (self.checkpoint / f"{own}.json").is_file() else "rng"))
         start = self.load("trainer")[trainer_key]
         if self.is_main:
-            for log in ("metrics.jsonl", "samples.jsonl"):
+            for log in RUN_LOGS:
                 truncate_metrics(self.out / log, start)
+            if self.config_changes:  # one record per resume; a retried resume from the same step replaces its own
+                truncate_metrics(self.out / "config_changes.jsonl", start - 1)
+                self.append({"iteration": start, "changes": {name: list(change)
+                                                             for name, change in self.config_changes.items()}},
+                            name="config_changes.jsonl")
         self.barrier()
         self.print(f"resumed from {self.checkpoint} at step {start}")
         return start

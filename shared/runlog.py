@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 
@@ -12,10 +14,37 @@ def append_metrics(path: Path, record: dict) -> None:
 
 
 def truncate_metrics(path: Path, iteration: int) -> None:
-    """After a resume, drop records written after the checkpoint (they will be written again)."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["iteration"] <= iteration]
-        path.write_text("".join(line + "\n" for line in keep))
+    """After a resume, drop records written after the checkpoint (they will be written again).
+
+    A line that is not valid JSON (the last line of a run killed while appending it) is dropped with a warning
+    on stderr. The trimmed file replaces the old one by a rename, so a kill during the trim loses nothing."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"warning: {path} line {number} is cut off ({len(line)} characters, not a whole JSON record; "
+                  f"a run killed while writing it): dropped", file=sys.stderr, flush=True)
+            continue
+        if record["iteration"] <= iteration:
+            keep.append(line)
+    if keep == lines:
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as handle:
+            handle.write("".join(line + "\n" for line in keep))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def plot_curves(metrics_path: str | Path, out_path: str | Path, keys: list[str], title: str) -> list[str]:

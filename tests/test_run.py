@@ -1,6 +1,7 @@
 """shared.run on 2 real processes: whole-group blocks, gathers in rank order, global sums, the synchronised
 stop, main-only logs, per-rank RNG states in checkpoints, and the divisibility refusal."""
 
+import dataclasses
 import json
 import textwrap
 
@@ -94,3 +95,188 @@ def test_fp16_without_a_gpu_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="'train.mixed_precision': fp16 needs a GPU"):
         Run(tmp_path / "fp16", resume=False, tag="[test]", mixed_precision="fp16")
     assert not (tmp_path / "fp16").exists()  # refused before anything is written
+
+
+# ----------------------------------------------------------------------------- logs trimmed on resume
+def test_a_cut_off_last_line_is_dropped_with_a_warning_and_the_trim_is_atomic(tmp_path, capsys, monkeypatch):
+    import os
+
+    from shared.runlog import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    whole = "".join(json.dumps({"iteration": i, "x": i / 2}) + "\n" for i in range(4))
+    path.write_text(whole + '{"iteration": 4, "x": 2.')  # killed while appending iteration 4
+    monkeypatch.setattr(os, "replace", lambda *_: (_ for _ in ()).throw(OSError("killed before the swap")))
+    with pytest.raises(OSError):
+        truncate_metrics(path, 2)
+    assert path.read_text() == whole + '{"iteration": 4, "x": 2.'  # nothing lost by an interrupted trim
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # and no temporary left
+    monkeypatch.undo()
+    capsys.readouterr()
+    truncate_metrics(path, 2)
+    assert path.read_text() == "".join(json.dumps({"iteration": i, "x": i / 2}) + "\n" for i in range(3))
+    assert capsys.readouterr().err == (f"warning: {path} line 5 is cut off (24 characters, not a whole JSON record; "
+                                       f"a run killed while writing it): dropped\n")
+
+
+def test_resume_trims_metrics_and_samples_back_to_the_checkpoint(tmp_path, capsys):
+    from shared.run import Run
+
+    out = tmp_path / "run"
+    run = Run(out, resume=False, tag="[test]")
+    for i in range(5):
+        run.append({"iteration": i, "reward": i})
+        run.append({"iteration": i, "completions": ["a" * i]}, name="samples.jsonl")
+        if i == 2:
+            run.save_checkpoint(2, {"trainer": {"iteration": 2}}, keep_last=2)
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        with open(out / name, "a") as handle:
+            handle.write('{"iteration": 5, "rew')  # the kill
+    capsys.readouterr()
+    assert Run(out, resume=True, tag="[test]").restore() == 2
+    assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == [
+        {"iteration": i, "reward": i} for i in range(3)]
+    assert [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()] == [
+        {"iteration": i, "completions": ["a" * i]} for i in range(3)]
+    err = capsys.readouterr().err
+    assert f"warning: {out / 'metrics.jsonl'} line 6 is cut off" in err
+    assert f"warning: {out / 'samples.jsonl'} line 6 is cut off" in err
+
+
+# ----------------------------------------------------------------------------- resume with a changed config
+@dataclasses.dataclass
+class TrainSection:
+    learning_rate: float = 0.1
+    iterations: int = 2
+    max_seconds: float | None = None
+    group_size: int = 2
+
+
+@dataclasses.dataclass
+class RewardSection:
+    weights: dict = dataclasses.field(default_factory=lambda: {"a": 1.0})
+
+
+@dataclasses.dataclass
+class LogSection:
+    output_dir: str = "runs/x"
+    keep_last: int = 2
+
+
+@dataclasses.dataclass
+class Recipe:
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    reward: RewardSection = dataclasses.field(default_factory=RewardSection)
+    log: LogSection = dataclasses.field(default_factory=LogSection)
+
+
+def recipe(learning_rate=0.1, iterations=2, max_seconds=None, group_size=2, weights=None, output_dir="runs/x",
+           keep_last=2) -> Recipe:
+    return Recipe(TrainSection(learning_rate, iterations, max_seconds, group_size),
+                  RewardSection(weights if weights is not None else {"a": 1.0}), LogSection(output_dir, keep_last))
+
+
+def test_config_changes_are_listed_by_dotted_field_name():
+    from shared.run import changeable_on_resume, config_changes, describe_changes
+
+    old = {"train": {"lr": 0.1, "betas": (0.9, 0.99)}, "reward": {"weights": {"a": 1.0, "b": 2.0}}, "log": {"dir": "x"}}
+    new = {"train": {"lr": 0.01, "betas": [0.9, 0.99]}, "reward": {"weights": {"a": 1.0, "c": 0.5}}, "log": {"dir": "y"}}
+    assert config_changes(old, new) == {"train.lr": (0.1, 0.01), "reward.weights.b": (2.0, "<absent>"),
+                                        "reward.weights.c": ("<absent>", 0.5), "log.dir": ("x", "y")}
+    assert config_changes(old, old) == {}
+    assert describe_changes({"train.lr": (0.1, 0.01), "reward.weights.b": (2.0, "<absent>")}) == \
+        "train.lr (0.1 -> 0.01), reward.weights.b (2.0 -> <absent>)"
+    assert [changeable_on_resume(f) for f in ("train.iterations", "train.max_seconds", "log.keep_last",
+                                              "train.iterations_x", "logx.a", "train.learning_rate")] == \
+        [True, True, True, False, False, False]
+
+
+def checkpointed_run(out, config, model, optimizer):
+    """A one-process Run that saves `model` and `optimizer` with `config` in the trainer state, as the trainers do."""
+    from shared.config import to_dict
+    from shared.run import Run
+
+    run = Run(out, resume=False, tag="[test]", config=config)
+    run.save_checkpoint(1, {"trainable": run.trainable_state(model), "optimizer": run.optimizer_state(model, optimizer),
+                            "trainer": {"iteration": 1, "config": to_dict(config)}}, keep_last=2)
+    run.write_config(config)
+    return run
+
+
+def test_resume_refuses_a_changed_config_except_the_allow_list(tmp_path, capsys):
+    import torch
+
+    from shared.config import ConfigError
+    from shared.run import Run
+
+    out = tmp_path / "run"
+    model = torch.nn.Linear(2, 1)
+    checkpointed_run(out, recipe(), model, torch.optim.AdamW(model.parameters(), lr=0.1))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    changed = recipe(learning_rate=0.01, group_size=4, weights={"a": 1.0, "b": 0.5}, iterations=5)
+    with pytest.raises(ConfigError) as refused:
+        Run(out, resume=True, tag="[test]", config=changed)
+    assert str(refused.value) == (
+        "--resume: the config differs from the one step-000001 was written under in train.learning_rate (0.1 -> 0.01), "
+        "train.group_size (2 -> 4), reward.weights.b (<absent> -> 0.5); set them back, or add --allow-config-change "
+        "to apply them (on resume only train.iterations, train.max_seconds, train.steps, train.epochs, log.* may "
+        "change without it)")
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before  # nothing touched
+    with pytest.raises(ConfigError, match="--allow-config-change: it applies config changes to a resumed run"):
+        Run(tmp_path / "other", resume=False, tag="[test]", config=changed, allow_config_change=True)
+
+    capsys.readouterr()
+    allowed = Run(out, resume=True, tag="[test]", config=recipe(iterations=9, max_seconds=60.0, output_dir="moved",
+                                                                 keep_last=1))
+    assert allowed.config_changes == {"train.iterations": (2, 9), "train.max_seconds": (None, 60.0),
+                                      "log.output_dir": ("runs/x", "moved"), "log.keep_last": (2, 1)}
+    assert "config changed from step-000001's: train.iterations (2 -> 9)" in capsys.readouterr().out
+    assert Run(out, resume=True, tag="[test]", config=recipe()).config_changes == {}
+
+
+def test_allow_config_change_sets_the_new_learning_rate_into_the_restored_optimizer(tmp_path):
+    import copy
+
+    import torch
+
+    from shared.run import Run
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.01)
+    inputs = torch.randn(4, 3)  # [4, 3]
+
+    def step(model, optimizer):
+        optimizer.zero_grad()
+        model(inputs).pow(2).sum().backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step(model, optimizer)
+    out = tmp_path / "run"
+    checkpointed_run(out, recipe(learning_rate=0.1), model, optimizer)
+    # the reference: the same model and optimizer moments, stepped on with the new learning rate
+    reference = copy.deepcopy(model)
+    reference_optimizer = torch.optim.AdamW(reference.parameters(), lr=0.1, weight_decay=0.01)
+    reference_optimizer.load_state_dict(optimizer.state_dict())
+    reference_optimizer.param_groups[0]["lr"] = 0.003
+    step(reference, reference_optimizer)
+
+    run = Run(out, resume=True, tag="[test]", config=recipe(learning_rate=0.003), allow_config_change=True)
+    resumed = torch.nn.Linear(3, 2)
+    resumed_optimizer = torch.optim.AdamW(resumed.parameters(), lr=0.003, weight_decay=0.01)  # as built from config
+    resumed, resumed_optimizer = run.prepare(resumed, resumed_optimizer)
+    run.load_trainable(resumed, run.load("trainable"))
+    saved = run.load("optimizer")
+    assert saved["param_groups"][0]["lr"] == 0.1  # what a plain load_state_dict would have put back
+    run.load_optimizer(resumed, resumed_optimizer, saved)
+    assert run.restore() == 1
+    assert resumed_optimizer.param_groups[0]["lr"] == 0.003
+    assert resumed_optimizer.param_groups[0]["weight_decay"] == 0.01
+    step(resumed, resumed_optimizer)
+    for name, value in reference.named_parameters():
+        assert torch.equal(dict(resumed.named_parameters())[name], value), name  # the step used 0.003
+    run.write_config(recipe(learning_rate=0.003))
+    assert json.loads((out / "config.json").read_text())["train"]["learning_rate"] == 0.003
+    history = [json.loads(line) for line in (out / "config_changes.jsonl").read_text().splitlines()]
+    assert history == [{"iteration": 1, "changes": {"train.learning_rate": [0.1, 0.003]}}]
