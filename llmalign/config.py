@@ -171,9 +171,19 @@ class LMRewardConfig:
     params: dict[str, dict[str, Any]] = option({}, "reward -> keyword arguments of its factory")
     on_bad_score: Literal["stop", "drop"] = option(
         "stop", "a NaN/inf/missing score stops the run naming the reward (stop), or the sample gets advantage 0 and is counted (drop)")
+    timeout_s: Optional[float] = option(
+        None, "seconds one reward call may take; past it the run stops naming the reward, or under on_bad_score=drop "
+        "the batch is dropped; the hung call is abandoned, not killed (null = no limit)")
 
     def check(self) -> None:
         need(bool(self.weights), "reward.weights", "empty; name at least one reward, e.g. {accuracy: 1.0}")
+        for name in self.weights:
+            module_name, colon, attribute = name.partition(":")
+            need(not colon or (attribute and all(part.isidentifier() for part in module_name.split("."))),
+                 "reward.weights", f"{name!r} has module name {module_name!r} and name {attribute!r}; an import path "
+                 "is an absolute dotted module and a name, e.g. mypkg.rewards:score")
+        need(self.timeout_s is None or self.timeout_s > 0, "reward.timeout_s",
+             f"{self.timeout_s} must be positive seconds, or null for no limit")
         unknown = set(self.params) - set(self.weights)
         need(not unknown, "reward.params", f"{sorted(unknown)} have no weight in reward.weights; add them there")
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flowalign.rewards.plugins import RewardTimeout, scores_as_floats, with_deadline
 from llmalign.config import GRPOConfig
 from llmalign.data import iteration_rows, load_rows, micro_batches, render_prompt, tokenize_prompts
 from llmalign.evaluate import Rollout, describe_held_out, generate, held_out_metrics
@@ -58,7 +60,8 @@ class RewardError(RuntimeError):
 def score(rewards: dict, prompts: list[str], rollout: Rollout, rows: list[dict], group_size: int, step: int,
           max_new_tokens: int, drop_bad: bool, first_index: int = 0) -> dict[str, Tensor]:
     """name -> [B*G] scores; None/NaN/inf become NaN when drop_bad, else raise RewardError. Completions are
-    named by their index in the global rollout, which starts at `first_index` on this rank."""
+    named by their index in the global rollout, which starts at `first_index` on this rank. A reward past its
+    reward.timeout_s (RewardTimeout) is a RewardError, or under drop_bad its whole batch becomes NaN (dropped)."""
     columns = {key: [row[key] for row in rows for _ in range(group_size)] for key in rows[0] if key != "prompt"}
     completions = rollout.texts
     expanded_prompts = [p for p in prompts for _ in range(group_size)]
@@ -67,6 +70,13 @@ def score(rewards: dict, prompts: list[str], rollout: Rollout, rows: list[dict],
         try:
             values = fn(expanded_prompts, completions, completion_ids=rollout.token_lists(), group_size=group_size,
                         step=step, max_completion_length=max_new_tokens, **columns)
+        except RewardTimeout as error:
+            message = f"reward {name!r} {error} (iteration {step + 1}, first prompt {expanded_prompts[0][:60]!r})"
+            if not drop_bad:
+                raise RewardError(f"{message}; raise reward.timeout_s or fix the reward") from None
+            print(f"warning: {message}; its {len(completions)} completions are dropped", file=sys.stderr, flush=True)
+            scores[name] = torch.full((len(completions),), math.nan)  # [B*G] the whole batch dropped
+            continue
         except Exception as error:
             raise RewardError(f"reward {name!r} raised {type(error).__name__}: {error} (iteration {step + 1}, "
                               f"first prompt {expanded_prompts[0][:60]!r})") from error
@@ -74,7 +84,11 @@ def score(rewards: dict, prompts: list[str], rollout: Rollout, rows: list[dict],
             got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
             raise RewardError(f"reward {name!r} returned {got} scores for {len(completions)} completions "
                               f"(iteration {step + 1}); return one float (or None) per completion")
-        tensor = torch.tensor([math.nan if v is None else float(v) for v in values])  # [B*G]
+        try:
+            tensor, _ = scores_as_floats(values)  # [B*G]; None -> NaN
+        except ValueError as error:  # a str, dict, or an integer too large for a float: never dropped
+            raise RewardError(f"reward {name!r} {error} (iteration {step + 1}); return one float (or None) per "
+                              "completion") from None
         bad = ~torch.isfinite(tensor)
         if bad.any() and not drop_bad:
             i = int(bad.nonzero()[0])
@@ -238,7 +252,11 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
     prompt_ids, truncated_prompts = tokenize_prompts(tokenizer, texts, d.max_prompt_length, d.overlong_prompts)
     for row, text, ids in zip(train_rows, texts, prompt_ids):
         row["_text"], row["_ids"] = text, ids
-    rewards = {name: build_reward(name, config.reward.params.get(name)) for name in config.reward.weights}
+    try:  # each call bounded by reward.timeout_s (null: unbounded)
+        rewards = {name: with_deadline(build_reward(name, config.reward.params.get(name)), config.reward.timeout_s)
+                   for name in config.reward.weights}
+    except ValueError as error:  # a path that does not import, params its factory refuses: one line, exit 3
+        raise RewardError(str(error)) from None
     reference = reference_policy(model, config.model.lora) if a.beta > 0 else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)

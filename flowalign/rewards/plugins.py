@@ -16,7 +16,6 @@ import importlib
 import inspect
 import math
 import numbers
-import re
 import sys
 import threading
 from typing import Any, Callable
@@ -25,7 +24,6 @@ import numpy as np
 import torch
 
 RewardFn = Callable[[torch.Tensor, list, list], Any]
-MODULE_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")  # an absolute dotted module name: no '', '.', '.x'
 
 
 class RewardError(RuntimeError):
@@ -50,7 +48,7 @@ def import_path_problem(path: str) -> str | None:
     module_name, colon, attribute = path.partition(":")
     if not colon or not attribute:
         return f"{path!r} is not 'module:name'; e.g. flowalign.rewards:jpeg_compressibility"
-    if not MODULE_PATH.fullmatch(module_name):
+    if not all(part.isidentifier() for part in module_name.split(".")):  # refuses '', '.', '.x', 'a..b'
         return (f"{path!r} has module name {module_name!r}, not an absolute dotted module name; "
                 "write the full package path, e.g. my_pkg.rewards:brightness")
     return None
