@@ -35,8 +35,14 @@ class SamplingConfig:
     num_steps: int = option(10, "denoising steps per rollout (Flow-GRPO trains with 10)")
     eval_num_steps: int = option(20, "ODE steps for evaluation samples and image grids")
     guidance_scale: float = option(4.5, "classifier-free guidance during rollout and training (1 = off)")
-    noise_level: float = option(0.7, "SDE noise level a; 0 makes the SDE step the ODE step")
+    noise_level: float = option(0.7, "SDE noise level a; 0 makes the SDE step the ODE step (CPS: at most 1)")
     sde_kind: Literal["flow_grpo", "cps"] = option("flow_grpo", "SDE step: Flow-GRPO or coefficients-preserving (CPS)")
+    sigma_one: Literal["flow_grpo", "next_sigma"] = option(
+        "flow_grpo", "Flow-GRPO step from sigma = 1: sigma_t = a sqrt(1/(1 - sigma_1)) as the official code (flow_grpo), "
+                     "or a sqrt(sigma_1/(1 - sigma_1)) (next_sigma, this project's first form)")
+    cps_log_prob: Literal["flow_grpo", "gaussian"] = option(
+        "flow_grpo", "CPS log-prob: -(x' - mean)^2 averaged, as the official code (flow_grpo), or the full Gaussian "
+                     "density (gaussian: log-ratios 1/(2 std^2) larger, 7900x on SD3's last noisy step)")
     same_noise_per_group: bool = option(False, "members of a group share their initial noise (TempFlow seed groups)")
     height: Optional[int] = option(None, "image height in pixels for rollouts and evaluation (null: the pipeline's default)")
     width: Optional[int] = option(None, "image width in pixels for rollouts and evaluation (null: the pipeline's default)")
@@ -55,6 +61,9 @@ class AlgorithmConfig:
     branch_subset: list[int] = option([], "tempflow: branch step indices when branch_steps = subset")
     num_branches: int = option(4, "tempflow: SDE samples K drawn at each branch step")
     noise_aware_weighting: bool = option(False, "scale each step's loss by its noise scale (TempFlow-GRPO)")
+    noise_aware_normalization: Literal["schedule", "trained_steps"] = option(
+        "schedule", "noise-aware weights divided by the mean noise scale of the schedule's noisy steps (schedule: fixed, "
+                    "as TempFlow's released code) or of this iteration's trained steps (trained_steps: first form)")
 
 
 @dataclasses.dataclass
@@ -78,7 +87,11 @@ class TrainConfig:
     clip_range: float = option(1e-4, "PPO clip epsilon on the per-step ratio (Flow-GRPO: 1e-4)")
     advantage_clip: float = option(5.0, "clip advantages to +-this")
     advantage_scale: Literal["group", "batch", "none"] = option("batch", "std for advantages: per group, whole batch (Flow-GRPO), none")
-    kl_beta: float = option(0.01, "weight of the Gaussian-mean KL to the reference (LoRA disabled); 0 = off")
+    kl_beta: float = option(0.01, "weight of the Gaussian-mean KL to the reference (LoRA disabled), in train.kl_form's units; 0 = off")
+    kl_form: Literal["flow_grpo", "exact_step"] = option(
+        "flow_grpo", "KL per step: ||mean - mean_ref||^2 / (2 sigma_t^2) as the official code (flow_grpo; Flow-GRPO "
+                     "paper betas carry over), or / (2 sigma_t^2 (-dt)), the exact one-step KL (exact_step: 3.7-25x "
+                     "stronger on SD3's 10-step schedule)")
     ema_decay: Optional[float] = option(None, "keep an EMA of the trained weights for evaluation (e.g. 0.9)")
     seed: int = option(0, "seed for prompts, noise and initialisation")
     max_seconds: Optional[float] = option(None, "stop after this many seconds of training (then evaluate and save)")
@@ -141,6 +154,8 @@ class FlowGRPOConfig:
         need(s.eval_num_steps >= 1, "sampling.eval_num_steps", f"{s.eval_num_steps}; use at least 1")
         need(0 <= s.noise_level <= 1.5, "sampling.noise_level", f"{s.noise_level} is outside [0, 1.5]; Flow-GRPO uses 0.7")
         need(s.noise_level > 0, "sampling.noise_level", "0 gives deterministic steps with no log-prob to train; use 0.7")
+        need(s.sde_kind != "cps" or s.noise_level <= 1, "sampling.noise_level",
+             f"{s.noise_level} > 1 with sampling.sde_kind=cps; CPS defines a in [0, 1] (its mean uses |cos(a pi/2)|)")
         need(t.group_size >= 2, "train.group_size", f"{t.group_size} < 2; group advantages need at least 2 samples per prompt")
         need(t.prompts_per_iteration >= 1, "train.prompts_per_iteration", f"{t.prompts_per_iteration}; use at least 1")
         need(t.iterations >= 0, "train.iterations", f"{t.iterations} is negative")

@@ -9,9 +9,16 @@ and the schedule `sigmas` [T + 1] (decreasing, last = 0) as a diffusers flow-mat
 Randomness: every sampler takes `generator`, either a torch.Generator (one stream for the whole batch) or a
 `SampleNoise` (one stream per sample, so a sample's noise does not depend on the batch or the process it is in).
 
-Public names: euler_ode_step, sde_step_with_logprob, SDE_STEPS, stream_seed, SampleNoise, standard_normal,
-dpm_solver_2m_step, compressed_sigmas, Trajectory, sample_trajectory, SlidingWindow, select_branch_steps,
-BranchRollout, branch_rollout, branch_group_ids, branch_advantages, noise_aware_weights.
+Conventions where the official Flow-GRPO code (github.com/yifan123/flow_grpo,
+flow_grpo/diffusers_patch/sd3_sde_with_logprob.py and scripts/train_sd3.py) and this project once differed
+(`SDEConventions`, `KL_FORMS`, `NOISE_AWARE_NORMALIZATIONS`): the official form is the default and the other is
+kept as an option. `convention_factors` computes, per step of a schedule, how far apart the two forms are; the
+README's "Flow conventions" table comes from it.
+
+Public names: euler_ode_step, sde_step_with_logprob, SDE_STEPS, SDEConventions, OFFICIAL, LOG_PROBS, KL_FORMS,
+kl_std, convention_factors, stream_seed, SampleNoise, standard_normal, dpm_solver_2m_step, compressed_sigmas,
+Trajectory, sample_trajectory, SlidingWindow, select_branch_steps, BranchRollout, branch_rollout,
+branch_group_ids, branch_advantages, NOISE_AWARE_NORMALIZATIONS, noise_aware_weights.
 """
 
 from __future__ import annotations
@@ -114,21 +121,61 @@ def euler_ode_step(latents: Tensor, velocity: Tensor, sigma: float | Tensor, sig
 
 
 # ------------------------------------------------------------------------------- SDE steps
-def _flow_grpo_mean_std(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: float):
-    """Flow-GRPO: sigma_t = a*sqrt(sigma/(1-sigma)); mean = x + v dt + sigma_t^2/(2 sigma) (x + (1-sigma) v) dt;
-    std = sigma_t sqrt(-dt). At sigma = 1 the ratio uses sigma_next (sigma/(1-sigma) is infinite there).
+@dataclasses.dataclass(frozen=True)
+class SDEConventions:
+    """The two choices of an SDE step where this project's first form and the official Flow-GRPO code differ.
+    The defaults are the official code's (`OFFICIAL`); README "Flow conventions" gives the factors between them.
+
+    sigma_one: sigma_t of the Flow-GRPO step from sigma = 1, where sigma / (1 - sigma) is infinite.
+        "flow_grpo" (official): a * sqrt(1 / (1 - sigma_next)), the numerator kept at sigma = 1;
+        "next_sigma" (ours before): a * sqrt(sigma_next / (1 - sigma_next)), the whole ratio at sigma_next
+        (2% less noise on the SD3 10-step shift-3 schedule's first step: 0.686 vs 0.700).
+    cps_log_prob: the log-prob of a CPS step.
+        "flow_grpo" (official): -(x' - mean)^2 averaged over elements, constants dropped and not divided by
+        2 std^2 (not a normalised density: the ratio exp(logp - logp_old) is that of a unit-variance Gaussian);
+        "gaussian" (ours before): the full Gaussian log-density, whose log-ratio is the official one times
+        1 / (2 std^2): 7900x on the last noisy step of the SD3 10-step shift-3 schedule (std 0.008 there), so
+        with a clip range of 1e-4 that step is clipped or dominates."""
+
+    sigma_one: str = "flow_grpo"
+    cps_log_prob: str = "flow_grpo"
+
+    def __post_init__(self):
+        if self.sigma_one not in ("flow_grpo", "next_sigma"):
+            raise ValueError(f"sigma_one must be flow_grpo or next_sigma, got {self.sigma_one!r}")
+        if self.cps_log_prob not in ("flow_grpo", "gaussian"):
+            raise ValueError(f"cps_log_prob must be flow_grpo or gaussian, got {self.cps_log_prob!r}")
+
+
+OFFICIAL = SDEConventions()
+
+
+def _flow_grpo_mean_std(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: float,
+                        conventions: SDEConventions = OFFICIAL):
+    """Flow-GRPO SDE step (Liu et al. 2025, arXiv 2505.05470; the formula as the official sde_step_with_logprob):
+    sigma_t = a*sqrt(sigma/(1-sigma));
+    mean = x + v dt + sigma_t^2/(2 sigma) (x + (1-sigma) v) dt; std = sigma_t sqrt(-dt).
+    At sigma = 1 the ratio is infinite: the official code divides by 1 - sigma_next there (sigma_one="flow_grpo"),
+    our first form took sigma_next in numerator and denominator ("next_sigma").
     Note std > 0 on the last step too (sigma_next = 0, std = sigma_t sqrt(sigma)): only a = 0 makes it 0."""
     dt = sigma_next - sigma  # [B, 1, 1, 1]
-    ratio_sigma = torch.where(sigma >= 1, sigma_next, sigma)
-    sigma_t = noise_level * torch.sqrt(ratio_sigma / (1 - ratio_sigma))  # [B, 1, 1, 1]
+    at_one = sigma >= 1
+    denominator_sigma = torch.where(at_one, sigma_next, sigma)  # [B, 1, 1, 1]
+    numerator_sigma = torch.where(at_one, sigma_next, sigma) if conventions.sigma_one == "next_sigma" else sigma
+    sigma_t = noise_level * torch.sqrt(numerator_sigma / (1 - denominator_sigma))  # [B, 1, 1, 1]
     mean = x + v * dt + sigma_t**2 / (2 * sigma) * (x + (1 - sigma) * v) * dt  # [B, C, H, W]
     return mean, sigma_t * torch.sqrt(-dt)
 
 
-def _cps_mean_std(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: float):
-    """Coefficients-preserving sampling: std = sigma_next sin(a pi/2); x0_hat = x - sigma v;
-    x1_hat = x + (1 - sigma) v; mean = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) x1_hat.
-    std = 0 on the last step (sigma_next = 0), where the step is x0_hat."""
+def _cps_mean_std(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: float,
+                  conventions: SDEConventions = OFFICIAL):
+    """Coefficients-preserving sampling (Wang & Yu 2025, arXiv 2509.05952, as in the official Flow-GRPO code):
+    std = sigma_next sin(a pi/2); x0_hat = x - sigma v; x1_hat = x + (1 - sigma) v;
+    mean = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) x1_hat.
+    std = 0 on the last step (sigma_next = 0), where the step is x0_hat. Needs a <= 1: the mean's
+    sqrt(sigma_next^2 - std^2) = sigma_next |cos(a pi/2)| is the coefficient-preserving one only for a in [0, 1]."""
+    if noise_level > 1:
+        raise ValueError(f"CPS needs noise_level in [0, 1] (a = 1 is the most noise it defines), got {noise_level}")
     std = sigma_next * math.sin(noise_level * math.pi / 2)  # [B, 1, 1, 1]
     x0_hat, x1_hat = x - sigma * v, x + (1 - sigma) * v  # [B, C, H, W]
     mean = (1 - sigma_next) * x0_hat + torch.sqrt((sigma_next**2 - std**2).clamp_min(0)) * x1_hat
@@ -138,14 +185,36 @@ def _cps_mean_std(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise
 SDE_STEPS = {"flow_grpo": _flow_grpo_mean_std, "cps": _cps_mean_std}
 
 
+def _gaussian_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Gaussian log-density per element: -(x' - mean)^2 / (2 std^2) - log std - log(2 pi) / 2. [B, ...]"""
+    return -((sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+
+
+def _squared_distance_log_prob(sample: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """The official code's CPS "log-prob": -(x' - mean)^2 per element, constants dropped and std ignored. [B, ...]"""
+    return -((sample - mean) ** 2)
+
+
+LOG_PROBS = {"gaussian": _gaussian_log_prob, "squared_distance": _squared_distance_log_prob}
+
+
+def _log_prob_name(kind: str, conventions: SDEConventions) -> str:
+    """The Flow-GRPO step always scores with the density (as the official code); CPS as `conventions` says."""
+    return "squared_distance" if kind == "cps" and conventions.cps_log_prob == "flow_grpo" else "gaussian"
+
+
 def sde_step_with_logprob(latents: Tensor, velocity: Tensor, sigma: float | Tensor, sigma_next: float | Tensor,
                           noise_level: float = 0.7, kind: str = "flow_grpo", prev_sample: Tensor | None = None,
-                          generator: torch.Generator | SampleNoise | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                          generator: torch.Generator | SampleNoise | None = None,
+                          conventions: SDEConventions = OFFICIAL) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One stochastic step x' ~ N(mean, std^2): returns (next_latents, log_prob [B], mean, std [B, 1, ...]).
 
-    mean and std come from SDE_STEPS[kind] (formulas in its functions). log_prob is the Gaussian
-    log-density of x' averaged over the non-batch elements (as Flow-GRPO):
-        mean_i [ -(x'_i - mean_i)^2 / (2 std^2) - log std - log(2 pi) / 2 ].
+    mean and std come from SDE_STEPS[kind] (formulas in its functions). log_prob is LOG_PROBS[...] averaged over
+    the non-batch elements, as the official Flow-GRPO code averages over C*H*W:
+    - kind flow_grpo: the Gaussian log-density mean_i [ -(x'_i - mean_i)^2 / (2 std^2) - log std - log(2 pi)/2 ]
+      (as the official code);
+    - kind cps: with conventions.cps_log_prob = "flow_grpo" (default, as the official code) mean_i -(x'_i - mean_i)^2,
+      which is not a normalised density; with "gaussian" the density above (see SDEConventions for the factor).
     prev_sample: score this given x' instead of drawing one (recomputing a recorded step under new
     weights); the gradient reaches log_prob through `mean` only (x' is treated as data).
     Otherwise x' = mean + std * eps, eps drawn from `generator` (a torch.Generator, or a SampleNoise with one
@@ -163,7 +232,7 @@ def sde_step_with_logprob(latents: Tensor, velocity: Tensor, sigma: float | Tens
     dtype = _math_dtype(latents)
     x, v = latents.to(dtype), velocity.to(dtype)  # [B, C, H, W]
     s, s_next = _per_sample(sigma, x), _per_sample(sigma_next, x)  # [B, 1, 1, 1]
-    mean, std = SDE_STEPS[kind](x, v, s, s_next, noise_level)
+    mean, std = SDE_STEPS[kind](x, v, s, s_next, noise_level, conventions)
     std = torch.as_tensor(std, dtype=dtype, device=x.device).expand_as(s)  # [B, 1, 1, 1]
     stochastic = std > 0  # [B, 1, 1, 1]
     if prev_sample is None:
@@ -175,10 +244,54 @@ def sde_step_with_logprob(latents: Tensor, velocity: Tensor, sigma: float | Tens
                              "pass the recorded next_latents of this step")
         sample = prev_sample
     safe_std = torch.where(stochastic, std, torch.ones_like(std))  # avoids 0/0 in the unused branch
-    log_density = (-((sample.detach().to(dtype) - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std)
-                   - 0.5 * math.log(2 * math.pi))  # [B, C, H, W]
+    log_density = LOG_PROBS[_log_prob_name(kind, conventions)](sample.detach().to(dtype), mean, safe_std)  # [B, C, H, W]
     log_prob = torch.where(stochastic, log_density, torch.zeros_like(log_density)).mean(dim=tuple(range(1, x.ndim)))
     return sample, log_prob, mean, std  # log_prob [B]
+
+
+def _exact_step_kl_std(std: Tensor, sigma: Tensor, sigma_next: Tensor, kind: str) -> Tensor:
+    """The step's own std: ||mean - mean_ref||^2 / (2 std^2) is the exact KL between the two Gaussian steps."""
+    return std
+
+
+def _flow_grpo_kl_std(std: Tensor, sigma: Tensor, sigma_next: Tensor, kind: str) -> Tensor:
+    """The std the official code's KL divides by (scripts/train_sd3.py: mean((mean - mean_ref)^2) / (2 std_dev_t^2)
+    with std_dev_t as sde_step_with_logprob returns it): sigma_t = std / sqrt(-dt) for the Flow-GRPO step, so the
+    KL is the exact one times -dt (1/25 to 1/3.7 on the SD3 10-step shift-3 schedule's noisy steps); CPS's
+    std_dev_t is the step's std, so there the two forms agree."""
+    if kind == "cps":
+        return std
+    dt = (sigma_next - sigma).reshape(-1, *([1] * (std.ndim - 1)))  # [B, 1, 1, 1]
+    return std / torch.sqrt(-dt)
+
+
+KL_FORMS = {"flow_grpo": _flow_grpo_kl_std, "exact_step": _exact_step_kl_std}
+
+
+def kl_std(std: Tensor, sigma: Tensor, sigma_next: Tensor, kind: str = "flow_grpo", form: str = "flow_grpo") -> Tensor:
+    """The std to pass to shared.kl.gaussian_mean_kl for the KL of one step to the reference under KL form `form`
+    (KL_FORMS: flow_grpo = the official code's, default; exact_step = the exact one-step KL, ours before).
+    std [B, 1, ...] as sde_step_with_logprob returns it; sigma, sigma_next [B]. Returns [B, 1, ...]."""
+    if form not in KL_FORMS:
+        raise ValueError(f"KL form must be one of {sorted(KL_FORMS)}, got {form!r}")
+    return KL_FORMS[form](std, sigma.to(std.dtype), sigma_next.to(std.dtype), kind)
+
+
+def convention_factors(sigmas: Tensor, noise_level: float = 0.7) -> dict[str, Tensor]:
+    """Per step j of the schedule [T + 1], in float64, how far this project's earlier forms are from the official
+    ones (the README's table; tests/test_samplers.py checks the SD3 values):
+    - cps_log_ratio: |log-ratio| of a CPS step under the Gaussian density over the official squared distance,
+      1 / (2 std_j^2) (inf on the last step, where std = 0 and both are 0) [T];
+    - kl_exact_over_flow_grpo: the exact one-step KL over the official KL for the Flow-GRPO step, 1 / (-dt_j) [T];
+    - first_step_std: the Flow-GRPO step's std from sigma = 1 under (flow_grpo, next_sigma) [2]."""
+    _check_sigmas(sigmas)
+    sigma, sigma_next = sigmas[:-1].double()[:, None], sigmas[1:].double()[:, None]  # [T, 1]
+    zeros = torch.zeros_like(sigma)
+    _, cps_std = _cps_mean_std(zeros, zeros, sigma, sigma_next, noise_level)  # [T, 1]
+    first = [float(_flow_grpo_mean_std(zeros[:1], zeros[:1], sigma[:1], sigma_next[:1], noise_level,
+                                       SDEConventions(sigma_one=rule))[1]) for rule in ("flow_grpo", "next_sigma")]
+    return {"cps_log_ratio": (1 / (2 * cps_std**2)).flatten(), "kl_exact_over_flow_grpo": (1 / (sigma - sigma_next)).flatten(),
+            "first_step_std": torch.tensor(first, dtype=torch.float64)}
 
 
 # ------------------------------------------------------------------- second-order ODE (Flash)
@@ -271,14 +384,15 @@ class Trajectory:
 def sample_trajectory(velocity_fn: VelocityFn, initial_latents: Tensor, sigmas: Tensor, sde_steps: list[int],
                       noise_level: float = 0.7, kind: str = "flow_grpo",
                       generator: torch.Generator | SampleNoise | None = None,
-                      flash_ratio: float | None = None) -> Trajectory:
+                      flash_ratio: float | None = None, conventions: SDEConventions = OFFICIAL) -> Trajectory:
     """Integrate from sigmas[0] to sigmas[-1]: SDE with log-probs on `sde_steps`, Euler ODE elsewhere
     (MixGRPO's mixed sampling; all steps SDE = Flow-GRPO, none = plain ODE sampling).
 
     flash_ratio (MixGRPO-Flash): the steps after the last SDE step run DPM-Solver++(2M) (1 NFE per step)
     on a tail compressed to max(1, round(n_tail * flash_ratio)) steps (compressed_sigmas); the steps
     before and inside the window are unchanged (accelerating them hurts, per the paper). With no SDE
-    steps the whole schedule is compressed. velocity_fn is called with a python float sigma.
+    steps the whole schedule is compressed. velocity_fn is called with a python float sigma. conventions: see
+    SDEConventions.
     """
     num_steps = _check_sigmas(sigmas)
     sde = sorted(set(int(j) for j in sde_steps))
@@ -301,7 +415,7 @@ def sample_trajectory(velocity_fn: VelocityFn, initial_latents: Tensor, sigmas: 
         log_prob = zeros
         if step in sde:
             x_next, log_prob, _, _ = sde_step_with_logprob(x, v, sigma, sigma_next, noise_level, kind,
-                                                           generator=generator)
+                                                           generator=generator, conventions=conventions)
         elif step >= solver_start:
             x_next = dpm_solver_2m_step(x, v, sigma, sigma_next, previous)
         else:
@@ -392,7 +506,8 @@ def select_branch_steps(num_steps: int, mode: str = "all", subset: list[int] | N
 
 def branch_rollout(velocity_fn: VelocityFn, initial_latents: Tensor, sigmas: Tensor, branch_steps: list[int],
                    num_branches: int, noise_level: float = 0.7, kind: str = "flow_grpo",
-                   generator: torch.Generator | SampleNoise | None = None) -> BranchRollout:
+                   generator: torch.Generator | SampleNoise | None = None,
+                   conventions: SDEConventions = OFFICIAL) -> BranchRollout:
     """TempFlow-GRPO branching: one Euler ODE prefix from sigmas[0] (computed once, up to the last branch
     step); at each branch step k draw K SDE samples from the prefix state x_k, then finish each with the
     Euler ODE. velocity_fn receives [B] batches on the prefix and [K*B] batches (K tiles of the initial
@@ -418,7 +533,8 @@ def branch_rollout(velocity_fn: VelocityFn, initial_latents: Tensor, sigmas: Ten
     for k in branch_steps:
         state = tile(prefix_states[k])  # [K*B, C, H, W]
         x, log_prob, _, _ = sde_step_with_logprob(state, tile(prefix_velocities[k]), float(sigmas[k]),
-                                                  float(sigmas[k + 1]), noise_level, kind, generator=generator)
+                                                  float(sigmas[k + 1]), noise_level, kind, generator=generator,
+                                                  conventions=conventions)
         rows["latents"].append(state), rows["next_latents"].append(x), rows["log_probs"].append(log_prob)
         for step in range(k + 1, num_steps):
             x = euler_ode_step(x, velocity_fn(x, float(sigmas[step])), float(sigmas[step]), float(sigmas[step + 1]))
@@ -445,20 +561,54 @@ def branch_advantages(rewards: Tensor, prompt_index: Tensor, branch_step: Tensor
     return group_advantages(rewards, branch_group_ids(prompt_index, branch_step, num_steps), scale="group", eps=eps)
 
 
-def noise_aware_weights(sigmas: Tensor, steps: list[int], noise_level: float = 0.7, kind: str = "flow_grpo") -> Tensor:
-    """TempFlow-GRPO: weight of step k proportional to its noise scale std_k (Flow-GRPO: sigma_t sqrt(-dt);
-    CPS: sigma_next sin(a pi / 2)), normalised to mean 1 over `steps`: w_k = std_k / mean_j std_j. [len(steps)]"""
+def _schedule_normalizer(std_of_step, num_steps: int, steps: list[int]) -> Tensor:
+    """Mean std over the schedule's noisy steps 0..T-2 (every step a recipe may train; the last one, into sigma = 0,
+    is never trained), the same whichever steps are trained this iteration."""
+    return std_of_step(list(range(max(num_steps - 1, 1)))).mean()
+
+
+def _trained_steps_normalizer(std_of_step, num_steps: int, steps: list[int]) -> Tensor:
+    """Mean std over the steps trained this iteration (our first form)."""
+    return std_of_step(steps).mean()
+
+
+NOISE_AWARE_NORMALIZATIONS = {"schedule": _schedule_normalizer, "trained_steps": _trained_steps_normalizer}
+
+
+def noise_aware_weights(sigmas: Tensor, steps: list[int], noise_level: float = 0.7, kind: str = "flow_grpo",
+                        normalization: str = "schedule", conventions: SDEConventions = OFFICIAL) -> Tensor:
+    """TempFlow-GRPO noise-aware weights (He et al. 2025, arXiv 2508.04324): step k's policy loss is scaled by
+    w_k = std_k / Z, std_k the step's noise scale (Flow-GRPO: sigma_t sqrt(-dt); CPS: sigma_next sin(a pi / 2)).
+    Returns [len(steps)].
+
+    Z (NOISE_AWARE_NORMALIZATIONS):
+    - "schedule" (default): the mean std over the schedule's noisy steps 0..T-2, fixed for the run. The authors'
+      released code (github.com/Shredded-Pork/TempFlow-GRPO, scripts/train_sd3_pr.py) multiplies each step's
+      clipped loss by the constant 2.25 * std_k; on SD3's 10-step shift-3 schedule at a = 0.7, 1 / (mean std of
+      steps 0..8) = 2.2522, so this normalisation reproduces their weights there and carries them to other
+      schedules. (The paper's own text was not reachable from here; its released code is what this follows.)
+    - "trained_steps" (our first form): the mean over `steps`, renormalised every iteration, so a step's weight
+      changed with the other steps trained beside it (MixGRPO's window, train_fraction < 1, branch subsets).
+    Both agree when every noisy step is trained (the shipped tempflow recipe). The trainer applies w_k after
+    advantage clipping (w_k * clip(A)), as that code does: for w_k > 0 the clipped loss is linear in A."""
     num_steps = _check_sigmas(sigmas)
     if kind not in SDE_STEPS:
         raise ValueError(f"kind must be one of {sorted(SDE_STEPS)}, got {kind!r}")
+    if normalization not in NOISE_AWARE_NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {sorted(NOISE_AWARE_NORMALIZATIONS)}, got {normalization!r}")
     if not steps or any(not 0 <= k < num_steps for k in steps):
         raise ValueError(f"steps must be a non-empty list in 0..{num_steps - 1}, got {steps}")
-    sigma = sigmas[list(steps)].double()[:, None]  # [K, 1]
-    sigma_next = sigmas[[k + 1 for k in steps]].double()[:, None]  # [K, 1]
-    x = torch.zeros_like(sigma)  # the std does not depend on x or v
-    _, std = SDE_STEPS[kind](x, x, sigma, sigma_next, noise_level)
-    std = torch.as_tensor(std, dtype=torch.float64).expand_as(sigma).flatten()  # [K]
+
+    def std_of_step(chosen: list[int]) -> Tensor:  # [K]; the std does not depend on x or v
+        sigma = sigmas[list(chosen)].double()[:, None]  # [K, 1]
+        sigma_next = sigmas[[k + 1 for k in chosen]].double()[:, None]  # [K, 1]
+        x = torch.zeros_like(sigma)
+        _, std = SDE_STEPS[kind](x, x, sigma, sigma_next, noise_level, conventions)
+        return torch.as_tensor(std, dtype=torch.float64).expand_as(sigma).flatten()
+
+    std = std_of_step(steps)  # [K]
     if not bool((std > 0).all()):
         raise ValueError(f"steps {steps} include a step without noise (std 0, e.g. noise_level 0 or CPS's last "
                          "step); it cannot be weighted or trained")
-    return (std / std.mean()).to(sigmas.dtype if sigmas.is_floating_point() else torch.float32)
+    normalizer = NOISE_AWARE_NORMALIZATIONS[normalization](std_of_step, num_steps, steps)
+    return (std / normalizer).to(sigmas.dtype if sigmas.is_floating_point() else torch.float32)

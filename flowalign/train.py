@@ -52,6 +52,7 @@ from shared.checkpoint import WriteError
 from shared.config import ConfigError, describe, exit_on_config_error, load_config, to_dict
 from shared.kl import gaussian_mean_kl
 from shared.losses import clipped_policy_loss
+from shared.ratio_check import METRIC as RATIO_METRIC, FirstUpdateRatioCheck, ratio_deviation
 from shared.run import Run
 from shared.runlog import plot_curves
 
@@ -165,6 +166,11 @@ def velocity_fn_for(adapter, embeds, guidance_scale: float):
     return lambda latents, sigma: adapter.velocity(latents, sigma, embeds, guidance_scale)
 
 
+def sde_conventions(config: FlowGRPOConfig) -> samplers.SDEConventions:
+    """The SDE step's conventions from the config (defaults: the official Flow-GRPO code's; README "Flow conventions")."""
+    return samplers.SDEConventions(sigma_one=config.sampling.sigma_one, cps_log_prob=config.sampling.cps_log_prob)
+
+
 def draw_prompts(prompts: list[str], count: int, generator: torch.Generator) -> list[str]:
     """The iteration's global prompt list (more asked than exist: go round again)."""
     rounds = -(-count // len(prompts))
@@ -214,7 +220,7 @@ def rollout(config: FlowGRPOConfig, adapter, encode, prompts: list[str], first_s
             branches = samplers.branch_rollout(
                 lambda x, sigma, tiled=tiled: adapter.velocity(x, sigma, tiled(x.shape[0]), s.guidance_scale),
                 noise[first:last], sigmas, trained, a.num_branches, noise_level=s.noise_level, kind=s.sde_kind,
-                generator=noise_source[first:last])
+                generator=noise_source[first:last], conventions=sde_conventions(config))
             sample_prompt = chunk_prompts[branches.prompt_index]  # [r] one row per final sample
             slot = first_slot + sample_prompt  # [r]
             group_id = samplers.branch_group_ids(slot, branches.branch_step, s.num_steps)  # [r]
@@ -231,7 +237,8 @@ def rollout(config: FlowGRPOConfig, adapter, encode, prompts: list[str], first_s
             trajectory = samplers.sample_trajectory(velocity, noise[first:last], sigmas, sde_steps,
                                                     noise_level=s.noise_level, kind=s.sde_kind,
                                                     generator=noise_source[first:last],
-                                                    flash_ratio=a.flash_ratio if a.name == "mixgrpo" else None)
+                                                    flash_ratio=a.flash_ratio if a.name == "mixgrpo" else None,
+                                                    conventions=sde_conventions(config))
             row = trajectory.training_rows(trained)  # step-major rows of the trained SDE steps
             rows = StepBatch(row["latents"], row["next_latents"], row["sigma"], row["sigma_next"], row["log_prob"],
                              torch.zeros(len(row["step"])), chunk_prompts[row["sample"]], row["step"])
@@ -279,14 +286,21 @@ def update(config: FlowGRPOConfig, run: Run, adapter, optimizer, params, embeds,
            parts: list[tuple[torch.Tensor, int]], total_rows: int) -> dict:
     """One optimizer step per part, micro-batched. Each rank's share of a part's loss is the sum of its rows'
     losses over the part's GLOBAL row count (Run.backward scales for DDP's averaging). Every rank runs the same
-    number of micro-batches per part (the maximum over ranks); a rank short of rows runs zero-weight ones."""
+    number of micro-batches per part (the maximum over ranks); a rank short of rows runs zero-weight ones.
+
+    Also returned: `clip_frac/step_k`, the fraction of step k's rows whose ratio was clipped (over all parts and
+    ranks), and RATIO_METRIC, the largest |ratio - 1| of the first part: its log-probs are recomputed with the
+    weights that sampled the rollout, so the ratio must be 1 there (shared.ratio_check)."""
     s, t = config.sampling, config.train
     model = adapter.transformer  # the DDP/FSDP wrapper: its forward and backward sync the gradients
     micro_counts = run.max(torch.tensor([-(-len(rows) // t.micro_batch_size) for rows, _ in parts]))  # [U]
     totals: dict[str, float] = {}  # this rank's rows' metrics, each weighted by its share of the global rows
     peaks: dict[str, float] = {}  # "*_max" metrics: the maximum over micro-batches, then over ranks
+    clipped_of_step = torch.zeros(s.num_steps, dtype=torch.float64)  # [T] clipped rows per denoising step
+    rows_of_step = torch.zeros(s.num_steps, dtype=torch.float64)  # [T] rows per denoising step
+    first_part_deviation = torch.zeros((), dtype=torch.float64)
     grad_norms = []
-    for (rows_of_part, part_rows), micro_count in zip(parts, micro_counts.long().tolist()):
+    for part_index, ((rows_of_part, part_rows), micro_count) in enumerate(zip(parts, micro_counts.long().tolist())):
         optimizer.zero_grad(set_to_none=True)
         micros = list(rows_of_part.split(t.micro_batch_size))
         fillers = [torch.zeros(1, dtype=torch.long)] * (micro_count - len(micros))  # any row, weighted 0
@@ -299,7 +313,7 @@ def update(config: FlowGRPOConfig, run: Run, adapter, optimizer, params, embeds,
                 velocity = adapter.velocity(rows.latents, rows.sigma, step_embeds, s.guidance_scale)  # [m, C, h, w]
                 _, log_prob, mean, std = samplers.sde_step_with_logprob(
                     rows.latents, velocity, rows.sigma, rows.sigma_next, noise_level=s.noise_level, kind=s.sde_kind,
-                    prev_sample=rows.next_latents)
+                    prev_sample=rows.next_latents, conventions=sde_conventions(config))
                 loss, metrics = clipped_policy_loss(log_prob[:, None], rows.old_log_prob[:, None], rows.advantage,
                                                     eps_low=t.clip_range, aggregation="grpo")  # one "token" per step
                 if t.kl_beta > 0:
@@ -308,12 +322,24 @@ def update(config: FlowGRPOConfig, run: Run, adapter, optimizer, params, embeds,
                         ref_velocity = adapter.velocity(rows.latents, rows.sigma, step_embeds, s.guidance_scale)
                         _, _, ref_mean, _ = samplers.sde_step_with_logprob(
                             rows.latents, ref_velocity, rows.sigma, rows.sigma_next, noise_level=s.noise_level,
-                            kind=s.sde_kind, prev_sample=rows.next_latents)
-                    kl = gaussian_mean_kl(mean, ref_mean, std.clamp_min(1e-8)).mean()
+                            kind=s.sde_kind, prev_sample=rows.next_latents, conventions=sde_conventions(config))
+                    divisor = samplers.kl_std(std, rows.sigma, rows.sigma_next, s.sde_kind, t.kl_form)  # [m, 1, 1, 1]
+                    kl = gaussian_mean_kl(mean, ref_mean, divisor.clamp_min(1e-8)).mean()
                     loss = loss + t.kl_beta * kl
                     metrics["kl"] = kl.item()
                 weight = len(micro) / part_rows if real else 0.0  # this micro-batch's share of the part's mean
                 run.backward(loss * weight)
+            if real:
+                with torch.no_grad():
+                    ratio = (log_prob.detach() - rows.old_log_prob).exp()  # [m]
+                    # clipped as clipped_policy_loss counts it: the clip is active for the sign of A
+                    clipped = ((rows.advantage < 0) & (ratio < 1 - t.clip_range)) | \
+                        ((rows.advantage > 0) & (ratio > 1 + t.clip_range))  # [m]
+                    clipped_of_step.index_add_(0, rows.step, clipped.double())
+                    rows_of_step.index_add_(0, rows.step, torch.ones(len(micro), dtype=torch.float64))
+                    if part_index == 0:  # no optimizer step yet this iteration: on-policy
+                        first_part_deviation = torch.maximum(first_part_deviation,
+                                                             ratio_deviation(log_prob, rows.old_log_prob))
             metrics["loss"] = loss.item()
             nonfinite |= not math.isfinite(metrics["loss"])
             for key, value in metrics.items():
@@ -326,9 +352,12 @@ def update(config: FlowGRPOConfig, run: Run, adapter, optimizer, params, embeds,
         grad_norms.append(run.clip_grad_norm(model, params, t.max_grad_norm))  # of the synced gradient: alike on all ranks
         optimizer.step()
     summed = run.sum(torch.tensor(list(totals.values()), dtype=torch.float64))  # [K] over ranks
-    peaked = run.max(torch.tensor(list(peaks.values()), dtype=torch.float64))  # [K']
-    return {**dict(zip(totals, summed.tolist())), **dict(zip(peaks, peaked.tolist())),
-            "grad_norm": sum(grad_norms) / len(grad_norms)}
+    peaked = run.max(torch.tensor([*peaks.values(), float(first_part_deviation)], dtype=torch.float64))  # [K' + 1]
+    clipped_of_step, rows_of_step = run.sum(clipped_of_step), run.sum(rows_of_step)  # [T] each, over ranks
+    per_step = {f"clip_frac/step_{k}": float(clipped_of_step[k] / rows_of_step[k])
+                for k in range(s.num_steps) if rows_of_step[k] > 0}
+    return {**dict(zip(totals, summed.tolist())), **dict(zip(peaks, peaked[:-1].tolist())), **per_step,
+            RATIO_METRIC: float(peaked[-1]), "grad_norm": sum(grad_norms) / len(grad_norms)}
 
 
 # -------------------------------------------------------------------------------------- eval
@@ -435,6 +464,7 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
     scorer = ThreadPoolExecutor(max_workers=1) if config.reward.async_scoring else _InlineExecutor()
     progress = tqdm(range(start, t.iterations), desc=a.name, disable=not run.is_main, initial=start,
                     total=t.iterations)
+    ratio_check = FirstUpdateRatioCheck()  # warns once per run (per resumed run) when the on-policy ratio is off 1
     record = {}
     for iteration in progress:
         generator = iteration_generator(t.seed, iteration)  # shared by all ranks
@@ -487,9 +517,11 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
         if a.noise_aware_weighting:
             steps = sampled.trained_steps
             weights = samplers.noise_aware_weights(adapter.sigmas(s.num_steps, s.height, s.width), steps,
-                                                   s.noise_level, s.sde_kind)  # [K]
+                                                   s.noise_level, s.sde_kind, a.noise_aware_normalization,
+                                                   sde_conventions(config))  # [K]
             weight_of_step = torch.zeros(s.num_steps).index_copy_(0, torch.tensor(steps), weights)  # [T]
-            # the clipped loss is linear in A for a positive weight w: w * l(A) = l(w * A)
+            # after advantage clipping, as TempFlow's released code (w * clip(A)); the clipped loss is linear in A
+            # for a positive weight w: w * l(A) = l(w * A)
             batch.advantage = batch.advantage * weight_of_step[batch.step]  # [R]
 
         # update: a world-size invariant split of the rows into optimizer steps, group by group
@@ -509,12 +541,16 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
         if ema is not None:
             ema.update()
         timings["time/update"] = time.perf_counter() - clock
+        first_update_deviation = metrics.pop(RATIO_METRIC)  # already the maximum over ranks
+        warning = ratio_check.warning(first_update_deviation, f"iteration {iteration + 1}")
+        if warning:
+            run.print(warning)
 
         # log
         done = iteration + 1
         last = run.is_last(done, t.iterations, t.max_seconds)
         record = {"iteration": done, **{f"reward/{k}": v for k, v in reward_stats.items()},
-                  **{f"train/{k}": v for k, v in metrics.items()},
+                  **{f"train/{k}": v for k, v in metrics.items()}, RATIO_METRIC: first_update_deviation,
                   "nfe/rollout": sampled.nfe,  # per process: batched velocity evaluations (CFG's doubled batch counts once)
                   "nfe/update_forward": total_rows * (2 if t.kl_beta > 0 else 1),  # per (sample, step) row; + reference
                   "nfe/update_backward": total_rows,

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from flowalign.samplers import (SlidingWindow, branch_advantages, branch_group_ids, branch_rollout, euler_ode_step,
-                                noise_aware_weights, sde_step_with_logprob, select_branch_steps)
+from flowalign.samplers import (SDEConventions, SlidingWindow, branch_advantages, branch_group_ids, branch_rollout,
+                                euler_ode_step, noise_aware_weights, sde_step_with_logprob, select_branch_steps)
 from shared.advantages import group_advantages
 
 SIGMAS = torch.tensor([1.0, 0.8, 0.5, 0.25, 0.0])
@@ -109,19 +109,50 @@ def test_select_branch_steps():
 
 
 def test_noise_aware_weights_by_hand():
-    # 3-step schedule [1.0, 0.6, 0.3, 0.0], a = 0.7
-    # step 0: sigma = 1, the ratio uses 0.6: sigma_t = 0.7 sqrt(0.6 / 0.4) = 0.8573214,
-    #         std = sigma_t sqrt(0.4) = 0.5422177
-    # step 1: sigma = 0.6: sigma_t = 0.8573214 again, std = sigma_t sqrt(0.3) = 0.4695743
+    # 3-step schedule [1.0, 0.6, 0.3, 0.0], a = 0.7; noisy steps (all but the last) 0 and 1
+    # step 0 (official sigma_one): sigma_t = 0.7 sqrt(1 / (1 - 0.6)), std = sigma_t sqrt(0.4) = 0.7 exactly
+    # step 1: sigma = 0.6: sigma_t = 0.7 sqrt(0.6 / 0.4) = 0.8573214, std = sigma_t sqrt(0.3) = 0.4695743
     # step 2: sigma = 0.3: sigma_t = 0.7 sqrt(0.3 / 0.7) = 0.4582576, std = sigma_t sqrt(0.3) = 0.2509980
-    # steps [0, 1]: mean std 0.5058960 -> weights 1.0717968, 0.9282032
-    # steps [0, 1, 2]: mean std 0.4209300 -> weights 1.2881422, 1.1155639, 0.5962940
+    # schedule normaliser: mean std of steps 0, 1 = 0.5847871, whichever steps are trained
     sigmas = torch.tensor([1.0, 0.6, 0.3, 0.0])
-    assert_close(noise_aware_weights(sigmas, [0, 1], 0.7), torch.tensor([1.0717968, 0.9282032]))
-    assert_close(noise_aware_weights(sigmas, [0, 1, 2], 0.7), torch.tensor([1.2881422, 1.1155639, 0.5962940]))
-    # CPS: std = sigma_next sin(a pi / 2), proportional to sigma_next: 0.6, 0.3 -> 4/3, 2/3
+    assert_close(noise_aware_weights(sigmas, [0, 1], 0.7), torch.tensor([1.1970168, 0.8029832]))
+    assert_close(noise_aware_weights(sigmas, [1], 0.7), torch.tensor([0.8029832]))  # fixed: not renormalised
+    assert_close(noise_aware_weights(sigmas, [0, 1, 2], 0.7), torch.tensor([1.1970168, 0.8029832, 0.4292126]))
+    # trained_steps (the first form): renormalised over the trained steps; equal when all noisy steps train
+    assert_close(noise_aware_weights(sigmas, [1], 0.7, normalization="trained_steps"), torch.tensor([1.0]))
+    assert_close(noise_aware_weights(sigmas, [0, 1], 0.7, normalization="trained_steps"),
+                 torch.tensor([1.1970168, 0.8029832]))
+    # the first form in full (next_sigma at sigma = 1: sigma_t = 0.7 sqrt(0.6 / 0.4), std 0.5422177):
+    # steps [0, 1]: mean std 0.5058960 -> 1.0717968, 0.9282032; [0, 1, 2]: mean 0.4209300 -> 1.2881422, ...
+    first_form = SDEConventions(sigma_one="next_sigma")
+    assert_close(noise_aware_weights(sigmas, [0, 1], 0.7, normalization="trained_steps", conventions=first_form),
+                 torch.tensor([1.0717968, 0.9282032]))
+    assert_close(noise_aware_weights(sigmas, [0, 1, 2], 0.7, normalization="trained_steps", conventions=first_form),
+                 torch.tensor([1.2881422, 1.1155639, 0.5962940]))
+    # CPS: std = sigma_next sin(a pi / 2), proportional to sigma_next: 0.6, 0.3 (mean 0.45) -> 4/3, 2/3
     assert_close(noise_aware_weights(sigmas, [0, 1], 0.7, "cps"), torch.tensor([4 / 3, 2 / 3]))
+    assert_close(noise_aware_weights(sigmas, [1], 0.7, "cps"), torch.tensor([2 / 3]))
     with pytest.raises(ValueError, match="without noise"):
         noise_aware_weights(sigmas, [1, 2], 0.7, "cps")  # CPS's last step has std 0
     with pytest.raises(ValueError, match="steps must be a non-empty list in 0..2"):
         noise_aware_weights(sigmas, [3])
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        noise_aware_weights(sigmas, [0], normalization="batch")
+
+
+def test_noise_aware_weights_reproduce_tempflows_constant_on_sd3():
+    """TempFlow's released code weights step k's loss by 2.25 * std_k; the schedule normalisation gives
+    1 / (mean std of steps 0..8) = 2.2522 on SD3's 10-step shift-3 schedule at a = 0.7 (the embedded model's too)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from flowalign.toy import SCHEDULER_SHIFT
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SCHEDULER_SHIFT)
+    scheduler.set_timesteps(10)
+    sigmas = scheduler.sigmas.double()
+    weights = noise_aware_weights(sigmas, [2, 5], 0.7)  # any subset: the same per-step weights
+    dt = sigmas[1:] - sigmas[:-1]
+    sigma_t = 0.7 * torch.sqrt(sigmas[:-1] / (1 - torch.where(sigmas[:-1] == 1, sigmas[1], sigmas[:-1])))
+    std = sigma_t * torch.sqrt(-dt)  # [10] as the official step computes it
+    assert abs(1 / float(std[:9].mean()) - 2.2522) < 1e-4
+    assert_close(weights, std[[2, 5]] / std[:9].mean())

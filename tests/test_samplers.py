@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from flowalign.samplers import (SlidingWindow, compressed_sigmas, dpm_solver_2m_step, euler_ode_step,
-                                sample_trajectory, sde_step_with_logprob)
+from flowalign.samplers import (OFFICIAL, SDEConventions, SlidingWindow, compressed_sigmas, convention_factors,
+                                dpm_solver_2m_step, euler_ode_step, kl_std, sample_trajectory, sde_step_with_logprob)
 
 SIGMAS = torch.tensor([1.0, 0.8, 0.5, 0.25, 0.0])
 
@@ -78,11 +78,21 @@ def test_flow_grpo_mean_and_std_by_hand():
     _, _, mean, std = sde_step_with_logprob(x, v, 0.5, 0.25, noise_level=0.7)
     assert_close(mean, torch.tensor([[1.44375]]))
     assert_close(std.flatten(), torch.tensor([0.35]))
-    # at sigma = 1 the ratio uses sigma_next: sigma_t = 0.7 * sqrt(0.8 / 0.2) = 1.4, std = 1.4 * sqrt(0.2)
+    # at sigma = 1 (official, the default): sigma_t = 0.7 * sqrt(1 / (1 - 0.8)) = 0.7 sqrt(5), sigma_t^2 = 2.45,
+    # std = 0.7 sqrt(5) sqrt(0.2) = 0.7; mean = 2 - 0.2 + 2.45 / 2 * (2 + 0) * (-0.2) = 1.31
     _, _, mean, std = sde_step_with_logprob(x, v, 1.0, 0.8, noise_level=0.7)
-    assert_close(std.flatten(), torch.tensor([1.4 * math.sqrt(0.2)]))
+    assert_close(std.flatten(), torch.tensor([0.7]))
+    assert_close(mean, torch.tensor([[1.31]]))
+    # the first form (next_sigma): sigma_t = 0.7 * sqrt(0.8 / 0.2) = 1.4, std = 1.4 * sqrt(0.2)
     # mean = 2 - 0.2 + 1.96 / 2 * (2 + 0) * (-0.2) = 1.408
+    _, _, mean, std = sde_step_with_logprob(x, v, 1.0, 0.8, noise_level=0.7,
+                                            conventions=SDEConventions(sigma_one="next_sigma"))
+    assert_close(std.flatten(), torch.tensor([1.4 * math.sqrt(0.2)]))
     assert_close(mean, torch.tensor([[1.408]]))
+    # below sigma = 1 the two agree
+    for rule in ("flow_grpo", "next_sigma"):
+        _, _, mean, std = sde_step_with_logprob(x, v, 0.5, 0.25, 0.7, conventions=SDEConventions(sigma_one=rule))
+        assert_close(std.flatten(), torch.tensor([0.35]))
 
 
 def test_cps_by_hand():
@@ -94,26 +104,130 @@ def test_cps_by_hand():
     assert_close(std.flatten(), torch.tensor([0.1767767]))
 
 
-@pytest.mark.parametrize("kind", ["flow_grpo", "cps"])
-def test_log_prob_matches_torch_normal(kind):
+def test_cps_log_prob_official_and_gaussian_by_hand():
+    # the CPS step of test_cps_by_hand (mean 1.5669417, std 0.25 sin(pi/4) = 0.1767767, std^2 = 1/32), x' = 1.7:
+    # official: -(1.7 - 1.5669417)^2 = -0.0177045; gaussian: -0.0177045 * 16 - log(0.1767767) - log(2 pi)/2 = 0.5306572
+    x, v, x_next = torch.full((1, 1), 2.0), torch.ones(1, 1), torch.full((1, 1), 1.7)
+    _, official, _, _ = sde_step_with_logprob(x, v, 0.5, 0.25, 0.5, kind="cps", prev_sample=x_next)
+    _, gaussian, _, _ = sde_step_with_logprob(x, v, 0.5, 0.25, 0.5, kind="cps", prev_sample=x_next,
+                                              conventions=GAUSSIAN_CPS)
+    assert_close(official, torch.tensor([-0.0177045]))
+    assert_close(gaussian, torch.tensor([0.5306572]))
+    # log-ratios between two velocities: the density's is the official one times 1 / (2 std^2) = 16
+    other = torch.full((1, 1), 1.3)
+    _, official_other, _, _ = sde_step_with_logprob(x, other, 0.5, 0.25, 0.5, kind="cps", prev_sample=x_next)
+    _, gaussian_other, _, _ = sde_step_with_logprob(x, other, 0.5, 0.25, 0.5, kind="cps", prev_sample=x_next,
+                                                    conventions=GAUSSIAN_CPS)
+    assert_close(gaussian_other - gaussian, 16 * (official_other - official))
+    assert float((official_other - official).abs()) > 1e-3
+
+
+def test_cps_refuses_noise_level_above_one():
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match=r"CPS needs noise_level in \[0, 1\]"):
+        sde_step_with_logprob(x, x, 0.5, 0.25, noise_level=1.2, kind="cps")
+    sde_step_with_logprob(x, x, 0.5, 0.25, noise_level=1.2, kind="flow_grpo")  # the Flow-GRPO step takes it
+    with pytest.raises(ValueError, match="sigma_one must be flow_grpo or next_sigma"):
+        SDEConventions(sigma_one="sigma_next")
+
+
+def test_kl_forms_by_hand():
+    # Flow-GRPO step 0.5 -> 0.25, a = 0.7: sigma_t = 0.7, std = 0.35; means 0.1 apart in every element
+    # exact_step: 0.01 / (2 * 0.35^2) = 0.0408163; flow_grpo (official: / (2 sigma_t^2)): 0.01 / 0.98 = 0.0102041
+    from shared.kl import gaussian_mean_kl
+
+    mean, ref = torch.full((2, 3, 1, 1), 0.4), torch.full((2, 3, 1, 1), 0.3)
+    std = torch.full((2, 1, 1, 1), 0.35)
+    sigma, sigma_next = torch.full((2,), 0.5), torch.full((2,), 0.25)
+    exact = gaussian_mean_kl(mean, ref, kl_std(std, sigma, sigma_next, "flow_grpo", "exact_step"))
+    official = gaussian_mean_kl(mean, ref, kl_std(std, sigma, sigma_next, "flow_grpo", "flow_grpo"))
+    assert_close(exact, torch.full((2,), 0.0408163))
+    assert_close(official, torch.full((2,), 0.0102041))
+    assert_close(exact * 0.25, official)  # exact = official / (-dt)
+    # CPS: the official code's std_dev_t is the step's std, so both forms give the exact KL
+    cps_std = torch.full((2, 1, 1, 1), 0.25 * math.sin(0.35 * math.pi))
+    for form in ("flow_grpo", "exact_step"):
+        assert torch.equal(kl_std(cps_std, sigma, sigma_next, "cps", form), cps_std)
+    with pytest.raises(ValueError, match="KL form must be one of"):
+        kl_std(std, sigma, sigma_next, "flow_grpo", "k3")
+
+
+def sd3_sigmas(num_steps: int = 10) -> torch.Tensor:
+    """SD3's scheduler (FlowMatchEulerDiscreteScheduler, 1000 training steps, shift 3), which the embedded model
+    uses too (flowalign.toy builds it with SCHEDULER_SHIFT = 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from flowalign.toy import SCHEDULER_SHIFT
+
+    assert SCHEDULER_SHIFT == 3.0
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SCHEDULER_SHIFT)
+    scheduler.set_timesteps(num_steps)
+    return scheduler.sigmas.double()  # [T + 1]
+
+
+def test_convention_factors_on_the_sd3_10_step_schedule():
+    """The README's "Flow conventions" numbers: on SD3's (and the embedded model's) 10-step shift-3 schedule at
+    a = 0.7, the CPS log-ratio of the last noisy step is 7900x larger under the Gaussian density, the exact KL is
+    3.7x (step 8) to 25.1x (step 0) the official one, and the first step's std is 0.700 vs 0.686."""
+    sigmas = sd3_sigmas()
+    factors = convention_factors(sigmas, 0.7)
+    cps = factors["cps_log_ratio"]  # [10]
+    assert abs(float(cps[8]) - 7900.31) < 0.01 and math.isinf(float(cps[9]))
+    assert_close(cps[:8], torch.tensor([0.6832, 0.7550, 0.8561, 1.0082, 1.2590, 1.7370, 2.9143, 8.1464],
+                                       dtype=torch.float64), rtol=0, atol=1e-4)
+    kl = factors["kl_exact_over_flow_grpo"]  # [10]
+    assert_close(kl[:9], torch.tensor([25.0811, 21.3765, 17.9673, 14.8535, 12.0352, 9.5122, 7.2847, 5.3525, 3.7158],
+                                      dtype=torch.float64), rtol=0, atol=1e-4)
+    assert_close(factors["first_step_std"], torch.tensor([0.7, 0.6859], dtype=torch.float64), rtol=0, atol=1e-4)
+
+    # independently, through the step itself: CPS log-ratios of two velocities on the last noisy step (8)
+    x, v, other = randn(2, 4, 2, 2, seed=0).double(), randn(2, 4, 2, 2, seed=1).double(), randn(2, 4, 2, 2, seed=2).double()
+    step = [float(sigmas[8]), float(sigmas[9])]
+    x_next, _, _, _ = sde_step_with_logprob(x, v, *step, 0.7, "cps", generator=torch.Generator().manual_seed(3))
+    ratios = {}
+    for name, conventions in (("official", OFFICIAL), ("gaussian", GAUSSIAN_CPS)):
+        logps = [sde_step_with_logprob(x, u, *step, 0.7, "cps", prev_sample=x_next, conventions=conventions)[1]
+                 for u in (v, other)]
+        ratios[name] = logps[1] - logps[0]  # [2]
+    assert_close(ratios["gaussian"] / ratios["official"], torch.full((2,), 7900.312, dtype=torch.float64), rtol=1e-6,
+                 atol=0)
+    # and the KL: exact / official = 1 / (-dt) on every noisy step, through the step's std and kl_std
+    sigma, sigma_next = sigmas[:9], sigmas[1:10]
+    _, _, _, std = sde_step_with_logprob(torch.zeros(9, 1, dtype=torch.float64), torch.zeros(9, 1, dtype=torch.float64),
+                                         sigma, sigma_next, 0.7, prev_sample=torch.zeros(9, 1, dtype=torch.float64))
+    exact, official = (kl_std(std, sigma, sigma_next, "flow_grpo", form).flatten() for form in ("exact_step", "flow_grpo"))
+    assert_close((official / exact) ** 2, kl[:9])
+
+
+GAUSSIAN_CPS = SDEConventions(cps_log_prob="gaussian")
+
+
+@pytest.mark.parametrize("kind, conventions", [("flow_grpo", OFFICIAL), ("flow_grpo", SDEConventions("next_sigma")),
+                                               ("cps", GAUSSIAN_CPS)])
+def test_log_prob_matches_torch_normal(kind, conventions):
+    """The Flow-GRPO step always scores with the Gaussian density (as the official code); CPS with
+    cps_log_prob=gaussian (the first form)."""
     x, v = randn(4, 3, 2, 2, seed=0), randn(4, 3, 2, 2, seed=1)
     sigma = torch.tensor([1.0, 0.7, 0.5, 0.3])  # per-sample noise levels, one at pure noise
     sigma_next = sigma - 0.1
     sample, log_prob, mean, std = sde_step_with_logprob(x, v, sigma, sigma_next, 0.7, kind,
-                                                        generator=torch.Generator().manual_seed(2))
+                                                        generator=torch.Generator().manual_seed(2),
+                                                        conventions=conventions)
     reference = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(sample).mean(dim=(1, 2, 3))
     assert_close(log_prob, reference)
     # the sample is mean + std * eps with eps drawn from the generator
     assert_close(sample, mean + std * randn(4, 3, 2, 2, seed=2))
     # recomputing a recorded step with prev_sample gives the same log-prob and a gradient through the mean
     v_param = v.clone().requires_grad_(True)
-    _, again, _, _ = sde_step_with_logprob(x, v_param, sigma, sigma_next, 0.7, kind, prev_sample=sample)
+    _, again, _, _ = sde_step_with_logprob(x, v_param, sigma, sigma_next, 0.7, kind, prev_sample=sample,
+                                           conventions=conventions)
     assert_close(again, log_prob)
     again.sum().backward()
     assert v_param.grad.abs().sum() > 0
     # a different velocity scores the same sample differently, and Normal agrees again
     other = v + 0.3
-    _, shifted, mean2, std2 = sde_step_with_logprob(x, other, sigma, sigma_next, 0.7, kind, prev_sample=sample)
+    _, shifted, mean2, std2 = sde_step_with_logprob(x, other, sigma, sigma_next, 0.7, kind, prev_sample=sample,
+                                                    conventions=conventions)
     assert_close(shifted, torch.distributions.Normal(mean2, std2.expand_as(mean2)).log_prob(sample).mean(dim=(1, 2, 3)))
     assert not torch.allclose(shifted, log_prob)
 

@@ -156,3 +156,89 @@ def test_a_fresh_run_into_a_used_output_dir_exits_2_and_loses_nothing(tiny_pipel
     err = capsys.readouterr().err
     assert "log.output_dir" in err and "--resume" in err and err.count("\n") == 1
     assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
+def run_records(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_per_step_clip_fractions_and_the_on_policy_ratio_are_logged(tiny_pipeline_dir, tmp_path, capsys):
+    """Per trained step, the fraction of its rows whose ratio was clipped; with equal rows per step their mean is the
+    overall clip fraction (counted another way, by clipped_policy_loss). The first update is on-policy: ratio 1."""
+    from shared.ratio_check import METRIC
+
+    train(tiny_config(tiny_pipeline_dir, tmp_path / "run", *ALGORITHMS["flow_grpo"], "train.clip_range=1e-5",
+                      "log.eval_every=0"))
+    records = run_records(tmp_path / "run")[1:]
+    clipped_any = 0.0
+    for record in records:
+        per_step = {k: v for k, v in record.items() if k.startswith("train/clip_frac/step_")}
+        assert len(per_step) == 2  # ceil(0.5 * 3 noisy steps) trained steps, 4 rows each
+        assert abs(sum(per_step.values()) / 2 - record["train/clip_frac"]) < 1e-12
+        clipped_any += sum(per_step.values())
+        assert 0 <= record[METRIC] < 1e-3  # measured 0.0 here (the CPU recomputes the rollout bit for bit)
+    assert clipped_any > 0  # the second optimizer step of an iteration moved ratios past 1 +- 1e-5
+    assert "ratio deviates from 1" not in capsys.readouterr().out
+
+
+def test_a_train_eval_mismatch_trips_the_first_update_ratio_check(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    """A transformer that drops out 10% of its output in train mode only (rollouts run in eval mode, the update in
+    train mode): the first update's ratio leaves 1 every iteration, and the run warns once."""
+    import flowalign.train as trainer
+    from shared.ratio_check import METRIC
+
+    load = trainer.load_adapter
+
+    def with_dropout_in_train_mode(config, device):
+        adapter = load(config, device)
+        adapter.transformer.register_forward_hook(
+            lambda module, args, output: (torch.nn.functional.dropout(output[0], 0.1, module.training), *output[1:]))
+        return adapter
+
+    monkeypatch.setattr(trainer, "load_adapter", with_dropout_in_train_mode)
+    train(tiny_config(tiny_pipeline_dir, tmp_path / "run", *ALGORITHMS["flow_grpo"], "log.eval_every=0"))
+    records = run_records(tmp_path / "run")[1:]
+    assert len(records) == 2 and all(record[METRIC] > 1e-3 for record in records)
+    out = capsys.readouterr().out
+    assert out.count("the first update's ratio deviates from 1") == 1  # two iterations over, one warning
+    assert "iteration 1" in out and METRIC in out
+
+
+def test_kl_form_reaches_the_update(tiny_pipeline_dir, tmp_path):
+    """One trained step (step 0: a frozen MixGRPO window of 1) and a KL weight too small to change training: the
+    exact one-step KL is the official one over -dt_0."""
+    from flowalign.adapters import SD3Adapter
+
+    sigmas = SD3Adapter.from_pretrained(str(tiny_pipeline_dir)).sigmas(4)
+    kl = {}
+    for form in ("flow_grpo", "exact_step"):
+        out = tmp_path / form
+        train(tiny_config(tiny_pipeline_dir, out, "algorithm.name=mixgrpo", "algorithm.window_size=1",
+                          "algorithm.window_mode=frozen", "train.iterations=1", "train.kl_beta=1e-20",
+                          f"train.kl_form={form}", "log.eval_every=0"))
+        kl[form] = run_records(out)[-1]["train/kl"]
+    assert kl["flow_grpo"] > 0
+    assert abs(kl["exact_step"] / kl["flow_grpo"] - 1 / float(sigmas[0] - sigmas[1])) < 1e-4 / float(sigmas[0] - sigmas[1])
+
+
+def test_sde_conventions_come_from_the_config():
+    from flowalign.samplers import OFFICIAL, SDEConventions
+    from flowalign.train import sde_conventions
+
+    assert sde_conventions(load_config(FlowGRPOConfig, None, [])) == OFFICIAL
+    first_form = load_config(FlowGRPOConfig, None, ["sampling.sigma_one=next_sigma", "sampling.cps_log_prob=gaussian"])
+    assert sde_conventions(first_form) == SDEConventions(sigma_one="next_sigma", cps_log_prob="gaussian")
+    defaults = FlowGRPOConfig()
+    assert (defaults.train.kl_form, defaults.algorithm.noise_aware_normalization) == ("flow_grpo", "schedule")
+
+
+def test_cps_with_noise_level_above_one_exits_2_naming_the_field(tmp_path, capsys):
+    from flowalign.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sampling.sde_kind=cps", "sampling.noise_level=1.2", f"log.output_dir={tmp_path / 'run'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'sampling.noise_level'" in err and "sde_kind=cps" in err
+    assert not (tmp_path / "run").exists()
+    load_config(FlowGRPOConfig, None, ["sampling.sde_kind=flow_grpo", "sampling.noise_level=1.2"])  # allowed there
