@@ -97,7 +97,9 @@ class LMAlgorithmConfig:
     disco_penalty: float = option(1e3, "disco: weight beta of the squared hinge (beta/2) max(KL - delta, 0)^2")
     disco_score: Literal["log_likelihood", "likelihood_ratio"] = option(
         "log_likelihood", "disco: score of a completion, mean token log-prob or mean token ratio")
-    correct_threshold: float = option(0.5, "disco: a completion is 'correct' when its first reward exceeds this")
+    correct_reward: str = option("accuracy", "disco: the reward (a name in reward.weights) that says whether a "
+                                 "completion is correct (o+) or wrong (o-)")
+    correct_threshold: float = option(0.5, "disco: a completion is correct when its correct_reward exceeds this")
 
     def check(self) -> None:
         need(0 <= self.eps_low < 1, "algorithm.eps_low", f"{self.eps_low} must be in [0, 1), e.g. 0.2")
@@ -216,6 +218,9 @@ class GRPOConfig:
         for section in (self.model, self.data, self.sampling, self.algorithm, self.train, self.reward, self.log):
             section.check()
         t, a = self.train, self.algorithm
+        need(a.loss != "disco" or a.correct_reward in self.reward.weights, "algorithm.correct_reward",
+             f"{a.correct_reward!r} is not among the configured rewards {sorted(self.reward.weights)}; name the one "
+             "that scores correctness (a completion is correct when it exceeds algorithm.correct_threshold)")
         need(not (a.shared_prefix and t.gradient_checkpointing), "train.gradient_checkpointing",
              "checkpointed layers drop the KV cache that algorithm.shared_prefix shares; turn one of them off")
         if a.whole_groups:

@@ -40,10 +40,12 @@ from llmalign.rewards import build_reward
 from llmalign.toy import resolve_embedded
 from shared.advantages import compose_rewards
 from shared.config import ConfigError
-from shared.disco import disco_loss
+from shared.disco import disco_kl_sum, disco_loss
 from shared.filtering import zero_variance_group_mask
 from shared.kl import kl_k3
 from shared.losses import LOSS_AGGREGATIONS, aggregation_denominator, clipped_policy_loss
+from shared.ratio_check import METRIC as RATIO_METRIC
+from shared.ratio_check import FirstUpdateRatioCheck, ratio_deviation
 from shared.run import Run
 from shared.runlog import plot_curves
 
@@ -127,29 +129,48 @@ def policy_logprobs(model, rollout: Rollout, rows: list[int], group_size: int, s
 
 
 def micro_batch_loss(config: GRPOConfig, logp: Tensor, old: Tensor, ref: Tensor | None, advantages: Tensor,
-                     mask: Tensor, correct: Tensor, group_ids: Tensor) -> tuple[Tensor, dict]:
-    """The configured loss of one micro-batch, normalised as its own batch (weights come later)."""
+                     mask: Tensor, correct: Tensor, group_ids: Tensor, step: dict) -> tuple[Tensor, dict]:
+    """This micro-batch's share of its optimizer step's global loss: the shares of all the step's micro-batches on
+    all ranks sum to that loss, and so do their gradients. `step` holds the step's global normalisers
+    (`step_normalisers`): a clipped loss is normalised as its own batch and weighted by its denominator over the
+    step's; DisCO's questions, tokens and batch KL go to `disco_loss`, which returns its share itself."""
     a = config.algorithm
     if a.loss == "disco":
         loss, metrics = disco_loss(logp, old, mask, correct, group_ids, score=a.disco_score, tau=a.disco_tau,
-                                   delta=a.disco_delta, penalty=a.disco_penalty)
+                                   delta=a.disco_delta, penalty=a.disco_penalty, questions=step["questions"],
+                                   kl_tokens=step["tokens"], batch_kl=step["kl"])
+        weight = 1.0
     else:
         loss, metrics = clipped_policy_loss(logp, old, advantages, mask, eps_low=a.eps_low, eps_high=a.clip_high,
                                             aggregation=a.loss, max_length=config.sampling.max_new_tokens)
+        weight = aggregation_denominator(a.loss, mask) / step["denominator"]
+        loss = loss * weight
     if ref is not None:  # k3 per token, aggregated like the policy loss (the aggregations are linear)
         kl = torch.where(mask.bool(), kl_k3(logp, ref), torch.zeros_like(logp))  # [n, C]
-        aggregation = "dapo" if a.loss == "disco" else a.loss
-        loss = loss + a.beta * LOSS_AGGREGATIONS[aggregation](kl, mask.bool(), config.sampling.max_new_tokens)
+        if a.loss == "disco":  # a token mean over the step, like the trust region
+            loss = loss + a.beta * kl.sum() / max(step["tokens"], 1.0)
+        else:
+            loss = loss + a.beta * weight * LOSS_AGGREGATIONS[a.loss](kl, mask.bool(), config.sampling.max_new_tokens)
         metrics["kl"] = float(kl.detach().sum() / mask.sum().clamp(min=1))
     return loss, metrics
 
 
-def loss_denominator(config: GRPOConfig, mask: Tensor, groups: int) -> int:
-    """What a micro-batch's loss is normalised by as its own batch: its groups (DisCO averages over groups) or the
-    aggregation's count (shared.losses.aggregation_denominator: rows for grpo and dr_grpo, tokens for dapo)."""
-    if config.algorithm.loss == "disco":
-        return groups
-    return aggregation_denominator(config.algorithm.loss, mask)
+def step_normalisers(run: Run, config: GRPOConfig, mask: Tensor, part: list[int]) -> dict:
+    """The global normalisers of the optimizer step on rows `part` (sums over ranks): a clipped loss's denominator
+    (shared.losses.aggregation_denominator: rows for grpo and dr_grpo, tokens for dapo); for DisCO the questions
+    (groups with a kept completion) and the kept tokens, with "kl", the step's trust-region KL, 0 until
+    `trust_region_kl` sets it."""
+    a, G = config.algorithm, config.train.group_size
+    if a.loss != "disco":
+        return {"denominator": max(float(run.sum(aggregation_denominator(a.loss, mask[part]))), 1.0)}
+    step_mask = mask[part]  # [p, C]
+    questions = int(step_mask.reshape(-1, G * step_mask.shape[1]).any(dim=1).sum())  # parts hold whole groups
+    return {"questions": float(run.sum(questions)), "tokens": float(run.sum(float(step_mask.sum()))), "kl": 0.0}
+
+
+def trust_region_kl(run: Run, step: dict, local_kl_sum: float) -> float:
+    """The step's KL(old || new) value from every rank's k1 sum over its kept tokens of the step."""
+    return float(run.sum(local_kl_sum)) / max(step["tokens"], 1.0)
 
 
 def update_parts(rows: int, parts: int, unit: int) -> list[list[int]]:
@@ -164,44 +185,65 @@ def update(run: Run, config: GRPOConfig, model, optimizer, reference, rollout: R
            keep: Tensor, correct: Tensor) -> dict:
     """num_iterations passes over this rank's rows of the rollout, each updates_per_pass optimizer steps.
 
-    Each micro-batch's loss is normalised as its own batch, then weighted by its denominator over the step's
-    global one (the sum over ranks): the dapo token mean over the global batch's tokens, dr_grpo's B * L_max
-    with the global B, grpo's mean over the global sequences, DisCO's mean over the global groups. `run.backward`
-    then makes the synced gradient that of the global loss. Gradients sync on the last micro-batch only; a
-    non-finite loss on any rank stops every rank before the optimizer step.
+    Each micro-batch's loss is its share of the step's global loss (`micro_batch_loss`): the dapo token mean over
+    the global batch's tokens, dr_grpo's B * L_max with the global B, grpo's mean over the global sequences,
+    DisCO's mean over the global questions and its trust region over the global tokens. `run.backward` then makes
+    the synced gradient that of the global loss. Gradients sync on the last micro-batch only; a non-finite loss
+    on any rank stops every rank before the optimizer step.
+
+    The old log-probs are always computed, in a no-grad pass in eval mode (the mode `generate` samples in): they
+    are the ratio's denominator, and on the first optimizer step, whose weights are the rollout's, the ratio must
+    be 1. Its largest deviation over the step's kept tokens (all ranks) is returned as
+    `shared.ratio_check.METRIC`. With num_iterations 1 and updates_per_pass 1 that pass is one extra no-grad
+    forward over the rollout per iteration, spent on this check.
+
+    DisCO's squared hinge needs the value of the step's KL before the first backward: when a rank splits a step
+    into several micro-batches, a no-grad pass over the step computes it first (one more forward over the
+    step's rows); a step of one micro-batch per rank takes it from that micro-batch's own forward.
     """
     t, a, s = config.train, config.algorithm, config.sampling
     G = t.group_size
     mask = rollout.completion_mask * keep[:, None]  # [n, C] dropped samples/groups train on nothing
     group_ids = torch.arange(len(keep), device=mask.device) // G  # [n] groups never straddle ranks
     first_row = run.rank * len(keep)  # this rank's rows in the global rollout, for messages
-    needs_old = t.num_iterations > 1 or t.updates_per_pass > 1
+    logp_of = lambda m, rows: policy_logprobs(m, rollout, rows, G, a.shared_prefix, s.temperature)  # [m, C]
     with torch.no_grad():
         chunks = micro_batches(list(range(len(keep))), t.micro_batch_size)
-        logp_of = lambda m: torch.cat([policy_logprobs(m, rollout, c, G, a.shared_prefix, s.temperature) for c in chunks])
-        old = logp_of(model) if needs_old else None  # [n, C]
+        model.eval()  # the rollout's mode: a train-mode difference (dropout) shows in the first update's ratio
+        old = torch.cat([logp_of(model, c) for c in chunks])  # [n, C]
         ref = None
         if a.beta > 0:
             with reference() as ref_model:
-                ref = logp_of(ref_model if ref_model is not None else model)  # [n, C]
+                ref = torch.cat([logp_of(ref_model if ref_model is not None else model, c) for c in chunks])  # [n, C]
     totals: dict[str, list[float]] = {}
     params = [p for p in model.parameters() if p.requires_grad]
+    first_step_deviation = torch.zeros((), dtype=torch.float64)
     model.train()
-    for _ in range(t.num_iterations):
-        for part in update_parts(len(keep), t.updates_per_pass, G if a.whole_groups else 1):
-            step_denominator = max(float(run.sum(loss_denominator(config, mask[part], len(part) // G))), 1.0)
-            optimizer.zero_grad(set_to_none=True)
+    for pass_index in range(t.num_iterations):
+        for part_index, part in enumerate(update_parts(len(keep), t.updates_per_pass, G if a.whole_groups else 1)):
+            first_step = pass_index == 0 and part_index == 0
             micro = micro_batches(part, t.micro_batch_size)
+            step = step_normalisers(run, config, mask, part)
+            hinge_needs_kl = a.loss == "disco" and a.disco_penalty > 0
+            if hinge_needs_kl and len(micro) > 1:  # a no-grad pass over the step, in the update's mode
+                with torch.no_grad():
+                    local = sum(float(disco_kl_sum(logp_of(model, rows), old[rows], mask[rows])) for rows in micro)
+                step["kl"] = trust_region_kl(run, step, local)
+            optimizer.zero_grad(set_to_none=True)
             failure = None
             for index, rows in enumerate(micro):
                 with run.sync_gradients(model, last=index == len(micro) - 1):
-                    logp = policy_logprobs(model, rollout, rows, G, a.shared_prefix, s.temperature)  # [m, C]
-                    old_rows = old[rows] if old is not None else logp.detach()  # mu = 1: ratio 1, the GRPO gradient
-                    loss, metrics = micro_batch_loss(config, logp, old_rows, ref[rows] if ref is not None else None,
-                                                     advantages[rows], mask[rows], correct[rows], group_ids[rows])
+                    logp = logp_of(model, rows)  # [m, C]
+                    if first_step:
+                        first_step_deviation = torch.maximum(first_step_deviation,
+                                                             ratio_deviation(logp, old[rows], mask[rows]))
+                    if hinge_needs_kl and len(micro) == 1:  # the step's KL from this forward itself
+                        step["kl"] = trust_region_kl(run, step, float(disco_kl_sum(logp.detach(), old[rows], mask[rows])))
+                    loss, metrics = micro_batch_loss(config, logp, old[rows], ref[rows] if ref is not None else None,
+                                                     advantages[rows], mask[rows], correct[rows], group_ids[rows], step)
                     if failure is None and not torch.isfinite(loss):
                         failure = f"the loss is {loss.item()} (rows {first_row + rows[0]}..{first_row + rows[-1]})"
-                    run.backward(loss * loss_denominator(config, mask[rows], len(rows) // G) / step_denominator)
+                    run.backward(loss)
                 for key, value in metrics.items():
                     totals.setdefault(key, []).append(value)
             failure = run.first_failure(failure)
@@ -214,7 +256,9 @@ def update(run: Run, config: GRPOConfig, model, optimizer, reference, rollout: R
     for rank_totals in run.gather_objects([totals]):  # every rank's micro-batches, for the log
         for key, values in rank_totals.items():
             merged.setdefault(key, []).extend(values)
-    return {k: sum(v) / len(v) for k, v in merged.items() if v and not any(math.isnan(x) for x in v)}
+    result = {k: sum(v) / len(v) for k, v in merged.items() if v and not any(math.isnan(x) for x in v)}
+    result[RATIO_METRIC] = float(run.max(first_step_deviation))
+    return result
 
 
 # ----------------------------------------------------------------------------- train
@@ -284,6 +328,7 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
                       f"{describe_held_out(before, s.temperature, d.eval_samples)}")
 
     drop_bad = config.reward.on_bad_score == "drop"
+    ratio_check = FirstUpdateRatioCheck()  # warns once per run (per resumed run) about on-policy ratio != 1
     progress = tqdm(range(start, t.iterations), desc=f"grpo[{a.loss}]", initial=start, total=t.iterations,
                     disable=not run.is_main)
     record = {}
@@ -327,8 +372,9 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
             keep &= zero_std_keep
         if a.mask_overlong:
             keep &= ~truncated.cpu()
-        first = scores[next(iter(scores))]  # DisCO's correctness: the first reward above a threshold
-        correct = first.nan_to_num(0.0) > a.correct_threshold  # [B*G]
+        correct = torch.zeros_like(bad)  # [B*G] DisCO's o+ / o-: its named reward above the threshold
+        if a.loss == "disco":  # the config refuses a correct_reward that is not a configured reward
+            correct = scores[a.correct_reward].nan_to_num(0.0) > a.correct_threshold  # [B*G]
         own = slice(block.start * t.group_size, block.stop * t.group_size)
         on_device = lambda x: x[own].to(run.device)  # [n] this rank's rows
 
@@ -340,12 +386,16 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         except FloatingPointError as error:
             raise run.nan_stop(f"iteration {iteration + 1}", error) from None
         timings["time/update"] = time.perf_counter() - clock
+        first_update_deviation = metrics.pop(RATIO_METRIC)  # logged under its own name, not as train/...
+        warning = ratio_check.warning(first_update_deviation, f"iteration {iteration + 1}")
+        if warning is not None:
+            run.print(warning)
         lengths = run.gather(rollout.lengths).float()  # [B*G]
 
         # log
         done = iteration + 1
         record = {"iteration": done, **{f"reward/{k}": v for k, v in reward_stats.items()},
-                  **{f"train/{k}": v for k, v in metrics.items()},
+                  **{f"train/{k}": v for k, v in metrics.items()}, RATIO_METRIC: first_update_deviation,
                   "train/zero_std_groups": zero_std_fraction, "train/dropped": int(bad.sum()),
                   "train/kept": float(keep.float().mean()), "completion/mean_length": float(lengths.mean()),
                   "completion/truncated": float(truncated.float().mean()),

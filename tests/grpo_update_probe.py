@@ -32,6 +32,10 @@ CASES = {  # name -> overrides; each splits the rollout differently over micro-b
     "dr_grpo_two_steps": ["algorithm.loss=dr_grpo", "train.updates_per_pass=2", "train.micro_batch_size=3"],
     "disco_two_steps_shared_prefix": ["algorithm.loss=disco", "algorithm.shared_prefix=true",
                                       "train.updates_per_pass=2", "train.micro_batch_size=3"],
+    # later steps leave the old policy, so the trust region binds: on 1 process each step is 2 micro-batches (the
+    # step's KL from a no-grad pass first), on 2 it is 1 per process (the KL from that forward, summed over ranks)
+    "disco_two_passes_trust_region": ["algorithm.loss=disco", "train.updates_per_pass=2", "train.num_iterations=2",
+                                      "train.micro_batch_size=3"],
 }
 
 

@@ -135,6 +135,99 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, one_process, lo
     assert moved > 0  # the step did something
 
 
+def disco_update(run, model, rollout, micro: int, correct, extra=(), lr: float = 1.0) -> tuple[dict, dict]:
+    """(parameters, metrics) of a copy of `model` after a DisCO `update` on `rollout` (4 prompts x 3): two passes of
+    two optimizer steps each (so the later steps leave the old policy and the trust region binds), plain SGD."""
+    N = rollout.completion_ids.shape[0]
+    trained = copy.deepcopy(model)
+    config = load_config(GRPOConfig, None, [
+        "algorithm.loss=disco", "algorithm.disco_tau=1.0", "train.group_size=3", "train.prompts_per_iteration=4",
+        "train.updates_per_pass=2", "train.num_iterations=2", f"train.micro_batch_size={micro}",
+        "train.max_grad_norm=1e9", "sampling.max_new_tokens=10", *extra])
+    optimizer = torch.optim.SGD(trained.parameters(), lr=lr)
+    keep = torch.ones(N, dtype=torch.bool)
+    keep[4] = False  # a dropped sample
+    metrics = update(run, config, trained, optimizer, None, rollout, torch.zeros(N), keep, correct)
+    return dict(trained.named_parameters()), metrics
+
+
+def test_disco_gradient_accumulation_equals_one_big_batch_with_the_trust_region_active(tiny_lm_dir, one_process):
+    """Steps of one micro-batch (the squared hinge of the step's KL, from its own forward) and of three (the KL
+    from a no-grad pass first, then each micro-batch's gradient-equivalent share) move the weights alike."""
+    model, rollout = rollout_for(tiny_lm_dir)
+    # groups 0 and 2 hold one right answer each, 1 and 3 none: step 0 trains on groups 0 and 2, step 1 on the two
+    # all-wrong groups, where only the trust region acts
+    correct = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]).bool()
+    (whole, whole_metrics), (split, split_metrics) = (disco_update(one_process, model, rollout, micro, correct, lr=0.1)
+                                                      for micro in (6, 3))
+    assert split_metrics["trust_region_kl"] == pytest.approx(whole_metrics["trust_region_kl"], rel=1e-5)
+    for name, value in whole.items():
+        assert_close(split[name], value, atol=1e-6, rtol=1e-5, msg=name)
+    # the trust region binds: without it (penalty 0) the same steps end elsewhere
+    free, _ = disco_update(one_process, model, rollout, 6, correct, ["algorithm.disco_penalty=0"], lr=0.1)
+    assert max(float((free[n] - whole[n]).detach().abs().max()) for n in whole) > 1e-2
+
+
+def test_first_update_ratio_is_one_on_policy_and_a_dropout_mismatch_is_caught(tiny_lm_dir, one_process):
+    from shared.ratio_check import METRIC
+
+    model, rollout = rollout_for(tiny_lm_dir)
+    N = rollout.completion_ids.shape[0]
+    config = load_config(GRPOConfig, None, ["train.group_size=3", "train.prompts_per_iteration=4",
+                                            "train.micro_batch_size=4", "sampling.max_new_tokens=10"])
+
+    def deviation(prepare) -> float:
+        trained = copy.deepcopy(model)
+        prepare(trained)
+        metrics = update(one_process, config, trained, torch.optim.SGD(trained.parameters(), lr=0.1), None,
+                         rollout, torch.linspace(-1, 1, N), torch.ones(N, dtype=torch.bool),
+                         torch.zeros(N, dtype=torch.bool))
+        return metrics[METRIC]
+
+    assert deviation(lambda m: None) < 1e-5  # float32 recomputation of the same log-probs
+    # dropout in the update (train mode) but not in the rollout's pass (eval mode): the ratio is no longer 1
+    def attention_dropout(m):
+        for module in m.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.3
+    torch.manual_seed(0)
+    assert deviation(attention_dropout) > 1e-2
+
+
+def test_run_warns_once_about_a_first_update_ratio_off_one(tiny_lm_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from shared.ratio_check import METRIC
+
+    dropout_dir = tmp_path / "dropout-model"  # the tiny model with attention dropout on in train mode
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    model.config.attention_dropout = 0.3
+    model.save_pretrained(dropout_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_lm_dir / name).exists():
+            (dropout_dir / name).write_bytes((tiny_lm_dir / name).read_bytes())
+    main(["grpo", *overrides(tiny_lm_dir, tmp_path / "run", f"model.path={dropout_dir}")])
+    out = capsys.readouterr().out
+    assert out.count("the first update's ratio deviates from 1") == 1  # two iterations, one warning
+    assert "iteration 1" in out.split("the first update's ratio deviates")[0].splitlines()[-1]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r[METRIC] > 1e-3 for r in records[1:]) and len(records) == 3
+    main(["grpo", *overrides(tiny_lm_dir, tmp_path / "plain")])  # no dropout: no warning, deviation ~ 0
+    assert "ratio deviates" not in capsys.readouterr().out
+    plain = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r[METRIC] < 1e-5 for r in plain[1:])
+
+
+def test_disco_correct_reward_must_be_a_configured_reward(tiny_lm_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # refused at config load, before any model loads
+        main(["grpo", *overrides(tiny_lm_dir, tmp_path, "model.path=/nonexistent/model"), "algorithm.loss=disco",
+              "algorithm.correct_reward=format"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'algorithm.correct_reward': 'format' is not among the configured rewards" in err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def updated_parameters(run, model, rollout, overrides: list[str], lr: float, prepare=None) -> dict:
     """The parameters of a copy of `model` after one `update` on `rollout` (4 prompts x 3, advantages spread over
     -1..1, every row kept), plain SGD at `lr`; `prepare(copy)` runs first."""
@@ -197,12 +290,15 @@ def test_missing_answer_column_exits_2(tiny_lm_dir, tmp_path, capsys):
     assert "answer" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["arith", "arith_short"])
+@pytest.mark.parametrize("name", ["arith", "arith_short", "arith_disco"])
 def test_shipped_grpo_recipes_load(name):
     from pathlib import Path
 
     config = load_config(GRPOConfig, Path(__file__).resolve().parents[1] / "configs" / "llm" / f"{name}.yaml")
     assert config.model.path == "embedded:arith" and config.train.group_size >= 2
+    if name == "arith_disco":  # several optimizer steps per rollout, or the trust region never binds
+        assert config.algorithm.loss == "disco" and config.train.updates_per_pass * config.train.num_iterations > 1
+        assert config.algorithm.correct_reward in config.reward.weights
 
 
 def test_held_out_metrics_leave_the_training_rng_alone(tiny_lm_dir):
