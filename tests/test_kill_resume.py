@@ -1,6 +1,7 @@
 """A run killed with SIGKILL resumes from its last checkpoint with --resume and ends with weights
 bit-identical to an uninterrupted run (CPU, one thread on both sides)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -48,7 +49,76 @@ def test_sigkill_then_resume_is_bit_identical(tiny_pipeline_dir, uninterrupted, 
     assert not list((out / "checkpoints").glob("step-*/*.tmp"))  # no half-written file in a finished checkpoint
 
     train(tiny_config(tiny_pipeline_dir, out, *EXTRA), resume=True)
+    assert not list((out / "checkpoints").glob(".tmp-step-*"))  # a kill mid-write leaves one; the resume removes it
     resumed = load_state(latest_checkpoint(out / "checkpoints"), "trainable")
     assert resumed.keys() == uninterrupted.keys()
     for name in uninterrupted:
         assert torch.equal(resumed[name], uninterrupted[name]), name
+
+
+def test_resume_with_a_changed_config_is_refused_unless_allowed_and_then_the_new_lr_is_used(tiny_pipeline_dir,  # noqa: F811
+                                                                                           tmp_path, capsys):
+    from flowalign.train import main
+
+    out = tmp_path / "run"
+    algorithm = EXTRA[1:3]
+    train(tiny_config(tiny_pipeline_dir, out, *algorithm, "train.iterations=1"))
+    kept = {name: (out / name).read_text() for name in ("metrics.jsonl", "config.json")}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        main([*tiny_overrides(tiny_pipeline_dir, out, *algorithm, "train.iterations=2", "train.learning_rate=5e-3",
+                              "train.group_size=3"), "--resume"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == (
+        "config error: --resume: the config differs from the one step-000001 was written under in "
+        "train.group_size (2 -> 3), train.learning_rate (0.01 -> 0.005); set them back, or add --allow-config-change "
+        "to apply them (on resume only train.iterations, train.max_seconds, train.steps, train.epochs, log.* may "
+        "change without it)\n")
+    assert {name: (out / name).read_text() for name in kept} == kept  # nothing touched
+    assert latest_checkpoint(out / "checkpoints").name == "step-000001"
+
+    main([*tiny_overrides(tiny_pipeline_dir, out, *algorithm, "train.iterations=2", "train.learning_rate=5e-3"),
+          "--resume", "--allow-config-change"])
+    assert "config changed from step-000001's: train.iterations (1 -> 2), train.learning_rate (0.01 -> 0.005)" in \
+        capsys.readouterr().out
+    assert load_state(out / "checkpoints" / "step-000001", "optimizer")["param_groups"][0]["lr"] == 1e-2
+    # the optimizer that took step 2 held the new rate (nothing else sets it; a plain restore put back 1e-2)
+    assert load_state(out / "checkpoints" / "step-000002", "optimizer")["param_groups"][0]["lr"] == 5e-3
+    assert json.loads((out / "config.json").read_text())["train"]["learning_rate"] == 5e-3
+    assert [json.loads(line) for line in (out / "config_changes.jsonl").read_text().splitlines()] == [
+        {"iteration": 1, "changes": {"train.iterations": [1, 2], "train.learning_rate": [0.01, 0.005]}}]
+
+
+def test_a_full_disk_at_a_checkpoint_exits_5_with_one_line_and_resume_ends_bit_identical(
+        tiny_pipeline_dir, uninterrupted, tmp_path, capsys, monkeypatch):  # noqa: F811
+    import errno
+
+    import shared.checkpoint as checkpoint_module
+    from flowalign.train import main
+
+    out = tmp_path / "full"
+    real = checkpoint_module.save_file
+
+    def save_file(tensors, filename):  # the disk is full when checkpoint 4 is written
+        if "step-000004" in filename:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        real(tensors, filename)
+    monkeypatch.setattr(checkpoint_module, "save_file", save_file)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as failed:
+        main(tiny_overrides(tiny_pipeline_dir, out, *EXTRA))
+    assert failed.value.code == 5
+    checkpoints = out / "checkpoints"
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"write error: cannot write checkpoint {checkpoints / 'step-000004'} (No space left on device: "
+        f"{checkpoints / 'step-000004'}{os.sep}trainable.safetensors); {checkpoints / 'step-000003'} is intact and "
+        f"--resume starts from it")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-000002", "step-000003"]
+    monkeypatch.undo()
+
+    main([*tiny_overrides(tiny_pipeline_dir, out, *EXTRA), "--resume"])
+    resumed = load_state(latest_checkpoint(checkpoints), "trainable")
+    assert latest_checkpoint(checkpoints).name == "step-000006"
+    for name in uninterrupted:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+    assert [json.loads(line)["iteration"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(7))
