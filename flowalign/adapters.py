@@ -27,8 +27,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
+from shared.config import ConfigError, local_path_problem
+
 SD3_DEFAULT_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline.__call__'s default T5 length
 SETTINGS_FILE = "flowalign.json"  # optional sidecar in a pipeline directory (the toy writes one)
+PIPELINE_FAMILIES = {"StableDiffusion3": "sd3", "Flux": "flux"}  # model_index.json class-name prefix -> model.pipeline
 
 try:  # newer diffusers take `dtype=` and deprecate `torch_dtype=`; older ones know only the latter
     from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
@@ -151,10 +154,28 @@ def _prompts_over_context(pipeline, prompts: list[str], long_text_encoder: str, 
     return over
 
 
+def _pipeline_family(class_name: str) -> str | None:
+    """'sd3' or 'flux' for a diffusers pipeline class name (StableDiffusion3Pipeline, FluxPipeline, ...)."""
+    return next((family for prefix, family in PIPELINE_FAMILIES.items() if class_name.startswith(prefix)), None)
+
+
 def _load_pipeline(pipeline_class, path_or_hub_id, dtype, device, max_sequence_length, default_length, kwargs):
     """`pipeline_class.from_pretrained` with components saved as null passed as None, and the text length from
-    the directory's flowalign.json when it has one; returns (pipeline, max_sequence_length)."""
+    the directory's flowalign.json when it has one; returns (pipeline, max_sequence_length). A missing local
+    directory, or one that holds another pipeline family, is a ConfigError (model.path, model.pipeline) raised
+    before anything loads."""
+    problem = local_path_problem(str(path_or_hub_id))
+    if problem is not None:
+        raise ConfigError(f"config field 'model.path': {problem}")
     index, settings = _read_settings(str(path_or_hub_id))
+    if Path(path_or_hub_id).expanduser().is_dir() and not index:
+        raise ConfigError(f"config field 'model.path': {str(path_or_hub_id)!r} has no model_index.json; give a "
+                          f"diffusers pipeline directory (one written by save_pretrained)")
+    wanted = _pipeline_family(pipeline_class.__name__)
+    found = _pipeline_family(index.get("_class_name", ""))
+    if wanted and found and wanted != found:  # the wrong family fails late and obscurely inside diffusers
+        raise ConfigError(f"config field 'model.pipeline': {wanted}, but {str(path_or_hub_id)!r} holds a "
+                          f"{index['_class_name']}; set model.pipeline={found}")
     kwargs = dict(kwargs)
     for name, value in index.items():
         if isinstance(value, list) and value == [None, None]:

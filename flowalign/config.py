@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Optional
 
-from shared.config import ConfigError, option
+from shared.config import SAMPLES_PER_ITERATION_LIMIT, SEED_LIMIT, ConfigError, option, output_dir_problem
 
 EMBEDDED_MODEL = "embedded:digits"  # the project's own tiny SD3 pipeline, built and cached on first use
 
@@ -168,7 +168,7 @@ class FlowGRPOConfig:
         need(t.max_grad_norm > 0, "train.max_grad_norm", f"{t.max_grad_norm} must be positive, e.g. 1.0")
         need(t.advantage_clip > 0, "train.advantage_clip", f"{t.advantage_clip} must be positive, e.g. 5.0")
         need(t.weight_decay >= 0, "train.weight_decay", f"{t.weight_decay} must be >= 0")
-        need(t.seed >= 0, "train.seed", f"{t.seed} must be >= 0")
+        need(0 <= t.seed < SEED_LIMIT, "train.seed", f"{t.seed} is outside [0, 2**32); use a seed such as 0")
         for field, value in (("sampling.height", s.height), ("sampling.width", s.width)):
             need(value is None or value > 0, field, f"{value} must be positive or null (the pipeline's default)")
         need(t.max_seconds is None or t.max_seconds > 0, "train.max_seconds", f"{t.max_seconds} must be positive or null")
@@ -205,4 +205,10 @@ class FlowGRPOConfig:
         need(not unknown, "reward.kwargs", f"{sorted(unknown)} have no weight in reward.weights; add them there")
         need(self.data.eval_seeds >= 1, "data.eval_seeds", f"{self.data.eval_seeds}; use at least 1")
         need(self.log.keep_last >= 1, "log.keep_last", f"{self.log.keep_last}; keep at least 1 checkpoint")
+        per_prompt, field = (a.num_branches, "algorithm.num_branches") if a.name == "tempflow" else (t.group_size, "train.group_size")
+        samples = t.prompts_per_iteration * per_prompt
+        need(samples <= SAMPLES_PER_ITERATION_LIMIT, field, f"{per_prompt} samples per prompt x "
+             f"{t.prompts_per_iteration} prompts = {samples} per iteration, over the limit of 2**20; lower it")
+        problem = output_dir_problem(self.log.output_dir)
+        need(problem is None, "log.output_dir", problem or "")
         need(self.model.lora_rank >= 1, "model.lora_rank", f"{self.model.lora_rank}; use at least 1")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from shared.checkpoint import load_trainable_state, trainable_state  # noqa: F401 (re-exported)
+from shared.config import ConfigError
 
 
 def make_trainable(transformer: torch.nn.Module, lora: bool, rank: int, alpha: int, targets: list[str]) -> list[torch.nn.Parameter]:
@@ -17,11 +18,17 @@ def make_trainable(transformer: torch.nn.Module, lora: bool, rank: int, alpha: i
         from peft import LoraConfig
 
         transformer.requires_grad_(False)
-        transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
+        hint = "list attention projection names such as to_q, to_k, to_v"
+        try:
+            transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                               target_modules=targets))
+        except ValueError as error:  # peft: no module matches (before anything of the run is written)
+            raise ConfigError(f"config field 'model.lora_targets': {targets} match no module of the transformer "
+                              f"({str(error).splitlines()[0] if str(error) else 'peft'}); {hint}") from None
         params = [p for p in transformer.parameters() if p.requires_grad]
         if not params:
-            raise ValueError(f"model.lora_targets {targets} matched no module of the transformer; "
-                             "list attention projection names such as to_q, to_k, to_v")
+            raise ConfigError(f"config field 'model.lora_targets': {targets} matched no module of the transformer; "
+                              f"{hint}")
     else:
         transformer.requires_grad_(True)
         params = list(transformer.parameters())

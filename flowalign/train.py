@@ -49,7 +49,7 @@ from flowalign.rewards.plugins import RewardError, call_reward, check_rewards_on
 from flowalign.visuals import save_image_grid
 from shared.advantages import clip_advantages, compose_rewards
 from shared.checkpoint import WriteError
-from shared.config import ConfigError, describe, exit_on_config_error, load_config, to_dict
+from shared.config import ConfigError, describe, exit_on_config_error, load_config, read_text_file, to_dict
 from shared.kl import gaussian_mean_kl
 from shared.losses import clipped_policy_loss
 from shared.ratio_check import METRIC as RATIO_METRIC, FirstUpdateRatioCheck, ratio_deviation
@@ -120,10 +120,9 @@ def load_adapter(config: FlowGRPOConfig, device: torch.device):
 def read_prompts(config: FlowGRPOConfig) -> tuple[list[str], list[str]]:
     prompts = config.data.prompts
     if config.data.prompts_file:
-        file = Path(config.data.prompts_file)
-        if not file.is_file():
-            raise ConfigError(f"config field 'data.prompts_file': {file} does not exist; give a text file, one prompt a line")
-        prompts = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+        text = read_text_file(config.data.prompts_file, "config field 'data.prompts_file':",
+                              "give a UTF-8 text file, one prompt a line")  # missing or not UTF-8: a config error
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("config field 'data.prompts': no prompts; list some or set data.prompts_file")
     return prompts, (config.data.eval_prompts or prompts)

@@ -18,9 +18,21 @@ be written (a full disk; the previous checkpoint is intact).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import typing
 
-from shared.config import ConfigError, describe, exit_on_config_error, load_config
+from shared.config import SEED_LIMIT, ConfigError, describe, exit_on_config_error, load_config, local_path_problem
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported as one line naming it (no usage block), exit code 2; printed once
+    under a multi-process launcher (RANK 0), as exit_on_config_error does."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def run_recipe(config_class, train, args: argparse.Namespace) -> None:
@@ -84,7 +96,10 @@ def run_pairs(args: argparse.Namespace) -> None:
     except DataError as error:
         print(f"data error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    model, tokenizer = load_for_sampling(run, args.model, args.adapter)
+    try:
+        model, tokenizer = load_for_sampling(run, args.model, args.adapter)
+    except ConfigError as error:
+        exit_on_config_error(error)
     completions = sample_completions(model, tokenizer, rows, args.group_size, args.max_new_tokens,
                                      temperature=args.temperature, seed=args.seed, batch_size=args.batch_size, run=run)
     pairs, summary = make_pairs(rows, completions, args.pairs_per_prompt, args.format_check)
@@ -96,13 +111,15 @@ def run_pairs(args: argparse.Namespace) -> None:
     run.close()
 
 
-def _at_least(minimum: int):
-    def parse(text: str) -> int:
+def _at_least(minimum: int, below: int | None = None):
+    def integer(text: str) -> int:  # argparse names the type by this function's name: "invalid integer value"
         value = int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"{value} is not below {below}")
         return value
-    return parse
+    return integer
 
 
 def _positive_float(text: str) -> float:
@@ -119,8 +136,12 @@ def load_for_sampling(run, model_path: str, adapter: str | None):
     from llmalign.policy import load_policy
     from llmalign.toy import resolve_embedded
 
+    for flag, value in (("--model", model_path), ("--adapter", adapter)):
+        problem = local_path_problem(value) if value is not None else None
+        if problem is not None:  # before anything loads, naming the flag
+            raise ConfigError(f"{flag} {problem}")
     path = run.main_first(lambda: resolve_embedded(model_path))
-    model, tokenizer = load_policy(LMModelConfig(path=path, lora=False), run.device)
+    model, tokenizer = load_policy(LMModelConfig(path=path, lora=False), run.device, field="--model")
     if adapter is not None:
         from peft import PeftModel
 
@@ -140,7 +161,10 @@ def run_eval(args: argparse.Namespace) -> None:
     except DataError as error:
         print(f"data error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    model, tokenizer = load_for_sampling(run, args.model, args.adapter)
+    try:
+        model, tokenizer = load_for_sampling(run, args.model, args.adapter)
+    except ConfigError as error:
+        exit_on_config_error(error)
     result = accuracy_on(model, tokenizer, rows, args.max_new_tokens, progress=True, run=run)
     if run.is_main:
         for prompt, completion in result["samples"][: args.show]:
@@ -155,7 +179,7 @@ ALLOW_CONFIG_CHANGE_HELP = ("with --resume: apply config changes beyond train.it
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmalign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="llmalign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{grpo,dpo,pairs,eval}")
     grpo = sub.add_parser("grpo", help="GRPO / Dr. GRPO / DAPO / DisCO training with verifiable rewards")
     grpo.add_argument("--config", help="YAML recipe, e.g. configs/llm/arith.yaml")
@@ -181,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--max-new-tokens", type=_at_least(1), default=64)
     pairs.add_argument("--temperature", type=_positive_float, default=1.0)
     pairs.add_argument("--limit", type=_at_least(1), default=None, help="use the first N rows")
-    pairs.add_argument("--seed", type=_at_least(0), default=0, help="sampling seed")
+    pairs.add_argument("--seed", type=_at_least(0, below=SEED_LIMIT), default=0, help="sampling seed")
     pairs.add_argument("--batch-size", type=_at_least(1), default=32, help="prompts per generate call")
     pairs.add_argument("--format-check", action=argparse.BooleanOptionalAction, default=True,
                        help="rank completions that break <think>...</think><answer>...</answer> lowest (level 0)")
@@ -190,9 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", required=True, help="model directory, hub id or embedded:arith")
     ev.add_argument("--adapter", help="a LoRA adapter directory to load on top of --model")
     ev.add_argument("--data", required=True, help="JSONL/JSON/CSV/Parquet or datasets directory with prompt, answer")
-    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N rows")
-    ev.add_argument("--max-new-tokens", type=int, default=64)
-    ev.add_argument("--show", type=int, default=3, help="print this many completions")
+    ev.add_argument("--limit", type=_at_least(1), default=None, help="evaluate the first N rows")
+    ev.add_argument("--max-new-tokens", type=_at_least(1), default=64)
+    ev.add_argument("--show", type=_at_least(0), default=3, help="print this many completions")
     ev.set_defaults(run=run_eval)
     return parser
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Optional
 
-from shared.config import ConfigError, option
+from shared.config import SAMPLES_PER_ITERATION_LIMIT, SEED_LIMIT, ConfigError, option, output_dir_problem
 
 EMBEDDED_MODEL = "embedded:arith"  # the project's own tiny Qwen2 arithmetic model, built and cached on first use
 
@@ -154,6 +154,8 @@ class LMTrainConfig:
         need(self.num_iterations >= 1, "train.num_iterations", f"{self.num_iterations}; use at least 1")
         need(self.updates_per_pass >= 1, "train.updates_per_pass", f"{self.updates_per_pass}; use at least 1")
         rollout = self.prompts_per_iteration * self.group_size
+        need(rollout <= SAMPLES_PER_ITERATION_LIMIT, "train.group_size", f"{self.group_size} completions per prompt x "
+             f"{self.prompts_per_iteration} prompts = {rollout} per iteration, over the limit of 2**20; lower it")
         need(rollout % self.updates_per_pass == 0, "train.updates_per_pass",
              f"the rollout of {rollout} completions (prompts_per_iteration * group_size) does not split into "
              f"{self.updates_per_pass} equal parts; pick a divisor of {rollout}")
@@ -161,7 +163,7 @@ class LMTrainConfig:
         need(self.learning_rate > 0, "train.learning_rate", f"{self.learning_rate} must be positive, e.g. 1e-5")
         need(self.weight_decay >= 0, "train.weight_decay", f"{self.weight_decay} must be >= 0")
         need(self.max_grad_norm > 0, "train.max_grad_norm", f"{self.max_grad_norm} must be positive, e.g. 1.0")
-        need(self.seed >= 0, "train.seed", f"{self.seed} must be >= 0")
+        need(0 <= self.seed < SEED_LIMIT, "train.seed", f"{self.seed} is outside [0, 2**32); use a seed such as 0")
         need(self.max_seconds is None or self.max_seconds > 0, "train.max_seconds", f"{self.max_seconds} must be positive or null")
 
 
@@ -179,6 +181,12 @@ class LMRewardConfig:
 
     def check(self) -> None:
         need(bool(self.weights), "reward.weights", "empty; name at least one reward, e.g. {accuracy: 1.0}")
+        from llmalign.rewards import BUILTIN_REWARDS  # standard library only: config loading stays light
+
+        unknown = [name for name in self.weights if name not in BUILTIN_REWARDS and ":" not in name]
+        need(not unknown, "reward.weights", f"unknown reward {unknown[0]!r} (no builtin of that name, and not an import "
+             f"path 'module:name'); use one of {sorted(BUILTIN_REWARDS)} or a path such as mypkg.rewards:score"
+             if unknown else "")
         for name in self.weights:
             module_name, colon, attribute = name.partition(":")
             need(not colon or (attribute and all(part.isidentifier() for part in module_name.split("."))),
@@ -201,6 +209,8 @@ class LMLogConfig:
         need(self.eval_every >= 0, "log.eval_every", f"{self.eval_every} must be >= 0 (0 = start and end only)")
         need(self.checkpoint_every >= 0, "log.checkpoint_every", f"{self.checkpoint_every} must be >= 0")
         need(self.keep_last >= 1, "log.keep_last", f"{self.keep_last}; keep at least 1 checkpoint")
+        problem = output_dir_problem(self.output_dir)
+        need(problem is None, "log.output_dir", problem or "")
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 from llmalign.config import (EMBEDDED_MODEL, LMLogConfig, LMModelConfig, gradient_checkpointing_option,
                              mixed_precision_option, need)
-from shared.config import option
+from shared.config import SEED_LIMIT, option
 
 REFERENCE_FREE_LOSSES = ("simpo",)
 
@@ -124,7 +124,7 @@ class DPOTrainConfig:
         need(self.warmup_steps >= 0, "train.warmup_steps", f"{self.warmup_steps} must be >= 0")
         need(self.weight_decay >= 0, "train.weight_decay", f"{self.weight_decay} must be >= 0")
         need(self.max_grad_norm > 0, "train.max_grad_norm", f"{self.max_grad_norm} must be positive, e.g. 1.0")
-        need(self.seed >= 0, "train.seed", f"{self.seed} must be >= 0")
+        need(0 <= self.seed < SEED_LIMIT, "train.seed", f"{self.seed} is outside [0, 2**32); use a seed such as 0")
         need(self.max_seconds is None or self.max_seconds > 0, "train.max_seconds",
              f"{self.max_seconds} must be positive or null")
 

@@ -22,17 +22,27 @@ import torch
 
 from llmalign.config import LMModelConfig
 from llmalign.toy import resolve_embedded
-from shared.config import to_dict
+from shared.config import ConfigError, local_path_problem, to_dict
 from shared.run import Run
 
 
-def load_policy(config: LMModelConfig, device: torch.device | str = "cpu"):
-    """(model, tokenizer) from a directory or hub id, on `device`, with a LoRA adapter when config.lora."""
+def load_policy(config: LMModelConfig, device: torch.device | str = "cpu", field: str = "model.path"):
+    """(model, tokenizer) from a directory or hub id, on `device`, with a LoRA adapter when config.lora. A path
+    that cannot be loaded and LoRA targets that match nothing are ConfigErrors naming `field` and
+    model.lora_targets."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_embedded(config.path)
+    where = field if field.startswith("--") else f"config field '{field}':"  # a flag (llmalign eval) or a field
+    problem = local_path_problem(path)
+    if problem is not None:  # a missing local directory: said before transformers takes it for a hub id
+        raise ConfigError(f"{where} {problem}")
     remote = {"trust_remote_code": True} if config.allow_remote_code else {}  # off unless the config says so
-    tokenizer = AutoTokenizer.from_pretrained(path, **remote)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **remote)
+    except OSError as error:  # not a model directory, or a hub id that is not there (or not reachable)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"{where} cannot load {path!r} ({reason}); give a model directory or a hub id") from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere; any id will do
@@ -44,8 +54,9 @@ def load_policy(config: LMModelConfig, device: torch.device | str = "cpu"):
                           task_type="CAUSAL_LM")
         try:
             model = get_peft_model(model, lora)
-        except ValueError as error:
-            raise ValueError(f"model.lora_targets {config.lora_targets}: {error}") from None
+        except ValueError as error:  # peft: no module of the model matches the targets
+            raise ConfigError(f"config field 'model.lora_targets': {config.lora_targets}: {error}".replace("\n", " ")
+                              ) from None
     return model, tokenizer
 
 
