@@ -1,14 +1,19 @@
 """The reward server: remote scores equal local ones; bad requests are refused with the right code."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 import torch
 
-from flowalign.rewards.server import remote_reward, serve
+from flowalign.rewards.server import encode_batch, remote_reward, serve
 from flowalign.rewards import jpeg_compressibility
 
 TOKEN = "test-token"
@@ -100,3 +105,210 @@ def test_down_server_is_not_reachable():
     reward = remote_reward(f"http://127.0.0.1:{port}", TOKEN, timeout=1, retries=1, backoff=0.01)
     with pytest.raises(RuntimeError, match="not reachable.*flowalign-reward-serve"):
         reward(torch.zeros(1, 3, 2, 2), ["a"], [{}])
+
+
+# ------------------------------------------------------------------ hardening (issue 14, items 6 and 8)
+
+def _raw(port: int, request: bytes, close_write: bool = False) -> bytes:
+    """Send raw bytes, keep the socket open for writing (unless close_write), return the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        if close_write:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_negative_content_length_is_400_without_waiting_for_close(server):
+    # the socket stays open: the old server read "until close" here, with no bound
+    answer = _raw(_port(server), b"POST /score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-token\r\n"
+                                 b"Content-Length: -1\r\n\r\n" + b"[" * 1000)
+    assert answer.startswith(b"HTTP/1.0 400") and b"Content-Length' is missing, negative" in answer
+
+
+@pytest.mark.parametrize("body, field", [
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # RecursionError in json.loads
+    (json.dumps({"images": "", "shape": [True, 3, True, True], "prompts": ["a"], "metadata": [{}]}).encode(), "'shape'"),
+    (json.dumps({"images": "AAAA", "shape": [1, 3, 2**40, 2**40], "prompts": ["a"], "metadata": [{}]}).encode(),
+     "shape [1, 3, 1099511627776, 1099511627776] needs 14507109835375550096474112 (float32)"),  # > int64
+    (json.dumps({"images": "AAAA", "shape": [1, 3, 10**30, 1], "prompts": ["a"], "metadata": [{}]}).encode(), "'images'"),
+    (b"\xff\xfe{", "not valid JSON"),
+])
+def test_malformed_authenticated_bodies_are_400(server, body, field):
+    status, answer = _post(server, body)
+    assert status == 400 and field in answer["error"]
+
+
+def test_nonfinite_images_are_400(server):
+    images = torch.full((1, 3, 2, 2), 0.5)  # [1, 3, 2, 2]
+    images[0, 1, 0, 0], images[0, 2, 1, 1] = float("nan"), float("inf")
+    status, answer = _post(server, json.dumps(encode_batch(images, ["a"], [{}])).encode())
+    assert status == 400 and answer["error"] == "field 'images' holds 2 NaN/inf values; send finite pixels in [0, 1]"
+
+
+def _strict_json(data: bytes):
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    return json.loads(data, parse_constant=refuse)
+
+
+def test_nonfinite_scores_are_null_and_come_back_as_nan():
+    def odd_scores(images, prompts, metadata):
+        return [float("nan"), 0.5, float("inf"), None]
+
+    srv, thread = serve(odd_scores, "127.0.0.1", 0, token=TOKEN)
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        images, prompts, metadata = _batch()
+        request = urllib.request.Request(url + "/score", data=json.dumps(encode_batch(images, prompts, metadata)).encode(),
+                                         method="POST", headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert _strict_json(response.read()) == {"scores": [None, 0.5, None, None]}
+        scores = remote_reward(url, TOKEN, timeout=5)(images, prompts, metadata)
+        assert scores[1].item() == 0.5 and scores[[0, 2, 3]].isnan().all()
+        from flowalign.rewards.plugins import RewardError, call_reward
+
+        dropped = call_reward("remote", remote_reward(url, TOKEN, timeout=5), images, prompts, metadata,
+                              allow_nonfinite=True)
+        assert dropped[1].item() == 0.5 and dropped[[0, 2, 3]].isnan().all()
+        with pytest.raises(RewardError, match="'remote' returned non-finite scores at positions \\[0, 2, 3\\]"):
+            call_reward("remote", remote_reward(url, TOKEN, timeout=5), images, prompts, metadata)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_connection_threads_are_capped():
+    srv, thread = serve(jpeg_compressibility(), "127.0.0.1", 0, token=TOKEN, max_connections=2)
+    port = srv.server_address[1]
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]  # hold both slots
+        time.sleep(0.2)  # let the server accept them
+        answer = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503") and b"all 2 connection slots are taken" in answer
+        for sock in idle:
+            sock.close()  # their handlers read EOF and end, freeing the slots
+        for _ in range(50):
+            answer = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            if answer.startswith(b"HTTP/1.0 200"):
+                break
+            time.sleep(0.05)
+        assert answer.startswith(b"HTTP/1.0 200") and answer.endswith(b'{"ok": true}')
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture
+def hanging_server():
+    """A server whose reward blocks until `release` is set, with a 0.5 s request deadline; counts calls and
+    connections."""
+    release, calls, connections = threading.Event(), [], []
+
+    def blocks(images, prompts, metadata):
+        calls.append(len(prompts))
+        release.wait(30)
+        return images.mean(dim=(1, 2, 3))  # [B]
+
+    srv, thread = serve(blocks, "127.0.0.1", 0, token=TOKEN, request_timeout_s=0.5)
+    accept = srv.process_request
+
+    def counted(request, address):
+        connections.append(address)
+        accept(request, address)
+
+    srv.process_request = counted
+    yield f"http://127.0.0.1:{srv.server_address[1]}", release, calls, connections
+    release.set()
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_hung_reward_gets_504_once_and_later_requests_are_answered(hanging_server):
+    from flowalign.rewards.plugins import RewardTimeout
+
+    url, release, calls, connections = hanging_server
+    images, prompts, metadata = _batch()
+    with pytest.raises(RewardTimeout, match="504.*request deadline of 0.5 s"):
+        remote_reward(url, TOKEN, timeout=5, retries=2, backoff=0.01)(images, prompts, metadata)
+    assert calls == [4] and len(connections) == 1  # answered 504 once, not re-sent
+    started = time.perf_counter()
+    status, answer = _post(url, json.dumps(encode_batch(images, prompts, metadata)).encode())
+    assert status == 503 and "still busy with an earlier request after 0.5 s" in answer["error"]
+    assert time.perf_counter() - started < 4 and calls == [4]  # the lock was not taken: the reward did not run
+    release.set()  # the hung call returns and releases the lock
+    time.sleep(0.1)
+    scores = remote_reward(url, TOKEN, timeout=5)(images, prompts, metadata)
+    assert torch.equal(scores, images.mean(dim=(1, 2, 3))) and calls == [4, 4]
+
+
+def test_client_timeout_is_not_resent(hanging_server):
+    from flowalign.rewards.plugins import RewardTimeout
+
+    url, release, calls, connections = hanging_server
+    images, prompts, metadata = _batch()
+    with pytest.raises(RewardTimeout, match="within 0.2 s.*not re-sent"):
+        remote_reward(url, TOKEN, timeout=0.2, retries=2, backoff=0.01)(images, prompts, metadata)
+    assert len(connections) == 1
+
+
+def test_non_loopback_host_needs_allow_remote():
+    with pytest.raises(ValueError, match="'0.0.0.0' is not a loopback address; pass allow_remote=True"):
+        serve(jpeg_compressibility(), "0.0.0.0", 0, token=TOKEN)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--reward", ":fn"], "--reward: reward ':fn' has module name '', not an absolute dotted module name"),
+    (["--reward", "no_such_module:fn"], "--reward: reward 'no_such_module:fn': cannot import module 'no_such_module'"),
+    (["--reward", "flowalign.rewards:jpeg_compressibility", "--kwargs", "[1]"], "--kwargs must be a JSON object"),
+    (["--reward", "flowalign.rewards:jpeg_compressibility", "--host", "0.0.0.0"],
+     "--host 0.0.0.0 is not a loopback address; add --allow-remote"),
+    (["--reward", "flowalign.rewards:jpeg_compressibility", "--max-connections", "0"], "--max-connections 0 must be"),
+])
+def test_start_up_errors_are_one_line(capsys, flags, message):
+    from flowalign.rewards.server import main
+
+    with pytest.raises(SystemExit) as info:
+        main([*flags, "--token", TOKEN])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"flowalign-reward-serve: error: {message}")
+
+
+def test_port_in_use_is_one_line(capsys):
+    from flowalign.rewards.server import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as info:
+            main(["--reward", "flowalign.rewards:jpeg_compressibility", "--port", str(port), "--token", TOKEN])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"flowalign-reward-serve: error: cannot listen on 127.0.0.1:{port} "
+                          "(Address already in use); pick another --port")
+
+
+def test_allow_remote_serves_with_a_plain_http_warning():
+    process = subprocess.Popen([sys.executable, "-m", "flowalign.rewards.server", "--reward",
+                                "flowalign.rewards:jpeg_compressibility", "--host", "0.0.0.0", "--allow-remote",
+                                "--port", "0", "--token", TOKEN], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        serving = process.stdout.readline()  # printed after the warning
+        assert serving.startswith("serving flowalign.rewards:jpeg_compressibility at http://0.0.0.0:")
+        port = int(serving.rsplit(":", 1)[1].split("/")[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            assert json.loads(response.read()) == {"ok": True}
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=10)
+    assert "warning: serving 0.0.0.0 beyond this machine over plain HTTP" in err

@@ -79,6 +79,9 @@ def load_reward(path: str, kwargs: dict | None = None, timeout_s: float | None =
         except TypeError as error:
             raise RewardError(f"reward '{path}': calling it with reward.kwargs {kwargs or {}} failed ({error}); "
                               "give the factory's arguments, or no kwargs for a reward function") from None
+        except Exception as error:  # the factory itself failed (a missing file, a bad value)
+            raise RewardError(f"reward '{path}': its factory raised {type(error).__name__}: {error} "
+                              f"(reward.kwargs {kwargs or {}})") from None
     try:
         inspect.signature(obj).bind(None, None, None)
     except TypeError:

@@ -11,19 +11,30 @@ behind a small JSON server; training uses `remote_reward(url, token)` like any l
 
 Wire format. POST /score with `Authorization: Bearer <token>` and the JSON body
 {"images": base64(float32 little-endian bytes of images [B, 3, H, W]), "shape": [B, 3, H, W],
- "prompts": [str] * B, "metadata": [dict] * B} -> 200 {"scores": [float] * B}.
-Float32 -> JSON number -> float32 is exact, so remote scores equal local ones bit for bit.
-Errors come back as {"error": "..."}: 401 bad token, 413 body or batch too large, 400 malformed
-request (the message names the field), 500 the reward raised. GET /health -> {"ok": true}.
-Only the standard library and torch/numpy are used.
+ "prompts": [str] * B, "metadata": [dict] * B} -> 200 {"scores": [float or null] * B}.
+Float32 -> JSON number -> float32 is exact, so remote scores equal local ones bit for bit; a NaN/inf or None
+score is sent as null (standard JSON has no NaN) and comes back as NaN, a bad score for reward.on_bad_score.
+Errors come back as {"error": "..."}: 400 malformed request (the message names the field; also a negative
+Content-Length, NaN/inf pixels, deep nesting), 401 bad token, 413 body or batch too large, 500 the reward
+raised or returned no numbers, 503 all connection slots taken or the reward still busy with an earlier
+request (nothing was run: retrying is safe), 504 the reward passed the request deadline (it is still running
+there: `remote_reward` does not re-send). GET /health -> {"ok": true}.
+
+The server binds 127.0.0.1 unless told `--allow-remote`; the traffic is plain HTTP (token and images in clear
+text), so reach a remote scorer through an SSH tunnel or a TLS proxy. Only the standard library and
+torch/numpy are used.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import binascii
 import hmac
+import http.client
+import ipaddress
 import json
+import math
 import os
 import secrets
 import socket
@@ -38,9 +49,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from flowalign.rewards.plugins import RewardError, RewardTimeout, call_with_deadline, load_reward, scores_as_floats
+
 RewardFn = Callable[[torch.Tensor, list, list], torch.Tensor]
 DISCARD_LIMIT = 256 * 2**20  # refused bodies up to this size are read and dropped so the client sees the answer
 SERVE_HINT = "start it with flowalign-reward-serve (python -m flowalign.rewards.server --reward module:name --port PORT)"
+PROG = "flowalign-reward-serve"
 
 
 class BadRequest(ValueError):
@@ -66,9 +80,10 @@ def decode_batch(body: dict, max_batch: int) -> tuple[torch.Tensor, list[str], l
         if field not in body:
             raise BadRequest(400, f"missing field '{field}'; send images, shape, prompts, metadata")
     shape = body["shape"]
-    if (not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(s, int) and s > 0 for s in shape)
-            or shape[1] != 3):
-        raise BadRequest(400, f"field 'shape' must be [B, 3, H, W] of positive ints, got {shape!r}")
+    # bool is an int subclass: [true, 3, true, true] is refused here, not read as [1, 3, 1, 1]
+    if (not isinstance(shape, list) or len(shape) != 4
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape) or shape[1] != 3):
+        raise BadRequest(400, f"field 'shape' must be [B, 3, H, W] of positive ints, got {str(shape)[:80]}")
     if shape[0] > max_batch:
         raise BadRequest(413, f"field 'shape': batch {shape[0]} exceeds max_batch {max_batch}; send smaller batches")
     prompts, metadata = body["prompts"], body["metadata"]
@@ -80,17 +95,29 @@ def decode_batch(body: dict, max_batch: int) -> tuple[torch.Tensor, list[str], l
         raise BadRequest(400, "field 'images' must be a base64 string of float32 little-endian bytes")
     try:
         raw = base64.b64decode(body["images"], validate=True)
-    except ValueError as error:
+    except (binascii.Error, ValueError) as error:
         raise BadRequest(400, f"field 'images' is not valid base64 ({error})") from None
-    expected = 4 * int(np.prod(shape))
+    expected = 4 * math.prod(shape)  # Python ints: a shape whose product overflows int64 is just a large number
     if len(raw) != expected:
         raise BadRequest(400, f"field 'images' holds {len(raw)} bytes; shape {shape} needs {expected} (float32)")
     images = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape))  # [B, 3, H, W]
+    finite = torch.isfinite(images)  # [B, 3, H, W]
+    if not finite.all():
+        raise BadRequest(400, f"field 'images' holds {int((~finite).sum())} NaN/inf values; send finite pixels in [0, 1]")
     return images, prompts, metadata
 
 
+def _read_json(data: bytes):
+    try:
+        return json.loads(data)
+    except RecursionError:  # nesting deeper than the interpreter's stack: refused, not a dropped connection
+        raise BadRequest(400, "body is nested too deeply to parse; send the flat /score object") from None
+    except ValueError as error:  # also bad UTF-8
+        raise BadRequest(400, f"body is not valid JSON ({error})") from None
+
+
 def _make_handler(reward_fn: RewardFn, token: str, max_request_bytes: int, max_batch: int,
-                  lock: threading.Lock) -> type[BaseHTTPRequestHandler]:
+                  lock: threading.Lock, request_timeout_s: float) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         timeout = 60  # seconds a stalled client may hold a connection
 
@@ -114,7 +141,7 @@ def _make_handler(reward_fn: RewardFn, token: str, max_request_bytes: int, max_b
             pass
 
         def _reply(self, status: int, payload: dict) -> None:
-            data = json.dumps(payload).encode()
+            data = json.dumps(payload, allow_nan=False).encode()  # standard JSON: scores carry null, never NaN
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -138,50 +165,130 @@ def _make_handler(reward_fn: RewardFn, token: str, max_request_bytes: int, max_b
             try:
                 length = int(self.headers.get("Content-Length", ""))
             except ValueError:
+                length = -1
+            if length < 0:  # rfile.read(-1) would read until the client closes, with no size bound
                 self.close_connection = True
-                return self._reply(400, {"error": "header 'Content-Length' is missing or not an integer"})
+                return self._reply(400, {"error": "header 'Content-Length' is missing, negative or not an integer"})
             if length > max_request_bytes:
                 self._discard_body()  # checked before reading: the body is never stored
                 return self._reply(413, {"error": f"body of {length} bytes exceeds max_request_bytes "
                                                   f"{max_request_bytes}; send smaller batches"})
             try:
-                try:
-                    body = json.loads(self.rfile.read(length))
-                except ValueError as error:
-                    raise BadRequest(400, f"body is not valid JSON ({error})") from None
-                images, prompts, metadata = decode_batch(body, max_batch)
+                images, prompts, metadata = decode_batch(_read_json(self.rfile.read(length)), max_batch)
             except BadRequest as error:
                 return self._reply(error.status, {"error": str(error)})
+            self._score(images, prompts, metadata)
+
+        def _score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> None:
+            """Run the reward under the lock within the request deadline: 200, 500, 503 (lock still held by an
+            earlier call) or 504 (this call passed the deadline; it keeps the lock until it really ends)."""
+            started = time.monotonic()
+            if not lock.acquire(timeout=request_timeout_s):  # one batch at a time: the model is not thread-safe
+                return self._reply(503, {"error": f"the reward is still busy with an earlier request after "
+                                                  f"{request_timeout_s:g} s (one past its deadline may hang); "
+                                                  "retry later or restart the server"})
+
+            def locked_call():
+                try:
+                    return reward_fn(images, prompts, metadata)
+                finally:
+                    lock.release()  # when the call really ends, even after its request stopped waiting
+
+            remaining = max(request_timeout_s - (time.monotonic() - started), 1e-3)
             try:
-                with lock:  # one batch at a time: the reward model is not assumed thread-safe
-                    scores = torch.as_tensor(reward_fn(images, prompts, metadata), dtype=torch.float32)
-                scores = scores.detach().flatten().cpu()  # [B]
+                raw = call_with_deadline(locked_call, timeout_s=remaining)
+            except RewardTimeout:
+                return self._reply(504, {"error": f"the reward did not return within the server's request deadline "
+                                                  f"of {request_timeout_s:g} s (--request-timeout-s); it is still "
+                                                  "running there, so later requests wait for it"})
             except Exception as error:
                 return self._reply(500, {"error": f"reward raised {type(error).__name__}: {error}"})
-            self._reply(200, {"scores": scores.tolist()})
+            try:
+                scores, _ = scores_as_floats(raw)  # [B]; None -> NaN
+            except ValueError as error:
+                return self._reply(500, {"error": f"reward {error}"})
+            if scores.numel() != len(prompts):
+                return self._reply(500, {"error": f"reward returned {scores.numel()} scores for {len(prompts)} images"})
+            self._reply(200, {"scores": [s if math.isfinite(s) else None for s in scores.tolist()]})
 
     return Handler
 
 
+class _BoundedServer(ThreadingHTTPServer):
+    """A threading server with at most `max_connections` handler threads; a connection past that gets 503."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int):
+        self.slots = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            body = json.dumps({"error": f"all {self.max_connections} connection slots are taken; retry later"}).encode()
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            except OSError:
+                pass  # the client went away: nothing to tell it
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts process_request_thread
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+
+def is_loopback(host: str) -> bool:
+    """True for 'localhost' and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
 def serve(reward_fn: RewardFn, host: str = "127.0.0.1", port: int = 0, *, token: str,
-          max_request_bytes: int = 32 * 2**20, max_batch: int = 256) -> tuple[ThreadingHTTPServer, threading.Thread]:
+          max_request_bytes: int = 32 * 2**20, max_batch: int = 256, max_connections: int = 16,
+          request_timeout_s: float = 60.0, allow_remote: bool = False) -> tuple[ThreadingHTTPServer, threading.Thread]:
     """Start the reward server in a background thread; returns (server, thread).
     The bound port is server.server_address[1] (port=0 picks a free one). Stop with
-    server.shutdown(); server.server_close()."""
+    server.shutdown(); server.server_close(). A host other than loopback needs allow_remote=True.
+
+    request_timeout_s bounds each request (waiting for the reward lock + the call); a call past it is
+    answered 504 and abandoned, still running and holding the lock (Python cannot kill a thread), so later
+    requests get 503 within their own deadline until it returns."""
     if not token:
         raise ValueError("token is empty; pass token=secrets.token_urlsafe() and give the same token to remote_reward")
-    handler = _make_handler(reward_fn, token, max_request_bytes, max_batch, threading.Lock())
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
+    if not is_loopback(host) and not allow_remote:
+        raise ValueError(f"host {host!r} is not a loopback address; pass allow_remote=True (--allow-remote) to serve "
+                         "other machines over plain HTTP")
+    if max_connections < 1 or request_timeout_s <= 0:
+        raise ValueError(f"max_connections {max_connections} and request_timeout_s {request_timeout_s} must be positive")
+    handler = _make_handler(reward_fn, token, max_request_bytes, max_batch, threading.Lock(), request_timeout_s)
+    server = _BoundedServer((host, port), handler, max_connections)
     thread = threading.Thread(target=server.serve_forever, name="reward-server", daemon=True)
     thread.start()
     return server, thread
 
 
-def remote_reward(url: str, token: str, timeout: float = 30.0, retries: int = 2, backoff: float = 0.5) -> RewardFn:
-    """A reward that POSTs each batch to the server at `url` and returns its scores [B].
-    Unreachable servers are retried `retries` times, waiting backoff * 2**attempt seconds;
-    4xx answers are not retried (resending the same request cannot fix them)."""
+def remote_reward(url: str, token: str, timeout: float = 90.0, retries: int = 2, backoff: float = 0.5) -> RewardFn:
+    """A reward that POSTs each batch to the server at `url` and returns its scores [B] (null -> NaN).
+
+    A request is re-sent (`retries` times, waiting backoff * 2**attempt seconds) only when it cannot have run:
+    the connection was refused or reset, or the answer is 502/503. A request that may still be running on
+    the server is never re-sent: no answer within `timeout` seconds, or 504 (the server's deadline passed),
+    raise RewardTimeout (a timeout: the run stops, or the batch is dropped under reward.on_bad_score=drop).
+    Other 4xx/500 answers raise at once: resending the same request cannot fix them."""
     endpoint = url.rstrip("/") + "/score"
 
     def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
@@ -195,8 +302,11 @@ def remote_reward(url: str, token: str, timeout: float = 30.0, retries: int = 2,
                 time.sleep(backoff * 2 ** (attempt - 1))
             try:
                 with urllib.request.urlopen(request, timeout=timeout) as response:
-                    scores = json.loads(response.read())["scores"]
-                return torch.tensor(scores, dtype=torch.float32, device=images.device)  # [B]
+                    answer = json.loads(response.read())
+                scores, _ = scores_as_floats(answer.get("scores") if isinstance(answer, dict) else None)
+                if scores.numel() != len(prompts):
+                    raise RuntimeError(f"reward server at {url} sent {scores.numel()} scores for {len(prompts)} images")
+                return scores.to(images.device)  # [B]
             except urllib.error.HTTPError as error:
                 try:
                     message = json.loads(error.read()).get("error", "")
@@ -205,44 +315,80 @@ def remote_reward(url: str, token: str, timeout: float = 30.0, retries: int = 2,
                 if error.code == 401:
                     raise RuntimeError(f"reward server at {url} answered 401: {message} "
                                        "(check the token given to remote_reward)") from None
-                if 400 <= error.code < 500:
-                    raise RuntimeError(f"reward server at {url} answered {error.code}: {message}") from None
-                if error.code == 500:  # the reward itself raised: retrying the same batch will not help
-                    raise RuntimeError(f"reward server at {url} answered 500: {message}") from None
-                last_error = error  # 502/503/504: a proxy or a restarting server may recover
-            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as error:
+                if error.code == 504:
+                    raise RewardTimeout(f"timed out on the reward server at {url} (504: {message})") from None
+                if error.code in (502, 503):  # nothing ran: a busy or restarting server may recover
+                    last_error = error
+                    continue
+                raise RuntimeError(f"reward server at {url} answered {error.code}: {message}") from None
+            except (TimeoutError, socket.timeout) as error:  # sent, no answer: it may still be running there
+                raise RewardTimeout(f"got no answer from the reward server at {url} within {timeout:g} s ({error}); "
+                                    "not re-sent, as the server may still be scoring it") from None
+            except urllib.error.URLError as error:  # connecting failed (refused, unreachable): nothing was sent
                 last_error = error
-        raise RuntimeError(f"reward server at {url} is not reachable ({last_error}) after {retries + 1} tries; "
+            except (ConnectionError, http.client.RemoteDisconnected) as error:  # dropped before answering
+                last_error = error
+            except ValueError as error:  # not JSON, or scores that are not numbers
+                raise RuntimeError(f"reward server at {url} sent an unusable answer ({error})") from None
+        raise RuntimeError(f"reward server at {url} is not reachable or busy ({last_error}) after {retries + 1} tries; "
                            f"{SERVE_HINT}")
 
     return reward
 
 
+def _fail(message: str) -> None:
+    """A start-up error: one line on stderr, exit 2."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     """CLI: load a reward by import path and serve it until interrupted."""
-    parser = argparse.ArgumentParser(prog="flowalign-reward-serve", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--reward", required=True, help="import path 'module:name', e.g. flowalign.rewards:jpeg_compressibility")
     parser.add_argument("--kwargs", default="{}", help="JSON object of factory kwargs, e.g. '{\"quality\": 80}'")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 keeps it local")
+    parser.add_argument("--allow-remote", action="store_true",
+                        help="allow a --host other than loopback (plain HTTP: use an SSH tunnel or a TLS proxy)")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--token", default=os.environ.get("FLOWALIGN_REWARD_TOKEN"),
                         help="bearer token (default: $FLOWALIGN_REWARD_TOKEN, else a new random one is printed)")
     parser.add_argument("--max-request-bytes", type=int, default=32 * 2**20)
     parser.add_argument("--max-batch", type=int, default=256)
+    parser.add_argument("--max-connections", type=int, default=16, help="connection threads at most; more get 503")
+    parser.add_argument("--request-timeout-s", type=float, default=60.0,
+                        help="seconds a request may take (lock wait + reward call); past it: 504")
     args = parser.parse_args(argv)
 
-    from flowalign.rewards.plugins import load_reward
-
+    for flag, value in (("--max-connections", args.max_connections), ("--request-timeout-s", args.request_timeout_s),
+                        ("--max-batch", args.max_batch), ("--max-request-bytes", args.max_request_bytes)):
+        if not value > 0:
+            _fail(f"{flag} {value} must be positive")
+    if not is_loopback(args.host) and not args.allow_remote:
+        _fail(f"--host {args.host} is not a loopback address; add --allow-remote to serve other machines "
+              "(plain HTTP: the token and images travel unencrypted)")
     try:
         kwargs = json.loads(args.kwargs)
     except ValueError as error:
-        parser.error(f"--kwargs is not valid JSON ({error}); pass e.g. '{{\"quality\": 80}}'")
-    reward_fn = load_reward(args.reward, kwargs or None)
+        _fail(f"--kwargs is not valid JSON ({error}); pass e.g. '{{\"quality\": 80}}'")
+    if not isinstance(kwargs, dict):
+        _fail(f"--kwargs must be a JSON object, got {type(kwargs).__name__}; pass e.g. '{{\"quality\": 80}}'")
+    try:
+        reward_fn = load_reward(args.reward, kwargs or None)
+    except RewardError as error:
+        _fail(f"--reward: {error}")
     token = args.token or secrets.token_urlsafe(24)
+    try:
+        server, thread = serve(reward_fn, args.host, args.port, token=token, max_request_bytes=args.max_request_bytes,
+                               max_batch=args.max_batch, max_connections=args.max_connections,
+                               request_timeout_s=args.request_timeout_s, allow_remote=args.allow_remote)
+    except OSError as error:  # port in use, address not on this machine, no permission
+        _fail(f"cannot listen on {args.host}:{args.port} ({error.strerror or error}); pick another --port or --host")
+    if not is_loopback(args.host):
+        print(f"{PROG}: warning: serving {args.host} beyond this machine over plain HTTP: the token and images travel "
+              "unencrypted; prefer an SSH tunnel or a TLS proxy", file=sys.stderr, flush=True)
     if not args.token:
         print(f"token (give it to remote_reward or set FLOWALIGN_REWARD_TOKEN): {token}", flush=True)
-    server, thread = serve(reward_fn, args.host, args.port, token=token,
-                           max_request_bytes=args.max_request_bytes, max_batch=args.max_batch)
     host, port = server.server_address[:2]
     print(f"serving {args.reward} at http://{host}:{port}/score", flush=True)
     try:
