@@ -10,7 +10,9 @@ logp = log pi(x), logp_ref = log pi_ref(x) and d = logp_ref - logp:
 Gradients flow through both arguments; detach ``logp_ref`` when the reference is frozen.
 
 ``gaussian_mean_kl`` is the closed form used by flow samplers: two Gaussians with the same
-std and different means (one SDE step of the policy vs. the reference).
+std and different means (one SDE step of the policy vs. the reference). The std passed in decides
+the form: the step's own std gives the exact one-step KL; the official Flow-GRPO code divides by
+sigma_t^2 instead of the step variance sigma_t^2 (-dt) (flowalign.samplers.kl_std chooses).
 """
 
 from __future__ import annotations
