@@ -31,6 +31,10 @@ def raises(prompts, completions, **kwargs):
     raise KeyError("solution")
 
 
+def none_output(prompts, completions, **kwargs):
+    return None
+
+
 def string_for_first(prompts, completions, **kwargs):
     return ["abc"] + [1.0] * (len(completions) - 1)
 
@@ -63,6 +67,7 @@ def release_hung_threads():
     ("none_for_first", "gave None for completion 0"),
     ("too_few", "returned 5 scores for 6 completions"),
     ("raises", "raised KeyError"),
+    ("none_output", "returned NoneType scores for 6 completions"),
     ("string_for_first", "returned a str at position 0 ('abc'), not a number"),
     ("dict_for_first", "returned a dict at position 0 ({'score': 1.0}), not a number"),
     ("huge_for_first", "returned an integer of 401 digits at position 0, too large for a float"),

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowalign.rewards.plugins import RewardError, call_reward, load_reward, scores_as_floats
+from flowalign.rewards.plugins import (RewardError, call_reward, check_rewards_on_dummy_batch, load_reward,
+                                      scores_as_floats, with_deadline)
 from flowalign.train import train
 from tests.test_train_smoke import tiny_config, tiny_pipeline_dir  # noqa: F401  (fixture)
 
@@ -155,6 +156,17 @@ def test_timeout_under_drop_drops_the_batch_and_trains_on(tiny_pipeline_dir, tmp
     assert result["after"] == result["before"]
     assert "did not return within reward.timeout_s=0.5 s" in capsys.readouterr().err
     assert (tmp_path / "run" / "checkpoints" / "step-000002").is_dir()
+
+
+def test_a_timeout_in_the_start_up_check_stops_even_under_drop(release_hung_threads):
+    def loads_forever(images, prompts, metadata):  # a model load that never finishes
+        RELEASE_HUNG.wait(60)
+
+    bounded = load_reward("tests.test_reward_faults:hangs_in_training", timeout_s=0.2)
+    assert bounded.__wrapped__ is hangs_in_training  # load_reward wraps the reward in the deadline
+    with pytest.raises(RewardError, match="'slow' did not return within reward.timeout_s=0.2 s.*raise reward.timeout_s"):
+        check_rewards_on_dummy_batch({"slow": with_deadline(loads_forever, 0.2)}, torch.zeros(2, 3, 2, 2), ["a", "b"],
+                                     allow_nonfinite=True)
 
 
 def test_none_score_is_dropped_under_drop_and_stops_otherwise(tiny_pipeline_dir, tmp_path):  # noqa: F811

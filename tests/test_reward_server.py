@@ -243,6 +243,9 @@ def test_hung_reward_gets_504_once_and_later_requests_are_answered(hanging_serve
     status, answer = _post(url, json.dumps(encode_batch(images, prompts, metadata)).encode())
     assert status == 503 and "still busy with an earlier request after 0.5 s" in answer["error"]
     assert time.perf_counter() - started < 4 and calls == [4]  # the lock was not taken: the reward did not run
+    with pytest.raises(RuntimeError, match="not reachable or busy \\(HTTP Error 503.*after 2 tries"):
+        remote_reward(url, TOKEN, timeout=5, retries=1, backoff=0.01)(images, prompts, metadata)
+    assert len(connections) == 4 and calls == [4]  # 503 means nothing ran, so it is re-sent: 1 + 1 (_post) + 2
     release.set()  # the hung call returns and releases the lock
     time.sleep(0.1)
     scores = remote_reward(url, TOKEN, timeout=5)(images, prompts, metadata)
