@@ -226,3 +226,17 @@ def test_empty_or_relative_module_names_exit_2_through_the_cli(tiny_pipeline_dir
     assert err.startswith(f"config error: config field 'reward.weights': {path!r}")
     with pytest.raises(RewardError, match="reward " + repr(path).replace(".", "\\.")):
         load_reward(path)  # the loader refuses them too (flowalign-score, flowalign-reward-serve)
+
+
+@pytest.mark.parametrize("value, message", [("0", "0.0 must be positive seconds"), ("-1", "-1.0 must be positive"),
+                                            ("abc", "expected float or None, got 'abc'")])
+def test_timeout_must_be_positive_seconds_in_both_front_ends(value, message):
+    from llmalign.config import GRPOConfig
+    from shared.config import ConfigError, load_config
+
+    from flowalign.config import FlowGRPOConfig
+
+    for config_class in (FlowGRPOConfig, GRPOConfig):
+        with pytest.raises(ConfigError, match=f"config field 'reward.timeout_s': {message}"):
+            load_config(config_class, None, [f"reward.timeout_s={value}"])
+        assert load_config(config_class, None, ["reward.timeout_s=5"]).reward.timeout_s == 5.0
