@@ -14,6 +14,7 @@ import torch
 from flowalign import samplers
 from flowalign.train import update_parts
 from shared.checkpoint import latest_checkpoint, load_state
+from shared.ratio_check import METRIC
 from tests.multiproc import run_processes
 
 PROBE = "tests.flow_rank_probe:recording_reward"
@@ -85,6 +86,9 @@ def assert_same_training(one_process, two_processes) -> None:
         assert_relatively_close(statistics(a), statistics(b))
         # the loss nearly cancels (a mean of +-advantage terms of size ~1): compare it on that scale
         assert a.get("train/loss") is None or abs(a["train/loss"] - b["train/loss"]) <= 1e-6
+        # the first update is on-policy on every rank (the logged value is the maximum over the ranks)
+        assert a.get(METRIC, 0.0) < 1e-3 and b.get(METRIC, 0.0) < 1e-3
+    assert all(METRIC in r for r in one[1:] + two[1:])
     w1, w2 = final_weights(one_process), final_weights(two_processes)
     assert w1.keys() == w2.keys() and all("lora_" in name for name in w1)
     # The LoRA as one vector agrees to 1e-5 relative (measured ~1e-6). Tensor by tensor the small LoRA B matrices
