@@ -280,3 +280,40 @@ def test_allow_config_change_sets_the_new_learning_rate_into_the_restored_optimi
     assert json.loads((out / "config.json").read_text())["train"]["learning_rate"] == 0.003
     history = [json.loads(line) for line in (out / "config_changes.jsonl").read_text().splitlines()]
     assert history == [{"iteration": 1, "changes": {"train.learning_rate": [0.1, 0.003]}}]
+
+
+FULL_DISK_SCRIPT = textwrap.dedent("""
+    import errno, json, os, sys
+    import shared.checkpoint
+    from shared.checkpoint import WriteError
+    from shared.run import Run
+    out = sys.argv[1]
+    run = Run(out, resume=False, tag="[test]")
+    run.save_checkpoint(1, {"trainer": {"iteration": 1}}, keep_last=2)
+    def no_space(tensors, filename):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+    shared.checkpoint.save_file = no_space  # only the main process writes; the other must not wait for it forever
+    try:
+        run.save_checkpoint(2, {"trainer": {"iteration": 2}}, keep_last=2)
+        message = None
+    except WriteError as error:
+        message = str(error)
+    with open(f"{out}.rank{run.rank}.json", "w") as handle:
+        json.dump(message, handle)
+    run.close()
+""")
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_checkpoint_write_raises_on_every_rank(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(FULL_DISK_SCRIPT)
+    out = tmp_path / "run"
+    completed = run_processes(2, [str(script), str(out)])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    messages = [json.loads((tmp_path / f"run.rank{rank}.json").read_text()) for rank in (0, 1)]
+    checkpoints = out / "checkpoints"
+    assert messages[0] == messages[1] == (
+        f"cannot write checkpoint {checkpoints / 'step-000002'} (No space left on device: "
+        f"{checkpoints / 'step-000002' / 'trainer.safetensors'}); {checkpoints / 'step-000001'} is intact and "
+        f"--resume starts from it")
