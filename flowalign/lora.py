@@ -3,12 +3,44 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import warnings
 from pathlib import Path
 
 import torch
 
 from shared.checkpoint import load_trainable_state, trainable_state  # noqa: F401 (re-exported)
 from shared.config import ConfigError
+from shared.config import ConfigError
+
+
+def check_lora_targets(pipeline_dir: str | Path, targets: list[str]) -> None:
+    """Refuse LoRA targets that match no module of a local pipeline's transformer, on a weightless (meta-device)
+    copy built from its config.json: a second, where loading the weights first (minutes for FLUX) and failing
+    then would waste them. A hub id, or a class diffusers does not know, is left to make_trainable's check."""
+    import diffusers
+    from accelerate import init_empty_weights
+    from peft import LoraConfig
+
+    config_file = Path(pipeline_dir).expanduser() / "transformer" / "config.json"
+    if not config_file.is_file():
+        return
+    transformer_class = getattr(diffusers, json.loads(config_file.read_text()).get("_class_name", ""), None)
+    if transformer_class is None:
+        return
+    with warnings.catch_warnings(), init_empty_weights():  # meta tensors: no memory, no weights read
+        warnings.simplefilter("ignore")
+        skeleton = transformer_class.from_config(transformer_class.load_config(config_file.parent))
+        try:
+            skeleton.add_adapter(LoraConfig(r=1, lora_alpha=1, target_modules=targets))
+        except ValueError as error:  # peft: no module matches, or one of a kind LoRA cannot wrap
+            raise ConfigError(_targets_message(targets, error)) from None
+
+
+def _targets_message(targets: list[str], error: BaseException) -> str:
+    reason = " ".join(str(error).split())[:200] or "peft"  # peft may print a whole module over many lines
+    return (f"config field 'model.lora_targets': {targets} match no module LoRA can wrap in the transformer "
+            f"({reason}); list attention projection names such as to_q, to_k, to_v")
 
 
 def make_trainable(transformer: torch.nn.Module, lora: bool, rank: int, alpha: int, targets: list[str]) -> list[torch.nn.Parameter]:
@@ -18,17 +50,14 @@ def make_trainable(transformer: torch.nn.Module, lora: bool, rank: int, alpha: i
         from peft import LoraConfig
 
         transformer.requires_grad_(False)
-        hint = "list attention projection names such as to_q, to_k, to_v"
         try:
             transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
                                                target_modules=targets))
         except ValueError as error:  # peft: no module matches (before anything of the run is written)
-            raise ConfigError(f"config field 'model.lora_targets': {targets} match no module of the transformer "
-                              f"({str(error).splitlines()[0] if str(error) else 'peft'}); {hint}") from None
+            raise ConfigError(_targets_message(targets, error)) from None
         params = [p for p in transformer.parameters() if p.requires_grad]
         if not params:
-            raise ConfigError(f"config field 'model.lora_targets': {targets} matched no module of the transformer; "
-                              f"{hint}")
+            raise ConfigError(_targets_message(targets, ValueError("no trainable parameter")))
     else:
         transformer.requires_grad_(True)
         params = list(transformer.parameters())

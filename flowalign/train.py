@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from flowalign import samplers
 from flowalign.adapters import CachedPromptEncoder
 from flowalign.config import EMBEDDED_MODEL, FlowGRPOConfig
-from flowalign.lora import EMA, make_trainable, reference_model, save_lora_for_pipeline
+from flowalign.lora import EMA, check_lora_targets, make_trainable, reference_model, save_lora_for_pipeline
 from flowalign.rewards.plugins import RewardError, call_reward, check_rewards_on_dummy_batch, load_reward
 from flowalign.visuals import save_image_grid
 from shared.advantages import clip_advantages, compose_rewards
@@ -113,6 +113,8 @@ def load_adapter(config: FlowGRPOConfig, device: torch.device):
     adapter_class = {"sd3": adapters.SD3Adapter, "flux": getattr(adapters, "FluxAdapter", None)}[config.model.pipeline]
     if adapter_class is None:
         raise ConfigError("config field 'model.pipeline': the flux adapter is not available in this build; use sd3")
+    if config.model.lora:  # on a weightless copy, before the weights load
+        check_lora_targets(path, config.model.lora_targets)
     remote = {"trust_remote_code": True} if config.model.allow_remote_code else {}  # off unless the config says so
     return adapter_class.from_pretrained(path, dtype=getattr(torch, config.model.dtype), device=device, **remote)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,18 +47,46 @@ def load_policy(config: LMModelConfig, device: torch.device | str = "cpu", field
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere; any id will do
+    if config.lora:
+        check_lora_targets(path, config, remote)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype), **remote).to(device)
     if config.lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=config.lora_targets,
-                          task_type="CAUSAL_LM")
         try:
-            model = get_peft_model(model, lora)
+            model = get_peft_model(model, _lora_config(config))
         except ValueError as error:  # peft: no module of the model matches the targets
-            raise ConfigError(f"config field 'model.lora_targets': {config.lora_targets}: {error}".replace("\n", " ")
-                              ) from None
+            raise ConfigError(_targets_message(config, error)) from None
     return model, tokenizer
+
+
+def _lora_config(config: LMModelConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=config.lora_targets,
+                      task_type="CAUSAL_LM")
+
+
+def _targets_message(config: LMModelConfig, error: BaseException) -> str:
+    reason = " ".join(str(error).split())  # peft may print a whole module over many lines
+    return (f"config field 'model.lora_targets': {config.lora_targets}: {reason[:200]}{'...' if len(reason) > 200 else ''}; "
+            f"name linear layers such as q_proj, v_proj")
+
+
+def check_lora_targets(path: str, config: LMModelConfig, remote: dict) -> None:
+    """Refuse LoRA targets that match no module, on a weightless (meta-device) copy of the model built from its
+    config: a second, where loading the weights first (minutes for a large model) and failing then wastes them."""
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with warnings.catch_warnings(), init_empty_weights():  # meta tensors: no memory, no weights read
+        warnings.simplefilter("ignore")
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, **remote), **remote)
+        try:
+            get_peft_model(skeleton, _lora_config(config))
+        except ValueError as error:  # peft: no module matches, or one of a kind LoRA cannot wrap
+            raise ConfigError(_targets_message(config, error)) from None
 
 
 def enable_gradient_checkpointing(model) -> None:

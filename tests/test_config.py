@@ -107,3 +107,98 @@ def test_a_bare_yaml_no_reads_as_the_literal_no(tmp_path):
     assert load_config(Precision, None, ["mixed_precision=no"]).mixed_precision == "no"
     with pytest.raises(ConfigError, match="'scale': False is not allowed"):
         load_config(Precision, None, ["scale=no"])  # false stays false where 'no' is not a choice
+
+
+# ------------------------------------------------------------------ mapping overrides replace (issue 14, item 9)
+FLOW_YAML = """
+reward:
+  weights:
+    flowalign.rewards:digit_classifier_reward: 1.0
+    flowalign.rewards:jpeg_compressibility: 0.5
+"""
+LLM_YAML = """
+reward:
+  weights: {accuracy: 1.0, format: 0.5}
+  params: {format: {}}
+"""
+
+
+def front_ends():
+    from flowalign.config import FlowGRPOConfig
+    from llmalign.config import GRPOConfig
+
+    jpeg = "flowalign.rewards:jpeg_compressibility"
+    # (recipe, its YAML, a reward of that YAML, a mapping-typed companion field) per front end
+    return [(FlowGRPOConfig, FLOW_YAML, jpeg, "reward.kwargs"), (GRPOConfig, LLM_YAML, "format", "reward.params")]
+
+
+@pytest.mark.parametrize("front_end", [0, 1], ids=["flow", "llm"])
+def test_a_mapping_override_replaces_the_yaml_mapping_in_both_front_ends(front_end, tmp_path):
+    recipe, text, kept, companion = front_ends()[front_end]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    assert len(load_config(recipe, path).reward.weights) == 2  # the YAML's two rewards
+    config = load_config(recipe, path, [f"reward.weights={{{kept}: 3}}", f"{companion}={{}}"])
+    assert config.reward.weights == {kept: 3.0}  # the YAML's other reward is gone, not merged back in
+    with pytest.raises(ConfigError, match="config field 'reward.weights': empty"):  # ={} empties it, not a no-op
+        load_config(recipe, path, ["reward.weights={}"])
+    # a dotted key past the mapping sets one entry (the key may hold dots: a module path) and keeps the others
+    config = load_config(recipe, path, [f"reward.weights.{kept}=2"])
+    assert len(config.reward.weights) == 2 and config.reward.weights[kept] == 2.0
+    # overrides apply in order: replace, then add one entry
+    config = load_config(recipe, path, [f"reward.weights={{{kept}: 1}}", f"{companion}={{}}",
+                                        f"reward.weights.{kept}=4"])
+    assert config.reward.weights == {kept: 4.0}
+
+
+@pytest.mark.parametrize("front_end", [0, 1], ids=["flow", "llm"])
+def test_describe_says_a_mapping_override_replaces_it(front_end):
+    recipe = front_ends()[front_end][0]
+    line = next(line for line in describe(recipe) if line.startswith("reward.weights "))
+    assert "an override replaces the whole mapping (reward.weights={a: 1} keeps a alone, reward.weights={} empties " \
+           "it); reward.weights.KEY=value sets one entry" in line
+    assert not any("replaces the whole mapping" in line for line in describe(recipe)
+                   if line.startswith(("train.", "sampling.")))  # only mapping-typed fields carry the note
+
+
+def test_a_section_override_sets_only_the_fields_it_names(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("optim: {lr: 0.5, betas: [0.1, 0.2]}\nweights: {a: 1, b: 2}\n")
+    config = load_config(Recipe, path, ["optim={lr: 0.25}"])
+    assert config.optim.lr == 0.25 and config.optim.betas == [0.1, 0.2]  # a section merges field by field
+    with pytest.raises(ConfigError, match="'group_size' is a single value, not a section"):
+        load_config(Recipe, path, ["group_size.x=1"])
+    with pytest.raises(ConfigError, match="'optim' is set to a value and used as a section"):
+        load_config(Recipe, path, ["optim=3", "optim.lr=1"])
+
+
+# ------------------------------------------------------------------ YAML that is not what it seems (item 10)
+def test_a_yaml_key_given_twice_is_refused_with_its_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("optim:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(Recipe, path)
+    assert str(info.value) == (f"--config {path}: not valid YAML (line 3: key 'lr' is given twice (first on line 2); "
+                               f"keep one (YAML would silently use the last))")
+    with pytest.raises(ConfigError, match=r"override 'weights=\{a: 1, a: 2\}': value is not valid YAML \(key 'a' is "
+                                          r"given twice"):
+        load_config(Recipe, None, ["weights={a: 1, a: 2}"])
+    path.write_text("base: &base {lr: 0.1}\noptim:\n  <<: *base\n  lr: 0.2\n")  # a merge key may repeat on purpose
+    with pytest.raises(ConfigError, match="unknown config field 'base'"):  # read, then refused for its field alone
+        load_config(Recipe, path)
+
+
+def test_non_utf8_yaml_and_yaml_tags_are_refused(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("group_size: 4  # r\u00e9glage\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(Recipe, path)
+    assert str(info.value) == f"--config {path}: not UTF-8 text (byte 18); save it as UTF-8"
+    path.write_text("group_size: !!python/object/apply:os.getpid []\n")
+    with pytest.raises(ConfigError, match="line 1: could not determine a constructor for the tag"):
+        load_config(Recipe, path)
+
+
+def test_an_integer_too_large_for_a_float_field_is_a_config_error():
+    with pytest.raises(ConfigError, match="config field 'optim.lr': an integer of 401 digits is too large"):
+        load_config(Recipe, None, [f"optim.lr={10**400}"])
