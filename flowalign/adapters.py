@@ -29,11 +29,8 @@ import torch.nn as nn
 
 from shared.config import ConfigError, local_path_problem
 
-from shared.config import ConfigError, local_path_problem
-
 SD3_DEFAULT_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline.__call__'s default T5 length
 SETTINGS_FILE = "flowalign.json"  # optional sidecar in a pipeline directory (the toy writes one)
-PIPELINE_FAMILIES = {"StableDiffusion3": "sd3", "Flux": "flux"}  # model_index.json class-name prefix -> model.pipeline
 PIPELINE_FAMILIES = {"StableDiffusion3": "sd3", "Flux": "flux"}  # model_index.json class-name prefix -> model.pipeline
 
 try:  # newer diffusers take `dtype=` and deprecate `torch_dtype=`; older ones know only the latter
@@ -155,11 +152,6 @@ def _prompts_over_context(pipeline, prompts: list[str], long_text_encoder: str, 
         limit = long_length if name == long_text_encoder else tokenizer.model_max_length
         over += [p for p in prompts if len(tokenizer(p).input_ids) > limit and p not in over]
     return over
-
-
-def _pipeline_family(class_name: str) -> str | None:
-    """'sd3' or 'flux' for a diffusers pipeline class name (StableDiffusion3Pipeline, FluxPipeline, ...)."""
-    return next((family for prefix, family in PIPELINE_FAMILIES.items() if class_name.startswith(prefix)), None)
 
 
 def _pipeline_family(class_name: str) -> str | None:

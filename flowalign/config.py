@@ -211,10 +211,4 @@ class FlowGRPOConfig:
              f"{t.prompts_per_iteration} prompts = {samples} per iteration, over the limit of 2**20; lower it")
         problem = output_dir_problem(self.log.output_dir)
         need(problem is None, "log.output_dir", problem or "")
-        per_prompt, field = (a.num_branches, "algorithm.num_branches") if a.name == "tempflow" else (t.group_size, "train.group_size")
-        samples = t.prompts_per_iteration * per_prompt
-        need(samples <= SAMPLES_PER_ITERATION_LIMIT, field, f"{per_prompt} samples per prompt x "
-             f"{t.prompts_per_iteration} prompts = {samples} per iteration, over the limit of 2**20; lower it")
-        problem = output_dir_problem(self.log.output_dir)
-        need(problem is None, "log.output_dir", problem or "")
         need(self.model.lora_rank >= 1, "model.lora_rank", f"{self.model.lora_rank}; use at least 1")

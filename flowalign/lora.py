@@ -11,7 +11,6 @@ import torch
 
 from shared.checkpoint import load_trainable_state, trainable_state  # noqa: F401 (re-exported)
 from shared.config import ConfigError
-from shared.config import ConfigError
 
 
 def check_lora_targets(pipeline_dir: str | Path, targets: list[str]) -> None:
