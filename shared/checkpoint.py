@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 RUN_LOGS = ("metrics.jsonl", "samples.jsonl", "config_changes.jsonl")  # records keyed by "iteration", trimmed on resume
@@ -99,15 +99,19 @@ class WriteError(RuntimeError):
     names the path; the command lines exit with code 5."""
 
 
+_RUST_IO_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
 def io_failure(error: BaseException) -> str | None:
-    """The operating system's reason when `error` is an I/O failure (an OSError, or safetensors' own error type
-    for one, which it raises instead of OSError), else None."""
+    """The operating system's reason when `error` is an I/O failure, else None: an OSError, or the error of a
+    Rust-backed writer, which raises its own exception type with the system's message and "(os error N)" in it
+    (safetensors: SafetensorError "...I/O error: File too large (os error 27)"; tokenizers, saving tokenizer.json
+    on a full disk here: a plain Exception "No space left on device (os error 28)")."""
     if isinstance(error, OSError):
         reason = os.strerror(error.errno) if error.errno else str(error)
         return f"{reason}: {error.filename}" if error.filename else reason
-    if isinstance(error, SafetensorError) and "I/O error" in str(error):  # "Error while serializing: I/O error: ..."
-        return str(error).split("I/O error:", 1)[1].strip()
-    return None
+    match = _RUST_IO_ERROR.search(str(error))
+    return os.strerror(int(match.group(1))) if match else None
 
 
 def checkpoints_by_step(root: Path) -> list[Path]:
