@@ -409,7 +409,8 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
                     "rewards": {n: v[: t.group_size].tolist() for n, v in scores.items()}},
                    name="samples.jsonl")  # the first group of each iteration (the main process's), to read
         progress.set_postfix(reward=f"{reward_stats['total/mean']:.3f}", length=f"{record['completion/mean_length']:.1f}",
-                             clip=f"{metrics.get('clip_frac', 0):.2f}")
+                             **({"clip": f"{metrics['clip_frac']:.2f}"} if "clip_frac" in metrics else  # DisCO: no clip
+                                {"kl": f"{metrics.get('trust_region_kl', 0):.1e}"}))
 
         # checkpoint
         if run.due(done, config.log.checkpoint_every, last):
