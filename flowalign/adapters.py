@@ -183,7 +183,14 @@ def _load_pipeline(pipeline_class, path_or_hub_id, dtype, device, max_sequence_l
     if max_sequence_length is None:
         max_sequence_length = settings.get("max_sequence_length", default_length)
     kwargs[_DTYPE_KWARG] = dtype
-    pipeline = pipeline_class.from_pretrained(str(path_or_hub_id), **kwargs).to(device)
+    try:
+        pipeline = pipeline_class.from_pretrained(str(path_or_hub_id), **kwargs).to(device)
+    except OSError as error:
+        if Path(path_or_hub_id).expanduser().exists():  # a local directory that fails to read: not a config error
+            raise
+        reason = " ".join(str(error).split())[:300]  # a hub id that is not there, or not cached and offline
+        raise ConfigError(f"config field 'model.path': cannot load {str(path_or_hub_id)!r} ({reason}); give a "
+                          f"pipeline directory or a hub id") from None
     pipeline.set_progress_bar_config(disable=True)
     return pipeline, max_sequence_length
 
