@@ -227,7 +227,8 @@ def test_llm_lora_targets_that_match_nothing_lose_nothing_and_the_retry_runs(tin
     assert json.loads((out / "config.json").read_text())["model"]["lora_targets"] == ["q_proj"]
 
 
-@pytest.mark.parametrize("case", ["model_missing", "adapter_missing", "max_new_tokens_0", "limit_-1", "show_not_an_integer"])
+@pytest.mark.parametrize("case", ["model_missing", "adapter_missing", "max_new_tokens_0", "limit_-1", "show_not_an_integer",
+                                  "pairs_seed_2**32"])
 def test_llm_eval_and_pairs_refusals(case, tiny_lm, tmp_path, capsys):
     data = str(tiny_lm / "test.jsonl")
     missing = tmp_path / "no_such_model"
@@ -245,6 +246,10 @@ def test_llm_eval_and_pairs_refusals(case, tiny_lm, tmp_path, capsys):
                      "llmalign eval: error: argument --limit: -1 is below 1 (see llmalign eval --help)"),
         "show_not_an_integer": (["eval", "--model", str(tiny_lm), "--data", data, "--show", "x"],
                     "llmalign eval: error: argument --show: invalid integer value: 'x' (see llmalign eval --help)"),
+        "pairs_seed_2**32": (["pairs", "--model", str(tiny_lm), "--data", data, "--out", str(tmp_path / "pairs.jsonl"),
+                              "--seed", str(2**32)],
+                             f"llmalign pairs: error: argument --seed: {2**32} is not below {2**32} (see llmalign pairs "
+                             f"--help)"),
     }[case]
     assert refused(llm_main, argv, capsys) == expect
     assert not (tmp_path / "pairs.jsonl").exists()
