@@ -36,7 +36,7 @@ class ConfigError(ValueError):
 
 
 SEED_LIMIT = 2**32  # seeds are in [0, 2**32): the generators seeded from seed * 10**6 + i stay within torch's 64 bits
-SAMPLES_PER_ITERATION_LIMIT = 2**20  # rollout size cap: far above any published recipe, far below an OOM at startup
+SAMPLES_PER_ITERATION_LIMIT = 2**20  # samples per iteration: published recipes use thousands; 10**12 failed allocating
 DICT_OVERRIDE_NOTE = "an override replaces the whole mapping ({name}={{a: 1}} keeps a alone, {name}={{}} empties it); {name}.KEY=value sets one entry"
 
 
