@@ -180,7 +180,8 @@ def test_config_changes_are_listed_by_dotted_field_name():
     from shared.run import changeable_on_resume, config_changes, describe_changes
 
     old = {"train": {"lr": 0.1, "betas": (0.9, 0.99)}, "reward": {"weights": {"a": 1.0, "b": 2.0}}, "log": {"dir": "x"}}
-    new = {"train": {"lr": 0.01, "betas": [0.9, 0.99]}, "reward": {"weights": {"a": 1.0, "c": 0.5}}, "log": {"dir": "y"}}
+    new = {"train": {"lr": 0.01, "betas": [0.9, 0.99]}, "reward": {"weights": {"a": 1.0, "c": 0.5}},
+           "log": {"dir": "y"}}
     assert config_changes(old, new) == {"train.lr": (0.1, 0.01), "reward.weights.b": (2.0, "<absent>"),
                                         "reward.weights.c": ("<absent>", 0.5), "log.dir": ("x", "y")}
     assert config_changes(old, old) == {}
