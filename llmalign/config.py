@@ -93,7 +93,8 @@ class LMAlgorithmConfig:
     filter_zero_std: bool = option(False, "drop groups whose rewards are all equal (DAPO dynamic-sampling filter)")
     shared_prefix: bool = option(False, "Prefix Grouper: encode each prompt once per group in the training forward")
     disco_tau: float = option(10.0, "disco: temperature of the log-sum-exp over wrong answers")
-    disco_delta: float = option(1e-4, "disco: KL(old || new) budget of the squared-hinge constraint")
+    disco_delta: float = option(1e-4, "disco: budget of the trust region KL(old || new), the token mean of logp_old - "
+                                "logp over every kept completion of an optimizer step")
     disco_penalty: float = option(1e3, "disco: weight beta of the squared hinge (beta/2) max(KL - delta, 0)^2")
     disco_score: Literal["log_likelihood", "likelihood_ratio"] = option(
         "log_likelihood", "disco: score of a completion, mean token log-prob or mean token ratio")
