@@ -238,7 +238,8 @@ def update(run: Run, config: GRPOConfig, model, optimizer, reference, rollout: R
                         first_step_deviation = torch.maximum(first_step_deviation,
                                                              ratio_deviation(logp, old[rows], mask[rows]))
                     if hinge_needs_kl and len(micro) == 1:  # the step's KL from this forward itself
-                        step["kl"] = trust_region_kl(run, step, float(disco_kl_sum(logp.detach(), old[rows], mask[rows])))
+                        local = float(disco_kl_sum(logp.detach(), old[rows], mask[rows]))
+                        step["kl"] = trust_region_kl(run, step, local)
                     loss, metrics = micro_batch_loss(config, logp, old[rows], ref[rows] if ref is not None else None,
                                                      advantages[rows], mask[rows], correct[rows], group_ids[rows], step)
                     if failure is None and not torch.isfinite(loss):
