@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flowalign.rewards.plugins import RewardTimeout, scores_as_floats, with_deadline
+from shared.reward_calls import RewardTimeout, scores_as_floats, with_deadline
 from llmalign.config import GRPOConfig
 from llmalign.data import iteration_rows, load_rows, micro_batches, render_prompt, tokenize_prompts
 from llmalign.evaluate import Rollout, describe_held_out, generate, held_out_metrics

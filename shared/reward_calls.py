@@ -1,0 +1,130 @@
+"""Calling a user's reward safely, for both front ends: a deadline on each call, and its output as floats.
+
+A reward that does not return within `reward.timeout_s`, or returns something that is not numbers, is a reward
+failure; each front end names the reward and stops the run (exit 3) or, under its drop policy, drops the batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+import threading
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+class RewardError(RuntimeError):
+    """A reward misbehaved; the message names the reward and what it did."""
+
+
+class RewardTimeout(RewardError):
+    """A reward call did not return within its deadline; the call is left running in an abandoned thread."""
+
+
+def import_path_problem(path: str) -> str | None:
+    """Why `path` is not a 'package.module:name' import path (empty or relative module, no name), or None."""
+    module_name, colon, attribute = path.partition(":")
+    if not colon or not attribute:
+        return f"{path!r} is not 'module:name'; e.g. flowalign.rewards:jpeg_compressibility"
+    if not all(part.isidentifier() for part in module_name.split(".")):  # refuses '', '.', '.x', 'a..b'
+        return (f"{path!r} has module name {module_name!r}, not an absolute dotted module name; "
+                "write the full package path, e.g. my_pkg.rewards:brightness")
+    return None
+
+
+def call_with_deadline(fn: Callable, args: tuple = (), kwargs: dict | None = None,
+                       timeout_s: float | None = None) -> Any:
+    """fn(*args, **kwargs), or RewardTimeout when it has not returned within `timeout_s` seconds (None: no limit).
+
+    The call runs in a daemon thread so that the caller can stop waiting. Python cannot kill a thread: a call
+    that hangs is abandoned, still running and holding what it holds (a model, a lock, a socket), until it
+    returns or the process exits; a later call starts a new thread beside it. The caller then stops the run
+    (exit 3) or, under reward.on_bad_score=drop, drops the batch. torch's grad mode, inference mode and current
+    CUDA device are per thread, so the caller's are set in the new thread."""
+    kwargs = kwargs or {}
+    if timeout_s is None:
+        return fn(*args, **kwargs)
+    outcome: dict[str, Any] = {}
+    finished = threading.Event()
+    grad_enabled, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    cuda_device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def run() -> None:
+        try:
+            if cuda_device is not None:
+                torch.cuda.set_device(cuda_device)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad_enabled):
+                outcome["value"] = fn(*args, **kwargs)
+        except BaseException as error:  # handed to the waiting caller, raised there
+            outcome["error"] = error
+        finally:
+            finished.set()
+
+    threading.Thread(target=run, name=f"reward-call-{getattr(fn, '__name__', 'reward')}", daemon=True).start()
+    if not finished.wait(timeout_s):
+        raise RewardTimeout(f"did not return within reward.timeout_s={timeout_s:g} s; its thread is abandoned, "
+                            "still running")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def with_deadline(fn: Callable, timeout_s: float | None) -> Callable:
+    """`fn` whose every call runs under `call_with_deadline(..., timeout_s)`; `fn` itself when timeout_s is None."""
+    if timeout_s is None:
+        return fn
+
+    @functools.wraps(fn)
+    def bounded(*args, **kwargs):
+        return call_with_deadline(fn, args, kwargs, timeout_s)
+
+    return bounded
+
+
+def _as_float(value: Any, position: int) -> float:
+    """One score as a Python float (None -> NaN); ValueError naming the position for anything else."""
+    if value is None:
+        return math.nan
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.size == 1 if isinstance(value, np.ndarray) else (
+            isinstance(value, torch.Tensor) and value.numel() == 1):
+        value = value.item()
+    if not isinstance(value, numbers.Real):
+        shown = repr(value)
+        raise ValueError(f"returned a {type(value).__name__} at position {position} "
+                         f"({shown[:40] + '...' if len(shown) > 40 else shown}), not a number")
+    try:
+        return float(value)
+    except OverflowError:
+        digits = len(str(abs(int(value)))) if isinstance(value, numbers.Integral) else None
+        size = f"an integer of {digits} digits" if digits else repr(value)[:40]
+        raise ValueError(f"returned {size} at position {position}, too large for a float") from None
+
+
+def scores_as_floats(values: Any) -> tuple[torch.Tensor, list[int]]:
+    """A reward's output as float32 scores [B] and the positions that were None (NaN in the tensor).
+
+    Accepted: a tensor or numpy array of numbers (flattened), a list/tuple of numbers, None or one-element
+    tensors, or a single number. Anything else (None as the whole output, str, dict, an integer too large for a
+    float, a complex or object array) raises ValueError saying what came back; the caller names the reward."""
+    if isinstance(values, torch.Tensor):
+        if values.is_complex():
+            raise ValueError(f"returned a tensor of dtype {values.dtype}, not real numbers")
+        return values.detach().to("cpu", torch.float32).flatten(), []  # [B]
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind not in "biuf":
+            raise ValueError(f"returned a numpy array of dtype {values.dtype}, not real numbers")
+        return torch.from_numpy(values.astype(np.float32).reshape(-1)), []  # [B]
+    if isinstance(values, (list, tuple)):
+        floats = [_as_float(value, i) for i, value in enumerate(values)]
+        missing = [i for i, value in enumerate(values) if value is None]
+        return torch.tensor(floats, dtype=torch.float32), missing  # [B]; float64 beyond 3.4e38 -> inf, caught later
+    if isinstance(values, numbers.Real) and not isinstance(values, bool):
+        return torch.tensor([_as_float(values, 0)], dtype=torch.float32), []  # [1]
+    if values is None:
+        raise ValueError("returned None, not one score per image")
+    shown = repr(values)
+    raise ValueError(f"returned a {type(values).__name__} ({shown[:40] + '...' if len(shown) > 40 else shown}), "
+                     "not a list or tensor of numbers")
