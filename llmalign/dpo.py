@@ -277,7 +277,7 @@ def load_guidance_model(config: DPOConfig, vocab_size: int, device: torch.device
         base, _ = load_policy(replace(config.model, lora=False), device)
         guide = PeftModel.from_pretrained(base, path)
     else:
-        guide, _ = load_policy(replace(config.model, path=path, lora=False), device)
+        guide, _ = load_policy(replace(config.model, path=path, lora=False), device, field="algorithm.guidance_model")
     size = guide.get_input_embeddings().num_embeddings
     if size != vocab_size:
         raise ConfigError(f"config field 'algorithm.guidance_model': {path} has a vocabulary of {size} tokens but "
