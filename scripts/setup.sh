@@ -12,4 +12,4 @@ PY="$VENV/bin/python"
 "$PY" -m pip install --quiet -c constraints.txt -e ".[dev]"
 # torchvision from PyPI is a CUDA build; this hook lets it import beside CPU torch (README, "torchvision").
 "$PY" scripts/torchvision_cpu_hook.py --install
-"$PY" -c "import shared, flowalign, llmalign, open_clip, diffusers, transformers, peft; print('environment ready')"
+"$PY" -c "import shared, flowalign, llmalign, open_clip, diffusers, transformers, peft, math_verify; print('environment ready')"
