@@ -36,9 +36,17 @@ Formulas (L = completion length in tokens, "correct" = answers_match(extract_ans
 from __future__ import annotations
 
 import importlib
+import json
 import math
+import os
 import re
+import select
+import subprocess
+import sys
+import threading
+import time
 from fractions import Fraction
+from pathlib import Path
 from typing import Any, Callable
 
 __all__ = [
@@ -176,21 +184,157 @@ def _to_fraction(s: str) -> Fraction | None:
     return -num / den if sign else num / den
 
 
-def answers_match(predicted: str | None, reference: Any) -> bool:
-    """Whether a predicted answer equals the reference (int, float or str).
-
-    Both sides are normalised (spacing, `$...$`, trailing '.', leading '+', `\\boxed{}` wrappers).
-    When both parse as numbers (thousands separators, decimals, `a/b`, `\\frac{a}{b}`) they are
-    compared exactly as fractions.Fraction: "0.5" == "1/2" == "\\frac{1}{2}", "16" == "16.0".
-    Otherwise the normalised strings are compared case-insensitively. None never matches.
-    """
-    if predicted is None or reference is None:
-        return False
-    pred, ref = _normalise(predicted), _normalise(reference)
+def _exact_match(pred: str, ref: str) -> bool:
+    """The exact checks: equal as fractions.Fraction when both are plain numbers (thousands separators,
+    decimals, `a/b`, `\\frac{a}{b}`), else equal as normalised strings, case-insensitively."""
     pred_num, ref_num = _to_fraction(pred), _to_fraction(ref)
     if pred_num is not None and ref_num is not None:
         return pred_num == ref_num
     return pred.lower() == ref.lower()
+
+
+VERIFY_TIMEOUT_S = 5
+"""Seconds math-verify may spend parsing one answer or comparing one pair (its own default); past it the pair does
+not match. An int: math-verify's timeout is signal.alarm, which counts whole seconds."""
+
+_WORDS = re.compile(r"[^\W\d_]{2,}")  # "Paris", "NewYork" (normalised): text, not a product of symbols
+_BARE_PERCENT = re.compile(r"(?<!\\)%")
+_MATH_DELIMITERS = ("$", r"\(", r"\[", r"\boxed")
+
+
+def _as_latex(answer: str) -> str:
+    """An answer math-verify's LaTeX extraction reads: inside `$...$` unless it carries its own delimiters
+    (bare `\\{1,2\\}` or `(1,2]` are not found outside math mode), with a bare '%' escaped: in LaTeX it starts
+    a comment, so `$12.5%$` would lose its closing '$'."""
+    if any(mark in answer for mark in _MATH_DELIMITERS):
+        return answer
+    return "$" + _BARE_PERCENT.sub(r"\\%", answer) + "$"
+
+
+def _math_verify_match(reference: str, predicted: str, timeout_s: int | None) -> bool:
+    """math_verify.verify(parse(reference), parse(predicted)); False when either side does not parse, or a
+    parse or comparison takes more than timeout_s seconds (math-verify's signal.alarm timeout: main thread only;
+    None turns it off). math-verify returns [] / False for its own errors; anything that still escapes is False."""
+    from math_verify import parse, verify  # imported here: sympy takes a second, and only the checker needs it
+
+    try:
+        gold = parse(_as_latex(reference), parsing_timeout=timeout_s)
+        guess = parse(_as_latex(predicted), parsing_timeout=timeout_s)
+        return bool(gold and guess and verify(gold, guess, timeout_seconds=timeout_s))
+    except Exception:  # sympy can raise on exotic input (RecursionError on deep nesting, among others)
+        return False
+
+
+def verifier_main() -> None:
+    """The verification child (`python -c "from llmalign.rewards import verifier_main; verifier_main()"`): reads
+    JSON lines [reference, predicted, timeout_s] on stdin and writes one JSON line true/false each, running
+    math-verify on its own main thread, where its signal timeouts work. Ends when stdin closes."""
+    from math_verify import parse  # noqa: F401  (imported before "ready": the parent's per-pair wait excludes it)
+
+    protocol, sys.stdout = sys.stdout, sys.stderr  # a library's print cannot corrupt the answers on stdout
+    protocol.write('"ready"\n')
+    protocol.flush()
+    for line in sys.stdin:
+        reference, predicted, timeout_s = json.loads(line)
+        protocol.write(json.dumps(_math_verify_match(reference, predicted, timeout_s)) + "\n")
+        protocol.flush()
+
+
+_VERIFIER_START_S = 120.0  # the child imports sympy and math-verify; slow on a busy CPU
+_verifier_lock = threading.Lock()
+_verifier: list = []  # [Popen, bytes read but not yet consumed] of this process's verification child, once started
+
+
+def _child_wait_s(timeout_s: int) -> float:
+    """How long the parent waits for one pair: two parses and a comparison, each bounded by timeout_s, plus 1 s."""
+    return 3 * timeout_s + 1.0
+
+
+def _read_line(process: subprocess.Popen, pending: list, seconds: float) -> Any:
+    """The next JSON line of the child's stdout, or None when none is complete within `seconds` (or it closed)."""
+    deadline = time.monotonic() + seconds
+    fd = process.stdout.fileno()
+    while b"\n" not in pending[0]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            return None
+        chunk = os.read(fd, 65536)
+        if not chunk:  # the child exited
+            return None
+        pending[0] += chunk
+    line, pending[0] = pending[0].split(b"\n", 1)
+    return json.loads(line)
+
+
+def _stop_verifier() -> None:
+    if _verifier:
+        _verifier[0].kill()
+        _verifier[0].wait()
+        _verifier.clear()
+
+
+def _verify_in_child(reference: str, predicted: str, timeout_s: int) -> bool:
+    """_math_verify_match in a long-lived child process, for callers off the main thread (a reward under
+    reward.timeout_s runs in a deadline thread, where signal.alarm is refused). The child runs math-verify's
+    signal timeouts on its own main thread; should a pair still not come back within 3 timeouts (two parses and
+    a comparison) plus a second, e.g. stuck in C code that no signal interrupts, the child is killed, the pair
+    does not match, and the next pair starts a new child. A plain subprocess, not multiprocessing: a daemonic
+    multiprocessing worker may not start multiprocessing children, but may start this one."""
+    with _verifier_lock:  # one pair at a time through the one pipe
+        if not _verifier or _verifier[0].poll() is not None:
+            package_root = str(Path(__file__).resolve().parent.parent)  # so the child imports this llmalign
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
+                                                                               os.environ.get("PYTHONPATH")]))}
+            process = subprocess.Popen(
+                [sys.executable, "-c", "from llmalign.rewards import verifier_main; verifier_main()"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            _verifier[:] = [process, [b""]]
+            if _read_line(process, _verifier[1], _VERIFIER_START_S) != "ready":
+                _stop_verifier()
+                raise RuntimeError(f"the answer-verification process did not start within {_VERIFIER_START_S:g} s")
+        process, pending = _verifier
+        try:
+            process.stdin.write((json.dumps([reference, predicted, timeout_s]) + "\n").encode())
+            process.stdin.flush()
+            verdict = _read_line(process, pending, _child_wait_s(timeout_s))
+        except (BrokenPipeError, OSError, ValueError):  # the child died (e.g. out of memory)
+            verdict = None
+        if verdict is None:
+            _stop_verifier()
+            return False
+        return bool(verdict)
+
+
+def _verify(reference: str, predicted: str, timeout_s: int | None) -> bool:
+    """_math_verify_match with a timeout wherever it is called: math-verify's own on the main thread (also a
+    multiprocessing worker's); off it, in the verification child."""
+    if timeout_s is None or threading.current_thread() is threading.main_thread():
+        return _math_verify_match(reference, predicted, timeout_s)
+    return _verify_in_child(reference, predicted, timeout_s)
+
+
+def answers_match(predicted: str | None, reference: Any, timeout_s: int | None = None) -> bool:
+    """Whether a predicted answer equals the reference (int, float or str).
+
+    1. Both sides normalised (spacing, `$...$`, trailing '.', leading '+', `\\boxed{}`/`\\text{}` wrappers):
+       equal exact numbers ("0.5" == "1/2" == "\\frac{1}{2}", "16" == "16.0") or equal strings ignoring case
+       match without further work.
+    2. Otherwise math-verify decides (`math_verify.verify(parse(reference), parse(predicted))`, each side read
+       as LaTeX: `$...$` added when it has no delimiters): sets in any order (`\\{1,2\\}` == `\\{2,1\\}`),
+       intervals, `50\\%` == 0.5, `\\sqrt{8}` == `2\\sqrt{2}`, `5\\text{ cm}` == 5, decimals rounded to 6
+       places. A side that is only words ("Paris", "New York") is not handed to it: math-verify would read
+       letters as a product of symbols, so "Sirap" would equal "Paris".
+    timeout_s: seconds per math-verify parse or comparison, past which the pair does not match (None: the
+    module's VERIFY_TIMEOUT_S). None never matches.
+    """
+    if predicted is None or reference is None:
+        return False
+    pred, ref = _normalise(predicted), _normalise(reference)
+    if _exact_match(pred, ref):
+        return True
+    if not pred or not ref or _WORDS.fullmatch(pred) or _WORDS.fullmatch(ref):
+        return False
+    return _verify(str(reference), str(predicted), VERIFY_TIMEOUT_S if timeout_s is None else timeout_s)
 
 
 # ----------------------------------------------------------------------------------------------

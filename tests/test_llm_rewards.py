@@ -2,6 +2,9 @@
 overlong, GRPO-lambda, length-budget curriculum, and the name/import-path registry."""
 
 import math
+import multiprocessing
+import threading
+import time
 
 import pytest
 
@@ -18,6 +21,7 @@ from llmalign.rewards import (
     make_length_budget_reward,
     make_soft_overlong_reward,
 )
+from shared.reward_calls import call_with_deadline
 
 # User rewards for build_reward's import-path form ("tests.test_llm_rewards:...").
 
@@ -86,6 +90,7 @@ def test_extract_answer(text, expected):
     ("1,000", 1000), ("$1,000$", "1000"), (r"-\frac{3}{4}", -0.75), ("-3/4", "-0.75"),
     (r"\boxed{7}", 7), ("0.1", 0.1),                       # float reference compared via str(0.1) = "0.1"
     ("x + 1", "x+1"), ("Paris", "paris"), (r"\text{Paris}", "Paris"),
+    ("12 apples", 12),  # did not match before math-verify, which drops a unit word after a number ("5 cm" is 5)
 ])
 def test_answers_match_equal(predicted, reference):
     assert answers_match(predicted, reference)
@@ -93,7 +98,7 @@ def test_answers_match_equal(predicted, reference):
 
 @pytest.mark.parametrize("predicted, reference", [
     ("2", 3), ("0.333", "1/3"),             # exact Fraction, no tolerance
-    (None, 1), ("", "0"), ("12 apples", 12), ("1/0", "0"), ("1,2", "12"),
+    (None, 1), ("", "0"), ("1/0", "0"), ("1,2", "12"),
     ("x+2", "x+1"),
 ])
 def test_answers_match_different(predicted, reference):
@@ -114,6 +119,144 @@ def test_accuracy_reward_scores_markdown_answers():
     # both scored 0 before: the bold markers stayed glued to the number ("**7", "7**")
     completions = ["The answer is: **7**", "The answer is **7**.", "The answer is **8**."]
     assert accuracy_reward([""] * 3, completions, answer=[7, "7", 7]) == [1.0, 1.0, 0.0]
+
+
+# (completion, reference answer, accuracy): what math-verify adds to the exact checks, and what it must refuse.
+MATH_VERIFY_CASES = [
+    # LaTeX fractions
+    (r"so \boxed{\frac{3}{4}}", "0.75", 1.0),
+    (r"\boxed{\dfrac{3}{4}}", r"\frac{3}{4}", 1.0),
+    (r"The answer is $\frac{6}{8}$", r"\frac34", 1.0),
+    (r"\boxed{-\frac{1}{3}}", "-1/3", 1.0),
+    (r"\boxed{\frac{2}{3}}", "0.6667", 0.0),
+    (r"\boxed{\tfrac{1}{2}}", "1/2", 1.0),
+    (r"\boxed{\frac{1}{3}}", r"\frac{1}{4}", 0.0),
+    # boxed with nested braces
+    (r"\boxed{\frac{\sqrt{3}}{2}}", r"\frac{\sqrt{3}}{2}", 1.0),
+    (r"\boxed{2^{\frac{1}{2}}}", r"\sqrt{2}", 1.0),
+    (r"\boxed{\sqrt{8}}", r"2\sqrt{2}", 1.0),
+    (r"\boxed{\frac{1}{\sqrt{2}}}", r"\frac{\sqrt{2}}{2}", 1.0),
+    (r"\boxed{{x}^{2}}", "x^2", 1.0),
+    (r"\boxed{\frac{\pi}{4}}", r"\frac{\pi}{2}", 0.0),
+    # sets
+    (r"\boxed{\{1,2,3\}}", r"\{3,2,1\}", 1.0),
+    (r"The answer is $\{-1, 4\}$", r"\{4,-1\}", 1.0),
+    (r"\boxed{\{1,2\}}", r"\{1,3\}", 0.0),
+    (r"\boxed{\{1,2\}}", r"\{1,2,3\}", 0.0),
+    # intervals
+    (r"\boxed{(1,2]}", "(1, 2]", 1.0),
+    (r"\boxed{[0, \infty)}", r"[0,\infty)", 1.0),
+    (r"\boxed{(1,2)}", "(1,2]", 0.0),
+    (r"\boxed{(-\infty, 3)}", r"(-\infty,3]", 0.0),
+    # percentages
+    (r"\boxed{50\%}", "50", 1.0),
+    (r"The answer is 12.5%", "0.125", 1.0),  # a bare % is escaped before parsing: it starts a LaTeX comment
+    (r"\boxed{25\%}", "30", 0.0),
+    # units
+    (r"\boxed{5\text{ cm}}", "5", 1.0),
+    (r"The answer is 12 cm.", "12", 1.0),
+    (r"\boxed{7 \text{ meters}}", "8", 0.0),
+    # negative numbers
+    (r"\boxed{-3}", "-3", 1.0),
+    ("so x = -3. The answer is -3", "-3", 1.0),
+    (r"\boxed{-3}", "3", 0.0),
+    ("<answer>-0.5</answer>", r"-\frac{1}{2}", 1.0),
+    (r"\boxed{3}", "-3", 0.0),
+    # plain integers
+    ("<answer>42</answer>", 42, 1.0),
+    ("The answer is **1,000**.", 1000, 1.0),
+    ("5 + 7 = 12", 12, 1.0),
+    ("<answer>41</answer>", 42, 0.0),
+    (r"\boxed{100}", "1000", 0.0),
+    # expressions and equations
+    (r"\boxed{(x+1)^2}", "x^2+2x+1", 1.0),
+    (r"\boxed{x = 3}", "3", 1.0),
+    (r"\boxed{2x+1}", "2x-1", 0.0),
+    # wrong or missing answers
+    ("no idea", "7", 0.0),
+    ("", "7", 0.0),
+    (r"\boxed{Sirap}", "Paris", 0.0),
+    (r"\boxed{\text{Paris}}", "paris", 1.0),
+    (r"\boxed{0.333}", "1/3", 0.0),
+]
+
+
+@pytest.mark.parametrize("completion, reference, expected", MATH_VERIFY_CASES)
+def test_accuracy_reward_math_verify_table(completion, reference, expected):
+    assert accuracy_reward([""], [completion], answer=[reference]) == [expected]
+
+
+def test_math_verify_table_size():
+    assert len(MATH_VERIFY_CASES) >= 40 and sum(score == 0.0 for *_, score in MATH_VERIFY_CASES) >= 15
+
+
+# A comparison sympy cannot finish: 2^(2^100) has about 4e29 digits. (completion, reference) pairs of one batch.
+HANG = (r"\boxed{2^{2^{100}}}", "1")
+SET = (r"\boxed{\{2,1\}}", r"\{1,2\}")
+WRONG_SET = (r"\boxed{\{2,3\}}", r"\{1,2\}")
+
+
+def _score_batch(pairs, timeout_s=1):
+    """accuracy_reward on (completion, reference) pairs with math-verify's timeout at timeout_s, and its seconds."""
+    import llmalign.rewards as rewards
+
+    previous, rewards.VERIFY_TIMEOUT_S = rewards.VERIFY_TIMEOUT_S, timeout_s
+    start = time.monotonic()
+    try:
+        scores = accuracy_reward([""] * len(pairs), [c for c, _ in pairs], answer=[a for _, a in pairs])
+    finally:
+        rewards.VERIFY_TIMEOUT_S = previous
+    return scores, time.monotonic() - start
+
+
+def _score_in_thread(pairs):
+    """_score_batch run in a fresh thread (as under reward.timeout_s), from wherever this is called."""
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.update(result=_score_batch(pairs)))
+    worker.start()
+    worker.join()
+    return outcome["result"]
+
+
+def test_accuracy_timeout_on_the_main_thread():
+    scores, seconds = _score_batch([HANG, SET, WRONG_SET])
+    assert scores == [0.0, 1.0, 0.0] and seconds < 10  # math-verify's own signal.alarm stops the comparison at 1 s
+
+
+def test_accuracy_timeout_off_the_main_thread():
+    # math-verify's signal.alarm is refused off the main thread; the verification child applies it instead
+    for _ in range(2):  # the second call reuses the child
+        scores, seconds = _score_in_thread([HANG, SET, WRONG_SET])
+        assert scores == [0.0, 1.0, 0.0] and seconds < 60  # 60: the first call starts the child (imports sympy)
+    scores, _ = call_with_deadline(_score_batch, ([SET, HANG],), timeout_s=120)  # the trainer's deadline thread
+    assert scores == [1.0, 0.0]
+
+
+def test_accuracy_child_killed_when_it_overruns(monkeypatch):
+    import llmalign.rewards as rewards
+
+    _score_in_thread([SET])  # a running child
+    first_child = rewards._verifier[0]
+    # the parent waits 0.2 s per pair, less than the child's 1 s signal timeout: as for a pair stuck in C code
+    monkeypatch.setattr("llmalign.rewards._child_wait_s", lambda timeout_s: 0.2)
+    scores, _ = _score_in_thread([HANG])
+    assert scores == [0.0] and first_child.poll() is not None  # killed
+    monkeypatch.undo()
+    scores, _ = _score_in_thread([SET, WRONG_SET])  # a new child answers
+    assert scores == [1.0, 0.0] and rewards._verifier[0].pid != first_child.pid
+
+
+def _score_in_pool_worker(on_thread):
+    return _score_in_thread([HANG, SET, WRONG_SET]) if on_thread else _score_batch([HANG, SET, WRONG_SET])
+
+
+def test_accuracy_timeout_under_multiprocessing():
+    # a Pool worker is daemonic (it may not start multiprocessing children); its main thread uses the signal
+    # timeout, a thread inside it the verification child (a plain subprocess)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        for on_thread in (False, True):
+            scores, seconds = pool.apply(_score_in_pool_worker, (on_thread,))
+            assert scores == [0.0, 1.0, 0.0] and seconds < 60
 
 
 def test_accuracy_reward_errors_name_the_answer_column():
