@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Literal, Optional
 
 from shared.config import SAMPLES_PER_ITERATION_LIMIT, SEED_LIMIT, ConfigError, option, output_dir_problem
+from shared.trackers import TrackerName, report_to_problem
 
 EMBEDDED_MODEL = "embedded:digits"  # the project's own tiny SD3 pipeline, built and cached on first use
 
@@ -139,6 +140,10 @@ class FlowGRPOConfig:
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    report_to: list[TrackerName] = option(
+        [], "experiment trackers the main process also logs to (metrics, images, sample tables; README, Trackers), "
+            "each a pip extra imported only when named: tensorboard (the tested one), wandb, trackio, mlflow; e.g. "
+            "[tensorboard] after pip install 'flowalign[tensorboard]'. [] (default): metrics.jsonl alone")
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
 
@@ -212,3 +217,5 @@ class FlowGRPOConfig:
         problem = output_dir_problem(self.log.output_dir)
         need(problem is None, "log.output_dir", problem or "")
         need(self.model.lora_rank >= 1, "model.lora_rank", f"{self.model.lora_rank}; use at least 1")
+        problem = report_to_problem(self.log.report_to)
+        need(problem is None, "log.report_to", problem or "")

@@ -406,7 +406,7 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
     t, s, a = config.train, config.sampling, config.algorithm
     train_prompts, eval_prompts = read_prompts(config)
     run = Run(config.log.output_dir, resume, tag="[flowalign]", mixed_precision=t.mixed_precision, config=config,
-              allow_config_change=allow_config_change)
+              allow_config_change=allow_config_change, trackers=config.log.report_to)
     run.require_divisible(t.prompts_per_iteration, "train.prompts_per_iteration", "prompts")  # before the model loads
 
     # setup: model, trainable parameters, optimizer, rewards, prompt embeddings
@@ -479,6 +479,7 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
         local_prompts = prompts[block.start:block.stop]
         jobs, reward_seconds = [], [0.0]
 
+        run.log_image("eval/images", run.out / "images" / "iter-000000.png", step=0)  # to the trackers that take one
         def score_chunk(final_chunk, chunk_prompt_index, chunk_sample_id):
             started_chunk = time.perf_counter()
             images = adapter.decode(final_chunk)  # [c, 3, H, W]
@@ -582,6 +583,7 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
     run.print(f"metrics {run.out / 'metrics.jsonl'}, curve {run.out / 'reward_curve.png'}, images {run.out / 'images'}")
     run.close()
     return {"before": history.get("before"), "after": final_eval}
+            run.log_image("eval/images", run.out / "images" / f"iter-{done:06d}.png", step=done)
 
 
 def save_training_checkpoint(config, run: Run, adapter, optimizer, ema, iteration: int) -> None:

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any, Literal, Optional
 
 from shared.config import SAMPLES_PER_ITERATION_LIMIT, SEED_LIMIT, ConfigError, option, output_dir_problem
+from shared.trackers import TrackerName, report_to_problem
 
 EMBEDDED_MODEL = "embedded:arith"  # the project's own tiny Qwen2 arithmetic model, built and cached on first use
 
@@ -205,6 +206,10 @@ class LMLogConfig:
     eval_every: int = option(0, "evaluate held-out accuracy every N iterations (0 = only at start and end)")
     checkpoint_every: int = option(20, "checkpoint every N iterations (0 = only at the end)")
     keep_last: int = option(2, "checkpoints kept on disk")
+    report_to: list[TrackerName] = option(
+        [], "experiment trackers the main process also logs to (metrics, images, sample tables; README, Trackers), "
+            "each a pip extra imported only when named: tensorboard (the tested one), wandb, trackio, mlflow; e.g. "
+            "[tensorboard] after pip install 'flowalign[tensorboard]'. [] (default): metrics.jsonl alone")
 
     def check(self) -> None:
         need(self.eval_every >= 0, "log.eval_every", f"{self.eval_every} must be >= 0 (0 = start and end only)")
@@ -212,6 +217,8 @@ class LMLogConfig:
         need(self.keep_last >= 1, "log.keep_last", f"{self.keep_last}; keep at least 1 checkpoint")
         problem = output_dir_problem(self.output_dir)
         need(problem is None, "log.output_dir", problem or "")
+        problem = report_to_problem(self.report_to)
+        need(problem is None, "log.report_to", problem or "")
 
 
 @dataclasses.dataclass

@@ -416,7 +416,7 @@ def learning_rate(config: DPOConfig, step: int) -> float:
 def train(config: DPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
     t, a, d = config.train, config.algorithm, config.data
     run = Run(config.log.output_dir, resume, tag="[llmalign]", mixed_precision=t.mixed_precision, config=config,
-              allow_config_change=allow_config_change)
+              allow_config_change=allow_config_change, trackers=config.log.report_to)
     run.require_divisible(t.batch_size, "train.batch_size", "pairs")
     torch.manual_seed(t.seed)
     random.seed(t.seed)

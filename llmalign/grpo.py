@@ -48,6 +48,7 @@ from shared.ratio_check import METRIC as RATIO_METRIC
 from shared.ratio_check import FirstUpdateRatioCheck, ratio_deviation
 from shared.run import Run
 from shared.runlog import plot_curves
+from shared.trackers import completions_table
 
 RANK_SEED_STRIDE = 2 ** 40  # rank r samples from seed + r * stride: rank 0 keeps the one-process seeds
 
@@ -280,7 +281,7 @@ def check_world_split(run: Run, config: GRPOConfig) -> None:
 def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
     t, a, s = config.train, config.algorithm, config.sampling
     run = Run(config.log.output_dir, resume, tag="[llmalign]", mixed_precision=t.mixed_precision, config=config,
-              allow_config_change=allow_config_change)
+              allow_config_change=allow_config_change, trackers=config.log.report_to)
     check_world_split(run, config)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
@@ -406,9 +407,10 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         if run.due(done, config.log.eval_every, last):
             record.update(evaluate())
         run.append(record)
-        run.append({"iteration": done, "prompt": rows[0]["_text"], "completions": rollout.texts[: t.group_size],
-                    "rewards": {n: v[: t.group_size].tolist() for n, v in scores.items()}},
-                   name="samples.jsonl")  # the first group of each iteration (the main process's), to read
+        sample = {"iteration": done, "prompt": rows[0]["_text"], "completions": rollout.texts[: t.group_size],
+                  "rewards": {n: v[: t.group_size].tolist() for n, v in scores.items()}}
+        run.append(sample, name="samples.jsonl")  # the first group of each iteration (the main process's), to read
+        run.log_table("samples", *completions_table(sample), step=done)  # and as a table, where a tracker takes one
         progress.set_postfix(reward=f"{reward_stats['total/mean']:.3f}", length=f"{record['completion/mean_length']:.1f}",
                              **({"clip": f"{metrics['clip_frac']:.2f}"} if "clip_frac" in metrics else  # DisCO: no clip
                                 {"kl": f"{metrics.get('trust_region_kl', 0):.1e}"}))

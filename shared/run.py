@@ -5,6 +5,8 @@
   on its device (a GPU when there is one) and with its mixed precision;
 - the run directory: the starting checkpoint decided once (`open_output_dir`), the config snapshot, and every
   log line and checkpoint, written by the main process alone while the others wait at a barrier;
+- the experiment trackers of log.report_to (`shared.trackers`), started and fed by the main process alone: each
+  metrics.jsonl record's numbers at its iteration, image grids (`log_image`) and tables (`log_table`);
 - on --resume, the comparison of the config with the one the checkpoint was written under (`config_changes`):
   a change outside RESUME_CHANGEABLE is refused unless --allow-config-change applies it;
 - rank sharding of whole groups (rank r takes the r-th contiguous block), gathers in rank order and global
@@ -25,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,6 +40,8 @@ from shared.checkpoint import (RUN_LOGS, WriteError, io_failure, latest_checkpoi
                                rng_state, save_checkpoint, set_rng_state)
 from shared.config import ConfigError, to_dict
 from shared.runlog import append_metrics, truncate_metrics
+from shared.trackers import (IMAGE_TRACKERS, TABLE_TRACKERS, TRACKER_DIR, flat_config, init_kwargs, markdown_table,
+                             report_to_problem, scalars)
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
@@ -81,13 +85,15 @@ class Run:
     """The process-level side of a training run (see the module docstring)."""
 
     def __init__(self, output_dir: str | Path | None, resume: bool, tag: str, mixed_precision: str = "no",
-                 config: Any = None, allow_config_change: bool = False):
+                 config: Any = None, allow_config_change: bool = False, trackers: Sequence[str] = ()):
         """output_dir None: a command that writes one file of its own (`llmalign pairs`, `llmalign eval`): the
         accelerator and the collectives, without run directory, config snapshot or checkpoints.
         config: the run's config dataclass; on --resume it is compared with the checkpoint's (`check_config`),
         before any model loads. allow_config_change: --allow-config-change, apply changes outside
-        RESUME_CHANGEABLE instead of refusing them."""
+        RESUME_CHANGEABLE instead of refusing them. trackers: log.report_to, the experiment trackers the main
+        process logs to (started on the first log, see `_start_trackers`)."""
         from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
 
         if allow_config_change and not resume:
             raise ConfigError("--allow-config-change: it applies config changes to a resumed run; add --resume, or "
@@ -95,11 +101,18 @@ class Run:
 
         self.out = Path(output_dir) if output_dir is not None else None
         self.tag, self.resume = tag, resume
+        self.trackers = list(trackers)
+        problem = report_to_problem(self.trackers)  # the config checks this too; accelerate would drop it silently
+        if problem is not None or (self.trackers and self.out is None):
+            raise ConfigError(f"config field 'log.report_to': {problem or 'trackers need a run directory'}")
         if mixed_precision == "fp16" and not torch.cuda.is_available():  # accelerate would run in float32, silently
             raise ConfigError("config field 'train.mixed_precision': fp16 needs a GPU (on the CPU accelerate does not "
                               "autocast to it); use bf16 or no")
         # cpu=True only where there is no GPU: on a GPU machine every process takes its own device
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, log_with=self.trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / TRACKER_DIR))
+            if self.trackers else None)
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
@@ -109,6 +122,9 @@ class Run:
         self.checkpoint = open_output_dir(self.out, resume, write=self.is_main) if self.out is not None else None
         self.barrier()
         self.config_changes = {}
+        self._config = config
+        self._trackers_started = False
+        self._purge_step = 0  # TensorBoard hides events from this step on, logged before it started (see restore)
         if config is not None and self.checkpoint is not None:
             self.config_changes = self.check_config(config, allow_config_change)
         self._started = time.perf_counter()
@@ -340,10 +356,53 @@ class Run:
                 (self.out / "config.json").write_text(json.dumps(to_dict(config), indent=2))
 
     def append(self, record: dict, name: str = "metrics.jsonl") -> None:
+        """One record to out/name; a metrics.jsonl record's numbers also go to the trackers, at its iteration."""
         if self.is_main:
             with self.writing(self.out / name):
                 self.out.mkdir(parents=True, exist_ok=True)
                 append_metrics(self.out / name, record)
+            if name == "metrics.jsonl" and self.trackers:
+                self._start_trackers()
+                self.accelerator.log(scalars(record), step=record["iteration"])
+
+    def log_image(self, name: str, path: Path, step: int) -> None:
+        """The image file at `path` (an eval grid) to the trackers that take images, on the main process."""
+        if not (self.is_main and set(self.trackers) & set(IMAGE_TRACKERS)):
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))  # [H, W, 3] uint8
+        self._start_trackers()
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({name: pixels[None]}, step=step, dataformats="NHWC")  # add_images wants a batch
+            elif tracker.name in IMAGE_TRACKERS:
+                tracker.log_images({name: [pixels]}, step=step)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """A table (sample completions) to the trackers that take one, and to TensorBoard as a markdown table in its
+        text tab; the main process's rows."""
+        if not self.is_main or not self.trackers:
+            return
+        self._start_trackers()
+        for tracker in self.accelerator.trackers:
+            if tracker.name in TABLE_TRACKERS:
+                tracker.log_table(name, columns=columns, data=rows, step=step)
+            elif tracker.name == "tensorboard":
+                tracker.log({name: markdown_table(columns, rows)}, step=step)  # a string: add_text
+
+    def _start_trackers(self) -> None:
+        """Start the trackers on the main process, at the first thing logged (so a run refused before it logs
+        leaves no tracker files): project 'flowalign' or 'llmalign', the run directory's name as the run's, the
+        config as hyperparameters."""
+        if self._trackers_started:
+            return
+        self._trackers_started = True
+        self.accelerator.init_trackers(self.tag.strip("[]"), config=flat_config(to_dict(self._config))
+                                       if self._config is not None else None,
+                                       init_kwargs=init_kwargs(self.trackers, self.out, self._purge_step))
 
     def main_only(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the main process (a plot, an image grid), then let every rank go on together."""
@@ -408,6 +467,7 @@ class Run:
         own = f"rng.rank{self.rank}"
         set_rng_state(self.load(own if (self.checkpoint / f"{own}.json").is_file() else "rng"))
         start = self.load("trainer")[trainer_key]
+        self._purge_step = start + 1  # the checkpoint's own step was logged before it was written, and is kept
         if self.is_main:
             for log in RUN_LOGS:
                 truncate_metrics(self.out / log, start)
@@ -421,7 +481,11 @@ class Run:
         return start
 
     def close(self) -> None:
-        """Leave the process group cleanly (a multi-process run would otherwise warn at exit)."""
+        """Close the trackers and leave the process group cleanly (a multi-process run would otherwise warn at
+        exit)."""
+        if self.is_main and self._trackers_started:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
         self.barrier()
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
