@@ -121,7 +121,16 @@ class DataConfig:
     prompts: list[str] = option([f"the digit {w}" for w in
                                  "zero one two three four five six seven eight nine".split()], "training prompts")
     prompts_file: Optional[str] = option(None, "text file with one prompt per line (replaces prompts)")
+    prompts_dataset: Optional[str] = option(
+        None, "a dataset read with datasets.load_dataset (replaces prompts): a hub id, a dataset directory, or a "
+              ".parquet/.json/.jsonl/.csv file; its prompts come from data.prompts_column of data.prompts_split")
+    prompts_column: str = option("prompt", "data.prompts_dataset: the column holding the prompt text")
+    prompts_split: str = option("train", "data.prompts_dataset: the split of the training prompts")
+    eval_split: Optional[str] = option(
+        None, "data.prompts_dataset: a split whose prompts are the evaluation prompts (null: data.eval_prompts)")
     eval_prompts: list[str] = option([], "evaluation prompts (default: the training prompts)")
+    eval_prompts_file: Optional[str] = option(
+        None, "text file with one evaluation prompt per line (replaces eval_prompts)")
     eval_seeds: int = option(4, "held-out noise seeds per eval prompt (fixed, never used in training)")
 
 
@@ -131,6 +140,10 @@ class LogConfig:
     eval_every: int = option(10, "evaluate and write an image grid every N iterations (0 = only at start and end)")
     checkpoint_every: int = option(10, "checkpoint every N iterations (0 = only at the end)")
     keep_last: int = option(2, "checkpoints kept on disk")
+    report_to: list[TrackerName] = option(
+        [], "experiment trackers the main process also logs to (metrics, images, sample tables; README, Trackers), "
+            "each a pip extra imported only when named: tensorboard (the tested one), wandb, trackio, mlflow; e.g. "
+            "[tensorboard] after pip install 'flowalign[tensorboard]'. [] (default): metrics.jsonl alone")
 
 
 @dataclasses.dataclass
@@ -140,10 +153,6 @@ class FlowGRPOConfig:
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
-    report_to: list[TrackerName] = option(
-        [], "experiment trackers the main process also logs to (metrics, images, sample tables; README, Trackers), "
-            "each a pip extra imported only when named: tensorboard (the tested one), wandb, trackio, mlflow; e.g. "
-            "[tensorboard] after pip install 'flowalign[tensorboard]'. [] (default): metrics.jsonl alone")
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
 
@@ -209,6 +218,17 @@ class FlowGRPOConfig:
         unknown = set(self.reward.kwargs) - set(self.reward.weights)
         need(not unknown, "reward.kwargs", f"{sorted(unknown)} have no weight in reward.weights; add them there")
         need(self.data.eval_seeds >= 1, "data.eval_seeds", f"{self.data.eval_seeds}; use at least 1")
+        d = self.data
+        need(not (d.prompts_dataset and d.prompts_file), "data.prompts_dataset",
+             "set together with data.prompts_file; keep one source of training prompts")
+        need(d.eval_split is None or bool(d.prompts_dataset), "data.eval_split",
+             "names a split of data.prompts_dataset, which is not set; set it or use data.eval_prompts")
+        eval_sources = [name for name, value in (("data.eval_split", d.eval_split), ("data.eval_prompts_file",
+                        d.eval_prompts_file), ("data.eval_prompts", d.eval_prompts)) if value]
+        need(len(eval_sources) <= 1, eval_sources[-1] if eval_sources else "data.eval_split",
+             f"set together with {eval_sources[0] if eval_sources else ''}; keep one source of evaluation prompts")
+        for field, value in (("data.prompts_column", d.prompts_column), ("data.prompts_split", d.prompts_split)):
+            need(bool(value.strip()), field, "empty; name a column or split of data.prompts_dataset")
         need(self.log.keep_last >= 1, "log.keep_last", f"{self.log.keep_last}; keep at least 1 checkpoint")
         per_prompt, field = (a.num_branches, "algorithm.num_branches") if a.name == "tempflow" else (t.group_size, "train.group_size")
         samples = t.prompts_per_iteration * per_prompt
@@ -216,6 +236,6 @@ class FlowGRPOConfig:
              f"{t.prompts_per_iteration} prompts = {samples} per iteration, over the limit of 2**20; lower it")
         problem = output_dir_problem(self.log.output_dir)
         need(problem is None, "log.output_dir", problem or "")
-        need(self.model.lora_rank >= 1, "model.lora_rank", f"{self.model.lora_rank}; use at least 1")
         problem = report_to_problem(self.log.report_to)
         need(problem is None, "log.report_to", problem or "")
+        need(self.model.lora_rank >= 1, "model.lora_rank", f"{self.model.lora_rank}; use at least 1")

@@ -119,15 +119,37 @@ def load_adapter(config: FlowGRPOConfig, device: torch.device):
     return adapter_class.from_pretrained(path, dtype=getattr(torch, config.model.dtype), device=device, **remote)
 
 
+def _prompt_lines(path: str, field: str) -> list[str]:
+    text = read_text_file(path, f"config field '{field}':",
+                          "give a UTF-8 text file, one prompt a line")  # missing or not UTF-8: a config error
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def read_prompts(config: FlowGRPOConfig) -> tuple[list[str], list[str]]:
-    prompts = config.data.prompts
-    if config.data.prompts_file:
-        text = read_text_file(config.data.prompts_file, "config field 'data.prompts_file':",
-                              "give a UTF-8 text file, one prompt a line")  # missing or not UTF-8: a config error
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    """(training prompts, evaluation prompts). Training: data.prompts, data.prompts_file or data.prompts_dataset;
+    evaluation: data.eval_prompts, data.eval_prompts_file or data.eval_split, else the training prompts
+    (config.validate allows one source of each)."""
+    d = config.data
+    prompts = d.prompts
+    if d.prompts_file:
+        prompts = _prompt_lines(d.prompts_file, "data.prompts_file")
+    elif d.prompts_dataset:
+        from flowalign.prompts import dataset_prompts
+
+        prompts = dataset_prompts(d.prompts_dataset, d.prompts_split, d.prompts_column)
     if not prompts:
         raise ConfigError("config field 'data.prompts': no prompts; list some or set data.prompts_file")
-    return prompts, (config.data.eval_prompts or prompts)
+    eval_prompts = d.eval_prompts
+    if d.eval_prompts_file:
+        eval_prompts = _prompt_lines(d.eval_prompts_file, "data.eval_prompts_file")
+        if not eval_prompts:
+            raise ConfigError(f"config field 'data.eval_prompts_file': {d.eval_prompts_file} holds no prompts; "
+                              f"write one a line, or unset it to evaluate on the training prompts")
+    elif d.eval_split:
+        from flowalign.prompts import dataset_prompts
+
+        eval_prompts = dataset_prompts(d.prompts_dataset, d.eval_split, d.prompts_column, "data.eval_split")
+    return prompts, (eval_prompts or prompts)
 
 
 def iteration_generator(seed: int, iteration: int) -> torch.Generator:
