@@ -1,18 +1,23 @@
 """Experiment trackers (`log.report_to`, shared/trackers.py through shared.run.Run): a flowalign run with
 [tensorboard] writes event files holding, read back with TensorBoard's own reader, every number of every
 metrics.jsonl record at its iteration and the eval grids as images, and a resumed run continues them without
-repeating a step; an llmalign GRPO run logs its rewards and its sample completions as a text table; on two
-processes only the main one writes; a named tracker that is not installed exits 2 naming the pip extra."""
+repeating a step; an llmalign GRPO run logs its rewards and its sample completions as a text table, a DPO run
+every step's numbers; on two processes only the main one writes; a named tracker that is not installed exits 2
+naming the pip extra."""
 
+import io
 import json
 import shutil
 import textwrap
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from shared.trackers import completions_table, flat_config, markdown_table, scalars
 from tests.multiproc import run_processes
+from tests.test_llm_dpo import overrides as dpo_overrides
+from tests.test_llm_dpo import tiny  # noqa: F401  (a fixture)
 from tests.test_llm_grpo import overrides as grpo_overrides
 from tests.test_llm_grpo import tiny_lm_dir  # noqa: F401  (a fixture)
 from tests.test_train_smoke import tiny_overrides, tiny_pipeline_dir  # noqa: F401  (a fixture)
@@ -62,7 +67,9 @@ def test_flow_run_writes_tensorboard_scalars_and_images_and_resume_continues_the
     grids = reader.Images("eval/images")
     assert [image.step for image in grids] == [0, 1, 2, 3]
     with Image.open(out / "images" / "iter-000003.png") as png:
-        assert (grids[-1].width, grids[-1].height) == png.size  # the grid file itself, labels included
+        written = np.asarray(png.convert("RGB"))  # [H, W, 3]
+    with Image.open(io.BytesIO(grids[-1].encoded_image_string)) as logged:
+        assert np.array_equal(np.asarray(logged.convert("RGB")), written)  # the grid itself, labels included
 
     # a run killed after logging iteration 3 but before its checkpoint: resume from step 2 and run to 4;
     # iteration 3 is logged again and must not appear twice
@@ -96,6 +103,17 @@ def test_grpo_run_logs_rewards_and_a_samples_table_to_tensorboard(tiny_lm_dir, t
         assert text.tensor_proto.string_val[0].decode() == markdown_table(*completions_table(sample))
 
 
+@pytest.mark.timeout(600)
+def test_dpo_run_logs_every_step_to_tensorboard(tiny, tmp_path):  # noqa: F811
+    from llmalign.cli import main
+
+    out = tmp_path / "run"
+    main(["dpo", *dpo_overrides(tiny, out, "log.report_to=[tensorboard]")])
+    reader = read_events(out / "trackers" / "llmalign")
+    assert [e.step for e in reader.Scalars("train/loss")] == [1, 2]
+    assert_scalars_match_metrics(reader, records(out))
+
+
 SCRIPT = textwrap.dedent("""
     import sys
     from shared.run import Run
@@ -119,7 +137,7 @@ def test_two_processes_only_the_main_one_writes_tracker_events(tmp_path):
 
 
 @pytest.mark.parametrize("command, tracker", [("flow", "wandb"), ("grpo", "mlflow"), ("grpo", "trackio"),
-                                              ("flow", "mlflow")])
+                                              ("dpo", "wandb"), ("flow", "trackio")])
 def test_a_named_tracker_not_installed_exits_2_naming_the_extra(tmp_path, capsys, command, tracker):
     from shared.trackers import installed
 
@@ -134,7 +152,10 @@ def test_a_named_tracker_not_installed_exits_2_naming_the_extra(tmp_path, capsys
         else:
             from llmalign.cli import main
 
-            main(["grpo", f"log.output_dir={tmp_path / 'run'}", override])
+            pairs = tmp_path / "pairs.jsonl"
+            pairs.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n')
+            main([command, f"log.output_dir={tmp_path / 'run'}", override]
+                 + ([f"data.train={pairs}"] if command == "dpo" else []))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err == (f"config error: config field 'log.report_to': {tracker} is not installed; pip install "
