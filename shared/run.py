@@ -40,8 +40,8 @@ from shared.checkpoint import (RUN_LOGS, WriteError, io_failure, latest_checkpoi
                                rng_state, save_checkpoint, set_rng_state)
 from shared.config import ConfigError, to_dict
 from shared.runlog import append_metrics, truncate_metrics
-from shared.trackers import (IMAGE_TRACKERS, TABLE_TRACKERS, TRACKER_DIR, flat_config, init_kwargs, markdown_table,
-                             report_to_problem, scalars)
+from shared.trackers import (IMAGE_TRACKERS, TABLE_TRACKERS, TRACKER_DIR, flat_config, init_kwargs, local_storage,
+                             markdown_table, report_to_problem, scalars)
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
@@ -400,6 +400,7 @@ class Run:
         if self._trackers_started:
             return
         self._trackers_started = True
+        local_storage(self.trackers, self.out)
         self.accelerator.init_trackers(self.tag.strip("[]"), config=flat_config(to_dict(self._config))
                                        if self._config is not None else None,
                                        init_kwargs=init_kwargs(self.trackers, self.out, self._purge_step))

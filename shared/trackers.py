@@ -9,7 +9,8 @@ model loads (accelerate would drop it silently). What each receives:
   strings, lists and mappings stay in metrics.jsonl alone;
 - flowalign's eval image grids as images (tensorboard, wandb);
 - llmalign's sample completions as a table (wandb), or as a markdown table in TensorBoard's text tab.
-Files of the trackers that write locally go under log.output_dir/trackers.
+Local files (TensorBoard's events, wandb's, trackio's and mlflow's stores unless TRACKIO_DIR or MLFLOW_TRACKING_URI
+say otherwise) go under log.output_dir/trackers.
 """
 
 from __future__ import annotations
@@ -57,14 +58,31 @@ def report_to_problem(names: list[str]) -> str | None:
 
 
 def init_kwargs(names: list[str], out: Path, purge_step: int | None) -> dict[str, dict]:
-    """Per-tracker arguments for `Accelerator.init_trackers`: the run directory's name as the run's name, local
-    files under out/trackers, and TensorBoard's purge step (events the interrupted run logged at or after it are
-    hidden, as metrics.jsonl is trimmed back to the checkpoint)."""
-    local = out / TRACKER_DIR
+    """Per-tracker arguments for `Accelerator.init_trackers`: the run directory's name as the run's name, wandb's
+    local files under out/trackers, and TensorBoard's purge step (events the interrupted run logged at or after it
+    are hidden, as metrics.jsonl is trimmed back to the checkpoint). TensorBoard writes to out/trackers/<project>
+    (accelerate's logging_dir, set by Run)."""
     kwargs: dict[str, dict] = {"tensorboard": {} if purge_step is None else {"purge_step": purge_step},
-                               "wandb": {"name": out.name, "dir": str(local)},
-                               "mlflow": {"run_name": out.name, "logging_dir": str(local / "mlflow")}}
-    return {name: kwargs[name] for name in names if name in kwargs}
+                               "wandb": {"name": out.name, "dir": str(out / TRACKER_DIR)},
+                               "trackio": {"name": out.name}, "mlflow": {"run_name": out.name}}
+    return {name: kwargs[name] for name in names}
+
+
+def local_storage(names: list[str], out: Path) -> None:
+    """Point the trackers that keep a local store elsewhere by default into out/trackers, unless the user chose a
+    place: trackio (~/.cache/huggingface/trackio; TRACKIO_DIR, read when trackio is imported) and mlflow (./mlruns
+    or ./mlflow.db; MLFLOW_TRACKING_URI). Call it before the trackers start; it imports mlflow when named."""
+    import os
+    import sys
+
+    local = out / TRACKER_DIR
+    local.mkdir(parents=True, exist_ok=True)  # wandb's dir must exist
+    if "trackio" in names and "TRACKIO_DIR" not in os.environ and "trackio" not in sys.modules:
+        os.environ["TRACKIO_DIR"] = str((local / "trackio").resolve())
+    if "mlflow" in names and not os.environ.get("MLFLOW_TRACKING_URI"):
+        import mlflow
+
+        mlflow.set_tracking_uri((local / "mlruns").resolve().as_uri())
 
 
 def scalars(record: dict, step_key: str = "iteration") -> dict[str, float | int]:

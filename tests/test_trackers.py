@@ -7,6 +7,7 @@ naming the pip extra."""
 
 import io
 import json
+import os
 import shutil
 import textwrap
 
@@ -172,3 +173,48 @@ def test_only_numbers_go_to_the_trackers_and_the_config_flattens():
     assert flat_config(config) == {"train.lr": 1e-3, "train.max_seconds": "null", "train.bound": "Infinity",
                                    "reward.weights": '{"pkg.mod:fn": 1.0}', "log.report_to": '["tensorboard"]'}
     assert markdown_table(["prompt", "r"], [["a|b\nc", 0.5]]) == "| prompt | r |\n|---|---|\n| a\\|b<br>c | 0.5 |"
+
+
+def test_trackio_and_mlflow_stores_go_under_the_run_directory_unless_the_user_chose(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from shared.trackers import local_storage
+
+    chosen = []
+    monkeypatch.setitem(sys.modules, "mlflow", types.SimpleNamespace(set_tracking_uri=chosen.append))  # not installed
+    monkeypatch.delitem(sys.modules, "trackio", raising=False)
+    environment = {k: v for k, v in os.environ.items() if k not in ("TRACKIO_DIR", "MLFLOW_TRACKING_URI")}
+    monkeypatch.setattr(os, "environ", environment)  # what local_storage sets stays in this test
+    local_storage(["trackio", "mlflow"], tmp_path / "run")
+    assert os.environ["TRACKIO_DIR"] == str((tmp_path / "run" / "trackers" / "trackio").resolve())
+    assert chosen == [(tmp_path / "run" / "trackers" / "mlruns").resolve().as_uri()]
+    environment.update(TRACKIO_DIR="/elsewhere", MLFLOW_TRACKING_URI="http://127.0.0.1:5000")
+    local_storage(["trackio", "mlflow"], tmp_path / "run")
+    assert os.environ["TRACKIO_DIR"] == "/elsewhere" and len(chosen) == 1  # the user's choice stands
+
+
+def test_no_tracker_package_is_imported_unless_named(tmp_path):
+    import subprocess
+    import sys
+
+    probe = textwrap.dedent(f"""
+        import sys
+        import flowalign.train, llmalign.grpo, llmalign.dpo
+        from shared.run import Run
+        def loaded():
+            names = {{'tensorboard', 'tensorboardX', 'wandb', 'trackio', 'mlflow'}}
+            return sorted({{m.split('.')[0] for m in sys.modules}} & names)
+        run = Run({str(tmp_path / 'plain')!r}, resume=False, tag='[t]')
+        run.append({{'iteration': 1, 'a': 1.0}})
+        run.close()
+        print(loaded())
+        run = Run({str(tmp_path / 'tb')!r}, resume=False, tag='[t]', trackers=['tensorboard'])
+        run.append({{'iteration': 1, 'a': 1.0}})
+        run.close()
+        print(loaded())
+    """)
+    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.splitlines()[-2:] == ["[]", "['tensorboard']"]
