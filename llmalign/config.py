@@ -53,10 +53,48 @@ class LMModelConfig:
 
 
 @dataclasses.dataclass
-class LMDataConfig:
+class LMDataSourceConfig:
+    """The data fields of both recipes (GRPO's and DPO's data sections): a datasets source, column names, and
+    how plain problems are rendered. Listed first in each data section."""
+
+    path: Optional[str] = option(
+        None, "a datasets hub id or a local dataset (a directory of data files, or one file), read with "
+        "datasets.load_dataset; the training rows are its split data.split, the held-out rows its split "
+        "data.test_split, and data.train/data.test stay unset (null = read data.train and data.test)")
+    subset: Optional[str] = option(None, "the configuration of data.path (load_dataset's name), e.g. 'main'")
+    test_split: Optional[str] = option("test", "split of data.path holding the held-out rows (null = none)")
+    prompt_column: str = option("prompt", "column holding the prompt (text, or chat messages)")
+    answer_column: str = option("answer", "column holding the reference answer, for the rewards and the held-out "
+                                "accuracy")
+    system_prompt: Optional[str] = option(None, "system message put before every prompt, which then goes through "
+                                          "the tokenizer's chat template (null = none)")
+    prompt_template: Optional[str] = option(
+        None, "text each plain-text prompt becomes, '{prompt}' replaced by it (no other placeholder, so braces need "
+        "no escaping), e.g. '{prompt} Put the final answer in \\boxed{}.' (null = the prompt as it is)")
+
+    def check_source(self, train_default: Optional[str], test_default: Optional[str]) -> None:
+        """The source fields; data.train/data.test, at train_default/test_default, are the subclass's."""
+        if self.path is not None:
+            need(bool(self.path.strip()), "data.path", "empty; give a hub id, a local dataset, or null")
+            need(self.train == train_default, "data.train", f"{self.train!r} is set beside data.path={self.path!r}; "
+                 "training rows come from one of them: unset data.path or data.train")
+            need(self.test in (test_default, None), "data.test", f"{self.test!r} is set beside data.path="
+                 f"{self.path!r}, whose split data.test_split holds the held-out rows; unset data.test")
+        need(self.subset is None or self.path is not None, "data.subset",
+             f"{self.subset!r} names a configuration of data.path, which is not set; set data.path or unset it")
+        for field in ("prompt_column", "answer_column", "chosen_column", "rejected_column"):
+            value = getattr(self, field, "-")
+            need(bool(value.strip()), f"data.{field}", "empty; name the column")
+        need(self.prompt_template is None or "{prompt}" in self.prompt_template, "data.prompt_template",
+             f"{self.prompt_template!r} has no '{{prompt}}'; put {{prompt}} where the problem goes")
+
+
+@dataclasses.dataclass
+class LMDataConfig(LMDataSourceConfig):
     train: str = option(EMBEDDED_MODEL + "/train.jsonl", "training data: .jsonl/.json/.csv/.parquet or a datasets directory")
     test: Optional[str] = option(EMBEDDED_MODEL + "/test.jsonl", "held-out data for accuracy before/after (null = none)")
-    split: Optional[str] = option(None, "split of a DatasetDict directory (default 'train')")
+    split: Optional[str] = option(None, "the training split: of data.path, or of a DatasetDict directory in "
+                                  "data.train (null = 'train')")
     eval_size: int = option(200, "held-out rows evaluated (greedy) at start, every log.eval_every and at the end")
     eval_samples: int = option(1, "completions sampled per held-out row for the sampled accuracy (its mean over them)")
     max_prompt_length: int = option(256, "prompt tokens allowed")
@@ -64,6 +102,7 @@ class LMDataConfig:
         "error", "a longer prompt stops with its row (error) or keeps its last tokens and is counted (truncate)")
 
     def check(self) -> None:
+        self.check_source(EMBEDDED_MODEL + "/train.jsonl", EMBEDDED_MODEL + "/test.jsonl")
         need(self.eval_size >= 1, "data.eval_size", f"{self.eval_size}; use at least 1")
         need(self.eval_samples >= 1, "data.eval_samples", f"{self.eval_samples}; use at least 1")
         need(self.max_prompt_length >= 1, "data.max_prompt_length", f"{self.max_prompt_length}; use at least 1")

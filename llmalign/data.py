@@ -23,7 +23,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,13 +231,15 @@ def _check_columns(label: str, rows: list[dict], names: list[str], required: Seq
 
 
 def load_rows(path: str | Path, required: Sequence[str] = ("prompt", "answer"),
-              split: str | None = None) -> list[dict]:
+              split: str | None = None, columns: ColumnMap | None = None) -> list[dict]:
     """Every row of a dataset as a dict with all its columns, checked so training fails now rather than later.
 
     path: a .jsonl/.json/.csv/.parquet file or a `save_to_disk` directory (see the module docstring).
     required: columns every row must have; a missing one is reported with a did-you-mean.
     split: for a DatasetDict directory, the split to read ("train" when None); other sources have no
         splits, so only None or "train" is accepted for them.
+    columns: target column -> (source column, config field), e.g. {"prompt": ("question", "data.prompt_column")}:
+        each row gets the target holding the source's value (see map_columns) before the checks.
     The 'prompt' column, where present, must be non-empty text or well-formed chat messages.
     Errors name rows by their 0-based index, plus the line number for .jsonl and .csv files.
     """
@@ -256,14 +258,146 @@ def load_rows(path: str | Path, required: Sequence[str] = ("prompt", "answer"),
     label = f"data {'directory' if path.is_dir() else 'file'} {path}"
     if not rows:
         raise DataError(f"{label} has no rows; add at least one row with columns {list(required)}")
-    rows = [_to_python(row) for row in rows]
+    rows = map_columns([_to_python(row) for row in rows], columns or {}, label)
     names = [f"row {index}" + (f" (line {lines[index]})" if lines else "") + f" of {path}"
              for index in range(len(rows))]
-    _check_columns(label, rows, names, required, csv_file=path.is_file() and path.suffix.lower() == ".csv")
+    _check_rows(label, rows, names, required, csv_file=path.is_file() and path.suffix.lower() == ".csv")
+    return rows
+
+
+def _check_rows(label: str, rows: list[dict], names: list[str], required: Sequence[str], csv_file: bool) -> None:
+    _check_columns(label, rows, names, required, csv_file)
     for row, row_name in zip(rows, names):
         if "prompt" in row:
             _check_prompt(row["prompt"], row_name)
+
+
+_HELD = {"prompt": "prompts", "answer": "reference answers", "chosen": "chosen completions",
+         "rejected": "rejected completions"}
+ColumnMap = Mapping[str, tuple[str, str]]
+"""target column -> (source column in the data, the config field that named it)."""
+
+
+def map_columns(rows: list[dict], columns: ColumnMap, label: str) -> list[dict]:
+    """Rows with each target column holding its source column's value (the source stays too, so a reward can
+    still ask for it by its own name; a column already called like the target is replaced). A source missing
+    from every row is a DataError naming the config field and the columns that exist; a source that only some
+    rows lack is left to the row checks (it names the row)."""
+    if not columns or not rows:
+        return rows
+    present = list(dict.fromkeys(key for row in rows for key in row))
+    for target, (source, field) in columns.items():
+        if source not in present:
+            close = difflib.get_close_matches(source, [str(column) for column in present], n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise DataError(f"{field}={source!r}: {label} has no column {source!r} (columns: {present}); "
+                            f"{hint}set {field} to the column that holds the {_HELD.get(target, target)}")
+    moves = {target: source for target, (source, _) in columns.items() if source != target}
+    return [{**row, **{target: row[source] for target, source in moves.items() if source in row}} for row in rows]
+
+
+def format_prompts(rows: list[dict], system_prompt: str | None = None, template: str | None = None) -> list[dict]:
+    """Rows whose plain-text prompts are rendered for the policy (data.prompt_template, data.system_prompt):
+
+    template: '{prompt}' in it is replaced by the prompt (no other placeholder, so LaTeX braces such as
+        '\\boxed{}' need no escaping); only for plain-text prompts.
+    system_prompt: the prompt becomes chat messages [system, user] (rendered with the tokenizer's chat
+        template); a chat prompt gets the system message first, unless it already has one.
+    """
+    if system_prompt is None and template is None:
+        return rows
+    formatted = []
+    for index, row in enumerate(rows):
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            text = template.replace("{prompt}", prompt) if template is not None else prompt
+            prompt = text if system_prompt is None else [{"role": "system", "content": system_prompt},
+                                                         {"role": "user", "content": text}]
+        elif template is not None:
+            raise DataError(f"data.prompt_template is set but row {index} has a chat prompt; a template renders "
+                            f"plain-text problems, so unset it or give plain-text prompts")
+        elif system_prompt is not None:
+            if any(message.get("role") == "system" for message in prompt):
+                raise DataError(f"data.system_prompt is set but row {index} already has a system message; unset "
+                                f"data.system_prompt or drop the rows' system messages")
+            prompt = [{"role": "system", "content": system_prompt}, *prompt]
+        formatted.append({**row, "prompt": prompt})
+    return formatted
+
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}  # datasets' packaged loaders
+
+
+def load_dataset_splits(path: str, subset: str | None = None) -> dict:
+    """split name -> datasets.Dataset of `path` through datasets.load_dataset: a hub id (downloaded on first use,
+    needs the hub), a local dataset directory (data files found by their names, e.g. train.parquet and
+    test.parquet, or data/train-*.jsonl), or a single .jsonl/.json/.csv/.parquet file (its one split 'train').
+    A directory written by save_to_disk is read with load_from_disk. subset: the dataset's config name."""
+    import datasets  # imported here: importing datasets takes a second
+
+    local = Path(path).expanduser()
+    try:
+        if local.is_file():
+            if local.suffix.lower() not in _BUILDERS:
+                raise DataError(f"data.path={path!r} has unknown suffix {local.suffix!r}; give a {FORMATS}, "
+                                f"a dataset directory or a hub id")
+            loaded = datasets.load_dataset(_BUILDERS[local.suffix.lower()], data_files={"train": str(local)})
+        elif (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(local))
+        else:
+            loaded = datasets.load_dataset(path, subset)
+    except DataError:
+        raise
+    except Exception as error:  # the hub's, the builders' and the file readers' errors are many types
+        where = "the local dataset" if local.exists() else "the hub (is the id right, and is the hub reachable?)"
+        cause = error
+        while cause.__cause__ is not None:  # datasets wraps the reason: "An error occurred while generating..."
+            cause = cause.__cause__
+        reason = _first_line(error) if cause is error else f"{_first_line(error)}: {_first_line(cause)}"
+        raise DataError(f"data.path={path!r} (data.subset={subset!r}) could not be loaded with datasets.load_dataset "
+                        f"from {where}: {reason}") from None
+    return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+
+
+def dataset_rows(splits: dict, path: str, split: str, field: str, required: Sequence[str],
+                 columns: ColumnMap | None = None) -> list[dict]:
+    """The checked rows of one split of load_dataset_splits' result; a missing split names the ones there are."""
+    if split not in splits:
+        raise DataError(f"{field}={split!r}: data.path {path!r} has no split {split!r} (splits: {sorted(splits)}); "
+                        f"set {field} to one of them")
+    label = f"data.path {path!r} split {split!r}"
+    rows = [_to_python(row) for row in splits[split].with_format(None).to_list()]
+    if not rows:
+        raise DataError(f"{label} has no rows; choose a split with rows")
+    rows = map_columns(rows, columns or {}, label)
+    _check_rows(label, rows, [f"row {index} of {label}" for index in range(len(rows))], required, csv_file=False)
     return rows
+
+
+def load_train_test(data, required: Sequence[str] = ("prompt", "answer"),
+                    resolve: Callable[[str], str] = str) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows) of a recipe's data section, columns mapped and prompts formatted.
+
+    data.path set: both come from that dataset (load_dataset_splits), the training rows from split data.split
+    (default 'train'), the held-out rows from data.test_split (None: no held-out rows). Otherwise from the
+    files data.train and data.test, as load_rows reads them (`resolve` turns 'embedded:...' paths into files).
+    Training rows need the columns `required`, held-out rows 'prompt' and 'answer'; data.<name>_column names
+    the source column of each (prompt, answer, and for pairs chosen, rejected)."""
+    def column_map(targets: Sequence[str]) -> ColumnMap:
+        return {target: (getattr(data, f"{target}_column", target), f"data.{target}_column") for target in targets}
+
+    test_required = ("prompt", "answer")
+    if data.path is not None:
+        splits = load_dataset_splits(data.path, data.subset)
+        train_rows = dataset_rows(splits, data.path, data.split or "train", "data.split", required,
+                                  column_map(required))
+        test_rows = (dataset_rows(splits, data.path, data.test_split, "data.test_split", test_required,
+                                  column_map(test_required)) if data.test_split is not None else [])
+    else:
+        train_rows = load_rows(resolve(data.train), required, split=data.split, columns=column_map(required))
+        test_rows = (load_rows(resolve(data.test), test_required, columns=column_map(test_required))
+                     if data.test else [])
+    return tuple(format_prompts(rows, data.system_prompt, data.prompt_template) for rows in (train_rows, test_rows))
 
 
 def write_rows(path: str | Path, rows: Sequence[dict]) -> Path:

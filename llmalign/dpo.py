@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from llmalign.data import DataError, iteration_rows, load_rows, micro_batches, render_prompt, tokenize_prompts
+from llmalign.data import DataError, iteration_rows, load_train_test, micro_batches, render_prompt, tokenize_prompts
 from llmalign.dpo_config import DPOAlgorithmConfig, DPOConfig, DPODataConfig
 from llmalign.evaluate import describe_held_out, held_out_metrics, pad_left
 from llmalign.logprobs import completion_logprobs
@@ -237,7 +237,8 @@ def cached_logprobs(run: Run, path: Path, fingerprint: dict,
 
 
 def cache_fingerprint(config: DPOConfig, data_path: str, encoded: EncodedPairs, models: list[str]) -> dict:
-    return {"version": CACHE_VERSION, "data": str(data_path), "data_sha256": file_digest(data_path),
+    return {"version": CACHE_VERSION, "data": str(data_path),  # a hub id has no local file: tokens_sha256 covers it
+            "data_sha256": file_digest(data_path) if Path(data_path).exists() else None,
             "tokens_sha256": encoded.digest(), "models": [model_fingerprint(resolve_embedded(m)) for m in models],
             "dtype": config.model.dtype}
 
@@ -423,10 +424,11 @@ def train(config: DPOConfig, resume: bool = False, allow_config_change: bool = F
 
     # setup: data, model, reference (and guidance) log-probs, optimizer; the main process builds the embedded toy
     # first if a path names it
-    run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, d.train, d.test) if p])
-    data_path = resolve_embedded(d.train)
-    rows = load_rows(data_path, required=("prompt", "chosen", "rejected"), split=d.split)
-    test_rows = load_rows(resolve_embedded(d.test))[: d.eval_size] if d.test else []
+    data_files = (d.train, d.test) if d.path is None else ()  # beside data.path they are not read
+    run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, *data_files) if p])
+    data_path = resolve_embedded(d.train) if d.path is None else d.path  # named in the reference cache's fingerprint
+    rows, test_rows = load_train_test(d, ("prompt", "chosen", "rejected"), resolve_embedded)  # or from data.path
+    test_rows = test_rows[: d.eval_size]
     model, tokenizer = load_policy(config.model, run.device)
     disable_dropout(model)  # dropout off for the whole run (see the module docstring)
     if t.gradient_checkpointing:

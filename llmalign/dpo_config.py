@@ -9,21 +9,24 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Optional
 
-from llmalign.config import (EMBEDDED_MODEL, LMLogConfig, LMModelConfig, gradient_checkpointing_option,
-                             mixed_precision_option, need)
+from llmalign.config import (EMBEDDED_MODEL, LMDataSourceConfig, LMLogConfig, LMModelConfig,
+                             gradient_checkpointing_option, mixed_precision_option, need)
 from shared.config import SEED_LIMIT, option
 
 REFERENCE_FREE_LOSSES = ("simpo",)
 
 
 @dataclasses.dataclass
-class DPODataConfig:
+class DPODataConfig(LMDataSourceConfig):
     train: Optional[str] = option(
         None, "preference pairs with columns prompt, chosen, rejected (.jsonl/.json/.csv/.parquet or a datasets "
         "directory); make on-policy pairs with `llmalign pairs`")
     test: Optional[str] = option(EMBEDDED_MODEL + "/test.jsonl",
                                  "prompt/answer data for held-out accuracy before/after (null = none)")
-    split: Optional[str] = option(None, "split of a DatasetDict directory (default 'train')")
+    split: Optional[str] = option(None, "the training split: of data.path, or of a DatasetDict directory in "
+                                  "data.train (null = 'train')")
+    chosen_column: str = option("chosen", "column holding the preferred completion of a pair")
+    rejected_column: str = option("rejected", "column holding the dispreferred completion of a pair")
     eval_size: int = option(200, "held-out rows evaluated (greedy) at start, every log.eval_every and at the end")
     eval_max_new_tokens: int = option(64, "completion budget of the held-out evaluation")
     eval_samples: int = option(1, "completions sampled (T = 1) per held-out row for the sampled accuracy (their mean)")
@@ -35,8 +38,10 @@ class DPODataConfig:
         "error", "a longer completion stops with its row (error) or keeps its first tokens and is counted (truncate)")
 
     def check(self) -> None:
-        need(self.train is not None, "data.train", "not set; give a file of prompt/chosen/rejected rows, e.g. "
-             "made with `llmalign pairs --model ... --data ... --out pairs.jsonl`")
+        need(self.train is not None or self.path is not None, "data.train", "not set; give a file of "
+             "prompt/chosen/rejected rows, e.g. made with `llmalign pairs --model ... --data ... --out pairs.jsonl`, "
+             "or a dataset as data.path")
+        self.check_source(None, EMBEDDED_MODEL + "/test.jsonl")
         need(self.eval_size >= 1, "data.eval_size", f"{self.eval_size}; use at least 1")
         need(self.eval_samples >= 1, "data.eval_samples", f"{self.eval_samples}; use at least 1")
         need(self.eval_max_new_tokens >= 1, "data.eval_max_new_tokens", f"{self.eval_max_new_tokens}; use at least 1")

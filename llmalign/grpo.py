@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from shared.reward_calls import RewardTimeout, scores_as_floats, with_deadline
 from llmalign.config import GRPOConfig
-from llmalign.data import iteration_rows, load_rows, micro_batches, render_prompt, tokenize_prompts
+from llmalign.data import iteration_rows, load_train_test, micro_batches, render_prompt, tokenize_prompts
 from llmalign.evaluate import Rollout, describe_held_out, generate, held_out_metrics
 from llmalign.logprobs import completion_logprobs
 from llmalign.policy import (enable_gradient_checkpointing, load_policy, reference_policy, restore_policy,
@@ -288,9 +288,10 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
 
     # setup: data, model, rewards, optimizer; the main process builds the embedded toy first if it is missing
     d = config.data
-    run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, d.train, d.test) if p])
-    train_rows = load_rows(resolve_embedded(d.train), split=d.split)
-    test_rows = load_rows(resolve_embedded(d.test))[: d.eval_size] if d.test else []
+    data_files = (d.train, d.test) if d.path is None else ()  # beside data.path they are not read
+    run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, *data_files) if p])
+    train_rows, test_rows = load_train_test(d, resolve=resolve_embedded)  # data.path, or data.train/data.test
+    test_rows = test_rows[: d.eval_size]
     model, tokenizer = load_policy(config.model, run.device)
     if t.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -3,6 +3,7 @@
 bad files are each refused with a one-line DataError naming the file and the fix."""
 
 import csv
+import dataclasses
 import json
 import random
 
@@ -10,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmalign.data import DataError, load_rows, render_prompt, tokenize_prompts, write_rows
+from llmalign.data import (DataError, format_prompts, load_rows, load_train_test, render_prompt, tokenize_prompts,
+                           write_rows)
 
 ROWS = [
     {"prompt": "What is 2+3?", "answer": "5", "level": 1, "solution": "2+3=5"},
@@ -565,3 +567,213 @@ def test_fuzzed_bad_data_gets_one_line_data_errors(tmp_path, chunk):
         assert all(part in message for part in expect), (kind, expect, message)
         kinds.add(kind)
     assert len(kinds) >= 15  # the generator really mixes the kinds
+
+
+# ---------------------------------------------------------------------------------------------- data.path (datasets)
+
+
+def grpo_data(*overrides):
+    """The data section of a GRPO config with these key=value overrides, validated as the command line does."""
+    from llmalign.config import GRPOConfig
+    from shared.config import load_config
+
+    return load_config(GRPOConfig, None, list(overrides)).data
+
+
+PROBLEMS = {  # split -> rows with the columns named as a hub math dataset might name them
+    "train": [{"question": "What is 2+3?", "final": "5", "source": "a"},
+              {"question": "Halve 1.", "final": r"\frac{1}{2}", "source": "b"}],
+    "test": [{"question": "What is 4*4?", "final": "16", "source": "c"}],
+}
+
+
+def test_data_path_parquet_directory_maps_columns_for_both_splits(tmp_path):
+    for split, rows in PROBLEMS.items():  # train.parquet and test.parquet: load_dataset names the splits by file
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{split}.parquet")
+    data = grpo_data(f"data.path={tmp_path}", "data.prompt_column=question", "data.answer_column=final")
+    train_rows, test_rows = load_train_test(data)
+    expected = {split: [{**row, "prompt": row["question"], "answer": row["final"]} for row in rows]
+                for split, rows in PROBLEMS.items()}  # the source columns stay, for rewards that ask for them
+    assert (train_rows, test_rows) == (expected["train"], expected["test"])
+
+
+def test_data_path_json_file_has_one_split_and_test_split_null(tmp_path):
+    path = tmp_path / "problems.json"
+    path.write_text(json.dumps(PROBLEMS["train"]))
+    data = grpo_data(f"data.path={path}", "data.test_split=null", "data.prompt_column=question",
+                     "data.answer_column=final")
+    train_rows, test_rows = load_train_test(data)
+    assert [(row["prompt"], row["answer"]) for row in train_rows] == [("What is 2+3?", "5"),
+                                                                       ("Halve 1.", r"\frac{1}{2}")]
+    assert test_rows == []
+
+
+def test_data_path_split_choice_and_missing_split_names_the_splits(tmp_path):
+    for split, rows in PROBLEMS.items():
+        write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    mapped = ("data.prompt_column=question", "data.answer_column=final")
+    train_rows, test_rows = load_train_test(grpo_data(f"data.path={tmp_path}", "data.split=test",
+                                                      "data.test_split=train", *mapped))
+    assert [row["answer"] for row in train_rows] == ["16"]
+    assert [row["answer"] for row in test_rows] == ["5", r"\frac{1}{2}"]
+    with pytest.raises(DataError) as error:
+        load_train_test(grpo_data(f"data.path={tmp_path}", "data.test_split=validation", *mapped))
+    assert message_of(error) == (f"data.test_split='validation': data.path '{tmp_path}' has no split 'validation' "
+                                 f"(splits: ['test', 'train']); set data.test_split to one of them")
+
+
+def test_data_path_missing_column_names_the_field_and_the_columns(tmp_path):
+    for split, rows in PROBLEMS.items():
+        write_jsonl(tmp_path / f"{split}.jsonl", rows)
+    with pytest.raises(DataError) as error:
+        load_train_test(grpo_data(f"data.path={tmp_path}", "data.prompt_column=question", "data.answer_column=answr"))
+    assert message_of(error) == (f"data.answer_column='answr': data.path '{tmp_path}' split 'train' has no column "
+                                 f"'answr' (columns: ['question', 'final', 'source']); set data.answer_column to the "
+                                 f"column that holds the reference answers")
+    with pytest.raises(DataError, match=r"^data.prompt_column='prompt': .* has no column 'prompt' \(columns: "
+                       r"\['question', 'final', 'source'\]\); set data.prompt_column to the column that holds the "
+                       r"prompts$"):
+        load_train_test(grpo_data(f"data.path={tmp_path}", "data.answer_column=final"))  # prompt_column left 'prompt'
+
+
+def test_dpo_pairs_columns_through_data_path(tmp_path):
+    from llmalign.dpo_config import DPOConfig
+    from shared.config import load_config
+
+    # load_dataset wants the same columns in every split of a directory: pairs and held-out problems share them
+    write_jsonl(tmp_path / "train.jsonl", [{"q": "1+1?", "good": "2", "bad": "3", "gold": "2"}])
+    write_jsonl(tmp_path / "test.jsonl", [{"q": "2+2?", "good": "4", "bad": "5", "gold": "4"}])
+    data = load_config(DPOConfig, None, [f"data.path={tmp_path}", "data.prompt_column=q", "data.chosen_column=good",
+                                         "data.rejected_column=bad", "data.answer_column=gold"]).data
+    train_rows, test_rows = load_train_test(data, ("prompt", "chosen", "rejected"))
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in train_rows] == [("1+1?", "2", "3")]
+    assert [(r["prompt"], r["answer"]) for r in test_rows] == [("2+2?", "4")]
+    (tmp_path / "other").mkdir()  # a test split with a column the pairs lack: datasets refuses the directory
+    write_jsonl(tmp_path / "other" / "train.jsonl", [{"q": "1+1?", "good": "2", "bad": "3"}])
+    write_jsonl(tmp_path / "other" / "test.jsonl", [{"q": "2+2?", "gold": "4"}])
+    with pytest.raises(DataError) as error:
+        load_train_test(dataclasses.replace(data, path=str(tmp_path / "other")), ("prompt", "chosen", "rejected"))
+    assert "could not be loaded with datasets.load_dataset from the local dataset: An error occurred while " \
+           "generating the dataset: Couldn't cast" in message_of(error)
+
+
+def test_column_mapping_applies_to_data_train_files_too(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", PROBLEMS["train"])
+    data = grpo_data(f"data.train={train}", "data.test=null", "data.prompt_column=question",
+                     "data.answer_column=final")
+    train_rows, test_rows = load_train_test(data)
+    assert [(row["prompt"], row["answer"]) for row in train_rows] == [("What is 2+3?", "5"),
+                                                                       ("Halve 1.", r"\frac{1}{2}")]
+    assert test_rows == []
+
+
+def test_hub_id_is_passed_to_load_dataset(monkeypatch):
+    # no hub access here: only that a hub id and data.subset reach datasets.load_dataset unchanged
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        calls.append((path, name, kwargs))
+        return datasets.DatasetDict({split: datasets.Dataset.from_list(rows) for split, rows in PROBLEMS.items()})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = grpo_data("data.path=some-org/math-problems", "data.subset=main", "data.prompt_column=question",
+                     "data.answer_column=final")
+    train_rows, test_rows = load_train_test(data)
+    assert calls == [("some-org/math-problems", "main", {})]
+    assert [row["answer"] for row in train_rows] == ["5", r"\frac{1}{2}"]
+    assert [row["answer"] for row in test_rows] == ["16"]
+
+
+def test_prompt_template_and_system_prompt_render_plain_problems(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "What is 2+3?", "answer": "5"}])
+    template = r"{prompt} Put the final answer in \boxed{}."
+    data = grpo_data(f"data.train={train}", "data.test=null", f"data.prompt_template='{template}'")
+    assert load_train_test(data)[0][0]["prompt"] == r"What is 2+3? Put the final answer in \boxed{}."
+    data = grpo_data(f"data.train={train}", "data.test=null", f"data.prompt_template='{template}'",
+                     "data.system_prompt=Think step by step.")
+    assert load_train_test(data)[0][0]["prompt"] == [
+        {"role": "system", "content": "Think step by step."},
+        {"role": "user", "content": r"What is 2+3? Put the final answer in \boxed{}."}]
+
+
+def test_system_prompt_on_chat_prompts(tmp_path):
+    user = [{"role": "user", "content": "What is 2+3?"}]
+    assert format_prompts([{"prompt": user}], system_prompt="Be brief.")[0]["prompt"] == [
+        {"role": "system", "content": "Be brief."}, *user]
+    with pytest.raises(DataError, match="row 0 already has a system message; unset data.system_prompt"):
+        format_prompts([{"prompt": CHAT}], system_prompt="Be brief.")
+    with pytest.raises(DataError, match="data.prompt_template is set but row 0 has a chat prompt"):
+        format_prompts([{"prompt": user}], template="{prompt}!")
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["data.path=org/set", "data.train=mine.jsonl"], "data.train"),
+    (["data.path=org/set", "data.test=mine.jsonl"], "data.test"),
+    (["data.subset=main"], "data.subset"),
+    (["data.prompt_template=Solve it."], "data.prompt_template"),
+    (["data.answer_column= "], "data.answer_column"),
+    (["data.path="], "data.path"),
+])
+def test_data_source_config_errors_name_the_field(overrides, field):
+    from shared.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"config field '{field}'"):
+        grpo_data(*overrides)
+
+
+def test_missing_column_exits_2_with_one_line(tmp_path, capsys):
+    from llmalign.cli import main
+
+    write_jsonl(tmp_path / "train.jsonl", PROBLEMS["train"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["grpo", f"data.path={tmp_path}", "data.test_split=null", "data.prompt_column=question",
+              "data.answer_column=label", f"log.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err[-1] == (
+        f"data error: data.answer_column='label': data.path '{tmp_path}' split 'train' has no column 'label' "
+        f"(columns: ['question', 'final', 'source']); set data.answer_column to the column that holds the reference "
+        f"answers")
+
+
+def answer_digits_reward(prompts, completions, answer, **kwargs):
+    """A reward that sees only the reference answers: the metrics then show that they arrived."""
+    return [float(len(str(a))) for a in answer]
+
+
+def test_grpo_run_from_data_path_equals_the_run_from_files(tmp_path):
+    """One GRPO iteration on a tiny model: the same problems as data.train/data.test files, or as a parquet dataset
+    directory with other column names read through data.path, give the same metrics."""
+    from llmalign import toy
+    from llmalign.cli import main
+
+    model_dir = tmp_path / "model"
+    tokenizer = toy.build_tokenizer()
+    toy.build_model(tokenizer, hidden=32, layers=2, seed=0).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    dataset_dir = tmp_path / "dataset"
+    dataset_dir.mkdir()
+    for split, seed, n in (("train", 0, 8), ("test", 1, 4)):
+        problems = [{"prompt": p["prompt"], "answer": str(p["answer"])} for p in toy.make_split(n, seed)]
+        write_jsonl(tmp_path / f"{split}.jsonl", problems)
+        pq.write_table(pa.Table.from_pylist([{"problem": p["prompt"], "solution": p["answer"]} for p in problems]),
+                       dataset_dir / f"{split}.parquet")
+    common = [f"model.path={model_dir}", "data.eval_size=4", "sampling.max_new_tokens=8", "train.iterations=1",
+              "train.prompts_per_iteration=2", "train.group_size=3", "train.micro_batch_size=6",
+              "log.checkpoint_every=0",
+              "reward.weights={accuracy: 1.0, tests.test_llm_data:answer_digits_reward: 1.0}"]
+    main(["grpo", *common, f"data.train={tmp_path / 'train.jsonl'}", f"data.test={tmp_path / 'test.jsonl'}",
+          f"log.output_dir={tmp_path / 'files'}"])
+    main(["grpo", *common, f"data.path={dataset_dir}", "data.prompt_column=problem", "data.answer_column=solution",
+          f"log.output_dir={tmp_path / 'dataset_run'}"])
+
+    def metrics(run):
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [{key: value for key, value in record.items() if "time" not in key and "second" not in key}
+                for record in records]
+
+    assert metrics("files") == metrics("dataset_run") and metrics("files")[1]["reward/tests.test_llm_data:" \
+        "answer_digits_reward/mean"] >= 1  # the answers arrived (without them the reward raises)
+    samples = [(tmp_path / run / "samples.jsonl").read_text() for run in ("files", "dataset_run")]
+    assert samples[0] == samples[1] and "prompt" in samples[0]  # the same prompts, completions and rewards
