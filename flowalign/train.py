@@ -479,6 +479,7 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
     if start == 0:
         history["before"] = evaluate(config, run, adapter, encode, rewards, eval_prompts,
                                      run.out / "images" / "iter-000000.png")
+        run.log_image("eval/images", run.out / "images" / "iter-000000.png", step=0)  # to the trackers that take one
         run.append({"iteration": 0, **history["before"]})
         run.print(f"held-out reward before: {_fmt(history['before'])}")
 
@@ -501,7 +502,6 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
         local_prompts = prompts[block.start:block.stop]
         jobs, reward_seconds = [], [0.0]
 
-        run.log_image("eval/images", run.out / "images" / "iter-000000.png", step=0)  # to the trackers that take one
         def score_chunk(final_chunk, chunk_prompt_index, chunk_sample_id):
             started_chunk = time.perf_counter()
             images = adapter.decode(final_chunk)  # [c, 3, H, W]
@@ -583,6 +583,7 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
             with ema.swapped_in() if ema else contextlib.nullcontext():
                 record.update(evaluate(config, run, adapter, encode, rewards, eval_prompts,
                                        run.out / "images" / f"iter-{done:06d}.png"))
+            run.log_image("eval/images", run.out / "images" / f"iter-{done:06d}.png", step=done)
         run.append(record)
         progress.set_postfix(reward=f"{reward_stats['total/mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}",
                              clip=f"{metrics['clip_frac']:.2f}")
@@ -605,7 +606,6 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
     run.print(f"metrics {run.out / 'metrics.jsonl'}, curve {run.out / 'reward_curve.png'}, images {run.out / 'images'}")
     run.close()
     return {"before": history.get("before"), "after": final_eval}
-            run.log_image("eval/images", run.out / "images" / f"iter-{done:06d}.png", step=done)
 
 
 def save_training_checkpoint(config, run: Run, adapter, optimizer, ema, iteration: int) -> None:
