@@ -9,6 +9,11 @@ values are strings), `.parquet`, or a directory written by `datasets`' `save_to_
 DatasetDict from which one split is taken). All columns are kept, so extra columns (a reference solution,
 a difficulty tag) reach the reward functions as metadata.
 
+A recipe's data section reads through `load_train_test`: the files data.train and data.test as above, or, with
+data.path set, a hub id or local dataset through `datasets.load_dataset` (its splits data.split and
+data.test_split). Either way data.<name>_column names the source column of prompt, answer (and chosen, rejected),
+and data.prompt_template / data.system_prompt render plain-text prompts (`format_prompts`).
+
 A prompt is either plain text or chat messages: a list of {"role": str, "content": str} dicts, rendered
 with the tokenizer's chat template. In CSV a prompt cell holding a JSON list of objects is read as messages.
 
