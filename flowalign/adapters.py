@@ -10,7 +10,7 @@ An adapter turns a pipeline into the few operations flow-matching RL needs:
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     images = adapter.decode(x)                          # [B, 3, H, W] in [0, 1]
 
-Conventions (DESIGN.md): x_sigma = (1 - sigma) * x0 + sigma * noise and the model predicts
+Conventions (those of diffusers' flow-matching schedulers): x_sigma = (1 - sigma) * x0 + sigma * noise and the model predicts
 v = noise - x0. With that loop `SD3Adapter` reproduces `StableDiffusion3Pipeline.__call__`
 (tests/test_adapters.py checks it). Model-specific code (SD3 now, FLUX later) stays inside the
 adapter class; the trainer sees only `FlowPipelineAdapter`.

@@ -1,4 +1,5 @@
-"""llmalign: GRPO and DPO-family trainers for text reasoning on transformers models.
+"""llmalign: GRPO (grpo, dr_grpo, dapo, DisCO) and DPO-family trainers for text reasoning on transformers models.
 
-Not built yet (issues 4 and 5); the shared math it will use is in `shared/`.
+Commands: `llmalign grpo | dpo | pairs | eval` (llmalign/cli.py). The trainers are llmalign/grpo.py and
+llmalign/dpo.py; the losses, advantages and run handling they use are in `shared/`.
 """
