@@ -10,8 +10,8 @@ An adapter turns a pipeline into the few operations flow-matching RL needs:
         x = x + (sigmas[i + 1] - sigmas[i]) * v
     images = adapter.decode(x)                          # [B, 3, H, W] in [0, 1]
 
-Conventions (those of diffusers' flow-matching schedulers): x_sigma = (1 - sigma) * x0 + sigma * noise and the model predicts
-v = noise - x0. With that loop `SD3Adapter` reproduces `StableDiffusion3Pipeline.__call__`
+Conventions (those of diffusers' flow-matching schedulers): x_sigma = (1 - sigma) * x0 + sigma * noise and
+the model predicts v = noise - x0. With that loop `SD3Adapter` reproduces `StableDiffusion3Pipeline.__call__`
 (tests/test_adapters.py checks it). Model-specific code (SD3 now, FLUX later) stays inside the
 adapter class; the trainer sees only `FlowPipelineAdapter`.
 """

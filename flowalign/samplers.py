@@ -1,8 +1,8 @@
 """Samplers for flow-matching models: ODE and SDE steps with log-probs, MixGRPO's sliding window and
 Flash solver, TempFlow-GRPO's trajectory branching and noise-aware weights.
 
-Conventions (those of diffusers' flow-matching schedulers): x_sigma = (1 - sigma) * x0 + sigma * noise, the model predicts
-v = noise - x0, sampling runs sigma from ~1 down to 0 and dt = sigma_next - sigma < 0.
+Conventions (those of diffusers' flow-matching schedulers): x_sigma = (1 - sigma) * x0 + sigma * noise,
+the model predicts v = noise - x0, sampling runs sigma from ~1 down to 0 and dt = sigma_next - sigma < 0.
 Samplers never see a model: they take `velocity_fn(latents [B, ...], sigma: float | Tensor[B]) -> v`
 and the schedule `sigmas` [T + 1] (decreasing, last = 0) as a diffusers flow-matching scheduler makes it.
 
