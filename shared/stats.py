@@ -6,9 +6,11 @@ For a reward r of prompt p:
 
 mean_p and std_p (population std, unbiased=False) come from p's rewards in this update, or,
 with ``history=True``, from all of p's rewards since the last ``clear()`` (so a prompt drawn
-with few samples per step still gets a usable std). With ``global_std=True`` the divisor is
-the population std of all rewards of this update instead. A prompt whose pooled rewards are
-all equal gets advantages exactly 0, as in ``group_advantages``.
+with few samples per step still gets a usable std), or from its last ``history_size`` of them
+(never fewer than this update's; ddpo-pytorch's per-prompt ``buffer_size``). With
+``global_std=True`` the divisor is the population std of all rewards of this update instead.
+A prompt whose pooled rewards are all equal gets advantages exactly 0, as in
+``group_advantages``.
 """
 
 from __future__ import annotations
@@ -27,12 +29,18 @@ class PromptStatTracker:
         eps: added to the std before dividing.
         history: pool each prompt's rewards since the last ``clear()``; otherwise only the
             current update's rewards are kept and used.
+        history_size: with ``history``, keep only each prompt's last ``history_size`` rewards
+            (at least the current update's); None keeps all.
     """
 
-    def __init__(self, global_std: bool = False, eps: float = 1e-4, history: bool = False):
+    def __init__(self, global_std: bool = False, eps: float = 1e-4, history: bool = False,
+                 history_size: int | None = None):
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
+        if history_size is not None and history_size < 1:
+            raise ValueError(f"history_size must be >= 1 or None, got {history_size}")
         self.global_std, self.eps, self.history = bool(global_std), float(eps), bool(history)
+        self.history_size = history_size
         self.rewards: dict[str, list[float]] = {}  # prompt -> rewards seen (python floats)
 
     def update(self, prompts: list[str], rewards: Tensor) -> Tensor:
@@ -51,7 +59,9 @@ class PromptStatTracker:
             current.setdefault(prompt, []).append(i)
         for prompt, positions in current.items():
             previous = self.rewards.get(prompt, []) if self.history else []
-            self.rewards[prompt] = previous + values[positions].tolist()
+            pooled = previous + values[positions].tolist()
+            keep = len(pooled) if self.history_size is None else max(self.history_size, len(positions))
+            self.rewards[prompt] = pooled[-keep:]  # the most recent ones
 
         batch_std = values.std(unbiased=False) if values.numel() > 1 else values.new_zeros(())
         advantages = torch.zeros_like(values)  # [N]
@@ -77,12 +87,13 @@ class PromptStatTracker:
             "global_std": self.global_std,
             "eps": self.eps,
             "history": self.history,
+            "history_size": self.history_size,
             "rewards": {prompt: list(values) for prompt, values in self.rewards.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the tracked rewards; the options must match the ones this tracker was built with."""
-        for key in ("global_std", "eps", "history"):
+        for key in ("global_std", "eps", "history", "history_size"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(
                     f"tracker state has {key}={state[key]!r} but this tracker has {key}={getattr(self, key)!r}; "

@@ -88,3 +88,22 @@ def test_errors():
         PromptStatTracker().update(["a"], torch.ones(2))
     with pytest.raises(ValueError, match="NaN"):
         PromptStatTracker().update(["a", "a"], torch.tensor([1.0, float("nan")]))
+
+
+def test_history_size_keeps_the_last_rewards_by_hand():
+    tracker = PromptStatTracker(history=True, history_size=3)
+    tracker.update(PROMPTS_1, REWARDS_1)
+    out = tracker.update(PROMPTS_2, REWARDS_2)
+    # a keeps (3, 5, 5) of (1, 3, 5, 5): mean 13/3, variance (16/9 + 4/9 + 4/9) / 3 = 8/9, std 0.942809
+    #   A(5) = (2/3) / 0.942909 = 0.707032
+    # b keeps all of (0, 4, 4): A(4) = 0.707069 as in test_history_across_two_updates_by_hand
+    assert_close(out, torch.tensor([0.707032, 0.707069, 0.707032]))
+    assert tracker.rewards == {"a": [3.0, 5.0, 5.0], "b": [0.0, 4.0, 4.0]}
+    # fewer kept than one update brings: the whole update is kept (at least its own rewards)
+    small = PromptStatTracker(history=True, history_size=1)
+    small.update(PROMPTS_1, REWARDS_1)
+    assert small.rewards == {"a": [1.0, 3.0], "b": [0.0, 4.0]}
+    with pytest.raises(ValueError, match="history_size must be >= 1"):
+        PromptStatTracker(history=True, history_size=0)
+    with pytest.raises(ValueError, match="history_size=3 but this tracker has history_size=None"):
+        PromptStatTracker(history=True).load_state_dict(tracker.state_dict())
