@@ -55,6 +55,7 @@ from shared.losses import clipped_policy_loss
 from shared.ratio_check import METRIC as RATIO_METRIC, FirstUpdateRatioCheck, ratio_deviation
 from shared.run import Run
 from shared.runlog import plot_curves
+from shared.stats import PromptStatTracker
 
 
 @dataclasses.dataclass
@@ -280,6 +281,50 @@ def score(rewards: dict, images: torch.Tensor, prompts: list[str], metadata: lis
     return {name: call_reward(name, fn, images, prompts, metadata, allow_nonfinite) for name, fn in rewards.items()}
 
 
+def per_prompt_trackers(config: FlowGRPOConfig) -> dict[str, PromptStatTracker]:
+    """train.advantage_scale=per_prompt: one tracker for the weighted sum (sum_then_normalize) or one per reward
+    (normalize_then_sum); {} for the other scales."""
+    t = config.train
+    if t.advantage_scale != "per_prompt":
+        return {}
+    names = ["total"] if config.reward.composition == "sum_then_normalize" else list(config.reward.weights)
+    return {name: PromptStatTracker(history=t.per_prompt_history > 0, history_size=t.per_prompt_history or None)
+            for name in names}
+
+
+def per_prompt_advantages(trackers: dict[str, PromptStatTracker], scores: dict[str, torch.Tensor],
+                          weights: dict[str, float], prompts: list[str],
+                          keep: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Flow-GRPO's per-prompt advantages (Liu et al., 2025, arXiv:2505.05470; its code's PerPromptStatTracker):
+    A = (r - mean_p) / (std_p + 1e-4), mean and population std over the rewards of the sample's prompt text,
+    in the gathered batch and, with train.per_prompt_history, its past iterations (shared.stats).
+
+    scores: reward -> [N] over the gathered batch; prompts: the N samples' prompt texts; keep: [N] bool, the
+    samples whose rewards enter the statistics (a dropped sample's do not; it gets advantage 0). With the
+    tracker "total" the weighted sum is tracked, else each reward's advantages are weighted and summed (MixGRPO).
+    Every rank calls this on the same gathered batch, so the trackers stay identical on every rank. Returns the
+    advantages [N] and the trackers' num_prompts and mean_group_size (what the official code logs).
+    Departures from the official code: it clears its tracker every epoch (= per_prompt_history 0 here), and its
+    global_std option is train.advantage_scale=batch here (mean per prompt slot, the batch's std)."""
+    kept = keep.nonzero().flatten()  # [K]
+    kept_prompts = [prompts[i] for i in kept.tolist()]
+    dtype = next(iter(scores.values())).dtype
+    advantages = torch.zeros(len(keep), dtype=torch.float64)  # [N]
+    if not kept_prompts:
+        return advantages.to(dtype), {}
+    if "total" in trackers:
+        total = sum(weights[name] * values.double()[kept] for name, values in scores.items())  # [K]
+        advantages[kept] = trackers["total"].update(kept_prompts, total)
+    else:
+        advantages[kept] = sum(weights[name] * trackers[name].update(kept_prompts, values.double()[kept])
+                               for name, values in scores.items())  # [K]
+    stats = next(iter(trackers.values())).prompt_stats()  # every tracker holds the same prompts and counts
+    for tracker in trackers.values():
+        if not tracker.history:
+            tracker.clear()  # as the official code after each epoch: nothing stale in the checkpoint
+    return advantages.to(dtype), stats
+
+
 # ------------------------------------------------------------------------------------ update
 def update_parts(row_key: torch.Tensor, row_group: torch.Tensor, parts: int, seed: int,
                  iteration: int) -> list[torch.Tensor]:
@@ -448,6 +493,9 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
     ema = EMA(params, t.ema_decay) if t.ema_decay else None
     rewards = {path: load_reward(path, config.reward.kwargs.get(path), timeout_s=config.reward.timeout_s)
                for path in config.reward.weights}  # each call bounded by reward.timeout_s (null: unbounded)
+    eval_rewards = {path: load_reward(path, kwargs or None, timeout_s=config.reward.timeout_s)
+                    for path, kwargs in config.eval.rewards.items()}  # scored on evaluation samples only
+    trackers = per_prompt_trackers(config)
     window = None
     if a.name == "mixgrpo" or a.branch_steps == "window":
         window = samplers.SlidingWindow(num_steps=s.num_steps - 1, window_size=a.window_size, stride=a.window_stride,
@@ -471,13 +519,18 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
         run.load_optimizer(adapter.transformer, optimizer, run.load("optimizer"))
         if ema is not None:
             ema.shadow = [x.to(run.device) for x in run.load("ema")]
+        if trackers and (run.checkpoint / "stat_tracker.json").is_file():
+            for name, state in run.load("stat_tracker").items():
+                if name in trackers:  # rewards alone: a per_prompt_history changed on resume applies to them
+                    trackers[name].load_state_dict({"rewards": state["rewards"]})
     run.write_config(config)
     first_images = adapter.decode(adapter.initial_noise(2, iteration_generator(t.seed, -1), s.height, s.width))
-    check_rewards_on_dummy_batch(rewards, first_images, [train_prompts[i % len(train_prompts)] for i in range(2)],
+    check_rewards_on_dummy_batch({**rewards, **eval_rewards}, first_images,
+                                 [train_prompts[i % len(train_prompts)] for i in range(2)],
                                  allow_nonfinite=config.reward.on_bad_score == "drop")
     history = {}
     if start == 0:
-        history["before"] = evaluate(config, run, adapter, encode, rewards, eval_prompts,
+        history["before"] = evaluate(config, run, adapter, encode, {**rewards, **eval_rewards}, eval_prompts,
                                      run.out / "images" / "iter-000000.png")
         run.log_image("eval/images", run.out / "images" / "iter-000000.png", step=0)  # to the trackers that take one
         run.append({"iteration": 0, **history["before"]})
@@ -529,9 +582,15 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
         timings["time/reward"] = reward_seconds[0] + time.perf_counter() - clock  # decode + scoring not overlapped
 
         # advantage (dropped samples: NaN rewards are masked out of the statistics and get advantage 0)
+        by_prompt = t.advantage_scale == "per_prompt"  # advantages from the per-prompt trackers below
         advantages, reward_stats = compose_rewards(scores, config.reward.weights, group_ids,
-                                                   mode=config.reward.composition, scale=t.advantage_scale,
+                                                   mode=config.reward.composition,
+                                                   scale="none" if by_prompt else t.advantage_scale,
                                                    nan_policy="mask" if drop_bad else "raise")
+        if by_prompt:  # group_ids are the global prompt slots (tempflow is refused): the samples' prompt texts
+            advantages, tracked = per_prompt_advantages(trackers, scores, config.reward.weights,
+                                                        [prompts[g] for g in group_ids.tolist()], ~bad_sample)
+            reward_stats.update({f"per_prompt/{k}": v for k, v in tracked.items()})
         advantages = advantages.masked_fill(bad_sample, 0.0)  # dropped from every reward, not just the bad one
         reward_stats["dropped"] = int(bad_sample.sum())
         advantages = clip_advantages(advantages, t.advantage_clip)  # [N]
@@ -581,7 +640,7 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
                   "samples": samples_per_iteration, "world_size": run.world, **timings}
         if run.due(done, config.log.eval_every, last):
             with ema.swapped_in() if ema else contextlib.nullcontext():
-                record.update(evaluate(config, run, adapter, encode, rewards, eval_prompts,
+                record.update(evaluate(config, run, adapter, encode, {**rewards, **eval_rewards}, eval_prompts,
                                        run.out / "images" / f"iter-{done:06d}.png"))
             run.log_image("eval/images", run.out / "images" / f"iter-{done:06d}.png", step=done)
         run.append(record)
@@ -590,7 +649,7 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
 
         # checkpoint (every rank takes part: the RNG states are gathered)
         if run.due(done, config.log.checkpoint_every, last):
-            save_training_checkpoint(config, run, adapter, optimizer, ema, done)
+            save_training_checkpoint(config, run, adapter, optimizer, ema, done, trackers)
         if last:
             break
 
@@ -598,7 +657,7 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
     final_eval = {k: v for k, v in record.items() if k.startswith("eval/")}
     run.main_only(lambda: plot_curves(
         run.out / "metrics.jsonl", run.out / "reward_curve.png",
-        ["reward/total/mean", *[f"eval/{name}" for name in rewards], "train/kl", "train/clip_frac"],
+        ["reward/total/mean", *[f"eval/{name}" for name in [*rewards, *eval_rewards]], "train/kl", "train/clip_frac"],
         f"{a.name} on {config.model.path}"))
     if "before" in history and final_eval:
         run.print(f"held-out reward before: {_fmt(history['before'])}")
@@ -608,12 +667,15 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
     return {"before": history.get("before"), "after": final_eval}
 
 
-def save_training_checkpoint(config, run: Run, adapter, optimizer, ema, iteration: int) -> None:
+def save_training_checkpoint(config, run: Run, adapter, optimizer, ema, iteration: int,
+                             trackers: dict[str, PromptStatTracker] | None = None) -> None:
     model = adapter.transformer
     states = {"trainable": run.trainable_state(model), "optimizer": run.optimizer_state(model, optimizer),
               "trainer": {"iteration": iteration, "config": to_dict(config)}}
     if ema is not None:
         states["ema"] = ema.shadow
+    if trackers:  # train.advantage_scale=per_prompt: the rewards each prompt's statistics pool (alike on all ranks)
+        states["stat_tracker"] = {name: tracker.state_dict() for name, tracker in trackers.items()}
     writer = None
     if config.model.lora:
         writer = lambda tmp: save_lora_for_pipeline(type(adapter.pipeline), run.unwrap(model), tmp / "lora",  # noqa: E731
@@ -648,6 +710,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --resume: apply config changes beyond train.iterations, train.max_seconds and "
                              "log.* (refused without it)")
     parser.add_argument("--describe", action="store_true", help="list every config field and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, model source, prompts and rewards, print the plan and exit (no weights load)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=5")
     args = parser.parse_args(argv)
     if args.describe:
@@ -655,6 +719,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         config = load_config(FlowGRPOConfig, args.config, args.overrides)
+        if args.dry_run:  # before read_prompts: a hub prompts dataset is checked by form, not downloaded
+            from flowalign.plan import dry_run
+
+            dry_run(config)
+            return
         read_prompts(config)
         train(config, resume=args.resume, allow_config_change=args.allow_config_change)
     except ConfigError as error:  # also a used log.output_dir or a batch that does not split, before anything loads

@@ -2,6 +2,7 @@
 
     llmalign grpo --config configs/llm/arith.yaml [key=value ...] [--resume [--allow-config-change]] [--describe]
     llmalign dpo --config configs/llm/arith_dpo.yaml [key=value ...] [--resume [--allow-config-change]] [--describe]
+    llmalign grpo|dpo --config ... --dry-run          # check config, model source, data, rewards; print the plan
     llmalign pairs --model DIR --data FILE --out pairs.jsonl [--adapter DIR] [--group-size G]
                    [--pairs-per-prompt K] [--max-new-tokens N] [--temperature T] [--limit N] [--seed S]
                    [--format-check | --no-format-check]
@@ -49,7 +50,12 @@ def run_recipe(config_class, train, args: argparse.Namespace) -> None:
     from shared.checkpoint import WriteError
 
     try:
-        train(config, resume=args.resume, allow_config_change=args.allow_config_change)
+        if args.dry_run:  # model source, data and rewards checked, the plan printed; no weights load
+            from llmalign.plan import dry_run
+
+            dry_run(config)
+        else:
+            train(config, resume=args.resume, allow_config_change=args.allow_config_change)
     except ConfigError as error:  # found only once a model is loaded (a guidance model of another vocabulary)
         exit_on_config_error(error)
     except DataError as error:
@@ -176,6 +182,8 @@ def run_eval(args: argparse.Namespace) -> None:
 
 ALLOW_CONFIG_CHANGE_HELP = ("with --resume: apply config changes beyond train.iterations, train.max_seconds, "
                             "train.steps, train.epochs and log.* (refused without it)")
+DRY_RUN_HELP = ("check the config, model source (a hub id by form only), data and rewards, print the plan (model, "
+                "global batch, steps, rewards, memory settings) and exit; loads no weights")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     grpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
     grpo.add_argument("--allow-config-change", action="store_true", help=ALLOW_CONFIG_CHANGE_HELP)
     grpo.add_argument("--describe", action="store_true", help="list every config field and exit")
+    grpo.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     grpo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=5")
     grpo.set_defaults(run=run_grpo)
     dpo = sub.add_parser("dpo", help="DPO / IPO / robust / hinge / SimPO (and TGDPO) training on preference pairs")
@@ -193,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
     dpo.add_argument("--allow-config-change", action="store_true", help=ALLOW_CONFIG_CHANGE_HELP)
     dpo.add_argument("--describe", action="store_true", help="list every config field and exit")
+    dpo.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     dpo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algorithm.loss=ipo")
     dpo.set_defaults(run=run_dpo)
     pairs = sub.add_parser("pairs", help="sample completions and write chosen/rejected pairs by preference level")

@@ -1,0 +1,112 @@
+"""`python flowalign/train.py --config ... --dry-run`: check a flow recipe and print its plan, loading no weights.
+
+Checks, each a one-line ConfigError (exit 2) or RewardError (exit 3) as training would raise it:
+  - the config (load_config already validated its fields);
+  - model.path: the embedded pipeline, an existing local directory, or a well-formed hub id (form only: no
+    download, no network);
+  - the prompts: data.prompts / data.prompts_file / a local data.prompts_dataset are read in full, as training
+    reads them; a hub data.prompts_dataset is checked by form and reported, not downloaded;
+  - each reward through load_reward, the loader training uses: importable, its factory accepts reward.kwargs,
+    the reward accepts (images, prompts, metadata). The learned scorers (flowalign.rewards.models, the OCR
+    reward, the digit classifier) load their models on the first call, so no weights load here;
+  - the global batch splits over the processes (WORLD_SIZE, as set by accelerate launch).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from flowalign.config import EMBEDDED_MODEL, FlowGRPOConfig
+from shared.plan import describe_source, format_plan, hub_id_problem, require_divisible, world_size
+
+
+def _prompt_source(config: FlowGRPOConfig) -> tuple[str, str]:
+    """(training prompts, evaluation prompts) as plan lines; local sources are read in full."""
+    from flowalign.train import read_prompts  # the reader training uses: same checks, same messages
+
+    d = config.data
+    if d.prompts_dataset and not Path(d.prompts_dataset).expanduser().exists():
+        problem = hub_id_problem(d.prompts_dataset)
+        if problem is not None:
+            from shared.config import ConfigError
+
+            raise ConfigError(f"config field 'data.prompts_dataset': {d.prompts_dataset!r} is neither a local "
+                              f"dataset nor a hub id ({problem}); give a file, a directory or org/name")
+        hub = (f"hub dataset {d.prompts_dataset}, split {d.prompts_split}, column {d.prompts_column} (form checked, "
+               f"not downloaded)")
+        evaluation = (f"split {d.eval_split} of the hub dataset (not downloaded)" if d.eval_split else
+                      f"{len(read_eval_only(config))} prompts" if (d.eval_prompts or d.eval_prompts_file) else
+                      "the training prompts")
+        return hub, evaluation
+    prompts, eval_prompts = read_prompts(config)
+    source = d.prompts_file or d.prompts_dataset or "data.prompts"
+    eval_source = d.eval_prompts_file or (f"split {d.eval_split}" if d.eval_split else
+                                          "data.eval_prompts" if d.eval_prompts else "the training prompts")
+    return f"{len(prompts)} prompts from {source}", f"{len(eval_prompts)} prompts from {eval_source}"
+
+
+def read_eval_only(config: FlowGRPOConfig) -> list[str]:
+    """The evaluation prompts of data.eval_prompts / data.eval_prompts_file, for a hub training dataset."""
+    from flowalign.train import _prompt_lines
+
+    d = config.data
+    return _prompt_lines(d.eval_prompts_file, "data.eval_prompts_file") if d.eval_prompts_file else list(d.eval_prompts)
+
+
+def plan_rows(config: FlowGRPOConfig) -> list[tuple[str, object]]:
+    """Check the recipe (see the module docstring) and return its plan as (name, value) rows."""
+    from flowalign.rewards.plugins import load_reward
+
+    m, s, a, t, r = config.model, config.sampling, config.algorithm, config.train, config.reward
+    world = world_size()
+    require_divisible(t.prompts_per_iteration, world, "train.prompts_per_iteration", "prompts")
+    model = describe_source(m.path, "model.path", embedded=EMBEDDED_MODEL, kind="pipeline")
+    train_prompts, eval_prompts = _prompt_source(config)
+    rewards = []
+    for path, weight in r.weights.items():
+        load_reward(path, r.kwargs.get(path))  # import, factory(kwargs), signature; scorers load on first call
+        rewards.append(f"{path} x {weight:g}" + (f" {r.kwargs[path]}" if path in r.kwargs else ""))
+    per_prompt = a.num_branches if a.name == "tempflow" else t.group_size
+    samples = t.prompts_per_iteration * per_prompt
+    noisy = s.num_steps - 1  # the last step lands on sigma = 0 and has no noise
+    if a.name == "mixgrpo":
+        trained = f"{a.window_size} of {noisy} (window moves {a.window_stride} every {a.window_interval} iterations, {a.window_mode})"
+        rows_per_sample = a.window_size
+    elif a.name == "flow_grpo":
+        rows_per_sample = max(1, math.ceil(a.train_fraction * noisy))
+        trained = f"{rows_per_sample} of {noisy}"
+    else:
+        rows_per_sample = None
+        trained = f"branch steps: {a.branch_steps}" + (f" {a.branch_subset}" if a.branch_steps == "subset" else "")
+    size = f"{s.height or 'default'} x {s.width or 'default'} px"
+    rows: list[tuple[str, object]] = [
+        ("algorithm", a.name),
+        ("model", f"{model}, pipeline {m.pipeline}"),
+        ("train prompts", train_prompts),
+        ("eval prompts", eval_prompts),
+        ("rewards", "; ".join(rewards) + f" ({r.composition})"),
+        ("world size", world),
+        ("global batch", f"{t.prompts_per_iteration} prompts x {per_prompt} samples = {samples} samples per iteration"),
+        ("per process", f"{t.prompts_per_iteration // world} prompts, {samples // world} samples"),
+        ("denoising steps", f"{s.num_steps} (eval {s.eval_num_steps}); trained per sample: {trained}"),
+    ]
+    if rows_per_sample is not None:
+        rows.append(("update rows", f"{samples * rows_per_sample} (sample, step) rows per iteration"))
+    rows += [
+        ("iterations", t.iterations),
+        ("optimizer steps", f"{t.iterations * t.updates_per_iteration} ({t.updates_per_iteration} per iteration)"),
+        ("optimizer", f"AdamW lr {t.learning_rate:g}, clip {t.clip_range:g}, KL beta {t.kl_beta:g} ({t.kl_form})"),
+        ("sampling", f"noise level {s.noise_level:g} ({s.sde_kind}), guidance {s.guidance_scale:g}, {size}"),
+        ("trainable", f"LoRA r {m.lora_rank} alpha {m.lora_alpha} on {m.lora_targets}" if m.lora else "full transformer"),
+        ("memory", f"dtype {m.dtype}, mixed precision {t.mixed_precision}, micro batch {t.micro_batch_size} rows, "
+                   f"gradient checkpointing {t.gradient_checkpointing}, rollout chunks {t.rollout_chunks}, "
+                   f"text encoders offloaded {m.offload_text_encoders}, EMA {t.ema_decay}"),
+        ("output", config.log.output_dir),
+    ]
+    return rows
+
+
+def dry_run(config: FlowGRPOConfig) -> None:
+    """Print the checked plan (see the module docstring); raises as training would on a bad recipe."""
+    print(format_plan("dry run: config, model source, prompts and rewards checked; no weights loaded", plan_rows(config)))

@@ -1,0 +1,148 @@
+"""`llmalign grpo|dpo --config ... --dry-run`: check a text recipe and print its plan, loading no weights.
+
+Checks, each one line and an exit code as training would give (2 config or data, 3 a reward):
+  - the config (load_config already validated its fields);
+  - model.path (and DPO's algorithm.guidance_model): embedded:arith, an existing local directory, or a
+    well-formed hub id (form only: no download, no network);
+  - the data: local files, directories and the embedded task are read in full through load_train_test, as
+    training reads them (columns mapped, prompts formatted); a hub data.path is checked by form and reported,
+    not downloaded;
+  - GRPO rewards through build_reward, the builder training uses (builtins and import paths with their params);
+  - the global batch splits over the processes (WORLD_SIZE, as set by accelerate launch).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from llmalign.config import EMBEDDED_MODEL
+from shared.config import ConfigError
+from shared.plan import describe_source, format_plan, hub_id_problem, require_divisible, world_size
+
+
+class _PlannedWorld:
+    """The `run` that llmalign.grpo.check_world_split asks for (its world size and refusal), without a Run."""
+
+    def __init__(self, world: int):
+        self.world = world
+
+    def require_divisible(self, value: int, field: str, what: str) -> None:
+        require_divisible(value, self.world, field, what)
+
+
+def _data_rows(data, required: tuple[str, ...]) -> tuple[str, str, int]:
+    """(training source, held-out source, training row count or -1) as plan lines; hub datasets not loaded."""
+    from llmalign.data import load_train_test
+    from llmalign.toy import resolve_embedded
+
+    if data.path is not None and not Path(data.path).expanduser().exists():
+        problem = hub_id_problem(data.path)
+        if problem is not None:
+            raise ConfigError(f"config field 'data.path': {data.path!r} is neither a local dataset nor a hub id "
+                              f"({problem}); give a file, a directory or org/name")
+        subset = f" (subset {data.subset})" if data.subset else ""
+        columns = ", ".join(f"{name} <- {getattr(data, name + '_column')}" for name in required)
+        train = (f"hub dataset {data.path}{subset}, split {data.split or 'train'}, columns {columns} "
+                 f"(form checked, not downloaded)")
+        test = f"split {data.test_split} of the hub dataset (not downloaded)" if data.test_split else "none"
+        return train, test, -1
+    train_rows, test_rows = load_train_test(data, required, resolve_embedded)
+    source = data.path or data.train
+    test_source = (f"split {data.test_split}" if data.path and data.test_split else data.test) if test_rows else "none"
+    return f"{len(train_rows)} rows from {source}", f"{len(test_rows)} rows from {test_source}", len(train_rows)
+
+
+def _format(data) -> str:
+    return f"system prompt {data.system_prompt!r}, template {data.prompt_template!r}"
+
+
+def _memory(config) -> str:
+    m, t = config.model, config.train
+    lora = f"LoRA r {m.lora_rank} alpha {m.lora_alpha}" if m.lora else "full fine-tuning"
+    return (f"dtype {m.dtype}, mixed precision {t.mixed_precision}, {lora}, micro batch {t.micro_batch_size}, "
+            f"gradient checkpointing {t.gradient_checkpointing}")
+
+
+def grpo_plan(config) -> list[tuple[str, object]]:
+    """Check a GRPOConfig (see the module docstring) and return its plan as (name, value) rows."""
+    from llmalign.grpo import RewardError, check_world_split
+    from llmalign.rewards import build_reward
+
+    t, a, s, d, r = config.train, config.algorithm, config.sampling, config.data, config.reward
+    world = world_size()
+    check_world_split(_PlannedWorld(world), config)
+    model = describe_source(config.model.path, "model.path", embedded=EMBEDDED_MODEL)
+    train, test, _ = _data_rows(d, ("prompt", "answer"))
+    for name in r.weights:  # the builder training uses: a bad path or params is exit 3 naming the reward
+        try:
+            build_reward(name, r.params.get(name))
+        except ValueError as error:
+            raise RewardError(str(error)) from None
+    rewards = "; ".join(f"{name} x {weight:g}" + (f" {r.params[name]}" if name in r.params else "")
+                        for name, weight in r.weights.items())
+    rollout = t.prompts_per_iteration * t.group_size
+    steps_per_iteration = t.num_iterations * t.updates_per_pass
+    return [
+        ("algorithm", f"{a.loss} (clip {a.eps_low:g} / {a.clip_high:g}, KL beta {a.beta:g}, advantage std {a.scale})"),
+        ("model", model),
+        ("train data", train),
+        ("held-out data", test),
+        ("prompt format", _format(d)),
+        ("rewards", rewards),
+        ("world size", world),
+        ("global batch", f"{t.prompts_per_iteration} prompts x {t.group_size} completions = {rollout} per iteration"),
+        ("per process", f"{t.prompts_per_iteration // world} prompts, {rollout // world} completions"),
+        ("iterations", t.iterations),
+        ("optimizer steps", f"{t.iterations * steps_per_iteration} ({t.num_iterations} passes x {t.updates_per_pass} "
+                            f"updates per iteration, {rollout // t.updates_per_pass} completions each)"),
+        ("optimizer", f"AdamW lr {t.learning_rate:g}, weight decay {t.weight_decay:g}"),
+        ("tokens", f"prompt <= {d.max_prompt_length}, completion <= {s.max_new_tokens} (temperature {s.temperature:g})"),
+        ("memory", _memory(config) + f", reference model {'kept' if a.beta > 0 else 'none'}"),
+        ("output", config.log.output_dir),
+    ]
+
+
+def dpo_plan(config) -> list[tuple[str, object]]:
+    """Check a DPOConfig (see the module docstring) and return its plan as (name, value) rows."""
+    t, a, d = config.train, config.algorithm, config.data
+    world = world_size()
+    require_divisible(t.batch_size, world, "train.batch_size", "pairs")
+    model = describe_source(config.model.path, "model.path", embedded=EMBEDDED_MODEL)
+    guidance = (describe_source(a.guidance_model, "algorithm.guidance_model", embedded=EMBEDDED_MODEL)
+                if a.guidance_model is not None else None)
+    train, test, pairs = _data_rows(d, ("prompt", "chosen", "rejected"))
+    if t.steps is not None:
+        steps = f"{t.steps} (train.steps)"
+    elif pairs >= 0:
+        steps = f"{math.ceil(t.epochs * pairs / t.batch_size)} (ceil({t.epochs:g} epochs x {pairs} pairs / {t.batch_size}))"
+    else:
+        steps = f"ceil({t.epochs:g} epochs x the dataset's pairs / {t.batch_size}) (dataset not loaded)"
+    rows = [
+        ("algorithm", f"dpo[{a.loss}], reference {a.reference if a.uses_reference else 'none'}"),
+        ("model", model),
+    ]
+    if guidance is not None:
+        rows.append(("guidance model", guidance))
+    rows += [
+        ("train data", train),
+        ("held-out data", test),
+        ("prompt format", _format(d)),
+        ("world size", world),
+        ("global batch", f"{t.batch_size} pairs per optimizer step"),
+        ("per process", f"{t.batch_size // world} pairs"),
+        ("optimizer steps", steps),
+        ("optimizer", f"AdamW lr {t.learning_rate:g}, warm-up {t.warmup_steps} steps, weight decay {t.weight_decay:g}"),
+        ("tokens", f"prompt <= {d.max_prompt_length}, completion <= {d.max_completion_length}"),
+        ("memory", _memory(config)),
+        ("output", config.log.output_dir),
+    ]
+    return rows
+
+
+def dry_run(config) -> None:
+    """Print the checked plan of a GRPO or DPO config; raises as training would on a bad recipe."""
+    from llmalign.config import GRPOConfig
+
+    rows = grpo_plan(config) if isinstance(config, GRPOConfig) else dpo_plan(config)
+    print(format_plan("dry run: config, model source, data and rewards checked; no weights loaded", rows))
