@@ -97,7 +97,8 @@ def grpo_plan(config) -> list[tuple[str, object]]:
         ("optimizer steps", f"{t.iterations * steps_per_iteration} ({t.num_iterations} passes x {t.updates_per_pass} "
                             f"updates per iteration, {rollout // t.updates_per_pass} completions each)"),
         ("optimizer", f"AdamW lr {t.learning_rate:g}, weight decay {t.weight_decay:g}"),
-        ("tokens", f"prompt <= {d.max_prompt_length}, completion <= {s.max_new_tokens} (temperature {s.temperature:g})"),
+        ("tokens", f"prompt <= {d.max_prompt_length}, completion <= {s.max_new_tokens} "
+                   f"(temperature {s.temperature:g})"),
         ("memory", _memory(config) + f", reference model {'kept' if a.beta > 0 else 'none'}"),
         ("output", config.log.output_dir),
     ]
@@ -115,7 +116,8 @@ def dpo_plan(config) -> list[tuple[str, object]]:
     if t.steps is not None:
         steps = f"{t.steps} (train.steps)"
     elif pairs >= 0:
-        steps = f"{math.ceil(t.epochs * pairs / t.batch_size)} (ceil({t.epochs:g} epochs x {pairs} pairs / {t.batch_size}))"
+        steps = (f"{math.ceil(t.epochs * pairs / t.batch_size)} "
+                 f"(ceil({t.epochs:g} epochs x {pairs} pairs / {t.batch_size}))")
     else:
         steps = f"ceil({t.epochs:g} epochs x the dataset's pairs / {t.batch_size}) (dataset not loaded)"
     rows = [

@@ -20,7 +20,8 @@ def world_size() -> int:
     try:
         world = int(value)
     except ValueError:
-        raise ConfigError(f"environment variable WORLD_SIZE={value!r} is not an integer; unset it or give a count") from None
+        raise ConfigError(f"environment variable WORLD_SIZE={value!r} is not an integer; unset it or give a "
+                          "count") from None
     if world < 1:
         raise ConfigError(f"environment variable WORLD_SIZE={world} is below 1; unset it or give a count")
     return world

@@ -193,7 +193,7 @@ def test_grpo_plan_reports_hub_sources_and_rewards(no_weights, capsys):
     assert rows["model"].startswith("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B (hub id: form checked, not downloaded")
     assert rows["train data"].startswith("hub dataset knoveleng/open-rs, split train, columns prompt <- problem, "
                                          "answer <- answer")
-    assert rows["rewards"].startswith("accuracy x 1; format x 1; cosine_length x 1")
+    assert rows["rewards"].startswith("format x 1; cosine_length x 2")  # experiment 3: cosine replaces accuracy
     assert rows["tokens"] == "prompt <= 512, completion <= 3584 (temperature 0.7)"
     assert rows["optimizer"] == "AdamW lr 1e-06, weight decay 0"
 
