@@ -1,6 +1,6 @@
 """The one config dataclass of the flow GRPO recipe (`flowalign/train.py`).
 
-Sections: model, sampling, algorithm, train, reward, data, log. Every field is documented once,
+Sections: model, sampling, algorithm, train, reward, data, eval, log. Every field is documented once,
 here; `python flowalign/train.py --describe` prints them all. Batch sizes are global (per iteration, over all
 processes), so a config trains the same way on 1 or N processes; micro_batch_size is a per-process memory knob.
 """
@@ -87,7 +87,14 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     clip_range: float = option(1e-4, "PPO clip epsilon on the per-step ratio (Flow-GRPO: 1e-4)")
     advantage_clip: float = option(5.0, "clip advantages to +-this")
-    advantage_scale: Literal["group", "batch", "none"] = option("batch", "std for advantages: per group, whole batch (Flow-GRPO), none")
+    advantage_scale: Literal["group", "batch", "none", "per_prompt"] = option(
+        "batch", "std for advantages: per group, whole batch (Flow-GRPO's global_std), none, or per_prompt: mean and "
+                 "std of each prompt's rewards, pooled by prompt text over the gathered batch and, with "
+                 "train.per_prompt_history, over past iterations (Flow-GRPO's PerPromptStatTracker)")
+    per_prompt_history: int = option(
+        0, "train.advantage_scale=per_prompt: rewards of a prompt kept across iterations for its mean and std: 0 = "
+           "this iteration's only (Flow-GRPO clears its tracker every epoch), N = its last N rewards, never fewer than "
+           "this iteration's (ddpo-pytorch's per-prompt buffer); kept in checkpoints")
     kl_beta: float = option(0.01, "weight of the Gaussian-mean KL to the reference (LoRA disabled), in train.kl_form's units; 0 = off")
     kl_form: Literal["flow_grpo", "exact_step"] = option(
         "flow_grpo", "KL per step: ||mean - mean_ref||^2 / (2 sigma_t^2) as the official code (flow_grpo; Flow-GRPO "
@@ -135,6 +142,13 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class EvalConfig:
+    rewards: dict[str, dict[str, Any]] = option(
+        {}, "rewards scored on the evaluation samples only, next to the training rewards: import path 'module:name' "
+            "-> keyword arguments for its factory ({} for none); logged as eval/<path> (e.g. a held-out reward model)")
+
+
+@dataclasses.dataclass
 class LogConfig:
     output_dir: str = option("runs/flow_grpo", "where metrics, images, plots and checkpoints go")
     eval_every: int = option(10, "evaluate and write an image grid every N iterations (0 = only at start and end)")
@@ -154,6 +168,7 @@ class FlowGRPOConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
 
     def validate(self) -> None:
@@ -215,6 +230,19 @@ class FlowGRPOConfig:
             need(problem is None, "reward.weights", problem or "")
         need(self.reward.timeout_s is None or self.reward.timeout_s > 0, "reward.timeout_s",
              f"{self.reward.timeout_s} must be positive seconds, or null for no limit")
+        for path in self.eval.rewards:
+            problem = import_path_problem(path)
+            need(problem is None, "eval.rewards", problem or "")
+        both = sorted(set(self.eval.rewards) & set(self.reward.weights))
+        need(not both, "eval.rewards", f"{both} already in reward.weights, whose eval/ metrics are logged anyway; "
+             "remove them from eval.rewards")
+        need(t.per_prompt_history >= 0, "train.per_prompt_history", f"{t.per_prompt_history} must be >= 0 (0 = this "
+             "iteration's rewards only)")
+        need(t.per_prompt_history == 0 or t.advantage_scale == "per_prompt", "train.per_prompt_history",
+             f"{t.per_prompt_history} is used by train.advantage_scale=per_prompt only (it is {t.advantage_scale}); "
+             "set that, or per_prompt_history=0")
+        need(t.advantage_scale != "per_prompt" or a.name != "tempflow", "train.advantage_scale",
+             "per_prompt pools by prompt, but tempflow's groups are a prompt's branches at one step; use group or batch")
         unknown = set(self.reward.kwargs) - set(self.reward.weights)
         need(not unknown, "reward.kwargs", f"{sorted(unknown)} have no weight in reward.weights; add them there")
         need(self.data.eval_seeds >= 1, "data.eval_seeds", f"{self.data.eval_seeds}; use at least 1")

@@ -493,8 +493,11 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
     ema = EMA(params, t.ema_decay) if t.ema_decay else None
     rewards = {path: load_reward(path, config.reward.kwargs.get(path), timeout_s=config.reward.timeout_s)
                for path in config.reward.weights}  # each call bounded by reward.timeout_s (null: unbounded)
-    eval_rewards = {path: load_reward(path, kwargs or None, timeout_s=config.reward.timeout_s)
-                    for path, kwargs in config.eval.rewards.items()}  # scored on evaluation samples only
+    try:  # scored on the evaluation samples only
+        eval_rewards = {path: load_reward(path, kwargs or None, timeout_s=config.reward.timeout_s)
+                        for path, kwargs in config.eval.rewards.items()}
+    except RewardError as error:  # its message names the reward; say which config field holds it
+        raise RewardError(f"eval.rewards: {error}") from None
     trackers = per_prompt_trackers(config)
     window = None
     if a.name == "mixgrpo" or a.branch_steps == "window":
