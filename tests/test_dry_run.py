@@ -171,7 +171,7 @@ def test_every_llm_recipe_passes_dry_run(recipe, no_weights, capsys):
 # (recipe, prompts, group, optimizer steps): worked out from each YAML by hand
 LLM_NUMBERS = [
     ("open_rs_1.5b.yaml", 12, 6, 500),                  # 500 iterations x 1 pass x 1 update
-    ("qwen2.5_math_dapo.yaml", 512, 16, 300 * 16),      # 16 updates per rollout, as DAPO
+    ("qwen2.5_math_dapo.yaml", 512, 16, 540 * 16),      # 512 / 32 = 16 updates per rollout
     ("arith.yaml", 32, 8, 300),
 ]
 
