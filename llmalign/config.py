@@ -1,6 +1,6 @@
 """The config dataclass of the text GRPO recipe (`llmalign grpo`, `llmalign/grpo.py`).
 
-Sections: model, data, sampling, algorithm, train, reward, log. Every field is documented once,
+Sections: model, data, sampling, algorithm, train, reward, eval, log. Every field is documented once,
 here; `llmalign grpo --describe` prints them all.
 """
 
@@ -239,6 +239,29 @@ class LMRewardConfig:
         need(not unknown, "reward.params", f"{sorted(unknown)} have no weight in reward.weights; add them there")
 
 
+HELD_OUT_METRICS = ("accuracy", "sampled_accuracy", "mean_length")  # eval/<name> the held-out evaluation logs
+
+
+@dataclasses.dataclass
+class LMEvalConfig:
+    rewards: dict[str, dict[str, Any]] = option(
+        {}, "rewards scored on the held-out greedy completions only, next to the training rewards: a builtin name or "
+            "an import path 'module:name' -> keyword arguments of its factory ({} for none); logged as eval/<name>, "
+            "the mean over the held-out rows")
+
+    def check(self) -> None:
+        from llmalign.rewards import BUILTIN_REWARDS  # standard library only: config loading stays light
+
+        for name in self.rewards:
+            module_name, colon, attribute = name.partition(":")
+            need(name in BUILTIN_REWARDS or (colon and attribute and all(
+                part.isidentifier() for part in module_name.split("."))), "eval.rewards",
+                 f"{name!r} is no builtin reward and no import path 'module:name'; use one of "
+                 f"{sorted(BUILTIN_REWARDS)} or a path such as mypkg.rewards:score")
+            need(name not in HELD_OUT_METRICS, "eval.rewards", f"{name!r}: the held-out evaluation logs eval/{name} "
+                 "already (greedy accuracy, sampled accuracy, mean length); remove it")
+
+
 @dataclasses.dataclass
 class LMLogConfig:
     output_dir: str = option("runs/llm_grpo", "where metrics, samples, plots and checkpoints go")
@@ -268,11 +291,13 @@ class GRPOConfig:
     algorithm: LMAlgorithmConfig = dataclasses.field(default_factory=LMAlgorithmConfig)
     train: LMTrainConfig = dataclasses.field(default_factory=LMTrainConfig)
     reward: LMRewardConfig = dataclasses.field(default_factory=LMRewardConfig)
+    eval: LMEvalConfig = dataclasses.field(default_factory=LMEvalConfig)
     log: LMLogConfig = dataclasses.field(default_factory=LMLogConfig)
 
     def validate(self) -> None:
         """Field checks per section, before any model loads."""
-        for section in (self.model, self.data, self.sampling, self.algorithm, self.train, self.reward, self.log):
+        for section in (self.model, self.data, self.sampling, self.algorithm, self.train, self.reward, self.eval,
+                        self.log):
             section.check()
         t, a = self.train, self.algorithm
         need(a.loss != "disco" or a.correct_reward in self.reward.weights, "algorithm.correct_reward",

@@ -8,6 +8,7 @@ calls transformers' `generate`, so another engine (vLLM) can stand in by returni
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -79,12 +80,17 @@ def generate(model, tokenizer, prompt_token_ids: list[list[int]], group_size: in
 
 EVAL_BATCH = 64  # held-out rows per generate call
 
+# (rendered prompts, their rollout, their rows) -> reward name -> one score per completion (NaN: dropped)
+ScoreFn = Callable[[list[str], Rollout, list[dict]], dict[str, Tensor]]
+
 
 def accuracy_on(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = EVAL_BATCH,
                 greedy: bool = True, temperature: float = 1.0, seed: int = 0, progress: bool = False,
-                run: Run | None = None) -> dict:
+                run: Run | None = None, score_fn: ScoreFn | None = None) -> dict:
     """Held-out accuracy (answer extraction and matching of `llmalign.rewards`) and mean completion length in
-    tokens (EOS included) over `rows` with `prompt` and `answer`, and the (prompt, completion) samples.
+    tokens (EOS included) over `rows` with `prompt` and `answer`, and the (prompt, completion) samples. With
+    `score_fn` (eval.rewards), also "rewards": name -> the mean of its finite scores over the rows; an exception it
+    raises on any rank is raised on every rank, after the same generate calls.
 
     The rows go in chunks of `batch_size`. Over the processes of `run` (None: this process alone), rank r
     generates chunks r, r + W, ... and the results are gathered, so every rank returns the metrics of all rows.
@@ -99,7 +105,7 @@ def accuracy_on(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_s
     chunks = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
     mine = list(range(rank, len(chunks), world))
     calls = -(-len(chunks) // world)  # ceil: the busiest rank's count
-    results = []
+    results, failure = [], None
     for call in tqdm(range(calls), desc="eval", disable=not progress or rank > 0):
         k = mine[min(call, len(mine) - 1)] if mine else 0
         chunk = chunks[k]
@@ -111,28 +117,46 @@ def accuracy_on(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_s
             rollout = generate(model, tokenizer, ids, 1, max_new_tokens, temperature=temperature, greedy=greedy)
         if call < len(mine):
             correct = accuracy_reward(texts, rollout.texts, answer=[row["answer"] for row in chunk])
-            results.append((k, correct, rollout.lengths.tolist(), list(zip(texts, rollout.texts))))
-    results = sorted(run.gather_objects(results) if run is not None else results)  # by chunk: the rows' order
-    correct = [c for _, chunk, _, _ in results for c in chunk]
-    lengths = [n for _, _, chunk, _ in results for n in chunk]
+            scores = {}
+            if score_fn is not None and failure is None:
+                try:
+                    scores = {name: values.tolist() for name, values in score_fn(texts, rollout, chunk).items()}
+                except Exception as error:  # raised below on every rank, once all ranks are done generating
+                    failure = error
+            results.append((k, correct, rollout.lengths.tolist(), list(zip(texts, rollout.texts)), scores))
+    if run is not None and score_fn is not None and run.any(failure is not None):
+        raise next(error for error in run.gather_objects([failure]) if error is not None)  # the first rank's
+    if failure is not None:
+        raise failure
+    results = sorted(run.gather_objects(results) if run is not None else results,
+                     key=lambda result: result[0])  # by chunk: the rows' order
+    correct = [c for _, chunk, _, _, _ in results for c in chunk]
+    lengths = [n for _, _, chunk, _, _ in results for n in chunk]
     n = max(len(correct), 1)
-    return {"accuracy": sum(correct) / n, "mean_length": sum(lengths) / n,
-            "samples": [s for _, _, _, chunk in results for s in chunk]}
+    out = {"accuracy": sum(correct) / n, "mean_length": sum(lengths) / n,
+           "samples": [s for _, _, _, chunk, _ in results for s in chunk]}
+    if score_fn is not None:
+        scores = {name: torch.tensor([v for *_, chunk in results for v in chunk[name]], dtype=torch.float64)
+                  for name in (results[0][4] if results else {})}  # [rows] each
+        out["rewards"] = {name: values.nanmean().item() for name, values in scores.items()}  # dropped: left out
+    return out
 
 
 def held_out_metrics(model, tokenizer, rows: list[dict], max_new_tokens: int, temperature: float = 1.0,
-                     samples: int = 1, seed: int = 0, run: Run | None = None) -> dict:
+                     samples: int = 1, seed: int = 0, run: Run | None = None, score_fn: ScoreFn | None = None) -> dict:
     """What both trainers log and print before and after: greedy accuracy and length, and the sampled accuracy
     at `temperature` averaged over `samples` draws per problem (mean@k; more draws, less noise), on fixed seeds
     without touching the caller's RNG stream; sharded over the processes of `run` (`accuracy_on`), the same on
-    every rank. `model` is the plain module (`run.unwrapped_for_generation`)."""
+    every rank. `model` is the plain module (`run.unwrapped_for_generation`). With `score_fn` (eval.rewards),
+    eval/<name>: each reward's mean over the greedy completions."""
     if not rows:
         return {}
-    greedy = accuracy_on(model, tokenizer, rows, max_new_tokens, run=run)
+    greedy = accuracy_on(model, tokenizer, rows, max_new_tokens, run=run, score_fn=score_fn)
     sampled = accuracy_on(model, tokenizer, rows * samples, max_new_tokens, greedy=False, temperature=temperature,
                           seed=seed, run=run)
     return {"eval/accuracy": greedy["accuracy"], "eval/mean_length": greedy["mean_length"],
-            "eval/sampled_accuracy": sampled["accuracy"]}
+            "eval/sampled_accuracy": sampled["accuracy"],
+            **{f"eval/{name}": value for name, value in greedy.get("rewards", {}).items()}}
 
 
 def describe_held_out(result: dict, temperature: float, samples: int) -> str:

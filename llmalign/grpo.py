@@ -304,6 +304,11 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
                    for name in config.reward.weights}
     except ValueError as error:  # a path that does not import, params its factory refuses: one line, exit 3
         raise RewardError(str(error)) from None
+    try:  # scored on the held-out greedy completions only
+        eval_rewards = {name: with_deadline(build_reward(name, params or None), config.reward.timeout_s)
+                        for name, params in config.eval.rewards.items()}
+    except ValueError as error:
+        raise RewardError(f"eval.rewards: {error}") from None
     reference = reference_policy(model, config.model.lora) if a.beta > 0 else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
@@ -317,14 +322,21 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
               f"{sum(p.numel() for p in params):,} trainable parameters, {truncated_prompts} prompts truncated; "
               f"device {run.device}, mixed precision {t.mixed_precision}; output {run.out}")
 
-    def evaluate() -> dict:
+    def evaluate(done: int) -> dict:
+        """Held-out metrics after `done` iterations; eval.rewards score the greedy completions (a reward that
+        fails stops the run as a training reward does; under reward.on_bad_score=drop its bad scores are left out)."""
+        score_fn = None
+        if eval_rewards:
+            score_fn = lambda prompts, rollout, rows: score(  # noqa: E731
+                eval_rewards, prompts, rollout, rows, 1, max(done - 1, 0), s.max_new_tokens,
+                config.reward.on_bad_score == "drop")
         with run.unwrapped_for_generation(model) as policy:
             return held_out_metrics(policy, tokenizer, test_rows, s.max_new_tokens, s.temperature, d.eval_samples,
-                                    seed=t.seed + 12345, run=run)
+                                    seed=t.seed + 12345, run=run, score_fn=score_fn)
 
     before = {}
     if start == 0:
-        before = evaluate()
+        before = evaluate(0)
         run.append({"iteration": 0, **before, "prompts_truncated": truncated_prompts})
         if before:
             run.print(f"held-out accuracy before ({len(test_rows)} problems): "
@@ -406,7 +418,7 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         record.update({f"reward/{n}/budget": fn.budget(iteration) for n, fn in rewards.items() if hasattr(fn, "budget")})
         last = run.is_last(done, t.iterations, t.max_seconds)
         if run.due(done, config.log.eval_every, last):
-            record.update(evaluate())
+            record.update(evaluate(done))
         run.append(record)
         sample = {"iteration": done, "prompt": rows[0]["_text"], "completions": rollout.texts[: t.group_size],
                   "rewards": {n: v[: t.group_size].tolist() for n, v in scores.items()}}
@@ -424,7 +436,8 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
 
     after = {k: v for k, v in record.items() if k.startswith("eval/")}
     out = run.out
-    curves = ["reward/total/mean", "eval/accuracy", "eval/sampled_accuracy", "completion/mean_length", "train/kl"]
+    curves = ["reward/total/mean", "eval/accuracy", "eval/sampled_accuracy", *[f"eval/{name}" for name in eval_rewards],
+              "completion/mean_length", "train/kl"]
     run.main_only(lambda: plot_curves(out / "metrics.jsonl", out / "reward_curve.png", curves,
                                       f"GRPO ({a.loss}) on {config.model.path}"))
     if before and after:
