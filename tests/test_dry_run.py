@@ -242,3 +242,20 @@ def test_the_weight_guard_would_catch_a_load(no_weights):
 
         import torch
         pickscore("yuvalkirstain/PickScore_v1")(torch.zeros(1, 3, 8, 8), ["a cat"], [{}])
+
+
+@pytest.mark.parametrize("recipe", ["sd35_medium_pickscore.yaml", "sd35_medium_ocr.yaml"])
+def test_sd35_lora_targets_name_sd3_modules(recipe):
+    """The official LoRA targets (attn.add_q_proj, attn.to_add_out, ...) match modules of an SD3 transformer: checked
+    on the embedded SD3 pipeline's weightless copy, the same joint-attention block names as SD3.5."""
+    from flowalign.config import FlowGRPOConfig
+    from flowalign.lora import check_lora_targets
+    from flowalign.toy import ensure_digits_pipeline
+    from shared.config import ConfigError, load_config
+
+    targets = load_config(FlowGRPOConfig, REPO / "configs/flow" / recipe).model.lora_targets
+    assert "attn.add_q_proj" in targets and len(targets) == 8
+    for target in targets:  # one at a time: peft refuses a target list only when none of it matches
+        check_lora_targets(ensure_digits_pipeline(), [target])
+    with pytest.raises(ConfigError):
+        check_lora_targets(ensure_digits_pipeline(), ["attn.no_such_proj"])
