@@ -14,7 +14,7 @@ from flowalign.train import per_prompt_advantages, per_prompt_trackers, train
 from shared.advantages import compose_rewards
 from shared.checkpoint import latest_checkpoint, load_state
 from shared.config import ConfigError, load_config
-from tests.test_flow_distributed import assert_same_training, digits, flow_run  # noqa: F401  (fixture)
+from tests.test_flow_distributed import assert_same_training, digits, flow_run, records  # noqa: F401  (fixture)
 from tests.test_train_smoke import tiny_config, tiny_pipeline_dir  # noqa: F401  (fixture)
 
 A, B = "m:a", "m:b"  # two reward names
@@ -63,7 +63,8 @@ def test_a_prompt_in_two_slots_pools_them_and_history_pools_iterations():
 @pytest.mark.parametrize("override, message", [
     (["train.per_prompt_history=3"], "config field 'train.per_prompt_history': 3 is used by "
                                      "train.advantage_scale=per_prompt only (it is batch)"),
-    (["train.advantage_scale=per_prompt", "train.per_prompt_history=-1"], "'train.per_prompt_history': -1 must be >= 0"),
+    (["train.advantage_scale=per_prompt", "train.per_prompt_history=-1"],
+     "'train.per_prompt_history': -1 must be >= 0"),
     (["train.advantage_scale=per_prompt", "algorithm.name=tempflow"], "'train.advantage_scale': per_prompt pools by "
                                                                       "prompt, but tempflow's groups"),
 ])
@@ -106,20 +107,31 @@ def sample_index_reward(images, prompts, metadata):
     return torch.tensor([((m.get("sample", 0) * 37 + m.get("iteration", 0) * 11) % 17) / 17 for m in metadata])
 
 
+def eval_index_reward(images, prompts, metadata):
+    """The eval sample index squared (0 for the dummy batch checked before training)."""
+    return torch.tensor([float(m.get("sample", 0) ** 2) for m in metadata])
+
+
 @pytest.mark.timeout(400)
 def test_per_prompt_on_two_processes_trains_like_one(digits, tmp_path):  # noqa: F811
     """Four prompt slots from three prompts: one prompt fills two slots, which may sit on different ranks; the
-    gathered batch pools them alike on every rank, and the history carries over iterations."""
+    gathered batch pools them alike on every rank, and the history carries over iterations. An eval.rewards
+    entry (a function of the eval sample index) comes out the same from the ranks' shares of the eval samples."""
     from tests.test_flow_distributed import PROBE
 
     weights = (f"reward.weights={{flowalign.rewards:digit_classifier_reward: 0.0, {PROBE}: 0.0, "
                f"{__name__}:sample_index_reward: 1.0}}")
     extra = ["train.advantage_scale=per_prompt", "train.per_prompt_history=6",
-             "data.prompts=[the digit one, the digit two, the digit three]", weights]
+             "data.prompts=[the digit one, the digit two, the digit three]", weights,
+             f"eval.rewards={{{__name__}:eval_index_reward: {{}}}}", "log.eval_every=2"]
     for processes in (1, 2):
         flow_run(processes, digits, tmp_path / f"p{processes}", *extra)
     assert_same_training(tmp_path / "p1", tmp_path / "p2")
     one, two = (load_state(latest_checkpoint(tmp_path / f"p{n}" / "checkpoints"), "stat_tracker") for n in (1, 2))
     assert one.keys() == two.keys() == {"total"} and one["total"]["rewards"].keys() == two["total"]["rewards"].keys()
     assert one == two  # the same prompts, pooled rewards and order
+    evaluated = [r for r in records(tmp_path / "p2") if f"eval/{__name__}:eval_index_reward" in r]
+    # eval samples 0, 1, 2 (3 prompts x 1 seed, one rank pads): (0 + 1 + 4) / 3, after iterations 0, 2 and 3
+    assert [r["iteration"] for r in evaluated] == [0, 2, 3]
+    assert [r[f"eval/{__name__}:eval_index_reward"] for r in evaluated] == [pytest.approx(5 / 3, rel=1e-7)] * 3
 
