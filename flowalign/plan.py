@@ -6,9 +6,10 @@ Checks, each a one-line ConfigError (exit 2) or RewardError (exit 3) as training
     download, no network);
   - the prompts: data.prompts / data.prompts_file / a local data.prompts_dataset are read in full, as training
     reads them; a hub data.prompts_dataset is checked by form and reported, not downloaded;
-  - each reward through load_reward, the loader training uses: importable, its factory accepts reward.kwargs,
-    the reward accepts (images, prompts, metadata). The learned scorers (flowalign.rewards.models, the OCR
-    reward, the digit classifier) load their models on the first call, so no weights load here;
+  - each reward (and each of eval.rewards) through load_reward, the loader training uses: importable, its
+    factory accepts its kwargs, the reward accepts (images, prompts, metadata). The learned scorers
+    (flowalign.rewards.models, the OCR reward, the digit classifier) load their models on the first call, so no
+    weights load here;
   - the global batch splits over the processes (WORLD_SIZE, as set by accelerate launch).
 """
 
@@ -67,6 +68,8 @@ def plan_rows(config: FlowGRPOConfig) -> list[tuple[str, object]]:
     for path, weight in r.weights.items():
         load_reward(path, r.kwargs.get(path))  # import, factory(kwargs), signature; scorers load on first call
         rewards.append(f"{path} x {weight:g}" + (f" {r.kwargs[path]}" if path in r.kwargs else ""))
+    for path, kwargs in config.eval.rewards.items():  # scored on evaluation samples only; checked alike
+        load_reward(path, kwargs or None)
     per_prompt = a.num_branches if a.name == "tempflow" else t.group_size
     samples = t.prompts_per_iteration * per_prompt
     noisy = s.num_steps - 1  # the last step lands on sigma = 0 and has no noise
@@ -87,6 +90,7 @@ def plan_rows(config: FlowGRPOConfig) -> list[tuple[str, object]]:
         ("train prompts", train_prompts),
         ("eval prompts", eval_prompts),
         ("rewards", "; ".join(rewards) + f" ({r.composition})"),
+        ("eval rewards", "; ".join(config.eval.rewards) or "none"),
         ("world size", world),
         ("global batch", f"{t.prompts_per_iteration} prompts x {per_prompt} samples = {samples} samples per iteration"),
         ("per process", f"{t.prompts_per_iteration // world} prompts, {samples // world} samples"),

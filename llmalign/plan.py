@@ -7,7 +7,8 @@ Checks, each one line and an exit code as training would give (2 config or data,
   - the data: local files, directories and the embedded task are read in full through load_train_test, as
     training reads them (columns mapped, prompts formatted); a hub data.path is checked by form and reported,
     not downloaded;
-  - GRPO rewards through build_reward, the builder training uses (builtins and import paths with their params);
+  - GRPO rewards and eval.rewards through build_reward, the builder training uses (builtins and import paths
+    with their params);
   - the global batch splits over the processes (WORLD_SIZE, as set by accelerate launch).
 """
 
@@ -79,6 +80,11 @@ def grpo_plan(config) -> list[tuple[str, object]]:
             build_reward(name, r.params.get(name))
         except ValueError as error:
             raise RewardError(str(error)) from None
+    try:  # scored on the held-out greedy completions only; built as training builds them
+        for name, params in config.eval.rewards.items():
+            build_reward(name, params or None)
+    except ValueError as error:
+        raise RewardError(f"eval.rewards: {error}") from None
     rewards = "; ".join(f"{name} x {weight:g}" + (f" {r.params[name]}" if name in r.params else "")
                         for name, weight in r.weights.items())
     rollout = t.prompts_per_iteration * t.group_size
@@ -90,6 +96,7 @@ def grpo_plan(config) -> list[tuple[str, object]]:
         ("held-out data", test),
         ("prompt format", _format(d)),
         ("rewards", rewards),
+        ("eval rewards", "; ".join(config.eval.rewards) or "none"),
         ("world size", world),
         ("global batch", f"{t.prompts_per_iteration} prompts x {t.group_size} completions = {rollout} per iteration"),
         ("per process", f"{t.prompts_per_iteration // world} prompts, {rollout // world} completions"),

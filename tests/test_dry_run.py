@@ -259,3 +259,15 @@ def test_sd35_lora_targets_name_sd3_modules(recipe):
         check_lora_targets(ensure_digits_pipeline(), [target])
     with pytest.raises(ConfigError):
         check_lora_targets(ensure_digits_pipeline(), ["attn.no_such_proj"])
+
+
+def test_dry_runs_check_eval_rewards(no_weights, capsys):
+    """eval.rewards are reward signatures too: a missing one is exit 3 in both front ends, before any weights."""
+    code = exit_code(flow_main, ["--config", str(REPO / "configs/flow/flow_grpo.yaml"), "--dry-run",
+                                 "eval.rewards={flowalign.rewards.models:no_such_scorer: {}}"])
+    assert code == 3 and "no_such_scorer" in capsys.readouterr().err
+    code = exit_code(llm_main, ["grpo", "--config", str(REPO / "configs/llm/arith.yaml"), "--dry-run",
+                                "eval.rewards={mypkg_missing.rewards:score: {}}"])
+    assert code == 3 and "eval.rewards" in capsys.readouterr().err
+    llm_main(["grpo", "--config", str(REPO / "configs/llm/arith.yaml"), "--dry-run", "eval.rewards={format: {}}"])
+    assert plan(capsys)["eval rewards"] == "format"
