@@ -13,7 +13,9 @@ RECIPES = sorted((ROOT / "configs" / "flow").glob("*.yaml"))
 
 def test_every_shipped_recipe_loads():
     names = {path.stem: load_config(FlowGRPOConfig, path).algorithm for path in RECIPES}
-    assert set(names) == {"flow_grpo", "mixgrpo", "mixgrpo_flash", "tempflow"}
+    assert set(names) == {"flow_grpo", "mixgrpo", "mixgrpo_flash", "tempflow",  # the embedded default's recipes
+                          "sd35_medium_pickscore", "sd35_medium_ocr", "flux_dev_mixgrpo"}  # real models (dry run only)
+    assert names["flux_dev_mixgrpo"].name == "mixgrpo" and names["sd35_medium_ocr"].name == "flow_grpo"
     assert names["mixgrpo_flash"].name == "mixgrpo" and names["mixgrpo_flash"].flash_ratio == 0.4
     assert names["tempflow"].noise_aware_weighting
 
@@ -32,7 +34,7 @@ def test_every_shipped_recipe_loads():
 ])
 def test_impossible_values_are_refused(overrides, message):
     with pytest.raises(ConfigError) as info:
-        load_config(FlowGRPOConfig, RECIPES[0], overrides)
+        load_config(FlowGRPOConfig, ROOT / "configs" / "flow" / "flow_grpo.yaml", overrides)
     assert message in str(info.value)
 
 
