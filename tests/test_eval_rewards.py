@@ -2,12 +2,14 @@
 metrics, loaded and checked before training (flowalign and llmalign)."""
 
 import json
+import os
 
 import pytest
 
 from flowalign.train import main as flow_main
 from flowalign.train import train
 from tests.test_llm_grpo import overrides as llm_overrides
+from tests.test_llm_scale import exit_codes
 from tests.test_llm_grpo import tiny_lm_dir  # noqa: F401  (fixture)
 from tests.test_train_smoke import tiny_config, tiny_overrides, tiny_pipeline_dir  # noqa: F401  (fixture)
 
@@ -95,3 +97,38 @@ def test_llm_bad_eval_reward_stops_before_training_with_one_line(tiny_lm_dir, tm
     last_line = capsys.readouterr().err.splitlines()[-1]
     assert last_line.startswith(message), last_line
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def chunk_reward(prompts, completions, answer, **kwargs):
+    """len(completion) / 64 + int(answer) / 1000, which fails on the second process when FAIL_ON_RANK_ONE is set."""
+    if os.environ.get("FAIL_ON_RANK_ONE") and os.environ.get("RANK") == "1":
+        raise ValueError("rank 1 cannot score")
+    return [len(c) / 64 + int(a) / 1000 for c, a in zip(completions, answer)]
+
+
+@pytest.mark.timeout(300)
+def test_llm_eval_rewards_on_two_processes_equal_one_and_a_failure_on_one_rank_stops_both(
+        tiny_lm_dir, tmp_path):  # noqa: F811
+    """70 held-out rows: two chunks of generation (64 rows per call), one per rank; the gathered scores give the
+    one-process mean. A reward failing on rank 1 only stops both processes with its error (exit 3)."""
+    from llmalign import toy
+    from llmalign.cli import main as llm_main
+    from tests.multiproc import run_processes
+
+    test_rows = tmp_path / "test70.jsonl"
+    test_rows.write_text("".join(json.dumps({"prompt": p["prompt"], "answer": p["answer"]}) + "\n"
+                                 for p in toy.make_split(70, 3)))
+    name = f"{__name__}:chunk_reward"
+    args = lambda out: ["grpo", *llm_overrides(tiny_lm_dir, out, "train.iterations=1", f"data.test={test_rows}",  # noqa: E731
+                                               "data.eval_size=70", f"eval.rewards={{{name}: {{}}}}")]
+    llm_main(args(tmp_path / "p1"))
+    two_processes = run_processes(2, ["-m", "llmalign", *args(tmp_path / "p2")])
+    assert two_processes.returncode == 0, two_processes.stderr[-4000:]
+    one, two = records(tmp_path / "p1")[0], records(tmp_path / "p2")[0]  # before training: the same weights
+    assert two[f"eval/{name}"] == pytest.approx(one[f"eval/{name}"], rel=1e-12) and one[f"eval/{name}"] > 0
+    assert (two["eval/accuracy"], two["eval/mean_length"]) == (one["eval/accuracy"], one["eval/mean_length"])
+
+    failed = run_processes(2, ["-m", "llmalign", *args(tmp_path / "failed")], env={"FAIL_ON_RANK_ONE": "1"})
+    codes = exit_codes(failed.stderr)
+    assert codes.get(0) == 3 and set(codes.values()) <= {3, -15}, (codes, failed.stderr[-3000:])
+    assert f"reward error: reward '{name}' raised ValueError: rank 1 cannot score" in failed.stderr

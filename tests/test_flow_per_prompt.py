@@ -45,7 +45,7 @@ def test_distinct_prompts_without_history_equal_group_scale(composition):
 def test_a_prompt_in_two_slots_pools_them_and_history_pools_iterations():
     trackers = trackers_for("sum_then_normalize", history=4)
     prompts = ["x", "x", "y", "y", "x", "x"]  # x drawn twice this iteration
-    total = SCORES[A] + 0.5 * SCORES[B]  # 0.8, 4.0, 1.9, 1.3, 0.4, 3.0
+    # the weighted sums a + 0.5 b: 0.8, 4.0, 1.9, 1.3, 0.4, 3.0
     advantages, stats = per_prompt_advantages(trackers, SCORES, WEIGHTS, prompts, torch.ones(6, dtype=torch.bool))
     # x: (0.8, 4.0, 0.4, 3.0), mean 2.05, population std sqrt((1.25^2 + 1.95^2 + 1.65^2 + 0.95^2) / 4) = 1.499166
     # y: (1.9, 1.3), mean 1.6, std 0.3
