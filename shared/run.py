@@ -25,6 +25,7 @@ This module holds no model code and imports neither front end.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -47,10 +48,10 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 
 # Config fields a resumed run may change without --allow-config-change: how long it runs (flowalign and GRPO:
 # train.iterations; DPO: train.steps or train.epochs, its pair order being a function of the step alone), its
-# time budget, and the log section (where and how often it logs and checkpoints). Any other change alters what
-# the run computes: a new learning rate, for one, would be recorded in config.json while the restored optimizer
-# went on with the old one.
-RESUME_CHANGEABLE = ("train.iterations", "train.max_seconds", "train.steps", "train.epochs", "log.*")
+# time budget, the log section (where and how often it logs and checkpoints) and the evaluation-only rewards
+# (eval.rewards: scored on held-out samples, never trained on). Any other change alters what the run computes: a
+# new learning rate, for one, would be recorded in config.json while the restored optimizer went on with the old one.
+RESUME_CHANGEABLE = ("train.iterations", "train.max_seconds", "train.steps", "train.epochs", "log.*", "eval.*")
 _ABSENT = "<absent>"
 
 
@@ -66,6 +67,16 @@ def config_changes(saved: Any, current: Any, prefix: str = "") -> dict[str, tupl
             changes.update(config_changes(saved.get(key, _ABSENT), current.get(key, _ABSENT), f"{prefix}{key}."))
         return changes
     return {} if saved == current else {prefix.rstrip("."): (saved, current)}
+
+
+def _is_dataclass_field(config: Any, dotted: str) -> bool:
+    """Whether `dotted` names a field of the config dataclass (a section's field), not a key inside a mapping."""
+    node = config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            return False
+        node = getattr(node, part)
+    return True
 
 
 def changeable_on_resume(field: str) -> bool:
@@ -141,9 +152,15 @@ class Run:
         changes = config_changes(saved, to_dict(config))
         fixed = {name: change for name, change in changes.items() if not changeable_on_resume(name)}
         if fixed and not allow_change:
+            # a field absent from the checkpoint did not exist when it was written: its default now may or may not be
+            # what that code did (issue 14 changed flow defaults), so it is refused like any change, and said so
+            newer = [name for name, (saved_value, _) in fixed.items()
+                     if saved_value == _ABSENT and _is_dataclass_field(config, name)]  # not a new reward.weights key
+            predates = (f"; {self.checkpoint.name} predates {', '.join(newer)}: check that their values are what "
+                        "that run did (a default may have changed since)" if newer else "")
             raise ConfigError(f"--resume: the config differs from the one {self.checkpoint.name} was written under in "
-                              f"{describe_changes(fixed)}; set them back, or add --allow-config-change to apply them "
-                              f"(on resume only {', '.join(RESUME_CHANGEABLE)} may change without it)")
+                              f"{describe_changes(fixed)}{predates}; set them back, or add --allow-config-change to "
+                              f"apply them (on resume only {', '.join(RESUME_CHANGEABLE)} may change without it)")
         if changes:
             self.print(f"config changed from {self.checkpoint.name}'s: {describe_changes(changes)}")
         return changes

@@ -188,8 +188,8 @@ def test_config_changes_are_listed_by_dotted_field_name():
     assert describe_changes({"train.lr": (0.1, 0.01), "reward.weights.b": (2.0, "<absent>")}) == \
         "train.lr (0.1 -> 0.01), reward.weights.b (2.0 -> <absent>)"
     assert [changeable_on_resume(f) for f in ("train.iterations", "train.max_seconds", "log.keep_last",
-                                              "train.iterations_x", "logx.a", "train.learning_rate")] == \
-        [True, True, True, False, False, False]
+                                              "eval.rewards.my.mod:score", "train.iterations_x", "logx.a",
+                                              "train.learning_rate")] == [True, True, True, True, False, False, False]
 
 
 def checkpointed_run(out, config, model, optimizer):
@@ -220,7 +220,7 @@ def test_resume_refuses_a_changed_config_except_the_allow_list(tmp_path, capsys)
     assert str(refused.value) == (
         "--resume: the config differs from the one step-000001 was written under in train.learning_rate (0.1 -> 0.01), "
         "train.group_size (2 -> 4), reward.weights.b (<absent> -> 0.5); set them back, or add --allow-config-change "
-        "to apply them (on resume only train.iterations, train.max_seconds, train.steps, train.epochs, log.* may "
+        "to apply them (on resume only train.iterations, train.max_seconds, train.steps, train.epochs, log.*, eval.* may "
         "change without it)")
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before  # nothing touched
     with pytest.raises(ConfigError, match="--allow-config-change: it applies config changes to a resumed run"):
@@ -318,3 +318,30 @@ def test_a_failed_checkpoint_write_raises_on_every_rank(tmp_path):
         f"cannot write checkpoint {checkpoints / 'step-000002'} (No space left on device: "
         f"{checkpoints / 'step-000002' / 'trainer.safetensors'}); {checkpoints / 'step-000001'} is intact and "
         f"--resume starts from it")
+
+
+def test_resume_of_a_checkpoint_that_predates_a_field_names_it_as_such(tmp_path):
+    """A checkpoint written before a config field existed lacks it; resuming is refused (its new default need not be
+    what that code did) with a line saying the checkpoint predates the field, unlike a new reward.weights key."""
+    import torch
+
+    from shared.config import ConfigError, to_dict
+    from shared.run import Run
+
+    out = tmp_path / "run"
+    model = torch.nn.Linear(2, 1)
+    old_config = to_dict(recipe())
+    del old_config["train"]["group_size"]  # as written by code that had no group_size field
+    run = Run(out, resume=False, tag="[test]", config=recipe())
+    run.save_checkpoint(1, {"trainable": run.trainable_state(model), "trainer": {"iteration": 1, "config": old_config}},
+                        keep_last=2)
+    with pytest.raises(ConfigError) as refused:
+        Run(out, resume=True, tag="[test]", config=recipe(weights={"a": 1.0, "b": 0.5}))
+    assert str(refused.value) == (
+        "--resume: the config differs from the one step-000001 was written under in train.group_size (<absent> -> 2), "
+        "reward.weights.b (<absent> -> 0.5); step-000001 predates train.group_size: check that their values are what "
+        "that run did (a default may have changed since); set them back, or add --allow-config-change to apply them "
+        "(on resume only train.iterations, train.max_seconds, train.steps, train.epochs, log.*, eval.* may change "
+        "without it)")
+    assert Run(out, resume=True, tag="[test]", config=recipe(weights={"a": 1.0, "b": 0.5}),
+               allow_config_change=True).config_changes["train.group_size"] == ("<absent>", 2)
