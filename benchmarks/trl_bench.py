@@ -68,7 +68,7 @@ OUT = ROOT / "benchmarks" / "out"
 
 # One setting for both trainers; every field is used on both sides.
 GRPO = dict(prompts=16, group_size=8, micro_batch=64, max_new_tokens=80, temperature=1.0, learning_rate=1e-5,
-            eps_low=0.2, seed=0)
+            clip_range=0.2, seed=0)
 DPO = dict(pairs=512, batch_size=32, beta=0.1, learning_rate=5e-6, max_prompt_length=64, max_completion_length=96,
            seed=0)
 GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")  # all three exist on both sides with the same meaning
@@ -259,8 +259,8 @@ def run_grpo_ours(spec: dict, clock: StepClock, work: str) -> None:
     g, model_dir = GRPO, spec["model_dir"]
     overrides = [f"model.path={model_dir}", f"data.train={model_dir}/train.jsonl", "data.test=null",
                  f"sampling.max_new_tokens={g['max_new_tokens']}", f"sampling.temperature={g['temperature']}",
-                 "sampling.top_p=1.0", f"algorithm.loss={spec['loss']}", "algorithm.beta=0.0",
-                 f"algorithm.eps_low={g['eps_low']}", f"train.prompts_per_iteration={g['prompts']}",
+                 "sampling.top_p=1.0", f"algorithm.loss={spec['loss']}", "algorithm.kl_beta=0.0",
+                 f"algorithm.clip_range={g['clip_range']}", f"train.prompts_per_iteration={g['prompts']}",
                  f"train.group_size={g['group_size']}", f"train.micro_batch_size={g['micro_batch']}",
                  f"train.learning_rate={g['learning_rate']}", "train.num_iterations=1", "train.updates_per_pass=1",
                  f"train.seed={g['seed']}", f"train.iterations={spec['steps'] or 10**6}",
@@ -316,8 +316,8 @@ def run_grpo_trl(spec: dict, clock: StepClock, work: str) -> None:
         per_device_train_batch_size=g["micro_batch"],
         gradient_accumulation_steps=g["prompts"] * g["group_size"] // g["micro_batch"],
         num_generations=g["group_size"], max_completion_length=g["max_new_tokens"], temperature=g["temperature"],
-        top_p=1.0, top_k=0, beta=0.0, num_iterations=1, loss_type=loss, epsilon=g["eps_low"],
-        epsilon_high=0.28 if loss == "dapo" else g["eps_low"], mask_truncated_completions=loss == "dapo",
+        top_p=1.0, top_k=0, beta=0.0, num_iterations=1, loss_type=loss, epsilon=g["clip_range"],
+        epsilon_high=0.28 if loss == "dapo" else g["clip_range"], mask_truncated_completions=loss == "dapo",
         scale_rewards="none" if loss == "dr_grpo" else "group", log_completions=False)
     assert args.generation_batch_size == g["prompts"] * g["group_size"], args.generation_batch_size
     trainer = GRPOTrainer(model=model, reward_funcs=[accuracy_reward], args=args,

@@ -46,8 +46,8 @@ def run_recipe(config_class, train, args: argparse.Namespace) -> None:
     except ConfigError as error:
         exit_on_config_error(error)
     from llmalign.data import DataError
-    from llmalign.grpo import RewardError
     from shared.checkpoint import WriteError
+    from shared.reward_calls import RewardError
 
     try:
         if args.dry_run:  # model source, data and rewards checked, the plan printed; no weights load

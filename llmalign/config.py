@@ -126,9 +126,12 @@ class LMAlgorithmConfig:
         "grpo", "grpo (sequence mean), dr_grpo (sum / (B*L_max), no std), dapo (token mean, clip-higher), disco")
     advantage_scale: Optional[Literal["group", "batch", "none"]] = option(
         None, "advantage std: per group, batch or none (null: 'none' for dr_grpo, else 'group')")
-    eps_low: float = option(0.2, "clip range below 1 of the ratio")
-    eps_high: Optional[float] = option(None, "clip range above 1 (null: 0.28 for dapo, else eps_low)")
-    beta: float = option(0.0, "weight of the k3 KL to the reference model (0 = no reference kept)")
+    clip_range: float = option(0.2, "PPO clip epsilon of the ratio below 1 (and above 1 unless clip_range_high is "
+                               "set); flowalign's train.clip_range")
+    clip_range_high: Optional[float] = option(None, "clip epsilon of the ratio above 1, DAPO's clip-higher "
+                                              "(null: 0.28 for dapo, else clip_range)")
+    kl_beta: float = option(0.0, "weight of the k3 KL to the reference model (0 = no reference kept); flowalign's "
+                            "train.kl_beta")
     mask_truncated: Optional[bool] = option(None, "leave completions that hit L_max out of the loss (null: true for dapo)")
     filter_zero_std: bool = option(False, "drop groups whose rewards are all equal (DAPO dynamic-sampling filter)")
     shared_prefix: bool = option(False, "Prefix Grouper: encode each prompt once per group in the training forward")
@@ -143,9 +146,10 @@ class LMAlgorithmConfig:
     correct_threshold: float = option(0.5, "disco: a completion is correct when its correct_reward exceeds this")
 
     def check(self) -> None:
-        need(0 <= self.eps_low < 1, "algorithm.eps_low", f"{self.eps_low} must be in [0, 1), e.g. 0.2")
-        need(self.eps_high is None or self.eps_high >= 0, "algorithm.eps_high", f"{self.eps_high} must be >= 0")
-        need(self.beta >= 0, "algorithm.beta", f"{self.beta} must be >= 0 (0 = no KL)")
+        need(0 <= self.clip_range < 1, "algorithm.clip_range", f"{self.clip_range} must be in [0, 1), e.g. 0.2")
+        need(self.clip_range_high is None or self.clip_range_high >= 0, "algorithm.clip_range_high",
+             f"{self.clip_range_high} must be >= 0")
+        need(self.kl_beta >= 0, "algorithm.kl_beta", f"{self.kl_beta} must be >= 0 (0 = no KL)")
         need(self.disco_tau > 0, "algorithm.disco_tau", f"{self.disco_tau} must be positive, e.g. 10")
         need(self.disco_delta >= 0, "algorithm.disco_delta", f"{self.disco_delta} must be >= 0")
         need(self.disco_penalty >= 0, "algorithm.disco_penalty", f"{self.disco_penalty} must be >= 0")
@@ -155,8 +159,10 @@ class LMAlgorithmConfig:
         return self.advantage_scale or ("none" if self.loss == "dr_grpo" else "group")
 
     @property
-    def clip_high(self) -> float:
-        return self.eps_high if self.eps_high is not None else (0.28 if self.loss == "dapo" else self.eps_low)
+    def effective_clip_range_high(self) -> float:
+        if self.clip_range_high is not None:
+            return self.clip_range_high
+        return 0.28 if self.loss == "dapo" else self.clip_range
 
     @property
     def whole_groups(self) -> bool:
@@ -213,7 +219,8 @@ class LMRewardConfig:
     weights: dict[str, float] = option(
         {"accuracy": 1.0}, "reward -> weight; a builtin name (accuracy, format, cosine_length, soft_overlong, "
         "grpo_lambda, length_budget) or an import path 'module:name' of a fn(prompts, completions, **columns)")
-    params: dict[str, dict[str, Any]] = option({}, "reward -> keyword arguments of its factory")
+    kwargs: dict[str, dict[str, Any]] = option(
+        {}, "reward -> keyword arguments of its factory (the same field as flowalign's reward.kwargs)")
     on_bad_score: Literal["stop", "drop"] = option(
         "stop", "a NaN/inf/missing score stops the run naming the reward (stop), or the sample gets advantage 0 and is counted (drop)")
     timeout_s: Optional[float] = option(
@@ -235,8 +242,8 @@ class LMRewardConfig:
                  "is an absolute dotted module and a name, e.g. mypkg.rewards:score")
         need(self.timeout_s is None or self.timeout_s > 0, "reward.timeout_s",
              f"{self.timeout_s} must be positive seconds, or null for no limit")
-        unknown = set(self.params) - set(self.weights)
-        need(not unknown, "reward.params", f"{sorted(unknown)} have no weight in reward.weights; add them there")
+        unknown = set(self.kwargs) - set(self.weights)
+        need(not unknown, "reward.kwargs", f"{sorted(unknown)} have no weight in reward.weights; add them there")
 
 
 HELD_OUT_METRICS = ("accuracy", "sampled_accuracy", "mean_length")  # eval/<name> the held-out evaluation logs

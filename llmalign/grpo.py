@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from shared.reward_calls import RewardTimeout, scores_as_floats, with_deadline
+from shared.reward_calls import RewardError, RewardTimeout, scores_as_floats, with_deadline
 from llmalign.config import GRPOConfig
 from llmalign.data import iteration_rows, load_train_test, micro_batches, render_prompt, tokenize_prompts
 from llmalign.evaluate import Rollout, describe_held_out, generate, held_out_metrics
@@ -51,10 +51,6 @@ from shared.runlog import plot_curves
 from shared.trackers import completions_table
 
 RANK_SEED_STRIDE = 2 ** 40  # rank r samples from seed + r * stride: rank 0 keeps the one-process seeds
-
-
-class RewardError(RuntimeError):
-    """A reward function failed or returned unusable scores; the message names it and the batch."""
 
 
 # ----------------------------------------------------------------------------- reward
@@ -142,16 +138,17 @@ def micro_batch_loss(config: GRPOConfig, logp: Tensor, old: Tensor, ref: Tensor 
                                    kl_tokens=step["tokens"], batch_kl=step["kl"])
         weight = 1.0
     else:
-        loss, metrics = clipped_policy_loss(logp, old, advantages, mask, eps_low=a.eps_low, eps_high=a.clip_high,
+        loss, metrics = clipped_policy_loss(logp, old, advantages, mask, eps_low=a.clip_range,
+                                            eps_high=a.effective_clip_range_high,
                                             aggregation=a.loss, max_length=config.sampling.max_new_tokens)
         weight = aggregation_denominator(a.loss, mask) / step["denominator"]
         loss = loss * weight
     if ref is not None:  # k3 per token, aggregated like the policy loss (the aggregations are linear)
         kl = torch.where(mask.bool(), kl_k3(logp, ref), torch.zeros_like(logp))  # [n, C]
         if a.loss == "disco":  # a token mean over the step, like the trust region
-            loss = loss + a.beta * kl.sum() / max(step["tokens"], 1.0)
+            loss = loss + a.kl_beta * kl.sum() / max(step["tokens"], 1.0)
         else:
-            loss = loss + a.beta * weight * LOSS_AGGREGATIONS[a.loss](kl, mask.bool(), config.sampling.max_new_tokens)
+            loss = loss + a.kl_beta * weight * LOSS_AGGREGATIONS[a.loss](kl, mask.bool(), config.sampling.max_new_tokens)
         metrics["kl"] = float(kl.detach().sum() / mask.sum().clamp(min=1))
     return loss, metrics
 
@@ -213,7 +210,7 @@ def update(run: Run, config: GRPOConfig, model, optimizer, reference, rollout: R
         model.eval()  # the rollout's mode: a train-mode difference (dropout) shows in the first update's ratio
         old = torch.cat([logp_of(model, c) for c in chunks])  # [n, C]
         ref = None
-        if a.beta > 0:
+        if a.kl_beta > 0:
             with reference() as ref_model:
                 ref = torch.cat([logp_of(ref_model if ref_model is not None else model, c) for c in chunks])  # [n, C]
     totals: dict[str, list[float]] = {}
@@ -299,17 +296,16 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
     prompt_ids, truncated_prompts = tokenize_prompts(tokenizer, texts, d.max_prompt_length, d.overlong_prompts)
     for row, text, ids in zip(train_rows, texts, prompt_ids):
         row["_text"], row["_ids"] = text, ids
-    try:  # each call bounded by reward.timeout_s (null: unbounded)
-        rewards = {name: with_deadline(build_reward(name, config.reward.params.get(name)), config.reward.timeout_s)
-                   for name in config.reward.weights}
-    except ValueError as error:  # a path that does not import, params its factory refuses: one line, exit 3
-        raise RewardError(str(error)) from None
+    # each call bounded by reward.timeout_s (null: unbounded); a path that does not import, or kwargs its factory
+    # refuses, is a RewardError naming the reward (exit 3)
+    rewards = {name: with_deadline(build_reward(name, config.reward.kwargs.get(name)), config.reward.timeout_s)
+               for name in config.reward.weights}
     try:  # scored on the held-out greedy completions only
-        eval_rewards = {name: with_deadline(build_reward(name, params or None), config.reward.timeout_s)
-                        for name, params in config.eval.rewards.items()}
-    except ValueError as error:
+        eval_rewards = {name: with_deadline(build_reward(name, kwargs or None), config.reward.timeout_s)
+                        for name, kwargs in config.eval.rewards.items()}
+    except RewardError as error:
         raise RewardError(f"eval.rewards: {error}") from None
-    reference = reference_policy(model, config.model.lora) if a.beta > 0 else None
+    reference = reference_policy(model, config.model.lora) if a.kl_beta > 0 else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     model, optimizer = run.prepare(model, optimizer)

@@ -8,7 +8,7 @@ Checks, each one line and an exit code as training would give (2 config or data,
     training reads them (columns mapped, prompts formatted); a hub data.path is checked by form and reported,
     not downloaded;
   - GRPO rewards and eval.rewards through build_reward, the builder training uses (builtins and import paths
-    with their params);
+    with their kwargs);
   - the global batch splits over the processes (WORLD_SIZE, as set by accelerate launch).
 """
 
@@ -67,30 +67,29 @@ def _memory(config) -> str:
 
 def grpo_plan(config) -> list[tuple[str, object]]:
     """Check a GRPOConfig (see the module docstring) and return its plan as (name, value) rows."""
-    from llmalign.grpo import RewardError, check_world_split
+    from llmalign.grpo import check_world_split
     from llmalign.rewards import build_reward
+    from shared.reward_calls import RewardError
 
     t, a, s, d, r = config.train, config.algorithm, config.sampling, config.data, config.reward
     world = world_size()
     check_world_split(_PlannedWorld(world), config)
     model = describe_source(config.model.path, "model.path", embedded=EMBEDDED_MODEL)
     train, test, _ = _data_rows(d, ("prompt", "answer"))
-    for name in r.weights:  # the builder training uses: a bad path or params is exit 3 naming the reward
-        try:
-            build_reward(name, r.params.get(name))
-        except ValueError as error:
-            raise RewardError(str(error)) from None
+    for name in r.weights:  # the builder training uses: a bad path or kwargs is a RewardError naming it, exit 3
+        build_reward(name, r.kwargs.get(name))
     try:  # scored on the held-out greedy completions only; built as training builds them
-        for name, params in config.eval.rewards.items():
-            build_reward(name, params or None)
-    except ValueError as error:
+        for name, kwargs in config.eval.rewards.items():
+            build_reward(name, kwargs or None)
+    except RewardError as error:
         raise RewardError(f"eval.rewards: {error}") from None
-    rewards = "; ".join(f"{name} x {weight:g}" + (f" {r.params[name]}" if name in r.params else "")
+    rewards = "; ".join(f"{name} x {weight:g}" + (f" {r.kwargs[name]}" if name in r.kwargs else "")
                         for name, weight in r.weights.items())
     rollout = t.prompts_per_iteration * t.group_size
     steps_per_iteration = t.num_iterations * t.updates_per_pass
     return [
-        ("algorithm", f"{a.loss} (clip {a.eps_low:g} / {a.clip_high:g}, KL beta {a.beta:g}, advantage std {a.scale})"),
+        ("algorithm", f"{a.loss} (clip {a.clip_range:g} / {a.effective_clip_range_high:g}, KL beta {a.kl_beta:g}, "
+                      f"advantage std {a.scale})"),
         ("model", model),
         ("train data", train),
         ("held-out data", test),
@@ -106,7 +105,7 @@ def grpo_plan(config) -> list[tuple[str, object]]:
         ("optimizer", f"AdamW lr {t.learning_rate:g}, weight decay {t.weight_decay:g}"),
         ("tokens", f"prompt <= {d.max_prompt_length}, completion <= {s.max_new_tokens} "
                    f"(temperature {s.temperature:g})"),
-        ("memory", _memory(config) + f", reference model {'kept' if a.beta > 0 else 'none'}"),
+        ("memory", _memory(config) + f", reference model {'kept' if a.kl_beta > 0 else 'none'}"),
         ("output", config.log.output_dir),
     ]
 

@@ -9,8 +9,8 @@ reference answer is None). The trainer passes as keyword arguments every data co
 the prompt (a list aligned with completions, e.g. `answer`), plus `completion_ids` (token ids of
 each completion, EOS excluded), `group_size` (completions of prompt g are at [g*G, (g+1)*G)),
 `step` (0-based training iteration) and `max_completion_length`. Unknown kwargs are ignored.
-Rewards with parameters come from factories `make_...(**params)`; config files name them
-through `BUILTIN_REWARDS` / `build_reward`.
+Rewards with parameters come from factories `make_...(**kwargs)`; config files name them
+through `BUILTIN_REWARDS` / `build_reward`, with the factory's arguments in `reward.kwargs`.
 
     reward_fn = build_reward("cosine_length", {"max_length": 512})
     scores = reward_fn(prompts, completions, answer=answers, completion_ids=ids)
@@ -35,7 +35,6 @@ Formulas (L = completion length in tokens, "correct" = answers_match(extract_ans
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -47,15 +46,16 @@ import threading
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # the loader imports torch; llmalign.config reads BUILTIN_REWARDS without it
+    from shared.reward_calls import TextRewardFn
 
 __all__ = [
     "BUILTIN_REWARDS", "accuracy_reward", "answers_match", "build_reward", "extract_answer", "format_reward",
     "length_budget", "make_cosine_length_reward", "make_grpo_lambda_reward", "make_length_budget_reward",
     "make_soft_overlong_reward",
 ]
-
-RewardFn = Callable[..., list]
 
 # ----------------------------------------------------------------------------------------------
 # Answer extraction and matching
@@ -387,7 +387,8 @@ def _correct(completions: list[str], answers: list) -> list[bool | None]:
 
 
 def _factory(fn: Callable) -> Callable:
-    """Mark a factory so build_reward calls it with the config's params."""
+    """Mark a factory so build_reward always calls it, with the config's reward.kwargs (even none: a factory with
+    required arguments then fails naming them, instead of passing for a reward)."""
     fn.is_reward_factory = True
     return fn
 
@@ -419,7 +420,7 @@ def format_reward(prompts: list[str], completions: list[str], **kwargs) -> list[
 @_factory
 def make_cosine_length_reward(min_value_wrong: float = -1.0, max_value_wrong: float = -0.5,
                               min_value_correct: float = 0.5, max_value_correct: float = 1.0,
-                              max_length: int | None = None) -> RewardFn:
+                              max_length: int | None = None) -> TextRewardFn:
     """open-rs cosine-scaled reward, with lengths in tokens (from `completion_ids`):
 
         R = v_min + 0.5 (v_max - v_min)(1 + cos(pi L / L_max)),  L clamped to L_max,
@@ -448,7 +449,7 @@ def make_cosine_length_reward(min_value_wrong: float = -1.0, max_value_wrong: fl
 
 
 @_factory
-def make_soft_overlong_reward(max_length: int | None = None, cache_length: int | None = None) -> RewardFn:
+def make_soft_overlong_reward(max_length: int | None = None, cache_length: int | None = None) -> TextRewardFn:
     """DAPO's soft overlong punishment (lengths in tokens, from `completion_ids`):
 
         r = 0                               if L <= L_max - L_cache
@@ -488,7 +489,7 @@ def _sigmoid(z: float) -> float:
 
 
 @_factory
-def make_grpo_lambda_reward(fraction: float = 0.5, alpha: float = 0.5) -> RewardFn:
+def make_grpo_lambda_reward(fraction: float = 0.5, alpha: float = 0.5) -> TextRewardFn:
     """GRPO-lambda: length penalty only for the groups that already solve the prompt best.
 
     Groups are consecutive blocks of `group_size`. Each group's correctness ratio is the fraction of
@@ -563,7 +564,7 @@ def length_budget(step: int, initial_budget: float, min_budget: float, schedule:
 
 @_factory
 def make_length_budget_reward(initial_budget: float, min_budget: float, schedule: str = "exponential",
-                              decay: float = 0.9, period: int = 10, total_steps: int | None = None) -> RewardFn:
+                              decay: float = 0.9, period: int = 10, total_steps: int | None = None) -> TextRewardFn:
     """Length curriculum ("Train Long, Think Short"): r = 1.0 if the completion is correct and its
     token length L <= B(step), else 0.0 (a correct answer over budget earns 0, and a short wrong one
     earns nothing either). B(step) is `length_budget`; the returned function's `.budget(step)`
@@ -614,47 +615,21 @@ BUILTIN_REWARDS: dict[str, Callable] = {
 }
 
 
-def _import(path: str) -> Callable:
-    """'package.module:attr' (attr may be dotted) or 'package.module.attr' -> the object."""
-    module_name, _, attribute = path.partition(":") if ":" in path else path.rpartition(".")
-    if not module_name or not attribute:
-        raise ValueError(f"reward '{path}': expected 'package.module:attribute' or 'package.module.attribute'")
-    try:
-        obj = importlib.import_module(module_name)
-    except Exception as error:  # ImportError, or the module raised while importing
-        raise ValueError(f"reward '{path}': cannot import module '{module_name}' "
-                         f"({type(error).__name__}: {error})") from error
-    for part in attribute.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"reward '{path}': '{module_name}' has no attribute '{attribute}'")
-        obj = getattr(obj, part)
-    return obj
+def build_reward(name_or_import_path: str, kwargs: dict | None = None) -> TextRewardFn:
+    """A reward function from a config entry: a BUILTIN_REWARDS name, or the import path 'module:name' of a user
+    reward, built by the factory rule both front ends share (shared.reward_calls.build_callable): called with
+    `kwargs` (the config's reward.kwargs entry) when there are any, when marked `is_reward_factory = True` (our
+    make_*), or when all its parameters have defaults; the result must accept (prompts, completions), and may
+    require data columns (`answer`) by keyword. RewardError
+    naming the reward when any of that fails (flowalign's load_reward words it the same)."""
+    from shared.reward_calls import RewardError, build_callable, import_reward  # torch: only when building
 
-
-def build_reward(name_or_import_path: str, params: dict | None = None) -> RewardFn:
-    """A reward function from a config entry: a BUILTIN_REWARDS name, or the import path of a user
-    reward ('package.module:attribute' or 'package.module.attribute'). Factories (our make_*, or any
-    callable with `is_reward_factory = True`) are called with `params`; a plain reward takes no params."""
-    params = dict(params or {})
     name = name_or_import_path
     if name in BUILTIN_REWARDS:
         obj = BUILTIN_REWARDS[name]
-    elif ":" in name or "." in name:
-        obj = _import(name)
+    elif ":" in name:
+        obj = import_reward(name)
     else:
-        raise ValueError(f"unknown reward {name!r}; builtins are {sorted(BUILTIN_REWARDS)}, or give a user "
-                         "reward as an import path 'package.module:attribute'")
-    if not callable(obj):
-        raise ValueError(f"reward {name!r} is a {type(obj).__name__}, not a function")
-    if getattr(obj, "is_reward_factory", False):
-        try:
-            obj = obj(**params)
-        except TypeError as error:
-            raise ValueError(f"reward {name!r}: its factory rejected params {params} ({error}); "
-                             "check the parameter names") from error
-        if not callable(obj):
-            raise ValueError(f"reward {name!r}: its factory returned a {type(obj).__name__}, not a function")
-    elif params:
-        raise ValueError(f"reward {name!r} is a plain reward function and takes no params, got {params}; "
-                         "remove the params, or make it a factory marked with `is_reward_factory = True`")
-    return obj
+        raise RewardError(f"unknown reward {name!r}; builtins are {sorted(BUILTIN_REWARDS)}, or give a user reward "
+                          "as an import path 'module:name'")
+    return build_callable(name, obj, kwargs, accepts=("prompts", "completions"), keyword_columns=True)

@@ -1,7 +1,8 @@
 """Typed recipe configs: a dataclass per recipe, YAML plus `a.b=c` overrides, strict validation.
 
 Each field is declared with `option(default, "what it means")`, so its documentation lives in one
-place and `describe(cls)` can print it. Unknown keys (with a did-you-mean), wrong types and values
+place and `describe(cls)` can print it. Unknown keys (with a did-you-mean; a renamed field, listed in
+RENAMED_FIELDS, is named with its new name), wrong types and values
 outside a Literal's choices raise `ConfigError` naming the field and the fix; a recipe's own
 cross-field checks go in a `validate()` method that raises `ConfigError` the same way.
 Command lines catch `ConfigError`, print its one line and exit with code 2 (`exit_on_config_error`).
@@ -37,6 +38,12 @@ class ConfigError(ValueError):
 
 SEED_LIMIT = 2**32  # seeds are in [0, 2**32): the generators seeded from seed * 10**6 + i stay within torch's 64 bits
 SAMPLES_PER_ITERATION_LIMIT = 2**20  # samples per iteration: published recipes use thousands; 10**12 failed allocating
+RENAMED_FIELDS = {  # old dotted name -> new one, for both front ends; refused with one line naming the new name
+    "reward.params": "reward.kwargs",  # llmalign, as flowalign's
+    "algorithm.eps_low": "algorithm.clip_range",  # llmalign GRPO, as flowalign's train.clip_range
+    "algorithm.eps_high": "algorithm.clip_range_high",
+    "algorithm.beta": "algorithm.kl_beta",  # llmalign GRPO, as flowalign's train.kl_beta (DPO's algorithm.beta stays)
+}
 DICT_OVERRIDE_NOTE = "an override replaces the whole mapping ({name}={{a: 1}} keeps a alone, {name}={{}} empties it); {name}.KEY=value sets one entry"
 
 
@@ -214,6 +221,9 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
+            renamed = RENAMED_FIELDS.get(f"{prefix}{key}", "")
+            if renamed.rpartition(".")[2] in names and renamed.startswith(prefix):  # the new name is a field here
+                raise ConfigError(f"config field '{prefix}{key}' was renamed; use '{renamed}'")
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known fields: {', '.join(names)}"
             raise ConfigError(f"unknown config field '{prefix}{key}'{hint}")

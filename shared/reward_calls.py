@@ -1,12 +1,24 @@
-"""Calling a user's reward safely, for both front ends: a deadline on each call, and its output as floats.
+"""Loading and calling a user's reward, for both front ends: one loader, one error, a deadline on each call, and
+its output as floats.
 
-A reward that does not return within `reward.timeout_s`, or returns something that is not numbers, is a reward
-failure; each front end names the reward and stops the run (exit 3) or, under its drop policy, drops the batch.
+A config names a reward by import path 'module:name' with keyword arguments under `reward.kwargs` (both front
+ends; llmalign also has builtin names). `load_callable` is the one factory rule: `name` is called with the kwargs
+when there are any, when it is marked `is_reward_factory = True`, or when all its parameters have defaults; what
+comes back (or `name` itself) must accept the front end's positional arguments. A reward that cannot be loaded,
+does not return within `reward.timeout_s`, or returns something that is not numbers is a reward failure
+(`RewardError`); each front end names the reward and stops the run (exit 3) or, under its drop policy, drops the
+batch.
+
+The two front ends call rewards with different arguments, so there is one alias per signature here:
+`ImageRewardFn` (flowalign: images [B, 3, H, W] in [0, 1], prompts, metadata -> scores [B]) and `TextRewardFn`
+(llmalign: prompts, completions, **columns -> list of floats or None).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import math
 import numbers
 import threading
@@ -14,6 +26,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+
+ImageRewardFn = Callable[[torch.Tensor, list, list], Any]  # flowalign: (images, prompts, metadata) -> [B]
+TextRewardFn = Callable[..., list]  # llmalign: (prompts, completions, **columns) -> [B*G] floats or None
 
 
 class RewardError(RuntimeError):
@@ -33,6 +49,76 @@ def import_path_problem(path: str) -> str | None:
         return (f"{path!r} has module name {module_name!r}, not an absolute dotted module name; "
                 "write the full package path, e.g. my_pkg.rewards:brightness")
     return None
+
+
+def _is_factory(obj: Callable) -> bool:
+    """Marked `is_reward_factory = True`, or every parameter has a default (so it can be called with none)."""
+    if getattr(obj, "is_reward_factory", False):
+        return True
+    try:
+        parameters = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: not a factory
+        return False
+    return all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in parameters)
+
+
+def import_reward(path: str) -> Any:
+    """The object an import path 'module:name' names (`name` may be dotted: 'module:Class.method'); RewardError
+    naming the path when it is not one or does not import."""
+    problem = import_path_problem(path)
+    if problem is not None:
+        raise RewardError(f"reward {problem}")
+    module_name, _, attribute = path.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as error:
+        raise RewardError(f"reward '{path}': cannot import module '{module_name}' ({error}); "
+                          "check reward.weights") from None
+    except Exception as error:  # the module itself raised while importing
+        raise RewardError(f"reward '{path}': importing module '{module_name}' raised {type(error).__name__}: "
+                          f"{error}") from None
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise RewardError(f"reward '{path}': module '{module_name}' has no '{attribute}'; check the name in "
+                              "reward.weights")
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_callable(name: str, obj: Any, kwargs: dict | None, accepts: tuple[str, ...],
+                   keyword_columns: bool = False) -> Callable:
+    """The reward from `obj` by the one factory rule (see the module docstring), checked to accept `accepts`
+    positionally: exactly those, or with `keyword_columns` (llmalign passes each data column by keyword, so a
+    reward may require `answer`) those and any others by keyword. RewardError naming `name` when `obj` is not
+    callable, the factory refuses `kwargs` or raises, or the reward's signature cannot take `accepts`."""
+    if not callable(obj):
+        raise RewardError(f"reward '{name}' is a {type(obj).__name__}, not a function")
+    if kwargs or _is_factory(obj):  # given kwargs, marked, or nothing required: a factory that returns the reward
+        try:
+            obj = obj(**(kwargs or {}))
+        except TypeError as error:
+            raise RewardError(f"reward '{name}': calling it with reward.kwargs {kwargs or {}} failed ({error}); "
+                              "give the factory's arguments, or no kwargs for a reward function") from None
+        except Exception as error:  # the factory itself failed (a missing file, a bad value)
+            raise RewardError(f"reward '{name}': its factory raised {type(error).__name__}: {error} "
+                              f"(reward.kwargs {kwargs or {}})") from None
+        if not callable(obj):
+            raise RewardError(f"reward '{name}': its factory returned a {type(obj).__name__}, not a function")
+    try:
+        signature = inspect.signature(obj)
+        (signature.bind_partial if keyword_columns else signature.bind)(*(None for _ in accepts))
+    except TypeError:
+        raise RewardError(f"reward '{name}': must accept ({', '.join(accepts)}); "
+                          f"its signature is {inspect.signature(obj)}") from None
+    except ValueError:
+        pass  # builtins without a signature: checked when first called
+    return obj
+
+
+def load_callable(path: str, kwargs: dict | None, accepts: tuple[str, ...], keyword_columns: bool = False) -> Callable:
+    """Import 'module:name' and build the reward from it (`import_reward`, then `build_callable`)."""
+    return build_callable(path, import_reward(path), kwargs, accepts, keyword_columns)
 
 
 def call_with_deadline(fn: Callable, args: tuple = (), kwargs: dict | None = None,

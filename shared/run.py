@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from shared.checkpoint import (RUN_LOGS, WriteError, io_failure, latest_checkpoint, load_state, open_output_dir,
                                rng_state, save_checkpoint, set_rng_state)
-from shared.config import ConfigError, to_dict
+from shared.config import RENAMED_FIELDS, ConfigError, to_dict
 from shared.runlog import append_metrics, truncate_metrics
 from shared.trackers import (IMAGE_TRACKERS, TABLE_TRACKERS, TRACKER_DIR, flat_config, init_kwargs, local_storage,
                              markdown_table, report_to_problem, scalars)
@@ -77,6 +77,26 @@ def _is_dataclass_field(config: Any, dotted: str) -> bool:
             return False
         node = getattr(node, part)
     return True
+
+
+def with_current_names(saved: dict, config: Any) -> dict:
+    """A checkpoint's saved config (nested dicts) with the fields renamed since (shared.config.RENAMED_FIELDS) under
+    their new names, so an old checkpoint compares equal to the same settings written with the new names. Only
+    where the old name is no field of `config` and the new one is (DPO's algorithm.beta is not GRPO's)."""
+    saved = json.loads(json.dumps(saved))
+    for old, new in RENAMED_FIELDS.items():
+        if _is_dataclass_field(config, old) or not _is_dataclass_field(config, new):
+            continue
+        (*old_parents, old_leaf), (*new_parents, new_leaf) = old.split("."), new.split(".")
+        old_node, new_node = saved, saved
+        for part in old_parents:
+            old_node = old_node.get(part) if isinstance(old_node, dict) else None
+        for part in new_parents:
+            new_node = new_node.get(part) if isinstance(new_node, dict) else None
+        movable = isinstance(old_node, dict) and old_leaf in old_node
+        if movable and isinstance(new_node, dict) and new_leaf not in new_node:
+            new_node[new_leaf] = old_node.pop(old_leaf)
+    return saved
 
 
 def changeable_on_resume(field: str) -> bool:
@@ -149,7 +169,7 @@ class Run:
         if saved is None:
             self.print(f"warning: {self.checkpoint} holds no config, so the config is not compared with it")
             return {}
-        changes = config_changes(saved, to_dict(config))
+        changes = config_changes(with_current_names(saved, config), to_dict(config))  # old names: see RENAMED_FIELDS
         fixed = {name: change for name, change in changes.items() if not changeable_on_resume(name)}
         if fixed and not allow_change:
             # a field absent from the checkpoint did not exist when it was written: its default now may or may not be

@@ -28,7 +28,7 @@ PROMPTS, GROUP, PROMPT_LENGTH, COMPLETION_LENGTH = 4, 3, 5, 7
 CASES = {  # name -> overrides; each splits the rollout differently over micro-batches, steps and ranks
     "grpo": ["algorithm.loss=grpo", "train.micro_batch_size=4"],
     "dapo_two_steps_kl": ["algorithm.loss=dapo", "train.updates_per_pass=2", "train.num_iterations=2",
-                          "algorithm.beta=0.1", "train.micro_batch_size=2"],
+                          "algorithm.kl_beta=0.1", "train.micro_batch_size=2"],
     "dr_grpo_two_steps": ["algorithm.loss=dr_grpo", "train.updates_per_pass=2", "train.micro_batch_size=3"],
     "disco_two_steps_shared_prefix": ["algorithm.loss=disco", "algorithm.shared_prefix=true",
                                       "train.updates_per_pass=2", "train.micro_batch_size=3"],
@@ -83,7 +83,7 @@ def main(out: Path, fsdp: bool = False) -> None:
                                                 "train.max_grad_norm=1.0", *overrides])
         check_world_split(run, config)
         model = toy.build_model(toy.build_tokenizer(), hidden=32, layers=2, seed=0).to(run.device)
-        reference = reference_policy(model, lora=False) if config.algorithm.beta > 0 else None
+        reference = reference_policy(model, lora=False) if config.algorithm.kl_beta > 0 else None
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the weights move by the gradient itself
         model, optimizer = run.prepare(model, optimizer)
         update(run, config, model, optimizer, reference, *rank_rows(run, rollout, advantages, keep, correct))

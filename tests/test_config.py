@@ -119,7 +119,7 @@ reward:
 LLM_YAML = """
 reward:
   weights: {accuracy: 1.0, format: 0.5}
-  params: {format: {}}
+  kwargs: {format: {}}
 """
 
 
@@ -129,7 +129,7 @@ def front_ends():
 
     jpeg = "flowalign.rewards:jpeg_compressibility"
     # (recipe, its YAML, a reward of that YAML, a mapping-typed companion field) per front end
-    return [(FlowGRPOConfig, FLOW_YAML, jpeg, "reward.kwargs"), (GRPOConfig, LLM_YAML, "format", "reward.params")]
+    return [(FlowGRPOConfig, FLOW_YAML, jpeg, "reward.kwargs"), (GRPOConfig, LLM_YAML, "format", "reward.kwargs")]
 
 
 @pytest.mark.parametrize("front_end", [0, 1], ids=["flow", "llm"])
@@ -202,3 +202,57 @@ def test_non_utf8_yaml_and_yaml_tags_are_refused(tmp_path):
 def test_an_integer_too_large_for_a_float_field_is_a_config_error():
     with pytest.raises(ConfigError, match="config field 'optim.lr': an integer of 401 digits is too large"):
         load_config(Recipe, None, [f"optim.lr={10**400}"])
+
+
+# ------------------------------------------------------------------ renamed fields (issue 15, item 8)
+RENAMED = [  # (front end, old key=value as a YAML line under its section, the one line load_config raises)
+    ("llm", "reward", "params: {format: {}}", "config field 'reward.params' was renamed; use 'reward.kwargs'"),
+    ("flow", "reward", "params: {}", "config field 'reward.params' was renamed; use 'reward.kwargs'"),
+    ("llm", "algorithm", "eps_low: 0.2", "config field 'algorithm.eps_low' was renamed; use 'algorithm.clip_range'"),
+    ("llm", "algorithm", "eps_high: 0.28",
+     "config field 'algorithm.eps_high' was renamed; use 'algorithm.clip_range_high'"),
+    ("llm", "algorithm", "beta: 0.04", "config field 'algorithm.beta' was renamed; use 'algorithm.kl_beta'"),
+]
+
+
+@pytest.mark.parametrize("front_end, section, line, message", RENAMED, ids=[r[2].split(":")[0] + "-" + r[0]
+                                                                             for r in RENAMED])
+def test_a_renamed_field_names_its_new_name_in_yaml_and_override(front_end, section, line, message, tmp_path):
+    from flowalign.config import FlowGRPOConfig
+    from llmalign.config import GRPOConfig
+
+    recipe = {"flow": FlowGRPOConfig, "llm": GRPOConfig}[front_end]
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{section}:\n  {line}\n")
+    with pytest.raises(ConfigError) as from_yaml:
+        load_config(recipe, path)
+    key, _, value = line.partition(": ")
+    with pytest.raises(ConfigError) as from_override:
+        load_config(recipe, None, [f"{section}.{key}={value}"])
+    assert str(from_yaml.value) == str(from_override.value) == message
+
+
+def test_the_new_names_load_and_dpo_keeps_its_beta():
+    from llmalign.config import GRPOConfig
+    from llmalign.dpo_config import DPOConfig
+
+    config = load_config(GRPOConfig, None, ["reward.weights={format: 1.0, cosine_length: 1.0}",
+                                            "reward.kwargs.cosine_length={max_length: 64}", "algorithm.loss=dapo",
+                                            "algorithm.clip_range=0.1", "algorithm.kl_beta=0.04"])
+    a = config.algorithm
+    assert (config.reward.kwargs, a.clip_range, a.kl_beta) == ({"cosine_length": {"max_length": 64}}, 0.1, 0.04)
+    assert a.effective_clip_range_high == 0.28  # dapo's clip-higher when clip_range_high is null
+    assert load_config(GRPOConfig, None, ["algorithm.clip_range_high=0.3"]).algorithm.effective_clip_range_high == 0.3
+    dpo_yaml = Path(__file__).parents[1] / "configs" / "llm" / "arith_dpo.yaml"
+    assert load_config(DPOConfig, dpo_yaml, ["algorithm.beta=0.5"]).algorithm.beta == 0.5  # DPO's temperature: kept
+    with pytest.raises(ConfigError, match="unknown config field 'algorithm.eps_low'; known"):  # no rename to point to
+        load_config(DPOConfig, dpo_yaml, ["algorithm.eps_low=0.2"])
+
+
+@pytest.mark.parametrize("command", [["-m", "llmalign", "grpo"], ["-m", "flowalign.train"]])
+def test_a_renamed_field_is_one_line_and_exit_2_from_the_command_line(command):
+    root = str(Path(__file__).parents[1])
+    result = subprocess.run([sys.executable, *command, "reward.params={}"], capture_output=True, text=True, cwd=root,
+                            env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["config error: config field 'reward.params' was renamed; use 'reward.kwargs'"]

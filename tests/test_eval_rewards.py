@@ -84,8 +84,8 @@ def test_llm_eval_rewards_score_the_greedy_held_out_completions(tiny_lm_dir, tmp
     ("{nope: {}}", 2, "config error: config field 'eval.rewards': 'nope' is no builtin reward"),
     ("{llmalign.no_such_module:score: {}}", 3, "reward error: eval.rewards: reward 'llmalign.no_such_module:score': "
                                                "cannot import module"),
-    ("{format: {colour: 1}}", 3, "reward error: eval.rewards: reward 'format' is a plain reward function and takes "
-                                 "no params"),
+    ("{format: {colour: 1}}", 3, "reward error: eval.rewards: reward 'format': calling it with reward.kwargs "
+                                 "{'colour': 1} failed"),  # worded as flowalign's: one loader
 ])
 def test_llm_bad_eval_reward_stops_before_training_with_one_line(tiny_lm_dir, tmp_path, capsys,  # noqa: F811
                                                                 entry, code, message):

@@ -63,7 +63,7 @@ def initial_weights(model_dir):
 def test_cli_two_steps_full_finetune_changes_weights_and_reloads(tiny_lm_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    main(["grpo", *overrides(tiny_lm_dir, tmp_path, "algorithm.beta=0.05", "train.num_iterations=2")])
+    main(["grpo", *overrides(tiny_lm_dir, tmp_path, "algorithm.kl_beta=0.05", "train.num_iterations=2")])
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     before = initial_weights(tiny_lm_dir)
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, before[k])]
@@ -86,7 +86,7 @@ def test_cli_two_steps_lora_saves_a_peft_adapter(tiny_lm_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    main(["grpo", *overrides(tiny_lm_dir, tmp_path, "model.lora=true", "model.lora_rank=4", "algorithm.beta=0.1",
+    main(["grpo", *overrides(tiny_lm_dir, tmp_path, "model.lora=true", "model.lora_rank=4", "algorithm.kl_beta=0.1",
                              "algorithm.loss=dapo", "algorithm.mask_truncated=false",
                              "algorithm.shared_prefix=true")])
     state = load_state(latest_checkpoint(tmp_path / "checkpoints"), "trainable")
@@ -120,7 +120,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, one_process, lo
     for micro in (N, 3):
         trained = copy.deepcopy(model)
         config = load_config(GRPOConfig, None, [
-            f"algorithm.loss={loss}", f"algorithm.shared_prefix={str(shared_prefix).lower()}", "algorithm.beta=0.1",
+            f"algorithm.loss={loss}", f"algorithm.shared_prefix={str(shared_prefix).lower()}", "algorithm.kl_beta=0.1",
             "train.group_size=3", "train.prompts_per_iteration=4", f"train.micro_batch_size={micro}",
             "train.max_grad_norm=1e9", "sampling.max_new_tokens=10"])
         optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=1.0)

@@ -18,7 +18,7 @@ from tests.test_llm_dpo import overrides as dpo_overrides, tiny  # noqa: F401  (
 from tests.test_llm_grpo import overrides, tiny_lm_dir  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRA = ["train.iterations=5", "train.num_iterations=2", "algorithm.beta=0.05", "log.keep_last=2"]
+EXTRA = ["train.iterations=5", "train.num_iterations=2", "algorithm.kl_beta=0.05", "log.keep_last=2"]
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from llmalign.rewards import (
     BUILTIN_REWARDS,
@@ -21,7 +22,7 @@ from llmalign.rewards import (
     make_length_budget_reward,
     make_soft_overlong_reward,
 )
-from shared.reward_calls import call_with_deadline
+from shared.reward_calls import RewardError, call_with_deadline
 
 # User rewards for build_reward's import-path form ("tests.test_llm_rewards:...").
 
@@ -38,6 +39,22 @@ def constant_reward_factory(value=1.0):
 
 constant_reward_factory.is_reward_factory = True
 NOT_A_FUNCTION = 3
+
+
+def needs_answer(prompts, completions, answer):  # a data column the trainer passes by keyword
+    return [float(c == a) for c, a in zip(completions, answer)]
+
+
+def one_argument(completions):
+    return [0.0] * len(completions)
+
+
+def either_front_end_factory(value=1.0):
+    """A factory whose reward takes both front ends' positional arguments: (images or prompts, prompts or
+    completions, metadata=None)."""
+    def constant(first, second, metadata=None, **kwargs):
+        return [value] * len(second)
+    return constant
 
 
 def ids(*lengths):
@@ -482,24 +499,51 @@ def test_builtin_rewards_map_to_functions_and_factories():
 
 
 def test_build_reward_from_import_path():
-    for path in ("tests.test_llm_rewards:always_half", "tests.test_llm_rewards.always_half"):
-        assert build_reward(path, {})(["p", "q"], ["a", "b"]) == [0.5, 0.5]
+    assert build_reward("tests.test_llm_rewards:always_half", {})(["p", "q"], ["a", "b"]) == [0.5, 0.5]
     constant = build_reward("tests.test_llm_rewards:constant_reward_factory", {"value": 2.0})
     assert constant(["p"], ["a"]) == [2.0]
+    assert build_reward("tests.test_llm_rewards:constant_reward_factory")(["p"], ["a"]) == [1.0]  # defaults
+    assert build_reward("tests.test_llm_rewards:needs_answer")(["p", "q"], ["1", "2"], answer=["1", "3"]) == [1.0, 0.0]
 
 
-@pytest.mark.parametrize("name, params, message", [
-    ("acuracy", {}, "unknown reward 'acuracy'; builtins are .*'accuracy'.*package.module:attribute"),
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("acuracy", {}, "unknown reward 'acuracy'; builtins are .*'accuracy'.*'module:name'"),
+    ("tests.test_llm_rewards.always_half", {}, "unknown reward .*import path 'module:name'"),  # one form: module:name
     ("no_such_package.module:fn", {}, "cannot import module 'no_such_package.module'"),
-    ("tests.test_llm_rewards:missing_fn", {}, "has no attribute 'missing_fn'"),
+    ("tests.test_llm_rewards:missing_fn", {}, "has no 'missing_fn'"),
     ("tests.test_llm_rewards:NOT_A_FUNCTION", {}, "is a int, not a function"),
-    ("tests.test_llm_rewards:always_half", {"value": 1}, "plain reward function and takes no params"),
-    ("accuracy", {"strict": True}, "plain reward function and takes no params"),
-    ("cosine_length", {"max_len": 10}, "factory rejected params"),
+    ("tests.test_llm_rewards:always_half", {"value": 1}, "calling it with reward.kwargs {'value': 1} failed"),
+    ("accuracy", {"strict": True}, "calling it with reward.kwargs {'strict': True} failed"),
+    ("cosine_length", {"max_len": 10}, "unexpected keyword argument 'max_len'"),
+    ("length_budget", None, "missing 2 required positional arguments: 'initial_budget' and 'min_budget'"),
+    ("grpo_lambda", {"fraction": 2}, "its factory raised ValueError: grpo_lambda: fraction must be in"),
+    ("tests.test_llm_rewards:one_argument", {}, r"must accept \(prompts, completions\)"),
 ])
-def test_build_reward_errors(name, params, message):
-    with pytest.raises(ValueError, match=message):
-        build_reward(name, params)
+def test_build_reward_errors(name, kwargs, message):
+    with pytest.raises(RewardError, match=message):
+        build_reward(name, kwargs)
+
+
+def test_one_loader_and_one_error_for_both_front_ends():
+    """The same factory path, with and without kwargs, loads through flowalign's load_reward and llmalign's
+    build_reward by the same rule (shared.reward_calls), and both refuse a bad kwarg with the one RewardError."""
+    from flowalign.rewards.plugins import RewardError as FlowRewardError
+    from flowalign.rewards.plugins import load_reward
+
+    assert FlowRewardError is RewardError
+    path = "tests.test_llm_rewards:either_front_end_factory"
+    images, prompts = torch.zeros(2, 3, 4, 4), ["p", "q"]
+    assert load_reward(path)(images, prompts, [{}, {}]) == [1.0, 1.0]  # all defaults: called with none
+    assert load_reward(path, {"value": 3.0})(images, prompts, [{}, {}]) == [3.0, 3.0]
+    assert build_reward(path)(prompts, ["a", "b"]) == [1.0, 1.0]
+    assert build_reward(path, {"value": 3.0})(prompts, ["a", "b"]) == [3.0, 3.0]
+    messages = []
+    for load in (lambda: load_reward(path, {"valu": 3.0}), lambda: build_reward(path, {"valu": 3.0})):
+        with pytest.raises(RewardError) as info:
+            load()
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert messages[0].startswith(f"reward '{path}': calling it with reward.kwargs {{'valu': 3.0}} failed")
 
 
 def test_rewards_ignore_unknown_kwargs():

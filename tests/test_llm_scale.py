@@ -121,7 +121,7 @@ def test_two_process_grpo_run_shards_prompts_logs_once_and_resumes(tiny_lm_dir, 
     out, record = tmp_path / "run", tmp_path / "sampled.jsonl"
     args = ["-m", "llmalign", "grpo", *grpo_overrides(tiny_lm_dir, out), f"data.train={id_rows}",
             "train.prompts_per_iteration=4", "train.group_size=2", "train.micro_batch_size=2",
-            "train.updates_per_pass=2", "data.eval_size=6", "algorithm.beta=0.05",
+            "train.updates_per_pass=2", "data.eval_size=6", "algorithm.kl_beta=0.05",
             "reward.weights={accuracy: 1.0, tests.test_llm_scale:recording_reward: 1.0}"]
     first = succeeded(run_processes(2, [*args, "train.iterations=2"], env={RECORD: str(record)}))
     assert "over 2 process(es)" in first.stdout

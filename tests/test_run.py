@@ -345,3 +345,33 @@ def test_resume_of_a_checkpoint_that_predates_a_field_names_it_as_such(tmp_path)
         "without it)")
     assert Run(out, resume=True, tag="[test]", config=recipe(weights={"a": 1.0, "b": 0.5}),
                allow_config_change=True).config_changes["train.group_size"] == ("<absent>", 2)
+
+
+def test_resume_of_a_checkpoint_written_under_renamed_fields_compares_them_by_their_new_names(tmp_path):
+    """An llmalign checkpoint from before issue 15 stores algorithm.beta/eps_low/eps_high and reward.params; read
+    under the new names (shared.config.RENAMED_FIELDS) the same settings resume without --allow-config-change, and a
+    changed one is named by its new name."""
+    import torch
+
+    from llmalign.config import GRPOConfig
+    from shared.config import ConfigError, load_config, to_dict
+    from shared.run import Run
+
+    def grpo(*overrides):
+        return load_config(GRPOConfig, None, ["reward.weights={accuracy: 1.0, cosine_length: 1.0}",
+                                              "reward.kwargs={cosine_length: {max_length: 64}}", *overrides])
+
+    current = grpo("algorithm.kl_beta=0.04", "algorithm.clip_range=0.1", "algorithm.clip_range_high=0.3")
+    old_config = to_dict(current)
+    algorithm, reward = old_config["algorithm"], old_config["reward"]
+    algorithm["beta"], algorithm["eps_low"] = algorithm.pop("kl_beta"), algorithm.pop("clip_range")
+    algorithm["eps_high"], reward["params"] = algorithm.pop("clip_range_high"), reward.pop("kwargs")
+    out = tmp_path / "run"
+    model = torch.nn.Linear(2, 1)
+    run = Run(out, resume=False, tag="[test]", config=current)
+    run.save_checkpoint(1, {"trainable": run.trainable_state(model), "trainer": {"iteration": 1, "config": old_config}},
+                        keep_last=2)
+    assert Run(out, resume=True, tag="[test]", config=current).config_changes == {}
+    with pytest.raises(ConfigError, match=r"written under in algorithm\.kl_beta \(0\.04 -> 0\.05\); set them back"):
+        Run(out, resume=True, tag="[test]", config=grpo("algorithm.kl_beta=0.05", "algorithm.clip_range=0.1",
+                                                        "algorithm.clip_range_high=0.3"))

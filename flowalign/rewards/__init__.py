@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-RewardFn = Callable[[torch.Tensor, list, list], torch.Tensor]
+from shared.reward_calls import ImageRewardFn
 
 
 def _check_batch(images: torch.Tensor, prompts: list[str]) -> None:
@@ -26,7 +26,7 @@ def _check_batch(images: torch.Tensor, prompts: list[str]) -> None:
         raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images; pass one prompt per image")
 
 
-def digit_classifier_reward(path: str | None = None) -> RewardFn:
+def digit_classifier_reward(path: str | None = None) -> ImageRewardFn:
     """Probability the toy's digit classifier gives to the digit the prompt names
     ("the digit seven" or "handwritten 7"): softmax(classifier(gray(image)))[digit], in [0, 1].
 
@@ -68,7 +68,7 @@ def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float32, device=images.device)
 
 
-def jpeg_compressibility(quality: int = 95) -> RewardFn:
+def jpeg_compressibility(quality: int = 95) -> ImageRewardFn:
     """DDPO's compressibility: r = -(JPEG size in kB); smaller files score higher."""
 
     def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
@@ -78,7 +78,7 @@ def jpeg_compressibility(quality: int = 95) -> RewardFn:
     return reward
 
 
-def jpeg_incompressibility(quality: int = 95) -> RewardFn:
+def jpeg_incompressibility(quality: int = 95) -> ImageRewardFn:
     """DDPO's incompressibility: r = +(JPEG size in kB); detailed, noisy images score higher."""
 
     def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
@@ -88,14 +88,14 @@ def jpeg_incompressibility(quality: int = 95) -> RewardFn:
     return reward
 
 
-REWARDS: dict[str, Callable[..., RewardFn]] = {
+REWARDS: dict[str, Callable[..., ImageRewardFn]] = {
     "digit_classifier": digit_classifier_reward,
     "jpeg_compressibility": jpeg_compressibility,
     "jpeg_incompressibility": jpeg_incompressibility,
 }
 
 
-def make_reward(name: str, **kwargs) -> RewardFn:
+def make_reward(name: str, **kwargs) -> ImageRewardFn:
     """The reward `name` from REWARDS, built with `kwargs` (e.g. quality=80)."""
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; choose one of {sorted(REWARDS)}")

@@ -9,12 +9,11 @@ Name them in a config like any reward, e.g. `flowalign.rewards.models:clip_score
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
-RewardFn = Callable[[torch.Tensor, list, list], torch.Tensor]
+from shared.reward_calls import ImageRewardFn
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -70,7 +69,7 @@ class _OpenClip:
 
 
 def clip_score(model_name: str = "ViT-B-32", pretrained: str | None = "openai", batch_size: int = 32,
-               device: str | None = None) -> RewardFn:
+               device: str | None = None) -> ImageRewardFn:
     """Cosine similarity between the CLIP embeddings of each image and its prompt, in [-1, 1].
     pretrained: an open_clip tag (e.g. "openai", "laion2b_s34b_b79k") or a local checkpoint file."""
     clip = _OpenClip(model_name, pretrained, device)
@@ -85,7 +84,7 @@ def clip_score(model_name: str = "ViT-B-32", pretrained: str | None = "openai", 
     return reward
 
 
-def hps_v2_score(checkpoint: str, model_name: str = "ViT-H-14", batch_size: int = 16, device: str | None = None) -> RewardFn:
+def hps_v2_score(checkpoint: str, model_name: str = "ViT-H-14", batch_size: int = 16, device: str | None = None) -> ImageRewardFn:
     """HPS-v2-style human preference score: an open_clip model (ViT-H-14 for HPS v2 / v2.1) with the
     fine-tuned checkpoint file, scored as the image-prompt cosine similarity."""
     return clip_score(model_name=model_name, pretrained=checkpoint, batch_size=batch_size, device=device)
@@ -110,7 +109,7 @@ def load_aesthetic_mlp(path: str) -> torch.nn.Sequential:
 
 
 def aesthetic_score(mlp_path: str, model_name: str = "ViT-L-14", pretrained: str | None = "openai",
-                    batch_size: int = 32, device: str | None = None) -> RewardFn:
+                    batch_size: int = 32, device: str | None = None) -> ImageRewardFn:
     """LAION-style aesthetic predictor: MLP(normalised CLIP image embedding); the prompt is not used."""
     clip = _OpenClip(model_name, pretrained, device)
     state: dict = {}
@@ -133,7 +132,7 @@ def _projected(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def pickscore(model: str, processor: str | None = None, batch_size: int = 32, device: str | None = None) -> RewardFn:
+def pickscore(model: str, processor: str | None = None, batch_size: int = 32, device: str | None = None) -> ImageRewardFn:
     """PickScore: logit_scale * cosine(image, prompt) of a transformers CLIPModel (hub id or local directory;
     the processor defaults to the same place)."""
     state: dict = {}

@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import importlib.util
 import re
-from typing import Callable
-
 import torch
 
-RewardFn = Callable[[torch.Tensor, list, list], torch.Tensor]
+from shared.reward_calls import ImageRewardFn
+
 QUOTED = re.compile(r'"([^"]*)"|“([^”]*)”')  # straight or curly double quotes; the first pair wins
 EXTRA_PACKAGES = {"rapidocr_onnxruntime": "rapidocr-onnxruntime", "rapidfuzz": "rapidfuzz"}  # module -> distribution
 
@@ -63,7 +62,7 @@ def to_bgr_uint8(images: torch.Tensor) -> list:
     return [array[..., ::-1].copy() for array in pixels.permute(0, 2, 3, 1).cpu().numpy()]  # [H, W, 3] each
 
 
-def ocr_reward(min_confidence: float = 0.5, num_threads: int | None = None) -> RewardFn:
+def ocr_reward(min_confidence: float = 0.5, num_threads: int | None = None) -> ImageRewardFn:
     """The OCR reward (module docstring): one score in [0, 1] per image of the batch.
 
     min_confidence: lines the recogniser reads with lower confidence are ignored (RapidOCR's text_score).

@@ -44,14 +44,13 @@ import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 import numpy as np
 import torch
 
-from flowalign.rewards.plugins import RewardError, RewardTimeout, call_with_deadline, load_reward, scores_as_floats
+from flowalign.rewards.plugins import (ImageRewardFn, RewardError, RewardTimeout, call_with_deadline, load_reward,
+                                       scores_as_floats)
 
-RewardFn = Callable[[torch.Tensor, list, list], torch.Tensor]
 DISCARD_LIMIT = 256 * 2**20  # refused bodies up to this size are read and dropped so the client sees the answer
 SERVE_HINT = "start it with flowalign-reward-serve (python -m flowalign.rewards.server --reward module:name --port PORT)"
 PROG = "flowalign-reward-serve"
@@ -116,7 +115,7 @@ def _read_json(data: bytes):
         raise BadRequest(400, f"body is not valid JSON ({error})") from None
 
 
-def _make_handler(reward_fn: RewardFn, token: str, max_request_bytes: int, max_batch: int,
+def _make_handler(reward_fn: ImageRewardFn, token: str, max_request_bytes: int, max_batch: int,
                   lock: threading.Lock, request_timeout_s: float) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         timeout = 60  # seconds a stalled client may hold a connection
@@ -257,7 +256,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(reward_fn: RewardFn, host: str = "127.0.0.1", port: int = 0, *, token: str,
+def serve(reward_fn: ImageRewardFn, host: str = "127.0.0.1", port: int = 0, *, token: str,
           max_request_bytes: int = 32 * 2**20, max_batch: int = 256, max_connections: int = 16,
           request_timeout_s: float = 60.0, allow_remote: bool = False) -> tuple[ThreadingHTTPServer, threading.Thread]:
     """Start the reward server in a background thread; returns (server, thread).
@@ -281,7 +280,7 @@ def serve(reward_fn: RewardFn, host: str = "127.0.0.1", port: int = 0, *, token:
     return server, thread
 
 
-def remote_reward(url: str, token: str, timeout: float = 90.0, retries: int = 2, backoff: float = 0.5) -> RewardFn:
+def remote_reward(url: str, token: str, timeout: float = 90.0, retries: int = 2, backoff: float = 0.5) -> ImageRewardFn:
     """A reward that POSTs each batch to the server at `url` and returns its scores [B] (null -> NaN).
 
     A request is re-sent (`retries` times, waiting backoff * 2**attempt seconds) only when it cannot have run:
