@@ -1,6 +1,6 @@
 """The CPU's measured float32 matmul peak, and the FLOP/s a Flow-GRPO update step achieves as a fraction of it.
 
-    python benchmarks/cpu_flops.py
+python benchmarks/cpu_flops.py
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def update_step_flops() -> tuple[float, float]:
     from shared.config import load_config
     from shared.run import Run
 
-    config = load_config(FlowGRPOConfig, ROOT / "configs" / "flow" / "flow_grpo.yaml", ["train.updates_per_iteration=1"])
+    config = load_config(
+        FlowGRPOConfig, ROOT / "configs" / "flow" / "flow_grpo.yaml", ["train.updates_per_iteration=1"]
+    )
     run = Run(tempfile.mkdtemp(prefix="cpu_flops-"), resume=False, tag="[cpu_flops]")
     adapter = load_adapter(config, run.device)
     params = make_policy(config, adapter.transformer)
@@ -68,10 +70,13 @@ def main() -> dict:
     peak = matmul_peak()
     flops, seconds = update_step_flops()
     achieved = flops / seconds
-    lines = ["| measure | value |", "|---|---|",
-             f"| float32 matmul peak (1024^3, {torch.get_num_threads()} threads) | {peak / 1e9:.1f} GFLOP/s |",
-             f"| Flow-GRPO update step (embedded default) | {flops / 1e9:.2f} GFLOP in {seconds:.2f} s |",
-             f"| achieved | {achieved / 1e9:.2f} GFLOP/s = {achieved / peak:.1%} of peak |"]
+    lines = [
+        "| measure | value |",
+        "|---|---|",
+        f"| float32 matmul peak (1024^3, {torch.get_num_threads()} threads) | {peak / 1e9:.1f} GFLOP/s |",
+        f"| Flow-GRPO update step (embedded default) | {flops / 1e9:.2f} GFLOP in {seconds:.2f} s |",
+        f"| achieved | {achieved / 1e9:.2f} GFLOP/s = {achieved / peak:.1%} of peak |",
+    ]
     print("\n".join(lines))
     return {"peak": peak, "flops": flops, "seconds": seconds, "fraction": achieved / peak, "table": "\n".join(lines)}
 

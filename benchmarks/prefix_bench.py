@@ -35,8 +35,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-MODEL = dict(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=1024)
+MODEL = dict(
+    vocab_size=1000,
+    hidden_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=1024,
+)
 COMPLETION_LENGTH = 64
 PROMPT_LENGTHS = (128, 512, 2048)
 GROUP_SIZES = (4, 8, 16)
@@ -103,14 +109,31 @@ def measure_one(prompt_length: int, group_size: int, path: str, repeats: int, wa
             peak_mb = (peak_resident_bytes() - before) / 2**20
         if run >= warmup:
             times.append(elapsed)
-    return {"prompt_length": prompt_length, "group_size": group_size, "path": path,
-            "seconds": statistics.median(times), "peak_mb": peak_mb, "threads": torch.get_num_threads()}
+    return {
+        "prompt_length": prompt_length,
+        "group_size": group_size,
+        "path": path,
+        "seconds": statistics.median(times),
+        "peak_mb": peak_mb,
+        "threads": torch.get_num_threads(),
+    }
 
 
-def run_in_subprocess(prompt_length: int, group_size: int, path: str, repeats: int, warmup: int,
-                      threads: int) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--one", str(prompt_length), str(group_size), path,
-               "--repeats", str(repeats), "--warmup", str(warmup), "--threads", str(threads)]
+def run_in_subprocess(prompt_length: int, group_size: int, path: str, repeats: int, warmup: int, threads: int) -> dict:
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--one",
+        str(prompt_length),
+        str(group_size),
+        path,
+        "--repeats",
+        str(repeats),
+        "--warmup",
+        str(warmup),
+        "--threads",
+        str(threads),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed with exit code {done.returncode}:\n{done.stderr[-2000:]}")
@@ -121,12 +144,20 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per measurement; 1 by default: on a shared 2-core machine two threads "
-                             "waiting on each other at every op made runs up to 20x slower and erratic")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per measurement; 1 by default: on a shared 2-core machine two threads "
+        "waiting on each other at every op made runs up to 20x slower and erratic",
+    )
     parser.add_argument("--quick", action="store_true", help="1 run, no warm-up, skip P=2048 with G=16")
-    parser.add_argument("--one", nargs=3, metavar=("P", "G", "PATH"),
-                        help="internal: one measurement in this process, printed as a JSON line")
+    parser.add_argument(
+        "--one",
+        nargs=3,
+        metavar=("P", "G", "PATH"),
+        help="internal: one measurement in this process, printed as a JSON line",
+    )
     args = parser.parse_args(argv)
     repeats, warmup = (1, 0) if args.quick else (args.repeats, args.warmup)
     if args.one:
@@ -144,28 +175,53 @@ def main(argv=None) -> list[dict]:
                 skipped.append((prompt_length, group_size))
                 print(f"P={prompt_length} G={group_size}: skipped in --quick mode", flush=True)
                 continue
-            plain, shared = (run_in_subprocess(prompt_length, group_size, path, repeats, warmup, args.threads)
-                             for path in PATHS)
-            rows.append({"prompt_length": prompt_length, "group_size": group_size,
-                         "completion_length": COMPLETION_LENGTH, "plain_s": plain["seconds"],
-                         "shared_s": shared["seconds"], "speedup": plain["seconds"] / shared["seconds"],
-                         "plain_mb": plain["peak_mb"], "shared_mb": shared["peak_mb"],
-                         "memory_ratio": plain["peak_mb"] / max(shared["peak_mb"], 1e-9),
-                         "threads": plain["threads"], "repeats": repeats})
-            print(f"P={prompt_length} G={group_size}: plain {plain['seconds']:.3f} s {plain['peak_mb']:.0f} MiB, "
-                  f"shared {shared['seconds']:.3f} s {shared['peak_mb']:.0f} MiB", flush=True)
+            plain, shared = (
+                run_in_subprocess(prompt_length, group_size, path, repeats, warmup, args.threads) for path in PATHS
+            )
+            rows.append(
+                {
+                    "prompt_length": prompt_length,
+                    "group_size": group_size,
+                    "completion_length": COMPLETION_LENGTH,
+                    "plain_s": plain["seconds"],
+                    "shared_s": shared["seconds"],
+                    "speedup": plain["seconds"] / shared["seconds"],
+                    "plain_mb": plain["peak_mb"],
+                    "shared_mb": shared["peak_mb"],
+                    "memory_ratio": plain["peak_mb"] / max(shared["peak_mb"], 1e-9),
+                    "threads": plain["threads"],
+                    "repeats": repeats,
+                }
+            )
+            print(
+                f"P={prompt_length} G={group_size}: plain {plain['seconds']:.3f} s {plain['peak_mb']:.0f} MiB, "
+                f"shared {shared['seconds']:.3f} s {shared['peak_mb']:.0f} MiB",
+                flush=True,
+            )
 
-    title = (f"Prefix Grouper vs repeated prompts: forward + backward of completion_logprobs on CPU "
-             f"({rows[0]['threads']} threads), Qwen2 hidden {MODEL['hidden_size']}, {MODEL['num_hidden_layers']} "
-             f"layers, vocab {MODEL['vocab_size']}, B=1, completion length {COMPLETION_LENGTH}; time = median of "
-             f"{repeats} run(s); memory = peak RSS growth of the first forward + backward (VmHWM minus RSS before "
-             f"it), fresh process each")
-    header = ["P", "G", "plain s", "shared s", "speed-up (plain/shared)", "plain peak RSS MiB", "shared peak RSS MiB",
-              "memory ratio (plain/shared)"]
+    title = (
+        f"Prefix Grouper vs repeated prompts: forward + backward of completion_logprobs on CPU "
+        f"({rows[0]['threads']} threads), Qwen2 hidden {MODEL['hidden_size']}, {MODEL['num_hidden_layers']} "
+        f"layers, vocab {MODEL['vocab_size']}, B=1, completion length {COMPLETION_LENGTH}; time = median of "
+        f"{repeats} run(s); memory = peak RSS growth of the first forward + backward (VmHWM minus RSS before "
+        f"it), fresh process each"
+    )
+    header = [
+        "P",
+        "G",
+        "plain s",
+        "shared s",
+        "speed-up (plain/shared)",
+        "plain peak RSS MiB",
+        "shared peak RSS MiB",
+        "memory ratio (plain/shared)",
+    ]
     lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        lines.append(f"| {r['prompt_length']} | {r['group_size']} | {r['plain_s']:.3f} | {r['shared_s']:.3f} | "
-                     f"{r['speedup']:.2f} | {r['plain_mb']:.0f} | {r['shared_mb']:.0f} | {r['memory_ratio']:.2f} |")
+        lines.append(
+            f"| {r['prompt_length']} | {r['group_size']} | {r['plain_s']:.3f} | {r['shared_s']:.3f} | "
+            f"{r['speedup']:.2f} | {r['plain_mb']:.0f} | {r['shared_mb']:.0f} | {r['memory_ratio']:.2f} |"
+        )
     for prompt_length, group_size in skipped:
         lines.append(f"| {prompt_length} | {group_size} | skipped (--quick) | | | | | |")
     print("\n".join(lines))

@@ -30,14 +30,29 @@ OUT = ROOT / "benchmarks" / "out" / "scale"
 WORKLOADS = {
     "mixgrpo (flowalign)": (
         ["flowalign/train.py", "--config", "configs/flow/mixgrpo.yaml"],
-        ["train.prompts_per_iteration=8", "train.group_size=8", "train.micro_batch_size=32", "data.eval_seeds=1",
-         "sampling.eval_num_steps=2", "log.eval_every=0", "log.checkpoint_every=0"],
-        8 * 8),
+        [
+            "train.prompts_per_iteration=8",
+            "train.group_size=8",
+            "train.micro_batch_size=32",
+            "data.eval_seeds=1",
+            "sampling.eval_num_steps=2",
+            "log.eval_every=0",
+            "log.checkpoint_every=0",
+        ],
+        8 * 8,
+    ),
     "grpo (llmalign)": (
         ["-m", "llmalign", "grpo", "--config", "configs/llm/arith.yaml"],
-        ["train.prompts_per_iteration=16", "train.group_size=8", "train.micro_batch_size=32", "data.test=null",
-         "train.max_seconds=null", "log.checkpoint_every=0"],
-        16 * 8),
+        [
+            "train.prompts_per_iteration=16",
+            "train.group_size=8",
+            "train.micro_batch_size=32",
+            "data.test=null",
+            "train.max_seconds=null",
+            "log.checkpoint_every=0",
+        ],
+        16 * 8,
+    ),
 }
 
 
@@ -46,17 +61,24 @@ def measure(name: str, processes: int, iterations: int, repeat: int) -> dict:
     out = OUT / f"{''.join(c if c.isalnum() else '_' for c in name)}-{processes}p-{repeat}"
     shutil.rmtree(out, ignore_errors=True)  # scratch: a fresh run refuses a used directory
     started = time.perf_counter()
-    done = run_processes(processes, [*command, *overrides, f"train.iterations={iterations}", f"log.output_dir={out}"],
-                         timeout=1800)
+    done = run_processes(
+        processes, [*command, *overrides, f"train.iterations={iterations}", f"log.output_dir={out}"], timeout=1800
+    )
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{name} on {processes} process(es) failed:\n{done.stderr[-3000:]}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in records if r["iteration"] > 1]
     seconds = [sum(v for k, v in r.items() if k.startswith("time/")) for r in timed]
-    phases = {k.removeprefix("time/"): statistics.median(r[k] for r in timed) for k in timed[0] if k.startswith("time/")}
-    return {"seconds_per_iteration": statistics.median(seconds), "rate": samples / statistics.median(seconds),
-            "wall": wall, "phases": phases}
+    phases = {
+        k.removeprefix("time/"): statistics.median(r[k] for r in timed) for k in timed[0] if k.startswith("time/")
+    }
+    return {
+        "seconds_per_iteration": statistics.median(seconds),
+        "rate": samples / statistics.median(seconds),
+        "wall": wall,
+        "phases": phases,
+    }
 
 
 def main(argv=None) -> list[dict]:
@@ -73,19 +95,39 @@ def main(argv=None) -> list[dict]:
                 runs[processes].append(measure(name, processes, iterations, repeat))
         rate = {p: statistics.median(r["rate"] for r in runs[p]) for p in runs}
         phase = {p: {k: statistics.median(r["phases"][k] for r in runs[p]) for k in runs[p][0]["phases"]} for p in runs}
-        rows.append({"workload": name, "samples": WORKLOADS[name][2], "rate1": rate[1], "rate2": rate[2],
-                     "speedup": rate[2] / rate[1], "efficiency": rate[2] / (2 * rate[1]),
-                     "phases": ", ".join(f"{k} {phase[1][k]:.2f} / {phase[2][k]:.2f}" for k in phase[1]),
-                     "wall1": statistics.median(r["wall"] for r in runs[1]),
-                     "wall2": statistics.median(r["wall"] for r in runs[2])})
-    header = ["workload", "global samples/iter", "samples/s 1 proc", "samples/s 2 proc", "speed-up", "efficiency",
-              "s per phase (1 / 2 proc)", "process wall s (1 / 2)"]
+        rows.append(
+            {
+                "workload": name,
+                "samples": WORKLOADS[name][2],
+                "rate1": rate[1],
+                "rate2": rate[2],
+                "speedup": rate[2] / rate[1],
+                "efficiency": rate[2] / (2 * rate[1]),
+                "phases": ", ".join(f"{k} {phase[1][k]:.2f} / {phase[2][k]:.2f}" for k in phase[1]),
+                "wall1": statistics.median(r["wall"] for r in runs[1]),
+                "wall2": statistics.median(r["wall"] for r in runs[2]),
+            }
+        )
+    header = [
+        "workload",
+        "global samples/iter",
+        "samples/s 1 proc",
+        "samples/s 2 proc",
+        "speed-up",
+        "efficiency",
+        "s per phase (1 / 2 proc)",
+        "process wall s (1 / 2)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        lines.append(f"| {r['workload']} | {r['samples']} | {r['rate1']:.2f} | {r['rate2']:.2f} | {r['speedup']:.2f}x | "
-                     f"{r['efficiency']:.2f} | {r['phases']} | {r['wall1']:.0f} / {r['wall2']:.0f} |")
-    note = (f"{iterations} iterations per run, median of iterations 2..{iterations}, {repeats} alternating repeat(s); "
-            f"one torch thread per process")
+        lines.append(
+            f"| {r['workload']} | {r['samples']} | {r['rate1']:.2f} | {r['rate2']:.2f} | {r['speedup']:.2f}x | "
+            f"{r['efficiency']:.2f} | {r['phases']} | {r['wall1']:.0f} / {r['wall2']:.0f} |"
+        )
+    note = (
+        f"{iterations} iterations per run, median of iterations 2..{iterations}, {repeats} alternating repeat(s); "
+        f"one torch thread per process"
+    )
     table = "\n".join(lines) + "\n\n" + note + "\n"
     print(table)
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -62,15 +62,26 @@ sys.path.insert(0, str(ROOT))
 
 TRL_DIR = ROOT / ".bench" / "trl"
 TRL_VERSION = "1.16.0"
-INSTALL_HINT = (f"{sys.executable} -m pip install --no-deps --target {TRL_DIR} trl=={TRL_VERSION}  "
-                f"(or: bash benchmarks/setup_trl.sh)")
+INSTALL_HINT = (
+    f"{sys.executable} -m pip install --no-deps --target {TRL_DIR} trl=={TRL_VERSION}  "
+    f"(or: bash benchmarks/setup_trl.sh)"
+)
 OUT = ROOT / "benchmarks" / "out"
 
 # One setting for both trainers; every field is used on both sides.
-GRPO = dict(prompts=16, group_size=8, micro_batch=64, max_new_tokens=80, temperature=1.0, learning_rate=1e-5,
-            clip_range=0.2, seed=0)
-DPO = dict(pairs=512, batch_size=32, beta=0.1, learning_rate=5e-6, max_prompt_length=64, max_completion_length=96,
-           seed=0)
+GRPO = dict(
+    prompts=16,
+    group_size=8,
+    micro_batch=64,
+    max_new_tokens=80,
+    temperature=1.0,
+    learning_rate=1e-5,
+    clip_range=0.2,
+    seed=0,
+)
+DPO = dict(
+    pairs=512, batch_size=32, beta=0.1, learning_rate=5e-6, max_prompt_length=64, max_completion_length=96, seed=0
+)
 GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")  # all three exist on both sides with the same meaning
 DPO_REFERENCES = ("precompute", "live")
 PERTURBATION = 0.02  # std of the seeded noise that makes the DPO loss-check policy differ from its reference
@@ -92,10 +103,25 @@ def ensure_trl(install: bool = True) -> str | None:
         pass
     if not install:
         return None
-    print(f"[trl_bench] installing trl=={TRL_VERSION} into {TRL_DIR} (benchmark only, not a project dependency)",
-          flush=True)
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(TRL_DIR),
-                           f"trl=={TRL_VERSION}"], capture_output=True, text=True)
+    print(
+        f"[trl_bench] installing trl=={TRL_VERSION} into {TRL_DIR} (benchmark only, not a project dependency)",
+        flush=True,
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--target",
+            str(TRL_DIR),
+            f"trl=={TRL_VERSION}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         return None
     importlib.invalidate_caches()
@@ -115,8 +141,10 @@ def grpo_rows(model_dir: str, split: str) -> list[dict]:
     from llmalign.data import load_rows, render_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return [{"prompt": render_prompt(tokenizer, row["prompt"]), "answer": row["answer"]}
-            for row in load_rows(Path(model_dir) / f"{split}.jsonl")]
+    return [
+        {"prompt": render_prompt(tokenizer, row["prompt"]), "answer": row["answer"]}
+        for row in load_rows(Path(model_dir) / f"{split}.jsonl")
+    ]
 
 
 _PROBLEM = re.compile(r"Compute (\d+)([+-])(\d+)([+-])(\d+)\.")
@@ -187,8 +215,9 @@ class StepClock:
             clock = time.perf_counter()
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             for target in self.pending:
-                self.snapshots.append({"target_s": target, "seconds": self.ends[-1], "step": len(self.ends),
-                                       "state": state})
+                self.snapshots.append(
+                    {"target_s": target, "seconds": self.ends[-1], "step": len(self.ends), "state": state}
+                )
             self.pending = []
             self.start += time.perf_counter() - clock
 
@@ -212,17 +241,38 @@ def score_snapshots(clock: StepClock, model_dir: str, eval_size: int) -> list[di
     for snap in clock.snapshots:
         model.load_state_dict(snap["state"])
         result = accuracy_on(model, tokenizer, test, GRPO["max_new_tokens"])
-        out.append({"target_s": snap["target_s"], "seconds": snap["seconds"], "step": snap["step"],
-                    "accuracy": result["accuracy"], "mean_length": result["mean_length"]})
+        out.append(
+            {
+                "target_s": snap["target_s"],
+                "seconds": snap["seconds"],
+                "step": snap["step"],
+                "accuracy": result["accuracy"],
+                "mean_length": result["mean_length"],
+            }
+        )
     return out
 
 
 def trl_args(config_cls, out_dir: str, steps: int | None, **fields):
     """A TRL config on CPU in float32: no bf16, no gradient checkpointing, no saving, no reporting."""
-    return config_cls(output_dir=out_dir, use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-                      report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
-                      lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                      max_steps=steps if steps is not None else 10**6, dataloader_num_workers=0, **fields)
+    return config_cls(
+        output_dir=out_dir,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_steps=steps if steps is not None else 10**6,
+        dataloader_num_workers=0,
+        **fields,
+    )
 
 
 def clock_callback(clock: StepClock, model):
@@ -257,14 +307,28 @@ def run_grpo_ours(spec: dict, clock: StepClock, work: str) -> None:
     from shared.config import load_config
 
     g, model_dir = GRPO, spec["model_dir"]
-    overrides = [f"model.path={model_dir}", f"data.train={model_dir}/train.jsonl", "data.test=null",
-                 f"sampling.max_new_tokens={g['max_new_tokens']}", f"sampling.temperature={g['temperature']}",
-                 "sampling.top_p=1.0", f"algorithm.loss={spec['loss']}", "algorithm.kl_beta=0.0",
-                 f"algorithm.clip_range={g['clip_range']}", f"train.prompts_per_iteration={g['prompts']}",
-                 f"train.group_size={g['group_size']}", f"train.micro_batch_size={g['micro_batch']}",
-                 f"train.learning_rate={g['learning_rate']}", "train.num_iterations=1", "train.updates_per_pass=1",
-                 f"train.seed={g['seed']}", f"train.iterations={spec['steps'] or 10**6}",
-                 f"log.output_dir={work}/run", "log.eval_every=0", "log.checkpoint_every=0"]
+    overrides = [
+        f"model.path={model_dir}",
+        f"data.train={model_dir}/train.jsonl",
+        "data.test=null",
+        f"sampling.max_new_tokens={g['max_new_tokens']}",
+        f"sampling.temperature={g['temperature']}",
+        "sampling.top_p=1.0",
+        f"algorithm.loss={spec['loss']}",
+        "algorithm.kl_beta=0.0",
+        f"algorithm.clip_range={g['clip_range']}",
+        f"train.prompts_per_iteration={g['prompts']}",
+        f"train.group_size={g['group_size']}",
+        f"train.micro_batch_size={g['micro_batch']}",
+        f"train.learning_rate={g['learning_rate']}",
+        "train.num_iterations=1",
+        "train.updates_per_pass=1",
+        f"train.seed={g['seed']}",
+        f"train.iterations={spec['steps'] or 10**6}",
+        f"log.output_dir={work}/run",
+        "log.eval_every=0",
+        "log.checkpoint_every=0",
+    ]
     if spec["seconds"]:
         overrides.append(f"train.max_seconds={spec['seconds']}")
     clock.finish(train_with_clock(grpo, load_config(GRPOConfig, None, overrides), clock, "reward/total/mean"))
@@ -312,17 +376,36 @@ def run_grpo_trl(spec: dict, clock: StepClock, work: str) -> None:
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     args = trl_args(
-        GRPOConfig, f"{work}/trl", spec["steps"], learning_rate=g["learning_rate"], seed=g["seed"],
+        GRPOConfig,
+        f"{work}/trl",
+        spec["steps"],
+        learning_rate=g["learning_rate"],
+        seed=g["seed"],
         per_device_train_batch_size=g["micro_batch"],
         gradient_accumulation_steps=g["prompts"] * g["group_size"] // g["micro_batch"],
-        num_generations=g["group_size"], max_completion_length=g["max_new_tokens"], temperature=g["temperature"],
-        top_p=1.0, top_k=0, beta=0.0, num_iterations=1, loss_type=loss, epsilon=g["clip_range"],
-        epsilon_high=0.28 if loss == "dapo" else g["clip_range"], mask_truncated_completions=loss == "dapo",
-        scale_rewards="none" if loss == "dr_grpo" else "group", log_completions=False)
+        num_generations=g["group_size"],
+        max_completion_length=g["max_new_tokens"],
+        temperature=g["temperature"],
+        top_p=1.0,
+        top_k=0,
+        beta=0.0,
+        num_iterations=1,
+        loss_type=loss,
+        epsilon=g["clip_range"],
+        epsilon_high=0.28 if loss == "dapo" else g["clip_range"],
+        mask_truncated_completions=loss == "dapo",
+        scale_rewards="none" if loss == "dr_grpo" else "group",
+        log_completions=False,
+    )
     assert args.generation_batch_size == g["prompts"] * g["group_size"], args.generation_batch_size
-    trainer = GRPOTrainer(model=model, reward_funcs=[accuracy_reward], args=args,
-                          train_dataset=Dataset.from_list(grpo_rows(model_dir, "train")), processing_class=tokenizer,
-                          callbacks=[clock_callback(clock, model)])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[accuracy_reward],
+        args=args,
+        train_dataset=Dataset.from_list(grpo_rows(model_dir, "train")),
+        processing_class=tokenizer,
+        callbacks=[clock_callback(clock, model)],
+    )
     quiet_trainer(trainer).train()
     clock.finish(model)
     clock.rewards = [log["reward"] for log in trainer.state.log_history if "reward" in log]
@@ -334,29 +417,62 @@ def run_dpo_ours(spec: dict, clock: StepClock, work: str) -> None:
     from shared.config import load_config
 
     d, model_dir = DPO, spec["model_dir"]
-    config = load_config(DPOConfig, None, [
-        f"model.path={model_dir}", f"data.train={spec['pairs_path']}", "data.test=null",
-        f"data.max_prompt_length={d['max_prompt_length']}", f"data.max_completion_length={d['max_completion_length']}",
-        "algorithm.loss=sigmoid", f"algorithm.beta={d['beta']}", f"algorithm.reference={spec['reference']}",
-        f"train.steps={spec['steps']}", f"train.batch_size={d['batch_size']}",
-        f"train.micro_batch_size={d['batch_size']}", f"train.learning_rate={d['learning_rate']}",
-        "train.warmup_steps=0", f"train.seed={d['seed']}", f"log.output_dir={work}/run", "log.eval_every=0",
-        "log.checkpoint_every=0"])
+    config = load_config(
+        DPOConfig,
+        None,
+        [
+            f"model.path={model_dir}",
+            f"data.train={spec['pairs_path']}",
+            "data.test=null",
+            f"data.max_prompt_length={d['max_prompt_length']}",
+            f"data.max_completion_length={d['max_completion_length']}",
+            "algorithm.loss=sigmoid",
+            f"algorithm.beta={d['beta']}",
+            f"algorithm.reference={spec['reference']}",
+            f"train.steps={spec['steps']}",
+            f"train.batch_size={d['batch_size']}",
+            f"train.micro_batch_size={d['batch_size']}",
+            f"train.learning_rate={d['learning_rate']}",
+            "train.warmup_steps=0",
+            f"train.seed={d['seed']}",
+            f"log.output_dir={work}/run",
+            "log.eval_every=0",
+            "log.checkpoint_every=0",
+        ],
+    )
     train_with_clock(dpo, config, clock, "train/loss")
 
 
-def trl_dpo_trainer(model, ref_model, tokenizer, rows: list[dict], work: str, steps: int | None, precompute: bool,
-                    callbacks=()):
+def trl_dpo_trainer(
+    model, ref_model, tokenizer, rows: list[dict], work: str, steps: int | None, precompute: bool, callbacks=()
+):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     d = DPO
-    args = trl_args(DPOConfig, f"{work}/trl", steps, learning_rate=d["learning_rate"], seed=d["seed"],
-                    per_device_train_batch_size=d["batch_size"], gradient_accumulation_steps=1, beta=d["beta"],
-                    loss_type=["sigmoid"], precompute_ref_log_probs=precompute,
-                    max_length=d["max_prompt_length"] + d["max_completion_length"])
-    return quiet_trainer(DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
-                                    processing_class=tokenizer, callbacks=list(callbacks)))
+    args = trl_args(
+        DPOConfig,
+        f"{work}/trl",
+        steps,
+        learning_rate=d["learning_rate"],
+        seed=d["seed"],
+        per_device_train_batch_size=d["batch_size"],
+        gradient_accumulation_steps=1,
+        beta=d["beta"],
+        loss_type=["sigmoid"],
+        precompute_ref_log_probs=precompute,
+        max_length=d["max_prompt_length"] + d["max_completion_length"],
+    )
+    return quiet_trainer(
+        DPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=list(callbacks),
+        )
+    )
 
 
 def run_dpo_trl(spec: dict, clock: StepClock, work: str) -> None:
@@ -366,8 +482,16 @@ def run_dpo_trl(spec: dict, clock: StepClock, work: str) -> None:
     tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32)
     rows = [json.loads(line) for line in Path(spec["pairs_path"]).read_text().splitlines()]
-    trainer = trl_dpo_trainer(model, None, tokenizer, rows, work, spec["steps"], spec["reference"] == "precompute",
-                              [clock_callback(clock, model)])
+    trainer = trl_dpo_trainer(
+        model,
+        None,
+        tokenizer,
+        rows,
+        work,
+        spec["steps"],
+        spec["reference"] == "precompute",
+        [clock_callback(clock, model)],
+    )
     trainer.train()
     clock.rewards = [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
@@ -397,39 +521,67 @@ def dpo_loss_check(spec: dict, work: str) -> list[dict]:
         return model
 
     results = []
-    for case, noise in (("step 0: policy = reference = the model", 0.0),
-                        (f"policy = the model + N(0, {PERTURBATION}^2) noise, reference = the model", PERTURBATION)):
+    for case, noise in (
+        ("step 0: policy = reference = the model", 0.0),
+        (f"policy = the model + N(0, {PERTURBATION}^2) noise, reference = the model", PERTURBATION),
+    ):
         # ours: the trainer's own micro-batch path, with a live reference
         policy, reference = load(noise), load(0.0)
-        data = DPODataConfig(train="-", max_prompt_length=d["max_prompt_length"],
-                             max_completion_length=d["max_completion_length"])
+        data = DPODataConfig(
+            train="-", max_prompt_length=d["max_prompt_length"], max_completion_length=d["max_completion_length"]
+        )
         algorithm = DPOAlgorithmConfig(loss="sigmoid", beta=d["beta"])
         encoded = encode_pairs(tokenizer, rows, data)
         with torch.no_grad():
-            terms = micro_batch_terms(algorithm, policy, encoded, list(range(len(rows))), tokenizer.pad_token_id,
-                                      LiveLogprobs(policy, lambda: contextlib.nullcontext(reference)), None)
+            terms = micro_batch_terms(
+                algorithm,
+                policy,
+                encoded,
+                list(range(len(rows))),
+                tokenizer.pad_token_id,
+                LiveLogprobs(policy, lambda: contextlib.nullcontext(reference)),
+                None,
+            )
         ours_loss = float(terms["losses"].mean())
         ours_chosen, ours_rejected = float(terms["chosen_logps"].mean()), float(terms["rejected_logps"].mean())
 
         # TRL: its trainer's compute_loss on its collated batch of the same pairs
         trainer = trl_dpo_trainer(load(noise), load(0.0), tokenizer, rows, work, 1, precompute=False)
         examples = [trainer.train_dataset[i] for i in range(len(rows))]
-        same_ids = sum(ex["prompt_ids"] == encoded.prompts[i] and ex["chosen_ids"] == encoded.chosen[i]
-                       and ex["rejected_ids"] == encoded.rejected[i] for i, ex in enumerate(examples))
+        same_ids = sum(
+            ex["prompt_ids"] == encoded.prompts[i]
+            and ex["chosen_ids"] == encoded.chosen[i]
+            and ex["rejected_ids"] == encoded.rejected[i]
+            for i, ex in enumerate(examples)
+        )
         batch = trainer.data_collator(examples)
         trainer.model.train()  # the mode TRL trains in; its metrics go to the "train" logs
         with torch.no_grad():
             trl_loss = float(trainer.compute_loss(trainer.model, batch))
         metrics = trainer._metrics["train"]
-        results.append({"case": case, "pairs": len(rows), "ids_identical": same_ids, "ours_loss": ours_loss,
-                        "trl_loss": trl_loss, "loss_abs_diff": abs(ours_loss - trl_loss),
-                        "ours_logp_chosen": ours_chosen, "trl_logp_chosen": metrics["logps/chosen"][-1],
-                        "ours_logp_rejected": ours_rejected, "trl_logp_rejected": metrics["logps/rejected"][-1]})
+        results.append(
+            {
+                "case": case,
+                "pairs": len(rows),
+                "ids_identical": same_ids,
+                "ours_loss": ours_loss,
+                "trl_loss": trl_loss,
+                "loss_abs_diff": abs(ours_loss - trl_loss),
+                "ours_logp_chosen": ours_chosen,
+                "trl_logp_chosen": metrics["logps/chosen"][-1],
+                "ours_logp_rejected": ours_rejected,
+                "trl_logp_rejected": metrics["logps/rejected"][-1],
+            }
+        )
     return results
 
 
-RUNNERS = {("grpo", "ours"): run_grpo_ours, ("grpo", "trl"): run_grpo_trl,
-           ("dpo", "ours"): run_dpo_ours, ("dpo", "trl"): run_dpo_trl}
+RUNNERS = {
+    ("grpo", "ours"): run_grpo_ours,
+    ("grpo", "trl"): run_grpo_trl,
+    ("dpo", "ours"): run_dpo_ours,
+    ("dpo", "trl"): run_dpo_trl,
+}
 
 
 def run_one(spec: dict) -> dict:
@@ -467,8 +619,14 @@ def timing_row(runs: dict[str, list[dict]], **key) -> dict:
     row = dict(key)
     for side, side_runs in runs.items():
         times = [s for run in side_runs for s in run["step_seconds"][1:]]
-        row.update({f"{side}_s": statistics.median(times), f"{side}_min": min(times), f"{side}_max": max(times),
-                    f"{side}_steps": len(times)})
+        row.update(
+            {
+                f"{side}_s": statistics.median(times),
+                f"{side}_min": min(times),
+                f"{side}_max": max(times),
+                f"{side}_steps": len(times),
+            }
+        )
     row["ratio"] = row["ours_s"] / row["trl_s"]
     return row
 
@@ -478,24 +636,41 @@ def grpo_benchmark(base: dict, losses: tuple[str, ...], seconds: float, steps: i
     accuracy-budget runs; `repeats` more runs of `steps` steps per side and loss, alternated (0 in --quick)."""
     curve_runs = {}
     for side in SIDES:
-        curve_runs[side] = in_subprocess({**base, "task": "grpo", "trainer": side, "loss": "grpo", "steps": None,
-                                          "seconds": seconds, "snapshot_at": [f * seconds for f in CURVE_FRACTIONS]})
+        curve_runs[side] = in_subprocess(
+            {
+                **base,
+                "task": "grpo",
+                "trainer": side,
+                "loss": "grpo",
+                "steps": None,
+                "seconds": seconds,
+                "snapshot_at": [f * seconds for f in CURVE_FRACTIONS],
+            }
+        )
         curve = curve_runs[side]["curve"]
-        print(f"grpo {side}: {curve[-1]['step']} steps in {seconds:.0f} s, held-out accuracy "
-              f"{curve[0]['accuracy']:.3f} -> {curve[-1]['accuracy']:.3f}", flush=True)
+        print(
+            f"grpo {side}: {curve[-1]['step']} steps in {seconds:.0f} s, held-out accuracy "
+            f"{curve[0]['accuracy']:.3f} -> {curve[-1]['accuracy']:.3f}",
+            flush=True,
+        )
     rows = []
     for loss in losses:
         runs = {side: [curve_runs[side]] if loss == "grpo" else [] for side in SIDES}
         for _ in range(repeats):
             for side in SIDES:
-                runs[side].append(in_subprocess({**base, "task": "grpo", "trainer": side, "loss": loss,
-                                                 "steps": steps, "seconds": None}))
+                runs[side].append(
+                    in_subprocess(
+                        {**base, "task": "grpo", "trainer": side, "loss": loss, "steps": steps, "seconds": None}
+                    )
+                )
         row = timing_row(runs, loss=loss)
         for side in SIDES:
             row[f"{side}_reward"] = statistics.mean(r for run in runs[side] for r in run["rewards"])
         rows.append(row)
-        print(f"grpo[{loss}] s/step: ours {row['ours_s']:.3f}, trl {row['trl_s']:.3f}, ratio {row['ratio']:.2f}",
-              flush=True)
+        print(
+            f"grpo[{loss}] s/step: ours {row['ours_s']:.3f}, trl {row['trl_s']:.3f}, ratio {row['ratio']:.2f}",
+            flush=True,
+        )
     return rows, {side: curve_runs[side]["curve"] for side in SIDES}
 
 
@@ -506,11 +681,15 @@ def dpo_benchmark(base: dict, references: tuple[str, ...], steps: int, repeats: 
         runs = {side: [] for side in SIDES}
         for _ in range(repeats):
             for side in SIDES:
-                runs[side].append(in_subprocess({**base, "task": "dpo", "trainer": side, "reference": reference,
-                                                 "steps": steps}))
+                runs[side].append(
+                    in_subprocess({**base, "task": "dpo", "trainer": side, "reference": reference, "steps": steps})
+                )
         rows.append(timing_row(runs, reference=reference))
-        print(f"dpo[{reference}] s/step: ours {rows[-1]['ours_s']:.3f}, trl {rows[-1]['trl_s']:.3f}, ratio "
-              f"{rows[-1]['ratio']:.2f}", flush=True)
+        print(
+            f"dpo[{reference}] s/step: ours {rows[-1]['ours_s']:.3f}, trl {rows[-1]['trl_s']:.3f}, ratio "
+            f"{rows[-1]['ratio']:.2f}",
+            flush=True,
+        )
     return rows, in_subprocess({**base, "task": "dpo_loss", "trainer": "both"})["rows"]
 
 
@@ -519,7 +698,8 @@ def dpo_benchmark(base: dict, references: tuple[str, ...], steps: int, repeats: 
 
 def markdown(header: list[str], rows: list[list]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+        "| " + " | ".join(str(cell) for cell in row) + " |" for row in rows
+    ]
 
 
 def spread(row: dict, side: str) -> str:
@@ -531,64 +711,160 @@ def speed_words(ratio: float) -> str:
     return f"{ratio:.2f}x slower" if ratio >= 1 else f"{1 / ratio:.2f}x faster"
 
 
-def report(version: str, model_dir: str, threads: int, settings: dict, grpo_rows: list[dict], curves: dict,
-           dpo_rows: list[dict], loss_rows: list[dict]) -> str:
+def report(
+    version: str,
+    model_dir: str,
+    threads: int,
+    settings: dict,
+    grpo_rows: list[dict],
+    curves: dict,
+    dpo_rows: list[dict],
+    loss_rows: list[dict],
+) -> str:
     g, d, s = GRPO, DPO, settings
-    timing_note = (f"median over the steps of the {s['seconds']:.0f} s accuracy runs" if s["repeats"] == 0 else
-                   f"median over {s['repeats']} runs of {s['steps']} steps per side (grpo: also the steps of the "
-                   f"{s['seconds']:.0f} s accuracy runs)")
-    lines = [f"LLM GRPO, llmalign vs TRL {version} GRPOTrainer: embedded arithmetic Qwen2 ({Path(model_dir).name}), "
-             f"full fine-tuning, float32, CPU, {threads} thread(s); per step {g['prompts']} prompts x "
-             f"{g['group_size']} completions (TRL: per_device_train_batch_size {g['micro_batch']} x "
-             f"gradient_accumulation_steps {g['prompts'] * g['group_size'] // g['micro_batch']}; ours: micro-batch "
-             f"{g['micro_batch']}), one optimizer step per rollout, <= {g['max_new_tokens']} new tokens, T = "
-             f"{g['temperature']}, lr {g['learning_rate']} constant, beta 0, num_iterations 1; s/step = wall clock "
-             f"between step ends, each run's first step left out, {timing_note}; reward = mean training accuracy "
-             f"reward of those steps", ""]
-    lines += markdown(["loss", "ours s/step", "TRL s/step", "ours/TRL", "ours min-max", "TRL min-max",
-                       "steps timed (ours, TRL)", "train reward (ours, TRL)"],
-                      [[r["loss"], f"{r['ours_s']:.3f}", f"{r['trl_s']:.3f}", f"{r['ratio']:.2f}", spread(r, "ours"),
-                        spread(r, "trl"), f"{r['ours_steps']}, {r['trl_steps']}",
-                        f"{r['ours_reward']:.3f}, {r['trl_reward']:.3f}"] for r in grpo_rows])
-    lines += ["", f"GRPO (grpo loss) held-out greedy accuracy per training wall-clock second: the same "
-              f"{s['seconds']:.0f} s budget each, weights copied at the first step end past each point, scored "
-              f"afterwards with llmalign.evaluate.accuracy_on on the first {s['eval_size']} problems of test.jsonl "
-              f"(<= {g['max_new_tokens']} tokens); plot: benchmarks/out/trl_bench_accuracy.png", ""]
-    lines += markdown(["point s", "ours s", "ours step", "ours accuracy", "TRL s", "TRL step", "TRL accuracy"],
-                      [[f"{o['target_s']:.0f}", f"{o['seconds']:.1f}", o["step"], f"{o['accuracy']:.3f}",
-                        f"{t['seconds']:.1f}", t["step"], f"{t['accuracy']:.3f}"]
-                       for o, t in zip(curves["ours"], curves["trl"])])
-    lines += ["", f"LLM DPO, llmalign vs TRL {version} DPOTrainer: sigmoid, beta {d['beta']}, {d['batch_size']} "
-              f"synthetic pairs per step in one micro-batch (correct worked answer vs the same steps ending in a wrong "
-              f"number, {d['pairs']} pairs from train.jsonl), lr {d['learning_rate']} constant, full fine-tuning, "
-              f"float32, CPU, {threads} thread(s); reference log-probs precomputed before training or from a live "
-              f"reference model; s/step as above, median over {s['dpo_repeats']} run(s) of {s['dpo_steps']} steps "
-              f"per side", ""]
-    lines += markdown(["reference", "ours s/step", "TRL s/step", "ours/TRL", "ours min-max", "TRL min-max",
-                       "steps timed (ours, TRL)"],
-                      [[r["reference"], f"{r['ours_s']:.3f}", f"{r['trl_s']:.3f}", f"{r['ratio']:.2f}",
-                        spread(r, "ours"), spread(r, "trl"), f"{r['ours_steps']}, {r['trl_steps']}"] for r in dpo_rows])
-    lines += ["", f"Sigmoid DPO loss of both on the same batch ({d['batch_size']} pairs, beta {d['beta']}): ours = "
-              f"llmalign.dpo.micro_batch_terms, TRL = DPOTrainer.compute_loss on its collated batch; both append "
-              f"end-of-text to the completions and neither adds a BOS token (token ids compared); log-probs = mean "
-              f"over the pairs of the summed completion log-probs", ""]
-    lines += markdown(["case", "token ids identical", "ours loss", "TRL loss", "abs diff", "logp chosen (ours, TRL)",
-                       "logp rejected (ours, TRL)"],
-                      [[r["case"], f"{r['ids_identical']}/{r['pairs']}", f"{r['ours_loss']:.6f}",
-                        f"{r['trl_loss']:.6f}", f"{r['loss_abs_diff']:.1e}",
-                        f"{r['ours_logp_chosen']:.4f}, {r['trl_logp_chosen']:.4f}",
-                        f"{r['ours_logp_rejected']:.4f}, {r['trl_logp_rejected']:.4f}"] for r in loss_rows])
-    speeds = ([f"GRPO ({r['loss']} loss) {speed_words(r['ratio'])} per step than TRL's GRPOTrainer" for r in grpo_rows]
-              + [f"DPO ({r['reference']} reference) {speed_words(r['ratio'])} per step than TRL's DPOTrainer"
-                 for r in dpo_rows])
+    timing_note = (
+        f"median over the steps of the {s['seconds']:.0f} s accuracy runs"
+        if s["repeats"] == 0
+        else f"median over {s['repeats']} runs of {s['steps']} steps per side (grpo: also the steps of the "
+        f"{s['seconds']:.0f} s accuracy runs)"
+    )
+    lines = [
+        f"LLM GRPO, llmalign vs TRL {version} GRPOTrainer: embedded arithmetic Qwen2 ({Path(model_dir).name}), "
+        f"full fine-tuning, float32, CPU, {threads} thread(s); per step {g['prompts']} prompts x "
+        f"{g['group_size']} completions (TRL: per_device_train_batch_size {g['micro_batch']} x "
+        f"gradient_accumulation_steps {g['prompts'] * g['group_size'] // g['micro_batch']}; ours: micro-batch "
+        f"{g['micro_batch']}), one optimizer step per rollout, <= {g['max_new_tokens']} new tokens, T = "
+        f"{g['temperature']}, lr {g['learning_rate']} constant, beta 0, num_iterations 1; s/step = wall clock "
+        f"between step ends, each run's first step left out, {timing_note}; reward = mean training accuracy "
+        f"reward of those steps",
+        "",
+    ]
+    lines += markdown(
+        [
+            "loss",
+            "ours s/step",
+            "TRL s/step",
+            "ours/TRL",
+            "ours min-max",
+            "TRL min-max",
+            "steps timed (ours, TRL)",
+            "train reward (ours, TRL)",
+        ],
+        [
+            [
+                r["loss"],
+                f"{r['ours_s']:.3f}",
+                f"{r['trl_s']:.3f}",
+                f"{r['ratio']:.2f}",
+                spread(r, "ours"),
+                spread(r, "trl"),
+                f"{r['ours_steps']}, {r['trl_steps']}",
+                f"{r['ours_reward']:.3f}, {r['trl_reward']:.3f}",
+            ]
+            for r in grpo_rows
+        ],
+    )
+    lines += [
+        "",
+        f"GRPO (grpo loss) held-out greedy accuracy per training wall-clock second: the same "
+        f"{s['seconds']:.0f} s budget each, weights copied at the first step end past each point, scored "
+        f"afterwards with llmalign.evaluate.accuracy_on on the first {s['eval_size']} problems of test.jsonl "
+        f"(<= {g['max_new_tokens']} tokens); plot: benchmarks/out/trl_bench_accuracy.png",
+        "",
+    ]
+    lines += markdown(
+        ["point s", "ours s", "ours step", "ours accuracy", "TRL s", "TRL step", "TRL accuracy"],
+        [
+            [
+                f"{o['target_s']:.0f}",
+                f"{o['seconds']:.1f}",
+                o["step"],
+                f"{o['accuracy']:.3f}",
+                f"{t['seconds']:.1f}",
+                t["step"],
+                f"{t['accuracy']:.3f}",
+            ]
+            for o, t in zip(curves["ours"], curves["trl"])
+        ],
+    )
+    lines += [
+        "",
+        f"LLM DPO, llmalign vs TRL {version} DPOTrainer: sigmoid, beta {d['beta']}, {d['batch_size']} "
+        f"synthetic pairs per step in one micro-batch (correct worked answer vs the same steps ending in a wrong "
+        f"number, {d['pairs']} pairs from train.jsonl), lr {d['learning_rate']} constant, full fine-tuning, "
+        f"float32, CPU, {threads} thread(s); reference log-probs precomputed before training or from a live "
+        f"reference model; s/step as above, median over {s['dpo_repeats']} run(s) of {s['dpo_steps']} steps "
+        f"per side",
+        "",
+    ]
+    lines += markdown(
+        [
+            "reference",
+            "ours s/step",
+            "TRL s/step",
+            "ours/TRL",
+            "ours min-max",
+            "TRL min-max",
+            "steps timed (ours, TRL)",
+        ],
+        [
+            [
+                r["reference"],
+                f"{r['ours_s']:.3f}",
+                f"{r['trl_s']:.3f}",
+                f"{r['ratio']:.2f}",
+                spread(r, "ours"),
+                spread(r, "trl"),
+                f"{r['ours_steps']}, {r['trl_steps']}",
+            ]
+            for r in dpo_rows
+        ],
+    )
+    lines += [
+        "",
+        f"Sigmoid DPO loss of both on the same batch ({d['batch_size']} pairs, beta {d['beta']}): ours = "
+        f"llmalign.dpo.micro_batch_terms, TRL = DPOTrainer.compute_loss on its collated batch; both append "
+        f"end-of-text to the completions and neither adds a BOS token (token ids compared); log-probs = mean "
+        f"over the pairs of the summed completion log-probs",
+        "",
+    ]
+    lines += markdown(
+        [
+            "case",
+            "token ids identical",
+            "ours loss",
+            "TRL loss",
+            "abs diff",
+            "logp chosen (ours, TRL)",
+            "logp rejected (ours, TRL)",
+        ],
+        [
+            [
+                r["case"],
+                f"{r['ids_identical']}/{r['pairs']}",
+                f"{r['ours_loss']:.6f}",
+                f"{r['trl_loss']:.6f}",
+                f"{r['loss_abs_diff']:.1e}",
+                f"{r['ours_logp_chosen']:.4f}, {r['trl_logp_chosen']:.4f}",
+                f"{r['ours_logp_rejected']:.4f}, {r['trl_logp_rejected']:.4f}",
+            ]
+            for r in loss_rows
+        ],
+    )
+    speeds = [
+        f"GRPO ({r['loss']} loss) {speed_words(r['ratio'])} per step than TRL's GRPOTrainer" for r in grpo_rows
+    ] + [f"DPO ({r['reference']} reference) {speed_words(r['ratio'])} per step than TRL's DPOTrainer" for r in dpo_rows]
     ours, trl = curves["ours"][-1], curves["trl"][-1]
-    lines += ["", f"Summary: llmalign is {'; '.join(speeds)}. In the same {s['seconds']:.0f} s, llmalign ran "
-              f"{ours['step']} GRPO steps to held-out accuracy {ours['accuracy']:.3f} and TRL {trl['step']} to "
-              f"{trl['accuracy']:.3f} (both from {curves['ours'][0]['accuracy']:.3f}). The largest DPO loss "
-              f"difference is {max(r['loss_abs_diff'] for r in loss_rows):.1e}. Differences that remain: TRL scales "
-              f"group advantages by the unbiased std, llmalign by the population std (TRL's are 0.935x for G = 8); "
-              f"TRL's forward also computes entropies (GRPO) and logit statistics (DPO) for its logs; the sampled "
-              f"completions differ (seeds)."]
+    lines += [
+        "",
+        f"Summary: llmalign is {'; '.join(speeds)}. In the same {s['seconds']:.0f} s, llmalign ran "
+        f"{ours['step']} GRPO steps to held-out accuracy {ours['accuracy']:.3f} and TRL {trl['step']} to "
+        f"{trl['accuracy']:.3f} (both from {curves['ours'][0]['accuracy']:.3f}). The largest DPO loss "
+        f"difference is {max(r['loss_abs_diff'] for r in loss_rows):.1e}. Differences that remain: TRL scales "
+        f"group advantages by the unbiased std, llmalign by the population std (TRL's are 0.935x for G = 8); "
+        f"TRL's forward also computes entropies (GRPO) and logit statistics (DPO) for its logs; the sampled "
+        f"completions differ (seeds).",
+    ]
     return "\n".join(lines)
 
 
@@ -623,16 +899,23 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, title: str) -> None:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="a few minutes: grpo loss timed on the accuracy runs only, 45 s budget, precomputed "
-                             "DPO reference only, 1 DPO run of 15 steps per side")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few minutes: grpo loss timed on the accuracy runs only, 45 s budget, precomputed "
+        "DPO reference only, 1 DPO run of 15 steps per side",
+    )
     parser.add_argument("--seconds", type=float, default=120.0, help="training budget of each accuracy run")
     parser.add_argument("--steps", type=int, default=10, help="steps per GRPO timing run (the first is left out)")
     parser.add_argument("--dpo-steps", type=int, default=30, help="steps per DPO timing run (the first is left out)")
     parser.add_argument("--repeats", type=int, default=3, help="timing runs per side (fresh processes, alternated)")
     parser.add_argument("--eval-size", type=int, default=100, help="test.jsonl problems scored per weight copy")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in every run (1: steadier on a shared 2-core machine, see prefix_bench)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in every run (1: steadier on a shared 2-core machine, see prefix_bench)",
+    )
     parser.add_argument("--model", default=None, help="model directory (default: the embedded arithmetic model)")
     parser.add_argument("--one", help="internal: one run described by a JSON object, its result printed as JSON")
     args = parser.parse_args(argv)
@@ -651,19 +934,30 @@ def main(argv=None) -> list[dict]:
     from llmalign.toy import ensure_arith_model
 
     started = time.perf_counter()
-    settings = {"seconds": 45.0 if args.quick else args.seconds, "steps": args.steps,
-                "repeats": 0 if args.quick else args.repeats, "dpo_steps": 15 if args.quick else args.dpo_steps,
-                "dpo_repeats": 1 if args.quick else args.repeats, "eval_size": args.eval_size}
+    settings = {
+        "seconds": 45.0 if args.quick else args.seconds,
+        "steps": args.steps,
+        "repeats": 0 if args.quick else args.repeats,
+        "dpo_steps": 15 if args.quick else args.dpo_steps,
+        "dpo_repeats": 1 if args.quick else args.repeats,
+        "eval_size": args.eval_size,
+    }
     model_dir = args.model or ensure_arith_model()
     pairs_path = OUT / "trl_bench_pairs.jsonl"
     pairs_path.write_text("".join(json.dumps(row) + "\n" for row in pairs(model_dir, DPO["pairs"], DPO["seed"])))
-    base = {"model_dir": str(model_dir), "threads": args.threads, "eval_size": args.eval_size,
-            "pairs_path": str(pairs_path)}
+    base = {
+        "model_dir": str(model_dir),
+        "threads": args.threads,
+        "eval_size": args.eval_size,
+        "pairs_path": str(pairs_path),
+    }
 
-    grpo_rows, curves = grpo_benchmark(base, ("grpo",) if args.quick else GRPO_LOSSES, settings["seconds"],
-                                       settings["steps"], settings["repeats"])
-    dpo_rows, loss_rows = dpo_benchmark(base, ("precompute",) if args.quick else DPO_REFERENCES,
-                                        settings["dpo_steps"], settings["dpo_repeats"])
+    grpo_rows, curves = grpo_benchmark(
+        base, ("grpo",) if args.quick else GRPO_LOSSES, settings["seconds"], settings["steps"], settings["repeats"]
+    )
+    dpo_rows, loss_rows = dpo_benchmark(
+        base, ("precompute",) if args.quick else DPO_REFERENCES, settings["dpo_steps"], settings["dpo_repeats"]
+    )
     text = report(version, model_dir, args.threads, settings, grpo_rows, curves, dpo_rows, loss_rows)
     text += f"\n\ntrl_bench{' --quick' if args.quick else ''} took {time.perf_counter() - started:.0f} s."
     print(text)
@@ -672,9 +966,11 @@ def main(argv=None) -> list[dict]:
     write_csv(OUT / "trl_bench_dpo.csv", dpo_rows)
     write_csv(OUT / "trl_bench_dpo_loss.csv", loss_rows)
     write_csv(OUT / "trl_bench_curve.csv", [{"trainer": side, **point} for side in SIDES for point in curves[side]])
-    plot_curves({"llmalign": curves["ours"], f"TRL {version}": curves["trl"]}, OUT / "trl_bench_accuracy.png",
-                f"GRPO on the arithmetic Qwen2, CPU: held-out accuracy vs training time "
-                f"({settings['seconds']:.0f} s each)")
+    plot_curves(
+        {"llmalign": curves["ours"], f"TRL {version}": curves["trl"]},
+        OUT / "trl_bench_accuracy.png",
+        f"GRPO on the arithmetic Qwen2, CPU: held-out accuracy vs training time ({settings['seconds']:.0f} s each)",
+    )
     return grpo_rows + dpo_rows
 
 

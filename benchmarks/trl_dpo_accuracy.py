@@ -50,15 +50,18 @@ def main(argv=None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32)
     trl_bench.DPO.update(learning_rate=args.learning_rate)  # batch 32, beta 0.1, sigmoid: as the llmalign command above
     steps = math.ceil(args.epochs * len(rows) / trl_bench.DPO["batch_size"])
-    trainer = trl_bench.trl_dpo_trainer(model, None, tokenizer, rows, str(ROOT / "benchmarks" / "out" / "trl_dpo"),
-                                        steps, precompute=True)
+    trainer = trl_bench.trl_dpo_trainer(
+        model, None, tokenizer, rows, str(ROOT / "benchmarks" / "out" / "trl_dpo"), steps, precompute=True
+    )
     trainer.train()
     test = [json.loads(line) for line in (Path(root) / "test.jsonl").read_text().splitlines()][:200]
     tokenizer.padding_side = "left"
     result = held_out_metrics(model.eval(), tokenizer, test, 80, 1.0, args.eval_samples, seed=12345)  # llmalign's seed
-    print(f"TRL DPOTrainer, {len(rows)} pairs, {steps} steps at lr {args.learning_rate}: greedy "
-          f"{result['eval/accuracy']:.3f}, sampled {result['eval/sampled_accuracy']:.3f} "
-          f"(T=1, mean of {args.eval_samples} draws)")
+    print(
+        f"TRL DPOTrainer, {len(rows)} pairs, {steps} steps at lr {args.learning_rate}: greedy "
+        f"{result['eval/accuracy']:.3f}, sampled {result['eval/sampled_accuracy']:.3f} "
+        f"(T=1, mean of {args.eval_samples} draws)"
+    )
     return result
 
 

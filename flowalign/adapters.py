@@ -112,7 +112,9 @@ class CachedPromptEncoder:
 
     def __init__(self, adapter, prompts: list[str], batch_size: int = 32):
         distinct = list(dict.fromkeys(prompts))
-        parts = [adapter.encode_prompts(distinct[i:i + batch_size]).to("cpu") for i in range(0, len(distinct), batch_size)]
+        parts = [
+            adapter.encode_prompts(distinct[i : i + batch_size]).to("cpu") for i in range(0, len(distinct), batch_size)
+        ]
         self.embeds = PromptEmbeds.cat(parts)  # one row per distinct prompt, on the CPU
         self.row = {prompt: i for i, prompt in enumerate(distinct)}
         self.device = adapter.device
@@ -126,8 +128,10 @@ class CachedPromptEncoder:
     def __call__(self, prompts: list[str]) -> PromptEmbeds:
         unknown = [p for p in prompts if p not in self.row]
         if unknown:
-            raise KeyError(f"prompt {unknown[0]!r} was not encoded before the text encoders were offloaded; "
-                           "pass every training and evaluation prompt to CachedPromptEncoder")
+            raise KeyError(
+                f"prompt {unknown[0]!r} was not encoded before the text encoders were offloaded; "
+                "pass every training and evaluation prompt to CachedPromptEncoder"
+            )
         return self.embeds[[self.row[p] for p in prompts]].to(self.device)
 
 
@@ -169,13 +173,17 @@ def _load_pipeline(pipeline_class, path_or_hub_id, dtype, device, max_sequence_l
         raise ConfigError(f"config field 'model.path': {problem}")
     index, settings = _read_settings(str(path_or_hub_id))
     if Path(path_or_hub_id).expanduser().is_dir() and not index:
-        raise ConfigError(f"config field 'model.path': {str(path_or_hub_id)!r} has no model_index.json; give a "
-                          f"diffusers pipeline directory (one written by save_pretrained)")
+        raise ConfigError(
+            f"config field 'model.path': {str(path_or_hub_id)!r} has no model_index.json; give a "
+            f"diffusers pipeline directory (one written by save_pretrained)"
+        )
     wanted = _pipeline_family(pipeline_class.__name__)
     found = _pipeline_family(index.get("_class_name", ""))
     if wanted and found and wanted != found:  # the wrong family fails late and obscurely inside diffusers
-        raise ConfigError(f"config field 'model.pipeline': {wanted}, but {str(path_or_hub_id)!r} holds a "
-                          f"{index['_class_name']}; set model.pipeline={found}")
+        raise ConfigError(
+            f"config field 'model.pipeline': {wanted}, but {str(path_or_hub_id)!r} holds a "
+            f"{index['_class_name']}; set model.pipeline={found}"
+        )
     kwargs = dict(kwargs)
     for name, value in index.items():
         if isinstance(value, list) and value == [None, None]:
@@ -189,8 +197,10 @@ def _load_pipeline(pipeline_class, path_or_hub_id, dtype, device, max_sequence_l
         if Path(path_or_hub_id).expanduser().exists():  # a local directory that fails to read: not a config error
             raise
         reason = " ".join(str(error).split())[:300]  # a hub id that is not there, or not cached and offline
-        raise ConfigError(f"config field 'model.path': cannot load {str(path_or_hub_id)!r} ({reason}); give a "
-                          f"pipeline directory or a hub id") from None
+        raise ConfigError(
+            f"config field 'model.path': cannot load {str(path_or_hub_id)!r} ({reason}); give a "
+            f"pipeline directory or a hub id"
+        ) from None
     pipeline.set_progress_bar_config(disable=True)
     return pipeline, max_sequence_length
 
@@ -229,8 +239,15 @@ class SD3Adapter:
         (e.g. text_encoder_3=None to drop T5 from a hub model)."""
         from diffusers import StableDiffusion3Pipeline
 
-        pipeline, length = _load_pipeline(StableDiffusion3Pipeline, path_or_hub_id, dtype, device,
-                                          max_sequence_length, SD3_DEFAULT_MAX_SEQUENCE_LENGTH, pipeline_kwargs)
+        pipeline, length = _load_pipeline(
+            StableDiffusion3Pipeline,
+            path_or_hub_id,
+            dtype,
+            device,
+            max_sequence_length,
+            SD3_DEFAULT_MAX_SEQUENCE_LENGTH,
+            pipeline_kwargs,
+        )
         return cls(pipeline, max_sequence_length=length)
 
     @property
@@ -433,8 +450,15 @@ class FluxAdapter:
         `pipeline_kwargs` go to from_pretrained."""
         from diffusers import FluxPipeline
 
-        pipeline, length = _load_pipeline(FluxPipeline, path_or_hub_id, dtype, device, max_sequence_length,
-                                          FLUX_DEFAULT_MAX_SEQUENCE_LENGTH, pipeline_kwargs)
+        pipeline, length = _load_pipeline(
+            FluxPipeline,
+            path_or_hub_id,
+            dtype,
+            device,
+            max_sequence_length,
+            FLUX_DEFAULT_MAX_SEQUENCE_LENGTH,
+            pipeline_kwargs,
+        )
         return cls(pipeline, max_sequence_length=length)
 
     @property

@@ -27,8 +27,10 @@ class ModelConfig:
     lora_targets: list[str] = option(["to_q", "to_k", "to_v", "to_out.0"], "module names LoRA wraps")
     allow_remote_code: bool = option(False, "pass trust_remote_code to from_pretrained (off: never run hub code)")
     offload_text_encoders: bool = option(
-        False, "encode every training and eval prompt once at start, cache the embeddings on the CPU and move the "
-               "text encoders off the device (frees SD3.5/FLUX's T5 for the run)")
+        False,
+        "encode every training and eval prompt once at start, cache the embeddings on the CPU and move the "
+        "text encoders off the device (frees SD3.5/FLUX's T5 for the run)",
+    )
 
 
 @dataclasses.dataclass
@@ -39,14 +41,22 @@ class SamplingConfig:
     noise_level: float = option(0.7, "SDE noise level a; 0 makes the SDE step the ODE step (CPS: at most 1)")
     sde_kind: Literal["flow_grpo", "cps"] = option("flow_grpo", "SDE step: Flow-GRPO or coefficients-preserving (CPS)")
     sigma_one: Literal["flow_grpo", "next_sigma"] = option(
-        "flow_grpo", "Flow-GRPO step from sigma = 1: sigma_t = a sqrt(1/(1 - sigma_1)) as the official code (flow_grpo), "
-                     "or a sqrt(sigma_1/(1 - sigma_1)) (next_sigma, this project's first form)")
+        "flow_grpo",
+        "Flow-GRPO step from sigma = 1: sigma_t = a sqrt(1/(1 - sigma_1)) as the official code (flow_grpo), "
+        "or a sqrt(sigma_1/(1 - sigma_1)) (next_sigma, this project's first form)",
+    )
     cps_log_prob: Literal["flow_grpo", "gaussian"] = option(
-        "flow_grpo", "CPS log-prob: -(x' - mean)^2 averaged, as the official code (flow_grpo), or the full Gaussian "
-                     "density (gaussian: log-ratios 1/(2 std^2) larger, 7900x on SD3's last noisy step)")
+        "flow_grpo",
+        "CPS log-prob: -(x' - mean)^2 averaged, as the official code (flow_grpo), or the full Gaussian "
+        "density (gaussian: log-ratios 1/(2 std^2) larger, 7900x on SD3's last noisy step)",
+    )
     same_noise_per_group: bool = option(False, "members of a group share their initial noise (TempFlow seed groups)")
-    height: Optional[int] = option(None, "image height in pixels for rollouts and evaluation (null: the pipeline's default)")
-    width: Optional[int] = option(None, "image width in pixels for rollouts and evaluation (null: the pipeline's default)")
+    height: Optional[int] = option(
+        None, "image height in pixels for rollouts and evaluation (null: the pipeline's default)"
+    )
+    width: Optional[int] = option(
+        None, "image width in pixels for rollouts and evaluation (null: the pipeline's default)"
+    )
 
 
 @dataclasses.dataclass
@@ -57,49 +67,72 @@ class AlgorithmConfig:
     window_stride: int = option(1, "mixgrpo: window moves by s steps ...")
     window_interval: int = option(25, "mixgrpo: ... every tau iterations")
     window_mode: Literal["progressive", "frozen", "random"] = option("progressive", "mixgrpo: window schedule")
-    flash_ratio: Optional[float] = option(None, "mixgrpo-flash: compress post-window ODE steps by this ratio (2nd order)")
+    flash_ratio: Optional[float] = option(
+        None, "mixgrpo-flash: compress post-window ODE steps by this ratio (2nd order)"
+    )
     branch_steps: Literal["all", "subset", "window"] = option("all", "tempflow: where trajectories branch")
     branch_subset: list[int] = option([], "tempflow: branch step indices when branch_steps = subset")
     num_branches: int = option(4, "tempflow: SDE samples K drawn at each branch step")
     noise_aware_weighting: bool = option(False, "scale each step's loss by its noise scale (TempFlow-GRPO)")
     noise_aware_normalization: Literal["schedule", "trained_steps"] = option(
-        "schedule", "noise-aware weights divided by the mean noise scale of the schedule's noisy steps (schedule: fixed, "
-                    "as TempFlow's released code) or of this iteration's trained steps (trained_steps: first form)")
+        "schedule",
+        "noise-aware weights divided by the mean noise scale of the schedule's noisy steps (schedule: fixed, "
+        "as TempFlow's released code) or of this iteration's trained steps (trained_steps: first form)",
+    )
 
 
 @dataclasses.dataclass
 class TrainConfig:
     iterations: int = option(100, "GRPO iterations (rollout + update)")
     prompts_per_iteration: int = option(
-        10, "distinct prompts per iteration, over all processes (a multiple of the number of processes: each takes "
-            "a block of whole groups)")
+        10,
+        "distinct prompts per iteration, over all processes (a multiple of the number of processes: each takes "
+        "a block of whole groups)",
+    )
     group_size: int = option(8, "samples per prompt G (a group never straddles processes)")
-    rollout_chunks: int = option(1, "each process samples its prompts in this many sequential batches (memory; async scoring)")
+    rollout_chunks: int = option(
+        1, "each process samples its prompts in this many sequential batches (memory; async scoring)"
+    )
     updates_per_iteration: int = option(
-        2, "optimizer steps per iteration: the global batch of (sample, step) rows is split in this many parts, "
-           "the same split whatever the number of processes")
-    micro_batch_size: int = option(32, "rows per forward pass in the update, per process (a memory knob: gradient accumulation)")
-    gradient_checkpointing: bool = option(False, "recompute the transformer's activations in the backward pass (memory for time)")
+        2,
+        "optimizer steps per iteration: the global batch of (sample, step) rows is split in this many parts, "
+        "the same split whatever the number of processes",
+    )
+    micro_batch_size: int = option(
+        32, "rows per forward pass in the update, per process (a memory knob: gradient accumulation)"
+    )
+    gradient_checkpointing: bool = option(
+        False, "recompute the transformer's activations in the backward pass (memory for time)"
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = option(
-        "no", "autocast through accelerate; the trainable weights (LoRA or full) stay float32. fp16 needs a GPU")
+        "no", "autocast through accelerate; the trainable weights (LoRA or full) stay float32. fp16 needs a GPU"
+    )
     learning_rate: float = option(3e-4, "AdamW learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     clip_range: float = option(1e-4, "PPO clip epsilon on the per-step ratio (Flow-GRPO: 1e-4)")
     advantage_clip: float = option(5.0, "clip advantages to +-this")
     advantage_scale: Literal["group", "batch", "none", "per_prompt"] = option(
-        "batch", "std for advantages: per group, whole batch (Flow-GRPO's global_std), none, or per_prompt: mean and "
-                 "std of each prompt's rewards, pooled by prompt text over the gathered batch and, with "
-                 "train.per_prompt_history, over past iterations (Flow-GRPO's PerPromptStatTracker)")
+        "batch",
+        "std for advantages: per group, whole batch (Flow-GRPO's global_std), none, or per_prompt: mean and "
+        "std of each prompt's rewards, pooled by prompt text over the gathered batch and, with "
+        "train.per_prompt_history, over past iterations (Flow-GRPO's PerPromptStatTracker)",
+    )
     per_prompt_history: int = option(
-        0, "train.advantage_scale=per_prompt: rewards of a prompt kept across iterations for its mean and std: 0 = "
-           "this iteration's only (Flow-GRPO clears its tracker every epoch), N = its last N rewards, never fewer than "
-           "this iteration's (ddpo-pytorch's per-prompt buffer); kept in checkpoints")
-    kl_beta: float = option(0.01, "weight of the Gaussian-mean KL to the reference (LoRA disabled), in train.kl_form's units; 0 = off")
+        0,
+        "train.advantage_scale=per_prompt: rewards of a prompt kept across iterations for its mean and std: 0 = "
+        "this iteration's only (Flow-GRPO clears its tracker every epoch), N = its last N rewards, never fewer than "
+        "this iteration's (ddpo-pytorch's per-prompt buffer); kept in checkpoints",
+    )
+    kl_beta: float = option(
+        0.01, "weight of the Gaussian-mean KL to the reference (LoRA disabled), in train.kl_form's units; 0 = off"
+    )
     kl_form: Literal["flow_grpo", "exact_step"] = option(
-        "flow_grpo", "KL per step: ||mean - mean_ref||^2 / (2 sigma_t^2) as the official code (flow_grpo; Flow-GRPO "
-                     "paper betas carry over), or / (2 sigma_t^2 (-dt)), the exact one-step KL (exact_step: 3.7-25x "
-                     "stronger on SD3's 10-step schedule)")
+        "flow_grpo",
+        "KL per step: ||mean - mean_ref||^2 / (2 sigma_t^2) as the official code (flow_grpo; Flow-GRPO "
+        "paper betas carry over), or / (2 sigma_t^2 (-dt)), the exact one-step KL (exact_step: 3.7-25x "
+        "stronger on SD3's 10-step schedule)",
+    )
     ema_decay: Optional[float] = option(None, "keep an EMA of the trained weights for evaluation (e.g. 0.9)")
     seed: int = option(0, "seed for prompts, noise and initialisation")
     max_seconds: Optional[float] = option(None, "stop after this many seconds of training (then evaluate and save)")
@@ -114,38 +147,50 @@ class RewardConfig:
     kwargs: dict[str, dict[str, Any]] = option({}, "reward import path -> keyword arguments for its factory")
     async_scoring: bool = option(False, "score each rollout chunk in a worker thread while the next chunk samples")
     on_bad_score: Literal["stop", "drop"] = option(
-        "stop", "a NaN/inf score stops the run naming the reward (stop), or its sample gets advantage 0 and is counted (drop)")
+        "stop",
+        "a NaN/inf score stops the run naming the reward (stop), or its sample gets advantage 0 and is counted (drop)",
+    )
     composition: Literal["sum_then_normalize", "normalize_then_sum"] = option(
-        "sum_then_normalize", "weighted sum then normalise, or normalise each reward then sum (MixGRPO)")
+        "sum_then_normalize", "weighted sum then normalise, or normalise each reward then sum (MixGRPO)"
+    )
     timeout_s: Optional[float] = option(
-        None, "seconds one reward call may take (the first includes loading its model); past it the run stops "
+        None,
+        "seconds one reward call may take (the first includes loading its model); past it the run stops "
         "naming the reward, or under on_bad_score=drop the batch is dropped; the hung call is abandoned, not killed "
-        "(null = no limit)")
+        "(null = no limit)",
+    )
 
 
 @dataclasses.dataclass
 class DataConfig:
-    prompts: list[str] = option([f"the digit {w}" for w in
-                                 "zero one two three four five six seven eight nine".split()], "training prompts")
+    prompts: list[str] = option(
+        [f"the digit {w}" for w in "zero one two three four five six seven eight nine".split()], "training prompts"
+    )
     prompts_file: Optional[str] = option(None, "text file with one prompt per line (replaces prompts)")
     prompts_dataset: Optional[str] = option(
-        None, "a dataset read with datasets.load_dataset (replaces prompts): a hub id, a dataset directory, or a "
-              ".parquet/.json/.jsonl/.csv file; its prompts come from data.prompts_column of data.prompts_split")
+        None,
+        "a dataset read with datasets.load_dataset (replaces prompts): a hub id, a dataset directory, or a "
+        ".parquet/.json/.jsonl/.csv file; its prompts come from data.prompts_column of data.prompts_split",
+    )
     prompts_column: str = option("prompt", "data.prompts_dataset: the column holding the prompt text")
     prompts_split: str = option("train", "data.prompts_dataset: the split of the training prompts")
     eval_split: Optional[str] = option(
-        None, "data.prompts_dataset: a split whose prompts are the evaluation prompts (null: data.eval_prompts)")
+        None, "data.prompts_dataset: a split whose prompts are the evaluation prompts (null: data.eval_prompts)"
+    )
     eval_prompts: list[str] = option([], "evaluation prompts (default: the training prompts)")
     eval_prompts_file: Optional[str] = option(
-        None, "text file with one evaluation prompt per line (replaces eval_prompts)")
+        None, "text file with one evaluation prompt per line (replaces eval_prompts)"
+    )
     eval_seeds: int = option(4, "held-out noise seeds per eval prompt (fixed, never used in training)")
 
 
 @dataclasses.dataclass
 class EvalConfig:
     rewards: dict[str, dict[str, Any]] = option(
-        {}, "rewards scored on the evaluation samples only, next to the training rewards: import path 'module:name' "
-            "-> keyword arguments for its factory ({} for none); logged as eval/<path> (e.g. a held-out reward model)")
+        {},
+        "rewards scored on the evaluation samples only, next to the training rewards: import path 'module:name' "
+        "-> keyword arguments for its factory ({} for none); logged as eval/<path> (e.g. a held-out reward model)",
+    )
 
 
 @dataclasses.dataclass
@@ -155,9 +200,11 @@ class LogConfig:
     checkpoint_every: int = option(10, "checkpoint every N iterations (0 = only at the end)")
     keep_last: int = option(2, "checkpoints kept on disk")
     report_to: list[TrackerName] = option(
-        [], "experiment trackers the main process also logs to (metrics, images, sample tables; README, Trackers), "
-            "each a pip extra imported only when named: tensorboard (the tested one), wandb, trackio, mlflow; e.g. "
-            "[tensorboard] after pip install 'flowalign[tensorboard]'. [] (default): metrics.jsonl alone")
+        [],
+        "experiment trackers the main process also logs to (metrics, images, sample tables; README, Trackers), "
+        "each a pip extra imported only when named: tensorboard (the tested one), wandb, trackio, mlflow; e.g. "
+        "[tensorboard] after pip install 'flowalign[tensorboard]'. [] (default): metrics.jsonl alone",
+    )
 
 
 @dataclasses.dataclass
@@ -181,11 +228,24 @@ class FlowGRPOConfig:
 
         need(s.num_steps >= 2, "sampling.num_steps", f"{s.num_steps} is too few; use at least 2")
         need(s.eval_num_steps >= 1, "sampling.eval_num_steps", f"{s.eval_num_steps}; use at least 1")
-        need(0 <= s.noise_level <= 1.5, "sampling.noise_level", f"{s.noise_level} is outside [0, 1.5]; Flow-GRPO uses 0.7")
-        need(s.noise_level > 0, "sampling.noise_level", "0 gives deterministic steps with no log-prob to train; use 0.7")
-        need(s.sde_kind != "cps" or s.noise_level <= 1, "sampling.noise_level",
-             f"{s.noise_level} > 1 with sampling.sde_kind=cps; CPS defines a in [0, 1] (its mean uses |cos(a pi/2)|)")
-        need(t.group_size >= 2, "train.group_size", f"{t.group_size} < 2; group advantages need at least 2 samples per prompt")
+        need(
+            0 <= s.noise_level <= 1.5,
+            "sampling.noise_level",
+            f"{s.noise_level} is outside [0, 1.5]; Flow-GRPO uses 0.7",
+        )
+        need(
+            s.noise_level > 0, "sampling.noise_level", "0 gives deterministic steps with no log-prob to train; use 0.7"
+        )
+        need(
+            s.sde_kind != "cps" or s.noise_level <= 1,
+            "sampling.noise_level",
+            f"{s.noise_level} > 1 with sampling.sde_kind=cps; CPS defines a in [0, 1] (its mean uses |cos(a pi/2)|)",
+        )
+        need(
+            t.group_size >= 2,
+            "train.group_size",
+            f"{t.group_size} < 2; group advantages need at least 2 samples per prompt",
+        )
         need(t.prompts_per_iteration >= 1, "train.prompts_per_iteration", f"{t.prompts_per_iteration}; use at least 1")
         need(t.iterations >= 0, "train.iterations", f"{t.iterations} is negative")
         need(t.learning_rate > 0, "train.learning_rate", f"{t.learning_rate} must be positive, e.g. 3e-4")
@@ -200,7 +260,9 @@ class FlowGRPOConfig:
         need(0 <= t.seed < SEED_LIMIT, "train.seed", f"{t.seed} is outside [0, 2**32); use a seed such as 0")
         for field, value in (("sampling.height", s.height), ("sampling.width", s.width)):
             need(value is None or value > 0, field, f"{value} must be positive or null (the pipeline's default)")
-        need(t.max_seconds is None or t.max_seconds > 0, "train.max_seconds", f"{t.max_seconds} must be positive or null")
+        need(
+            t.max_seconds is None or t.max_seconds > 0, "train.max_seconds", f"{t.max_seconds} must be positive or null"
+        )
         need(s.guidance_scale >= 0, "sampling.guidance_scale", f"{s.guidance_scale} must be >= 0 (1 = no guidance)")
         need(self.log.eval_every >= 0, "log.eval_every", f"{self.log.eval_every} must be >= 0 (0 = start and end only)")
         need(self.log.checkpoint_every >= 0, "log.checkpoint_every", f"{self.log.checkpoint_every} must be >= 0")
@@ -209,17 +271,26 @@ class FlowGRPOConfig:
         need(0 < a.train_fraction <= 1, "algorithm.train_fraction", f"{a.train_fraction} must be in (0, 1]")
         trainable_steps = s.num_steps - 1  # the last step lands on sigma = 0 and has no noise
         if a.name == "mixgrpo" or a.branch_steps == "window":
-            need(1 <= a.window_size <= trainable_steps, "algorithm.window_size",
-                 f"{a.window_size} does not fit in {trainable_steps} noisy steps (sampling.num_steps - 1); lower it")
+            need(
+                1 <= a.window_size <= trainable_steps,
+                "algorithm.window_size",
+                f"{a.window_size} does not fit in {trainable_steps} noisy steps (sampling.num_steps - 1); lower it",
+            )
             need(a.window_stride >= 1, "algorithm.window_stride", f"{a.window_stride}; use at least 1")
             need(a.window_interval >= 1, "algorithm.window_interval", f"{a.window_interval}; use at least 1")
         if a.flash_ratio is not None:
-            need(a.name == "mixgrpo", "algorithm.flash_ratio", "only MixGRPO has a Flash variant; set algorithm.name=mixgrpo")
+            need(
+                a.name == "mixgrpo",
+                "algorithm.flash_ratio",
+                "only MixGRPO has a Flash variant; set algorithm.name=mixgrpo",
+            )
             need(0 < a.flash_ratio <= 1, "algorithm.flash_ratio", f"{a.flash_ratio} must be in (0, 1], e.g. 0.4")
         if a.name == "tempflow":
             need(a.num_branches >= 2, "algorithm.num_branches", f"{a.num_branches} < 2; branches form the groups")
             if a.branch_steps == "subset":
-                need(bool(a.branch_subset), "algorithm.branch_subset", "empty; list step indices or use branch_steps=all")
+                need(
+                    bool(a.branch_subset), "algorithm.branch_subset", "empty; list step indices or use branch_steps=all"
+                )
                 bad = [k for k in a.branch_subset if not 0 <= k < trainable_steps]
                 need(not bad, "algorithm.branch_subset", f"{bad} outside 0..{trainable_steps - 1}")
         need(bool(self.reward.weights), "reward.weights", "empty; name at least one reward 'module:name': weight")
@@ -228,40 +299,77 @@ class FlowGRPOConfig:
         for path in list(self.reward.weights) + list(self.reward.kwargs):
             problem = import_path_problem(path)
             need(problem is None, "reward.weights", problem or "")
-        need(self.reward.timeout_s is None or self.reward.timeout_s > 0, "reward.timeout_s",
-             f"{self.reward.timeout_s} must be positive seconds, or null for no limit")
+        need(
+            self.reward.timeout_s is None or self.reward.timeout_s > 0,
+            "reward.timeout_s",
+            f"{self.reward.timeout_s} must be positive seconds, or null for no limit",
+        )
         for path in self.eval.rewards:
             problem = import_path_problem(path)
             need(problem is None, "eval.rewards", problem or "")
         both = sorted(set(self.eval.rewards) & set(self.reward.weights))
-        need(not both, "eval.rewards", f"{both} already in reward.weights, whose eval/ metrics are logged anyway; "
-             "remove them from eval.rewards")
-        need(t.per_prompt_history >= 0, "train.per_prompt_history", f"{t.per_prompt_history} must be >= 0 (0 = this "
-             "iteration's rewards only)")
-        need(t.per_prompt_history == 0 or t.advantage_scale == "per_prompt", "train.per_prompt_history",
-             f"{t.per_prompt_history} is used by train.advantage_scale=per_prompt only (it is {t.advantage_scale}); "
-             "set that, or per_prompt_history=0")
-        need(t.advantage_scale != "per_prompt" or a.name != "tempflow", "train.advantage_scale",
-             "per_prompt pools by prompt, but tempflow's groups are a prompt's branches at one step; use group or batch")
+        need(
+            not both,
+            "eval.rewards",
+            f"{both} already in reward.weights, whose eval/ metrics are logged anyway; remove them from eval.rewards",
+        )
+        need(
+            t.per_prompt_history >= 0,
+            "train.per_prompt_history",
+            f"{t.per_prompt_history} must be >= 0 (0 = this iteration's rewards only)",
+        )
+        need(
+            t.per_prompt_history == 0 or t.advantage_scale == "per_prompt",
+            "train.per_prompt_history",
+            f"{t.per_prompt_history} is used by train.advantage_scale=per_prompt only (it is {t.advantage_scale}); "
+            "set that, or per_prompt_history=0",
+        )
+        need(
+            t.advantage_scale != "per_prompt" or a.name != "tempflow",
+            "train.advantage_scale",
+            "per_prompt pools by prompt, but tempflow's groups are a prompt's branches at one step; use group or batch",
+        )
         unknown = set(self.reward.kwargs) - set(self.reward.weights)
         need(not unknown, "reward.kwargs", f"{sorted(unknown)} have no weight in reward.weights; add them there")
         need(self.data.eval_seeds >= 1, "data.eval_seeds", f"{self.data.eval_seeds}; use at least 1")
         d = self.data
-        need(not (d.prompts_dataset and d.prompts_file), "data.prompts_dataset",
-             "set together with data.prompts_file; keep one source of training prompts")
-        need(d.eval_split is None or bool(d.prompts_dataset), "data.eval_split",
-             "names a split of data.prompts_dataset, which is not set; set it or use data.eval_prompts")
-        eval_sources = [name for name, value in (("data.eval_split", d.eval_split), ("data.eval_prompts_file",
-                        d.eval_prompts_file), ("data.eval_prompts", d.eval_prompts)) if value]
-        need(len(eval_sources) <= 1, eval_sources[-1] if eval_sources else "data.eval_split",
-             f"set together with {eval_sources[0] if eval_sources else ''}; keep one source of evaluation prompts")
+        need(
+            not (d.prompts_dataset and d.prompts_file),
+            "data.prompts_dataset",
+            "set together with data.prompts_file; keep one source of training prompts",
+        )
+        need(
+            d.eval_split is None or bool(d.prompts_dataset),
+            "data.eval_split",
+            "names a split of data.prompts_dataset, which is not set; set it or use data.eval_prompts",
+        )
+        eval_sources = [
+            name
+            for name, value in (
+                ("data.eval_split", d.eval_split),
+                ("data.eval_prompts_file", d.eval_prompts_file),
+                ("data.eval_prompts", d.eval_prompts),
+            )
+            if value
+        ]
+        need(
+            len(eval_sources) <= 1,
+            eval_sources[-1] if eval_sources else "data.eval_split",
+            f"set together with {eval_sources[0] if eval_sources else ''}; keep one source of evaluation prompts",
+        )
         for field, value in (("data.prompts_column", d.prompts_column), ("data.prompts_split", d.prompts_split)):
             need(bool(value.strip()), field, "empty; name a column or split of data.prompts_dataset")
         need(self.log.keep_last >= 1, "log.keep_last", f"{self.log.keep_last}; keep at least 1 checkpoint")
-        per_prompt, field = (a.num_branches, "algorithm.num_branches") if a.name == "tempflow" else (t.group_size, "train.group_size")
+        per_prompt, field = (
+            (a.num_branches, "algorithm.num_branches") if a.name == "tempflow" else (t.group_size, "train.group_size")
+        )
         samples = t.prompts_per_iteration * per_prompt
-        need(samples <= SAMPLES_PER_ITERATION_LIMIT, field, f"{per_prompt} samples per prompt x "
-             f"{t.prompts_per_iteration} prompts = {samples} per iteration, over the limit of 2**20; lower it")
+        need(
+            samples <= SAMPLES_PER_ITERATION_LIMIT,
+            field,
+            f"{per_prompt} samples per prompt x "
+            f"{t.prompts_per_iteration} prompts = {samples} per iteration, over the limit of 2**20; lower it",
+        )
         problem = output_dir_problem(self.log.output_dir)
         need(problem is None, "log.output_dir", problem or "")
         problem = report_to_problem(self.log.report_to)

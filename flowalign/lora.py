@@ -38,11 +38,15 @@ def check_lora_targets(pipeline_dir: str | Path, targets: list[str]) -> None:
 
 def _targets_message(targets: list[str], error: BaseException) -> str:
     reason = " ".join(str(error).split())[:200] or "peft"  # peft may print a whole module over many lines
-    return (f"config field 'model.lora_targets': {targets} match no module LoRA can wrap in the transformer "
-            f"({reason}); list attention projection names such as to_q, to_k, to_v")
+    return (
+        f"config field 'model.lora_targets': {targets} match no module LoRA can wrap in the transformer "
+        f"({reason}); list attention projection names such as to_q, to_k, to_v"
+    )
 
 
-def make_trainable(transformer: torch.nn.Module, lora: bool, rank: int, alpha: int, targets: list[str]) -> list[torch.nn.Parameter]:
+def make_trainable(
+    transformer: torch.nn.Module, lora: bool, rank: int, alpha: int, targets: list[str]
+) -> list[torch.nn.Parameter]:
     """Add a LoRA adapter (peft) or unfreeze the whole transformer; return the trainable parameters, in float32
     whatever the model's dtype (optimizer updates in bf16 would round away; mixed precision autocasts the compute)."""
     if lora:
@@ -50,8 +54,9 @@ def make_trainable(transformer: torch.nn.Module, lora: bool, rank: int, alpha: i
 
         transformer.requires_grad_(False)
         try:
-            transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                               target_modules=targets))
+            transformer.add_adapter(
+                LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets)
+            )
         except ValueError as error:  # peft: no module matches (before anything of the run is written)
             raise ConfigError(_targets_message(targets, error)) from None
         params = [p for p in transformer.parameters() if p.requires_grad]
@@ -70,8 +75,10 @@ def reference_model(transformer: torch.nn.Module, lora: bool):
     """Inside the block the transformer is the reference policy: the base model with LoRA disabled. Pass the module
     itself (`Run.unwrap`): a DDP/FSDP wrapper has no disable_adapters."""
     if not lora:
-        raise ValueError("a KL reference needs model.lora=true (full fine-tuning keeps no reference copy); "
-                         "set train.kl_beta=0 or model.lora=true")
+        raise ValueError(
+            "a KL reference needs model.lora=true (full fine-tuning keeps no reference copy); "
+            "set train.kl_beta=0 or model.lora=true"
+        )
     transformer.disable_adapters()
     try:
         yield
@@ -79,16 +86,22 @@ def reference_model(transformer: torch.nn.Module, lora: bool):
         transformer.enable_adapters()
 
 
-def save_lora_for_pipeline(pipeline_class, transformer: torch.nn.Module, directory: str | Path,
-                           trainable: dict[str, torch.Tensor] | None = None) -> None:
+def save_lora_for_pipeline(
+    pipeline_class,
+    transformer: torch.nn.Module,
+    directory: str | Path,
+    trainable: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write the adapter as `pytorch_lora_weights.safetensors`, the form `pipeline.load_lora_weights` reads.
     `trainable`: the full trainable weights by parameter name (`Run.trainable_state`), where the module's own are
     shards (FSDP); default: the module's own."""
     from peft.utils import get_peft_model_state_dict
 
     pipeline_class.save_lora_weights(
-        str(directory), transformer_lora_layers=get_peft_model_state_dict(transformer, state_dict=trainable),
-        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())  # keeps alpha: scale = alpha / r
+        str(directory),
+        transformer_lora_layers=get_peft_model_state_dict(transformer, state_dict=trainable),
+        transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+    )  # keeps alpha: scale = alpha / r
 
 
 class EMA:

@@ -32,18 +32,23 @@ def _prompt_source(config: FlowGRPOConfig) -> tuple[str, str]:
         if problem is not None:
             from shared.config import ConfigError
 
-            raise ConfigError(f"config field 'data.prompts_dataset': {d.prompts_dataset!r} is neither a local "
-                              f"dataset nor a hub id ({problem}); give a file, a directory or org/name")
-        hub = (f"hub dataset {d.prompts_dataset}, split {d.prompts_split}, column {d.prompts_column} (form checked, "
-               f"not downloaded)")
+            raise ConfigError(
+                f"config field 'data.prompts_dataset': {d.prompts_dataset!r} is neither a local "
+                f"dataset nor a hub id ({problem}); give a file, a directory or org/name"
+            )
+        hub = (
+            f"hub dataset {d.prompts_dataset}, split {d.prompts_split}, column {d.prompts_column} (form checked, "
+            f"not downloaded)"
+        )
         if d.eval_split:
             return hub, f"split {d.eval_split} of the hub dataset (not downloaded)"
         eval_prompts = read_eval_only(config)
         return hub, f"{len(eval_prompts)} prompts" if eval_prompts else "the training prompts"
     prompts, eval_prompts = read_prompts(config)
     source = d.prompts_file or d.prompts_dataset or "data.prompts"
-    eval_source = d.eval_prompts_file or (f"split {d.eval_split}" if d.eval_split else
-                                          "data.eval_prompts" if d.eval_prompts else "the training prompts")
+    eval_source = d.eval_prompts_file or (
+        f"split {d.eval_split}" if d.eval_split else "data.eval_prompts" if d.eval_prompts else "the training prompts"
+    )
     return f"{len(prompts)} prompts from {source}", f"{len(eval_prompts)} prompts from {eval_source}"
 
 
@@ -74,8 +79,10 @@ def plan_rows(config: FlowGRPOConfig) -> list[tuple[str, object]]:
     samples = t.prompts_per_iteration * per_prompt
     noisy = s.num_steps - 1  # the last step lands on sigma = 0 and has no noise
     if a.name == "mixgrpo":
-        trained = (f"{a.window_size} of {noisy} (window moves {a.window_stride} every {a.window_interval} iterations, "
-                   f"{a.window_mode})")
+        trained = (
+            f"{a.window_size} of {noisy} (window moves {a.window_stride} every {a.window_interval} iterations, "
+            f"{a.window_mode})"
+        )
         rows_per_sample = a.window_size
     elif a.name == "flow_grpo":
         rows_per_sample = max(1, math.ceil(a.train_fraction * noisy))
@@ -103,11 +110,16 @@ def plan_rows(config: FlowGRPOConfig) -> list[tuple[str, object]]:
         ("optimizer steps", f"{t.iterations * t.updates_per_iteration} ({t.updates_per_iteration} per iteration)"),
         ("optimizer", f"AdamW lr {t.learning_rate:g}, clip {t.clip_range:g}, KL beta {t.kl_beta:g} ({t.kl_form})"),
         ("sampling", f"noise level {s.noise_level:g} ({s.sde_kind}), guidance {s.guidance_scale:g}, {size}"),
-        ("trainable", f"LoRA r {m.lora_rank} alpha {m.lora_alpha} on {m.lora_targets}" if m.lora
-         else "full transformer"),
-        ("memory", f"dtype {m.dtype}, mixed precision {t.mixed_precision}, micro batch {t.micro_batch_size} rows, "
-                   f"gradient checkpointing {t.gradient_checkpointing}, rollout chunks {t.rollout_chunks}, "
-                   f"text encoders offloaded {m.offload_text_encoders}, EMA {t.ema_decay}"),
+        (
+            "trainable",
+            f"LoRA r {m.lora_rank} alpha {m.lora_alpha} on {m.lora_targets}" if m.lora else "full transformer",
+        ),
+        (
+            "memory",
+            f"dtype {m.dtype}, mixed precision {t.mixed_precision}, micro batch {t.micro_batch_size} rows, "
+            f"gradient checkpointing {t.gradient_checkpointing}, rollout chunks {t.rollout_chunks}, "
+            f"text encoders offloaded {m.offload_text_encoders}, EMA {t.ema_decay}",
+        ),
         ("output", config.log.output_dir),
     ]
     return rows

@@ -70,8 +70,12 @@ def ocr_prompts(split: str = "train") -> list[str]:
     if split == "train":
         return [template.format(word) for template in TRAIN_TEMPLATES for word in TRAIN_WORDS]
     if split == "eval":
-        return [template.format(word) for template in TRAIN_TEMPLATES + EVAL_TEMPLATES
-                for word in TRAIN_WORDS + EVAL_WORDS if template in EVAL_TEMPLATES or word in EVAL_WORDS]
+        return [
+            template.format(word)
+            for template in TRAIN_TEMPLATES + EVAL_TEMPLATES
+            for word in TRAIN_WORDS + EVAL_WORDS
+            if template in EVAL_TEMPLATES or word in EVAL_WORDS
+        ]
     raise ValueError(f"unknown split {split!r}; choose train or eval")
 
 
@@ -94,11 +98,15 @@ def dataset_prompts(source: str, split: str, column: str, split_field: str = "da
     builders = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
     looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1 or path.suffix.lower() in builders
     if looks_local and not path.exists():  # a hub id is 'name' or 'org/name': this is a path, so do not ask the hub
-        raise ConfigError(f"{field}: {source}: no such file or directory; give a data file, a directory of them, "
-                          f"or a hub id such as org/name")
+        raise ConfigError(
+            f"{field}: {source}: no such file or directory; give a data file, a directory of them, "
+            f"or a hub id such as org/name"
+        )
     if path.is_file() and path.suffix.lower() not in builders:
-        raise ConfigError(f"{field}: {source} has suffix {path.suffix!r}; give a {'/'.join(builders)} file, "
-                          f"a directory of them, or a hub id")
+        raise ConfigError(
+            f"{field}: {source} has suffix {path.suffix!r}; give a {'/'.join(builders)} file, "
+            f"a directory of them, or a hub id"
+        )
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # a refusal stays one line on stderr
     try:
@@ -108,27 +116,35 @@ def dataset_prompts(source: str, split: str, column: str, split_field: str = "da
             loaded = datasets.load_dataset(source)
     except Exception as error:  # missing path, no network for a hub id, a damaged file: many exception types
         reason = " ".join(str(error).split())[:300] or type(error).__name__
-        raise ConfigError(f"{field}: {source} could not be loaded with datasets.load_dataset ({reason}); give a "
-                          f"hub id, a directory of data files, or a data file") from None
+        raise ConfigError(
+            f"{field}: {source} could not be loaded with datasets.load_dataset ({reason}); give a "
+            f"hub id, a directory of data files, or a data file"
+        ) from None
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
     if split not in loaded:
-        raise ConfigError(f"config field '{split_field}': {source} has no split {split!r}; its splits are "
-                          f"{sorted(loaded)}")
+        raise ConfigError(
+            f"config field '{split_field}': {source} has no split {split!r}; its splits are {sorted(loaded)}"
+        )
     table = loaded[split]
     if column not in table.column_names:
-        raise ConfigError(f"config field 'data.prompts_column': split {split!r} of {source} has no column "
-                          f"{column!r}; its columns are {table.column_names}")
+        raise ConfigError(
+            f"config field 'data.prompts_column': split {split!r} of {source} has no column "
+            f"{column!r}; its columns are {table.column_names}"
+        )
     prompts = table[column]
     if not prompts:
-        raise ConfigError(f"config field '{split_field}': split {split!r} of {source} has no rows; choose a "
-                          f"split with prompts")
+        raise ConfigError(
+            f"config field '{split_field}': split {split!r} of {source} has no rows; choose a split with prompts"
+        )
     for index, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             got = "an empty prompt" if isinstance(prompt, str) else f"a {type(prompt).__name__}, not text,"
-            raise ConfigError(f"{field}: row {index} of split {split!r} of {source} has {got} in column "
-                              f"{column!r}; give every row a non-empty text prompt or drop the row")
+            raise ConfigError(
+                f"{field}: row {index} of split {split!r} of {source} has {got} in column "
+                f"{column!r}; give every row a non-empty text prompt or drop the row"
+            )
     return [prompt.strip() for prompt in prompts]
 
 
@@ -137,8 +153,12 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     ocr = commands.add_parser("ocr", help="prompts with a quoted word for the OCR reward, one per line")
     ocr.add_argument("--n", type=int, default=1000, help="number of distinct prompts (default 1000)")
-    ocr.add_argument("--split", choices=["train", "eval"], default="train",
-                     help="train: training words and templates only; eval: pairs with a held-out word or template")
+    ocr.add_argument(
+        "--split",
+        choices=["train", "eval"],
+        default="train",
+        help="train: training words and templates only; eval: pairs with a held-out word or template",
+    )
     ocr.add_argument("--seed", type=int, default=0, help="which prompts are drawn, and their order")
     ocr.add_argument("--out", help="write to this file (default: standard output)")
     args = parser.parse_args(argv)

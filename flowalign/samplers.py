@@ -48,8 +48,9 @@ def _per_sample(value: float | Tensor, like: Tensor) -> Tensor:
     if value.ndim == 0:
         value = value.expand(like.shape[0])
     if value.shape != (like.shape[0],):
-        raise ValueError(f"sigma must be a float, a 0-d tensor or a [B] = [{like.shape[0]}] tensor, "
-                         f"got shape {tuple(value.shape)}")
+        raise ValueError(
+            f"sigma must be a float, a 0-d tensor or a [B] = [{like.shape[0]}] tensor, got shape {tuple(value.shape)}"
+        )
     return value.reshape(-1, *([1] * (like.ndim - 1)))  # [B, 1, 1, 1]
 
 
@@ -57,8 +58,9 @@ def _check_sigmas(sigmas: Tensor) -> int:
     """Return T for a schedule [T + 1]; it must be 1-D, in [0, 1] and strictly decreasing (dt < 0)."""
     if not isinstance(sigmas, Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
         shape = tuple(sigmas.shape) if isinstance(sigmas, Tensor) else type(sigmas).__name__
-        raise ValueError(f"sigmas must be a 1-D tensor [T + 1] with T >= 1, got {shape}; "
-                         "pass scheduler.sigmas (it ends with 0)")
+        raise ValueError(
+            f"sigmas must be a 1-D tensor [T + 1] with T >= 1, got {shape}; pass scheduler.sigmas (it ends with 0)"
+        )
     # 1 + 1e-6: a float32 shifted schedule may start a rounding error above 1 (treated as 1 by the steps)
     if not bool((sigmas[1:] < sigmas[:-1]).all()) or float(sigmas[0]) > 1 + 1e-6 or float(sigmas[-1]) < 0:
         raise ValueError(f"sigmas must decrease strictly from <= 1 to >= 0 (dt < 0), got {sigmas.tolist()}")
@@ -98,15 +100,25 @@ class SampleNoise:
     def randn(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
         rows = shape[0]
         if rows % len(self):
-            raise ValueError(f"a draw of {rows} rows does not tile {len(self)} sample streams; "
-                             "draw a multiple of the number of samples")
-        draws = [torch.randn((1, *shape[1:]), generator=self.generators[r % len(self)],
-                             device=self.generators[r % len(self)].device, dtype=dtype) for r in range(rows)]
+            raise ValueError(
+                f"a draw of {rows} rows does not tile {len(self)} sample streams; "
+                "draw a multiple of the number of samples"
+            )
+        draws = [
+            torch.randn(
+                (1, *shape[1:]),
+                generator=self.generators[r % len(self)],
+                device=self.generators[r % len(self)].device,
+                dtype=dtype,
+            )
+            for r in range(rows)
+        ]
         return torch.cat(draws).to(device)  # [R, ...]
 
 
-def standard_normal(shape: tuple[int, ...], generator: torch.Generator | SampleNoise | None, device: torch.device,
-                    dtype: torch.dtype) -> Tensor:
+def standard_normal(
+    shape: tuple[int, ...], generator: torch.Generator | SampleNoise | None, device: torch.device, dtype: torch.dtype
+) -> Tensor:
     """N(0, 1) noise of `shape` from a torch.Generator (or the global stream) or from per-sample streams."""
     if isinstance(generator, SampleNoise):
         return generator.randn(shape, device, dtype)
@@ -151,8 +163,9 @@ class SDEConventions:
 OFFICIAL = SDEConventions()
 
 
-def _flow_grpo_mean_std(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: float,
-                        conventions: SDEConventions = OFFICIAL):
+def _flow_grpo_mean_std(
+    x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: float, conventions: SDEConventions = OFFICIAL
+):
     """Flow-GRPO SDE step (Liu et al. 2025, arXiv 2505.05470; the formula as the official sde_step_with_logprob):
     sigma_t = a*sqrt(sigma/(1-sigma));
     mean = x + v dt + sigma_t^2/(2 sigma) (x + (1-sigma) v) dt; std = sigma_t sqrt(-dt).
@@ -168,8 +181,9 @@ def _flow_grpo_mean_std(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor,
     return mean, sigma_t * torch.sqrt(-dt)
 
 
-def _cps_mean_std(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: float,
-                  conventions: SDEConventions = OFFICIAL):
+def _cps_mean_std(
+    x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor, noise_level: float, conventions: SDEConventions = OFFICIAL
+):
     """Coefficients-preserving sampling (Wang & Yu 2025, arXiv 2509.05952, as in the official Flow-GRPO code):
     std = sigma_next sin(a pi/2); x0_hat = x - sigma v; x1_hat = x + (1 - sigma) v;
     mean = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) x1_hat.
@@ -204,10 +218,17 @@ def _log_prob_name(kind: str, conventions: SDEConventions) -> str:
     return "squared_distance" if kind == "cps" and conventions.cps_log_prob == "flow_grpo" else "gaussian"
 
 
-def sde_step_with_logprob(latents: Tensor, velocity: Tensor, sigma: float | Tensor, sigma_next: float | Tensor,
-                          noise_level: float = 0.7, kind: str = "flow_grpo", prev_sample: Tensor | None = None,
-                          generator: torch.Generator | SampleNoise | None = None,
-                          conventions: SDEConventions = OFFICIAL) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def sde_step_with_logprob(
+    latents: Tensor,
+    velocity: Tensor,
+    sigma: float | Tensor,
+    sigma_next: float | Tensor,
+    noise_level: float = 0.7,
+    kind: str = "flow_grpo",
+    prev_sample: Tensor | None = None,
+    generator: torch.Generator | SampleNoise | None = None,
+    conventions: SDEConventions = OFFICIAL,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One stochastic step x' ~ N(mean, std^2): returns (next_latents, log_prob [B], mean, std [B, 1, ...]).
 
     mean and std come from SDE_STEPS[kind] (formulas in its functions). log_prob is LOG_PROBS[...] averaged over
@@ -241,11 +262,15 @@ def sde_step_with_logprob(latents: Tensor, velocity: Tensor, sigma: float | Tens
         sample = torch.where(stochastic, mean + std * noise, mean).to(latents.dtype)
     else:
         if prev_sample.shape != latents.shape:
-            raise ValueError(f"prev_sample has shape {tuple(prev_sample.shape)}, latents {tuple(latents.shape)}; "
-                             "pass the recorded next_latents of this step")
+            raise ValueError(
+                f"prev_sample has shape {tuple(prev_sample.shape)}, latents {tuple(latents.shape)}; "
+                "pass the recorded next_latents of this step"
+            )
         sample = prev_sample
     safe_std = torch.where(stochastic, std, torch.ones_like(std))  # avoids 0/0 in the unused branch
-    log_density = LOG_PROBS[_log_prob_name(kind, conventions)](sample.detach().to(dtype), mean, safe_std)  # [B, C, H, W]
+    log_density = LOG_PROBS[_log_prob_name(kind, conventions)](
+        sample.detach().to(dtype), mean, safe_std
+    )  # [B, C, H, W]
     log_prob = torch.where(stochastic, log_density, torch.zeros_like(log_density)).mean(dim=tuple(range(1, x.ndim)))
     return sample, log_prob, mean, std  # log_prob [B]
 
@@ -289,10 +314,19 @@ def convention_factors(sigmas: Tensor, noise_level: float = 0.7) -> dict[str, Te
     sigma, sigma_next = sigmas[:-1].double()[:, None], sigmas[1:].double()[:, None]  # [T, 1]
     zeros = torch.zeros_like(sigma)
     _, cps_std = _cps_mean_std(zeros, zeros, sigma, sigma_next, noise_level)  # [T, 1]
-    first = [float(_flow_grpo_mean_std(zeros[:1], zeros[:1], sigma[:1], sigma_next[:1], noise_level,
-                                       SDEConventions(sigma_one=rule))[1]) for rule in ("flow_grpo", "next_sigma")]
-    return {"cps_log_ratio": (1 / (2 * cps_std**2)).flatten(), "kl_exact_over_flow_grpo": (1 / (sigma - sigma_next)).flatten(),
-            "first_step_std": torch.tensor(first, dtype=torch.float64)}
+    first = [
+        float(
+            _flow_grpo_mean_std(
+                zeros[:1], zeros[:1], sigma[:1], sigma_next[:1], noise_level, SDEConventions(sigma_one=rule)
+            )[1]
+        )
+        for rule in ("flow_grpo", "next_sigma")
+    ]
+    return {
+        "cps_log_ratio": (1 / (2 * cps_std**2)).flatten(),
+        "kl_exact_over_flow_grpo": (1 / (sigma - sigma_next)).flatten(),
+        "first_step_std": torch.tensor(first, dtype=torch.float64),
+    }
 
 
 # ------------------------------------------------------------------- second-order ODE (Flash)
@@ -300,8 +334,9 @@ def _log_snr(sigma: float) -> float:
     return math.log((1 - sigma) / sigma)  # lambda = log(alpha / sigma) with alpha = 1 - sigma
 
 
-def dpm_solver_2m_step(latents: Tensor, velocity: Tensor, sigma: float, sigma_next: float,
-                       previous: tuple[Tensor, float] | None) -> Tensor:
+def dpm_solver_2m_step(
+    latents: Tensor, velocity: Tensor, sigma: float, sigma_next: float, previous: tuple[Tensor, float] | None
+) -> Tensor:
     """DPM-Solver++(2M), midpoint form, on the data prediction x0 = x - sigma v: ONE velocity
     evaluation (NFE) per step, the second order coming from the previous step's x0.
 
@@ -359,13 +394,13 @@ class Trajectory:
     """One rollout. Everything the trainer needs to recompute the log-prob of SDE step j under new weights:
     latents[j], next_latents[j], sigmas[j], sigmas[j + 1] and the old log_probs[j] (see training_rows)."""
 
-    latents: Tensor       # [T, B, ...] state before each step
+    latents: Tensor  # [T, B, ...] state before each step
     next_latents: Tensor  # [T, B, ...] state after each step
-    log_probs: Tensor     # [T, B] log-prob of the SDE steps, 0 on ODE steps
+    log_probs: Tensor  # [T, B] log-prob of the SDE steps, 0 on ODE steps
     sde_steps: list[int]  # sorted steps that used the SDE (the ones to train)
-    sigmas: Tensor        # [T + 1] the schedule actually used (compressed after the window with Flash)
-    final: Tensor         # [B, ...]
-    nfe: int              # velocity_fn calls (one per step; CFG's doubled batch counts as one)
+    sigmas: Tensor  # [T + 1] the schedule actually used (compressed after the window with Flash)
+    final: Tensor  # [B, ...]
+    nfe: int  # velocity_fn calls (one per step; CFG's doubled batch counts as one)
 
     def training_rows(self, steps: list[int] | None = None) -> dict[str, Tensor]:
         """Flatten `steps` (default: sde_steps) step-major into rows: latents/next_latents [R, ...], sigma,
@@ -377,15 +412,28 @@ class Trajectory:
         batch = self.final.shape[0]
         step = torch.tensor(steps, dtype=torch.long).repeat_interleave(batch)  # [R]
         sample = torch.arange(batch).repeat(len(steps))  # [R]
-        return {"latents": self.latents[step, sample], "next_latents": self.next_latents[step, sample],
-                "sigma": self.sigmas[step], "sigma_next": self.sigmas[step + 1],
-                "log_prob": self.log_probs[step, sample], "step": step, "sample": sample}
+        return {
+            "latents": self.latents[step, sample],
+            "next_latents": self.next_latents[step, sample],
+            "sigma": self.sigmas[step],
+            "sigma_next": self.sigmas[step + 1],
+            "log_prob": self.log_probs[step, sample],
+            "step": step,
+            "sample": sample,
+        }
 
 
-def sample_trajectory(velocity_fn: VelocityFn, initial_latents: Tensor, sigmas: Tensor, sde_steps: list[int],
-                      noise_level: float = 0.7, kind: str = "flow_grpo",
-                      generator: torch.Generator | SampleNoise | None = None,
-                      flash_ratio: float | None = None, conventions: SDEConventions = OFFICIAL) -> Trajectory:
+def sample_trajectory(
+    velocity_fn: VelocityFn,
+    initial_latents: Tensor,
+    sigmas: Tensor,
+    sde_steps: list[int],
+    noise_level: float = 0.7,
+    kind: str = "flow_grpo",
+    generator: torch.Generator | SampleNoise | None = None,
+    flash_ratio: float | None = None,
+    conventions: SDEConventions = OFFICIAL,
+) -> Trajectory:
     """Integrate from sigmas[0] to sigmas[-1]: SDE with log-probs on `sde_steps`, Euler ODE elsewhere
     (MixGRPO's mixed sampling; all steps SDE = Flow-GRPO, none = plain ODE sampling).
 
@@ -415,8 +463,9 @@ def sample_trajectory(velocity_fn: VelocityFn, initial_latents: Tensor, sigmas: 
         v = velocity_fn(x, sigma)  # [B, C, H, W]
         log_prob = zeros
         if step in sde:
-            x_next, log_prob, _, _ = sde_step_with_logprob(x, v, sigma, sigma_next, noise_level, kind,
-                                                           generator=generator, conventions=conventions)
+            x_next, log_prob, _, _ = sde_step_with_logprob(
+                x, v, sigma, sigma_next, noise_level, kind, generator=generator, conventions=conventions
+            )
         elif step >= solver_start:
             x_next = dpm_solver_2m_step(x, v, sigma, sigma_next, previous)
         else:
@@ -435,9 +484,9 @@ class SlidingWindow:
     ODE outside. progressive: l = min(floor(iteration / tau) * s, T - w); frozen: l = 0;
     random: l ~ U{0, ..., T - w} drawn from `generator`."""
 
-    num_steps: int            # T: steps the window may cover (the recipe passes sampling steps - 1)
-    window_size: int          # w (paper: 4)
-    stride: int = 1           # s: how far the window moves at each shift
+    num_steps: int  # T: steps the window may cover (the recipe passes sampling steps - 1)
+    window_size: int  # w (paper: 4)
+    stride: int = 1  # s: how far the window moves at each shift
     shift_interval: int = 25  # tau: iterations between shifts
     mode: str = "progressive"
 
@@ -475,18 +524,19 @@ class BranchRollout:
     """One row per branch sample. Rows are ordered (branch step, branch, prompt): for each branch step k the
     K branches are K whole tiles of the initial batch, so row r of step k's block comes from prompt r % B."""
 
-    latents: Tensor        # [R, ...] state at the branch step (the ODE prefix, shared by the K branches)
-    next_latents: Tensor   # [R, ...] the SDE sample drawn there
-    log_probs: Tensor      # [R] old log-prob of that SDE sample
-    final: Tensor          # [R, ...] after the ODE from the SDE sample down to sigma = 0
-    prompt_index: Tensor   # [R] row b of the initial batch the sample came from
-    branch_step: Tensor    # [R] step k whose process reward this sample's final reward is
-    branch_index: Tensor   # [R] which of the K branches (0..K-1)
-    nfe: int               # velocity_fn calls (a call on K*B rows counts as one)
+    latents: Tensor  # [R, ...] state at the branch step (the ODE prefix, shared by the K branches)
+    next_latents: Tensor  # [R, ...] the SDE sample drawn there
+    log_probs: Tensor  # [R] old log-prob of that SDE sample
+    final: Tensor  # [R, ...] after the ODE from the SDE sample down to sigma = 0
+    prompt_index: Tensor  # [R] row b of the initial batch the sample came from
+    branch_step: Tensor  # [R] step k whose process reward this sample's final reward is
+    branch_index: Tensor  # [R] which of the K branches (0..K-1)
+    nfe: int  # velocity_fn calls (a call on K*B rows counts as one)
 
 
-def select_branch_steps(num_steps: int, mode: str = "all", subset: list[int] | None = None,
-                        window: list[int] | None = None) -> list[int]:
+def select_branch_steps(
+    num_steps: int, mode: str = "all", subset: list[int] | None = None, window: list[int] | None = None
+) -> list[int]:
     """Sorted branch steps among 0..num_steps-2. The last step (into sigma = 0) is excluded: there is no ODE
     left to finish a branch with, with CPS it has no noise at all, and Flow-GRPO leaves it untrained.
     all: every allowed step; subset: the given indices; window: a SlidingWindow's steps at an iteration
@@ -505,10 +555,17 @@ def select_branch_steps(num_steps: int, mode: str = "all", subset: list[int] | N
     return sorted(set(chosen))
 
 
-def branch_rollout(velocity_fn: VelocityFn, initial_latents: Tensor, sigmas: Tensor, branch_steps: list[int],
-                   num_branches: int, noise_level: float = 0.7, kind: str = "flow_grpo",
-                   generator: torch.Generator | SampleNoise | None = None,
-                   conventions: SDEConventions = OFFICIAL) -> BranchRollout:
+def branch_rollout(
+    velocity_fn: VelocityFn,
+    initial_latents: Tensor,
+    sigmas: Tensor,
+    branch_steps: list[int],
+    num_branches: int,
+    noise_level: float = 0.7,
+    kind: str = "flow_grpo",
+    generator: torch.Generator | SampleNoise | None = None,
+    conventions: SDEConventions = OFFICIAL,
+) -> BranchRollout:
     """TempFlow-GRPO branching: one Euler ODE prefix from sigmas[0] (computed once, up to the last branch
     step); at each branch step k draw K SDE samples from the prefix state x_k, then finish each with the
     Euler ODE. velocity_fn receives [B] batches on the prefix and [K*B] batches (K tiles of the initial
@@ -528,14 +585,23 @@ def branch_rollout(velocity_fn: VelocityFn, initial_latents: Tensor, sigmas: Ten
         x = euler_ode_step(x, v, float(sigmas[step]), float(sigmas[step + 1]))
         prefix_states.append(x)
     nfe = branch_steps[-1] + 1
-    rows = {name: [] for name in ("latents", "next_latents", "log_probs", "final", "prompt_index", "branch_step",
-                                  "branch_index")}
-    tile = lambda t: t.repeat(num_branches, *([1] * (t.ndim - 1)))  # noqa: E731  [K*B, ...]
+    rows = {
+        name: []
+        for name in ("latents", "next_latents", "log_probs", "final", "prompt_index", "branch_step", "branch_index")
+    }
+    tile = lambda t: t.repeat(num_branches, *([1] * (t.ndim - 1)))  # [K*B, ...]
     for k in branch_steps:
         state = tile(prefix_states[k])  # [K*B, C, H, W]
-        x, log_prob, _, _ = sde_step_with_logprob(state, tile(prefix_velocities[k]), float(sigmas[k]),
-                                                  float(sigmas[k + 1]), noise_level, kind, generator=generator,
-                                                  conventions=conventions)
+        x, log_prob, _, _ = sde_step_with_logprob(
+            state,
+            tile(prefix_velocities[k]),
+            float(sigmas[k]),
+            float(sigmas[k + 1]),
+            noise_level,
+            kind,
+            generator=generator,
+            conventions=conventions,
+        )
         rows["latents"].append(state), rows["next_latents"].append(x), rows["log_probs"].append(log_prob)
         for step in range(k + 1, num_steps):
             x = euler_ode_step(x, velocity_fn(x, float(sigmas[step])), float(sigmas[step]), float(sigmas[step + 1]))
@@ -576,8 +642,14 @@ def _trained_steps_normalizer(std_of_step, num_steps: int, steps: list[int]) -> 
 NOISE_AWARE_NORMALIZATIONS = {"schedule": _schedule_normalizer, "trained_steps": _trained_steps_normalizer}
 
 
-def noise_aware_weights(sigmas: Tensor, steps: list[int], noise_level: float = 0.7, kind: str = "flow_grpo",
-                        normalization: str = "schedule", conventions: SDEConventions = OFFICIAL) -> Tensor:
+def noise_aware_weights(
+    sigmas: Tensor,
+    steps: list[int],
+    noise_level: float = 0.7,
+    kind: str = "flow_grpo",
+    normalization: str = "schedule",
+    conventions: SDEConventions = OFFICIAL,
+) -> Tensor:
     """TempFlow-GRPO noise-aware weights (He et al. 2025, arXiv 2508.04324): step k's policy loss is scaled by
     w_k = std_k / Z, std_k the step's noise scale (Flow-GRPO: sigma_t sqrt(-dt); CPS: sigma_next sin(a pi / 2)).
     Returns [len(steps)].
@@ -609,7 +681,9 @@ def noise_aware_weights(sigmas: Tensor, steps: list[int], noise_level: float = 0
 
     std = std_of_step(steps)  # [K]
     if not bool((std > 0).all()):
-        raise ValueError(f"steps {steps} include a step without noise (std 0, e.g. noise_level 0 or CPS's last "
-                         "step); it cannot be weighted or trained")
+        raise ValueError(
+            f"steps {steps} include a step without noise (std 0, e.g. noise_level 0 or CPS's last "
+            "step); it cannot be weighted or trained"
+        )
     normalizer = NOISE_AWARE_NORMALIZATIONS[normalization](std_of_step, num_steps, steps)
     return (std / normalizer).to(sigmas.dtype if sigmas.is_floating_point() else torch.float32)

@@ -37,8 +37,10 @@ def read_images_and_prompts(images_dir: Path, prompts_file: Path) -> tuple[list[
         return files, [mapping[f.name] for f in files]
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if len(prompts) != len(files):
-        raise SystemExit(f"--prompts {prompts_file}: {len(prompts)} prompts for {len(files)} images; give one line per "
-                         "image in sorted file-name order, or a JSON object {file name: prompt}")
+        raise SystemExit(
+            f"--prompts {prompts_file}: {len(prompts)} prompts for {len(files)} images; give one line per "
+            "image in sorted file-name order, or a JSON object {file name: prompt}"
+        )
     return files, prompts
 
 
@@ -52,8 +54,9 @@ def load_batch(files: list[Path]) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> None:
     from flowalign.rewards.plugins import RewardError, call_reward, load_reward
 
-    parser = argparse.ArgumentParser(prog="flowalign-score", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="flowalign-score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--reward", required=True, help="import path module:name of a reward or reward factory")
     parser.add_argument("--kwargs", default="{}", help="JSON object of factory arguments")
     parser.add_argument("--images", required=True, type=Path, help="folder of images")
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         reward = load_reward(args.reward, kwargs)
         rows = []
         for start in range(0, len(files), args.batch_size):
-            chunk, texts = files[start:start + args.batch_size], prompts[start:start + args.batch_size]
+            chunk, texts = files[start : start + args.batch_size], prompts[start : start + args.batch_size]
             scores = call_reward(args.reward, reward, load_batch(chunk), texts, [{"file": f.name} for f in chunk])
             rows += [(f.name, float(s)) for f, s in zip(chunk, scores)]
     except RewardError as error:

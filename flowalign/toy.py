@@ -51,9 +51,7 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 VOCAB_WORDS = DIGIT_WORDS + ("the", "digit", "a", "photo", "of", "handwritten", "number", "image")
 TRAIN_PROMPTS = tuple(f"the digit {w}" for w in DIGIT_WORDS)
 """The prompts the toy is pretrained on (with ~10% empty prompts for CFG); digit d at index d."""
-HELDOUT_PROMPTS = tuple(f"a photo of the digit {w}" for w in DIGIT_WORDS) + tuple(
-    f"handwritten {d}" for d in range(10)
-)
+HELDOUT_PROMPTS = tuple(f"a photo of the digit {w}" for w in DIGIT_WORDS) + tuple(f"handwritten {d}" for d in range(10))
 """Phrasings never seen in pretraining, each naming one digit: for testing whether alignment
 on TRAIN_PROMPTS carries over to other prompts."""
 

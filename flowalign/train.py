@@ -62,14 +62,14 @@ from shared.stats import PromptStatTracker
 class StepBatch:
     """One row per (sample, trained step): everything needed to recompute that step's log-prob."""
 
-    latents: torch.Tensor       # [R, C, h, w] state before the step
+    latents: torch.Tensor  # [R, C, h, w] state before the step
     next_latents: torch.Tensor  # [R, C, h, w] sampled state after the step
-    sigma: torch.Tensor         # [R]
-    sigma_next: torch.Tensor    # [R]
+    sigma: torch.Tensor  # [R]
+    sigma_next: torch.Tensor  # [R]
     old_log_prob: torch.Tensor  # [R]
-    advantage: torch.Tensor     # [R] (already multiplied by the noise-aware weight when that is on)
+    advantage: torch.Tensor  # [R] (already multiplied by the noise-aware weight when that is on)
     prompt_index: torch.Tensor  # [R] index into this rank's prompts of the iteration
-    step: torch.Tensor          # [R] index of the denoising step
+    step: torch.Tensor  # [R] index of the denoising step
 
     def rows(self, index: torch.Tensor) -> "StepBatch":
         return StepBatch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
@@ -82,24 +82,30 @@ class StepBatch:
 class Rollout:
     """This rank's samples of one iteration, with the global ids that make them world-size invariant."""
 
-    final: torch.Tensor         # [N, C, h, w] final latents
+    final: torch.Tensor  # [N, C, h, w] final latents
     prompt_index: torch.Tensor  # [N] index into this rank's prompts
-    sample_id: torch.Tensor     # [N] global sample index (reward metadata "sample"; update row keys)
-    group_id: torch.Tensor      # [N] advantage group, global (the prompt's slot, and the branch step for tempflow)
-    rows: StepBatch             # [R] the (sample, step) rows to train, without advantages yet
-    row_sample: torch.Tensor    # [R] which of the N samples each row belongs to
-    trained_steps: list[int]    # the denoising steps trained this iteration (the same on every rank)
-    nfe: int                    # batched velocity evaluations
+    sample_id: torch.Tensor  # [N] global sample index (reward metadata "sample"; update row keys)
+    group_id: torch.Tensor  # [N] advantage group, global (the prompt's slot, and the branch step for tempflow)
+    rows: StepBatch  # [R] the (sample, step) rows to train, without advantages yet
+    row_sample: torch.Tensor  # [R] which of the N samples each row belongs to
+    trained_steps: list[int]  # the denoising steps trained this iteration (the same on every rank)
+    nfe: int  # batched velocity evaluations
 
     @staticmethod
     def cat(chunks: list["Rollout"]) -> "Rollout":
         """One rollout from sequentially sampled chunks (row_sample shifted to index the joined samples)."""
         offsets = torch.tensor([0] + [len(c.final) for c in chunks[:-1]]).cumsum(0).tolist()  # first sample of each
         rows = StepBatch(*(torch.cat([getattr(c.rows, f.name) for c in chunks]) for f in dataclasses.fields(StepBatch)))
-        return Rollout(torch.cat([c.final for c in chunks]), torch.cat([c.prompt_index for c in chunks]),
-                       torch.cat([c.sample_id for c in chunks]), torch.cat([c.group_id for c in chunks]), rows,
-                       torch.cat([c.row_sample + o for c, o in zip(chunks, offsets)]), chunks[0].trained_steps,
-                       sum(c.nfe for c in chunks))
+        return Rollout(
+            torch.cat([c.final for c in chunks]),
+            torch.cat([c.prompt_index for c in chunks]),
+            torch.cat([c.sample_id for c in chunks]),
+            torch.cat([c.group_id for c in chunks]),
+            rows,
+            torch.cat([c.row_sample + o for c, o in zip(chunks, offsets)]),
+            chunks[0].trained_steps,
+            sum(c.nfe for c in chunks),
+        )
 
 
 def load_adapter(config: FlowGRPOConfig, device: torch.device):
@@ -121,8 +127,9 @@ def load_adapter(config: FlowGRPOConfig, device: torch.device):
 
 
 def _prompt_lines(path: str, field: str) -> list[str]:
-    text = read_text_file(path, f"config field '{field}':",
-                          "give a UTF-8 text file, one prompt a line")  # missing or not UTF-8: a config error
+    text = read_text_file(
+        path, f"config field '{field}':", "give a UTF-8 text file, one prompt a line"
+    )  # missing or not UTF-8: a config error
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -144,8 +151,10 @@ def read_prompts(config: FlowGRPOConfig) -> tuple[list[str], list[str]]:
     if d.eval_prompts_file:
         eval_prompts = _prompt_lines(d.eval_prompts_file, "data.eval_prompts_file")
         if not eval_prompts:
-            raise ConfigError(f"config field 'data.eval_prompts_file': {d.eval_prompts_file} holds no prompts; "
-                              f"write one a line, or unset it to evaluate on the training prompts")
+            raise ConfigError(
+                f"config field 'data.eval_prompts_file': {d.eval_prompts_file} holds no prompts; "
+                f"write one a line, or unset it to evaluate on the training prompts"
+            )
     elif d.eval_split:
         from flowalign.prompts import dataset_prompts
 
@@ -204,8 +213,17 @@ def draw_prompts(prompts: list[str], count: int, generator: torch.Generator) -> 
 
 # ----------------------------------------------------------------------------------- rollout
 @torch.no_grad()
-def rollout(config: FlowGRPOConfig, adapter, encode, prompts: list[str], first_slot: int, iteration: int, window,
-            generator: torch.Generator, on_chunk=None) -> Rollout:
+def rollout(
+    config: FlowGRPOConfig,
+    adapter,
+    encode,
+    prompts: list[str],
+    first_slot: int,
+    iteration: int,
+    window,
+    generator: torch.Generator,
+    on_chunk=None,
+) -> Rollout:
     """Sample this rank's `prompts` (global slots first_slot, first_slot + 1, ...) in `train.rollout_chunks`
     sequential batches. `on_chunk(final, prompt_index, sample_id)` runs after each chunk (scoring it while the
     next chunk samples). The steps to train come from the shared `generator`; the noise of every sample from its
@@ -217,14 +235,19 @@ def rollout(config: FlowGRPOConfig, adapter, encode, prompts: list[str], first_s
     groups = config.train.group_size if not tempflow else 1  # tempflow's groups are its branches
     prompt_index = torch.arange(len(prompts)).repeat_interleave(groups)  # [n]
     first_sample = first_slot * groups  # global index of this rank's first initial sample
-    noise_source = sample_noise(adapter.device, config.train.seed, iteration,
-                                samples=range(first_sample, first_sample + len(prompt_index)))
+    noise_source = sample_noise(
+        adapter.device, config.train.seed, iteration, samples=range(first_sample, first_sample + len(prompt_index))
+    )
     noise = adapter.initial_noise(len(prompt_index), noise_source.generators, s.height, s.width)  # [n, C, h, w]
     if s.same_noise_per_group:
         noise = noise[::groups].repeat_interleave(groups, dim=0)
     if tempflow:
-        trained = samplers.select_branch_steps(s.num_steps, a.branch_steps, subset=a.branch_subset,
-                                               window=window.steps(iteration, generator) if window else None)
+        trained = samplers.select_branch_steps(
+            s.num_steps,
+            a.branch_steps,
+            subset=a.branch_subset,
+            window=window.steps(iteration, generator) if window else None,
+        )
     elif a.name == "mixgrpo":
         sde_steps = window.steps(iteration, generator)
         trained = sde_steps
@@ -240,35 +263,80 @@ def rollout(config: FlowGRPOConfig, adapter, encode, prompts: list[str], first_s
         first, last = int(chunk[0]) * groups, (int(chunk[-1]) + 1) * groups  # this chunk's samples
         chunk_prompts = prompt_index[first:last]  # [c]
         if tempflow:
-            tiled = lambda rows, p=chunk_prompts: embeds[p[torch.arange(rows) % len(p)]]  # noqa: E731
+            tiled = lambda rows, p=chunk_prompts: embeds[p[torch.arange(rows) % len(p)]]
             branches = samplers.branch_rollout(
                 lambda x, sigma, tiled=tiled: adapter.velocity(x, sigma, tiled(x.shape[0]), s.guidance_scale),
-                noise[first:last], sigmas, trained, a.num_branches, noise_level=s.noise_level, kind=s.sde_kind,
-                generator=noise_source[first:last], conventions=sde_conventions(config))
+                noise[first:last],
+                sigmas,
+                trained,
+                a.num_branches,
+                noise_level=s.noise_level,
+                kind=s.sde_kind,
+                generator=noise_source[first:last],
+                conventions=sde_conventions(config),
+            )
             sample_prompt = chunk_prompts[branches.prompt_index]  # [r] one row per final sample
             slot = first_slot + sample_prompt  # [r]
             group_id = samplers.branch_group_ids(slot, branches.branch_step, s.num_steps)  # [r]
             # global index: (prompt slot, branch step, branch), contiguous over the global batch
-            sample_id = (slot * len(trained) + step_position[branches.branch_step]) * a.num_branches \
-                + branches.branch_index  # [r]
-            rows = StepBatch(branches.latents, branches.next_latents, sigmas[branches.branch_step],
-                             sigmas[branches.branch_step + 1], branches.log_probs, torch.zeros(len(group_id)),
-                             sample_prompt, branches.branch_step)
-            part = Rollout(branches.final, sample_prompt, sample_id, group_id, rows, torch.arange(len(group_id)),
-                           trained, branches.nfe)
+            sample_id = (
+                slot * len(trained) + step_position[branches.branch_step]
+            ) * a.num_branches + branches.branch_index  # [r]
+            rows = StepBatch(
+                branches.latents,
+                branches.next_latents,
+                sigmas[branches.branch_step],
+                sigmas[branches.branch_step + 1],
+                branches.log_probs,
+                torch.zeros(len(group_id)),
+                sample_prompt,
+                branches.branch_step,
+            )
+            part = Rollout(
+                branches.final,
+                sample_prompt,
+                sample_id,
+                group_id,
+                rows,
+                torch.arange(len(group_id)),
+                trained,
+                branches.nfe,
+            )
         else:
             velocity = velocity_fn_for(adapter, embeds[chunk_prompts], s.guidance_scale)
-            trajectory = samplers.sample_trajectory(velocity, noise[first:last], sigmas, sde_steps,
-                                                    noise_level=s.noise_level, kind=s.sde_kind,
-                                                    generator=noise_source[first:last],
-                                                    flash_ratio=a.flash_ratio if a.name == "mixgrpo" else None,
-                                                    conventions=sde_conventions(config))
+            trajectory = samplers.sample_trajectory(
+                velocity,
+                noise[first:last],
+                sigmas,
+                sde_steps,
+                noise_level=s.noise_level,
+                kind=s.sde_kind,
+                generator=noise_source[first:last],
+                flash_ratio=a.flash_ratio if a.name == "mixgrpo" else None,
+                conventions=sde_conventions(config),
+            )
             row = trajectory.training_rows(trained)  # step-major rows of the trained SDE steps
-            rows = StepBatch(row["latents"], row["next_latents"], row["sigma"], row["sigma_next"], row["log_prob"],
-                             torch.zeros(len(row["step"])), chunk_prompts[row["sample"]], row["step"])
+            rows = StepBatch(
+                row["latents"],
+                row["next_latents"],
+                row["sigma"],
+                row["sigma_next"],
+                row["log_prob"],
+                torch.zeros(len(row["step"])),
+                chunk_prompts[row["sample"]],
+                row["step"],
+            )
             sample_id = first_sample + torch.arange(first, last)  # [c]
-            part = Rollout(trajectory.final, chunk_prompts, sample_id, first_slot + chunk_prompts, rows, row["sample"],
-                           trained, trajectory.nfe)
+            part = Rollout(
+                trajectory.final,
+                chunk_prompts,
+                sample_id,
+                first_slot + chunk_prompts,
+                rows,
+                row["sample"],
+                trained,
+                trajectory.nfe,
+            )
         if on_chunk is not None:
             on_chunk(part.final, part.prompt_index, part.sample_id)
         parts.append(part)
@@ -276,8 +344,9 @@ def rollout(config: FlowGRPOConfig, adapter, encode, prompts: list[str], first_s
 
 
 # ------------------------------------------------------------------------------------ reward
-def score(rewards: dict, images: torch.Tensor, prompts: list[str], metadata: list[dict],
-          allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
+def score(
+    rewards: dict, images: torch.Tensor, prompts: list[str], metadata: list[dict], allow_nonfinite: bool = False
+) -> dict[str, torch.Tensor]:
     return {name: call_reward(name, fn, images, prompts, metadata, allow_nonfinite) for name, fn in rewards.items()}
 
 
@@ -288,13 +357,19 @@ def per_prompt_trackers(config: FlowGRPOConfig) -> dict[str, PromptStatTracker]:
     if t.advantage_scale != "per_prompt":
         return {}
     names = ["total"] if config.reward.composition == "sum_then_normalize" else list(config.reward.weights)
-    return {name: PromptStatTracker(history=t.per_prompt_history > 0, history_size=t.per_prompt_history or None)
-            for name in names}
+    return {
+        name: PromptStatTracker(history=t.per_prompt_history > 0, history_size=t.per_prompt_history or None)
+        for name in names
+    }
 
 
-def per_prompt_advantages(trackers: dict[str, PromptStatTracker], scores: dict[str, torch.Tensor],
-                          weights: dict[str, float], prompts: list[str],
-                          keep: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def per_prompt_advantages(
+    trackers: dict[str, PromptStatTracker],
+    scores: dict[str, torch.Tensor],
+    weights: dict[str, float],
+    prompts: list[str],
+    keep: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Flow-GRPO's per-prompt advantages (Liu et al., 2025, arXiv:2505.05470; its code's PerPromptStatTracker):
     A = (r - mean_p) / (std_p + 1e-4), mean and population std over the rewards of the sample's prompt text,
     in the gathered batch and, with train.per_prompt_history, its past iterations (shared.stats).
@@ -316,8 +391,10 @@ def per_prompt_advantages(trackers: dict[str, PromptStatTracker], scores: dict[s
         total = sum(weights[name] * values.double()[kept] for name, values in scores.items())  # [K]
         advantages[kept] = trackers["total"].update(kept_prompts, total)
     else:
-        advantages[kept] = sum(weights[name] * trackers[name].update(kept_prompts, values.double()[kept])
-                               for name, values in scores.items())  # [K]
+        advantages[kept] = sum(
+            weights[name] * trackers[name].update(kept_prompts, values.double()[kept])
+            for name, values in scores.items()
+        )  # [K]
     stats = next(iter(trackers.values())).prompt_stats()  # every tracker holds the same prompts and counts
     for tracker in trackers.values():
         if not tracker.history:
@@ -326,8 +403,9 @@ def per_prompt_advantages(trackers: dict[str, PromptStatTracker], scores: dict[s
 
 
 # ------------------------------------------------------------------------------------ update
-def update_parts(row_key: torch.Tensor, row_group: torch.Tensor, parts: int, seed: int,
-                 iteration: int) -> list[torch.Tensor]:
+def update_parts(
+    row_key: torch.Tensor, row_group: torch.Tensor, parts: int, seed: int, iteration: int
+) -> list[torch.Tensor]:
     """Split this rank's rows into `parts` optimizer steps, the same way whatever the world size, with every rank
     holding as many rows of each step as the others (no idle forward passes).
 
@@ -350,8 +428,17 @@ def update_parts(row_key: torch.Tensor, row_group: torch.Tensor, parts: int, see
     return result
 
 
-def update(config: FlowGRPOConfig, run: Run, adapter, optimizer, params, embeds, batch: StepBatch,
-           parts: list[tuple[torch.Tensor, int]], total_rows: int) -> dict:
+def update(
+    config: FlowGRPOConfig,
+    run: Run,
+    adapter,
+    optimizer,
+    params,
+    embeds,
+    batch: StepBatch,
+    parts: list[tuple[torch.Tensor, int]],
+    total_rows: int,
+) -> dict:
     """One optimizer step per part, micro-batched. Each rank's share of a part's loss is the sum of its rows'
     losses over the part's GLOBAL row count (Run.backward scales for DDP's averaging). Every rank runs the same
     number of micro-batches per part (the maximum over ranks); a rank short of rows runs zero-weight ones.
@@ -380,17 +467,39 @@ def update(config: FlowGRPOConfig, run: Run, adapter, optimizer, params, embeds,
             with run.sync_gradients(model, last=index == micro_count - 1):
                 velocity = adapter.velocity(rows.latents, rows.sigma, step_embeds, s.guidance_scale)  # [m, C, h, w]
                 _, log_prob, mean, std = samplers.sde_step_with_logprob(
-                    rows.latents, velocity, rows.sigma, rows.sigma_next, noise_level=s.noise_level, kind=s.sde_kind,
-                    prev_sample=rows.next_latents, conventions=sde_conventions(config))
-                loss, metrics = clipped_policy_loss(log_prob[:, None], rows.old_log_prob[:, None], rows.advantage,
-                                                    eps_low=t.clip_range, aggregation="grpo")  # one "token" per step
+                    rows.latents,
+                    velocity,
+                    rows.sigma,
+                    rows.sigma_next,
+                    noise_level=s.noise_level,
+                    kind=s.sde_kind,
+                    prev_sample=rows.next_latents,
+                    conventions=sde_conventions(config),
+                )
+                loss, metrics = clipped_policy_loss(
+                    log_prob[:, None],
+                    rows.old_log_prob[:, None],
+                    rows.advantage,
+                    eps_low=t.clip_range,
+                    aggregation="grpo",
+                )  # one "token" per step
                 if t.kl_beta > 0:
-                    with torch.no_grad(), plain_transformer(run, adapter) as plain, \
-                            reference_model(plain, config.model.lora):
+                    with (
+                        torch.no_grad(),
+                        plain_transformer(run, adapter) as plain,
+                        reference_model(plain, config.model.lora),
+                    ):
                         ref_velocity = adapter.velocity(rows.latents, rows.sigma, step_embeds, s.guidance_scale)
                         _, _, ref_mean, _ = samplers.sde_step_with_logprob(
-                            rows.latents, ref_velocity, rows.sigma, rows.sigma_next, noise_level=s.noise_level,
-                            kind=s.sde_kind, prev_sample=rows.next_latents, conventions=sde_conventions(config))
+                            rows.latents,
+                            ref_velocity,
+                            rows.sigma,
+                            rows.sigma_next,
+                            noise_level=s.noise_level,
+                            kind=s.sde_kind,
+                            prev_sample=rows.next_latents,
+                            conventions=sde_conventions(config),
+                        )
                     divisor = samplers.kl_std(std, rows.sigma, rows.sigma_next, s.sde_kind, t.kl_form)  # [m, 1, 1, 1]
                     kl = gaussian_mean_kl(mean, ref_mean, divisor.clamp_min(1e-8)).mean()
                     loss = loss + t.kl_beta * kl
@@ -401,13 +510,15 @@ def update(config: FlowGRPOConfig, run: Run, adapter, optimizer, params, embeds,
                 with torch.no_grad():
                     ratio = (log_prob.detach() - rows.old_log_prob).exp()  # [m]
                     # clipped as clipped_policy_loss counts it: the clip is active for the sign of A
-                    clipped = ((rows.advantage < 0) & (ratio < 1 - t.clip_range)) | \
-                        ((rows.advantage > 0) & (ratio > 1 + t.clip_range))  # [m]
+                    clipped = ((rows.advantage < 0) & (ratio < 1 - t.clip_range)) | (
+                        (rows.advantage > 0) & (ratio > 1 + t.clip_range)
+                    )  # [m]
                     clipped_of_step.index_add_(0, rows.step, clipped.double())
                     rows_of_step.index_add_(0, rows.step, torch.ones(len(micro), dtype=torch.float64))
                     if part_index == 0:  # no optimizer step yet this iteration: on-policy
-                        first_part_deviation = torch.maximum(first_part_deviation,
-                                                             ratio_deviation(log_prob, rows.old_log_prob))
+                        first_part_deviation = torch.maximum(
+                            first_part_deviation, ratio_deviation(log_prob, rows.old_log_prob)
+                        )
             metrics["loss"] = loss.item()
             nonfinite |= not math.isfinite(metrics["loss"])
             for key, value in metrics.items():
@@ -417,21 +528,32 @@ def update(config: FlowGRPOConfig, run: Run, adapter, optimizer, params, embeds,
                     totals[key] = totals.get(key, 0.0) + (value * len(micro) / total_rows if real else 0.0)
         if run.any(nonfinite):  # every rank stops together, before the step spoils the weights
             raise FloatingPointError("loss became non-finite; lower train.learning_rate or check the rewards")
-        grad_norms.append(run.clip_grad_norm(model, params, t.max_grad_norm))  # of the synced gradient: alike on all ranks
+        grad_norms.append(
+            run.clip_grad_norm(model, params, t.max_grad_norm)
+        )  # of the synced gradient: alike on all ranks
         optimizer.step()
     summed = run.sum(torch.tensor(list(totals.values()), dtype=torch.float64))  # [K] over ranks
     peaked = run.max(torch.tensor([*peaks.values(), float(first_part_deviation)], dtype=torch.float64))  # [K' + 1]
     clipped_of_step, rows_of_step = run.sum(clipped_of_step), run.sum(rows_of_step)  # [T] each, over ranks
-    per_step = {f"clip_frac/step_{k}": float(clipped_of_step[k] / rows_of_step[k])
-                for k in range(s.num_steps) if rows_of_step[k] > 0}
-    return {**dict(zip(totals, summed.tolist())), **dict(zip(peaks, peaked[:-1].tolist())), **per_step,
-            RATIO_METRIC: float(peaked[-1]), "grad_norm": sum(grad_norms) / len(grad_norms)}
+    per_step = {
+        f"clip_frac/step_{k}": float(clipped_of_step[k] / rows_of_step[k])
+        for k in range(s.num_steps)
+        if rows_of_step[k] > 0
+    }
+    return {
+        **dict(zip(totals, summed.tolist())),
+        **dict(zip(peaks, peaked[:-1].tolist())),
+        **per_step,
+        RATIO_METRIC: float(peaked[-1]),
+        "grad_norm": sum(grad_norms) / len(grad_norms),
+    }
 
 
 # -------------------------------------------------------------------------------------- eval
 @torch.no_grad()
-def evaluate(config: FlowGRPOConfig, run: Run, adapter, encode, rewards: dict, prompts: list[str],
-             grid_path: Path | None) -> dict:
+def evaluate(
+    config: FlowGRPOConfig, run: Run, adapter, encode, rewards: dict, prompts: list[str], grid_path: Path | None
+) -> dict:
     """ODE samples of the eval prompts from held-out noise, split over the ranks and gathered; mean reward per
     reward fn; the image grid from the main process. Sample i (prompt i // seeds) draws its noise from
     (eval, seed, i), so the numbers do not depend on the world size. Every rank samples the same count (the last
@@ -443,27 +565,40 @@ def evaluate(config: FlowGRPOConfig, run: Run, adapter, encode, rewards: dict, p
     index = [min(i, total - 1) for i in mine]
     real = [i for i in mine if i < total]
     embeds = encode(prompts)[[i // seeds for i in index]]
-    noise = adapter.initial_noise(len(index), sample_noise(adapter.device, "eval", config.train.seed, samples=index)
-                                  .generators, s.height, s.width)  # [n, C, h, w]
+    noise = adapter.initial_noise(
+        len(index), sample_noise(adapter.device, "eval", config.train.seed, samples=index).generators, s.height, s.width
+    )  # [n, C, h, w]
     with plain_transformer(run, adapter):
-        trajectory = samplers.sample_trajectory(velocity_fn_for(adapter, embeds, s.guidance_scale), noise,
-                                                adapter.sigmas(s.eval_num_steps, s.height, s.width), [])
+        trajectory = samplers.sample_trajectory(
+            velocity_fn_for(adapter, embeds, s.guidance_scale),
+            noise,
+            adapter.sigmas(s.eval_num_steps, s.height, s.width),
+            [],
+        )
     images, scores, error = None, {}, None
     if real:  # a rank holding only padding (fewer samples than ranks) scores nothing
         images = adapter.decode(trajectory.final[: len(real)])  # [n, 3, H, W]
         try:
-            scores = score(rewards, images, [prompts[i // seeds] for i in real],
-                           [{"split": "eval", "sample": i} for i in real],
-                           allow_nonfinite=config.reward.on_bad_score == "drop")
+            scores = score(
+                rewards,
+                images,
+                [prompts[i // seeds] for i in real],
+                [{"split": "eval", "sample": i} for i in real],
+                allow_nonfinite=config.reward.on_bad_score == "drop",
+            )
         except RewardError as failure:
             error = failure
     run.raise_together(error, RewardError)
-    gathered = run.gather_objects([(i, images[k].cpu(), {name: float(v[k]) for name, v in scores.items()})
-                                   for k, i in enumerate(real)])
+    gathered = run.gather_objects(
+        [(i, images[k].cpu(), {name: float(v[k]) for name, v in scores.items()}) for k, i in enumerate(real)]
+    )
     gathered.sort(key=lambda item: item[0])  # sample order, as one process makes them
     if grid_path is not None:
-        run.main_only(lambda: save_image_grid(torch.stack([image for _, image, _ in gathered]), rows=len(prompts),
-                                              path=grid_path, labels=prompts))
+        run.main_only(
+            lambda: save_image_grid(
+                torch.stack([image for _, image, _ in gathered]), rows=len(prompts), path=grid_path, labels=prompts
+            )
+        )
     values = {name: torch.tensor([item[2][name] for item in gathered]) for name in rewards}  # [P*S] each
     return {f"eval/{name}": value.nanmean().item() for name, value in values.items()}  # dropped scores left out
 
@@ -472,8 +607,15 @@ def evaluate(config: FlowGRPOConfig, run: Run, adapter, encode, rewards: dict, p
 def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
     t, s, a = config.train, config.sampling, config.algorithm
     train_prompts, eval_prompts = read_prompts(config)
-    run = Run(config.log.output_dir, resume, tag="[flowalign]", mixed_precision=t.mixed_precision, config=config,
-              allow_config_change=allow_config_change, trackers=config.log.report_to)
+    run = Run(
+        config.log.output_dir,
+        resume,
+        tag="[flowalign]",
+        mixed_precision=t.mixed_precision,
+        config=config,
+        allow_config_change=allow_config_change,
+        trackers=config.log.report_to,
+    )
     run.require_divisible(t.prompts_per_iteration, "train.prompts_per_iteration", "prompts")  # before the model loads
 
     # setup: model, trainable parameters, optimizer, rewards, prompt embeddings
@@ -491,30 +633,46 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     adapter.transformer, optimizer = run.prepare(adapter.transformer, optimizer)
     ema = EMA(params, t.ema_decay) if t.ema_decay else None
-    rewards = {path: load_reward(path, config.reward.kwargs.get(path), timeout_s=config.reward.timeout_s)
-               for path in config.reward.weights}  # each call bounded by reward.timeout_s (null: unbounded)
+    rewards = {
+        path: load_reward(path, config.reward.kwargs.get(path), timeout_s=config.reward.timeout_s)
+        for path in config.reward.weights
+    }  # each call bounded by reward.timeout_s (null: unbounded)
     try:  # scored on the evaluation samples only
-        eval_rewards = {path: load_reward(path, kwargs or None, timeout_s=config.reward.timeout_s)
-                        for path, kwargs in config.eval.rewards.items()}
+        eval_rewards = {
+            path: load_reward(path, kwargs or None, timeout_s=config.reward.timeout_s)
+            for path, kwargs in config.eval.rewards.items()
+        }
     except RewardError as error:  # its message names the reward; say which config field holds it
         raise RewardError(f"eval.rewards: {error}") from None
     trackers = per_prompt_trackers(config)
     window = None
     if a.name == "mixgrpo" or a.branch_steps == "window":
-        window = samplers.SlidingWindow(num_steps=s.num_steps - 1, window_size=a.window_size, stride=a.window_stride,
-                                        shift_interval=a.window_interval, mode=a.window_mode)
+        window = samplers.SlidingWindow(
+            num_steps=s.num_steps - 1,
+            window_size=a.window_size,
+            stride=a.window_stride,
+            shift_interval=a.window_interval,
+            mode=a.window_mode,
+        )
     too_long = adapter.prompts_over_context(train_prompts + eval_prompts)
     if too_long:  # the text encoders truncate them: say so once, with a count
-        run.print(f"warning: {len(too_long)} prompt(s) exceed the text encoder's context and are truncated, "
-                  f"e.g. {too_long[0][:80]!r}")
-    encode = (CachedPromptEncoder(adapter, train_prompts + eval_prompts) if config.model.offload_text_encoders
-              else adapter.encode_prompts)
+        run.print(
+            f"warning: {len(too_long)} prompt(s) exceed the text encoder's context and are truncated, "
+            f"e.g. {too_long[0][:80]!r}"
+        )
+    encode = (
+        CachedPromptEncoder(adapter, train_prompts + eval_prompts)
+        if config.model.offload_text_encoders
+        else adapter.encode_prompts
+    )
     per_prompt = t.group_size if a.name != "tempflow" else a.num_branches
     samples_per_iteration = t.prompts_per_iteration * per_prompt
-    run.print(f"{a.name}: {t.prompts_per_iteration} prompts x {per_prompt} samples = {samples_per_iteration} per "
-              f"iteration over {run.world} process(es) ({t.prompts_per_iteration // run.world} prompts each); "
-              f"{s.num_steps} steps; {sum(p.numel() for p in params):,} trainable parameters; mixed precision "
-              f"{run.accelerator.mixed_precision}; output {run.out}")
+    run.print(
+        f"{a.name}: {t.prompts_per_iteration} prompts x {per_prompt} samples = {samples_per_iteration} per "
+        f"iteration over {run.world} process(es) ({t.prompts_per_iteration // run.world} prompts each); "
+        f"{s.num_steps} steps; {sum(p.numel() for p in params):,} trainable parameters; mixed precision "
+        f"{run.accelerator.mixed_precision}; output {run.out}"
+    )
 
     start = run.restore()
     if run.checkpoint is not None:
@@ -528,13 +686,23 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
                     trackers[name].load_state_dict({"rewards": state["rewards"]})
     run.write_config(config)
     first_images = adapter.decode(adapter.initial_noise(2, iteration_generator(t.seed, -1), s.height, s.width))
-    check_rewards_on_dummy_batch({**rewards, **eval_rewards}, first_images,
-                                 [train_prompts[i % len(train_prompts)] for i in range(2)],
-                                 allow_nonfinite=config.reward.on_bad_score == "drop")
+    check_rewards_on_dummy_batch(
+        {**rewards, **eval_rewards},
+        first_images,
+        [train_prompts[i % len(train_prompts)] for i in range(2)],
+        allow_nonfinite=config.reward.on_bad_score == "drop",
+    )
     history = {}
     if start == 0:
-        history["before"] = evaluate(config, run, adapter, encode, {**rewards, **eval_rewards}, eval_prompts,
-                                     run.out / "images" / "iter-000000.png")
+        history["before"] = evaluate(
+            config,
+            run,
+            adapter,
+            encode,
+            {**rewards, **eval_rewards},
+            eval_prompts,
+            run.out / "images" / "iter-000000.png",
+        )
         run.log_image("eval/images", run.out / "images" / "iter-000000.png", step=0)  # to the trackers that take one
         run.append({"iteration": 0, **history["before"]})
         run.print(f"held-out reward before: {_fmt(history['before'])}")
@@ -542,8 +710,7 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
     drop_bad = config.reward.on_bad_score == "drop"
     # async: one worker thread scores while the main thread samples; sync: the same calls, run on submit
     scorer = ThreadPoolExecutor(max_workers=1) if config.reward.async_scoring else _InlineExecutor()
-    progress = tqdm(range(start, t.iterations), desc=a.name, disable=not run.is_main, initial=start,
-                    total=t.iterations)
+    progress = tqdm(range(start, t.iterations), desc=a.name, disable=not run.is_main, initial=start, total=t.iterations)
     ratio_check = FirstUpdateRatioCheck()  # warns once per run (per resumed run) when the on-policy ratio is off 1
     record = {}
     for iteration in progress:
@@ -555,7 +722,7 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
         clock = time.perf_counter()
         prompts = draw_prompts(train_prompts, t.prompts_per_iteration, generator)
         block = run.block(len(prompts))
-        local_prompts = prompts[block.start:block.stop]
+        local_prompts = prompts[block.start : block.stop]
         jobs, reward_seconds = [], [0.0]
 
         def score_chunk(final_chunk, chunk_prompt_index, chunk_sample_id):
@@ -563,12 +730,15 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
             images = adapter.decode(final_chunk)  # [c, 3, H, W]
             texts = [local_prompts[i] for i in chunk_prompt_index.tolist()]
             metadata = [{"split": "train", "iteration": iteration + 1, "sample": i} for i in chunk_sample_id.tolist()]
-            jobs.append(scorer.submit(score, rewards, images, texts, metadata, drop_bad))  # async: overlaps the next chunk
+            jobs.append(
+                scorer.submit(score, rewards, images, texts, metadata, drop_bad)
+            )  # async: overlaps the next chunk
             reward_seconds[0] += time.perf_counter() - started_chunk
 
         with plain_transformer(run, adapter):
-            sampled = rollout(config, adapter, encode, local_prompts, block.start, iteration, window, generator,
-                              on_chunk=score_chunk)
+            sampled = rollout(
+                config, adapter, encode, local_prompts, block.start, iteration, window, generator, on_chunk=score_chunk
+            )
         timings["time/rollout"] = time.perf_counter() - clock - reward_seconds[0]
 
         # reward: gathered in rank order, so the advantages below see the global batch
@@ -586,25 +756,35 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
 
         # advantage (dropped samples: NaN rewards are masked out of the statistics and get advantage 0)
         by_prompt = t.advantage_scale == "per_prompt"  # advantages from the per-prompt trackers below
-        advantages, reward_stats = compose_rewards(scores, config.reward.weights, group_ids,
-                                                   mode=config.reward.composition,
-                                                   scale="none" if by_prompt else t.advantage_scale,
-                                                   nan_policy="mask" if drop_bad else "raise")
+        advantages, reward_stats = compose_rewards(
+            scores,
+            config.reward.weights,
+            group_ids,
+            mode=config.reward.composition,
+            scale="none" if by_prompt else t.advantage_scale,
+            nan_policy="mask" if drop_bad else "raise",
+        )
         if by_prompt:  # group_ids are the global prompt slots (tempflow is refused): the samples' prompt texts
-            advantages, tracked = per_prompt_advantages(trackers, scores, config.reward.weights,
-                                                        [prompts[g] for g in group_ids.tolist()], ~bad_sample)
+            advantages, tracked = per_prompt_advantages(
+                trackers, scores, config.reward.weights, [prompts[g] for g in group_ids.tolist()], ~bad_sample
+            )
             reward_stats.update({f"per_prompt/{k}": v for k, v in tracked.items()})
         advantages = advantages.masked_fill(bad_sample, 0.0)  # dropped from every reward, not just the bad one
         reward_stats["dropped"] = int(bad_sample.sum())
         advantages = clip_advantages(advantages, t.advantage_clip)  # [N]
         mine = run.block(len(advantages))
         batch = sampled.rows
-        batch.advantage = advantages[mine.start:mine.stop][sampled.row_sample]  # [R] this rank's rows
+        batch.advantage = advantages[mine.start : mine.stop][sampled.row_sample]  # [R] this rank's rows
         if a.noise_aware_weighting:
             steps = sampled.trained_steps
-            weights = samplers.noise_aware_weights(adapter.sigmas(s.num_steps, s.height, s.width), steps,
-                                                   s.noise_level, s.sde_kind, a.noise_aware_normalization,
-                                                   sde_conventions(config))  # [K]
+            weights = samplers.noise_aware_weights(
+                adapter.sigmas(s.num_steps, s.height, s.width),
+                steps,
+                s.noise_level,
+                s.sde_kind,
+                a.noise_aware_normalization,
+                sde_conventions(config),
+            )  # [K]
             weight_of_step = torch.zeros(s.num_steps).index_copy_(0, torch.tensor(steps), weights)  # [T]
             # after advantage clipping, as TempFlow's released code (w * clip(A)); the clipped loss is linear in A
             # for a positive weight w: w * l(A) = l(w * A)
@@ -613,14 +793,24 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
         # update: a world-size invariant split of the rows into optimizer steps, group by group
         clock = time.perf_counter()
         row_key = sampled.sample_id[sampled.row_sample] * s.num_steps + batch.step  # [R]
-        rows_of_part = update_parts(row_key, block.start + batch.prompt_index, t.updates_per_iteration, t.seed,
-                                    iteration)
+        rows_of_part = update_parts(
+            row_key, block.start + batch.prompt_index, t.updates_per_iteration, t.seed, iteration
+        )
         part_rows = run.sum(torch.tensor([len(rows) for rows in rows_of_part])).long().tolist()  # [U] global counts
         total_rows = sum(part_rows)
         adapter.transformer.train()
         try:
-            metrics = update(config, run, adapter, optimizer, params, encode(local_prompts), batch,
-                             list(zip(rows_of_part, part_rows)), total_rows)
+            metrics = update(
+                config,
+                run,
+                adapter,
+                optimizer,
+                params,
+                encode(local_prompts),
+                batch,
+                list(zip(rows_of_part, part_rows)),
+                total_rows,
+            )
         except FloatingPointError as error:
             raise run.nan_stop(f"iteration {iteration + 1}", error) from None
         adapter.transformer.eval()
@@ -635,20 +825,38 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
         # log
         done = iteration + 1
         last = run.is_last(done, t.iterations, t.max_seconds)
-        record = {"iteration": done, **{f"reward/{k}": v for k, v in reward_stats.items()},
-                  **{f"train/{k}": v for k, v in metrics.items()}, RATIO_METRIC: first_update_deviation,
-                  "nfe/rollout": sampled.nfe,  # per process: batched velocity evaluations (CFG's doubled batch counts once)
-                  "nfe/update_forward": total_rows * (2 if t.kl_beta > 0 else 1),  # per (sample, step) row; + reference
-                  "nfe/update_backward": total_rows,
-                  "samples": samples_per_iteration, "world_size": run.world, **timings}
+        record = {
+            "iteration": done,
+            **{f"reward/{k}": v for k, v in reward_stats.items()},
+            **{f"train/{k}": v for k, v in metrics.items()},
+            RATIO_METRIC: first_update_deviation,
+            "nfe/rollout": sampled.nfe,  # per process: batched velocity evaluations (CFG's doubled batch counts once)
+            "nfe/update_forward": total_rows * (2 if t.kl_beta > 0 else 1),  # per (sample, step) row; + reference
+            "nfe/update_backward": total_rows,
+            "samples": samples_per_iteration,
+            "world_size": run.world,
+            **timings,
+        }
         if run.due(done, config.log.eval_every, last):
             with ema.swapped_in() if ema else contextlib.nullcontext():
-                record.update(evaluate(config, run, adapter, encode, {**rewards, **eval_rewards}, eval_prompts,
-                                       run.out / "images" / f"iter-{done:06d}.png"))
+                record.update(
+                    evaluate(
+                        config,
+                        run,
+                        adapter,
+                        encode,
+                        {**rewards, **eval_rewards},
+                        eval_prompts,
+                        run.out / "images" / f"iter-{done:06d}.png",
+                    )
+                )
             run.log_image("eval/images", run.out / "images" / f"iter-{done:06d}.png", step=done)
         run.append(record)
-        progress.set_postfix(reward=f"{reward_stats['total/mean']:.3f}", kl=f"{metrics.get('kl', 0):.2e}",
-                             clip=f"{metrics['clip_frac']:.2f}")
+        progress.set_postfix(
+            reward=f"{reward_stats['total/mean']:.3f}",
+            kl=f"{metrics.get('kl', 0):.2e}",
+            clip=f"{metrics['clip_frac']:.2f}",
+        )
 
         # checkpoint (every rank takes part: the RNG states are gathered)
         if run.due(done, config.log.checkpoint_every, last):
@@ -658,10 +866,19 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
 
     scorer.shutdown()
     final_eval = {k: v for k, v in record.items() if k.startswith("eval/")}
-    run.main_only(lambda: plot_curves(
-        run.out / "metrics.jsonl", run.out / "reward_curve.png",
-        ["reward/total/mean", *[f"eval/{name}" for name in [*rewards, *eval_rewards]], "train/kl", "train/clip_frac"],
-        f"{a.name} on {config.model.path}"))
+    run.main_only(
+        lambda: plot_curves(
+            run.out / "metrics.jsonl",
+            run.out / "reward_curve.png",
+            [
+                "reward/total/mean",
+                *[f"eval/{name}" for name in [*rewards, *eval_rewards]],
+                "train/kl",
+                "train/clip_frac",
+            ],
+            f"{a.name} on {config.model.path}",
+        )
+    )
     if "before" in history and final_eval:
         run.print(f"held-out reward before: {_fmt(history['before'])}")
         run.print(f"held-out reward after : {_fmt(final_eval)}")
@@ -670,19 +887,27 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
     return {"before": history.get("before"), "after": final_eval}
 
 
-def save_training_checkpoint(config, run: Run, adapter, optimizer, ema, iteration: int,
-                             trackers: dict[str, PromptStatTracker] | None = None) -> None:
+def save_training_checkpoint(
+    config, run: Run, adapter, optimizer, ema, iteration: int, trackers: dict[str, PromptStatTracker] | None = None
+) -> None:
     model = adapter.transformer
-    states = {"trainable": run.trainable_state(model), "optimizer": run.optimizer_state(model, optimizer),
-              "trainer": {"iteration": iteration, "config": to_dict(config)}}
+    states = {
+        "trainable": run.trainable_state(model),
+        "optimizer": run.optimizer_state(model, optimizer),
+        "trainer": {"iteration": iteration, "config": to_dict(config)},
+    }
     if ema is not None:
         states["ema"] = ema.shadow
     if trackers:  # train.advantage_scale=per_prompt: the rewards each prompt's statistics pool (alike on all ranks)
         states["stat_tracker"] = {name: tracker.state_dict() for name, tracker in trackers.items()}
     writer = None
     if config.model.lora:
-        writer = lambda tmp: save_lora_for_pipeline(type(adapter.pipeline), run.unwrap(model), tmp / "lora",  # noqa: E731
-                                                    states["trainable"])
+        writer = lambda tmp: save_lora_for_pipeline(
+            type(adapter.pipeline),
+            run.unwrap(model),
+            tmp / "lora",
+            states["trainable"],
+        )
     run.save_checkpoint(iteration, states, keep_last=config.log.keep_last, extra_writer=writer)
 
 
@@ -709,12 +934,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe, e.g. configs/flow/flow_grpo.yaml")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
-    parser.add_argument("--allow-config-change", action="store_true",
-                        help="with --resume: apply config changes beyond train.iterations, train.max_seconds and "
-                             "log.* (refused without it)")
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: apply config changes beyond train.iterations, train.max_seconds and "
+        "log.* (refused without it)",
+    )
     parser.add_argument("--describe", action="store_true", help="list every config field and exit")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="check the config, model source, prompts and rewards, print the plan and exit (no weights load)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, model source, prompts and rewards, print the plan and exit (no weights load)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=5")
     args = parser.parse_args(argv)
     if args.describe:

@@ -9,14 +9,15 @@ import torch
 from PIL import Image, ImageDraw
 
 
-def save_image_grid(images: torch.Tensor, rows: int, path: str | Path, labels: list[str] | None = None,
-                    min_cell: int = 64) -> None:
+def save_image_grid(
+    images: torch.Tensor, rows: int, path: str | Path, labels: list[str] | None = None, min_cell: int = 64
+) -> None:
     """images [rows*cols, 3, H, W] in [0, 1], row-major -> one PNG; small images are upscaled (nearest)."""
     count, _, height, width = images.shape
     cols = count // rows
     zoom = max(1, -(-min_cell // max(height, width)))  # ceil: tiny toy images stay visible
     label_width = 8 * max((len(label) for label in labels), default=0) + 8 if labels else 0
-    cells = (images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())  # [N, H, W, 3]
+    cells = images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # [N, H, W, 3]
     canvas = Image.new("RGB", (label_width + cols * width * zoom, rows * height * zoom), "white")
     for index in range(rows * cols):
         r, c = divmod(index, cols)

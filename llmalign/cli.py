@@ -106,14 +106,24 @@ def run_pairs(args: argparse.Namespace) -> None:
         model, tokenizer = load_for_sampling(run, args.model, args.adapter)
     except ConfigError as error:
         exit_on_config_error(error)
-    completions = sample_completions(model, tokenizer, rows, args.group_size, args.max_new_tokens,
-                                     temperature=args.temperature, seed=args.seed, batch_size=args.batch_size, run=run)
+    completions = sample_completions(
+        model,
+        tokenizer,
+        rows,
+        args.group_size,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        run=run,
+    )
     pairs, summary = make_pairs(rows, completions, args.pairs_per_prompt, args.format_check)
     run.main_only(lambda: write_rows(args.out, pairs))
     if run.is_main:
         print(level_table(summary))
-        print(f"{summary['pairs']} pairs from {len(rows)} prompts x {args.group_size} completions written to "
-              f"{args.out}")
+        print(
+            f"{summary['pairs']} pairs from {len(rows)} prompts x {args.group_size} completions written to {args.out}"
+        )
     run.close()
 
 
@@ -125,6 +135,7 @@ def _at_least(minimum: int, below: int | None = None):
         if below is not None and value >= below:
             raise argparse.ArgumentTypeError(f"{value} is not below {below}")
         return value
+
     return integer
 
 
@@ -175,15 +186,21 @@ def run_eval(args: argparse.Namespace) -> None:
     if run.is_main:
         for prompt, completion in result["samples"][: args.show]:
             print(f"--- {prompt.strip()!r}\n    {completion!r}")
-        print(f"accuracy {result['accuracy']:.4f} on {len(rows)} rows (greedy), mean completion length "
-              f"{result['mean_length']:.1f} tokens")
+        print(
+            f"accuracy {result['accuracy']:.4f} on {len(rows)} rows (greedy), mean completion length "
+            f"{result['mean_length']:.1f} tokens"
+        )
     run.close()
 
 
-ALLOW_CONFIG_CHANGE_HELP = ("with --resume: apply config changes beyond train.iterations, train.max_seconds, "
-                            "train.steps, train.epochs and log.* (refused without it)")
-DRY_RUN_HELP = ("check the config, model source (a hub id by form only), data and rewards, print the plan (model, "
-                "global batch, steps, rewards, memory settings) and exit; loads no weights")
+ALLOW_CONFIG_CHANGE_HELP = (
+    "with --resume: apply config changes beyond train.iterations, train.max_seconds, "
+    "train.steps, train.epochs and log.* (refused without it)"
+)
+DRY_RUN_HELP = (
+    "check the config, model source (a hub id by form only), data and rewards, print the plan (model, "
+    "global batch, steps, rewards, memory settings) and exit; loads no weights"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,8 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--limit", type=_at_least(1), default=None, help="use the first N rows")
     pairs.add_argument("--seed", type=_at_least(0, below=SEED_LIMIT), default=0, help="sampling seed")
     pairs.add_argument("--batch-size", type=_at_least(1), default=32, help="prompts per generate call")
-    pairs.add_argument("--format-check", action=argparse.BooleanOptionalAction, default=True,
-                       help="rank completions that break <think>...</think><answer>...</answer> lowest (level 0)")
+    pairs.add_argument(
+        "--format-check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="rank completions that break <think>...</think><answer>...</answer> lowest (level 0)",
+    )
     pairs.set_defaults(run=run_pairs)
     ev = sub.add_parser("eval", help="greedy accuracy of a model on prompt/answer data")
     ev.add_argument("--model", required=True, help="model directory, hub id or embedded:arith")

@@ -23,16 +23,22 @@ def need(condition: bool, field: str, message: str) -> None:
 
 def gradient_checkpointing_option():
     """train.gradient_checkpointing of both recipes (GRPO and DPO), documented here once."""
-    return option(False, "recompute each decoder layer's activations in the backward instead of keeping them "
-                  "(transformers gradient checkpointing, non-reentrant): less memory for about one more forward "
-                  "per update; not with GRPO's algorithm.shared_prefix")
+    return option(
+        False,
+        "recompute each decoder layer's activations in the backward instead of keeping them "
+        "(transformers gradient checkpointing, non-reentrant): less memory for about one more forward "
+        "per update; not with GRPO's algorithm.shared_prefix",
+    )
 
 
 def mixed_precision_option():
     """train.mixed_precision of both recipes (GRPO and DPO), documented here once."""
-    return option("no", "compute the forward passes in bf16 or fp16 under accelerate's autocast ('no' = off); the "
-                  "weights stay in model.dtype, so with the default "
-                  "float32 the trainable weights and the optimizer stay float32")
+    return option(
+        "no",
+        "compute the forward passes in bf16 or fp16 under accelerate's autocast ('no' = off); the "
+        "weights stay in model.dtype, so with the default "
+        "float32 the trainable weights and the optimizer stay float32",
+    )
 
 
 @dataclasses.dataclass
@@ -42,8 +48,9 @@ class LMModelConfig:
     lora: bool = option(False, "train a LoRA adapter (true) or the full model (false)")
     lora_rank: int = option(16, "LoRA rank r")
     lora_alpha: int = option(32, "LoRA alpha")
-    lora_targets: list[str] = option(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                     "module names LoRA wraps")
+    lora_targets: list[str] = option(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "module names LoRA wraps"
+    )
     allow_remote_code: bool = option(False, "pass trust_remote_code to from_pretrained (off: never run hub code)")
 
     def check(self) -> None:
@@ -58,48 +65,75 @@ class LMDataSourceConfig:
     how plain problems are rendered. Listed first in each data section."""
 
     path: Optional[str] = option(
-        None, "a datasets hub id or a local dataset (a directory of data files, or one file), read with "
+        None,
+        "a datasets hub id or a local dataset (a directory of data files, or one file), read with "
         "datasets.load_dataset; the training rows are its split data.split, the held-out rows its split "
-        "data.test_split, and data.train/data.test stay unset (null = read data.train and data.test)")
+        "data.test_split, and data.train/data.test stay unset (null = read data.train and data.test)",
+    )
     subset: Optional[str] = option(None, "the configuration of data.path (load_dataset's name), e.g. 'main'")
     test_split: Optional[str] = option("test", "split of data.path holding the held-out rows (null = none)")
     prompt_column: str = option("prompt", "column holding the prompt (text, or chat messages)")
-    answer_column: str = option("answer", "column holding the reference answer, for the rewards and the held-out "
-                                "accuracy")
-    system_prompt: Optional[str] = option(None, "system message put before every prompt, which then goes through "
-                                          "the tokenizer's chat template (null = none)")
+    answer_column: str = option(
+        "answer", "column holding the reference answer, for the rewards and the held-out accuracy"
+    )
+    system_prompt: Optional[str] = option(
+        None,
+        "system message put before every prompt, which then goes through the tokenizer's chat template (null = none)",
+    )
     prompt_template: Optional[str] = option(
-        None, "text each plain-text prompt becomes, '{prompt}' replaced by it (no other placeholder, so braces need "
-        "no escaping), e.g. '{prompt} Put the final answer in \\boxed{}.' (null = the prompt as it is)")
+        None,
+        "text each plain-text prompt becomes, '{prompt}' replaced by it (no other placeholder, so braces need "
+        "no escaping), e.g. '{prompt} Put the final answer in \\boxed{}.' (null = the prompt as it is)",
+    )
 
     def check_source(self, train_default: Optional[str], test_default: Optional[str]) -> None:
         """The source fields; data.train/data.test, at train_default/test_default, are the subclass's."""
         if self.path is not None:
             need(bool(self.path.strip()), "data.path", "empty; give a hub id, a local dataset, or null")
-            need(self.train == train_default, "data.train", f"{self.train!r} is set beside data.path={self.path!r}; "
-                 "training rows come from one of them: unset data.path or data.train")
-            need(self.test in (test_default, None), "data.test", f"{self.test!r} is set beside data.path="
-                 f"{self.path!r}, whose split data.test_split holds the held-out rows; unset data.test")
-        need(self.subset is None or self.path is not None, "data.subset",
-             f"{self.subset!r} names a configuration of data.path, which is not set; set data.path or unset it")
+            need(
+                self.train == train_default,
+                "data.train",
+                f"{self.train!r} is set beside data.path={self.path!r}; "
+                "training rows come from one of them: unset data.path or data.train",
+            )
+            need(
+                self.test in (test_default, None),
+                "data.test",
+                f"{self.test!r} is set beside data.path="
+                f"{self.path!r}, whose split data.test_split holds the held-out rows; unset data.test",
+            )
+        need(
+            self.subset is None or self.path is not None,
+            "data.subset",
+            f"{self.subset!r} names a configuration of data.path, which is not set; set data.path or unset it",
+        )
         for field in ("prompt_column", "answer_column", "chosen_column", "rejected_column"):
             value = getattr(self, field, "-")
             need(bool(value.strip()), f"data.{field}", "empty; name the column")
-        need(self.prompt_template is None or "{prompt}" in self.prompt_template, "data.prompt_template",
-             f"{self.prompt_template!r} has no '{{prompt}}'; put {{prompt}} where the problem goes")
+        need(
+            self.prompt_template is None or "{prompt}" in self.prompt_template,
+            "data.prompt_template",
+            f"{self.prompt_template!r} has no '{{prompt}}'; put {{prompt}} where the problem goes",
+        )
 
 
 @dataclasses.dataclass
 class LMDataConfig(LMDataSourceConfig):
-    train: str = option(EMBEDDED_MODEL + "/train.jsonl", "training data: .jsonl/.json/.csv/.parquet or a datasets directory")
-    test: Optional[str] = option(EMBEDDED_MODEL + "/test.jsonl", "held-out data for accuracy before/after (null = none)")
-    split: Optional[str] = option(None, "the training split: of data.path, or of a DatasetDict directory in "
-                                  "data.train (null = 'train')")
+    train: str = option(
+        EMBEDDED_MODEL + "/train.jsonl", "training data: .jsonl/.json/.csv/.parquet or a datasets directory"
+    )
+    test: Optional[str] = option(
+        EMBEDDED_MODEL + "/test.jsonl", "held-out data for accuracy before/after (null = none)"
+    )
+    split: Optional[str] = option(
+        None, "the training split: of data.path, or of a DatasetDict directory in data.train (null = 'train')"
+    )
     eval_size: int = option(200, "held-out rows evaluated (greedy) at start, every log.eval_every and at the end")
     eval_samples: int = option(1, "completions sampled per held-out row for the sampled accuracy (its mean over them)")
     max_prompt_length: int = option(256, "prompt tokens allowed")
     overlong_prompts: Literal["error", "truncate"] = option(
-        "error", "a longer prompt stops with its row (error) or keeps its last tokens and is counted (truncate)")
+        "error", "a longer prompt stops with its row (error) or keeps its last tokens and is counted (truncate)"
+    )
 
     def check(self) -> None:
         self.check_source(EMBEDDED_MODEL + "/train.jsonl", EMBEDDED_MODEL + "/test.jsonl")
@@ -123,32 +157,50 @@ class LMSamplingConfig:
 @dataclasses.dataclass
 class LMAlgorithmConfig:
     loss: Literal["grpo", "dr_grpo", "dapo", "disco"] = option(
-        "grpo", "grpo (sequence mean), dr_grpo (sum / (B*L_max), no std), dapo (token mean, clip-higher), disco")
+        "grpo", "grpo (sequence mean), dr_grpo (sum / (B*L_max), no std), dapo (token mean, clip-higher), disco"
+    )
     advantage_scale: Optional[Literal["group", "batch", "none"]] = option(
-        None, "advantage std: per group, batch or none (null: 'none' for dr_grpo, else 'group')")
-    clip_range: float = option(0.2, "PPO clip epsilon of the ratio below 1 (and above 1 unless clip_range_high is "
-                               "set); flowalign's train.clip_range")
-    clip_range_high: Optional[float] = option(None, "clip epsilon of the ratio above 1, DAPO's clip-higher "
-                                              "(null: 0.28 for dapo, else clip_range)")
-    kl_beta: float = option(0.0, "weight of the k3 KL to the reference model (0 = no reference kept); flowalign's "
-                            "train.kl_beta")
-    mask_truncated: Optional[bool] = option(None, "leave completions that hit L_max out of the loss (null: true for dapo)")
+        None, "advantage std: per group, batch or none (null: 'none' for dr_grpo, else 'group')"
+    )
+    clip_range: float = option(
+        0.2,
+        "PPO clip epsilon of the ratio below 1 (and above 1 unless clip_range_high is "
+        "set); flowalign's train.clip_range",
+    )
+    clip_range_high: Optional[float] = option(
+        None, "clip epsilon of the ratio above 1, DAPO's clip-higher (null: 0.28 for dapo, else clip_range)"
+    )
+    kl_beta: float = option(
+        0.0, "weight of the k3 KL to the reference model (0 = no reference kept); flowalign's train.kl_beta"
+    )
+    mask_truncated: Optional[bool] = option(
+        None, "leave completions that hit L_max out of the loss (null: true for dapo)"
+    )
     filter_zero_std: bool = option(False, "drop groups whose rewards are all equal (DAPO dynamic-sampling filter)")
     shared_prefix: bool = option(False, "Prefix Grouper: encode each prompt once per group in the training forward")
     disco_tau: float = option(10.0, "disco: temperature of the log-sum-exp over wrong answers")
-    disco_delta: float = option(1e-4, "disco: budget of the trust region KL(old || new), the token mean of logp_old - "
-                                "logp over every kept completion of an optimizer step")
+    disco_delta: float = option(
+        1e-4,
+        "disco: budget of the trust region KL(old || new), the token mean of logp_old - "
+        "logp over every kept completion of an optimizer step",
+    )
     disco_penalty: float = option(1e3, "disco: weight beta of the squared hinge (beta/2) max(KL - delta, 0)^2")
     disco_score: Literal["log_likelihood", "likelihood_ratio"] = option(
-        "log_likelihood", "disco: score of a completion, mean token log-prob or mean token ratio")
-    correct_reward: str = option("accuracy", "disco: the reward (a name in reward.weights) that says whether a "
-                                 "completion is correct (o+) or wrong (o-)")
+        "log_likelihood", "disco: score of a completion, mean token log-prob or mean token ratio"
+    )
+    correct_reward: str = option(
+        "accuracy",
+        "disco: the reward (a name in reward.weights) that says whether a completion is correct (o+) or wrong (o-)",
+    )
     correct_threshold: float = option(0.5, "disco: a completion is correct when its correct_reward exceeds this")
 
     def check(self) -> None:
         need(0 <= self.clip_range < 1, "algorithm.clip_range", f"{self.clip_range} must be in [0, 1), e.g. 0.2")
-        need(self.clip_range_high is None or self.clip_range_high >= 0, "algorithm.clip_range_high",
-             f"{self.clip_range_high} must be >= 0")
+        need(
+            self.clip_range_high is None or self.clip_range_high >= 0,
+            "algorithm.clip_range_high",
+            f"{self.clip_range_high} must be >= 0",
+        )
         need(self.kl_beta >= 0, "algorithm.kl_beta", f"{self.kl_beta} must be >= 0 (0 = no KL)")
         need(self.disco_tau > 0, "algorithm.disco_tau", f"{self.disco_tau} must be positive, e.g. 10")
         need(self.disco_delta >= 0, "algorithm.disco_delta", f"{self.disco_delta} must be >= 0")
@@ -178,14 +230,21 @@ class LMAlgorithmConfig:
 @dataclasses.dataclass
 class LMTrainConfig:
     iterations: int = option(100, "GRPO iterations (rollout + updates)")
-    prompts_per_iteration: int = option(8, "distinct prompts per iteration B, over all processes (each process "
-                                        "samples a block of B / processes whole groups)")
+    prompts_per_iteration: int = option(
+        8,
+        "distinct prompts per iteration B, over all processes (each process "
+        "samples a block of B / processes whole groups)",
+    )
     group_size: int = option(8, "completions per prompt G")
     num_iterations: int = option(1, "mu: passes over each rollout (>1 reuses it with the clipped ratio)")
-    updates_per_pass: int = option(1, "optimizer steps per pass U: step p trains on the completions (whole groups "
-                                   "for disco and shared_prefix) whose index in the rollout is p modulo U")
-    micro_batch_size: int = option(16, "completions per forward pass on each process (gradient accumulation; a "
-                                   "memory knob, the loss is the same)")
+    updates_per_pass: int = option(
+        1,
+        "optimizer steps per pass U: step p trains on the completions (whole groups "
+        "for disco and shared_prefix) whose index in the rollout is p modulo U",
+    )
+    micro_batch_size: int = option(
+        16, "completions per forward pass on each process (gradient accumulation; a memory knob, the loss is the same)"
+    )
     learning_rate: float = option(1e-5, "AdamW learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
@@ -196,52 +255,89 @@ class LMTrainConfig:
 
     def check(self) -> None:
         need(self.iterations >= 0, "train.iterations", f"{self.iterations} is negative")
-        need(self.group_size >= 2, "train.group_size", f"{self.group_size} < 2; group advantages need at least 2 completions per prompt")
-        need(self.prompts_per_iteration >= 1, "train.prompts_per_iteration", f"{self.prompts_per_iteration}; use at least 1")
+        need(
+            self.group_size >= 2,
+            "train.group_size",
+            f"{self.group_size} < 2; group advantages need at least 2 completions per prompt",
+        )
+        need(
+            self.prompts_per_iteration >= 1,
+            "train.prompts_per_iteration",
+            f"{self.prompts_per_iteration}; use at least 1",
+        )
         need(self.num_iterations >= 1, "train.num_iterations", f"{self.num_iterations}; use at least 1")
         need(self.updates_per_pass >= 1, "train.updates_per_pass", f"{self.updates_per_pass}; use at least 1")
         rollout = self.prompts_per_iteration * self.group_size
-        need(rollout <= SAMPLES_PER_ITERATION_LIMIT, "train.group_size", f"{self.group_size} completions per prompt x "
-             f"{self.prompts_per_iteration} prompts = {rollout} per iteration, over the limit of 2**20; lower it")
-        need(rollout % self.updates_per_pass == 0, "train.updates_per_pass",
-             f"the rollout of {rollout} completions (prompts_per_iteration * group_size) does not split into "
-             f"{self.updates_per_pass} equal parts; pick a divisor of {rollout}")
+        need(
+            rollout <= SAMPLES_PER_ITERATION_LIMIT,
+            "train.group_size",
+            f"{self.group_size} completions per prompt x "
+            f"{self.prompts_per_iteration} prompts = {rollout} per iteration, over the limit of 2**20; lower it",
+        )
+        need(
+            rollout % self.updates_per_pass == 0,
+            "train.updates_per_pass",
+            f"the rollout of {rollout} completions (prompts_per_iteration * group_size) does not split into "
+            f"{self.updates_per_pass} equal parts; pick a divisor of {rollout}",
+        )
         need(self.micro_batch_size >= 1, "train.micro_batch_size", f"{self.micro_batch_size}; use at least 1")
         need(self.learning_rate > 0, "train.learning_rate", f"{self.learning_rate} must be positive, e.g. 1e-5")
         need(self.weight_decay >= 0, "train.weight_decay", f"{self.weight_decay} must be >= 0")
         need(self.max_grad_norm > 0, "train.max_grad_norm", f"{self.max_grad_norm} must be positive, e.g. 1.0")
         need(0 <= self.seed < SEED_LIMIT, "train.seed", f"{self.seed} is outside [0, 2**32); use a seed such as 0")
-        need(self.max_seconds is None or self.max_seconds > 0, "train.max_seconds", f"{self.max_seconds} must be positive or null")
+        need(
+            self.max_seconds is None or self.max_seconds > 0,
+            "train.max_seconds",
+            f"{self.max_seconds} must be positive or null",
+        )
 
 
 @dataclasses.dataclass
 class LMRewardConfig:
     weights: dict[str, float] = option(
-        {"accuracy": 1.0}, "reward -> weight; a builtin name (accuracy, format, cosine_length, soft_overlong, "
-        "grpo_lambda, length_budget) or an import path 'module:name' of a fn(prompts, completions, **columns)")
+        {"accuracy": 1.0},
+        "reward -> weight; a builtin name (accuracy, format, cosine_length, soft_overlong, "
+        "grpo_lambda, length_budget) or an import path 'module:name' of a fn(prompts, completions, **columns)",
+    )
     kwargs: dict[str, dict[str, Any]] = option(
-        {}, "reward -> keyword arguments of its factory (the same field as flowalign's reward.kwargs)")
+        {}, "reward -> keyword arguments of its factory (the same field as flowalign's reward.kwargs)"
+    )
     on_bad_score: Literal["stop", "drop"] = option(
-        "stop", "a NaN/inf/missing score stops the run naming the reward (stop), or the sample gets advantage 0 and is counted (drop)")
+        "stop",
+        "a NaN/inf/missing score stops the run naming the reward (stop), or the sample gets advantage 0 and is counted (drop)",
+    )
     timeout_s: Optional[float] = option(
-        None, "seconds one reward call may take; past it the run stops naming the reward, or under on_bad_score=drop "
-        "the batch is dropped; the hung call is abandoned, not killed (null = no limit)")
+        None,
+        "seconds one reward call may take; past it the run stops naming the reward, or under on_bad_score=drop "
+        "the batch is dropped; the hung call is abandoned, not killed (null = no limit)",
+    )
 
     def check(self) -> None:
         need(bool(self.weights), "reward.weights", "empty; name at least one reward, e.g. {accuracy: 1.0}")
         from llmalign.rewards import BUILTIN_REWARDS  # standard library only: config loading stays light
 
         unknown = [name for name in self.weights if name not in BUILTIN_REWARDS and ":" not in name]
-        need(not unknown, "reward.weights", f"unknown reward {unknown[0]!r} (no builtin of that name, and not an import "
-             f"path 'module:name'); use one of {sorted(BUILTIN_REWARDS)} or a path such as mypkg.rewards:score"
-             if unknown else "")
+        need(
+            not unknown,
+            "reward.weights",
+            f"unknown reward {unknown[0]!r} (no builtin of that name, and not an import "
+            f"path 'module:name'); use one of {sorted(BUILTIN_REWARDS)} or a path such as mypkg.rewards:score"
+            if unknown
+            else "",
+        )
         for name in self.weights:
             module_name, colon, attribute = name.partition(":")
-            need(not colon or (attribute and all(part.isidentifier() for part in module_name.split("."))),
-                 "reward.weights", f"{name!r} has module name {module_name!r} and name {attribute!r}; an import path "
-                 "is an absolute dotted module and a name, e.g. mypkg.rewards:score")
-        need(self.timeout_s is None or self.timeout_s > 0, "reward.timeout_s",
-             f"{self.timeout_s} must be positive seconds, or null for no limit")
+            need(
+                not colon or (attribute and all(part.isidentifier() for part in module_name.split("."))),
+                "reward.weights",
+                f"{name!r} has module name {module_name!r} and name {attribute!r}; an import path "
+                "is an absolute dotted module and a name, e.g. mypkg.rewards:score",
+            )
+        need(
+            self.timeout_s is None or self.timeout_s > 0,
+            "reward.timeout_s",
+            f"{self.timeout_s} must be positive seconds, or null for no limit",
+        )
         unknown = set(self.kwargs) - set(self.weights)
         need(not unknown, "reward.kwargs", f"{sorted(unknown)} have no weight in reward.weights; add them there")
 
@@ -252,21 +348,30 @@ HELD_OUT_METRICS = ("accuracy", "sampled_accuracy", "mean_length")  # eval/<name
 @dataclasses.dataclass
 class LMEvalConfig:
     rewards: dict[str, dict[str, Any]] = option(
-        {}, "rewards scored on the held-out greedy completions only, next to the training rewards: a builtin name or "
-            "an import path 'module:name' -> keyword arguments of its factory ({} for none); logged as eval/<name>, "
-            "the mean over the held-out rows")
+        {},
+        "rewards scored on the held-out greedy completions only, next to the training rewards: a builtin name or "
+        "an import path 'module:name' -> keyword arguments of its factory ({} for none); logged as eval/<name>, "
+        "the mean over the held-out rows",
+    )
 
     def check(self) -> None:
         from llmalign.rewards import BUILTIN_REWARDS  # standard library only: config loading stays light
 
         for name in self.rewards:
             module_name, colon, attribute = name.partition(":")
-            need(name in BUILTIN_REWARDS or (colon and attribute and all(
-                part.isidentifier() for part in module_name.split("."))), "eval.rewards",
-                 f"{name!r} is no builtin reward and no import path 'module:name'; use one of "
-                 f"{sorted(BUILTIN_REWARDS)} or a path such as mypkg.rewards:score")
-            need(name not in HELD_OUT_METRICS, "eval.rewards", f"{name!r}: the held-out evaluation logs eval/{name} "
-                 "already (greedy accuracy, sampled accuracy, mean length); remove it")
+            need(
+                name in BUILTIN_REWARDS
+                or (colon and attribute and all(part.isidentifier() for part in module_name.split("."))),
+                "eval.rewards",
+                f"{name!r} is no builtin reward and no import path 'module:name'; use one of "
+                f"{sorted(BUILTIN_REWARDS)} or a path such as mypkg.rewards:score",
+            )
+            need(
+                name not in HELD_OUT_METRICS,
+                "eval.rewards",
+                f"{name!r}: the held-out evaluation logs eval/{name} "
+                "already (greedy accuracy, sampled accuracy, mean length); remove it",
+            )
 
 
 @dataclasses.dataclass
@@ -276,9 +381,11 @@ class LMLogConfig:
     checkpoint_every: int = option(20, "checkpoint every N iterations (0 = only at the end)")
     keep_last: int = option(2, "checkpoints kept on disk")
     report_to: list[TrackerName] = option(
-        [], "experiment trackers the main process also logs to (metrics, images, sample tables; README, Trackers), "
-            "each a pip extra imported only when named: tensorboard (the tested one), wandb, trackio, mlflow; e.g. "
-            "[tensorboard] after pip install 'flowalign[tensorboard]'. [] (default): metrics.jsonl alone")
+        [],
+        "experiment trackers the main process also logs to (metrics, images, sample tables; README, Trackers), "
+        "each a pip extra imported only when named: tensorboard (the tested one), wandb, trackio, mlflow; e.g. "
+        "[tensorboard] after pip install 'flowalign[tensorboard]'. [] (default): metrics.jsonl alone",
+    )
 
     def check(self) -> None:
         need(self.eval_every >= 0, "log.eval_every", f"{self.eval_every} must be >= 0 (0 = start and end only)")
@@ -303,20 +410,40 @@ class GRPOConfig:
 
     def validate(self) -> None:
         """Field checks per section, before any model loads."""
-        for section in (self.model, self.data, self.sampling, self.algorithm, self.train, self.reward, self.eval,
-                        self.log):
+        for section in (
+            self.model,
+            self.data,
+            self.sampling,
+            self.algorithm,
+            self.train,
+            self.reward,
+            self.eval,
+            self.log,
+        ):
             section.check()
         t, a = self.train, self.algorithm
-        need(a.loss != "disco" or a.correct_reward in self.reward.weights, "algorithm.correct_reward",
-             f"{a.correct_reward!r} is not among the configured rewards {sorted(self.reward.weights)}; name the one "
-             "that scores correctness (a completion is correct when it exceeds algorithm.correct_threshold)")
-        need(not (a.shared_prefix and t.gradient_checkpointing), "train.gradient_checkpointing",
-             "checkpointed layers drop the KV cache that algorithm.shared_prefix shares; turn one of them off")
+        need(
+            a.loss != "disco" or a.correct_reward in self.reward.weights,
+            "algorithm.correct_reward",
+            f"{a.correct_reward!r} is not among the configured rewards {sorted(self.reward.weights)}; name the one "
+            "that scores correctness (a completion is correct when it exceeds algorithm.correct_threshold)",
+        )
+        need(
+            not (a.shared_prefix and t.gradient_checkpointing),
+            "train.gradient_checkpointing",
+            "checkpointed layers drop the KV cache that algorithm.shared_prefix shares; turn one of them off",
+        )
         if a.whole_groups:
             why = "algorithm.shared_prefix" if a.shared_prefix else "algorithm.loss=disco"
-            need(t.micro_batch_size % t.group_size == 0, "train.micro_batch_size",
-                 f"{t.micro_batch_size} is not a multiple of train.group_size={t.group_size}, which {why} needs")
+            need(
+                t.micro_batch_size % t.group_size == 0,
+                "train.micro_batch_size",
+                f"{t.micro_batch_size} is not a multiple of train.group_size={t.group_size}, which {why} needs",
+            )
             step_rows = t.prompts_per_iteration * t.group_size // t.updates_per_pass
-            need(step_rows % t.group_size == 0, "train.updates_per_pass",
-                 f"{t.updates_per_pass} splits groups across optimizer steps, which {why} cannot do; use a divisor "
-                 f"of train.prompts_per_iteration={t.prompts_per_iteration}")
+            need(
+                step_rows % t.group_size == 0,
+                "train.updates_per_pass",
+                f"{t.updates_per_pass} splits groups across optimizer steps, which {why} cannot do; use a divisor "
+                f"of train.prompts_per_iteration={t.prompts_per_iteration}",
+            )

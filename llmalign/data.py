@@ -52,8 +52,15 @@ def _first_line(error: BaseException) -> str:
 
 def _json_kind(value: Any) -> str:
     """The JSON name of a parsed value's type, as a user would call it in the file."""
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
-             float: "a number", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 
@@ -73,11 +80,15 @@ def _read_jsonl(path: Path) -> tuple[list[dict], list[int] | None]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise DataError(f"data file {path} line {number} is not valid JSON ({error.msg} at column "
-                            f"{error.colno}); fix that line: each line must be one JSON object") from None
+            raise DataError(
+                f"data file {path} line {number} is not valid JSON ({error.msg} at column "
+                f"{error.colno}); fix that line: each line must be one JSON object"
+            ) from None
         if not isinstance(row, dict):
-            raise DataError(f"data file {path} line {number} is {_json_kind(row)}, not a JSON object; "
-                            f"each line must be one object like {{\"prompt\": ..., \"answer\": ...}}")
+            raise DataError(
+                f"data file {path} line {number} is {_json_kind(row)}, not a JSON object; "
+                f'each line must be one object like {{"prompt": ..., "answer": ...}}'
+            )
         rows.append(row)
         lines.append(number)
     return rows, lines
@@ -91,15 +102,21 @@ def _read_json(path: Path) -> tuple[list[dict], list[int] | None]:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         hint = "; if it holds one object per line, name it .jsonl" if error.msg == "Extra data" else ""
-        raise DataError(f"data file {path} is not valid JSON ({error.msg} at line {error.lineno} column "
-                        f"{error.colno}){hint}; a .json file must hold one list of objects") from None
+        raise DataError(
+            f"data file {path} is not valid JSON ({error.msg} at line {error.lineno} column "
+            f"{error.colno}){hint}; a .json file must hold one list of objects"
+        ) from None
     if not isinstance(data, list):
-        raise DataError(f"data file {path} holds {_json_kind(data)}, not a list; a .json file must "
-                        f"hold a list of objects like [{{\"prompt\": ..., \"answer\": ...}}]")
+        raise DataError(
+            f"data file {path} holds {_json_kind(data)}, not a list; a .json file must "
+            f'hold a list of objects like [{{"prompt": ..., "answer": ...}}]'
+        )
     for index, row in enumerate(data):
         if not isinstance(row, dict):
-            raise DataError(f"data file {path} item {index} is {_json_kind(row)}, not a JSON object; "
-                            f"every item of the list must be an object with the columns as keys")
+            raise DataError(
+                f"data file {path} item {index} is {_json_kind(row)}, not a JSON object; "
+                f"every item of the list must be an object with the columns as keys"
+            )
     return data, None
 
 
@@ -124,21 +141,26 @@ def _read_csv(path: Path) -> tuple[list[dict], list[int] | None]:
         header = reader.fieldnames or []
         duplicated = sorted({name for name in header if header.count(name) > 1})
         if duplicated:
-            raise DataError(f"data file {path} header names column(s) {duplicated} more than once; "
-                            f"give every column a distinct name")
+            raise DataError(
+                f"data file {path} header names column(s) {duplicated} more than once; "
+                f"give every column a distinct name"
+            )
         for row in reader:
             # DictReader files extra cells under the key None and fills missing cells with None
             if None in row or any(value is None for value in row.values()):
                 count = len(header) + len(row[None]) if None in row else sum(v is not None for v in row.values())
-                raise DataError(f"data file {path} line {reader.line_num} has {count} field(s) but the header has "
-                                f"{len(header)}; quote cells that contain commas and give every line all columns")
+                raise DataError(
+                    f"data file {path} line {reader.line_num} has {count} field(s) but the header has "
+                    f"{len(header)}; quote cells that contain commas and give every line all columns"
+                )
             if isinstance(row.get("prompt"), str):
                 row["prompt"] = _messages_from_cell(row["prompt"])
             rows.append(row)
             lines.append(reader.line_num)
     except csv.Error as error:
-        raise DataError(f"data file {path} line {reader.line_num} is not valid CSV ({_first_line(error)}); "
-                        f"fix that line") from None
+        raise DataError(
+            f"data file {path} line {reader.line_num} is not valid CSV ({_first_line(error)}); fix that line"
+        ) from None
     return rows, lines
 
 
@@ -148,8 +170,10 @@ def _read_parquet(path: Path) -> tuple[list[dict], list[int] | None]:
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as error:  # pyarrow raises several types (ArrowInvalid, OSError) for a damaged file
-        raise DataError(f"data file {path} could not be read as parquet ({_first_line(error)}); "
-                        f"check that it is a complete parquet file") from None
+        raise DataError(
+            f"data file {path} could not be read as parquet ({_first_line(error)}); "
+            f"check that it is a complete parquet file"
+        ) from None
     return rows, None
 
 
@@ -159,18 +183,24 @@ def _read_saved_dataset(path: Path, split: str | None) -> tuple[list[dict], list
     try:
         saved = datasets.load_from_disk(str(path))
     except Exception as error:  # FileNotFoundError for a plain folder, others for damaged files
-        raise DataError(f"data path {path} is a directory but could not be read with datasets.load_from_disk "
-                        f"({_first_line(error)}); give a {FORMATS}") from None
+        raise DataError(
+            f"data path {path} is a directory but could not be read with datasets.load_from_disk "
+            f"({_first_line(error)}); give a {FORMATS}"
+        ) from None
     if isinstance(saved, datasets.DatasetDict):
         name = "train" if split is None else split
         if name not in saved:
             asked = "no split was given and there is no 'train' split" if split is None else f"it has no split {name!r}"
-            raise DataError(f"data path {path} holds splits {sorted(saved)} but {asked}; "
-                            f"choose the split to train on from {sorted(saved)}")
+            raise DataError(
+                f"data path {path} holds splits {sorted(saved)} but {asked}; "
+                f"choose the split to train on from {sorted(saved)}"
+            )
         saved = saved[name]
     elif split not in (None, "train"):
-        raise DataError(f"data path {path} holds a single dataset without splits, but split {split!r} was asked; "
-                        f"leave the split unset")
+        raise DataError(
+            f"data path {path} holds a single dataset without splits, but split {split!r} was asked; "
+            f"leave the split unset"
+        )
     return saved.with_format(None).to_list(), None  # with_format(None): plain python rows, whatever was saved
 
 
@@ -199,7 +229,7 @@ def _messages_problem(messages: list) -> str | None:
         return "is an empty list of chat messages"
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
-            return f"has chat message {index} of type {type(message).__name__}, not a {{\"role\", \"content\"}} object"
+            return f'has chat message {index} of type {type(message).__name__}, not a {{"role", "content"}} object'
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 got = f"no '{key}'" if key not in message else f"a '{key}' of type {type(message[key]).__name__}"
@@ -213,11 +243,12 @@ def _check_prompt(prompt: Any, row: str) -> None:
     if isinstance(prompt, list):
         problem = _messages_problem(prompt)
         if problem is not None:
-            raise DataError(f"{row} {problem}; a chat prompt is a list like "
-                            f"[{{\"role\": \"user\", \"content\": \"...\"}}]")
+            raise DataError(f'{row} {problem}; a chat prompt is a list like [{{"role": "user", "content": "..."}}]')
     elif not isinstance(prompt, str):
-        raise DataError(f"{row} has a prompt of type {type(prompt).__name__}; a prompt is text or a list of "
-                        f"chat messages [{{\"role\": ..., \"content\": ...}}]")
+        raise DataError(
+            f"{row} has a prompt of type {type(prompt).__name__}; a prompt is text or a list of "
+            f'chat messages [{{"role": ..., "content": ...}}]'
+        )
 
 
 def _check_columns(label: str, rows: list[dict], names: list[str], required: Sequence[str], csv_file: bool) -> None:
@@ -225,18 +256,26 @@ def _check_columns(label: str, rows: list[dict], names: list[str], required: Seq
     for name in required:
         if name not in columns:
             close = difflib.get_close_matches(name, [str(column) for column in columns], n=1)
-            fix = (f"did you mean {close[0]!r}? rename it to {name!r}" if close
-                   else f"add the column {name!r} or rename the one that holds it")
+            fix = (
+                f"did you mean {close[0]!r}? rename it to {name!r}"
+                if close
+                else f"add the column {name!r} or rename the one that holds it"
+            )
             header = " (a CSV file needs a header line naming the columns)" if csv_file and not close else ""
             raise DataError(f"{label} has no column {name!r} (columns: {columns}){header}; {fix}")
         for row, row_name in zip(rows, names):
             if name not in row:
-                raise DataError(f"{row_name} has no {name!r} field while other rows do; add it to that row "
-                                f"or drop the row")
+                raise DataError(
+                    f"{row_name} has no {name!r} field while other rows do; add it to that row or drop the row"
+                )
 
 
-def load_rows(path: str | Path, required: Sequence[str] = ("prompt", "answer"),
-              split: str | None = None, columns: ColumnMap | None = None) -> list[dict]:
+def load_rows(
+    path: str | Path,
+    required: Sequence[str] = ("prompt", "answer"),
+    split: str | None = None,
+    columns: ColumnMap | None = None,
+) -> list[dict]:
     """Every row of a dataset as a dict with all its columns, checked so training fails now rather than later.
 
     path: a .jsonl/.json/.csv/.parquet file or a `save_to_disk` directory (see the module docstring).
@@ -257,15 +296,18 @@ def load_rows(path: str | Path, required: Sequence[str] = ("prompt", "answer"),
         raise DataError(f"data file {path} has unknown suffix {path.suffix!r}; give a {FORMATS}")
     else:
         if split not in (None, "train"):
-            raise DataError(f"data file {path} has no splits, but split {split!r} was asked; leave the split "
-                            f"unset, or save a DatasetDict with save_to_disk and give its directory")
+            raise DataError(
+                f"data file {path} has no splits, but split {split!r} was asked; leave the split "
+                f"unset, or save a DatasetDict with save_to_disk and give its directory"
+            )
         rows, lines = READERS[path.suffix.lower()](path)
     label = f"data {'directory' if path.is_dir() else 'file'} {path}"
     if not rows:
         raise DataError(f"{label} has no rows; add at least one row with columns {list(required)}")
     rows = map_columns([_to_python(row) for row in rows], columns or {}, label)
-    names = [f"row {index}" + (f" (line {lines[index]})" if lines else "") + f" of {path}"
-             for index in range(len(rows))]
+    names = [
+        f"row {index}" + (f" (line {lines[index]})" if lines else "") + f" of {path}" for index in range(len(rows))
+    ]
     _check_rows(label, rows, names, required, csv_file=path.is_file() and path.suffix.lower() == ".csv")
     return rows
 
@@ -277,8 +319,12 @@ def _check_rows(label: str, rows: list[dict], names: list[str], required: Sequen
             _check_prompt(row["prompt"], row_name)
 
 
-_HELD = {"prompt": "prompts", "answer": "reference answers", "chosen": "chosen completions",
-         "rejected": "rejected completions"}
+_HELD = {
+    "prompt": "prompts",
+    "answer": "reference answers",
+    "chosen": "chosen completions",
+    "rejected": "rejected completions",
+}
 ColumnMap = Mapping[str, tuple[str, str]]
 """target column -> (source column in the data, the config field that named it)."""
 
@@ -295,8 +341,10 @@ def map_columns(rows: list[dict], columns: ColumnMap, label: str) -> list[dict]:
         if source not in present:
             close = difflib.get_close_matches(source, [str(column) for column in present], n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise DataError(f"{field}={source!r}: {label} has no column {source!r} (columns: {present}); "
-                            f"{hint}set {field} to the column that holds the {_HELD.get(target, target)}")
+            raise DataError(
+                f"{field}={source!r}: {label} has no column {source!r} (columns: {present}); "
+                f"{hint}set {field} to the column that holds the {_HELD.get(target, target)}"
+            )
     moves = {target: source for target, (source, _) in columns.items() if source != target}
     return [{**row, **{target: row[source] for target, source in moves.items() if source in row}} for row in rows]
 
@@ -316,15 +364,22 @@ def format_prompts(rows: list[dict], system_prompt: str | None = None, template:
         prompt = row["prompt"]
         if isinstance(prompt, str):
             text = template.replace("{prompt}", prompt) if template is not None else prompt
-            prompt = text if system_prompt is None else [{"role": "system", "content": system_prompt},
-                                                         {"role": "user", "content": text}]
+            prompt = (
+                text
+                if system_prompt is None
+                else [{"role": "system", "content": system_prompt}, {"role": "user", "content": text}]
+            )
         elif template is not None:
-            raise DataError(f"data.prompt_template is set but row {index} has a chat prompt; a template renders "
-                            f"plain-text problems, so unset it or give plain-text prompts")
+            raise DataError(
+                f"data.prompt_template is set but row {index} has a chat prompt; a template renders "
+                f"plain-text problems, so unset it or give plain-text prompts"
+            )
         elif system_prompt is not None:
             if any(message.get("role") == "system" for message in prompt):
-                raise DataError(f"data.system_prompt is set but row {index} already has a system message; unset "
-                                f"data.system_prompt or drop the rows' system messages")
+                raise DataError(
+                    f"data.system_prompt is set but row {index} already has a system message; unset "
+                    f"data.system_prompt or drop the rows' system messages"
+                )
             prompt = [{"role": "system", "content": system_prompt}, *prompt]
         formatted.append({**row, "prompt": prompt})
     return formatted
@@ -344,8 +399,10 @@ def load_dataset_splits(path: str, subset: str | None = None) -> dict:
     try:
         if local.is_file():
             if local.suffix.lower() not in _BUILDERS:
-                raise DataError(f"data.path={path!r} has unknown suffix {local.suffix!r}; give a {FORMATS}, "
-                                f"a dataset directory or a hub id")
+                raise DataError(
+                    f"data.path={path!r} has unknown suffix {local.suffix!r}; give a {FORMATS}, "
+                    f"a dataset directory or a hub id"
+                )
             loaded = datasets.load_dataset(_BUILDERS[local.suffix.lower()], data_files={"train": str(local)})
         elif (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
             loaded = datasets.load_from_disk(str(local))
@@ -359,17 +416,22 @@ def load_dataset_splits(path: str, subset: str | None = None) -> dict:
         while cause.__cause__ is not None:  # datasets wraps the reason: "An error occurred while generating..."
             cause = cause.__cause__
         reason = _first_line(error) if cause is error else f"{_first_line(error)}: {_first_line(cause)}"
-        raise DataError(f"data.path={path!r} (data.subset={subset!r}) could not be loaded with datasets.load_dataset "
-                        f"from {where}: {reason}") from None
+        raise DataError(
+            f"data.path={path!r} (data.subset={subset!r}) could not be loaded with datasets.load_dataset "
+            f"from {where}: {reason}"
+        ) from None
     return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
 
 
-def dataset_rows(splits: dict, path: str, split: str, field: str, required: Sequence[str],
-                 columns: ColumnMap | None = None) -> list[dict]:
+def dataset_rows(
+    splits: dict, path: str, split: str, field: str, required: Sequence[str], columns: ColumnMap | None = None
+) -> list[dict]:
     """The checked rows of one split of load_dataset_splits' result; a missing split names the ones there are."""
     if split not in splits:
-        raise DataError(f"{field}={split!r}: data.path {path!r} has no split {split!r} (splits: {sorted(splits)}); "
-                        f"set {field} to one of them")
+        raise DataError(
+            f"{field}={split!r}: data.path {path!r} has no split {split!r} (splits: {sorted(splits)}); "
+            f"set {field} to one of them"
+        )
     label = f"data.path {path!r} split {split!r}"
     rows = [_to_python(row) for row in splits[split].with_format(None).to_list()]
     if not rows:
@@ -379,8 +441,9 @@ def dataset_rows(splits: dict, path: str, split: str, field: str, required: Sequ
     return rows
 
 
-def load_train_test(data, required: Sequence[str] = ("prompt", "answer"),
-                    resolve: Callable[[str], str] = str) -> tuple[list[dict], list[dict]]:
+def load_train_test(
+    data, required: Sequence[str] = ("prompt", "answer"), resolve: Callable[[str], str] = str
+) -> tuple[list[dict], list[dict]]:
     """(training rows, held-out rows) of a recipe's data section, columns mapped and prompts formatted.
 
     data.path set: both come from that dataset (load_dataset_splits), the training rows from split data.split
@@ -388,20 +451,26 @@ def load_train_test(data, required: Sequence[str] = ("prompt", "answer"),
     files data.train and data.test, as load_rows reads them (`resolve` turns 'embedded:...' paths into files).
     Training rows need the columns `required`, held-out rows 'prompt' and 'answer'; data.<name>_column names
     the source column of each (prompt, answer, and for pairs chosen, rejected)."""
+
     def column_map(targets: Sequence[str]) -> ColumnMap:
         return {target: (getattr(data, f"{target}_column", target), f"data.{target}_column") for target in targets}
 
     test_required = ("prompt", "answer")
     if data.path is not None:
         splits = load_dataset_splits(data.path, data.subset)
-        train_rows = dataset_rows(splits, data.path, data.split or "train", "data.split", required,
-                                  column_map(required))
-        test_rows = (dataset_rows(splits, data.path, data.test_split, "data.test_split", test_required,
-                                  column_map(test_required)) if data.test_split is not None else [])
+        train_rows = dataset_rows(
+            splits, data.path, data.split or "train", "data.split", required, column_map(required)
+        )
+        test_rows = (
+            dataset_rows(
+                splits, data.path, data.test_split, "data.test_split", test_required, column_map(test_required)
+            )
+            if data.test_split is not None
+            else []
+        )
     else:
         train_rows = load_rows(resolve(data.train), required, split=data.split, columns=column_map(required))
-        test_rows = (load_rows(resolve(data.test), test_required, columns=column_map(test_required))
-                     if data.test else [])
+        test_rows = load_rows(resolve(data.test), test_required, columns=column_map(test_required)) if data.test else []
     return tuple(format_prompts(rows, data.system_prompt, data.prompt_template) for rows in (train_rows, test_rows))
 
 
@@ -411,8 +480,9 @@ def write_rows(path: str | Path, rows: Sequence[dict]) -> Path:
     if path.suffix.lower() != ".jsonl":
         raise DataError(f"write_rows writes JSON lines, but {path} has suffix {path.suffix!r}; name it .jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".tmp", delete=False)  # same directory: os.replace is atomic
+    handle = tempfile.NamedTemporaryFile(
+        "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )  # same directory: os.replace is atomic
     try:
         with handle:
             for row in rows:
@@ -435,20 +505,24 @@ def render_prompt(tokenizer, prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     if not isinstance(prompt, list):
-        raise DataError(f"prompt of type {type(prompt).__name__} cannot be rendered; a prompt is text or a list "
-                        f"of chat messages [{{\"role\": ..., \"content\": ...}}]")
+        raise DataError(
+            f"prompt of type {type(prompt).__name__} cannot be rendered; a prompt is text or a list "
+            f'of chat messages [{{"role": ..., "content": ...}}]'
+        )
     problem = _messages_problem(prompt)
     if problem is not None:
-        raise DataError(f"prompt {problem}; a chat prompt is a list like "
-                        f"[{{\"role\": \"user\", \"content\": \"...\"}}]")
+        raise DataError(f'prompt {problem}; a chat prompt is a list like [{{"role": "user", "content": "..."}}]')
     if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("the prompt is chat messages but the tokenizer has no chat template; give plain text "
-                        "prompts or use a tokenizer with a chat template (an instruct model's)")
+        raise DataError(
+            "the prompt is chat messages but the tokenizer has no chat template; give plain text "
+            "prompts or use a tokenizer with a chat template (an instruct model's)"
+        )
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-def tokenize_prompts(tokenizer, texts: list[str], max_length: int,
-                     overlong: str = "error") -> tuple[list[list[int]], int]:
+def tokenize_prompts(
+    tokenizer, texts: list[str], max_length: int, overlong: str = "error"
+) -> tuple[list[list[int]], int]:
     """Token ids per prompt (no special tokens added: a chat template already wrote its own) and how many
     prompts were truncated.
 
@@ -462,8 +536,10 @@ def tokenize_prompts(tokenizer, texts: list[str], max_length: int,
         raise ValueError(f"data.max_prompt_length={max_length!r} must be a positive integer")
     for index, text in enumerate(texts):
         if not isinstance(text, str):
-            raise DataError(f"prompt {index} is a {type(text).__name__}, not text; render chat messages with "
-                            f"render_prompt before tokenizing")
+            raise DataError(
+                f"prompt {index} is a {type(text).__name__}, not text; render chat messages with "
+                f"render_prompt before tokenizing"
+            )
     if not texts:
         return [], 0
     ids = [list(row) for row in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
@@ -472,9 +548,11 @@ def tokenize_prompts(tokenizer, texts: list[str], max_length: int,
         if len(row) <= max_length:
             continue
         if overlong == "error":
-            raise DataError(f"prompt {index} is {len(row)} tokens, longer than data.max_prompt_length={max_length}; "
-                            f"raise data.max_prompt_length or set data.overlong_prompts=truncate to keep its "
-                            f"last {max_length} tokens")
+            raise DataError(
+                f"prompt {index} is {len(row)} tokens, longer than data.max_prompt_length={max_length}; "
+                f"raise data.max_prompt_length or set data.overlong_prompts=truncate to keep its "
+                f"last {max_length} tokens"
+            )
         ids[index] = row[-max_length:]
         truncated += 1
     return ids, truncated
@@ -496,4 +574,4 @@ def iteration_rows(rows: list, iteration: int, count: int, seed: int) -> list:
 
 def micro_batches(indices: list[int], size: int) -> list[list[int]]:
     """`indices` in consecutive chunks of `size` (the last may be shorter)."""
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
+    return [indices[i : i + size] for i in range(0, len(indices), size)]

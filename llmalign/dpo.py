@@ -51,8 +51,14 @@ from llmalign.data import DataError, iteration_rows, load_train_test, micro_batc
 from llmalign.dpo_config import DPOAlgorithmConfig, DPOConfig, DPODataConfig
 from llmalign.evaluate import describe_held_out, held_out_metrics, pad_left
 from llmalign.logprobs import completion_logprobs
-from llmalign.policy import (disable_dropout, enable_gradient_checkpointing, load_policy, reference_policy,
-                             restore_policy, save_policy_checkpoint)
+from llmalign.policy import (
+    disable_dropout,
+    enable_gradient_checkpointing,
+    load_policy,
+    reference_policy,
+    restore_policy,
+    save_policy_checkpoint,
+)
 from llmalign.toy import resolve_embedded
 from shared.config import ConfigError
 from shared.preference import PREFERENCE_LOSSES, chosen_nll_loss
@@ -89,13 +95,17 @@ def encode_pairs(tokenizer, rows: list[dict], data: DPODataConfig) -> EncodedPai
     `tokenize_prompts`; completions tokenized without special tokens, then end-of-text appended."""
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise DataError("the tokenizer of model.path has no end-of-text token (eos_token); DPO appends it to every "
-                        "completion, so use a tokenizer that defines one")
+        raise DataError(
+            "the tokenizer of model.path has no end-of-text token (eos_token); DPO appends it to every "
+            "completion, so use a tokenizer that defines one"
+        )
     for index, row in enumerate(rows):
         for column in ("chosen", "rejected"):
             if not isinstance(row[column], str):
-                raise DataError(f"row {index} has a {column!r} of type {type(row[column]).__name__}; chosen and "
-                                f"rejected are completion texts (what follows the prompt)")
+                raise DataError(
+                    f"row {index} has a {column!r} of type {type(row[column]).__name__}; chosen and "
+                    f"rejected are completion texts (what follows the prompt)"
+                )
     texts = [render_prompt(tokenizer, row["prompt"]) for row in rows]
     prompts, truncated_prompts = tokenize_prompts(tokenizer, texts, data.max_prompt_length, data.overlong_prompts)
     encoded = {}
@@ -107,9 +117,11 @@ def encode_pairs(tokenizer, rows: list[dict], data: DPODataConfig) -> EncodedPai
             if len(row) <= data.max_completion_length:
                 continue
             if data.overlong_completions == "error":
-                raise DataError(f"row {index}: the {column} completion is {len(row)} tokens (end-of-text included), "
-                                f"longer than data.max_completion_length={data.max_completion_length}; raise it or "
-                                f"set data.overlong_completions=truncate to keep its first tokens")
+                raise DataError(
+                    f"row {index}: the {column} completion is {len(row)} tokens (end-of-text included), "
+                    f"longer than data.max_completion_length={data.max_completion_length}; raise it or "
+                    f"set data.overlong_completions=truncate to keep its first tokens"
+                )
             ids[index] = row[: data.max_completion_length]
             truncated += 1
         encoded[column] = ids
@@ -134,14 +146,16 @@ def pair_batch(encoded: EncodedPairs, rows: list[int], pad_id: int, device: torc
     width = max(len(c) for c in completions)
     completion_ids = torch.tensor([c + [pad_id] * (width - len(c)) for c in completions], dtype=torch.long)  # [2n, C]
     completion_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions], dtype=torch.long)
-    return PairBatch(list(rows), prompt_ids.to(device), prompt_mask.to(device), completion_ids.to(device),
-                     completion_mask.to(device))
+    return PairBatch(
+        list(rows), prompt_ids.to(device), prompt_mask.to(device), completion_ids.to(device), completion_mask.to(device)
+    )
 
 
 def batch_token_logprobs(model, batch: PairBatch) -> Tensor:
     """log pi(y_t | x, y_<t) per completion token, [2n, C], 0 at padding."""
-    logp = completion_logprobs(model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
-                               batch.completion_mask, group_size=1)  # [2n, C]
+    logp = completion_logprobs(
+        model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, group_size=1
+    )  # [2n, C]
     return logp.where(batch.completion_mask.bool(), 0.0)
 
 
@@ -149,14 +163,15 @@ def batch_token_logprobs(model, batch: PairBatch) -> Tensor:
 
 
 @torch.no_grad()
-def compute_token_logprobs(run: Run, model, encoded: EncodedPairs, pad_id: int, micro_batch_size: int,
-                           desc: str = "reference") -> dict[str, Tensor]:
+def compute_token_logprobs(
+    run: Run, model, encoded: EncodedPairs, pad_id: int, micro_batch_size: int, desc: str = "reference"
+) -> dict[str, Tensor]:
     """One pass over all pairs: {"chosen.i": [len chosen_i], "rejected.i": [len rejected_i]} token log-probs.
     Rank r computes micro-batches r, r + W, ... with the plain (unwrapped) model, and every rank gets all of them."""
     device = next(model.parameters()).device
     chunks = micro_batches(list(range(len(encoded))), micro_batch_size)
     out = {}
-    for rows in tqdm(chunks[run.rank::run.world], desc=desc, mininterval=2, disable=not run.is_main):
+    for rows in tqdm(chunks[run.rank :: run.world], desc=desc, mininterval=2, disable=not run.is_main):
         batch = pair_batch(encoded, rows, pad_id, device)
         logp = batch_token_logprobs(model, batch).float().cpu()  # [2n, C]
         n = len(rows)
@@ -208,12 +223,15 @@ def model_fingerprint(path: str) -> list:
     long as a forward pass over a small dataset); a hub id is named only."""
     directory = Path(path)
     files = sorted(p for p in directory.iterdir() if p.is_file()) if directory.is_dir() else []
-    return [str(directory.resolve()) if directory.exists() else path,
-            [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]]
+    return [
+        str(directory.resolve()) if directory.exists() else path,
+        [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+    ]
 
 
-def cached_logprobs(run: Run, path: Path, fingerprint: dict,
-                    compute: Callable[[], dict[str, Tensor]]) -> tuple[dict, bool]:
+def cached_logprobs(
+    run: Run, path: Path, fingerprint: dict, compute: Callable[[], dict[str, Tensor]]
+) -> tuple[dict, bool]:
     """(tensors, whether the cache was used): the cache at `path` when its sidecar `path.json` holds
     `fingerprint`, else `compute()` (a collective: every rank gets all tensors) written there by the main
     process while the others wait (atomically; the sidecar last, so it never vouches for a half-written or older
@@ -237,17 +255,23 @@ def cached_logprobs(run: Run, path: Path, fingerprint: dict,
 
 
 def cache_fingerprint(config: DPOConfig, data_path: str, encoded: EncodedPairs, models: list[str]) -> dict:
-    return {"version": CACHE_VERSION, "data": str(data_path),  # a hub id has no local file: tokens_sha256 covers it
-            "data_sha256": file_digest(data_path) if Path(data_path).exists() else None,
-            "tokens_sha256": encoded.digest(), "models": [model_fingerprint(resolve_embedded(m)) for m in models],
-            "dtype": config.model.dtype}
+    return {
+        "version": CACHE_VERSION,
+        "data": str(data_path),  # a hub id has no local file: tokens_sha256 covers it
+        "data_sha256": file_digest(data_path) if Path(data_path).exists() else None,
+        "tokens_sha256": encoded.digest(),
+        "models": [model_fingerprint(resolve_embedded(m)) for m in models],
+        "dtype": config.model.dtype,
+    }
 
 
-def precomputed_reference(run: Run, config: DPOConfig, model, encoded: EncodedPairs, data_path: str,
-                          pad_id: int) -> tuple[CachedLogprobs, str]:
+def precomputed_reference(
+    run: Run, config: DPOConfig, model, encoded: EncodedPairs, data_path: str, pad_id: int
+) -> tuple[CachedLogprobs, str]:
     """Reference = the initial model: computed now, on the plain model before it is wrapped and before any
     update, with the LoRA adapter disabled (its B matrices start at 0, and on --resume it already holds trained
     weights)."""
+
     def compute() -> dict[str, Tensor]:
         off = model.disable_adapter() if config.model.lora else contextlib.nullcontext()
         with off:
@@ -259,8 +283,9 @@ def precomputed_reference(run: Run, config: DPOConfig, model, encoded: EncodedPa
     return CachedLogprobs(tensors), f"precomputed ({'read from' if hit else 'written to'} {path})"
 
 
-def live_reference(run: Run, config: DPOConfig, model, encoded: EncodedPairs, data_path: str,
-                   pad_id: int) -> tuple[LiveLogprobs, str]:
+def live_reference(
+    run: Run, config: DPOConfig, model, encoded: EncodedPairs, data_path: str, pad_id: int
+) -> tuple[LiveLogprobs, str]:
     """A reference kept in memory, called on the plain model (no rank waits on another: it is not a collective)."""
     kind = "the model with its LoRA adapter disabled" if config.model.lora else "a frozen copy of the initial model"
     return LiveLogprobs(model, reference_policy(model, config.model.lora)), f"live ({kind})"
@@ -281,13 +306,16 @@ def load_guidance_model(config: DPOConfig, vocab_size: int, device: torch.device
         guide, _ = load_policy(replace(config.model, path=path, lora=False), device, field="algorithm.guidance_model")
     size = guide.get_input_embeddings().num_embeddings
     if size != vocab_size:
-        raise ConfigError(f"config field 'algorithm.guidance_model': {path} has a vocabulary of {size} tokens but "
-                          f"model.path has {vocab_size}; the guidance model must share the policy's tokenizer")
+        raise ConfigError(
+            f"config field 'algorithm.guidance_model': {path} has a vocabulary of {size} tokens but "
+            f"model.path has {vocab_size}; the guidance model must share the policy's tokenizer"
+        )
     return guide.eval().requires_grad_(False)
 
 
-def guidance_logprobs(run: Run, config: DPOConfig, model, encoded: EncodedPairs, data_path: str,
-                      pad_id: int) -> CachedLogprobs | None:
+def guidance_logprobs(
+    run: Run, config: DPOConfig, model, encoded: EncodedPairs, data_path: str, pad_id: int
+) -> CachedLogprobs | None:
     """TGDPO's guidance token log-probs, computed once (the guidance model is frozen) and cached."""
     if config.algorithm.tgdpo_alpha == 0:
         return None
@@ -297,8 +325,9 @@ def guidance_logprobs(run: Run, config: DPOConfig, model, encoded: EncodedPairs,
         return compute_token_logprobs(run, guide, encoded, pad_id, config.train.micro_batch_size, "guidance")
 
     models = [config.model.path, config.algorithm.guidance_model]
-    tensors, _ = cached_logprobs(run, run.out / "guidance_logprobs.safetensors",
-                                 cache_fingerprint(config, data_path, encoded, models), compute)
+    tensors, _ = cached_logprobs(
+        run, run.out / "guidance_logprobs.safetensors", cache_fingerprint(config, data_path, encoded, models), compute
+    )
     return CachedLogprobs(tensors)  # the guidance model went out of scope inside compute()
 
 
@@ -318,22 +347,28 @@ class Sequences(NamedTuple):
 
 # How each shared loss is called: their signatures differ (ipo and simpo take lengths, simpo no reference).
 _LOSS_CALLS: dict[str, Callable[[Callable, Sequences, DPOAlgorithmConfig], tuple[Tensor, Tensor, Tensor]]] = {
-    "sigmoid": lambda f, s, a: f(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=a.effective_beta,
-                                 label_smoothing=a.label_smoothing),
-    "dpop": lambda f, s, a: f(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=a.effective_beta,
-                              lambda_=a.dpop_lambda),
-    "ipo": lambda f, s, a: f(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, s.chosen_lengths,
-                             s.rejected_lengths, beta=a.effective_beta),
-    "robust": lambda f, s, a: f(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=a.effective_beta,
-                                flip_rate=a.label_smoothing),
+    "sigmoid": lambda f, s, a: f(
+        s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=a.effective_beta, label_smoothing=a.label_smoothing
+    ),
+    "dpop": lambda f, s, a: f(
+        s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=a.effective_beta, lambda_=a.dpop_lambda
+    ),
+    "ipo": lambda f, s, a: f(
+        s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, s.chosen_lengths, s.rejected_lengths, beta=a.effective_beta
+    ),
+    "robust": lambda f, s, a: f(
+        s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=a.effective_beta, flip_rate=a.label_smoothing
+    ),
     "hinge": lambda f, s, a: f(s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=a.effective_beta),
-    "simpo": lambda f, s, a: f(s.chosen, s.rejected, s.chosen_lengths, s.rejected_lengths, beta=a.effective_beta,
-                               gamma=a.simpo_gamma),
+    "simpo": lambda f, s, a: f(
+        s.chosen, s.rejected, s.chosen_lengths, s.rejected_lengths, beta=a.effective_beta, gamma=a.simpo_gamma
+    ),
 }
 
 
-def pair_losses(a: DPOAlgorithmConfig, logp: Tensor, mask: Tensor, ref: Tensor | None,
-                guide: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def pair_losses(
+    a: DPOAlgorithmConfig, logp: Tensor, mask: Tensor, ref: Tensor | None, guide: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
     """(losses [n], chosen_rewards [n], rejected_rewards [n]) of n pairs from token log-probs [2n, C]
     (chosen rows first), the reference's [2n, C] (None for simpo) and the guidance model's (TGDPO)."""
     n = logp.shape[0] // 2
@@ -343,21 +378,42 @@ def pair_losses(a: DPOAlgorithmConfig, logp: Tensor, mask: Tensor, ref: Tensor |
     if a.tgdpo_alpha > 0:
         rhat = guide - ref  # [2n, C] the guidance model's per-token log-ratio to the reference
         weights_chosen, weights_rejected = tgdpo_token_weights(rhat[:n], rhat[n:], a.effective_beta, a.tgdpo_alpha)
-        losses, chosen, rejected = weighted_dpo_sigmoid_loss(logp[:n], logp[n:], ref[:n], ref[n:], mask[:n], mask[n:],
-                                                             weights_chosen, weights_rejected,
-                                                             label_smoothing=a.label_smoothing)
+        losses, chosen, rejected = weighted_dpo_sigmoid_loss(
+            logp[:n],
+            logp[n:],
+            ref[:n],
+            ref[n:],
+            mask[:n],
+            mask[n:],
+            weights_chosen,
+            weights_rejected,
+            label_smoothing=a.label_smoothing,
+        )
     else:
         ref_seq = ref.where(keep, 0.0).sum(-1) if ref is not None else None  # [2n]
-        sequences = Sequences(seq[:n], seq[n:], ref_seq[:n] if ref_seq is not None else None,
-                              ref_seq[n:] if ref_seq is not None else None, lengths[:n], lengths[n:])
+        sequences = Sequences(
+            seq[:n],
+            seq[n:],
+            ref_seq[:n] if ref_seq is not None else None,
+            ref_seq[n:] if ref_seq is not None else None,
+            lengths[:n],
+            lengths[n:],
+        )
         losses, chosen, rejected = _LOSS_CALLS[a.loss](PREFERENCE_LOSSES[a.loss], sequences, a)
     if a.nll_weight > 0:  # iterative RPO
         losses = losses + a.nll_weight * chosen_nll_loss(seq[:n], lengths[:n])  # [n]
     return losses, chosen, rejected
 
 
-def micro_batch_terms(a: DPOAlgorithmConfig, model, encoded: EncodedPairs, rows: list[int], pad_id: int,
-                      reference: Callable | None, guidance: Callable | None) -> dict[str, Tensor]:
+def micro_batch_terms(
+    a: DPOAlgorithmConfig,
+    model,
+    encoded: EncodedPairs,
+    rows: list[int],
+    pad_id: int,
+    reference: Callable | None,
+    guidance: Callable | None,
+) -> dict[str, Tensor]:
     """Loss terms of the pairs `rows` under the current policy: losses, implied rewards, sequence log-probs [n]."""
     batch = pair_batch(encoded, rows, pad_id, next(model.parameters()).device)
     ref = reference(batch) if reference is not None else None  # [2n, C]
@@ -366,22 +422,43 @@ def micro_batch_terms(a: DPOAlgorithmConfig, model, encoded: EncodedPairs, rows:
     losses, chosen_rewards, rejected_rewards = pair_losses(a, logp, batch.completion_mask, ref, guide)
     seq = logp.detach().sum(-1)  # [2n] (0 at padding already)
     n = len(rows)
-    return {"losses": losses, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
-            "chosen_logps": seq[:n], "rejected_logps": seq[n:]}
+    return {
+        "losses": losses,
+        "chosen_rewards": chosen_rewards,
+        "rejected_rewards": rejected_rewards,
+        "chosen_logps": seq[:n],
+        "rejected_logps": seq[n:],
+    }
 
 
-def train_step(run: Run, config: DPOConfig, model, optimizer, encoded: EncodedPairs, indices: list[int],
-               pad_id: int, reference: Callable | None, guidance: Callable | None) -> dict[str, float]:
+def train_step(
+    run: Run,
+    config: DPOConfig,
+    model,
+    optimizer,
+    encoded: EncodedPairs,
+    indices: list[int],
+    pad_id: int,
+    reference: Callable | None,
+    guidance: Callable | None,
+) -> dict[str, float]:
     """One optimizer step on the pairs `indices` (the global batch): the mean pair loss. This rank takes its
     contiguous block of them in micro-batches; each adds its pairs' loss sum over the global batch size, so the
     synced gradient is that of the global mean. Gradients sync on the last micro-batch only; a non-finite loss on
     any rank stops every rank before the optimizer step."""
     t = config.train
     block = run.block(len(indices))
-    micro = micro_batches(indices[block.start:block.stop], t.micro_batch_size)
+    micro = micro_batches(indices[block.start : block.stop], t.micro_batch_size)
     optimizer.zero_grad(set_to_none=True)
-    names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen",
-             "logps/rejected")
+    names = (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margin",
+        "rewards/accuracy",
+        "logps/chosen",
+        "logps/rejected",
+    )
     sums = torch.zeros(len(names), dtype=torch.float64)  # this rank's sums over its pairs
     failure = None
     for index, rows in enumerate(micro):
@@ -392,9 +469,21 @@ def train_step(run: Run, config: DPOConfig, model, optimizer, encoded: EncodedPa
                 failure = f"the loss is {loss.item()} (pairs {rows[0]}..{rows[-1]} of the data)"
             run.backward(loss)
         chosen, rejected = terms["chosen_rewards"].detach(), terms["rejected_rewards"].detach()
-        sums += torch.stack([terms["losses"].detach().sum(), chosen.sum(), rejected.sum(), (chosen - rejected).sum(),
-                             (chosen > rejected).float().sum(), terms["chosen_logps"].sum(),
-                             terms["rejected_logps"].sum()]).double().cpu()
+        sums += (
+            torch.stack(
+                [
+                    terms["losses"].detach().sum(),
+                    chosen.sum(),
+                    rejected.sum(),
+                    (chosen - rejected).sum(),
+                    (chosen > rejected).float().sum(),
+                    terms["chosen_logps"].sum(),
+                    terms["rejected_logps"].sum(),
+                ]
+            )
+            .double()
+            .cpu()
+        )
     failure = run.first_failure(failure)
     if failure is not None:
         raise FloatingPointError(failure)
@@ -416,8 +505,15 @@ def learning_rate(config: DPOConfig, step: int) -> float:
 
 def train(config: DPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
     t, a, d = config.train, config.algorithm, config.data
-    run = Run(config.log.output_dir, resume, tag="[llmalign]", mixed_precision=t.mixed_precision, config=config,
-              allow_config_change=allow_config_change, trackers=config.log.report_to)
+    run = Run(
+        config.log.output_dir,
+        resume,
+        tag="[llmalign]",
+        mixed_precision=t.mixed_precision,
+        config=config,
+        allow_config_change=allow_config_change,
+        trackers=config.log.report_to,
+    )
     run.require_divisible(t.batch_size, "train.batch_size", "pairs")
     torch.manual_seed(t.seed)
     random.seed(t.seed)
@@ -436,8 +532,11 @@ def train(config: DPOConfig, resume: bool = False, allow_config_change: bool = F
     pad_id = tokenizer.pad_token_id
     encoded = encode_pairs(tokenizer, rows, d)
     # on the plain model, before any checkpoint is loaded: the reference is the initial model
-    reference, reference_note = (REFERENCE_SOURCES[a.reference](run, config, model, encoded, data_path, pad_id)
-                                 if a.uses_reference else (None, "none (reference-free loss)"))
+    reference, reference_note = (
+        REFERENCE_SOURCES[a.reference](run, config, model, encoded, data_path, pad_id)
+        if a.uses_reference
+        else (None, "none (reference-free loss)")
+    )
     guidance = guidance_logprobs(run, config, model, encoded, data_path, pad_id)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
@@ -446,26 +545,44 @@ def train(config: DPOConfig, resume: bool = False, allow_config_change: bool = F
     run.write_config(config)
     steps = t.steps if t.steps is not None else math.ceil(t.epochs * len(rows) / t.batch_size)
     tgdpo = f", TGDPO alpha {a.tgdpo_alpha} guided by {a.guidance_model}" if guidance is not None else ""
-    run.print(f"dpo[{a.loss}] beta {a.effective_beta}{tgdpo}: {len(rows)} pairs, {t.batch_size} per step over "
-              f"{run.world} process(es) ({t.batch_size // run.world} each, in micro-batches of {t.micro_batch_size}) "
-              f"-> {steps} steps = {steps * t.batch_size / len(rows):.2f} epochs, {sum(p.numel() for p in params):,} "
-              f"trainable parameters, {encoded.truncated_prompts} prompts and {encoded.truncated_completions} "
-              f"completions truncated; reference {reference_note}; device {run.device}, mixed precision "
-              f"{t.mixed_precision}; output {run.out}")
+    run.print(
+        f"dpo[{a.loss}] beta {a.effective_beta}{tgdpo}: {len(rows)} pairs, {t.batch_size} per step over "
+        f"{run.world} process(es) ({t.batch_size // run.world} each, in micro-batches of {t.micro_batch_size}) "
+        f"-> {steps} steps = {steps * t.batch_size / len(rows):.2f} epochs, {sum(p.numel() for p in params):,} "
+        f"trainable parameters, {encoded.truncated_prompts} prompts and {encoded.truncated_completions} "
+        f"completions truncated; reference {reference_note}; device {run.device}, mixed precision "
+        f"{t.mixed_precision}; output {run.out}"
+    )
 
     def evaluate() -> dict:
         with run.unwrapped_for_generation(model) as policy:
-            return held_out_metrics(policy, tokenizer, test_rows, d.eval_max_new_tokens, EVAL_TEMPERATURE,
-                                    d.eval_samples, seed=t.seed + 12345, run=run)
+            return held_out_metrics(
+                policy,
+                tokenizer,
+                test_rows,
+                d.eval_max_new_tokens,
+                EVAL_TEMPERATURE,
+                d.eval_samples,
+                seed=t.seed + 12345,
+                run=run,
+            )
 
     before = {}
     if start == 0:
         before = evaluate()
-        run.append({"iteration": 0, **before, "prompts_truncated": encoded.truncated_prompts,
-                    "completions_truncated": encoded.truncated_completions})
+        run.append(
+            {
+                "iteration": 0,
+                **before,
+                "prompts_truncated": encoded.truncated_prompts,
+                "completions_truncated": encoded.truncated_completions,
+            }
+        )
         if before:
-            run.print(f"held-out accuracy before ({len(test_rows)} problems): "
-                      f"{describe_held_out(before, EVAL_TEMPERATURE, d.eval_samples)}")
+            run.print(
+                f"held-out accuracy before ({len(test_rows)} problems): "
+                f"{describe_held_out(before, EVAL_TEMPERATURE, d.eval_samples)}"
+            )
 
     progress = tqdm(range(start, steps), desc=f"dpo[{a.loss}]", initial=start, total=steps, disable=not run.is_main)
     record = {}
@@ -483,14 +600,21 @@ def train(config: DPOConfig, resume: bool = False, allow_config_change: bool = F
 
         # log
         done = step + 1
-        record = {"iteration": done, **{f"train/{k}": v for k, v in metrics.items()},
-                  "train/lr": learning_rate(config, step), "time/step": time.perf_counter() - clock}
+        record = {
+            "iteration": done,
+            **{f"train/{k}": v for k, v in metrics.items()},
+            "train/lr": learning_rate(config, step),
+            "time/step": time.perf_counter() - clock,
+        }
         last = run.is_last(done, steps, t.max_seconds)
         if run.due(done, config.log.eval_every, last):
             record.update(evaluate())
         run.append(record)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margin']:.3f}",
-                             acc=f"{metrics['rewards/accuracy']:.2f}")
+        progress.set_postfix(
+            loss=f"{metrics['loss']:.4f}",
+            margin=f"{metrics['rewards/margin']:.3f}",
+            acc=f"{metrics['rewards/accuracy']:.2f}",
+        )
 
         # checkpoint
         if run.due(done, config.log.checkpoint_every, last):
@@ -500,10 +624,22 @@ def train(config: DPOConfig, resume: bool = False, allow_config_change: bool = F
 
     after = {k: v for k, v in record.items() if k.startswith("eval/")}
     out = run.out
-    run.main_only(lambda: plot_curves(out / "metrics.jsonl", out / "dpo_curves.png",
-                                      ["train/loss", "train/rewards/margin", "train/rewards/accuracy",
-                                       "train/logps/chosen", "train/logps/rejected", "eval/accuracy",
-                                       "eval/sampled_accuracy"], f"DPO ({a.loss}) on {config.model.path}"))
+    run.main_only(
+        lambda: plot_curves(
+            out / "metrics.jsonl",
+            out / "dpo_curves.png",
+            [
+                "train/loss",
+                "train/rewards/margin",
+                "train/rewards/accuracy",
+                "train/logps/chosen",
+                "train/logps/rejected",
+                "eval/accuracy",
+                "eval/sampled_accuracy",
+            ],
+            f"DPO ({a.loss}) on {config.model.path}",
+        )
+    )
     if before and after:
         for label, result in (("before", before), ("after ", after)):
             run.print(f"held-out accuracy {label}: {describe_held_out(result, EVAL_TEMPERATURE, d.eval_samples)}")

@@ -9,8 +9,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Optional
 
-from llmalign.config import (EMBEDDED_MODEL, LMDataSourceConfig, LMLogConfig, LMModelConfig,
-                             gradient_checkpointing_option, mixed_precision_option, need)
+from llmalign.config import (
+    EMBEDDED_MODEL,
+    LMDataSourceConfig,
+    LMLogConfig,
+    LMModelConfig,
+    gradient_checkpointing_option,
+    mixed_precision_option,
+    need,
+)
 from shared.config import SEED_LIMIT, option
 
 REFERENCE_FREE_LOSSES = ("simpo",)
@@ -19,12 +26,16 @@ REFERENCE_FREE_LOSSES = ("simpo",)
 @dataclasses.dataclass
 class DPODataConfig(LMDataSourceConfig):
     train: Optional[str] = option(
-        None, "preference pairs with columns prompt, chosen, rejected (.jsonl/.json/.csv/.parquet or a datasets "
-        "directory); make on-policy pairs with `llmalign pairs`")
-    test: Optional[str] = option(EMBEDDED_MODEL + "/test.jsonl",
-                                 "prompt/answer data for held-out accuracy before/after (null = none)")
-    split: Optional[str] = option(None, "the training split: of data.path, or of a DatasetDict directory in "
-                                  "data.train (null = 'train')")
+        None,
+        "preference pairs with columns prompt, chosen, rejected (.jsonl/.json/.csv/.parquet or a datasets "
+        "directory); make on-policy pairs with `llmalign pairs`",
+    )
+    test: Optional[str] = option(
+        EMBEDDED_MODEL + "/test.jsonl", "prompt/answer data for held-out accuracy before/after (null = none)"
+    )
+    split: Optional[str] = option(
+        None, "the training split: of data.path, or of a DatasetDict directory in data.train (null = 'train')"
+    )
     chosen_column: str = option("chosen", "column holding the preferred completion of a pair")
     rejected_column: str = option("rejected", "column holding the dispreferred completion of a pair")
     eval_size: int = option(200, "held-out rows evaluated (greedy) at start, every log.eval_every and at the end")
@@ -33,66 +44,103 @@ class DPODataConfig(LMDataSourceConfig):
     max_prompt_length: int = option(256, "prompt tokens allowed")
     max_completion_length: int = option(256, "tokens allowed in a chosen/rejected completion, end-of-text included")
     overlong_prompts: Literal["error", "truncate"] = option(
-        "error", "a longer prompt stops with its row (error) or keeps its last tokens and is counted (truncate)")
+        "error", "a longer prompt stops with its row (error) or keeps its last tokens and is counted (truncate)"
+    )
     overlong_completions: Literal["error", "truncate"] = option(
-        "error", "a longer completion stops with its row (error) or keeps its first tokens and is counted (truncate)")
+        "error", "a longer completion stops with its row (error) or keeps its first tokens and is counted (truncate)"
+    )
 
     def check(self) -> None:
-        need(self.train is not None or self.path is not None, "data.train", "not set; give a file of "
-             "prompt/chosen/rejected rows, e.g. made with `llmalign pairs --model ... --data ... --out pairs.jsonl`, "
-             "or a dataset as data.path")
+        need(
+            self.train is not None or self.path is not None,
+            "data.train",
+            "not set; give a file of "
+            "prompt/chosen/rejected rows, e.g. made with `llmalign pairs --model ... --data ... --out pairs.jsonl`, "
+            "or a dataset as data.path",
+        )
         self.check_source(None, EMBEDDED_MODEL + "/test.jsonl")
         need(self.eval_size >= 1, "data.eval_size", f"{self.eval_size}; use at least 1")
         need(self.eval_samples >= 1, "data.eval_samples", f"{self.eval_samples}; use at least 1")
         need(self.eval_max_new_tokens >= 1, "data.eval_max_new_tokens", f"{self.eval_max_new_tokens}; use at least 1")
         need(self.max_prompt_length >= 1, "data.max_prompt_length", f"{self.max_prompt_length}; use at least 1")
-        need(self.max_completion_length >= 1, "data.max_completion_length",
-             f"{self.max_completion_length}; use at least 1")
+        need(
+            self.max_completion_length >= 1,
+            "data.max_completion_length",
+            f"{self.max_completion_length}; use at least 1",
+        )
 
 
 @dataclasses.dataclass
 class DPOAlgorithmConfig:
     loss: Literal["sigmoid", "dpop", "ipo", "robust", "hinge", "simpo"] = option(
-        "sigmoid", "preference loss of shared.preference: sigmoid (DPO), dpop (DPO-Positive: the chosen answer may "
+        "sigmoid",
+        "preference loss of shared.preference: sigmoid (DPO), dpop (DPO-Positive: the chosen answer may "
         "not fall below the reference), ipo, robust (noisy labels), hinge (SLiC), simpo (reference-free, "
-        "length-normalised)")
+        "length-normalised)",
+    )
     beta: Optional[float] = option(None, "beta of the loss (IPO's tau) (null: 2.0 for simpo as in its paper, else 0.1)")
     label_smoothing: float = option(
-        0.0, "sigmoid: label smoothing e of cDPO; robust: the assumed label flip rate e (in [0, 0.5))")
+        0.0, "sigmoid: label smoothing e of cDPO; robust: the assumed label flip rate e (in [0, 0.5))"
+    )
     simpo_gamma: float = option(0.5, "simpo: target reward margin gamma")
     dpop_lambda: float = option(50.0, "dpop: weight lambda of the penalty max(0, log pi_ref(chosen) - log pi(chosen))")
-    nll_weight: float = option(0.0, "alpha of iterative RPO: adds alpha * (-logp(chosen) / |chosen|) to each pair's "
-                               "loss (0 = off; Pang et al. use 1)")
+    nll_weight: float = option(
+        0.0,
+        "alpha of iterative RPO: adds alpha * (-logp(chosen) / |chosen|) to each pair's "
+        "loss (0 = off; Pang et al. use 1)",
+    )
     reference: Literal["precompute", "live"] = option(
-        "precompute", "reference log-probs computed once before training and cached in log.output_dir (precompute), "
-        "or by a reference model kept in memory (live: a frozen copy, or the LoRA-disabled model); simpo uses none")
-    tgdpo_alpha: float = option(0.0, "TGDPO: per-token weights beta (1 +- alpha beta rhat_t) from algorithm."
-                                "guidance_model (0 = plain DPO); needs loss=sigmoid")
+        "precompute",
+        "reference log-probs computed once before training and cached in log.output_dir (precompute), "
+        "or by a reference model kept in memory (live: a frozen copy, or the LoRA-disabled model); simpo uses none",
+    )
+    tgdpo_alpha: float = option(
+        0.0,
+        "TGDPO: per-token weights beta (1 +- alpha beta rhat_t) from algorithm."
+        "guidance_model (0 = plain DPO); needs loss=sigmoid",
+    )
     guidance_model: Optional[str] = option(
-        None, "TGDPO: a model directory (or a LoRA adapter directory on top of model.path) whose per-token "
-        "log-ratio to the reference is rhat_t, e.g. a DPO-trained run's final/; same tokenizer as model.path")
+        None,
+        "TGDPO: a model directory (or a LoRA adapter directory on top of model.path) whose per-token "
+        "log-ratio to the reference is rhat_t, e.g. a DPO-trained run's final/; same tokenizer as model.path",
+    )
 
     def check(self) -> None:
         need(self.beta is None or self.beta > 0, "algorithm.beta", f"{self.beta} must be positive, e.g. 0.1")
-        need(0 <= self.label_smoothing < 0.5, "algorithm.label_smoothing",
-             f"{self.label_smoothing} must be in [0, 0.5); at 0.5 the labels carry no information")
-        need(self.label_smoothing == 0 or self.loss in ("sigmoid", "robust"), "algorithm.label_smoothing",
-             f"{self.label_smoothing} has no effect with loss={self.loss}; it applies to sigmoid and robust only")
+        need(
+            0 <= self.label_smoothing < 0.5,
+            "algorithm.label_smoothing",
+            f"{self.label_smoothing} must be in [0, 0.5); at 0.5 the labels carry no information",
+        )
+        need(
+            self.label_smoothing == 0 or self.loss in ("sigmoid", "robust"),
+            "algorithm.label_smoothing",
+            f"{self.label_smoothing} has no effect with loss={self.loss}; it applies to sigmoid and robust only",
+        )
         need(self.simpo_gamma >= 0, "algorithm.simpo_gamma", f"{self.simpo_gamma} must be >= 0, e.g. 0.5")
         need(self.dpop_lambda >= 0, "algorithm.dpop_lambda", f"{self.dpop_lambda} must be >= 0, e.g. 50")
         need(self.nll_weight >= 0, "algorithm.nll_weight", f"{self.nll_weight} must be >= 0 (0 = off), e.g. 1.0")
         need(self.tgdpo_alpha >= 0, "algorithm.tgdpo_alpha", f"{self.tgdpo_alpha} must be >= 0 (0 = off)")
         if self.tgdpo_alpha > 0:
-            need(self.guidance_model is not None, "algorithm.guidance_model",
-                 f"not set, but algorithm.tgdpo_alpha={self.tgdpo_alpha} needs a guidance model (a directory "
-                 f"other than model.path: the initial model's log-ratio is 0 everywhere)")
-            need(self.loss == "sigmoid", "algorithm.tgdpo_alpha",
-                 f"TGDPO weights the sigmoid DPO loss, but algorithm.loss={self.loss}; set loss=sigmoid or "
-                 f"tgdpo_alpha=0")
+            need(
+                self.guidance_model is not None,
+                "algorithm.guidance_model",
+                f"not set, but algorithm.tgdpo_alpha={self.tgdpo_alpha} needs a guidance model (a directory "
+                f"other than model.path: the initial model's log-ratio is 0 everywhere)",
+            )
+            need(
+                self.loss == "sigmoid",
+                "algorithm.tgdpo_alpha",
+                f"TGDPO weights the sigmoid DPO loss, but algorithm.loss={self.loss}; set loss=sigmoid or "
+                f"tgdpo_alpha=0",
+            )
         else:
-            need(self.guidance_model is None, "algorithm.guidance_model",
-                 f"{self.guidance_model!r} is set but algorithm.tgdpo_alpha=0 does not use it; set tgdpo_alpha > 0 "
-                 f"or guidance_model=null")
+            need(
+                self.guidance_model is None,
+                "algorithm.guidance_model",
+                f"{self.guidance_model!r} is set but algorithm.tgdpo_alpha=0 does not use it; set tgdpo_alpha > 0 "
+                f"or guidance_model=null",
+            )
 
     @property
     def effective_beta(self) -> float:
@@ -107,10 +155,12 @@ class DPOAlgorithmConfig:
 class DPOTrainConfig:
     epochs: float = option(1.0, "passes over the pairs (sets the step count unless train.steps is given)")
     steps: Optional[int] = option(None, "optimizer steps (null: ceil(epochs * pairs / batch_size))")
-    batch_size: int = option(32, "preference pairs per optimizer step, over all processes (each takes batch_size / "
-                             "processes of them)")
-    micro_batch_size: int = option(8, "pairs per forward pass on each process (gradient accumulation; the loss "
-                                   "equals one big batch)")
+    batch_size: int = option(
+        32, "preference pairs per optimizer step, over all processes (each takes batch_size / processes of them)"
+    )
+    micro_batch_size: int = option(
+        8, "pairs per forward pass on each process (gradient accumulation; the loss equals one big batch)"
+    )
     learning_rate: float = option(1e-6, "AdamW learning rate")
     warmup_steps: int = option(0, "linear learning-rate warm-up over this many steps (0 = constant)")
     weight_decay: float = option(0.0, "AdamW weight decay")
@@ -130,8 +180,11 @@ class DPOTrainConfig:
         need(self.weight_decay >= 0, "train.weight_decay", f"{self.weight_decay} must be >= 0")
         need(self.max_grad_norm > 0, "train.max_grad_norm", f"{self.max_grad_norm} must be positive, e.g. 1.0")
         need(0 <= self.seed < SEED_LIMIT, "train.seed", f"{self.seed} is outside [0, 2**32); use a seed such as 0")
-        need(self.max_seconds is None or self.max_seconds > 0, "train.max_seconds",
-             f"{self.max_seconds} must be positive or null")
+        need(
+            self.max_seconds is None or self.max_seconds > 0,
+            "train.max_seconds",
+            f"{self.max_seconds} must be positive or null",
+        )
 
 
 @dataclasses.dataclass
@@ -155,6 +208,9 @@ class DPOConfig:
             section.check()
         a = self.algorithm
         if a.guidance_model is not None:
-            need(a.guidance_model != self.model.path, "algorithm.guidance_model",
-                 f"{a.guidance_model!r} is model.path, the reference itself: its log-ratio is 0 and TGDPO would be "
-                 f"plain DPO; give another model, e.g. a DPO-trained run's final/")
+            need(
+                a.guidance_model != self.model.path,
+                "algorithm.guidance_model",
+                f"{a.guidance_model!r} is model.path, the reference itself: its log-ratio is 0 and TGDPO would be "
+                f"plain DPO; give another model, e.g. a DPO-trained run's final/",
+            )

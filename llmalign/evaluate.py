@@ -49,31 +49,48 @@ def pad_left(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompt_token_ids: list[list[int]], group_size: int, max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False) -> Rollout:
+def generate(
+    model,
+    tokenizer,
+    prompt_token_ids: list[list[int]],
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+) -> Rollout:
     """G completions per prompt with `model.generate`. Sampling draws from torch's global RNG, so
     seeding it before the call makes the rollout reproducible (the trainers do, per iteration)."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = pad_left(prompt_token_ids, tokenizer.pad_token_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    sampling = (
+        {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    )
     was_training = model.training
     model.eval()
     output = model.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-        num_return_sequences=group_size, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=group_size,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         **sampling,
     )  # [B*G, P + C']
     model.train(was_training)
-    completion_ids = output[:, prompt_ids.shape[1]:]  # [B*G, C']
+    completion_ids = output[:, prompt_ids.shape[1] :]  # [B*G, C']
     is_eos = completion_ids == tokenizer.eos_token_id  # [B*G, C']
     ended = is_eos.any(dim=1)  # [B*G]
-    first_eos = torch.where(ended, is_eos.int().argmax(dim=1), torch.full_like(ended, completion_ids.shape[1], dtype=torch.long))
+    first_eos = torch.where(
+        ended, is_eos.int().argmax(dim=1), torch.full_like(ended, completion_ids.shape[1], dtype=torch.long)
+    )
     positions = torch.arange(completion_ids.shape[1], device=device)[None, :]  # [1, C']
     completion_mask = (positions <= first_eos[:, None]).long()  # [B*G, C']; EOS kept, the rest padding
     completion_ids = torch.where(completion_mask.bool(), completion_ids, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(
-        [ids[:n] for ids, n in zip(completion_ids.tolist(), completion_mask.sum(dim=1).tolist())], skip_special_tokens=True
+        [ids[:n] for ids, n in zip(completion_ids.tolist(), completion_mask.sum(dim=1).tolist())],
+        skip_special_tokens=True,
     )
     return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, ~ended, texts)
 
@@ -84,9 +101,19 @@ EVAL_BATCH = 64  # held-out rows per generate call
 ScoreFn = Callable[[list[str], Rollout, list[dict]], dict[str, Tensor]]
 
 
-def accuracy_on(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = EVAL_BATCH,
-                greedy: bool = True, temperature: float = 1.0, seed: int = 0, progress: bool = False,
-                run: Run | None = None, score_fn: ScoreFn | None = None) -> dict:
+def accuracy_on(
+    model,
+    tokenizer,
+    rows: list[dict],
+    max_new_tokens: int,
+    batch_size: int = EVAL_BATCH,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    seed: int = 0,
+    progress: bool = False,
+    run: Run | None = None,
+    score_fn: ScoreFn | None = None,
+) -> dict:
     """Held-out accuracy (answer extraction and matching of `llmalign.rewards`) and mean completion length in
     tokens (EOS included) over `rows` with `prompt` and `answer`, and the (prompt, completion) samples. With
     `score_fn` (eval.rewards), also "rewards": name -> the mean of its finite scores over the rows; an exception it
@@ -102,7 +129,7 @@ def accuracy_on(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_s
     from llmalign.rewards import accuracy_reward
 
     rank, world = (run.rank, run.world) if run is not None else (0, 1)
-    chunks = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
+    chunks = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
     mine = list(range(rank, len(chunks), world))
     calls = -(-len(chunks) // world)  # ceil: the busiest rank's count
     results, failure = [], None
@@ -128,22 +155,37 @@ def accuracy_on(model, tokenizer, rows: list[dict], max_new_tokens: int, batch_s
         raise next(error for error in run.gather_objects([failure]) if error is not None)  # the first rank's
     if failure is not None:
         raise failure
-    results = sorted(run.gather_objects(results) if run is not None else results,
-                     key=lambda result: result[0])  # by chunk: the rows' order
+    results = sorted(
+        run.gather_objects(results) if run is not None else results, key=lambda result: result[0]
+    )  # by chunk: the rows' order
     correct = [c for _, chunk, _, _, _ in results for c in chunk]
     lengths = [n for _, _, chunk, _, _ in results for n in chunk]
     n = max(len(correct), 1)
-    out = {"accuracy": sum(correct) / n, "mean_length": sum(lengths) / n,
-           "samples": [s for _, _, _, chunk, _ in results for s in chunk]}
+    out = {
+        "accuracy": sum(correct) / n,
+        "mean_length": sum(lengths) / n,
+        "samples": [s for _, _, _, chunk, _ in results for s in chunk],
+    }
     if score_fn is not None:
-        scores = {name: torch.tensor([v for *_, chunk in results for v in chunk[name]], dtype=torch.float64)
-                  for name in (results[0][4] if results else {})}  # [rows] each
+        scores = {
+            name: torch.tensor([v for *_, chunk in results for v in chunk[name]], dtype=torch.float64)
+            for name in (results[0][4] if results else {})
+        }  # [rows] each
         out["rewards"] = {name: values.nanmean().item() for name, values in scores.items()}  # dropped: left out
     return out
 
 
-def held_out_metrics(model, tokenizer, rows: list[dict], max_new_tokens: int, temperature: float = 1.0,
-                     samples: int = 1, seed: int = 0, run: Run | None = None, score_fn: ScoreFn | None = None) -> dict:
+def held_out_metrics(
+    model,
+    tokenizer,
+    rows: list[dict],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    samples: int = 1,
+    seed: int = 0,
+    run: Run | None = None,
+    score_fn: ScoreFn | None = None,
+) -> dict:
     """What both trainers log and print before and after: greedy accuracy and length, and the sampled accuracy
     at `temperature` averaged over `samples` draws per problem (mean@k; more draws, less noise), on fixed seeds
     without touching the caller's RNG stream; sharded over the processes of `run` (`accuracy_on`), the same on
@@ -152,14 +194,20 @@ def held_out_metrics(model, tokenizer, rows: list[dict], max_new_tokens: int, te
     if not rows:
         return {}
     greedy = accuracy_on(model, tokenizer, rows, max_new_tokens, run=run, score_fn=score_fn)
-    sampled = accuracy_on(model, tokenizer, rows * samples, max_new_tokens, greedy=False, temperature=temperature,
-                          seed=seed, run=run)
-    return {"eval/accuracy": greedy["accuracy"], "eval/mean_length": greedy["mean_length"],
-            "eval/sampled_accuracy": sampled["accuracy"],
-            **{f"eval/{name}": value for name, value in greedy.get("rewards", {}).items()}}
+    sampled = accuracy_on(
+        model, tokenizer, rows * samples, max_new_tokens, greedy=False, temperature=temperature, seed=seed, run=run
+    )
+    return {
+        "eval/accuracy": greedy["accuracy"],
+        "eval/mean_length": greedy["mean_length"],
+        "eval/sampled_accuracy": sampled["accuracy"],
+        **{f"eval/{name}": value for name, value in greedy.get("rewards", {}).items()},
+    }
 
 
 def describe_held_out(result: dict, temperature: float, samples: int) -> str:
     """The before/after line both trainers print."""
-    return (f"greedy {result['eval/accuracy']:.3f}, sampled {result['eval/sampled_accuracy']:.3f} (T={temperature}, "
-            f"mean over {samples} sample(s) per problem), greedy mean length {result['eval/mean_length']:.1f} tokens")
+    return (
+        f"greedy {result['eval/accuracy']:.3f}, sampled {result['eval/sampled_accuracy']:.3f} (T={temperature}, "
+        f"mean over {samples} sample(s) per problem), greedy mean length {result['eval/mean_length']:.1f} tokens"
+    )

@@ -34,8 +34,13 @@ from llmalign.config import GRPOConfig
 from llmalign.data import iteration_rows, load_train_test, micro_batches, render_prompt, tokenize_prompts
 from llmalign.evaluate import Rollout, describe_held_out, generate, held_out_metrics
 from llmalign.logprobs import completion_logprobs
-from llmalign.policy import (enable_gradient_checkpointing, load_policy, reference_policy, restore_policy,
-                             save_policy_checkpoint)
+from llmalign.policy import (
+    enable_gradient_checkpointing,
+    load_policy,
+    reference_policy,
+    restore_policy,
+    save_policy_checkpoint,
+)
 from llmalign.rewards import build_reward
 from llmalign.toy import resolve_embedded
 from shared.advantages import compose_rewards
@@ -50,14 +55,23 @@ from shared.run import Run
 from shared.runlog import plot_curves
 from shared.trackers import completions_table
 
-RANK_SEED_STRIDE = 2 ** 40  # rank r samples from seed + r * stride: rank 0 keeps the one-process seeds
+RANK_SEED_STRIDE = 2**40  # rank r samples from seed + r * stride: rank 0 keeps the one-process seeds
 
 
 # ----------------------------------------------------------------------------- reward
 
 
-def score(rewards: dict, prompts: list[str], rollout: Rollout, rows: list[dict], group_size: int, step: int,
-          max_new_tokens: int, drop_bad: bool, first_index: int = 0) -> dict[str, Tensor]:
+def score(
+    rewards: dict,
+    prompts: list[str],
+    rollout: Rollout,
+    rows: list[dict],
+    group_size: int,
+    step: int,
+    max_new_tokens: int,
+    drop_bad: bool,
+    first_index: int = 0,
+) -> dict[str, Tensor]:
     """name -> [B*G] scores; None/NaN/inf become NaN when drop_bad, else raise RewardError. Completions are
     named by their index in the global rollout, which starts at `first_index` on this rank. A reward past its
     reward.timeout_s (RewardTimeout) is a RewardError, or under drop_bad its whole batch becomes NaN (dropped)."""
@@ -67,8 +81,15 @@ def score(rewards: dict, prompts: list[str], rollout: Rollout, rows: list[dict],
     scores = {}
     for name, fn in rewards.items():
         try:
-            values = fn(expanded_prompts, completions, completion_ids=rollout.token_lists(), group_size=group_size,
-                        step=step, max_completion_length=max_new_tokens, **columns)
+            values = fn(
+                expanded_prompts,
+                completions,
+                completion_ids=rollout.token_lists(),
+                group_size=group_size,
+                step=step,
+                max_completion_length=max_new_tokens,
+                **columns,
+            )
         except RewardTimeout as error:
             message = f"reward {name!r} {error} (iteration {step + 1}, first prompt {expanded_prompts[0][:60]!r})"
             if not drop_bad:
@@ -77,23 +98,30 @@ def score(rewards: dict, prompts: list[str], rollout: Rollout, rows: list[dict],
             scores[name] = torch.full((len(completions),), math.nan)  # [B*G] the whole batch dropped
             continue
         except Exception as error:
-            raise RewardError(f"reward {name!r} raised {type(error).__name__}: {error} (iteration {step + 1}, "
-                              f"first prompt {expanded_prompts[0][:60]!r})") from error
+            raise RewardError(
+                f"reward {name!r} raised {type(error).__name__}: {error} (iteration {step + 1}, "
+                f"first prompt {expanded_prompts[0][:60]!r})"
+            ) from error
         if not isinstance(values, (list, tuple)) or len(values) != len(completions):
             got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
-            raise RewardError(f"reward {name!r} returned {got} scores for {len(completions)} completions "
-                              f"(iteration {step + 1}); return one float (or None) per completion")
+            raise RewardError(
+                f"reward {name!r} returned {got} scores for {len(completions)} completions "
+                f"(iteration {step + 1}); return one float (or None) per completion"
+            )
         try:
             tensor, _ = scores_as_floats(values)  # [B*G]; None -> NaN
         except ValueError as error:  # a str, dict, or an integer too large for a float: never dropped
-            raise RewardError(f"reward {name!r} {error} (iteration {step + 1}); return one float (or None) per "
-                              "completion") from None
+            raise RewardError(
+                f"reward {name!r} {error} (iteration {step + 1}); return one float (or None) per completion"
+            ) from None
         bad = ~torch.isfinite(tensor)
         if bad.any() and not drop_bad:
             i = int(bad.nonzero()[0])
-            raise RewardError(f"reward {name!r} gave {values[i]!r} for completion {first_index + i} (iteration "
-                              f"{step + 1}, {int(bad.sum())} bad in the batch): {completions[i][:80]!r}; fix the "
-                              f"reward or set reward.on_bad_score=drop to drop and count such samples")
+            raise RewardError(
+                f"reward {name!r} gave {values[i]!r} for completion {first_index + i} (iteration "
+                f"{step + 1}, {int(bad.sum())} bad in the batch): {completions[i][:80]!r}; fix the "
+                f"reward or set reward.on_bad_score=drop to drop and count such samples"
+            )
         scores[name] = tensor.masked_fill(bad, math.nan)
     return scores
 
@@ -110,37 +138,78 @@ def gathered_scores(run: Run, local: dict[str, Tensor] | None, failure: str | No
 # ----------------------------------------------------------------------------- update
 
 
-def policy_logprobs(model, rollout: Rollout, rows: list[int], group_size: int, shared_prefix: bool,
-                    temperature: float) -> Tensor:
+def policy_logprobs(
+    model, rollout: Rollout, rows: list[int], group_size: int, shared_prefix: bool, temperature: float
+) -> Tensor:
     """Log-probs [n, C] of the completions `rows`; with shared_prefix, rows are whole groups."""
     rows_t = torch.tensor(rows)
     if shared_prefix:
         groups = rows_t[::group_size] // group_size  # [n/G]
-        return completion_logprobs(model, rollout.prompt_ids[groups], rollout.prompt_mask[groups],
-                                   rollout.completion_ids[rows_t], rollout.completion_mask[rows_t], group_size,
-                                   shared_prefix=True, temperature=temperature)
+        return completion_logprobs(
+            model,
+            rollout.prompt_ids[groups],
+            rollout.prompt_mask[groups],
+            rollout.completion_ids[rows_t],
+            rollout.completion_mask[rows_t],
+            group_size,
+            shared_prefix=True,
+            temperature=temperature,
+        )
     prompts = rows_t // group_size  # [n] each completion with its own copy of the prompt
-    return completion_logprobs(model, rollout.prompt_ids[prompts], rollout.prompt_mask[prompts],
-                               rollout.completion_ids[rows_t], rollout.completion_mask[rows_t], 1,
-                               temperature=temperature)
+    return completion_logprobs(
+        model,
+        rollout.prompt_ids[prompts],
+        rollout.prompt_mask[prompts],
+        rollout.completion_ids[rows_t],
+        rollout.completion_mask[rows_t],
+        1,
+        temperature=temperature,
+    )
 
 
-def micro_batch_loss(config: GRPOConfig, logp: Tensor, old: Tensor, ref: Tensor | None, advantages: Tensor,
-                     mask: Tensor, correct: Tensor, group_ids: Tensor, step: dict) -> tuple[Tensor, dict]:
+def micro_batch_loss(
+    config: GRPOConfig,
+    logp: Tensor,
+    old: Tensor,
+    ref: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    correct: Tensor,
+    group_ids: Tensor,
+    step: dict,
+) -> tuple[Tensor, dict]:
     """This micro-batch's share of its optimizer step's global loss: the shares of all the step's micro-batches on
     all ranks sum to that loss, and so do their gradients. `step` holds the step's global normalisers
     (`step_normalisers`): a clipped loss is normalised as its own batch and weighted by its denominator over the
     step's; DisCO's questions, tokens and batch KL go to `disco_loss`, which returns its share itself."""
     a = config.algorithm
     if a.loss == "disco":
-        loss, metrics = disco_loss(logp, old, mask, correct, group_ids, score=a.disco_score, tau=a.disco_tau,
-                                   delta=a.disco_delta, penalty=a.disco_penalty, questions=step["questions"],
-                                   kl_tokens=step["tokens"], batch_kl=step["kl"])
+        loss, metrics = disco_loss(
+            logp,
+            old,
+            mask,
+            correct,
+            group_ids,
+            score=a.disco_score,
+            tau=a.disco_tau,
+            delta=a.disco_delta,
+            penalty=a.disco_penalty,
+            questions=step["questions"],
+            kl_tokens=step["tokens"],
+            batch_kl=step["kl"],
+        )
         weight = 1.0
     else:
-        loss, metrics = clipped_policy_loss(logp, old, advantages, mask, eps_low=a.clip_range,
-                                            eps_high=a.effective_clip_range_high,
-                                            aggregation=a.loss, max_length=config.sampling.max_new_tokens)
+        loss, metrics = clipped_policy_loss(
+            logp,
+            old,
+            advantages,
+            mask,
+            eps_low=a.clip_range,
+            eps_high=a.effective_clip_range_high,
+            aggregation=a.loss,
+            max_length=config.sampling.max_new_tokens,
+        )
         weight = aggregation_denominator(a.loss, mask) / step["denominator"]
         loss = loss * weight
     if ref is not None:  # k3 per token, aggregated like the policy loss (the aggregations are linear)
@@ -148,7 +217,9 @@ def micro_batch_loss(config: GRPOConfig, logp: Tensor, old: Tensor, ref: Tensor 
         if a.loss == "disco":  # a token mean over the step, like the trust region
             loss = loss + a.kl_beta * kl.sum() / max(step["tokens"], 1.0)
         else:
-            loss = loss + a.kl_beta * weight * LOSS_AGGREGATIONS[a.loss](kl, mask.bool(), config.sampling.max_new_tokens)
+            loss = loss + a.kl_beta * weight * LOSS_AGGREGATIONS[a.loss](
+                kl, mask.bool(), config.sampling.max_new_tokens
+            )
         metrics["kl"] = float(kl.detach().sum() / mask.sum().clamp(min=1))
     return loss, metrics
 
@@ -179,8 +250,17 @@ def update_parts(rows: int, parts: int, unit: int) -> list[list[int]]:
     return [[i for i in range(rows) if (i // unit) % parts == p] for p in range(parts)]
 
 
-def update(run: Run, config: GRPOConfig, model, optimizer, reference, rollout: Rollout, advantages: Tensor,
-           keep: Tensor, correct: Tensor) -> dict:
+def update(
+    run: Run,
+    config: GRPOConfig,
+    model,
+    optimizer,
+    reference,
+    rollout: Rollout,
+    advantages: Tensor,
+    keep: Tensor,
+    correct: Tensor,
+) -> dict:
     """num_iterations passes over this rank's rows of the rollout, each updates_per_pass optimizer steps.
 
     Each micro-batch's loss is its share of the step's global loss (`micro_batch_loss`): the dapo token mean over
@@ -233,13 +313,23 @@ def update(run: Run, config: GRPOConfig, model, optimizer, reference, rollout: R
                 with run.sync_gradients(model, last=index == len(micro) - 1):
                     logp = logp_of(model, rows)  # [m, C]
                     if first_step:
-                        first_step_deviation = torch.maximum(first_step_deviation,
-                                                             ratio_deviation(logp, old[rows], mask[rows]))
+                        first_step_deviation = torch.maximum(
+                            first_step_deviation, ratio_deviation(logp, old[rows], mask[rows])
+                        )
                     if hinge_needs_kl and len(micro) == 1:  # the step's KL from this forward itself
                         local = float(disco_kl_sum(logp.detach(), old[rows], mask[rows]))
                         step["kl"] = trust_region_kl(run, step, local)
-                    loss, metrics = micro_batch_loss(config, logp, old[rows], ref[rows] if ref is not None else None,
-                                                     advantages[rows], mask[rows], correct[rows], group_ids[rows], step)
+                    loss, metrics = micro_batch_loss(
+                        config,
+                        logp,
+                        old[rows],
+                        ref[rows] if ref is not None else None,
+                        advantages[rows],
+                        mask[rows],
+                        correct[rows],
+                        group_ids[rows],
+                        step,
+                    )
                     if failure is None and not torch.isfinite(loss):
                         failure = f"the loss is {loss.item()} (rows {first_row + rows[0]}..{first_row + rows[-1]})"
                     run.backward(loss)
@@ -271,14 +361,23 @@ def check_world_split(run: Run, config: GRPOConfig) -> None:
     units = t.prompts_per_iteration // run.world * (1 if a.whole_groups else t.group_size)
     if units % t.updates_per_pass:
         what = "groups" if a.whole_groups else "completions"
-        raise ConfigError(f"config field 'train.updates_per_pass': {t.updates_per_pass} does not divide the "
-                          f"{units} {what} of each of the {run.world} processes; use a divisor of {units}")
+        raise ConfigError(
+            f"config field 'train.updates_per_pass': {t.updates_per_pass} does not divide the "
+            f"{units} {what} of each of the {run.world} processes; use a divisor of {units}"
+        )
 
 
 def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
     t, a, s = config.train, config.algorithm, config.sampling
-    run = Run(config.log.output_dir, resume, tag="[llmalign]", mixed_precision=t.mixed_precision, config=config,
-              allow_config_change=allow_config_change, trackers=config.log.report_to)
+    run = Run(
+        config.log.output_dir,
+        resume,
+        tag="[llmalign]",
+        mixed_precision=t.mixed_precision,
+        config=config,
+        allow_config_change=allow_config_change,
+        trackers=config.log.report_to,
+    )
     check_world_split(run, config)
     torch.manual_seed(t.seed)
     random.seed(t.seed)
@@ -298,11 +397,15 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         row["_text"], row["_ids"] = text, ids
     # each call bounded by reward.timeout_s (null: unbounded); a path that does not import, or kwargs its factory
     # refuses, is a RewardError naming the reward (exit 3)
-    rewards = {name: with_deadline(build_reward(name, config.reward.kwargs.get(name)), config.reward.timeout_s)
-               for name in config.reward.weights}
+    rewards = {
+        name: with_deadline(build_reward(name, config.reward.kwargs.get(name)), config.reward.timeout_s)
+        for name in config.reward.weights
+    }
     try:  # scored on the held-out greedy completions only
-        eval_rewards = {name: with_deadline(build_reward(name, kwargs or None), config.reward.timeout_s)
-                        for name, kwargs in config.eval.rewards.items()}
+        eval_rewards = {
+            name: with_deadline(build_reward(name, kwargs or None), config.reward.timeout_s)
+            for name, kwargs in config.eval.rewards.items()
+        }
     except RewardError as error:
         raise RewardError(f"eval.rewards: {error}") from None
     reference = reference_policy(model, config.model.lora) if a.kl_beta > 0 else None
@@ -312,36 +415,57 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
     start = restore_policy(run, model, optimizer)
     run.write_config(config)
     per_rank = t.prompts_per_iteration // run.world
-    run.print(f"{a.loss}: {t.prompts_per_iteration} prompts x {t.group_size} completions per iteration over "
-              f"{run.world} process(es) ({per_rank} prompts = {per_rank * t.group_size} completions each, "
-              f"{t.updates_per_pass} optimizer step(s) per pass), {len(train_rows)} training rows, "
-              f"{sum(p.numel() for p in params):,} trainable parameters, {truncated_prompts} prompts truncated; "
-              f"device {run.device}, mixed precision {t.mixed_precision}; output {run.out}")
+    run.print(
+        f"{a.loss}: {t.prompts_per_iteration} prompts x {t.group_size} completions per iteration over "
+        f"{run.world} process(es) ({per_rank} prompts = {per_rank * t.group_size} completions each, "
+        f"{t.updates_per_pass} optimizer step(s) per pass), {len(train_rows)} training rows, "
+        f"{sum(p.numel() for p in params):,} trainable parameters, {truncated_prompts} prompts truncated; "
+        f"device {run.device}, mixed precision {t.mixed_precision}; output {run.out}"
+    )
 
     def evaluate(done: int) -> dict:
         """Held-out metrics after `done` iterations; eval.rewards score the greedy completions (a reward that
         fails stops the run as a training reward does; under reward.on_bad_score=drop its bad scores are left out)."""
         score_fn = None
         if eval_rewards:
-            score_fn = lambda prompts, rollout, rows: score(  # noqa: E731
-                eval_rewards, prompts, rollout, rows, 1, max(done - 1, 0), s.max_new_tokens,
-                config.reward.on_bad_score == "drop")
+            score_fn = lambda prompts, rollout, rows: score(
+                eval_rewards,
+                prompts,
+                rollout,
+                rows,
+                1,
+                max(done - 1, 0),
+                s.max_new_tokens,
+                config.reward.on_bad_score == "drop",
+            )
         with run.unwrapped_for_generation(model) as policy:
-            return held_out_metrics(policy, tokenizer, test_rows, s.max_new_tokens, s.temperature, d.eval_samples,
-                                    seed=t.seed + 12345, run=run, score_fn=score_fn)
+            return held_out_metrics(
+                policy,
+                tokenizer,
+                test_rows,
+                s.max_new_tokens,
+                s.temperature,
+                d.eval_samples,
+                seed=t.seed + 12345,
+                run=run,
+                score_fn=score_fn,
+            )
 
     before = {}
     if start == 0:
         before = evaluate(0)
         run.append({"iteration": 0, **before, "prompts_truncated": truncated_prompts})
         if before:
-            run.print(f"held-out accuracy before ({len(test_rows)} problems): "
-                      f"{describe_held_out(before, s.temperature, d.eval_samples)}")
+            run.print(
+                f"held-out accuracy before ({len(test_rows)} problems): "
+                f"{describe_held_out(before, s.temperature, d.eval_samples)}"
+            )
 
     drop_bad = config.reward.on_bad_score == "drop"
     ratio_check = FirstUpdateRatioCheck()  # warns once per run (per resumed run) about on-policy ratio != 1
-    progress = tqdm(range(start, t.iterations), desc=f"grpo[{a.loss}]", initial=start, total=t.iterations,
-                    disable=not run.is_main)
+    progress = tqdm(
+        range(start, t.iterations), desc=f"grpo[{a.loss}]", initial=start, total=t.iterations, disable=not run.is_main
+    )
     record = {}
     for iteration in progress:
         timings = {}
@@ -350,11 +474,18 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         clock = time.perf_counter()
         rows = iteration_rows(train_rows, iteration, t.prompts_per_iteration, t.seed)  # the global batch
         block = run.block(len(rows))
-        mine = rows[block.start:block.stop]
+        mine = rows[block.start : block.stop]
         torch.manual_seed(t.seed * 1_000_003 + iteration + run.rank * RANK_SEED_STRIDE)  # exact resume
         with run.unwrapped_for_generation(model) as policy:
-            rollout = generate(policy, tokenizer, [row["_ids"] for row in mine], t.group_size, s.max_new_tokens,
-                               temperature=s.temperature, top_p=s.top_p)
+            rollout = generate(
+                policy,
+                tokenizer,
+                [row["_ids"] for row in mine],
+                t.group_size,
+                s.max_new_tokens,
+                temperature=s.temperature,
+                top_p=s.top_p,
+            )
         timings["time/rollout"] = time.perf_counter() - clock
 
         # reward: this rank's completions, every reward's values gathered over the global rollout
@@ -362,8 +493,17 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         columns = [{k: v for k, v in row.items() if not k.startswith("_")} for row in mine]
         local, failure = None, None
         try:
-            local = score(rewards, [row["_text"] for row in mine], rollout, columns, t.group_size, iteration,
-                          s.max_new_tokens, drop_bad, first_index=block.start * t.group_size)
+            local = score(
+                rewards,
+                [row["_text"] for row in mine],
+                rollout,
+                columns,
+                t.group_size,
+                iteration,
+                s.max_new_tokens,
+                drop_bad,
+                first_index=block.start * t.group_size,
+            )
         except RewardError as error:
             failure = str(error)
         scores = gathered_scores(run, local, failure)  # name -> [B*G]
@@ -373,8 +513,9 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         # advantage on the global batch (and what takes part: dropped samples, zero-variance groups, truncated
         # completions); this rank keeps its own rows
         group_ids = torch.arange(len(bad)) // t.group_size  # [B*G]
-        advantages, reward_stats = compose_rewards(scores, config.reward.weights, group_ids, scale=a.scale,
-                                                   nan_policy="mask" if drop_bad else "raise")
+        advantages, reward_stats = compose_rewards(
+            scores, config.reward.weights, group_ids, scale=a.scale, nan_policy="mask" if drop_bad else "raise"
+        )
         total = sum(config.reward.weights[n] * scores[n].nan_to_num(0.0) for n in scores)  # [B*G]
         truncated = run.gather(rollout.truncated)  # [B*G]
         keep = ~bad  # [B*G]
@@ -392,8 +533,17 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         # update
         clock = time.perf_counter()
         try:
-            metrics = update(run, config, model, optimizer, reference, rollout,
-                             on_device(advantages.masked_fill(bad, 0.0)), on_device(keep), on_device(correct))
+            metrics = update(
+                run,
+                config,
+                model,
+                optimizer,
+                reference,
+                rollout,
+                on_device(advantages.masked_fill(bad, 0.0)),
+                on_device(keep),
+                on_device(correct),
+            )
         except FloatingPointError as error:
             raise run.nan_stop(f"iteration {iteration + 1}", error) from None
         timings["time/update"] = time.perf_counter() - clock
@@ -405,24 +555,44 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
 
         # log
         done = iteration + 1
-        record = {"iteration": done, **{f"reward/{k}": v for k, v in reward_stats.items()},
-                  **{f"train/{k}": v for k, v in metrics.items()}, RATIO_METRIC: first_update_deviation,
-                  "train/zero_std_groups": zero_std_fraction, "train/dropped": int(bad.sum()),
-                  "train/kept": float(keep.float().mean()), "completion/mean_length": float(lengths.mean()),
-                  "completion/truncated": float(truncated.float().mean()),
-                  "tokens_per_second": float(lengths.sum()) / max(sum(timings.values()), 1e-9), **timings}
-        record.update({f"reward/{n}/budget": fn.budget(iteration) for n, fn in rewards.items() if hasattr(fn, "budget")})
+        record = {
+            "iteration": done,
+            **{f"reward/{k}": v for k, v in reward_stats.items()},
+            **{f"train/{k}": v for k, v in metrics.items()},
+            RATIO_METRIC: first_update_deviation,
+            "train/zero_std_groups": zero_std_fraction,
+            "train/dropped": int(bad.sum()),
+            "train/kept": float(keep.float().mean()),
+            "completion/mean_length": float(lengths.mean()),
+            "completion/truncated": float(truncated.float().mean()),
+            "tokens_per_second": float(lengths.sum()) / max(sum(timings.values()), 1e-9),
+            **timings,
+        }
+        record.update(
+            {f"reward/{n}/budget": fn.budget(iteration) for n, fn in rewards.items() if hasattr(fn, "budget")}
+        )
         last = run.is_last(done, t.iterations, t.max_seconds)
         if run.due(done, config.log.eval_every, last):
             record.update(evaluate(done))
         run.append(record)
-        sample = {"iteration": done, "prompt": rows[0]["_text"], "completions": rollout.texts[: t.group_size],
-                  "rewards": {n: v[: t.group_size].tolist() for n, v in scores.items()}}
+        sample = {
+            "iteration": done,
+            "prompt": rows[0]["_text"],
+            "completions": rollout.texts[: t.group_size],
+            "rewards": {n: v[: t.group_size].tolist() for n, v in scores.items()},
+        }
         run.append(sample, name="samples.jsonl")  # the first group of each iteration (the main process's), to read
         run.log_table("samples", *completions_table(sample), step=done)  # and as a table, where a tracker takes one
-        progress.set_postfix(reward=f"{reward_stats['total/mean']:.3f}", length=f"{record['completion/mean_length']:.1f}",
-                             **({"clip": f"{metrics['clip_frac']:.2f}"} if "clip_frac" in metrics else  # DisCO: no clip
-                                {"kl": f"{metrics.get('trust_region_kl', 0):.1e}"}))
+        progress.set_postfix(
+            reward=f"{reward_stats['total/mean']:.3f}",
+            length=f"{record['completion/mean_length']:.1f}",
+            **(
+                {"clip": f"{metrics['clip_frac']:.2f}"}
+                if "clip_frac" in metrics
+                # DisCO: no clip
+                else {"kl": f"{metrics.get('trust_region_kl', 0):.1e}"}
+            ),
+        )
 
         # checkpoint
         if run.due(done, config.log.checkpoint_every, last):
@@ -432,10 +602,19 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
 
     after = {k: v for k, v in record.items() if k.startswith("eval/")}
     out = run.out
-    curves = ["reward/total/mean", "eval/accuracy", "eval/sampled_accuracy", *[f"eval/{name}" for name in eval_rewards],
-              "completion/mean_length", "train/kl"]
-    run.main_only(lambda: plot_curves(out / "metrics.jsonl", out / "reward_curve.png", curves,
-                                      f"GRPO ({a.loss}) on {config.model.path}"))
+    curves = [
+        "reward/total/mean",
+        "eval/accuracy",
+        "eval/sampled_accuracy",
+        *[f"eval/{name}" for name in eval_rewards],
+        "completion/mean_length",
+        "train/kl",
+    ]
+    run.main_only(
+        lambda: plot_curves(
+            out / "metrics.jsonl", out / "reward_curve.png", curves, f"GRPO ({a.loss}) on {config.model.path}"
+        )
+    )
     if before and after:
         for label, result in (("before", before), ("after ", after)):
             run.print(f"held-out accuracy {label}: {describe_held_out(result, s.temperature, d.eval_samples)}")

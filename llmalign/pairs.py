@@ -73,8 +73,9 @@ def select_pairs(texts: list[str], levels: list[int], pairs_per_prompt: int) -> 
     return [(chosen[k % len(chosen)], rejected[k]) for k in range(min(pairs_per_prompt, len(rejected)))]
 
 
-def make_pairs(rows: list[dict], completions: list[list[str]], pairs_per_prompt: int = 1,
-               format_check: bool = True) -> tuple[list[dict], dict]:
+def make_pairs(
+    rows: list[dict], completions: list[list[str]], pairs_per_prompt: int = 1, format_check: bool = True
+) -> tuple[list[dict], dict]:
     """Pair rows (the data row's columns plus chosen, rejected and their levels) and a summary:
     {"levels": {level: count}, "prompts": n, "prompts_without_pair": n, "pairs": n}."""
     if len(rows) != len(completions):
@@ -86,10 +87,21 @@ def make_pairs(rows: list[dict], completions: list[list[str]], pairs_per_prompt:
         selected = select_pairs(texts, levels, pairs_per_prompt)
         without += not selected
         for i, j in selected:
-            pairs.append({**row, "chosen": texts[i], "rejected": texts[j], "chosen_level": levels[i],
-                          "rejected_level": levels[j]})
-    summary = {"levels": {level: counts.get(level, 0) for level in sorted(LEVEL_NAMES, reverse=True)},
-               "prompts": len(rows), "prompts_without_pair": without, "pairs": len(pairs)}
+            pairs.append(
+                {
+                    **row,
+                    "chosen": texts[i],
+                    "rejected": texts[j],
+                    "chosen_level": levels[i],
+                    "rejected_level": levels[j],
+                }
+            )
+    summary = {
+        "levels": {level: counts.get(level, 0) for level in sorted(LEVEL_NAMES, reverse=True)},
+        "prompts": len(rows),
+        "prompts_without_pair": without,
+        "pairs": len(pairs),
+    }
     return pairs, summary
 
 
@@ -99,21 +111,32 @@ def level_table(summary: dict) -> str:
     lines = [f"{'level':<22}{'completions':>12}{'share':>8}"]
     for level, count in summary["levels"].items():
         lines.append(f"{f'{level} {LEVEL_NAMES[level]}':<22}{count:>12}{count / total:>8.3f}")
-    lines.append(f"prompts {summary['prompts']}: {summary['prompts'] - summary['prompts_without_pair']} gave pairs, "
-                 f"{summary['prompts_without_pair']} gave none (all completions at one level); "
-                 f"{summary['pairs']} pairs")
+    lines.append(
+        f"prompts {summary['prompts']}: {summary['prompts'] - summary['prompts_without_pair']} gave pairs, "
+        f"{summary['prompts_without_pair']} gave none (all completions at one level); "
+        f"{summary['pairs']} pairs"
+    )
     return "\n".join(lines)
 
 
-def sample_completions(model, tokenizer, rows: list[dict], group_size: int, max_new_tokens: int,
-                       temperature: float = 1.0, seed: int = 0, batch_size: int = 32, progress: bool = True,
-                       run: Run | None = None) -> list[list[str]]:
+def sample_completions(
+    model,
+    tokenizer,
+    rows: list[dict],
+    group_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = True,
+    run: Run | None = None,
+) -> list[list[str]]:
     """group_size sampled completions per row (texts, special tokens skipped), batch_size prompts at a time.
     Batch b is sampled from the seed (seed, b); over the processes of `run` (None: this process alone) rank
     b mod W samples it and the batches are gathered: every rank returns all rows' completions, the same whatever
     the world size."""
     rank, world = (run.rank, run.world) if run is not None else (0, 1)
-    batches = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
+    batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
     mine = []
     for number in tqdm(range(rank, len(batches), world), desc="sample", disable=not progress or rank > 0):
         chunk = batches[number]
@@ -121,6 +144,6 @@ def sample_completions(model, tokenizer, rows: list[dict], group_size: int, max_
         ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         torch.manual_seed(seed * 1_000_003 + number)  # a batch's samples depend on the seed and its position only
         rollout = generate(model, tokenizer, ids, group_size, max_new_tokens, temperature=temperature)
-        mine.append((number, [rollout.texts[g * group_size:(g + 1) * group_size] for g in range(len(chunk))]))
+        mine.append((number, [rollout.texts[g * group_size : (g + 1) * group_size] for g in range(len(chunk))]))
     gathered = run.gather_objects(mine) if run is not None else mine
     return [texts for _, batch in sorted(gathered) for texts in batch]

@@ -40,12 +40,16 @@ def _data_rows(data, required: tuple[str, ...]) -> tuple[str, str, int]:
     if data.path is not None and not Path(data.path).expanduser().exists():
         problem = hub_id_problem(data.path)
         if problem is not None:
-            raise ConfigError(f"config field 'data.path': {data.path!r} is neither a local dataset nor a hub id "
-                              f"({problem}); give a file, a directory or org/name")
+            raise ConfigError(
+                f"config field 'data.path': {data.path!r} is neither a local dataset nor a hub id "
+                f"({problem}); give a file, a directory or org/name"
+            )
         subset = f" (subset {data.subset})" if data.subset else ""
         columns = ", ".join(f"{name} <- {getattr(data, name + '_column')}" for name in required)
-        train = (f"hub dataset {data.path}{subset}, split {data.split or 'train'}, columns {columns} "
-                 f"(form checked, not downloaded)")
+        train = (
+            f"hub dataset {data.path}{subset}, split {data.split or 'train'}, columns {columns} "
+            f"(form checked, not downloaded)"
+        )
         test = f"split {data.test_split} of the hub dataset (not downloaded)" if data.test_split else "none"
         return train, test, -1
     train_rows, test_rows = load_train_test(data, required, resolve_embedded)
@@ -61,8 +65,10 @@ def _format(data) -> str:
 def _memory(config) -> str:
     m, t = config.model, config.train
     lora = f"LoRA r {m.lora_rank} alpha {m.lora_alpha}" if m.lora else "full fine-tuning"
-    return (f"dtype {m.dtype}, mixed precision {t.mixed_precision}, {lora}, micro batch {t.micro_batch_size}, "
-            f"gradient checkpointing {t.gradient_checkpointing}")
+    return (
+        f"dtype {m.dtype}, mixed precision {t.mixed_precision}, {lora}, micro batch {t.micro_batch_size}, "
+        f"gradient checkpointing {t.gradient_checkpointing}"
+    )
 
 
 def grpo_plan(config) -> list[tuple[str, object]]:
@@ -83,13 +89,18 @@ def grpo_plan(config) -> list[tuple[str, object]]:
             build_reward(name, kwargs or None)
     except RewardError as error:
         raise RewardError(f"eval.rewards: {error}") from None
-    rewards = "; ".join(f"{name} x {weight:g}" + (f" {r.kwargs[name]}" if name in r.kwargs else "")
-                        for name, weight in r.weights.items())
+    rewards = "; ".join(
+        f"{name} x {weight:g}" + (f" {r.kwargs[name]}" if name in r.kwargs else "")
+        for name, weight in r.weights.items()
+    )
     rollout = t.prompts_per_iteration * t.group_size
     steps_per_iteration = t.num_iterations * t.updates_per_pass
     return [
-        ("algorithm", f"{a.loss} (clip {a.clip_range:g} / {a.effective_clip_range_high:g}, KL beta {a.kl_beta:g}, "
-                      f"advantage std {a.scale})"),
+        (
+            "algorithm",
+            f"{a.loss} (clip {a.clip_range:g} / {a.effective_clip_range_high:g}, KL beta {a.kl_beta:g}, "
+            f"advantage std {a.scale})",
+        ),
         ("model", model),
         ("train data", train),
         ("held-out data", test),
@@ -100,11 +111,16 @@ def grpo_plan(config) -> list[tuple[str, object]]:
         ("global batch", f"{t.prompts_per_iteration} prompts x {t.group_size} completions = {rollout} per iteration"),
         ("per process", f"{t.prompts_per_iteration // world} prompts, {rollout // world} completions"),
         ("iterations", t.iterations),
-        ("optimizer steps", f"{t.iterations * steps_per_iteration} ({t.num_iterations} passes x {t.updates_per_pass} "
-                            f"updates per iteration, {rollout // t.updates_per_pass} completions each)"),
+        (
+            "optimizer steps",
+            f"{t.iterations * steps_per_iteration} ({t.num_iterations} passes x {t.updates_per_pass} "
+            f"updates per iteration, {rollout // t.updates_per_pass} completions each)",
+        ),
         ("optimizer", f"AdamW lr {t.learning_rate:g}, weight decay {t.weight_decay:g}"),
-        ("tokens", f"prompt <= {d.max_prompt_length}, completion <= {s.max_new_tokens} "
-                   f"(temperature {s.temperature:g})"),
+        (
+            "tokens",
+            f"prompt <= {d.max_prompt_length}, completion <= {s.max_new_tokens} (temperature {s.temperature:g})",
+        ),
         ("memory", _memory(config) + f", reference model {'kept' if a.kl_beta > 0 else 'none'}"),
         ("output", config.log.output_dir),
     ]
@@ -116,14 +132,18 @@ def dpo_plan(config) -> list[tuple[str, object]]:
     world = world_size()
     require_divisible(t.batch_size, world, "train.batch_size", "pairs")
     model = describe_source(config.model.path, "model.path", embedded=EMBEDDED_MODEL)
-    guidance = (describe_source(a.guidance_model, "algorithm.guidance_model", embedded=EMBEDDED_MODEL)
-                if a.guidance_model is not None else None)
+    guidance = (
+        describe_source(a.guidance_model, "algorithm.guidance_model", embedded=EMBEDDED_MODEL)
+        if a.guidance_model is not None
+        else None
+    )
     train, test, pairs = _data_rows(d, ("prompt", "chosen", "rejected"))
     if t.steps is not None:
         steps = f"{t.steps} (train.steps)"
     elif pairs >= 0:
-        steps = (f"{math.ceil(t.epochs * pairs / t.batch_size)} "
-                 f"(ceil({t.epochs:g} epochs x {pairs} pairs / {t.batch_size}))")
+        steps = (
+            f"{math.ceil(t.epochs * pairs / t.batch_size)} (ceil({t.epochs:g} epochs x {pairs} pairs / {t.batch_size}))"
+        )
     else:
         steps = f"ceil({t.epochs:g} epochs x the dataset's pairs / {t.batch_size}) (dataset not loaded)"
     rows = [

@@ -63,14 +63,17 @@ def load_policy(config: LMModelConfig, device: torch.device | str = "cpu", field
 def _lora_config(config: LMModelConfig):
     from peft import LoraConfig
 
-    return LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=config.lora_targets,
-                      task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=config.lora_targets, task_type="CAUSAL_LM"
+    )
 
 
 def _targets_message(config: LMModelConfig, error: BaseException) -> str:
     reason = " ".join(str(error).split())  # peft may print a whole module over many lines
-    return (f"config field 'model.lora_targets': {config.lora_targets}: {reason[:200]}{'...' if len(reason) > 200 else ''}; "
-            f"name linear layers such as q_proj, v_proj")
+    return (
+        f"config field 'model.lora_targets': {config.lora_targets}: {reason[:200]}{'...' if len(reason) > 200 else ''}; "
+        f"name linear layers such as q_proj, v_proj"
+    )
 
 
 def check_lora_targets(path: str, config: LMModelConfig, remote: dict) -> None:
@@ -130,11 +133,15 @@ def save_policy_checkpoint(run: Run, config, model, tokenizer, optimizer, step: 
     """Training state (shared.checkpoint, through `run`) plus the model in from_pretrained form: the LoRA adapter
     (PeftModel.from_pretrained) or the full model and tokenizer (AutoModelForCausalLM); `final` points at the
     newest. Every rank calls it; the main process writes."""
+
     def write_model(directory: Path) -> None:
         run.unwrap(model).save_pretrained(directory / "model")
         tokenizer.save_pretrained(directory / "model")
 
-    states = {"trainable": run.trainable_state(model), "optimizer": run.optimizer_state(model, optimizer),
-              "trainer": {"iteration": step, "config": to_dict(config)}}
+    states = {
+        "trainable": run.trainable_state(model),
+        "optimizer": run.optimizer_state(model, optimizer),
+        "trainer": {"iteration": step, "config": to_dict(config)},
+    }
     # RUN/final: the newest model, for `llmalign eval --model RUN/final`; re-pointed atomically with `latest`
     run.save_checkpoint(step, states, keep_last=config.log.keep_last, extra_writer=write_model, link=("final", "model"))

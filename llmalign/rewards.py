@@ -52,8 +52,16 @@ if TYPE_CHECKING:  # the loader imports torch; llmalign.config reads BUILTIN_REW
     from shared.reward_calls import TextRewardFn
 
 __all__ = [
-    "BUILTIN_REWARDS", "accuracy_reward", "answers_match", "build_reward", "extract_answer", "format_reward",
-    "length_budget", "make_cosine_length_reward", "make_grpo_lambda_reward", "make_length_budget_reward",
+    "BUILTIN_REWARDS",
+    "accuracy_reward",
+    "answers_match",
+    "build_reward",
+    "extract_answer",
+    "format_reward",
+    "length_budget",
+    "make_cosine_length_reward",
+    "make_grpo_lambda_reward",
+    "make_length_budget_reward",
     "make_soft_overlong_reward",
 ]
 
@@ -84,7 +92,7 @@ def _balanced_content(text: str, open_index: int) -> str | None:
         elif text[i] == "}":
             depth -= 1
             if depth == 0:
-                return text[open_index + 1:i]
+                return text[open_index + 1 : i]
     return None
 
 
@@ -120,7 +128,7 @@ def extract_answer(text: str) -> str | None:
         return tagged[-1]
     phrases = list(_ANSWER_PHRASE.finditer(text))
     if phrases:
-        rest = text[phrases[-1].end():].split("\n", 1)[0]
+        rest = text[phrases[-1].end() :].split("\n", 1)[0]
         rest = re.split(r"\.\s", rest, maxsplit=1)[0]
         rest = rest.lstrip(_PHRASE_LEAD).rstrip(_PHRASE_TRAIL)  # "is: **7**." -> "7"
         if rest:
@@ -149,7 +157,7 @@ def _normalise(value: Any) -> str:
     s = re.sub(r"\s+", "", s)
     for left, right in ((r"\(", r"\)"), (r"\[", r"\]")):
         if s.startswith(left) and s.endswith(right):
-            s = s[len(left):-len(right)]
+            s = s[len(left) : -len(right)]
     while (wrapped := _WRAPPERS.match(s)) and _balanced_content(s, s.index("{")) == wrapped.group(1):
         s = wrapped.group(1)
     s = s.rstrip(".")
@@ -283,11 +291,16 @@ def _verify_in_child(reference: str, predicted: str, timeout_s: int) -> bool:
     with _verifier_lock:  # one pair at a time through the one pipe
         if not _verifier or _verifier[0].poll() is not None:
             package_root = str(Path(__file__).resolve().parent.parent)  # so the child imports this llmalign
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
-                                                                               os.environ.get("PYTHONPATH")]))}
+            env = {
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+            }
             process = subprocess.Popen(
                 [sys.executable, "-c", "from llmalign.rewards import verifier_main; verifier_main()"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+            )
             _verifier[:] = [process, [b""]]
             if _read_line(process, _verifier[1], _VERIFIER_START_S) != "ready":
                 _stop_verifier()
@@ -341,6 +354,7 @@ def answers_match(predicted: str | None, reference: Any, timeout_s: int | None =
 # Argument checks shared by the rewards
 # ----------------------------------------------------------------------------------------------
 
+
 def _column(kwargs: dict, name: str, n: int, reward: str, hint: str) -> list:
     """kwargs[name] as a list of length n, with an error naming the reward and the fix otherwise."""
     values = kwargs.get(name)
@@ -348,24 +362,36 @@ def _column(kwargs: dict, name: str, n: int, reward: str, hint: str) -> list:
         given = sorted(k for k, v in kwargs.items() if v is not None) or "no keyword arguments"
         raise ValueError(f"reward '{reward}' needs the keyword argument '{name}' ({hint}); got only {given}")
     if isinstance(values, (str, bytes)):
-        raise ValueError(f"reward '{reward}': '{name}' must be a list with one entry per completion, "
-                         f"got the string {values!r}")
+        raise ValueError(
+            f"reward '{reward}': '{name}' must be a list with one entry per completion, got the string {values!r}"
+        )
     values = list(values)
     if len(values) != n:
-        raise ValueError(f"reward '{reward}': '{name}' has {len(values)} entries for {n} completions; "
-                         "pass one per completion (repeat a prompt's value for each of its completions)")
+        raise ValueError(
+            f"reward '{reward}': '{name}' has {len(values)} entries for {n} completions; "
+            "pass one per completion (repeat a prompt's value for each of its completions)"
+        )
     return values
 
 
 def _answers(kwargs: dict, n: int, reward: str) -> list:
-    return _column(kwargs, "answer", n, reward,
-                   "the reference answers; the data needs an 'answer' column with one reference per prompt")
+    return _column(
+        kwargs,
+        "answer",
+        n,
+        reward,
+        "the reference answers; the data needs an 'answer' column with one reference per prompt",
+    )
 
 
 def _token_lengths(kwargs: dict, n: int, reward: str) -> list[int]:
-    ids = _column(kwargs, "completion_ids", n, reward,
-                  "token ids of each completion, which the trainer passes; "
-                  "pass completion_ids=[...] when calling it by hand")
+    ids = _column(
+        kwargs,
+        "completion_ids",
+        n,
+        reward,
+        "token ids of each completion, which the trainer passes; pass completion_ids=[...] when calling it by hand",
+    )
     return [len(x) for x in ids]
 
 
@@ -373,11 +399,14 @@ def _max_length(max_length: int | None, kwargs: dict, reward: str) -> int:
     """The length budget L_max: the factory's max_length, else the trainer's max_completion_length."""
     value = max_length if max_length is not None else kwargs.get("max_completion_length")
     if value is None:
-        raise ValueError(f"reward '{reward}' needs L_max: give the factory max_length=..., or pass "
-                         "max_completion_length=... (the trainer does)")
+        raise ValueError(
+            f"reward '{reward}' needs L_max: give the factory max_length=..., or pass "
+            "max_completion_length=... (the trainer does)"
+        )
     if value <= 0:
-        raise ValueError(f"reward '{reward}': L_max must be positive, got {value}; "
-                         "set max_length or max_completion_length > 0")
+        raise ValueError(
+            f"reward '{reward}': L_max must be positive, got {value}; set max_length or max_completion_length > 0"
+        )
     return value
 
 
@@ -397,8 +426,10 @@ def _factory(fn: Callable) -> Callable:
 # Rewards
 # ----------------------------------------------------------------------------------------------
 
-def accuracy_reward(prompts: list[str], completions: list[str], answer: list | None = None,
-                    **kwargs) -> list[float | None]:
+
+def accuracy_reward(
+    prompts: list[str], completions: list[str], answer: list | None = None, **kwargs
+) -> list[float | None]:
     """r = 1.0 if answers_match(extract_answer(completion), answer) else 0.0; None where answer is None.
     Needs the data column `answer` (one reference per completion)."""
     answers = _answers({**kwargs, "answer": answer}, len(completions), "accuracy")
@@ -413,14 +444,17 @@ def format_reward(prompts: list[str], completions: list[str], **kwargs) -> list[
     """r = 1.0 if the completion is exactly `<think>...</think>`, optional whitespace, then
     `<answer>...</answer>` (whitespace allowed around, newlines allowed inside, each tag exactly
     once, nothing else), else 0.0."""
-    return [float(bool(_FORMAT.fullmatch(c)) and all(c.count(tag) == 1 for tag in _FORMAT_TAGS))
-            for c in completions]
+    return [float(bool(_FORMAT.fullmatch(c)) and all(c.count(tag) == 1 for tag in _FORMAT_TAGS)) for c in completions]
 
 
 @_factory
-def make_cosine_length_reward(min_value_wrong: float = -1.0, max_value_wrong: float = -0.5,
-                              min_value_correct: float = 0.5, max_value_correct: float = 1.0,
-                              max_length: int | None = None) -> TextRewardFn:
+def make_cosine_length_reward(
+    min_value_wrong: float = -1.0,
+    max_value_wrong: float = -0.5,
+    min_value_correct: float = 0.5,
+    max_value_correct: float = 1.0,
+    max_length: int | None = None,
+) -> TextRewardFn:
     """open-rs cosine-scaled reward, with lengths in tokens (from `completion_ids`):
 
         R = v_min + 0.5 (v_max - v_min)(1 + cos(pi L / L_max)),  L clamped to L_max,
@@ -464,8 +498,10 @@ def make_soft_overlong_reward(max_length: int | None = None, cache_length: int |
     def cache_for(l_max: int) -> int:
         cache = cache_length if cache_length is not None else max(1, round(0.2 * l_max))
         if not 0 < cache <= l_max:
-            raise ValueError(f"soft_overlong: cache_length must be in (0, L_max = {l_max}], got {cache}; "
-                             "it is the soft zone at the end of the budget (DAPO uses 4096 of 20480)")
+            raise ValueError(
+                f"soft_overlong: cache_length must be in (0, L_max = {l_max}], got {cache}; "
+                "it is the soft zone at the end of the budget (DAPO uses 4096 of 20480)"
+            )
         return cache
 
     if max_length is not None:
@@ -475,8 +511,10 @@ def make_soft_overlong_reward(max_length: int | None = None, cache_length: int |
         l_max = _max_length(max_length, kwargs, "soft_overlong")
         cache = cache_for(l_max)
         lengths = _token_lengths(kwargs, len(completions), "soft_overlong")
-        return [0.0 if length <= l_max - cache else (l_max - cache - length) / cache if length <= l_max else -1.0
-                for length in lengths]
+        return [
+            0.0 if length <= l_max - cache else (l_max - cache - length) / cache if length <= l_max else -1.0
+            for length in lengths
+        ]
 
     return soft_overlong
 
@@ -503,8 +541,9 @@ def make_grpo_lambda_reward(fraction: float = 0.5, alpha: float = 0.5) -> TextRe
     with mean and population std of the token lengths of that group's correct members (z = 0 when
     std = 0, e.g. a single correct member scores 1 - alpha / 2). The other groups get r = 1 / 0."""
     if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"grpo_lambda: fraction must be in [0, 1] (the share of groups to length-penalise), "
-                         f"got {fraction}")
+        raise ValueError(
+            f"grpo_lambda: fraction must be in [0, 1] (the share of groups to length-penalise), got {fraction}"
+        )
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"grpo_lambda: alpha must be in [0, 1] (the penalty's scale), got {alpha}")
 
@@ -512,11 +551,15 @@ def make_grpo_lambda_reward(fraction: float = 0.5, alpha: float = 0.5) -> TextRe
         n = len(completions)
         group_size = kwargs.get("group_size")
         if not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"reward 'grpo_lambda' needs group_size (a positive int, completions per prompt), "
-                             f"got {group_size!r}; the trainer passes it")
+            raise ValueError(
+                f"reward 'grpo_lambda' needs group_size (a positive int, completions per prompt), "
+                f"got {group_size!r}; the trainer passes it"
+            )
         if n % group_size:
-            raise ValueError(f"grpo_lambda: {n} completions is not a multiple of group_size {group_size}; "
-                             "pass whole groups (completions of one prompt are consecutive)")
+            raise ValueError(
+                f"grpo_lambda: {n} completions is not a multiple of group_size {group_size}; "
+                "pass whole groups (completions of one prompt are consecutive)"
+            )
         correct = _correct(completions, _answers(kwargs, n, "grpo_lambda"))
         lengths = _token_lengths(kwargs, n, "grpo_lambda")
         num_groups = n // group_size
@@ -526,7 +569,7 @@ def make_grpo_lambda_reward(fraction: float = 0.5, alpha: float = 0.5) -> TextRe
             judged = [correct[i] for i in groups[g] if correct[i] is not None]
             return sum(judged) / len(judged) if judged else -1.0
 
-        top = set(sorted(range(num_groups), key=lambda g: (-ratio(g), g))[:math.ceil(fraction * num_groups - 1e-9)])
+        top = set(sorted(range(num_groups), key=lambda g: (-ratio(g), g))[: math.ceil(fraction * num_groups - 1e-9)])
         scores: list[float | None] = [None if ok is None else float(ok) for ok in correct]
         for g in top:
             good = [lengths[i] for i in groups[g] if correct[i]]
@@ -546,25 +589,40 @@ def make_grpo_lambda_reward(fraction: float = 0.5, alpha: float = 0.5) -> TextRe
 _SCHEDULES = ("exponential", "linear")
 
 
-def length_budget(step: int, initial_budget: float, min_budget: float, schedule: str = "exponential",
-                  decay: float = 0.9, period: int = 10, total_steps: int | None = None) -> float:
+def length_budget(
+    step: int,
+    initial_budget: float,
+    min_budget: float,
+    schedule: str = "exponential",
+    decay: float = 0.9,
+    period: int = 10,
+    total_steps: int | None = None,
+) -> float:
     """The token budget B at training step `step` (0-based):
 
-        exponential: B = max(min_budget, initial_budget * decay ** floor(step / period))
-        linear:      B = initial_budget - (initial_budget - min_budget) * min(step / total_steps, 1)"""
+    exponential: B = max(min_budget, initial_budget * decay ** floor(step / period))
+    linear:      B = initial_budget - (initial_budget - min_budget) * min(step / total_steps, 1)"""
     if schedule == "exponential":
         return max(float(min_budget), initial_budget * decay ** (step // period))
     if schedule == "linear":
         if not total_steps or total_steps <= 0:
-            raise ValueError(f"length_budget: schedule 'linear' needs total_steps > 0 (steps to reach min_budget), "
-                             f"got {total_steps!r}")
+            raise ValueError(
+                f"length_budget: schedule 'linear' needs total_steps > 0 (steps to reach min_budget), "
+                f"got {total_steps!r}"
+            )
         return initial_budget - (initial_budget - min_budget) * min(step / total_steps, 1.0)
     raise ValueError(f"length_budget: schedule must be one of {list(_SCHEDULES)}, got {schedule!r}")
 
 
 @_factory
-def make_length_budget_reward(initial_budget: float, min_budget: float, schedule: str = "exponential",
-                              decay: float = 0.9, period: int = 10, total_steps: int | None = None) -> TextRewardFn:
+def make_length_budget_reward(
+    initial_budget: float,
+    min_budget: float,
+    schedule: str = "exponential",
+    decay: float = 0.9,
+    period: int = 10,
+    total_steps: int | None = None,
+) -> TextRewardFn:
     """Length curriculum ("Train Long, Think Short"): r = 1.0 if the completion is correct and its
     token length L <= B(step), else 0.0 (a correct answer over budget earns 0, and a short wrong one
     earns nothing either). B(step) is `length_budget`; the returned function's `.budget(step)`
@@ -572,14 +630,22 @@ def make_length_budget_reward(initial_budget: float, min_budget: float, schedule
     if schedule not in _SCHEDULES:
         raise ValueError(f"length_budget: schedule must be one of {list(_SCHEDULES)}, got {schedule!r}")
     if not 0 < min_budget <= initial_budget:
-        raise ValueError(f"length_budget: need 0 < min_budget <= initial_budget, got min_budget={min_budget}, "
-                         f"initial_budget={initial_budget}")
+        raise ValueError(
+            f"length_budget: need 0 < min_budget <= initial_budget, got min_budget={min_budget}, "
+            f"initial_budget={initial_budget}"
+        )
     if schedule == "exponential" and not 0 < decay <= 1:
         raise ValueError(f"length_budget: decay must be in (0, 1], got {decay}")
     if schedule == "exponential" and (not isinstance(period, int) or period < 1):
         raise ValueError(f"length_budget: period must be a positive int (steps between decays), got {period!r}")
-    params = dict(initial_budget=initial_budget, min_budget=min_budget, schedule=schedule, decay=decay,
-                  period=period, total_steps=total_steps)
+    params = dict(
+        initial_budget=initial_budget,
+        min_budget=min_budget,
+        schedule=schedule,
+        decay=decay,
+        period=period,
+        total_steps=total_steps,
+    )
     length_budget(0, **params)  # linear without total_steps fails here, at build time
 
     def budget(step: int) -> float:
@@ -588,8 +654,10 @@ def make_length_budget_reward(initial_budget: float, min_budget: float, schedule
     def length_budget_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float | None]:
         step = kwargs.get("step")
         if not isinstance(step, int) or step < 0:
-            raise ValueError(f"reward 'length_budget' needs step (the 0-based training iteration), got {step!r}; "
-                             "the trainer passes it")
+            raise ValueError(
+                f"reward 'length_budget' needs step (the 0-based training iteration), got {step!r}; "
+                "the trainer passes it"
+            )
         n = len(completions)
         limit = budget(step)
         lengths = _token_lengths(kwargs, n, "length_budget")
@@ -630,6 +698,8 @@ def build_reward(name_or_import_path: str, kwargs: dict | None = None) -> TextRe
     elif ":" in name:
         obj = import_reward(name)
     else:
-        raise RewardError(f"unknown reward {name!r}; builtins are {sorted(BUILTIN_REWARDS)}, or give a user reward "
-                          "as an import path 'module:name'")
+        raise RewardError(
+            f"unknown reward {name!r}; builtins are {sorted(BUILTIN_REWARDS)}, or give a user reward "
+            "as an import path 'module:name'"
+        )
     return build_callable(name, obj, kwargs, accepts=("prompts", "completions"), keyword_columns=True)

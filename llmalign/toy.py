@@ -164,18 +164,27 @@ def sft_batch(tokenizer, problems: list[dict], rng: random.Random) -> dict[str, 
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # [N, L]
     attention_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])  # [N, L]
-    label_ids = torch.tensor([l + [-100] * (width - len(l)) for l in labels])  # [N, L]
+    label_ids = torch.tensor([row + [-100] * (width - len(row)) for row in labels])  # [N, L]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}
 
 
-def supervised_finetune(model, tokenizer, problems: list[dict], steps: int, batch_size: int, lr: float = 3e-3,
-                        seed: int = 0, progress: bool = True) -> float:
+def supervised_finetune(
+    model,
+    tokenizer,
+    problems: list[dict],
+    steps: int,
+    batch_size: int,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> float:
     """AdamW with linear warm-up and cosine decay; returns the mean loss of the last 50 steps."""
     rng = random.Random(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item())
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item()),
     )
     model.train()
     losses = []
@@ -227,13 +236,21 @@ def build_arith_model(out: str | os.PathLike, quick: bool = False, seed: int = 0
     train = make_split(TRAIN_PROBLEMS, seed + 2, exclude={p["prompt"] for p in sft + test})
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, sizes["hidden"], sizes["layers"], seed)
-    loss = supervised_finetune(model, tokenizer, sft, sizes["sft_steps"], sizes["batch_size"], seed=seed,
-                               progress=progress)
+    loss = supervised_finetune(
+        model, tokenizer, sft, sizes["sft_steps"], sizes["batch_size"], seed=seed, progress=progress
+    )
     greedy = accuracy_on(model, tokenizer, test, max_new_tokens=64, batch_size=100)
     report = {
-        "version": 3, "quick": quick, "seed": seed, "sizes": sizes, "max_operand": MAX_OPERAND,
-        "check_fraction": CHECK_FRACTION, "direct_fraction": DIRECT_FRACTION, "sft_final_loss": loss,
-        "test_greedy_accuracy": greedy["accuracy"], "test_greedy_mean_length": greedy["mean_length"],
+        "version": 3,
+        "quick": quick,
+        "seed": seed,
+        "sizes": sizes,
+        "max_operand": MAX_OPERAND,
+        "check_fraction": CHECK_FRACTION,
+        "direct_fraction": DIRECT_FRACTION,
+        "sft_final_loss": loss,
+        "test_greedy_accuracy": greedy["accuracy"],
+        "test_greedy_mean_length": greedy["mean_length"],
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     with replaced_atomically(out) as tmp:
@@ -244,9 +261,11 @@ def build_arith_model(out: str | os.PathLike, quick: bool = False, seed: int = 0
         _write_jsonl(tmp / "test.jsonl", test)
         report["build_seconds"] = round(time.time() - start, 1)
         (tmp / "llmalign.json").write_text(json.dumps(report, indent=2))
-    print(f"arith model: {report['parameters']} parameters, sft loss {loss:.4f}, held-out greedy accuracy "
-          f"{greedy['accuracy']:.3f}, mean completion {greedy['mean_length']:.1f} tokens; saved to {out} "
-          f"in {report['build_seconds']:.0f} s")
+    print(
+        f"arith model: {report['parameters']} parameters, sft loss {loss:.4f}, held-out greedy accuracy "
+        f"{greedy['accuracy']:.3f}, mean completion {greedy['mean_length']:.1f} tokens; saved to {out} "
+        f"in {report['build_seconds']:.0f} s"
+    )
     return report
 
 
@@ -265,7 +284,7 @@ def resolve_embedded(path: str) -> str:
     anything else unchanged (a local directory, a file or a hub id)."""
     if path == EMBEDDED_MODEL or path.startswith(EMBEDDED_MODEL + "/"):
         root = ensure_arith_model()
-        rest = path[len(EMBEDDED_MODEL):].lstrip("/")
+        rest = path[len(EMBEDDED_MODEL) :].lstrip("/")
         return str(Path(root) / rest) if rest else root
     return path
 
@@ -278,8 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     build.add_argument("--quick", action="store_true", help="a few steps only (smoke tests; useless model)")
     build.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    build_arith_model(args.out if args.out is not None else default_cache_dir(args.quick), quick=args.quick,
-                      seed=args.seed)
+    build_arith_model(
+        args.out if args.out is not None else default_cache_dir(args.quick), quick=args.quick, seed=args.seed
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ def heldout(run_dir: Path | None, config_path: Path, seeds: int) -> dict:
         adapter = load_adapter(config, run.device)
         make_policy(config, adapter.transformer)  # the same LoRA layout as in training (B = 0: the base model)
         if run_dir is not None:
-            load_trainable_state(adapter.transformer, load_state(latest_checkpoint(run_dir / "checkpoints"), "trainable"))
+            load_trainable_state(
+                adapter.transformer, load_state(latest_checkpoint(run_dir / "checkpoints"), "trainable")
+            )
         adapter.transformer.eval()
         rewards = {path: load_reward(path, config.reward.kwargs.get(path)) for path in config.reward.weights}
         _, eval_prompts = read_prompts(config)
@@ -51,8 +53,11 @@ def main() -> None:
     if args.untrained:
         print(f"untrained: {heldout(None, args.runs[0] / 'config.json', args.seeds)}", flush=True)
     for run_dir in args.runs:
-        print(f"{run_dir} ({latest_checkpoint(run_dir / 'checkpoints').name}): "
-              f"{heldout(run_dir, run_dir / 'config.json', args.seeds)}", flush=True)
+        print(
+            f"{run_dir} ({latest_checkpoint(run_dir / 'checkpoints').name}): "
+            f"{heldout(run_dir, run_dir / 'config.json', args.seeds)}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

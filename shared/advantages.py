@@ -124,16 +124,22 @@ def _population_std(values: Tensor, valid: Tensor) -> Tensor:
 #   rewards [N], index [N] (group of each member), valid [N] bool, group_std [num_groups], eps.
 
 
-def _scale_group(centred: Tensor, rewards: Tensor, index: Tensor, valid: Tensor, group_std: Tensor, eps: float) -> Tensor:
+def _scale_group(
+    centred: Tensor, rewards: Tensor, index: Tensor, valid: Tensor, group_std: Tensor, eps: float
+) -> Tensor:
     return centred / (group_std[index] + eps)  # [N]
 
 
-def _scale_batch(centred: Tensor, rewards: Tensor, index: Tensor, valid: Tensor, group_std: Tensor, eps: float) -> Tensor:
+def _scale_batch(
+    centred: Tensor, rewards: Tensor, index: Tensor, valid: Tensor, group_std: Tensor, eps: float
+) -> Tensor:
     # Flow-GRPO global std: one std over every valid reward in the batch, not around group means.
     return centred / (_population_std(rewards, valid) + eps)  # [N]
 
 
-def _scale_none(centred: Tensor, rewards: Tensor, index: Tensor, valid: Tensor, group_std: Tensor, eps: float) -> Tensor:
+def _scale_none(
+    centred: Tensor, rewards: Tensor, index: Tensor, valid: Tensor, group_std: Tensor, eps: float
+) -> Tensor:
     # Dr. GRPO: dividing by the std up-weights easy/hard prompts with tiny spread; don't.
     return centred  # [N]
 

@@ -132,8 +132,14 @@ def point_symlink(link: Path, target: Path) -> None:
     os.replace(tmp, link)
 
 
-def save_checkpoint(root: str | Path, step: int, states: dict[str, Any], keep_last: int | None = None,
-                    extra_writer=None, link: tuple[Path, str] | None = None) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    states: dict[str, Any],
+    keep_last: int | None = None,
+    extra_writer=None,
+    link: tuple[Path, str] | None = None,
+) -> Path:
     """Write `root/step-{step:06d}/` atomically, then point `root/latest` at it.
 
     states: name -> nested state (tensors, numbers, strings, lists, dicts).
@@ -222,8 +228,10 @@ def open_output_dir(out: str | Path, resume: bool, write: bool = True) -> Path |
     out = Path(out)
     checkpoint = latest_checkpoint(out / "checkpoints")
     if checkpoint is not None and not resume:
-        raise ConfigError(f"log.output_dir: {out} already holds a run (checkpoint {checkpoint.name}); continue it with "
-                          f"--resume, or set log.output_dir to a new directory (or delete this one)")
+        raise ConfigError(
+            f"log.output_dir: {out} already holds a run (checkpoint {checkpoint.name}); continue it with "
+            f"--resume, or set log.output_dir to a new directory (or delete this one)"
+        )
     if write:
         for path in remove_crash_leftovers(out):
             print(f"removed {path}: left unfinished by a run killed while writing a checkpoint", flush=True)
@@ -248,7 +256,9 @@ def load_trainable_state(transformer: torch.nn.Module, state: dict[str, torch.Te
     params = dict(transformer.named_parameters())
     missing = [name for name in state if name not in params]
     if missing:
-        raise ValueError(f"checkpoint has parameters the model lacks, e.g. {missing[:3]}; was it made with another config?")
+        raise ValueError(
+            f"checkpoint has parameters the model lacks, e.g. {missing[:3]}; was it made with another config?"
+        )
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value)

@@ -62,8 +62,12 @@ class _StrictLoader(yaml.SafeLoader):
                 continue
             if duplicate:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} is given twice (first on line {seen[key] + 1}); keep one "
-                    f"(YAML would silently use the last)", key_node.start_mark)
+                    None,
+                    None,
+                    f"key {key!r} is given twice (first on line {seen[key] + 1}); keep one "
+                    f"(YAML would silently use the last)",
+                    key_node.start_mark,
+                )
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep)
 
@@ -111,7 +115,7 @@ def local_path_problem(path: str) -> str | None:
     local = Path(path).expanduser()
     if local.exists():
         return None if local.is_dir() else f"{path!r} is a file; give the model's directory"
-    could_be_hub_id = (not path.startswith(("/", ".", "~")) and "\\" not in path and path.count("/") <= 1)
+    could_be_hub_id = not path.startswith(("/", ".", "~")) and "\\" not in path and path.count("/") <= 1
     if could_be_hub_id:
         return None
     return f"{path!r}: no such directory; give a model directory or a hub id such as org/name"
@@ -176,12 +180,16 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         return None
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config field '{name}': expected a list, got {value!r} ({type(value).__name__}); write [a, b]")
+            raise ConfigError(
+                f"config field '{name}': expected a list, got {value!r} ({type(value).__name__}); write [a, b]"
+            )
         (item_hint, *_) = get_args(hint) or (Any,)
         return [_coerce(v, item_hint, f"{name}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"config field '{name}': expected a mapping, got {value!r} ({type(value).__name__}); write {{key: value}}")
+            raise ConfigError(
+                f"config field '{name}': expected a mapping, got {value!r} ({type(value).__name__}); write {{key: value}}"
+            )
         key_hint, value_hint = get_args(hint) or (Any, Any)
         return {_coerce(k, key_hint, f"{name} key"): _coerce(v, value_hint, f"{name}.{k}") for k, v in value.items()}
     if hint is bool:
@@ -200,14 +208,18 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config field '{name}': expected a number, got {value!r} ({type(value).__name__})")
-        if isinstance(value, int) and not -2**1023 < value < 2**1023:  # float() of it would overflow
-            raise ConfigError(f"config field '{name}': an integer of {len(str(abs(value)))} digits is too large for a number")
+        if isinstance(value, int) and not -(2**1023) < value < 2**1023:  # float() of it would overflow
+            raise ConfigError(
+                f"config field '{name}': an integer of {len(str(abs(value)))} digits is too large for a number"
+            )
         if not math.isfinite(value):
             raise ConfigError(f"config field '{name}': {value!r} is not a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config field '{name}': expected a string, got {value!r} ({type(value).__name__}); quote it")
+            raise ConfigError(
+                f"config field '{name}': expected a string, got {value!r} ({type(value).__name__}); quote it"
+            )
         return value
     raise TypeError(f"config field '{name}': unsupported type {hint!r} in the dataclass")
 
@@ -249,8 +261,11 @@ def _split_override(item: str) -> tuple[str, Any]:
     try:
         value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
     except yaml.YAMLError as error:
-        raise ConfigError(f"override {item!r}: value is not valid YAML ({getattr(error, 'problem', None) or error})"
-                          .replace("\n", " ")) from None
+        raise ConfigError(
+            f"override {item!r}: value is not valid YAML ({getattr(error, 'problem', None) or error})".replace(
+                "\n", " "
+            )
+        ) from None
     return key, value
 
 
@@ -306,8 +321,9 @@ def _assign(cls: type | None, node: dict, parts: list[str], value: Any, item: st
         entries = node.get(name)
         node[name] = {**(entries if isinstance(entries, dict) else {}), ".".join(rest): value}
     else:
-        raise ConfigError(f"override {item!r}: '{prefix}{name}' is a single value, not a section; write "
-                          f"{prefix}{name}=value")
+        raise ConfigError(
+            f"override {item!r}: '{prefix}{name}' is a single value, not a section; write {prefix}{name}=value"
+        )
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

@@ -117,8 +117,10 @@ def disco_loss(
     if not (delta >= 0 and penalty >= 0):
         raise ValueError(f"delta and penalty must be >= 0, got delta={delta}, penalty={penalty}")
     if logp.dim() != 2 or logp_old.shape != logp.shape or mask.shape != logp.shape:
-        raise ValueError(f"logp, logp_old and mask must all be [N, T]; got {tuple(logp.shape)}, "
-                         f"{tuple(logp_old.shape)}, {tuple(mask.shape)}")
+        raise ValueError(
+            f"logp, logp_old and mask must all be [N, T]; got {tuple(logp.shape)}, "
+            f"{tuple(logp_old.shape)}, {tuple(mask.shape)}"
+        )
     N = logp.shape[0]
     if correct.shape != (N,) or group_ids.shape != (N,):
         raise ValueError(f"correct and group_ids must be [N]={N}; got {tuple(correct.shape)}, {tuple(group_ids.shape)}")
@@ -150,7 +152,7 @@ def disco_loss(
         kl_value = float(batch_kl)
         excess = max(kl_value - delta, 0.0)
         share = float(tokens) / max(kl_tokens if kl_tokens is not None else float(tokens), 1.0)
-        hinge = penalty / 2 * excess ** 2 * share + penalty * excess * (kl_part - kl_part.detach())
+        hinge = penalty / 2 * excess**2 * share + penalty * excess * (kl_part - kl_part.detach())
     loss = -objective + hinge
     with torch.no_grad():
         metrics = {

@@ -27,7 +27,9 @@ __all__ = ["KL_ESTIMATORS", "gaussian_mean_kl", "kl_k1", "kl_k2", "kl_k3"]
 
 def _check_same_shape(logp: Tensor, logp_ref: Tensor) -> None:
     if logp.shape != logp_ref.shape:
-        raise ValueError(f"logp has shape {tuple(logp.shape)} but logp_ref has {tuple(logp_ref.shape)}; they must match")
+        raise ValueError(
+            f"logp has shape {tuple(logp.shape)} but logp_ref has {tuple(logp_ref.shape)}; they must match"
+        )
 
 
 def kl_k1(logp: Tensor, logp_ref: Tensor) -> Tensor:
@@ -72,7 +74,9 @@ def gaussian_mean_kl(mean: Tensor, mean_ref: Tensor, std: Tensor | float) -> Ten
         over C*H*W).
     """
     if mean.shape != mean_ref.shape:
-        raise ValueError(f"mean has shape {tuple(mean.shape)} but mean_ref has {tuple(mean_ref.shape)}; they must match")
+        raise ValueError(
+            f"mean has shape {tuple(mean.shape)} but mean_ref has {tuple(mean_ref.shape)}; they must match"
+        )
     if mean.dim() < 1:
         raise ValueError("mean must have a batch dimension, got a 0-d tensor")
     std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)

@@ -57,21 +57,24 @@ LOSS_AGGREGATIONS: dict[str, Callable[[Tensor, Tensor, int], Tensor]] = {
 
 def _check_inputs(logp_new: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor | None) -> None:
     if logp_new.dim() != 2:
-        raise ValueError(f"logp_new must be [B, T], got shape {tuple(logp_new.shape)}; use [B, 1] for one element per sample")
+        raise ValueError(
+            f"logp_new must be [B, T], got shape {tuple(logp_new.shape)}; use [B, 1] for one element per sample"
+        )
     if logp_old.shape != logp_new.shape:
-        raise ValueError(f"logp_old has shape {tuple(logp_old.shape)} but logp_new has {tuple(logp_new.shape)}; they must match")
+        raise ValueError(
+            f"logp_old has shape {tuple(logp_old.shape)} but logp_new has {tuple(logp_new.shape)}; they must match"
+        )
     B = logp_new.shape[0]
     if advantages.shape not in ((B,), logp_new.shape):
-        raise ValueError(
-            f"advantages must be [B]={B} or [B, T]={tuple(logp_new.shape)}, got {tuple(advantages.shape)}"
-        )
+        raise ValueError(f"advantages must be [B]={B} or [B, T]={tuple(logp_new.shape)}, got {tuple(advantages.shape)}")
     if mask is not None:
         if mask.shape != logp_new.shape:
-            raise ValueError(f"mask has shape {tuple(mask.shape)} but logp_new has {tuple(logp_new.shape)}; they must match")
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)} but logp_new has {tuple(logp_new.shape)}; they must match"
+            )
         if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError(
-                "mask must hold only 0 and 1 (or be bool); for per-element weights, scale the "
-                "advantages instead"
+                "mask must hold only 0 and 1 (or be bool); for per-element weights, scale the advantages instead"
             )
 
 

@@ -20,8 +20,9 @@ def world_size() -> int:
     try:
         world = int(value)
     except ValueError:
-        raise ConfigError(f"environment variable WORLD_SIZE={value!r} is not an integer; unset it or give a "
-                          "count") from None
+        raise ConfigError(
+            f"environment variable WORLD_SIZE={value!r} is not an integer; unset it or give a count"
+        ) from None
     if world < 1:
         raise ConfigError(f"environment variable WORLD_SIZE={world} is below 1; unset it or give a count")
     return world
@@ -30,8 +31,10 @@ def world_size() -> int:
 def require_divisible(value: int, world: int, field: str, what: str) -> None:
     """The refusal Run.require_divisible makes when training starts, made here before anything loads."""
     if value % world:
-        raise ConfigError(f"config field '{field}': {value} {what} do not split over {world} processes; "
-                          f"use a multiple of {world} (batch sizes count over all processes)")
+        raise ConfigError(
+            f"config field '{field}': {value} {what} do not split over {world} processes; "
+            f"use a multiple of {world} (batch sizes count over all processes)"
+        )
 
 
 def hub_id_problem(value: str) -> str | None:

@@ -34,7 +34,9 @@ def _check_pairs(**tensors: Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     first = next(iter(shapes.values()))
     if len(first) != 1 or any(s != first for s in shapes.values()):
-        raise ValueError(f"preference inputs must all be 1-D of the same shape [B], got {shapes}; sum log-probs over tokens first")
+        raise ValueError(
+            f"preference inputs must all be 1-D of the same shape [B], got {shapes}; sum log-probs over tokens first"
+        )
 
 
 def _check_beta(beta: float) -> None:
@@ -63,7 +65,9 @@ def dpo_sigmoid_loss(
     label_smoothing: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """DPO: -(1 - e) log s(beta D) - e log s(-beta D); e = label_smoothing in [0, 0.5) (cDPO)."""
-    _check_pairs(policy_chosen=policy_chosen, policy_rejected=policy_rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+    _check_pairs(
+        policy_chosen=policy_chosen, policy_rejected=policy_rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected
+    )
     _check_beta(beta)
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
@@ -87,7 +91,9 @@ def dpop_loss(
     outweighs the margin once it falls below: when chosen and rejected differ in a few tokens (a wrong
     digit), plain DPO can widen D by lowering both, and the chosen answer loses probability to others.
     """
-    _check_pairs(policy_chosen=policy_chosen, policy_rejected=policy_rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+    _check_pairs(
+        policy_chosen=policy_chosen, policy_rejected=policy_rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected
+    )
     _check_beta(beta)
     if not lambda_ >= 0:
         raise ValueError(f"lambda_ must be >= 0, got {lambda_}")
@@ -111,8 +117,12 @@ def ipo_loss(
     The per-token average keeps the regression target 1/(2 beta) independent of length.
     """
     _check_pairs(
-        policy_chosen=policy_chosen, policy_rejected=policy_rejected, ref_chosen=ref_chosen,
-        ref_rejected=ref_rejected, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+        policy_chosen=policy_chosen,
+        policy_rejected=policy_rejected,
+        ref_chosen=ref_chosen,
+        ref_rejected=ref_rejected,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
     )
     _check_beta(beta)
     _check_lengths(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
@@ -135,7 +145,9 @@ def robust_dpo_loss(
 
     [-(1 - e) log s(beta D) + e log s(-beta D)] / (1 - 2e), unbiased for the clean-label loss.
     """
-    _check_pairs(policy_chosen=policy_chosen, policy_rejected=policy_rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+    _check_pairs(
+        policy_chosen=policy_chosen, policy_rejected=policy_rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected
+    )
     _check_beta(beta)
     if not 0 <= flip_rate < 0.5:
         raise ValueError(f"flip_rate must be in [0, 0.5), got {flip_rate}; at 0.5 the labels carry no information")
@@ -153,7 +165,9 @@ def hinge_loss(
     beta: float = 0.1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Hinge (SLiC): relu(1 - beta D)."""
-    _check_pairs(policy_chosen=policy_chosen, policy_rejected=policy_rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected)
+    _check_pairs(
+        policy_chosen=policy_chosen, policy_rejected=policy_rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected
+    )
     _check_beta(beta)
     margin, chosen, rejected = _logratio_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     losses = torch.relu(1 - beta * margin)  # [B]
@@ -173,8 +187,10 @@ def simpo_loss(
     The implied rewards are the length-normalised beta / |y| logp(y).
     """
     _check_pairs(
-        policy_chosen=policy_chosen, policy_rejected=policy_rejected,
-        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+        policy_chosen=policy_chosen,
+        policy_rejected=policy_rejected,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
     )
     _check_beta(beta)
     _check_lengths(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)

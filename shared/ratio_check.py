@@ -6,6 +6,7 @@ deviation means the two computations differ (bf16 rounding, batch-size dependent
 mismatch such as dropout), and then the clip range measures that noise rather than policy change.
 The trainers log `ratio/first_update_max_dev` every iteration and warn once when it exceeds the threshold.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,6 +38,8 @@ class FirstUpdateRatioCheck:
         if self.warned or not deviation > self.threshold:
             return None
         self.warned = True
-        return (f"warning: {where}: the first update's ratio deviates from 1 by {deviation:.3g} (> {self.threshold:g}) "
-                "on on-policy data; the rollout's and the update's log-probs differ (bf16, batch-size dependent "
-                f"kernels, or a train/eval mode mismatch such as dropout). Logged as {METRIC}; this warning is given once")
+        return (
+            f"warning: {where}: the first update's ratio deviates from 1 by {deviation:.3g} (> {self.threshold:g}) "
+            "on on-policy data; the rollout's and the update's log-probs differ (bf16, batch-size dependent "
+            f"kernels, or a train/eval mode mismatch such as dropout). Logged as {METRIC}; this warning is given once"
+        )

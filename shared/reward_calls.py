@@ -46,8 +46,10 @@ def import_path_problem(path: str) -> str | None:
     if not colon or not attribute:
         return f"{path!r} is not 'module:name'; e.g. flowalign.rewards:jpeg_compressibility"
     if not all(part.isidentifier() for part in module_name.split(".")):  # refuses '', '.', '.x', 'a..b'
-        return (f"{path!r} has module name {module_name!r}, not an absolute dotted module name; "
-                "write the full package path, e.g. my_pkg.rewards:brightness")
+        return (
+            f"{path!r} has module name {module_name!r}, not an absolute dotted module name; "
+            "write the full package path, e.g. my_pkg.rewards:brightness"
+        )
     return None
 
 
@@ -59,8 +61,9 @@ def _is_factory(obj: Callable) -> bool:
         parameters = inspect.signature(obj).parameters.values()
     except (TypeError, ValueError):  # builtins without a signature: not a factory
         return False
-    return all(p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-               for p in parameters)
+    return all(
+        p.default is not inspect.Parameter.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters
+    )
 
 
 def import_reward(path: str) -> Any:
@@ -73,21 +76,25 @@ def import_reward(path: str) -> Any:
     try:
         obj = importlib.import_module(module_name)
     except ImportError as error:
-        raise RewardError(f"reward '{path}': cannot import module '{module_name}' ({error}); "
-                          "check reward.weights") from None
+        raise RewardError(
+            f"reward '{path}': cannot import module '{module_name}' ({error}); check reward.weights"
+        ) from None
     except Exception as error:  # the module itself raised while importing
-        raise RewardError(f"reward '{path}': importing module '{module_name}' raised {type(error).__name__}: "
-                          f"{error}") from None
+        raise RewardError(
+            f"reward '{path}': importing module '{module_name}' raised {type(error).__name__}: {error}"
+        ) from None
     for part in attribute.split("."):
         if not hasattr(obj, part):
-            raise RewardError(f"reward '{path}': module '{module_name}' has no '{attribute}'; check the name in "
-                              "reward.weights")
+            raise RewardError(
+                f"reward '{path}': module '{module_name}' has no '{attribute}'; check the name in reward.weights"
+            )
         obj = getattr(obj, part)
     return obj
 
 
-def build_callable(name: str, obj: Any, kwargs: dict | None, accepts: tuple[str, ...],
-                   keyword_columns: bool = False) -> Callable:
+def build_callable(
+    name: str, obj: Any, kwargs: dict | None, accepts: tuple[str, ...], keyword_columns: bool = False
+) -> Callable:
     """The reward from `obj` by the one factory rule (see the module docstring), checked to accept `accepts`
     positionally: exactly those, or with `keyword_columns` (llmalign passes each data column by keyword, so a
     reward may require `answer`) those and any others by keyword. RewardError naming `name` when `obj` is not
@@ -98,19 +105,23 @@ def build_callable(name: str, obj: Any, kwargs: dict | None, accepts: tuple[str,
         try:
             obj = obj(**(kwargs or {}))
         except TypeError as error:
-            raise RewardError(f"reward '{name}': calling it with reward.kwargs {kwargs or {}} failed ({error}); "
-                              "give the factory's arguments, or no kwargs for a reward function") from None
+            raise RewardError(
+                f"reward '{name}': calling it with reward.kwargs {kwargs or {}} failed ({error}); "
+                "give the factory's arguments, or no kwargs for a reward function"
+            ) from None
         except Exception as error:  # the factory itself failed (a missing file, a bad value)
-            raise RewardError(f"reward '{name}': its factory raised {type(error).__name__}: {error} "
-                              f"(reward.kwargs {kwargs or {}})") from None
+            raise RewardError(
+                f"reward '{name}': its factory raised {type(error).__name__}: {error} (reward.kwargs {kwargs or {}})"
+            ) from None
         if not callable(obj):
             raise RewardError(f"reward '{name}': its factory returned a {type(obj).__name__}, not a function")
     try:
         signature = inspect.signature(obj)
         (signature.bind_partial if keyword_columns else signature.bind)(*(None for _ in accepts))
     except TypeError:
-        raise RewardError(f"reward '{name}': must accept ({', '.join(accepts)}); "
-                          f"its signature is {inspect.signature(obj)}") from None
+        raise RewardError(
+            f"reward '{name}': must accept ({', '.join(accepts)}); its signature is {inspect.signature(obj)}"
+        ) from None
     except ValueError:
         pass  # builtins without a signature: checked when first called
     return obj
@@ -121,8 +132,9 @@ def load_callable(path: str, kwargs: dict | None, accepts: tuple[str, ...], keyw
     return build_callable(path, import_reward(path), kwargs, accepts, keyword_columns)
 
 
-def call_with_deadline(fn: Callable, args: tuple = (), kwargs: dict | None = None,
-                       timeout_s: float | None = None) -> Any:
+def call_with_deadline(
+    fn: Callable, args: tuple = (), kwargs: dict | None = None, timeout_s: float | None = None
+) -> Any:
     """fn(*args, **kwargs), or RewardTimeout when it has not returned within `timeout_s` seconds (None: no limit).
 
     The call runs in a daemon thread so that the caller can stop waiting. Python cannot kill a thread: a call
@@ -151,8 +163,9 @@ def call_with_deadline(fn: Callable, args: tuple = (), kwargs: dict | None = Non
 
     threading.Thread(target=run, name=f"reward-call-{getattr(fn, '__name__', 'reward')}", daemon=True).start()
     if not finished.wait(timeout_s):
-        raise RewardTimeout(f"did not return within reward.timeout_s={timeout_s:g} s; its thread is abandoned, "
-                            "still running")
+        raise RewardTimeout(
+            f"did not return within reward.timeout_s={timeout_s:g} s; its thread is abandoned, still running"
+        )
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
@@ -174,13 +187,18 @@ def _as_float(value: Any, position: int) -> float:
     """One score as a Python float (None -> NaN); ValueError naming the position for anything else."""
     if value is None:
         return math.nan
-    if isinstance(value, (torch.Tensor, np.ndarray)) and value.size == 1 if isinstance(value, np.ndarray) else (
-            isinstance(value, torch.Tensor) and value.numel() == 1):
+    if (
+        isinstance(value, (torch.Tensor, np.ndarray)) and value.size == 1
+        if isinstance(value, np.ndarray)
+        else (isinstance(value, torch.Tensor) and value.numel() == 1)
+    ):
         value = value.item()
     if not isinstance(value, numbers.Real):
         shown = repr(value)
-        raise ValueError(f"returned a {type(value).__name__} at position {position} "
-                         f"({shown[:40] + '...' if len(shown) > 40 else shown}), not a number")
+        raise ValueError(
+            f"returned a {type(value).__name__} at position {position} "
+            f"({shown[:40] + '...' if len(shown) > 40 else shown}), not a number"
+        )
     try:
         return float(value)
     except OverflowError:
@@ -212,5 +230,7 @@ def scores_as_floats(values: Any) -> tuple[torch.Tensor, list[int]]:
     if values is None:
         raise ValueError("returned None, not one score per image")
     shown = repr(values)
-    raise ValueError(f"returned a {type(values).__name__} ({shown[:40] + '...' if len(shown) > 40 else shown}), "
-                     "not a list or tensor of numbers")
+    raise ValueError(
+        f"returned a {type(values).__name__} ({shown[:40] + '...' if len(shown) > 40 else shown}), "
+        "not a list or tensor of numbers"
+    )

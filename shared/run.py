@@ -34,15 +34,38 @@ from typing import Any, Callable
 
 import torch
 
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from shared.checkpoint import (RUN_LOGS, WriteError, io_failure, latest_checkpoint, load_state, open_output_dir,
-                               rng_state, save_checkpoint, set_rng_state)
+from shared.checkpoint import (
+    RUN_LOGS,
+    WriteError,
+    io_failure,
+    latest_checkpoint,
+    load_state,
+    open_output_dir,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from shared.config import RENAMED_FIELDS, ConfigError, to_dict
 from shared.runlog import append_metrics, truncate_metrics
-from shared.trackers import (IMAGE_TRACKERS, TABLE_TRACKERS, TRACKER_DIR, flat_config, init_kwargs, local_storage,
-                             markdown_table, report_to_problem, scalars)
+from shared.trackers import (
+    IMAGE_TRACKERS,
+    TABLE_TRACKERS,
+    TRACKER_DIR,
+    flat_config,
+    init_kwargs,
+    local_storage,
+    markdown_table,
+    report_to_problem,
+    scalars,
+)
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
@@ -100,23 +123,34 @@ def with_current_names(saved: dict, config: Any) -> dict:
 
 
 def changeable_on_resume(field: str) -> bool:
-    return any(field == allowed or (allowed.endswith(".*") and field.startswith(allowed[:-1]))
-               for allowed in RESUME_CHANGEABLE)
+    return any(
+        field == allowed or (allowed.endswith(".*") and field.startswith(allowed[:-1])) for allowed in RESUME_CHANGEABLE
+    )
 
 
 def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
     """`a.b (1 -> 2), c (x -> y)`, each value cut to 60 characters, for one line."""
+
     def short(value: Any) -> str:
         text = value if value == _ABSENT else json.dumps(value)
         return text if len(text) <= 60 else text[:57] + "..."
+
     return ", ".join(f"{name} ({short(old)} -> {short(new)})" for name, (old, new) in changes.items())
 
 
 class Run:
     """The process-level side of a training run (see the module docstring)."""
 
-    def __init__(self, output_dir: str | Path | None, resume: bool, tag: str, mixed_precision: str = "no",
-                 config: Any = None, allow_config_change: bool = False, trackers: Sequence[str] = ()):
+    def __init__(
+        self,
+        output_dir: str | Path | None,
+        resume: bool,
+        tag: str,
+        mixed_precision: str = "no",
+        config: Any = None,
+        allow_config_change: bool = False,
+        trackers: Sequence[str] = (),
+    ):
         """output_dir None: a command that writes one file of its own (`llmalign pairs`, `llmalign eval`): the
         accelerator and the collectives, without run directory, config snapshot or checkpoints.
         config: the run's config dataclass; on --resume it is compared with the checkpoint's (`check_config`),
@@ -127,8 +161,10 @@ class Run:
         from accelerate.utils import ProjectConfiguration
 
         if allow_config_change and not resume:
-            raise ConfigError("--allow-config-change: it applies config changes to a resumed run; add --resume, or "
-                              "drop --allow-config-change")
+            raise ConfigError(
+                "--allow-config-change: it applies config changes to a resumed run; add --resume, or "
+                "drop --allow-config-change"
+            )
 
         self.out = Path(output_dir) if output_dir is not None else None
         self.tag, self.resume = tag, resume
@@ -137,13 +173,19 @@ class Run:
         if problem is not None or (self.trackers and self.out is None):
             raise ConfigError(f"config field 'log.report_to': {problem or 'trackers need a run directory'}")
         if mixed_precision == "fp16" and not torch.cuda.is_available():  # accelerate would run in float32, silently
-            raise ConfigError("config field 'train.mixed_precision': fp16 needs a GPU (on the CPU accelerate does not "
-                              "autocast to it); use bf16 or no")
+            raise ConfigError(
+                "config field 'train.mixed_precision': fp16 needs a GPU (on the CPU accelerate does not "
+                "autocast to it); use bf16 or no"
+            )
         # cpu=True only where there is no GPU: on a GPU machine every process takes its own device
         self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, log_with=self.trackers or None,
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=mixed_precision,
+            log_with=self.trackers or None,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / TRACKER_DIR))
-            if self.trackers else None)
+            if self.trackers
+            else None,
+        )
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
@@ -174,13 +216,22 @@ class Run:
         if fixed and not allow_change:
             # a field absent from the checkpoint did not exist when it was written: its default now may or may not be
             # what that code did (issue 14 changed flow defaults), so it is refused like any change, and said so
-            newer = [name for name, (saved_value, _) in fixed.items()
-                     if saved_value == _ABSENT and _is_dataclass_field(config, name)]  # not a new reward.weights key
-            predates = (f"; {self.checkpoint.name} predates {', '.join(newer)}: check that their values are what "
-                        "that run did (a default may have changed since)" if newer else "")
-            raise ConfigError(f"--resume: the config differs from the one {self.checkpoint.name} was written under in "
-                              f"{describe_changes(fixed)}{predates}; set them back, or add --allow-config-change to "
-                              f"apply them (on resume only {', '.join(RESUME_CHANGEABLE)} may change without it)")
+            newer = [
+                name
+                for name, (saved_value, _) in fixed.items()
+                if saved_value == _ABSENT and _is_dataclass_field(config, name)
+            ]  # not a new reward.weights key
+            predates = (
+                f"; {self.checkpoint.name} predates {', '.join(newer)}: check that their values are what "
+                "that run did (a default may have changed since)"
+                if newer
+                else ""
+            )
+            raise ConfigError(
+                f"--resume: the config differs from the one {self.checkpoint.name} was written under in "
+                f"{describe_changes(fixed)}{predates}; set them back, or add --allow-config-change to "
+                f"apply them (on resume only {', '.join(RESUME_CHANGEABLE)} may change without it)"
+            )
         if changes:
             self.print(f"config changed from {self.checkpoint.name}'s: {describe_changes(changes)}")
         return changes
@@ -189,8 +240,10 @@ class Run:
     def require_divisible(self, value: int, field: str, what: str) -> None:
         """Refuse a global batch size that does not split into equal whole parts over the processes."""
         if value % self.world:
-            raise ConfigError(f"config field '{field}': {value} {what} do not split over {self.world} processes; "
-                              f"use a multiple of {self.world} (batch sizes count over all processes)")
+            raise ConfigError(
+                f"config field '{field}': {value} {what} do not split over {self.world} processes; "
+                f"use a multiple of {self.world} (batch sizes count over all processes)"
+            )
 
     def block(self, count: int) -> range:
         """This rank's contiguous block of `count` items (whole groups); `count` divides by the world size."""
@@ -340,8 +393,9 @@ class Run:
         """Every rank loads the full dict read from the checkpoint (FSDP keeps its own shard of it)."""
         unknown = sorted(set(state) - self._parameter_names(model))
         if unknown:
-            raise ValueError(f"checkpoint has parameters the model lacks, e.g. {unknown[:3]}; was it made with "
-                             f"another config?")
+            raise ValueError(
+                f"checkpoint has parameters the model lacks, e.g. {unknown[:3]}; was it made with another config?"
+            )
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
 
     def optimizer_state(self, model, optimizer) -> dict:
@@ -357,9 +411,11 @@ class Run:
         rate, weight decay, betas) stay those it was built with from this run's config: the same as the
         checkpoint's unless --allow-config-change changed them, and then the change takes effect."""
         if self.deepspeed or not state:
-            raise ConfigError("--resume: this run's checkpoints hold no optimizer state (saved under DeepSpeed, whose "
-                              "optimizer state is not kept as safetensors); resume it under DDP or FSDP "
-                              "(configs/accelerate/multi_gpu.yaml or fsdp.yaml), or start a new run")
+            raise ConfigError(
+                "--resume: this run's checkpoints hold no optimizer state (saved under DeepSpeed, whose "
+                "optimizer state is not kept as safetensors); resume it under DDP or FSDP "
+                "(configs/accelerate/multi_gpu.yaml or fsdp.yaml), or start a new run"
+            )
         settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True, strict=False))
         for group, own in zip(optimizer.param_groups, settings):  # load_state_dict took the saved groups' settings
@@ -438,9 +494,11 @@ class Run:
             return
         self._trackers_started = True
         local_storage(self.trackers, self.out)
-        self.accelerator.init_trackers(self.tag.strip("[]"), config=flat_config(to_dict(self._config))
-                                       if self._config is not None else None,
-                                       init_kwargs=init_kwargs(self.trackers, self.out, self._purge_step))
+        self.accelerator.init_trackers(
+            self.tag.strip("[]"),
+            config=flat_config(to_dict(self._config)) if self._config is not None else None,
+            init_kwargs=init_kwargs(self.trackers, self.out, self._purge_step),
+        )
 
     def main_only(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the main process (a plot, an image grid), then let every rank go on together."""
@@ -466,13 +524,20 @@ class Run:
     def nan_stop(self, label: str, error: Exception) -> FloatingPointError:
         """The error every rank raises when the loss became NaN/inf, naming the checkpoint to resume from."""
         last = latest_checkpoint(self.out / "checkpoints")
-        return FloatingPointError(f"{label}: {error}; the last good checkpoint is "
-                                  f"{last or 'none (none written yet)'}, and --resume starts from it")
+        return FloatingPointError(
+            f"{label}: {error}; the last good checkpoint is "
+            f"{last or 'none (none written yet)'}, and --resume starts from it"
+        )
 
     # ------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, step: int, states: dict[str, Any], keep_last: int,
-                        extra_writer: Callable[[Path], None] | None = None,
-                        link: tuple[str, str] | None = None) -> Path | None:
+    def save_checkpoint(
+        self,
+        step: int,
+        states: dict[str, Any],
+        keep_last: int,
+        extra_writer: Callable[[Path], None] | None = None,
+        link: tuple[str, str] | None = None,
+    ) -> Path | None:
         """Write `states` (taken on the main process) plus every rank's RNG state, on the main process; all ranks
         call this (the RNG gather is a collective) and leave it together once the checkpoint is in place.
         link: (a symlink's name in the run directory, a path inside the checkpoint), e.g. ("final", "model"),
@@ -482,9 +547,14 @@ class Run:
         if self.is_main:
             states = {**states, "rng": rng[0], **{f"rng.rank{r}": rng[r] for r in range(1, len(rng))}}
             try:
-                path = save_checkpoint(self.out / "checkpoints", step, states, keep_last=keep_last,
-                                       extra_writer=extra_writer,
-                                       link=(self.out / link[0], link[1]) if link is not None else None)
+                path = save_checkpoint(
+                    self.out / "checkpoints",
+                    step,
+                    states,
+                    keep_last=keep_last,
+                    extra_writer=extra_writer,
+                    link=(self.out / link[0], link[1]) if link is not None else None,
+                )
             except WriteError as error:
                 failure = error
         self.raise_together(failure, WriteError)  # the others would otherwise wait for the main in the next collective
@@ -511,9 +581,13 @@ class Run:
                 truncate_metrics(self.out / log, start)
             if self.config_changes:  # one record per resume; a retried resume from the same step replaces its own
                 truncate_metrics(self.out / "config_changes.jsonl", start - 1)
-                self.append({"iteration": start, "changes": {name: list(change)
-                                                             for name, change in self.config_changes.items()}},
-                            name="config_changes.jsonl")
+                self.append(
+                    {
+                        "iteration": start,
+                        "changes": {name: list(change) for name, change in self.config_changes.items()},
+                    },
+                    name="config_changes.jsonl",
+                )
         self.barrier()
         self.print(f"resumed from {self.checkpoint} at step {start}")
         return start
@@ -527,4 +601,3 @@ class Run:
         self.barrier()
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-

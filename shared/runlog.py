@@ -29,8 +29,12 @@ def truncate_metrics(path: Path, iteration: int) -> None:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            print(f"warning: {path} line {number} is cut off ({len(line)} characters, not a whole JSON record; "
-                  f"a run killed while writing it): dropped", file=sys.stderr, flush=True)
+            print(
+                f"warning: {path} line {number} is cut off ({len(line)} characters, not a whole JSON record; "
+                f"a run killed while writing it): dropped",
+                file=sys.stderr,
+                flush=True,
+            )
             continue
         if record["iteration"] <= iteration:
             keep.append(line)

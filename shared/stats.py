@@ -33,8 +33,9 @@ class PromptStatTracker:
             (at least the current update's); None keeps all.
     """
 
-    def __init__(self, global_std: bool = False, eps: float = 1e-4, history: bool = False,
-                 history_size: int | None = None):
+    def __init__(
+        self, global_std: bool = False, eps: float = 1e-4, history: bool = False, history_size: int | None = None
+    ):
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
         if history_size is not None and history_size < 1:
@@ -52,7 +53,9 @@ class PromptStatTracker:
         dtype = rewards.dtype if rewards.is_floating_point() else torch.get_default_dtype()
         values = rewards.detach().double().cpu()  # [N]; float64 so stored floats round-trip exactly
         if bool(torch.isnan(values).any()):
-            raise ValueError(f"rewards contain NaN at positions {torch.nonzero(torch.isnan(values)).flatten().tolist()[:20]}; drop or replace them first")
+            raise ValueError(
+                f"rewards contain NaN at positions {torch.nonzero(torch.isnan(values)).flatten().tolist()[:20]}; drop or replace them first"
+            )
 
         current: dict[str, list[int]] = {}  # prompt -> positions in this update
         for i, prompt in enumerate(prompts):

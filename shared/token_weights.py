@@ -35,8 +35,9 @@ def _check_same_shape(**tensors: Tensor) -> None:
         raise ValueError(f"token tensors must all be 2-D [B, T] of the same shape, got {shapes}")
 
 
-def tgdpo_token_weights(guidance_chosen: Tensor, guidance_rejected: Tensor, beta: float = 0.1,
-                        alpha: float = 1.0) -> tuple[Tensor, Tensor]:
+def tgdpo_token_weights(
+    guidance_chosen: Tensor, guidance_rejected: Tensor, beta: float = 0.1, alpha: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """TGDPO weights: beta (1 + alpha beta rhat_w,t) on chosen tokens, beta (1 - alpha beta rhat_l,t) on rejected.
 
     guidance_chosen [B, T], guidance_rejected [B, T']: the guidance model's per-token log-ratios rhat.
@@ -68,13 +69,20 @@ def weighted_dpo_sigmoid_loss(
     nothing, whatever they hold. Returns (losses [B], chosen_rewards [B], rejected_rewards [B]) with the
     implied rewards sum_t w_t (p_t - r_t), detached, as `shared.preference` does.
     """
-    _check_same_shape(policy_chosen=policy_chosen, ref_chosen=ref_chosen, chosen_mask=chosen_mask,
-                      chosen_weights=chosen_weights)
-    _check_same_shape(policy_rejected=policy_rejected, ref_rejected=ref_rejected, rejected_mask=rejected_mask,
-                      rejected_weights=rejected_weights)
+    _check_same_shape(
+        policy_chosen=policy_chosen, ref_chosen=ref_chosen, chosen_mask=chosen_mask, chosen_weights=chosen_weights
+    )
+    _check_same_shape(
+        policy_rejected=policy_rejected,
+        ref_rejected=ref_rejected,
+        rejected_mask=rejected_mask,
+        rejected_weights=rejected_weights,
+    )
     if policy_chosen.shape[0] != policy_rejected.shape[0]:
-        raise ValueError(f"chosen has {policy_chosen.shape[0]} rows but rejected has {policy_rejected.shape[0]}; "
-                         f"pass one rejected completion per chosen one")
+        raise ValueError(
+            f"chosen has {policy_chosen.shape[0]} rows but rejected has {policy_rejected.shape[0]}; "
+            f"pass one rejected completion per chosen one"
+        )
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     # where(), not a product with the mask: the values at padded positions are arbitrary

@@ -24,8 +24,12 @@ from typing import Any, Literal
 TrackerName = Literal["tensorboard", "wandb", "trackio", "mlflow"]
 TRACKERS: tuple[str, ...] = ("tensorboard", "wandb", "trackio", "mlflow")  # each is also the name of its pip extra
 # the distributions that provide each (mlflow-skinny is mlflow without its server)
-_DISTRIBUTIONS = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "trackio": ("trackio",),
-                  "mlflow": ("mlflow", "mlflow-skinny")}
+_DISTRIBUTIONS = {
+    "tensorboard": ("tensorboard",),
+    "wandb": ("wandb",),
+    "trackio": ("trackio",),
+    "mlflow": ("mlflow", "mlflow-skinny"),
+}
 TRACKER_DIR = "trackers"  # under log.output_dir
 IMAGE_TRACKERS = ("tensorboard", "wandb")  # accelerate's trackers with log_images
 TABLE_TRACKERS = ("wandb",)  # with log_table; TensorBoard gets a markdown table as text instead
@@ -52,8 +56,10 @@ def report_to_problem(names: list[str]) -> str | None:
     missing = [name for name in names if not installed(name)]
     if missing:
         one = len(missing) == 1
-        return (f"{', '.join(missing)} {'is' if one else 'are'} not installed; pip install "
-                f"'flowalign[{','.join(missing)}]', or drop {'it' if one else 'them'} from log.report_to")
+        return (
+            f"{', '.join(missing)} {'is' if one else 'are'} not installed; pip install "
+            f"'flowalign[{','.join(missing)}]', or drop {'it' if one else 'them'} from log.report_to"
+        )
     return None
 
 
@@ -62,9 +68,12 @@ def init_kwargs(names: list[str], out: Path, purge_step: int | None) -> dict[str
     local files under out/trackers, and TensorBoard's purge step (events the interrupted run logged at or after it
     are hidden, as metrics.jsonl is trimmed back to the checkpoint). TensorBoard writes to out/trackers/<project>
     (accelerate's logging_dir, set by Run)."""
-    kwargs: dict[str, dict] = {"tensorboard": {} if purge_step is None else {"purge_step": purge_step},
-                               "wandb": {"name": out.name, "dir": str(out / TRACKER_DIR)},
-                               "trackio": {"name": out.name}, "mlflow": {"run_name": out.name}}
+    kwargs: dict[str, dict] = {
+        "tensorboard": {} if purge_step is None else {"purge_step": purge_step},
+        "wandb": {"name": out.name, "dir": str(out / TRACKER_DIR)},
+        "trackio": {"name": out.name},
+        "mlflow": {"run_name": out.name},
+    }
     return {name: kwargs[name] for name in names}
 
 
@@ -105,7 +114,7 @@ def flat_config(config: dict) -> dict[str, Any]:
     text (TensorBoard's hparams take none of them)."""
     flat: dict[str, Any] = {}
     for section, fields in config.items():
-        for field, value in (fields.items() if isinstance(fields, dict) else [("", fields)]):
+        for field, value in fields.items() if isinstance(fields, dict) else [("", fields)]:
             name = f"{section}.{field}" if field else section
             if isinstance(value, (list, tuple, dict)):
                 value = json.dumps(value)
@@ -117,9 +126,11 @@ def flat_config(config: dict) -> dict[str, Any]:
 
 def markdown_table(columns: list[str], rows: list[list[Any]]) -> str:
     """A markdown table (TensorBoard's text tab renders it); cells on one line, pipes escaped."""
+
     def cell(value: Any) -> str:
         text = value if isinstance(value, str) else json.dumps(value)
         return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", "<br>")
+
     lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -129,6 +140,8 @@ def completions_table(sample: dict) -> tuple[list[str], list[list[Any]]]:
     """A samples.jsonl record (`prompt`, `completions`, `rewards`: reward name -> one score per completion) as
     table columns and one row per completion."""
     names = list(sample["rewards"])
-    rows = [[sample["prompt"], completion, *(sample["rewards"][name][i] for name in names)]
-            for i, completion in enumerate(sample["completions"])]
+    rows = [
+        [sample["prompt"], completion, *(sample["rewards"][name][i] for name in names)]
+        for i, completion in enumerate(sample["completions"])
+    ]
     return ["prompt", "completion", *names], rows

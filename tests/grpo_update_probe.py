@@ -27,15 +27,28 @@ from shared.run import Run
 PROMPTS, GROUP, PROMPT_LENGTH, COMPLETION_LENGTH = 4, 3, 5, 7
 CASES = {  # name -> overrides; each splits the rollout differently over micro-batches, steps and ranks
     "grpo": ["algorithm.loss=grpo", "train.micro_batch_size=4"],
-    "dapo_two_steps_kl": ["algorithm.loss=dapo", "train.updates_per_pass=2", "train.num_iterations=2",
-                          "algorithm.kl_beta=0.1", "train.micro_batch_size=2"],
+    "dapo_two_steps_kl": [
+        "algorithm.loss=dapo",
+        "train.updates_per_pass=2",
+        "train.num_iterations=2",
+        "algorithm.kl_beta=0.1",
+        "train.micro_batch_size=2",
+    ],
     "dr_grpo_two_steps": ["algorithm.loss=dr_grpo", "train.updates_per_pass=2", "train.micro_batch_size=3"],
-    "disco_two_steps_shared_prefix": ["algorithm.loss=disco", "algorithm.shared_prefix=true",
-                                      "train.updates_per_pass=2", "train.micro_batch_size=3"],
+    "disco_two_steps_shared_prefix": [
+        "algorithm.loss=disco",
+        "algorithm.shared_prefix=true",
+        "train.updates_per_pass=2",
+        "train.micro_batch_size=3",
+    ],
     # later steps leave the old policy, so the trust region binds: on 1 process each step is 2 micro-batches (the
     # step's KL from a no-grad pass first), on 2 it is 1 per process (the KL from that forward, summed over ranks)
-    "disco_two_passes_trust_region": ["algorithm.loss=disco", "train.updates_per_pass=2", "train.num_iterations=2",
-                                      "train.micro_batch_size=3"],
+    "disco_two_passes_trust_region": [
+        "algorithm.loss=disco",
+        "train.updates_per_pass=2",
+        "train.num_iterations=2",
+        "train.micro_batch_size=3",
+    ],
 }
 
 
@@ -50,8 +63,7 @@ def fixed_rollout(seed: int = 0) -> tuple[Rollout, torch.Tensor, torch.Tensor, t
     lengths = torch.randint(1, COMPLETION_LENGTH + 1, (N,), generator=g)  # [N]
     completion_mask = (torch.arange(COMPLETION_LENGTH)[None, :] < lengths[:, None]).long()  # [N, C]
     completion_ids = torch.randint(3, 250, (N, COMPLETION_LENGTH), generator=g) * completion_mask  # [N, C]
-    rollout = Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, lengths == COMPLETION_LENGTH,
-                      [""] * N)
+    rollout = Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, lengths == COMPLETION_LENGTH, [""] * N)
     advantages = torch.randn(N, generator=g)  # [N]
     keep = torch.ones(N, dtype=torch.bool)
     keep[4] = False
@@ -63,10 +75,14 @@ def rank_rows(run: Run, rollout: Rollout, *per_row: torch.Tensor):
     """This rank's block of whole groups: its prompts and their completions, moved to its device."""
     prompts = run.block(PROMPTS)
     rows = slice(prompts.start * GROUP, prompts.stop * GROUP)
-    mine = Rollout(rollout.prompt_ids[prompts.start:prompts.stop].to(run.device),
-                   rollout.prompt_mask[prompts.start:prompts.stop].to(run.device),
-                   rollout.completion_ids[rows].to(run.device), rollout.completion_mask[rows].to(run.device),
-                   rollout.truncated[rows].to(run.device), rollout.texts[rows])
+    mine = Rollout(
+        rollout.prompt_ids[prompts.start : prompts.stop].to(run.device),
+        rollout.prompt_mask[prompts.start : prompts.stop].to(run.device),
+        rollout.completion_ids[rows].to(run.device),
+        rollout.completion_mask[rows].to(run.device),
+        rollout.truncated[rows].to(run.device),
+        rollout.texts[rows],
+    )
     return mine, *(x[rows].to(run.device) for x in per_row)
 
 
@@ -78,9 +94,17 @@ def main(out: Path, fsdp: bool = False) -> None:
         force_fsdp_on_cpu(run.accelerator)
     rollout, advantages, keep, correct = fixed_rollout()
     for name, overrides in CASES.items():
-        config = load_config(GRPOConfig, None, [f"train.prompts_per_iteration={PROMPTS}", f"train.group_size={GROUP}",
-                                                f"sampling.max_new_tokens={COMPLETION_LENGTH}",
-                                                "train.max_grad_norm=1.0", *overrides])
+        config = load_config(
+            GRPOConfig,
+            None,
+            [
+                f"train.prompts_per_iteration={PROMPTS}",
+                f"train.group_size={GROUP}",
+                f"sampling.max_new_tokens={COMPLETION_LENGTH}",
+                "train.max_grad_norm=1.0",
+                *overrides,
+            ],
+        )
         check_world_split(run, config)
         model = toy.build_model(toy.build_tokenizer(), hidden=32, layers=2, seed=0).to(run.device)
         reference = reference_policy(model, lora=False) if config.algorithm.kl_beta > 0 else None
@@ -89,8 +113,10 @@ def main(out: Path, fsdp: bool = False) -> None:
         update(run, config, model, optimizer, reference, *rank_rows(run, rollout, advantages, keep, correct))
         state = run.trainable_state(model)
         if run.is_main:
-            save_file({k: v.contiguous().cpu() for k, v in state.items()},
-                      str(out / f"{name}.world{run.world}{'.fsdp' if fsdp else ''}.safetensors"))
+            save_file(
+                {k: v.contiguous().cpu() for k, v in state.items()},
+                str(out / f"{name}.world{run.world}{'.fsdp' if fsdp else ''}.safetensors"),
+            )
         if fsdp:  # the update really ran sharded
             assert type(model).__name__ == "FullyShardedDataParallel", type(model)
     run.close()

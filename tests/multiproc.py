@@ -24,17 +24,45 @@ def launch_command(processes: int) -> list[str]:
     """The launcher prefix: `python` for 1 process, accelerate's multi-process launcher for more."""
     if processes == 1:
         return [sys.executable]
-    return [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
-            "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+    return [
+        ACCELERATE,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_cpu_threads_per_process",
+        "1",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(free_port()),
+    ]
 
 
-def run_processes(processes: int, args: list[str], timeout: float = 240, cwd: Path = REPO,
-                  env: dict | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+def run_processes(
+    processes: int,
+    args: list[str],
+    timeout: float = 240,
+    cwd: Path = REPO,
+    env: dict | None = None,
+    launcher: list[str] | None = None,
+) -> subprocess.CompletedProcess:
     """Run `python ARGS` in `processes` processes (a script path and its arguments, or `-m module ...`);
     `launcher`: other `accelerate launch` options in place of the multi-process defaults (a config file)."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                   "PYTHONPATH": str(REPO), **(env or {})}
+    environment = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO),
+        **(env or {}),
+    }
     command = ([ACCELERATE, "launch", *launcher] if launcher else launch_command(processes)) + list(args)
     return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
 

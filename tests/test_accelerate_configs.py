@@ -34,27 +34,72 @@ EXPECTED = {
     "cpu.yaml": (DistributedType.NO, 1, "no", True, {}, {}),
     "cpu_2proc.yaml": (DistributedType.MULTI_GPU, 2, "no", True, {}, {}),
     "multi_gpu.yaml": (DistributedType.MULTI_GPU, 8, "bf16", False, {}, {}),
-    "fsdp.yaml": (DistributedType.FSDP, 8, "bf16", False, {
-        "fsdp_version": 1, "fsdp_reshard_after_forward": "FULL_SHARD",
-        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-        "fsdp_state_dict_type": "FULL_STATE_DICT", "fsdp_use_orig_params": True, "fsdp_offload_params": False,
-        "fsdp_sync_module_states": False, "fsdp_cpu_ram_efficient_loading": False}, {}),
-    "deepspeed_zero2.yaml": (DistributedType.DEEPSPEED, 8, "bf16", False, {}, {
-        "zero_stage": 2, "offload_optimizer_device": "none", "offload_param_device": "none", "gradient_clipping": 1.0}),
-    "deepspeed_zero3.yaml": (DistributedType.DEEPSPEED, 8, "bf16", False, {}, {
-        "zero_stage": 3, "offload_optimizer_device": "none", "offload_param_device": "none", "gradient_clipping": 1.0,
-        "zero3_save_16bit_model": True, "zero3_init_flag": False}),
+    "fsdp.yaml": (
+        DistributedType.FSDP,
+        8,
+        "bf16",
+        False,
+        {
+            "fsdp_version": 1,
+            "fsdp_reshard_after_forward": "FULL_SHARD",
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_state_dict_type": "FULL_STATE_DICT",
+            "fsdp_use_orig_params": True,
+            "fsdp_offload_params": False,
+            "fsdp_sync_module_states": False,
+            "fsdp_cpu_ram_efficient_loading": False,
+        },
+        {},
+    ),
+    "deepspeed_zero2.yaml": (
+        DistributedType.DEEPSPEED,
+        8,
+        "bf16",
+        False,
+        {},
+        {"zero_stage": 2, "offload_optimizer_device": "none", "offload_param_device": "none", "gradient_clipping": 1.0},
+    ),
+    "deepspeed_zero3.yaml": (
+        DistributedType.DEEPSPEED,
+        8,
+        "bf16",
+        False,
+        {},
+        {
+            "zero_stage": 3,
+            "offload_optimizer_device": "none",
+            "offload_param_device": "none",
+            "gradient_clipping": 1.0,
+            "zero3_save_16bit_model": True,
+            "zero3_init_flag": False,
+        },
+    ),
 }
 
 
 def _env(**extra) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": str(REPO), **extra}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO),
+        **extra,
+    }
 
 
 def _launch(config: str, script: Path, *args: str, options: tuple = (), timeout: float = 120):
-    command = [ACCELERATE, "launch", "--config_file", str(CONFIGS / config), "--num_cpu_threads_per_process", "1",
-               *options, str(script), *args]
+    command = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(CONFIGS / config),
+        "--num_cpu_threads_per_process",
+        "1",
+        *options,
+        str(script),
+        *args,
+    ]
     result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
@@ -88,7 +133,11 @@ def test_config_fields(name):
     assert isinstance(config, ClusterConfig)
     assert config.distributed_type == distributed_type
     assert (config.num_processes, config.num_machines, config.mixed_precision, config.use_cpu) == (
-        processes, 1, precision, use_cpu)
+        processes,
+        1,
+        precision,
+        use_cpu,
+    )
     assert {k: config.fsdp_config.get(k) for k in fsdp} == fsdp
     assert {k: config.deepspeed_config.get(k) for k in deepspeed} == deepspeed
     if not fsdp:
@@ -109,17 +158,42 @@ def _tiny_models():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    qwen = lambda: Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,  # noqa: E731
-                                                num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+    qwen = lambda: Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+        )
+    )
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     return {
         "SD3Transformer2DModel": SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-            joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=8, out_channels=4,
-            pos_embed_max_size=8),
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            caption_projection_dim=16,
+            pooled_projection_dim=8,
+            out_channels=4,
+            pos_embed_max_size=8,
+        ),
         "FluxTransformer2DModel": FluxTransformer2DModel(
-            patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)),
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            pooled_projection_dim=8,
+            axes_dims_rope=(2, 2, 4),
+        ),
         "Qwen2ForCausalLM": qwen(),
         "PeftModel(Qwen2ForCausalLM)": get_peft_model(qwen(), lora),
     }
@@ -278,8 +352,13 @@ def test_fsdp_two_process_step_matches_single_process(tmp_path):
     optimizer, one more step; both equal one process without FSDP."""
     script = tmp_path / "fsdp_step.py"
     script.write_text(FSDP_SCRIPT)
-    _launch("fsdp.yaml", script, str(tmp_path / "out"), timeout=180,
-            options=("--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"))
+    _launch(
+        "fsdp.yaml",
+        script,
+        str(tmp_path / "out"),
+        timeout=180,
+        options=("--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"),
+    )
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     for tag in ("full", "lora"):
         assert report[tag]["wrapper"] == report[tag]["resumed_wrapper"] == "FullyShardedDataParallel", report

@@ -146,11 +146,16 @@ def test_sum_then_normalize_by_hand():
     # A = (-0.25, -0.25, 0.75, -0.25) / (0.433013 + eps) = (-0.577217, -0.577217, 1.731651, -0.577217)
     advantages, stats = compose_rewards(REWARDS, WEIGHTS, ONE_GROUP, mode="sum_then_normalize")
     assert_close(advantages, torch.tensor([-0.577217, -0.577217, 1.731651, -0.577217]))
-    assert stats == pytest.approx({
-        "a/mean": 0.5, "a/std": 0.5,  # (0, 1, 0, 1)
-        "b/mean": 1.5, "b/std": math.sqrt(2.75),  # (2, 0, 4, 0): deviations (.5, -1.5, 2.5, -1.5), variance 11/4
-        "total/mean": 1.25, "total/std": math.sqrt(0.1875),
-    })
+    assert stats == pytest.approx(
+        {
+            "a/mean": 0.5,
+            "a/std": 0.5,  # (0, 1, 0, 1)
+            "b/mean": 1.5,
+            "b/std": math.sqrt(2.75),  # (2, 0, 4, 0): deviations (.5, -1.5, 2.5, -1.5), variance 11/4
+            "total/mean": 1.25,
+            "total/std": math.sqrt(0.1875),
+        }
+    )
 
 
 def test_normalize_then_sum_by_hand():

@@ -4,8 +4,17 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from flowalign.samplers import (SDEConventions, SlidingWindow, branch_advantages, branch_group_ids, branch_rollout,
-                                euler_ode_step, noise_aware_weights, sde_step_with_logprob, select_branch_steps)
+from flowalign.samplers import (
+    SDEConventions,
+    SlidingWindow,
+    branch_advantages,
+    branch_group_ids,
+    branch_rollout,
+    euler_ode_step,
+    noise_aware_weights,
+    sde_step_with_logprob,
+    select_branch_steps,
+)
 from shared.advantages import group_advantages
 
 SIGMAS = torch.tensor([1.0, 0.8, 0.5, 0.25, 0.0])
@@ -23,8 +32,9 @@ def ode_from(x, start):
 
 def test_branch_bookkeeping_and_rewards_land_on_their_step():
     initial = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))  # 3 prompts
-    rollout = branch_rollout(velocity, initial, SIGMAS, [2, 0], num_branches=2,
-                             generator=torch.Generator().manual_seed(1))
+    rollout = branch_rollout(
+        velocity, initial, SIGMAS, [2, 0], num_branches=2, generator=torch.Generator().manual_seed(1)
+    )
     # rows: (step 0: branch 0 prompts 0..2, branch 1 prompts 0..2), then the same for step 2
     assert rollout.prompt_index.tolist() == [0, 1, 2, 0, 1, 2] * 2
     assert rollout.branch_step.tolist() == [0] * 6 + [2] * 6
@@ -37,11 +47,12 @@ def test_branch_bookkeeping_and_rewards_land_on_their_step():
     for row in range(12):
         k, b = rollout.branch_step[row].item(), rollout.prompt_index[row].item()
         assert_close(rollout.latents[row], prefix[k][b])
-        assert_close(rollout.final[row], ode_from(rollout.next_latents[row:row + 1], k + 1)[0])
+        assert_close(rollout.final[row], ode_from(rollout.next_latents[row : row + 1], k + 1)[0])
     # the recorded old log-probs are those of the SDE step from the prefix state
     rows = slice(6, 12)
-    _, log_prob, _, _ = sde_step_with_logprob(rollout.latents[rows], velocity(rollout.latents[rows], 0.5), 0.5, 0.25,
-                                              prev_sample=rollout.next_latents[rows])
+    _, log_prob, _, _ = sde_step_with_logprob(
+        rollout.latents[rows], velocity(rollout.latents[rows], 0.5), 0.5, 0.25, prev_sample=rollout.next_latents[rows]
+    )
     assert_close(log_prob, rollout.log_probs[rows])
     assert not torch.equal(rollout.next_latents[0], rollout.next_latents[3])  # the K branches differ
     assert rollout.nfe == 3 + (4 - 0 - 1) + (4 - 2 - 1)  # prefix to step 2, then each branch's ODE tail
@@ -120,15 +131,20 @@ def test_noise_aware_weights_by_hand():
     assert_close(noise_aware_weights(sigmas, [0, 1, 2], 0.7), torch.tensor([1.1970168, 0.8029832, 0.4292126]))
     # trained_steps (the first form): renormalised over the trained steps; equal when all noisy steps train
     assert_close(noise_aware_weights(sigmas, [1], 0.7, normalization="trained_steps"), torch.tensor([1.0]))
-    assert_close(noise_aware_weights(sigmas, [0, 1], 0.7, normalization="trained_steps"),
-                 torch.tensor([1.1970168, 0.8029832]))
+    assert_close(
+        noise_aware_weights(sigmas, [0, 1], 0.7, normalization="trained_steps"), torch.tensor([1.1970168, 0.8029832])
+    )
     # the first form in full (next_sigma at sigma = 1: sigma_t = 0.7 sqrt(0.6 / 0.4), std 0.5422177):
     # steps [0, 1]: mean std 0.5058960 -> 1.0717968, 0.9282032; [0, 1, 2]: mean 0.4209300 -> 1.2881422, ...
     first_form = SDEConventions(sigma_one="next_sigma")
-    assert_close(noise_aware_weights(sigmas, [0, 1], 0.7, normalization="trained_steps", conventions=first_form),
-                 torch.tensor([1.0717968, 0.9282032]))
-    assert_close(noise_aware_weights(sigmas, [0, 1, 2], 0.7, normalization="trained_steps", conventions=first_form),
-                 torch.tensor([1.2881422, 1.1155639, 0.5962940]))
+    assert_close(
+        noise_aware_weights(sigmas, [0, 1], 0.7, normalization="trained_steps", conventions=first_form),
+        torch.tensor([1.0717968, 0.9282032]),
+    )
+    assert_close(
+        noise_aware_weights(sigmas, [0, 1, 2], 0.7, normalization="trained_steps", conventions=first_form),
+        torch.tensor([1.2881422, 1.1155639, 0.5962940]),
+    )
     # CPS: std = sigma_next sin(a pi / 2), proportional to sigma_next: 0.6, 0.3 (mean 0.45) -> 4/3, 2/3
     assert_close(noise_aware_weights(sigmas, [0, 1], 0.7, "cps"), torch.tensor([4 / 3, 2 / 3]))
     assert_close(noise_aware_weights(sigmas, [1], 0.7, "cps"), torch.tensor([2 / 3]))

@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from shared.checkpoint import (flatten_state, latest_checkpoint, load_state, open_output_dir, rng_state,
-                               save_checkpoint, set_rng_state, unflatten_state)
+from shared.checkpoint import (
+    flatten_state,
+    latest_checkpoint,
+    load_state,
+    open_output_dir,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unflatten_state,
+)
 
 
 def test_optimizer_state_round_trips_exactly(tmp_path):
@@ -151,15 +159,22 @@ def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, 
             if filename.endswith("trainable.safetensors"):
                 no_space(filename)
             real(tensors, filename)
+
         monkeypatch.setattr(checkpoint_module, "save_file", save_file)
-        expected = (f"cannot write checkpoint {root / 'step-000002'} (No space left on device: "
-                    f"{root / 'step-000002' / 'trainable.safetensors'}); {root / 'step-000001'} is intact and "
-                    f"--resume starts from it")
+        expected = (
+            f"cannot write checkpoint {root / 'step-000002'} (No space left on device: "
+            f"{root / 'step-000002' / 'trainable.safetensors'}); {root / 'step-000001'} is intact and "
+            f"--resume starts from it"
+        )
     elif failing == "tokenizer.json":  # tokenizers (Rust) raises a plain Exception on a full disk (seen here)
+
         def extra_writer(directory):
             raise Exception("No space left on device (os error 28)")
-        expected = (f"cannot write checkpoint {root / 'step-000002'} (No space left on device); "
-                    f"{root / 'step-000001'} is intact and --resume starts from it")
+
+        expected = (
+            f"cannot write checkpoint {root / 'step-000002'} (No space left on device); "
+            f"{root / 'step-000001'} is intact and --resume starts from it"
+        )
     else:
         real_write = Path.write_text
 
@@ -167,11 +182,17 @@ def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, 
             if self.name.startswith(".latest.tmp-"):
                 no_space(self)
             return real_write(self, *args, **kwargs)
+
         monkeypatch.setattr(Path, "write_text", write_text)
         expected = None
     with pytest.raises(checkpoint_module.WriteError) as error:
-        save_checkpoint(root, 2, {"trainer": {"step": 2}, "trainable": {"w": torch.zeros(3)}}, keep_last=1,
-                        extra_writer=extra_writer if failing == "tokenizer.json" else None)
+        save_checkpoint(
+            root,
+            2,
+            {"trainer": {"step": 2}, "trainable": {"w": torch.zeros(3)}},
+            keep_last=1,
+            extra_writer=extra_writer if failing == "tokenizer.json" else None,
+        )
     message = str(error.value)
     assert "\n" not in message and "No space left on device" in message
     if expected is not None:
@@ -200,8 +221,13 @@ def test_a_real_write_failure_inside_safetensors_is_reported_the_same(tmp_path):
             print(error)
         print(latest_checkpoint(root).name, float(load_state(latest_checkpoint(root), "trainable")["w"].sum()))
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[1])
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     error_line, state_line = done.stdout.splitlines()
     step_2 = tmp_path / "checkpoints" / "step-000002"
@@ -229,6 +255,7 @@ def test_a_link_is_repointed_atomically_with_latest_before_pruning(tmp_path, mon
         if Path(dst) == run_dir / "final":
             seen_at_swap.append((run_dir / "final" / "step").read_text())
         real_replace(src, dst)
+
     monkeypatch.setattr(checkpoint_module.os, "replace", replace)
     save_checkpoint(root, 2, {"trainer": {"step": 2}}, keep_last=1, extra_writer=with_model(2), link=link)
     assert seen_at_swap == ["1"]  # the old link was still in place, not unlinked first

@@ -66,7 +66,11 @@ def test_bad_values_name_the_field(overrides, message):
 
 
 def test_parse_overrides_nests_and_parses_yaml():
-    assert parse_overrides(["a.b.c=1", "a.d=x", "e=[1, 2]", "f="]) == {"a": {"b": {"c": 1}, "d": "x"}, "e": [1, 2], "f": ""}
+    assert parse_overrides(["a.b.c=1", "a.d=x", "e=[1, 2]", "f="]) == {
+        "a": {"b": {"c": 1}, "d": "x"},
+        "e": [1, 2],
+        "f": "",
+    }
 
 
 def test_missing_file_and_describe(tmp_path):
@@ -79,7 +83,8 @@ def test_missing_file_and_describe(tmp_path):
 
 def test_exit_code_2_and_no_traceback(tmp_path):
     script = tmp_path / "cli.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import sys
         from shared.config import ConfigError, exit_on_config_error, load_config
         from tests.test_config import Recipe
@@ -87,12 +92,20 @@ def test_exit_code_2_and_no_traceback(tmp_path):
             load_config(Recipe, None, sys.argv[1:])
         except ConfigError as error:
             exit_on_config_error(error)
-    """))
+    """)
+    )
     root = str(Path(__file__).parents[1])
-    result = subprocess.run([sys.executable, str(script), "group_size=x"], capture_output=True, text=True,
-                            cwd=root, env={**os.environ, "PYTHONPATH": root})
+    result = subprocess.run(
+        [sys.executable, str(script), "group_size=x"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root},
+    )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["config error: config field 'group_size': expected an integer, got 'x' (str)"]
+    assert result.stderr.strip().splitlines() == [
+        "config error: config field 'group_size': expected an integer, got 'x' (str)"
+    ]
 
 
 def test_a_bare_yaml_no_reads_as_the_literal_no(tmp_path):
@@ -146,8 +159,9 @@ def test_a_mapping_override_replaces_the_yaml_mapping_in_both_front_ends(front_e
     config = load_config(recipe, path, [f"reward.weights.{kept}=2"])
     assert len(config.reward.weights) == 2 and config.reward.weights[kept] == 2.0
     # overrides apply in order: replace, then add one entry
-    config = load_config(recipe, path, [f"reward.weights={{{kept}: 1}}", f"{companion}={{}}",
-                                        f"reward.weights.{kept}=4"])
+    config = load_config(
+        recipe, path, [f"reward.weights={{{kept}: 1}}", f"{companion}={{}}", f"reward.weights.{kept}=4"]
+    )
     assert config.reward.weights == {kept: 4.0}
 
 
@@ -155,10 +169,13 @@ def test_a_mapping_override_replaces_the_yaml_mapping_in_both_front_ends(front_e
 def test_describe_says_a_mapping_override_replaces_it(front_end):
     recipe = front_ends()[front_end][0]
     line = next(line for line in describe(recipe) if line.startswith("reward.weights "))
-    assert "an override replaces the whole mapping (reward.weights={a: 1} keeps a alone, reward.weights={} empties " \
-           "it); reward.weights.KEY=value sets one entry" in line
-    assert not any("replaces the whole mapping" in line for line in describe(recipe)
-                   if line.startswith(("train.", "sampling.")))  # only mapping-typed fields carry the note
+    assert (
+        "an override replaces the whole mapping (reward.weights={a: 1} keeps a alone, reward.weights={} empties "
+        "it); reward.weights.KEY=value sets one entry" in line
+    )
+    assert not any(
+        "replaces the whole mapping" in line for line in describe(recipe) if line.startswith(("train.", "sampling."))
+    )  # only mapping-typed fields carry the note
 
 
 def test_a_section_override_sets_only_the_fields_it_names(tmp_path):
@@ -178,10 +195,15 @@ def test_a_yaml_key_given_twice_is_refused_with_its_lines(tmp_path):
     path.write_text("optim:\n  lr: 0.1\n  lr: 0.2\n")
     with pytest.raises(ConfigError) as info:
         load_config(Recipe, path)
-    assert str(info.value) == (f"--config {path}: not valid YAML (line 3: key 'lr' is given twice (first on line 2); "
-                               f"keep one (YAML would silently use the last))")
-    with pytest.raises(ConfigError, match=r"override 'weights=\{a: 1, a: 2\}': value is not valid YAML \(key 'a' is "
-                                          r"given twice"):
+    assert str(info.value) == (
+        f"--config {path}: not valid YAML (line 3: key 'lr' is given twice (first on line 2); "
+        f"keep one (YAML would silently use the last))"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"override 'weights=\{a: 1, a: 2\}': value is not valid YAML \(key 'a' is "
+        r"given twice",
+    ):
         load_config(Recipe, None, ["weights={a: 1, a: 2}"])
     path.write_text("base: &base {lr: 0.1}\noptim:\n  <<: *base\n  lr: 0.2\n")  # a merge key may repeat on purpose
     with pytest.raises(ConfigError, match="unknown config field 'base'"):  # read, then refused for its field alone
@@ -209,14 +231,19 @@ RENAMED = [  # (front end, old key=value as a YAML line under its section, the o
     ("llm", "reward", "params: {format: {}}", "config field 'reward.params' was renamed; use 'reward.kwargs'"),
     ("flow", "reward", "params: {}", "config field 'reward.params' was renamed; use 'reward.kwargs'"),
     ("llm", "algorithm", "eps_low: 0.2", "config field 'algorithm.eps_low' was renamed; use 'algorithm.clip_range'"),
-    ("llm", "algorithm", "eps_high: 0.28",
-     "config field 'algorithm.eps_high' was renamed; use 'algorithm.clip_range_high'"),
+    (
+        "llm",
+        "algorithm",
+        "eps_high: 0.28",
+        "config field 'algorithm.eps_high' was renamed; use 'algorithm.clip_range_high'",
+    ),
     ("llm", "algorithm", "beta: 0.04", "config field 'algorithm.beta' was renamed; use 'algorithm.kl_beta'"),
 ]
 
 
-@pytest.mark.parametrize("front_end, section, line, message", RENAMED, ids=[r[2].split(":")[0] + "-" + r[0]
-                                                                             for r in RENAMED])
+@pytest.mark.parametrize(
+    "front_end, section, line, message", RENAMED, ids=[r[2].split(":")[0] + "-" + r[0] for r in RENAMED]
+)
 def test_a_renamed_field_names_its_new_name_in_yaml_and_override(front_end, section, line, message, tmp_path):
     from flowalign.config import FlowGRPOConfig
     from llmalign.config import GRPOConfig
@@ -236,9 +263,17 @@ def test_the_new_names_load_and_dpo_keeps_its_beta():
     from llmalign.config import GRPOConfig
     from llmalign.dpo_config import DPOConfig
 
-    config = load_config(GRPOConfig, None, ["reward.weights={format: 1.0, cosine_length: 1.0}",
-                                            "reward.kwargs.cosine_length={max_length: 64}", "algorithm.loss=dapo",
-                                            "algorithm.clip_range=0.1", "algorithm.kl_beta=0.04"])
+    config = load_config(
+        GRPOConfig,
+        None,
+        [
+            "reward.weights={format: 1.0, cosine_length: 1.0}",
+            "reward.kwargs.cosine_length={max_length: 64}",
+            "algorithm.loss=dapo",
+            "algorithm.clip_range=0.1",
+            "algorithm.kl_beta=0.04",
+        ],
+    )
     a = config.algorithm
     assert (config.reward.kwargs, a.clip_range, a.kl_beta) == ({"cosine_length": {"max_length": 64}}, 0.1, 0.04)
     assert a.effective_clip_range_high == 0.28  # dapo's clip-higher when clip_range_high is null
@@ -252,7 +287,12 @@ def test_the_new_names_load_and_dpo_keeps_its_beta():
 @pytest.mark.parametrize("command", [["-m", "llmalign", "grpo"], ["-m", "flowalign.train"]])
 def test_a_renamed_field_is_one_line_and_exit_2_from_the_command_line(command):
     root = str(Path(__file__).parents[1])
-    result = subprocess.run([sys.executable, *command, "reward.params={}"], capture_output=True, text=True, cwd=root,
-                            env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, *command, "reward.params={}"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 2
     assert result.stderr.splitlines() == ["config error: config field 'reward.params' was renamed; use 'reward.kwargs'"]

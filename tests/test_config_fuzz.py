@@ -43,13 +43,17 @@ def generated_overrides(count, seed=0, recipe=FlowGRPOConfig):
 @pytest.mark.parametrize("chunk", range(4))
 def test_fuzzed_configs_get_clean_errors(recipe, chunk):
     refused = 0
-    for overrides in list(generated_overrides(400, seed=7, recipe=recipe))[chunk * 100:(chunk + 1) * 100]:
+    for overrides in list(generated_overrides(400, seed=7, recipe=recipe))[chunk * 100 : (chunk + 1) * 100]:
         try:
             load_config(recipe, None, VALID_BASE.get(recipe, []) + overrides)
         except ConfigError as error:
             message = str(error)
-            assert "\n" not in message and ("config field" in message or "override" in message or "unknown" in message
-                                             or "config section" in message), message
+            assert "\n" not in message and (
+                "config field" in message
+                or "override" in message
+                or "unknown" in message
+                or "config section" in message
+            ), message
             refused += 1
     # a few generated values are valid by chance (e.g. train.seed=0, data.prompts=[]... is refused); most are refused
     assert refused >= 85, refused

@@ -19,10 +19,13 @@ GROUPS = torch.tensor([0, 0, 0, 0])
 MASK = torch.ones(4, 2)
 
 
-@pytest.mark.parametrize("tau, soft_max", [
-    (1.0, math.log((math.exp(-2) + math.exp(-4)) / 2)),  # log(0.0768255) = -2.566219
-    (10.0, 10 * math.log((math.exp(-0.2) + math.exp(-0.4)) / 2)),  # 10 * log(0.7445255) = -2.950112
-])
+@pytest.mark.parametrize(
+    "tau, soft_max",
+    [
+        (1.0, math.log((math.exp(-2) + math.exp(-4)) / 2)),  # log(0.0768255) = -2.566219
+        (10.0, 10 * math.log((math.exp(-0.2) + math.exp(-0.4)) / 2)),  # 10 * log(0.7445255) = -2.950112
+    ],
+)
 def test_objective_by_hand(tau, soft_max):
     loss, metrics = disco_loss(LOGP, LOGP, MASK, CORRECT, GROUPS, tau=tau)
     assert_close(loss, torch.tensor(-(-2.0 - soft_max)))  # J = mean s+ - soft max of s-
@@ -88,8 +91,9 @@ def test_trust_region_covers_every_completion():
     assert_close(loss - base, torch.tensor(500 * (kl - 1e-4) ** 2))  # (1e3 / 2) * 0.0065667^2 = 0.0215606
     # a batch without any mixed question is still held in the trust region: the hinge alone pulls it back
     moved = torch.full((2, 2), -1.0, requires_grad=True)
-    alone, _ = disco_loss(moved, torch.full((2, 2), -0.98), torch.ones(2, 2), torch.tensor([True, True]),
-                          torch.tensor([0, 0]))
+    alone, _ = disco_loss(
+        moved, torch.full((2, 2), -0.98), torch.ones(2, 2), torch.tensor([True, True]), torch.tensor([0, 0])
+    )
     alone.backward()
     # d/dlogp of (beta/2)(K - delta)^2 with K = mean(old - logp) over 4 tokens: -beta (K - delta) / 4
     assert_close(alone, torch.tensor(500 * (0.02 - 1e-4) ** 2))
@@ -105,8 +109,14 @@ def test_a_dropped_completion_is_no_answer():
     assert_close(loss, kept)
     assert metrics == kept_metrics
     # and a question whose completions are all dropped is not counted
-    both, _ = disco_loss(torch.cat([LOGP, LOGP]), torch.cat([LOGP, LOGP]), torch.cat([MASK, torch.zeros(4, 2)]),
-                         torch.cat([CORRECT, CORRECT]), torch.tensor([0] * 4 + [1] * 4), tau=1.0)
+    both, _ = disco_loss(
+        torch.cat([LOGP, LOGP]),
+        torch.cat([LOGP, LOGP]),
+        torch.cat([MASK, torch.zeros(4, 2)]),
+        torch.cat([CORRECT, CORRECT]),
+        torch.tensor([0] * 4 + [1] * 4),
+        tau=1.0,
+    )
     assert_close(both, disco_loss(LOGP, LOGP, MASK, CORRECT, GROUPS, tau=1.0)[0])
 
 
@@ -135,8 +145,17 @@ def test_parts_with_the_batch_kl_sum_to_the_whole_batch(score, parts):
     total = 0.0
     for questions in parts:
         rows = torch.cat([torch.arange(q * G, (q + 1) * G) for q in questions])
-        loss, metrics = disco_loss(part_logp[rows], old[rows], mask[rows], correct[rows], groups[rows],
-                                   questions=4, kl_tokens=float(mask.sum()), batch_kl=batch_kl, **kwargs)
+        loss, metrics = disco_loss(
+            part_logp[rows],
+            old[rows],
+            mask[rows],
+            correct[rows],
+            groups[rows],
+            questions=4,
+            kl_tokens=float(mask.sum()),
+            batch_kl=batch_kl,
+            **kwargs,
+        )
         loss.backward()
         total = total + loss.detach()
         assert metrics["trust_region_kl"] == batch_kl
@@ -171,6 +190,8 @@ def test_micro_batches_weighted_by_denominator_equal_the_batch(aggregation):
     assert total == {"grpo": 4, "dapo": 10, "dr_grpo": 5}[aggregation]  # rows with tokens / tokens / rows
     parts = 0.0
     for rows in (slice(0, 2), slice(2, 5)):
-        part, _ = clipped_policy_loss(logp[rows], old[rows], adv[rows], mask[rows], aggregation=aggregation, max_length=4)
+        part, _ = clipped_policy_loss(
+            logp[rows], old[rows], adv[rows], mask[rows], aggregation=aggregation, max_length=4
+        )
         parts = parts + part * aggregation_denominator(aggregation, mask[rows]) / total
     assert_close(parts, full)

@@ -33,9 +33,16 @@ def no_weights(monkeypatch, tmp_path):
     def refuse(*args, **kwargs):
         raise WeightsLoaded(f"a dry run loaded weights: {args[:2]}")
 
-    for owner in (transformers.PreTrainedModel, _BaseAutoModelClass, transformers.AutoModelForCausalLM,
-                  transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoProcessor,
-                  diffusers.DiffusionPipeline, diffusers.ModelMixin):  # each Auto class has its own copy
+    for owner in (
+        transformers.PreTrainedModel,
+        _BaseAutoModelClass,
+        transformers.AutoModelForCausalLM,
+        transformers.AutoConfig,
+        transformers.AutoTokenizer,
+        transformers.AutoProcessor,
+        diffusers.DiffusionPipeline,
+        diffusers.ModelMixin,
+    ):  # each Auto class has its own copy
         monkeypatch.setattr(owner, "from_pretrained", classmethod(refuse))
     monkeypatch.setattr(open_clip, "create_model_and_transforms", refuse)
     monkeypatch.setattr(safetensors.torch, "load_file", refuse)
@@ -49,10 +56,13 @@ def write_flow_prompts(root: Path) -> None:
     """The prompt files the real-model recipes name (their headers say where the real ones come from)."""
     from flowalign.prompts import ocr_prompts
 
-    files = {"data/pickscore/train.txt": ["a cat on a sofa", "a red bicycle", "a lighthouse at dusk"],
-             "data/pickscore/test.txt": ["a bowl of fruit"],
-             "data/hpdv2/train.txt": ["a castle in the clouds", "an astronaut riding a horse"],
-             "data/ocr/train.txt": ocr_prompts("train"), "data/ocr/test.txt": ocr_prompts("eval")}
+    files = {
+        "data/pickscore/train.txt": ["a cat on a sofa", "a red bicycle", "a lighthouse at dusk"],
+        "data/pickscore/test.txt": ["a bowl of fruit"],
+        "data/hpdv2/train.txt": ["a castle in the clouds", "an astronaut riding a horse"],
+        "data/ocr/train.txt": ocr_prompts("train"),
+        "data/ocr/test.txt": ocr_prompts("eval"),
+    }
     for name, lines in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text("\n".join(lines) + "\n")
@@ -61,8 +71,10 @@ def write_flow_prompts(root: Path) -> None:
 def write_pairs(root: Path, count: int) -> None:
     """configs/llm/arith_dpo.yaml reads runs/arith_pairs.jsonl (made by `llmalign pairs`)."""
     (root / "runs").mkdir(exist_ok=True)
-    rows = [{"prompt": f"{i}+1=", "chosen": f"<answer>{i + 1}</answer>", "rejected": "<answer>0</answer>"}
-            for i in range(count)]
+    rows = [
+        {"prompt": f"{i}+1=", "chosen": f"<answer>{i + 1}</answer>", "rejected": "<answer>0</answer>"}
+        for i in range(count)
+    ]
     (root / "runs/arith_pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
@@ -70,8 +82,7 @@ def plan(capsys) -> dict[str, str]:
     """The printed plan as name -> value."""
     out = capsys.readouterr().out
     assert out.startswith("dry run:"), out
-    return {name.strip(): value.strip() for name, _, value in
-            (line.partition(" : ") for line in out.splitlines()[1:])}
+    return {name.strip(): value.strip() for name, _, value in (line.partition(" : ") for line in out.splitlines()[1:])}
 
 
 def exit_code(run, argv) -> int:
@@ -92,7 +103,7 @@ def test_every_flow_recipe_passes_dry_run(recipe, no_weights, capsys):
 FLOW_NUMBERS = [
     ("sd35_medium_pickscore.yaml", 8, 48, 24, 1000 * 2, 48 * 24 * 9),  # 9 noisy steps of 10, all trained
     ("sd35_medium_ocr.yaml", 4, 48, 24, 1000 * 2, 48 * 24 * 9),
-    ("flux_dev_mixgrpo.yaml", 4, 32, 12, 300 * 4, 32 * 12 * 4),        # a window of 4 of the 24 noisy steps
+    ("flux_dev_mixgrpo.yaml", 4, 32, 12, 300 * 4, 32 * 12 * 4),  # a window of 4 of the 24 noisy steps
     ("flow_grpo.yaml", 2, 10, 8, 200 * 2, 10 * 8 * 9),
 ]
 
@@ -129,12 +140,15 @@ def test_flow_plan_reports_the_paper_settings(no_weights, capsys):
     assert rows["eval prompts"] == "924 prompts from data/ocr/test.txt"
 
 
-@pytest.mark.parametrize("override,field", [
-    ("model.path=org//bad id", "model.path"),            # neither a local path nor a hub id
-    ("model.path=./no_such_pipeline", "model.path"),      # a local path that is missing
-    ("data.prompts_file=missing.txt", "data.prompts_file"),
-    ("data.prompts_dataset=bad//id", "data.prompts_dataset"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("model.path=org//bad id", "model.path"),  # neither a local path nor a hub id
+        ("model.path=./no_such_pipeline", "model.path"),  # a local path that is missing
+        ("data.prompts_file=missing.txt", "data.prompts_file"),
+        ("data.prompts_dataset=bad//id", "data.prompts_dataset"),
+    ],
+)
 def test_flow_dry_run_refuses_bad_sources(override, field, no_weights, capsys):
     code = exit_code(flow_main, ["--config", str(REPO / "configs/flow/flow_grpo.yaml"), "--dry-run", override])
     err = capsys.readouterr().err
@@ -145,19 +159,41 @@ def test_flow_dry_run_reports_a_hub_prompt_dataset_without_loading_it(no_weights
     import datasets
 
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("a dry run downloaded a dataset"))
-    flow_main(["--config", str(REPO / "configs/flow/flow_grpo.yaml"), "--dry-run", "data.prompts_dataset=org/prompts",
-               "data.prompts_column=caption"])
-    assert plan(capsys)["train prompts"] == ("hub dataset org/prompts, split train, column caption "
-                                             "(form checked, not downloaded)")
+    flow_main(
+        [
+            "--config",
+            str(REPO / "configs/flow/flow_grpo.yaml"),
+            "--dry-run",
+            "data.prompts_dataset=org/prompts",
+            "data.prompts_column=caption",
+        ]
+    )
+    assert plan(capsys)["train prompts"] == (
+        "hub dataset org/prompts, split train, column caption (form checked, not downloaded)"
+    )
 
 
 def test_flow_dry_run_checks_reward_signatures(no_weights, capsys):
     write_flow_prompts(no_weights)
-    code = exit_code(flow_main, ["--config", str(REPO / "configs/flow/flow_grpo.yaml"), "--dry-run",
-                                 "reward.weights={flowalign.rewards.models:no_such_reward: 1.0}"])
+    code = exit_code(
+        flow_main,
+        [
+            "--config",
+            str(REPO / "configs/flow/flow_grpo.yaml"),
+            "--dry-run",
+            "reward.weights={flowalign.rewards.models:no_such_reward: 1.0}",
+        ],
+    )
     assert code == 3 and "no_such_reward" in capsys.readouterr().err
-    code = exit_code(flow_main, ["--config", str(REPO / "configs/flow/sd35_medium_pickscore.yaml"), "--dry-run",
-                                 "reward.kwargs={flowalign.rewards.models:pickscore: {model: x, colour: red}}"])
+    code = exit_code(
+        flow_main,
+        [
+            "--config",
+            str(REPO / "configs/flow/sd35_medium_pickscore.yaml"),
+            "--dry-run",
+            "reward.kwargs={flowalign.rewards.models:pickscore: {model: x, colour: red}}",
+        ],
+    )
     assert code == 3 and "colour" in capsys.readouterr().err  # the factory refuses the argument, before any model
 
 
@@ -170,8 +206,8 @@ def test_every_llm_recipe_passes_dry_run(recipe, no_weights, capsys):
 
 # (recipe, prompts, group, optimizer steps): worked out from each YAML by hand
 LLM_NUMBERS = [
-    ("open_rs_1.5b.yaml", 12, 6, 500),                  # 500 iterations x 1 pass x 1 update
-    ("qwen2.5_math_dapo.yaml", 512, 16, 540 * 16),      # 512 / 32 = 16 updates per rollout
+    ("open_rs_1.5b.yaml", 12, 6, 500),  # 500 iterations x 1 pass x 1 update
+    ("qwen2.5_math_dapo.yaml", 512, 16, 540 * 16),  # 512 / 32 = 16 updates per rollout
     ("arith.yaml", 32, 8, 300),
 ]
 
@@ -191,8 +227,9 @@ def test_grpo_plan_reports_hub_sources_and_rewards(no_weights, capsys):
     llm_main(["grpo", "--config", str(REPO / "configs/llm/open_rs_1.5b.yaml"), "--dry-run"])
     rows = plan(capsys)
     assert rows["model"].startswith("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B (hub id: form checked, not downloaded")
-    assert rows["train data"].startswith("hub dataset knoveleng/open-rs, split train, columns prompt <- problem, "
-                                         "answer <- answer")
+    assert rows["train data"].startswith(
+        "hub dataset knoveleng/open-rs, split train, columns prompt <- problem, answer <- answer"
+    )
     assert rows["rewards"].startswith("format x 1; cosine_length x 2")  # experiment 3: cosine replaces accuracy
     assert rows["tokens"] == "prompt <= 512, completion <= 3584 (temperature 0.7)"
     assert rows["optimizer"] == "AdamW lr 1e-06, weight decay 0"
@@ -216,13 +253,16 @@ def test_dpo_plan_steps_from_the_pairs(no_weights, capsys, monkeypatch):
     assert rows["global batch"] == "32 pairs per optimizer step" and rows["per process"] == "16 pairs"
 
 
-@pytest.mark.parametrize("command,override,field,code", [
-    ("grpo", "model.path=org//bad id", "model.path", 2),
-    ("grpo", "model.path=./no_such_model", "model.path", 2),
-    ("grpo", "data.path=bad//id", "data.path", 2),
-    ("grpo", "reward.weights={mypkg_missing.rewards:score: 1.0}", "mypkg_missing", 3),
-    ("dpo", "model.path=/no/such/model", "model.path", 2),
-])
+@pytest.mark.parametrize(
+    "command,override,field,code",
+    [
+        ("grpo", "model.path=org//bad id", "model.path", 2),
+        ("grpo", "model.path=./no_such_model", "model.path", 2),
+        ("grpo", "data.path=bad//id", "data.path", 2),
+        ("grpo", "reward.weights={mypkg_missing.rewards:score: 1.0}", "mypkg_missing", 3),
+        ("dpo", "model.path=/no/such/model", "model.path", 2),
+    ],
+)
 def test_llm_dry_run_refuses_bad_sources(command, override, field, code, no_weights, capsys):
     write_pairs(no_weights, 10)
     recipe = "arith_dpo.yaml" if command == "dpo" else "arith.yaml"
@@ -241,6 +281,7 @@ def test_the_weight_guard_would_catch_a_load(no_weights):
         from flowalign.rewards.models import pickscore
 
         import torch
+
         pickscore("yuvalkirstain/PickScore_v1")(torch.zeros(1, 3, 8, 8), ["a cat"], [{}])
 
 
@@ -263,11 +304,26 @@ def test_sd35_lora_targets_name_sd3_modules(recipe):
 
 def test_dry_runs_check_eval_rewards(no_weights, capsys):
     """eval.rewards are reward signatures too: a missing one is exit 3 in both front ends, before any weights."""
-    code = exit_code(flow_main, ["--config", str(REPO / "configs/flow/flow_grpo.yaml"), "--dry-run",
-                                 "eval.rewards={flowalign.rewards.models:no_such_scorer: {}}"])
+    code = exit_code(
+        flow_main,
+        [
+            "--config",
+            str(REPO / "configs/flow/flow_grpo.yaml"),
+            "--dry-run",
+            "eval.rewards={flowalign.rewards.models:no_such_scorer: {}}",
+        ],
+    )
     assert code == 3 and "no_such_scorer" in capsys.readouterr().err
-    code = exit_code(llm_main, ["grpo", "--config", str(REPO / "configs/llm/arith.yaml"), "--dry-run",
-                                "eval.rewards={mypkg_missing.rewards:score: {}}"])
+    code = exit_code(
+        llm_main,
+        [
+            "grpo",
+            "--config",
+            str(REPO / "configs/llm/arith.yaml"),
+            "--dry-run",
+            "eval.rewards={mypkg_missing.rewards:score: {}}",
+        ],
+    )
     assert code == 3 and "eval.rewards" in capsys.readouterr().err
     llm_main(["grpo", "--config", str(REPO / "configs/llm/arith.yaml"), "--dry-run", "eval.rewards={format: {}}"])
     assert plan(capsys)["eval rewards"] == "format"

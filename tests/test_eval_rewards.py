@@ -23,8 +23,9 @@ def records(out) -> list[dict]:
 
 def test_flow_eval_reward_is_scored_on_the_eval_samples_only(tiny_pipeline_dir, tmp_path):  # noqa: F811
     out = tmp_path / "run"
-    result = train(tiny_config(tiny_pipeline_dir, out, "train.iterations=1",
-                               f"eval.rewards={{{HELD_OUT}: {{quality: 95}}}}"))
+    result = train(
+        tiny_config(tiny_pipeline_dir, out, "train.iterations=1", f"eval.rewards={{{HELD_OUT}: {{quality: 95}}}}")
+    )
     logged = records(out)
     assert [r["iteration"] for r in logged] == [0, 1]
     for record in logged:  # before training and after its iteration
@@ -34,15 +35,31 @@ def test_flow_eval_reward_is_scored_on_the_eval_samples_only(tiny_pipeline_dir, 
     assert set(result["after"]) == {f"eval/{TRAINED}", f"eval/{HELD_OUT}"}
 
 
-@pytest.mark.parametrize("entry, code, message", [
-    ("{nomodule: {}}", 2, "config error: config field 'eval.rewards': "),
-    (f"{{{TRAINED}: {{}}}}", 2, f"config error: config field 'eval.rewards': ['{TRAINED}'] already in reward.weights"),
-    ("{flowalign.no_such_module:score: {}}", 3, "reward error: eval.rewards: reward 'flowalign.no_such_module:score'"
-                                                ": cannot import module"),
-    (f"{{{HELD_OUT}: {{colour: 1}}}}", 3, f"reward error: eval.rewards: reward '{HELD_OUT}': calling it with"),
-])
-def test_flow_bad_eval_reward_stops_before_training_with_one_line(tiny_pipeline_dir, tmp_path, capsys,  # noqa: F811
-                                                                 entry, code, message):
+@pytest.mark.parametrize(
+    "entry, code, message",
+    [
+        ("{nomodule: {}}", 2, "config error: config field 'eval.rewards': "),
+        (
+            f"{{{TRAINED}: {{}}}}",
+            2,
+            f"config error: config field 'eval.rewards': ['{TRAINED}'] already in reward.weights",
+        ),
+        (
+            "{flowalign.no_such_module:score: {}}",
+            3,
+            "reward error: eval.rewards: reward 'flowalign.no_such_module:score': cannot import module",
+        ),
+        (f"{{{HELD_OUT}: {{colour: 1}}}}", 3, f"reward error: eval.rewards: reward '{HELD_OUT}': calling it with"),
+    ],
+)
+def test_flow_bad_eval_reward_stops_before_training_with_one_line(
+    tiny_pipeline_dir,
+    tmp_path,
+    capsys,  # noqa: F811
+    entry,
+    code,
+    message,
+):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stopped:
         flow_main(tiny_overrides(tiny_pipeline_dir, out, "train.iterations=1", f"eval.rewards={entry}"))
@@ -62,9 +79,18 @@ def test_llm_eval_rewards_score_the_greedy_held_out_completions(tiny_lm_dir, tmp
 
     chars = "tests.test_llm_grpo:char_count_reward"  # len(completion) / 64, also a training reward there
     accuracy = "llmalign.rewards:accuracy_reward"  # the matching the held-out accuracy uses
-    llm_main(["grpo", *llm_overrides(tiny_lm_dir, tmp_path, "train.iterations=1",
-                                     "reward.weights={accuracy: 1.0}",
-                                     f"eval.rewards={{{chars}: {{}}, {accuracy}: {{}}, format: {{}}}}")])
+    llm_main(
+        [
+            "grpo",
+            *llm_overrides(
+                tiny_lm_dir,
+                tmp_path,
+                "train.iterations=1",
+                "reward.weights={accuracy: 1.0}",
+                f"eval.rewards={{{chars}: {{}}, {accuracy}: {{}}, format: {{}}}}",
+            ),
+        ]
+    )
     logged = records(tmp_path)
     assert [r["iteration"] for r in logged] == [0, 1]
     rows = load_rows(str(tiny_lm_dir / "test.jsonl"))[:4]  # data.eval_size=4
@@ -78,17 +104,35 @@ def test_llm_eval_rewards_score_the_greedy_held_out_completions(tiny_lm_dir, tmp
     assert not any(key.startswith(f"reward/{chars}") for key in logged[1])  # not trained on
 
 
-@pytest.mark.parametrize("entry, code, message", [
-    ("{accuracy: {}}", 2, "config error: config field 'eval.rewards': 'accuracy': the held-out evaluation logs "
-                          "eval/accuracy already"),
-    ("{nope: {}}", 2, "config error: config field 'eval.rewards': 'nope' is no builtin reward"),
-    ("{llmalign.no_such_module:score: {}}", 3, "reward error: eval.rewards: reward 'llmalign.no_such_module:score': "
-                                               "cannot import module"),
-    ("{format: {colour: 1}}", 3, "reward error: eval.rewards: reward 'format': calling it with reward.kwargs "
-                                 "{'colour': 1} failed"),  # worded as flowalign's: one loader
-])
-def test_llm_bad_eval_reward_stops_before_training_with_one_line(tiny_lm_dir, tmp_path, capsys,  # noqa: F811
-                                                                entry, code, message):
+@pytest.mark.parametrize(
+    "entry, code, message",
+    [
+        (
+            "{accuracy: {}}",
+            2,
+            "config error: config field 'eval.rewards': 'accuracy': the held-out evaluation logs eval/accuracy already",
+        ),
+        ("{nope: {}}", 2, "config error: config field 'eval.rewards': 'nope' is no builtin reward"),
+        (
+            "{llmalign.no_such_module:score: {}}",
+            3,
+            "reward error: eval.rewards: reward 'llmalign.no_such_module:score': cannot import module",
+        ),
+        (
+            "{format: {colour: 1}}",
+            3,
+            "reward error: eval.rewards: reward 'format': calling it with reward.kwargs {'colour': 1} failed",
+        ),  # worded as flowalign's: one loader
+    ],
+)
+def test_llm_bad_eval_reward_stops_before_training_with_one_line(
+    tiny_lm_dir,
+    tmp_path,
+    capsys,  # noqa: F811
+    entry,
+    code,
+    message,
+):
     from llmalign.cli import main as llm_main
 
     with pytest.raises(SystemExit) as stopped:
@@ -107,8 +151,7 @@ def chunk_reward(prompts, completions, answer, **kwargs):
 
 
 @pytest.mark.timeout(300)
-def test_llm_eval_rewards_on_two_processes_equal_one_and_a_failure_on_one_rank_stops_both(
-        tiny_lm_dir, tmp_path):  # noqa: F811
+def test_llm_eval_rewards_on_two_processes_equal_one_and_a_failure_on_one_rank_stops_both(tiny_lm_dir, tmp_path):  # noqa: F811
     """70 held-out rows: two chunks of generation (64 rows per call), one per rank; the gathered scores give the
     one-process mean. A reward failing on rank 1 only stops both processes with its error (exit 3)."""
     from llmalign import toy
@@ -116,11 +159,21 @@ def test_llm_eval_rewards_on_two_processes_equal_one_and_a_failure_on_one_rank_s
     from tests.multiproc import run_processes
 
     test_rows = tmp_path / "test70.jsonl"
-    test_rows.write_text("".join(json.dumps({"prompt": p["prompt"], "answer": p["answer"]}) + "\n"
-                                 for p in toy.make_split(70, 3)))
+    test_rows.write_text(
+        "".join(json.dumps({"prompt": p["prompt"], "answer": p["answer"]}) + "\n" for p in toy.make_split(70, 3))
+    )
     name = f"{__name__}:chunk_reward"
-    args = lambda out: ["grpo", *llm_overrides(tiny_lm_dir, out, "train.iterations=1", f"data.test={test_rows}",  # noqa: E731
-                                               "data.eval_size=70", f"eval.rewards={{{name}: {{}}}}")]
+    args = lambda out: [
+        "grpo",
+        *llm_overrides(
+            tiny_lm_dir,
+            out,
+            "train.iterations=1",
+            f"data.test={test_rows}",
+            "data.eval_size=70",
+            f"eval.rewards={{{name}: {{}}}}",
+        ),
+    ]
     llm_main(args(tmp_path / "p1"))
     two_processes = run_processes(2, ["-m", "llmalign", *args(tmp_path / "p2")])
     assert two_processes.returncode == 0, two_processes.stderr[-4000:]
@@ -130,5 +183,8 @@ def test_llm_eval_rewards_on_two_processes_equal_one_and_a_failure_on_one_rank_s
 
     failed = run_processes(2, ["-m", "llmalign", *args(tmp_path / "failed")], env={"FAIL_ON_RANK_ONE": "1"})
     codes = exit_codes(failed.stderr)
-    assert codes.get(0) == 3 and set(codes.values()) <= {3, -15}, (codes, failed.stderr[-3000:])
+    # whichever rank exits first, the launcher ends the other (-15); a rank that exits while the other tears down
+    # gloo was once seen to abort (-6). What matters: both stopped, and the reward's error was printed (every rank
+    # prints it, so it is there whichever rank the launcher ended).
+    assert failed.returncode != 0 and codes and set(codes.values()) <= {3, -15, -6}, (codes, failed.stderr[-3000:])
     assert f"reward error: reward '{name}' raised ValueError: rank 1 cannot score" in failed.stderr

@@ -13,25 +13,41 @@ RECIPES = sorted((ROOT / "configs" / "flow").glob("*.yaml"))
 
 def test_every_shipped_recipe_loads():
     names = {path.stem: load_config(FlowGRPOConfig, path).algorithm for path in RECIPES}
-    assert set(names) == {"flow_grpo", "mixgrpo", "mixgrpo_flash", "tempflow",  # the embedded default's recipes
-                          "sd35_medium_pickscore", "sd35_medium_ocr", "flux_dev_mixgrpo"}  # real models (dry run only)
+    assert set(names) == {
+        "flow_grpo",
+        "mixgrpo",
+        "mixgrpo_flash",
+        "tempflow",  # the embedded default's recipes
+        "sd35_medium_pickscore",
+        "sd35_medium_ocr",
+        "flux_dev_mixgrpo",
+    }  # real models (dry run only)
     assert names["flux_dev_mixgrpo"].name == "mixgrpo" and names["sd35_medium_ocr"].name == "flow_grpo"
     assert names["mixgrpo_flash"].name == "mixgrpo" and names["mixgrpo_flash"].flash_ratio == 0.4
     assert names["tempflow"].noise_aware_weighting
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["train.group_size=1"], "config field 'train.group_size': 1 < 2"),
-    (["train.learning_rate=-1e-4"], "config field 'train.learning_rate': -0.0001 must be positive"),
-    (["algorithm.name=mixgrpo", "algorithm.window_size=10"], "config field 'algorithm.window_size': 10 does not fit in 9"),
-    (["algorithm.flash_ratio=0.4"], "only MixGRPO has a Flash variant"),
-    (["algorithm.name=tempflow", "algorithm.branch_steps=subset", "algorithm.branch_subset=[9]"], "[9] outside 0..8"),
-    (["reward.weights={not_a_path: 1.0}"], "'not_a_path' is not 'module:name'"),
-    (["sampling.noise_level=0"], "config field 'sampling.noise_level'"),
-    (["train.iteratons=3"], "did you mean 'train.iterations'?"),
-    (["train.max_seconds=-1"], "config field 'train.max_seconds': -1.0 must be positive or null"),
-    (["train.learning_rate=.inf"], "config field 'train.learning_rate': inf is not a finite number"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.group_size=1"], "config field 'train.group_size': 1 < 2"),
+        (["train.learning_rate=-1e-4"], "config field 'train.learning_rate': -0.0001 must be positive"),
+        (
+            ["algorithm.name=mixgrpo", "algorithm.window_size=10"],
+            "config field 'algorithm.window_size': 10 does not fit in 9",
+        ),
+        (["algorithm.flash_ratio=0.4"], "only MixGRPO has a Flash variant"),
+        (
+            ["algorithm.name=tempflow", "algorithm.branch_steps=subset", "algorithm.branch_subset=[9]"],
+            "[9] outside 0..8",
+        ),
+        (["reward.weights={not_a_path: 1.0}"], "'not_a_path' is not 'module:name'"),
+        (["sampling.noise_level=0"], "config field 'sampling.noise_level'"),
+        (["train.iteratons=3"], "did you mean 'train.iterations'?"),
+        (["train.max_seconds=-1"], "config field 'train.max_seconds': -1.0 must be positive or null"),
+        (["train.learning_rate=.inf"], "config field 'train.learning_rate': inf is not a finite number"),
+    ],
+)
 def test_impossible_values_are_refused(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config(FlowGRPOConfig, ROOT / "configs" / "flow" / "flow_grpo.yaml", overrides)
@@ -39,11 +55,16 @@ def test_impossible_values_are_refused(overrides, message):
 
 
 def test_cli_refuses_bad_config_with_one_line_and_exit_2():
-    result = subprocess.run([sys.executable, "flowalign/train.py", "--config", "configs/flow/flow_grpo.yaml",
-                             "train.group_size=1"], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "flowalign/train.py", "--config", "configs/flow/flow_grpo.yaml", "train.group_size=1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "config error: config field 'train.group_size': 1 < 2; group advantages need at least 2 samples per prompt"]
+        "config error: config field 'train.group_size': 1 < 2; group advantages need at least 2 samples per prompt"
+    ]
 
 
 def test_accelerate_configs_parse():

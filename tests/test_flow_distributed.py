@@ -18,11 +18,22 @@ from shared.ratio_check import METRIC
 from tests.multiproc import run_processes
 
 PROBE = "tests.flow_rank_probe:recording_reward"
-TINY = ["--config", "configs/flow/flow_grpo.yaml", "train.prompts_per_iteration=4", "train.group_size=2",
-        "train.iterations=3", "sampling.num_steps=4", "sampling.eval_num_steps=3", "train.micro_batch_size=3",
-        "model.lora_rank=4", "model.lora_alpha=8", "data.eval_seeds=1",
-        "data.eval_prompts=[the digit one, the digit two, the digit three]",  # 3 eval samples: one rank pads
-        "log.eval_every=0", "log.checkpoint_every=1"]
+TINY = [
+    "--config",
+    "configs/flow/flow_grpo.yaml",
+    "train.prompts_per_iteration=4",
+    "train.group_size=2",
+    "train.iterations=3",
+    "sampling.num_steps=4",
+    "sampling.eval_num_steps=3",
+    "train.micro_batch_size=3",
+    "model.lora_rank=4",
+    "model.lora_alpha=8",
+    "data.eval_seeds=1",
+    "data.eval_prompts=[the digit one, the digit two, the digit three]",  # 3 eval samples: one rank pads
+    "log.eval_every=0",
+    "log.checkpoint_every=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +54,20 @@ def flow_run(processes: int, digits: Path, out, *extra, resume: bool = False):
     """`flowalign/train.py` on the digits pipeline with the tiny config, the digit reward trained on and the
     recording probe along at weight 0 (it sees every sample without changing the advantages)."""
     probe = out.parent / f"{out.name}-probe"
-    rewards = [f"reward.weights={{flowalign.rewards:digit_classifier_reward: 1.0, {PROBE}: 0.0}}",
-               f"reward.kwargs={{flowalign.rewards:digit_classifier_reward: {{path: {digits}}}, "
-               f"{PROBE}: {{directory: {probe}}}}}"]
-    args = ["flowalign/train.py", *TINY, f"model.path={digits}", *rewards, f"log.output_dir={out}", *extra,
-            *(["--resume"] if resume else [])]
+    rewards = [
+        f"reward.weights={{flowalign.rewards:digit_classifier_reward: 1.0, {PROBE}: 0.0}}",
+        f"reward.kwargs={{flowalign.rewards:digit_classifier_reward: {{path: {digits}}}, "
+        f"{PROBE}: {{directory: {probe}}}}}",
+    ]
+    args = [
+        "flowalign/train.py",
+        *TINY,
+        f"model.path={digits}",
+        *rewards,
+        f"log.output_dir={out}",
+        *extra,
+        *(["--resume"] if resume else []),
+    ]
     done = run_processes(processes, args)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
@@ -81,7 +101,7 @@ def assert_same_training(one_process, two_processes) -> None:
     assert [r["world_size"] for r in two[1:]] == [2, 2, 2] and [r["world_size"] for r in one[1:]] == [1, 1, 1]
     assert [r["iteration"] for r in one] == [r["iteration"] for r in two] == [0, 1, 2, 3]
     for a, b in zip(one, two):
-        statistics = lambda r: {k: v for k, v in r.items() if k.startswith(("reward/", "eval/"))}  # noqa: E731
+        statistics = lambda r: {k: v for k, v in r.items() if k.startswith(("reward/", "eval/"))}
         assert statistics(a), a
         assert_relatively_close(statistics(a), statistics(b))
         # the loss nearly cancels (a mean of +-advantage terms of size ~1): compare it on that scale
@@ -95,7 +115,7 @@ def assert_same_training(one_process, two_processes) -> None:
     # differ more (measured up to 3.5e-5): float32 sums in other batch shapes and orders (DDP's all-reduce) reach
     # Adam's normalised step, which enlarges them where a gradient entry nearly cancels; it stays that way even
     # with batches of identical composition on both sides (micro-batch 1: up to 8e-6).
-    flat = lambda w: torch.cat([w[name].flatten() for name in sorted(w)])  # noqa: E731
+    flat = lambda w: torch.cat([w[name].flatten() for name in sorted(w)])
     assert (flat(w1) - flat(w2)).norm() <= 1e-5 * flat(w1).norm()
     for name in w1:
         assert (w1[name] - w2[name]).norm() <= 1e-4 * w1[name].norm(), name
@@ -103,12 +123,15 @@ def assert_same_training(one_process, two_processes) -> None:
 
 def assert_ranks_split_the_batch(probe, train_samples: int, eval_samples: int) -> None:
     """Each iteration (and each evaluation) the two ranks scored disjoint samples that together make the batch."""
-    calls = {rank: [json.loads(line) for line in (probe / f"rank{rank}.jsonl").read_text().splitlines()]
-             for rank in (0, 1)}
+    calls = {
+        rank: [json.loads(line) for line in (probe / f"rank{rank}.jsonl").read_text().splitlines()] for rank in (0, 1)
+    }
     for split, expected in (("train", set(range(train_samples))), ("eval", set(range(eval_samples)))):
         seen = {}  # iteration (train) or evaluation number (eval) -> rank -> sample indices
         for rank, lines in calls.items():
-            scored = [c for c in lines if c["metadata"] and c["metadata"][0].get("split") == split]  # not the dummy check
+            scored = [
+                c for c in lines if c["metadata"] and c["metadata"][0].get("split") == split
+            ]  # not the dummy check
             for number, call in enumerate(scored):
                 assert call["rank"] == rank
                 key = call["metadata"][0]["iteration"] if split == "train" else number
@@ -135,9 +158,15 @@ def test_no_two_ranks_sample_the_same_sample(runs):
 def test_tempflow_on_two_processes_trains_like_one(digits, tmp_path):
     """TempFlow: a prompt's noise stream draws every branch; global sample ids run over (prompt, branch step,
     branch); async scoring of two rollout chunks per rank."""
-    extra = ["algorithm.name=tempflow", "algorithm.branch_steps=subset", "algorithm.branch_subset=[0, 2]",
-             "algorithm.num_branches=2", "algorithm.noise_aware_weighting=true", "train.rollout_chunks=2",
-             "reward.async_scoring=true"]
+    extra = [
+        "algorithm.name=tempflow",
+        "algorithm.branch_steps=subset",
+        "algorithm.branch_subset=[0, 2]",
+        "algorithm.num_branches=2",
+        "algorithm.noise_aware_weighting=true",
+        "train.rollout_chunks=2",
+        "reward.async_scoring=true",
+    ]
     for processes in (1, 2):
         flow_run(processes, digits, tmp_path / f"p{processes}", *extra)
     assert_same_training(tmp_path / "p1", tmp_path / "p2")
@@ -154,19 +183,29 @@ def test_two_process_run_resumes_bit_identically(digits, runs, tmp_path):
     assert (latest_checkpoint(out / "checkpoints") / "rng.rank1.json").is_file()  # each rank's RNG state
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
-    reward = lambda r: {k: v for k, v in r.items() if k.startswith("reward/")}  # noqa: E731
+    reward = lambda r: {k: v for k, v in r.items() if k.startswith("reward/")}
     assert [reward(r) for r in records(out)] == [reward(r) for r in records(runs["root"] / "p2")]
 
 
 @pytest.mark.timeout(120)
 def test_a_batch_that_does_not_split_is_refused_before_the_model_loads(tmp_path):
     out = tmp_path / "refused"
-    done = run_processes(2, ["flowalign/train.py", *TINY, "model.path=/no/such/pipeline", "train.prompts_per_iteration=3",
-                             f"log.output_dir={out}"])  # a model it would fail to load: refused before that
+    done = run_processes(
+        2,
+        [
+            "flowalign/train.py",
+            *TINY,
+            "model.path=/no/such/pipeline",
+            "train.prompts_per_iteration=3",
+            f"log.output_dir={out}",
+        ],
+    )  # a model it would fail to load: refused before that
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("config error")]
-    assert errors == ["config error: config field 'train.prompts_per_iteration': 3 prompts do not split over 2 "
-                      "processes; use a multiple of 2 (batch sizes count over all processes)"]  # printed once
+    assert errors == [
+        "config error: config field 'train.prompts_per_iteration': 3 prompts do not split over 2 "
+        "processes; use a multiple of 2 (batch sizes count over all processes)"
+    ]  # printed once
     assert "exitcode  : 2" in done.stderr  # the processes exit 2 (the launcher itself reports 1)
     assert "Loading pipeline components" not in done.stderr and not (out / "config.json").exists()
 
@@ -177,12 +216,23 @@ def test_bf16_run_with_every_memory_feature_completes(digits, tmp_path):
     resolution below the default, one iteration on 2 processes (fresh ones: accelerate sets its precision once
     per process)."""
     out = tmp_path / "bf16"
-    done = run_processes(2, ["flowalign/train.py", *TINY, f"model.path={digits}", "train.iterations=1",
-                             "train.mixed_precision=bf16",
-                             "train.gradient_checkpointing=true", "model.offload_text_encoders=true",
-                             "sampling.height=12", "sampling.width=12", f"reward.weights={{{PROBE}: 1.0}}",
-                             f"reward.kwargs={{{PROBE}: {{directory: {tmp_path / 'probe'}}}}}",
-                             f"log.output_dir={out}"])
+    done = run_processes(
+        2,
+        [
+            "flowalign/train.py",
+            *TINY,
+            f"model.path={digits}",
+            "train.iterations=1",
+            "train.mixed_precision=bf16",
+            "train.gradient_checkpointing=true",
+            "model.offload_text_encoders=true",
+            "sampling.height=12",
+            "sampling.width=12",
+            f"reward.weights={{{PROBE}: 1.0}}",
+            f"reward.kwargs={{{PROBE}: {{directory: {tmp_path / 'probe'}}}}}",
+            f"log.output_dir={out}",
+        ],
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "over 2 process(es)" in done.stdout and "mixed precision bf16" in done.stdout
     record = records(out)[-1]
@@ -199,11 +249,11 @@ def test_update_split_does_not_depend_on_the_world_size():
     groups = torch.arange(4).repeat_interleave(6)  # [R] 4 prompt groups of 6 rows, in rank order
     keys = torch.randperm(100, generator=torch.Generator().manual_seed(3))[:24]  # [R] distinct global row keys
     one = update_parts(keys, groups, 3, 7, 2)
-    halves = [update_parts(keys[r * 12:(r + 1) * 12], groups[r * 12:(r + 1) * 12], 3, 7, 2) for r in (0, 1)]
+    halves = [update_parts(keys[r * 12 : (r + 1) * 12], groups[r * 12 : (r + 1) * 12], 3, 7, 2) for r in (0, 1)]
     assert [len(rows) for rows in one] == [8, 8, 8]
     assert [[len(rows) for rows in half] for half in halves] == [[4, 4, 4], [4, 4, 4]]
     for u, rows in enumerate(one):
-        split = torch.cat([keys[r * 12:(r + 1) * 12][halves[r][u]] for r in (0, 1)])
+        split = torch.cat([keys[r * 12 : (r + 1) * 12][halves[r][u]] for r in (0, 1)])
         assert sorted(keys[rows].tolist()) == sorted(split.tolist())
         assert all(int((groups[rows] == g).sum()) == 2 for g in range(4))  # every step: a share of every group
     assert sorted(torch.cat(one).tolist()) == list(range(24))  # every row in exactly one step
@@ -221,8 +271,8 @@ def test_per_sample_noise_does_not_depend_on_the_batch():
         parts = [h.randn((shape[0] // 2, *shape[1:]), torch.device("cpu"), torch.float32) for h in halves]
         tiles = shape[0] // 4
         for tile in range(tiles):
-            expected = torch.cat([p[tile * 2:(tile + 1) * 2] for p in parts])
-            assert torch.equal(drawn[tile * 4:(tile + 1) * 4], expected)
+            expected = torch.cat([p[tile * 2 : (tile + 1) * 2] for p in parts])
+            assert torch.equal(drawn[tile * 4 : (tile + 1) * 4], expected)
     assert samplers.stream_seed(0, 3, 1) != samplers.stream_seed(0, 31, 0) != samplers.stream_seed(3, 0, 1)
 
 
@@ -239,8 +289,11 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(digits):
 
     gradients = {}
     for checkpointing in (False, True):
-        config = load_config(FlowGRPOConfig, None, [f"train.gradient_checkpointing={checkpointing}",
-                                                    "model.lora_rank=4", "model.lora_alpha=8"])
+        config = load_config(
+            FlowGRPOConfig,
+            None,
+            [f"train.gradient_checkpointing={checkpointing}", "model.lora_rank=4", "model.lora_alpha=8"],
+        )
         adapter = digits_adapter(digits)
         torch.manual_seed(0)  # the same LoRA initialisation both times
         params = make_policy(config, adapter.transformer)
@@ -276,8 +329,9 @@ def test_cached_prompt_embeddings_equal_the_encoder_and_need_it_no_more(digits):
     adapter.pipeline.text_encoder.forward = None  # the encoders are not needed any more
     cached = cache(["the digit nine", "the digit one"])
     torch.testing.assert_close(cached.prompt_embeds, expected.prompt_embeds[[3, 0]], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(cached.negative_pooled_prompt_embeds, expected.negative_pooled_prompt_embeds[[3, 0]],
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        cached.negative_pooled_prompt_embeds, expected.negative_pooled_prompt_embeds[[3, 0]], rtol=1e-5, atol=1e-6
+    )
     assert next(adapter.pipeline.text_encoder_2.parameters()).device.type == "cpu"
     with pytest.raises(KeyError, match="was not encoded before the text encoders were offloaded"):
         cache(["the digit five"])
@@ -288,8 +342,12 @@ def test_an_image_size_the_pipeline_cannot_take_is_refused(digits, tmp_path):
     from flowalign.train import train
     from shared.config import ConfigError, load_config
 
-    config = load_config(FlowGRPOConfig, "configs/flow/flow_grpo.yaml",
-                         [f"model.path={digits}", "sampling.height=10", f"log.output_dir={tmp_path / 'run'}"])
-    with pytest.raises(ConfigError, match="config fields 'sampling.height', 'sampling.width': height and width must "
-                                          "be multiples of 4"):
+    config = load_config(
+        FlowGRPOConfig,
+        "configs/flow/flow_grpo.yaml",
+        [f"model.path={digits}", "sampling.height=10", f"log.output_dir={tmp_path / 'run'}"],
+    )
+    with pytest.raises(
+        ConfigError, match="config fields 'sampling.height', 'sampling.width': height and width must be multiples of 4"
+    ):
         train(config)

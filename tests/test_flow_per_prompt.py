@@ -24,9 +24,18 @@ SLOTS = torch.tensor([0, 0, 1, 1, 2, 2])  # gathered group ids: the prompt slot 
 
 
 def trackers_for(composition: str, history: int = 0):
-    return per_prompt_trackers(load_config(FlowGRPOConfig, None, [
-        "train.advantage_scale=per_prompt", f"train.per_prompt_history={history}",
-        f"reward.composition={composition}", f"reward.weights={{{A}: 1.0, {B}: 0.5}}"]))
+    return per_prompt_trackers(
+        load_config(
+            FlowGRPOConfig,
+            None,
+            [
+                "train.advantage_scale=per_prompt",
+                f"train.per_prompt_history={history}",
+                f"reward.composition={composition}",
+                f"reward.weights={{{A}: 1.0, {B}: 0.5}}",
+            ],
+        )
+    )
 
 
 @pytest.mark.parametrize("composition", ["sum_then_normalize", "normalize_then_sum"])
@@ -50,31 +59,51 @@ def test_a_prompt_in_two_slots_pools_them_and_history_pools_iterations():
     # x: (0.8, 4.0, 0.4, 3.0), mean 2.05, population std sqrt((1.25^2 + 1.95^2 + 1.65^2 + 0.95^2) / 4) = 1.499166
     # y: (1.9, 1.3), mean 1.6, std 0.3
     x_std, y_std = 1.4991664 + 1e-4, 0.3 + 1e-4
-    assert_close(advantages, torch.tensor([-1.25 / x_std, 1.95 / x_std, 0.3 / y_std, -0.3 / y_std, -1.65 / x_std,
-                                           0.95 / x_std]))
+    assert_close(
+        advantages, torch.tensor([-1.25 / x_std, 1.95 / x_std, 0.3 / y_std, -0.3 / y_std, -1.65 / x_std, 0.95 / x_std])
+    )
     assert stats == {"num_prompts": 2, "mean_group_size": 3.0}
     # next iteration: y's pool keeps its last 4 rewards (1.9, 1.3, 1.0, 3.0): mean 1.8, std sqrt(0.585) = 0.764853
-    second, _ = per_prompt_advantages(trackers, {A: torch.tensor([1.0, 3.0]), B: torch.tensor([0.0, 0.0])}, WEIGHTS,
-                                      ["y", "y"], torch.ones(2, dtype=torch.bool))
+    second, _ = per_prompt_advantages(
+        trackers,
+        {A: torch.tensor([1.0, 3.0]), B: torch.tensor([0.0, 0.0])},
+        WEIGHTS,
+        ["y", "y"],
+        torch.ones(2, dtype=torch.bool),
+    )
     assert_close(second, torch.tensor([-0.8, 1.2]) / (0.7648529 + 1e-4))
     assert trackers["total"].rewards["x"] == pytest.approx([0.8, 4.0, 0.4, 3.0])
 
 
-@pytest.mark.parametrize("override, message", [
-    (["train.per_prompt_history=3"], "config field 'train.per_prompt_history': 3 is used by "
-                                     "train.advantage_scale=per_prompt only (it is batch)"),
-    (["train.advantage_scale=per_prompt", "train.per_prompt_history=-1"],
-     "'train.per_prompt_history': -1 must be >= 0"),
-    (["train.advantage_scale=per_prompt", "algorithm.name=tempflow"], "'train.advantage_scale': per_prompt pools by "
-                                                                      "prompt, but tempflow's groups"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            ["train.per_prompt_history=3"],
+            "config field 'train.per_prompt_history': 3 is used by train.advantage_scale=per_prompt only (it is batch)",
+        ),
+        (
+            ["train.advantage_scale=per_prompt", "train.per_prompt_history=-1"],
+            "'train.per_prompt_history': -1 must be >= 0",
+        ),
+        (
+            ["train.advantage_scale=per_prompt", "algorithm.name=tempflow"],
+            "'train.advantage_scale': per_prompt pools by prompt, but tempflow's groups",
+        ),
+    ],
+)
 def test_bad_per_prompt_configs_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(FlowGRPOConfig, None, override).validate()
 
 
-PER_PROMPT = ["algorithm.name=flow_grpo", "algorithm.train_fraction=0.5", "train.advantage_scale=per_prompt",
-              "train.per_prompt_history=4", "train.iterations=3"]
+PER_PROMPT = [
+    "algorithm.name=flow_grpo",
+    "algorithm.train_fraction=0.5",
+    "train.advantage_scale=per_prompt",
+    "train.per_prompt_history=4",
+    "train.iterations=3",
+]
 
 
 def test_per_prompt_resume_is_bit_identical_and_needs_the_tracker_state(tiny_pipeline_dir, tmp_path):  # noqa: F811
@@ -88,8 +117,10 @@ def test_per_prompt_resume_is_bit_identical_and_needs_the_tracker_state(tiny_pip
     for name in ("resumed", "forgotten"):
         train(tiny_config(tiny_pipeline_dir, tmp_path / name, *PER_PROMPT), resume=True)
 
-    weights = {name: load_state(latest_checkpoint(tmp_path / name / "checkpoints"), "trainable")
-               for name in ("straight", "resumed", "forgotten")}
+    weights = {
+        name: load_state(latest_checkpoint(tmp_path / name / "checkpoints"), "trainable")
+        for name in ("straight", "resumed", "forgotten")
+    }
     assert all(torch.equal(weights["straight"][k], weights["resumed"][k]) for k in weights["straight"])
     assert not all(torch.equal(weights["straight"][k], weights["forgotten"][k]) for k in weights["straight"])
     tracked = load_state(latest_checkpoint(tmp_path / "straight" / "checkpoints"), "stat_tracker")["total"]
@@ -119,11 +150,18 @@ def test_per_prompt_on_two_processes_trains_like_one(digits, tmp_path):  # noqa:
     entry (a function of the eval sample index) comes out the same from the ranks' shares of the eval samples."""
     from tests.test_flow_distributed import PROBE
 
-    weights = (f"reward.weights={{flowalign.rewards:digit_classifier_reward: 0.0, {PROBE}: 0.0, "
-               f"{__name__}:sample_index_reward: 1.0}}")
-    extra = ["train.advantage_scale=per_prompt", "train.per_prompt_history=6",
-             "data.prompts=[the digit one, the digit two, the digit three]", weights,
-             f"eval.rewards={{{__name__}:eval_index_reward: {{}}}}", "log.eval_every=2"]
+    weights = (
+        f"reward.weights={{flowalign.rewards:digit_classifier_reward: 0.0, {PROBE}: 0.0, "
+        f"{__name__}:sample_index_reward: 1.0}}"
+    )
+    extra = [
+        "train.advantage_scale=per_prompt",
+        "train.per_prompt_history=6",
+        "data.prompts=[the digit one, the digit two, the digit three]",
+        weights,
+        f"eval.rewards={{{__name__}:eval_index_reward: {{}}}}",
+        "log.eval_every=2",
+    ]
     for processes in (1, 2):
         flow_run(processes, digits, tmp_path / f"p{processes}", *extra)
     assert_same_training(tmp_path / "p1", tmp_path / "p2")
@@ -134,4 +172,3 @@ def test_per_prompt_on_two_processes_trains_like_one(digits, tmp_path):  # noqa:
     # eval samples 0, 1, 2 (3 prompts x 1 seed, one rank pads): (0 + 1 + 4) / 3, after iterations 0, 2 and 3
     assert [r["iteration"] for r in evaluated] == [0, 2, 3]
     assert [r[f"eval/{__name__}:eval_index_reward"] for r in evaluated] == [pytest.approx(5 / 3, rel=1e-7)] * 3
-

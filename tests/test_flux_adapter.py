@@ -31,9 +31,7 @@ def tiny_components(guidance_embeds: bool = True, seed: int = 0) -> dict:
                 pad_token_id=tokenizer.pad_token_id,
             )
         )  # fmt: skip
-        t5 = T5EncoderModel(
-            T5Config(vocab_size=len(tokenizer), d_model=24, d_kv=8, d_ff=37, num_layers=2, num_heads=3)
-        )
+        t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=24, d_kv=8, d_ff=37, num_layers=2, num_heads=3))
         vae = AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
             block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,

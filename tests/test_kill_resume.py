@@ -28,8 +28,13 @@ def uninterrupted(tiny_pipeline_dir, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("kill_after_checkpoint, extra_wait", [(1, 0.0), (2, 0.1), (3, 0.0)])
-def test_sigkill_then_resume_is_bit_identical(tiny_pipeline_dir, uninterrupted, tmp_path,  # noqa: F811
-                                              kill_after_checkpoint, extra_wait):
+def test_sigkill_then_resume_is_bit_identical(
+    tiny_pipeline_dir,
+    uninterrupted,
+    tmp_path,  # noqa: F811
+    kill_after_checkpoint,
+    extra_wait,
+):
     out = tmp_path / "killed"
     command = [sys.executable, "flowalign/train.py", *tiny_overrides(tiny_pipeline_dir, out, *EXTRA)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -57,7 +62,8 @@ def test_sigkill_then_resume_is_bit_identical(tiny_pipeline_dir, uninterrupted, 
 
 
 def test_resume_with_a_changed_config_is_refused_unless_allowed_and_then_the_new_lr_is_used(  # noqa: F811
-        tiny_pipeline_dir, tmp_path, capsys):
+    tiny_pipeline_dir, tmp_path, capsys
+):
     from flowalign.train import main
 
     out = tmp_path / "run"
@@ -66,31 +72,52 @@ def test_resume_with_a_changed_config_is_refused_unless_allowed_and_then_the_new
     kept = {name: (out / name).read_text() for name in ("metrics.jsonl", "config.json")}
     capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
-        main([*tiny_overrides(tiny_pipeline_dir, out, *algorithm, "train.iterations=2", "train.learning_rate=5e-3",
-                              "train.group_size=3"), "--resume"])
+        main(
+            [
+                *tiny_overrides(
+                    tiny_pipeline_dir,
+                    out,
+                    *algorithm,
+                    "train.iterations=2",
+                    "train.learning_rate=5e-3",
+                    "train.group_size=3",
+                ),
+                "--resume",
+            ]
+        )
     assert refused.value.code == 2
     assert capsys.readouterr().err == (
         "config error: --resume: the config differs from the one step-000001 was written under in "
         "train.group_size (2 -> 3), train.learning_rate (0.01 -> 0.005); set them back, or add --allow-config-change "
         "to apply them (on resume only train.iterations, train.max_seconds, train.steps, train.epochs, log.*, eval.* may "
-        "change without it)\n")
+        "change without it)\n"
+    )
     assert {name: (out / name).read_text() for name in kept} == kept  # nothing touched
     assert latest_checkpoint(out / "checkpoints").name == "step-000001"
 
-    main([*tiny_overrides(tiny_pipeline_dir, out, *algorithm, "train.iterations=2", "train.learning_rate=5e-3"),
-          "--resume", "--allow-config-change"])
-    assert "config changed from step-000001's: train.iterations (1 -> 2), train.learning_rate (0.01 -> 0.005)" in \
-        capsys.readouterr().out
+    main(
+        [
+            *tiny_overrides(tiny_pipeline_dir, out, *algorithm, "train.iterations=2", "train.learning_rate=5e-3"),
+            "--resume",
+            "--allow-config-change",
+        ]
+    )
+    assert (
+        "config changed from step-000001's: train.iterations (1 -> 2), train.learning_rate (0.01 -> 0.005)"
+        in capsys.readouterr().out
+    )
     assert load_state(out / "checkpoints" / "step-000001", "optimizer")["param_groups"][0]["lr"] == 1e-2
     # the optimizer that took step 2 held the new rate (nothing else sets it; a plain restore put back 1e-2)
     assert load_state(out / "checkpoints" / "step-000002", "optimizer")["param_groups"][0]["lr"] == 5e-3
     assert json.loads((out / "config.json").read_text())["train"]["learning_rate"] == 5e-3
     assert [json.loads(line) for line in (out / "config_changes.jsonl").read_text().splitlines()] == [
-        {"iteration": 1, "changes": {"train.iterations": [1, 2], "train.learning_rate": [0.01, 0.005]}}]
+        {"iteration": 1, "changes": {"train.iterations": [1, 2], "train.learning_rate": [0.01, 0.005]}}
+    ]
 
 
 def test_a_full_disk_at_a_checkpoint_exits_5_with_one_line_and_resume_ends_bit_identical(
-        tiny_pipeline_dir, uninterrupted, tmp_path, capsys, monkeypatch):  # noqa: F811
+    tiny_pipeline_dir, uninterrupted, tmp_path, capsys, monkeypatch
+):  # noqa: F811
     import errno
 
     import shared.checkpoint as checkpoint_module
@@ -103,6 +130,7 @@ def test_a_full_disk_at_a_checkpoint_exits_5_with_one_line_and_resume_ends_bit_i
         if "step-000004" in filename:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
         real(tensors, filename)
+
     monkeypatch.setattr(checkpoint_module, "save_file", save_file)
     capsys.readouterr()
     with pytest.raises(SystemExit) as failed:
@@ -112,7 +140,8 @@ def test_a_full_disk_at_a_checkpoint_exits_5_with_one_line_and_resume_ends_bit_i
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"write error: cannot write checkpoint {checkpoints / 'step-000004'} (No space left on device: "
         f"{checkpoints / 'step-000004'}{os.sep}trainable.safetensors); {checkpoints / 'step-000003'} is intact and "
-        f"--resume starts from it")
+        f"--resume starts from it"
+    )
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-000002", "step-000003"]
     monkeypatch.undo()
 

@@ -1,7 +1,5 @@
 """KL estimators and the Gaussian mean KL: numbers by hand and independent references."""
 
-import math
-
 import pytest
 import torch
 from torch.testing import assert_close
@@ -71,8 +69,13 @@ def test_gaussian_mean_kl_matches_torch_distributions_on_latents():
     mean, ref = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)  # [B, C, H, W]
     std = torch.tensor([0.5, 1.0, 2.0])  # [B]
     full_std = std.view(3, 1, 1, 1).expand_as(mean)
-    reference = torch.distributions.kl_divergence(torch.distributions.Normal(mean, full_std),
-                                                  torch.distributions.Normal(ref, full_std)).flatten(1).mean(1)
+    reference = (
+        torch.distributions.kl_divergence(
+            torch.distributions.Normal(mean, full_std), torch.distributions.Normal(ref, full_std)
+        )
+        .flatten(1)
+        .mean(1)
+    )
     assert_close(gaussian_mean_kl(mean, ref, std), reference)
     assert_close(gaussian_mean_kl(mean, ref, std.view(3, 1, 1, 1)), reference)
 

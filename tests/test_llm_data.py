@@ -11,17 +11,26 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmalign.data import (DataError, format_prompts, load_rows, load_train_test, render_prompt, tokenize_prompts,
-                           write_rows)
+from llmalign.data import (
+    DataError,
+    format_prompts,
+    load_rows,
+    load_train_test,
+    render_prompt,
+    tokenize_prompts,
+    write_rows,
+)
 
 ROWS = [
     {"prompt": "What is 2+3?", "answer": "5", "level": 1, "solution": "2+3=5"},
     {"prompt": "Name a prime, please.", "answer": "7", "level": 2, "solution": "7 has no divisors but 1 and 7"},
-    {"prompt": "Say \"hi\", twice\nthen stop", "answer": "hi hi", "level": 3, "solution": "üñí ✓"},
+    {"prompt": 'Say "hi", twice\nthen stop', "answer": "hi hi", "level": 3, "solution": "üñí ✓"},
 ]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"}]
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 IM_START, IM_END = 257, 258  # added after the 256 byte tokens and <|endoftext|> (256)
 
 
@@ -40,8 +49,12 @@ def write_csv(path, rows):
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({key: json.dumps(value) if isinstance(value, list) else value  # messages as a JSON cell
-                             for key, value in row.items()})
+            writer.writerow(
+                {
+                    key: json.dumps(value) if isinstance(value, list) else value  # messages as a JSON cell
+                    for key, value in row.items()
+                }
+            )
     return path
 
 
@@ -173,8 +186,17 @@ def test_missing_path_and_unknown_suffix_list_the_formats(tmp_path):
     assert all(fmt in message for fmt in (".jsonl", ".json", ".csv", ".parquet", "save_to_disk"))
 
 
-@pytest.mark.parametrize("name,content", [("e.jsonl", ""), ("e.jsonl", "\n  \n"), ("e.json", "[]"),
-                                          ("e.json", " "), ("e.csv", ""), ("e.csv", "prompt,answer\n")])
+@pytest.mark.parametrize(
+    "name,content",
+    [
+        ("e.jsonl", ""),
+        ("e.jsonl", "\n  \n"),
+        ("e.json", "[]"),
+        ("e.json", " "),
+        ("e.csv", ""),
+        ("e.csv", "prompt,answer\n"),
+    ],
+)
 def test_empty_dataset(tmp_path, name, content):
     (tmp_path / name).write_text(content)
     with pytest.raises(DataError) as info:
@@ -183,8 +205,9 @@ def test_empty_dataset(tmp_path, name, content):
 
 
 def test_empty_parquet(tmp_path):
-    pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.string())}),
-                   tmp_path / "e.parquet")
+    pq.write_table(
+        pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), tmp_path / "e.parquet"
+    )
     with pytest.raises(DataError, match="e.parquet has no rows"):
         load_rows(tmp_path / "e.parquet")
 
@@ -193,8 +216,10 @@ def test_missing_column_names_file_columns_and_did_you_mean(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"question": "q", "answr": "1"}])
     with pytest.raises(DataError) as info:
         load_rows(path, required=("question", "answer"))
-    assert message_of(info) == (f"data file {path} has no column 'answer' (columns: ['question', 'answr']); "
-                                f"did you mean 'answr'? rename it to 'answer'")
+    assert message_of(info) == (
+        f"data file {path} has no column 'answer' (columns: ['question', 'answr']); "
+        f"did you mean 'answr'? rename it to 'answer'"
+    )
     with pytest.raises(DataError) as info:
         load_rows(path)  # nothing close to 'prompt'
     assert "has no column 'prompt'" in message_of(info) and "add the column 'prompt'" in message_of(info)
@@ -222,26 +247,31 @@ def test_empty_prompt_names_the_row(tmp_path, prompt):
     path = write_jsonl(tmp_path / "t.jsonl", rows)
     with pytest.raises(DataError) as info:
         load_rows(path)
-    assert message_of(info) == (f"row 2 (line 3) of {path} has an empty prompt; "
-                                f"give every row a non-empty 'prompt' or drop the row")
+    assert message_of(info) == (
+        f"row 2 (line 3) of {path} has an empty prompt; give every row a non-empty 'prompt' or drop the row"
+    )
 
 
 def test_empty_prompt_in_parquet_names_the_row_without_line(tmp_path):
-    pq.write_table(pa.Table.from_pylist([{"prompt": "ok", "answer": "1"}, {"prompt": None, "answer": "2"}]),
-                   tmp_path / "t.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": "ok", "answer": "1"}, {"prompt": None, "answer": "2"}]), tmp_path / "t.parquet"
+    )
     with pytest.raises(DataError, match=r"^row 1 of .*t\.parquet has an empty prompt"):
         load_rows(tmp_path / "t.parquet")
 
 
-@pytest.mark.parametrize("prompt,expected", [
-    ([], "is an empty list of chat messages"),
-    (["hi"], "has chat message 0 of type str"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant"}], "has chat message 1 with no 'content'"),
-    ([{"role": 1, "content": "a"}], "has chat message 0 with a 'role' of type int"),
-    ([{"role": "user", "content": None}], "has chat message 0 with a 'content' of type NoneType"),
-    (5, "has a prompt of type int"),
-    ({"role": "user", "content": "a"}, "has a prompt of type dict"),
-])
+@pytest.mark.parametrize(
+    "prompt,expected",
+    [
+        ([], "is an empty list of chat messages"),
+        (["hi"], "has chat message 0 of type str"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant"}], "has chat message 1 with no 'content'"),
+        ([{"role": 1, "content": "a"}], "has chat message 0 with a 'role' of type int"),
+        ([{"role": "user", "content": None}], "has chat message 0 with a 'content' of type NoneType"),
+        (5, "has a prompt of type int"),
+        ({"role": "user", "content": "a"}, "has a prompt of type dict"),
+    ],
+)
 def test_malformed_prompt_names_the_row(tmp_path, prompt, expected):
     path = write_jsonl(tmp_path / "t.jsonl", [{"prompt": "ok", "answer": "1"}, {"prompt": prompt, "answer": "2"}])
     with pytest.raises(DataError) as info:
@@ -325,8 +355,9 @@ def byte_tokenizer(chat_template=None):
 
     vocab = {char: byte for byte, char in byte_to_unicode().items()}
     vocab["<|endoftext|>"] = 256
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None,
-                               eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.chat_template = chat_template
     return tokenizer
@@ -349,11 +380,24 @@ def test_render_plain_prompt_unchanged(chat_tokenizer):
 
 def test_render_chat_prompt_and_tokenize(chat_tokenizer):
     text = render_prompt(chat_tokenizer, CHAT)
-    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+3?<|im_end|>\n"
-                    "<|im_start|>assistant\n")  # add_generation_prompt opened the assistant turn
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+    )  # add_generation_prompt opened the assistant turn
     ids, _ = tokenize_prompts(chat_tokenizer, [text], max_length=100)
-    assert ids == [[IM_START, *b"system\nBe brief.", IM_END, 10, IM_START, *b"user\nWhat is 2+3?", IM_END, 10,
-                    IM_START, *b"assistant\n"]]
+    assert ids == [
+        [
+            IM_START,
+            *b"system\nBe brief.",
+            IM_END,
+            10,
+            IM_START,
+            *b"user\nWhat is 2+3?",
+            IM_END,
+            10,
+            IM_START,
+            *b"assistant\n",
+        ]
+    ]
 
 
 def test_render_chat_prompt_without_template(chat_tokenizer):
@@ -389,9 +433,11 @@ def test_truncate_keeps_the_last_tokens_and_counts(chat_tokenizer):
 def test_overlong_prompt_error_names_index_length_and_fixes(chat_tokenizer):
     with pytest.raises(DataError) as info:
         tokenize_prompts(chat_tokenizer, ["abc", "0123456789", "ABCDEFG"], max_length=5)
-    assert message_of(info) == ("prompt 1 is 10 tokens, longer than data.max_prompt_length=5; "
-                                "raise data.max_prompt_length or set data.overlong_prompts=truncate "
-                                "to keep its last 5 tokens")
+    assert message_of(info) == (
+        "prompt 1 is 10 tokens, longer than data.max_prompt_length=5; "
+        "raise data.max_prompt_length or set data.overlong_prompts=truncate "
+        "to keep its last 5 tokens"
+    )
 
 
 def test_tokenize_argument_errors(chat_tokenizer):
@@ -405,8 +451,14 @@ def test_tokenize_argument_errors(chat_tokenizer):
 
 # ---------------------------------------------------------------------------------------------- fuzz
 
-DICT_MALFORMED = [[], [{"role": "user"}], [{"content": "x"}], [{"role": "user", "content": None}],
-                  [{"role": 1, "content": "x"}], [{"role": "user", "content": ["x"]}]]
+DICT_MALFORMED = [
+    [],
+    [{"role": "user"}],
+    [{"content": "x"}],
+    [{"role": "user", "content": None}],
+    [{"role": 1, "content": "x"}],
+    [{"role": "user", "content": ["x"]}],
+]
 OTHER_MALFORMED = [["hi"], [{"role": "user", "content": "x"}, 3], [[{"role": "user", "content": "x"}]]]
 
 
@@ -445,10 +497,29 @@ def write_rows_as(path, rows):
 
 def bad_case(rng, directory, number):
     """One bad data source: returns (path, load_rows kwargs, substrings its message must contain)."""
-    kind = rng.choice(["empty", "missing_column", "misspelled", "bad_json_line", "non_object_line", "json_not_list",
-                       "empty_prompt", "bad_messages", "wrong_suffix", "csv_no_header", "csv_field_count",
-                       "prompt_type", "not_utf8", "bad_parquet", "missing_path", "plain_directory",
-                       "row_missing_field", "split_on_file", "csv_duplicate_header"])
+    kind = rng.choice(
+        [
+            "empty",
+            "missing_column",
+            "misspelled",
+            "bad_json_line",
+            "non_object_line",
+            "json_not_list",
+            "empty_prompt",
+            "bad_messages",
+            "wrong_suffix",
+            "csv_no_header",
+            "csv_field_count",
+            "prompt_type",
+            "not_utf8",
+            "bad_parquet",
+            "missing_path",
+            "plain_directory",
+            "row_missing_field",
+            "split_on_file",
+            "csv_duplicate_header",
+        ]
+    )
     stem = directory / f"case{number}"
     rows = good_rows(rng)
     position = rng.randrange(len(rows) + 1)
@@ -459,13 +530,24 @@ def bad_case(rng, directory, number):
         if suffix == ".parquet":
             pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), path)
         else:
-            path.write_text(rng.choice(["", "\n", " \n\n", "[]" if suffix == ".json" else "",
-                                        "prompt,answer\n" if suffix == ".csv" else "\n"]))
+            path.write_text(
+                rng.choice(
+                    [
+                        "",
+                        "\n",
+                        " \n\n",
+                        "[]" if suffix == ".json" else "",
+                        "prompt,answer\n" if suffix == ".csv" else "\n",
+                    ]
+                )
+            )
         expect = ["has no rows"]
     elif kind in ("missing_column", "misspelled"):
         column = rng.choice(["prompt", "answer"])
-        typo = {"prompt": rng.choice(["promt", "Prompt", "prompts", "prmpt"]),
-                "answer": rng.choice(["answr", "Answer", "answers", "anwser"])}[column]
+        typo = {
+            "prompt": rng.choice(["promt", "Prompt", "prompts", "prmpt"]),
+            "answer": rng.choice(["answr", "Answer", "answers", "anwser"]),
+        }[column]
         for row in rows:
             value = row.pop(column)
             if kind == "misspelled":
@@ -526,8 +608,15 @@ def bad_case(rng, directory, number):
         good = pa.Table.from_pylist([{"prompt": "p", "answer": "a"}] * len(rows))
         pq.write_table(good, path)
         data = path.read_bytes()
-        path.write_bytes(rng.choice([data[: rng.randrange(len(data))], bytes(rng.randrange(256) for _ in range(64)),
-                                     data[:4] + b"junk" + data[8:-8]]))
+        path.write_bytes(
+            rng.choice(
+                [
+                    data[: rng.randrange(len(data))],
+                    bytes(rng.randrange(256) for _ in range(64)),
+                    data[:4] + b"junk" + data[8:-8],
+                ]
+            )
+        )
         expect = ["parquet"]
     elif kind == "missing_path":
         path = stem.with_suffix(rng.choice([".jsonl", ".csv", ".parquet", ""]))
@@ -581,8 +670,10 @@ def grpo_data(*overrides):
 
 
 PROBLEMS = {  # split -> rows with the columns named as a hub math dataset might name them
-    "train": [{"question": "What is 2+3?", "final": "5", "source": "a"},
-              {"question": "Halve 1.", "final": r"\frac{1}{2}", "source": "b"}],
+    "train": [
+        {"question": "What is 2+3?", "final": "5", "source": "a"},
+        {"question": "Halve 1.", "final": r"\frac{1}{2}", "source": "b"},
+    ],
     "test": [{"question": "What is 4*4?", "final": "16", "source": "c"}],
 }
 
@@ -592,19 +683,24 @@ def test_data_path_parquet_directory_maps_columns_for_both_splits(tmp_path):
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{split}.parquet")
     data = grpo_data(f"data.path={tmp_path}", "data.prompt_column=question", "data.answer_column=final")
     train_rows, test_rows = load_train_test(data)
-    expected = {split: [{**row, "prompt": row["question"], "answer": row["final"]} for row in rows]
-                for split, rows in PROBLEMS.items()}  # the source columns stay, for rewards that ask for them
+    expected = {
+        split: [{**row, "prompt": row["question"], "answer": row["final"]} for row in rows]
+        for split, rows in PROBLEMS.items()
+    }  # the source columns stay, for rewards that ask for them
     assert (train_rows, test_rows) == (expected["train"], expected["test"])
 
 
 def test_data_path_json_file_has_one_split_and_test_split_null(tmp_path):
     path = tmp_path / "problems.json"
     path.write_text(json.dumps(PROBLEMS["train"]))
-    data = grpo_data(f"data.path={path}", "data.test_split=null", "data.prompt_column=question",
-                     "data.answer_column=final")
+    data = grpo_data(
+        f"data.path={path}", "data.test_split=null", "data.prompt_column=question", "data.answer_column=final"
+    )
     train_rows, test_rows = load_train_test(data)
-    assert [(row["prompt"], row["answer"]) for row in train_rows] == [("What is 2+3?", "5"),
-                                                                       ("Halve 1.", r"\frac{1}{2}")]
+    assert [(row["prompt"], row["answer"]) for row in train_rows] == [
+        ("What is 2+3?", "5"),
+        ("Halve 1.", r"\frac{1}{2}"),
+    ]
     assert test_rows == []
 
 
@@ -612,14 +708,17 @@ def test_data_path_split_choice_and_missing_split_names_the_splits(tmp_path):
     for split, rows in PROBLEMS.items():
         write_jsonl(tmp_path / f"{split}.jsonl", rows)
     mapped = ("data.prompt_column=question", "data.answer_column=final")
-    train_rows, test_rows = load_train_test(grpo_data(f"data.path={tmp_path}", "data.split=test",
-                                                      "data.test_split=train", *mapped))
+    train_rows, test_rows = load_train_test(
+        grpo_data(f"data.path={tmp_path}", "data.split=test", "data.test_split=train", *mapped)
+    )
     assert [row["answer"] for row in train_rows] == ["16"]
     assert [row["answer"] for row in test_rows] == ["5", r"\frac{1}{2}"]
     with pytest.raises(DataError) as error:
         load_train_test(grpo_data(f"data.path={tmp_path}", "data.test_split=validation", *mapped))
-    assert message_of(error) == (f"data.test_split='validation': data.path '{tmp_path}' has no split 'validation' "
-                                 f"(splits: ['test', 'train']); set data.test_split to one of them")
+    assert message_of(error) == (
+        f"data.test_split='validation': data.path '{tmp_path}' has no split 'validation' "
+        f"(splits: ['test', 'train']); set data.test_split to one of them"
+    )
 
 
 def test_data_path_missing_column_names_the_field_and_the_columns(tmp_path):
@@ -627,12 +726,17 @@ def test_data_path_missing_column_names_the_field_and_the_columns(tmp_path):
         write_jsonl(tmp_path / f"{split}.jsonl", rows)
     with pytest.raises(DataError) as error:
         load_train_test(grpo_data(f"data.path={tmp_path}", "data.prompt_column=question", "data.answer_column=answr"))
-    assert message_of(error) == (f"data.answer_column='answr': data.path '{tmp_path}' split 'train' has no column "
-                                 f"'answr' (columns: ['question', 'final', 'source']); set data.answer_column to the "
-                                 f"column that holds the reference answers")
-    with pytest.raises(DataError, match=r"^data.prompt_column='prompt': .* has no column 'prompt' \(columns: "
-                       r"\['question', 'final', 'source'\]\); set data.prompt_column to the column that holds the "
-                       r"prompts$"):
+    assert message_of(error) == (
+        f"data.answer_column='answr': data.path '{tmp_path}' split 'train' has no column "
+        f"'answr' (columns: ['question', 'final', 'source']); set data.answer_column to the "
+        f"column that holds the reference answers"
+    )
+    with pytest.raises(
+        DataError,
+        match=r"^data.prompt_column='prompt': .* has no column 'prompt' \(columns: "
+        r"\['question', 'final', 'source'\]\); set data.prompt_column to the column that holds the "
+        r"prompts$",
+    ):
         load_train_test(grpo_data(f"data.path={tmp_path}", "data.answer_column=final"))  # prompt_column left 'prompt'
 
 
@@ -643,8 +747,17 @@ def test_dpo_pairs_columns_through_data_path(tmp_path):
     # load_dataset wants the same columns in every split of a directory: pairs and held-out problems share them
     write_jsonl(tmp_path / "train.jsonl", [{"q": "1+1?", "good": "2", "bad": "3", "gold": "2"}])
     write_jsonl(tmp_path / "test.jsonl", [{"q": "2+2?", "good": "4", "bad": "5", "gold": "4"}])
-    data = load_config(DPOConfig, None, [f"data.path={tmp_path}", "data.prompt_column=q", "data.chosen_column=good",
-                                         "data.rejected_column=bad", "data.answer_column=gold"]).data
+    data = load_config(
+        DPOConfig,
+        None,
+        [
+            f"data.path={tmp_path}",
+            "data.prompt_column=q",
+            "data.chosen_column=good",
+            "data.rejected_column=bad",
+            "data.answer_column=gold",
+        ],
+    ).data
     train_rows, test_rows = load_train_test(data, ("prompt", "chosen", "rejected"))
     assert [(r["prompt"], r["chosen"], r["rejected"]) for r in train_rows] == [("1+1?", "2", "3")]
     assert [(r["prompt"], r["answer"]) for r in test_rows] == [("2+2?", "4")]
@@ -653,17 +766,20 @@ def test_dpo_pairs_columns_through_data_path(tmp_path):
     write_jsonl(tmp_path / "other" / "test.jsonl", [{"q": "2+2?", "gold": "4"}])
     with pytest.raises(DataError) as error:
         load_train_test(dataclasses.replace(data, path=str(tmp_path / "other")), ("prompt", "chosen", "rejected"))
-    assert "could not be loaded with datasets.load_dataset from the local dataset: An error occurred while " \
-           "generating the dataset: Couldn't cast" in message_of(error)
+    assert (
+        "could not be loaded with datasets.load_dataset from the local dataset: An error occurred while "
+        "generating the dataset: Couldn't cast" in message_of(error)
+    )
 
 
 def test_column_mapping_applies_to_data_train_files_too(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", PROBLEMS["train"])
-    data = grpo_data(f"data.train={train}", "data.test=null", "data.prompt_column=question",
-                     "data.answer_column=final")
+    data = grpo_data(f"data.train={train}", "data.test=null", "data.prompt_column=question", "data.answer_column=final")
     train_rows, test_rows = load_train_test(data)
-    assert [(row["prompt"], row["answer"]) for row in train_rows] == [("What is 2+3?", "5"),
-                                                                       ("Halve 1.", r"\frac{1}{2}")]
+    assert [(row["prompt"], row["answer"]) for row in train_rows] == [
+        ("What is 2+3?", "5"),
+        ("Halve 1.", r"\frac{1}{2}"),
+    ]
     assert test_rows == []
 
 
@@ -678,8 +794,12 @@ def test_hub_id_is_passed_to_load_dataset(monkeypatch):
         return datasets.DatasetDict({split: datasets.Dataset.from_list(rows) for split, rows in PROBLEMS.items()})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    data = grpo_data("data.path=some-org/math-problems", "data.subset=main", "data.prompt_column=question",
-                     "data.answer_column=final")
+    data = grpo_data(
+        "data.path=some-org/math-problems",
+        "data.subset=main",
+        "data.prompt_column=question",
+        "data.answer_column=final",
+    )
     train_rows, test_rows = load_train_test(data)
     assert calls == [("some-org/math-problems", "main", {})]
     assert [row["answer"] for row in train_rows] == ["5", r"\frac{1}{2}"]
@@ -691,31 +811,41 @@ def test_prompt_template_and_system_prompt_render_plain_problems(tmp_path):
     template = r"{prompt} Put the final answer in \boxed{}."
     data = grpo_data(f"data.train={train}", "data.test=null", f"data.prompt_template='{template}'")
     assert load_train_test(data)[0][0]["prompt"] == r"What is 2+3? Put the final answer in \boxed{}."
-    data = grpo_data(f"data.train={train}", "data.test=null", f"data.prompt_template='{template}'",
-                     "data.system_prompt=Think step by step.")
+    data = grpo_data(
+        f"data.train={train}",
+        "data.test=null",
+        f"data.prompt_template='{template}'",
+        "data.system_prompt=Think step by step.",
+    )
     assert load_train_test(data)[0][0]["prompt"] == [
         {"role": "system", "content": "Think step by step."},
-        {"role": "user", "content": r"What is 2+3? Put the final answer in \boxed{}."}]
+        {"role": "user", "content": r"What is 2+3? Put the final answer in \boxed{}."},
+    ]
 
 
 def test_system_prompt_on_chat_prompts(tmp_path):
     user = [{"role": "user", "content": "What is 2+3?"}]
     assert format_prompts([{"prompt": user}], system_prompt="Be brief.")[0]["prompt"] == [
-        {"role": "system", "content": "Be brief."}, *user]
+        {"role": "system", "content": "Be brief."},
+        *user,
+    ]
     with pytest.raises(DataError, match="row 0 already has a system message; unset data.system_prompt"):
         format_prompts([{"prompt": CHAT}], system_prompt="Be brief.")
     with pytest.raises(DataError, match="data.prompt_template is set but row 0 has a chat prompt"):
         format_prompts([{"prompt": user}], template="{prompt}!")
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (["data.path=org/set", "data.train=mine.jsonl"], "data.train"),
-    (["data.path=org/set", "data.test=mine.jsonl"], "data.test"),
-    (["data.subset=main"], "data.subset"),
-    (["data.prompt_template=Solve it."], "data.prompt_template"),
-    (["data.answer_column= "], "data.answer_column"),
-    (["data.path="], "data.path"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["data.path=org/set", "data.train=mine.jsonl"], "data.train"),
+        (["data.path=org/set", "data.test=mine.jsonl"], "data.test"),
+        (["data.subset=main"], "data.subset"),
+        (["data.prompt_template=Solve it."], "data.prompt_template"),
+        (["data.answer_column= "], "data.answer_column"),
+        (["data.path="], "data.path"),
+    ],
+)
 def test_data_source_config_errors_name_the_field(overrides, field):
     from shared.config import ConfigError
 
@@ -728,13 +858,22 @@ def test_missing_column_exits_2_with_one_line(tmp_path, capsys):
 
     write_jsonl(tmp_path / "train.jsonl", PROBLEMS["train"])
     with pytest.raises(SystemExit) as exit_info:
-        main(["grpo", f"data.path={tmp_path}", "data.test_split=null", "data.prompt_column=question",
-              "data.answer_column=label", f"log.output_dir={tmp_path / 'run'}"])
+        main(
+            [
+                "grpo",
+                f"data.path={tmp_path}",
+                "data.test_split=null",
+                "data.prompt_column=question",
+                "data.answer_column=label",
+                f"log.output_dir={tmp_path / 'run'}",
+            ]
+        )
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and err[-1] == (
         f"data error: data.answer_column='label': data.path '{tmp_path}' split 'train' has no column 'label' "
         f"(columns: ['question', 'final', 'source']); set data.answer_column to the column that holds the reference "
-        f"answers")
+        f"answers"
+    )
 
 
 def answer_digits_reward(prompts, completions, answer, **kwargs):
@@ -757,23 +896,51 @@ def test_grpo_run_from_data_path_equals_the_run_from_files(tmp_path):
     for split, seed, n in (("train", 0, 8), ("test", 1, 4)):
         problems = [{"prompt": p["prompt"], "answer": str(p["answer"])} for p in toy.make_split(n, seed)]
         write_jsonl(tmp_path / f"{split}.jsonl", problems)
-        pq.write_table(pa.Table.from_pylist([{"problem": p["prompt"], "solution": p["answer"]} for p in problems]),
-                       dataset_dir / f"{split}.parquet")
-    common = [f"model.path={model_dir}", "data.eval_size=4", "sampling.max_new_tokens=8", "train.iterations=1",
-              "train.prompts_per_iteration=2", "train.group_size=3", "train.micro_batch_size=6",
-              "log.checkpoint_every=0",
-              "reward.weights={accuracy: 1.0, tests.test_llm_data:answer_digits_reward: 1.0}"]
-    main(["grpo", *common, f"data.train={tmp_path / 'train.jsonl'}", f"data.test={tmp_path / 'test.jsonl'}",
-          f"log.output_dir={tmp_path / 'files'}"])
-    main(["grpo", *common, f"data.path={dataset_dir}", "data.prompt_column=problem", "data.answer_column=solution",
-          f"log.output_dir={tmp_path / 'dataset_run'}"])
+        pq.write_table(
+            pa.Table.from_pylist([{"problem": p["prompt"], "solution": p["answer"]} for p in problems]),
+            dataset_dir / f"{split}.parquet",
+        )
+    common = [
+        f"model.path={model_dir}",
+        "data.eval_size=4",
+        "sampling.max_new_tokens=8",
+        "train.iterations=1",
+        "train.prompts_per_iteration=2",
+        "train.group_size=3",
+        "train.micro_batch_size=6",
+        "log.checkpoint_every=0",
+        "reward.weights={accuracy: 1.0, tests.test_llm_data:answer_digits_reward: 1.0}",
+    ]
+    main(
+        [
+            "grpo",
+            *common,
+            f"data.train={tmp_path / 'train.jsonl'}",
+            f"data.test={tmp_path / 'test.jsonl'}",
+            f"log.output_dir={tmp_path / 'files'}",
+        ]
+    )
+    main(
+        [
+            "grpo",
+            *common,
+            f"data.path={dataset_dir}",
+            "data.prompt_column=problem",
+            "data.answer_column=solution",
+            f"log.output_dir={tmp_path / 'dataset_run'}",
+        ]
+    )
 
     def metrics(run):
         records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-        return [{key: value for key, value in record.items() if "time" not in key and "second" not in key}
-                for record in records]
+        return [
+            {key: value for key, value in record.items() if "time" not in key and "second" not in key}
+            for record in records
+        ]
 
-    assert metrics("files") == metrics("dataset_run") and metrics("files")[1]["reward/tests.test_llm_data:" \
-        "answer_digits_reward/mean"] >= 1  # the answers arrived (without them the reward raises)
+    assert (
+        metrics("files") == metrics("dataset_run")
+        and metrics("files")[1]["reward/tests.test_llm_data:answer_digits_reward/mean"] >= 1
+    )  # the answers arrived (without them the reward raises)
     samples = [(tmp_path / run / "samples.jsonl").read_text() for run in ("files", "dataset_run")]
     assert samples[0] == samples[1] and "prompt" in samples[0]  # the same prompts, completions and rewards

@@ -22,8 +22,18 @@ from torch.testing import assert_close
 from llmalign import toy
 from llmalign.cli import main
 from llmalign.data import load_rows, write_rows
-from llmalign.dpo import (CachedLogprobs, cache_fingerprint, cached_logprobs, compute_token_logprobs, encode_pairs,
-                          live_reference, load_guidance_model, micro_batch_terms, precomputed_reference, train_step)
+from llmalign.dpo import (
+    CachedLogprobs,
+    cache_fingerprint,
+    cached_logprobs,
+    compute_token_logprobs,
+    encode_pairs,
+    live_reference,
+    load_guidance_model,
+    micro_batch_terms,
+    precomputed_reference,
+    train_step,
+)
 from llmalign.dpo_config import DPOConfig
 from llmalign.data import micro_batches
 from llmalign.pairs import make_pairs, preference_level, sample_completions, select_pairs
@@ -46,11 +56,20 @@ def pair_rows():
     rows = []
     for i, problem in enumerate(toy.make_split(6, 3)):
         wrong = str(int(problem["answer"]) + 1 + i)
-        rejected = ("I do not know" if i % 3 == 2
-                    else f"<think>{problem['steps'].split(' ')[0]}</think><answer>{wrong}</answer>")
+        rejected = (
+            "I do not know"
+            if i % 3 == 2
+            else f"<think>{problem['steps'].split(' ')[0]}</think><answer>{wrong}</answer>"
+        )
         prompt = [{"role": "user", "content": problem["prompt"]}] if i == 1 else problem["prompt"]
-        rows.append({"prompt": prompt, "chosen": toy.solution(problem, with_check=i % 2 == 0), "rejected": rejected,
-                     "answer": problem["answer"]})
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": toy.solution(problem, with_check=i % 2 == 0),
+                "rejected": rejected,
+                "answer": problem["answer"],
+            }
+        )
     return rows
 
 
@@ -80,10 +99,20 @@ def tiny(tmp_path_factory):
 
 
 def overrides(tiny, out_dir, *extra):
-    return [f"model.path={tiny / 'model'}", f"data.train={tiny / 'pairs.jsonl'}", f"data.test={tiny / 'test.jsonl'}",
-            "data.eval_size=4", "data.eval_max_new_tokens=12", "train.steps=2", "train.batch_size=4",
-            "train.micro_batch_size=3", "train.learning_rate=1e-2", f"log.output_dir={out_dir}",
-            "log.checkpoint_every=1", *extra]
+    return [
+        f"model.path={tiny / 'model'}",
+        f"data.train={tiny / 'pairs.jsonl'}",
+        f"data.test={tiny / 'test.jsonl'}",
+        "data.eval_size=4",
+        "data.eval_max_new_tokens=12",
+        "train.steps=2",
+        "train.batch_size=4",
+        "train.micro_batch_size=3",
+        "train.learning_rate=1e-2",
+        f"log.output_dir={out_dir}",
+        "log.checkpoint_every=1",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -101,20 +130,28 @@ def config_for(tiny, *extra):
 
 def direct_token_logps(model, tokenizer, prompt, completion):
     """Token log-probs of completion + end-of-text after the prompt: one unpadded sequence, default positions."""
-    text = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(prompt, tokenize=False,
-                                                                                add_generation_prompt=True)
+    text = (
+        prompt
+        if isinstance(prompt, str)
+        else tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    )
     p = tokenizer(text, add_special_tokens=False)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([p + c])).logits[0]  # [P+C, V]
-    logp = torch.log_softmax(logits.float(), dim=-1)[len(p) - 1:-1]  # [C, V] position j scores token j+1
+    logp = torch.log_softmax(logits.float(), dim=-1)[len(p) - 1 : -1]  # [C, V] position j scores token j+1
     return logp.gather(-1, torch.tensor(c)[:, None]).squeeze(-1)  # [C]
 
 
 def direct_pairs(model, tokenizer, rows):
     """[(chosen token log-probs, rejected token log-probs)] per row."""
-    return [(direct_token_logps(model, tokenizer, r["prompt"], r["chosen"]),
-             direct_token_logps(model, tokenizer, r["prompt"], r["rejected"])) for r in rows]
+    return [
+        (
+            direct_token_logps(model, tokenizer, r["prompt"], r["chosen"]),
+            direct_token_logps(model, tokenizer, r["prompt"], r["rejected"]),
+        )
+        for r in rows
+    ]
 
 
 # ----------------------------------------------------------------------------- shared/token_weights
@@ -129,15 +166,30 @@ def test_tgdpo_weights_and_weighted_loss_by_hand():
     assert_close(w_c, torch.tensor([[1.0, 0.0]]))
     assert_close(w_r[:, 0], torch.tensor([0.25]))
     losses, chosen, rejected = weighted_dpo_sigmoid_loss(
-        torch.tensor([[-1.0, -2.0]]), torch.tensor([[-3.0, 55.0]]), torch.tensor([[-1.5, -1.5]]),
-        torch.tensor([[-2.0, -9.0]]), torch.ones(1, 2), torch.tensor([[1.0, 0.0]]), w_c, w_r)
+        torch.tensor([[-1.0, -2.0]]),
+        torch.tensor([[-3.0, 55.0]]),
+        torch.tensor([[-1.5, -1.5]]),
+        torch.tensor([[-2.0, -9.0]]),
+        torch.ones(1, 2),
+        torch.tensor([[1.0, 0.0]]),
+        w_c,
+        w_r,
+    )
     assert_close(losses, torch.tensor([math.log1p(math.exp(-0.75))]))
     assert_close(chosen, torch.tensor([0.5]))  # sum w_w (pc - rc)
     assert_close(rejected, torch.tensor([-0.25]))  # sum w_l (pr - rr)
     # label smoothing e = 0.2: 0.8 * log(1 + e^-0.75) + 0.2 * log(1 + e^0.75)
     smoothed, _, _ = weighted_dpo_sigmoid_loss(
-        torch.tensor([[-1.0, -2.0]]), torch.tensor([[-3.0, 55.0]]), torch.tensor([[-1.5, -1.5]]),
-        torch.tensor([[-2.0, -9.0]]), torch.ones(1, 2), torch.tensor([[1.0, 0.0]]), w_c, w_r, label_smoothing=0.2)
+        torch.tensor([[-1.0, -2.0]]),
+        torch.tensor([[-3.0, 55.0]]),
+        torch.tensor([[-1.5, -1.5]]),
+        torch.tensor([[-2.0, -9.0]]),
+        torch.ones(1, 2),
+        torch.tensor([[1.0, 0.0]]),
+        w_c,
+        w_r,
+        label_smoothing=0.2,
+    )
     assert_close(smoothed, torch.tensor([0.8 * math.log1p(math.exp(-0.75)) + 0.2 * math.log1p(math.exp(0.75))]))
 
 
@@ -150,8 +202,9 @@ def test_weighted_loss_with_alpha_zero_is_dpo_sigmoid():
     w_c, w_r = tgdpo_token_weights(gc, gr, beta=0.3, alpha=0.0)
     got = weighted_dpo_sigmoid_loss(pc, pr, rc, rr, mc, mr, w_c, w_r, label_smoothing=0.1)
     total = lambda x, m: (x * m).sum(-1)
-    expected = PREFERENCE_LOSSES["sigmoid"](total(pc, mc), total(pr, mr), total(rc, mc), total(rr, mr), beta=0.3,
-                                            label_smoothing=0.1)
+    expected = PREFERENCE_LOSSES["sigmoid"](
+        total(pc, mc), total(pr, mr), total(rc, mc), total(rr, mr), beta=0.3, label_smoothing=0.1
+    )
     for a, b in zip(got, expected):
         assert_close(a, b)
 
@@ -193,8 +246,12 @@ def expected_losses(name, config, policy, ref, guide):
     if name == "simpo":
         return PREFERENCE_LOSSES["simpo"](pc, pr, lc, lr, beta=beta, gamma=a.simpo_gamma)[0]
     rc, rr = (torch.stack([r[k].sum() for r in ref]) for k in (0, 1))
-    kwargs = {"sigmoid": {"label_smoothing": a.label_smoothing}, "robust": {"flip_rate": a.label_smoothing},
-              "hinge": {}, "ipo": {}}[name]
+    kwargs = {
+        "sigmoid": {"label_smoothing": a.label_smoothing},
+        "robust": {"flip_rate": a.label_smoothing},
+        "hinge": {},
+        "ipo": {},
+    }[name]
     lengths = (lc, lr) if name == "ipo" else ()
     return PREFERENCE_LOSSES[name](pc, pr, rc, rr, *lengths, beta=beta, **kwargs)[0]
 
@@ -207,15 +264,22 @@ def test_each_loss_path_equals_the_shared_loss_on_unpadded_logprobs(tiny, one_pr
     rows = pair_rows()
     encoded = encode_pairs(tokenizer, rows, config.data)
     pad = tokenizer.pad_token_id
-    reference = (CachedLogprobs(compute_token_logprobs(one_process, reference_model, encoded, pad, micro_batch_size=4))
-                 if config.algorithm.uses_reference else None)
+    reference = (
+        CachedLogprobs(compute_token_logprobs(one_process, reference_model, encoded, pad, micro_batch_size=4))
+        if config.algorithm.uses_reference
+        else None
+    )
     guidance = None
     if name == "tgdpo":
         guide_model = perturbed(tiny / "model", seed=7)
         guidance = CachedLogprobs(compute_token_logprobs(one_process, guide_model, encoded, pad, 4))
     order = [4, 0, 3, 1, 5, 2]  # micro-batches of 2 in a shuffled order: padding and index lookups differ
-    got = torch.cat([micro_batch_terms(config.algorithm, policy, encoded, rows_, pad, reference, guidance)["losses"]
-                     for rows_ in micro_batches(order, 2)]).detach()
+    got = torch.cat(
+        [
+            micro_batch_terms(config.algorithm, policy, encoded, rows_, pad, reference, guidance)["losses"]
+            for rows_ in micro_batches(order, 2)
+        ]
+    ).detach()
     direct = direct_pairs(policy, tokenizer, [rows[i] for i in order])
     ref = direct_pairs(reference_model, tokenizer, [rows[i] for i in order]) if reference is not None else None
     guide = direct_pairs(perturbed(tiny / "model", seed=7), tokenizer, [rows[i] for i in order]) if guidance else None
@@ -260,8 +324,7 @@ def test_gradient_accumulation_equals_one_big_batch(tiny, one_process, loss):
         trained = copy.deepcopy(policy)
         optimizer = torch.optim.SGD(trained.parameters(), lr=1.0)
         config.train.micro_batch_size = micro
-        metrics = train_step(one_process, config, trained, optimizer, encoded, [3, 1, 4, 0, 5, 2], pad, reference,
-                             None)
+        metrics = train_step(one_process, config, trained, optimizer, encoded, [3, 1, 4, 0, 5, 2], pad, reference, None)
         results.append((dict(trained.named_parameters()), metrics))
     (big, big_metrics), *smaller = results
     for params, metrics in smaller:
@@ -323,8 +386,15 @@ def test_cli_two_steps_full_finetune_changes_weights_and_reloads(tiny, tmp_path)
     assert records[1]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert records[1]["train/rewards/margin"] == pytest.approx(0.0, abs=1e-6)
     assert records[2]["train/loss"] != pytest.approx(math.log(2), abs=1e-4)
-    for key in ("train/rewards/chosen", "train/rewards/rejected", "train/rewards/accuracy", "train/logps/chosen",
-                "train/logps/rejected", "train/grad_norm", "train/lr"):
+    for key in (
+        "train/rewards/chosen",
+        "train/rewards/rejected",
+        "train/rewards/accuracy",
+        "train/logps/chosen",
+        "train/logps/rejected",
+        "train/grad_norm",
+        "train/lr",
+    ):
         assert key in records[2], key
     assert "eval/accuracy" in records[0] and "eval/accuracy" in records[2]
     assert (tmp_path / "dpo_curves.png").stat().st_size > 0
@@ -344,8 +414,20 @@ def test_cli_two_steps_lora_live_reference_saves_a_peft_adapter(tiny, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    main(["dpo", *overrides(tiny, tmp_path, "model.lora=true", "model.lora_rank=4", "algorithm.reference=live",
-                            "algorithm.loss=hinge", "data.test=null")])
+    main(
+        [
+            "dpo",
+            *overrides(
+                tiny,
+                tmp_path,
+                "model.lora=true",
+                "model.lora_rank=4",
+                "algorithm.reference=live",
+                "algorithm.loss=hinge",
+                "data.test=null",
+            ),
+        ]
+    )
     state = load_state(latest_checkpoint(tmp_path / "checkpoints"), "trainable")
     assert state and all("lora_" in name for name in state)
     assert any(name.endswith("lora_B.default.weight") and value.abs().sum() > 0 for name, value in state.items())
@@ -366,8 +448,20 @@ def test_cli_simpo_loads_no_reference(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(dpo, "reference_policy", forbidden)
     monkeypatch.setattr(dpo, "compute_token_logprobs", forbidden)
     # all 6 pairs in the one step, so its logged loss is the mean over the data at the initial weights
-    main(["dpo", *overrides(tiny, tmp_path, "algorithm.loss=simpo", "train.steps=1", "train.batch_size=6",
-                            "train.micro_batch_size=4", "data.test=null")])
+    main(
+        [
+            "dpo",
+            *overrides(
+                tiny,
+                tmp_path,
+                "algorithm.loss=simpo",
+                "train.steps=1",
+                "train.batch_size=6",
+                "train.micro_batch_size=4",
+                "data.test=null",
+            ),
+        ]
+    )
     assert not (tmp_path / "reference_logprobs.safetensors").exists()
     model, tokenizer = load_policy(config_for(tiny).model)
     direct = direct_pairs(model, tokenizer, pair_rows())
@@ -378,8 +472,19 @@ def test_cli_simpo_loads_no_reference(tiny, tmp_path, monkeypatch):
 def test_cli_tgdpo_caches_the_guidance_logprobs(tiny, tmp_path):
     from safetensors.torch import load_file
 
-    main(["dpo", *overrides(tiny, tmp_path, "train.steps=1", "data.test=null", "algorithm.tgdpo_alpha=1.0",
-                            f"algorithm.guidance_model={tiny / 'guide'}")])
+    main(
+        [
+            "dpo",
+            *overrides(
+                tiny,
+                tmp_path,
+                "train.steps=1",
+                "data.test=null",
+                "algorithm.tgdpo_alpha=1.0",
+                f"algorithm.guidance_model={tiny / 'guide'}",
+            ),
+        ]
+    )
     guidance = load_file(str(tmp_path / "guidance_logprobs.safetensors"))
     _, tokenizer = load_policy(config_for(tiny).model)
     gc, gr = direct_pairs(perturbed(tiny / "model", seed=7), tokenizer, pair_rows()[3:4])[0]
@@ -393,8 +498,10 @@ def test_guidance_model_can_be_a_lora_adapter(tiny, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny / "model"),
-                             LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    adapted = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny / "model"),
+        LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
     with torch.no_grad():
         for name, p in adapted.named_parameters():
             if "lora_B" in name:
@@ -426,16 +533,19 @@ def test_resume_ends_bit_identical(tiny, tmp_path, capsys):
     assert [r["train/lr"] for r in records_of(tmp_path / "split")[1:]] == [5e-3, 1e-2, 1e-2]  # warm-up 1/2, 2/2
 
 
-@pytest.mark.parametrize("override, message", [
-    ("algorithm.loss=kto", "algorithm.loss"),
-    ("algorithm.tgdpo_alpha=0.5", "algorithm.guidance_model"),
-    ("algorithm.guidance_model=somewhere", "algorithm.guidance_model"),
-    ("algorithm.label_smoothing=0.6", "algorithm.label_smoothing"),
-    ("algorithm.loss=ipo algorithm.label_smoothing=0.1", "algorithm.label_smoothing"),
-    ("train.batch_size=0", "train.batch_size"),
-    ("train.micro_batch_sise=2", "did you mean 'train.micro_batch_size'"),
-    ("data.train=null", "data.train"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algorithm.loss=kto", "algorithm.loss"),
+        ("algorithm.tgdpo_alpha=0.5", "algorithm.guidance_model"),
+        ("algorithm.guidance_model=somewhere", "algorithm.guidance_model"),
+        ("algorithm.label_smoothing=0.6", "algorithm.label_smoothing"),
+        ("algorithm.loss=ipo algorithm.label_smoothing=0.1", "algorithm.label_smoothing"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.micro_batch_sise=2", "did you mean 'train.micro_batch_size'"),
+        ("data.train=null", "data.train"),
+    ],
+)
 def test_bad_config_exits_2_with_one_line(tiny, tmp_path, capsys, override, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["dpo", *overrides(tiny, tmp_path), *override.split()])
@@ -455,8 +565,12 @@ def test_missing_rejected_column_exits_2(tiny, tmp_path, capsys):
 
 def test_shipped_config_loads_and_describe_lists_fields(capsys):
     config = load_config(DPOConfig, ROOT / "configs" / "llm" / "arith_dpo.yaml")
-    assert (config.data.train, config.algorithm.loss, config.algorithm.effective_beta, config.model.lora) == \
-        ("runs/arith_pairs.jsonl", "dpop", 0.3, False)
+    assert (config.data.train, config.algorithm.loss, config.algorithm.effective_beta, config.model.lora) == (
+        "runs/arith_pairs.jsonl",
+        "dpop",
+        0.3,
+        False,
+    )
     main(["dpo", "--describe"])
     out = capsys.readouterr().out
     for field in ("algorithm.tgdpo_alpha", "algorithm.reference", "log.output_dir (str, default 'runs/llm_dpo')"):
@@ -499,13 +613,16 @@ def test_select_pairs_on_hand_built_levels():
 
 def test_make_pairs_writes_rows_that_dpo_loads(tmp_path):
     rows = [{"prompt": "Compute 1+2.\n", "answer": "3", "id": 7}, {"prompt": "Compute 2+2.\n", "answer": "4", "id": 8}]
-    completions = [["<think>x</think><answer>3</answer>", "<think>x</think><answer>5</answer>", "junk"],
-                   ["junk", "more junk", "junk 2"]]  # the second prompt: all format errors, no pair
+    completions = [
+        ["<think>x</think><answer>3</answer>", "<think>x</think><answer>5</answer>", "junk"],
+        ["junk", "more junk", "junk 2"],
+    ]  # the second prompt: all format errors, no pair
     pairs, summary = make_pairs(rows, completions, pairs_per_prompt=2)
     assert summary == {"levels": {3: 1, 2: 1, 1: 0, 0: 4}, "prompts": 2, "prompts_without_pair": 1, "pairs": 2}
     assert [(p["chosen"], p["rejected"], p["chosen_level"], p["rejected_level"], p["id"]) for p in pairs] == [
         ("<think>x</think><answer>3</answer>", "<think>x</think><answer>5</answer>", 3, 2, 7),
-        ("<think>x</think><answer>3</answer>", "junk", 3, 0, 7)]
+        ("<think>x</think><answer>3</answer>", "junk", 3, 0, 7),
+    ]
     write_rows(tmp_path / "pairs.jsonl", pairs)
     assert load_rows(tmp_path / "pairs.jsonl", required=("prompt", "chosen", "rejected")) == pairs
 
@@ -523,9 +640,28 @@ def test_cli_pairs_on_the_tiny_model(tiny, tmp_path, capsys):
     data = tmp_path / "prompts.jsonl"
     write_rows(data, [{**p, "answer": a} for p, a in zip(prompts, answers)])
     out = tmp_path / "pairs.jsonl"
-    main(["pairs", "--model", str(tiny / "model"), "--data", str(data), "--out", str(out), "--group-size", "4",
-          "--max-new-tokens", "10", "--seed", "3", "--batch-size", "4", "--pairs-per-prompt", "2",
-          "--no-format-check"])
+    main(
+        [
+            "pairs",
+            "--model",
+            str(tiny / "model"),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--group-size",
+            "4",
+            "--max-new-tokens",
+            "10",
+            "--seed",
+            "3",
+            "--batch-size",
+            "4",
+            "--pairs-per-prompt",
+            "2",
+            "--no-format-check",
+        ]
+    )
     printed = capsys.readouterr().out
     expected, summary = make_pairs([{**p, "answer": a} for p, a in zip(prompts, answers)], samples, 2, False)
     assert summary["levels"][3] >= 1 and summary["pairs"] >= 1  # the situation above has something to pair
@@ -536,7 +672,22 @@ def test_cli_pairs_on_the_tiny_model(tiny, tmp_path, capsys):
         assert preference_level(pair["chosen"], pair["answer"], False) == pair["chosen_level"]
     assert f"{summary['pairs']} pairs" in printed and "3 correct" in printed
     # with the format check every completion of the untrained model is a format error: no pairs
-    main(["pairs", "--model", str(tiny / "model"), "--data", str(data), "--out", str(out), "--group-size", "2",
-          "--max-new-tokens", "4", "--limit", "2"])
+    main(
+        [
+            "pairs",
+            "--model",
+            str(tiny / "model"),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--group-size",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--limit",
+            "2",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "2 gave none" in printed and out.read_text() == ""

@@ -62,16 +62,19 @@ def release_hung_threads():
     RELEASE_HUNG.set()
 
 
-@pytest.mark.parametrize("reward, message", [
-    ("nan_for_first", "gave nan for completion 0"),
-    ("none_for_first", "gave None for completion 0"),
-    ("too_few", "returned 5 scores for 6 completions"),
-    ("raises", "raised KeyError"),
-    ("none_output", "returned NoneType scores for 6 completions"),
-    ("string_for_first", "returned a str at position 0 ('abc'), not a number"),
-    ("dict_for_first", "returned a dict at position 0 ({'score': 1.0}), not a number"),
-    ("huge_for_first", "returned an integer of 401 digits at position 0, too large for a float"),
-])
+@pytest.mark.parametrize(
+    "reward, message",
+    [
+        ("nan_for_first", "gave nan for completion 0"),
+        ("none_for_first", "gave None for completion 0"),
+        ("too_few", "returned 5 scores for 6 completions"),
+        ("raises", "raised KeyError"),
+        ("none_output", "returned NoneType scores for 6 completions"),
+        ("string_for_first", "returned a str at position 0 ('abc'), not a number"),
+        ("dict_for_first", "returned a dict at position 0 ({'score': 1.0}), not a number"),
+        ("huge_for_first", "returned an integer of 401 digits at position 0, too large for a float"),
+    ],
+)
 def test_bad_reward_stops_with_its_name(tiny_lm_dir, tmp_path, capsys, reward, message):  # noqa: F811
     with pytest.raises(SystemExit) as exit_info:
         main(["grpo", *overrides(tiny_lm_dir, tmp_path), f"reward.weights={{tests.test_llm_faults:{reward}: 1.0}}"])
@@ -81,8 +84,14 @@ def test_bad_reward_stops_with_its_name(tiny_lm_dir, tmp_path, capsys, reward, m
 
 
 def test_drop_counts_bad_samples_and_trains_on(tiny_lm_dir, tmp_path):  # noqa: F811
-    main(["grpo", *overrides(tiny_lm_dir, tmp_path), "reward.on_bad_score=drop",
-          "reward.weights={tests.test_llm_faults:none_for_first: 1.0, tests.test_llm_grpo:char_count_reward: 1.0}"])
+    main(
+        [
+            "grpo",
+            *overrides(tiny_lm_dir, tmp_path),
+            "reward.on_bad_score=drop",
+            "reward.weights={tests.test_llm_faults:none_for_first: 1.0, tests.test_llm_grpo:char_count_reward: 1.0}",
+        ]
+    )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/dropped"] for r in records[1:]] == [1, 1]  # one bad sample per iteration, counted
     assert records[1]["train/kept"] == pytest.approx(5 / 6)
@@ -113,8 +122,14 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_lm_dir,
 def test_timeout_exits_3_naming_the_reward(tiny_lm_dir, tmp_path, capsys, release_hung_threads):  # noqa: F811
     started = time.perf_counter()
     with pytest.raises(SystemExit) as exit_info:
-        main(["grpo", *overrides(tiny_lm_dir, tmp_path), "reward.timeout_s=0.5",
-              "reward.weights={tests.test_llm_faults:hangs: 1.0}"])
+        main(
+            [
+                "grpo",
+                *overrides(tiny_lm_dir, tmp_path),
+                "reward.timeout_s=0.5",
+                "reward.weights={tests.test_llm_faults:hangs: 1.0}",
+            ]
+        )
     assert exit_info.value.code == 3 and time.perf_counter() - started < 30  # the reward alone would wait 60 s
     err = capsys.readouterr().err
     assert "reward 'tests.test_llm_faults:hangs' did not return within reward.timeout_s=0.5 s" in err
@@ -122,8 +137,15 @@ def test_timeout_exits_3_naming_the_reward(tiny_lm_dir, tmp_path, capsys, releas
 
 
 def test_timeout_under_drop_drops_the_batch(tiny_lm_dir, tmp_path, capsys, release_hung_threads):  # noqa: F811
-    main(["grpo", *overrides(tiny_lm_dir, tmp_path), "reward.timeout_s=0.5", "reward.on_bad_score=drop",
-          "reward.weights={tests.test_llm_faults:hangs: 1.0, tests.test_llm_grpo:char_count_reward: 1.0}"])
+    main(
+        [
+            "grpo",
+            *overrides(tiny_lm_dir, tmp_path),
+            "reward.timeout_s=0.5",
+            "reward.on_bad_score=drop",
+            "reward.weights={tests.test_llm_faults:hangs: 1.0, tests.test_llm_grpo:char_count_reward: 1.0}",
+        ]
+    )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/dropped"] for r in records[1:]] == [6, 6]  # 2 prompts x 3 completions, all dropped
     assert capsys.readouterr().err.count("completions are dropped") == 2

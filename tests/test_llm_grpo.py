@@ -41,11 +41,21 @@ def tiny_lm_dir(tmp_path_factory):
 
 def overrides(model_dir, out_dir, *extra):
     return [
-        f"model.path={model_dir}", f"data.train={model_dir}/train.jsonl", f"data.test={model_dir}/test.jsonl",
-        "data.eval_size=4", "sampling.max_new_tokens=12", "train.iterations=2", "train.prompts_per_iteration=2",
-        "train.group_size=3", "train.micro_batch_size=3", "train.learning_rate=1e-2",
+        f"model.path={model_dir}",
+        f"data.train={model_dir}/train.jsonl",
+        f"data.test={model_dir}/test.jsonl",
+        "data.eval_size=4",
+        "sampling.max_new_tokens=12",
+        "train.iterations=2",
+        "train.prompts_per_iteration=2",
+        "train.group_size=3",
+        "train.micro_batch_size=3",
+        "train.learning_rate=1e-2",
         "reward.weights={accuracy: 1.0, tests.test_llm_grpo:char_count_reward: 1.0}",
-        f"log.output_dir={out_dir}", "log.checkpoint_every=1", *extra]
+        f"log.output_dir={out_dir}",
+        "log.checkpoint_every=1",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -73,8 +83,15 @@ def test_cli_two_steps_full_finetune_changes_weights_and_reloads(tiny_lm_dir, tm
         assert torch.equal(state[name], value), name  # the model directory and the training state agree
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [0, 1, 2]
-    for key in ("reward/accuracy/mean", "reward/tests.test_llm_grpo:char_count_reward/std", "train/kl",
-                "train/clip_frac", "train/zero_std_groups", "completion/mean_length", "tokens_per_second"):
+    for key in (
+        "reward/accuracy/mean",
+        "reward/tests.test_llm_grpo:char_count_reward/std",
+        "train/kl",
+        "train/clip_frac",
+        "train/zero_std_groups",
+        "completion/mean_length",
+        "tokens_per_second",
+    ):
         assert key in records[1], key
     assert "eval/accuracy" in records[0] and "eval/accuracy" in records[2]
     assert (tmp_path / "reward_curve.png").stat().st_size > 0
@@ -86,9 +103,21 @@ def test_cli_two_steps_lora_saves_a_peft_adapter(tiny_lm_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    main(["grpo", *overrides(tiny_lm_dir, tmp_path, "model.lora=true", "model.lora_rank=4", "algorithm.kl_beta=0.1",
-                             "algorithm.loss=dapo", "algorithm.mask_truncated=false",
-                             "algorithm.shared_prefix=true")])
+    main(
+        [
+            "grpo",
+            *overrides(
+                tiny_lm_dir,
+                tmp_path,
+                "model.lora=true",
+                "model.lora_rank=4",
+                "algorithm.kl_beta=0.1",
+                "algorithm.loss=dapo",
+                "algorithm.mask_truncated=false",
+                "algorithm.shared_prefix=true",
+            ),
+        ]
+    )
     state = load_state(latest_checkpoint(tmp_path / "checkpoints"), "trainable")
     assert state and all("lora_" in name for name in state)
     assert any(name.endswith("lora_B.default.weight") and value.abs().sum() > 0 for name, value in state.items())
@@ -107,8 +136,9 @@ def rollout_for(model_dir, group_size=3, prompts=4):
     return model, rollout
 
 
-@pytest.mark.parametrize("loss, shared_prefix", [("grpo", False), ("dapo", False), ("dr_grpo", False),
-                                                 ("grpo", True), ("disco", False)])
+@pytest.mark.parametrize(
+    "loss, shared_prefix", [("grpo", False), ("dapo", False), ("dr_grpo", False), ("grpo", True), ("disco", False)]
+)
 def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, one_process, loss, shared_prefix):
     model, rollout = rollout_for(tiny_lm_dir)
     N = rollout.completion_ids.shape[0]  # 12
@@ -119,10 +149,20 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_lm_dir, one_process, lo
     results = []
     for micro in (N, 3):
         trained = copy.deepcopy(model)
-        config = load_config(GRPOConfig, None, [
-            f"algorithm.loss={loss}", f"algorithm.shared_prefix={str(shared_prefix).lower()}", "algorithm.kl_beta=0.1",
-            "train.group_size=3", "train.prompts_per_iteration=4", f"train.micro_batch_size={micro}",
-            "train.max_grad_norm=1e9", "sampling.max_new_tokens=10"])
+        config = load_config(
+            GRPOConfig,
+            None,
+            [
+                f"algorithm.loss={loss}",
+                f"algorithm.shared_prefix={str(shared_prefix).lower()}",
+                "algorithm.kl_beta=0.1",
+                "train.group_size=3",
+                "train.prompts_per_iteration=4",
+                f"train.micro_batch_size={micro}",
+                "train.max_grad_norm=1e9",
+                "sampling.max_new_tokens=10",
+            ],
+        )
         optimizer = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=1.0)
         reference = lambda: __import__("contextlib").nullcontext(model)  # the untouched copy as reference
         update(one_process, config, trained, optimizer, reference, rollout, advantages, keep, correct)
@@ -140,10 +180,22 @@ def disco_update(run, model, rollout, micro: int, correct, extra=(), lr: float =
     two optimizer steps each (so the later steps leave the old policy and the trust region binds), plain SGD."""
     N = rollout.completion_ids.shape[0]
     trained = copy.deepcopy(model)
-    config = load_config(GRPOConfig, None, [
-        "algorithm.loss=disco", "algorithm.disco_tau=1.0", "train.group_size=3", "train.prompts_per_iteration=4",
-        "train.updates_per_pass=2", "train.num_iterations=2", f"train.micro_batch_size={micro}",
-        "train.max_grad_norm=1e9", "sampling.max_new_tokens=10", *extra])
+    config = load_config(
+        GRPOConfig,
+        None,
+        [
+            "algorithm.loss=disco",
+            "algorithm.disco_tau=1.0",
+            "train.group_size=3",
+            "train.prompts_per_iteration=4",
+            "train.updates_per_pass=2",
+            "train.num_iterations=2",
+            f"train.micro_batch_size={micro}",
+            "train.max_grad_norm=1e9",
+            "sampling.max_new_tokens=10",
+            *extra,
+        ],
+    )
     optimizer = torch.optim.SGD(trained.parameters(), lr=lr)
     keep = torch.ones(N, dtype=torch.bool)
     keep[4] = False  # a dropped sample
@@ -158,8 +210,9 @@ def test_disco_gradient_accumulation_equals_one_big_batch_with_the_trust_region_
     # groups 0 and 2 hold one right answer each, 1 and 3 none: step 0 trains on groups 0 and 2, step 1 on the two
     # all-wrong groups, where only the trust region acts
     correct = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]).bool()
-    (whole, whole_metrics), (split, split_metrics) = (disco_update(one_process, model, rollout, micro, correct, lr=0.1)
-                                                      for micro in (6, 3))
+    (whole, whole_metrics), (split, split_metrics) = (
+        disco_update(one_process, model, rollout, micro, correct, lr=0.1) for micro in (6, 3)
+    )
     assert split_metrics["trust_region_kl"] == pytest.approx(whole_metrics["trust_region_kl"], rel=1e-5)
     for name, value in whole.items():
         assert_close(split[name], value, atol=1e-6, rtol=1e-5, msg=name)
@@ -173,23 +226,41 @@ def test_first_update_ratio_is_one_on_policy_and_a_dropout_mismatch_is_caught(ti
 
     model, rollout = rollout_for(tiny_lm_dir)
     N = rollout.completion_ids.shape[0]
-    config = load_config(GRPOConfig, None, ["train.group_size=3", "train.prompts_per_iteration=4",
-                                            "train.micro_batch_size=4", "sampling.max_new_tokens=10"])
+    config = load_config(
+        GRPOConfig,
+        None,
+        [
+            "train.group_size=3",
+            "train.prompts_per_iteration=4",
+            "train.micro_batch_size=4",
+            "sampling.max_new_tokens=10",
+        ],
+    )
 
     def deviation(prepare) -> float:
         trained = copy.deepcopy(model)
         prepare(trained)
-        metrics = update(one_process, config, trained, torch.optim.SGD(trained.parameters(), lr=0.1), None,
-                         rollout, torch.linspace(-1, 1, N), torch.ones(N, dtype=torch.bool),
-                         torch.zeros(N, dtype=torch.bool))
+        metrics = update(
+            one_process,
+            config,
+            trained,
+            torch.optim.SGD(trained.parameters(), lr=0.1),
+            None,
+            rollout,
+            torch.linspace(-1, 1, N),
+            torch.ones(N, dtype=torch.bool),
+            torch.zeros(N, dtype=torch.bool),
+        )
         return metrics[METRIC]
 
     assert deviation(lambda m: None) < 1e-5  # float32 recomputation of the same log-probs
+
     # dropout in the update (train mode) but not in the rollout's pass (eval mode): the ratio is no longer 1
     def attention_dropout(m):
         for module in m.modules():
             if hasattr(module, "attention_dropout"):
                 module.attention_dropout = 0.3
+
     torch.manual_seed(0)
     assert deviation(attention_dropout) > 1e-2
 
@@ -220,8 +291,14 @@ def test_run_warns_once_about_a_first_update_ratio_off_one(tiny_lm_dir, tmp_path
 
 def test_disco_correct_reward_must_be_a_configured_reward(tiny_lm_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # refused at config load, before any model loads
-        main(["grpo", *overrides(tiny_lm_dir, tmp_path, "model.path=/nonexistent/model"), "algorithm.loss=disco",
-              "algorithm.correct_reward=format"])
+        main(
+            [
+                "grpo",
+                *overrides(tiny_lm_dir, tmp_path, "model.path=/nonexistent/model"),
+                "algorithm.loss=disco",
+                "algorithm.correct_reward=format",
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'algorithm.correct_reward': 'format' is not among the configured rewards" in err
@@ -235,18 +312,37 @@ def updated_parameters(run, model, rollout, overrides: list[str], lr: float, pre
     trained = copy.deepcopy(model)
     if prepare is not None:
         prepare(trained)
-    config = load_config(GRPOConfig, None, ["train.group_size=3", "train.prompts_per_iteration=4",
-                                            "train.micro_batch_size=6", *overrides])
-    update(run, config, trained, torch.optim.SGD(trained.parameters(), lr=lr), None, rollout,
-           torch.linspace(-1, 1, N), torch.ones(N, dtype=torch.bool), torch.zeros(N, dtype=torch.bool))
+    config = load_config(
+        GRPOConfig,
+        None,
+        ["train.group_size=3", "train.prompts_per_iteration=4", "train.micro_batch_size=6", *overrides],
+    )
+    update(
+        run,
+        config,
+        trained,
+        torch.optim.SGD(trained.parameters(), lr=lr),
+        None,
+        rollout,
+        torch.linspace(-1, 1, N),
+        torch.ones(N, dtype=torch.bool),
+        torch.zeros(N, dtype=torch.bool),
+    )
     return dict(trained.named_parameters())
 
 
 def test_shared_prefix_update_equals_plain_update(tiny_lm_dir, one_process):
     model, rollout = rollout_for(tiny_lm_dir)
-    results = [updated_parameters(one_process, model, rollout, [f"algorithm.shared_prefix={shared}",
-                                                                 "train.num_iterations=2", "train.max_grad_norm=1e9"],
-                                  lr=0.1) for shared in ("false", "true")]
+    results = [
+        updated_parameters(
+            one_process,
+            model,
+            rollout,
+            [f"algorithm.shared_prefix={shared}", "train.num_iterations=2", "train.max_grad_norm=1e9"],
+            lr=0.1,
+        )
+        for shared in ("false", "true")
+    ]
     for name, value in results[0].items():
         assert_close(results[1][name], value, atol=1e-5, rtol=1e-5, msg=name)
 
@@ -261,18 +357,23 @@ def test_resume_ends_bit_identical(tiny_lm_dir, tmp_path):
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
-    iterations = [json.loads(l)["iteration"] for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    iterations = [
+        json.loads(line)["iteration"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert iterations == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.group_size=1", "train.group_size"),
-    ("train.grup_size=4", "did you mean 'train.group_size'"),
-    ("train.learning_rate=-1", "train.learning_rate"),
-    ("algorithm.loss=ppo", "algorithm.loss"),
-    ("train.updates_per_pass=5", "train.updates_per_pass"),
-    ("algorithm.shared_prefix=true", "train.micro_batch_size"),  # 3 is not a multiple of group_size 2
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.group_size=1", "train.group_size"),
+        ("train.grup_size=4", "did you mean 'train.group_size'"),
+        ("train.learning_rate=-1", "train.learning_rate"),
+        ("algorithm.loss=ppo", "algorithm.loss"),
+        ("train.updates_per_pass=5", "train.updates_per_pass"),
+        ("algorithm.shared_prefix=true", "train.micro_batch_size"),  # 3 is not a multiple of group_size 2
+    ],
+)
 def test_bad_config_exits_2_with_one_line(tiny_lm_dir, tmp_path, capsys, override, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["grpo", *overrides(tiny_lm_dir, tmp_path, "train.group_size=2"), override])

@@ -30,8 +30,13 @@ def uninterrupted(tiny_lm_dir, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("kill_after_checkpoint, extra_wait", [(1, 0.0), (2, 0.05), (3, 0.0)])
-def test_sigkill_then_resume_is_bit_identical(tiny_lm_dir, uninterrupted, tmp_path,  # noqa: F811
-                                              kill_after_checkpoint, extra_wait):
+def test_sigkill_then_resume_is_bit_identical(
+    tiny_lm_dir,
+    uninterrupted,
+    tmp_path,  # noqa: F811
+    kill_after_checkpoint,
+    extra_wait,
+):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "llmalign", "grpo", *overrides(tiny_lm_dir, out, *EXTRA)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -59,7 +64,8 @@ def test_sigkill_then_resume_is_bit_identical(tiny_lm_dir, uninterrupted, tmp_pa
 
 
 def test_grpo_resume_with_a_changed_config_is_refused_unless_allowed_and_then_the_new_lr_is_used(  # noqa: F811
-        tiny_lm_dir, tmp_path, capsys):
+    tiny_lm_dir, tmp_path, capsys
+):
     out = tmp_path / "run"
     torch.set_num_threads(1)
     main(["grpo", *overrides(tiny_lm_dir, out, "train.iterations=1")])
@@ -67,28 +73,41 @@ def test_grpo_resume_with_a_changed_config_is_refused_unless_allowed_and_then_th
     capsys.readouterr()
     weights = "reward.weights={accuracy: 2.0, tests.test_llm_grpo:char_count_reward: 1.0}"
     with pytest.raises(SystemExit) as refused:
-        main(["grpo", *overrides(tiny_lm_dir, out, "train.iterations=2", "train.learning_rate=5e-3", weights),
-              "--resume"])
+        main(
+            [
+                "grpo",
+                *overrides(tiny_lm_dir, out, "train.iterations=2", "train.learning_rate=5e-3", weights),
+                "--resume",
+            ]
+        )
     assert refused.value.code == 2
     assert capsys.readouterr().err == (
         "config error: --resume: the config differs from the one step-000001 was written under in "
         "train.learning_rate (0.01 -> 0.005), reward.weights.accuracy (1.0 -> 2.0); set them back, or add "
         "--allow-config-change to apply them (on resume only train.iterations, train.max_seconds, train.steps, "
-        "train.epochs, log.*, eval.* may change without it)\n")
+        "train.epochs, log.*, eval.* may change without it)\n"
+    )
     assert {name: (out / name).read_text() for name in kept} == kept  # nothing touched
     with pytest.raises(SystemExit) as refused:
         main(["grpo", *overrides(tiny_lm_dir, tmp_path / "other"), "--allow-config-change"])
     assert refused.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
 
-    main(["grpo", *overrides(tiny_lm_dir, out, "train.iterations=2", "train.learning_rate=5e-3"), "--resume",
-          "--allow-config-change"])
+    main(
+        [
+            "grpo",
+            *overrides(tiny_lm_dir, out, "train.iterations=2", "train.learning_rate=5e-3"),
+            "--resume",
+            "--allow-config-change",
+        ]
+    )
     assert load_state(out / "checkpoints" / "step-000001", "optimizer")["param_groups"][0]["lr"] == 1e-2
     # the optimizer that took step 2 held the new rate (nothing else sets it; a plain restore put back 1e-2)
     assert load_state(out / "checkpoints" / "step-000002", "optimizer")["param_groups"][0]["lr"] == 5e-3
     assert json.loads((out / "config.json").read_text())["train"]["learning_rate"] == 5e-3
     assert [json.loads(line) for line in (out / "config_changes.jsonl").read_text().splitlines()] == [
-        {"iteration": 1, "changes": {"train.iterations": [1, 2], "train.learning_rate": [0.01, 0.005]}}]
+        {"iteration": 1, "changes": {"train.iterations": [1, 2], "train.learning_rate": [0.01, 0.005]}}
+    ]
 
 
 def test_dpo_resume_refuses_a_changed_beta_and_applies_a_new_lr_when_allowed(tiny, tmp_path, capsys):  # noqa: F811
@@ -101,15 +120,22 @@ def test_dpo_resume_refuses_a_changed_beta_and_applies_a_new_lr_when_allowed(tin
     err = capsys.readouterr().err
     assert "the config differs from the one step-000001 was written under in algorithm.beta (null -> 0.5);" in err
     assert err.count("\n") == 1
-    main(["dpo", *dpo_overrides(tiny, out, "data.test=null", "train.steps=2", "train.learning_rate=5e-3"),
-          "--resume", "--allow-config-change"])
+    main(
+        [
+            "dpo",
+            *dpo_overrides(tiny, out, "data.test=null", "train.steps=2", "train.learning_rate=5e-3"),
+            "--resume",
+            "--allow-config-change",
+        ]
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(r["iteration"], r.get("train/lr")) for r in records] == [(0, None), (1, 1e-2), (2, 5e-3)]
     assert load_state(out / "checkpoints" / "step-000002", "optimizer")["param_groups"][0]["lr"] == 5e-3
 
 
 def test_a_full_disk_at_a_checkpoint_exits_5_with_one_line_and_resume_ends_bit_identical(  # noqa: F811
-        tiny_lm_dir, uninterrupted, tmp_path, capsys, monkeypatch):
+    tiny_lm_dir, uninterrupted, tmp_path, capsys, monkeypatch
+):
     import errno
 
     import shared.checkpoint as checkpoint_module
@@ -121,6 +147,7 @@ def test_a_full_disk_at_a_checkpoint_exits_5_with_one_line_and_resume_ends_bit_i
         if "step-000003" in filename:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
         real(tensors, filename)
+
     monkeypatch.setattr(checkpoint_module, "save_file", save_file)
     torch.set_num_threads(1)
     capsys.readouterr()
@@ -131,7 +158,8 @@ def test_a_full_disk_at_a_checkpoint_exits_5_with_one_line_and_resume_ends_bit_i
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"write error: cannot write checkpoint {checkpoints / 'step-000003'} (No space left on device: "
         f"{checkpoints / 'step-000003'}{os.sep}trainable.safetensors); {checkpoints / 'step-000002'} is intact and "
-        f"--resume starts from it")
+        f"--resume starts from it"
+    )
     assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-000001", "step-000002"]
     assert (out / "final").resolve() == (checkpoints / "step-000002" / "model").resolve()  # still the newest model
     monkeypatch.undo()
@@ -142,5 +170,10 @@ def test_a_full_disk_at_a_checkpoint_exits_5_with_one_line_and_resume_ends_bit_i
     for name in uninterrupted:
         assert torch.equal(resumed[name], uninterrupted[name]), name
     assert (out / "final").resolve() == (checkpoints / "step-000005" / "model").resolve()
-    assert [json.loads(line)["iteration"] for line in (out / "samples.jsonl").read_text().splitlines()] == \
-        [1, 2, 3, 4, 5]
+    assert [json.loads(line)["iteration"] for line in (out / "samples.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]

@@ -34,6 +34,7 @@ def always_half(prompts, completions, **kwargs):
 def constant_reward_factory(value=1.0):
     def constant(prompts, completions, **kwargs):
         return [value] * len(completions)
+
     return constant
 
 
@@ -52,8 +53,10 @@ def one_argument(completions):
 def either_front_end_factory(value=1.0):
     """A factory whose reward takes both front ends' positional arguments: (images or prompts, prompts or
     completions, metadata=None)."""
+
     def constant(first, second, metadata=None, **kwargs):
         return [value] * len(second)
+
     return constant
 
 
@@ -65,35 +68,38 @@ def ids(*lengths):
 # ---------------------------------------------------------------- extract_answer
 
 
-@pytest.mark.parametrize("text, expected", [
-    (r"so \boxed{42}", "42"),
-    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),                        # nested braces kept
-    (r"first \boxed{1}, then \boxed{ 2 }", "2"),                     # several boxed: last wins, stripped
-    (r"\boxed{\boxed{3}}", "3"),                                     # nested boxed: the inner one starts last
-    (r"\boxed{4} and \boxed{5", "4"),                                # unclosed last box: falls back to the closed one
-    (r"\boxed{ } the answer is 9", "9"),                             # empty box skipped
-    (r"<answer>7</answer> \boxed{8}", "8"),                          # boxed beats the answer tag
-    ("<answer>1</answer> ... <answer> 2/3 </answer>", "2/3"),        # last closed tag, stripped
-    ("<think>3 and 4</think><answer>5", "5"),                        # unclosed tag: last number
-    ("The answer is 42. I am sure of 43.", "42"),                    # "answer is": up to sentence end
-    ("Final Answer: $\\frac{3}{4}$\nchecking 7", "$\\frac{3}{4}$"),  # up to end of the line
-    ("**Answer:** 12", "12"),                                        # markdown bold stripped
-    ("The answer is: **7**", "7"),                                   # colon after "answer is", then bold
-    ("The answer is **7**.", "7"),                                   # bold, then the sentence's period
-    ("The answer is **7.5**.", "7.5"),                               # a decimal point is kept, the period not
-    ("So the answer is *-3*!", "-3"),                                # italics, exclamation mark
-    ("The answer is: 7;", "7"),                                      # trailing semicolon
-    ("Is the answer 12? The answer is 13?", "13"),                   # the last "answer is", question mark
-    ("The answer is .5", ".5"),                                      # a leading decimal point is the number's
-    ("x-5 gives -3", "-3"),                                          # last number, negative
-    ("between 3-5 items", "5"),                                      # a hyphen after a digit is not a sign
-    ("total: 1,000 apples", "1000"),                                 # thousands separator dropped
-    ("cost 1,234,567.89 and", "1234567.89"),
-    ("half is 3/4 of it", "3/4"),                                    # simple fraction as a number
-    ("pi is 3.14.", "3.14"),                                         # the sentence's period is not a decimal
-    ("no number here", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"so \boxed{42}", "42"),
+        (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),  # nested braces kept
+        (r"first \boxed{1}, then \boxed{ 2 }", "2"),  # several boxed: last wins, stripped
+        (r"\boxed{\boxed{3}}", "3"),  # nested boxed: the inner one starts last
+        (r"\boxed{4} and \boxed{5", "4"),  # unclosed last box: falls back to the closed one
+        (r"\boxed{ } the answer is 9", "9"),  # empty box skipped
+        (r"<answer>7</answer> \boxed{8}", "8"),  # boxed beats the answer tag
+        ("<answer>1</answer> ... <answer> 2/3 </answer>", "2/3"),  # last closed tag, stripped
+        ("<think>3 and 4</think><answer>5", "5"),  # unclosed tag: last number
+        ("The answer is 42. I am sure of 43.", "42"),  # "answer is": up to sentence end
+        ("Final Answer: $\\frac{3}{4}$\nchecking 7", "$\\frac{3}{4}$"),  # up to end of the line
+        ("**Answer:** 12", "12"),  # markdown bold stripped
+        ("The answer is: **7**", "7"),  # colon after "answer is", then bold
+        ("The answer is **7**.", "7"),  # bold, then the sentence's period
+        ("The answer is **7.5**.", "7.5"),  # a decimal point is kept, the period not
+        ("So the answer is *-3*!", "-3"),  # italics, exclamation mark
+        ("The answer is: 7;", "7"),  # trailing semicolon
+        ("Is the answer 12? The answer is 13?", "13"),  # the last "answer is", question mark
+        ("The answer is .5", ".5"),  # a leading decimal point is the number's
+        ("x-5 gives -3", "-3"),  # last number, negative
+        ("between 3-5 items", "5"),  # a hyphen after a digit is not a sign
+        ("total: 1,000 apples", "1000"),  # thousands separator dropped
+        ("cost 1,234,567.89 and", "1234567.89"),
+        ("half is 3/4 of it", "3/4"),  # simple fraction as a number
+        ("pi is 3.14.", "3.14"),  # the sentence's period is not a decimal
+        ("no number here", None),
+        ("", None),
+    ],
+)
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
 
@@ -101,23 +107,47 @@ def test_extract_answer(text, expected):
 # ---------------------------------------------------------------- answers_match
 
 
-@pytest.mark.parametrize("predicted, reference", [
-    ("0.5", "1/2"), (r"\frac{1}{2}", "0.5"), (r"\dfrac{1}{2}", 0.5), (r"\frac12", ".5"),
-    ("16", "16.0"), ("16.0", " 16 "), ("16", 16), ("$16$", "16"), ("16.", 16), ("+16", "16"),
-    ("1,000", 1000), ("$1,000$", "1000"), (r"-\frac{3}{4}", -0.75), ("-3/4", "-0.75"),
-    (r"\boxed{7}", 7), ("0.1", 0.1),                       # float reference compared via str(0.1) = "0.1"
-    ("x + 1", "x+1"), ("Paris", "paris"), (r"\text{Paris}", "Paris"),
-    ("12 apples", 12),  # did not match before math-verify, which drops a unit word after a number ("5 cm" is 5)
-])
+@pytest.mark.parametrize(
+    "predicted, reference",
+    [
+        ("0.5", "1/2"),
+        (r"\frac{1}{2}", "0.5"),
+        (r"\dfrac{1}{2}", 0.5),
+        (r"\frac12", ".5"),
+        ("16", "16.0"),
+        ("16.0", " 16 "),
+        ("16", 16),
+        ("$16$", "16"),
+        ("16.", 16),
+        ("+16", "16"),
+        ("1,000", 1000),
+        ("$1,000$", "1000"),
+        (r"-\frac{3}{4}", -0.75),
+        ("-3/4", "-0.75"),
+        (r"\boxed{7}", 7),
+        ("0.1", 0.1),  # float reference compared via str(0.1) = "0.1"
+        ("x + 1", "x+1"),
+        ("Paris", "paris"),
+        (r"\text{Paris}", "Paris"),
+        ("12 apples", 12),  # did not match before math-verify, which drops a unit word after a number ("5 cm" is 5)
+    ],
+)
 def test_answers_match_equal(predicted, reference):
     assert answers_match(predicted, reference)
 
 
-@pytest.mark.parametrize("predicted, reference", [
-    ("2", 3), ("0.333", "1/3"),             # exact Fraction, no tolerance
-    (None, 1), ("", "0"), ("1/0", "0"), ("1,2", "12"),
-    ("x+2", "x+1"),
-])
+@pytest.mark.parametrize(
+    "predicted, reference",
+    [
+        ("2", 3),
+        ("0.333", "1/3"),  # exact Fraction, no tolerance
+        (None, 1),
+        ("", "0"),
+        ("1/0", "0"),
+        ("1,2", "12"),
+        ("x+2", "x+1"),
+    ],
+)
 def test_answers_match_different(predicted, reference):
     assert not answers_match(predicted, reference)
 
@@ -283,22 +313,25 @@ def test_accuracy_reward_errors_name_the_answer_column():
         accuracy_reward(["p", "p"], ["1", "2"], answer=["1"])
 
 
-@pytest.mark.parametrize("completion, expected", [
-    ("<think>a</think><answer>1</answer>", 1.0),
-    ("\n <think>\nstep 1\nstep 2\n</think>\n\n<answer>\n42\n</answer>\n", 1.0),  # whitespace and newlines allowed
-    ("<think></think><answer></answer>", 1.0),                   # empty contents still the right format
-    ("", 0.0),
-    ("<answer>1</answer>", 0.0),                                 # no think
-    ("<think>a</think>", 0.0),                                   # no answer
-    ("<think>a</think><answer>1", 0.0),                          # unclosed answer
-    ("<think>a<answer>1</answer>", 0.0),                         # unclosed think
-    ("<answer>1</answer><think>a</think>", 0.0),                 # wrong order
-    ("<think>a</think> ok <answer>1</answer>", 0.0),             # text between
-    ("hi <think>a</think><answer>1</answer>", 0.0),              # text before
-    ("<think>a</think><answer>1</answer> bye", 0.0),             # text after
-    ("<think>a</think><answer>1</answer><answer>2</answer>", 0.0),  # two answers
-    ("<think>a <think> b</think><answer>1</answer>", 0.0),       # a tag twice
-])
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("<think>a</think><answer>1</answer>", 1.0),
+        ("\n <think>\nstep 1\nstep 2\n</think>\n\n<answer>\n42\n</answer>\n", 1.0),  # whitespace and newlines allowed
+        ("<think></think><answer></answer>", 1.0),  # empty contents still the right format
+        ("", 0.0),
+        ("<answer>1</answer>", 0.0),  # no think
+        ("<think>a</think>", 0.0),  # no answer
+        ("<think>a</think><answer>1", 0.0),  # unclosed answer
+        ("<think>a<answer>1</answer>", 0.0),  # unclosed think
+        ("<answer>1</answer><think>a</think>", 0.0),  # wrong order
+        ("<think>a</think> ok <answer>1</answer>", 0.0),  # text between
+        ("hi <think>a</think><answer>1</answer>", 0.0),  # text before
+        ("<think>a</think><answer>1</answer> bye", 0.0),  # text after
+        ("<think>a</think><answer>1</answer><answer>2</answer>", 0.0),  # two answers
+        ("<think>a <think> b</think><answer>1</answer>", 0.0),  # a tag twice
+    ],
+)
 def test_format_reward(completion, expected):
     assert format_reward(["p"], [completion]) == [expected]
 
@@ -320,8 +353,14 @@ def test_cosine_length_reward_by_hand():
     reward = make_cosine_length_reward()
     assert reward.__name__ == "cosine_length"
     completions = [r"\boxed{5}"] * 5 + [r"\boxed{6}", "no answer", r"\boxed{6}"]
-    scores = reward(["p"] * 8, completions, answer=["5"] * 8, completion_ids=ids(0, 25, 50, 100, 150, 0, 50, 100),
-                    max_completion_length=100, group_size=4)
+    scores = reward(
+        ["p"] * 8,
+        completions,
+        answer=["5"] * 8,
+        completion_ids=ids(0, 25, 50, 100, 150, 0, 50, 100),
+        max_completion_length=100,
+        group_size=4,
+    )
     assert scores == pytest.approx([1.0, 0.926777, 0.75, 0.5, 0.5, -1.0, -0.75, -0.5], abs=1e-6)
 
 
@@ -376,12 +415,8 @@ def test_grpo_lambda_penalises_only_the_best_group():
     # 3 groups of 4, fraction 1/3 -> ceil(1/3 * 3) = 1 group penalised, alpha = 0.5.
     # group 0: 2/4 correct; group 1: 3/4 correct (best); group 2: 1/4 correct.
     right, wrong = r"\boxed{5}", r"\boxed{4}"
-    completions = [right, right, wrong, wrong,
-                   right, right, right, wrong,
-                   wrong, right, wrong, wrong]
-    lengths = ids(7, 9, 3, 3,
-                  10, 20, 30, 5,
-                  1, 2, 3, 4)
+    completions = [right, right, wrong, wrong, right, right, right, wrong, wrong, right, wrong, wrong]
+    lengths = ids(7, 9, 3, 3, 10, 20, 30, 5, 1, 2, 3, 4)
     # Group 1, correct lengths 10, 20, 30: mean 20, population std sqrt((100 + 0 + 100) / 3) = 8.164966.
     # z = -10/8.164966 = -1.224745, 0, +1.224745.
     # sigmoid(-1.224745) = 1 / (1 + e^1.224745) = 1 / (1 + 3.403298) = 0.227103;  sigmoid(0) = 0.5;
@@ -391,9 +426,7 @@ def test_grpo_lambda_penalises_only_the_best_group():
     reward = make_grpo_lambda_reward(fraction=1 / 3, alpha=0.5)
     assert reward.__name__ == "grpo_lambda"
     scores = reward(["p"] * 12, completions, answer=["5"] * 12, completion_ids=lengths, group_size=4)
-    expected = [1.0, 1.0, 0.0, 0.0,
-                0.886449, 0.75, 0.613551, 0.0,
-                0.0, 1.0, 0.0, 0.0]
+    expected = [1.0, 1.0, 0.0, 0.0, 0.886449, 0.75, 0.613551, 0.0, 0.0, 1.0, 0.0, 0.0]
     assert scores == pytest.approx(expected, abs=1e-6)
 
 
@@ -407,11 +440,13 @@ def test_grpo_lambda_ties_rounding_and_equal_lengths():
     scores = reward(["p"] * 6, completions, answer=[5] * 6, completion_ids=ids(3, 9, 1, 2, 6, 6), group_size=2)
     assert scores == pytest.approx([0.6, 0.0, 1.0, 0.0, 0.6, 0.6])
     # fraction 0: no group penalised -> plain correctness; fraction 1: every group penalised.
-    plain = make_grpo_lambda_reward(fraction=0.0)(["p"] * 6, completions, answer=[5] * 6,
-                                                    completion_ids=ids(3, 9, 1, 2, 6, 6), group_size=2)
+    plain = make_grpo_lambda_reward(fraction=0.0)(
+        ["p"] * 6, completions, answer=[5] * 6, completion_ids=ids(3, 9, 1, 2, 6, 6), group_size=2
+    )
     assert plain == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]
-    everyone = make_grpo_lambda_reward(fraction=1.0, alpha=0.8)(["p"] * 6, completions, answer=[5] * 6,
-                                                                 completion_ids=ids(3, 9, 1, 2, 6, 6), group_size=2)
+    everyone = make_grpo_lambda_reward(fraction=1.0, alpha=0.8)(
+        ["p"] * 6, completions, answer=[5] * 6, completion_ids=ids(3, 9, 1, 2, 6, 6), group_size=2
+    )
     assert everyone == pytest.approx([0.6, 0.0, 0.6, 0.0, 0.6, 0.6])
 
 
@@ -423,11 +458,14 @@ def test_grpo_lambda_fraction_rounding_has_no_float_creep():
     assert scores == [0.75] * 7 + [1.0] * 3
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(fraction=1.5), "fraction must be in \\[0, 1\\]"),
-    (dict(fraction=-0.1), "fraction must be in \\[0, 1\\]"),
-    (dict(alpha=1.1), "alpha must be in \\[0, 1\\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(fraction=1.5), "fraction must be in \\[0, 1\\]"),
+        (dict(fraction=-0.1), "fraction must be in \\[0, 1\\]"),
+        (dict(alpha=1.1), "alpha must be in \\[0, 1\\]"),
+    ],
+)
 def test_grpo_lambda_rejects_bad_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_grpo_lambda_reward(**kwargs)
@@ -444,19 +482,33 @@ def test_grpo_lambda_rejects_partial_groups():
 # ---------------------------------------------------------------- length budget
 
 
-@pytest.mark.parametrize("step, expected", [
-    # B = max(500, 1000 * 0.9 ** floor(step / 10))
-    (0, 1000.0), (9, 1000.0), (10, 900.0), (25, 810.0), (30, 729.0),
-    (70, 500.0),   # 1000 * 0.9^7 = 478.3 < 500 -> floor at min_budget
-])
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        # B = max(500, 1000 * 0.9 ** floor(step / 10))
+        (0, 1000.0),
+        (9, 1000.0),
+        (10, 900.0),
+        (25, 810.0),
+        (30, 729.0),
+        (70, 500.0),  # 1000 * 0.9^7 = 478.3 < 500 -> floor at min_budget
+    ],
+)
 def test_length_budget_exponential(step, expected):
     assert length_budget(step, 1000, 500, "exponential", decay=0.9, period=10) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("step, expected", [
-    # B = 1000 - (1000 - 200) * min(step / 100, 1)
-    (0, 1000.0), (25, 800.0), (50, 600.0), (100, 200.0), (150, 200.0),
-])
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        # B = 1000 - (1000 - 200) * min(step / 100, 1)
+        (0, 1000.0),
+        (25, 800.0),
+        (50, 600.0),
+        (100, 200.0),
+        (150, 200.0),
+    ],
+)
 def test_length_budget_linear(step, expected):
     assert length_budget(step, 1000, 200, "linear", total_steps=100) == pytest.approx(expected)
 
@@ -488,8 +540,14 @@ def test_length_budget_errors():
 
 
 def test_builtin_rewards_map_to_functions_and_factories():
-    assert set(BUILTIN_REWARDS) == {"accuracy", "format", "cosine_length", "soft_overlong", "grpo_lambda",
-                                    "length_budget"}
+    assert set(BUILTIN_REWARDS) == {
+        "accuracy",
+        "format",
+        "cosine_length",
+        "soft_overlong",
+        "grpo_lambda",
+        "length_budget",
+    }
     assert build_reward("accuracy", {}) is accuracy_reward
     assert build_reward("format", None) is format_reward
     cosine = build_reward("cosine_length", {"max_length": 100})
@@ -506,19 +564,26 @@ def test_build_reward_from_import_path():
     assert build_reward("tests.test_llm_rewards:needs_answer")(["p", "q"], ["1", "2"], answer=["1", "3"]) == [1.0, 0.0]
 
 
-@pytest.mark.parametrize("name, kwargs, message", [
-    ("acuracy", {}, "unknown reward 'acuracy'; builtins are .*'accuracy'.*'module:name'"),
-    ("tests.test_llm_rewards.always_half", {}, "unknown reward .*import path 'module:name'"),  # one form: module:name
-    ("no_such_package.module:fn", {}, "cannot import module 'no_such_package.module'"),
-    ("tests.test_llm_rewards:missing_fn", {}, "has no 'missing_fn'"),
-    ("tests.test_llm_rewards:NOT_A_FUNCTION", {}, "is a int, not a function"),
-    ("tests.test_llm_rewards:always_half", {"value": 1}, "calling it with reward.kwargs {'value': 1} failed"),
-    ("accuracy", {"strict": True}, "calling it with reward.kwargs {'strict': True} failed"),
-    ("cosine_length", {"max_len": 10}, "unexpected keyword argument 'max_len'"),
-    ("length_budget", None, "missing 2 required positional arguments: 'initial_budget' and 'min_budget'"),
-    ("grpo_lambda", {"fraction": 2}, "its factory raised ValueError: grpo_lambda: fraction must be in"),
-    ("tests.test_llm_rewards:one_argument", {}, r"must accept \(prompts, completions\)"),
-])
+@pytest.mark.parametrize(
+    "name, kwargs, message",
+    [
+        ("acuracy", {}, "unknown reward 'acuracy'; builtins are .*'accuracy'.*'module:name'"),
+        (
+            "tests.test_llm_rewards.always_half",
+            {},
+            "unknown reward .*import path 'module:name'",
+        ),  # one form: module:name
+        ("no_such_package.module:fn", {}, "cannot import module 'no_such_package.module'"),
+        ("tests.test_llm_rewards:missing_fn", {}, "has no 'missing_fn'"),
+        ("tests.test_llm_rewards:NOT_A_FUNCTION", {}, "is a int, not a function"),
+        ("tests.test_llm_rewards:always_half", {"value": 1}, "calling it with reward.kwargs {'value': 1} failed"),
+        ("accuracy", {"strict": True}, "calling it with reward.kwargs {'strict': True} failed"),
+        ("cosine_length", {"max_len": 10}, "unexpected keyword argument 'max_len'"),
+        ("length_budget", None, "missing 2 required positional arguments: 'initial_budget' and 'min_budget'"),
+        ("grpo_lambda", {"fraction": 2}, "its factory raised ValueError: grpo_lambda: fraction must be in"),
+        ("tests.test_llm_rewards:one_argument", {}, r"must accept \(prompts, completions\)"),
+    ],
+)
 def test_build_reward_errors(name, kwargs, message):
     with pytest.raises(RewardError, match=message):
         build_reward(name, kwargs)

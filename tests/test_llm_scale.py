@@ -97,8 +97,18 @@ def test_grpo_update_under_fsdp_on_two_processes_equals_one_process(tmp_path):
     """configs/accelerate/fsdp.yaml on 2 CPU processes (accelerate's FSDP1 path, forced: see force_fsdp_on_cpu):
     the same fixed-rollout updates, FULL_SHARD with each decoder layer its own unit, equal the plain process."""
     succeeded(run_processes(1, ["-m", "tests.grpo_update_probe", str(tmp_path)]))
-    fsdp = ["--config_file", str(REPO / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "2",
-            "--mixed_precision", "no", "--num_cpu_threads_per_process", "1", "--main_process_port", "0"]
+    fsdp = [
+        "--config_file",
+        str(REPO / "configs" / "accelerate" / "fsdp.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--num_cpu_threads_per_process",
+        "1",
+        "--main_process_port",
+        "0",
+    ]
     succeeded(run_processes(2, ["-m", "tests.grpo_update_probe", str(tmp_path), "--fsdp"], launcher=fsdp))
     for case in CASES:
         one = load_file(str(tmp_path / f"{case}.world1.safetensors"))
@@ -119,10 +129,20 @@ def id_rows(tiny_lm_dir, tmp_path):  # noqa: F811
 @pytest.mark.timeout(180)
 def test_two_process_grpo_run_shards_prompts_logs_once_and_resumes(tiny_lm_dir, id_rows, tmp_path):  # noqa: F811
     out, record = tmp_path / "run", tmp_path / "sampled.jsonl"
-    args = ["-m", "llmalign", "grpo", *grpo_overrides(tiny_lm_dir, out), f"data.train={id_rows}",
-            "train.prompts_per_iteration=4", "train.group_size=2", "train.micro_batch_size=2",
-            "train.updates_per_pass=2", "data.eval_size=6", "algorithm.kl_beta=0.05",
-            "reward.weights={accuracy: 1.0, tests.test_llm_scale:recording_reward: 1.0}"]
+    args = [
+        "-m",
+        "llmalign",
+        "grpo",
+        *grpo_overrides(tiny_lm_dir, out),
+        f"data.train={id_rows}",
+        "train.prompts_per_iteration=4",
+        "train.group_size=2",
+        "train.micro_batch_size=2",
+        "train.updates_per_pass=2",
+        "data.eval_size=6",
+        "algorithm.kl_beta=0.05",
+        "reward.weights={accuracy: 1.0, tests.test_llm_scale:recording_reward: 1.0}",
+    ]
     first = succeeded(run_processes(2, [*args, "train.iterations=2"], env={RECORD: str(record)}))
     assert "over 2 process(es)" in first.stdout
     # one log and one checkpoint directory, each written once (by the main process)
@@ -148,37 +168,62 @@ def test_two_process_grpo_run_shards_prompts_logs_once_and_resumes(tiny_lm_dir, 
 
 @pytest.mark.timeout(120)
 def test_indivisible_global_batch_on_two_processes_exits_2(tiny_lm_dir, tmp_path):  # noqa: F811
-    completed = run_processes(2, ["-m", "llmalign", "grpo", *grpo_overrides(tiny_lm_dir, tmp_path),
-                                  "train.prompts_per_iteration=3"])
+    completed = run_processes(
+        2, ["-m", "llmalign", "grpo", *grpo_overrides(tiny_lm_dir, tmp_path), "train.prompts_per_iteration=3"]
+    )
     assert completed.returncode != 0
     codes = exit_codes(completed.stderr)
     assert 2 in codes.values() and set(codes.values()) <= {2, -15}, codes  # the slower one may be ended first
     errors = [line for line in completed.stderr.splitlines() if line.startswith("config error")]
-    assert errors == ["config error: config field 'train.prompts_per_iteration': 3 prompts do not split over 2 "
-                      "processes; use a multiple of 2 (batch sizes count over all processes)"]  # once, not per rank
+    assert errors == [
+        "config error: config field 'train.prompts_per_iteration': 3 prompts do not split over 2 "
+        "processes; use a multiple of 2 (batch sizes count over all processes)"
+    ]  # once, not per rank
     assert not (tmp_path / "metrics.jsonl").exists()  # refused before anything ran
 
 
 @pytest.mark.timeout(120)
 def test_a_reward_failing_on_one_rank_stops_both(tiny_lm_dir, tmp_path):  # noqa: F811
-    completed = run_processes(2, ["-m", "llmalign", "grpo", *grpo_overrides(tiny_lm_dir, tmp_path),
-                                  "reward.weights={tests.test_llm_scale:fails_on_rank_one: 1.0}"])
+    completed = run_processes(
+        2,
+        [
+            "-m",
+            "llmalign",
+            "grpo",
+            *grpo_overrides(tiny_lm_dir, tmp_path),
+            "reward.weights={tests.test_llm_scale:fails_on_rank_one: 1.0}",
+        ],
+    )
     assert exit_codes(completed.stderr)[0] == 3  # rank 0 stopped with rank 1's error, not left waiting
-    assert ("reward error: reward 'tests.test_llm_scale:fails_on_rank_one' raised ValueError: rank 1 cannot score "
-            "(iteration 1, ") in completed.stderr
+    assert (
+        "reward error: reward 'tests.test_llm_scale:fails_on_rank_one' raised ValueError: rank 1 cannot score "
+        "(iteration 1, "
+    ) in completed.stderr
 
 
 def test_update_split_that_does_not_fit_a_rank_block_is_refused(tmp_path):
     run = Run(tmp_path / "run", resume=False, tag="[test]")
     run.world = 2  # the refusal depends on the world size only
-    config = load_config(GRPOConfig, None, ["train.prompts_per_iteration=4", "train.group_size=3",
-                                            "train.updates_per_pass=4"])  # 12 rows split in 4, but not 6 per rank
-    with pytest.raises(ConfigError, match="'train.updates_per_pass': 4 does not divide the 6 completions of each "
-                                          "of the 2 processes; use a divisor of 6"):
+    config = load_config(
+        GRPOConfig, None, ["train.prompts_per_iteration=4", "train.group_size=3", "train.updates_per_pass=4"]
+    )  # 12 rows split in 4, but not 6 per rank
+    with pytest.raises(
+        ConfigError,
+        match="'train.updates_per_pass': 4 does not divide the 6 completions of each "
+        "of the 2 processes; use a divisor of 6",
+    ):
         check_world_split(run, config)
-    groups = load_config(GRPOConfig, None, ["train.prompts_per_iteration=4", "train.group_size=3",
-                                            "train.updates_per_pass=4", "algorithm.loss=disco",
-                                            "train.micro_batch_size=3"])
+    groups = load_config(
+        GRPOConfig,
+        None,
+        [
+            "train.prompts_per_iteration=4",
+            "train.group_size=3",
+            "train.updates_per_pass=4",
+            "algorithm.loss=disco",
+            "train.micro_batch_size=3",
+        ],
+    )
     with pytest.raises(ConfigError, match="does not divide the 2 groups of each of the 2 processes"):
         check_world_split(run, groups)
 
@@ -190,8 +235,15 @@ def test_update_split_that_does_not_fit_a_rank_block_is_refused(tmp_path):
 def test_dpo_on_two_processes_equals_one_process(tiny, tmp_path):  # noqa: F811
     test_rows = tmp_path / "test.jsonl"  # 70 rows: two chunks of held-out generation, one per rank
     write_rows(test_rows, [{"prompt": p["prompt"], "answer": p["answer"]} for p in toy.make_split(70, 1)])
-    args = ["train.steps=3", "train.batch_size=4", "train.micro_batch_size=1", f"data.test={test_rows}",
-            "data.eval_size=70", "data.eval_max_new_tokens=8", "log.eval_every=3"]
+    args = [
+        "train.steps=3",
+        "train.batch_size=4",
+        "train.micro_batch_size=1",
+        f"data.test={test_rows}",
+        "data.eval_size=70",
+        "data.eval_max_new_tokens=8",
+        "log.eval_every=3",
+    ]
     main(["dpo", *dpo_overrides(tiny, tmp_path / "one"), *args])
     succeeded(run_processes(2, ["-m", "llmalign", "dpo", *dpo_overrides(tiny, tmp_path / "two"), *args]))
     one, two = (load_state(latest_checkpoint(tmp_path / w / "checkpoints"), "trainable") for w in ("one", "two"))
@@ -214,8 +266,21 @@ def test_dpo_on_two_processes_equals_one_process(tiny, tmp_path):  # noqa: F811
 def test_pairs_on_two_processes_write_the_one_process_file(tiny, tmp_path):  # noqa: F811
     data = tmp_path / "prompts.jsonl"
     write_rows(data, [{"prompt": p["prompt"], "answer": p["answer"]} for p in toy.make_split(6, 11)])
-    args = ["--model", str(tiny / "model"), "--data", str(data), "--group-size", "3", "--max-new-tokens", "8",
-            "--seed", "3", "--batch-size", "2", "--no-format-check"]  # 3 batches: ranks take 2 and 1
+    args = [
+        "--model",
+        str(tiny / "model"),
+        "--data",
+        str(data),
+        "--group-size",
+        "3",
+        "--max-new-tokens",
+        "8",
+        "--seed",
+        "3",
+        "--batch-size",
+        "2",
+        "--no-format-check",
+    ]  # 3 batches: ranks take 2 and 1
     main(["pairs", *args, "--out", str(tmp_path / "one.jsonl")])
     succeeded(run_processes(2, ["-m", "llmalign", "pairs", *args, "--out", str(tmp_path / "two.jsonl")]))
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
@@ -242,8 +307,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_lm_dir, lora):  # 
         if checkpointing:
             enable_gradient_checkpointing(policy)
         policy.train()  # transformers checkpoints in train mode only
-        logp = completion_logprobs(policy, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids,
-                                   rollout.completion_mask, 3)  # [N, C]
+        logp = completion_logprobs(
+            policy, rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, 3
+        )  # [N, C]
         (logp * rollout.completion_mask).sum().backward()
         gradients.append({n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad})
         assert any(getattr(m, "gradient_checkpointing", False) for m in policy.modules()) == checkpointing
@@ -257,9 +323,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_lm_dir, lora):  # 
 def test_gradient_checkpointing_in_the_grpo_update(tiny_lm_dir, tmp_path):  # noqa: F811
     run = Run(tmp_path / "run", resume=False, tag="[test]")
     model, rollout = rollout_for(tiny_lm_dir)
-    results = [updated_parameters(run, model, rollout, [f"train.gradient_checkpointing={str(on).lower()}",
-                                                        "algorithm.loss=dapo"], lr=1.0,
-                                  prepare=enable_gradient_checkpointing if on else None) for on in (False, True)]
+    results = [
+        updated_parameters(
+            run,
+            model,
+            rollout,
+            [f"train.gradient_checkpointing={str(on).lower()}", "algorithm.loss=dapo"],
+            lr=1.0,
+            prepare=enable_gradient_checkpointing if on else None,
+        )
+        for on in (False, True)
+    ]
     for name, value in results[0].items():
         assert_close(results[1][name], value, atol=1e-5, rtol=1e-5, msg=name)
 
@@ -267,11 +341,34 @@ def test_gradient_checkpointing_in_the_grpo_update(tiny_lm_dir, tmp_path):  # no
 @pytest.mark.timeout(120)
 def test_bf16_grpo_and_dpo_runs_complete_on_cpu(tiny_lm_dir, tiny, tmp_path):  # noqa: F811
     # a fresh process each: accelerate keeps one mixed-precision setting per process
-    succeeded(run_processes(1, ["-m", "llmalign", "grpo", *grpo_overrides(tiny_lm_dir, tmp_path / "grpo"),
-                                "train.mixed_precision=bf16", "train.gradient_checkpointing=true",
-                                "model.lora=true", "model.lora_rank=4"]))
-    succeeded(run_processes(1, ["-m", "llmalign", "dpo", *dpo_overrides(tiny, tmp_path / "dpo"),
-                                "train.mixed_precision=bf16", "data.test=null"]))
+    succeeded(
+        run_processes(
+            1,
+            [
+                "-m",
+                "llmalign",
+                "grpo",
+                *grpo_overrides(tiny_lm_dir, tmp_path / "grpo"),
+                "train.mixed_precision=bf16",
+                "train.gradient_checkpointing=true",
+                "model.lora=true",
+                "model.lora_rank=4",
+            ],
+        )
+    )
+    succeeded(
+        run_processes(
+            1,
+            [
+                "-m",
+                "llmalign",
+                "dpo",
+                *dpo_overrides(tiny, tmp_path / "dpo"),
+                "train.mixed_precision=bf16",
+                "data.test=null",
+            ],
+        )
+    )
     for name, key in (("grpo", "train/clip_frac"), ("dpo", "train/loss")):
         records = records_of(tmp_path / name)
         assert [r["iteration"] for r in records] == [0, 1, 2] and all(key in r for r in records[1:]), name

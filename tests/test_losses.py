@@ -25,16 +25,20 @@ MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
 def run(aggregation="grpo", mask=MASK, advantages=ADVANTAGES, **kwargs):
     logp_new = RATIOS.log().requires_grad_(True)
     logp_old = torch.zeros(2, 3, requires_grad=True)  # must receive no gradient
-    loss, metrics = clipped_policy_loss(logp_new, logp_old, advantages, mask, eps_low=0.2, eps_high=0.28,
-                                        aggregation=aggregation, **kwargs)
+    loss, metrics = clipped_policy_loss(
+        logp_new, logp_old, advantages, mask, eps_low=0.2, eps_high=0.28, aggregation=aggregation, **kwargs
+    )
     return loss, metrics, logp_new, logp_old
 
 
-@pytest.mark.parametrize("aggregation, expected", [
-    ("grpo", (-2.78 / 3 + 3.8 / 2) / 2),  # (-0.926667 + 1.9) / 2 = 0.486667: mean of the row means
-    ("dapo", 1.02 / 5),  # 0.204: token mean over the batch
-    ("dr_grpo", 1.02 / (2 * 3)),  # 0.17: sum / (B * T)
-])
+@pytest.mark.parametrize(
+    "aggregation, expected",
+    [
+        ("grpo", (-2.78 / 3 + 3.8 / 2) / 2),  # (-0.926667 + 1.9) / 2 = 0.486667: mean of the row means
+        ("dapo", 1.02 / 5),  # 0.204: token mean over the batch
+        ("dr_grpo", 1.02 / (2 * 3)),  # 0.17: sum / (B * T)
+    ],
+)
 def test_aggregations_by_hand(aggregation, expected):
     loss, _, _, _ = run(aggregation)
     assert_close(loss, torch.tensor(expected))
@@ -51,8 +55,9 @@ def test_metrics_by_hand():
     _, metrics, _, _ = run("dapo")
     # 5 unmasked elements: one lower clip (row 1, ratio 0.7), one upper clip (row 0, ratio 1.5);
     # ratio mean (1 + 1.5 + 0.5 + 1.1 + 0.7) / 5 = 0.96; max 1.5 (the masked 2.0 is not counted)
-    assert metrics == pytest.approx({"clip_frac_low": 0.2, "clip_frac_high": 0.2, "clip_frac": 0.4,
-                                     "ratio_mean": 0.96, "ratio_max": 1.5})
+    assert metrics == pytest.approx(
+        {"clip_frac_low": 0.2, "clip_frac_high": 0.2, "clip_frac": 0.4, "ratio_mean": 0.96, "ratio_max": 1.5}
+    )
     assert all(isinstance(v, float) for v in metrics.values())
 
 

@@ -16,8 +16,9 @@ def render(text: str, size: int = 512) -> torch.Tensor:
     from PIL import Image, ImageDraw, ImageFont
 
     image = Image.new("RGB", (size, size), "white")
-    ImageDraw.Draw(image).text((size // 2, size // 2), text, fill="black", anchor="mm",
-                               font=ImageFont.load_default(size=64))  # Pillow's bundled font: no system fonts needed
+    ImageDraw.Draw(image).text(
+        (size // 2, size // 2), text, fill="black", anchor="mm", font=ImageFont.load_default(size=64)
+    )  # Pillow's bundled font: no system fonts needed
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 255
 
 
@@ -60,7 +61,7 @@ def test_batch_equals_one_image_at_a_time(reward):
     images = torch.stack([render("Hello World"), render("coffee"), render("tiger")])  # [3, 3, 512, 512]
     prompts = ['a sign that says "hello world"', 'a mug with "coffee" printed on it', 'a shirt with "tigers"']
     batch = reward(images, prompts, [{}] * 3)
-    alone = torch.cat([reward(images[i:i + 1], prompts[i:i + 1], [{}]) for i in range(3)])
+    alone = torch.cat([reward(images[i : i + 1], prompts[i : i + 1], [{}]) for i in range(3)])
     assert torch.equal(batch, alone)
     assert batch[2] == pytest.approx(1 - 1 / 6)  # "tiger" read for the target "tigers": one character missing
 
@@ -68,8 +69,9 @@ def test_batch_equals_one_image_at_a_time(reward):
 def test_a_prompt_without_quotes_stops_naming_the_reward(reward):
     with pytest.raises(RewardError) as info:
         call_reward("flowalign.rewards.ocr:ocr_reward", reward, torch.ones(1, 3, 64, 64), ["a sign"], [{}])
-    assert ("reward 'flowalign.rewards.ocr:ocr_reward' raised ValueError: prompt 'a sign' quotes no text"
-            in str(info.value))
+    assert "reward 'flowalign.rewards.ocr:ocr_reward' raised ValueError: prompt 'a sign' quotes no text" in str(
+        info.value
+    )
 
 
 def test_loads_by_import_path_and_names_a_missing_extra(monkeypatch):

@@ -7,8 +7,16 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from shared.preference import (PREFERENCE_LOSSES, chosen_nll_loss, dpo_sigmoid_loss, dpop_loss, hinge_loss, ipo_loss,
-                               robust_dpo_loss, simpo_loss)
+from shared.preference import (
+    PREFERENCE_LOSSES,
+    chosen_nll_loss,
+    dpo_sigmoid_loss,
+    dpop_loss,
+    hinge_loss,
+    ipo_loss,
+    robust_dpo_loss,
+    simpo_loss,
+)
 
 # policy chosen -10, rejected -12; reference -11 for both
 # -> log-ratios: chosen +1, rejected -1; D = 1 - (-1) = 2; with beta 0.1, beta D = 0.2
@@ -18,8 +26,14 @@ NEG_LOGSIG_M02 = math.log(1 + math.exp(0.2))  # -log s(-0.2) = 0.798139
 
 
 def test_dict():
-    assert PREFERENCE_LOSSES == {"sigmoid": dpo_sigmoid_loss, "dpop": dpop_loss, "ipo": ipo_loss, "robust": robust_dpo_loss,
-                                 "hinge": hinge_loss, "simpo": simpo_loss}
+    assert PREFERENCE_LOSSES == {
+        "sigmoid": dpo_sigmoid_loss,
+        "dpop": dpop_loss,
+        "ipo": ipo_loss,
+        "robust": robust_dpo_loss,
+        "hinge": hinge_loss,
+        "simpo": simpo_loss,
+    }
 
 
 def test_sigmoid_dpo_by_hand():
@@ -117,8 +131,9 @@ def test_simpo_needs_no_reference():
     assert "ref_chosen" not in inspect.signature(simpo_loss).parameters
     # chosen: 2 * (-2 / 4) = -1; rejected: 2 * (-6 / 3) = -4; margin -1 - (-4) - 0.5 = 2.5
     # loss = log(1 + e^-2.5) = 0.078889
-    losses, chosen, rejected = simpo_loss(torch.tensor([-2.0]), torch.tensor([-6.0]), torch.tensor([4.0]),
-                                          torch.tensor([3.0]), beta=2.0, gamma=0.5)
+    losses, chosen, rejected = simpo_loss(
+        torch.tensor([-2.0]), torch.tensor([-6.0]), torch.tensor([4.0]), torch.tensor([3.0]), beta=2.0, gamma=0.5
+    )
     assert_close(losses, torch.tensor([0.078889]))
     assert_close(chosen, torch.tensor([-1.0])) and assert_close(rejected, torch.tensor([-4.0]))
 
@@ -142,4 +157,3 @@ def test_chosen_nll_by_hand():
     assert_close(chosen_nll_loss(torch.tensor([-10.0, -3.0]), torch.tensor([4.0, 2.0])), torch.tensor([2.5, 1.5]))
     with pytest.raises(ValueError, match="chosen_lengths"):
         chosen_nll_loss(torch.tensor([-1.0]), torch.tensor([0.0]))
-

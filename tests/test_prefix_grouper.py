@@ -19,15 +19,29 @@ TOL = dict(rtol=0.0, atol=1e-5)
 def tiny_qwen(attn_implementation=None, **overrides):
     torch.manual_seed(0)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, **extra, **overrides)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        **extra,
+        **overrides,
+    )
     return Qwen2ForCausalLM(config).float()
 
 
 def tiny_llama():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+    )
     return LlamaForCausalLM(config).float()
 
 
@@ -38,7 +52,7 @@ def make_batch():
     prompt_ids = torch.randint(0, VOCAB, (B, P), generator=generator)
     prompt_mask = torch.zeros(B, P, dtype=torch.long)
     for b, length in enumerate(PROMPT_LENGTHS):
-        prompt_mask[b, P - length:] = 1
+        prompt_mask[b, P - length :] = 1
     completion_ids = torch.randint(0, VOCAB, (B * G, C), generator=generator)
     completion_mask = torch.zeros(B * G, C, dtype=torch.long)
     for i, length in enumerate(COMPLETION_LENGTHS):
@@ -55,14 +69,16 @@ def unpadded_reference(model, prompt_ids, prompt_mask, completion_ids, completio
         completion = completion_ids[i][completion_mask[i].bool()]
         logits = model(input_ids=torch.cat([prompt, completion])[None]).logits[0]  # [Lp+Lc, V]
         # Token t of the completion is predicted by position Lp-1+t.
-        logp = torch.log_softmax(logits[len(prompt) - 1:len(prompt) + len(completion) - 1] / temperature, dim=-1)
-        out[i, :len(completion)] = logp.gather(-1, completion[:, None])[:, 0]
+        logp = torch.log_softmax(logits[len(prompt) - 1 : len(prompt) + len(completion) - 1] / temperature, dim=-1)
+        out[i, : len(completion)] = logp.gather(-1, completion[:, None])[:, 0]
     return out
 
 
 def both_paths(model, batch, temperature=1.0):
-    return [completion_logprobs(model, *batch, group_size=G, shared_prefix=shared, temperature=temperature)
-            for shared in (False, True)]
+    return [
+        completion_logprobs(model, *batch, group_size=G, shared_prefix=shared, temperature=temperature)
+        for shared in (False, True)
+    ]
 
 
 def gradients(model, batch, shared, parameters):
@@ -179,8 +195,9 @@ def test_lora_model_values_and_lora_gradients():
 
     base = tiny_qwen()
     torch.manual_seed(2)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                            init_lora_weights=False))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
     assert len(lora) == 2 * 2 * 2 and all("lora_" in name for name in lora)  # 2 layers x (q, v) x (A, B)
     batch = make_batch()

@@ -46,7 +46,8 @@ def test_ocr_generator_refuses_more_prompts_than_exist(capsys):
     assert info.value.code == 2
     assert capsys.readouterr().err.splitlines() == [
         f"config error: --n 5000: the eval split has {len(p.ocr_prompts('eval'))} distinct prompts; ask for 1 to "
-        f"{len(p.ocr_prompts('eval'))}"]
+        f"{len(p.ocr_prompts('eval'))}"
+    ]
 
 
 def config_with(*overrides: str) -> FlowGRPOConfig:
@@ -73,7 +74,9 @@ def test_train_and_eval_splits_from_a_directory_of_json_files(tmp_path):
 def test_eval_prompts_file(tmp_path):
     (tmp_path / "eval.txt").write_text("held out one\n\n  held out two \n")
     assert read_prompts(config_with(f"data.eval_prompts_file={tmp_path / 'eval.txt'}"))[1] == [
-        "held out one", "held out two"]
+        "held out one",
+        "held out two",
+    ]
 
 
 @pytest.mark.parametrize("case", ["missing_column", "missing_split", "missing_eval_split"])
@@ -83,8 +86,10 @@ def test_missing_column_or_split_exits_2_naming_what_exists(case, tmp_path, caps
     overrides, expect = [f"data.prompts_dataset={path}", f"log.output_dir={tmp_path / 'run'}"], None
     if case == "missing_column":
         overrides.append("data.prompts_column=caption")
-        expect = (f"config field 'data.prompts_column': split 'train' of {path} has no column 'caption'; its columns "
-                  f"are ['prompt', 'tag']")
+        expect = (
+            f"config field 'data.prompts_column': split 'train' of {path} has no column 'caption'; its columns "
+            f"are ['prompt', 'tag']"
+        )
     elif case == "missing_split":
         overrides.append("data.prompts_split=validation")
         expect = f"config field 'data.prompts_split': {path} has no split 'validation'; its splits are ['train']"
@@ -102,19 +107,30 @@ def test_a_missing_local_path_is_refused_without_asking_the_hub(tmp_path):
     missing = tmp_path / "typo.parquet"
     with pytest.raises(ConfigError) as info:
         read_prompts(config_with(f"data.prompts_dataset={missing}"))
-    assert str(info.value) == (f"config field 'data.prompts_dataset': {missing}: no such file or directory; give a "
-                               f"data file, a directory of them, or a hub id such as org/name")
+    assert str(info.value) == (
+        f"config field 'data.prompts_dataset': {missing}: no such file or directory; give a "
+        f"data file, a directory of them, or a hub id such as org/name"
+    )
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data.prompts_dataset=x.parquet", "data.prompts_file=p.txt"],
-     "config field 'data.prompts_dataset': set together with data.prompts_file; keep one source of training prompts"),
-    (["data.eval_split=test"],
-     "config field 'data.eval_split': names a split of data.prompts_dataset, which is not set"),
-    (["data.eval_prompts_file=e.txt", "data.eval_prompts=[a]"],
-     "config field 'data.eval_prompts': set together with data.eval_prompts_file; keep one source of evaluation "
-     "prompts"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data.prompts_dataset=x.parquet", "data.prompts_file=p.txt"],
+            "config field 'data.prompts_dataset': set together with data.prompts_file; keep one source of training prompts",
+        ),
+        (
+            ["data.eval_split=test"],
+            "config field 'data.eval_split': names a split of data.prompts_dataset, which is not set",
+        ),
+        (
+            ["data.eval_prompts_file=e.txt", "data.eval_prompts=[a]"],
+            "config field 'data.eval_prompts': set together with data.eval_prompts_file; keep one source of evaluation "
+            "prompts",
+        ),
+    ],
+)
 def test_conflicting_prompt_sources_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         config_with(*overrides)

@@ -9,10 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from flowalign.rewards.plugins import (RewardError, call_reward, check_rewards_on_dummy_batch, load_reward,
-                                      scores_as_floats, with_deadline)
+from flowalign.rewards.plugins import (
+    RewardError,
+    call_reward,
+    check_rewards_on_dummy_batch,
+    load_reward,
+    scores_as_floats,
+    with_deadline,
+)
 from flowalign.train import train
 from tests.test_train_smoke import tiny_config, tiny_pipeline_dir  # noqa: F401  (fixture)
+
 
 def nan_on_first_sample(images, prompts, metadata):
     scores = images.mean(dim=(1, 2, 3))
@@ -51,15 +58,20 @@ def returns_a_string(images, prompts, metadata):
 
 
 def test_nan_score_stops_the_run_naming_the_reward(tiny_pipeline_dir, tmp_path):  # noqa: F811
-    config = tiny_config(tiny_pipeline_dir, tmp_path / "run",
-                         "reward.weights={tests.test_reward_faults:nan_on_first_sample: 1.0}")
+    config = tiny_config(
+        tiny_pipeline_dir, tmp_path / "run", "reward.weights={tests.test_reward_faults:nan_on_first_sample: 1.0}"
+    )
     with pytest.raises(RewardError, match="nan_on_first_sample' returned non-finite scores at positions \\[0\\]"):
         train(config)
 
 
 def test_drop_counts_bad_samples_and_keeps_training(tiny_pipeline_dir, tmp_path):  # noqa: F811
-    config = tiny_config(tiny_pipeline_dir, tmp_path / "run", "reward.on_bad_score=drop",
-                         "reward.weights={tests.test_reward_faults:nan_on_first_sample: 1.0}")
+    config = tiny_config(
+        tiny_pipeline_dir,
+        tmp_path / "run",
+        "reward.on_bad_score=drop",
+        "reward.weights={tests.test_reward_faults:nan_on_first_sample: 1.0}",
+    )
     result = train(config)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["reward/dropped"] for r in records[1:]] == [1, 1]  # one bad sample per rollout, counted
@@ -67,12 +79,17 @@ def test_drop_counts_bad_samples_and_keeps_training(tiny_pipeline_dir, tmp_path)
     assert torch.isfinite(torch.tensor(list(result["after"].values()))).all()
 
 
-@pytest.mark.parametrize("name, message", [
-    ("one_score_too_few", "returned 1 scores for 2 images; return one score per image"),  # start-up check
-    ("raises", "raised KeyError: \"missing field 'aesthetic'\""),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("one_score_too_few", "returned 1 scores for 2 images; return one score per image"),  # start-up check
+        ("raises", "raised KeyError: \"missing field 'aesthetic'\""),
+    ],
+)
 def test_broken_rewards_stop_before_training_with_their_name(tiny_pipeline_dir, tmp_path, name, message):  # noqa: F811
-    config = tiny_config(tiny_pipeline_dir, tmp_path / "run", f"reward.weights={{tests.test_reward_faults:{name}: 1.0}}")
+    config = tiny_config(
+        tiny_pipeline_dir, tmp_path / "run", f"reward.weights={{tests.test_reward_faults:{name}: 1.0}}"
+    )
     with pytest.raises(RewardError, match=name) as info:
         train(config)
     assert message in str(info.value)
@@ -94,8 +111,11 @@ def test_overlong_prompts_are_counted_and_reported(tiny_pipeline_dir, tmp_path, 
     adapter = SD3Adapter.from_pretrained(str(tiny_pipeline_dir))
     long_prompt = "the digit " + " ".join(["three"] * 40)  # the toy tokenizers keep 16 tokens
     assert adapter.prompts_over_context(["the digit one", long_prompt]) == [long_prompt]
-    train(tiny_config(tiny_pipeline_dir, tmp_path / "run", f"data.prompts=[the digit one, {long_prompt}]",
-                      "train.iterations=1"))
+    train(
+        tiny_config(
+            tiny_pipeline_dir, tmp_path / "run", f"data.prompts=[the digit one, {long_prompt}]", "train.iterations=1"
+        )
+    )
     assert "warning: 1 prompt(s) exceed the text encoder's context and are truncated" in capsys.readouterr().out
 
 
@@ -134,20 +154,36 @@ def release_hung_threads():
 
 
 def test_timeout_stops_the_run_naming_the_reward(tiny_pipeline_dir, tmp_path, release_hung_threads):  # noqa: F811
-    config = tiny_config(tiny_pipeline_dir, tmp_path / "run", "reward.timeout_s=0.5",
-                         "reward.weights={tests.test_reward_faults:hangs_in_training: 1.0}")
+    config = tiny_config(
+        tiny_pipeline_dir,
+        tmp_path / "run",
+        "reward.timeout_s=0.5",
+        "reward.weights={tests.test_reward_faults:hangs_in_training: 1.0}",
+    )
     started = time.perf_counter()
-    with pytest.raises(RewardError, match="reward 'tests.test_reward_faults:hangs_in_training' did not return "
-                                            "within reward.timeout_s=0.5 s.*raise reward.timeout_s"):
+    with pytest.raises(
+        RewardError,
+        match="reward 'tests.test_reward_faults:hangs_in_training' did not return "
+        "within reward.timeout_s=0.5 s.*raise reward.timeout_s",
+    ):
         train(config)
     assert time.perf_counter() - started < 30  # without the deadline it waits 60 s for the release
     assert not (tmp_path / "run" / "checkpoints").exists()  # the first training batch hung: nothing trained
 
 
-def test_timeout_under_drop_drops_the_batch_and_trains_on(tiny_pipeline_dir, tmp_path, release_hung_threads,  # noqa: F811
-                                                          capsys):
-    config = tiny_config(tiny_pipeline_dir, tmp_path / "run", "reward.timeout_s=0.5", "reward.on_bad_score=drop",
-                         "reward.weights={tests.test_reward_faults:hangs_in_training: 1.0}")
+def test_timeout_under_drop_drops_the_batch_and_trains_on(
+    tiny_pipeline_dir,
+    tmp_path,
+    release_hung_threads,  # noqa: F811
+    capsys,
+):
+    config = tiny_config(
+        tiny_pipeline_dir,
+        tmp_path / "run",
+        "reward.timeout_s=0.5",
+        "reward.on_bad_score=drop",
+        "reward.weights={tests.test_reward_faults:hangs_in_training: 1.0}",
+    )
     result = train(config)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["reward/dropped"] for r in records[1:]] == [4, 4]  # 2 prompts x 2 samples, all dropped each time
@@ -164,29 +200,36 @@ def test_a_timeout_in_the_start_up_check_stops_even_under_drop(release_hung_thre
 
     bounded = load_reward("tests.test_reward_faults:hangs_in_training", timeout_s=0.2)
     assert bounded.__wrapped__ is hangs_in_training  # load_reward wraps the reward in the deadline
-    with pytest.raises(RewardError, match="'slow' did not return within reward.timeout_s=0.2 s.*raise reward.timeout_s"):
-        check_rewards_on_dummy_batch({"slow": with_deadline(loads_forever, 0.2)}, torch.zeros(2, 3, 2, 2), ["a", "b"],
-                                     allow_nonfinite=True)
+    with pytest.raises(
+        RewardError, match="'slow' did not return within reward.timeout_s=0.2 s.*raise reward.timeout_s"
+    ):
+        check_rewards_on_dummy_batch(
+            {"slow": with_deadline(loads_forever, 0.2)}, torch.zeros(2, 3, 2, 2), ["a", "b"], allow_nonfinite=True
+        )
 
 
 def test_none_score_is_dropped_under_drop_and_stops_otherwise(tiny_pipeline_dir, tmp_path):  # noqa: F811
     weights = "reward.weights={tests.test_reward_faults:none_for_first_sample: 1.0}"
-    with pytest.raises(RewardError, match="none_for_first_sample' returned non-finite scores at positions \\[0\\].*"
-                                          "values \\[None\\]"):
+    with pytest.raises(
+        RewardError, match="none_for_first_sample' returned non-finite scores at positions \\[0\\].*values \\[None\\]"
+    ):
         train(tiny_config(tiny_pipeline_dir, tmp_path / "stop", weights))
     train(tiny_config(tiny_pipeline_dir, tmp_path / "drop", weights, "reward.on_bad_score=drop"))
     records = [json.loads(line) for line in (tmp_path / "drop" / "metrics.jsonl").read_text().splitlines()]
     assert [r["reward/dropped"] for r in records[1:]] == [1, 1]  # one None per rollout, counted
 
 
-@pytest.mark.parametrize("output, message", [
-    (None, "returned None, not one score per image"),
-    ("abc", "returned a str ('abc'), not a list or tensor of numbers"),
-    ({"score": 1.0}, "returned a dict ({'score': 1.0}), not a list or tensor of numbers"),
-    ([1.0, 10**400], "returned an integer of 401 digits at position 1, too large for a float"),
-    ([1.0, "2"], "returned a str at position 1 ('2'), not a number"),
-    (np.array(["a", "b"]), "returned a numpy array of dtype <U1, not real numbers"),
-])
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        (None, "returned None, not one score per image"),
+        ("abc", "returned a str ('abc'), not a list or tensor of numbers"),
+        ({"score": 1.0}, "returned a dict ({'score': 1.0}), not a list or tensor of numbers"),
+        ([1.0, 10**400], "returned an integer of 401 digits at position 1, too large for a float"),
+        ([1.0, "2"], "returned a str at position 1 ('2'), not a number"),
+        (np.array(["a", "b"]), "returned a numpy array of dtype <U1, not real numbers"),
+    ],
+)
 def test_outputs_that_are_not_numbers_are_reward_errors_even_under_drop(output, message):
     images, prompts = torch.zeros(2, 3, 2, 2), ["a", "b"]  # [2, 3, 2, 2]
     with pytest.raises(RewardError, match="reward 'r' ") as info:
@@ -206,12 +249,16 @@ def test_string_output_exits_3_through_the_cli(tiny_pipeline_dir, tmp_path, caps
     from tests.test_train_smoke import tiny_overrides
 
     with pytest.raises(SystemExit) as info:
-        main(tiny_overrides(tiny_pipeline_dir, tmp_path / "run",
-                            "reward.weights={tests.test_reward_faults:returns_a_string: 1.0}"))
+        main(
+            tiny_overrides(
+                tiny_pipeline_dir, tmp_path / "run", "reward.weights={tests.test_reward_faults:returns_a_string: 1.0}"
+            )
+        )
     err = capsys.readouterr().err.strip()  # the pipeline's loading bars, then one line
     assert info.value.code == 3 and "Traceback" not in err
-    assert err.splitlines()[-1].startswith("reward error: reward 'tests.test_reward_faults:returns_a_string' "
-                                           "returned a str ('0.5')")
+    assert err.splitlines()[-1].startswith(
+        "reward error: reward 'tests.test_reward_faults:returns_a_string' returned a str ('0.5')"
+    )
 
 
 @pytest.mark.parametrize("path", [":digit_classifier_reward", ".:fn", "flowalign..rewards:fn", "flowalign.rewards:"])
@@ -228,8 +275,14 @@ def test_empty_or_relative_module_names_exit_2_through_the_cli(tiny_pipeline_dir
         load_reward(path)  # the loader refuses them too (flowalign-score, flowalign-reward-serve)
 
 
-@pytest.mark.parametrize("value, message", [("0", "0.0 must be positive seconds"), ("-1", "-1.0 must be positive"),
-                                            ("abc", "expected float or None, got 'abc'")])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("0", "0.0 must be positive seconds"),
+        ("-1", "-1.0 must be positive"),
+        ("abc", "expected float or None, got 'abc'"),
+    ],
+)
 def test_timeout_must_be_positive_seconds_in_both_front_ends(value, message):
     from llmalign.config import GRPOConfig
     from shared.config import ConfigError, load_config

@@ -10,8 +10,11 @@ from safetensors.torch import save_file
 
 from flowalign.rewards.models import aesthetic_score, clip_pixels, clip_score, load_aesthetic_mlp, pickscore
 
-TINY = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 def colour_batch(colours, size=24):
@@ -60,8 +63,15 @@ def test_clip_score_ranks_matching_captions_higher(fitted_clip):
 def test_aesthetic_score_is_the_mlp_of_the_clip_embedding(fitted_clip, tmp_path):
     torch.manual_seed(1)
     mlp = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
-    save_file({"layers.0.weight": mlp[0].weight, "layers.0.bias": mlp[0].bias,
-               "layers.2.weight": mlp[2].weight, "layers.2.bias": mlp[2].bias}, str(tmp_path / "mlp.safetensors"))
+    save_file(
+        {
+            "layers.0.weight": mlp[0].weight,
+            "layers.0.bias": mlp[0].bias,
+            "layers.2.weight": mlp[2].weight,
+            "layers.2.bias": mlp[2].bias,
+        },
+        str(tmp_path / "mlp.safetensors"),
+    )
     reward = aesthetic_score(str(tmp_path / "mlp.safetensors"), model_name="tiny-clip", pretrained=fitted_clip)
     images = colour_batch(["red", "blue"])
     scores = reward(images, ["x", "y"], [{}, {}])
@@ -82,18 +92,27 @@ def test_pickscore_equals_the_models_own_logits(tmp_path):
     from flowalign.toy import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer()
-    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
-                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=16, patch_size=8)
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8
+    )
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=8))
     model.save_pretrained(tmp_path / "pick")
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
-                                                                 crop_size={"height": 16, "width": 16}),
-                              tokenizer=tokenizer)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+        tokenizer=tokenizer,
+    )
     processor.save_pretrained(tmp_path / "pick")
     reward = pickscore(str(tmp_path / "pick"))
     images, prompts = colour_batch(["red", "blue"]), ["the digit one", "the digit two"]
@@ -101,5 +120,7 @@ def test_pickscore_equals_the_models_own_logits(tmp_path):
     with torch.no_grad():  # independent path: the model's forward, whose logits_per_image = scale * cos
         inputs = tokenizer(prompts, padding=True, return_tensors="pt")
         pixels = clip_pixels(images, 16, processor.image_processor.image_mean, processor.image_processor.image_std)
-        logits = model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, pixel_values=pixels).logits_per_image
+        logits = model(
+            input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, pixel_values=pixels
+        ).logits_per_image
     torch.testing.assert_close(scores, logits.diagonal())

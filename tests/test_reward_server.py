@@ -38,8 +38,9 @@ def _batch():
 
 
 def _post(url, body: bytes, token=TOKEN):
-    request = urllib.request.Request(url + "/score", data=body, method="POST",
-                                     headers={"Authorization": f"Bearer {token}"})
+    request = urllib.request.Request(
+        url + "/score", data=body, method="POST", headers={"Authorization": f"Bearer {token}"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, json.loads(response.read())
@@ -109,6 +110,7 @@ def test_down_server_is_not_reachable():
 
 # ------------------------------------------------------------------ hardening (issue 14, items 6 and 8)
 
+
 def _raw(port: int, request: bytes, close_write: bool = False) -> bytes:
     """Send raw bytes, keep the socket open for writing (unless close_write), return the whole answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -127,19 +129,33 @@ def _port(url: str) -> int:
 
 def test_negative_content_length_is_400_without_waiting_for_close(server):
     # the socket stays open: the old server read "until close" here, with no bound
-    answer = _raw(_port(server), b"POST /score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-token\r\n"
-                                 b"Content-Length: -1\r\n\r\n" + b"[" * 1000)
+    answer = _raw(
+        _port(server),
+        b"POST /score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test-token\r\n"
+        b"Content-Length: -1\r\n\r\n" + b"[" * 1000,
+    )
     assert answer.startswith(b"HTTP/1.0 400") and b"Content-Length' is missing, negative" in answer
 
 
-@pytest.mark.parametrize("body, field", [
-    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # RecursionError in json.loads
-    (json.dumps({"images": "", "shape": [True, 3, True, True], "prompts": ["a"], "metadata": [{}]}).encode(), "'shape'"),
-    (json.dumps({"images": "AAAA", "shape": [1, 3, 2**40, 2**40], "prompts": ["a"], "metadata": [{}]}).encode(),
-     "shape [1, 3, 1099511627776, 1099511627776] needs 14507109835375550096474112 (float32)"),  # > int64
-    (json.dumps({"images": "AAAA", "shape": [1, 3, 10**30, 1], "prompts": ["a"], "metadata": [{}]}).encode(), "'images'"),
-    (b"\xff\xfe{", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # RecursionError in json.loads
+        (
+            json.dumps({"images": "", "shape": [True, 3, True, True], "prompts": ["a"], "metadata": [{}]}).encode(),
+            "'shape'",
+        ),
+        (
+            json.dumps({"images": "AAAA", "shape": [1, 3, 2**40, 2**40], "prompts": ["a"], "metadata": [{}]}).encode(),
+            "shape [1, 3, 1099511627776, 1099511627776] needs 14507109835375550096474112 (float32)",
+        ),  # > int64
+        (
+            json.dumps({"images": "AAAA", "shape": [1, 3, 10**30, 1], "prompts": ["a"], "metadata": [{}]}).encode(),
+            "'images'",
+        ),
+        (b"\xff\xfe{", "not valid JSON"),
+    ],
+)
 def test_malformed_authenticated_bodies_are_400(server, body, field):
     status, answer = _post(server, body)
     assert status == 400 and field in answer["error"]
@@ -167,16 +183,21 @@ def test_nonfinite_scores_are_null_and_come_back_as_nan():
     url = f"http://127.0.0.1:{srv.server_address[1]}"
     try:
         images, prompts, metadata = _batch()
-        request = urllib.request.Request(url + "/score", data=json.dumps(encode_batch(images, prompts, metadata)).encode(),
-                                         method="POST", headers={"Authorization": f"Bearer {TOKEN}"})
+        request = urllib.request.Request(
+            url + "/score",
+            data=json.dumps(encode_batch(images, prompts, metadata)).encode(),
+            method="POST",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+        )
         with urllib.request.urlopen(request, timeout=5) as response:
             assert _strict_json(response.read()) == {"scores": [None, 0.5, None, None]}
         scores = remote_reward(url, TOKEN, timeout=5)(images, prompts, metadata)
         assert scores[1].item() == 0.5 and scores[[0, 2, 3]].isnan().all()
         from flowalign.rewards.plugins import RewardError, call_reward
 
-        dropped = call_reward("remote", remote_reward(url, TOKEN, timeout=5), images, prompts, metadata,
-                              allow_nonfinite=True)
+        dropped = call_reward(
+            "remote", remote_reward(url, TOKEN, timeout=5), images, prompts, metadata, allow_nonfinite=True
+        )
         assert dropped[1].item() == 0.5 and dropped[[0, 2, 3]].isnan().all()
         with pytest.raises(RewardError, match="'remote' returned non-finite scores at positions \\[0, 2, 3\\]"):
             call_reward("remote", remote_reward(url, TOKEN, timeout=5), images, prompts, metadata)
@@ -267,14 +288,25 @@ def test_non_loopback_host_needs_allow_remote():
         serve(jpeg_compressibility(), "0.0.0.0", 0, token=TOKEN)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--reward", ":fn"], "--reward: reward ':fn' has module name '', not an absolute dotted module name"),
-    (["--reward", "no_such_module:fn"], "--reward: reward 'no_such_module:fn': cannot import module 'no_such_module'"),
-    (["--reward", "flowalign.rewards:jpeg_compressibility", "--kwargs", "[1]"], "--kwargs must be a JSON object"),
-    (["--reward", "flowalign.rewards:jpeg_compressibility", "--host", "0.0.0.0"],
-     "--host 0.0.0.0 is not a loopback address; add --allow-remote"),
-    (["--reward", "flowalign.rewards:jpeg_compressibility", "--max-connections", "0"], "--max-connections 0 must be"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--reward", ":fn"], "--reward: reward ':fn' has module name '', not an absolute dotted module name"),
+        (
+            ["--reward", "no_such_module:fn"],
+            "--reward: reward 'no_such_module:fn': cannot import module 'no_such_module'",
+        ),
+        (["--reward", "flowalign.rewards:jpeg_compressibility", "--kwargs", "[1]"], "--kwargs must be a JSON object"),
+        (
+            ["--reward", "flowalign.rewards:jpeg_compressibility", "--host", "0.0.0.0"],
+            "--host 0.0.0.0 is not a loopback address; add --allow-remote",
+        ),
+        (
+            ["--reward", "flowalign.rewards:jpeg_compressibility", "--max-connections", "0"],
+            "--max-connections 0 must be",
+        ),
+    ],
+)
 def test_start_up_errors_are_one_line(capsys, flags, message):
     from flowalign.rewards.server import main
 
@@ -296,15 +328,33 @@ def test_port_in_use_is_one_line(capsys):
             main(["--reward", "flowalign.rewards:jpeg_compressibility", "--port", str(port), "--token", TOKEN])
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.count("\n") == 1
-    assert err.startswith(f"flowalign-reward-serve: error: cannot listen on 127.0.0.1:{port} "
-                          "(Address already in use); pick another --port")
+    assert err.startswith(
+        f"flowalign-reward-serve: error: cannot listen on 127.0.0.1:{port} "
+        "(Address already in use); pick another --port"
+    )
 
 
 def test_allow_remote_serves_with_a_plain_http_warning():
-    process = subprocess.Popen([sys.executable, "-m", "flowalign.rewards.server", "--reward",
-                                "flowalign.rewards:jpeg_compressibility", "--host", "0.0.0.0", "--allow-remote",
-                                "--port", "0", "--token", TOKEN], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flowalign.rewards.server",
+            "--reward",
+            "flowalign.rewards:jpeg_compressibility",
+            "--host",
+            "0.0.0.0",
+            "--allow-remote",
+            "--port",
+            "0",
+            "--token",
+            TOKEN,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         serving = process.stdout.readline()  # printed after the warning
         assert serving.startswith("serving flowalign.rewards:jpeg_compressibility at http://0.0.0.0:")

@@ -59,8 +59,10 @@ def test_run_helpers_on_two_processes(tmp_path):
         assert r["gather"] == [[0, 10], [1, 11]]  # rank order
         assert r["objects"] == ["r0", "r1"]
         assert r["sum"] == 3.0 and r["max"] == 5.0 and r["any"] is True
-        assert r["refused"] == ("config field 'train.prompts_per_iteration': 3 prompts do not split over 2 processes; "
-                                "use a multiple of 2 (batch sizes count over all processes)")
+        assert r["refused"] == (
+            "config field 'train.prompts_per_iteration': 3 prompts do not split over 2 processes; "
+            "use a multiple of 2 (batch sizes count over all processes)"
+        )
     # one log, written once, by the main process; one checkpoint holding both ranks' RNG states
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["rank"] for line in lines] == [0]
@@ -115,8 +117,10 @@ def test_a_cut_off_last_line_is_dropped_with_a_warning_and_the_trim_is_atomic(tm
     capsys.readouterr()
     truncate_metrics(path, 2)
     assert path.read_text() == "".join(json.dumps({"iteration": i, "x": i / 2}) + "\n" for i in range(3))
-    assert capsys.readouterr().err == (f"warning: {path} line 5 is cut off (24 characters, not a whole JSON record; "
-                                       f"a run killed while writing it): dropped\n")
+    assert capsys.readouterr().err == (
+        f"warning: {path} line 5 is cut off (24 characters, not a whole JSON record; "
+        f"a run killed while writing it): dropped\n"
+    )
 
 
 def test_resume_trims_metrics_and_samples_back_to_the_checkpoint(tmp_path, capsys):
@@ -135,9 +139,11 @@ def test_resume_trims_metrics_and_samples_back_to_the_checkpoint(tmp_path, capsy
     capsys.readouterr()
     assert Run(out, resume=True, tag="[test]").restore() == 2
     assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == [
-        {"iteration": i, "reward": i} for i in range(3)]
+        {"iteration": i, "reward": i} for i in range(3)
+    ]
     assert [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()] == [
-        {"iteration": i, "completions": ["a" * i]} for i in range(3)]
+        {"iteration": i, "completions": ["a" * i]} for i in range(3)
+    ]
     err = capsys.readouterr().err
     assert f"warning: {out / 'metrics.jsonl'} line 6 is cut off" in err
     assert f"warning: {out / 'samples.jsonl'} line 6 is cut off" in err
@@ -170,26 +176,48 @@ class Recipe:
     log: LogSection = dataclasses.field(default_factory=LogSection)
 
 
-def recipe(learning_rate=0.1, iterations=2, max_seconds=None, group_size=2, weights=None, output_dir="runs/x",
-           keep_last=2) -> Recipe:
-    return Recipe(TrainSection(learning_rate, iterations, max_seconds, group_size),
-                  RewardSection(weights if weights is not None else {"a": 1.0}), LogSection(output_dir, keep_last))
+def recipe(
+    learning_rate=0.1, iterations=2, max_seconds=None, group_size=2, weights=None, output_dir="runs/x", keep_last=2
+) -> Recipe:
+    return Recipe(
+        TrainSection(learning_rate, iterations, max_seconds, group_size),
+        RewardSection(weights if weights is not None else {"a": 1.0}),
+        LogSection(output_dir, keep_last),
+    )
 
 
 def test_config_changes_are_listed_by_dotted_field_name():
     from shared.run import changeable_on_resume, config_changes, describe_changes
 
     old = {"train": {"lr": 0.1, "betas": (0.9, 0.99)}, "reward": {"weights": {"a": 1.0, "b": 2.0}}, "log": {"dir": "x"}}
-    new = {"train": {"lr": 0.01, "betas": [0.9, 0.99]}, "reward": {"weights": {"a": 1.0, "c": 0.5}},
-           "log": {"dir": "y"}}
-    assert config_changes(old, new) == {"train.lr": (0.1, 0.01), "reward.weights.b": (2.0, "<absent>"),
-                                        "reward.weights.c": ("<absent>", 0.5), "log.dir": ("x", "y")}
+    new = {
+        "train": {"lr": 0.01, "betas": [0.9, 0.99]},
+        "reward": {"weights": {"a": 1.0, "c": 0.5}},
+        "log": {"dir": "y"},
+    }
+    assert config_changes(old, new) == {
+        "train.lr": (0.1, 0.01),
+        "reward.weights.b": (2.0, "<absent>"),
+        "reward.weights.c": ("<absent>", 0.5),
+        "log.dir": ("x", "y"),
+    }
     assert config_changes(old, old) == {}
-    assert describe_changes({"train.lr": (0.1, 0.01), "reward.weights.b": (2.0, "<absent>")}) == \
-        "train.lr (0.1 -> 0.01), reward.weights.b (2.0 -> <absent>)"
-    assert [changeable_on_resume(f) for f in ("train.iterations", "train.max_seconds", "log.keep_last",
-                                              "eval.rewards.my.mod:score", "train.iterations_x", "logx.a",
-                                              "train.learning_rate")] == [True, True, True, True, False, False, False]
+    assert (
+        describe_changes({"train.lr": (0.1, 0.01), "reward.weights.b": (2.0, "<absent>")})
+        == "train.lr (0.1 -> 0.01), reward.weights.b (2.0 -> <absent>)"
+    )
+    assert [
+        changeable_on_resume(f)
+        for f in (
+            "train.iterations",
+            "train.max_seconds",
+            "log.keep_last",
+            "eval.rewards.my.mod:score",
+            "train.iterations_x",
+            "logx.a",
+            "train.learning_rate",
+        )
+    ] == [True, True, True, True, False, False, False]
 
 
 def checkpointed_run(out, config, model, optimizer):
@@ -198,8 +226,15 @@ def checkpointed_run(out, config, model, optimizer):
     from shared.run import Run
 
     run = Run(out, resume=False, tag="[test]", config=config)
-    run.save_checkpoint(1, {"trainable": run.trainable_state(model), "optimizer": run.optimizer_state(model, optimizer),
-                            "trainer": {"iteration": 1, "config": to_dict(config)}}, keep_last=2)
+    run.save_checkpoint(
+        1,
+        {
+            "trainable": run.trainable_state(model),
+            "optimizer": run.optimizer_state(model, optimizer),
+            "trainer": {"iteration": 1, "config": to_dict(config)},
+        },
+        keep_last=2,
+    )
     run.write_config(config)
     return run
 
@@ -221,16 +256,22 @@ def test_resume_refuses_a_changed_config_except_the_allow_list(tmp_path, capsys)
         "--resume: the config differs from the one step-000001 was written under in train.learning_rate (0.1 -> 0.01), "
         "train.group_size (2 -> 4), reward.weights.b (<absent> -> 0.5); set them back, or add --allow-config-change "
         "to apply them (on resume only train.iterations, train.max_seconds, train.steps, train.epochs, log.*, eval.* may "
-        "change without it)")
+        "change without it)"
+    )
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before  # nothing touched
     with pytest.raises(ConfigError, match="--allow-config-change: it applies config changes to a resumed run"):
         Run(tmp_path / "other", resume=False, tag="[test]", config=changed, allow_config_change=True)
 
     capsys.readouterr()
-    allowed = Run(out, resume=True, tag="[test]", config=recipe(iterations=9, max_seconds=60.0, output_dir="moved",
-                                                                 keep_last=1))
-    assert allowed.config_changes == {"train.iterations": (2, 9), "train.max_seconds": (None, 60.0),
-                                      "log.output_dir": ("runs/x", "moved"), "log.keep_last": (2, 1)}
+    allowed = Run(
+        out, resume=True, tag="[test]", config=recipe(iterations=9, max_seconds=60.0, output_dir="moved", keep_last=1)
+    )
+    assert allowed.config_changes == {
+        "train.iterations": (2, 9),
+        "train.max_seconds": (None, 60.0),
+        "log.output_dir": ("runs/x", "moved"),
+        "log.keep_last": (2, 1),
+    }
     assert "config changed from step-000001's: train.iterations (2 -> 9)" in capsys.readouterr().out
     assert Run(out, resume=True, tag="[test]", config=recipe()).config_changes == {}
 
@@ -314,10 +355,15 @@ def test_a_failed_checkpoint_write_raises_on_every_rank(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     messages = [json.loads((tmp_path / f"run.rank{rank}.json").read_text()) for rank in (0, 1)]
     checkpoints = out / "checkpoints"
-    assert messages[0] == messages[1] == (
-        f"cannot write checkpoint {checkpoints / 'step-000002'} (No space left on device: "
-        f"{checkpoints / 'step-000002' / 'trainer.safetensors'}); {checkpoints / 'step-000001'} is intact and "
-        f"--resume starts from it")
+    assert (
+        messages[0]
+        == messages[1]
+        == (
+            f"cannot write checkpoint {checkpoints / 'step-000002'} (No space left on device: "
+            f"{checkpoints / 'step-000002' / 'trainer.safetensors'}); {checkpoints / 'step-000001'} is intact and "
+            f"--resume starts from it"
+        )
+    )
 
 
 def test_resume_of_a_checkpoint_that_predates_a_field_names_it_as_such(tmp_path):
@@ -333,8 +379,9 @@ def test_resume_of_a_checkpoint_that_predates_a_field_names_it_as_such(tmp_path)
     old_config = to_dict(recipe())
     del old_config["train"]["group_size"]  # as written by code that had no group_size field
     run = Run(out, resume=False, tag="[test]", config=recipe())
-    run.save_checkpoint(1, {"trainable": run.trainable_state(model), "trainer": {"iteration": 1, "config": old_config}},
-                        keep_last=2)
+    run.save_checkpoint(
+        1, {"trainable": run.trainable_state(model), "trainer": {"iteration": 1, "config": old_config}}, keep_last=2
+    )
     with pytest.raises(ConfigError) as refused:
         Run(out, resume=True, tag="[test]", config=recipe(weights={"a": 1.0, "b": 0.5}))
     assert str(refused.value) == (
@@ -342,9 +389,11 @@ def test_resume_of_a_checkpoint_that_predates_a_field_names_it_as_such(tmp_path)
         "reward.weights.b (<absent> -> 0.5); step-000001 predates train.group_size: check that their values are what "
         "that run did (a default may have changed since); set them back, or add --allow-config-change to apply them "
         "(on resume only train.iterations, train.max_seconds, train.steps, train.epochs, log.*, eval.* may change "
-        "without it)")
-    assert Run(out, resume=True, tag="[test]", config=recipe(weights={"a": 1.0, "b": 0.5}),
-               allow_config_change=True).config_changes["train.group_size"] == ("<absent>", 2)
+        "without it)"
+    )
+    assert Run(
+        out, resume=True, tag="[test]", config=recipe(weights={"a": 1.0, "b": 0.5}), allow_config_change=True
+    ).config_changes["train.group_size"] == ("<absent>", 2)
 
 
 def test_resume_of_a_checkpoint_written_under_renamed_fields_compares_them_by_their_new_names(tmp_path):
@@ -358,8 +407,15 @@ def test_resume_of_a_checkpoint_written_under_renamed_fields_compares_them_by_th
     from shared.run import Run
 
     def grpo(*overrides):
-        return load_config(GRPOConfig, None, ["reward.weights={accuracy: 1.0, cosine_length: 1.0}",
-                                              "reward.kwargs={cosine_length: {max_length: 64}}", *overrides])
+        return load_config(
+            GRPOConfig,
+            None,
+            [
+                "reward.weights={accuracy: 1.0, cosine_length: 1.0}",
+                "reward.kwargs={cosine_length: {max_length: 64}}",
+                *overrides,
+            ],
+        )
 
     current = grpo("algorithm.kl_beta=0.04", "algorithm.clip_range=0.1", "algorithm.clip_range_high=0.3")
     old_config = to_dict(current)
@@ -369,9 +425,14 @@ def test_resume_of_a_checkpoint_written_under_renamed_fields_compares_them_by_th
     out = tmp_path / "run"
     model = torch.nn.Linear(2, 1)
     run = Run(out, resume=False, tag="[test]", config=current)
-    run.save_checkpoint(1, {"trainable": run.trainable_state(model), "trainer": {"iteration": 1, "config": old_config}},
-                        keep_last=2)
+    run.save_checkpoint(
+        1, {"trainable": run.trainable_state(model), "trainer": {"iteration": 1, "config": old_config}}, keep_last=2
+    )
     assert Run(out, resume=True, tag="[test]", config=current).config_changes == {}
     with pytest.raises(ConfigError, match=r"written under in algorithm\.kl_beta \(0\.04 -> 0\.05\); set them back"):
-        Run(out, resume=True, tag="[test]", config=grpo("algorithm.kl_beta=0.05", "algorithm.clip_range=0.1",
-                                                        "algorithm.clip_range_high=0.3"))
+        Run(
+            out,
+            resume=True,
+            tag="[test]",
+            config=grpo("algorithm.kl_beta=0.05", "algorithm.clip_range=0.1", "algorithm.clip_range_high=0.3"),
+        )

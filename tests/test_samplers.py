@@ -4,8 +4,18 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from flowalign.samplers import (OFFICIAL, SDEConventions, SlidingWindow, compressed_sigmas, convention_factors,
-                                dpm_solver_2m_step, euler_ode_step, kl_std, sample_trajectory, sde_step_with_logprob)
+from flowalign.samplers import (
+    OFFICIAL,
+    SDEConventions,
+    SlidingWindow,
+    compressed_sigmas,
+    convention_factors,
+    dpm_solver_2m_step,
+    euler_ode_step,
+    kl_std,
+    sample_trajectory,
+    sde_step_with_logprob,
+)
 
 SIGMAS = torch.tensor([1.0, 0.8, 0.5, 0.25, 0.0])
 
@@ -49,8 +59,9 @@ def test_noise_level_zero_is_the_ode_step(kind):
     """a = 0: std = 0, so x' = mean = the Euler step and log_prob is defined as 0 (no density to score)."""
     x, v = randn(3, 4, 2, 2, seed=0), randn(3, 4, 2, 2, seed=1)
     for sigma, sigma_next in [(1.0, 0.8), (0.8, 0.5), (0.25, 0.0)]:
-        x_next, log_prob, mean, std = sde_step_with_logprob(x, v, sigma, sigma_next, noise_level=0.0, kind=kind,
-                                                            generator=torch.Generator().manual_seed(3))
+        x_next, log_prob, mean, std = sde_step_with_logprob(
+            x, v, sigma, sigma_next, noise_level=0.0, kind=kind, generator=torch.Generator().manual_seed(3)
+        )
         assert_close(x_next, euler_ode_step(x, v, sigma, sigma_next), rtol=1e-6, atol=1e-6)
         assert torch.equal(x_next, mean)
         assert torch.equal(log_prob, torch.zeros(3)) and float(std.abs().max()) == 0.0
@@ -85,8 +96,9 @@ def test_flow_grpo_mean_and_std_by_hand():
     assert_close(mean, torch.tensor([[1.31]]))
     # the first form (next_sigma): sigma_t = 0.7 * sqrt(0.8 / 0.2) = 1.4, std = 1.4 * sqrt(0.2)
     # mean = 2 - 0.2 + 1.96 / 2 * (2 + 0) * (-0.2) = 1.408
-    _, _, mean, std = sde_step_with_logprob(x, v, 1.0, 0.8, noise_level=0.7,
-                                            conventions=SDEConventions(sigma_one="next_sigma"))
+    _, _, mean, std = sde_step_with_logprob(
+        x, v, 1.0, 0.8, noise_level=0.7, conventions=SDEConventions(sigma_one="next_sigma")
+    )
     assert_close(std.flatten(), torch.tensor([1.4 * math.sqrt(0.2)]))
     assert_close(mean, torch.tensor([[1.408]]))
     # below sigma = 1 the two agree
@@ -109,15 +121,17 @@ def test_cps_log_prob_official_and_gaussian_by_hand():
     # official: -(1.7 - 1.5669417)^2 = -0.0177045; gaussian: -0.0177045 * 16 - log(0.1767767) - log(2 pi)/2 = 0.5306572
     x, v, x_next = torch.full((1, 1), 2.0), torch.ones(1, 1), torch.full((1, 1), 1.7)
     _, official, _, _ = sde_step_with_logprob(x, v, 0.5, 0.25, 0.5, kind="cps", prev_sample=x_next)
-    _, gaussian, _, _ = sde_step_with_logprob(x, v, 0.5, 0.25, 0.5, kind="cps", prev_sample=x_next,
-                                              conventions=GAUSSIAN_CPS)
+    _, gaussian, _, _ = sde_step_with_logprob(
+        x, v, 0.5, 0.25, 0.5, kind="cps", prev_sample=x_next, conventions=GAUSSIAN_CPS
+    )
     assert_close(official, torch.tensor([-0.0177045]))
     assert_close(gaussian, torch.tensor([0.5306572]))
     # log-ratios between two velocities: the density's is the official one times 1 / (2 std^2) = 16
     other = torch.full((1, 1), 1.3)
     _, official_other, _, _ = sde_step_with_logprob(x, other, 0.5, 0.25, 0.5, kind="cps", prev_sample=x_next)
-    _, gaussian_other, _, _ = sde_step_with_logprob(x, other, 0.5, 0.25, 0.5, kind="cps", prev_sample=x_next,
-                                                    conventions=GAUSSIAN_CPS)
+    _, gaussian_other, _, _ = sde_step_with_logprob(
+        x, other, 0.5, 0.25, 0.5, kind="cps", prev_sample=x_next, conventions=GAUSSIAN_CPS
+    )
     assert_close(gaussian_other - gaussian, 16 * (official_other - official))
     assert float((official_other - official).abs()) > 1e-3
 
@@ -173,70 +187,103 @@ def test_convention_factors_on_the_sd3_10_step_schedule():
     factors = convention_factors(sigmas, 0.7)
     cps = factors["cps_log_ratio"]  # [10]
     assert abs(float(cps[8]) - 7900.31) < 0.01 and math.isinf(float(cps[9]))
-    assert_close(cps[:8], torch.tensor([0.6832, 0.7550, 0.8561, 1.0082, 1.2590, 1.7370, 2.9143, 8.1464],
-                                       dtype=torch.float64), rtol=0, atol=1e-4)
+    assert_close(
+        cps[:8],
+        torch.tensor([0.6832, 0.7550, 0.8561, 1.0082, 1.2590, 1.7370, 2.9143, 8.1464], dtype=torch.float64),
+        rtol=0,
+        atol=1e-4,
+    )
     kl = factors["kl_exact_over_flow_grpo"]  # [10]
-    assert_close(kl[:9], torch.tensor([25.0811, 21.3765, 17.9673, 14.8535, 12.0352, 9.5122, 7.2847, 5.3525, 3.7158],
-                                      dtype=torch.float64), rtol=0, atol=1e-4)
+    assert_close(
+        kl[:9],
+        torch.tensor(
+            [25.0811, 21.3765, 17.9673, 14.8535, 12.0352, 9.5122, 7.2847, 5.3525, 3.7158], dtype=torch.float64
+        ),
+        rtol=0,
+        atol=1e-4,
+    )
     assert_close(factors["first_step_std"], torch.tensor([0.7, 0.6859], dtype=torch.float64), rtol=0, atol=1e-4)
 
     # independently, through the step itself: CPS log-ratios of two velocities on the last noisy step (8)
-    x, v, other = randn(2, 4, 2, 2, seed=0).double(), randn(2, 4, 2, 2, seed=1).double(), randn(2, 4, 2, 2, seed=2).double()
+    x, v, other = (
+        randn(2, 4, 2, 2, seed=0).double(),
+        randn(2, 4, 2, 2, seed=1).double(),
+        randn(2, 4, 2, 2, seed=2).double(),
+    )
     step = [float(sigmas[8]), float(sigmas[9])]
     x_next, _, _, _ = sde_step_with_logprob(x, v, *step, 0.7, "cps", generator=torch.Generator().manual_seed(3))
     ratios = {}
     for name, conventions in (("official", OFFICIAL), ("gaussian", GAUSSIAN_CPS)):
-        logps = [sde_step_with_logprob(x, u, *step, 0.7, "cps", prev_sample=x_next, conventions=conventions)[1]
-                 for u in (v, other)]
+        logps = [
+            sde_step_with_logprob(x, u, *step, 0.7, "cps", prev_sample=x_next, conventions=conventions)[1]
+            for u in (v, other)
+        ]
         ratios[name] = logps[1] - logps[0]  # [2]
-    assert_close(ratios["gaussian"] / ratios["official"], torch.full((2,), 7900.312, dtype=torch.float64), rtol=1e-6,
-                 atol=0)
+    assert_close(
+        ratios["gaussian"] / ratios["official"], torch.full((2,), 7900.312, dtype=torch.float64), rtol=1e-6, atol=0
+    )
     # and the KL: exact / official = 1 / (-dt) on every noisy step, through the step's std and kl_std
     sigma, sigma_next = sigmas[:9], sigmas[1:10]
-    _, _, _, std = sde_step_with_logprob(torch.zeros(9, 1, dtype=torch.float64), torch.zeros(9, 1, dtype=torch.float64),
-                                         sigma, sigma_next, 0.7, prev_sample=torch.zeros(9, 1, dtype=torch.float64))
-    exact, official = (kl_std(std, sigma, sigma_next, "flow_grpo", form).flatten() for form in ("exact_step", "flow_grpo"))
+    _, _, _, std = sde_step_with_logprob(
+        torch.zeros(9, 1, dtype=torch.float64),
+        torch.zeros(9, 1, dtype=torch.float64),
+        sigma,
+        sigma_next,
+        0.7,
+        prev_sample=torch.zeros(9, 1, dtype=torch.float64),
+    )
+    exact, official = (
+        kl_std(std, sigma, sigma_next, "flow_grpo", form).flatten() for form in ("exact_step", "flow_grpo")
+    )
     assert_close((official / exact) ** 2, kl[:9])
 
 
 GAUSSIAN_CPS = SDEConventions(cps_log_prob="gaussian")
 
 
-@pytest.mark.parametrize("kind, conventions", [("flow_grpo", OFFICIAL), ("flow_grpo", SDEConventions("next_sigma")),
-                                               ("cps", GAUSSIAN_CPS)])
+@pytest.mark.parametrize(
+    "kind, conventions", [("flow_grpo", OFFICIAL), ("flow_grpo", SDEConventions("next_sigma")), ("cps", GAUSSIAN_CPS)]
+)
 def test_log_prob_matches_torch_normal(kind, conventions):
     """The Flow-GRPO step always scores with the Gaussian density (as the official code); CPS with
     cps_log_prob=gaussian (the first form)."""
     x, v = randn(4, 3, 2, 2, seed=0), randn(4, 3, 2, 2, seed=1)
     sigma = torch.tensor([1.0, 0.7, 0.5, 0.3])  # per-sample noise levels, one at pure noise
     sigma_next = sigma - 0.1
-    sample, log_prob, mean, std = sde_step_with_logprob(x, v, sigma, sigma_next, 0.7, kind,
-                                                        generator=torch.Generator().manual_seed(2),
-                                                        conventions=conventions)
+    sample, log_prob, mean, std = sde_step_with_logprob(
+        x, v, sigma, sigma_next, 0.7, kind, generator=torch.Generator().manual_seed(2), conventions=conventions
+    )
     reference = torch.distributions.Normal(mean, std.expand_as(mean)).log_prob(sample).mean(dim=(1, 2, 3))
     assert_close(log_prob, reference)
     # the sample is mean + std * eps with eps drawn from the generator
     assert_close(sample, mean + std * randn(4, 3, 2, 2, seed=2))
     # recomputing a recorded step with prev_sample gives the same log-prob and a gradient through the mean
     v_param = v.clone().requires_grad_(True)
-    _, again, _, _ = sde_step_with_logprob(x, v_param, sigma, sigma_next, 0.7, kind, prev_sample=sample,
-                                           conventions=conventions)
+    _, again, _, _ = sde_step_with_logprob(
+        x, v_param, sigma, sigma_next, 0.7, kind, prev_sample=sample, conventions=conventions
+    )
     assert_close(again, log_prob)
     again.sum().backward()
     assert v_param.grad.abs().sum() > 0
     # a different velocity scores the same sample differently, and Normal agrees again
     other = v + 0.3
-    _, shifted, mean2, std2 = sde_step_with_logprob(x, other, sigma, sigma_next, 0.7, kind, prev_sample=sample,
-                                                    conventions=conventions)
+    _, shifted, mean2, std2 = sde_step_with_logprob(
+        x, other, sigma, sigma_next, 0.7, kind, prev_sample=sample, conventions=conventions
+    )
     assert_close(shifted, torch.distributions.Normal(mean2, std2.expand_as(mean2)).log_prob(sample).mean(dim=(1, 2, 3)))
     assert not torch.allclose(shifted, log_prob)
 
 
 def test_sigma_as_float_0d_or_per_sample_tensor_agree():
     x, v = randn(3, 2, 2, 2, seed=0), randn(3, 2, 2, 2, seed=1)
-    outputs = [sde_step_with_logprob(x, v, s, s_next, generator=torch.Generator().manual_seed(4))
-               for s, s_next in [(0.6, 0.4), (torch.tensor(0.6), torch.tensor(0.4)),
-                                 (torch.full((3,), 0.6), torch.full((3,), 0.4))]]
+    outputs = [
+        sde_step_with_logprob(x, v, s, s_next, generator=torch.Generator().manual_seed(4))
+        for s, s_next in [
+            (0.6, 0.4),
+            (torch.tensor(0.6), torch.tensor(0.4)),
+            (torch.full((3,), 0.6), torch.full((3,), 0.4)),
+        ]
+    ]
     for other in outputs[1:]:
         for a, b in zip(outputs[0], other):
             assert_close(a, b)
@@ -272,8 +319,9 @@ def test_full_window_equals_plain_sde_loop_and_empty_window_equals_ode():
     trajectory = sample_trajectory(toy_velocity, x0, SIGMAS, [3, 0, 1, 2], generator=torch.Generator().manual_seed(5))
     generator, x, log_probs = torch.Generator().manual_seed(5), x0, []
     for i in range(4):
-        x, log_prob, _, _ = sde_step_with_logprob(x, toy_velocity(x, float(SIGMAS[i])), float(SIGMAS[i]),
-                                                  float(SIGMAS[i + 1]), generator=generator)
+        x, log_prob, _, _ = sde_step_with_logprob(
+            x, toy_velocity(x, float(SIGMAS[i])), float(SIGMAS[i]), float(SIGMAS[i + 1]), generator=generator
+        )
         log_probs.append(log_prob)
     assert_close(trajectory.final, x)
     assert_close(trajectory.log_probs, torch.stack(log_probs))
@@ -302,8 +350,9 @@ def test_training_rows_recompute_the_old_log_probs():
     assert_close(rows["sigma_next"], torch.tensor([0.5] * 3 + [0.25] * 3))
     # what the trainer does: new velocity at the recorded state, score the recorded next state
     velocity = toy_velocity(rows["latents"], rows["sigma"][:, None, None])
-    _, log_prob, _, _ = sde_step_with_logprob(rows["latents"], velocity, rows["sigma"], rows["sigma_next"],
-                                              prev_sample=rows["next_latents"])
+    _, log_prob, _, _ = sde_step_with_logprob(
+        rows["latents"], velocity, rows["sigma"], rows["sigma_next"], prev_sample=rows["next_latents"]
+    )
     assert_close(log_prob, rows["log_prob"])
     with pytest.raises(ValueError, match=r"steps \[0\] were ODE steps"):
         trajectory.training_rows([0])
@@ -320,17 +369,21 @@ def test_sliding_window_schedules():
     starts = [SlidingWindow(9, 4, mode="random").start(0, torch.Generator().manual_seed(s)) for s in range(50)]
     assert set(starts) <= set(range(6)) and len(set(starts)) > 3
     # the same generator state gives the same window (reproducible)
-    assert SlidingWindow(9, 4, mode="random").steps(3, torch.Generator().manual_seed(7)) == \
-        SlidingWindow(9, 4, mode="random").steps(3, torch.Generator().manual_seed(7))
+    assert SlidingWindow(9, 4, mode="random").steps(3, torch.Generator().manual_seed(7)) == SlidingWindow(
+        9, 4, mode="random"
+    ).steps(3, torch.Generator().manual_seed(7))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"window_size": 10}, "window_size 10 must be in 1..9"),
-    ({"window_size": 0}, "window_size 0 must be in 1..9"),
-    ({"window_size": 4, "stride": 0}, "stride must be >= 1"),
-    ({"window_size": 4, "shift_interval": 0}, "shift_interval must be >= 1"),
-    ({"window_size": 4, "mode": "backwards"}, "mode must be progressive, frozen or random"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"window_size": 10}, "window_size 10 must be in 1..9"),
+        ({"window_size": 0}, "window_size 0 must be in 1..9"),
+        ({"window_size": 4, "stride": 0}, "stride must be >= 1"),
+        ({"window_size": 4, "shift_interval": 0}, "shift_interval must be >= 1"),
+        ({"window_size": 4, "mode": "backwards"}, "mode must be progressive, frozen or random"),
+    ],
+)
 def test_sliding_window_rejects_bad_fields(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SlidingWindow(num_steps=9, **kwargs)
@@ -363,11 +416,16 @@ def test_second_order_solver_against_the_closed_form_gaussian_flow():
     velocity = gaussian_velocity(mu, s)
     e = randn(256, 1, seed=0).double()
     exact = mu + s * e
-    shifted = lambda n: 3 * torch.linspace(1, 0, n + 1, dtype=torch.float64) / (  # noqa: E731
-        1 + 2 * torch.linspace(1, 0, n + 1, dtype=torch.float64))
+    shifted = lambda n: (
+        3
+        * torch.linspace(1, 0, n + 1, dtype=torch.float64)
+        / (1 + 2 * torch.linspace(1, 0, n + 1, dtype=torch.float64))
+    )
     euler = [(sample_trajectory(velocity, e, shifted(n), []).final - exact).abs().max() for n in (10, 20, 40)]
-    flash = [(sample_trajectory(velocity, e, shifted(n), [], flash_ratio=1.0).final - exact).abs().max()
-             for n in (10, 20, 40)]
+    flash = [
+        (sample_trajectory(velocity, e, shifted(n), [], flash_ratio=1.0).final - exact).abs().max()
+        for n in (10, 20, 40)
+    ]
     assert 1.6 < euler[1] / euler[2] < 2.5  # first order: the error halves when the steps double
     assert flash[1] / flash[2] > 3.3  # second order: the error roughly quarters
     assert flash[2] < euler[2] / 5
@@ -393,16 +451,23 @@ def test_flash_uses_fewer_evaluations_after_the_window():
     x0 = randn(2, 3, seed=0)
     sigmas = torch.linspace(1, 0, 11)
     plain = sample_trajectory(toy_velocity, x0, sigmas, [1, 2], generator=torch.Generator().manual_seed(1))
-    flash = sample_trajectory(toy_velocity, x0, sigmas, [1, 2], generator=torch.Generator().manual_seed(1),
-                              flash_ratio=0.4)
+    flash = sample_trajectory(
+        toy_velocity, x0, sigmas, [1, 2], generator=torch.Generator().manual_seed(1), flash_ratio=0.4
+    )
     # 3 steps up to the end of the window, then round(7 * 0.4) = 3 instead of 7
     assert plain.nfe == 10 and flash.nfe == 3 + 3 and flash.sigmas.numel() == 7
     assert_close(flash.log_probs[:3], plain.log_probs[:3])  # the window is untouched
     assert_close(flash.latents[:4], plain.latents[:4])
     assert_close(flash.sigmas[:4], sigmas[:4]) and flash.sigmas[-1] == 0
     calls = []
-    sample_trajectory(lambda x, sigma: calls.append(sigma) or toy_velocity(x, sigma), x0, sigmas, [1, 2],
-                      generator=torch.Generator().manual_seed(1), flash_ratio=0.4)
+    sample_trajectory(
+        lambda x, sigma: calls.append(sigma) or toy_velocity(x, sigma),
+        x0,
+        sigmas,
+        [1, 2],
+        generator=torch.Generator().manual_seed(1),
+        flash_ratio=0.4,
+    )
     assert len(calls) == flash.nfe
     with pytest.raises(ValueError, match="flash_ratio must be > 0"):
         sample_trajectory(toy_velocity, x0, sigmas, [1], flash_ratio=0.0)
@@ -419,7 +484,13 @@ def test_flow_grpo_sampling_keeps_the_gaussian_marginals(noise_level):
     mu, s = 1.5, 0.5
     x = randn(20000, 1, seed=0)
     sigmas = torch.linspace(1, 0, 51)
-    final = sample_trajectory(gaussian_velocity(mu, s), x, sigmas, list(range(49)), noise_level=noise_level,
-                              generator=torch.Generator().manual_seed(1)).final
+    final = sample_trajectory(
+        gaussian_velocity(mu, s),
+        x,
+        sigmas,
+        list(range(49)),
+        noise_level=noise_level,
+        generator=torch.Generator().manual_seed(1),
+    ).final
     assert abs(final.mean().item() - mu) < 0.03
     assert abs(final.std().item() - s) < 0.03

@@ -1,5 +1,4 @@
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,8 +24,16 @@ def folder(tmp_path):
 
 
 def test_scores_match_the_in_process_reward(folder, tmp_path, capsys):
-    main(["--reward", "flowalign.rewards:jpeg_compressibility", "--images", str(folder),
-          "--prompts", str(folder / "prompts.txt")])
+    main(
+        [
+            "--reward",
+            "flowalign.rewards:jpeg_compressibility",
+            "--images",
+            str(folder),
+            "--prompts",
+            str(folder / "prompts.txt"),
+        ]
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "file,score" and [line.split(",")[0] for line in lines[1:]] == ["a_flat.png", "b_noise.png"]
     scores = [float(line.split(",")[1]) for line in lines[1:]]
@@ -37,13 +44,31 @@ def test_scores_match_the_in_process_reward(folder, tmp_path, capsys):
 
 def test_json_prompts_and_mismatched_counts(folder):
     (folder / "prompts.json").write_text(json.dumps({"a_flat.png": "x", "b_noise.png": "y"}))
-    main(["--reward", "flowalign.rewards:jpeg_compressibility", "--images", str(folder),
-          "--prompts", str(folder / "prompts.json"), "--out", str(folder / "s.csv")])
+    main(
+        [
+            "--reward",
+            "flowalign.rewards:jpeg_compressibility",
+            "--images",
+            str(folder),
+            "--prompts",
+            str(folder / "prompts.json"),
+            "--out",
+            str(folder / "s.csv"),
+        ]
+    )
     assert (folder / "s.csv").read_text().startswith("file,score")
     (folder / "short.txt").write_text("only one\n")
     with pytest.raises(SystemExit, match="1 prompts for 2 images"):
-        main(["--reward", "flowalign.rewards:jpeg_compressibility", "--images", str(folder),
-              "--prompts", str(folder / "short.txt")])
+        main(
+            [
+                "--reward",
+                "flowalign.rewards:jpeg_compressibility",
+                "--images",
+                str(folder),
+                "--prompts",
+                str(folder / "short.txt"),
+            ]
+        )
 
 
 def test_the_reward_template_loads_and_scores():

@@ -7,10 +7,12 @@ import torch
 
 
 def test_torchvision_and_its_dependents_import_in_a_fresh_interpreter():
-    code = ("import torch, torchvision, open_clip, diffusers, transformers, peft\n"
-            "from torchvision.transforms import Resize\n"
-            "x = Resize(4)(torch.ones(1, 3, 8, 8))\n"
-            "print(tuple(x.shape))\n")
+    code = (
+        "import torch, torchvision, open_clip, diffusers, transformers, peft\n"
+        "from torchvision.transforms import Resize\n"
+        "x = Resize(4)(torch.ones(1, 3, 8, 8))\n"
+        "print(tuple(x.shape))\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "(1, 3, 4, 4)"

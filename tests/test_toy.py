@@ -27,9 +27,10 @@ def test_tokenizer_reloads_identically(tmp_path):
     tok.save_pretrained(tmp_path)
     reloaded = CLIPTokenizer.from_pretrained(tmp_path)
     for prompt in PROMPTS:
-        assert reloaded(prompt, padding="max_length", max_length=16).input_ids == tok(
-            prompt, padding="max_length", max_length=16
-        ).input_ids
+        assert (
+            reloaded(prompt, padding="max_length", max_length=16).input_ids
+            == tok(prompt, padding="max_length", max_length=16).input_ids
+        )
     assert reloaded.model_max_length == toy.TOKEN_LENGTH and len(reloaded) == len(tok)
 
 

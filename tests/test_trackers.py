@@ -23,14 +23,18 @@ from tests.test_llm_grpo import overrides as grpo_overrides
 from tests.test_llm_grpo import tiny_lm_dir  # noqa: F401  (a fixture)
 from tests.test_train_smoke import tiny_overrides, tiny_pipeline_dir  # noqa: F401  (a fixture)
 
-event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
-                                        reason="tensorboard is not installed (pip install 'flowalign[tensorboard]')")
+event_accumulator = pytest.importorskip(
+    "tensorboard.backend.event_processing.event_accumulator",
+    reason="tensorboard is not installed (pip install 'flowalign[tensorboard]')",
+)
 
 
 def read_events(directory):
     """TensorBoard's reader over one run directory, every event kept (size_guidance 0 = no sampling)."""
-    reader = event_accumulator.EventAccumulator(str(directory), size_guidance={
-        event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0, event_accumulator.TENSORS: 0})
+    reader = event_accumulator.EventAccumulator(
+        str(directory),
+        size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0, event_accumulator.TENSORS: 0},
+    )
     return reader.Reload()
 
 
@@ -48,8 +52,9 @@ def assert_scalars_match_metrics(reader, metrics: list[dict]):
     for key, points in expected.items():
         logged = [(event.step, event.value) for event in reader.Scalars(key)]
         assert [step for step, _ in logged] == [step for step, _ in points], key  # each step once, in order
-        assert [value for _, value in logged] == pytest.approx([value for _, value in points], rel=1e-6,
-                                                               nan_ok=True), key
+        assert [value for _, value in logged] == pytest.approx([value for _, value in points], rel=1e-6, nan_ok=True), (
+            key
+        )
 
 
 @pytest.mark.timeout(600)
@@ -57,8 +62,11 @@ def test_flow_run_writes_tensorboard_scalars_and_images_and_resume_continues_the
     from flowalign.train import main
 
     out = tmp_path / "run"
-    main(tiny_overrides(tiny_pipeline_dir, out, "train.iterations=3", "log.checkpoint_every=2",
-                        "log.report_to=[tensorboard]"))
+    main(
+        tiny_overrides(
+            tiny_pipeline_dir, out, "train.iterations=3", "log.checkpoint_every=2", "log.report_to=[tensorboard]"
+        )
+    )
     events = out / "trackers" / "flowalign"
     reader = read_events(events)
     first = records(out)
@@ -77,8 +85,12 @@ def test_flow_run_writes_tensorboard_scalars_and_images_and_resume_continues_the
     checkpoints = out / "checkpoints"
     shutil.rmtree(checkpoints / "step-000003")
     (checkpoints / "latest").write_text("step-000002")
-    main(tiny_overrides(tiny_pipeline_dir, out, "train.iterations=4", "log.checkpoint_every=2",
-                        "log.report_to=[tensorboard]") + ["--resume"])
+    main(
+        tiny_overrides(
+            tiny_pipeline_dir, out, "train.iterations=4", "log.checkpoint_every=2", "log.report_to=[tensorboard]"
+        )
+        + ["--resume"]
+    )
     resumed = records(out)
     assert [r["iteration"] for r in resumed] == [0, 1, 2, 3, 4]
     reader = read_events(events)
@@ -137,8 +149,10 @@ def test_two_processes_only_the_main_one_writes_tracker_events(tmp_path):
     assert [(e.step, e.value) for e in reader.Scalars("loss")] == [(1, 10.0), (2, 20.0)]  # rank 0's values
 
 
-@pytest.mark.parametrize("command, tracker", [("flow", "wandb"), ("grpo", "mlflow"), ("grpo", "trackio"),
-                                              ("dpo", "wandb"), ("flow", "trackio")])
+@pytest.mark.parametrize(
+    "command, tracker",
+    [("flow", "wandb"), ("grpo", "mlflow"), ("grpo", "trackio"), ("dpo", "wandb"), ("flow", "trackio")],
+)
 def test_a_named_tracker_not_installed_exits_2_naming_the_extra(tmp_path, capsys, command, tracker):
     from shared.trackers import installed
 
@@ -155,23 +169,43 @@ def test_a_named_tracker_not_installed_exits_2_naming_the_extra(tmp_path, capsys
 
             pairs = tmp_path / "pairs.jsonl"
             pairs.write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n')
-            main([command, f"log.output_dir={tmp_path / 'run'}", override]
-                 + ([f"data.train={pairs}"] if command == "dpo" else []))
+            main(
+                [command, f"log.output_dir={tmp_path / 'run'}", override]
+                + ([f"data.train={pairs}"] if command == "dpo" else [])
+            )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err == (f"config error: config field 'log.report_to': {tracker} is not installed; pip install "
-                   f"'flowalign[{tracker}]', or drop it from log.report_to\n")
+    assert err == (
+        f"config error: config field 'log.report_to': {tracker} is not installed; pip install "
+        f"'flowalign[{tracker}]', or drop it from log.report_to\n"
+    )
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 def test_only_numbers_go_to_the_trackers_and_the_config_flattens():
-    record = {"iteration": 3, "loss": 0.5, "count": 4, "flag": True, "note": "text", "ids": [1, 2],
-              "per_step": {"a": 1.0}, "missing": None}
+    record = {
+        "iteration": 3,
+        "loss": 0.5,
+        "count": 4,
+        "flag": True,
+        "note": "text",
+        "ids": [1, 2],
+        "per_step": {"a": 1.0},
+        "missing": None,
+    }
     assert scalars(record) == {"loss": 0.5, "count": 4, "flag": 1}
-    config = {"train": {"lr": 1e-3, "max_seconds": None, "bound": float("inf")},
-              "reward": {"weights": {"pkg.mod:fn": 1.0}}, "log": {"report_to": ["tensorboard"]}}
-    assert flat_config(config) == {"train.lr": 1e-3, "train.max_seconds": "null", "train.bound": "Infinity",
-                                   "reward.weights": '{"pkg.mod:fn": 1.0}', "log.report_to": '["tensorboard"]'}
+    config = {
+        "train": {"lr": 1e-3, "max_seconds": None, "bound": float("inf")},
+        "reward": {"weights": {"pkg.mod:fn": 1.0}},
+        "log": {"report_to": ["tensorboard"]},
+    }
+    assert flat_config(config) == {
+        "train.lr": 1e-3,
+        "train.max_seconds": "null",
+        "train.bound": "Infinity",
+        "reward.weights": '{"pkg.mod:fn": 1.0}',
+        "log.report_to": '["tensorboard"]',
+    }
     assert markdown_table(["prompt", "r"], [["a|b\nc", 0.5]]) == "| prompt | r |\n|---|---|\n| a\\|b<br>c | 0.5 |"
 
 
@@ -205,16 +239,21 @@ def test_no_tracker_package_is_imported_unless_named(tmp_path):
         def loaded():
             names = {{'tensorboard', 'tensorboardX', 'wandb', 'trackio', 'mlflow'}}
             return sorted({{m.split('.')[0] for m in sys.modules}} & names)
-        run = Run({str(tmp_path / 'plain')!r}, resume=False, tag='[t]')
+        run = Run({str(tmp_path / "plain")!r}, resume=False, tag='[t]')
         run.append({{'iteration': 1, 'a': 1.0}})
         run.close()
         print(loaded())
-        run = Run({str(tmp_path / 'tb')!r}, resume=False, tag='[t]', trackers=['tensorboard'])
+        run = Run({str(tmp_path / "tb")!r}, resume=False, tag='[t]', trackers=['tensorboard'])
         run.append({{'iteration': 1, 'a': 1.0}})
         run.close()
         print(loaded())
     """)
-    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    completed = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.splitlines()[-2:] == ["[]", "['tensorboard']"]

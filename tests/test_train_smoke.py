@@ -15,10 +15,20 @@ from shared.config import load_config
 
 ALGORITHMS = {
     "flow_grpo": ["algorithm.name=flow_grpo", "algorithm.train_fraction=0.5"],
-    "mixgrpo": ["algorithm.name=mixgrpo", "algorithm.window_size=2", "algorithm.window_interval=1", "train.ema_decay=0.5"],
+    "mixgrpo": [
+        "algorithm.name=mixgrpo",
+        "algorithm.window_size=2",
+        "algorithm.window_interval=1",
+        "train.ema_decay=0.5",
+    ],
     "mixgrpo_flash": ["algorithm.name=mixgrpo", "algorithm.window_size=1", "algorithm.flash_ratio=0.5"],
-    "tempflow": ["algorithm.name=tempflow", "algorithm.branch_steps=subset", "algorithm.branch_subset=[0, 2]",
-                 "algorithm.num_branches=2", "algorithm.noise_aware_weighting=true"],
+    "tempflow": [
+        "algorithm.name=tempflow",
+        "algorithm.branch_steps=subset",
+        "algorithm.branch_subset=[0, 2]",
+        "algorithm.num_branches=2",
+        "algorithm.noise_aware_weighting=true",
+    ],
 }
 
 
@@ -36,13 +46,27 @@ def tiny_config(pipeline_dir, out_dir, *extra):
 
 def tiny_overrides(pipeline_dir, out_dir, *extra):
     return [
-        f"model.path={pipeline_dir}", "model.lora_rank=4", "model.lora_alpha=8",
-        "sampling.num_steps=4", "sampling.eval_num_steps=3", "sampling.guidance_scale=2.0",
-        "train.iterations=2", "train.prompts_per_iteration=2", "train.group_size=2", "train.micro_batch_size=3",
-        "train.learning_rate=1e-2", "train.clip_range=0.2", "train.kl_beta=0.1",
-        "data.prompts=[the digit one, the digit two, the digit three]", "data.eval_seeds=1",
+        f"model.path={pipeline_dir}",
+        "model.lora_rank=4",
+        "model.lora_alpha=8",
+        "sampling.num_steps=4",
+        "sampling.eval_num_steps=3",
+        "sampling.guidance_scale=2.0",
+        "train.iterations=2",
+        "train.prompts_per_iteration=2",
+        "train.group_size=2",
+        "train.micro_batch_size=3",
+        "train.learning_rate=1e-2",
+        "train.clip_range=0.2",
+        "train.kl_beta=0.1",
+        "data.prompts=[the digit one, the digit two, the digit three]",
+        "data.eval_seeds=1",
         "reward.weights={flowalign.rewards:jpeg_incompressibility: 1.0}",
-        f"log.output_dir={out_dir}", "log.eval_every=1", "log.checkpoint_every=1", *extra]
+        f"log.output_dir={out_dir}",
+        "log.eval_every=1",
+        "log.checkpoint_every=1",
+        *extra,
+    ]
 
 
 def lora_params(checkpoint):
@@ -91,8 +115,11 @@ def test_resume_after_interruption_is_bit_identical(tiny_pipeline_dir, tmp_path)
     extra = ["train.iterations=3", *ALGORITHMS["flow_grpo"]]
     train(tiny_config(tiny_pipeline_dir, tmp_path / "straight", *extra))
     # "interrupted" run: stop after 1 iteration (its checkpoint), then resume to 3
-    train(tiny_config(tiny_pipeline_dir, tmp_path / "resumed", *[e for e in extra if "iterations" not in e],
-                      "train.iterations=1"))
+    train(
+        tiny_config(
+            tiny_pipeline_dir, tmp_path / "resumed", *[e for e in extra if "iterations" not in e], "train.iterations=1"
+        )
+    )
     train(tiny_config(tiny_pipeline_dir, tmp_path / "resumed", *extra), resume=True)
     straight = load_state(latest_checkpoint(tmp_path / "straight" / "checkpoints"), "trainable")
     resumed = load_state(latest_checkpoint(tmp_path / "resumed" / "checkpoints"), "trainable")
@@ -111,8 +138,9 @@ def test_flux_pipeline_trains_through_the_same_recipe(tmp_path):
     pipeline_dir = tmp_path / "tiny-flux"
     FluxPipeline(**tiny_components(guidance_embeds=True)).save_pretrained(pipeline_dir)
     (pipeline_dir / "flowalign.json").write_text(json.dumps({"max_sequence_length": 8}))  # short T5 text: fast
-    config = tiny_config(pipeline_dir, tmp_path / "run", "model.pipeline=flux", "algorithm.name=flow_grpo",
-                         "train.kl_beta=0.0")
+    config = tiny_config(
+        pipeline_dir, tmp_path / "run", "model.pipeline=flux", "algorithm.name=flow_grpo", "train.kl_beta=0.0"
+    )
     train(config)
     first = load_state(tmp_path / "run" / "checkpoints" / "step-000001", "trainable")
     trained = load_state(latest_checkpoint(tmp_path / "run" / "checkpoints"), "trainable")
@@ -123,8 +151,16 @@ def test_flux_pipeline_trains_through_the_same_recipe(tmp_path):
 
 
 def test_time_budget_stops_evaluates_and_saves(tiny_pipeline_dir, tmp_path):
-    result = train(tiny_config(tiny_pipeline_dir, tmp_path / "run", "train.iterations=50", "train.max_seconds=1e-6",
-                               "log.eval_every=0", "log.checkpoint_every=0"))
+    result = train(
+        tiny_config(
+            tiny_pipeline_dir,
+            tmp_path / "run",
+            "train.iterations=50",
+            "train.max_seconds=1e-6",
+            "log.eval_every=0",
+            "log.checkpoint_every=0",
+        )
+    )
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-000001"  # stopped after one iteration
     assert set(result["after"]) == {"eval/flowalign.rewards:jpeg_incompressibility"}
 
@@ -136,8 +172,17 @@ def test_async_scoring_of_rollout_chunks_equals_sync(tiny_pipeline_dir, tmp_path
     weights = {}
     for mode in ("false", "true"):
         out = tmp_path / mode
-        train(tiny_config(tiny_pipeline_dir, out, *ALGORITHMS[algorithm], "train.prompts_per_iteration=3",
-                          "train.rollout_chunks=2", f"reward.async_scoring={mode}", "log.eval_every=0"))
+        train(
+            tiny_config(
+                tiny_pipeline_dir,
+                out,
+                *ALGORITHMS[algorithm],
+                "train.prompts_per_iteration=3",
+                "train.rollout_chunks=2",
+                f"reward.async_scoring={mode}",
+                "log.eval_every=0",
+            )
+        )
         weights[mode] = load_state(latest_checkpoint(out / "checkpoints"), "trainable")
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert records[-1]["samples"] == 6  # 3 prompts x 2 (group size, or branches for tempflow)
@@ -167,8 +212,11 @@ def test_per_step_clip_fractions_and_the_on_policy_ratio_are_logged(tiny_pipelin
     overall clip fraction (counted another way, by clipped_policy_loss). The first update is on-policy: ratio 1."""
     from shared.ratio_check import METRIC
 
-    train(tiny_config(tiny_pipeline_dir, tmp_path / "run", *ALGORITHMS["flow_grpo"], "train.clip_range=1e-5",
-                      "log.eval_every=0"))
+    train(
+        tiny_config(
+            tiny_pipeline_dir, tmp_path / "run", *ALGORITHMS["flow_grpo"], "train.clip_range=1e-5", "log.eval_every=0"
+        )
+    )
     records = run_records(tmp_path / "run")[1:]
     clipped_any = 0.0
     for record in records:
@@ -192,7 +240,8 @@ def test_a_train_eval_mismatch_trips_the_first_update_ratio_check(tiny_pipeline_
     def with_dropout_in_train_mode(config, device):
         adapter = load(config, device)
         adapter.transformer.register_forward_hook(
-            lambda module, args, output: (torch.nn.functional.dropout(output[0], 0.1, module.training), *output[1:]))
+            lambda module, args, output: (torch.nn.functional.dropout(output[0], 0.1, module.training), *output[1:])
+        )
         return adapter
 
     monkeypatch.setattr(trainer, "load_adapter", with_dropout_in_train_mode)
@@ -213,12 +262,24 @@ def test_kl_form_reaches_the_update(tiny_pipeline_dir, tmp_path):
     kl = {}
     for form in ("flow_grpo", "exact_step"):
         out = tmp_path / form
-        train(tiny_config(tiny_pipeline_dir, out, "algorithm.name=mixgrpo", "algorithm.window_size=1",
-                          "algorithm.window_mode=frozen", "train.iterations=1", "train.kl_beta=1e-20",
-                          f"train.kl_form={form}", "log.eval_every=0"))
+        train(
+            tiny_config(
+                tiny_pipeline_dir,
+                out,
+                "algorithm.name=mixgrpo",
+                "algorithm.window_size=1",
+                "algorithm.window_mode=frozen",
+                "train.iterations=1",
+                "train.kl_beta=1e-20",
+                f"train.kl_form={form}",
+                "log.eval_every=0",
+            )
+        )
         kl[form] = run_records(out)[-1]["train/kl"]
     assert kl["flow_grpo"] > 0
-    assert abs(kl["exact_step"] / kl["flow_grpo"] - 1 / float(sigmas[0] - sigmas[1])) < 1e-4 / float(sigmas[0] - sigmas[1])
+    assert abs(kl["exact_step"] / kl["flow_grpo"] - 1 / float(sigmas[0] - sigmas[1])) < 1e-4 / float(
+        sigmas[0] - sigmas[1]
+    )
 
 
 def test_sde_conventions_come_from_the_config():

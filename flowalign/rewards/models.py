@@ -22,18 +22,24 @@ def clip_pixels(images: torch.Tensor, size: int, mean=OPENAI_MEAN, std=OPENAI_ST
     """[B, 3, H, W] in [0, 1] -> CLIP input: bicubic resize of the short side to `size`, centre crop, normalise."""
     height, width = images.shape[-2:]
     scale = size / min(height, width)
-    resized = F.interpolate(images.float(), size=(max(size, round(height * scale)), max(size, round(width * scale))),
-                            mode="bicubic", align_corners=False, antialias=scale < 1)  # [B, 3, h, w]
+    resized = F.interpolate(
+        images.float(),
+        size=(max(size, round(height * scale)), max(size, round(width * scale))),
+        mode="bicubic",
+        align_corners=False,
+        antialias=scale < 1,
+    )  # [B, 3, h, w]
     top, left = (resized.shape[-2] - size) // 2, (resized.shape[-1] - size) // 2
-    cropped = resized[..., top:top + size, left:left + size].clamp(0, 1)  # [B, 3, size, size]
+    cropped = resized[..., top : top + size, left : left + size].clamp(0, 1)  # [B, 3, size, size]
     return (cropped - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
 def _batched(fn, images: torch.Tensor, prompts: list[str], batch_size: int) -> torch.Tensor:
     if len(prompts) != images.shape[0]:
         raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images; pass one prompt per image")
-    return torch.cat([fn(images[i:i + batch_size], prompts[i:i + batch_size])
-                      for i in range(0, len(prompts), batch_size)])
+    return torch.cat(
+        [fn(images[i : i + batch_size], prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    )
 
 
 class _OpenClip:
@@ -47,8 +53,9 @@ class _OpenClip:
         if self.model is None:
             import open_clip
 
-            self.model, _, _ = open_clip.create_model_and_transforms(self.model_name, pretrained=self.pretrained,
-                                                                     device=self.device or device)
+            self.model, _, _ = open_clip.create_model_and_transforms(
+                self.model_name, pretrained=self.pretrained, device=self.device or device
+            )
             self.model.eval().requires_grad_(False)
             self.tokenizer = open_clip.get_tokenizer(self.model_name)
         return self.model
@@ -68,8 +75,9 @@ class _OpenClip:
         return F.normalize(model.encode_text(tokens).float(), dim=-1)  # [B, D]
 
 
-def clip_score(model_name: str = "ViT-B-32", pretrained: str | None = "openai", batch_size: int = 32,
-               device: str | None = None) -> ImageRewardFn:
+def clip_score(
+    model_name: str = "ViT-B-32", pretrained: str | None = "openai", batch_size: int = 32, device: str | None = None
+) -> ImageRewardFn:
     """Cosine similarity between the CLIP embeddings of each image and its prompt, in [-1, 1].
     pretrained: an open_clip tag (e.g. "openai", "laion2b_s34b_b79k") or a local checkpoint file."""
     clip = _OpenClip(model_name, pretrained, device)
@@ -84,7 +92,9 @@ def clip_score(model_name: str = "ViT-B-32", pretrained: str | None = "openai", 
     return reward
 
 
-def hps_v2_score(checkpoint: str, model_name: str = "ViT-H-14", batch_size: int = 16, device: str | None = None) -> ImageRewardFn:
+def hps_v2_score(
+    checkpoint: str, model_name: str = "ViT-H-14", batch_size: int = 16, device: str | None = None
+) -> ImageRewardFn:
     """HPS-v2-style human preference score: an open_clip model (ViT-H-14 for HPS v2 / v2.1) with the
     fine-tuned checkpoint file, scored as the image-prompt cosine similarity."""
     return clip_score(model_name=model_name, pretrained=checkpoint, batch_size=batch_size, device=device)
@@ -108,8 +118,13 @@ def load_aesthetic_mlp(path: str) -> torch.nn.Sequential:
     return torch.nn.Sequential(*modules).eval().requires_grad_(False)
 
 
-def aesthetic_score(mlp_path: str, model_name: str = "ViT-L-14", pretrained: str | None = "openai",
-                    batch_size: int = 32, device: str | None = None) -> ImageRewardFn:
+def aesthetic_score(
+    mlp_path: str,
+    model_name: str = "ViT-L-14",
+    pretrained: str | None = "openai",
+    batch_size: int = 32,
+    device: str | None = None,
+) -> ImageRewardFn:
     """LAION-style aesthetic predictor: MLP(normalised CLIP image embedding); the prompt is not used."""
     clip = _OpenClip(model_name, pretrained, device)
     state: dict = {}
@@ -132,7 +147,9 @@ def _projected(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def pickscore(model: str, processor: str | None = None, batch_size: int = 32, device: str | None = None) -> ImageRewardFn:
+def pickscore(
+    model: str, processor: str | None = None, batch_size: int = 32, device: str | None = None
+) -> ImageRewardFn:
     """PickScore: logit_scale * cosine(image, prompt) of a transformers CLIPModel (hub id or local directory;
     the processor defaults to the same place)."""
     state: dict = {}
@@ -148,13 +165,20 @@ def pickscore(model: str, processor: str | None = None, batch_size: int = 32, de
 
         def score(chunk, texts):
             image_proc = proc.image_processor
-            size = image_proc.crop_size["height"] if getattr(image_proc, "crop_size", None) else clip_model.config.vision_config.image_size
+            size = (
+                image_proc.crop_size["height"]
+                if getattr(image_proc, "crop_size", None)
+                else clip_model.config.vision_config.image_size
+            )
             pixels = clip_pixels(chunk.cpu(), size, image_proc.image_mean, image_proc.image_std)
             text = proc.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
             device_ = clip_model.device
-            image_embeds = F.normalize(_projected(clip_model.get_image_features(pixel_values=pixels.to(device_))), dim=-1)
-            text_embeds = F.normalize(_projected(clip_model.get_text_features(**{k: v.to(device_) for k, v in text.items()})),
-                                      dim=-1)
+            image_embeds = F.normalize(
+                _projected(clip_model.get_image_features(pixel_values=pixels.to(device_))), dim=-1
+            )
+            text_embeds = F.normalize(
+                _projected(clip_model.get_text_features(**{k: v.to(device_) for k, v in text.items()})), dim=-1
+            )
             return (clip_model.logit_scale.exp() * (image_embeds * text_embeds).sum(-1)).float().cpu()  # [b]
 
         return _batched(score, images, prompts, batch_size).to(images.device)

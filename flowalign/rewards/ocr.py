@@ -70,8 +70,9 @@ def ocr_reward(min_confidence: float = 0.5, num_threads: int | None = None) -> I
     RapidOCR reads the batch one image at a time; the text lines found in one image are recognised together."""
     missing = [package for module, package in EXTRA_PACKAGES.items() if importlib.util.find_spec(module) is None]
     if missing:
-        raise ImportError(f"the OCR reward needs {missing}: install the ocr extra, "
-                          f"pip install -c constraints.txt -e \".[ocr]\"")
+        raise ImportError(
+            f'the OCR reward needs {missing}: install the ocr extra, pip install -c constraints.txt -e ".[ocr]"'
+        )
     if not 0 <= min_confidence < 1:
         raise ValueError(f"min_confidence {min_confidence} is outside [0, 1); RapidOCR's default is 0.5")
     state: dict = {}
@@ -81,8 +82,9 @@ def ocr_reward(min_confidence: float = 0.5, num_threads: int | None = None) -> I
             from rapidocr_onnxruntime import RapidOCR
 
             threads = -1 if num_threads is None else num_threads  # -1: onnxruntime picks
-            state["ocr"] = RapidOCR(text_score=min_confidence, intra_op_num_threads=threads,
-                                    inter_op_num_threads=threads)
+            state["ocr"] = RapidOCR(
+                text_score=min_confidence, intra_op_num_threads=threads, inter_op_num_threads=threads
+            )
         return state["ocr"]
 
     @torch.no_grad()
@@ -94,8 +96,10 @@ def ocr_reward(min_confidence: float = 0.5, num_threads: int | None = None) -> I
         targets = [quoted_text(prompt) for prompt in prompts]  # checked before any image is read
         for prompt, target in zip(prompts, targets):
             if target is None:
-                raise ValueError(f"prompt {prompt!r} quotes no text; the OCR reward scores the text inside double "
-                                 f"quotes, e.g. 'a sign that says \"open\"'")
+                raise ValueError(
+                    f"prompt {prompt!r} quotes no text; the OCR reward scores the text inside double "
+                    f"quotes, e.g. 'a sign that says \"open\"'"
+                )
         scores = []
         for array, target in zip(to_bgr_uint8(images), targets):
             lines, _ = engine()(array)  # None when no text is found; else [box, text, confidence] per line

@@ -17,8 +17,16 @@ import sys
 
 import torch
 
-from shared.reward_calls import (ImageRewardFn, RewardError, RewardTimeout, call_with_deadline,  # noqa: F401
-                                 import_path_problem, load_callable, scores_as_floats, with_deadline)
+from shared.reward_calls import (
+    ImageRewardFn,
+    RewardError,
+    RewardTimeout,
+    call_with_deadline,  # noqa: F401 (re-exported for flowalign.rewards.server and users)
+    import_path_problem,  # noqa: F401 (re-exported)
+    load_callable,
+    scores_as_floats,
+    with_deadline,
+)
 
 
 def load_reward(path: str, kwargs: dict | None = None, timeout_s: float | None = None) -> ImageRewardFn:
@@ -28,8 +36,15 @@ def load_reward(path: str, kwargs: dict | None = None, timeout_s: float | None =
     return with_deadline(load_callable(path, kwargs, accepts=("images", "prompts", "metadata")), timeout_s)
 
 
-def call_reward(name: str, fn: ImageRewardFn, images: torch.Tensor, prompts: list[str], metadata: list[dict],
-                allow_nonfinite: bool = False, drop_timeouts: bool | None = None) -> torch.Tensor:
+def call_reward(
+    name: str,
+    fn: ImageRewardFn,
+    images: torch.Tensor,
+    prompts: list[str],
+    metadata: list[dict],
+    allow_nonfinite: bool = False,
+    drop_timeouts: bool | None = None,
+) -> torch.Tensor:
     """Call one reward and check its output: one float per image, finite unless `allow_nonfinite`
     (then None/NaN/inf come back as NaN, for the caller to drop). A call past the reward's deadline
     (`load_reward(..., timeout_s)`) is a RewardError, or with `drop_timeouts` (default: `allow_nonfinite`)
@@ -44,29 +59,37 @@ def call_reward(name: str, fn: ImageRewardFn, images: torch.Tensor, prompts: lis
         print(f"warning: {message}; its {len(prompts)} samples are dropped", file=sys.stderr, flush=True)
         return torch.full((len(prompts),), math.nan)  # [B] every sample dropped
     except Exception as error:
-        raise RewardError(f"reward '{name}' raised {type(error).__name__}: {error} (batch of {len(prompts)}, "
-                          f"first prompt {prompts[0]!r})") from error
+        raise RewardError(
+            f"reward '{name}' raised {type(error).__name__}: {error} (batch of {len(prompts)}, "
+            f"first prompt {prompts[0]!r})"
+        ) from error
     try:
         scores, missing = scores_as_floats(scores)  # [B]
     except ValueError as error:
-        raise RewardError(f"reward '{name}' {error} (batch of {len(prompts)}, first prompt {prompts[0]!r}); "
-                          "return one float (or None, dropped under reward.on_bad_score=drop) per image") from None
+        raise RewardError(
+            f"reward '{name}' {error} (batch of {len(prompts)}, first prompt {prompts[0]!r}); "
+            "return one float (or None, dropped under reward.on_bad_score=drop) per image"
+        ) from None
     if scores.numel() != len(prompts):
-        raise RewardError(f"reward '{name}' returned {scores.numel()} scores for {len(prompts)} images; "
-                          "return one score per image")
+        raise RewardError(
+            f"reward '{name}' returned {scores.numel()} scores for {len(prompts)} images; return one score per image"
+        )
     bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
     if bad and allow_nonfinite:
         return torch.where(torch.isfinite(scores), scores, torch.full_like(scores, float("nan")))
     if bad:
         values = [None if i in missing else scores[i].item() for i in bad[:3]]
-        raise RewardError(f"reward '{name}' returned non-finite scores at positions {bad[:10]} "
-                          f"(prompts {[prompts[i] for i in bad[:3]]}); values {values}; fix the reward or set "
-                          "reward.on_bad_score=drop to drop and count such samples")
+        raise RewardError(
+            f"reward '{name}' returned non-finite scores at positions {bad[:10]} "
+            f"(prompts {[prompts[i] for i in bad[:3]]}); values {values}; fix the reward or set "
+            "reward.on_bad_score=drop to drop and count such samples"
+        )
     return scores
 
 
-def check_rewards_on_dummy_batch(rewards: dict[str, ImageRewardFn], images: torch.Tensor, prompts: list[str],
-                                 allow_nonfinite: bool = False) -> None:
+def check_rewards_on_dummy_batch(
+    rewards: dict[str, ImageRewardFn], images: torch.Tensor, prompts: list[str], allow_nonfinite: bool = False
+) -> None:
     """Run each reward once on a small batch so a broken reward fails before training, not after a rollout.
     A timeout here stops the run even under drop: a reward that never answers has nothing to drop."""
     for name, fn in rewards.items():

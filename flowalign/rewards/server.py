@@ -48,11 +48,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import torch
 
-from flowalign.rewards.plugins import (ImageRewardFn, RewardError, RewardTimeout, call_with_deadline, load_reward,
-                                       scores_as_floats)
+from flowalign.rewards.plugins import (
+    ImageRewardFn,
+    RewardError,
+    RewardTimeout,
+    call_with_deadline,
+    load_reward,
+    scores_as_floats,
+)
 
 DISCARD_LIMIT = 256 * 2**20  # refused bodies up to this size are read and dropped so the client sees the answer
-SERVE_HINT = "start it with flowalign-reward-serve (python -m flowalign.rewards.server --reward module:name --port PORT)"
+SERVE_HINT = (
+    "start it with flowalign-reward-serve (python -m flowalign.rewards.server --reward module:name --port PORT)"
+)
 PROG = "flowalign-reward-serve"
 
 
@@ -67,8 +75,12 @@ class BadRequest(ValueError):
 def encode_batch(images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> dict:
     """The JSON body for POST /score: images as base64 of float32 little-endian bytes."""
     array = images.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)  # [B, 3, H, W]
-    return {"images": base64.b64encode(array.tobytes()).decode("ascii"), "shape": list(array.shape),
-            "prompts": list(prompts), "metadata": list(metadata)}
+    return {
+        "images": base64.b64encode(array.tobytes()).decode("ascii"),
+        "shape": list(array.shape),
+        "prompts": list(prompts),
+        "metadata": list(metadata),
+    }
 
 
 def decode_batch(body: dict, max_batch: int) -> tuple[torch.Tensor, list[str], list[dict]]:
@@ -80,8 +92,12 @@ def decode_batch(body: dict, max_batch: int) -> tuple[torch.Tensor, list[str], l
             raise BadRequest(400, f"missing field '{field}'; send images, shape, prompts, metadata")
     shape = body["shape"]
     # bool is an int subclass: [true, 3, true, true] is refused here, not read as [1, 3, 1, 1]
-    if (not isinstance(shape, list) or len(shape) != 4
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape) or shape[1] != 3):
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 4
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+        or shape[1] != 3
+    ):
         raise BadRequest(400, f"field 'shape' must be [B, 3, H, W] of positive ints, got {str(shape)[:80]}")
     if shape[0] > max_batch:
         raise BadRequest(413, f"field 'shape': batch {shape[0]} exceeds max_batch {max_batch}; send smaller batches")
@@ -102,7 +118,9 @@ def decode_batch(body: dict, max_batch: int) -> tuple[torch.Tensor, list[str], l
     images = torch.from_numpy(np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape))  # [B, 3, H, W]
     finite = torch.isfinite(images)  # [B, 3, H, W]
     if not finite.all():
-        raise BadRequest(400, f"field 'images' holds {int((~finite).sum())} NaN/inf values; send finite pixels in [0, 1]")
+        raise BadRequest(
+            400, f"field 'images' holds {int((~finite).sum())} NaN/inf values; send finite pixels in [0, 1]"
+        )
     return images, prompts, metadata
 
 
@@ -115,8 +133,14 @@ def _read_json(data: bytes):
         raise BadRequest(400, f"body is not valid JSON ({error})") from None
 
 
-def _make_handler(reward_fn: ImageRewardFn, token: str, max_request_bytes: int, max_batch: int,
-                  lock: threading.Lock, request_timeout_s: float) -> type[BaseHTTPRequestHandler]:
+def _make_handler(
+    reward_fn: ImageRewardFn,
+    token: str,
+    max_request_bytes: int,
+    max_batch: int,
+    lock: threading.Lock,
+    request_timeout_s: float,
+) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         timeout = 60  # seconds a stalled client may hold a connection
 
@@ -170,8 +194,13 @@ def _make_handler(reward_fn: ImageRewardFn, token: str, max_request_bytes: int, 
                 return self._reply(400, {"error": "header 'Content-Length' is missing, negative or not an integer"})
             if length > max_request_bytes:
                 self._discard_body()  # checked before reading: the body is never stored
-                return self._reply(413, {"error": f"body of {length} bytes exceeds max_request_bytes "
-                                                  f"{max_request_bytes}; send smaller batches"})
+                return self._reply(
+                    413,
+                    {
+                        "error": f"body of {length} bytes exceeds max_request_bytes "
+                        f"{max_request_bytes}; send smaller batches"
+                    },
+                )
             try:
                 images, prompts, metadata = decode_batch(_read_json(self.rfile.read(length)), max_batch)
             except BadRequest as error:
@@ -183,9 +212,14 @@ def _make_handler(reward_fn: ImageRewardFn, token: str, max_request_bytes: int, 
             earlier call) or 504 (this call passed the deadline; it keeps the lock until it really ends)."""
             started = time.monotonic()
             if not lock.acquire(timeout=request_timeout_s):  # one batch at a time: the model is not thread-safe
-                return self._reply(503, {"error": f"the reward is still busy with an earlier request after "
-                                                  f"{request_timeout_s:g} s (one past its deadline may hang); "
-                                                  "retry later or restart the server"})
+                return self._reply(
+                    503,
+                    {
+                        "error": f"the reward is still busy with an earlier request after "
+                        f"{request_timeout_s:g} s (one past its deadline may hang); "
+                        "retry later or restart the server"
+                    },
+                )
 
             def locked_call():
                 try:
@@ -197,9 +231,14 @@ def _make_handler(reward_fn: ImageRewardFn, token: str, max_request_bytes: int, 
             try:
                 raw = call_with_deadline(locked_call, timeout_s=remaining)
             except RewardTimeout:
-                return self._reply(504, {"error": f"the reward did not return within the server's request deadline "
-                                                  f"of {request_timeout_s:g} s (--request-timeout-s); it is still "
-                                                  "running there, so later requests wait for it"})
+                return self._reply(
+                    504,
+                    {
+                        "error": f"the reward did not return within the server's request deadline "
+                        f"of {request_timeout_s:g} s (--request-timeout-s); it is still "
+                        "running there, so later requests wait for it"
+                    },
+                )
             except Exception as error:
                 return self._reply(500, {"error": f"reward raised {type(error).__name__}: {error}"})
             try:
@@ -227,8 +266,10 @@ class _BoundedServer(ThreadingHTTPServer):
         if not self.slots.acquire(blocking=False):
             body = json.dumps({"error": f"all {self.max_connections} connection slots are taken; retry later"}).encode()
             try:
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                request.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
             except OSError:
                 pass  # the client went away: nothing to tell it
             self.shutdown_request(request)
@@ -256,9 +297,18 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(reward_fn: ImageRewardFn, host: str = "127.0.0.1", port: int = 0, *, token: str,
-          max_request_bytes: int = 32 * 2**20, max_batch: int = 256, max_connections: int = 16,
-          request_timeout_s: float = 60.0, allow_remote: bool = False) -> tuple[ThreadingHTTPServer, threading.Thread]:
+def serve(
+    reward_fn: ImageRewardFn,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    token: str,
+    max_request_bytes: int = 32 * 2**20,
+    max_batch: int = 256,
+    max_connections: int = 16,
+    request_timeout_s: float = 60.0,
+    allow_remote: bool = False,
+) -> tuple[ThreadingHTTPServer, threading.Thread]:
     """Start the reward server in a background thread; returns (server, thread).
     The bound port is server.server_address[1] (port=0 picks a free one). Stop with
     server.shutdown(); server.server_close(). A host other than loopback needs allow_remote=True.
@@ -269,10 +319,14 @@ def serve(reward_fn: ImageRewardFn, host: str = "127.0.0.1", port: int = 0, *, t
     if not token:
         raise ValueError("token is empty; pass token=secrets.token_urlsafe() and give the same token to remote_reward")
     if not is_loopback(host) and not allow_remote:
-        raise ValueError(f"host {host!r} is not a loopback address; pass allow_remote=True (--allow-remote) to serve "
-                         "other machines over plain HTTP")
+        raise ValueError(
+            f"host {host!r} is not a loopback address; pass allow_remote=True (--allow-remote) to serve "
+            "other machines over plain HTTP"
+        )
     if max_connections < 1 or request_timeout_s <= 0:
-        raise ValueError(f"max_connections {max_connections} and request_timeout_s {request_timeout_s} must be positive")
+        raise ValueError(
+            f"max_connections {max_connections} and request_timeout_s {request_timeout_s} must be positive"
+        )
     handler = _make_handler(reward_fn, token, max_request_bytes, max_batch, threading.Lock(), request_timeout_s)
     server = _BoundedServer((host, port), handler, max_connections)
     thread = threading.Thread(target=server.serve_forever, name="reward-server", daemon=True)
@@ -293,8 +347,12 @@ def remote_reward(url: str, token: str, timeout: float = 90.0, retries: int = 2,
     def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
         metadata = metadata if metadata is not None else [{} for _ in prompts]
         data = json.dumps(encode_batch(images, prompts, metadata)).encode()
-        request = urllib.request.Request(endpoint, data=data, method="POST", headers={
-            "Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        request = urllib.request.Request(
+            endpoint,
+            data=data,
+            method="POST",
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
         last_error: Exception | None = None
         for attempt in range(retries + 1):
             if attempt:
@@ -312,8 +370,9 @@ def remote_reward(url: str, token: str, timeout: float = 90.0, retries: int = 2,
                 except (ValueError, AttributeError, OSError):
                     message = error.reason
                 if error.code == 401:
-                    raise RuntimeError(f"reward server at {url} answered 401: {message} "
-                                       "(check the token given to remote_reward)") from None
+                    raise RuntimeError(
+                        f"reward server at {url} answered 401: {message} (check the token given to remote_reward)"
+                    ) from None
                 if error.code == 504:
                     raise RewardTimeout(f"timed out on the reward server at {url} (504: {message})") from None
                 if error.code in (502, 503):  # nothing ran: a busy or restarting server may recover
@@ -321,16 +380,19 @@ def remote_reward(url: str, token: str, timeout: float = 90.0, retries: int = 2,
                     continue
                 raise RuntimeError(f"reward server at {url} answered {error.code}: {message}") from None
             except (TimeoutError, socket.timeout) as error:  # sent, no answer: it may still be running there
-                raise RewardTimeout(f"got no answer from the reward server at {url} within {timeout:g} s ({error}); "
-                                    "not re-sent, as the server may still be scoring it") from None
+                raise RewardTimeout(
+                    f"got no answer from the reward server at {url} within {timeout:g} s ({error}); "
+                    "not re-sent, as the server may still be scoring it"
+                ) from None
             except urllib.error.URLError as error:  # connecting failed (refused, unreachable): nothing was sent
                 last_error = error
             except (ConnectionError, http.client.RemoteDisconnected) as error:  # dropped before answering
                 last_error = error
             except ValueError as error:  # not JSON, or scores that are not numbers
                 raise RuntimeError(f"reward server at {url} sent an unusable answer ({error})") from None
-        raise RuntimeError(f"reward server at {url} is not reachable or busy ({last_error}) after {retries + 1} tries; "
-                           f"{SERVE_HINT}")
+        raise RuntimeError(
+            f"reward server at {url} is not reachable or busy ({last_error}) after {retries + 1} tries; {SERVE_HINT}"
+        )
 
     return reward
 
@@ -344,28 +406,46 @@ def _fail(message: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     """CLI: load a reward by import path and serve it until interrupted."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
-    parser.add_argument("--reward", required=True, help="import path 'module:name', e.g. flowalign.rewards:jpeg_compressibility")
+    parser.add_argument(
+        "--reward", required=True, help="import path 'module:name', e.g. flowalign.rewards:jpeg_compressibility"
+    )
     parser.add_argument("--kwargs", default="{}", help="JSON object of factory kwargs, e.g. '{\"quality\": 80}'")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 keeps it local")
-    parser.add_argument("--allow-remote", action="store_true",
-                        help="allow a --host other than loopback (plain HTTP: use an SSH tunnel or a TLS proxy)")
+    parser.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --host other than loopback (plain HTTP: use an SSH tunnel or a TLS proxy)",
+    )
     parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--token", default=os.environ.get("FLOWALIGN_REWARD_TOKEN"),
-                        help="bearer token (default: $FLOWALIGN_REWARD_TOKEN, else a new random one is printed)")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("FLOWALIGN_REWARD_TOKEN"),
+        help="bearer token (default: $FLOWALIGN_REWARD_TOKEN, else a new random one is printed)",
+    )
     parser.add_argument("--max-request-bytes", type=int, default=32 * 2**20)
     parser.add_argument("--max-batch", type=int, default=256)
     parser.add_argument("--max-connections", type=int, default=16, help="connection threads at most; more get 503")
-    parser.add_argument("--request-timeout-s", type=float, default=60.0,
-                        help="seconds a request may take (lock wait + reward call); past it: 504")
+    parser.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=60.0,
+        help="seconds a request may take (lock wait + reward call); past it: 504",
+    )
     args = parser.parse_args(argv)
 
-    for flag, value in (("--max-connections", args.max_connections), ("--request-timeout-s", args.request_timeout_s),
-                        ("--max-batch", args.max_batch), ("--max-request-bytes", args.max_request_bytes)):
+    for flag, value in (
+        ("--max-connections", args.max_connections),
+        ("--request-timeout-s", args.request_timeout_s),
+        ("--max-batch", args.max_batch),
+        ("--max-request-bytes", args.max_request_bytes),
+    ):
         if not value > 0:
             _fail(f"{flag} {value} must be positive")
     if not is_loopback(args.host) and not args.allow_remote:
-        _fail(f"--host {args.host} is not a loopback address; add --allow-remote to serve other machines "
-              "(plain HTTP: the token and images travel unencrypted)")
+        _fail(
+            f"--host {args.host} is not a loopback address; add --allow-remote to serve other machines "
+            "(plain HTTP: the token and images travel unencrypted)"
+        )
     try:
         kwargs = json.loads(args.kwargs)
     except ValueError as error:
@@ -378,14 +458,26 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"--reward: {error}")
     token = args.token or secrets.token_urlsafe(24)
     try:
-        server, thread = serve(reward_fn, args.host, args.port, token=token, max_request_bytes=args.max_request_bytes,
-                               max_batch=args.max_batch, max_connections=args.max_connections,
-                               request_timeout_s=args.request_timeout_s, allow_remote=args.allow_remote)
+        server, thread = serve(
+            reward_fn,
+            args.host,
+            args.port,
+            token=token,
+            max_request_bytes=args.max_request_bytes,
+            max_batch=args.max_batch,
+            max_connections=args.max_connections,
+            request_timeout_s=args.request_timeout_s,
+            allow_remote=args.allow_remote,
+        )
     except OSError as error:  # port in use, address not on this machine, no permission
         _fail(f"cannot listen on {args.host}:{args.port} ({error.strerror or error}); pick another --port or --host")
     if not is_loopback(args.host):
-        print(f"{PROG}: warning: serving {args.host} beyond this machine over plain HTTP: the token and images travel "
-              "unencrypted; prefer an SSH tunnel or a TLS proxy", file=sys.stderr, flush=True)
+        print(
+            f"{PROG}: warning: serving {args.host} beyond this machine over plain HTTP: the token and images travel "
+            "unencrypted; prefer an SSH tunnel or a TLS proxy",
+            file=sys.stderr,
+            flush=True,
+        )
     if not args.token:
         print(f"token (give it to remote_reward or set FLOWALIGN_REWARD_TOKEN): {token}", flush=True)
     host, port = server.server_address[:2]
