@@ -204,6 +204,22 @@ def sde_conventions(config: FlowGRPOConfig) -> samplers.SDEConventions:
     return samplers.SDEConventions(sigma_one=config.sampling.sigma_one, cps_log_prob=config.sampling.cps_log_prob)
 
 
+def rescore_step(config: FlowGRPOConfig, rows, velocity: torch.Tensor):
+    """The recorded step latents -> next_latents of `rows` scored under `velocity` (the policy's or the
+    reference's): sde_step_with_logprob's (next_latents, log_prob [m], mean, std) with the config's SDE."""
+    s = config.sampling
+    return samplers.sde_step_with_logprob(
+        rows.latents,
+        velocity,
+        rows.sigma,
+        rows.sigma_next,
+        noise_level=s.noise_level,
+        kind=s.sde_kind,
+        prev_sample=rows.next_latents,
+        conventions=sde_conventions(config),
+    )
+
+
 def draw_prompts(prompts: list[str], count: int, generator: torch.Generator) -> list[str]:
     """The iteration's global prompt list (more asked than exist: go round again)."""
     rounds = -(-count // len(prompts))
@@ -466,16 +482,7 @@ def update(
             step_embeds = embeds[rows.prompt_index]
             with run.sync_gradients(model, last=index == micro_count - 1):
                 velocity = adapter.velocity(rows.latents, rows.sigma, step_embeds, s.guidance_scale)  # [m, C, h, w]
-                _, log_prob, mean, std = samplers.sde_step_with_logprob(
-                    rows.latents,
-                    velocity,
-                    rows.sigma,
-                    rows.sigma_next,
-                    noise_level=s.noise_level,
-                    kind=s.sde_kind,
-                    prev_sample=rows.next_latents,
-                    conventions=sde_conventions(config),
-                )
+                _, log_prob, mean, std = rescore_step(config, rows, velocity)
                 loss, metrics = clipped_policy_loss(
                     log_prob[:, None],
                     rows.old_log_prob[:, None],
@@ -490,16 +497,7 @@ def update(
                         reference_model(plain, config.model.lora),
                     ):
                         ref_velocity = adapter.velocity(rows.latents, rows.sigma, step_embeds, s.guidance_scale)
-                        _, _, ref_mean, _ = samplers.sde_step_with_logprob(
-                            rows.latents,
-                            ref_velocity,
-                            rows.sigma,
-                            rows.sigma_next,
-                            noise_level=s.noise_level,
-                            kind=s.sde_kind,
-                            prev_sample=rows.next_latents,
-                            conventions=sde_conventions(config),
-                        )
+                        _, _, ref_mean, _ = rescore_step(config, rows, ref_velocity)
                     divisor = samplers.kl_std(std, rows.sigma, rows.sigma_next, s.sde_kind, t.kl_form)  # [m, 1, 1, 1]
                     kl = gaussian_mean_kl(mean, ref_mean, divisor.clamp_min(1e-8)).mean()
                     loss = loss + t.kl_beta * kl
