@@ -10,7 +10,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Optional
 
-from shared.config import SAMPLES_PER_ITERATION_LIMIT, SEED_LIMIT, ConfigError, option, output_dir_problem
+from shared.config import (
+    SAMPLES_PER_ITERATION_LIMIT,
+    SEED_LIMIT,
+    ConfigError,
+    import_path_problem,
+    option,
+    output_dir_problem,
+)
 from shared.trackers import TrackerName, report_to_problem
 
 EMBEDDED_MODEL = "embedded:digits"  # the project's own tiny SD3 pipeline, built and cached on first use
@@ -294,8 +301,6 @@ class FlowGRPOConfig:
                 bad = [k for k in a.branch_subset if not 0 <= k < trainable_steps]
                 need(not bad, "algorithm.branch_subset", f"{bad} outside 0..{trainable_steps - 1}")
         need(bool(self.reward.weights), "reward.weights", "empty; name at least one reward 'module:name': weight")
-        from flowalign.rewards.plugins import import_path_problem  # imported here: this module stays free of torch
-
         for path in list(self.reward.weights) + list(self.reward.kwargs):
             problem = import_path_problem(path)
             need(problem is None, "reward.weights", problem or "")

@@ -9,7 +9,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal, Optional
 
-from shared.config import SAMPLES_PER_ITERATION_LIMIT, SEED_LIMIT, ConfigError, option, output_dir_problem
+from shared.config import (
+    SAMPLES_PER_ITERATION_LIMIT,
+    SEED_LIMIT,
+    ConfigError,
+    import_path_problem,
+    option,
+    output_dir_problem,
+)
 from shared.trackers import TrackerName, report_to_problem
 
 EMBEDDED_MODEL = "embedded:arith"  # the project's own tiny Qwen2 arithmetic model, built and cached on first use
@@ -328,7 +335,7 @@ class LMRewardConfig:
         for name in self.weights:
             module_name, colon, attribute = name.partition(":")
             need(
-                not colon or (attribute and all(part.isidentifier() for part in module_name.split("."))),
+                not colon or import_path_problem(name) is None,  # no colon: a builtin, checked above
                 "reward.weights",
                 f"{name!r} has module name {module_name!r} and name {attribute!r}; an import path "
                 "is an absolute dotted module and a name, e.g. mypkg.rewards:score",
@@ -358,10 +365,8 @@ class LMEvalConfig:
         from llmalign.rewards import BUILTIN_REWARDS  # standard library only: config loading stays light
 
         for name in self.rewards:
-            module_name, colon, attribute = name.partition(":")
             need(
-                name in BUILTIN_REWARDS
-                or (colon and attribute and all(part.isidentifier() for part in module_name.split("."))),
+                name in BUILTIN_REWARDS or import_path_problem(name) is None,
                 "eval.rewards",
                 f"{name!r} is no builtin reward and no import path 'module:name'; use one of "
                 f"{sorted(BUILTIN_REWARDS)} or a path such as mypkg.rewards:score",

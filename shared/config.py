@@ -95,6 +95,19 @@ def read_text_file(path: str | Path, field: str, example: str = "") -> str:
         raise ConfigError(f"{field} {path}: cannot be read ({error.strerror})") from None
 
 
+def import_path_problem(path: str) -> str | None:
+    """Why `path` is not a 'package.module:name' import path (empty or relative module, no name), or None."""
+    module_name, colon, attribute = path.partition(":")
+    if not colon or not attribute:
+        return f"{path!r} is not 'module:name'; e.g. flowalign.rewards:jpeg_compressibility"
+    if not all(part.isidentifier() for part in module_name.split(".")):  # refuses '', '.', '.x', 'a..b'
+        return (
+            f"{path!r} has module name {module_name!r}, not an absolute dotted module name; "
+            "write the full package path, e.g. my_pkg.rewards:brightness"
+        )
+    return None
+
+
 def output_dir_problem(path: str) -> str | None:
     """Why `path` cannot be a run's output directory, or None: empty (it would be the current directory), or
     it or one of its parents is a file."""

@@ -27,6 +27,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from shared.config import import_path_problem
+
 
 ImageRewardFn = Callable[[torch.Tensor, list, list], Any]  # flowalign: (images, prompts, metadata) -> [B]
 TextRewardFn = Callable[..., list]  # llmalign: (prompts, completions, **columns) -> [B*G] floats or None
@@ -38,19 +40,6 @@ class RewardError(RuntimeError):
 
 class RewardTimeout(RewardError):
     """A reward call did not return within its deadline; the call is left running in an abandoned thread."""
-
-
-def import_path_problem(path: str) -> str | None:
-    """Why `path` is not a 'package.module:name' import path (empty or relative module, no name), or None."""
-    module_name, colon, attribute = path.partition(":")
-    if not colon or not attribute:
-        return f"{path!r} is not 'module:name'; e.g. flowalign.rewards:jpeg_compressibility"
-    if not all(part.isidentifier() for part in module_name.split(".")):  # refuses '', '.', '.x', 'a..b'
-        return (
-            f"{path!r} has module name {module_name!r}, not an absolute dotted module name; "
-            "write the full package path, e.g. my_pkg.rewards:brightness"
-        )
-    return None
 
 
 def _is_factory(obj: Callable) -> bool:
