@@ -7,7 +7,7 @@ here; `llmalign grpo --describe` prints them all.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from shared.config import (
     SAMPLES_PER_ITERATION_LIMIT,
@@ -183,7 +183,18 @@ class LMAlgorithmConfig:
     mask_truncated: Optional[bool] = option(
         None, "leave completions that hit L_max out of the loss (null: true for dapo)"
     )
-    filter_zero_std: bool = option(False, "drop groups whose rewards are all equal (DAPO dynamic-sampling filter)")
+    filter_zero_std: Union[bool, Literal["drop", "refill"]] = option(
+        False,
+        "groups whose rewards are all equal: kept (false), left out of the loss (true or 'drop', DAPO's filter; the "
+        "batch shrinks), or 'refill': left out and replaced by informative groups from more sampling rounds of "
+        "prompts_per_iteration prompts each, up to algorithm.max_refill_rounds (DAPO dynamic sampling)",
+    )
+    max_refill_rounds: int = option(
+        4,
+        "filter_zero_std=refill: sampling rounds after the first, each of train.prompts_per_iteration new prompts, "
+        "until the batch holds prompts_per_iteration informative groups; when they run out the batch trains on "
+        "the informative groups found (0 = no extra round: the same as 'drop')",
+    )
     shared_prefix: bool = option(False, "Prefix Grouper: encode each prompt once per group in the training forward")
     disco_tau: float = option(10.0, "disco: temperature of the log-sum-exp over wrong answers")
     disco_delta: float = option(
@@ -212,6 +223,11 @@ class LMAlgorithmConfig:
         need(self.disco_tau > 0, "algorithm.disco_tau", f"{self.disco_tau} must be positive, e.g. 10")
         need(self.disco_delta >= 0, "algorithm.disco_delta", f"{self.disco_delta} must be >= 0")
         need(self.disco_penalty >= 0, "algorithm.disco_penalty", f"{self.disco_penalty} must be >= 0")
+        need(
+            self.max_refill_rounds >= 0,
+            "algorithm.max_refill_rounds",
+            f"{self.max_refill_rounds} is negative; use 0 or more extra sampling rounds",
+        )
 
     @property
     def scale(self) -> str:
@@ -222,6 +238,16 @@ class LMAlgorithmConfig:
         if self.clip_range_high is not None:
             return self.clip_range_high
         return 0.28 if self.loss == "dapo" else self.clip_range
+
+    @property
+    def drops_zero_std(self) -> bool:
+        """Zero-variance groups train on nothing (filter_zero_std true, 'drop' or 'refill')."""
+        return self.filter_zero_std is not False
+
+    @property
+    def refill_rounds(self) -> int:
+        """Sampling rounds allowed after the first: max_refill_rounds under 'refill', else none."""
+        return self.max_refill_rounds if self.filter_zero_std == "refill" else 0
 
     @property
     def whole_groups(self) -> bool:

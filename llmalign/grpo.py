@@ -16,23 +16,32 @@ of an optimizer step is the global batch's (its denominators are sums over ranks
 into the same optimizer steps whatever W, so the update on given rollouts does not depend on the world size.
 One departure from one process: a reward that compares groups within its batch (grpo_lambda's top fraction of
 groups) compares the groups of one rank's block.
+
+The rollout of an iteration is one sampling round, or under algorithm.filter_zero_std=refill up to
+1 + max_refill_rounds of them (`refill`, DAPO dynamic sampling): each round samples and scores B more prompts
+(`sample_round`), the decision to go on is taken from the gathered rewards (the same on every rank), and
+`assemble_batch` moves the chosen groups so that each rank again holds its block of B/W whole groups.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import random
 import sys
 import time
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from shared.reward_calls import RewardError, RewardTimeout, scores_as_floats, with_deadline
 from llmalign.config import GRPOConfig
 from llmalign.data import iteration_rows, load_train_test, micro_batches, render_prompt, tokenize_prompts
-from llmalign.evaluate import Rollout, describe_held_out, generate, held_out_metrics
+from llmalign.evaluate import Rollout, describe_held_out, generate, held_out_metrics, pad_left
 from llmalign.logprobs import completion_logprobs
 from llmalign.policy import (
     enable_gradient_checkpointing,
@@ -126,6 +135,59 @@ def score(
     return scores
 
 
+def sample_round(
+    run: Run,
+    config: GRPOConfig,
+    model,
+    tokenizer,
+    rewards: dict,
+    rows: list[dict],
+    iteration: int,
+    round_: int,
+    drop_bad: bool,
+    timings: dict[str, float],
+) -> RoundSample:
+    """Sample round `round_` of an iteration on the global prompts `rows`: this rank generates G completions for
+    its block of them (from `rollout_seed`, for an exact resume) and scores them; every reward's values are
+    gathered over the round (a reward failure on any rank raises on all). Adds to time/rollout, time/reward."""
+    t, s = config.train, config.sampling
+    clock = time.perf_counter()
+    block = run.block(len(rows))
+    mine = rows[block.start : block.stop]
+    torch.manual_seed(rollout_seed(t.seed, iteration, run.rank, round_))
+    with run.unwrapped_for_generation(model) as policy:
+        rollout = generate(
+            policy,
+            tokenizer,
+            [row["_ids"] for row in mine],
+            t.group_size,
+            s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+        )
+    timings["time/rollout"] += time.perf_counter() - clock
+    clock = time.perf_counter()
+    columns = [{k: v for k, v in row.items() if not k.startswith("_")} for row in mine]
+    local, failure = None, None
+    try:
+        local = score(
+            rewards,
+            [row["_text"] for row in mine],
+            rollout,
+            columns,
+            t.group_size,
+            iteration,
+            s.max_new_tokens,
+            drop_bad,
+            first_index=block.start * t.group_size,
+        )
+    except RewardError as error:
+        failure = str(error)
+    scores = gathered_scores(run, local, failure)  # name -> [n*G]
+    timings["time/reward"] += time.perf_counter() - clock
+    return RoundSample(rows, block, rollout, scores)
+
+
 def gathered_scores(run: Run, local: dict[str, Tensor] | None, failure: str | None) -> dict[str, Tensor]:
     """Every reward's [B*G] values over the global rollout (rank order is rollout order), or the RewardError of
     the first rank whose rewards failed, raised on every rank together."""
@@ -133,6 +195,132 @@ def gathered_scores(run: Run, local: dict[str, Tensor] | None, failure: str | No
     if failure is not None:
         raise RewardError(failure)
     return {name: run.gather(values) for name, values in local.items()}
+
+
+# ----------------------------------------------------------------------------- rollout rounds
+
+
+@dataclasses.dataclass
+class RoundSample:
+    """One sampling round (or the assembled batch): the global rows, this rank's block of them, its rollout, and
+    every reward's scores over the global rollout."""
+
+    rows: list[dict]  # [n] global, in rollout order
+    block: range  # this rank's rows of `rows`
+    rollout: Rollout  # this rank's groups: [len(block) * G] completions
+    scores: dict[str, Tensor]  # name -> [n * G] global, NaN: dropped
+
+
+@dataclasses.dataclass
+class RefillPlan:
+    """What `refill` sampled and chose: the batch's groups as (round, group index in that round) in sampling order,
+    how many of them are informative, the rounds after the first, and the groups sampled (zero-variance ones)."""
+
+    chosen: list[tuple[int, int]]
+    informative: int
+    rounds: int
+    sampled: int
+    zero_std: int
+
+
+def refill(sample_round: Callable[[int], Tensor], wanted: int, max_rounds: int) -> RefillPlan:
+    """DAPO dynamic sampling (Yu et al. 2025, arXiv:2503.14476, Sec. 3.2: over-sample and keep the groups that
+    satisfy the constraint 0 < |{o_i | is_equivalent(a, o_i)}| < G of the DAPO objective, Eq. 8, until the batch
+    is full). `sample_round(r)` samples round r (0 = the iteration's own prompts) and returns its groups'
+    informative flags [n] bool, the same on every rank. Rounds go on while fewer than `wanted` groups are
+    informative and fewer than `max_rounds` rounds followed the first.
+
+    The batch is the first `wanted` informative groups in sampling order. Departure from DAPO's code (verl, which
+    stops with an error past its max_num_gen_batches): when the rounds run out it holds the informative groups
+    found plus the earliest zero-variance ones (which train on nothing) up to `wanted` groups, so every rank keeps
+    a block of the same size; with max_rounds 0 it is the first round as sampled (the 'drop' filter)."""
+    informative: list[tuple[int, int]] = []
+    uninformative: list[tuple[int, int]] = []
+    round_ = 0
+    while True:
+        flags = sample_round(round_)  # [n]
+        for group, flag in enumerate(flags.tolist()):
+            (informative if flag else uninformative).append((round_, group))
+        if len(informative) >= wanted or round_ >= max_rounds:
+            break
+        round_ += 1
+    found = informative[:wanted]
+    chosen = sorted(found + uninformative[: wanted - len(found)])  # (round, group): sampling order
+    sampled = len(informative) + len(uninformative)
+    return RefillPlan(chosen, len(found), round_, sampled, len(uninformative))
+
+
+def informative_groups(scores: dict[str, Tensor], weights: dict[str, float], group_size: int) -> Tensor:
+    """[n] whether each group's weighted total reward varies (`zero_variance_group_mask`, dropped samples as 0,
+    the total the zero-std filter has always used)."""
+    total = sum(weights[name] * scores[name].nan_to_num(0.0) for name in scores)  # [n*G]
+    keep, _ = zero_variance_group_mask(total, torch.arange(len(total)) // group_size)  # [n*G]
+    return keep[::group_size]  # [n]
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (SHA-256), for streams that must not meet the trainer's other seeds."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def rollout_seed(seed: int, iteration: int, rank: int, round_: int) -> int:
+    """The generation seed of a round on a rank: round 0 keeps the seed the trainer has always used (so drop and
+    refill sample the same first round); later rounds have their own."""
+    if round_ == 0:
+        return seed * 1_000_003 + iteration + rank * RANK_SEED_STRIDE
+    return derived_seed(seed, iteration, rank, round_, 1)
+
+
+def refill_rows(rows: list[dict], iteration: int, round_: int, count: int, seed: int, taken: set[int]) -> list[dict]:
+    """The `count` prompts of refill round `round_` (>= 1) of an iteration: consecutive slices of one seeded
+    permutation of the training rows per iteration, leaving out the iteration's first-round rows (`taken`, by
+    `_index`) while others remain, and wrapping around. A function of (seed, iteration, round) and the first
+    round's rows, so a resumed run draws the same prompts with nothing saved (as `iteration_rows`)."""
+    generator = torch.Generator().manual_seed(derived_seed(seed, iteration, 2))
+    order = torch.randperm(len(rows), generator=generator).tolist()
+    candidates = [i for i in order if i not in taken] or order
+    start = (round_ - 1) * count
+    return [rows[candidates[(start + k) % len(candidates)]] for k in range(count)]
+
+
+def assemble_batch(run: Run, rounds: list[RoundSample], chosen: list[tuple[int, int]], group_size: int, pad_id: int):
+    """The trained batch: the `chosen` (round, group) groups in that order, each rank holding its block of them
+    (`Run.redistribute` moves a group from the rank that sampled it); prompts re-padded on the left as `generate`
+    does, completions on the right to the longest. The first round itself when it is the whole choice."""
+    G = group_size
+    if chosen == [(0, group) for group in range(len(rounds[0].rows))]:
+        return rounds[0]
+    held = {}
+    for round_, sample in enumerate(rounds):
+        r = sample.rollout
+        for local, group in enumerate(sample.block):
+            part = slice(local * G, (local + 1) * G)
+            held[(round_, group)] = (
+                r.completion_ids[part].cpu(),  # [G, C_round]
+                r.completion_mask[part].cpu(),  # [G, C_round]
+                r.truncated[part].cpu(),  # [G]
+                r.texts[part],
+            )
+    pieces = run.redistribute(held, chosen)
+    rows = [rounds[round_].rows[group] for round_, group in chosen]
+    block = run.block(len(rows))
+    prompt_ids, prompt_mask = pad_left([row["_ids"] for row in rows[block.start : block.stop]], pad_id)  # [b, P]
+    width = max(int(mask.sum(dim=1).max()) for _, mask, _, _ in pieces)  # the longest chosen completion
+    fit = lambda x, value: F.pad(x[:, :width], (0, width - min(x.shape[1], width)), value=value)  # [G, width]
+    device = rounds[0].rollout.completion_ids.device
+    rollout = Rollout(
+        prompt_ids.to(device),
+        prompt_mask.to(device),
+        torch.cat([fit(ids, pad_id) for ids, _, _, _ in pieces]).to(device),  # [b*G, width]
+        torch.cat([fit(mask, 0) for _, mask, _, _ in pieces]).to(device),  # [b*G, width]
+        torch.cat([truncated for _, _, truncated, _ in pieces]).to(device),  # [b*G]
+        [text for *_, texts in pieces for text in texts],
+    )
+    scores = {
+        name: torch.cat([rounds[round_].scores[name][group * G : (group + 1) * G] for round_, group in chosen])
+        for name in rounds[0].scores
+    }  # name -> [B*G]
+    return RoundSample(rows, block, rollout, scores)
 
 
 # ----------------------------------------------------------------------------- update
@@ -393,8 +581,8 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         enable_gradient_checkpointing(model)
     texts = [render_prompt(tokenizer, row["prompt"]) for row in train_rows]
     prompt_ids, truncated_prompts = tokenize_prompts(tokenizer, texts, d.max_prompt_length, d.overlong_prompts)
-    for row, text, ids in zip(train_rows, texts, prompt_ids):
-        row["_text"], row["_ids"] = text, ids
+    for index, (row, text, ids) in enumerate(zip(train_rows, texts, prompt_ids)):
+        row["_text"], row["_ids"], row["_index"] = text, ids, index
     # each call bounded by reward.timeout_s (null: unbounded); a path that does not import, or kwargs its factory
     # refuses, is a RewardError naming the reward (exit 3)
     rewards = {
@@ -468,47 +656,33 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
     )
     record = {}
     for iteration in progress:
-        timings = {}
+        # rollout and reward: one round of B prompts, or more under refill (`refill`), each rank sampling its block
+        # of whole groups and every reward's values gathered; then each rank's block of the chosen groups
+        timings = {"time/rollout": 0.0, "time/reward": 0.0}
+        rounds: list[RoundSample] = []
+        taken: set[int] = set()  # the first round's rows, which later rounds leave out
 
-        # rollout: this rank's block of whole groups
-        clock = time.perf_counter()
-        rows = iteration_rows(train_rows, iteration, t.prompts_per_iteration, t.seed)  # the global batch
-        block = run.block(len(rows))
-        mine = rows[block.start : block.stop]
-        torch.manual_seed(t.seed * 1_000_003 + iteration + run.rank * RANK_SEED_STRIDE)  # exact resume
-        with run.unwrapped_for_generation(model) as policy:
-            rollout = generate(
-                policy,
-                tokenizer,
-                [row["_ids"] for row in mine],
-                t.group_size,
-                s.max_new_tokens,
-                temperature=s.temperature,
-                top_p=s.top_p,
+        def sample(round_: int) -> Tensor:
+            if round_ == 0:
+                rows = iteration_rows(train_rows, iteration, t.prompts_per_iteration, t.seed)  # the global batch
+                taken.update(row["_index"] for row in rows)
+            else:
+                rows = refill_rows(train_rows, iteration, round_, t.prompts_per_iteration, t.seed, taken)
+            rounds.append(
+                sample_round(run, config, model, tokenizer, rewards, rows, iteration, round_, drop_bad, timings)
             )
-        timings["time/rollout"] = time.perf_counter() - clock
+            return informative_groups(rounds[-1].scores, config.reward.weights, t.group_size)  # [B]
 
-        # reward: this rank's completions, every reward's values gathered over the global rollout
-        clock = time.perf_counter()
-        columns = [{k: v for k, v in row.items() if not k.startswith("_")} for row in mine]
-        local, failure = None, None
-        try:
-            local = score(
-                rewards,
-                [row["_text"] for row in mine],
-                rollout,
-                columns,
-                t.group_size,
-                iteration,
-                s.max_new_tokens,
-                drop_bad,
-                first_index=block.start * t.group_size,
-            )
-        except RewardError as error:
-            failure = str(error)
-        scores = gathered_scores(run, local, failure)  # name -> [B*G]
+        plan = refill(sample, t.prompts_per_iteration, a.refill_rounds)
+        batch = assemble_batch(run, rounds, plan.chosen, t.group_size, tokenizer.pad_token_id)
+        rows, block, rollout, scores = batch.rows, batch.block, batch.rollout, batch.scores  # scores: [B*G] each
         bad = torch.stack(list(scores.values())).isnan().any(dim=0)  # [B*G]
-        timings["time/reward"] = time.perf_counter() - clock
+        if a.filter_zero_std == "refill" and plan.informative < t.prompts_per_iteration:
+            run.print(
+                f"iteration {iteration + 1}: refill found {plan.informative} informative groups of "
+                f"{t.prompts_per_iteration} in {plan.rounds} more round(s) (algorithm.max_refill_rounds); "
+                f"training on those"
+            )
 
         # advantage on the global batch (and what takes part: dropped samples, zero-variance groups, truncated
         # completions); this rank keeps its own rows
@@ -519,8 +693,8 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         total = sum(config.reward.weights[n] * scores[n].nan_to_num(0.0) for n in scores)  # [B*G]
         truncated = run.gather(rollout.truncated)  # [B*G]
         keep = ~bad  # [B*G]
-        zero_std_keep, zero_std_fraction = zero_variance_group_mask(total, group_ids)
-        if a.filter_zero_std:
+        zero_std_keep, _ = zero_variance_group_mask(total, group_ids)
+        if a.drops_zero_std:
             keep &= zero_std_keep
         if a.mask_overlong:
             keep &= ~truncated.cpu()
@@ -560,7 +734,10 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
             **{f"reward/{k}": v for k, v in reward_stats.items()},
             **{f"train/{k}": v for k, v in metrics.items()},
             RATIO_METRIC: first_update_deviation,
-            "train/zero_std_groups": zero_std_fraction,
+            "train/zero_std_groups": plan.zero_std / plan.sampled,  # of the groups sampled this iteration
+            "train/rollouts": plan.sampled * t.group_size,  # completions generated this iteration, all ranks
+            "train/refill_rounds": plan.rounds,
+            "train/informative_groups": plan.informative,  # in the trained batch
             "train/dropped": int(bad.sum()),
             "train/kept": float(keep.float().mean()),
             "completion/mean_length": float(lengths.mean()),

@@ -264,6 +264,20 @@ class Run:
 
         return gather_object(list(items))
 
+    def redistribute(self, held: dict, order: list) -> list:
+        """This rank's `block` of the global list `order` (keys, a multiple of the world size of them), each key's
+        item taken from the rank whose `held` has it (every key in exactly one rank's `held`): items move so that
+        rank r ends with the r-th contiguous block, as a global batch is split. Keys not in `order` stay home;
+        the rest are pickled over the process group (run-internal data only; CPU tensors)."""
+        mine = order[self.block(len(order)).start : self.block(len(order)).stop]
+        if self.world == 1:
+            return [held[key] for key in mine]
+        wanted = set(order)
+        everything = {}
+        for part in self.gather_objects([{key: item for key, item in held.items() if key in wanted}]):
+            everything.update(part)
+        return [everything[key] for key in mine]
+
     def sum(self, value: float | torch.Tensor) -> torch.Tensor:
         """The sum over ranks, as a float64 tensor on the CPU (a scalar or the tensor's shape)."""
         tensor = torch.as_tensor(value, dtype=torch.float64)
