@@ -169,7 +169,9 @@ def dars_extra_rollouts(
     max_rollouts: int | None = None,
 ) -> Tensor:
     """Extra second-stage rollouts per prompt, DARS (Yang et al., 2025, arXiv 2508.13755, Eq. 2 and its ET/HW
-    re-balancing schedules; multi-stage rollout of "Difficulty Adaptive Rollout Sampling").
+    re-balancing schedules): "Depth-Breadth Synergy in RLVR: Unlocking LLM Reasoning Gains with Adaptive
+    Exploration", Difficulty Adaptive Rollout Sampling. Eq. 2 is the number an OpenReview reviewer quotes for
+    the cumulative advantage; the paper text itself was not reachable here, the official code was.
 
     After the first G = ``group_size`` rollouts, prompt i with pass rate p_i is hard iff p_i < ``threshold``.
     A hard prompt's target total is n*(p_i) from the schedule (``DARS_SCHEDULES``):
@@ -309,7 +311,8 @@ def gvm_allocation(
     rule an OpenReview reviewer cites as Eq. 7; equation number not checked against the paper text).
 
     With acceptance (pass) rate p_i and gradient-norm estimate G_i, n_i samples of prompt i leave about
-    p_i n_i accepted ones, so the gradient estimate's variance is bounded by sum_i G_i^2 / (p_i n_i).
+    p_i n_i accepted ones, so the gradient estimate's variance is bounded by a sum of the form
+    sum_i G_i^2 / (p_i n_i) (our summary of the derivation; the closed form below is the official code's).
     Minimising it subject to sum_i n_i = N (Lagrange multiplier) gives
 
         n_i = N * w_i / sum_j w_j,   w_i = G_i / sqrt(p_i)                        (alpha = 0)

@@ -6,11 +6,15 @@ with Reinforcement Learning", arXiv 2504.08837, Sec. 3, Selective Sample Replay)
 advantages" (groups whose rewards are all equal carry no gradient) by keeping samples whose advantage is
 non-zero and drawing from them with
 
-    P(j) = |A_j|^alpha / sum_k |A_k|^alpha          over the entries k with A_k != 0.
+    P(j) = |A_j|^alpha / sum_k |A_k|^alpha          over the entries k with A_k != 0
+
+(the formula as issue 16 and our reading of the paper give it; its SSR paragraph was not readable here, only
+the section introducing it and the official code were).
 
 Departures from the official code (``openrlhf/trainer/ppo_utils/replay_buffer.py``,
 ``shuffle_for_filter_mode``), which draws from the current iteration's items *with* replacement with
-P(j) proportional to |A_j| + 1e-4 (alpha = 1, zero-advantage items kept at a small weight): here the buffer
+P(j) proportional to |A_j| + 1e-4 (alpha = 1) over the non-zero-advantage items plus up to 10% as many
+all-correct zero-advantage ones: here the buffer
 holds the last ``capacity`` non-zero-advantage samples across iterations (issue 16's ``replay.size``),
 zero-advantage samples never enter it, alpha is a parameter, and ``sample`` draws without replacement
 (``torch.multinomial``, successive weighted draws) so one batch never holds the same sample twice.
@@ -44,8 +48,9 @@ def check_replay_size(size: int, field: str = "replay.size") -> int:
 
 def ssr_probabilities(advantages: Tensor, alpha: float = 1.0) -> Tensor:
     """SSR replay probabilities P(j) = |A_j|^alpha / sum_k |A_k|^alpha over entries with A_k != 0
-    (VL-Rethinker, Wang et al., 2025, arXiv 2504.08837, Sec. 3 Selective Sample Replay); entries with
-    A_j == 0 get probability exactly 0.
+    (Wang et al., 2025, "VL-Rethinker: Incentivizing Self-Reflection of Vision-Language Models with
+    Reinforcement Learning", arXiv 2504.08837, Sec. 3 Selective Sample Replay; equation number and text not
+    checked, see the module docstring); entries with A_j == 0 get probability exactly 0.
 
     alpha = 0 is uniform over the non-zero entries, alpha = 1 proportional to |A|, larger alpha favours the
     largest |A| more. Computed in float64 as (|A_j| / max|A|)^alpha so large alpha does not overflow.
@@ -166,8 +171,8 @@ class ReplayBuffer:
     def sample(self, k: int, generator: torch.Generator) -> list[dict[str, Tensor]]:
         """Draw ``k`` distinct entries, each draw in proportion to |A|^alpha among those not yet drawn.
 
-        Deterministic given ``generator``'s state (a CPU ``torch.Generator``). The entries themselves are
-        returned (clones), oldest-first indices are not; they stay in the buffer.
+        Deterministic given ``generator``'s state (a CPU ``torch.Generator``). Returns clones of the drawn
+        entries in draw order; the entries stay in the buffer.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k must be an integer >= 0, got {k!r}")
