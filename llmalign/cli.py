@@ -2,12 +2,13 @@
 
     llmalign grpo --config configs/llm/arith.yaml [key=value ...] [--resume [--allow-config-change]] [--describe]
     llmalign dpo --config configs/llm/arith_dpo.yaml [key=value ...] [--resume [--allow-config-change]] [--describe]
-    llmalign grpo|dpo --config ... --dry-run          # check config, model source, data, rewards; print the plan
+    llmalign sft --config configs/llm/arith_sft.yaml [key=value ...] [--resume [--allow-config-change]] [--describe]
+    llmalign grpo|dpo|sft --config ... --dry-run      # check config, model source, data, rewards; print the plan
     llmalign pairs --model DIR --data FILE --out pairs.jsonl [--adapter DIR] [--group-size G]
                    [--pairs-per-prompt K] [--max-new-tokens N] [--temperature T] [--limit N] [--seed S]
                    [--format-check | --no-format-check]
     llmalign eval --model DIR --data FILE [--limit N] [--max-new-tokens N]
-    accelerate launch --multi_gpu --num_processes N -m llmalign {grpo,dpo,pairs,eval} ...   # N processes
+    accelerate launch --multi_gpu --num_processes N -m llmalign {grpo,dpo,sft,pairs,eval} ...   # N processes
 
 Batch sizes count over all processes; pairs and eval split their prompts over the processes and the main
 process alone writes.
@@ -84,6 +85,13 @@ def run_dpo(args: argparse.Namespace) -> None:
     from llmalign.dpo_config import DPOConfig
 
     run_recipe(DPOConfig, dpo.train, args)
+
+
+def run_sft(args: argparse.Namespace) -> None:
+    from llmalign import sft
+    from llmalign.sft_config import SFTConfig
+
+    run_recipe(SFTConfig, sft.train, args)
 
 
 def run_pairs(args: argparse.Namespace) -> None:
@@ -205,7 +213,7 @@ DRY_RUN_HELP = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="llmalign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{grpo,dpo,pairs,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{grpo,dpo,sft,pairs,eval}")
     grpo = sub.add_parser("grpo", help="GRPO / Dr. GRPO / DAPO / DisCO training with verifiable rewards")
     grpo.add_argument("--config", help="YAML recipe, e.g. configs/llm/arith.yaml")
     grpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
@@ -222,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     dpo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algorithm.loss=ipo")
     dpo.set_defaults(run=run_dpo)
+    sft = sub.add_parser("sft", help="supervised fine-tuning on prompt/completion rows or chat conversations")
+    sft.add_argument("--config", help="YAML recipe, e.g. configs/llm/arith_sft.yaml")
+    sft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
+    sft.add_argument("--allow-config-change", action="store_true", help=ALLOW_CONFIG_CHANGE_HELP)
+    sft.add_argument("--describe", action="store_true", help="list every config field and exit")
+    sft.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
+    sft.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.packing=true")
+    sft.set_defaults(run=run_sft)
     pairs = sub.add_parser("pairs", help="sample completions and write chosen/rejected pairs by preference level")
     pairs.add_argument("--model", required=True, help="model directory, hub id or embedded:arith")
     pairs.add_argument("--adapter", help="a LoRA adapter directory to load on top of --model")

@@ -1,4 +1,4 @@
-"""`llmalign grpo|dpo --config ... --dry-run`: check a text recipe and print its plan, loading no weights.
+"""`llmalign grpo|dpo|sft --config ... --dry-run`: check a text recipe and print its plan, loading no weights.
 
 Checks, each one line and an exit code as training would give (2 config or data, 3 a reward):
   - the config (load_config already validated its fields);
@@ -168,9 +168,52 @@ def dpo_plan(config) -> list[tuple[str, object]]:
     return rows
 
 
-def dry_run(config) -> None:
-    """Print the checked plan of a GRPO or DPO config; raises as training would on a bad recipe."""
-    from llmalign.config import GRPOConfig
+def sft_plan(config) -> list[tuple[str, object]]:
+    """Check an SFTConfig (see the module docstring) and return its plan as (name, value) rows."""
+    t, d = config.train, config.data
+    world = world_size()
+    require_divisible(t.batch_size, world, "train.batch_size", "sequences")
+    model = describe_source(config.model.path, "model.path", embedded=EMBEDDED_MODEL)
+    train, test, count = _data_rows(d, d.required_columns)
+    if t.steps is not None:
+        steps = f"{t.steps} (train.steps)"
+    elif count >= 0:
+        steps = (
+            f"{math.ceil(t.epochs * count / t.batch_size)} (ceil({t.epochs:g} epochs x {count} rows / {t.batch_size}))"
+        )
+    else:
+        steps = f"ceil({t.epochs:g} epochs x the dataset's rows / {t.batch_size}) (dataset not loaded)"
+    if d.messages_column is not None:
+        completion = f"the last (assistant) message of column {d.messages_column!r}"
+    elif d.completion_template is not None:
+        completion = f"template {d.completion_template!r}"
+    else:
+        completion = f"column {d.completion_column!r}"
+    return [
+        ("algorithm", "sft (token-mean NLL of the completion tokens)"),
+        ("model", model),
+        ("train data", train),
+        ("held-out data", test),
+        ("prompt format", _format(d)),
+        ("completion", completion + ", then end-of-text"),
+        ("world size", world),
+        ("global batch", f"{t.batch_size} sequences per optimizer step"),
+        ("per process", f"{t.batch_size // world} sequences"),
+        ("optimizer steps", steps),
+        ("optimizer", f"AdamW lr {t.learning_rate:g}, warm-up {t.warmup_steps} steps, weight decay {t.weight_decay:g}"),
+        ("tokens", f"prompt + completion <= {t.max_length} ({t.overlong}), packing {t.packing}"),
+        ("memory", _memory(config)),
+        ("output", config.log.output_dir),
+    ]
 
-    rows = grpo_plan(config) if isinstance(config, GRPOConfig) else dpo_plan(config)
+
+def dry_run(config) -> None:
+    """Print the checked plan of a GRPO, DPO or SFT config; raises as training would on a bad recipe."""
+    from llmalign.config import GRPOConfig
+    from llmalign.sft_config import SFTConfig
+
+    if isinstance(config, SFTConfig):
+        rows = sft_plan(config)
+    else:
+        rows = grpo_plan(config) if isinstance(config, GRPOConfig) else dpo_plan(config)
     print(format_plan("dry run: config, model source, data and rewards checked; no weights loaded", rows))
