@@ -28,7 +28,7 @@ from torch.testing import assert_close
 
 from llmalign import toy
 from llmalign.cli import main
-from llmalign.data import write_rows
+from llmalign.data import DataError, write_rows
 from llmalign.policy import load_policy
 from llmalign.sft import (
     IGNORE,
@@ -183,6 +183,17 @@ def test_chat_conversations_train_the_last_assistant_message(tiny, tmp_path):
     assert records_of(tmp_path / "run")[1]["train/loss"] == pytest.approx(expected.item(), abs=1e-5)
 
 
+def test_truncate_keeps_the_first_tokens_and_refuses_a_prompt_that_fills_the_length(tiny):
+    config = config_for(tiny, "train.overlong=truncate")
+    _, tokenizer = load_policy(config.model)
+    row = {"prompt": "Compute 1+2.\n", "completion": "<think></think><answer>3</answer>"}  # 13 + 33 + 1 tokens
+    encoded = encode_rows(tokenizer, [row, {**row, "completion": "3"}], config.data, 20, "truncate")
+    assert encoded.ids[0] == encoded_for(config, tokenizer, [row]).ids[0][:20] and encoded.prompt_lengths[0] == 13
+    assert encoded.truncated == 1 and encoded.completion_tokens([0, 1]) == 7 + 2  # the short row is kept whole
+    with pytest.raises(DataError, match="its prompt alone is 13 tokens"):
+        encode_rows(tokenizer, [row], config.data, 13, "truncate")
+
+
 # ----------------------------------------------------------------------------- micro-batches and packing
 
 
@@ -303,6 +314,24 @@ def test_sigkill_then_resume_is_bit_identical(tiny, tmp_path):
     assert [r["iteration"] for r in records_of(out)] == list(range(7))
 
 
+@pytest.mark.timeout(180)
+def test_two_processes_equal_one(tiny, tmp_path):
+    """batch 4 over 2 ranks of 2 rows each, packed: the global token denominator makes the step one process's."""
+    from tests.multiproc import run_processes
+
+    extra = ["train.steps=2", "train.micro_batch_size=1", "train.packing=true"]
+    main(["sft", *overrides(tiny, tmp_path / "one", *extra)])
+    two = run_processes(2, ["-m", "llmalign", "sft", *overrides(tiny, tmp_path / "two", *extra)])
+    assert two.returncode == 0, two.stderr[-4000:]
+    one_state, two_state = trainable_of(tmp_path / "one"), trainable_of(tmp_path / "two")
+    assert one_state.keys() == two_state.keys()
+    for name in one_state:
+        assert_close(two_state[name], one_state[name], atol=1e-5, rtol=1e-5, msg=name)
+    for a, b in zip(records_of(tmp_path / "one")[1:], records_of(tmp_path / "two")[1:], strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-6)
+        assert b["train/tokens"] == a["train/tokens"] and b["train/padding"] == a["train/padding"]
+
+
 def embedded_loss(model, tokenizer, config, rows):
     encoded = encode_rows(tokenizer, rows, config.data, config.train.max_length, config.train.overlong)
     with torch.no_grad():
@@ -341,6 +370,17 @@ def test_lora_saves_an_adapter_that_reloads(tiny, tmp_path):
     params = dict(reloaded.named_parameters())
     for name, value in state.items():
         assert torch.equal(params[name], value), name
+
+
+def test_tensorboard_gets_the_logged_losses(tiny, tmp_path):
+    from tests.test_trackers import read_events
+
+    main(["sft", *overrides(tiny, tmp_path, "log.report_to=[tensorboard]")])
+    logged = [(e.step, e.value) for e in read_events(tmp_path / "trackers" / "llmalign").Scalars("train/loss")]
+    expected = [(r["iteration"], r["train/loss"]) for r in records_of(tmp_path)[1:]]
+    assert [step for step, _ in logged] == [1, 2]
+    for (_, value), (_, want) in zip(logged, expected, strict=True):
+        assert value == pytest.approx(want, rel=1e-6)  # TensorBoard stores float32
 
 
 def write_bad(tmp_path, text):
