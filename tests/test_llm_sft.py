@@ -234,6 +234,28 @@ def test_micro_batches_equal_the_whole_batch(tiny, one_process, packing):
     assert abs(sum(means).item() / 2 - big_metrics["loss"]) > 1e-3
 
 
+def test_gradient_checkpointing_gives_the_same_step(tiny, one_process):
+    import copy
+
+    from llmalign.policy import enable_gradient_checkpointing
+
+    config = config_for(tiny, "train.packing=true")
+    model, tokenizer = load_policy(config.model)
+    encoded = encoded_for(config, tokenizer)
+    results = []
+    for checkpointing in (False, True):
+        trained = copy.deepcopy(model).train()
+        if checkpointing:
+            enable_gradient_checkpointing(trained)
+        optimizer = torch.optim.SGD(trained.parameters(), lr=1.0)
+        metrics = train_step(one_process, config, trained, optimizer, encoded, [0, 1, 2, 3], tokenizer.pad_token_id)
+        results.append((dict(trained.named_parameters()), metrics["loss"]))
+    (plain, plain_loss), (checkpointed, checkpointed_loss) = results
+    assert checkpointed_loss == pytest.approx(plain_loss, abs=1e-6)
+    for name, value in plain.items():
+        assert_close(checkpointed[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_packing_gives_the_unpacked_loss_and_gradients(tiny):
     config = config_for(tiny)
     model, tokenizer = load_policy(config.model)
