@@ -1,7 +1,7 @@
 """Supervised fine-tuning of any transformers causal LM on prompt + completion rows (or chat conversations).
 
     llmalign sft --config configs/llm/arith_sft.yaml                    # the embedded task's supervised problems
-    llmalign sft --config configs/llm/arith_sft.yaml train.packing=true model.lora=true
+    llmalign sft --config configs/llm/arith_sft.yaml train.packing=true train.max_length=128 model.lora=true
     llmalign sft --config configs/llm/arith_sft.yaml --resume           # continue the run
     llmalign eval --model runs/llm_arith_sft/final --data embedded:arith/test.jsonl
     accelerate launch --multi_gpu --num_processes 2 -m llmalign sft --config configs/llm/arith_sft.yaml
@@ -9,7 +9,9 @@
 Setup: every row is tokenized once, the prompt as the policy sees it when sampling (`render_prompt`: plain text,
 or chat messages through the chat template with the assistant turn opened) and the completion without special
 tokens followed by the end-of-text token, so stopping is trained too: the same split as `llmalign dpo`'s pairs and
-as `generate` samples. Prompt tokens carry the label -100 and are left out of the loss.
+as `generate` samples. Prompt tokens carry the label -100 and are left out of the loss. A bad row (a missing or
+non-text completion, a conversation not ending with an assistant message) stops the run before the model loads; the
+length check needs the tokenizer and comes after it.
 
 Each step: batch_size rows (epochs of a seeded permutation, so the data position is a function of the step
 alone and --resume needs nothing else), split into micro-batches; the loss is the mean token negative
@@ -19,8 +21,8 @@ With train.packing each micro-batch's sequences are concatenated into rows of at
 with position ids restarting per sequence, no attention mask and no KV cache, from which transformers
 (`masking_utils.find_packed_sequence_indices`, here 5.24) builds a block-diagonal causal mask: no sequence attends
 to another and the loss equals the unpacked one (tested on the tiny Qwen2, sdpa attention on CPU; with a KV cache
-transformers skips that detection and the sequences would see each other). Flash-attention kernels
-read the same position ids (not run here).
+transformers skips that detection and the sequences would see each other). Other attention kernels
+(flash-attention) were not run here.
 
 Over W processes (`shared.run.Run`): train.batch_size counts rows over all of them; rank r takes the r-th
 contiguous block of each step's rows, and the denominator is the global step's completion-token count (every rank
