@@ -186,14 +186,14 @@ class LMAlgorithmConfig:
     filter_zero_std: Union[bool, Literal["drop", "refill"]] = option(
         False,
         "groups whose rewards are all equal: kept (false), left out of the loss (true or 'drop', DAPO's filter; the "
-        "batch shrinks), or 'refill': left out and replaced by informative groups from more sampling rounds of "
-        "prompts_per_iteration prompts each, up to algorithm.max_refill_rounds (DAPO dynamic sampling)",
+        "batch shrinks), or 'refill': left out and replaced by informative groups from more sampling rounds on new "
+        "prompts, up to algorithm.max_refill_rounds (DAPO dynamic sampling)",
     )
     max_refill_rounds: int = option(
         4,
-        "filter_zero_std=refill: sampling rounds after the first, each of train.prompts_per_iteration new prompts, "
-        "until the batch holds prompts_per_iteration informative groups; when they run out the batch trains on "
-        "the informative groups found (0 = no extra round: the same as 'drop')",
+        "filter_zero_std=refill: sampling rounds after the first, each on about as many new prompts as should give "
+        "the missing informative groups (at most train.prompts_per_iteration), until the batch holds "
+        "prompts_per_iteration informative groups; when they run out it trains on those found (0 = as 'drop')",
     )
     shared_prefix: bool = option(False, "Prefix Grouper: encode each prompt once per group in the training forward")
     disco_tau: float = option(10.0, "disco: temperature of the log-sum-exp over wrong answers")

@@ -18,8 +18,8 @@ One departure from one process: a reward that compares groups within its batch (
 groups) compares the groups of one rank's block.
 
 The rollout of an iteration is one sampling round, or under algorithm.filter_zero_std=refill up to
-1 + max_refill_rounds of them (`refill`, DAPO dynamic sampling): each round samples and scores B more prompts
-(`sample_round`), the decision to go on is taken from the gathered rewards (the same on every rank), and
+1 + max_refill_rounds of them (`refill`, DAPO dynamic sampling): each later round samples and scores about as
+many prompts as are expected to give the missing informative groups (`sample_round`), the decision to go on is taken from the gathered rewards (the same on every rank), and
 `assemble_batch` moves the chosen groups so that each rank again holds its block of B/W whole groups.
 """
 
@@ -223,27 +223,37 @@ class RefillPlan:
     zero_std: int
 
 
-def refill(sample_round: Callable[[int], Tensor], wanted: int, max_rounds: int) -> RefillPlan:
+def refill(sample_round: Callable[[int, int], Tensor], wanted: int, max_rounds: int, multiple: int = 1) -> RefillPlan:
     """DAPO dynamic sampling (Yu et al. 2025, arXiv:2503.14476, Sec. 3.2: over-sample and keep the groups that
     satisfy the constraint 0 < |{o_i | is_equivalent(a, o_i)}| < G of the DAPO objective, Eq. 8, until the batch
-    is full). `sample_round(r)` samples round r (0 = the iteration's own prompts) and returns its groups'
-    informative flags [n] bool, the same on every rank. Rounds go on while fewer than `wanted` groups are
-    informative and fewer than `max_rounds` rounds followed the first.
+    is full). `sample_round(r, n)` samples round r of n prompts (round 0: the iteration's own `wanted`) and returns
+    its groups' informative flags [n] bool, the same on every rank. Rounds go on while fewer than `wanted` groups
+    are informative and fewer than `max_rounds` rounds followed the first.
 
-    The batch is the first `wanted` informative groups in sampling order. Departure from DAPO's code (verl, which
-    stops with an error past its max_num_gen_batches): when the rounds run out it holds the informative groups
-    found plus the earliest zero-variance ones (which train on nothing) up to `wanted` groups, so every rank keeps
-    a block of the same size; with max_rounds 0 it is the first round as sampled (the 'drop' filter)."""
+    Departures from DAPO's code (verl, which samples a fixed gen_batch_size of prompts per round and stops with an
+    error past max_num_gen_batches), both measured on the embedded task (README):
+    - a refill round samples n = ceil(missing * sampled / informative) prompts, the missing groups over the
+      informative fraction seen so far this iteration (all `wanted` when none was informative yet), at most
+      `wanted`, rounded up to a multiple of `multiple` (the process count: whole groups per rank); a fixed round
+      of `wanted` prompts spent 64 completions on one missing group of 8;
+    - when the rounds run out the batch holds the informative groups found plus the earliest zero-variance ones
+      (which train on nothing) up to `wanted` groups, so every rank keeps a block of the same size.
+    The batch is the first `wanted` informative groups in sampling order; with max_rounds 0 it is the first round
+    as sampled (the 'drop' filter)."""
     informative: list[tuple[int, int]] = []
     uninformative: list[tuple[int, int]] = []
-    round_ = 0
+    round_, count = 0, wanted
     while True:
-        flags = sample_round(round_)  # [n]
+        flags = sample_round(round_, count)  # [count]
         for group, flag in enumerate(flags.tolist()):
             (informative if flag else uninformative).append((round_, group))
-        if len(informative) >= wanted or round_ >= max_rounds:
+        missing = wanted - len(informative)
+        if missing <= 0 or round_ >= max_rounds:
             break
         round_ += 1
+        sampled = len(informative) + len(uninformative)
+        count = -(-missing * sampled // len(informative)) if informative else wanted  # ceil
+        count = -(-min(count, wanted) // multiple) * multiple  # wanted is a multiple of it
     found = informative[:wanted]
     chosen = sorted(found + uninformative[: wanted - len(found)])  # (round, group): sampling order
     sampled = len(informative) + len(uninformative)
@@ -271,29 +281,33 @@ def rollout_seed(seed: int, iteration: int, rank: int, round_: int) -> int:
     return derived_seed(seed, iteration, rank, round_, 1)
 
 
-def refill_rows(rows: list[dict], iteration: int, round_: int, count: int, seed: int, taken: set[int]) -> list[dict]:
-    """The `count` prompts of refill round `round_` (>= 1) of an iteration: consecutive slices of one seeded
-    permutation of the training rows per iteration, leaving out the iteration's first-round rows (`taken`, by
-    `_index`) while others remain, and wrapping around. A function of (seed, iteration, round) and the first
-    round's rows, so a resumed run draws the same prompts with nothing saved (as `iteration_rows`)."""
+def refill_rows(rows: list[dict], iteration: int, start: int, count: int, seed: int, taken: set[int]) -> list[dict]:
+    """Positions start .. start + count - 1 of an iteration's refill stream (each refill round takes the next
+    ones): one seeded permutation of the training rows per iteration, leaving out the iteration's first-round rows
+    (`taken`, by `_index`) while others remain, wrapping around. A function of (seed, iteration), the first
+    round's rows and the round sizes, so a resumed run draws the same prompts with nothing saved (as
+    `iteration_rows`)."""
     generator = torch.Generator().manual_seed(derived_seed(seed, iteration, 2))
     order = torch.randperm(len(rows), generator=generator).tolist()
     candidates = [i for i in order if i not in taken] or order
-    start = (round_ - 1) * count
     return [rows[candidates[(start + k) % len(candidates)]] for k in range(count)]
 
 
-def assemble_batch(run: Run, rounds: list[RoundSample], chosen: list[tuple[int, int]], group_size: int, pad_id: int):
+def assemble_batch(
+    run: Run, rounds: list[RoundSample], chosen: list[tuple[int, int]], group_size: int, pad_id: int
+) -> RoundSample:
     """The trained batch: the `chosen` (round, group) groups in that order, each rank holding its block of them
     (`Run.redistribute` moves a group from the rank that sampled it); prompts re-padded on the left as `generate`
     does, completions on the right to the longest. The first round itself when it is the whole choice."""
     G = group_size
     if chosen == [(0, group) for group in range(len(rounds[0].rows))]:
         return rounds[0]
-    held = {}
+    wanted, held = set(chosen), {}
     for round_, sample in enumerate(rounds):
         r = sample.rollout
         for local, group in enumerate(sample.block):
+            if (round_, group) not in wanted:
+                continue
             part = slice(local * G, (local + 1) * G)
             held[(round_, group)] = (
                 r.completion_ids[part].cpu(),  # [G, C_round]
@@ -662,18 +676,19 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         rounds: list[RoundSample] = []
         taken: set[int] = set()  # the first round's rows, which later rounds leave out
 
-        def sample(round_: int) -> Tensor:
+        def sample(round_: int, count: int) -> Tensor:
             if round_ == 0:
-                rows = iteration_rows(train_rows, iteration, t.prompts_per_iteration, t.seed)  # the global batch
+                rows = iteration_rows(train_rows, iteration, count, t.seed)  # the global batch
                 taken.update(row["_index"] for row in rows)
             else:
-                rows = refill_rows(train_rows, iteration, round_, t.prompts_per_iteration, t.seed, taken)
+                drawn = sum(len(earlier.rows) for earlier in rounds[1:])  # by the earlier refill rounds
+                rows = refill_rows(train_rows, iteration, drawn, count, t.seed, taken)
             rounds.append(
                 sample_round(run, config, model, tokenizer, rewards, rows, iteration, round_, drop_bad, timings)
             )
-            return informative_groups(rounds[-1].scores, config.reward.weights, t.group_size)  # [B]
+            return informative_groups(rounds[-1].scores, config.reward.weights, t.group_size)  # [count]
 
-        plan = refill(sample, t.prompts_per_iteration, a.refill_rounds)
+        plan = refill(sample, t.prompts_per_iteration, a.refill_rounds, multiple=run.world)
         batch = assemble_batch(run, rounds, plan.chosen, t.group_size, tokenizer.pad_token_id)
         rows, block, rollout, scores = batch.rows, batch.block, batch.rollout, batch.scores  # scores: [B*G] each
         bad = torch.stack(list(scores.values())).isnan().any(dim=0)  # [B*G]

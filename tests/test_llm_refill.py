@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -33,21 +34,31 @@ RECORD = "LLMALIGN_REFILL_RECORD"
 
 
 def stub_sampler(rewards_per_round: list[list[list[float]]]):
-    """`sample_round` over hand-set rewards ([round][group][completion]); records the rounds it was asked for."""
+    """`sample_round` over hand-set rewards ([round][group][completion]: the first `count` groups of a round are
+    sampled); records the (round, count) it was asked for."""
     from llmalign.grpo import informative_groups
 
     asked = []
 
-    def sample_round(round_: int) -> torch.Tensor:
-        asked.append(round_)
-        groups = rewards_per_round[round_]
-        scores = {"accuracy": torch.tensor([r for group in groups for r in group])}  # [n*G]
+    def sample_round(round_: int, count: int) -> torch.Tensor:
+        asked.append((round_, count))
+        groups = rewards_per_round[round_][:count]
+        assert len(groups) == count, "the stub has fewer groups than asked for"
+        scores = {"accuracy": torch.tensor([float(r) for group in groups for r in group])}  # [count*G]
         return informative_groups(scores, {"accuracy": 1.0}, len(groups[0]))
 
     return sample_round, asked
 
 
-def test_refill_stops_as_soon_as_the_batch_is_full():
+@pytest.mark.parametrize(
+    "multiple, asked_counts, sampled, zero_std",
+    [
+        # round 1: ceil(2 missing * 4 sampled / 2 informative) = 4; round 2: ceil(1 * 8 / 3) = 3
+        (1, [4, 4, 3], 11, 5),
+        (2, [4, 4, 4], 12, 6),  # 2 processes: 3 rounded up to 4, the 4th group of round 2 (zero-variance) too
+    ],
+)
+def test_refill_stops_as_soon_as_the_batch_is_full(multiple, asked_counts, sampled, zero_std):
     from llmalign.grpo import refill
 
     rounds = [
@@ -57,26 +68,36 @@ def test_refill_stops_as_soon_as_the_batch_is_full():
         [[1, 0, 1], [1, 0, 1], [1, 0, 1], [1, 0, 1]],  # never sampled
     ]
     sample_round, asked = stub_sampler(rounds)
-    plan = refill(sample_round, wanted=4, max_rounds=5)
-    assert asked == [0, 1, 2]
+    plan = refill(sample_round, wanted=4, max_rounds=5, multiple=multiple)
+    assert asked == list(enumerate(asked_counts))
     assert plan.chosen == [(0, 0), (0, 3), (1, 1), (2, 0)]  # the first 4 informative, in sampling order
-    assert (plan.informative, plan.rounds, plan.sampled, plan.zero_std) == (4, 2, 12, 6)  # zero-variance: 2 + 3 + 1
+    assert (plan.informative, plan.rounds, plan.sampled, plan.zero_std) == (4, 2, sampled, zero_std)
 
 
 def test_refill_trains_on_what_it_found_when_the_rounds_run_out():
     from llmalign.grpo import refill
 
     rounds = [
-        [[1, 1], [0, 1], [0, 0], [1, 1]],  # group 1
+        [[1, 1], [0, 1], [0, 0], [1, 1]],  # group 1; then ceil(3 * 4 / 1) = 12 capped at 4
         [[0, 0], [1, 1], [1, 0], [0, 0]],  # group 2
         [[1, 0], [1, 0], [1, 0], [1, 0]],  # never sampled: max_rounds 1
     ]
     sample_round, asked = stub_sampler(rounds)
     plan = refill(sample_round, wanted=4, max_rounds=1)
-    assert asked == [0, 1]
+    assert asked == [(0, 4), (1, 4)]
     # the 2 informative groups, then the earliest zero-variance ones (which train on nothing) up to 4, in order
     assert plan.chosen == [(0, 0), (0, 1), (0, 2), (1, 2)]
     assert (plan.informative, plan.rounds, plan.sampled, plan.zero_std) == (2, 1, 8, 6)
+
+
+def test_refill_after_a_round_without_informative_groups_samples_a_whole_batch():
+    from llmalign.grpo import refill
+
+    sample_round, asked = stub_sampler([[[0, 0], [1, 1]], [[0, 1], [1, 0]]])
+    plan = refill(sample_round, wanted=2, max_rounds=3)
+    assert asked == [(0, 2), (1, 2)]
+    assert plan.chosen == [(1, 0), (1, 1)]
+    assert (plan.informative, plan.rounds, plan.sampled, plan.zero_std) == (2, 1, 4, 2)
 
 
 def test_refill_without_extra_rounds_keeps_the_first_round_as_sampled():
@@ -84,7 +105,7 @@ def test_refill_without_extra_rounds_keeps_the_first_round_as_sampled():
 
     sample_round, asked = stub_sampler([[[1, 1], [0, 1], [0, 0]]])
     plan = refill(sample_round, wanted=3, max_rounds=0)
-    assert asked == [0]
+    assert asked == [(0, 3)]
     assert plan.chosen == [(0, 0), (0, 1), (0, 2)]
     assert (plan.informative, plan.rounds, plan.sampled, plan.zero_std) == (1, 0, 3, 2)
 
@@ -94,16 +115,17 @@ def test_refill_rows_are_a_seeded_stream_without_the_first_round():
 
     rows = [{"_index": i} for i in range(10)]
     taken = {0, 1, 2, 3}
-    first = refill_rows(rows, iteration=5, round_=1, count=4, seed=0, taken=taken)
-    second = refill_rows(rows, iteration=5, round_=2, count=4, seed=0, taken=taken)
+    first = refill_rows(rows, iteration=5, start=0, count=4, seed=0, taken=taken)
+    second = refill_rows(rows, iteration=5, start=4, count=4, seed=0, taken=taken)
     ids = lambda picked: [row["_index"] for row in picked]
-    assert ids(first) == ids(refill_rows(rows, iteration=5, round_=1, count=4, seed=0, taken=taken))  # resumable
-    # the 6 rows not taken, in one order: round 1 takes 4 of them, round 2 the other 2 and then wraps around
+    assert ids(first) == ids(refill_rows(rows, iteration=5, start=0, count=4, seed=0, taken=taken))  # resumable
+    # the 6 rows not taken, in one order: a first round takes 4 of them, the next the other 2 and then wraps around
     assert sorted(ids(first) + ids(second)[:2]) == [4, 5, 6, 7, 8, 9]
     assert ids(second)[2:] == ids(first)[:2]
-    assert ids(refill_rows(rows, iteration=6, round_=1, count=4, seed=0, taken=taken)) != ids(first)
-    assert ids(refill_rows(rows, iteration=5, round_=1, count=4, seed=1, taken=taken)) != ids(first)
-    assert len(refill_rows(rows, 0, 1, 4, 0, taken=set(range(10)))) == 4  # every row taken: the whole order
+    assert ids(refill_rows(rows, iteration=5, start=1, count=2, seed=0, taken=taken)) == ids(first)[1:3]
+    assert ids(refill_rows(rows, iteration=6, start=0, count=4, seed=0, taken=taken)) != ids(first)
+    assert ids(refill_rows(rows, iteration=5, start=0, count=4, seed=1, taken=taken)) != ids(first)
+    assert len(refill_rows(rows, 0, 0, 4, 0, taken=set(range(10)))) == 4  # every row taken: the whole order
 
 
 # ----------------------------------------------------------------------------- config
@@ -143,7 +165,8 @@ def recording_accuracy(prompts, completions, step, answer, **kwargs):
     """The accuracy reward, which also appends each call (step, prompts, scores) to $LLMALIGN_REFILL_RECORD."""
     scores = accuracy_reward(prompts, completions, answer=answer)
     with open(os.environ[RECORD], "a") as handle:
-        handle.write(json.dumps({"step": step, "prompts": prompts, "scores": scores}) + "\n")
+        call = {"rank": int(os.environ.get("RANK", 0)), "step": step, "prompts": prompts, "scores": scores}
+        handle.write(json.dumps(call) + "\n")
     return scores
 
 
@@ -204,17 +227,21 @@ def test_refill_run_logs_what_its_reward_calls_show(tmp_path, monkeypatch):
     used_rounds = 0
     for step, record_ in enumerate(logged):
         rounds = [c for c in calls if c["step"] == step]  # one reward call per round on one process
-        # the reference: per round, the groups whose accuracies are not all equal; stop when B are found
-        informative = 0
+        # the reference: per round, the groups whose accuracies are not all equal; stop when B are found; a
+        # refill round of min(B, ceil(missing * sampled / informative)) groups (B when none was informative)
+        informative, sampled, expected_count = 0, 0, B
         for number, call in enumerate(rounds):
-            groups = [call["scores"][g * G : (g + 1) * G] for g in range(B)]
+            count = len(call["scores"]) // G
+            assert count == expected_count, (step, number)
+            groups = [call["scores"][g * G : (g + 1) * G] for g in range(count)]
             informative += sum(len(set(group)) > 1 for group in groups)
+            sampled += count
             assert (informative >= B or number == max_rounds) == (number == len(rounds) - 1), (step, number)
-        assert record_["train/rollouts"] == sum(len(c["scores"]) for c in rounds) == len(rounds) * B * G
+            expected_count = min(B, math.ceil((B - informative) * sampled / informative)) if informative else B
+        assert record_["train/rollouts"] == sum(len(c["scores"]) for c in rounds) == sampled * G
         assert record_["train/refill_rounds"] == len(rounds) - 1 <= max_rounds
         assert record_["train/informative_groups"] == min(informative, B)
-        zero_std = len(rounds) * B - informative
-        assert record_["train/zero_std_groups"] == pytest.approx(zero_std / (len(rounds) * B))
+        assert record_["train/zero_std_groups"] == pytest.approx((sampled - informative) / sampled)
         if record_["train/informative_groups"] == B:
             assert record_["train/kept"] == 1.0  # every trained group informative (grpo: nothing else masked)
         # refill prompts leave out the iteration's first prompts
@@ -271,12 +298,40 @@ def test_refill_resume_ends_bit_identical_with_prefix_grouper_and_two_steps(tmp_
 
 # ----------------------------------------------------------------------------- 1 process == 2 processes
 
-PROBE_ROUNDS = [  # hand-set accuracies [round][group][completion]: B = 4 groups of 3 per round
-    [[1, 0, 1], [0, 0, 0], [1, 1, 0], [1, 1, 1]],  # groups 0, 2
-    [[0, 0, 0], [1, 1, 1], [0, 1, 0], [0, 0, 0]],  # group 2
-    [[1, 0, 0], [0, 1, 1], [0, 0, 0], [1, 0, 0]],  # groups 0, 1, 3: one is needed
+
+@pytest.mark.timeout(300)
+def test_two_process_refill_run_samples_the_same_rounds_on_both_ranks(tmp_path):
+    from tests.multiproc import run_processes
+
+    record, out = tmp_path / "calls.jsonl", tmp_path / "run"
+    args = embedded(
+        out,
+        "train.iterations=3",
+        "algorithm.filter_zero_std=refill",
+        "algorithm.max_refill_rounds=2",
+        "reward.weights={tests.test_llm_refill:recording_accuracy: 1.0}",
+    )
+    completed = run_processes(2, ["-m", "llmalign", *args], env={RECORD: str(record)})
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    logged = metrics(out)
+    assert [r["iteration"] for r in logged] == [1, 2, 3]
+    for step, record_ in enumerate(logged):
+        per_rank = [[c for c in calls if c["step"] == step and c["rank"] == rank] for rank in (0, 1)]
+        assert len(per_rank[0]) == len(per_rank[1]) == record_["train/refill_rounds"] + 1  # decided alike
+        assert record_["train/rollouts"] == sum(len(c["scores"]) for calls_ in per_rank for c in calls_)
+        for first, second in zip(*per_rank):  # each round: the ranks sample disjoint halves of it
+            assert len(first["prompts"]) == len(second["prompts"])  # a round of an even number of prompts
+            assert not set(first["prompts"]) & set(second["prompts"])
+    assert sum(r["train/refill_rounds"] for r in logged) > 0
+
+
+PROBE_ROUNDS = [  # hand-set accuracies [round][group][completion]: rounds of 4 groups of 3 on 1 and 2 processes
+    [[0, 0, 0], [1, 1, 1], [1, 0, 1], [0, 0, 0]],  # group 2; next round ceil(3 * 4 / 1) = 12, capped at 4
+    [[1, 1, 1], [0, 1, 0], [0, 0, 0], [1, 1, 1]],  # group 1; next round ceil(2 * 8 / 2) = 8, capped at 4
+    [[1, 0, 0], [0, 0, 0], [1, 1, 1], [0, 1, 1]],  # groups 0, 3
 ]
-PROBE_CHOSEN = [(0, 0), (0, 2), (1, 2), (2, 0)]  # on 2 processes (0, 2) moves to rank 0, (2, 0) to rank 1
+PROBE_CHOSEN = [(0, 2), (1, 1), (2, 0), (2, 3)]  # on 2 processes (0, 2) moves to rank 0, (2, 0) to rank 1
 PROBE_CASES = {
     "grpo_two_steps": ["algorithm.loss=grpo", "train.updates_per_pass=2", "train.micro_batch_size=2"],
     "disco_shared_prefix": ["algorithm.loss=disco", "algorithm.shared_prefix=true", "train.micro_batch_size=3"],
@@ -291,14 +346,14 @@ def probe_completions(round_: int, group: int) -> list[list[int]]:
     ]
 
 
-def probe_round(run, round_: int):
+def probe_round(run, round_: int, count: int):
     """Round `round_` of the probe as `sample_round` returns it on this rank: rows with prompt ids, this rank's
     block of completions (random ids and lengths from a seed of (round, group), so any rank makes the same ones;
     padded to the block's longest, as `generate` pads), the hand-set scores."""
     from llmalign.evaluate import Rollout, pad_left
     from llmalign.grpo import RoundSample
 
-    groups = PROBE_ROUNDS[round_]
+    groups = PROBE_ROUNDS[round_][:count]
     rows = []
     for group in range(len(groups)):
         g = torch.Generator().manual_seed(100 * round_ + group)
@@ -334,11 +389,11 @@ def probe(out: Path) -> None:
     run = Run(out / "run", resume=False, tag="[probe]")
     rounds = []
 
-    def sample_round(round_: int) -> torch.Tensor:
-        rounds.append(probe_round(run, round_))
+    def sample_round(round_: int, count: int) -> torch.Tensor:
+        rounds.append(probe_round(run, round_, count))
         return informative_groups(rounds[-1].scores, {"accuracy": 1.0}, 3)
 
-    plan = refill(sample_round, wanted=4, max_rounds=2)
+    plan = refill(sample_round, wanted=4, max_rounds=2, multiple=run.world)
     batch = assemble_batch(run, rounds, plan.chosen, 3, pad_id=0)
     r = batch.rollout
     local = [
