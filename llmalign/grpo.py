@@ -19,8 +19,9 @@ groups) compares the groups of one rank's block.
 
 The rollout of an iteration is one sampling round, or under algorithm.filter_zero_std=refill up to
 1 + max_refill_rounds of them (`refill`, DAPO dynamic sampling): each later round samples and scores about as
-many prompts as are expected to give the missing informative groups (`sample_round`), the decision to go on is taken from the gathered rewards (the same on every rank), and
-`assemble_batch` moves the chosen groups so that each rank again holds its block of B/W whole groups.
+many new prompts as should give the missing informative groups (`sample_round`), every rank deciding from the
+gathered rewards alike, and `assemble_batch` moves the chosen groups so that each rank again holds its block of
+B/W whole groups.
 """
 
 from __future__ import annotations

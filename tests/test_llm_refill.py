@@ -253,23 +253,25 @@ def test_refill_run_logs_what_its_reward_calls_show(tmp_path, monkeypatch):
 
 
 @pytest.mark.timeout(300)
-def test_refill_without_extra_rounds_trains_as_the_drop_filter(tmp_path):
+def test_refill_without_extra_rounds_trains_as_the_drop_filter_and_says_it_found_too_few(tmp_path, capsys):
     main(embedded(tmp_path / "drop", "train.iterations=2", "algorithm.filter_zero_std=true"))
-    main(
-        embedded(
-            tmp_path / "refill",
-            "train.iterations=2",
-            "algorithm.filter_zero_std=refill",
-            "algorithm.max_refill_rounds=0",
-        )
-    )
+    capsys.readouterr()
+    refill_run = [*embedded(tmp_path / "refill", "train.iterations=2"), "algorithm.filter_zero_std=refill"]
+    main([*refill_run, "algorithm.max_refill_rounds=0"])
+    printed = capsys.readouterr().out
     drop, refill = weights(tmp_path / "drop"), weights(tmp_path / "refill")
     assert drop.keys() == refill.keys()
     for name in drop:
         assert torch.equal(drop[name], refill[name]), name
+    logged = metrics(tmp_path / "refill")
     assert [r["train/zero_std_groups"] for r in metrics(tmp_path / "drop")] == [
-        r["train/zero_std_groups"] for r in metrics(tmp_path / "refill")
+        r["train/zero_std_groups"] for r in logged
     ]
+    short = [r for r in logged if r["train/informative_groups"] < B]
+    assert short  # on this seed some iteration has a zero-variance group, which no extra round may replace
+    for r in short:
+        line = f"iteration {r['iteration']}: refill found {r['train/informative_groups']} informative groups of {B}"
+        assert line in printed and "training on those" in printed
 
 
 @pytest.mark.timeout(300)
