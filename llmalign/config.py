@@ -1,12 +1,13 @@
 """The config dataclass of the text GRPO recipe (`llmalign grpo`, `llmalign/grpo.py`).
 
-Sections: model, data, sampling, algorithm, train, reward, eval, log. Every field is documented once,
+Sections: model, data, sampling, rollout, algorithm, replay, train, reward, eval, log. Every field is documented once,
 here; `llmalign grpo --describe` prints them all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal, Optional, Union
 
 from shared.config import (
@@ -162,6 +163,96 @@ class LMSamplingConfig:
 
 
 @dataclasses.dataclass
+class LMRolloutConfig:
+    """Where the rollouts of an iteration go (issue 16): a second sampling stage on the batch's own prompts
+    (DARS, GVM; groups then have unequal sizes) and Forced Rethinking. Every field is off by default."""
+
+    schedule: Literal["none", "dars_et", "dars_hw", "gvm"] = option(
+        "none",
+        "none (G rollouts per prompt); dars_et / dars_hw: after the first G, prompts whose pass rate is below "
+        "rollout.dars_threshold get extra rollouts in a second stage, equal-treatment or hardness-weighted "
+        "(DARS, shared.allocation.dars_extra_rollouts); gvm: a first stage of rollout.gvm_first_stage per "
+        "prompt, then rollout.extra_budget's rollouts spread to minimise the gradient variance from each "
+        "prompt's first-stage pass rate and gradient-norm estimate (GVM, shared.allocation.gvm_allocation). "
+        "Extra rollouts join their prompt's group before the advantages",
+    )
+    dars_threshold: float = option(
+        0.5, "dars_*: a prompt is hard, and gets extra rollouts, when its first-stage pass rate is below this"
+    )
+    extra_budget: float = option(
+        0.5,
+        "second-stage rollouts per iteration as a fraction of train.prompts_per_iteration * train.group_size, "
+        "rounded to a whole number: dars_* spend at most this many, gvm exactly this many",
+    )
+    max_rollouts_per_prompt: Optional[int] = option(
+        None,
+        "the most rollouts one prompt may get, first stage included (null: dars_et 4 G, dars_hw 8 G, the DARS "
+        "README's n_max; gvm no cap)",
+    )
+    min_rollouts_per_prompt: int = option(1, "gvm: second-stage rollouts every prompt gets at least")
+    gvm_first_stage: int = option(
+        2, "gvm: rollouts per prompt in the first stage, which estimates the pass rate and gradient norm"
+    )
+    rethink_trigger: str = option(
+        "Wait, let me check.",
+        "Forced Rethinking: text appended to a finished rollout, from which generation continues",
+    )
+    rethink_fraction: float = option(
+        0.0,
+        "Forced Rethinking: fraction of each rank's finished first-stage rollouts (ended by EOS, room left) "
+        "that get rollout.rethink_trigger appended and are continued; the continued text is the completion "
+        "scored and trained (0 = off)",
+    )
+
+    def check(self) -> None:
+        for field in ("dars_threshold", "rethink_fraction"):
+            value = getattr(self, field)
+            need(0 <= value <= 1, f"rollout.{field}", f"{value} is outside [0, 1]; use a fraction such as 0.5")
+        need(
+            self.extra_budget >= 0,
+            "rollout.extra_budget",
+            f"{self.extra_budget} is negative; use a fraction of the base rollouts such as 0.5",
+        )
+        need(
+            self.min_rollouts_per_prompt >= 1,
+            "rollout.min_rollouts_per_prompt",
+            f"{self.min_rollouts_per_prompt}; every prompt gets at least 1 rollout in the second stage",
+        )
+        need(
+            self.gvm_first_stage >= 2,
+            "rollout.gvm_first_stage",
+            f"{self.gvm_first_stage}; a pass rate and a group advantage need at least 2 rollouts per prompt",
+        )
+        need(
+            self.rethink_fraction == 0 or bool(self.rethink_trigger.strip()),
+            "rollout.rethink_trigger",
+            "empty while rollout.rethink_fraction > 0; give the text to append, e.g. 'Wait, let me check.'",
+        )
+
+    @property
+    def two_stage(self) -> bool:
+        return self.schedule != "none"
+
+    def first_stage_size(self, group_size: int) -> int:
+        """Rollouts per prompt in the first stage: gvm's cheap one, else train.group_size."""
+        return self.gvm_first_stage if self.schedule == "gvm" else group_size
+
+    def extra_rollouts(self, prompts: int, group_size: int) -> int:
+        """The second stage's budget in rollouts: extra_budget * prompts * group_size, rounded half up."""
+        return math.floor(self.extra_budget * prompts * group_size + 0.5)
+
+    def max_total(self, group_size: int) -> Optional[int]:
+        """The per-prompt cap on all its rollouts (None: gvm without a cap)."""
+        if self.max_rollouts_per_prompt is not None:
+            return self.max_rollouts_per_prompt
+        if self.schedule in ("dars_et", "dars_hw"):
+            from shared.allocation import DARS_DEFAULT_MAX_ROLLOUTS_PER_GROUP
+
+            return DARS_DEFAULT_MAX_ROLLOUTS_PER_GROUP[self.schedule[-2:]] * group_size
+        return None
+
+
+@dataclasses.dataclass
 class LMAlgorithmConfig:
     loss: Literal["grpo", "dr_grpo", "dapo", "disco"] = option(
         "grpo", "grpo (sequence mean), dr_grpo (sum / (B*L_max), no std), dapo (token mean, clip-higher), disco"
@@ -195,6 +286,12 @@ class LMAlgorithmConfig:
         "the missing informative groups (at most train.prompts_per_iteration), until the batch holds "
         "prompts_per_iteration informative groups; when they run out it trains on those found (0 = as 'drop')",
     )
+    replay: Literal["none", "ssr"] = option(
+        "none",
+        "ssr: Selective Sample Replay (VL-Rethinker): keep recent samples with non-zero advantage (replay.size) and, "
+        "when a batch has fewer than replay.min_informative of them, add samples drawn from that buffer in "
+        "proportion to |advantage|^replay.alpha (their stored advantage, old log-probs recomputed); none: off",
+    )
     shared_prefix: bool = option(False, "Prefix Grouper: encode each prompt once per group in the training forward")
     disco_tau: float = option(10.0, "disco: temperature of the log-sum-exp over wrong answers")
     disco_delta: float = option(
@@ -208,9 +305,12 @@ class LMAlgorithmConfig:
     )
     correct_reward: str = option(
         "accuracy",
-        "disco: the reward (a name in reward.weights) that says whether a completion is correct (o+) or wrong (o-)",
+        "disco and rollout.schedule: the reward (a name in reward.weights) that says whether a completion is "
+        "correct (disco's o+, or counted in a prompt's pass rate) or wrong (o-)",
     )
-    correct_threshold: float = option(0.5, "disco: a completion is correct when its correct_reward exceeds this")
+    correct_threshold: float = option(
+        0.5, "disco and rollout.schedule: a completion is correct when its correct_reward exceeds this"
+    )
 
     def check(self) -> None:
         need(0 <= self.clip_range < 1, "algorithm.clip_range", f"{self.clip_range} must be in [0, 1), e.g. 0.2")
@@ -261,6 +361,27 @@ class LMAlgorithmConfig:
 
 
 @dataclasses.dataclass
+class LMReplayConfig:
+    """algorithm.replay=ssr's buffer (shared.replay.ReplayBuffer), saved in every checkpoint."""
+
+    size: int = option(256, "samples the buffer keeps, the oldest evicted first")
+    min_informative: int = option(
+        16,
+        "a batch with fewer samples of non-zero advantage (after the zero-variance and overlong masks) gets "
+        "that many minus its own from the buffer, as many as it holds",
+    )
+    alpha: float = option(1.0, "replay probability proportional to |advantage|^alpha (0 = uniform)")
+
+    def check(self) -> None:
+        need(self.min_informative >= 0, "replay.min_informative", f"{self.min_informative} is negative")
+        need(
+            math.isfinite(self.alpha) and self.alpha >= 0,
+            "replay.alpha",
+            f"{self.alpha}; use a finite exponent >= 0 (1 = in proportion to |advantage|)",
+        )
+
+
+@dataclasses.dataclass
 class LMTrainConfig:
     iterations: int = option(100, "GRPO iterations (rollout + updates)")
     prompts_per_iteration: int = option(
@@ -275,6 +396,11 @@ class LMTrainConfig:
         "optimizer steps per pass U: step p trains on the completions (whole groups "
         "for disco and shared_prefix) whose index in the rollout is p modulo U",
     )
+    full_batch_epochs: Optional[int] = option(
+        None,
+        "DARS-B's full-batch updates: this many passes over each rollout, each one optimizer step on the whole "
+        "batch (in place of num_iterations and updates_per_pass, which must stay 1; null = off)",
+    )
     micro_batch_size: int = option(
         16, "completions per forward pass on each process (gradient accumulation; a memory knob, the loss is the same)"
     )
@@ -285,6 +411,11 @@ class LMTrainConfig:
     max_seconds: Optional[float] = option(None, "stop after this many seconds of training (then evaluate and save)")
     gradient_checkpointing: bool = gradient_checkpointing_option()
     mixed_precision: Literal["no", "bf16", "fp16"] = mixed_precision_option()
+
+    @property
+    def passes(self) -> int:
+        """Passes over each rollout: full_batch_epochs when set, else num_iterations."""
+        return self.full_batch_epochs or self.num_iterations
 
     def check(self) -> None:
         need(self.iterations >= 0, "train.iterations", f"{self.iterations} is negative")
@@ -300,6 +431,15 @@ class LMTrainConfig:
         )
         need(self.num_iterations >= 1, "train.num_iterations", f"{self.num_iterations}; use at least 1")
         need(self.updates_per_pass >= 1, "train.updates_per_pass", f"{self.updates_per_pass}; use at least 1")
+        if self.full_batch_epochs is not None:
+            need(self.full_batch_epochs >= 1, "train.full_batch_epochs", f"{self.full_batch_epochs}; use at least 1")
+            for field in ("num_iterations", "updates_per_pass"):
+                need(
+                    getattr(self, field) == 1,
+                    f"train.{field}",
+                    f"{getattr(self, field)} beside train.full_batch_epochs={self.full_batch_epochs}, whose passes "
+                    "are one full-batch step each; set it to 1 or unset train.full_batch_epochs",
+                )
         rollout = self.prompts_per_iteration * self.group_size
         need(
             rollout <= SAMPLES_PER_ITERATION_LIMIT,
@@ -433,7 +573,9 @@ class GRPOConfig:
     model: LMModelConfig = dataclasses.field(default_factory=LMModelConfig)
     data: LMDataConfig = dataclasses.field(default_factory=LMDataConfig)
     sampling: LMSamplingConfig = dataclasses.field(default_factory=LMSamplingConfig)
+    rollout: LMRolloutConfig = dataclasses.field(default_factory=LMRolloutConfig)
     algorithm: LMAlgorithmConfig = dataclasses.field(default_factory=LMAlgorithmConfig)
+    replay: LMReplayConfig = dataclasses.field(default_factory=LMReplayConfig)
     train: LMTrainConfig = dataclasses.field(default_factory=LMTrainConfig)
     reward: LMRewardConfig = dataclasses.field(default_factory=LMRewardConfig)
     eval: LMEvalConfig = dataclasses.field(default_factory=LMEvalConfig)
@@ -445,20 +587,36 @@ class GRPOConfig:
             self.model,
             self.data,
             self.sampling,
+            self.rollout,
             self.algorithm,
+            self.replay,
             self.train,
             self.reward,
             self.eval,
             self.log,
         ):
             section.check()
-        t, a = self.train, self.algorithm
+        t, a, r = self.train, self.algorithm, self.rollout
         need(
-            a.loss != "disco" or a.correct_reward in self.reward.weights,
+            (a.loss != "disco" and not r.two_stage) or a.correct_reward in self.reward.weights,
             "algorithm.correct_reward",
             f"{a.correct_reward!r} is not among the configured rewards {sorted(self.reward.weights)}; name the one "
             "that scores correctness (a completion is correct when it exceeds algorithm.correct_threshold)",
         )
+        self.check_allocation()
+        if a.replay == "ssr":
+            from shared.replay import check_replay_size
+
+            try:
+                check_replay_size(self.replay.size)
+            except ConfigError as error:
+                raise ConfigError(f"config field 'replay.size': {error}") from None
+            need(
+                a.loss != "disco",
+                "algorithm.replay",
+                "ssr replays samples by their advantage, which algorithm.loss=disco does not train on; use "
+                "another loss or algorithm.replay=none",
+            )
         need(
             not (a.shared_prefix and t.gradient_checkpointing),
             "train.gradient_checkpointing",
@@ -478,3 +636,56 @@ class GRPOConfig:
                 f"{t.updates_per_pass} splits groups across optimizer steps, which {why} cannot do; use a divisor "
                 f"of train.prompts_per_iteration={t.prompts_per_iteration}",
             )
+
+    @property
+    def uneven_groups(self) -> bool:
+        """The trained groups may differ in size: a second stage (rollout.schedule) or replayed samples (groups of
+        one), so the update splits the batch by whole groups (`llmalign.grpo.Groups`)."""
+        return self.rollout.two_stage or self.algorithm.replay == "ssr"
+
+    def check_allocation(self) -> None:
+        """A second stage that cannot fit its budget is refused here, before any model loads: gvm must give every
+        prompt min_rollouts_per_prompt and at most max_rollouts_per_prompt (first stage included); a per-prompt cap
+        below the first stage; an optimizer-step split that is not by whole groups (groups have unequal sizes)."""
+        t, r, a = self.train, self.rollout, self.algorithm
+        if not r.two_stage and a.replay == "none":
+            return
+        need(
+            t.prompts_per_iteration % t.updates_per_pass == 0,
+            "train.updates_per_pass",
+            f"{t.updates_per_pass}: under rollout.schedule or algorithm.replay groups have unequal sizes, so the "
+            f"optimizer steps split by whole groups; use a divisor of train.prompts_per_iteration="
+            f"{t.prompts_per_iteration}",
+        )
+        if not r.two_stage:
+            return
+        need(
+            "grpo_lambda" not in self.reward.weights,
+            "rollout.schedule",
+            f"{r.schedule}: the second stage's rollouts reach the rewards as groups of one, which grpo_lambda (it "
+            "ranks whole groups) cannot score; drop grpo_lambda or set rollout.schedule=none",
+        )
+        first, cap = r.first_stage_size(t.group_size), r.max_total(t.group_size)
+        need(
+            cap is None or cap >= first,
+            "rollout.max_rollouts_per_prompt",
+            f"{cap} is below the first stage's {first} rollouts per prompt; raise it",
+        )
+        if r.schedule == "gvm":
+            from shared.allocation import check_budget
+
+            budget = r.extra_rollouts(t.prompts_per_iteration, t.group_size)
+            try:
+                check_budget(
+                    budget,
+                    t.prompts_per_iteration,
+                    r.min_rollouts_per_prompt,
+                    None if cap is None else cap - first,
+                    field="rollout.extra_budget",
+                )
+            except ConfigError as error:
+                raise ConfigError(
+                    f"config field 'rollout.extra_budget': {r.extra_budget} x {t.prompts_per_iteration} prompts x "
+                    f"{t.group_size} = {budget} second-stage rollouts: {error} (rollout.min_rollouts_per_prompt, "
+                    f"rollout.max_rollouts_per_prompt less the first stage's {first})"
+                ) from None

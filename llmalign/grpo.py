@@ -43,7 +43,7 @@ from shared.reward_calls import RewardError, RewardTimeout, scores_as_floats, wi
 from llmalign.config import GRPOConfig
 from llmalign.data import iteration_rows, load_train_test, micro_batches, render_prompt, tokenize_prompts
 from llmalign.evaluate import Rollout, describe_held_out, generate, held_out_metrics, pad_left
-from llmalign.logprobs import completion_logprobs
+from llmalign.logprobs import completion_logprobs, real_token_positions
 from llmalign.policy import (
     enable_gradient_checkpointing,
     load_policy,
@@ -54,6 +54,7 @@ from llmalign.policy import (
 from llmalign.rewards import build_reward
 from llmalign.toy import resolve_embedded
 from shared.advantages import compose_rewards
+from shared.allocation import dars_extra_rollouts, gvm_allocation
 from shared.config import ConfigError
 from shared.disco import disco_kl_sum, disco_loss
 from shared.filtering import zero_variance_group_mask
@@ -61,6 +62,7 @@ from shared.kl import kl_k3
 from shared.losses import LOSS_AGGREGATIONS, aggregation_denominator, clipped_policy_loss
 from shared.ratio_check import METRIC as RATIO_METRIC
 from shared.ratio_check import FirstUpdateRatioCheck, ratio_deviation
+from shared.replay import ReplayBuffer
 from shared.run import Run
 from shared.runlog import plot_curves
 from shared.trackers import completions_table
@@ -147,25 +149,43 @@ def sample_round(
     round_: int,
     drop_bad: bool,
     timings: dict[str, float],
+    group_size: int | None = None,
 ) -> RoundSample:
-    """Sample round `round_` of an iteration on the global prompts `rows`: this rank generates G completions for
-    its block of them (from `rollout_seed`, for an exact resume) and scores them; every reward's values are
-    gathered over the round (a reward failure on any rank raises on all). Adds to time/rollout, time/reward."""
-    t, s = config.train, config.sampling
+    """Sample round `round_` of an iteration on the global prompts `rows`: this rank generates `group_size`
+    completions (None: train.group_size) for its block of them (from `rollout_seed`, for an exact resume), continues
+    rollout.rethink_fraction of the finished ones after the trigger (`rethink`), and scores them; every reward's
+    values are gathered over the round (a reward failure on any rank raises on all). Adds to time/rollout,
+    time/reward."""
+    t, s, r = config.train, config.sampling, config.rollout
+    G = group_size or t.group_size
     clock = time.perf_counter()
     block = run.block(len(rows))
     mine = rows[block.start : block.stop]
     torch.manual_seed(rollout_seed(t.seed, iteration, run.rank, round_))
+    rethought = eligible = 0
     with run.unwrapped_for_generation(model) as policy:
         rollout = generate(
             policy,
             tokenizer,
             [row["_ids"] for row in mine],
-            t.group_size,
+            G,
             s.max_new_tokens,
             temperature=s.temperature,
             top_p=s.top_p,
         )
+        if r.rethink_fraction > 0:
+            rollout, rethought, eligible = rethink(
+                policy,
+                tokenizer,
+                rollout,
+                G,
+                r.rethink_fraction,
+                r.rethink_trigger,
+                s.max_new_tokens,
+                s.temperature,
+                s.top_p,
+                derived_seed(t.seed, iteration, run.rank, round_, 4),
+            )
     timings["time/rollout"] += time.perf_counter() - clock
     clock = time.perf_counter()
     columns = [{k: v for k, v in row.items() if not k.startswith("_")} for row in mine]
@@ -176,26 +196,30 @@ def sample_round(
             [row["_text"] for row in mine],
             rollout,
             columns,
-            t.group_size,
+            G,
             iteration,
             s.max_new_tokens,
             drop_bad,
-            first_index=block.start * t.group_size,
+            first_index=block.start * G,
         )
     except RewardError as error:
         failure = str(error)
     scores = gathered_scores(run, local, failure)  # name -> [n*G]
     timings["time/reward"] += time.perf_counter() - clock
-    return RoundSample(rows, block, rollout, scores)
+    return RoundSample(rows, block, rollout, scores, rethought=rethought, rethink_eligible=eligible)
 
 
-def gathered_scores(run: Run, local: dict[str, Tensor] | None, failure: str | None) -> dict[str, Tensor]:
+def gathered_scores(
+    run: Run, local: dict[str, Tensor] | None, failure: str | None, uneven: bool = False
+) -> dict[str, Tensor]:
     """Every reward's [B*G] values over the global rollout (rank order is rollout order), or the RewardError of
-    the first rank whose rewards failed, raised on every rank together."""
+    the first rank whose rewards failed, raised on every rank together. `uneven`: the ranks hold different
+    numbers of completions (a second stage), gathered with `Run.gather_rows`."""
     failure = run.first_failure(failure)
     if failure is not None:
         raise RewardError(failure)
-    return {name: run.gather(values) for name, values in local.items()}
+    gather = run.gather_rows if uneven else run.gather
+    return {name: gather(values) for name, values in local.items()}
 
 
 # ----------------------------------------------------------------------------- rollout rounds
@@ -208,8 +232,11 @@ class RoundSample:
 
     rows: list[dict]  # [n] global, in rollout order
     block: range  # this rank's rows of `rows`
-    rollout: Rollout  # this rank's groups: [len(block) * G] completions
-    scores: dict[str, Tensor]  # name -> [n * G] global, NaN: dropped
+    rollout: Rollout  # this rank's groups: [len(block) * G] completions (sum of its sizes under `sizes`)
+    scores: dict[str, Tensor]  # name -> [n * G] global (sum(sizes) under `sizes`), NaN: dropped
+    sizes: list[int] | None = None  # [n] global group sizes when they differ (a second stage); None: all G
+    rethought: int = 0  # this rank's completions continued after rollout.rethink_trigger
+    rethink_eligible: int = 0  # this rank's finished completions with room for the trigger
 
 
 @dataclasses.dataclass
@@ -338,7 +365,371 @@ def assemble_batch(
     return RoundSample(rows, block, rollout, scores)
 
 
+# ----------------------------------------------------------------------------- Forced Rethinking
+
+
+def rethink(
+    policy,
+    tokenizer,
+    rollout: Rollout,
+    group_size: int,
+    fraction: float,
+    trigger: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+) -> tuple[Rollout, int, int]:
+    """Forced Rethinking (Wang et al. 2025, VL-Rethinker, arXiv:2504.08837, Sec. 3): a fraction of the finished
+    rollouts get `trigger` appended and generation continues from prompt + completion + trigger; the completion
+    becomes completion (EOS dropped) + trigger + continuation, which is what is scored and trained.
+
+    Eligible: completions that ended with EOS and leave room for the trigger and at least one more token within
+    max_new_tokens (the continuation's budget is what is left, so no completion exceeds L_max and dr_grpo's
+    denominator and the length rewards keep their meaning). round(fraction * eligible) of them, drawn by a
+    generator from `seed` (a resumed run draws the same), are continued in one `generate` call; a continuation cut
+    at its budget without EOS is truncated. Departure: VL-Rethinker appends the trigger to the rollouts of its
+    training data (and rewards rethinking that fixes an answer); here the rollouts of the current policy are
+    continued, as issue 16 asks. Returns (rollout, continued, eligible)."""
+    trigger_ids = tokenizer(trigger, add_special_tokens=False)["input_ids"]
+    lengths = rollout.lengths  # [n] EOS included
+    room = max_new_tokens - (lengths - 1) - len(trigger_ids)  # [n] tokens left for the continuation
+    eligible = torch.nonzero(~rollout.truncated & (room >= 1)).flatten().cpu()  # [e]
+    count = math.floor(fraction * len(eligible) + 0.5)
+    if count == 0:
+        return rollout, 0, len(eligible)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = eligible[torch.randperm(len(eligible), generator=generator)[:count]].sort().values.tolist()
+    heads = []  # each chosen completion without its EOS, then the trigger
+    for row in chosen:
+        head = rollout.completion_ids[row, : int(lengths[row]) - 1].tolist()
+        heads.append(head + trigger_ids)
+    prefixes = []
+    for row, head in zip(chosen, heads):
+        prompt = rollout.prompt_ids[row // group_size][rollout.prompt_mask[row // group_size].bool()].tolist()
+        prefixes.append(prompt + head)
+    torch.manual_seed(derived_seed(seed, 1))
+    continued = generate(
+        policy, tokenizer, prefixes, 1, max(int(room[row]) for row in chosen), temperature=temperature, top_p=top_p
+    )
+    completions = [ids[: int(n)] for ids, n in zip(rollout.completion_ids.tolist(), lengths.tolist())]
+    truncated = rollout.truncated.clone()  # [n]
+    texts = list(rollout.texts)
+    for k, (row, head) in enumerate(zip(chosen, heads)):
+        budget = int(room[row])
+        tail = continued.completion_ids[k, : int(continued.lengths[k])].tolist()  # EOS included when it ended
+        ended = bool(not continued.truncated[k]) and len(tail) <= budget
+        completions[row] = head + tail[:budget]
+        truncated[row] = not ended
+        texts[row] = tokenizer.decode(completions[row], skip_special_tokens=True)
+    width = max(len(c) for c in completions)
+    pad = tokenizer.pad_token_id
+    device = rollout.completion_ids.device
+    ids = torch.tensor([c + [pad] * (width - len(c)) for c in completions], device=device)  # [n, width]
+    mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions], device=device)  # [n, width]
+    return Rollout(rollout.prompt_ids, rollout.prompt_mask, ids, mask, truncated, texts), count, len(eligible)
+
+
+# ----------------------------------------------------------------------------- second stage (DARS, GVM)
+
+
+def pass_rates(scores: dict[str, Tensor], sizes: list[int], reward: str, threshold: float) -> Tensor:
+    """[n] float64 fraction of each group's completions whose `reward` exceeds `threshold` (a dropped, NaN score
+    counts as wrong); groups are consecutive, of `sizes`."""
+    correct = (scores[reward].nan_to_num(0.0) > threshold).double()  # [sum(sizes)]
+    group_ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))  # [sum(sizes)]
+    totals = torch.zeros(len(sizes), dtype=torch.float64).index_add_(0, group_ids, correct)  # [n]
+    return totals / torch.tensor(sizes, dtype=torch.float64)
+
+
+@torch.no_grad()
+def logit_gradient_norms(
+    policy, rollout: Rollout, advantages: Tensor, group_size: int, temperature: float, chunk: int
+) -> Tensor:
+    """GVM's gradient-norm estimate G_i for this rank's groups [b] (float64): the exact norm of the gradient of the
+    group's sequence-mean policy-gradient loss, -(1/G) sum_j A_j (1/L_j) sum_t log pi(o_jt), with respect to the
+    logits z (temperature-scaled) of every completion token, from one no-grad forward:
+
+        d log softmax(z)[o] / dz = e_o - pi,   so   G_i^2 = sum_j (A_j / (G L_j))^2 sum_t ||e_{o_jt} - pi_jt||^2
+
+    (the positions are distinct variables, so the squared norms add). The parameter gradient is this vector times
+    the network's Jacobian; the logit gradient is the cheap last-layer proxy of importance-sampling work
+    (Katharopoulos & Fleuret 2018, arXiv:1803.00942, Sec. 3.3). Departure: GVM-RAFT (arXiv:2505.02391) estimates
+    G_i from the parameter gradients of the accepted samples, one backward per prompt; we use this proxy to avoid
+    that backward, and the group advantages A_j of the first stage (so all-correct and all-wrong groups, which
+    carry no GRPO gradient, get G_i = 0 and gvm_allocation's min_count)."""
+    lengths = rollout.lengths  # [n]
+    squared = []  # [n] sum_t ||e_o - pi||^2 per completion
+    for start in range(0, len(lengths), chunk):
+        rows = torch.arange(start, min(start + chunk, len(lengths)))
+        prompts = rows // group_size
+        input_ids = torch.cat([rollout.prompt_ids[prompts], rollout.completion_ids[rows]], dim=1)  # [m, P+C]
+        attention = torch.cat([rollout.prompt_mask[prompts], rollout.completion_mask[rows]], dim=1)  # [m, P+C]
+        P, C = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+        logits = policy(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=real_token_positions(attention),
+            use_cache=False,
+        ).logits[:, P - 1 : P + C - 1]  # [m, C, V]
+        probs = torch.softmax(logits.double() / temperature, dim=-1)  # [m, C, V]
+        chosen = probs.gather(-1, rollout.completion_ids[rows][..., None]).squeeze(-1)  # [m, C]
+        per_token = 1.0 - 2.0 * chosen + probs.pow(2).sum(-1)  # [m, C] ||e_o - pi||^2
+        squared.append((per_token * rollout.completion_mask[rows]).sum(dim=1).cpu())  # [m]
+    weight = advantages.double().cpu() / (group_size * lengths.double().cpu())  # [n]
+    per_row = weight.pow(2) * torch.cat(squared)  # [n]
+    return per_row.reshape(-1, group_size).sum(dim=1).sqrt()  # [b]
+
+
+def second_stage_counts(config: GRPOConfig, rates: Tensor, grad_norms: Tensor | None) -> Tensor:
+    """[n] second-stage rollouts per prompt of the batch, the same on every rank (a function of gathered
+    statistics): DARS's extra rollouts for the hard prompts or GVM's variance-minimising counts
+    (shared.allocation), under the budget rollout.extra_budget * prompts_per_iteration * group_size."""
+    t, r = config.train, config.rollout
+    budget = r.extra_rollouts(t.prompts_per_iteration, t.group_size)
+    cap = r.max_total(t.group_size)
+    if r.schedule == "gvm":
+        first = r.gvm_first_stage
+        return gvm_allocation(
+            rates,
+            grad_norms,
+            budget,
+            min_count=r.min_rollouts_per_prompt,
+            max_count=None if cap is None else cap - first,
+        )
+    return dars_extra_rollouts(rates, r.dars_threshold, budget, r.schedule[-2:], t.group_size, max_rollouts=cap)
+
+
+def second_stage(
+    run: Run,
+    config: GRPOConfig,
+    model,
+    tokenizer,
+    rewards: dict,
+    batch: RoundSample,
+    extra: list[int],
+    iteration: int,
+    drop_bad: bool,
+    timings: dict[str, float],
+) -> RoundSample:
+    """The batch with each prompt's `extra[g]` second-stage rollouts joined to its group: this rank generates its
+    block's (one `generate` row per extra rollout, from a seed of (seed, iteration, rank)) and scores them (each
+    reward call gets them as groups of 1); the scores are gathered (ranks hold unequal numbers). Every group is
+    then its first-stage completions followed by its extra ones; `sizes` holds the group sizes."""
+    t, s = config.train, config.sampling
+    G = len(batch.scores[next(iter(batch.scores))]) // len(batch.rows)  # the first stage's group size
+    block, first = batch.block, batch.rollout
+    local = [g for g in block for _ in range(extra[g])]  # the global group of each extra rollout of this rank
+    scores_local, failure, rollout = None, None, None
+    if local:
+        clock = time.perf_counter()
+        torch.manual_seed(derived_seed(t.seed, iteration, run.rank, 3))
+        with run.unwrapped_for_generation(model) as policy:
+            rollout = generate(
+                policy,
+                tokenizer,
+                [batch.rows[g]["_ids"] for g in local],
+                1,
+                s.max_new_tokens,
+                temperature=s.temperature,
+                top_p=s.top_p,
+            )
+        timings["time/rollout"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        try:
+            scores_local = score(
+                rewards,
+                [batch.rows[g]["_text"] for g in local],
+                rollout,
+                [{k: v for k, v in batch.rows[g].items() if not k.startswith("_")} for g in local],
+                1,
+                iteration,
+                s.max_new_tokens,
+                drop_bad,
+                first_index=len(batch.scores[next(iter(batch.scores))]) + sum(extra[: block.start]),
+            )
+        except RewardError as error:
+            failure = str(error)
+        timings["time/reward"] += time.perf_counter() - clock
+    else:  # nothing to generate here: empty scores, so the gather still lines up
+        scores_local = {name: torch.zeros(0) for name in batch.scores}
+    extra_scores = gathered_scores(run, scores_local, failure, uneven=True)  # name -> [sum(extra)]
+    sizes = [G + e for e in extra]
+    ends = torch.tensor(extra).cumsum(0).tolist()  # [n]
+    scores = {
+        name: torch.cat(
+            [
+                torch.cat([batch.scores[name][g * G : (g + 1) * G], extra_scores[name][ends[g] - extra[g] : ends[g]]])
+                for g in range(len(sizes))
+            ]
+        )
+        for name in batch.scores
+    }  # name -> [sum(sizes)]
+    if rollout is None:
+        return RoundSample(batch.rows, block, first, scores, sizes=sizes)
+    # this rank's rows, group by group: the first stage's G, then its extra ones
+    width = max(first.completion_ids.shape[1], rollout.completion_ids.shape[1])
+    fit = lambda x, value: F.pad(x, (0, width - x.shape[1]), value=value)  # [m, width]
+    ids, mask = fit(first.completion_ids, tokenizer.pad_token_id), fit(first.completion_mask, 0)
+    more_ids, more_mask = fit(rollout.completion_ids, tokenizer.pad_token_id), fit(rollout.completion_mask, 0)
+    order, texts, position = [], [], 0  # order: indices into cat(first rows, extra rows)
+    for local_group, g in enumerate(block):
+        order += list(range(local_group * G, (local_group + 1) * G))
+        order += [len(first.texts) + position + k for k in range(extra[g])]
+        texts += first.texts[local_group * G : (local_group + 1) * G] + rollout.texts[position : position + extra[g]]
+        position += extra[g]
+    order_t = torch.tensor(order, device=ids.device)
+    merged = Rollout(
+        first.prompt_ids,
+        first.prompt_mask,
+        torch.cat([ids, more_ids])[order_t],  # [sum(local sizes), width]
+        torch.cat([mask, more_mask])[order_t],  # [sum(local sizes), width]
+        torch.cat([first.truncated, rollout.truncated])[order_t],  # [sum(local sizes)]
+        texts,
+    )
+    return RoundSample(batch.rows, block, merged, scores, sizes=sizes)
+
+
+# ----------------------------------------------------------------------------- Selective Sample Replay
+
+REPLAY_SCALARS = {"advantage": torch.float32, "truncated": torch.bool, "index": torch.int64}
+REPLAY_SEQUENCES = {"prompt": torch.int64, "completion": torch.int64}
+
+
+def replay_buffer(config: GRPOConfig) -> ReplayBuffer:
+    """algorithm.replay=ssr's buffer: per sample its prompt and completion token ids (unpadded, EOS included), its
+    advantage, whether it was truncated, and its training row's index (to read)."""
+    return ReplayBuffer(config.replay.size, REPLAY_SCALARS, REPLAY_SEQUENCES, "advantage", config.replay.alpha)
+
+
+def replay_entries(run: Run, rollout: Rollout, sizes: list[int], advantages: Tensor, rows: list[dict]) -> list[dict]:
+    """Every rank's samples with their advantages (`advantages` [n] this rank's, 0 for what trains on nothing) as
+    buffer entries, gathered in rank order so every rank's buffer receives the same; `rows` are this rank's
+    prompt rows and `sizes` its group sizes."""
+    entries = []
+    row_group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).tolist()
+    lengths = rollout.lengths.tolist()
+    for i, advantage in enumerate(advantages.tolist()):
+        if advantage == 0.0:
+            continue  # the buffer would refuse it anyway; nothing to pickle
+        g = row_group[i]
+        entries.append(
+            {
+                "advantage": torch.tensor(advantage, dtype=torch.float32),
+                "truncated": rollout.truncated[i].cpu().clone(),
+                "index": torch.tensor(rows[g]["_index"], dtype=torch.int64),
+                "prompt": rollout.prompt_ids[g][rollout.prompt_mask[g].bool()].cpu(),
+                "completion": rollout.completion_ids[i, : lengths[i]].cpu(),
+            }
+        )
+    return run.gather_objects(entries)
+
+
+def with_replayed(rollout: Rollout, drawn: list[dict], pad_id: int) -> Rollout:
+    """This rank's rollout with the replayed samples `drawn` appended, each as a group of one (its own prompt)."""
+    if not drawn:
+        return rollout
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.prompt_ids.cpu(), rollout.prompt_mask.cpu())]
+    prompt_ids, prompt_mask = pad_left(prompts + [entry["prompt"].tolist() for entry in drawn], pad_id)  # [b+k, P]
+    width = max(rollout.completion_ids.shape[1], max(len(entry["completion"]) for entry in drawn))
+    device = rollout.completion_ids.device
+    ids = F.pad(rollout.completion_ids, (0, width - rollout.completion_ids.shape[1]), value=pad_id)  # [n, width]
+    mask = F.pad(rollout.completion_mask, (0, width - rollout.completion_mask.shape[1]), value=0)  # [n, width]
+    more_ids = torch.tensor(
+        [e["completion"].tolist() + [pad_id] * (width - len(e["completion"])) for e in drawn], device=device
+    )  # [k, width]
+    more_mask = torch.tensor(
+        [[1] * len(e["completion"]) + [0] * (width - len(e["completion"])) for e in drawn], device=device
+    )  # [k, width]
+    return Rollout(
+        prompt_ids.to(device),
+        prompt_mask.to(device),
+        torch.cat([ids, more_ids]),
+        torch.cat([mask, more_mask]),
+        torch.cat([rollout.truncated, torch.stack([e["truncated"] for e in drawn]).to(device)]),
+        list(rollout.texts) + ["<replayed>"] * len(drawn),
+    )
+
+
+@dataclasses.dataclass
+class Groups:
+    """This rank's groups when they have unequal sizes (a second stage, replayed samples): their sizes in row order
+    and their global indices, which decide the optimizer step a group trains in (global index modulo
+    updates_per_pass, so the steps do not depend on the world size)."""
+
+    sizes: list[int]  # [b] completions of each local group
+    ids: list[int]  # [b] global index of each local group
+
+    def row_group(self, device=None) -> Tensor:
+        """[n] the local group of each local row."""
+        return torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes)).to(device)
+
+    def parts(self, steps: int) -> list[list[int]]:
+        """This rank's rows of each optimizer step of a pass: whole groups whose global index is p modulo `steps`."""
+        starts = [0, *torch.tensor(self.sizes).cumsum(0).tolist()]
+        return [
+            [row for k, gid in enumerate(self.ids) if gid % steps == p for row in range(starts[k], starts[k + 1])]
+            for p in range(steps)
+        ]
+
+    def micro_batches(self, rows: list[int], size: int, whole: bool) -> list[list[int]]:
+        """`rows` (whole groups, in order) in micro-batches of at most `size` completions; `whole`: never split a
+        group (Prefix Grouper, DisCO), so a group larger than `size` is one micro-batch of its own."""
+        if not whole:
+            return micro_batches(rows, size)
+        row_group = self.row_group().tolist()
+        chunks: list[list[int]] = []
+        for row in rows:
+            starts_group = not chunks or row_group[row] != row_group[chunks[-1][-1]]
+            if starts_group and (not chunks or len(chunks[-1]) + self.sizes[row_group[row]] > size):
+                chunks.append([])
+            chunks[-1].append(row)
+        return chunks
+
+
 # ----------------------------------------------------------------------------- update
+
+
+def uneven_logprobs(
+    model, rollout: Rollout, rows: list[int], row_group: Tensor, shared_prefix: bool, temperature: float
+) -> Tensor:
+    """`policy_logprobs` for groups of unequal sizes (`row_group` [n]: the local group of each row): each row with
+    its own copy of its prompt, or with shared_prefix (rows are whole groups) one Prefix Grouper call per run of
+    consecutive groups of the same size."""
+    rows_t = torch.tensor(rows)
+    groups = row_group[rows_t].cpu()  # [m]
+    if not shared_prefix:
+        return completion_logprobs(
+            model,
+            rollout.prompt_ids[groups],
+            rollout.prompt_mask[groups],
+            rollout.completion_ids[rows_t],
+            rollout.completion_mask[rows_t],
+            1,
+            temperature=temperature,
+        )
+    ids, counts = torch.unique_consecutive(groups, return_counts=True)  # the micro-batch's groups, in order
+    pieces, start, k = [], 0, 0
+    while k < len(ids):
+        size, end = int(counts[k]), k
+        while end + 1 < len(ids) and int(counts[end + 1]) == size:
+            end += 1
+        span = rows_t[start : start + size * (end - k + 1)]
+        pieces.append(
+            completion_logprobs(
+                model,
+                rollout.prompt_ids[ids[k : end + 1]],
+                rollout.prompt_mask[ids[k : end + 1]],
+                rollout.completion_ids[span],
+                rollout.completion_mask[span],
+                size,
+                shared_prefix=True,
+                temperature=temperature,
+            )
+        )  # [span, C]
+        start += len(span)
+        k = end + 1
+    return torch.cat(pieces)  # [m, C]
 
 
 def policy_logprobs(
@@ -427,7 +818,9 @@ def micro_batch_loss(
     return loss, metrics
 
 
-def step_normalisers(run: Run, config: GRPOConfig, mask: Tensor, part: list[int]) -> dict:
+def step_normalisers(
+    run: Run, config: GRPOConfig, mask: Tensor, part: list[int], row_group: Tensor | None = None
+) -> dict:
     """The global normalisers of the optimizer step on rows `part` (sums over ranks): a clipped loss's denominator
     (shared.losses.aggregation_denominator: rows for grpo and dr_grpo, tokens for dapo); for DisCO the questions
     (groups with a kept completion) and the kept tokens, with "kl", the step's trust-region KL, 0 until
@@ -436,7 +829,10 @@ def step_normalisers(run: Run, config: GRPOConfig, mask: Tensor, part: list[int]
     if a.loss != "disco":
         return {"denominator": max(float(run.sum(aggregation_denominator(a.loss, mask[part]))), 1.0)}
     step_mask = mask[part]  # [p, C]
-    questions = int(step_mask.reshape(-1, G * step_mask.shape[1]).any(dim=1).sum())  # parts hold whole groups
+    if row_group is None:
+        questions = int(step_mask.reshape(-1, G * step_mask.shape[1]).any(dim=1).sum())  # parts hold whole groups
+    else:  # groups of unequal sizes: the distinct groups with a kept token
+        questions = len(set(row_group[part][step_mask.any(dim=1).cpu()].tolist()))
     return {"questions": float(run.sum(questions)), "tokens": float(run.sum(float(step_mask.sum()))), "kl": 0.0}
 
 
@@ -463,8 +859,16 @@ def update(
     advantages: Tensor,
     keep: Tensor,
     correct: Tensor,
+    groups: Groups | None = None,
 ) -> dict:
-    """num_iterations passes over this rank's rows of the rollout, each updates_per_pass optimizer steps.
+    """num_iterations passes over this rank's rows of the rollout, each updates_per_pass optimizer steps
+    (train.full_batch_epochs passes of one step each, DARS-B, when set).
+
+    `groups`: this rank's groups when their sizes differ (a second stage, replayed samples; None: all G). Step p
+    then trains on the whole groups whose global index is p modulo the steps (`Groups.parts`), micro-batches never
+    split a group where the loss needs whole ones, and a rank with fewer micro-batches than another repeats its
+    last one with its loss times 0 (no gradient), so every rank makes the same forward and backward calls (DDP's
+    collectives, DisCO's step KL).
 
     Each micro-batch's loss is its share of the step's global loss (`micro_batch_loss`): the dapo token mean over
     the global batch's tokens, dr_grpo's B * L_max with the global B, grpo's mean over the global sequences,
@@ -484,31 +888,54 @@ def update(
     """
     t, a, s = config.train, config.algorithm, config.sampling
     G = t.group_size
+    steps_per_pass = 1 if t.full_batch_epochs else t.updates_per_pass
     mask = rollout.completion_mask * keep[:, None]  # [n, C] dropped samples/groups train on nothing
-    group_ids = torch.arange(len(keep), device=mask.device) // G  # [n] groups never straddle ranks
+    if groups is None:
+        group_ids = torch.arange(len(keep), device=mask.device) // G  # [n] groups never straddle ranks
+        logp_of = lambda m, rows: policy_logprobs(m, rollout, rows, G, a.shared_prefix, s.temperature)  # [m, C]
+        parts = update_parts(len(keep), steps_per_pass, G if a.whole_groups else 1)
+        split = lambda rows: micro_batches(rows, t.micro_batch_size)
+        row_group = None
+    else:
+        row_group = groups.row_group()  # [n] on the CPU
+        group_ids = row_group.to(mask.device)  # [n]
+        logp_of = lambda m, rows: uneven_logprobs(m, rollout, rows, row_group, a.shared_prefix, s.temperature)
+        parts = groups.parts(steps_per_pass)
+        split = lambda rows: groups.micro_batches(rows, t.micro_batch_size, a.whole_groups)
     first_row = run.rank * len(keep)  # this rank's rows in the global rollout, for messages
-    logp_of = lambda m, rows: policy_logprobs(m, rollout, rows, G, a.shared_prefix, s.temperature)  # [m, C]
     with torch.no_grad():
-        chunks = micro_batches(list(range(len(keep))), t.micro_batch_size)
+        chunks = split(list(range(len(keep))))
+        if groups is not None:  # as many forward calls as the busiest rank: the last chunk again, dropped
+            chunks_run = chunks + chunks[-1:] * (run.most(len(chunks)) - len(chunks))
+        else:
+            chunks_run = chunks
         model.eval()  # the rollout's mode: a train-mode difference (dropout) shows in the first update's ratio
-        old = torch.cat([logp_of(model, c) for c in chunks])  # [n, C]
+        old = torch.cat([logp_of(model, c) for c in chunks_run][: len(chunks)])  # [n, C]
         ref = None
         if a.kl_beta > 0:
             with reference() as ref_model:
-                ref = torch.cat([logp_of(ref_model if ref_model is not None else model, c) for c in chunks])  # [n, C]
+                ref_of = ref_model if ref_model is not None else model
+                ref = torch.cat([logp_of(ref_of, c) for c in chunks_run][: len(chunks)])  # [n, C]
     totals: dict[str, list[float]] = {}
     params = [p for p in model.parameters() if p.requires_grad]
     first_step_deviation = torch.zeros((), dtype=torch.float64)
     model.train()
-    for pass_index in range(t.num_iterations):
-        for part_index, part in enumerate(update_parts(len(keep), t.updates_per_pass, G if a.whole_groups else 1)):
+    for pass_index in range(t.passes):
+        for part_index, part in enumerate(parts):
             first_step = pass_index == 0 and part_index == 0
-            micro = micro_batches(part, t.micro_batch_size)
-            step = step_normalisers(run, config, mask, part)
+            micro = split(part)
+            real = len(micro)  # micro-batches past it repeat the last one with no gradient
+            if groups is not None:
+                micro = micro + micro[-1:] * (run.most(len(micro)) - len(micro))
+            step = step_normalisers(run, config, mask, part, row_group)
             hinge_needs_kl = a.loss == "disco" and a.disco_penalty > 0
-            if hinge_needs_kl and len(micro) > 1:  # a no-grad pass over the step, in the update's mode
+            several = len(micro) > 1 if groups is None else run.any(len(micro) > 1)  # decided alike on every rank
+            if hinge_needs_kl and several:  # a no-grad pass over the step, in the update's mode
                 with torch.no_grad():
-                    local = sum(float(disco_kl_sum(logp_of(model, rows), old[rows], mask[rows])) for rows in micro)
+                    local = sum(
+                        float(disco_kl_sum(logp_of(model, rows), old[rows], mask[rows])) * (k < real)
+                        for k, rows in enumerate(micro)
+                    )
                 step["kl"] = trust_region_kl(run, step, local)
             optimizer.zero_grad(set_to_none=True)
             failure = None
@@ -519,7 +946,7 @@ def update(
                         first_step_deviation = torch.maximum(
                             first_step_deviation, ratio_deviation(logp, old[rows], mask[rows])
                         )
-                    if hinge_needs_kl and len(micro) == 1:  # the step's KL from this forward itself
+                    if hinge_needs_kl and not several:  # the step's KL from this forward itself
                         local = float(disco_kl_sum(logp.detach(), old[rows], mask[rows]))
                         step["kl"] = trust_region_kl(run, step, local)
                     loss, metrics = micro_batch_loss(
@@ -535,7 +962,9 @@ def update(
                     )
                     if failure is None and not torch.isfinite(loss):
                         failure = f"the loss is {loss.item()} (rows {first_row + rows[0]}..{first_row + rows[-1]})"
-                    run.backward(loss)
+                    run.backward(loss if index < real else loss * 0.0)  # a repeat: the calls, no gradient
+                if index >= real:
+                    continue
                 for key, value in metrics.items():
                     totals.setdefault(key, []).append(value)
             failure = run.first_failure(failure)
@@ -561,9 +990,10 @@ def check_world_split(run: Run, config: GRPOConfig) -> None:
     block that does not split into updates_per_pass equal optimizer steps (see `update_parts`)."""
     t, a = config.train, config.algorithm
     run.require_divisible(t.prompts_per_iteration, "train.prompts_per_iteration", "prompts")
-    units = t.prompts_per_iteration // run.world * (1 if a.whole_groups else t.group_size)
+    by_groups = a.whole_groups or config.uneven_groups  # unequal groups: steps split by whole groups
+    units = t.prompts_per_iteration // run.world * (1 if by_groups else t.group_size)
     if units % t.updates_per_pass:
-        what = "groups" if a.whole_groups else "completions"
+        what = "groups" if by_groups else "completions"
         raise ConfigError(
             f"config field 'train.updates_per_pass': {t.updates_per_pass} does not divide the "
             f"{units} {what} of each of the {run.world} processes; use a divisor of {units}"
@@ -665,6 +1095,11 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
             )
 
     drop_bad = config.reward.on_bad_score == "drop"
+    r = config.rollout
+    G0 = r.first_stage_size(t.group_size)  # rollouts per prompt of the first stage
+    buffer = replay_buffer(config) if a.replay == "ssr" else None
+    if buffer is not None and run.checkpoint is not None:
+        buffer.load_state_dict(run.load("replay"))  # every rank holds the same buffer
     ratio_check = FirstUpdateRatioCheck()  # warns once per run (per resumed run) about on-policy ratio != 1
     progress = tqdm(
         range(start, t.iterations), desc=f"grpo[{a.loss}]", initial=start, total=t.iterations, disable=not run.is_main
@@ -685,14 +1120,42 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
                 drawn = sum(len(earlier.rows) for earlier in rounds[1:])  # by the earlier refill rounds
                 rows = refill_rows(train_rows, iteration, drawn, count, t.seed, taken)
             rounds.append(
-                sample_round(run, config, model, tokenizer, rewards, rows, iteration, round_, drop_bad, timings)
+                sample_round(run, config, model, tokenizer, rewards, rows, iteration, round_, drop_bad, timings, G0)
             )
-            return informative_groups(rounds[-1].scores, config.reward.weights, t.group_size)  # [count]
+            return informative_groups(rounds[-1].scores, config.reward.weights, G0)  # [count]
 
         plan = refill(sample, t.prompts_per_iteration, a.refill_rounds, multiple=run.world)
-        batch = assemble_batch(run, rounds, plan.chosen, t.group_size, tokenizer.pad_token_id)
-        rows, block, rollout, scores = batch.rows, batch.block, batch.rollout, batch.scores  # scores: [B*G] each
-        bad = torch.stack(list(scores.values())).isnan().any(dim=0)  # [B*G]
+        batch = assemble_batch(run, rounds, plan.chosen, G0, tokenizer.pad_token_id)
+        staged = {}  # the second stage's statistics, logged
+        if r.two_stage:  # DARS / GVM: more rollouts on the batch's own prompts, decided from gathered statistics
+            rates = pass_rates(batch.scores, [G0] * len(batch.rows), a.correct_reward, a.correct_threshold)  # [B]
+            grad_norms = None
+            if r.schedule == "gvm":
+                first_advantages, _ = compose_rewards(
+                    batch.scores,
+                    config.reward.weights,
+                    torch.arange(len(batch.rows) * G0) // G0,
+                    scale=a.scale,
+                    nan_policy="mask" if drop_bad else "raise",
+                )  # [B*G0]
+                own_first = slice(batch.block.start * G0, batch.block.stop * G0)
+                with run.unwrapped_for_generation(model) as policy:
+                    local_norms = logit_gradient_norms(
+                        policy,
+                        batch.rollout,
+                        first_advantages[own_first].to(run.device),
+                        G0,
+                        s.temperature,
+                        t.micro_batch_size,
+                    )  # [b]
+                grad_norms = run.gather(local_norms.to(run.device)).cpu()  # [B] float64
+                staged["rollout/grad_norms"] = grad_norms.tolist()
+            extra = second_stage_counts(config, rates, grad_norms).tolist()  # [B]
+            staged.update({"rollout/pass_rates": rates.tolist(), "rollout/extra": extra})
+            batch = second_stage(run, config, model, tokenizer, rewards, batch, extra, iteration, drop_bad, timings)
+        rows, block, rollout, scores = batch.rows, batch.block, batch.rollout, batch.scores  # scores: [N] each
+        sizes = batch.sizes or [t.group_size] * len(rows)  # [B] global group sizes
+        bad = torch.stack(list(scores.values())).isnan().any(dim=0)  # [N]
         if a.filter_zero_std == "refill" and plan.informative < t.prompts_per_iteration:
             run.print(
                 f"iteration {iteration + 1}: refill found {plan.informative} informative groups of "
@@ -702,12 +1165,12 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
 
         # advantage on the global batch (and what takes part: dropped samples, zero-variance groups, truncated
         # completions); this rank keeps its own rows
-        group_ids = torch.arange(len(bad)) // t.group_size  # [B*G]
+        group_ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))  # [N]
         advantages, reward_stats = compose_rewards(
             scores, config.reward.weights, group_ids, scale=a.scale, nan_policy="mask" if drop_bad else "raise"
         )
         total = sum(config.reward.weights[n] * scores[n].nan_to_num(0.0) for n in scores)  # [B*G]
-        truncated = run.gather(rollout.truncated)  # [B*G]
+        truncated = run.gather_rows(rollout.truncated)  # [N]
         keep = ~bad  # [B*G]
         zero_std_keep, _ = zero_variance_group_mask(total, group_ids)
         if a.drops_zero_std:
@@ -717,8 +1180,42 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         correct = torch.zeros_like(bad)  # [B*G] DisCO's o+ / o-: its named reward above the threshold
         if a.loss == "disco":  # the config refuses a correct_reward that is not a configured reward
             correct = scores[a.correct_reward].nan_to_num(0.0) > a.correct_threshold  # [B*G]
-        own = slice(block.start * t.group_size, block.stop * t.group_size)
+        own = slice(sum(sizes[: block.start]), sum(sizes[: block.stop]))
         on_device = lambda x: x[own].to(run.device)  # [n] this rank's rows
+        lengths = run.gather_rows(rollout.lengths).float()  # [N] of the fresh rollouts, before any replay
+        trained_advantages = on_device(advantages.masked_fill(bad, 0.0))  # [n]
+        trained_keep, trained_correct, trained_rollout = on_device(keep), on_device(correct), rollout
+        groups = Groups(sizes[block.start : block.stop], list(block)) if config.uneven_groups else None
+        replay_log = {}
+        if buffer is not None:  # SSR: fill from the buffer when too few samples carry an advantage, then store ours
+            informative = int((keep & (advantages != 0) & ~bad).sum())  # global
+            wanted = max(config.replay.min_informative - informative, 0)
+            drawn = buffer.sample(
+                min(wanted, len(buffer)), torch.Generator().manual_seed(derived_seed(t.seed, iteration, 3))
+            )  # the same draws on every rank
+            mine = drawn[run.rank :: run.world]  # replayed group j (global index B + j) trains on rank j mod W
+            own_rows = rows[block.start : block.stop]
+            buffer.add(
+                replay_entries(
+                    run, rollout, sizes[block.start : block.stop], (advantages * (keep & ~bad))[own], own_rows
+                )
+            )
+            trained_rollout = with_replayed(rollout, mine, tokenizer.pad_token_id)
+            device = trained_advantages.device
+            trained_advantages = torch.cat(
+                [trained_advantages, torch.tensor([float(e["advantage"]) for e in mine], device=device)]
+            )
+            trained_keep = torch.cat([trained_keep, torch.ones(len(mine), dtype=torch.bool, device=device)])
+            trained_correct = torch.cat([trained_correct, torch.zeros(len(mine), dtype=torch.bool, device=device)])
+            groups = Groups(
+                groups.sizes + [1] * len(mine),
+                groups.ids + [len(rows) + j for j in range(run.rank, len(drawn), run.world)],
+            )
+            replay_log = {
+                "train/replayed": len(drawn),
+                "train/informative_samples": informative,
+                "train/replay_buffer": len(buffer),
+            }
 
         # update
         clock = time.perf_counter()
@@ -729,10 +1226,11 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
                 model,
                 optimizer,
                 reference,
-                rollout,
-                on_device(advantages.masked_fill(bad, 0.0)),
-                on_device(keep),
-                on_device(correct),
+                trained_rollout,
+                trained_advantages,
+                trained_keep,
+                trained_correct,
+                groups,
             )
         except FloatingPointError as error:
             raise run.nan_stop(f"iteration {iteration + 1}", error) from None
@@ -741,7 +1239,6 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         warning = ratio_check.warning(first_update_deviation, f"iteration {iteration + 1}")
         if warning is not None:
             run.print(warning)
-        lengths = run.gather(rollout.lengths).float()  # [B*G]
 
         # log
         done = iteration + 1
@@ -751,7 +1248,7 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
             **{f"train/{k}": v for k, v in metrics.items()},
             RATIO_METRIC: first_update_deviation,
             "train/zero_std_groups": plan.zero_std / plan.sampled,  # of the groups sampled this iteration
-            "train/rollouts": plan.sampled * t.group_size,  # completions generated this iteration, all ranks
+            "train/rollouts": plan.sampled * G0 + sum(sizes) - len(sizes) * G0,  # generated this iteration, all ranks
             "train/refill_rounds": plan.rounds,
             "train/informative_groups": plan.informative,  # in the trained batch
             "train/dropped": int(bad.sum()),
@@ -760,7 +1257,14 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
             "completion/truncated": float(truncated.float().mean()),
             "tokens_per_second": float(lengths.sum()) / max(sum(timings.values()), 1e-9),
             **timings,
+            **staged,
+            **replay_log,
         }
+        if r.two_stage:
+            record["train/second_stage_rollouts"] = sum(sizes) - len(sizes) * G0
+        if r.rethink_fraction > 0:  # over the iteration's first-stage rounds, all ranks
+            record["train/rethought"] = int(run.sum(sum(one.rethought for one in rounds)))
+            record["train/rethink_eligible"] = int(run.sum(sum(one.rethink_eligible for one in rounds)))
         record.update(
             {f"reward/{n}/budget": fn.budget(iteration) for n, fn in rewards.items() if hasattr(fn, "budget")}
         )
@@ -771,8 +1275,8 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         sample = {
             "iteration": done,
             "prompt": rows[0]["_text"],
-            "completions": rollout.texts[: t.group_size],
-            "rewards": {n: v[: t.group_size].tolist() for n, v in scores.items()},
+            "completions": rollout.texts[: sizes[0]],
+            "rewards": {n: v[: sizes[0]].tolist() for n, v in scores.items()},
         }
         run.append(sample, name="samples.jsonl")  # the first group of each iteration (the main process's), to read
         run.log_table("samples", *completions_table(sample), step=done)  # and as a table, where a tracker takes one
@@ -789,7 +1293,8 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
 
         # checkpoint
         if run.due(done, config.log.checkpoint_every, last):
-            save_policy_checkpoint(run, config, model, tokenizer, optimizer, done)
+            extra_states = {"replay": buffer.state_dict()} if buffer is not None else None
+            save_policy_checkpoint(run, config, model, tokenizer, optimizer, done, extra_states)
         if last:
             break
 

@@ -129,10 +129,13 @@ def restore_policy(run: Run, model, optimizer) -> int:
     return run.restore()
 
 
-def save_policy_checkpoint(run: Run, config, model, tokenizer, optimizer, step: int) -> None:
+def save_policy_checkpoint(
+    run: Run, config, model, tokenizer, optimizer, step: int, extra_states: dict | None = None
+) -> None:
     """Training state (shared.checkpoint, through `run`) plus the model in from_pretrained form: the LoRA adapter
     (PeftModel.from_pretrained) or the full model and tokenizer (AutoModelForCausalLM); `final` points at the
-    newest. Every rank calls it; the main process writes."""
+    newest. Every rank calls it; the main process writes. extra_states: more named states of the trainer (GRPO's
+    replay buffer), saved beside them."""
 
     def write_model(directory: Path) -> None:
         run.unwrap(model).save_pretrained(directory / "model")
@@ -142,6 +145,7 @@ def save_policy_checkpoint(run: Run, config, model, tokenizer, optimizer, step: 
         "trainable": run.trainable_state(model),
         "optimizer": run.optimizer_state(model, optimizer),
         "trainer": {"iteration": step, "config": to_dict(config)},
+        **(extra_states or {}),
     }
     # RUN/final: the newest model, for `llmalign eval --model RUN/final`; re-pointed atomically with `latest`
     run.save_checkpoint(step, states, keep_last=config.log.keep_last, extra_writer=write_model, link=("final", "model"))

@@ -256,6 +256,24 @@ class Run:
             return tensor
         return self.accelerator.gather(tensor.contiguous().to(self.device)).to(tensor.device)
 
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`gather` for tensors whose first dimension differs between ranks (groups of unequal sizes): every
+        rank's rows concatenated in rank order. Each rank's count is gathered first, the tensors are padded to
+        the longest and the padding cut off again, so two small collectives and no pickling."""
+        if self.world == 1:
+            return tensor
+        counts = self.gather(torch.tensor([tensor.shape[0]], device=self.device)).tolist()  # [W]
+        padded = torch.zeros((max(counts), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        padded[: tensor.shape[0]] = tensor
+        gathered = self.gather(padded)  # [W * max, ...]
+        longest = max(counts)
+        return torch.cat([gathered[r * longest : r * longest + n] for r, n in enumerate(counts)])
+
+    def most(self, count: int) -> int:
+        """The largest of every rank's `count` (the number of forward calls each rank makes, so that ranks with
+        fewer rows still make as many, see llmalign.grpo.update)."""
+        return int(self.max(float(count)))
+
     def gather_objects(self, items: list) -> list:
         """Every rank's list concatenated in rank order (pickled over the process group: run-internal data only)."""
         if self.world == 1:
