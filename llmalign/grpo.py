@@ -472,9 +472,9 @@ def logit_gradient_norms(
             position_ids=real_token_positions(attention),
             use_cache=False,
         ).logits[:, P - 1 : P + C - 1]  # [m, C, V]
-        probs = torch.softmax(logits.double() / temperature, dim=-1)  # [m, C, V]
+        probs = torch.softmax(logits.float() / temperature, dim=-1)  # [m, C, V] float32, as the training forward
         chosen = probs.gather(-1, rollout.completion_ids[rows][..., None]).squeeze(-1)  # [m, C]
-        per_token = 1.0 - 2.0 * chosen + probs.pow(2).sum(-1)  # [m, C] ||e_o - pi||^2
+        per_token = (1.0 - 2.0 * chosen + probs.pow(2).sum(-1)).double()  # [m, C] ||e_o - pi||^2
         squared.append((per_token * rollout.completion_mask[rows]).sum(dim=1).cpu())  # [m]
     weight = advantages.double().cpu() / (group_size * lengths.double().cpu())  # [n]
     per_row = weight.pow(2) * torch.cat(squared)  # [n]
