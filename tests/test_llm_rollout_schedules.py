@@ -428,6 +428,40 @@ def test_rethink_run_scores_and_trains_the_continued_completions(tmp_path, recor
 # ----------------------------------------------------------------------------- 1 process == 2 processes
 
 
+@pytest.mark.timeout(300)
+def test_two_process_gvm_and_ssr_run_decides_alike_on_both_ranks(tmp_path):
+    from tests.multiproc import run_processes
+
+    record, out, first_stage = tmp_path / "calls.jsonl", tmp_path / "run", 2
+    args = embedded(out, "rollout.schedule=gvm", f"rollout.gvm_first_stage={first_stage}", *SSR)
+    completed = run_processes(2, ["-m", "llmalign", *args], env={RECORD: str(record)})
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    calls, logged = calls_of(record), metrics(out)
+    assert [r["iteration"] for r in logged] == [1, 2, 3]
+    stored = 0
+    for step, record_ in enumerate(logged):
+        per_rank = [[c for c in calls if c["step"] == step and c["rank"] == rank] for rank in (0, 1)]
+        firsts = [calls_[0] for calls_ in per_rank]  # each rank's block of B / 2 prompts
+        first_scores = firsts[0]["scores"] + firsts[1]["scores"]
+        rates = rates_of(first_scores, first_stage)
+        assert record_["rollout/pass_rates"] == rates
+        expected = gvm_allocation(
+            torch.tensor(rates), torch.tensor(record_["rollout/grad_norms"], dtype=torch.float64), round(0.5 * B * G)
+        ).tolist()
+        assert record_["rollout/extra"] == expected
+        for rank in (0, 1):  # each rank sampled and scored the extra rollouts of its own block
+            half = expected[rank * B // 2 : (rank + 1) * B // 2]
+            check_second_stage_calls(per_rank[rank][0], per_rank[rank][1], first_stage, half)
+        # the batch's samples with an advantage, from both ranks' calls: what the shared buffer received
+        extra_scores = per_rank[0][1]["scores"] + per_rank[1][1]["scores"]
+        rewards, ids = unequal_groups({"scores": first_scores}, {"scores": extra_scores}, first_stage, expected)
+        informative = int((group_advantages(torch.tensor(rewards), torch.tensor(ids), scale="group") != 0).sum())
+        assert record_["train/informative_samples"] == informative
+        stored = min(stored + informative, 20)
+        assert record_["train/replay_buffer"] == stored
+    assert sum(r["train/replayed"] for r in logged) > 0
+
+
 PROBE_SIZES = [3, 5, 2, 4]  # first-stage 2 + extra rollouts: unequal groups; rank 0 holds 8 rows, rank 1 six
 PROBE_REPLAYED = 3  # groups of one after them: global indices 4, 5, 6 (ranks 0, 1, 0)
 PROBE_CASES = {
