@@ -71,6 +71,41 @@ def _memory(config) -> str:
     )
 
 
+def _rollout_rows(config) -> list[tuple[str, object]]:
+    """The rollout schedule, replay and Forced Rethinking rows of a GRPO plan, each only when it is on."""
+    t, r, a = config.train, config.rollout, config.algorithm
+    rows = []
+    if r.two_stage:
+        first = r.first_stage_size(t.group_size)
+        budget = r.extra_rollouts(t.prompts_per_iteration, t.group_size)
+        cap = r.max_total(t.group_size)
+        rule = (
+            f"extra rollouts for prompts with pass rate < {r.dars_threshold:g}"
+            if r.schedule != "gvm"
+            else f"at least {r.min_rollouts_per_prompt} per prompt, by pass rate and gradient norm"
+        )
+        rows.append(
+            (
+                "rollout schedule",
+                f"{r.schedule}: first stage {first} per prompt ({t.prompts_per_iteration * first} in all), second "
+                f"stage {'up to ' if r.schedule != 'gvm' else ''}{budget} ({rule}; "
+                f"{f'at most {cap} per prompt in all' if cap is not None else 'no per-prompt cap'}), pass rates "
+                f"from {a.correct_reward}",
+            )
+        )
+    if a.replay == "ssr":
+        rows.append(
+            (
+                "replay",
+                f"ssr: buffer of {config.replay.size}, fills batches below {config.replay.min_informative} "
+                f"informative samples, |advantage|^{config.replay.alpha:g}",
+            )
+        )
+    if r.rethink_fraction > 0:
+        rows.append(("forced rethinking", f"{r.rethink_fraction:g} of the finished rollouts + {r.rethink_trigger!r}"))
+    return rows
+
+
 def grpo_plan(config) -> list[tuple[str, object]]:
     """Check a GRPOConfig (see the module docstring) and return its plan as (name, value) rows."""
     from llmalign.grpo import check_world_split
@@ -94,7 +129,7 @@ def grpo_plan(config) -> list[tuple[str, object]]:
         for name, weight in r.weights.items()
     )
     rollout = t.prompts_per_iteration * t.group_size
-    steps_per_iteration = t.num_iterations * t.updates_per_pass
+    steps_per_iteration = t.passes * t.updates_per_pass  # full_batch_epochs: passes of one step (updates_per_pass 1)
     return [
         (
             "algorithm",
@@ -110,11 +145,13 @@ def grpo_plan(config) -> list[tuple[str, object]]:
         ("world size", world),
         ("global batch", f"{t.prompts_per_iteration} prompts x {t.group_size} completions = {rollout} per iteration"),
         ("per process", f"{t.prompts_per_iteration // world} prompts, {rollout // world} completions"),
+        *_rollout_rows(config),
         ("iterations", t.iterations),
         (
             "optimizer steps",
-            f"{t.iterations * steps_per_iteration} ({t.num_iterations} passes x {t.updates_per_pass} "
-            f"updates per iteration, {rollout // t.updates_per_pass} completions each)",
+            f"{t.iterations * steps_per_iteration} ({t.passes} passes x {t.updates_per_pass} "
+            f"updates per iteration, {rollout // t.updates_per_pass} completions each"
+            f"{', full batch (train.full_batch_epochs)' if t.full_batch_epochs else ''})",
         ),
         ("optimizer", f"AdamW lr {t.learning_rate:g}, weight decay {t.weight_decay:g}"),
         (

@@ -166,7 +166,10 @@ def check_second_stage_calls(first: dict, second: dict | None, size: int, extra:
         # gvm: 0.01 x 8 x 8 = 1 second-stage rollout cannot give 8 prompts their minimum of 1
         (["rollout.schedule=gvm", "rollout.extra_budget=0.01"], "rollout.extra_budget"),
         # gvm: 64 second-stage rollouts do not fit 8 prompts capped at 3 - 2 (first stage) each
-        (["rollout.schedule=gvm", "rollout.extra_budget=1.0", "rollout.max_rollouts_per_prompt=3"], "rollout.extra_budget"),
+        (
+            ["rollout.schedule=gvm", "rollout.extra_budget=1.0", "rollout.max_rollouts_per_prompt=3"],
+            "rollout.extra_budget",
+        ),
         (["rollout.schedule=dars_hw", "rollout.max_rollouts_per_prompt=4"], "rollout.max_rollouts_per_prompt"),
         (["rollout.schedule=dars_et", "rollout.extra_budget=-1"], "rollout.extra_budget"),
         (["rollout.schedule=gvm", "rollout.gvm_first_stage=1"], "rollout.gvm_first_stage"),
@@ -195,6 +198,17 @@ def test_every_new_field_defaults_to_off():
     config = load_config(GRPOConfig, None, [])
     assert (config.rollout.schedule, config.rollout.rethink_fraction) == ("none", 0.0)
     assert (config.algorithm.replay, config.train.full_batch_epochs, config.uneven_groups) == ("none", None, False)
+
+
+def test_dry_run_lists_the_schedule_replay_and_rethinking(capsys):
+    main(["grpo", "--dry-run", "rollout.schedule=gvm", "algorithm.replay=ssr", "rollout.rethink_fraction=0.25"])
+    printed = capsys.readouterr().out
+    # defaults: B = 8, G = 8; gvm's first stage 2 per prompt, second stage 0.5 x 64 = 32
+    assert "gvm: first stage 2 per prompt (16 in all), second stage 32 (at least 1 per prompt" in printed
+    assert "ssr: buffer of 256, fills batches below 16 informative samples" in printed
+    assert "0.25 of the finished rollouts + 'Wait, let me check.'" in printed
+    main(["grpo", "--dry-run", "train.full_batch_epochs=3", "train.iterations=10"])
+    assert "30 (3 passes x 1 updates per iteration" in capsys.readouterr().out
 
 
 @pytest.mark.timeout(300)
@@ -290,7 +304,10 @@ def test_gvm_gradient_norm_proxy_equals_autograd_on_the_logits():
 
     tokenizer = toy.build_tokenizer()
     model = toy.build_model(tokenizer, hidden=32, layers=2, seed=0).eval()
-    prompts = [tokenizer("1+2=", add_special_tokens=False)["input_ids"], tokenizer("7-3", add_special_tokens=False)["input_ids"]]
+    prompts = [
+        tokenizer("1+2=", add_special_tokens=False)["input_ids"],
+        tokenizer("7-3", add_special_tokens=False)["input_ids"],
+    ]
     torch.manual_seed(0)
     rollout = generate(model, tokenizer, prompts, 3, 9, temperature=0.7)
     advantages = torch.tensor([1.0, -0.5, 0.0, 0.3, 0.3, -0.6])  # [6]
@@ -382,7 +399,9 @@ def test_rethink_continues_the_chosen_fraction_of_finished_rollouts_after_the_tr
 
     model, tokenizer = load_policy(LMModelConfig())  # the embedded arithmetic model: it ends its answers
     rows = [json.loads(line) for line in open(resolve_embedded("embedded:arith/train.jsonl"))][:3]
-    prompts = [tokenizer(render_prompt(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"] for row in rows]
+    prompts = [
+        tokenizer(render_prompt(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"] for row in rows
+    ]
     trigger, limit = " Wait", 40
     trigger_ids = tokenizer(trigger, add_special_tokens=False)["input_ids"]
     torch.manual_seed(3)
