@@ -22,6 +22,19 @@ The rollout of an iteration is one sampling round, or under algorithm.filter_zer
 many new prompts as should give the missing informative groups (`sample_round`), every rank deciding from the
 gathered rewards alike, and `assemble_batch` moves the chosen groups so that each rank again holds its block of
 B/W whole groups.
+
+Where the rollouts go (issue 16), each off by default:
+- rollout.schedule dars_et / dars_hw / gvm: a second stage on the batch's own prompts (`second_stage`), its counts
+  from shared.allocation on the gathered first-stage pass rates (and, for gvm, gradient-norm estimates from
+  `logit_gradient_norms`), so every rank computes the same counts; each rank samples its own block's extra
+  rollouts. Groups then have unequal sizes and ranks hold unequal numbers of rows: the update splits optimizer
+  steps by whole groups' global index (`Groups`), and ranks with fewer micro-batches repeat one with no gradient so
+  every rank makes the same calls.
+- algorithm.replay=ssr: after the advantages, too few informative samples are topped up from a replay buffer
+  (shared.replay) that every rank holds identically (entries gathered from all ranks, draws from a seeded
+  generator); replayed samples are groups of one, spread over the ranks. The buffer is saved in each checkpoint.
+- rollout.rethink_fraction: Forced Rethinking of finished first-stage rollouts before they are scored (`rethink`).
+- train.full_batch_epochs: DARS-B's passes of one full-batch optimizer step each.
 """
 
 from __future__ import annotations
@@ -484,7 +497,12 @@ def logit_gradient_norms(
 def second_stage_counts(config: GRPOConfig, rates: Tensor, grad_norms: Tensor | None) -> Tensor:
     """[n] second-stage rollouts per prompt of the batch, the same on every rank (a function of gathered
     statistics): DARS's extra rollouts for the hard prompts or GVM's variance-minimising counts
-    (shared.allocation), under the budget rollout.extra_budget * prompts_per_iteration * group_size."""
+    (shared.allocation), under the budget rollout.extra_budget * prompts_per_iteration * group_size.
+
+    p_i is the fraction of the prompt's first-stage completions whose algorithm.correct_reward exceeds
+    algorithm.correct_threshold; GVM's G_i is `logit_gradient_norms` on the same completions. Both come from this
+    iteration's first stage only: statistics of earlier visits of a prompt (shared.stats.PromptStatTracker) are not
+    used, since the policy has moved since and the first stage is cheap (gvm_first_stage samples per prompt)."""
     t, r = config.train, config.rollout
     budget = r.extra_rollouts(t.prompts_per_iteration, t.group_size)
     cap = r.max_total(t.group_size)
