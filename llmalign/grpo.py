@@ -570,7 +570,7 @@ def second_stage(
             failure = str(error)
         timings["time/reward"] += time.perf_counter() - clock
     else:  # nothing to generate here: empty scores, so the gather still lines up
-        scores_local = {name: torch.zeros(0) for name in batch.scores}
+        scores_local = {name: torch.zeros(0, dtype=values.dtype) for name, values in batch.scores.items()}
     extra_scores = gathered_scores(run, scores_local, failure, uneven=True)  # name -> [sum(extra)]
     sizes = [G + e for e in extra]
     ends = torch.tensor(extra).cumsum(0).tolist()  # [n]
@@ -616,7 +616,13 @@ REPLAY_SEQUENCES = {"prompt": torch.int64, "completion": torch.int64}
 
 def replay_buffer(config: GRPOConfig) -> ReplayBuffer:
     """algorithm.replay=ssr's buffer: per sample its prompt and completion token ids (unpadded, EOS included), its
-    advantage, whether it was truncated, and its training row's index (to read)."""
+    advantage, whether it was truncated, and its training row's index (to read).
+
+    A replayed sample trains with its stored advantage (from the batch it was sampled in) and old log-probs
+    recomputed by the update under the current policy, like every row: its ratio starts at 1, so the clip bounds
+    the step from the current policy, not from the older one that sampled it. Storing the sampling policy's
+    log-probs instead was not done (what VL-Rethinker's code does here was not checked); recomputing keeps the
+    buffer to token ids and advantages."""
     return ReplayBuffer(config.replay.size, REPLAY_SCALARS, REPLAY_SEQUENCES, "advantage", config.replay.alpha)
 
 
