@@ -1286,6 +1286,8 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         }
         if r.two_stage:
             record["train/second_stage_rollouts"] = sum(sizes) - len(sizes) * G0
+            starts = [0, *torch.tensor(sizes).cumsum(0).tolist()[:-1]]  # each trained group's first row
+            record["train/zero_std_trained_groups"] = float((~zero_std_keep[starts]).float().mean())  # after stage 2
         if r.rethink_fraction > 0:  # over the iteration's first-stage rounds, all ranks
             record["train/rethought"] = int(run.sum(sum(one.rethought for one in rounds)))
             record["train/rethink_eligible"] = int(run.sum(sum(one.rethink_eligible for one in rounds)))

@@ -250,6 +250,8 @@ def test_dars_run_allocates_what_the_pass_rates_of_its_reward_calls_ask(tmp_path
         # the advantages the update trained on: group_advantages over the recorded rewards of the unequal groups
         rewards, ids = unequal_groups(first, second, G, expected)
         assert update_["sizes"] == [G + more for more in expected]
+        flat = [len({x for x, i in zip(rewards, ids) if i == g}) == 1 for g in range(B)]  # all equal after stage 2
+        assert record_["train/zero_std_trained_groups"] == sum(flat) / B
         reference = group_advantages(torch.tensor(rewards), torch.tensor(ids), scale="group")
         assert_close(update_["advantages"], reference, rtol=0, atol=1e-6)
         total_extra += sum(expected)
