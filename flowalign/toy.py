@@ -4,14 +4,18 @@ Everything is built in-process (no hub access): two tiny CLIP text encoders with
 tokenizer made from a small vocabulary, a tiny `AutoencoderKL`, a tiny `SD3Transformer2DModel`
 and a `FlowMatchEulerDiscreteScheduler`. `flowalign.toy build` pretrains it on the sklearn
 digits (upscaled to 16x16) with rectified-flow matching conditioned on "the digit {word}",
-trains a small digit classifier (the reward model), and caches both:
+trains a small digit classifier (the reward model), and saves both. The full build is shipped in
+`flowalign/embedded/digits-sd3-v1` (its digest is SHIPPED_DIGEST); `embedded:digits` loads it, and builds into
+the cache only when the shipped copy is missing or differs.
 
-    python -m flowalign.toy build                 # ~/.cache/flowalign/digits-sd3-v1
+    python -m flowalign.toy build                 # ~/.cache/flowalign/digits-sd3-v1 (what is shipped)
     python -m flowalign.toy build --out DIR       # elsewhere
-    python -m flowalign.toy build --quick         # a few seconds; for smoke tests only
+    python -m flowalign.toy build --quick         # the same model trained briefly; reaches QUALITY_BAR
+    python -m flowalign.toy build --smoke         # a few steps: for plumbing tests only
+    python -m flowalign.toy digest [DIR]          # the digest of a build (default: the shipped one)
     FLOWALIGN_CACHE=/tmp/fa python -m flowalign.toy build   # /tmp/fa/digits-sd3-v1
 
-Layout of the cached directory:
+Layout of a build directory:
     model_index.json, transformer/, vae/, text_encoder{,_2}/, tokenizer{,_2}/, scheduler/
     digit_classifier/{model.safetensors, config.json}
     flowalign.json       toy settings (max_sequence_length, image size, prompts) and build report;
@@ -45,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from shared.checkpoint import replaced_atomically
+from shared.embedded import build_threads, directory_digest, shipped_or_none
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Words the tokenizers know as single tokens; anything else falls back to byte-level pieces.
@@ -455,8 +460,14 @@ def prompted_digit_accuracy(
 
 # ----------------------------------------------------------------------------- build and cache
 
-FULL_STEPS = {"vae": 200, "transformer": 2000, "classifier_epochs": 15, "eval_per_prompt": 20}
-QUICK_STEPS = {"vae": 3, "transformer": 3, "classifier_epochs": 1, "eval_per_prompt": 1}
+BUILD_STEPS = {
+    "full": {"vae": 200, "transformer": 2000, "classifier_epochs": 15, "eval_per_prompt": 20},
+    # the same model on half the transformer steps at a higher peak learning rate (the default is 1e-3): reaches
+    # QUALITY_BAR in about a third of the time (the test of the build recipe)
+    "quick": {"vae": 100, "transformer": 1000, "transformer_lr": 3e-3, "classifier_epochs": 8, "eval_per_prompt": 20},
+    # a few steps: an untrained model with the right files and shapes, for tests of the plumbing only
+    "smoke": {"vae": 3, "transformer": 3, "classifier_epochs": 1, "eval_per_prompt": 1},
+}
 LABEL_NOISE = 0.53
 """Fraction of conditional training examples whose prompt names a uniformly random digit
 instead of the image's own. Noisy captions on purpose: the pretrained model draws good digits
@@ -465,11 +476,36 @@ EVAL_GUIDANCE = (1.0, 3.0, 4.5)
 EVAL_STEPS = (10, 20)
 
 
-def default_cache_dir(quick: bool = False) -> Path:
-    """$FLOWALIGN_CACHE/digits-sd3-v1 (FLOWALIGN_CACHE defaults to ~/.cache/flowalign); quick
-    builds go to a separate digits-sd3-v1-quick so they never stand in for the real model."""
+QUALITY_BAR = {"classifier_heldout_accuracy": 0.9, "prompted_digit_accuracy guidance=4.5,steps=20": 0.3}
+"""What a build must reach to stand in for the shipped toy (chance is 0.1 for the prompted digit; the shipped
+full build reaches about 0.6): the test of `--quick` and of the shipped files checks it."""
+SHIPPED_DIR = Path(__file__).parent / "embedded" / CACHE_NAME
+SHIPPED_DIGEST = "sha256:f9598d9bbd8ac6f50eda4d1c53d81b2d173f963b96f48eea04931b7b27400051"
+"""`shared.embedded.directory_digest` of the shipped build (`python -m flowalign.toy digest`); the README names it."""
+
+
+def quality(report: dict) -> dict[str, float]:
+    """The QUALITY_BAR measures of a build report."""
+    return {
+        "classifier_heldout_accuracy": report["classifier_heldout_accuracy"],
+        "prompted_digit_accuracy guidance=4.5,steps=20": report["prompted_digit_accuracy"]["guidance=4.5,steps=20"],
+    }
+
+
+def below_quality_bar(report: dict) -> list[str]:
+    """The QUALITY_BAR measures a build report misses, as 'name value < bar' (empty: it passes)."""
+    return [
+        f"{name} {value:.3f} < {QUALITY_BAR[name]}"
+        for name, value in quality(report).items()
+        if value < QUALITY_BAR[name]
+    ]
+
+
+def default_cache_dir(mode: str = "full") -> Path:
+    """$FLOWALIGN_CACHE/digits-sd3-v1 (FLOWALIGN_CACHE defaults to ~/.cache/flowalign); quick and smoke
+    builds go to separate ...-quick / ...-smoke directories so they never stand in for the full model."""
     root = Path(os.environ.get("FLOWALIGN_CACHE") or Path.home() / ".cache" / "flowalign")
-    return root / (CACHE_NAME + ("-quick" if quick else ""))
+    return root / (CACHE_NAME + ("" if mode == "full" else f"-{mode}"))
 
 
 def is_complete(path: str | os.PathLike) -> bool:
@@ -477,14 +513,22 @@ def is_complete(path: str | os.PathLike) -> bool:
     return (Path(path) / "flowalign.json").is_file()
 
 
-def build_digits_pipeline(out: str | os.PathLike, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
+def build_digits_pipeline(out: str | os.PathLike, mode: str = "full", seed: int = 0, progress: bool = True) -> dict:
     """Pretrain the toy (VAE, then transformer) and the digit classifier, evaluate, and save
-    everything to `out` (replaced if present). Builds in a temporary sibling directory and
-    renames it at the end, so an interrupted build leaves nothing that looks complete.
-    Returns the report also stored in flowalign.json."""
+    everything to `out` (replaced if present). `mode`: "full" (what is shipped, ~7 minutes on one CPU thread),
+    "quick" (the same model trained briefly; reaches QUALITY_BAR) or "smoke" (a few steps, untrained). One
+    torch thread, so a build with the same seed, torch version and CPU gives the same bytes. Builds in a
+    temporary sibling directory and renames it at the end, so an interrupted build leaves nothing that looks
+    complete. Returns the report also stored in flowalign.json."""
+    if mode not in BUILD_STEPS:
+        raise ValueError(f"mode {mode!r}: use one of {sorted(BUILD_STEPS)}")
+    with build_threads():
+        return _build(Path(out).expanduser(), mode, seed, progress)
+
+
+def _build(out: Path, mode: str, seed: int, progress: bool) -> dict:
     start = time.time()
-    out = Path(out).expanduser()
-    steps = QUICK_STEPS if quick else FULL_STEPS
+    steps = BUILD_STEPS[mode]
     torch.manual_seed(seed)
 
     images, labels = load_digit_images()  # [N, 1, 16, 16] in [0, 1]
@@ -502,7 +546,7 @@ def build_digits_pipeline(out: str | os.PathLike, quick: bool = False, seed: int
     print(f"vae: held-in reconstruction mse {vae_mse:.5f} (pixels in [-1, 1])")
     loss = train_transformer(
         pipeline, pixels[train_idx], labels[train_idx], steps["transformer"], seed=seed,
-        label_noise=LABEL_NOISE, progress=progress,
+        lr=steps.get("transformer_lr", 1e-3), label_noise=LABEL_NOISE, progress=progress,
     )  # fmt: skip
     pipeline.transformer.requires_grad_(False)
 
@@ -516,7 +560,7 @@ def build_digits_pipeline(out: str | os.PathLike, quick: bool = False, seed: int
     )
     report = {
         "version": 1,
-        "quick": quick,
+        "mode": mode,
         "max_sequence_length": MAX_SEQUENCE_LENGTH,
         "height": IMAGE_SIZE,
         "width": IMAGE_SIZE,
@@ -525,17 +569,17 @@ def build_digits_pipeline(out: str | os.PathLike, quick: bool = False, seed: int
         "label_noise": LABEL_NOISE,
         "steps": steps,
         "seed": seed,
+        "torch": torch.__version__.split("+")[0],
         "classifier_heldout_accuracy": clf_acc,
         "vae_mse": vae_mse,
         "transformer_final_loss": loss,
         "prompted_digit_accuracy": accuracy,
         "heldout_prompts_accuracy_guidance=4.5,steps=20": heldout_acc,
-    }
+    }  # no wall-clock time in it: the files (and their digest) depend on the seed and the code alone
 
     with replaced_atomically(out) as tmp:
         pipeline.save_pretrained(tmp)
         save_digit_classifier(classifier, tmp / "digit_classifier", heldout_accuracy=clf_acc)
-        report["build_seconds"] = round(time.time() - start, 1)
         (tmp / "flowalign.json").write_text(json.dumps(report, indent=2))
 
     print(f"prompted-digit accuracy of ODE samples ({steps['eval_per_prompt']} per prompt, train prompts):")
@@ -543,17 +587,23 @@ def build_digits_pipeline(out: str | os.PathLike, quick: bool = False, seed: int
     for g in EVAL_GUIDANCE:
         print(f"  {g:8.1f}  " + "  ".join(f"{accuracy[f'guidance={g},steps={n}']:8.3f}" for n in EVAL_STEPS))
     print(f"held-out prompts, guidance 4.5, 20 steps: {heldout_acc:.3f}")
-    print(f"saved to {out} in {report['build_seconds']:.0f} s")
+    missed = below_quality_bar(report)
+    print(f"quality bar {QUALITY_BAR}: " + ("met" if not missed else "MISSED: " + "; ".join(missed)))
+    print(f"saved to {out} in {time.time() - start:.0f} s; digest {directory_digest(out)}")
     return report
 
 
-def ensure_digits_pipeline(path: str | os.PathLike | None = None, quick: bool = False) -> str:
-    """The directory of the pretrained toy (default `default_cache_dir(quick)`), built first if
-    it is missing or incomplete."""
-    out = Path(path).expanduser() if path is not None else default_cache_dir(quick)
+def ensure_digits_pipeline(path: str | os.PathLike | None = None, mode: str = "full") -> str:
+    """The directory of the pretrained toy: `path` if given, else the shipped copy (full mode, when its digest is
+    SHIPPED_DIGEST), else `default_cache_dir(mode)`; a missing or incomplete directory is built first."""
+    if path is None and mode == "full":
+        shipped = shipped_or_none(SHIPPED_DIR, SHIPPED_DIGEST, is_complete)
+        if shipped is not None:
+            return str(shipped)
+    out = Path(path).expanduser() if path is not None else default_cache_dir(mode)
     if not is_complete(out):
         print(f"building the digits toy pipeline into {out} (once; a few minutes on CPU)")
-        build_digits_pipeline(out, quick=quick)
+        build_digits_pipeline(out, mode=mode)
     return str(out)
 
 
@@ -570,11 +620,18 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="pretrain the digits pipeline and classifier, save to the cache")
     build.add_argument("--out", default=None, help="directory to write (default: the cache directory)")
-    build.add_argument("--quick", action="store_true", help="a few steps only (smoke tests; useless model)")
+    size = build.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the same model trained briefly (about a minute)")
+    size.add_argument("--smoke", action="store_true", help="a few steps only (plumbing tests; untrained)")
     build.add_argument("--seed", type=int, default=0)
+    digest = sub.add_parser("digest", help="print the digest of a build directory (default: the shipped one)")
+    digest.add_argument("path", nargs="?", default=str(SHIPPED_DIR))
     args = parser.parse_args(argv)
-    out = args.out if args.out is not None else default_cache_dir(args.quick)
-    build_digits_pipeline(out, quick=args.quick, seed=args.seed)
+    if args.command == "digest":
+        print(directory_digest(args.path))
+        return
+    mode = "quick" if args.quick else "smoke" if args.smoke else "full"
+    build_digits_pipeline(args.out if args.out is not None else default_cache_dir(mode), mode=mode, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import argparse
 import contextlib
 from concurrent.futures import Future, ThreadPoolExecutor
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -55,7 +56,7 @@ from shared.losses import clipped_policy_loss
 from shared.ratio_check import METRIC as RATIO_METRIC, FirstUpdateRatioCheck, ratio_deviation
 from shared.run import Run
 from shared.runlog import plot_curves
-from shared.stats import PromptStatTracker
+from shared.stats import PromptStatTracker, mean_with_standard_error, paired_gain
 
 
 @dataclasses.dataclass
@@ -550,10 +551,19 @@ def update(
 # -------------------------------------------------------------------------------------- eval
 @torch.no_grad()
 def evaluate(
-    config: FlowGRPOConfig, run: Run, adapter, encode, rewards: dict, prompts: list[str], grid_path: Path | None
+    config: FlowGRPOConfig,
+    run: Run,
+    adapter,
+    encode,
+    rewards: dict,
+    prompts: list[str],
+    grid_path: Path | None,
+    scores_path: Path | None = None,
 ) -> dict:
     """ODE samples of the eval prompts from held-out noise, split over the ranks and gathered; mean reward per
-    reward fn; the image grid from the main process. Sample i (prompt i // seeds) draws its noise from
+    reward fn (`eval/<name>`) and its standard error (`eval_se/<name>`); the image grid (at most GRID_SEEDS
+    columns) from the main process, and each sample's scores in `scores_path` (JSON, NaN as null), which the
+    end of the run pairs with the first evaluation's. Sample i (prompt i // seeds) draws its noise from
     (eval, seed, i), so the numbers do not depend on the world size. Every rank samples the same count (the last
     sample repeated as padding), so ranks make the same forward calls."""
     s, seeds = config.sampling, config.data.eval_seeds
@@ -592,13 +602,60 @@ def evaluate(
     )
     gathered.sort(key=lambda item: item[0])  # sample order, as one process makes them
     if grid_path is not None:
+        shown = min(seeds, GRID_SEEDS)
         run.main_only(
             lambda: save_image_grid(
-                torch.stack([image for _, image, _ in gathered]), rows=len(prompts), path=grid_path, labels=prompts
+                torch.stack([image for i, image, _ in gathered if i % seeds < shown]),
+                rows=len(prompts),
+                path=grid_path,
+                labels=prompts,
             )
         )
     values = {name: torch.tensor([item[2][name] for item in gathered]) for name in rewards}  # [P*S] each
-    return {f"eval/{name}": value.nanmean().item() for name, value in values.items()}  # dropped scores left out
+    if scores_path is not None:
+        run.main_only(lambda: write_eval_scores(scores_path, values))
+    metrics = {}
+    for name, value in values.items():  # dropped scores (NaN) left out
+        metrics[f"eval/{name}"], metrics[f"eval_se/{name}"], _ = mean_with_standard_error(value)
+    return metrics
+
+
+GRID_SEEDS = 8
+"""Columns of the evaluation image grid: the first seeds of each prompt (all of them are scored)."""
+
+
+def write_eval_scores(path: Path, values: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = {name: [v if math.isfinite(v) else None for v in value.tolist()] for name, value in values.items()}
+    path.write_text(json.dumps(rows))
+
+
+def read_eval_scores(path: Path) -> dict[str, torch.Tensor]:
+    rows = json.loads(path.read_text())
+    return {name: torch.tensor([float("nan") if v is None else v for v in value]) for name, value in rows.items()}
+
+
+def report_heldout(run: Run, config: FlowGRPOConfig, prompts: list[str], before: Path, after: Path) -> None:
+    """Print each eval reward before -> after, mean +- standard error, and the paired gain (same prompts, same
+    noise) with its standard error."""
+    if not (before.is_file() and after.is_file()):
+        return
+    first, last = read_eval_scores(before), read_eval_scores(after)
+    seeds = config.data.eval_seeds
+    run.print(
+        f"held-out reward, {len(prompts) * seeds} images ({len(prompts)} prompts x {seeds} held-out noise seeds), "
+        "mean +- standard error:"
+    )
+    for name in last:
+        if name not in first or first[name].shape != last[name].shape:
+            continue  # an eval reward added on resume, or the eval set changed: nothing to pair with
+        (m0, se0, _), (m1, se1, _) = mean_with_standard_error(first[name]), mean_with_standard_error(last[name])
+        gain, gain_se, n = paired_gain(first[name], last[name])
+        ratio = f", {abs(gain) / gain_se:.1f} standard errors" if gain_se > 0 else ""  # NaN or 0: no ratio to give
+        run.print(
+            f"  {name}: before {m0:.3f} +- {se0:.3f} -> after {m1:.3f} +- {se1:.3f}; "
+            f"gain {gain:+.3f} +- {gain_se:.3f} (paired over {n} images{ratio})"
+        )
 
 
 # -------------------------------------------------------------------------------------- main
@@ -700,6 +757,7 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
             {**rewards, **eval_rewards},
             eval_prompts,
             run.out / "images" / "iter-000000.png",
+            run.out / "eval" / "iter-000000.json",
         )
         run.log_image("eval/images", run.out / "images" / "iter-000000.png", step=0)  # to the trackers that take one
         run.append({"iteration": 0, **history["before"]})
@@ -846,6 +904,7 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
                         {**rewards, **eval_rewards},
                         eval_prompts,
                         run.out / "images" / f"iter-{done:06d}.png",
+                        run.out / "eval" / f"iter-{done:06d}.json",
                     )
                 )
             run.log_image("eval/images", run.out / "images" / f"iter-{done:06d}.png", step=done)
@@ -880,6 +939,9 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
     if "before" in history and final_eval:
         run.print(f"held-out reward before: {_fmt(history['before'])}")
         run.print(f"held-out reward after : {_fmt(final_eval)}")
+    evaluations = sorted((run.out / "eval").glob("iter-*.json"))  # the first (iteration 0) and the last
+    if run.is_main and len(evaluations) >= 2 and evaluations[0].name == "iter-000000.json":
+        report_heldout(run, config, eval_prompts, evaluations[0], evaluations[-1])
     run.print(f"metrics {run.out / 'metrics.jsonl'}, curve {run.out / 'reward_curve.png'}, images {run.out / 'images'}")
     run.close()
     return {"before": history.get("before"), "after": final_eval}
@@ -925,7 +987,7 @@ class _InlineExecutor:
 
 
 def _fmt(metrics: dict) -> str:
-    return ", ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in metrics.items())
+    return ", ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in metrics.items() if k.startswith("eval/"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,11 +15,16 @@ length rewards (GRPO-lambda, the length curriculum) have something to shorten. T
 supervised briefly, so it is right on most held-out problems and wrong on some (mostly off by one
 on negative partial sums), and RL has room to help.
 
-    python -m llmalign.toy build                 # ~/.cache/flowalign/arith-qwen2-v3
-    python -m llmalign.toy build --quick         # a few seconds; for smoke tests only
+The full build is shipped in `llmalign/embedded/arith-qwen2-v3` (its digest is SHIPPED_DIGEST); `embedded:arith`
+loads it, and builds into the cache only when the shipped copy is missing or differs.
+
+    python -m llmalign.toy build                 # ~/.cache/flowalign/arith-qwen2-v3 (what is shipped)
+    python -m llmalign.toy build --quick         # the same model supervised briefly; reaches QUALITY_BAR
+    python -m llmalign.toy build --smoke         # smaller, a few steps: for plumbing tests only
+    python -m llmalign.toy digest [DIR]          # the digest of a build (default: the shipped one)
     FLOWALIGN_CACHE=/tmp/fa python -m llmalign.toy build
 
-Layout of the cached directory: config.json, model.safetensors, generation_config.json,
+Layout of a build directory: config.json, model.safetensors, generation_config.json,
 tokenizer.json, tokenizer_config.json, chat_template.jinja (all loadable with
 `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained`), sft.jsonl (the
 supervised problems), train.jsonl (RL prompts never supervised on) and test.jsonl (prompt, answer), and llmalign.json (the build report, written last: its presence
@@ -39,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from shared.checkpoint import replaced_atomically
+from shared.embedded import build_threads, directory_digest, shipped_or_none
 
 CACHE_NAME = "arith-qwen2-v3"
 EMBEDDED_MODEL = "embedded:arith"
@@ -52,8 +58,17 @@ MAX_OPERAND = 9
 DIRECT_FRACTION = 0.5  # share of SFT answers given without steps
 CHECK_FRACTION = 0.5  # share of the worked SFT answers that carry the redundant check step
 TRAIN_PROBLEMS, TEST_PROBLEMS = 1500, 200  # of the 4000 distinct problems
-FULL = {"sft_steps": 600, "batch_size": 64, "hidden": 128, "layers": 4}
-QUICK = {"sft_steps": 20, "batch_size": 16, "hidden": 32, "layers": 2}
+BUILD_SIZES = {
+    "full": {"sft_steps": 600, "batch_size": 64, "hidden": 128, "layers": 4},
+    # the same model on 500 steps instead of 600: reaches QUALITY_BAR (the test of the build recipe). Shorter does
+    # not: held-out greedy accuracy read 0.06, 0.33, 0.23 and 0.62 after 200, 400, 450 and 500 steps (the
+    # answers fall into place late in the cosine schedule), and 0.05-0.06 at 300 steps with 2-3x the learning rate
+    "quick": {"sft_steps": 500, "batch_size": 64, "hidden": 128, "layers": 4},
+    # a smaller model, a few steps: right files and shapes, untrained; for tests of the plumbing only
+    "smoke": {"sft_steps": 20, "batch_size": 16, "hidden": 32, "layers": 2},
+}
+QUALITY_BAR = {"test_greedy_accuracy": 0.5}
+"""What a build must reach to stand in for the shipped toy (the shipped full build: 0.76 held-out greedy)."""
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -205,11 +220,21 @@ def supervised_finetune(
 # ----------------------------------------------------------------------------- build and cache
 
 
-def default_cache_dir(quick: bool = False) -> Path:
-    """$FLOWALIGN_CACHE/arith-qwen2-v3 (FLOWALIGN_CACHE defaults to ~/.cache/flowalign); quick
-    builds go to a separate ...-quick directory so they never stand in for the real model."""
+SHIPPED_DIR = Path(__file__).parent / "embedded" / CACHE_NAME
+SHIPPED_DIGEST = "sha256:bff6612085b0be79d4f17c3da70e6dda656df72c4b7058755c5f73eaca567cde"
+"""`shared.embedded.directory_digest` of the shipped build (`python -m llmalign.toy digest`); the README names it."""
+
+
+def below_quality_bar(report: dict) -> list[str]:
+    """The QUALITY_BAR measures a build report misses, as 'name value < bar' (empty: it passes)."""
+    return [f"{name} {report[name]:.3f} < {bar}" for name, bar in QUALITY_BAR.items() if report[name] < bar]
+
+
+def default_cache_dir(mode: str = "full") -> Path:
+    """$FLOWALIGN_CACHE/arith-qwen2-v3 (FLOWALIGN_CACHE defaults to ~/.cache/flowalign); quick and smoke
+    builds go to separate ...-quick / ...-smoke directories so they never stand in for the full model."""
     root = Path(os.environ.get("FLOWALIGN_CACHE") or Path.home() / ".cache" / "flowalign")
-    return root / (CACHE_NAME + ("-quick" if quick else ""))
+    return root / (CACHE_NAME + ("" if mode == "full" else f"-{mode}"))
 
 
 def is_complete(path: str | os.PathLike) -> bool:
@@ -222,14 +247,22 @@ def _write_jsonl(path: Path, problems: list[dict]) -> None:
             f.write(json.dumps({"prompt": p["prompt"], "answer": p["answer"]}) + "\n")
 
 
-def build_arith_model(out: str | os.PathLike, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
+def build_arith_model(out: str | os.PathLike, mode: str = "full", seed: int = 0, progress: bool = True) -> dict:
     """Generate the task, SFT the tiny model, measure held-out greedy accuracy, save to `out`
-    (replaced if present) through a temporary sibling directory renamed at the end."""
+    (replaced if present) through a temporary sibling directory renamed at the end. `mode`: "full" (what is
+    shipped), "quick" (the same model supervised briefly; reaches QUALITY_BAR) or "smoke" (smaller, untrained).
+    One torch thread, so a build with the same seed, torch version and CPU gives the same bytes."""
+    if mode not in BUILD_SIZES:
+        raise ValueError(f"mode {mode!r}: use one of {sorted(BUILD_SIZES)}")
+    with build_threads():
+        return _build(Path(out).expanduser(), mode, seed, progress)
+
+
+def _build(out: Path, mode: str, seed: int, progress: bool) -> dict:
     from llmalign.evaluate import accuracy_on  # evaluation is shared with `llmalign eval`
 
     start = time.time()
-    out = Path(out).expanduser()
-    sizes = QUICK if quick else FULL
+    sizes = BUILD_SIZES[mode]
     sft = make_split(TRAIN_PROBLEMS, seed)
     test = make_split(TEST_PROBLEMS, seed + 1, exclude={p["prompt"] for p in sft})
     # RL prompts the model was never supervised on: a gain must come from better arithmetic, not recall
@@ -242,8 +275,9 @@ def build_arith_model(out: str | os.PathLike, quick: bool = False, seed: int = 0
     greedy = accuracy_on(model, tokenizer, test, max_new_tokens=64, batch_size=100)
     report = {
         "version": 3,
-        "quick": quick,
+        "mode": mode,
         "seed": seed,
+        "torch": torch.__version__.split("+")[0],
         "sizes": sizes,
         "max_operand": MAX_OPERAND,
         "check_fraction": CHECK_FRACTION,
@@ -252,30 +286,35 @@ def build_arith_model(out: str | os.PathLike, quick: bool = False, seed: int = 0
         "test_greedy_accuracy": greedy["accuracy"],
         "test_greedy_mean_length": greedy["mean_length"],
         "parameters": sum(p.numel() for p in model.parameters()),
-    }
+    }  # no wall-clock time in it: the files (and their digest) depend on the seed and the code alone
     with replaced_atomically(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _write_jsonl(tmp / "sft.jsonl", sft)
         _write_jsonl(tmp / "train.jsonl", train)
         _write_jsonl(tmp / "test.jsonl", test)
-        report["build_seconds"] = round(time.time() - start, 1)
         (tmp / "llmalign.json").write_text(json.dumps(report, indent=2))
     print(
         f"arith model: {report['parameters']} parameters, sft loss {loss:.4f}, held-out greedy accuracy "
         f"{greedy['accuracy']:.3f}, mean completion {greedy['mean_length']:.1f} tokens; saved to {out} "
-        f"in {report['build_seconds']:.0f} s"
+        f"in {time.time() - start:.0f} s; digest {directory_digest(out)}"
     )
+    missed = below_quality_bar(report)
+    print(f"quality bar {QUALITY_BAR}: " + ("met" if not missed else "MISSED: " + "; ".join(missed)))
     return report
 
 
-def ensure_arith_model(path: str | os.PathLike | None = None, quick: bool = False) -> str:
-    """The directory of the pretrained toy (default `default_cache_dir(quick)`), built first if it
-    is missing or incomplete."""
-    out = Path(path).expanduser() if path is not None else default_cache_dir(quick)
+def ensure_arith_model(path: str | os.PathLike | None = None, mode: str = "full") -> str:
+    """The directory of the pretrained toy: `path` if given, else the shipped copy (full mode, when its digest is
+    SHIPPED_DIGEST), else `default_cache_dir(mode)`; a missing or incomplete directory is built first."""
+    if path is None and mode == "full":
+        shipped = shipped_or_none(SHIPPED_DIR, SHIPPED_DIGEST, is_complete)
+        if shipped is not None:
+            return str(shipped)
+    out = Path(path).expanduser() if path is not None else default_cache_dir(mode)
     if not is_complete(out):
         print(f"building the arithmetic toy model into {out} (once; a few minutes on CPU)")
-        build_arith_model(out, quick=quick)
+        build_arith_model(out, mode=mode)
     return str(out)
 
 
@@ -294,12 +333,18 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="generate the arithmetic task, SFT the tiny model, save to the cache")
     build.add_argument("--out", default=None, help="directory to write (default: the cache directory)")
-    build.add_argument("--quick", action="store_true", help="a few steps only (smoke tests; useless model)")
+    size = build.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="the same model supervised briefly (about a minute)")
+    size.add_argument("--smoke", action="store_true", help="smaller, a few steps only (plumbing tests; untrained)")
     build.add_argument("--seed", type=int, default=0)
+    digest = sub.add_parser("digest", help="print the digest of a build directory (default: the shipped one)")
+    digest.add_argument("path", nargs="?", default=str(SHIPPED_DIR))
     args = parser.parse_args(argv)
-    build_arith_model(
-        args.out if args.out is not None else default_cache_dir(args.quick), quick=args.quick, seed=args.seed
-    )
+    if args.command == "digest":
+        print(directory_digest(args.path))
+        return
+    mode = "quick" if args.quick else "smoke" if args.smoke else "full"
+    build_arith_model(args.out if args.out is not None else default_cache_dir(mode), mode=mode, seed=args.seed)
 
 
 if __name__ == "__main__":

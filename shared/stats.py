@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["PromptStatTracker"]
+__all__ = ["PromptStatTracker", "mean_with_standard_error", "paired_gain"]
 
 
 class PromptStatTracker:
@@ -105,3 +105,23 @@ class PromptStatTracker:
         if "rewards" not in state:
             raise ValueError(f"tracker state has no 'rewards' entry (keys: {sorted(state)})")
         self.rewards = {str(prompt): [float(v) for v in values] for prompt, values in state["rewards"].items()}
+
+
+def mean_with_standard_error(values: Tensor) -> tuple[float, float, int]:
+    """(mean, standard error, n) of the finite entries of a 1-D tensor: SE = s / sqrt(n) with s the sample
+    standard deviation (n - 1 in the divisor). n < 2 gives SE NaN; no finite entry gives (NaN, NaN, 0)."""
+    finite = values[torch.isfinite(values)].double()  # [n]
+    n = finite.numel()
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    se = finite.std(unbiased=True).item() / n**0.5 if n >= 2 else float("nan")
+    return finite.mean().item(), se, n
+
+
+def paired_gain(before: Tensor, after: Tensor) -> tuple[float, float, int]:
+    """(mean, standard error, n) of after - before over the pairs where both are finite: the gain of an evaluation
+    that scores the same prompts from the same noise twice. Pairing removes the spread between prompts and
+    seeds that both share, so its SE is the one to judge a before -> after change by (not the two SEs apart)."""
+    if before.shape != after.shape:
+        raise ValueError(f"paired_gain: shapes {tuple(before.shape)} and {tuple(after.shape)} differ")
+    return mean_with_standard_error(after.double() - before.double())  # NaN where either is NaN: left out

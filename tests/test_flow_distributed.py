@@ -38,16 +38,10 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
-    """The embedded default's pipeline directory (what `embedded:digits` resolves to) when it is built; otherwise
-    a quick build of the same pipeline and classifier (seconds instead of minutes; untrained, which nothing here
-    needs), so a fresh checkout does not spend a full build inside a timed test."""
+    """The embedded default's pipeline directory (what `embedded:digits` resolves to: the shipped build)."""
     from flowalign import toy
 
-    if toy.is_complete(toy.default_cache_dir()):
-        return toy.default_cache_dir()
-    out = tmp_path_factory.mktemp("digits-quick")
-    toy.build_digits_pipeline(out, quick=True, progress=False)
-    return out
+    return Path(toy.ensure_digits_pipeline())
 
 
 def flow_run(processes: int, digits: Path, out, *extra, resume: bool = False):

@@ -3,6 +3,9 @@ answers, disjoint splits, and a quick build that transformers loads back."""
 
 import json
 import random
+from pathlib import Path
+
+import pytest
 
 from llmalign import toy
 from llmalign.rewards import accuracy_reward
@@ -40,12 +43,12 @@ def test_problems_are_right_and_their_solutions_score_one():
     assert toy.solution(toy.make_problem(random.Random(0)), True).count("check") == 1
 
 
-def test_quick_build_reloads_and_splits_are_disjoint(tmp_path):
+def test_smoke_build_reloads_and_splits_are_disjoint(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    report = toy.build_arith_model(tmp_path / "arith", quick=True, progress=False)
+    report = toy.build_arith_model(tmp_path / "arith", mode="smoke", progress=False)
     out = tmp_path / "arith"
-    assert toy.is_complete(out) and json.loads((out / "llmalign.json").read_text())["quick"] is True
+    assert toy.is_complete(out) and json.loads((out / "llmalign.json").read_text())["mode"] == "smoke"
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "Qwen2ForCausalLM" and report["parameters"] == model.num_parameters()
     assert (
@@ -63,3 +66,56 @@ def test_quick_build_reloads_and_splits_are_disjoint(tmp_path):
         and not (splits["train"] & splits["test"])
     )
     assert not list(tmp_path.glob(".arith.tmp-*"))
+
+
+def test_smoke_build_is_byte_for_byte_repeatable(tmp_path):
+    """Same seed, same code: the same files (the digest the README names rests on this)."""
+    from shared.embedded import directory_digest
+
+    a = toy.build_arith_model(tmp_path / "a", mode="smoke", progress=False)
+    b = toy.build_arith_model(tmp_path / "b", mode="smoke", progress=False)
+    assert a == b and directory_digest(tmp_path / "a") == directory_digest(tmp_path / "b")
+    toy.build_arith_model(tmp_path / "c", mode="smoke", seed=1, progress=False)
+    assert directory_digest(tmp_path / "c") != directory_digest(tmp_path / "a")  # the digest sees the weights
+
+
+def test_shipped_model_is_the_embedded_default_and_its_digest_is_the_readme_one():
+    from shared.embedded import directory_digest
+
+    assert toy.resolve_embedded("embedded:arith") == str(toy.SHIPPED_DIR)  # no build, no cache
+    assert directory_digest(toy.SHIPPED_DIR) == toy.SHIPPED_DIGEST
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert f"`{toy.CACHE_NAME}` {toy.SHIPPED_DIGEST}" in readme
+    report = json.loads((toy.SHIPPED_DIR / "llmalign.json").read_text())
+    assert report["mode"] == "full" and not toy.below_quality_bar(report)
+
+
+def test_shipped_model_meets_the_quality_bar_when_measured_again():
+    """The report could be stale: measure the shipped model's held-out greedy accuracy here."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmalign.data import load_rows
+    from llmalign.evaluate import accuracy_on
+
+    model = AutoModelForCausalLM.from_pretrained(toy.SHIPPED_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(toy.SHIPPED_DIR)
+    test = load_rows(str(toy.SHIPPED_DIR / "test.jsonl"))
+    measured = accuracy_on(model, tokenizer, test, max_new_tokens=64, batch_size=100)["accuracy"]
+    report = json.loads((toy.SHIPPED_DIR / "llmalign.json").read_text())
+    assert measured == pytest.approx(report["test_greedy_accuracy"], abs=0.02)  # thread count may flip a near tie
+    assert measured >= toy.QUALITY_BAR["test_greedy_accuracy"]
+
+
+def test_quick_build_reaches_the_quality_bar(tmp_path):
+    """The build recipe itself, tested: the same model supervised briefly reaches the bar the shipped one meets."""
+    report = toy.build_arith_model(tmp_path / "arith", mode="quick", progress=False)
+    assert report["mode"] == "quick" and report["parameters"] == 625152
+    assert not toy.below_quality_bar(report), toy.below_quality_bar(report)
+
+
+def test_a_shipped_copy_that_differs_is_not_used(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLOWALIGN_CACHE", str(tmp_path))
+    monkeypatch.setattr(toy, "SHIPPED_DIGEST", "sha256:" + "0" * 64)
+    monkeypatch.setitem(toy.BUILD_SIZES, "full", toy.BUILD_SIZES["smoke"])  # a build in seconds
+    assert toy.ensure_arith_model() == str(tmp_path / toy.CACHE_NAME)
+    assert "expected sha256:000" in capsys.readouterr().out

@@ -61,14 +61,10 @@ def nothing_written(out: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
-    """The embedded SD3 pipeline directory when it is built, else a quick build (seconds; untrained)."""
+    """The embedded default's pipeline directory (what `embedded:digits` resolves to: the shipped build)."""
     from flowalign import toy
 
-    if toy.is_complete(toy.default_cache_dir()):
-        return toy.default_cache_dir()
-    out = tmp_path_factory.mktemp("digits-quick")
-    toy.build_digits_pipeline(out, quick=True, progress=False)
-    return out
+    return Path(toy.ensure_digits_pipeline())
 
 
 @pytest.fixture(scope="module")

@@ -95,9 +95,8 @@ def test_make_reward_rejects_unknown_names():
         make_reward("aesthetic")
 
 
-@pytest.mark.skipif(not toy.is_complete(toy.default_cache_dir()), reason="pretrained toy not built")
-def test_cached_classifier_is_accurate_on_heldout_digits():
-    model = toy.load_digit_classifier(toy.default_cache_dir() / "digit_classifier")
+def test_shipped_classifier_is_accurate_on_heldout_digits():
+    model = toy.load_digit_classifier(toy.SHIPPED_DIR / "digit_classifier")
     images, labels = toy.load_digit_images()
     _, heldout = toy.digit_split(len(images))
     assert toy.classifier_accuracy(model, images[heldout], labels[heldout]) > 0.95

@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from shared.advantages import group_advantages
-from shared.stats import PromptStatTracker
+from shared.stats import PromptStatTracker, mean_with_standard_error, paired_gain
 
 EPS = 1e-4
 PROMPTS_1 = ["a", "b", "a", "b"]
@@ -107,3 +107,25 @@ def test_history_size_keeps_the_last_rewards_by_hand():
         PromptStatTracker(history=True, history_size=0)
     with pytest.raises(ValueError, match="history_size=3 but this tracker has history_size=None"):
         PromptStatTracker(history=True).load_state_dict(tracker.state_dict())
+
+
+def test_mean_with_standard_error_by_hand():
+    # [1, 2, 3, 4]: mean 2.5; squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5; s^2 = 5/3; SE = sqrt(5/3)/2
+    mean, se, n = mean_with_standard_error(torch.tensor([1.0, 2.0, 3.0, 4.0, float("nan")]))
+    assert (mean, n) == (2.5, 4) and se == pytest.approx(math.sqrt(5 / 3) / 2, rel=1e-12)
+    assert math.isnan(mean_with_standard_error(torch.tensor([7.0]))[1])  # one value: no spread to estimate
+    assert mean_with_standard_error(torch.tensor([float("nan")]))[2] == 0
+
+
+def test_paired_gain_uses_the_differences():
+    before = torch.tensor([0.1, 0.5, 0.9, float("nan")])
+    after = torch.tensor([0.3, 0.6, 1.2, 0.4])
+    # differences 0.2, 0.1, 0.3 (the NaN pair left out): mean 0.2, s^2 = (0.01 + 0.01) / 2 = 0.01, SE = 0.1/sqrt(3)
+    gain, se, n = paired_gain(before, after)
+    assert (
+        n == 3 and gain == pytest.approx(0.2, rel=1e-6) and se == pytest.approx(0.1 / math.sqrt(3), rel=1e-5)
+    )  # float32 in
+    # the unpaired SEs would be far larger: the prompts' spread (0.1 .. 0.9) is shared by both and cancels
+    assert se < mean_with_standard_error(before)[1] / 3
+    with pytest.raises(ValueError, match="shapes"):
+        paired_gain(before, after[:2])

@@ -1,6 +1,7 @@
 """The embedded digits toy: tokenizers, tiny components, data split, build and cache."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,29 +96,67 @@ def test_classifier_accepts_rgb_and_other_sizes():
         model(torch.rand(2, 16, 16))
 
 
-def test_quick_build_is_cached_and_loads(tmp_path, monkeypatch):
+def test_smoke_build_is_cached_and_loads(tmp_path, monkeypatch):
     from flowalign.adapters import SD3Adapter
 
     monkeypatch.setenv("FLOWALIGN_CACHE", str(tmp_path))
-    path = toy.ensure_digits_pipeline(quick=True)
-    assert path == str(tmp_path / "digits-sd3-v1-quick")
-    settings = json.loads((tmp_path / "digits-sd3-v1-quick" / "flowalign.json").read_text())
-    assert settings["quick"] and settings["max_sequence_length"] == 0
-    stamp = (tmp_path / "digits-sd3-v1-quick" / "flowalign.json").stat().st_mtime_ns
-    assert toy.ensure_digits_pipeline(quick=True) == path  # second call: no rebuild
-    assert (tmp_path / "digits-sd3-v1-quick" / "flowalign.json").stat().st_mtime_ns == stamp
+    path = toy.ensure_digits_pipeline(mode="smoke")
+    assert path == str(tmp_path / "digits-sd3-v1-smoke")
+    settings = json.loads((tmp_path / "digits-sd3-v1-smoke" / "flowalign.json").read_text())
+    assert settings["mode"] == "smoke" and settings["max_sequence_length"] == 0
+    stamp = (tmp_path / "digits-sd3-v1-smoke" / "flowalign.json").stat().st_mtime_ns
+    assert toy.ensure_digits_pipeline(mode="smoke") == path  # second call: no rebuild
+    assert (tmp_path / "digits-sd3-v1-smoke" / "flowalign.json").stat().st_mtime_ns == stamp
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary left over
     adapter = SD3Adapter.from_pretrained(path)
     assert adapter.max_sequence_length == 0 and adapter.latent_shape() == (4, 8, 8)
-    assert toy.load_digit_classifier(tmp_path / "digits-sd3-v1-quick" / "digit_classifier").image_size == 16
+    assert toy.load_digit_classifier(tmp_path / "digits-sd3-v1-smoke" / "digit_classifier").image_size == 16
 
 
-@pytest.mark.skipif(not toy.is_complete(toy.default_cache_dir()), reason="pretrained toy not built")
-def test_cached_pretrained_toy_follows_prompts_better_than_chance():
+def test_smoke_build_is_byte_for_byte_repeatable(tmp_path):
+    """Same seed, same code: the same files (the digest the README names rests on this)."""
+    from shared.embedded import directory_digest
+
+    a = toy.build_digits_pipeline(tmp_path / "a", mode="smoke", progress=False)
+    b = toy.build_digits_pipeline(tmp_path / "b", mode="smoke", progress=False)
+    assert a == b and directory_digest(tmp_path / "a") == directory_digest(tmp_path / "b")
+    toy.build_digits_pipeline(tmp_path / "c", mode="smoke", seed=1, progress=False)
+    assert directory_digest(tmp_path / "c") != directory_digest(tmp_path / "a")  # the digest sees the weights
+
+
+def test_shipped_pipeline_is_the_embedded_default_and_its_digest_is_the_readme_one():
+    from shared.embedded import directory_digest
+
+    assert toy.ensure_digits_pipeline() == str(toy.SHIPPED_DIR)  # no build, no cache
+    assert directory_digest(toy.SHIPPED_DIR) == toy.SHIPPED_DIGEST
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert f"`{toy.CACHE_NAME}` {toy.SHIPPED_DIGEST}" in readme
+    report = json.loads((toy.SHIPPED_DIR / "flowalign.json").read_text())
+    assert report["mode"] == "full" and not toy.below_quality_bar(report)
+
+
+def test_shipped_pipeline_meets_the_quality_bar_when_measured_again():
+    """The report could be stale: measure the shipped model's prompted-digit accuracy here (chance 0.1)."""
     from flowalign.adapters import SD3Adapter
 
-    adapter = SD3Adapter.from_pretrained(toy.default_cache_dir())
-    classifier = toy.load_digit_classifier(toy.default_cache_dir() / "digit_classifier")
-    # 10 samples per digit at guidance 4.5, 10 steps; chance is 0.1, the build measured ~0.6.
-    acc = toy.prompted_digit_accuracy(adapter.pipeline, classifier, 4.5, 10, per_prompt=10, seed=123)
-    assert acc > 0.3
+    adapter = SD3Adapter.from_pretrained(str(toy.SHIPPED_DIR))
+    classifier = toy.load_digit_classifier(toy.SHIPPED_DIR / "digit_classifier")
+    report = json.loads((toy.SHIPPED_DIR / "flowalign.json").read_text())
+    measured = toy.prompted_digit_accuracy(adapter.pipeline, classifier, 4.5, 20, per_prompt=20, seed=0)
+    assert measured == pytest.approx(report["prompted_digit_accuracy"]["guidance=4.5,steps=20"], abs=0.03)
+    assert measured >= toy.QUALITY_BAR["prompted_digit_accuracy guidance=4.5,steps=20"]
+
+
+def test_quick_build_reaches_the_quality_bar(tmp_path):
+    """The build recipe itself, tested: the same model trained briefly reaches the bar the shipped one meets."""
+    report = toy.build_digits_pipeline(tmp_path / "digits", mode="quick", progress=False)
+    assert report["mode"] == "quick"
+    assert not toy.below_quality_bar(report), toy.below_quality_bar(report)
+
+
+def test_a_shipped_copy_that_differs_is_not_used(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLOWALIGN_CACHE", str(tmp_path))
+    monkeypatch.setattr(toy, "SHIPPED_DIGEST", "sha256:" + "0" * 64)
+    monkeypatch.setitem(toy.BUILD_STEPS, "full", toy.BUILD_STEPS["smoke"])  # a build in seconds
+    assert toy.ensure_digits_pipeline() == str(tmp_path / toy.CACHE_NAME)
+    assert "expected sha256:000" in capsys.readouterr().out

@@ -303,3 +303,29 @@ def test_cps_with_noise_level_above_one_exits_2_naming_the_field(tmp_path, capsy
     assert err.count("\n") == 1 and "'sampling.noise_level'" in err and "sde_kind=cps" in err
     assert not (tmp_path / "run").exists()
     load_config(FlowGRPOConfig, None, ["sampling.sde_kind=flow_grpo", "sampling.noise_level=1.2"])  # allowed there
+
+
+def test_heldout_report_gives_standard_errors_and_the_paired_gain(tiny_pipeline_dir, tmp_path, capsys):
+    """Each evaluation stores every sample's score; the end of the run prints before -> after with standard errors
+    and the paired gain, which must equal an independent computation from those files and the logged means."""
+    config = tiny_config(
+        tiny_pipeline_dir, tmp_path / "run", "data.eval_seeds=3", "log.eval_every=0", "train.learning_rate=5e-2"
+    )
+    train(config)
+    out = capsys.readouterr().out
+    before = json.loads((tmp_path / "run" / "eval" / "iter-000000.json").read_text())
+    after = json.loads((tmp_path / "run" / "eval" / "iter-000002.json").read_text())
+    name = "flowalign.rewards:jpeg_incompressibility"
+    b, a = torch.tensor(before[name], dtype=torch.float64), torch.tensor(after[name], dtype=torch.float64)  # [9]
+    assert b.shape == (9,)  # 3 prompts x 3 seeds
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if f"eval/{name}" in r]
+    assert logged[0][f"eval/{name}"] == pytest.approx(b.mean().item(), rel=1e-6)
+    assert logged[-1][f"eval/{name}"] == pytest.approx(a.mean().item(), rel=1e-6)
+    assert logged[0][f"eval_se/{name}"] == pytest.approx((b.std() / 3).item(), rel=1e-6)  # s / sqrt(9)
+    d = a - b  # [9]
+    assert d.abs().max() > 0  # the update moved the images: a real gain to check
+    line = next(x for x in out.splitlines() if f"  {name}: before" in x)
+    assert "9 images (3 prompts x 3 held-out noise seeds)" in out
+    assert f"before {b.mean():.3f} +- {b.std() / 3:.3f} -> after {a.mean():.3f} +- {a.std() / 3:.3f}" in line
+    assert f"gain {d.mean():+.3f} +- {d.std() / 3:.3f} (paired over 9 images" in line
