@@ -14,6 +14,7 @@ from shared.preference import (
     dpop_loss,
     hinge_loss,
     ipo_loss,
+    modpo_loss,
     robust_dpo_loss,
     simpo_loss,
 )
@@ -33,6 +34,7 @@ def test_dict():
         "robust": robust_dpo_loss,
         "hinge": hinge_loss,
         "simpo": simpo_loss,
+        "modpo": modpo_loss,
     }
 
 
