@@ -4,6 +4,7 @@
     llmalign dpo --config configs/llm/arith_dpo.yaml                     # DPO on those on-policy pairs
     llmalign dpo --config configs/llm/arith_dpo.yaml algorithm.loss=ipo train.learning_rate=1e-5
     llmalign dpo --config configs/llm/arith_dpo.yaml --resume            # continue the run
+    llmalign dpo data.train=p.jsonl algorithm.loss=modpo 'algorithm.modpo_weights=[0.7,0.3]' data.margin_column=margin
     accelerate launch --multi_gpu --num_processes 2 -m llmalign dpo --config configs/llm/arith_dpo.yaml
 
 Setup: every pair is tokenized once (prompt left-padded as the policy saw it; chosen and rejected each get
@@ -74,13 +75,15 @@ CACHE_VERSION = 1  # bump when the cached values' meaning changes, so old caches
 
 @dataclass
 class EncodedPairs:
-    """Token ids of every pair: the prompt, and chosen / rejected completions ending in end-of-text."""
+    """Token ids of every pair: the prompt, and chosen / rejected completions ending in end-of-text; for modpo
+    also each pair's reward margins of the other objectives."""
 
     prompts: list[list[int]]
     chosen: list[list[int]]
     rejected: list[list[int]]
     truncated_prompts: int = 0
     truncated_completions: int = 0
+    margins: Tensor | None = None  # [N, K] r_k(chosen) - r_k(rejected) of K other objectives (modpo), else None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -125,7 +128,42 @@ def encode_pairs(tokenizer, rows: list[dict], data: DPODataConfig) -> EncodedPai
             ids[index] = row[: data.max_completion_length]
             truncated += 1
         encoded[column] = ids
-    return EncodedPairs(prompts, encoded["chosen"], encoded["rejected"], truncated_prompts, truncated)
+    margins = pair_margins(rows, data.margin_column) if data.margin_column is not None else None
+    return EncodedPairs(prompts, encoded["chosen"], encoded["rejected"], truncated_prompts, truncated, margins)
+
+
+def _margin_number(value) -> float | None:
+    """A finite float from a JSON number or a CSV cell's text, else None."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def pair_margins(rows: list[dict], column: str) -> Tensor:
+    """MODPO's per-pair margins [N, K] from the rows' 'margin' (data.margin_column, mapped on loading): a number
+    (K = 1) or a list of K numbers, the same K in every row."""
+    margins = []
+    for index, row in enumerate(rows):
+        value = row.get("margin")
+        items = value if isinstance(value, (list, tuple)) else [value]
+        numbers = [_margin_number(item) for item in items]
+        if not numbers or None in numbers:
+            raise DataError(
+                f"row {index}: data.margin_column={column!r} holds {value!r}; give the pair's reward margin "
+                f"r(chosen) - r(rejected) under the other objective(s): a finite number or a list of them"
+            )
+        if margins and len(numbers) != len(margins[0]):
+            raise DataError(
+                f"row {index}: data.margin_column={column!r} holds {len(numbers)} margin(s) but row 0 holds "
+                f"{len(margins[0])}; give every pair one margin per weight after w_0 of algorithm.modpo_weights"
+            )
+        margins.append(numbers)
+    return torch.tensor(margins, dtype=torch.float64)  # [N, K]
 
 
 @dataclass
@@ -343,9 +381,11 @@ class Sequences(NamedTuple):
     ref_rejected: Tensor | None
     chosen_lengths: Tensor
     rejected_lengths: Tensor
+    margins: Tensor | None = None  # [n, K] modpo's margins of the other objectives
 
 
-# How each shared loss is called: their signatures differ (ipo and simpo take lengths, simpo no reference).
+# How each shared loss is called: their signatures differ (ipo and simpo take lengths, simpo no reference,
+# modpo margins and weights).
 _LOSS_CALLS: dict[str, Callable[[Callable, Sequences, DPOAlgorithmConfig], tuple[Tensor, Tensor, Tensor]]] = {
     "sigmoid": lambda f, s, a: f(
         s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, beta=a.effective_beta, label_smoothing=a.label_smoothing
@@ -363,14 +403,23 @@ _LOSS_CALLS: dict[str, Callable[[Callable, Sequences, DPOAlgorithmConfig], tuple
     "simpo": lambda f, s, a: f(
         s.chosen, s.rejected, s.chosen_lengths, s.rejected_lengths, beta=a.effective_beta, gamma=a.simpo_gamma
     ),
+    "modpo": lambda f, s, a: f(
+        s.chosen, s.rejected, s.ref_chosen, s.ref_rejected, s.margins, a.modpo_weights, beta=a.effective_beta
+    ),
 }
 
 
 def pair_losses(
-    a: DPOAlgorithmConfig, logp: Tensor, mask: Tensor, ref: Tensor | None, guide: Tensor | None
+    a: DPOAlgorithmConfig,
+    logp: Tensor,
+    mask: Tensor,
+    ref: Tensor | None,
+    guide: Tensor | None,
+    margins: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(losses [n], chosen_rewards [n], rejected_rewards [n]) of n pairs from token log-probs [2n, C]
-    (chosen rows first), the reference's [2n, C] (None for simpo) and the guidance model's (TGDPO)."""
+    (chosen rows first), the reference's [2n, C] (None for simpo), the guidance model's (TGDPO) and the
+    margins of the other objectives [n, K] (modpo)."""
     n = logp.shape[0] // 2
     keep = mask.bool()
     seq = logp.where(keep, 0.0).sum(-1)  # [2n]
@@ -398,6 +447,7 @@ def pair_losses(
             ref_seq[n:] if ref_seq is not None else None,
             lengths[:n],
             lengths[n:],
+            margins,
         )
         losses, chosen, rejected = _LOSS_CALLS[a.loss](PREFERENCE_LOSSES[a.loss], sequences, a)
     if a.nll_weight > 0:  # iterative RPO
@@ -419,7 +469,8 @@ def micro_batch_terms(
     ref = reference(batch) if reference is not None else None  # [2n, C]
     guide = guidance(batch) if guidance is not None else None  # [2n, C]
     logp = batch_token_logprobs(model, batch)  # [2n, C]
-    losses, chosen_rewards, rejected_rewards = pair_losses(a, logp, batch.completion_mask, ref, guide)
+    margins = encoded.margins[rows].to(logp.device) if encoded.margins is not None else None  # [n, K] modpo
+    losses, chosen_rewards, rejected_rewards = pair_losses(a, logp, batch.completion_mask, ref, guide, margins)
     seq = logp.detach().sum(-1)  # [2n] (0 at padding already)
     n = len(rows)
     return {
@@ -493,6 +544,16 @@ def train_step(
     return {**dict(zip(names, means.tolist())), "grad_norm": grad_norm}
 
 
+def check_margin_count(a: DPOAlgorithmConfig, margins: Tensor) -> None:
+    """modpo: one weight after w_0 per margin the data holds (margins [N, K])."""
+    count = margins.shape[1]
+    if len(a.modpo_weights) != count + 1:
+        raise ConfigError(
+            f"config field 'algorithm.modpo_weights': {a.modpo_weights} has {len(a.modpo_weights) - 1} weight(s) "
+            f"after w_0 but data.margin_column holds {count} margin(s) per pair; give {count + 1} weights"
+        )
+
+
 def learning_rate(config: DPOConfig, step: int) -> float:
     """Linear warm-up to train.learning_rate over train.warmup_steps, then constant (a function of the step
     alone, so --resume needs no scheduler state)."""
@@ -523,7 +584,11 @@ def train(config: DPOConfig, resume: bool = False, allow_config_change: bool = F
     data_files = (d.train, d.test) if d.path is None else ()  # beside data.path they are not read
     run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, *data_files) if p])
     data_path = resolve_embedded(d.train) if d.path is None else d.path  # named in the reference cache's fingerprint
-    rows, test_rows = load_train_test(d, ("prompt", "chosen", "rejected"), resolve_embedded)  # or from data.path
+    # modpo: "margin" is read from data.margin_column (renamed on loading, like the other columns)
+    columns = ("prompt", "chosen", "rejected") + (("margin",) if d.margin_column is not None else ())
+    rows, test_rows = load_train_test(d, columns, resolve_embedded)  # or from data.path
+    if a.loss == "modpo":  # before the model loads: the margins parse and match the weights
+        check_margin_count(a, pair_margins(rows, d.margin_column))
     test_rows = test_rows[: d.eval_size]
     model, tokenizer = load_policy(config.model, run.device)
     disable_dropout(model)  # dropout off for the whole run (see the module docstring)
@@ -545,8 +610,9 @@ def train(config: DPOConfig, resume: bool = False, allow_config_change: bool = F
     run.write_config(config)
     steps = t.steps if t.steps is not None else math.ceil(t.epochs * len(rows) / t.batch_size)
     tgdpo = f", TGDPO alpha {a.tgdpo_alpha} guided by {a.guidance_model}" if guidance is not None else ""
+    modpo = f", weights {a.modpo_weights} on margins from column {d.margin_column!r}" if a.loss == "modpo" else ""
     run.print(
-        f"dpo[{a.loss}] beta {a.effective_beta}{tgdpo}: {len(rows)} pairs, {t.batch_size} per step over "
+        f"dpo[{a.loss}] beta {a.effective_beta}{tgdpo}{modpo}: {len(rows)} pairs, {t.batch_size} per step over "
         f"{run.world} process(es) ({t.batch_size // run.world} each, in micro-batches of {t.micro_batch_size}) "
         f"-> {steps} steps = {steps * t.batch_size / len(rows):.2f} epochs, {sum(p.numel() for p in params):,} "
         f"trainable parameters, {encoded.truncated_prompts} prompts and {encoded.truncated_completions} "

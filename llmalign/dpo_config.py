@@ -38,6 +38,11 @@ class DPODataConfig(LMDataSourceConfig):
     )
     chosen_column: str = option("chosen", "column holding the preferred completion of a pair")
     rejected_column: str = option("rejected", "column holding the dispreferred completion of a pair")
+    margin_column: Optional[str] = option(
+        None,
+        "modpo: column holding each pair's reward margin r(chosen) - r(rejected) under the other objectives: a "
+        "number, or a list with one per weight after w_0 of algorithm.modpo_weights (null = none; other losses)",
+    )
     eval_size: int = option(200, "held-out rows evaluated (greedy) at start, every log.eval_every and at the end")
     eval_max_new_tokens: int = option(64, "completion budget of the held-out evaluation")
     eval_samples: int = option(1, "completions sampled (T = 1) per held-out row for the sampled accuracy (their mean)")
@@ -72,11 +77,12 @@ class DPODataConfig(LMDataSourceConfig):
 
 @dataclasses.dataclass
 class DPOAlgorithmConfig:
-    loss: Literal["sigmoid", "dpop", "ipo", "robust", "hinge", "simpo"] = option(
+    loss: Literal["sigmoid", "dpop", "ipo", "robust", "hinge", "simpo", "modpo"] = option(
         "sigmoid",
         "preference loss of shared.preference: sigmoid (DPO), dpop (DPO-Positive: the chosen answer may "
         "not fall below the reference), ipo, robust (noisy labels), hinge (SLiC), simpo (reference-free, "
-        "length-normalised)",
+        "length-normalised), modpo (multi-objective DPO: the margin of other objectives' rewards from "
+        "data.margin_column, weighted by algorithm.modpo_weights)",
     )
     beta: Optional[float] = option(None, "beta of the loss (IPO's tau) (null: 2.0 for simpo as in its paper, else 0.1)")
     label_smoothing: float = option(
@@ -84,6 +90,11 @@ class DPOAlgorithmConfig:
     )
     simpo_gamma: float = option(0.5, "simpo: target reward margin gamma")
     dpop_lambda: float = option(50.0, "dpop: weight lambda of the penalty max(0, log pi_ref(chosen) - log pi(chosen))")
+    modpo_weights: Optional[list[float]] = option(
+        None,
+        "modpo: objective weights [w_0, w_1, ..., w_K] summing to 1, w_0 > 0: w_0 for the preference the pairs "
+        "hold, w_k for the k-th margin of data.margin_column; the logit is (beta D - sum_k w_k margin_k) / w_0",
+    )
     nll_weight: float = option(
         0.0,
         "alpha of iterative RPO: adds alpha * (-logp(chosen) / |chosen|) to each pair's "
@@ -119,6 +130,7 @@ class DPOAlgorithmConfig:
         )
         need(self.simpo_gamma >= 0, "algorithm.simpo_gamma", f"{self.simpo_gamma} must be >= 0, e.g. 0.5")
         need(self.dpop_lambda >= 0, "algorithm.dpop_lambda", f"{self.dpop_lambda} must be >= 0, e.g. 50")
+        self.check_modpo_weights()
         need(self.nll_weight >= 0, "algorithm.nll_weight", f"{self.nll_weight} must be >= 0 (0 = off), e.g. 1.0")
         need(self.tgdpo_alpha >= 0, "algorithm.tgdpo_alpha", f"{self.tgdpo_alpha} must be >= 0 (0 = off)")
         if self.tgdpo_alpha > 0:
@@ -141,6 +153,29 @@ class DPOAlgorithmConfig:
                 f"{self.guidance_model!r} is set but algorithm.tgdpo_alpha=0 does not use it; set tgdpo_alpha > 0 "
                 f"or guidance_model=null",
             )
+
+    def check_modpo_weights(self) -> None:
+        w = self.modpo_weights
+        if self.loss != "modpo":
+            need(
+                w is None,
+                "algorithm.modpo_weights",
+                f"{w} is set but algorithm.loss={self.loss} does not use it; set loss=modpo or modpo_weights=null",
+            )
+            return
+        need(
+            w is not None and len(w) >= 2,
+            "algorithm.modpo_weights",
+            f"{w} but loss=modpo needs [w_0, w_1, ...]: w_0 for the pairs' preference and one weight per margin "
+            f"of data.margin_column, summing to 1, e.g. [0.5, 0.5]",
+        )
+        need(w[0] > 0, "algorithm.modpo_weights", f"{w}: w_0 = {w[0]} must be > 0 (the loss divides by it)")
+        need(min(w) >= 0, "algorithm.modpo_weights", f"{w}: the weights must be >= 0 (a point of the simplex)")
+        need(
+            abs(sum(w) - 1) <= 1e-6,
+            "algorithm.modpo_weights",
+            f"{w} sums to {sum(w):g}; the weights must sum to 1, e.g. {[round(x / sum(w), 4) for x in w]}",
+        )
 
     @property
     def effective_beta(self) -> float:
@@ -207,6 +242,18 @@ class DPOConfig:
         for section in (self.model, self.data, self.algorithm, self.train, self.log):
             section.check()
         a = self.algorithm
+        need(
+            a.loss != "modpo" or self.data.margin_column is not None,
+            "data.margin_column",
+            "not set, but algorithm.loss=modpo needs each pair's reward margin of the other objectives; name the "
+            "column that holds r(chosen) - r(rejected) (a number, or a list of them)",
+        )
+        need(
+            a.loss == "modpo" or self.data.margin_column is None,
+            "data.margin_column",
+            f"{self.data.margin_column!r} is set but algorithm.loss={a.loss} does not use it; set loss=modpo or "
+            f"margin_column=null",
+        )
         if a.guidance_model is not None:
             need(
                 a.guidance_model != self.model.path,
