@@ -379,16 +379,16 @@ def diffusion_dpo_loss(
     policy_error, reference_error (the mean of winner and loser)).
 
     Departures from the paper, and why:
-    - The paper's logit is -beta T omega(lambda_t) (...) with squared norms of the noise-prediction error
-      summed over dimensions. The constant T omega(lambda_t) (omega constant, the "simple" weighting) and the
-      1/dimensions of averaging are folded into beta, leaving -beta/2 as the official code writes it
+    - The paper's logit is -beta_paper T omega(lambda_t) (...) on squared norms summed over the N dimensions of
+      the noise-prediction error. With omega constant (as the official code has it) and the errors averaged over
+      dimensions, our beta = 2 T omega N beta_paper: the 1/2 stays written out, as in the official code
       (SalesforceAIResearch/DiffusionDPO train.py: scale_term = -0.5 * beta_dpo on per-sample mean squared
-      errors), so beta means what that code's beta_dpo means on per-sample mean squared errors.
+      errors), so our beta is that code's beta_dpo.
     - Flow matching: the error is on the velocity, not on the noise. With x_t = (1 - t) x0 + t eps the noise
       prediction is x_t + (1 - t) v, so ||eps - eps_theta||^2 = (1 - t)^2 ||v - v_theta||^2: using the velocity
       error is a t-dependent weighting omega(lambda_t) different from the paper's, the one of the flow-matching
-      training loss these models are trained with. The paper already sets omega constant rather than keep the
-      ELBO's weighting; we likewise keep the training loss's.
+      training loss these models are trained with (Diffusion-DPO's code likewise keeps its training loss's
+      constant weighting rather than the ELBO's).
     """
     _check_errors(policy_winner=policy_winner, policy_loser=policy_loser, ref_winner=ref_winner, ref_loser=ref_loser)
     _check_beta(beta)
