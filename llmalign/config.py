@@ -409,6 +409,12 @@ class LMTrainConfig:
     max_grad_norm: float = option(1.0, "gradient clipping norm")
     seed: int = option(0, "seed for prompt order, sampling and initialisation")
     max_seconds: Optional[float] = option(None, "stop after this many seconds of training (then evaluate and save)")
+    max_generated_tokens: Optional[int] = option(
+        None,
+        "a rollout budget: stop after the first iteration at which the completion tokens generated since the start "
+        "(all processes, every refill round and second stage, EOS included, a Forced Rethinking trigger too; logged "
+        "as train/generated_tokens_total) reach this many, then evaluate and save (null = no token budget)",
+    )
     gradient_checkpointing: bool = gradient_checkpointing_option()
     mixed_precision: Literal["no", "bf16", "fp16"] = mixed_precision_option()
 
@@ -462,6 +468,11 @@ class LMTrainConfig:
             self.max_seconds is None or self.max_seconds > 0,
             "train.max_seconds",
             f"{self.max_seconds} must be positive or null",
+        )
+        need(
+            self.max_generated_tokens is None or self.max_generated_tokens > 0,
+            "train.max_generated_tokens",
+            f"{self.max_generated_tokens} must be positive or null, e.g. 100000",
         )
 
 

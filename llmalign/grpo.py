@@ -1124,6 +1124,14 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
     buffer = replay_buffer(config) if a.replay == "ssr" else None
     if buffer is not None and run.checkpoint is not None:
         buffer.load_state_dict(run.load("replay"))  # every rank holds the same buffer
+    generated_total = 0  # completion tokens generated since the run started (train.max_generated_tokens)
+    if run.checkpoint is not None:
+        if (run.checkpoint / "budget.json").is_file():
+            generated_total = int(run.load("budget")["generated_tokens"])
+        elif t.max_generated_tokens is not None:  # a checkpoint written before the count was saved
+            run.print(
+                "--resume: the checkpoint holds no generated-token count; train.max_generated_tokens counts from here"
+            )
     ratio_check = FirstUpdateRatioCheck()  # warns once per run (per resumed run) about on-policy ratio != 1
     progress = tqdm(
         range(start, t.iterations), desc=f"grpo[{a.loss}]", initial=start, total=t.iterations, disable=not run.is_main
@@ -1149,6 +1157,7 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
             return informative_groups(rounds[-1].scores, config.reward.weights, G0)  # [count]
 
         plan = refill(sample, t.prompts_per_iteration, a.refill_rounds, multiple=run.world)
+        generated = sum(int(one.rollout.lengths.sum()) for one in rounds)  # this rank's tokens, every round
         batch = assemble_batch(run, rounds, plan.chosen, G0, tokenizer.pad_token_id)
         staged = {}  # the second stage's statistics, logged
         if r.two_stage:  # DARS / GVM: more rollouts on the batch's own prompts, decided from gathered statistics
@@ -1176,7 +1185,11 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
                 staged["rollout/grad_norms"] = grad_norms.tolist()
             extra = second_stage_counts(config, rates, grad_norms).tolist()  # [B]
             staged.update({"rollout/pass_rates": rates.tolist(), "rollout/extra": extra})
+            first_stage_tokens = int(batch.rollout.lengths.sum())  # this rank's, redistributed under refill
             batch = second_stage(run, config, model, tokenizer, rewards, batch, extra, iteration, drop_bad, timings)
+            generated += int(batch.rollout.lengths.sum()) - first_stage_tokens  # its second-stage tokens
+        generated = int(run.sum(generated))  # all ranks
+        generated_total += generated
         rows, block, rollout, scores = batch.rows, batch.block, batch.rollout, batch.scores  # scores: [N] each
         sizes = batch.sizes or [t.group_size] * len(rows)  # [B] global group sizes
         bad = torch.stack(list(scores.values())).isnan().any(dim=0)  # [N]
@@ -1273,6 +1286,8 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
             RATIO_METRIC: first_update_deviation,
             "train/zero_std_groups": plan.zero_std / plan.sampled,  # of the groups sampled this iteration
             "train/rollouts": plan.sampled * G0 + sum(sizes) - len(sizes) * G0,  # generated this iteration, all ranks
+            "train/generated_tokens": generated,  # completion tokens generated this iteration, EOS included
+            "train/generated_tokens_total": generated_total,
             "train/refill_rounds": plan.rounds,
             "train/informative_groups": plan.informative,  # in the trained batch
             "train/dropped": int(bad.sum()),
@@ -1294,7 +1309,8 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         record.update(
             {f"reward/{n}/budget": fn.budget(iteration) for n, fn in rewards.items() if hasattr(fn, "budget")}
         )
-        last = run.is_last(done, t.iterations, t.max_seconds)
+        out_of_tokens = t.max_generated_tokens is not None and generated_total >= t.max_generated_tokens
+        last = run.is_last(done, t.iterations, t.max_seconds) or out_of_tokens
         if run.due(done, config.log.eval_every, last):
             record.update(evaluate(done))
         run.append(record)
@@ -1319,7 +1335,9 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
 
         # checkpoint
         if run.due(done, config.log.checkpoint_every, last):
-            extra_states = {"replay": buffer.state_dict()} if buffer is not None else None
+            extra_states = {"budget": {"generated_tokens": generated_total}}
+            if buffer is not None:
+                extra_states["replay"] = buffer.state_dict()
             save_policy_checkpoint(run, config, model, tokenizer, optimizer, done, extra_states)
         if last:
             break
