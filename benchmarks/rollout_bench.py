@@ -5,6 +5,7 @@ rollout budget in generated tokens. Prints a markdown table, writes OUT/rollout_
 
     python benchmarks/rollout_bench.py [--seeds 0 1] [--methods grpo refill ...] [--budget 80000] [--parallel 2]
     python benchmarks/rollout_bench.py --smoke --out DIR     # plumbing only: 1 seed, 2 methods, a tiny budget
+    python benchmarks/rollout_bench.py --report benchmarks/out/rollout_bench.json   # table and plot again
     python benchmarks/rollout_bench.py --one '{...}'          # internal: one run and its evaluation, JSON out
 
 The budget: every run has train.iterations far above what it needs and `train.max_generated_tokens` = --budget,
@@ -32,6 +33,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -325,10 +327,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--plot", type=Path, default=None, help=f"default {PLOT} (--smoke: OUT/rollout_bench_smoke.png)")
+    parser.add_argument("--report", type=Path, help="a saved rollout_bench.json: print its table, redraw its plot")
     parser.add_argument("--smoke", action="store_true", help="plumbing only: seed 0, grpo and dars_et, a tiny run")
     args = parser.parse_args(argv)
     if args.one is not None:
         print(json.dumps(one(json.loads(args.one))), flush=True)
+        return
+    if args.report is not None:  # the table and plot again from a finished run's JSON, nothing rerun
+        saved = json.loads(args.report.read_text())
+        report(saved["settings"], saved["runs"], args.report.parent, args.plot or PLOT)
         return
     if args.smoke:
         args.methods, args.seeds = ["grpo", "dars_et"], [0]
@@ -352,24 +359,33 @@ def main(argv: list[str] | None = None) -> None:
         {**common, "method": m, "seed": s, "out": str(runs_dir / f"{m}-seed{s}")} for s in args.seeds for m in args.methods
     ]
     results = run_all(specs, args.parallel)
-    title = (
-        f"llmalign grpo on the embedded arithmetic Qwen2 (arith-qwen2-v3): {args.prompts} prompts x {args.group} "
-        f"completions per iteration, lr {args.lr:g}, <= {args.max_new_tokens} new tokens, each run stopped at the first "
-        f"iteration with >= {args.budget} generated completion tokens; held-out: {args.eval_size} problems, greedy, "
-        f"and n = {args.samples} samples per problem at T = 1 (sampled accuracy = their mean; pass@k unbiased, "
-        f"Chen et al. 2021); seeds {', '.join(map(str, args.seeds))}; differences in brackets: to the {BASELINE} "
-        f"mean; seconds on a 2-core CPU shared with other jobs (rough), one thread per run, {args.parallel} at a time"
-    )
-    text = "\n\n".join([title, table(results, args.methods), spread(results, args.methods)])
-    elapsed = time.perf_counter() - started
-    text += f"\n\nrollout_bench took {elapsed:.0f} s."
-    print(text)
+    settings = {**common, "seeds": args.seeds, "methods": args.methods, "parallel": args.parallel}
+    settings["seconds"] = round(time.perf_counter() - started)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rollout_bench.md").write_text(text + "\n")
-    (args.out / "rollout_bench.json").write_text(json.dumps({"settings": {**common, "seeds": args.seeds}, "runs": results}, indent=1))
-    plot(results, args.methods, plot_path, title.split(";")[0])
-    print(f"wrote {args.out / 'rollout_bench.md'}, {args.out / 'rollout_bench.json'}, {plot_path}")
+    (args.out / "rollout_bench.json").write_text(json.dumps({"settings": settings, "runs": results}, indent=1))
+    report(settings, results, args.out, plot_path)
 
+
+def report(settings: dict, results: list[dict], out: Path, plot_path: Path) -> None:
+    """Print the table, write OUT/rollout_bench.md and the plot (also from a saved rollout_bench.json: --report)."""
+    s, methods = settings, settings["methods"]
+    setup = (
+        f"llmalign grpo on the embedded arithmetic Qwen2 (arith-qwen2-v3): {s['prompts']} prompts x {s['group']} "
+        f"completions per iteration, lr {s['lr']:g}, <= {s['max_new_tokens']} new tokens, each run stopped at the first "
+        f"iteration with >= {s['budget']} generated completion tokens"
+    )
+    title = (
+        f"{setup}; held-out: {s['eval_size']} problems, greedy, and n = {s['samples']} samples per problem at T = 1 "
+        f"(sampled accuracy = their mean; pass@k unbiased, Chen et al. 2021); seeds "
+        f"{', '.join(map(str, s['seeds']))}; differences in brackets: to the {BASELINE} mean; seconds on a 2-core CPU "
+        f"shared with other jobs (rough), one thread per run, {s['parallel']} at a time"
+    )
+    text = "\n\n".join([title, table(results, methods), spread(results, methods)])
+    text += f"\n\nrollout_bench took {s['seconds']} s."
+    print(text)
+    (out / "rollout_bench.md").write_text(text + "\n")
+    plot(results, methods, plot_path, textwrap.fill(setup, 130))
+    print(f"wrote {out / 'rollout_bench.md'}, {out / 'rollout_bench.json'}, {plot_path}")
 
 if __name__ == "__main__":
     main()
