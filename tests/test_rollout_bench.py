@@ -2,8 +2,9 @@
 
 - `train.max_generated_tokens`: a run stops at the first iteration whose cumulative generated completion tokens
   reach it, and train/generated_tokens equals the tokens of every `generate` call of the iteration (counted at
-  the source, refill rounds and the second stage included); the count is saved in the checkpoint; a
-  non-positive value exits 2 naming the field;
+  the source, refill rounds and the second stage included); the count is saved in the checkpoint, and a
+  resumed run stops where the uninterrupted one did, with the same weights; a non-positive value exits 2 naming
+  the field;
 - `summarise`: the zero-variance fractions of a run from hand-made metrics records;
 - `--smoke`: the script end to end at a tiny size; its table lists the rows, and pass@1 / pass@8 equal the
   sampled accuracy and the fraction of problems with a correct sample, from the per-problem counts.
@@ -91,6 +92,41 @@ def test_max_generated_tokens_stops_at_the_first_iteration_that_reaches_it(tmp_p
     assert any(len(tokens) > 1 for tokens in per_iteration)  # a refill round or a second stage was counted
     assert any(r["train/second_stage_rollouts"] > 0 for r in records)
     assert load_state(latest_checkpoint(out / "checkpoints"), "budget") == {"generated_tokens": totals[-1]}
+
+
+@pytest.mark.timeout(300)
+def test_a_resumed_run_keeps_counting_and_stops_where_the_uninterrupted_one_did(tmp_path):
+    def run(out, *extra):
+        main(
+            [
+                "grpo",
+                "--config",
+                "configs/llm/arith.yaml",
+                "train.prompts_per_iteration=4",
+                "train.group_size=4",
+                "train.micro_batch_size=8",
+                "train.max_seconds=null",
+                "train.max_generated_tokens=1200",
+                "sampling.max_new_tokens=24",
+                "data.test=null",
+                f"log.output_dir={out}",
+                "log.checkpoint_every=1",
+                *extra,
+            ]
+        )
+
+    run(tmp_path / "straight", "train.iterations=20")
+    run(tmp_path / "split", "train.iterations=1")
+    run(tmp_path / "split", "train.iterations=20", "--resume")  # train.iterations may change on resume
+    logged = {}
+    for name in ("straight", "split"):
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        logged[name] = [(r["iteration"], r["train/generated_tokens_total"]) for r in records if r["iteration"] > 0]
+    assert len(logged["straight"]) >= 3  # the resumed part ran more than one iteration
+    assert logged["split"] == logged["straight"]  # counted on from the checkpoint: the same stop
+    straight = load_state(latest_checkpoint(tmp_path / "straight" / "checkpoints"), "trainable")
+    resumed = load_state(latest_checkpoint(tmp_path / "split" / "checkpoints"), "trainable")
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
 
 
 def test_max_generated_tokens_must_be_positive(tmp_path, capsys):
