@@ -170,7 +170,8 @@ def launch(spec: dict) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     base = Path(spec["out"])
     with open(base.with_suffix(".log"), "w") as log, open(base.with_suffix(".json"), "w") as result:
-        return subprocess.Popen([sys.executable, __file__, "--one", json.dumps(spec)], stdout=result, stderr=log, env=env)
+        command = [sys.executable, __file__, "--one", json.dumps(spec)]
+        return subprocess.Popen(command, stdout=result, stderr=log, env=env)
 
 
 def run_all(specs: list[dict], parallel: int) -> list[dict]:
@@ -298,7 +299,8 @@ def plot(results: list[dict], methods: list[str], path: Path, title: str) -> Non
                 label=method,
             )
             for r in runs:
-                ax.annotate(f"s{r['seed']}", (r["rollouts"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                where = (r["rollouts"], r[key])
+                ax.annotate(f"s{r['seed']}", where, fontsize=7, xytext=(3, 3), textcoords="offset points")
         if base is not None:
             ax.axhline(base[key], color="grey", linestyle="--", linewidth=1, label="untrained")
         ax.set_xlabel("rollouts (completions) spent")
@@ -326,7 +328,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=8, help="completions per held-out problem at T = 1 (n)")
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time, one thread each")
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--plot", type=Path, default=None, help=f"default {PLOT} (--smoke: OUT/rollout_bench_smoke.png)")
+    parser.add_argument(
+        "--plot", type=Path, default=None, help=f"default {PLOT} (--smoke: OUT/rollout_bench_smoke.png)"
+    )
     parser.add_argument("--report", type=Path, help="a saved rollout_bench.json: print its table, redraw its plot")
     parser.add_argument("--smoke", action="store_true", help="plumbing only: seed 0, grpo and dars_et, a tiny run")
     args = parser.parse_args(argv)
@@ -356,7 +360,9 @@ def main(argv: list[str] | None = None) -> None:
     runs_dir = args.out / "rollout_bench_runs"
     specs = [{**common, "method": "base", "seed": 0, "out": str(runs_dir / "base")}]
     specs += [
-        {**common, "method": m, "seed": s, "out": str(runs_dir / f"{m}-seed{s}")} for s in args.seeds for m in args.methods
+        {**common, "method": m, "seed": s, "out": str(runs_dir / f"{m}-seed{s}")}
+        for s in args.seeds
+        for m in args.methods
     ]
     results = run_all(specs, args.parallel)
     settings = {**common, "seeds": args.seeds, "methods": args.methods, "parallel": args.parallel}
@@ -371,8 +377,8 @@ def report(settings: dict, results: list[dict], out: Path, plot_path: Path) -> N
     s, methods = settings, settings["methods"]
     setup = (
         f"llmalign grpo on the embedded arithmetic Qwen2 (arith-qwen2-v3): {s['prompts']} prompts x {s['group']} "
-        f"completions per iteration, lr {s['lr']:g}, <= {s['max_new_tokens']} new tokens, each run stopped at the first "
-        f"iteration with >= {s['budget']} generated completion tokens"
+        f"completions per iteration, lr {s['lr']:g}, <= {s['max_new_tokens']} new tokens, each run stopped at the "
+        f"first iteration with >= {s['budget']} generated completion tokens"
     )
     title = (
         f"{setup}; held-out: {s['eval_size']} problems, greedy, and n = {s['samples']} samples per problem at T = 1 "
