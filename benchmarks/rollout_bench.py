@@ -393,5 +393,6 @@ def report(settings: dict, results: list[dict], out: Path, plot_path: Path) -> N
     plot(results, methods, plot_path, textwrap.fill(setup, 130))
     print(f"wrote {out / 'rollout_bench.md'}, {out / 'rollout_bench.json'}, {plot_path}")
 
+
 if __name__ == "__main__":
     main()

@@ -944,7 +944,8 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
         report_heldout(run, config, eval_prompts, evaluations[0], evaluations[-1])
     run.print(f"metrics {run.out / 'metrics.jsonl'}, curve {run.out / 'reward_curve.png'}, images {run.out / 'images'}")
     run.close()
-    return {"before": history.get("before"), "after": final_eval}
+    before = history.get("before")
+    return {"before": before and {k: v for k, v in before.items() if k.startswith("eval/")}, "after": final_eval}
 
 
 def save_training_checkpoint(

@@ -71,10 +71,18 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 
 # Config fields a resumed run may change without --allow-config-change: how long it runs (flowalign and GRPO:
 # train.iterations; DPO: train.steps or train.epochs, its pair order being a function of the step alone), its
-# time budget, the log section (where and how often it logs and checkpoints) and the evaluation-only rewards
+# time or token budget (llmalign GRPO: train.max_generated_tokens), the log section (where and how often it logs and checkpoints) and the evaluation-only rewards
 # (eval.rewards: scored on held-out samples, never trained on). Any other change alters what the run computes: a
 # new learning rate, for one, would be recorded in config.json while the restored optimizer went on with the old one.
-RESUME_CHANGEABLE = ("train.iterations", "train.max_seconds", "train.steps", "train.epochs", "log.*", "eval.*")
+RESUME_CHANGEABLE = (
+    "train.iterations",
+    "train.max_seconds",
+    "train.max_generated_tokens",
+    "train.steps",
+    "train.epochs",
+    "log.*",
+    "eval.*",
+)
 _ABSENT = "<absent>"
 
 

@@ -84,7 +84,7 @@ def test_grpo_resume_with_a_changed_config_is_refused_unless_allowed_and_then_th
     assert capsys.readouterr().err == (
         "config error: --resume: the config differs from the one step-000001 was written under in "
         "train.learning_rate (0.01 -> 0.005), reward.weights.accuracy (1.0 -> 2.0); set them back, or add "
-        "--allow-config-change to apply them (on resume only train.iterations, train.max_seconds, train.steps, "
+        "--allow-config-change to apply them (on resume only train.iterations, train.max_seconds, train.max_generated_tokens, train.steps, "
         "train.epochs, log.*, eval.* may change without it)\n"
     )
     assert {name: (out / name).read_text() for name in kept} == kept  # nothing touched

@@ -255,7 +255,7 @@ def test_resume_refuses_a_changed_config_except_the_allow_list(tmp_path, capsys)
     assert str(refused.value) == (
         "--resume: the config differs from the one step-000001 was written under in train.learning_rate (0.1 -> 0.01), "
         "train.group_size (2 -> 4), reward.weights.b (<absent> -> 0.5); set them back, or add --allow-config-change "
-        "to apply them (on resume only train.iterations, train.max_seconds, train.steps, train.epochs, log.*, eval.* may "
+        "to apply them (on resume only train.iterations, train.max_seconds, train.max_generated_tokens, train.steps, train.epochs, log.*, eval.* may "
         "change without it)"
     )
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before  # nothing touched
@@ -388,7 +388,7 @@ def test_resume_of_a_checkpoint_that_predates_a_field_names_it_as_such(tmp_path)
         "--resume: the config differs from the one step-000001 was written under in train.group_size (<absent> -> 2), "
         "reward.weights.b (<absent> -> 0.5); step-000001 predates train.group_size: check that their values are what "
         "that run did (a default may have changed since); set them back, or add --allow-config-change to apply them "
-        "(on resume only train.iterations, train.max_seconds, train.steps, train.epochs, log.*, eval.* may change "
+        "(on resume only train.iterations, train.max_seconds, train.max_generated_tokens, train.steps, train.epochs, log.*, eval.* may change "
         "without it)"
     )
     assert Run(
