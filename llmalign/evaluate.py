@@ -7,6 +7,8 @@ calls transformers' `generate`, so another engine (vLLM) can stand in by returni
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -205,9 +207,15 @@ def held_out_metrics(
     }
 
 
-def describe_held_out(result: dict, temperature: float, samples: int) -> str:
-    """The before/after line both trainers print."""
+def describe_held_out(result: dict, temperature: float, samples: int, problems: int | None = None) -> str:
+    """The before/after line the trainers print. With the number of `problems`, the greedy accuracy carries its
+    standard error: each problem scores 0 or 1, so the sample standard deviation is sqrt(n p (1 - p) / (n - 1)) and
+    SE = sqrt(p (1 - p) / (n - 1))."""
+    greedy = result["eval/accuracy"]
+    error = ""
+    if problems is not None and problems >= 2:
+        error = f" +- {math.sqrt(greedy * (1 - greedy) / (problems - 1)):.3f}"
     return (
-        f"greedy {result['eval/accuracy']:.3f}, sampled {result['eval/sampled_accuracy']:.3f} (T={temperature}, "
+        f"greedy {greedy:.3f}{error}, sampled {result['eval/sampled_accuracy']:.3f} (T={temperature}, "
         f"mean over {samples} sample(s) per problem), greedy mean length {result['eval/mean_length']:.1f} tokens"
     )

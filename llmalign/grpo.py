@@ -1115,7 +1115,7 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         if before:
             run.print(
                 f"held-out accuracy before ({len(test_rows)} problems): "
-                f"{describe_held_out(before, s.temperature, d.eval_samples)}"
+                f"{describe_held_out(before, s.temperature, d.eval_samples, len(test_rows))}"
             )
 
     drop_bad = config.reward.on_bad_score == "drop"
@@ -1359,7 +1359,9 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
     )
     if before and after:
         for label, result in (("before", before), ("after ", after)):
-            run.print(f"held-out accuracy {label}: {describe_held_out(result, s.temperature, d.eval_samples)}")
+            run.print(
+                f"held-out accuracy {label}: {describe_held_out(result, s.temperature, d.eval_samples, len(test_rows))}"
+            )
     run.print(f"metrics {out / 'metrics.jsonl'}, curves {out / 'reward_curve.png'}, model {out / 'final'}")
     run.close()
     return {"before": before, "after": after}

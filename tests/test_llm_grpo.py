@@ -429,3 +429,13 @@ def test_a_fresh_run_into_a_used_output_dir_exits_2_and_loses_nothing(tiny_lm_di
     err = capsys.readouterr().err
     assert "log.output_dir" in err and "--resume" in err and err.count("\n") == 1
     assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
+def test_held_out_line_carries_the_greedy_standard_error():
+    from llmalign.evaluate import describe_held_out
+
+    result = {"eval/accuracy": 0.76, "eval/sampled_accuracy": 0.5, "eval/mean_length": 41.3}
+    # 200 problems scoring 0/1, 152 right: s = sqrt(200 * 0.76 * 0.24 / 199), SE = s / sqrt(200)
+    # = sqrt(0.76 * 0.24 / 199) = sqrt(0.0009166) = 0.03028
+    assert describe_held_out(result, 1.0, 4, problems=200).startswith("greedy 0.760 +- 0.030, sampled 0.500")
+    assert describe_held_out(result, 1.0, 4).startswith("greedy 0.760, sampled")  # count unknown: no error given
