@@ -380,3 +380,170 @@ class FlowGRPOConfig:
         problem = report_to_problem(self.log.report_to)
         need(problem is None, "log.report_to", problem or "")
         need(self.model.lora_rank >= 1, "model.lora_rank", f"{self.model.lora_rank}; use at least 1")
+
+
+# ----------------------------------------------------------------------- preference recipe (flowalign/preference.py)
+@dataclasses.dataclass
+class PreferenceAlgorithmConfig:
+    name: Literal["diffusion_dpo", "smpo"] = option(
+        "diffusion_dpo", "preference loss: Diffusion-DPO (binary label) or SmPO-Diffusion (smoothed label, ReNoise)"
+    )
+    beta: float = option(
+        2000.0,
+        "preference strength beta (> 0) on per-dimension mean squared velocity errors, as Diffusion-DPO's code's "
+        "beta_dpo (shared.preference.diffusion_dpo_loss)",
+    )
+    label_temperature: float = option(
+        0.2, "smpo: label = sigmoid((r_w - r_l) / label_temperature) of the weighted reward sum (> 0)"
+    )
+    gamma: float = option(1.0, "smpo: the paper's sensitivity factor gamma (1 in its code)")
+    pairs: Literal["best_worst", "all"] = option(
+        "best_worst",
+        "on-policy pairs per prompt group: best against worst, or every pair whose reward gap exceeds "
+        "algorithm.min_reward_gap",
+    )
+    min_reward_gap: float = option(0.0, "on-policy: a pair's weighted reward gap must exceed this (>= 0)")
+    t_min: float = option(0.02, "noise levels t of the loss are drawn uniformly in [t_min, t_max] (0 = data)")
+    t_max: float = option(1.0, "upper end of the loss's noise levels (1 = pure noise)")
+    inversion_steps: int = option(2, "smpo: Euler steps of the ReNoise inversion from the clean latent up to t")
+    renoise_iterations: int = option(3, "smpo: fixed-point (ReNoise) iterations per inversion step")
+
+
+@dataclasses.dataclass
+class PreferenceTrainConfig:
+    iterations: int = option(100, "iterations (on-policy: sample + score + pair + update; file: draw pairs + update)")
+    prompts_per_iteration: int = option(
+        8,
+        "on-policy: distinct prompts per iteration over all processes (a multiple of the number of processes); "
+        "data.pairs_file: pairs drawn per iteration",
+    )
+    group_size: int = option(8, "on-policy: samples per prompt G, ranked by the rewards to form pairs")
+    updates_per_iteration: int = option(
+        1, "optimizer steps per iteration, each over all the iteration's pairs with fresh (t, noise)"
+    )
+    micro_batch_size: int = option(16, "pairs per forward pass, per process (a memory knob: gradient accumulation)")
+    gradient_checkpointing: bool = option(
+        False, "recompute the transformer's activations in the backward pass (memory for time)"
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = option(
+        "no", "autocast through accelerate; the trainable weights (LoRA or full) stay float32. fp16 needs a GPU"
+    )
+    learning_rate: float = option(1e-4, "AdamW learning rate")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    seed: int = option(0, "seed for prompts, noise, loss times and initialisation")
+    max_seconds: Optional[float] = option(None, "stop after this many seconds of training (then evaluate and save)")
+
+
+@dataclasses.dataclass
+class PreferenceDataConfig(DataConfig):
+    pairs_file: Optional[str] = option(
+        None,
+        "offline pairs instead of on-policy ones: a jsonl of {prompt, winner, loser}, the images' paths relative "
+        "to the file (null: on-policy pairs from the current model)",
+    )
+
+
+@dataclasses.dataclass
+class PreferenceLogConfig(LogConfig):
+    output_dir: str = option("runs/diffusion_dpo", "where metrics, images, plots and checkpoints go")
+    save_pairs: bool = option(
+        False,
+        "write each iteration's first-update batch (winner/loser latents, t, noise, label, per-pair loss) to "
+        "pairs/iter-N.safetensors, for checking the loss offline",
+    )
+
+
+@dataclasses.dataclass
+class FlowPreferenceConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
+    algorithm: PreferenceAlgorithmConfig = dataclasses.field(default_factory=PreferenceAlgorithmConfig)
+    train: PreferenceTrainConfig = dataclasses.field(default_factory=PreferenceTrainConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    data: PreferenceDataConfig = dataclasses.field(default_factory=PreferenceDataConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    log: PreferenceLogConfig = dataclasses.field(default_factory=PreferenceLogConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks, before any model loads (sampling.noise_level and sde_kind are unused: on-policy
+        samples are ODE samples)."""
+        s, a, t = self.sampling, self.algorithm, self.train
+
+        def need(condition: bool, field: str, message: str) -> None:
+            if not condition:
+                raise ConfigError(f"config field '{field}': {message}")
+
+        need(a.beta > 0, "algorithm.beta", f"{a.beta} must be > 0, e.g. 2000")
+        need(a.label_temperature > 0, "algorithm.label_temperature", f"{a.label_temperature} must be > 0, e.g. 0.2")
+        need(a.gamma > 0, "algorithm.gamma", f"{a.gamma} must be > 0 (the paper's code: 1)")
+        need(a.min_reward_gap >= 0, "algorithm.min_reward_gap", f"{a.min_reward_gap} must be >= 0")
+        need(0 <= a.t_min < a.t_max <= 1, "algorithm.t_min", f"need 0 <= t_min < t_max <= 1, got {a.t_min}, {a.t_max}")
+        need(
+            a.name != "smpo" or a.t_min > 0,
+            "algorithm.t_min",
+            "0 with smpo: the inverted latent's implied noise divides by t; use e.g. 0.02",
+        )
+        need(a.inversion_steps >= 1, "algorithm.inversion_steps", f"{a.inversion_steps}; use at least 1")
+        need(a.renoise_iterations >= 0, "algorithm.renoise_iterations", f"{a.renoise_iterations} must be >= 0")
+        need(s.num_steps >= 1, "sampling.num_steps", f"{s.num_steps}; use at least 1")
+        need(s.eval_num_steps >= 1, "sampling.eval_num_steps", f"{s.eval_num_steps}; use at least 1")
+        need(s.guidance_scale >= 0, "sampling.guidance_scale", f"{s.guidance_scale} must be >= 0 (1 = no guidance)")
+        for field, value in (("sampling.height", s.height), ("sampling.width", s.width)):
+            need(value is None or value > 0, field, f"{value} must be positive or null (the pipeline's default)")
+        need(t.iterations >= 0, "train.iterations", f"{t.iterations} is negative")
+        need(t.prompts_per_iteration >= 1, "train.prompts_per_iteration", f"{t.prompts_per_iteration}; use at least 1")
+        need(t.group_size >= 2, "train.group_size", f"{t.group_size} < 2; a pair needs two samples of a prompt")
+        need(t.updates_per_iteration >= 1, "train.updates_per_iteration", f"{t.updates_per_iteration}; use at least 1")
+        need(t.micro_batch_size >= 1, "train.micro_batch_size", f"{t.micro_batch_size}; use at least 1")
+        need(t.learning_rate > 0, "train.learning_rate", f"{t.learning_rate} must be positive, e.g. 1e-4")
+        need(t.weight_decay >= 0, "train.weight_decay", f"{t.weight_decay} must be >= 0")
+        need(t.max_grad_norm > 0, "train.max_grad_norm", f"{t.max_grad_norm} must be positive, e.g. 1.0")
+        need(0 <= t.seed < SEED_LIMIT, "train.seed", f"{t.seed} is outside [0, 2**32); use a seed such as 0")
+        need(
+            t.max_seconds is None or t.max_seconds > 0, "train.max_seconds", f"{t.max_seconds} must be positive or null"
+        )
+        need(
+            t.prompts_per_iteration * t.group_size <= SAMPLES_PER_ITERATION_LIMIT,
+            "train.group_size",
+            f"{t.group_size} x {t.prompts_per_iteration} prompts is over the limit of 2**20 samples; lower it",
+        )
+        need(bool(self.reward.weights), "reward.weights", "empty; name at least one reward 'module:name': weight")
+        for path in [*self.reward.weights, *self.reward.kwargs, *self.eval.rewards]:
+            problem = import_path_problem(path)
+            need(problem is None, "reward.weights", problem or "")
+        unknown = set(self.reward.kwargs) - set(self.reward.weights)
+        need(not unknown, "reward.kwargs", f"{sorted(unknown)} have no weight in reward.weights; add them there")
+        both = sorted(set(self.eval.rewards) & set(self.reward.weights))
+        need(not both, "eval.rewards", f"{both} already in reward.weights; remove them from eval.rewards")
+        need(
+            self.reward.timeout_s is None or self.reward.timeout_s > 0,
+            "reward.timeout_s",
+            f"{self.reward.timeout_s} must be positive seconds, or null for no limit",
+        )
+        d = self.data
+        need(d.eval_seeds >= 1, "data.eval_seeds", f"{d.eval_seeds}; use at least 1")
+        need(
+            not (d.prompts_dataset and d.prompts_file),
+            "data.prompts_dataset",
+            "set together with data.prompts_file; keep one source of training prompts",
+        )
+        need(
+            d.eval_split is None or bool(d.prompts_dataset),
+            "data.eval_split",
+            "names a split of data.prompts_dataset, which is not set; set it or use data.eval_prompts",
+        )
+        need(
+            sum(bool(v) for v in (d.eval_split, d.eval_prompts_file, d.eval_prompts)) <= 1,
+            "data.eval_prompts",
+            "more than one of data.eval_split, data.eval_prompts_file, data.eval_prompts; keep one",
+        )
+        need(self.log.eval_every >= 0, "log.eval_every", f"{self.log.eval_every} must be >= 0 (0 = start and end only)")
+        need(self.log.checkpoint_every >= 0, "log.checkpoint_every", f"{self.log.checkpoint_every} must be >= 0")
+        need(self.log.keep_last >= 1, "log.keep_last", f"{self.log.keep_last}; keep at least 1 checkpoint")
+        need(self.model.lora_rank >= 1, "model.lora_rank", f"{self.model.lora_rank}; use at least 1")
+        need(self.model.lora_alpha >= 1, "model.lora_alpha", f"{self.model.lora_alpha}; use at least 1")
+        problem = output_dir_problem(self.log.output_dir)
+        need(problem is None, "log.output_dir", problem or "")
+        problem = report_to_problem(self.log.report_to)
+        need(problem is None, "log.report_to", problem or "")

@@ -129,3 +129,51 @@ def dry_run(config: FlowGRPOConfig) -> None:
     """Print the checked plan (see the module docstring); raises as training would on a bad recipe."""
     title = "dry run: config, model source, prompts and rewards checked; no weights loaded"
     print(format_plan(title, plan_rows(config)))
+
+
+def preference_plan_rows(config) -> list[tuple[str, object]]:
+    """The checks of `plan_rows` for a `FlowPreferenceConfig` (flowalign/preference.py), the pairs file read in
+    full as training reads it, and its plan as (name, value) rows."""
+    from flowalign.preference import read_pairs_file
+    from flowalign.rewards.plugins import load_reward
+
+    m, s, a, t, r = config.model, config.sampling, config.algorithm, config.train, config.reward
+    world = world_size()
+    require_divisible(t.prompts_per_iteration, world, "train.prompts_per_iteration", "prompts")
+    model = describe_source(m.path, "model.path", embedded=EMBEDDED_MODEL, kind="pipeline")
+    train_prompts, eval_prompts = _prompt_source(config)
+    for path in [*r.weights, *config.eval.rewards]:
+        load_reward(path, r.kwargs.get(path) if path in r.weights else config.eval.rewards[path] or None)
+    if config.data.pairs_file:
+        records, size = read_pairs_file(config.data.pairs_file)
+        pairs = f"{len(records)} pairs from {config.data.pairs_file} ({size[0]} x {size[1]} px); {t.prompts_per_iteration} drawn per iteration"
+        batch = f"{t.prompts_per_iteration} pairs per iteration"
+    else:
+        pairs = f"on-policy, {a.pairs} (reward gap > {a.min_reward_gap:g}), {s.num_steps}-step ODE samples"
+        batch = f"{t.prompts_per_iteration} prompts x {t.group_size} samples = {t.prompts_per_iteration * t.group_size} samples per iteration"
+    loss = f"beta {a.beta:g}" + (
+        f", label temperature {a.label_temperature:g}, gamma {a.gamma:g}, ReNoise {a.inversion_steps} steps x "
+        f"{a.renoise_iterations} iterations"
+        if a.name == "smpo"
+        else ""
+    )
+    return [
+        ("algorithm", a.name),
+        ("model", f"{model}, pipeline {m.pipeline}"),
+        ("train prompts", train_prompts),
+        ("eval prompts", eval_prompts),
+        ("pairs", pairs),
+        ("rewards", "; ".join(f"{p} x {w:g}" for p, w in r.weights.items())),
+        ("world size", world),
+        ("global batch", batch),
+        ("loss", f"{loss}; t in [{a.t_min:g}, {a.t_max:g}]"),
+        ("iterations", f"{t.iterations} ({t.updates_per_iteration} optimizer steps each), max {t.max_seconds} s"),
+        ("trainable", f"LoRA r {m.lora_rank} alpha {m.lora_alpha} on {m.lora_targets}" if m.lora else "full transformer"),
+        ("output", config.log.output_dir),
+    ]
+
+
+def preference_dry_run(config) -> None:
+    """Print the checked plan of a preference recipe; raises as training would on a bad recipe."""
+    title = "dry run: config, model source, prompts, pairs and rewards checked; no weights loaded"
+    print(format_plan(title, preference_plan_rows(config)))

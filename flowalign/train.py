@@ -659,6 +659,23 @@ def report_heldout(run: Run, config: FlowGRPOConfig, prompts: list[str], before:
 
 
 # -------------------------------------------------------------------------------------- main
+def load_rewards(config: FlowGRPOConfig) -> tuple[dict, dict]:
+    """(training rewards of reward.weights, evaluation-only rewards of eval.rewards), each call bounded by
+    reward.timeout_s (null: unbounded)."""
+    rewards = {
+        path: load_reward(path, config.reward.kwargs.get(path), timeout_s=config.reward.timeout_s)
+        for path in config.reward.weights
+    }
+    try:  # scored on the evaluation samples only
+        eval_rewards = {
+            path: load_reward(path, kwargs or None, timeout_s=config.reward.timeout_s)
+            for path, kwargs in config.eval.rewards.items()
+        }
+    except RewardError as error:  # its message names the reward; say which config field holds it
+        raise RewardError(f"eval.rewards: {error}") from None
+    return rewards, eval_rewards
+
+
 def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
     t, s, a = config.train, config.sampling, config.algorithm
     train_prompts, eval_prompts = read_prompts(config)
@@ -688,17 +705,7 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
     adapter.transformer, optimizer = run.prepare(adapter.transformer, optimizer)
     ema = EMA(params, t.ema_decay) if t.ema_decay else None
-    rewards = {
-        path: load_reward(path, config.reward.kwargs.get(path), timeout_s=config.reward.timeout_s)
-        for path in config.reward.weights
-    }  # each call bounded by reward.timeout_s (null: unbounded)
-    try:  # scored on the evaluation samples only
-        eval_rewards = {
-            path: load_reward(path, kwargs or None, timeout_s=config.reward.timeout_s)
-            for path, kwargs in config.eval.rewards.items()
-        }
-    except RewardError as error:  # its message names the reward; say which config field holds it
-        raise RewardError(f"eval.rewards: {error}") from None
+    rewards, eval_rewards = load_rewards(config)
     trackers = per_prompt_trackers(config)
     window = None
     if a.name == "mixgrpo" or a.branch_steps == "window":

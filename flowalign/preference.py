@@ -1,0 +1,582 @@
+"""Preference optimization for flow-matching image models: Diffusion-DPO and SmPO-Diffusion, on-policy or from a
+file of pairs.
+
+    python flowalign/preference.py --config configs/flow/diffusion_dpo.yaml [key=value ...] [--resume]
+    accelerate launch --multi_gpu --num_processes 2 flowalign/preference.py --config configs/flow/smpo.yaml
+    python flowalign/preference.py --describe            # every config field, documented
+
+Each iteration: pairs -> loss (shared/preference.py) -> optimizer step(s) -> log -> checkpoint.
+- On-policy pairs (the default): G ODE samples per prompt from the current model (the adapter's sampler),
+  scored by the configured rewards (their weighted sum); per prompt the best against the worst
+  (algorithm.pairs=best_worst) or every pair whose gap exceeds algorithm.min_reward_gap (all).
+- Pairs from a file (data.pairs_file): a jsonl of {"prompt", "winner", "loser"}, image paths relative to the file;
+  the images are encoded with the pipeline's VAE (the mode of its latent distribution).
+- The loss: the policy's and the reference's (the LoRA-disabled transformer) flow-matching errors on the winner
+  and the loser at one noise level t per pair. diffusion_dpo: x_t = (1 - t) x0 + t eps with one random eps
+  shared by the pair (flow_pair_inputs). smpo: x_t of each image estimated by ReNoise inversion with the
+  reference (samplers.renoise_inversion), the label from the rewards' gap (smpo_label).
+The model is trained on the conditional velocity (no classifier-free guidance in the loss), as Diffusion-DPO's
+code trains its UNet; sampling and evaluation use sampling.guidance_scale.
+
+Several processes, as flowalign/train.py: every rank draws the same global prompt (or pair) list and takes its
+block; each pair's (t, eps) comes from its own stream seeded from (seed, iteration, update, global pair index);
+the loss is the mean over the global pairs, micro-batched with every rank making the same number of forward calls
+(zero-weight fillers), so 1 and N processes compute the same gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (accelerate launch flowalign/preference.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from tqdm.auto import tqdm
+
+from flowalign import samplers
+from flowalign.adapters import CachedPromptEncoder
+from flowalign.config import EMBEDDED_MODEL, FlowPreferenceConfig
+from flowalign.lora import reference_model
+from flowalign.rewards.plugins import RewardError, check_rewards_on_dummy_batch
+from flowalign.train import (
+    _fmt,
+    draw_prompts,
+    evaluate,
+    iteration_generator,
+    load_adapter,
+    load_rewards,
+    make_policy,
+    plain_transformer,
+    read_prompts,
+    report_heldout,
+    sample_noise,
+    save_training_checkpoint,
+    score,
+    velocity_fn_for,
+)
+from shared.checkpoint import WriteError
+from shared.config import ConfigError, describe, exit_on_config_error, load_config
+from shared.preference import (
+    FLOW_PREFERENCE_LOSSES,
+    flow_matching_errors,
+    flow_matching_inputs,
+    flow_pair_inputs,
+    smpo_label,
+)
+from shared.run import Run
+from shared.runlog import plot_curves
+
+
+@dataclasses.dataclass
+class Pairs:
+    """This rank's preference pairs of one iteration."""
+
+    winner: torch.Tensor  # [B, C, h, w] clean latents of the preferred image
+    loser: torch.Tensor  # [B, C, h, w]
+    prompt_index: torch.Tensor  # [B] index into the rank's prompt list of the iteration
+    reward_winner: torch.Tensor  # [B] weighted reward sum (NaN where not scored: diffusion_dpo on a file)
+    reward_loser: torch.Tensor  # [B]
+    pair_id: torch.Tensor  # [B] global pair index: its (t, eps) stream
+
+    def __len__(self) -> int:
+        return len(self.pair_id)
+
+
+# ------------------------------------------------------------------------------ pairs from a file
+@dataclasses.dataclass
+class PairRecord:
+    line: int
+    prompt: str
+    winner: Path
+    loser: Path
+
+
+def _read_image(path: Path) -> torch.Tensor:
+    """[3, H, W] in [0, 1]; PIL's errors propagate (the caller names the line)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3]
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def read_pairs_file(path: str) -> tuple[list[PairRecord], tuple[int, int]]:
+    """Read and check every line of data.pairs_file: (records, (H, W) of the images). A line that is not a JSON
+    object with a non-empty "prompt" and "winner"/"loser" image paths (relative to the file) that open as images
+    of one size, the same on every line, is a ConfigError naming the line."""
+    field = "config field 'data.pairs_file'"
+    source = Path(path).expanduser()
+    try:
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{field}: cannot read {path} ({error}); give a UTF-8 jsonl file") from None
+    records, size = [], None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        where = f"{field}: {path} line {number}"
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{where}: not JSON ({error.msg}); write one object per line") from None
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "winner", "loser")):
+            raise ConfigError(f'{where}: needs string fields "prompt", "winner" and "loser"')
+        if not row["prompt"].strip():
+            raise ConfigError(f"{where}: empty prompt; give the prompt the images were made for")
+        images = {}
+        for side in ("winner", "loser"):
+            image_path = source.parent / row[side]
+            if not image_path.is_file():
+                raise ConfigError(f"{where}: {side} image {row[side]!r} not found next to the file")
+            try:
+                images[side] = _read_image(image_path)
+            except Exception as error:  # PIL raises several kinds for a broken file
+                raise ConfigError(f"{where}: {side} image {row[side]!r} is unreadable ({error})") from None
+        shapes = {side: tuple(image.shape[1:]) for side, image in images.items()}
+        if shapes["winner"] != shapes["loser"]:
+            raise ConfigError(f"{where}: winner is {shapes['winner']} and loser {shapes['loser']} pixels; sizes differ")
+        if size is not None and shapes["winner"] != size:
+            raise ConfigError(f"{where}: images are {shapes['winner']} pixels, earlier lines {size}; use one size")
+        size = shapes["winner"]
+        records.append(PairRecord(number, row["prompt"].strip(), source.parent / row["winner"], source.parent / row["loser"]))
+    if not records:
+        raise ConfigError(f"{field}: {path} holds no pairs; write one JSON object per line")
+    return records, size
+
+
+def encode_images(adapter, images: torch.Tensor) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1] -> latents [B, C, h, w]: the VAE's latent mode, shifted and scaled as the
+    pipeline's latents (the inverse of adapter.decode up to the VAE's reconstruction error)."""
+    vae = adapter.pipeline.vae
+    with torch.no_grad():
+        z = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mode()  # [B, C, h, w]
+    return ((z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).to(adapter.dtype)
+
+
+# ------------------------------------------------------------------------------ on-policy pairs
+def select_pairs(rewards: torch.Tensor, mode: str, min_gap: float) -> list[tuple[int, int, int]]:
+    """(group, winner, loser) indices from rewards [P, G]: best against worst, or every (i, j) with
+    r_i - r_j > min_gap. NaN rewards (dropped samples) never enter a pair; ties give no pair."""
+    chosen = []
+    for group, row in enumerate(rewards.tolist()):
+        finite = [(r, i) for i, r in enumerate(row) if math.isfinite(r)]
+        if mode == "best_worst":
+            if len(finite) >= 2:
+                (best, i), (worst, j) = max(finite), min(finite)
+                if best - worst > min_gap:
+                    chosen.append((group, i, j))
+        else:
+            chosen += [(group, i, j) for ri, i in finite for rj, j in finite if ri - rj > min_gap]
+    return chosen
+
+
+@torch.no_grad()
+def on_policy_pairs(config, run, adapter, encode, rewards, prompts, first_slot, iteration) -> tuple[Pairs, dict]:
+    """Sample G ODE images per prompt (this rank's `prompts`, global slots from first_slot), score them and pair
+    them (`select_pairs`); the initial noise of each sample from (seed, iteration, global sample index)."""
+    s, t, a = config.sampling, config.train, config.algorithm
+    groups = t.group_size
+    first = first_slot * groups
+    count = len(prompts) * groups
+    noise = adapter.initial_noise(
+        count,
+        sample_noise(adapter.device, t.seed, iteration, samples=range(first, first + count)).generators,
+        s.height,
+        s.width,
+    )  # [n, C, h, w]
+    embeds = encode(prompts).repeat_interleave(groups)
+    with plain_transformer(run, adapter):
+        final = samplers.sample_trajectory(
+            velocity_fn_for(adapter, embeds, s.guidance_scale), noise, adapter.sigmas(s.num_steps, s.height, s.width), []
+        ).final  # [n, C, h, w]
+    images = adapter.decode(final)  # [n, 3, H, W]
+    texts = [prompts[i // groups] for i in range(count)]
+    metadata = [{"split": "train", "iteration": iteration + 1, "sample": first + i} for i in range(count)]
+    scores = score(rewards, images, texts, metadata, config.reward.on_bad_score == "drop")
+    total = sum(config.reward.weights[name] * value.double() for name, value in scores.items())  # [n]
+    chosen = select_pairs(total.view(len(prompts), groups), a.pairs, a.min_reward_gap)
+    group = torch.tensor([g for g, _, _ in chosen], dtype=torch.long)  # [B]
+    win = group * groups + torch.tensor([i for _, i, _ in chosen], dtype=torch.long)  # [B] sample index
+    lose = group * groups + torch.tensor([j for _, _, j in chosen], dtype=torch.long)  # [B]
+    offset = int(run.gather(torch.tensor([len(chosen)]))[: run.rank].sum())  # pairs of the ranks before this one
+    pairs = Pairs(
+        final[win], final[lose], group, total[win].float(), total[lose].float(), offset + torch.arange(len(chosen))
+    )
+    finite = total[total.isfinite()]
+    stats = {"reward/mean": float(finite.mean()) if len(finite) else math.nan, "reward/dropped": count - len(finite)}
+    return pairs, stats
+
+
+def file_pairs(config, run, adapter, rewards, records, chosen: list[int], first: int) -> Pairs:
+    """This rank's block of the iteration's pairs from data.pairs_file (records[chosen]), encoded; scored by the
+    rewards for smpo's label (diffusion_dpo needs no scores: NaN)."""
+    mine = [records[i] for i in chosen]
+    winner = torch.stack([_read_image(r.winner) for r in mine])  # [B, 3, H, W]
+    loser = torch.stack([_read_image(r.loser) for r in mine])  # [B, 3, H, W]
+    reward_winner = reward_loser = torch.full((len(mine),), math.nan)  # [B]
+    if config.algorithm.name == "smpo":
+        texts = [r.prompt for r in mine]
+        both = score(rewards, torch.cat([winner, loser]), texts + texts, [{"split": "pairs"}] * (2 * len(mine)))
+        total = sum(config.reward.weights[name] * value.double() for name, value in both.items()).float()  # [2B]
+        reward_winner, reward_loser = total[: len(mine)], total[len(mine) :]
+    return Pairs(
+        encode_images(adapter, winner),
+        encode_images(adapter, loser),
+        torch.arange(len(mine)),
+        reward_winner,
+        reward_loser,
+        first + torch.arange(len(mine)),
+    )
+
+
+# ------------------------------------------------------------------------------ update
+_DPO_METRICS = ["loss", "implicit_accuracy", "reward_margin", "chosen_rewards", "rejected_rewards"]
+METRICS = {  # logged as train/<name>, each the mean over the iteration's pairs
+    "diffusion_dpo": [*_DPO_METRICS, "policy_error", "reference_error"],
+    "smpo": [*_DPO_METRICS, "policy_error", "reference_error", "label"],
+}
+
+
+def pair_draws(seed: int, iteration: int, update: int, pair_id: torch.Tensor, shape, t_min: float, t_max: float):
+    """(t [B], eps [B, ...]) of each pair from its own stream (seed, iteration, update, global pair index), on the
+    CPU: the same whatever the world size or device."""
+    ts, noises = [], []
+    for i in pair_id.tolist():
+        generator = torch.Generator().manual_seed(samplers.stream_seed("pair", seed, iteration, update, i))
+        ts.append(t_min + (t_max - t_min) * torch.rand((), generator=generator, dtype=torch.float64))
+        noises.append(torch.randn(shape, generator=generator))
+    if not ts:
+        return torch.zeros(0), torch.zeros((0, *shape))
+    return torch.stack(ts).float(), torch.stack(noises)  # [B], [B, C, h, w]
+
+
+def loss_inputs(config, velocity_reference, winner, loser, t, noise) -> tuple[torch.Tensor, ...]:
+    """(x_t [2B, ...], target [2B, ...], implied noise of the winners and the losers [B, ...] each). diffusion_dpo:
+    the pair's shared eps. smpo: x_t of each image by ReNoise inversion under `velocity_reference(x, sigma)` and
+    the noise that x_t implies, eps = (x_t - (1 - t) x0) / t, so that x_t = (1 - t) x0 + t eps again."""
+    a = config.algorithm
+    if a.name == "diffusion_dpo":
+        x_t, target = flow_pair_inputs(winner, loser, noise, t)
+        return x_t, target, noise, noise
+    clean = torch.cat([winner, loser])  # [2B, ...]
+    times = torch.cat([t, t])  # [2B]
+    with torch.no_grad():
+        inverted = samplers.renoise_inversion(velocity_reference, clean, times, a.inversion_steps, a.renoise_iterations)
+    scale = times.reshape(-1, *[1] * (clean.dim() - 1)).to(clean.dtype)  # [2B, 1, 1, 1]
+    implied = (inverted - (1 - scale) * clean) / scale  # [2B, ...]
+    x_t, target = flow_matching_inputs(clean, implied, times)
+    noise_w, noise_l = implied.chunk(2)
+    return x_t, target, noise_w, noise_l
+
+
+def update(config, run, adapter, optimizer, params, embeds, pairs: Pairs, total_pairs: int, iteration: int, step: int):
+    """One optimizer step on the mean loss over the iteration's global pairs, micro-batched: each rank's
+    micro-batch adds (sum of its pair losses) / total_pairs (Run.backward scales for DDP), and every rank makes
+    the same number of forward calls (a rank short of pairs runs zero-weight fillers). Returns (metrics summed
+    over this rank's pairs / total_pairs, the recorded batch: t, noises, label and per-pair loss)."""
+    a, t = config.algorithm, config.train
+    model = adapter.transformer
+    loss_fn = FLOW_PREFERENCE_LOSSES[a.name]
+    shape = tuple(adapter.latent_shape(config.sampling.height, config.sampling.width))  # (C, h, w)
+    times, noise = pair_draws(t.seed, iteration, step, pairs.pair_id, shape, a.t_min, a.t_max)
+    micros = list(torch.arange(len(pairs)).split(t.micro_batch_size))
+    micro_count = run.most(len(micros))
+    totals = dict.fromkeys(METRICS[a.name], 0.0)  # the same keys on every rank: they are summed over ranks
+    record = {"t": [], "noise_winner": [], "noise_loser": [], "label": [], "loss": []}
+    nonfinite = False
+    optimizer.zero_grad(set_to_none=True)
+    for index in range(micro_count):
+        real = index < len(micros)
+        rows = micros[index] if real else torch.zeros(0, dtype=torch.long)
+        if real:
+            winner, loser = pairs.winner[rows], pairs.loser[rows]  # [m, C, h, w] each
+            t_rows, eps = times[rows].to(adapter.device), noise[rows].to(adapter.device, winner.dtype)  # [m], [m, ...]
+            pair_embeds = embeds[pairs.prompt_index[rows]]
+            reward_w, reward_l = pairs.reward_winner[rows], pairs.reward_loser[rows]  # [m]
+        else:  # a zero-weight filler: any valid input
+            winner = loser = torch.zeros((1, *shape), device=adapter.device, dtype=adapter.dtype)
+            t_rows, eps = torch.full((1,), 0.5, device=adapter.device), torch.zeros_like(winner)
+            pair_embeds = embeds[torch.zeros(1, dtype=torch.long)]
+            reward_w = reward_l = torch.zeros(1)
+        doubled = type(pair_embeds).cat([pair_embeds, pair_embeds])  # winners then losers share their prompt
+        with run.sync_gradients(model, last=index == micro_count - 1):
+            with plain_transformer(run, adapter) as plain, reference_model(plain, config.model.lora):
+
+                def reference(x, sigma, embeds=doubled):
+                    return adapter.velocity(x, sigma, embeds, 1.0)
+
+                x_t, target, noise_w, noise_l = loss_inputs(config, reference, winner, loser, t_rows, eps)
+                with torch.no_grad():
+                    ref_errors = flow_matching_errors(reference(x_t, torch.cat([t_rows, t_rows])), target)  # [2m]
+            velocity = adapter.velocity(x_t, torch.cat([t_rows, t_rows]), doubled, 1.0)  # [2m, C, h, w]
+            errors = flow_matching_errors(velocity, target)  # [2m]
+            err_w, err_l = errors.chunk(2)
+            ref_w, ref_l = ref_errors.chunk(2)
+            if a.name == "smpo":
+                label = smpo_label(reward_w.to(errors), reward_l.to(errors), a.label_temperature)  # [m]
+                losses, metrics = loss_fn(err_w, err_l, ref_w, ref_l, label, a.beta, a.gamma)
+            else:
+                label = torch.ones_like(err_w)  # the binary label
+                losses, metrics = loss_fn(err_w, err_l, ref_w, ref_l, a.beta)
+            weight = 1.0 / total_pairs if real else 0.0
+            run.backward(losses.sum() * weight)
+        if real:
+            nonfinite |= not bool(losses.detach().isfinite().all())
+            for key, value in {"loss": losses.detach(), **metrics}.items():
+                totals[key] = totals.get(key, 0.0) + float(value.sum()) / total_pairs
+            for key, value in (
+                ("t", t_rows),
+                ("noise_winner", noise_w),
+                ("noise_loser", noise_l),
+                ("label", label),
+                ("loss", losses),
+            ):
+                record[key].append(value.detach().float().cpu())
+    if run.any(nonfinite):  # every rank stops together, before the step spoils the weights
+        raise FloatingPointError("loss became non-finite; lower train.learning_rate or algorithm.beta")
+    grad_norm = run.clip_grad_norm(model, params, t.max_grad_norm)
+    optimizer.step()
+    summed = run.sum(torch.tensor(list(totals.values()), dtype=torch.float64))  # [K] over ranks
+    metrics = {**dict(zip(totals, summed.tolist())), "grad_norm": grad_norm}
+    return metrics, {k: torch.cat(v) if v else torch.zeros(0) for k, v in record.items()}
+
+
+def save_pairs_record(run: Run, path: Path, pairs: Pairs, record: dict, prompts: list[str]) -> None:
+    """The first update's batch of this rank (log.save_pairs): safetensors, the prompts in its metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        "winner": pairs.winner.float().cpu(),
+        "loser": pairs.loser.float().cpu(),
+        "reward_winner": pairs.reward_winner.float().cpu(),
+        "reward_loser": pairs.reward_loser.float().cpu(),
+        "pair_id": pairs.pair_id,
+        **record,
+    }
+    path = path.with_name(f"{path.stem}-rank{run.rank}{path.suffix}") if run.world > 1 else path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    texts = [prompts[i] for i in pairs.prompt_index.tolist()]
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"prompts": json.dumps(texts)})
+
+
+# -------------------------------------------------------------------------------------- main
+def train(config: FlowPreferenceConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
+    t, s, a = config.train, config.sampling, config.algorithm
+    train_prompts, eval_prompts = read_prompts(config)
+    records, size = read_pairs_file(config.data.pairs_file) if config.data.pairs_file else (None, None)
+    run = Run(
+        config.log.output_dir,
+        resume,
+        tag="[flowalign]",
+        mixed_precision=t.mixed_precision,
+        config=config,
+        allow_config_change=allow_config_change,
+        trackers=config.log.report_to,
+    )
+    run.require_divisible(t.prompts_per_iteration, "train.prompts_per_iteration", "prompts")  # before the model loads
+    if config.model.path == EMBEDDED_MODEL:  # built on first use: by the main process alone while the others wait
+        from flowalign.toy import ensure_digits_pipeline
+
+        run.main_only(ensure_digits_pipeline)
+    torch.manual_seed(t.seed)  # the LoRA initialisation, alike on every rank
+    adapter = load_adapter(config, run.device)
+    try:
+        latent_shape = adapter.latent_shape(s.height, s.width)
+    except ValueError as error:  # a size the VAE and patching cannot take
+        raise ConfigError(f"config fields 'sampling.height', 'sampling.width': {error}") from None
+    if records is not None:
+        expected = tuple(n * adapter.pipeline.vae_scale_factor for n in latent_shape[1:])
+        if size != expected:
+            raise ConfigError(
+                f"config field 'data.pairs_file': its images are {size[0]} x {size[1]} pixels, the model makes "
+                f"{expected[0]} x {expected[1]}; resize them or set sampling.height and sampling.width"
+            )
+    params = make_policy(config, adapter.transformer)
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    adapter.transformer, optimizer = run.prepare(adapter.transformer, optimizer)
+    rewards, eval_rewards = load_rewards(config)
+    pair_prompts = sorted({r.prompt for r in records}) if records is not None else []
+    encode = (
+        CachedPromptEncoder(adapter, train_prompts + eval_prompts + pair_prompts)
+        if config.model.offload_text_encoders
+        else adapter.encode_prompts
+    )
+    source = f"pairs from {config.data.pairs_file}" if records is not None else f"on-policy pairs ({a.pairs})"
+    run.print(
+        f"{a.name}: {source}, {t.prompts_per_iteration} prompts"
+        + (f" x {t.group_size} samples" if records is None else " (pairs)")
+        + f" per iteration over {run.world} process(es); {sum(p.numel() for p in params):,} trainable parameters; "
+        f"output {run.out}"
+    )
+    start = run.restore()
+    if run.checkpoint is not None:
+        run.load_trainable(adapter.transformer, run.load("trainable"))
+        run.load_optimizer(adapter.transformer, optimizer, run.load("optimizer"))
+    run.write_config(config)
+    first_images = adapter.decode(adapter.initial_noise(2, iteration_generator(t.seed, -1), s.height, s.width))
+    check_rewards_on_dummy_batch(
+        {**rewards, **eval_rewards},
+        first_images,
+        [train_prompts[i % len(train_prompts)] for i in range(2)],
+        allow_nonfinite=config.reward.on_bad_score == "drop",
+    )
+    all_rewards = {**rewards, **eval_rewards}
+
+    def evaluate_at(done: int) -> dict:
+        metrics = evaluate(
+            config,
+            run,
+            adapter,
+            encode,
+            all_rewards,
+            eval_prompts,
+            run.out / "images" / f"iter-{done:06d}.png",
+            run.out / "eval" / f"iter-{done:06d}.json",
+        )
+        run.log_image("eval/images", run.out / "images" / f"iter-{done:06d}.png", step=done)
+        return metrics
+
+    before = None
+    if start == 0:
+        before = evaluate_at(0)
+        run.append({"iteration": 0, **before})
+        run.print(f"held-out reward before: {_fmt(before)}")
+
+    progress = tqdm(range(start, t.iterations), desc=a.name, disable=not run.is_main, initial=start, total=t.iterations)
+    record = {}
+    for iteration in progress:
+        generator = iteration_generator(t.seed, iteration)  # shared by all ranks
+        clock = time.perf_counter()
+        block = run.block(t.prompts_per_iteration)
+        if records is None:
+            prompts = draw_prompts(train_prompts, t.prompts_per_iteration, generator)
+            local_prompts = prompts[block.start : block.stop]
+            pairs, stats = on_policy_pairs(
+                config, run, adapter, encode, rewards, local_prompts, block.start, iteration
+            )
+        else:
+            chosen = draw_prompts(list(range(len(records))), t.prompts_per_iteration, generator)
+            mine = chosen[block.start : block.stop]
+            local_prompts = [records[i].prompt for i in mine]
+            pairs = file_pairs(config, run, adapter, rewards, records, mine, block.start)
+            stats = {}
+        total_pairs = int(run.sum(float(len(pairs))))
+        gap = (pairs.reward_winner - pairs.reward_loser).double()  # [B]
+        stats["pairs"] = total_pairs
+        stats["reward/pair_gap"] = float(run.sum(float(gap.nansum())) / max(total_pairs, 1))
+        timings = {"time/pairs": time.perf_counter() - clock}
+
+        clock = time.perf_counter()
+        metrics = {}
+        if total_pairs:  # on-policy groups whose samples all tie give no pair; no step then (on every rank)
+            embeds = encode(local_prompts)
+            adapter.transformer.train()
+            try:
+                for step in range(t.updates_per_iteration):
+                    step_metrics, batch = update(
+                        config, run, adapter, optimizer, params, embeds, pairs, total_pairs, iteration, step
+                    )
+                    if step == 0:
+                        metrics = step_metrics
+                        if config.log.save_pairs:
+                            save_pairs_record(
+                                run, run.out / "pairs" / f"iter-{iteration + 1:06d}.safetensors", pairs, batch,
+                                local_prompts,
+                            )
+            except FloatingPointError as error:
+                raise run.nan_stop(f"iteration {iteration + 1}", error) from None
+            adapter.transformer.eval()
+        timings["time/update"] = time.perf_counter() - clock
+
+        done = iteration + 1
+        last = run.is_last(done, t.iterations, t.max_seconds)
+        record = {
+            "iteration": done,
+            **stats,
+            **{f"train/{k}": v for k, v in metrics.items()},
+            "world_size": run.world,
+            **timings,
+        }
+        if run.due(done, config.log.eval_every, last):
+            record.update(evaluate_at(done))
+        run.append(record)
+        progress.set_postfix(pairs=total_pairs, loss=f"{metrics.get('loss', math.nan):.4f}")
+        if run.due(done, config.log.checkpoint_every, last):
+            save_training_checkpoint(config, run, adapter, optimizer, None, done)
+        if last:
+            break
+
+    final_eval = {k: v for k, v in record.items() if k.startswith("eval/")}
+    run.main_only(
+        lambda: plot_curves(
+            run.out / "metrics.jsonl",
+            run.out / "reward_curve.png",
+            [*(["reward/mean"] if records is None else []), *[f"eval/{n}" for n in all_rewards], "train/loss"],
+            f"{a.name} on {config.model.path}",
+        )
+    )
+    if before is not None and final_eval:
+        run.print(f"held-out reward before: {_fmt(before)}")
+        run.print(f"held-out reward after : {_fmt(final_eval)}")
+    evaluations = sorted((run.out / "eval").glob("iter-*.json"))
+    if run.is_main and len(evaluations) >= 2 and evaluations[0].name == "iter-000000.json":
+        report_heldout(run, config, eval_prompts, evaluations[0], evaluations[-1])
+    run.print(f"metrics {run.out / 'metrics.jsonl'}, curve {run.out / 'reward_curve.png'}, images {run.out / 'images'}")
+    run.close()
+    return {"before": before and {k: v for k, v in before.items() if k.startswith("eval/")}, "after": final_eval}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe, e.g. configs/flow/diffusion_dpo.yaml")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: apply config changes beyond train.iterations, train.max_seconds and log.* "
+        "(refused without it)",
+    )
+    parser.add_argument("--describe", action="store_true", help="list every config field and exit")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, model source, prompts, pairs file and rewards, print the plan and exit "
+        "(no weights load)",
+    )
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=5")
+    args = parser.parse_args(argv)
+    if args.describe:
+        print("\n".join(describe(FlowPreferenceConfig)))
+        return
+    try:
+        config = load_config(FlowPreferenceConfig, args.config, args.overrides)
+        if args.dry_run:
+            from flowalign.plan import preference_dry_run
+
+            preference_dry_run(config)
+            return
+        read_prompts(config)
+        train(config, resume=args.resume, allow_config_change=args.allow_config_change)
+    except ConfigError as error:  # also a bad pairs file, a used log.output_dir or a batch that does not split
+        exit_on_config_error(error)
+    except WriteError as error:  # a full disk: the previous checkpoint is intact
+        print(f"write error: {error}", file=sys.stderr)
+        raise SystemExit(5) from None
+    except RewardError as error:
+        print(f"reward error: {error}", file=sys.stderr)
+        raise SystemExit(3) from None
+    except FloatingPointError as error:
+        print(f"training stopped: {error}", file=sys.stderr)
+        raise SystemExit(4) from None
+
+
+if __name__ == "__main__":
+    main()
