@@ -3,7 +3,8 @@
     llmalign grpo --config configs/llm/arith.yaml [key=value ...] [--resume [--allow-config-change]] [--describe]
     llmalign dpo --config configs/llm/arith_dpo.yaml [key=value ...] [--resume [--allow-config-change]] [--describe]
     llmalign sft --config configs/llm/arith_sft.yaml [key=value ...] [--resume [--allow-config-change]] [--describe]
-    llmalign grpo|dpo|sft --config ... --dry-run      # check config, model source, data, rewards; print the plan
+    llmalign iterate --config configs/llm/arith_iterate.yaml [key=value ...] [--resume [--allow-config-change]]
+    llmalign grpo|dpo|sft|iterate --config ... --dry-run      # check config, model source, data, rewards; print the plan
     llmalign pairs --model DIR --data FILE --out pairs.jsonl [--adapter DIR] [--group-size G]
                    [--pairs-per-prompt K] [--max-new-tokens N] [--temperature T] [--limit N] [--seed S]
                    [--format-check | --no-format-check]
@@ -92,6 +93,13 @@ def run_sft(args: argparse.Namespace) -> None:
     from llmalign.sft_config import SFTConfig
 
     run_recipe(SFTConfig, sft.train, args)
+
+
+def run_iterate(args: argparse.Namespace) -> None:
+    from llmalign import iterate
+    from llmalign.iterate_config import IterateConfig
+
+    run_recipe(IterateConfig, iterate.train, args)
 
 
 def run_pairs(args: argparse.Namespace) -> None:
@@ -213,7 +221,7 @@ DRY_RUN_HELP = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="llmalign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{grpo,dpo,sft,pairs,eval}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{grpo,dpo,sft,iterate,pairs,eval}")
     grpo = sub.add_parser("grpo", help="GRPO / Dr. GRPO / DAPO / DisCO training with verifiable rewards")
     grpo.add_argument("--config", help="YAML recipe, e.g. configs/llm/arith.yaml")
     grpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
@@ -238,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
     sft.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.packing=true")
     sft.set_defaults(run=run_sft)
+    iterate = sub.add_parser("iterate", help="iterative DPO / APO: rounds of on-policy pairs then DPO")
+    iterate.add_argument("--config", help="YAML recipe, e.g. configs/llm/arith_iterate.yaml")
+    iterate.add_argument("--resume", action="store_true", help="continue the run, mid-round too")
+    iterate.add_argument("--allow-config-change", action="store_true", help=ALLOW_CONFIG_CHANGE_HELP)
+    iterate.add_argument("--describe", action="store_true", help="list every config field and exit")
+    iterate.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
+    iterate.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algorithm.momentum=0.3")
+    iterate.set_defaults(run=run_iterate)
     pairs = sub.add_parser("pairs", help="sample completions and write chosen/rejected pairs by preference level")
     pairs.add_argument("--model", required=True, help="model directory, hub id or embedded:arith")
     pairs.add_argument("--adapter", help="a LoRA adapter directory to load on top of --model")

@@ -1,4 +1,4 @@
-"""`llmalign grpo|dpo|sft --config ... --dry-run`: check a text recipe and print its plan, loading no weights.
+"""`llmalign grpo|dpo|sft|iterate --config ... --dry-run`: check a text recipe and print its plan, loading no weights.
 
 Checks, each one line and an exit code as training would give (2 config or data, 3 a reward):
   - the config (load_config already validated its fields);
@@ -244,12 +244,50 @@ def sft_plan(config) -> list[tuple[str, object]]:
     ]
 
 
+def iterate_plan(config) -> list[tuple[str, object]]:
+    """Check an IterateConfig (see the module docstring; one process) and return its plan as (name, value) rows."""
+    t, a, d, p = config.train, config.algorithm, config.data, config.pairs
+    if world_size() > 1:
+        raise ConfigError(
+            "llmalign iterate runs in one process; launch it without accelerate launch --num_processes > 1"
+        )
+    model = describe_source(config.model.path, "model.path", embedded=EMBEDDED_MODEL)
+    train, test, _ = _data_rows(d, ("prompt", "answer"))
+    steps = (
+        f"{t.steps} (train.steps)"
+        if t.steps is not None
+        else f"ceil({t.epochs:g} epochs x the round's pairs / {t.batch_size})"
+    )
+    return [
+        ("algorithm", f"iterative dpo[{a.loss}], reference = the previous round's policy, momentum {a.momentum:g}"),
+        ("model", model),
+        ("train data", train),
+        ("held-out data", test),
+        ("prompt format", _format(d)),
+        ("world size", 1),
+        ("rounds", t.rounds),
+        (
+            "pairs per round",
+            f"{d.prompts_per_round} prompts x {p.group_size} completions (<= {p.max_new_tokens} tokens, temperature "
+            f"{p.temperature:g}), at most {p.pairs_per_prompt} pair(s) per prompt",
+        ),
+        ("optimizer steps per round", steps),
+        ("optimizer", f"AdamW lr {t.learning_rate:g}, warm-up {t.warmup_steps} steps, weight decay {t.weight_decay:g}"),
+        ("tokens", f"prompt <= {d.max_prompt_length}, completion <= {d.max_completion_length}"),
+        ("memory", _memory(config)),
+        ("output", config.log.output_dir),
+    ]
+
+
 def dry_run(config) -> None:
-    """Print the checked plan of a GRPO, DPO or SFT config; raises as training would on a bad recipe."""
+    """Print the checked plan of a GRPO, DPO, SFT or iterate config; raises as training would on a bad recipe."""
     from llmalign.config import GRPOConfig
+    from llmalign.iterate_config import IterateConfig
     from llmalign.sft_config import SFTConfig
 
-    if isinstance(config, SFTConfig):
+    if isinstance(config, IterateConfig):
+        rows = iterate_plan(config)
+    elif isinstance(config, SFTConfig):
         rows = sft_plan(config)
     else:
         rows = grpo_plan(config) if isinstance(config, GRPOConfig) else dpo_plan(config)

@@ -16,6 +16,7 @@ FLOW_RECIPES = sorted(p.name for p in (REPO / "configs/flow").glob("*.yaml"))
 LLM_RECIPES = sorted(p.name for p in (REPO / "configs/llm").glob("*.yaml"))
 DPO_RECIPES = {"arith_dpo.yaml"}
 SFT_RECIPES = {"arith_sft.yaml"}
+ITERATE_RECIPES = {"arith_iterate.yaml"}
 
 
 class WeightsLoaded(AssertionError):
@@ -201,7 +202,15 @@ def test_flow_dry_run_checks_reward_signatures(no_weights, capsys):
 @pytest.mark.parametrize("recipe", LLM_RECIPES)
 def test_every_llm_recipe_passes_dry_run(recipe, no_weights, capsys):
     write_pairs(no_weights, 10)
-    command = "dpo" if recipe in DPO_RECIPES else "sft" if recipe in SFT_RECIPES else "grpo"
+    command = (
+        "dpo"
+        if recipe in DPO_RECIPES
+        else "sft"
+        if recipe in SFT_RECIPES
+        else "iterate"
+        if recipe in ITERATE_RECIPES
+        else "grpo"
+    )
     llm_main([command, "--config", str(REPO / "configs/llm" / recipe), "--dry-run"])
     assert plan(capsys)["world size"] == "1"
 

@@ -1,0 +1,264 @@
+"""Iterative DPO and APO: R rounds of on-policy pairs then DPO, each round's policy the next round's reference.
+
+    llmalign iterate --config configs/llm/arith_iterate.yaml                      # iterative DPO (momentum 0)
+    llmalign iterate --config configs/llm/arith_iterate.yaml algorithm.momentum=0.3   # APO
+    llmalign iterate --config configs/llm/arith_iterate.yaml --resume             # continue, even mid-round
+
+Round t = 1..R, starting from pi_{t-1} (pi_0 = model.path):
+  1. pairs: data.prompts_per_round prompts (the t-th block of an epoch-wise seeded permutation of data.train),
+     pairs.group_size completions each sampled from pi_{t-1} and ranked as `llmalign pairs` ranks them
+     (llmalign/pairs.py); written to round-t/pairs.jsonl;
+  2. DPO (`llmalign dpo`'s trainer, llmalign/dpo.py) on those pairs, started from pi_{t-1} with pi_{t-1} as the
+     reference (its log-probs precomputed and cached in round-t/dpo/, as DPO does); its result is theta'_t;
+  3. extrapolation (APO, He et al. 2024, "Accelerated Preference Optimization for Large Language Model
+     Alignment", arXiv 2410.06293, Algorithm 1, the momentum step; in parameter space as in its experiments):
+
+         theta_t = theta'_t + alpha (theta'_t - theta'_{t-1}),        theta'_0 = theta_0 (the initial model)
+
+     over the trainable weights (the full model: iterate refuses LoRA, whose reference would be the base model),
+     alpha = algorithm.momentum; alpha = 0 is iterative DPO (the formula then returns theta'_t exactly). theta'_{t-1}
+     is the previous round's DPO result, not its extrapolation (Nesterov: the momentum is the difference of the
+     proximal steps). pi_t = pi_{theta_t}, written to round-t/policy/, is what round t+1 samples from, starts
+     from and uses as its reference; the held-out accuracy (greedy and sampled at T = 1, as `llmalign dpo`
+     evaluates) of pi_0 and of every pi_t is logged in metrics.jsonl (`round`, eval/...).
+  A round whose prompts give no pair (every completion at one level) trains nothing: theta'_t = theta_{t-1}.
+
+Sources: the update and its place (before the next round's sampling, the extrapolated policy as the next
+reference) are written from our reading of the paper; the `search` tool found only its abstract here, so these
+details could not be checked against its text in this session.
+
+Resume (--resume) works at any point, and ends with the same final weights as an uninterrupted run: the run
+directory holds a checkpoint (shared.checkpoint, through shared.run.Run) after every phase of every round,
+numbered 3 (t - 1) + phase (pairs 1, DPO 2, extrapolation 3); its trainer state names the round and phase, and
+the extrapolation's checkpoint holds theta'_t as safetensors ("momentum") for the next round's momentum. A kill
+inside a phase redoes that phase: the sampling is seeded per batch, the pairs file and policy directory are
+written atomically, and a DPO round resumes from its own checkpoints (`llmalign dpo --resume`, bit-identical).
+Every round's models are read back from disk in both cases, so a resumed round sees the same bytes.
+
+One process: every phase runs in this process (a multi-process launch is refused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from llmalign import dpo
+from llmalign.data import iteration_rows, load_train_test, write_rows
+from llmalign.dpo_config import DPOConfig, DPODataConfig, DPOLogConfig
+from llmalign.evaluate import describe_held_out, held_out_metrics
+from llmalign.iterate_config import IterateConfig
+from llmalign.pairs import level_table, make_pairs, sample_completions
+from llmalign.policy import load_policy
+from llmalign.toy import resolve_embedded
+from shared.checkpoint import latest_checkpoint, point_symlink, replaced_atomically
+from shared.config import ConfigError, to_dict
+from shared.run import Run
+
+EVAL_TEMPERATURE = dpo.EVAL_TEMPERATURE  # held-out sampled accuracy at T = 1, as DPO evaluates
+PHASES = ("pairs", "dpo", "extrapolate")
+
+
+def extrapolate(current: dict[str, Tensor], previous: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """APO's momentum step (module docstring): theta'_t + alpha (theta'_t - theta'_{t-1}) per named weight, in
+    float32 at least (a bfloat16 difference would round away small steps), returned in each weight's dtype."""
+    out = {}
+    for name, value in current.items():
+        wide = value.to(torch.promote_types(value.dtype, torch.float32))  # [*] one weight
+        out[name] = (wide + alpha * (wide - previous[name].to(wide.dtype))).to(value.dtype)
+    return out
+
+
+def trainable_weights(model) -> dict[str, Tensor]:
+    """The weights DPO trains (every parameter that requires grad), by name, detached copies."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def round_dir(config: IterateConfig, t: int) -> Path:
+    return Path(config.log.output_dir) / f"round-{t}"
+
+
+def start_model(config: IterateConfig, t: int) -> str:
+    """pi_{t-1}: model.path for round 1, else round t-1's policy directory."""
+    return config.model.path if t == 1 else str(round_dir(config, t - 1) / "policy")
+
+
+def round_dpo_config(config: IterateConfig, t: int) -> DPOConfig:
+    """The `llmalign dpo` config of round t: from pi_{t-1} (its reference too) on round t's pairs; no held-out
+    evaluation inside (the round's is done once, after the extrapolation), no trackers (the iterate run logs)."""
+    d, log = config.data, config.log
+    return DPOConfig(
+        model=dataclasses.replace(config.model, path=start_model(config, t)),
+        data=DPODataConfig(
+            train=str(round_dir(config, t) / "pairs.jsonl"),
+            test=None,
+            system_prompt=None,  # the pairs' prompts are already formatted (data.system_prompt, prompt_template)
+            prompt_template=None,
+            max_prompt_length=d.max_prompt_length,
+            max_completion_length=d.max_completion_length,
+            overlong_prompts=d.overlong_prompts,
+            overlong_completions=d.overlong_completions,
+        ),
+        algorithm=config.algorithm.dpo(),
+        train=config.train.dpo(),
+        log=DPOLogConfig(
+            output_dir=str(round_dir(config, t) / "dpo"),
+            eval_every=0,
+            checkpoint_every=log.checkpoint_every,
+            keep_last=log.keep_last,
+        ),
+    )
+
+
+def load_model(config: IterateConfig, path: str, device):
+    return load_policy(dataclasses.replace(config.model, path=path, lora=False), device)
+
+
+def make_round_pairs(run: Run, config: IterateConfig, t: int, rows: list[dict]) -> dict:
+    """Phase 1: sample from pi_{t-1}, rank, write round-t/pairs.jsonl (atomically); returns the level summary."""
+    p, seed = config.pairs, config.train.seed
+    prompts = iteration_rows(rows, t - 1, config.data.prompts_per_round, seed)
+    model, tokenizer = load_model(config, start_model(config, t), run.device)
+    completions = sample_completions(
+        model.eval(),
+        tokenizer,
+        prompts,
+        p.group_size,
+        p.max_new_tokens,
+        temperature=p.temperature,
+        seed=seed + t,  # another draw every round
+        batch_size=p.batch_size,
+        run=run,
+    )
+    pairs, summary = make_pairs(prompts, completions, p.pairs_per_prompt, p.format_check)
+    run.main_only(lambda: write_rows(round_dir(config, t) / "pairs.jsonl", pairs))
+    run.print(f"round {t} pairs from {start_model(config, t)}:\n{level_table(summary)}")
+    return summary
+
+
+def trained_model(config: IterateConfig, t: int) -> Path:
+    """theta'_t's model directory: round t's DPO result, or pi_{t-1}'s when the round has no pair."""
+    if (round_dir(config, t) / "pairs.jsonl").stat().st_size == 0:
+        return Path(resolve_embedded(start_model(config, t)))
+    return round_dir(config, t) / "dpo" / "final"
+
+
+def train_round(config: IterateConfig, t: int, resume: bool, allow_config_change: bool) -> None:
+    """Phase 2: DPO of round t, resumed from its own checkpoint when it has one; nothing when it has no pair."""
+    if (round_dir(config, t) / "pairs.jsonl").stat().st_size == 0:
+        return
+    dpo_config = round_dpo_config(config, t)
+    dpo_config.validate()
+    again = latest_checkpoint(Path(dpo_config.log.output_dir) / "checkpoints") is not None
+    dpo.train(dpo_config, resume=again, allow_config_change=again and resume and allow_config_change)
+
+
+def extrapolate_round(config: IterateConfig, t: int, trained: Path, previous: dict[str, Tensor] | None):
+    """Phase 3: write pi_t = theta'_t + alpha (theta'_t - theta'_{t-1}) to round-t/policy (atomically); returns
+    theta'_t (the next round's theta'_{t-1})."""
+    model, tokenizer = load_model(config, str(trained), "cpu")
+    current = trainable_weights(model)
+    if previous is None:  # round 1: theta'_0 = theta_0, the initial model
+        previous = trainable_weights(load_model(config, config.model.path, "cpu")[0])
+    moved = extrapolate(current, previous, config.algorithm.momentum)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in moved.items():
+            parameters[name].copy_(value)
+    with replaced_atomically(round_dir(config, t) / "policy") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return current
+
+
+def train(config: IterateConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
+    """Run (or resume) the rounds; returns {"rounds": [held-out metrics of pi_0, pi_1, ..., pi_R]}."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "llmalign iterate runs in one process; launch it without accelerate launch --num_processes > 1"
+        )
+    t_cfg, d = config.train, config.data
+    run = Run(
+        config.log.output_dir,
+        resume,
+        tag="[llmalign]",
+        mixed_precision=t_cfg.mixed_precision,
+        config=config,
+        allow_config_change=allow_config_change,
+        trackers=config.log.report_to,
+    )
+    run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, d.train, d.test) if p])
+    rows, test_rows = load_train_test(d, ("prompt", "answer"), resolve_embedded)
+    test_rows = test_rows[: d.eval_size]
+    done = run.restore()  # phases finished: 3 (t - 1) + phase index + 1
+    previous = run.load("momentum") if run.checkpoint is not None and "momentum" in _states(run) else None
+    run.write_config(config)
+    a = config.algorithm
+    run.print(
+        f"iterate: {t_cfg.rounds} rounds of {d.prompts_per_round} prompts x {config.pairs.group_size} completions "
+        f"-> pairs -> dpo[{a.loss}] beta {a.effective_beta}, momentum {a.momentum}; output {run.out}"
+    )
+
+    def evaluate(path: str) -> dict:
+        model, tokenizer = load_model(config, path, run.device)
+        return held_out_metrics(
+            model.eval(),
+            tokenizer,
+            test_rows,
+            d.eval_max_new_tokens,
+            EVAL_TEMPERATURE,
+            d.eval_samples,
+            seed=t_cfg.seed + 12345,
+            run=run,
+        )
+
+    def checkpoint(step: int, t: int, phase: str, states: dict | None = None) -> None:
+        trainer = {"iteration": step, "round": t, "phase": phase, "config": to_dict(config)}
+        run.save_checkpoint(step, {"trainer": trainer, **(states or {})}, keep_last=config.log.keep_last)
+
+    if done == 0:
+        before = evaluate(config.model.path)
+        run.append({"iteration": 0, "round": 0, **before})
+        if before:
+            run.print(f"round 0 held-out: {describe_held_out(before, EVAL_TEMPERATURE, d.eval_samples)}")
+
+    for t in range(1, t_cfg.rounds + 1):
+        base = len(PHASES) * (t - 1)
+        if done <= base:
+            summary = make_round_pairs(run, config, t, rows)
+            run.append(
+                {
+                    "iteration": base + 1,
+                    "round": t,
+                    "pairs/count": summary["pairs"],
+                    "pairs/prompts_without_pair": summary["prompts_without_pair"],
+                    **{f"pairs/level_{level}": count for level, count in summary["levels"].items()},
+                }
+            )
+            checkpoint(base + 1, t, "pairs", {"momentum": previous} if previous is not None else None)
+        if done <= base + 1:
+            train_round(config, t, resume, allow_config_change)
+            checkpoint(base + 2, t, "dpo", {"momentum": previous} if previous is not None else None)
+        if done <= base + 2:
+            previous = extrapolate_round(config, t, trained_model(config, t), previous)
+            metrics = evaluate(str(round_dir(config, t) / "policy"))
+            run.append({"iteration": base + 3, "round": t, **metrics})
+            if metrics:
+                run.print(f"round {t} held-out: {describe_held_out(metrics, EVAL_TEMPERATURE, d.eval_samples)}")
+            checkpoint(base + 3, t, "extrapolate", {"momentum": previous})
+    final = round_dir(config, t_cfg.rounds) / "policy"
+    run.main_only(lambda: point_symlink(run.out / "final", final))
+    run.print(f"metrics {run.out / 'metrics.jsonl'}, final policy {run.out / 'final'}")
+    run.close()
+    records = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"rounds": [r for r in records if "eval/accuracy" in r]}
+
+
+def _states(run: Run) -> set[str]:
+    """The state names the starting checkpoint holds."""
+    return {path.stem for path in run.checkpoint.glob("*.safetensors")}
