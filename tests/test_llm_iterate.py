@@ -75,7 +75,9 @@ def records(out) -> list[dict]:
 
 
 def round_evals(out) -> dict[int, dict]:
-    return {r["round"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in records(out) if "eval/accuracy" in r}
+    return {
+        r["round"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in records(out) if "eval/accuracy" in r
+    }
 
 
 @pytest.fixture(scope="module")
