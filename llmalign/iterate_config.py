@@ -128,6 +128,18 @@ class IterateLogConfig(LMLogConfig):
     output_dir: str = option(
         "runs/llm_iterate", "where metrics, every round's pairs, DPO run and policy, and the round checkpoints go"
     )
+    eval_every: int = option(
+        0, "must stay 0: iterate evaluates the initial model and every round's policy once, after its extrapolation"
+    )
+    checkpoint_every: int = option(20, "checkpoint each round's DPO every N steps (0 = at its end only)")
+
+    def check(self) -> None:
+        need(
+            self.eval_every == 0,
+            "log.eval_every",
+            f"{self.eval_every}: iterate evaluates once per round (after the extrapolation); set it to 0",
+        )
+        super().check()
 
 
 @dataclasses.dataclass

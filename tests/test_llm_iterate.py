@@ -159,6 +159,16 @@ def test_momentum_zero_is_iterative_dpo_exactly(tmp_path):
     assert any(not torch.equal(saved[name], initial[name]) for name in saved)  # DPO did train
 
 
+def test_a_round_without_pairs_trains_nothing(tmp_path):
+    # one sampled token: every completion breaks the format (level 0), so no prompt gives a pair
+    out = tmp_path / "no_pairs"
+    main(["iterate", *overrides(out, "pairs.max_new_tokens=1", "train.rounds=1")])
+    assert [r["pairs/count"] for r in records(out) if "pairs/count" in r] == [0]
+    assert not (out / "round-1" / "dpo").exists()
+    saved, initial = weights(out / "round-1" / "policy"), weights(resolve_embedded("embedded:arith"))
+    assert all(torch.equal(saved[name], initial[name]) for name in initial)  # theta_0 + 0.3 (theta_0 - theta_0)
+
+
 # ----------------------------------------------------------------------------- resume
 
 
@@ -253,6 +263,7 @@ def test_sigkill_then_resume_is_bit_identical(straight, tmp_path):
         ("train.rounds=0", "train.rounds"),
         ("model.lora=true", "model.lora"),
         ("pairs.group_size=1", "pairs.group_size"),
+        ("log.eval_every=5", "log.eval_every"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(override, field, tmp_path, capsys, monkeypatch):
