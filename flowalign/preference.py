@@ -210,8 +210,12 @@ def on_policy_pairs(config, run, adapter, encode, rewards, prompts, first_slot, 
     pairs = Pairs(
         final[win], final[lose], group, total[win].float(), total[lose].float(), offset + torch.arange(len(chosen))
     )
-    finite = total[total.isfinite()]
-    stats = {"reward/mean": float(finite.mean()) if len(finite) else math.nan, "reward/dropped": count - len(finite)}
+    everyone = run.gather(total)  # [N] the global batch: its statistics do not depend on the world size
+    finite = everyone[everyone.isfinite()]
+    stats = {
+        "reward/mean": float(finite.mean()) if len(finite) else math.nan,
+        "reward/dropped": len(everyone) - len(finite),
+    }
     return pairs, stats
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from flowalign.preference import main as flow_preference_main
 from flowalign.train import main as flow_main
 from llmalign.cli import main as llm_main
 
@@ -17,6 +18,7 @@ LLM_RECIPES = sorted(p.name for p in (REPO / "configs/llm").glob("*.yaml"))
 DPO_RECIPES = {"arith_dpo.yaml"}
 SFT_RECIPES = {"arith_sft.yaml"}
 ITERATE_RECIPES = {"arith_iterate.yaml"}
+FLOW_PREFERENCE_RECIPES = {"diffusion_dpo.yaml", "smpo.yaml"}  # run by flowalign/preference.py
 
 
 class WeightsLoaded(AssertionError):
@@ -96,7 +98,8 @@ def exit_code(run, argv) -> int:
 @pytest.mark.parametrize("recipe", FLOW_RECIPES)
 def test_every_flow_recipe_passes_dry_run(recipe, no_weights, capsys):
     write_flow_prompts(no_weights)
-    flow_main(["--config", str(REPO / "configs/flow" / recipe), "--dry-run"])
+    run = flow_preference_main if recipe in FLOW_PREFERENCE_RECIPES else flow_main
+    run(["--config", str(REPO / "configs/flow" / recipe), "--dry-run"])
     rows = plan(capsys)
     assert rows["world size"] == "1" and rows["rewards"]
 

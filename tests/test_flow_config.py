@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from flowalign.config import FlowGRPOConfig
+from flowalign.config import FlowGRPOConfig, FlowPreferenceConfig
 from shared.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,18 +12,24 @@ RECIPES = sorted((ROOT / "configs" / "flow").glob("*.yaml"))
 
 
 def test_every_shipped_recipe_loads():
-    names = {path.stem: load_config(FlowGRPOConfig, path).algorithm for path in RECIPES}
+    preference = {"diffusion_dpo", "smpo"}  # flowalign/preference.py's recipes
+    names = {
+        path.stem: load_config(FlowPreferenceConfig if path.stem in preference else FlowGRPOConfig, path).algorithm
+        for path in RECIPES
+    }
     assert set(names) == {
         "flow_grpo",
         "mixgrpo",
         "mixgrpo_flash",
         "tempflow",  # the embedded default's recipes
+        *preference,
         "sd35_medium_pickscore",
         "sd35_medium_ocr",
         "flux_dev_mixgrpo",
     }  # real models (dry run only)
     assert names["flux_dev_mixgrpo"].name == "mixgrpo" and names["sd35_medium_ocr"].name == "flow_grpo"
     assert names["mixgrpo_flash"].name == "mixgrpo" and names["mixgrpo_flash"].flash_ratio == 0.4
+    assert names["diffusion_dpo"].name == "diffusion_dpo" and names["smpo"].name == "smpo"
     assert names["tempflow"].noise_aware_weighting
 
 
