@@ -146,11 +146,15 @@ def preference_plan_rows(config) -> list[tuple[str, object]]:
         load_reward(path, r.kwargs.get(path) if path in r.weights else config.eval.rewards[path] or None)
     if config.data.pairs_file:
         records, size = read_pairs_file(config.data.pairs_file)
-        pairs = f"{len(records)} pairs from {config.data.pairs_file} ({size[0]} x {size[1]} px); {t.prompts_per_iteration} drawn per iteration"
+        pairs = (
+            f"{len(records)} pairs from {config.data.pairs_file} ({size[0]} x {size[1]} px); "
+            f"{t.prompts_per_iteration} drawn per iteration"
+        )
         batch = f"{t.prompts_per_iteration} pairs per iteration"
     else:
         pairs = f"on-policy, {a.pairs} (reward gap > {a.min_reward_gap:g}), {s.num_steps}-step ODE samples"
-        batch = f"{t.prompts_per_iteration} prompts x {t.group_size} samples = {t.prompts_per_iteration * t.group_size} samples per iteration"
+        samples = t.prompts_per_iteration * t.group_size
+        batch = f"{t.prompts_per_iteration} prompts x {t.group_size} samples = {samples} samples per iteration"
     loss = f"beta {a.beta:g}" + (
         f", label temperature {a.label_temperature:g}, gamma {a.gamma:g}, ReNoise {a.inversion_steps} steps x "
         f"{a.renoise_iterations} iterations"
@@ -168,7 +172,10 @@ def preference_plan_rows(config) -> list[tuple[str, object]]:
         ("global batch", batch),
         ("loss", f"{loss}; t in [{a.t_min:g}, {a.t_max:g}]"),
         ("iterations", f"{t.iterations} ({t.updates_per_iteration} optimizer steps each), max {t.max_seconds} s"),
-        ("trainable", f"LoRA r {m.lora_rank} alpha {m.lora_alpha} on {m.lora_targets}" if m.lora else "full transformer"),
+        (
+            "trainable",
+            f"LoRA r {m.lora_rank} alpha {m.lora_alpha} on {m.lora_targets}" if m.lora else "full transformer",
+        ),
         ("output", config.log.output_dir),
     ]
 

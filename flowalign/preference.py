@@ -146,7 +146,9 @@ def read_pairs_file(path: str) -> tuple[list[PairRecord], tuple[int, int]]:
         if size is not None and shapes["winner"] != size:
             raise ConfigError(f"{where}: images are {shapes['winner']} pixels, earlier lines {size}; use one size")
         size = shapes["winner"]
-        records.append(PairRecord(number, row["prompt"].strip(), source.parent / row["winner"], source.parent / row["loser"]))
+        records.append(
+            PairRecord(number, row["prompt"].strip(), source.parent / row["winner"], source.parent / row["loser"])
+        )
     if not records:
         raise ConfigError(f"{field}: {path} holds no pairs; write one JSON object per line")
     return records, size
@@ -195,7 +197,10 @@ def on_policy_pairs(config, run, adapter, encode, rewards, prompts, first_slot, 
     embeds = encode(prompts).repeat_interleave(groups)
     with plain_transformer(run, adapter):
         final = samplers.sample_trajectory(
-            velocity_fn_for(adapter, embeds, s.guidance_scale), noise, adapter.sigmas(s.num_steps, s.height, s.width), []
+            velocity_fn_for(adapter, embeds, s.guidance_scale),
+            noise,
+            adapter.sigmas(s.num_steps, s.height, s.width),
+            [],
         ).final  # [n, C, h, w]
     images = adapter.decode(final)  # [n, 3, H, W]
     texts = [prompts[i // groups] for i in range(count)]
@@ -463,9 +468,7 @@ def train(config: FlowPreferenceConfig, resume: bool = False, allow_config_chang
         if records is None:
             prompts = draw_prompts(train_prompts, t.prompts_per_iteration, generator)
             local_prompts = prompts[block.start : block.stop]
-            pairs, stats = on_policy_pairs(
-                config, run, adapter, encode, rewards, local_prompts, block.start, iteration
-            )
+            pairs, stats = on_policy_pairs(config, run, adapter, encode, rewards, local_prompts, block.start, iteration)
         else:
             chosen = draw_prompts(list(range(len(records))), t.prompts_per_iteration, generator)
             mine = chosen[block.start : block.stop]
@@ -492,7 +495,10 @@ def train(config: FlowPreferenceConfig, resume: bool = False, allow_config_chang
                         metrics = step_metrics
                         if config.log.save_pairs:
                             save_pairs_record(
-                                run, run.out / "pairs" / f"iter-{iteration + 1:06d}.safetensors", pairs, batch,
+                                run,
+                                run.out / "pairs" / f"iter-{iteration + 1:06d}.safetensors",
+                                pairs,
+                                batch,
                                 local_prompts,
                             )
             except FloatingPointError as error:

@@ -200,15 +200,18 @@ def test_pairs_file_trains_on_the_encoded_images(tiny_pipeline_dir, tmp_path):
     for side in ("winner", "loser"):
         images = torch.stack(
             [
-                torch.from_numpy(np.asarray(Image.open(pairs.parent / lines[p][side]), dtype=np.float32) / 255)
-                .permute(2, 0, 1)
+                torch.from_numpy(np.asarray(Image.open(pairs.parent / lines[p][side]), dtype=np.float32) / 255).permute(
+                    2, 0, 1
+                )
                 for p in prompts
             ]
         )
         with torch.no_grad():
             z = vae.encode(images * 2 - 1).latent_dist.mode()
         torch.testing.assert_close(record[side], (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor)
-    expected = recompute_losses(tiny_pipeline_dir, config, tmp_path / "run" / "checkpoints" / "step-000001", record, prompts)
+    expected = recompute_losses(
+        tiny_pipeline_dir, config, tmp_path / "run" / "checkpoints" / "step-000001", record, prompts
+    )
     # float32 errors of other batch shapes differ by ~1e-7, times beta / 2 = 250 in the logit
     torch.testing.assert_close(record["loss"], expected, rtol=1e-3, atol=1e-4)
 
@@ -293,3 +296,12 @@ def test_two_processes_train_like_one(tiny_pipeline_dir, tmp_path):
     flat = lambda w: torch.cat([w[name].flatten() for name in sorted(w)])
     # float32 sums in other batch shapes and DDP's all-reduce order: as tests/test_flow_distributed.py measures
     assert (flat(w1) - flat(w2)).norm() <= 1e-5 * flat(w1).norm()
+
+
+def test_dry_run_reads_the_pairs_file(tiny_pipeline_dir, tmp_path, capsys):
+    pairs = write_pairs(tmp_path / "data", (32, 24))
+    capsys.readouterr()
+    main(["--dry-run", *overrides(tiny_pipeline_dir, tmp_path / "run", f"data.pairs_file={pairs}")])
+    out = capsys.readouterr().out
+    assert f"2 pairs from {pairs} (32 x 24 px); 2 drawn per iteration" in out, out
+    assert not (tmp_path / "run").exists()
