@@ -14,7 +14,9 @@ Each iteration: pairs -> loss (shared/preference.py) -> optimizer step(s) -> log
 - The loss: the policy's and the reference's (the LoRA-disabled transformer) flow-matching errors on the winner
   and the loser at one noise level t per pair. diffusion_dpo: x_t = (1 - t) x0 + t eps with one random eps
   shared by the pair (flow_pair_inputs). smpo: x_t of each image estimated by ReNoise inversion with the
-  reference (samplers.renoise_inversion), the label from the rewards' gap (smpo_label).
+  reference (samplers.renoise_inversion), the label from the rewards' gap (smpo_label). Which model SmPO inverts
+  with, and how many steps, we could not read here (its method section was not reachable): the frozen reference
+  is our choice, so that the inversion does not move as the policy trains.
 The model is trained on the conditional velocity (no classifier-free guidance in the loss), as Diffusion-DPO's
 code trains its UNet; sampling and evaluation use sampling.guidance_scale.
 

@@ -702,10 +702,11 @@ def renoise_inversion(velocity_fn: VelocityFn, clean: Tensor, t: Tensor, steps: 
     (|dv/dx| (s_k - s_{k-1}) < 1), the forward Euler step from the result returns x_{k-1} up to the fixed point's
     remaining error. velocity_fn(x, sigma [B]) -> [B, ...]; t: [B] in (0, 1]. Calls: steps * (1 + iterations).
 
-    Departures from the paper: the ReNoise paper's text was not reachable here, so this follows only its
-    summary as SmPO-Diffusion (arXiv 2506.02698) uses it: iterate the inverted step a few times. ReNoise also
-    averages the predictions of its later iterations and regularises the predicted noise (its edit-friendly
-    terms); neither is done here. The steps are equal in sigma, per sample (each pair has its own t)."""
+    Departures from the paper: neither the ReNoise paper's text nor SmPO-Diffusion's (arXiv 2506.02698) method
+    section was reachable here, so this follows only the one-line description "a few fixed-point iterations of
+    the inverted ODE step". From memory, and not checked here, ReNoise also averages the predictions of its later
+    iterations and regularises the predicted noise; neither is done here. The steps are equal in sigma, per
+    sample (each pair has its own t), on the flow ODE instead of the paper's DDIM schedule."""
     if t.shape != clean.shape[:1]:
         raise ValueError(f"t must be [B] = [{clean.shape[0]}], got {list(t.shape)}")
     if steps < 1 or iterations < 0:
