@@ -9,7 +9,8 @@ Round t = 1..R, starting from pi_{t-1} (pi_0 = model.path):
      pairs.group_size completions each sampled from pi_{t-1} and ranked as `llmalign pairs` ranks them
      (llmalign/pairs.py); written to round-t/pairs.jsonl;
   2. DPO (`llmalign dpo`'s trainer, llmalign/dpo.py) on those pairs, started from pi_{t-1} with pi_{t-1} as the
-     reference (its log-probs precomputed and cached in round-t/dpo/, as DPO does); its result is theta'_t;
+     reference (its log-probs precomputed and cached in round-t/dpo/, as DPO does), a fresh AdamW and
+     learning-rate warm-up every round (train.* applies per round); its result is theta'_t;
   3. extrapolation (APO, He et al. 2024, "Accelerated Preference Optimization for Large Language Model
      Alignment", arXiv 2410.06293, Algorithm 1, the momentum step; in parameter space as in its experiments):
 

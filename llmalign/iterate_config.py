@@ -88,7 +88,7 @@ class IterateAlgorithmConfig(DPOAlgorithmConfig):
     momentum: float = option(
         0.0,
         "APO's Nesterov extrapolation alpha between rounds, in [0, 1): the next round starts from "
-        "theta_t + alpha (theta_t - theta_{t-1}) (0 = iterative DPO; He et al. 2024 use 0.3)",
+        "theta_t + alpha (theta_t - theta_{t-1}) (0 = iterative DPO, e.g. 0.3 for APO)",
     )
 
     def check(self) -> None:
@@ -113,6 +113,16 @@ class IterateAlgorithmConfig(DPOAlgorithmConfig):
 @dataclasses.dataclass
 class IterateTrainConfig(DPOTrainConfig):
     rounds: int = option(3, "rounds of (sample pairs from the current policy, DPO against it as the reference)")
+    epochs: float = option(1.0, "passes over each round's pairs (sets the round's steps unless train.steps is given)")
+    steps: Optional[int] = option(
+        None, "optimizer steps per round (null: ceil(epochs * the round's pairs / batch_size))"
+    )
+    seed: int = option(
+        0, "seed of the prompt order, the sampling (seed + round), each round's pair order and the held-out sampling"
+    )
+    max_seconds: Optional[float] = option(
+        None, "stop each round's DPO after this many seconds (then the round goes on; a resumed run may differ)"
+    )
 
     def check(self) -> None:
         need(self.rounds >= 1, "train.rounds", f"{self.rounds}; use at least 1")
