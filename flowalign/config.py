@@ -389,7 +389,7 @@ class PreferenceAlgorithmConfig:
         "diffusion_dpo", "preference loss: Diffusion-DPO (binary label) or SmPO-Diffusion (smoothed label, ReNoise)"
     )
     beta: float = option(
-        2000.0,
+        500.0,
         "preference strength beta (> 0) on per-dimension mean squared velocity errors, as Diffusion-DPO's code's "
         "beta_dpo (shared.preference.diffusion_dpo_loss)",
     )
@@ -474,7 +474,7 @@ class FlowPreferenceConfig:
             if not condition:
                 raise ConfigError(f"config field '{field}': {message}")
 
-        need(a.beta > 0, "algorithm.beta", f"{a.beta} must be > 0, e.g. 2000")
+        need(a.beta > 0, "algorithm.beta", f"{a.beta} must be > 0, e.g. 500")
         need(a.label_temperature > 0, "algorithm.label_temperature", f"{a.label_temperature} must be > 0, e.g. 0.2")
         need(a.gamma > 0, "algorithm.gamma", f"{a.gamma} must be > 0 (the paper's code: 1)")
         need(a.min_reward_gap >= 0, "algorithm.min_reward_gap", f"{a.min_reward_gap} must be >= 0")
