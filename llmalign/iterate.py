@@ -12,7 +12,8 @@ Round t = 1..R, starting from pi_{t-1} (pi_0 = model.path):
      reference (its log-probs precomputed and cached in round-t/dpo/, as DPO does), a fresh AdamW and
      learning-rate warm-up every round (train.* applies per round); its result is theta'_t;
   3. extrapolation (APO, He et al. 2024, "Accelerated Preference Optimization for Large Language Model
-     Alignment", arXiv 2410.06293, Algorithm 1, the momentum step; in parameter space as in its experiments):
+     Alignment", arXiv 2410.06293: the Nesterov momentum step of its iterated proximal-point algorithm, here in
+     parameter space; the equation number is not given, see Sources below):
 
          theta_t = theta'_t + alpha (theta'_t - theta'_{t-1}),        theta'_0 = theta_0 (the initial model)
 
@@ -25,8 +26,8 @@ Round t = 1..R, starting from pi_{t-1} (pi_0 = model.path):
   A round whose prompts give no pair (every completion at one level) trains nothing: theta'_t = theta_{t-1}.
 
 Sources: the update and its place (before the next round's sampling, the extrapolated policy as the next
-reference) are written from our reading of the paper; the `search` tool found only its abstract here, so these
-details could not be checked against its text in this session.
+reference) are written from our reading of the paper; only its abstract was at hand when this was written, so
+these details were not checked against its full text.
 
 Resume (--resume) works at any point, and ends with the same final weights as an uninterrupted run: the run
 directory holds a checkpoint (shared.checkpoint, through shared.run.Run) after every phase of every round,
