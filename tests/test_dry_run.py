@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 FLOW_RECIPES = sorted(p.name for p in (REPO / "configs/flow").glob("*.yaml"))
 LLM_RECIPES = sorted(p.name for p in (REPO / "configs/llm").glob("*.yaml"))
 DPO_RECIPES = {"arith_dpo.yaml"}
-SFT_RECIPES = {"arith_sft.yaml"}
+SFT_RECIPES = {"arith_sft.yaml", "arith_sft_long.yaml"}
 ITERATE_RECIPES = {"arith_iterate.yaml"}
 FLOW_PREFERENCE_RECIPES = {"diffusion_dpo.yaml", "smpo.yaml"}  # run by flowalign/preference.py
 
@@ -70,6 +70,19 @@ def write_flow_prompts(root: Path) -> None:
     for name, lines in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text("\n".join(lines) + "\n")
+
+
+def write_long_sft_rows(root: Path) -> None:
+    """configs/llm/arith_sft_long.yaml reads runs/arith_sft_long.jsonl, written by the command in its header."""
+    from llmalign import toy
+    from llmalign.data import write_rows
+
+    (root / "runs").mkdir(exist_ok=True)
+    rows = [
+        {"prompt": p["prompt"], "completion": toy.solution(p, with_check=True)}
+        for p in toy.make_split(toy.TRAIN_PROBLEMS, 0)
+    ]
+    write_rows(str(root / "runs/arith_sft_long.jsonl"), rows)
 
 
 def write_pairs(root: Path, count: int) -> None:
@@ -205,6 +218,7 @@ def test_flow_dry_run_checks_reward_signatures(no_weights, capsys):
 @pytest.mark.parametrize("recipe", LLM_RECIPES)
 def test_every_llm_recipe_passes_dry_run(recipe, no_weights, capsys):
     write_pairs(no_weights, 10)
+    write_long_sft_rows(no_weights)
     command = (
         "dpo"
         if recipe in DPO_RECIPES
