@@ -28,7 +28,6 @@ the loss is the mean over the global pairs, micro-batched with every rank making
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -46,7 +45,7 @@ from flowalign import samplers
 from flowalign.adapters import CachedPromptEncoder
 from flowalign.config import EMBEDDED_MODEL, FlowPreferenceConfig
 from flowalign.lora import reference_model
-from flowalign.rewards.plugins import RewardError, check_rewards_on_dummy_batch
+from flowalign.rewards.plugins import check_rewards_on_dummy_batch
 from flowalign.train import (
     _fmt,
     draw_prompts,
@@ -57,14 +56,14 @@ from flowalign.train import (
     make_policy,
     plain_transformer,
     read_prompts,
+    recipe_main,
     report_heldout,
     sample_noise,
     save_training_checkpoint,
     score,
     velocity_fn_for,
 )
-from shared.checkpoint import WriteError
-from shared.config import ConfigError, describe, exit_on_config_error, load_config
+from shared.config import ConfigError
 from shared.preference import (
     FLOW_PREFERENCE_LOSSES,
     flow_matching_errors,
@@ -546,48 +545,22 @@ def train(config: FlowPreferenceConfig, resume: bool = False, allow_config_chang
     return {"before": before and {k: v for k, v in before.items() if k.startswith("eval/")}, "after": final_eval}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML recipe, e.g. configs/flow/diffusion_dpo.yaml")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
-    parser.add_argument(
-        "--allow-config-change",
-        action="store_true",
-        help="with --resume: apply config changes beyond train.iterations, train.max_seconds and log.* "
-        "(refused without it)",
-    )
-    parser.add_argument("--describe", action="store_true", help="list every config field and exit")
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="check the config, model source, prompts, pairs file and rewards, print the plan and exit "
-        "(no weights load)",
-    )
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=5")
-    args = parser.parse_args(argv)
-    if args.describe:
-        print("\n".join(describe(FlowPreferenceConfig)))
-        return
-    try:
-        config = load_config(FlowPreferenceConfig, args.config, args.overrides)
-        if args.dry_run:
-            from flowalign.plan import preference_dry_run
+def _dry_run(config: FlowPreferenceConfig) -> None:
+    from flowalign.plan import preference_dry_run  # the planner is imported only when asked for
 
-            preference_dry_run(config)
-            return
-        read_prompts(config)
-        train(config, resume=args.resume, allow_config_change=args.allow_config_change)
-    except ConfigError as error:  # also a bad pairs file, a used log.output_dir or a batch that does not split
-        exit_on_config_error(error)
-    except WriteError as error:  # a full disk: the previous checkpoint is intact
-        print(f"write error: {error}", file=sys.stderr)
-        raise SystemExit(5) from None
-    except RewardError as error:
-        print(f"reward error: {error}", file=sys.stderr)
-        raise SystemExit(3) from None
-    except FloatingPointError as error:
-        print(f"training stopped: {error}", file=sys.stderr)
-        raise SystemExit(4) from None
+    preference_dry_run(config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    recipe_main(
+        argv,
+        description=__doc__,
+        config_cls=FlowPreferenceConfig,
+        example="configs/flow/diffusion_dpo.yaml",
+        checks="model source, prompts, pairs file and rewards",
+        dry_run=_dry_run,
+        train_fn=train,
+    )
 
 
 if __name__ == "__main__":

@@ -998,9 +998,12 @@ def _fmt(metrics: dict) -> str:
     return ", ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in metrics.items() if k.startswith("eval/"))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML recipe, e.g. configs/flow/flow_grpo.yaml")
+def recipe_main(argv, *, description: str, config_cls, example: str, checks: str, dry_run, train_fn) -> None:
+    """The command line of a flow recipe (this one and flowalign/preference.py): --config, --resume,
+    --allow-config-change, --describe, --dry-run and key=value overrides; user errors become one line and an exit
+    code (2 config, 3 reward, 4 training stopped, 5 write)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help=f"YAML recipe, e.g. {example}")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
     parser.add_argument(
         "--allow-config-change",
@@ -1012,23 +1015,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dry-run",
         action="store_true",
-        help="check the config, model source, prompts and rewards, print the plan and exit (no weights load)",
+        help=f"check the config, {checks}, print the plan and exit (no weights load)",
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=5")
     args = parser.parse_args(argv)
     if args.describe:
-        print("\n".join(describe(FlowGRPOConfig)))
+        print("\n".join(describe(config_cls)))
         return
     try:
-        config = load_config(FlowGRPOConfig, args.config, args.overrides)
+        config = load_config(config_cls, args.config, args.overrides)
         if args.dry_run:  # before read_prompts: a hub prompts dataset is checked by form, not downloaded
-            from flowalign.plan import dry_run
-
             dry_run(config)
             return
         read_prompts(config)
-        train(config, resume=args.resume, allow_config_change=args.allow_config_change)
-    except ConfigError as error:  # also a used log.output_dir or a batch that does not split, before anything loads
+        train_fn(config, resume=args.resume, allow_config_change=args.allow_config_change)
+    except ConfigError as error:  # also a used log.output_dir, a bad pairs file or a batch that does not split
         exit_on_config_error(error)
     except WriteError as error:  # a full disk: the previous checkpoint is intact
         print(f"write error: {error}", file=sys.stderr)
@@ -1039,6 +1040,24 @@ def main(argv: list[str] | None = None) -> None:
     except FloatingPointError as error:
         print(f"training stopped: {error}", file=sys.stderr)
         raise SystemExit(4) from None
+
+
+def _dry_run(config: FlowGRPOConfig) -> None:
+    from flowalign.plan import dry_run  # the planner is imported only when asked for
+
+    dry_run(config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    recipe_main(
+        argv,
+        description=__doc__,
+        config_cls=FlowGRPOConfig,
+        example="configs/flow/flow_grpo.yaml",
+        checks="model source, prompts and rewards",
+        dry_run=_dry_run,
+        train_fn=train,
+    )
 
 
 if __name__ == "__main__":
