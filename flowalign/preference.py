@@ -50,6 +50,7 @@ from flowalign.train import (
     _fmt,
     draw_prompts,
     evaluate,
+    finish_run,
     iteration_generator,
     load_adapter,
     load_rewards,
@@ -57,7 +58,6 @@ from flowalign.train import (
     plain_transformer,
     read_prompts,
     recipe_main,
-    report_heldout,
     sample_noise,
     save_training_checkpoint,
     score,
@@ -534,15 +534,7 @@ def train(config: FlowPreferenceConfig, resume: bool = False, allow_config_chang
             f"{a.name} on {config.model.path}",
         )
     )
-    if before is not None and final_eval:
-        run.print(f"held-out reward before: {_fmt(before)}")
-        run.print(f"held-out reward after : {_fmt(final_eval)}")
-    evaluations = sorted((run.out / "eval").glob("iter-*.json"))
-    if run.is_main and len(evaluations) >= 2 and evaluations[0].name == "iter-000000.json":
-        report_heldout(run, config, eval_prompts, evaluations[0], evaluations[-1])
-    run.print(f"metrics {run.out / 'metrics.jsonl'}, curve {run.out / 'reward_curve.png'}, images {run.out / 'images'}")
-    run.close()
-    return {"before": before and {k: v for k, v in before.items() if k.startswith("eval/")}, "after": final_eval}
+    return finish_run(run, config, eval_prompts, before, final_eval)
 
 
 def _dry_run(config: FlowPreferenceConfig) -> None:

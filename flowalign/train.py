@@ -943,15 +943,21 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
             f"{a.name} on {config.model.path}",
         )
     )
-    if "before" in history and final_eval:
-        run.print(f"held-out reward before: {_fmt(history['before'])}")
+    return finish_run(run, config, eval_prompts, history.get("before"), final_eval)
+
+
+def finish_run(run: Run, config, eval_prompts: list[str], before: dict | None, final_eval: dict) -> dict:
+    """The end of a flow recipe (this one and flowalign/preference.py): held-out reward before -> after, with
+    standard errors and the paired gain from the first and last evaluations' stored scores, where the outputs
+    are; closes the run. Returns the eval/ means before (None on a resumed run) and after."""
+    if before is not None and final_eval:
+        run.print(f"held-out reward before: {_fmt(before)}")
         run.print(f"held-out reward after : {_fmt(final_eval)}")
     evaluations = sorted((run.out / "eval").glob("iter-*.json"))  # the first (iteration 0) and the last
     if run.is_main and len(evaluations) >= 2 and evaluations[0].name == "iter-000000.json":
         report_heldout(run, config, eval_prompts, evaluations[0], evaluations[-1])
     run.print(f"metrics {run.out / 'metrics.jsonl'}, curve {run.out / 'reward_curve.png'}, images {run.out / 'images'}")
     run.close()
-    before = history.get("before")
     return {"before": before and {k: v for k, v in before.items() if k.startswith("eval/")}, "after": final_eval}
 
 
