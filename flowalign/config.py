@@ -8,6 +8,7 @@ processes), so a config trains the same way on 1 or N processes; micro_batch_siz
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any, Literal, Optional
 
 from shared.config import (
@@ -216,6 +217,7 @@ class LogConfig:
 
 @dataclasses.dataclass
 class FlowGRPOConfig:
+    RECIPE: typing.ClassVar[str] = "flow_grpo"  # the YAML's top-level `recipe:` key (shared.config.check_recipe)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
@@ -456,6 +458,7 @@ class PreferenceLogConfig(LogConfig):
 
 @dataclasses.dataclass
 class FlowPreferenceConfig:
+    RECIPE: typing.ClassVar[str] = "flow_preference"  # the YAML's top-level `recipe:` key (shared.config.check_recipe)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     algorithm: PreferenceAlgorithmConfig = dataclasses.field(default_factory=PreferenceAlgorithmConfig)

@@ -7,6 +7,7 @@ here; `llmalign grpo --describe` prints them all.
 from __future__ import annotations
 
 import dataclasses
+import typing
 import math
 from typing import Any, Literal, Optional, Union
 
@@ -581,6 +582,7 @@ class LMLogConfig:
 
 @dataclasses.dataclass
 class GRPOConfig:
+    RECIPE: typing.ClassVar[str] = "grpo"  # the YAML's top-level `recipe:` key (shared.config.check_recipe)
     model: LMModelConfig = dataclasses.field(default_factory=LMModelConfig)
     data: LMDataConfig = dataclasses.field(default_factory=LMDataConfig)
     sampling: LMSamplingConfig = dataclasses.field(default_factory=LMSamplingConfig)

@@ -7,6 +7,7 @@ other field is documented once, here; `llmalign dpo --describe` prints them all.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal, Optional
 
 from llmalign.config import (
@@ -231,6 +232,7 @@ class DPOLogConfig(LMLogConfig):
 
 @dataclasses.dataclass
 class DPOConfig:
+    RECIPE: typing.ClassVar[str] = "dpo"  # the YAML's top-level `recipe:` key (shared.config.check_recipe)
     model: LMModelConfig = dataclasses.field(default_factory=LMModelConfig)
     data: DPODataConfig = dataclasses.field(default_factory=DPODataConfig)
     algorithm: DPOAlgorithmConfig = dataclasses.field(default_factory=DPOAlgorithmConfig)

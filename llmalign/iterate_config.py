@@ -9,6 +9,7 @@ here or in the DPO section it inherits from; `llmalign iterate --describe` print
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal, Optional
 
 from llmalign.config import EMBEDDED_MODEL, LMDataSourceConfig, LMLogConfig, LMModelConfig, need
@@ -154,6 +155,7 @@ class IterateLogConfig(LMLogConfig):
 
 @dataclasses.dataclass
 class IterateConfig:
+    RECIPE: typing.ClassVar[str] = "iterate"  # the YAML's top-level `recipe:` key (shared.config.check_recipe)
     model: LMModelConfig = dataclasses.field(default_factory=LMModelConfig)
     data: IterateDataConfig = dataclasses.field(default_factory=IterateDataConfig)
     pairs: IteratePairsConfig = dataclasses.field(default_factory=IteratePairsConfig)

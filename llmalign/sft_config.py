@@ -8,6 +8,7 @@ every other field is documented once, here; `llmalign sft --describe` prints the
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Literal, Optional
 
 from llmalign.config import (
@@ -141,6 +142,7 @@ class SFTLogConfig(LMLogConfig):
 
 @dataclasses.dataclass
 class SFTConfig:
+    RECIPE: typing.ClassVar[str] = "sft"  # the YAML's top-level `recipe:` key (shared.config.check_recipe)
     model: LMModelConfig = dataclasses.field(default_factory=LMModelConfig)
     data: SFTDataConfig = dataclasses.field(default_factory=SFTDataConfig)
     train: SFTTrainConfig = dataclasses.field(default_factory=SFTTrainConfig)

@@ -351,7 +351,42 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"--config {path}: not valid YAML ({_yaml_problem(error)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"--config {path}: the top level must be a mapping of field: value")
+        data = dict(data)
+        check_recipe(cls, data.pop("recipe", None), f"--config {path}")
     return from_dict(cls, apply_overrides(cls, data, overrides or []))
+
+
+def check_recipe(cls: type, recipe: Any, where: str) -> None:
+    """A YAML's top-level `recipe:` key (which trainer runs it; `flowalign train` / `llmalign train` dispatch on
+    it) must name the recipe of the config class it is loaded into (`cls.RECIPE`). It is not a config field:
+    config.json and the resume comparison stay as they were. Absent: any class takes the file."""
+    if recipe is None:
+        return
+    expected = getattr(cls, "RECIPE", None)
+    if not isinstance(recipe, str) or (expected is not None and recipe != expected):
+        raise ConfigError(
+            f"{where}: 'recipe: {recipe}' names another trainer than this command's ({expected}); run it with "
+            f"`flowalign train` or `llmalign train`, which read the key, or fix the key"
+        )
+
+
+def read_recipe(path: str | Path, known: dict[str, Any], front_end: str) -> str:
+    """The top-level `recipe:` key of the YAML at `path`, one of `known`'s keys; a file without it, or naming
+    a recipe this front end does not have, is a ConfigError naming the key and the choices."""
+    text = read_text_file(path, "--config", f"pass a YAML file such as configs/{front_end}/...")
+    try:
+        data = yaml.load(text, Loader=_StrictLoader) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path}: not valid YAML ({_yaml_problem(error)})") from None
+    recipe = data.get("recipe") if isinstance(data, dict) else None
+    choices = ", ".join(known)
+    if recipe is None:
+        raise ConfigError(f"--config {path}: no top-level 'recipe:' key; add one of: {choices}")
+    if recipe not in known:
+        close = difflib.get_close_matches(str(recipe), list(known), n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"choose one of: {choices}"
+        raise ConfigError(f"--config {path}: 'recipe: {recipe}' is not a recipe of {front_end}; {hint}")
+    return recipe
 
 
 def exit_on_config_error(error: ConfigError) -> typing.NoReturn:
