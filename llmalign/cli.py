@@ -1,5 +1,6 @@
 """`llmalign`: the text-RL command line.
 
+    llmalign train configs/llm/arith.yaml [key=value ...]   # the recipe named by the YAML's `recipe:` key
     llmalign grpo --config configs/llm/arith.yaml [key=value ...] [--resume [--allow-config-change]] [--describe]
     llmalign dpo --config configs/llm/arith_dpo.yaml [key=value ...] [--resume [--allow-config-change]] [--describe]
     llmalign sft --config configs/llm/arith_sft.yaml [key=value ...] [--resume [--allow-config-change]] [--describe]
@@ -74,32 +75,52 @@ def run_recipe(config_class, train, args: argparse.Namespace) -> None:
         raise SystemExit(5) from None
 
 
-def run_grpo(args: argparse.Namespace) -> None:
+def _grpo():
     from llmalign import grpo
     from llmalign.config import GRPOConfig
 
-    run_recipe(GRPOConfig, grpo.train, args)
+    return GRPOConfig, grpo.train
 
 
-def run_dpo(args: argparse.Namespace) -> None:
+def _dpo():
     from llmalign import dpo
     from llmalign.dpo_config import DPOConfig
 
-    run_recipe(DPOConfig, dpo.train, args)
+    return DPOConfig, dpo.train
 
 
-def run_sft(args: argparse.Namespace) -> None:
+def _sft():
     from llmalign import sft
     from llmalign.sft_config import SFTConfig
 
-    run_recipe(SFTConfig, sft.train, args)
+    return SFTConfig, sft.train
 
 
-def run_iterate(args: argparse.Namespace) -> None:
+def _iterate():
     from llmalign import iterate
     from llmalign.iterate_config import IterateConfig
 
-    run_recipe(IterateConfig, iterate.train, args)
+    return IterateConfig, iterate.train
+
+
+# recipe name (a YAML's top-level `recipe:` key, and its subcommand) -> (config class, train function), imported
+# only when that recipe runs
+RECIPES = {"grpo": _grpo, "dpo": _dpo, "sft": _sft, "iterate": _iterate}
+
+
+def run_named_recipe(args: argparse.Namespace) -> None:
+    run_recipe(*RECIPES[args.command](), args)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    """`llmalign train CONFIG`: the recipe named by the YAML's `recipe:` key."""
+    from shared.config import read_recipe
+
+    try:
+        recipe = read_recipe(args.config, RECIPES, "llmalign")
+    except ConfigError as error:
+        exit_on_config_error(error)
+    run_recipe(*RECIPES[recipe](), args)
 
 
 def run_pairs(args: argparse.Namespace) -> None:
@@ -219,41 +240,56 @@ DRY_RUN_HELP = (
 )
 
 
+def recipe_flags(parser: argparse.ArgumentParser, resume_help: str, override_example: str) -> None:
+    """The flags every training subcommand takes (besides its config)."""
+    parser.add_argument("--resume", action="store_true", help=resume_help)
+    parser.add_argument("--allow-config-change", action="store_true", help=ALLOW_CONFIG_CHANGE_HELP)
+    parser.add_argument("--describe", action="store_true", help="list every config field and exit")
+    parser.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {override_example}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="llmalign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{grpo,dpo,sft,iterate,pairs,eval}")
-    grpo = sub.add_parser("grpo", help="GRPO / Dr. GRPO / DAPO / DisCO training with verifiable rewards")
-    grpo.add_argument("--config", help="YAML recipe, e.g. configs/llm/arith.yaml")
-    grpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
-    grpo.add_argument("--allow-config-change", action="store_true", help=ALLOW_CONFIG_CHANGE_HELP)
-    grpo.add_argument("--describe", action="store_true", help="list every config field and exit")
-    grpo.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
-    grpo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=5")
-    grpo.set_defaults(run=run_grpo)
-    dpo = sub.add_parser("dpo", help="DPO / IPO / robust / hinge / SimPO (and TGDPO) training on preference pairs")
-    dpo.add_argument("--config", help="YAML recipe, e.g. configs/llm/arith_dpo.yaml")
-    dpo.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
-    dpo.add_argument("--allow-config-change", action="store_true", help=ALLOW_CONFIG_CHANGE_HELP)
-    dpo.add_argument("--describe", action="store_true", help="list every config field and exit")
-    dpo.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
-    dpo.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algorithm.loss=ipo")
-    dpo.set_defaults(run=run_dpo)
-    sft = sub.add_parser("sft", help="supervised fine-tuning on prompt/completion rows or chat conversations")
-    sft.add_argument("--config", help="YAML recipe, e.g. configs/llm/arith_sft.yaml")
-    sft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
-    sft.add_argument("--allow-config-change", action="store_true", help=ALLOW_CONFIG_CHANGE_HELP)
-    sft.add_argument("--describe", action="store_true", help="list every config field and exit")
-    sft.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
-    sft.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.packing=true")
-    sft.set_defaults(run=run_sft)
-    iterate = sub.add_parser("iterate", help="iterative DPO / APO: rounds of on-policy pairs then DPO")
-    iterate.add_argument("--config", help="YAML recipe, e.g. configs/llm/arith_iterate.yaml")
-    iterate.add_argument("--resume", action="store_true", help="continue the run, mid-round too")
-    iterate.add_argument("--allow-config-change", action="store_true", help=ALLOW_CONFIG_CHANGE_HELP)
-    iterate.add_argument("--describe", action="store_true", help="list every config field and exit")
-    iterate.add_argument("--dry-run", action="store_true", help=DRY_RUN_HELP)
-    iterate.add_argument("overrides", nargs="*", help="key=value overrides, e.g. algorithm.momentum=0.3")
-    iterate.set_defaults(run=run_iterate)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,grpo,dpo,sft,iterate,pairs,eval}")
+    train = sub.add_parser("train", help="the recipe the YAML's top-level recipe: key names (grpo, dpo, sft, iterate)")
+    train.add_argument("config", help="YAML recipe with a recipe: key, e.g. configs/llm/arith.yaml")
+    recipe_flags(train, "continue from the latest checkpoint in log.output_dir", "train.iterations=5")
+    train.set_defaults(run=run_train)
+    for name, help_text, example, resume, override in (
+        (
+            "grpo",
+            "GRPO / Dr. GRPO / DAPO / DisCO training with verifiable rewards",
+            "arith",
+            None,
+            "train.iterations=5",
+        ),
+        (
+            "dpo",
+            "DPO / IPO / robust / hinge / SimPO (and TGDPO) training on preference pairs",
+            "arith_dpo",
+            None,
+            "algorithm.loss=ipo",
+        ),
+        (
+            "sft",
+            "supervised fine-tuning on prompt/completion rows or chat conversations",
+            "arith_sft",
+            None,
+            "train.packing=true",
+        ),
+        (
+            "iterate",
+            "iterative DPO / APO: rounds of on-policy pairs then DPO",
+            "arith_iterate",
+            "continue the run, mid-round too",
+            "algorithm.momentum=0.3",
+        ),
+    ):
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--config", help=f"YAML recipe, e.g. configs/llm/{example}.yaml")
+        recipe_flags(command, resume or "continue from the latest checkpoint in log.output_dir", override)
+        command.set_defaults(run=run_named_recipe)
     pairs = sub.add_parser("pairs", help="sample completions and write chosen/rejected pairs by preference level")
     pairs.add_argument("--model", required=True, help="model directory, hub id or embedded:arith")
     pairs.add_argument("--adapter", help="a LoRA adapter directory to load on top of --model")

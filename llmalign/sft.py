@@ -39,7 +39,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from llmalign.data import DataError, iteration_rows, load_train_test, micro_batches, render_prompt
 from llmalign.dpo import learning_rate
@@ -47,8 +46,8 @@ from llmalign.evaluate import describe_held_out, held_out_metrics
 from llmalign.policy import enable_gradient_checkpointing, load_policy, restore_policy, save_policy_checkpoint
 from llmalign.sft_config import SFTConfig, SFTDataConfig
 from llmalign.toy import resolve_embedded
+from shared.loop import Plan, open_run, run_loop
 from shared.run import Run
-from shared.runlog import plot_curves
 
 EVAL_TEMPERATURE = 1.0  # SFT has no sampling settings: held-out sampled accuracy is at T = 1
 IGNORE = -100  # the label of a token left out of the loss (prompt, padding), as transformers' losses use it
@@ -300,118 +299,107 @@ def load_sft_rows(config: SFTConfig) -> tuple[list[dict], list[dict]]:
     return rows, test_rows
 
 
-def train(config: SFTConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
-    t, d = config.train, config.data
-    run = Run(
-        config.log.output_dir,
-        resume,
-        tag="[llmalign]",
-        mixed_precision=t.mixed_precision,
-        config=config,
-        allow_config_change=allow_config_change,
-        trackers=config.log.report_to,
-    )
-    run.require_divisible(t.batch_size, "train.batch_size", "sequences")
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
+class SFTRecipe:
+    """Supervised fine-tuning in the loop's stages (shared.loop): `update` alone, its rows drawn from the step."""
 
-    # setup: data, model, optimizer; the main process builds the embedded toy first if a path names it
-    data_files = (d.train, d.test) if d.path is None else ()
-    run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, *data_files) if p])
-    rows, test_rows = load_sft_rows(config)
-    test_rows = test_rows[: d.eval_size]
-    model, tokenizer = load_policy(config.model, run.device)
-    if t.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    pad_id = tokenizer.pad_token_id
-    encoded = encode_rows(tokenizer, rows, d, t.max_length, t.overlong)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    model, optimizer = run.prepare(model, optimizer)
-    start = restore_policy(run, model, optimizer)
-    run.write_config(config)
-    steps = t.steps if t.steps is not None else math.ceil(t.epochs * len(rows) / t.batch_size)
-    run.print(
-        f"sft: {len(rows)} rows ({encoded.completion_tokens(list(range(len(rows))))} completion tokens), "
-        f"{t.batch_size} per step over {run.world} process(es) ({t.batch_size // run.world} each, in micro-batches "
-        f"of {t.micro_batch_size}{', packed' if t.packing else ''}) -> {steps} steps = "
-        f"{steps * t.batch_size / len(rows):.2f} epochs, {sum(p.numel() for p in params):,} trainable parameters, "
-        f"{encoded.truncated} sequences truncated; device {run.device}, mixed precision {t.mixed_precision}; "
-        f"output {run.out}"
-    )
+    def __init__(self, config: SFTConfig):
+        self.config = config
 
-    def evaluate() -> dict:
-        with run.unwrapped_for_generation(model) as policy:
-            return held_out_metrics(
+    def setup(self, run: Run) -> Plan:
+        config, t, d = self.config, self.config.train, self.config.data
+        self.run = run
+        run.require_divisible(t.batch_size, "train.batch_size", "sequences")
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        # data, model, optimizer; the main process builds the embedded toy first if a path names it
+        data_files = (d.train, d.test) if d.path is None else ()
+        run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, *data_files) if p])
+        rows, test_rows = load_sft_rows(config)
+        self.test_rows = test_rows[: d.eval_size]
+        model, self.tokenizer = load_policy(config.model, run.device)
+        if t.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.encoded = encode_rows(self.tokenizer, rows, d, t.max_length, t.overlong)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        self.model, self.optimizer = run.prepare(model, optimizer)
+        start = restore_policy(run, self.model, self.optimizer)
+        run.write_config(config)
+        steps = t.steps if t.steps is not None else math.ceil(t.epochs * len(rows) / t.batch_size)
+        run.print(
+            f"sft: {len(rows)} rows ({self.encoded.completion_tokens(list(range(len(rows))))} completion tokens), "
+            f"{t.batch_size} per step over {run.world} process(es) ({t.batch_size // run.world} each, in "
+            f"micro-batches of {t.micro_batch_size}{', packed' if t.packing else ''}) -> {steps} steps = "
+            f"{steps * t.batch_size / len(rows):.2f} epochs, {sum(p.numel() for p in params):,} trainable "
+            f"parameters, {self.encoded.truncated} sequences truncated; device {run.device}, mixed precision "
+            f"{t.mixed_precision}; output {run.out}"
+        )
+        self.all_rows = list(range(len(rows)))
+        self.model.train()  # evaluate() switches to eval mode and back
+        return Plan(
+            start,
+            steps,
+            "sft",
+            t.max_seconds,
+            unit="step",
+            curves=("train/loss", "train/grad_norm", "eval/accuracy", "eval/sampled_accuracy", "eval/mean_length"),
+            curve_file="sft_curves.png",
+            title=f"SFT on {config.model.path}",
+        )
+
+    def evaluate(self, done: int) -> dict:
+        d = self.config.data
+        self.model.eval()
+        with self.run.unwrapped_for_generation(self.model) as policy:
+            metrics = held_out_metrics(
                 policy,
-                tokenizer,
-                test_rows,
+                self.tokenizer,
+                self.test_rows,
                 d.eval_max_new_tokens,
                 EVAL_TEMPERATURE,
                 d.eval_samples,
-                seed=t.seed + 12345,
-                run=run,
+                seed=self.config.train.seed + 12345,
+                run=self.run,
             )
+        self.model.train()
+        return metrics
 
-    before = {}
-    if start == 0:
-        before = evaluate()
-        run.append({"iteration": 0, **before, "sequences_truncated": encoded.truncated})
-        if before:
-            run.print(
-                f"held-out accuracy before ({len(test_rows)} problems): "
-                f"{describe_held_out(before, EVAL_TEMPERATURE, d.eval_samples)}"
-            )
+    def before_record(self) -> dict:
+        return {"sequences_truncated": self.encoded.truncated}
 
-    progress = tqdm(range(start, steps), desc="sft", initial=start, total=steps, disable=not run.is_main)
-    record = {}
-    all_rows = list(range(len(rows)))
-    model.train()
-    for step in progress:
-        clock = time.perf_counter()
-        indices = iteration_rows(all_rows, step, t.batch_size, t.seed)  # the global batch
-        for group in optimizer.param_groups:
+    def report_before(self, before: dict) -> None:
+        self.run.print(f"held-out accuracy before ({len(self.test_rows)} problems): {self.describe(before)}")
+
+    def describe(self, result: dict) -> str:
+        return describe_held_out(result, EVAL_TEMPERATURE, self.config.data.eval_samples)
+
+    def update(self, step: int) -> dict:
+        self.clock = time.perf_counter()
+        config = self.config
+        indices = iteration_rows(self.all_rows, step, config.train.batch_size, config.train.seed)  # the global batch
+        for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(config, step)  # warm-up then constant: a function of the step alone
-        try:
-            metrics = train_step(run, config, model, optimizer, encoded, indices, pad_id)
-        except FloatingPointError as error:
-            raise run.nan_stop(f"step {step + 1}", error) from None
+        pad_id = self.tokenizer.pad_token_id
+        return train_step(self.run, config, self.model, self.optimizer, self.encoded, indices, pad_id)
 
-        # log
-        done = step + 1
-        record = {
-            "iteration": done,
+    def record(self, step: int, metrics: dict) -> dict:
+        return {
             **{f"train/{k}": v for k, v in metrics.items()},
-            "train/lr": learning_rate(config, step),
-            "time/step": time.perf_counter() - clock,
+            "train/lr": learning_rate(self.config, step),
+            "time/step": time.perf_counter() - self.clock,
         }
-        last = run.is_last(done, steps, t.max_seconds)
-        if run.due(done, config.log.eval_every, last):
-            model.eval()
-            record.update(evaluate())
-            model.train()
-        run.append(record)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}")
 
-        # checkpoint
-        if run.due(done, config.log.checkpoint_every, last):
-            save_policy_checkpoint(run, config, model, tokenizer, optimizer, done)
-        if last:
-            break
+    def postfix(self, record: dict) -> dict:
+        return {"loss": f"{record['train/loss']:.4f}"}
 
-    after = {k: v for k, v in record.items() if k.startswith("eval/")}
-    out = run.out
-    run.main_only(
-        lambda: plot_curves(
-            out / "metrics.jsonl",
-            out / "sft_curves.png",
-            ["train/loss", "train/grad_norm", "eval/accuracy", "eval/sampled_accuracy", "eval/mean_length"],
-            f"SFT on {config.model.path}",
-        )
-    )
-    if before and after:
-        for label, result in (("before", before), ("after ", after)):
-            run.print(f"held-out accuracy {label}: {describe_held_out(result, EVAL_TEMPERATURE, d.eval_samples)}")
-    run.print(f"metrics {out / 'metrics.jsonl'}, curves {out / 'sft_curves.png'}, model {out / 'final'}")
-    run.close()
-    return {"before": before, "after": after}
+    def save(self, done: int) -> None:
+        save_policy_checkpoint(self.run, self.config, self.model, self.tokenizer, self.optimizer, done)
+
+    def closing(self) -> str:
+        out = self.run.out
+        return f"metrics {out / 'metrics.jsonl'}, curves {out / 'sft_curves.png'}, model {out / 'final'}"
+
+
+def train(config: SFTConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
+    run = open_run(config, resume, allow_config_change, tag="[llmalign]")
+    return run_loop(SFTRecipe(config), run, config.log.eval_every, config.log.checkpoint_every)
