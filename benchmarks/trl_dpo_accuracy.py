@@ -1,6 +1,6 @@
 """Held-out accuracy after TRL's DPOTrainer on a pairs file, scored exactly as `llmalign dpo` scores its runs.
 
-The cross-check behind the README's DPO results: if DPO lowers held-out accuracy on the embedded task, is it
+The cross-check behind the DPO results in docs/results.md: if DPO lowers held-out accuracy on the embedded task, is it
 the method or our trainer? Same pairs, same settings, same evaluation (llmalign.evaluate.held_out_metrics,
 same seeds) on both sides:
 

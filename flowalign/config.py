@@ -209,7 +209,7 @@ class LogConfig:
     keep_last: int = option(2, "checkpoints kept on disk")
     report_to: list[TrackerName] = option(
         [],
-        "experiment trackers the main process also logs to (metrics, images, sample tables; README, Trackers), "
+        "experiment trackers the main process also logs to (metrics, images, sample tables; docs/scaling.md, Trackers), "
         "each a pip extra imported only when named: tensorboard (the tested one), wandb, trackio, mlflow; e.g. "
         "[tensorboard] after pip install 'flowalign[tensorboard]'. [] (default): metrics.jsonl alone",
     )

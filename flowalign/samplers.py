@@ -13,7 +13,7 @@ Conventions where the official Flow-GRPO code (github.com/yifan123/flow_grpo,
 flow_grpo/diffusers_patch/sd3_sde_with_logprob.py and scripts/train_sd3.py) and this project once differed
 (`SDEConventions`, `KL_FORMS`, `NOISE_AWARE_NORMALIZATIONS`): the official form is the default and the other is
 kept as an option. `convention_factors` computes, per step of a schedule, how far apart the two forms are; the
-README's "Flow conventions" table comes from it.
+"Flow conventions" table in docs/conventions.md comes from it.
 
 Public names: euler_ode_step, sde_step_with_logprob, SDE_STEPS, SDEConventions, OFFICIAL, LOG_PROBS, KL_FORMS,
 kl_std, convention_factors, stream_seed, SampleNoise, standard_normal, dpm_solver_2m_step, compressed_sigmas,
@@ -136,7 +136,7 @@ def euler_ode_step(latents: Tensor, velocity: Tensor, sigma: float | Tensor, sig
 @dataclasses.dataclass(frozen=True)
 class SDEConventions:
     """The two choices of an SDE step where this project's first form and the official Flow-GRPO code differ.
-    The defaults are the official code's (`OFFICIAL`); README "Flow conventions" gives the factors between them.
+    The defaults are the official code's (`OFFICIAL`); docs/conventions.md "Flow conventions" gives the factors between them.
 
     sigma_one: sigma_t of the Flow-GRPO step from sigma = 1, where sigma / (1 - sigma) is infinite.
         "flow_grpo" (official): a * sqrt(1 / (1 - sigma_next)), the numerator kept at sigma = 1;
@@ -305,7 +305,7 @@ def kl_std(std: Tensor, sigma: Tensor, sigma_next: Tensor, kind: str = "flow_grp
 
 def convention_factors(sigmas: Tensor, noise_level: float = 0.7) -> dict[str, Tensor]:
     """Per step j of the schedule [T + 1], in float64, how far this project's earlier forms are from the official
-    ones (the README's table; tests/test_samplers.py checks the SD3 values):
+    ones (the table in docs/conventions.md; tests/test_samplers.py checks the SD3 values):
     - cps_log_ratio: |log-ratio| of a CPS step under the Gaussian density over the official squared distance,
       1 / (2 std_j^2) (inf on the last step, where std = 0 and both are 0) [T];
     - kl_exact_over_flow_grpo: the exact one-step KL over the official KL for the Flow-GRPO step, 1 / (-dt_j) [T];

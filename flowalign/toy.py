@@ -481,7 +481,7 @@ QUALITY_BAR = {"classifier_heldout_accuracy": 0.9, "prompted_digit_accuracy guid
 full build reaches about 0.6): the test of `--quick` and of the shipped files checks it."""
 SHIPPED_DIR = Path(__file__).parent / "embedded" / CACHE_NAME
 SHIPPED_DIGEST = "sha256:f9598d9bbd8ac6f50eda4d1c53d81b2d173f963b96f48eea04931b7b27400051"
-"""`shared.embedded.directory_digest` of the shipped build (`python -m flowalign.toy digest`); the README names it."""
+"""`shared.embedded.directory_digest` of the shipped build (`python -m flowalign.toy digest`); docs/results.md names it."""
 
 
 def quality(report: dict) -> dict[str, float]:

@@ -201,7 +201,7 @@ def velocity_fn_for(adapter, embeds, guidance_scale: float):
 
 
 def sde_conventions(config: FlowGRPOConfig) -> samplers.SDEConventions:
-    """The SDE step's conventions from the config (defaults: the official Flow-GRPO code's; README "Flow conventions")."""
+    """The SDE step's conventions from the config (defaults: the official Flow-GRPO code's; docs/conventions.md)."""
     return samplers.SDEConventions(sigma_one=config.sampling.sigma_one, cps_log_prob=config.sampling.cps_log_prob)
 
 

@@ -272,7 +272,7 @@ def refill(sample_round: Callable[[int, int], Tensor], wanted: int, max_rounds: 
     are informative and fewer than `max_rounds` rounds followed the first.
 
     Departures from DAPO's code (verl, which samples a fixed gen_batch_size of prompts per round and stops with an
-    error past max_num_gen_batches), both measured on the embedded task (README):
+    error past max_num_gen_batches), both measured on the embedded task (docs/llmalign.md):
     - a refill round samples n = ceil(missing * sampled / informative) prompts, the missing groups over the
       informative fraction seen so far this iteration (all `wanted` when none was informative yet), at most
       `wanted`, rounded up to a multiple of `multiple` (the process count: whole groups per rank); a fixed round

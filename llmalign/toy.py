@@ -222,7 +222,7 @@ def supervised_finetune(
 
 SHIPPED_DIR = Path(__file__).parent / "embedded" / CACHE_NAME
 SHIPPED_DIGEST = "sha256:bff6612085b0be79d4f17c3da70e6dda656df72c4b7058755c5f73eaca567cde"
-"""`shared.embedded.directory_digest` of the shipped build (`python -m llmalign.toy digest`); the README names it."""
+"""`shared.embedded.directory_digest` of the shipped build (`python -m llmalign.toy digest`); docs/results.md names it."""
 
 
 def below_quality_bar(report: dict) -> list[str]:

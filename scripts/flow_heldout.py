@@ -1,4 +1,4 @@
-"""Held-out reward of trained flow runs on many held-out images: the README's "400 held-out images" figures.
+"""Held-out reward of trained flow runs on many held-out images: the "400 held-out images" figures of docs/results.md.
 
     python scripts/flow_heldout.py runs/flow_grpo runs/tempflow [--seeds 40] [--untrained]
 

@@ -13,6 +13,6 @@ PY="$VENV/bin/python"
 # dev pulls the ocr extra; RapidOCR's opencv-python needs libGL.so.1 (without it the OCR tests are skipped).
 "$PY" -c "import rapidocr_onnxruntime" 2>/dev/null \
     || echo "warning: rapidocr_onnxruntime does not import (no libGL.so.1? apt-get install libgl1); OCR tests will skip"
-# torchvision from PyPI is a CUDA build; this hook lets it import beside CPU torch (README, "torchvision").
+# torchvision from PyPI is a CUDA build; this hook lets it import beside CPU torch (docs/conventions.md, "torchvision").
 "$PY" scripts/torchvision_cpu_hook.py --install
 "$PY" -c "import shared, flowalign, llmalign, open_clip, diffusers, transformers, peft, math_verify; print('environment ready')"

@@ -2,7 +2,7 @@
 
 Both front ends ship their toy (`flowalign/embedded/digits-sd3-v1`, `llmalign/embedded/arith-qwen2-v3`): a few
 MB of safetensors, tokenizers and configs written by the project's own `toy build`, so a first run loads them
-instead of pretraining for minutes. `directory_digest` names a build: the README and each toy module carry the
+instead of pretraining for minutes. `directory_digest` names a build: docs/results.md and each toy module carry the
 digest of what is shipped, and a test checks both against the files. A shipped copy whose digest differs (edited
 files, a partial checkout) is not used: the toy is built into the cache instead, as before shipping.
 """

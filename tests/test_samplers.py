@@ -180,9 +180,9 @@ def sd3_sigmas(num_steps: int = 10) -> torch.Tensor:
 
 
 def test_convention_factors_on_the_sd3_10_step_schedule():
-    """The README's "Flow conventions" numbers: on SD3's (and the embedded model's) 10-step shift-3 schedule at
-    a = 0.7, the CPS log-ratio of the last noisy step is 7900x larger under the Gaussian density, the exact KL is
-    3.7x (step 8) to 25.1x (step 0) the official one, and the first step's std is 0.700 vs 0.686."""
+    """The "Flow conventions" numbers (docs/conventions.md): on SD3's (and the embedded model's) 10-step shift-3
+    schedule at a = 0.7, the CPS log-ratio of the last noisy step is 7900x larger under the Gaussian density, the exact
+    KL is 3.7x (step 8) to 25.1x (step 0) the official one, and the first step's std is 0.700 vs 0.686."""
     sigmas = sd3_sigmas()
     factors = convention_factors(sigmas, 0.7)
     cps = factors["cps_log_ratio"]  # [10]

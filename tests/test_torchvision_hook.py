@@ -1,4 +1,5 @@
-"""The environment's torchvision imports next to torch (README, "torchvision"), in a fresh interpreter."""
+"""The environment's torchvision imports next to torch (docs/conventions.md, "torchvision"), in a fresh
+interpreter."""
 
 import subprocess
 import sys

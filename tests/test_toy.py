@@ -114,7 +114,7 @@ def test_smoke_build_is_cached_and_loads(tmp_path, monkeypatch):
 
 
 def test_smoke_build_is_byte_for_byte_repeatable(tmp_path):
-    """Same seed, same code: the same files (the digest the README names rests on this)."""
+    """Same seed, same code: the same files (the digest docs/results.md names rests on this)."""
     from shared.embedded import directory_digest
 
     a = toy.build_digits_pipeline(tmp_path / "a", mode="smoke", progress=False)
@@ -124,13 +124,13 @@ def test_smoke_build_is_byte_for_byte_repeatable(tmp_path):
     assert directory_digest(tmp_path / "c") != directory_digest(tmp_path / "a")  # the digest sees the weights
 
 
-def test_shipped_pipeline_is_the_embedded_default_and_its_digest_is_the_readme_one():
+def test_shipped_pipeline_is_the_embedded_default_and_its_digest_is_the_documented_one():
     from shared.embedded import directory_digest
 
     assert toy.ensure_digits_pipeline() == str(toy.SHIPPED_DIR)  # no build, no cache
     assert directory_digest(toy.SHIPPED_DIR) == toy.SHIPPED_DIGEST
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    assert f"`{toy.CACHE_NAME}` {toy.SHIPPED_DIGEST}" in readme
+    results = (Path(__file__).parents[1] / "docs" / "results.md").read_text()  # "The embedded default"
+    assert f"`{toy.CACHE_NAME}` {toy.SHIPPED_DIGEST}" in results
     report = json.loads((toy.SHIPPED_DIR / "flowalign.json").read_text())
     assert report["mode"] == "full" and not toy.below_quality_bar(report)
 
