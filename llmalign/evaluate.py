@@ -207,6 +207,28 @@ def held_out_metrics(
     }
 
 
+EVAL_TEMPERATURE = 1.0  # SFT, DPO and iterate have no sampling settings: their held-out sampled accuracy is at T = 1
+EVAL_SEED_OFFSET = 12345  # their sampled evaluation draws from train.seed + this, apart from the training draws
+
+
+def recipe_held_out_metrics(run: Run, model, tokenizer, rows: list[dict], data, seed: int) -> dict:
+    """`held_out_metrics` as SFT, DPO and iterate take it: on the plain module of `model`
+    (`run.unwrapped_for_generation`; `generate` switches it to eval mode and back), at most data.eval_max_new_tokens
+    new tokens, greedy and sampled at EVAL_TEMPERATURE over data.eval_samples draws seeded at seed +
+    EVAL_SEED_OFFSET (seed: train.seed)."""
+    with run.unwrapped_for_generation(model) as policy:
+        return held_out_metrics(
+            policy,
+            tokenizer,
+            rows,
+            data.eval_max_new_tokens,
+            EVAL_TEMPERATURE,
+            data.eval_samples,
+            seed=seed + EVAL_SEED_OFFSET,
+            run=run,
+        )
+
+
 def describe_held_out(result: dict, temperature: float, samples: int, problems: int | None = None) -> str:
     """The before/after line the trainers print. With the number of `problems`, the greedy accuracy carries its
     standard error: each problem scores 0 or 1, so the sample standard deviation is sqrt(n p (1 - p) / (n - 1)) and

@@ -42,14 +42,13 @@ from torch import Tensor
 
 from llmalign.data import DataError, iteration_rows, load_train_test, micro_batches, render_prompt
 from llmalign.dpo import learning_rate
-from llmalign.evaluate import describe_held_out, held_out_metrics
+from llmalign.evaluate import EVAL_TEMPERATURE, describe_held_out, recipe_held_out_metrics
 from llmalign.policy import enable_gradient_checkpointing, load_policy, restore_policy, save_policy_checkpoint
 from llmalign.sft_config import SFTConfig, SFTDataConfig
 from llmalign.toy import resolve_embedded
 from shared.loop import Plan, open_run, run_loop
 from shared.run import Run
 
-EVAL_TEMPERATURE = 1.0  # SFT has no sampling settings: held-out sampled accuracy is at T = 1
 IGNORE = -100  # the label of a token left out of the loss (prompt, padding), as transformers' losses use it
 
 # ----------------------------------------------------------------------------- data
@@ -335,7 +334,7 @@ class SFTRecipe:
             f"{t.mixed_precision}; output {run.out}"
         )
         self.all_rows = list(range(len(rows)))
-        self.model.train()  # evaluate() switches to eval mode and back
+        self.model.train()  # generate() switches to eval mode and back
         return Plan(
             start,
             steps,
@@ -348,21 +347,10 @@ class SFTRecipe:
         )
 
     def evaluate(self, done: int) -> dict:
-        d = self.config.data
-        self.model.eval()
-        with self.run.unwrapped_for_generation(self.model) as policy:
-            metrics = held_out_metrics(
-                policy,
-                self.tokenizer,
-                self.test_rows,
-                d.eval_max_new_tokens,
-                EVAL_TEMPERATURE,
-                d.eval_samples,
-                seed=self.config.train.seed + 12345,
-                run=self.run,
-            )
-        self.model.train()
-        return metrics
+        config = self.config
+        return recipe_held_out_metrics(
+            self.run, self.model, self.tokenizer, self.test_rows, config.data, config.train.seed
+        )
 
     def before_record(self) -> dict:
         return {"sequences_truncated": self.encoded.truncated}
