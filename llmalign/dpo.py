@@ -48,22 +48,25 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from llmalign.data import DataError, iteration_rows, load_train_test, micro_batches, render_prompt, tokenize_prompts
+from llmalign.data import DataError, load_train_test, micro_batches, render_prompt, tokenize_prompts
 from llmalign.dpo_config import DPOAlgorithmConfig, DPOConfig, DPODataConfig
-from llmalign.evaluate import EVAL_TEMPERATURE, describe_held_out, pad_left, recipe_held_out_metrics
+from llmalign.evaluate import HeldOut, pad_left
 from llmalign.logprobs import completion_logprobs
 from llmalign.policy import (
     disable_dropout,
     enable_gradient_checkpointing,
     load_policy,
+    outputs_line,
     reference_policy,
     restore_policy,
     save_policy_checkpoint,
+    step_batch,
+    step_record,
 )
 from llmalign.toy import resolve_embedded
 from shared.config import ConfigError
 from shared.preference import PREFERENCE_LOSSES, chosen_nll_loss
-from shared.loop import Plan, open_run, run_loop
+from shared.loop import Plan, run_recipe
 from shared.run import Run
 from shared.token_weights import tgdpo_token_weights, weighted_dpo_sigmoid_loss
 
@@ -553,13 +556,6 @@ def check_margin_count(a: DPOAlgorithmConfig, margins: Tensor) -> None:
         )
 
 
-def learning_rate(config: DPOConfig, step: int) -> float:
-    """Linear warm-up to train.learning_rate over train.warmup_steps, then constant (a function of the step
-    alone, so --resume needs no scheduler state)."""
-    t = config.train
-    return t.learning_rate * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.learning_rate
-
-
 # ----------------------------------------------------------------------------- train
 
 
@@ -593,7 +589,7 @@ class DPORecipe:
         data_files = (d.train, d.test) if d.path is None else ()  # beside data.path they are not read
         run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, *data_files) if p])
         rows, test_rows, data_path = load_pairs(config)
-        self.test_rows = test_rows[: d.eval_size]
+        self.held_out = HeldOut(run, test_rows[: d.eval_size], d, t.seed)
         model, self.tokenizer = load_policy(config.model, run.device)
         disable_dropout(model)  # dropout off for the whole run (see the module docstring)
         if t.gradient_checkpointing:
@@ -645,10 +641,7 @@ class DPORecipe:
         )
 
     def evaluate(self, done: int) -> dict:
-        config = self.config
-        return recipe_held_out_metrics(
-            self.run, self.model, self.tokenizer, self.test_rows, config.data, config.train.seed
-        )
+        return self.held_out.metrics(self.model, self.tokenizer)
 
     def before_record(self) -> dict:
         return {
@@ -657,20 +650,17 @@ class DPORecipe:
         }
 
     def report_before(self, before: dict) -> None:
-        self.run.print(f"held-out accuracy before ({len(self.test_rows)} problems): {self.describe(before)}")
+        self.held_out.report_before(before)
 
     def describe(self, result: dict) -> str:
-        return describe_held_out(result, EVAL_TEMPERATURE, self.config.data.eval_samples)
+        return self.held_out.describe(result)
 
     def update(self, step: int) -> dict:
         self.clock = time.perf_counter()
-        config = self.config
-        indices = iteration_rows(self.all_rows, step, config.train.batch_size, config.train.seed)  # the global batch
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)  # warm-up then constant: a function of the step alone
+        indices = step_batch(self.config, self.optimizer, self.all_rows, step)  # the global batch
         return train_step(
             self.run,
-            config,
+            self.config,
             self.model,
             self.optimizer,
             self.encoded,
@@ -681,11 +671,7 @@ class DPORecipe:
         )
 
     def record(self, step: int, metrics: dict) -> dict:
-        return {
-            **{f"train/{k}": v for k, v in metrics.items()},
-            "train/lr": learning_rate(self.config, step),
-            "time/step": time.perf_counter() - self.clock,
-        }
+        return step_record(self.config, step, metrics, self.clock)
 
     def postfix(self, record: dict) -> dict:
         return {
@@ -698,10 +684,8 @@ class DPORecipe:
         save_policy_checkpoint(self.run, self.config, self.model, self.tokenizer, self.optimizer, done)
 
     def closing(self) -> str:
-        out = self.run.out
-        return f"metrics {out / 'metrics.jsonl'}, curves {out / 'dpo_curves.png'}, model {out / 'final'}"
+        return outputs_line(self.run.out, "dpo_curves.png")
 
 
 def train(config: DPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
-    run = open_run(config, resume, allow_config_change, tag="[llmalign]")
-    return run_loop(DPORecipe(config), run, config.log.eval_every, config.log.checkpoint_every)
+    return run_recipe(DPORecipe(config), config, resume, allow_config_change, tag="[llmalign]")

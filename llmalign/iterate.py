@@ -56,7 +56,7 @@ from torch import Tensor
 from llmalign import dpo
 from llmalign.data import iteration_rows, load_train_test, write_rows
 from llmalign.dpo_config import DPOConfig, DPODataConfig, DPOLogConfig
-from llmalign.evaluate import EVAL_TEMPERATURE, describe_held_out, recipe_held_out_metrics
+from llmalign.evaluate import HeldOut
 from llmalign.iterate_config import IterateConfig
 from llmalign.pairs import level_table, make_pairs, sample_completions
 from llmalign.policy import load_policy
@@ -195,7 +195,7 @@ class IterateRecipe:
         self.run = run
         run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, d.train, d.test) if p])
         self.rows, test_rows = load_train_test(d, ("prompt", "answer"), resolve_embedded)
-        self.test_rows = test_rows[: d.eval_size]
+        self.held_out = HeldOut(run, test_rows[: d.eval_size], d, config.train.seed)
         self.done = run.restore()  # phases finished: 3 (t - 1) + phase index + 1
         self.previous = run.load("momentum") if run.checkpoint is not None and "momentum" in _states(run) else None
         run.write_config(config)
@@ -211,9 +211,7 @@ class IterateRecipe:
         """Held-out metrics of pi_done: model.path before the first round, else round `done`'s policy."""
         path = self.config.model.path if done == 0 else str(round_dir(self.config, done) / "policy")
         model, tokenizer = load_model(self.config, path, self.run.device)
-        return recipe_held_out_metrics(
-            self.run, model.eval(), tokenizer, self.test_rows, self.config.data, self.config.train.seed
-        )
+        return self.held_out.metrics(model.eval(), tokenizer)
 
     def before_record(self) -> dict:
         return {"round": 0}
@@ -222,7 +220,7 @@ class IterateRecipe:
         self.run.print(f"round 0 held-out: {self.describe(before)}")
 
     def describe(self, result: dict) -> str:
-        return describe_held_out(result, EVAL_TEMPERATURE, self.config.data.eval_samples)
+        return self.held_out.describe(result)
 
     def rollout(self, iteration: int) -> int:
         """Phase 1 of round t = iteration + 1 (unless a restored checkpoint has it); returns t."""

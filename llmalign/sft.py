@@ -40,13 +40,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmalign.data import DataError, iteration_rows, load_train_test, micro_batches, render_prompt
-from llmalign.dpo import learning_rate
-from llmalign.evaluate import EVAL_TEMPERATURE, describe_held_out, recipe_held_out_metrics
-from llmalign.policy import enable_gradient_checkpointing, load_policy, restore_policy, save_policy_checkpoint
+from llmalign.data import DataError, load_train_test, micro_batches, render_prompt
+from llmalign.evaluate import HeldOut
+from llmalign.policy import (
+    enable_gradient_checkpointing,
+    load_policy,
+    outputs_line,
+    restore_policy,
+    save_policy_checkpoint,
+    step_batch,
+    step_record,
+)
 from llmalign.sft_config import SFTConfig, SFTDataConfig
 from llmalign.toy import resolve_embedded
-from shared.loop import Plan, open_run, run_loop
+from shared.loop import Plan, run_recipe
 from shared.run import Run
 
 IGNORE = -100  # the label of a token left out of the loss (prompt, padding), as transformers' losses use it
@@ -314,7 +321,7 @@ class SFTRecipe:
         data_files = (d.train, d.test) if d.path is None else ()
         run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, *data_files) if p])
         rows, test_rows = load_sft_rows(config)
-        self.test_rows = test_rows[: d.eval_size]
+        self.held_out = HeldOut(run, test_rows[: d.eval_size], d, t.seed)
         model, self.tokenizer = load_policy(config.model, run.device)
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -347,35 +354,25 @@ class SFTRecipe:
         )
 
     def evaluate(self, done: int) -> dict:
-        config = self.config
-        return recipe_held_out_metrics(
-            self.run, self.model, self.tokenizer, self.test_rows, config.data, config.train.seed
-        )
+        return self.held_out.metrics(self.model, self.tokenizer)
 
     def before_record(self) -> dict:
         return {"sequences_truncated": self.encoded.truncated}
 
     def report_before(self, before: dict) -> None:
-        self.run.print(f"held-out accuracy before ({len(self.test_rows)} problems): {self.describe(before)}")
+        self.held_out.report_before(before)
 
     def describe(self, result: dict) -> str:
-        return describe_held_out(result, EVAL_TEMPERATURE, self.config.data.eval_samples)
+        return self.held_out.describe(result)
 
     def update(self, step: int) -> dict:
         self.clock = time.perf_counter()
-        config = self.config
-        indices = iteration_rows(self.all_rows, step, config.train.batch_size, config.train.seed)  # the global batch
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)  # warm-up then constant: a function of the step alone
+        indices = step_batch(self.config, self.optimizer, self.all_rows, step)  # the global batch
         pad_id = self.tokenizer.pad_token_id
-        return train_step(self.run, config, self.model, self.optimizer, self.encoded, indices, pad_id)
+        return train_step(self.run, self.config, self.model, self.optimizer, self.encoded, indices, pad_id)
 
     def record(self, step: int, metrics: dict) -> dict:
-        return {
-            **{f"train/{k}": v for k, v in metrics.items()},
-            "train/lr": learning_rate(self.config, step),
-            "time/step": time.perf_counter() - self.clock,
-        }
+        return step_record(self.config, step, metrics, self.clock)
 
     def postfix(self, record: dict) -> dict:
         return {"loss": f"{record['train/loss']:.4f}"}
@@ -384,10 +381,8 @@ class SFTRecipe:
         save_policy_checkpoint(self.run, self.config, self.model, self.tokenizer, self.optimizer, done)
 
     def closing(self) -> str:
-        out = self.run.out
-        return f"metrics {out / 'metrics.jsonl'}, curves {out / 'sft_curves.png'}, model {out / 'final'}"
+        return outputs_line(self.run.out, "sft_curves.png")
 
 
 def train(config: SFTConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
-    run = open_run(config, resume, allow_config_change, tag="[llmalign]")
-    return run_loop(SFTRecipe(config), run, config.log.eval_every, config.log.checkpoint_every)
+    return run_recipe(SFTRecipe(config), config, resume, allow_config_change, tag="[llmalign]")

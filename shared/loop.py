@@ -78,6 +78,12 @@ def open_run(config: Any, resume: bool, allow_config_change: bool, tag: str) -> 
     )
 
 
+def run_recipe(recipe: Any, config: Any, resume: bool, allow_config_change: bool, tag: str) -> dict:
+    """`run_loop` of `recipe` in the run of `config` (`open_run`), at its log.eval_every and log.checkpoint_every."""
+    run = open_run(config, resume, allow_config_change, tag)
+    return run_loop(recipe, run, config.log.eval_every, config.log.checkpoint_every)
+
+
 def eval_metrics(record: dict) -> dict:
     return {key: value for key, value in record.items() if key.startswith("eval/")}
 
