@@ -14,8 +14,8 @@ from typing import Any, Literal, Optional
 from shared.config import (
     SAMPLES_PER_ITERATION_LIMIT,
     SEED_LIMIT,
-    ConfigError,
     import_path_problem,
+    need,
     option,
     output_dir_problem,
 )
@@ -230,10 +230,6 @@ class FlowGRPOConfig:
     def validate(self) -> None:
         """Cross-field checks, before any model loads."""
         s, a, t = self.sampling, self.algorithm, self.train
-
-        def need(condition: bool, field: str, message: str) -> None:
-            if not condition:
-                raise ConfigError(f"config field '{field}': {message}")
 
         need(s.num_steps >= 2, "sampling.num_steps", f"{s.num_steps} is too few; use at least 2")
         need(s.eval_num_steps >= 1, "sampling.eval_num_steps", f"{s.eval_num_steps}; use at least 1")
@@ -472,10 +468,6 @@ class FlowPreferenceConfig:
         """Cross-field checks, before any model loads (sampling.noise_level and sde_kind are unused: on-policy
         samples are ODE samples)."""
         s, a, t = self.sampling, self.algorithm, self.train
-
-        def need(condition: bool, field: str, message: str) -> None:
-            if not condition:
-                raise ConfigError(f"config field '{field}': {message}")
 
         need(a.beta > 0, "algorithm.beta", f"{a.beta} must be > 0, e.g. 500")
         need(a.label_temperature > 0, "algorithm.label_temperature", f"{a.label_temperature} must be > 0, e.g. 0.2")

@@ -16,18 +16,13 @@ from shared.config import (
     SEED_LIMIT,
     ConfigError,
     import_path_problem,
+    need,
     option,
     output_dir_problem,
 )
 from shared.trackers import TrackerName, report_to_problem
 
 EMBEDDED_MODEL = "embedded:arith"  # the project's own tiny Qwen2 arithmetic model, built and cached on first use
-
-
-def need(condition: bool, field: str, message: str) -> None:
-    """Raise the one-line ConfigError for `field` unless `condition` holds."""
-    if not condition:
-        raise ConfigError(f"config field '{field}': {message}")
 
 
 def gradient_checkpointing_option():

@@ -48,26 +48,28 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
-from llmalign.data import DataError, iteration_rows, load_train_test, micro_batches, render_prompt, tokenize_prompts
+from llmalign.data import DataError, load_train_test, micro_batches, render_prompt, tokenize_prompts
 from llmalign.dpo_config import DPOAlgorithmConfig, DPOConfig, DPODataConfig
-from llmalign.evaluate import describe_held_out, held_out_metrics, pad_left
+from llmalign.evaluate import HeldOut, pad_left
 from llmalign.logprobs import completion_logprobs
 from llmalign.policy import (
     disable_dropout,
     enable_gradient_checkpointing,
     load_policy,
+    outputs_line,
     reference_policy,
     restore_policy,
     save_policy_checkpoint,
+    step_batch,
+    step_record,
 )
 from llmalign.toy import resolve_embedded
 from shared.config import ConfigError
 from shared.preference import PREFERENCE_LOSSES, chosen_nll_loss
+from shared.loop import Plan, run_recipe
 from shared.run import Run
-from shared.runlog import plot_curves
 from shared.token_weights import tgdpo_token_weights, weighted_dpo_sigmoid_loss
 
-EVAL_TEMPERATURE = 1.0  # DPO has no sampling settings: held-out sampled accuracy is at T = 1
 CACHE_VERSION = 1  # bump when the cached values' meaning changes, so old caches are rebuilt
 
 # ----------------------------------------------------------------------------- data
@@ -554,147 +556,78 @@ def check_margin_count(a: DPOAlgorithmConfig, margins: Tensor) -> None:
         )
 
 
-def learning_rate(config: DPOConfig, step: int) -> float:
-    """Linear warm-up to train.learning_rate over train.warmup_steps, then constant (a function of the step
-    alone, so --resume needs no scheduler state)."""
-    t = config.train
-    return t.learning_rate * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.learning_rate
-
-
 # ----------------------------------------------------------------------------- train
 
 
-def train(config: DPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
-    t, a, d = config.train, config.algorithm, config.data
-    run = Run(
-        config.log.output_dir,
-        resume,
-        tag="[llmalign]",
-        mixed_precision=t.mixed_precision,
-        config=config,
-        allow_config_change=allow_config_change,
-        trackers=config.log.report_to,
-    )
-    run.require_divisible(t.batch_size, "train.batch_size", "pairs")
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-
-    # setup: data, model, reference (and guidance) log-probs, optimizer; the main process builds the embedded toy
-    # first if a path names it
-    data_files = (d.train, d.test) if d.path is None else ()  # beside data.path they are not read
-    run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, *data_files) if p])
-    data_path = resolve_embedded(d.train) if d.path is None else d.path  # named in the reference cache's fingerprint
+def load_pairs(config: DPOConfig) -> tuple[list[dict], list[dict], str]:
+    """(training rows, held-out rows, the data path named in the reference cache's fingerprint); modpo's margins
+    parsed and matched against the weights before the model loads."""
+    a, d = config.algorithm, config.data
+    data_path = resolve_embedded(d.train) if d.path is None else d.path
     # modpo: "margin" is read from data.margin_column (renamed on loading, like the other columns)
     columns = ("prompt", "chosen", "rejected") + (("margin",) if d.margin_column is not None else ())
     rows, test_rows = load_train_test(d, columns, resolve_embedded)  # or from data.path
-    if a.loss == "modpo":  # before the model loads: the margins parse and match the weights
+    if a.loss == "modpo":
         check_margin_count(a, pair_margins(rows, d.margin_column))
-    test_rows = test_rows[: d.eval_size]
-    model, tokenizer = load_policy(config.model, run.device)
-    disable_dropout(model)  # dropout off for the whole run (see the module docstring)
-    if t.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    pad_id = tokenizer.pad_token_id
-    encoded = encode_pairs(tokenizer, rows, d)
-    # on the plain model, before any checkpoint is loaded: the reference is the initial model
-    reference, reference_note = (
-        REFERENCE_SOURCES[a.reference](run, config, model, encoded, data_path, pad_id)
-        if a.uses_reference
-        else (None, "none (reference-free loss)")
-    )
-    guidance = guidance_logprobs(run, config, model, encoded, data_path, pad_id)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    model, optimizer = run.prepare(model, optimizer)
-    start = restore_policy(run, model, optimizer)
-    run.write_config(config)
-    steps = t.steps if t.steps is not None else math.ceil(t.epochs * len(rows) / t.batch_size)
-    tgdpo = f", TGDPO alpha {a.tgdpo_alpha} guided by {a.guidance_model}" if guidance is not None else ""
-    modpo = f", weights {a.modpo_weights} on margins from column {d.margin_column!r}" if a.loss == "modpo" else ""
-    run.print(
-        f"dpo[{a.loss}] beta {a.effective_beta}{tgdpo}{modpo}: {len(rows)} pairs, {t.batch_size} per step over "
-        f"{run.world} process(es) ({t.batch_size // run.world} each, in micro-batches of {t.micro_batch_size}) "
-        f"-> {steps} steps = {steps * t.batch_size / len(rows):.2f} epochs, {sum(p.numel() for p in params):,} "
-        f"trainable parameters, {encoded.truncated_prompts} prompts and {encoded.truncated_completions} "
-        f"completions truncated; reference {reference_note}; device {run.device}, mixed precision "
-        f"{t.mixed_precision}; output {run.out}"
-    )
+    return rows, test_rows, data_path
 
-    def evaluate() -> dict:
-        with run.unwrapped_for_generation(model) as policy:
-            return held_out_metrics(
-                policy,
-                tokenizer,
-                test_rows,
-                d.eval_max_new_tokens,
-                EVAL_TEMPERATURE,
-                d.eval_samples,
-                seed=t.seed + 12345,
-                run=run,
-            )
 
-    before = {}
-    if start == 0:
-        before = evaluate()
-        run.append(
-            {
-                "iteration": 0,
-                **before,
-                "prompts_truncated": encoded.truncated_prompts,
-                "completions_truncated": encoded.truncated_completions,
-            }
+class DPORecipe:
+    """DPO-family training in the loop's stages (shared.loop): `update` alone, its pairs drawn from the step."""
+
+    def __init__(self, config: DPOConfig):
+        self.config = config
+
+    def setup(self, run: Run) -> Plan:
+        config, t, a, d = self.config, self.config.train, self.config.algorithm, self.config.data
+        self.run = run
+        run.require_divisible(t.batch_size, "train.batch_size", "pairs")
+        torch.manual_seed(t.seed)
+        random.seed(t.seed)
+        # data, model, reference (and guidance) log-probs, optimizer; the main process builds the embedded toy
+        # first if a path names it
+        data_files = (d.train, d.test) if d.path is None else ()  # beside data.path they are not read
+        run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, *data_files) if p])
+        rows, test_rows, data_path = load_pairs(config)
+        self.held_out = HeldOut(run, test_rows[: d.eval_size], d, t.seed)
+        model, self.tokenizer = load_policy(config.model, run.device)
+        disable_dropout(model)  # dropout off for the whole run (see the module docstring)
+        if t.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.pad_id = pad_id = self.tokenizer.pad_token_id
+        self.encoded = encoded = encode_pairs(self.tokenizer, rows, d)
+        # on the plain model, before any checkpoint is loaded: the reference is the initial model
+        self.reference, reference_note = (
+            REFERENCE_SOURCES[a.reference](run, config, model, encoded, data_path, pad_id)
+            if a.uses_reference
+            else (None, "none (reference-free loss)")
         )
-        if before:
-            run.print(
-                f"held-out accuracy before ({len(test_rows)} problems): "
-                f"{describe_held_out(before, EVAL_TEMPERATURE, d.eval_samples)}"
-            )
-
-    progress = tqdm(range(start, steps), desc=f"dpo[{a.loss}]", initial=start, total=steps, disable=not run.is_main)
-    record = {}
-    all_rows = list(range(len(rows)))
-    model.train()  # dropout is off; transformers checkpoints activations in train mode only
-    for step in progress:
-        clock = time.perf_counter()
-        indices = iteration_rows(all_rows, step, t.batch_size, t.seed)  # the global batch
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        try:
-            metrics = train_step(run, config, model, optimizer, encoded, indices, pad_id, reference, guidance)
-        except FloatingPointError as error:
-            raise run.nan_stop(f"step {step + 1}", error) from None
-
-        # log
-        done = step + 1
-        record = {
-            "iteration": done,
-            **{f"train/{k}": v for k, v in metrics.items()},
-            "train/lr": learning_rate(config, step),
-            "time/step": time.perf_counter() - clock,
-        }
-        last = run.is_last(done, steps, t.max_seconds)
-        if run.due(done, config.log.eval_every, last):
-            record.update(evaluate())
-        run.append(record)
-        progress.set_postfix(
-            loss=f"{metrics['loss']:.4f}",
-            margin=f"{metrics['rewards/margin']:.3f}",
-            acc=f"{metrics['rewards/accuracy']:.2f}",
+        self.guidance = guidance_logprobs(run, config, model, encoded, data_path, pad_id)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+        self.model, self.optimizer = run.prepare(model, optimizer)
+        start = restore_policy(run, self.model, self.optimizer)
+        run.write_config(config)
+        steps = t.steps if t.steps is not None else math.ceil(t.epochs * len(rows) / t.batch_size)
+        tgdpo = f", TGDPO alpha {a.tgdpo_alpha} guided by {a.guidance_model}" if self.guidance is not None else ""
+        modpo = f", weights {a.modpo_weights} on margins from column {d.margin_column!r}" if a.loss == "modpo" else ""
+        run.print(
+            f"dpo[{a.loss}] beta {a.effective_beta}{tgdpo}{modpo}: {len(rows)} pairs, {t.batch_size} per step over "
+            f"{run.world} process(es) ({t.batch_size // run.world} each, in micro-batches of {t.micro_batch_size}) "
+            f"-> {steps} steps = {steps * t.batch_size / len(rows):.2f} epochs, {sum(p.numel() for p in params):,} "
+            f"trainable parameters, {encoded.truncated_prompts} prompts and {encoded.truncated_completions} "
+            f"completions truncated; reference {reference_note}; device {run.device}, mixed precision "
+            f"{t.mixed_precision}; output {run.out}"
         )
-
-        # checkpoint
-        if run.due(done, config.log.checkpoint_every, last):
-            save_policy_checkpoint(run, config, model, tokenizer, optimizer, done)
-        if last:
-            break
-
-    after = {k: v for k, v in record.items() if k.startswith("eval/")}
-    out = run.out
-    run.main_only(
-        lambda: plot_curves(
-            out / "metrics.jsonl",
-            out / "dpo_curves.png",
-            [
+        self.all_rows = list(range(len(rows)))
+        self.model.train()  # dropout is off; transformers checkpoints activations in train mode only
+        return Plan(
+            start,
+            steps,
+            f"dpo[{a.loss}]",
+            t.max_seconds,
+            unit="step",
+            curves=(
                 "train/loss",
                 "train/rewards/margin",
                 "train/rewards/accuracy",
@@ -702,13 +635,57 @@ def train(config: DPOConfig, resume: bool = False, allow_config_change: bool = F
                 "train/logps/rejected",
                 "eval/accuracy",
                 "eval/sampled_accuracy",
-            ],
-            f"DPO ({a.loss}) on {config.model.path}",
+            ),
+            curve_file="dpo_curves.png",
+            title=f"DPO ({a.loss}) on {config.model.path}",
         )
-    )
-    if before and after:
-        for label, result in (("before", before), ("after ", after)):
-            run.print(f"held-out accuracy {label}: {describe_held_out(result, EVAL_TEMPERATURE, d.eval_samples)}")
-    run.print(f"metrics {out / 'metrics.jsonl'}, curves {out / 'dpo_curves.png'}, model {out / 'final'}")
-    run.close()
-    return {"before": before, "after": after}
+
+    def evaluate(self, done: int) -> dict:
+        return self.held_out.metrics(self.model, self.tokenizer)
+
+    def before_record(self) -> dict:
+        return {
+            "prompts_truncated": self.encoded.truncated_prompts,
+            "completions_truncated": self.encoded.truncated_completions,
+        }
+
+    def report_before(self, before: dict) -> None:
+        self.held_out.report_before(before)
+
+    def describe(self, result: dict) -> str:
+        return self.held_out.describe(result)
+
+    def update(self, step: int) -> dict:
+        self.clock = time.perf_counter()
+        indices = step_batch(self.config, self.optimizer, self.all_rows, step)  # the global batch
+        return train_step(
+            self.run,
+            self.config,
+            self.model,
+            self.optimizer,
+            self.encoded,
+            indices,
+            self.pad_id,
+            self.reference,
+            self.guidance,
+        )
+
+    def record(self, step: int, metrics: dict) -> dict:
+        return step_record(self.config, step, metrics, self.clock)
+
+    def postfix(self, record: dict) -> dict:
+        return {
+            "loss": f"{record['train/loss']:.4f}",
+            "margin": f"{record['train/rewards/margin']:.3f}",
+            "acc": f"{record['train/rewards/accuracy']:.2f}",
+        }
+
+    def save(self, done: int) -> None:
+        save_policy_checkpoint(self.run, self.config, self.model, self.tokenizer, self.optimizer, done)
+
+    def closing(self) -> str:
+        return outputs_line(self.run.out, "dpo_curves.png")
+
+
+def train(config: DPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
+    return run_recipe(DPORecipe(config), config, resume, allow_config_change, tag="[llmalign]")

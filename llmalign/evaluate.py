@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -205,6 +205,43 @@ def held_out_metrics(
         "eval/sampled_accuracy": sampled["accuracy"],
         **{f"eval/{name}": value for name, value in greedy.get("rewards", {}).items()},
     }
+
+
+EVAL_TEMPERATURE = 1.0  # SFT, DPO and iterate have no sampling settings: their held-out sampled accuracy is at T = 1
+EVAL_SEED_OFFSET = 12345  # their sampled evaluation draws from train.seed + this, apart from the training draws
+
+
+@dataclass
+class HeldOut:
+    """The held-out evaluation of SFT, DPO and iterate (no sampling settings of their own): `held_out_metrics` on
+    `rows`, at most data.eval_max_new_tokens new tokens, greedy and sampled at EVAL_TEMPERATURE over
+    data.eval_samples draws seeded at seed + EVAL_SEED_OFFSET (seed: train.seed)."""
+
+    run: Run
+    rows: list[dict]
+    data: Any  # the recipe's data section: eval_max_new_tokens, eval_samples
+    seed: int
+
+    def metrics(self, model, tokenizer) -> dict:
+        """eval/... of `model` ({} without rows), on its plain module (`run.unwrapped_for_generation`; `generate`
+        switches it to eval mode and back)."""
+        with self.run.unwrapped_for_generation(model) as policy:
+            return held_out_metrics(
+                policy,
+                tokenizer,
+                self.rows,
+                self.data.eval_max_new_tokens,
+                EVAL_TEMPERATURE,
+                self.data.eval_samples,
+                seed=self.seed + EVAL_SEED_OFFSET,
+                run=self.run,
+            )
+
+    def describe(self, result: dict) -> str:
+        return describe_held_out(result, EVAL_TEMPERATURE, self.data.eval_samples)
+
+    def report_before(self, before: dict) -> None:
+        self.run.print(f"held-out accuracy before ({len(self.rows)} problems): {self.describe(before)}")
 
 
 def describe_held_out(result: dict, temperature: float, samples: int, problems: int | None = None) -> str:

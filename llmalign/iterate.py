@@ -37,6 +37,9 @@ inside a phase redoes that phase: the sampling is seeded per batch, the pairs fi
 written atomically, and a DPO round resumes from its own checkpoints (`llmalign dpo --resume`, bit-identical).
 Every round's models are read back from disk in both cases, so a resumed round sees the same bytes.
 
+The rounds run through the loop (shared.loop, `IterateRecipe`): one iteration a round, pairs as its rollout,
+DPO and extrapolation as its update.
+
 One process: every phase runs in this process (a multi-process launch is refused).
 """
 
@@ -53,16 +56,16 @@ from torch import Tensor
 from llmalign import dpo
 from llmalign.data import iteration_rows, load_train_test, write_rows
 from llmalign.dpo_config import DPOConfig, DPODataConfig, DPOLogConfig
-from llmalign.evaluate import describe_held_out, held_out_metrics
+from llmalign.evaluate import HeldOut
 from llmalign.iterate_config import IterateConfig
 from llmalign.pairs import level_table, make_pairs, sample_completions
 from llmalign.policy import load_policy
 from llmalign.toy import resolve_embedded
 from shared.checkpoint import latest_checkpoint, point_symlink, replaced_atomically
 from shared.config import ConfigError, to_dict
+from shared.loop import Plan, eval_metrics, open_run, run_loop
 from shared.run import Run
 
-EVAL_TEMPERATURE = dpo.EVAL_TEMPERATURE  # held-out sampled accuracy at T = 1, as DPO evaluates
 PHASES = ("pairs", "dpo", "extrapolate")
 
 
@@ -178,62 +181,53 @@ def extrapolate_round(config: IterateConfig, t: int, trained: Path, previous: di
     return current
 
 
-def train(config: IterateConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
-    """Run (or resume) the rounds; returns {"rounds": [held-out metrics of pi_0, pi_1, ..., pi_R]}."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(
-            "llmalign iterate runs in one process; launch it without accelerate launch --num_processes > 1"
+class IterateRecipe:
+    """The rounds in the loop's stages (shared.loop), one iteration a round: `rollout` makes the round's pairs,
+    `update` trains its DPO (a nested run_loop of llmalign.dpo) and extrapolates. Every phase is checkpointed
+    (step 3 (t - 1) + phase), so a run restored after a phase restarts inside its round (`Plan.resumed_inside`),
+    and records log at the phase's step (`iteration` of `record`)."""
+
+    def __init__(self, config: IterateConfig, resume: bool, allow_config_change: bool):
+        self.config, self.resume, self.allow_config_change = config, resume, allow_config_change
+
+    def setup(self, run: Run) -> Plan:
+        config, d = self.config, self.config.data
+        self.run = run
+        run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, d.train, d.test) if p])
+        self.rows, test_rows = load_train_test(d, ("prompt", "answer"), resolve_embedded)
+        self.held_out = HeldOut(run, test_rows[: d.eval_size], d, config.train.seed)
+        self.done = run.restore()  # phases finished: 3 (t - 1) + phase index + 1
+        self.previous = run.load("momentum") if run.checkpoint is not None and "momentum" in _states(run) else None
+        run.write_config(config)
+        a = config.algorithm
+        run.print(
+            f"iterate: {config.train.rounds} rounds of {d.prompts_per_round} prompts x {config.pairs.group_size} "
+            f"completions -> pairs -> dpo[{a.loss}] beta {a.effective_beta}, momentum {a.momentum}; output {run.out}"
         )
-    t_cfg, d = config.train, config.data
-    run = Run(
-        config.log.output_dir,
-        resume,
-        tag="[llmalign]",
-        mixed_precision=t_cfg.mixed_precision,
-        config=config,
-        allow_config_change=allow_config_change,
-        trackers=config.log.report_to,
-    )
-    run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, d.train, d.test) if p])
-    rows, test_rows = load_train_test(d, ("prompt", "answer"), resolve_embedded)
-    test_rows = test_rows[: d.eval_size]
-    done = run.restore()  # phases finished: 3 (t - 1) + phase index + 1
-    previous = run.load("momentum") if run.checkpoint is not None and "momentum" in _states(run) else None
-    run.write_config(config)
-    a = config.algorithm
-    run.print(
-        f"iterate: {t_cfg.rounds} rounds of {d.prompts_per_round} prompts x {config.pairs.group_size} completions "
-        f"-> pairs -> dpo[{a.loss}] beta {a.effective_beta}, momentum {a.momentum}; output {run.out}"
-    )
+        start, phase = divmod(self.done, len(PHASES))
+        return Plan(start, config.train.rounds, "iterate", unit="round", resumed_inside=phase > 0, wrap_nan_stop=False)
 
-    def evaluate(path: str) -> dict:
-        model, tokenizer = load_model(config, path, run.device)
-        return held_out_metrics(
-            model.eval(),
-            tokenizer,
-            test_rows,
-            d.eval_max_new_tokens,
-            EVAL_TEMPERATURE,
-            d.eval_samples,
-            seed=t_cfg.seed + 12345,
-            run=run,
-        )
+    def evaluate(self, done: int) -> dict:
+        """Held-out metrics of pi_done: model.path before the first round, else round `done`'s policy."""
+        path = self.config.model.path if done == 0 else str(round_dir(self.config, done) / "policy")
+        model, tokenizer = load_model(self.config, path, self.run.device)
+        return self.held_out.metrics(model.eval(), tokenizer)
 
-    def checkpoint(step: int, t: int, phase: str, states: dict | None = None) -> None:
-        trainer = {"iteration": step, "round": t, "phase": phase, "config": to_dict(config)}
-        run.save_checkpoint(step, {"trainer": trainer, **(states or {})}, keep_last=config.log.keep_last)
+    def before_record(self) -> dict:
+        return {"round": 0}
 
-    if done == 0:
-        before = evaluate(config.model.path)
-        run.append({"iteration": 0, "round": 0, **before})
-        if before:
-            run.print(f"round 0 held-out: {describe_held_out(before, EVAL_TEMPERATURE, d.eval_samples)}")
+    def report_before(self, before: dict) -> None:
+        self.run.print(f"round 0 held-out: {self.describe(before)}")
 
-    for t in range(1, t_cfg.rounds + 1):
-        base = len(PHASES) * (t - 1)
-        if done <= base:
-            summary = make_round_pairs(run, config, t, rows)
-            run.append(
+    def describe(self, result: dict) -> str:
+        return self.held_out.describe(result)
+
+    def rollout(self, iteration: int) -> int:
+        """Phase 1 of round t = iteration + 1 (unless a restored checkpoint has it); returns t."""
+        t, base = iteration + 1, len(PHASES) * iteration
+        if self.done <= base:
+            summary = make_round_pairs(self.run, self.config, t, self.rows)
+            self.run.append(
                 {
                     "iteration": base + 1,
                     "round": t,
@@ -242,23 +236,53 @@ def train(config: IterateConfig, resume: bool = False, allow_config_change: bool
                     **{f"pairs/level_{level}": count for level, count in summary["levels"].items()},
                 }
             )
-            checkpoint(base + 1, t, "pairs", {"momentum": previous} if previous is not None else None)
-        if done <= base + 1:
-            train_round(config, t, resume, allow_config_change)
-            checkpoint(base + 2, t, "dpo", {"momentum": previous} if previous is not None else None)
-        if done <= base + 2:
-            previous = extrapolate_round(config, t, trained_model(config, t), previous)
-            metrics = evaluate(str(round_dir(config, t) / "policy"))
-            run.append({"iteration": base + 3, "round": t, **metrics})
-            if metrics:
-                run.print(f"round {t} held-out: {describe_held_out(metrics, EVAL_TEMPERATURE, d.eval_samples)}")
-            checkpoint(base + 3, t, "extrapolate", {"momentum": previous})
-    final = round_dir(config, t_cfg.rounds) / "policy"
-    run.main_only(lambda: point_symlink(run.out / "final", final))
-    run.print(f"metrics {run.out / 'metrics.jsonl'}, final policy {run.out / 'final'}")
-    run.close()
-    records = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"rounds": [r for r in records if "eval/accuracy" in r]}
+            self.checkpoint(base + 1, t, "pairs")
+        return t
+
+    def update(self, t: int) -> dict:
+        """Phases 2 (unless a restored checkpoint has it) and 3 of round t."""
+        base = len(PHASES) * (t - 1)
+        if self.done <= base + 1:
+            train_round(self.config, t, self.resume, self.allow_config_change)
+            self.checkpoint(base + 2, t, "dpo")
+        self.previous = extrapolate_round(self.config, t, trained_model(self.config, t), self.previous)
+        return {}
+
+    def record(self, t: int, metrics: dict) -> dict:
+        return {"iteration": len(PHASES) * t, "round": t}  # logged at the extrapolation's step
+
+    def logged(self, done: int, t: int, record: dict) -> None:
+        metrics = eval_metrics(record)
+        if metrics:
+            self.run.print(f"round {t} held-out: {self.describe(metrics)}")
+
+    def save(self, done: int) -> None:
+        self.checkpoint(len(PHASES) * done, done, "extrapolate")
+
+    def checkpoint(self, step: int, t: int, phase: str) -> None:
+        trainer = {"iteration": step, "round": t, "phase": phase, "config": to_dict(self.config)}
+        states = {"momentum": self.previous} if self.previous is not None else {}
+        self.run.save_checkpoint(step, {"trainer": trainer, **states}, keep_last=self.config.log.keep_last)
+
+    def finish(self, before: dict, after: dict) -> dict:
+        """Returns {"rounds": [held-out metrics of pi_0, pi_1, ..., pi_R]}."""
+        run = self.run
+        final = round_dir(self.config, self.config.train.rounds) / "policy"
+        run.main_only(lambda: point_symlink(run.out / "final", final))
+        run.print(f"metrics {run.out / 'metrics.jsonl'}, final policy {run.out / 'final'}")
+        records = [json.loads(line) for line in (run.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        return {"rounds": [r for r in records if "eval/accuracy" in r]}
+
+
+def train(config: IterateConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
+    """Run (or resume) the rounds; returns {"rounds": [held-out metrics of pi_0, pi_1, ..., pi_R]}."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "llmalign iterate runs in one process; launch it without accelerate launch --num_processes > 1"
+        )
+    run = open_run(config, resume, allow_config_change, tag="[llmalign]")
+    # every round evaluates and checkpoints (the DPO rounds inside follow log.checkpoint_every)
+    return run_loop(IterateRecipe(config, resume, allow_config_change), run, eval_every=1, checkpoint_every=1)
 
 
 def _states(run: Run) -> set[str]:

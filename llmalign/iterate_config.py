@@ -12,9 +12,9 @@ import dataclasses
 import typing
 from typing import Literal, Optional
 
-from llmalign.config import EMBEDDED_MODEL, LMDataSourceConfig, LMLogConfig, LMModelConfig, need
+from llmalign.config import EMBEDDED_MODEL, LMDataSourceConfig, LMLogConfig, LMModelConfig
 from llmalign.dpo_config import DPOAlgorithmConfig, DPOTrainConfig
-from shared.config import option
+from shared.config import need, option
 
 
 @dataclasses.dataclass

@@ -7,6 +7,8 @@ checkpoint that holds the training state plus the model in from_pretrained form.
     reference = reference_policy(model, config.model.lora)       # before run.prepare wraps the model
     ...
     start = restore_policy(run, model, optimizer)                 # 0, or the step of the starting checkpoint
+    indices = step_batch(config, optimizer, rows, step)           # each step: its rows, the learning rate set
+    ...
     save_policy_checkpoint(run, config, model, tokenizer, optimizer, step)
 
 Through a DDP/FSDP wrapper, peft methods (disable_adapter, save_pretrained) are called on `run.unwrap(model)`.
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
 from llmalign.config import LMModelConfig
+from llmalign.data import iteration_rows
 from llmalign.toy import resolve_embedded
 from shared.config import ConfigError, local_path_problem, to_dict
 from shared.run import Run
@@ -149,3 +153,33 @@ def save_policy_checkpoint(
     }
     # RUN/final: the newest model, for `llmalign eval --model RUN/final`; re-pointed atomically with `latest`
     run.save_checkpoint(step, states, keep_last=config.log.keep_last, extra_writer=write_model, link=("final", "model"))
+
+
+def learning_rate(config, step: int) -> float:
+    """Linear warm-up to train.learning_rate over train.warmup_steps, then constant (a function of the step
+    alone, so --resume needs no scheduler state)."""
+    t = config.train
+    return t.learning_rate * min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else t.learning_rate
+
+
+def step_batch(config, optimizer, rows: list[int], step: int) -> list[int]:
+    """The global batch of `step` for SFT and DPO (train.batch_size of `rows`, epochs of a seeded permutation:
+    `iteration_rows`), with the optimizer's learning rate set for the step (`learning_rate`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    return iteration_rows(rows, step, config.train.batch_size, config.train.seed)
+
+
+def step_record(config, step: int, metrics: dict, started: float) -> dict:
+    """The metrics.jsonl fields of an SFT or DPO step: train/<metric>, train/lr and its time since `started`
+    (time.perf_counter())."""
+    return {
+        **{f"train/{k}": v for k, v in metrics.items()},
+        "train/lr": learning_rate(config, step),
+        "time/step": time.perf_counter() - started,
+    }
+
+
+def outputs_line(out: Path, curve_file: str) -> str:
+    """The closing line of SFT and DPO: where the metrics, the curves and the newest model are."""
+    return f"metrics {out / 'metrics.jsonl'}, curves {out / curve_file}, model {out / 'final'}"

@@ -40,16 +40,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from llmalign.data import DataError, iteration_rows, load_train_test, micro_batches, render_prompt
-from llmalign.dpo import learning_rate
-from llmalign.evaluate import describe_held_out, held_out_metrics
-from llmalign.policy import enable_gradient_checkpointing, load_policy, restore_policy, save_policy_checkpoint
+from llmalign.data import DataError, load_train_test, micro_batches, render_prompt
+from llmalign.evaluate import HeldOut
+from llmalign.policy import (
+    enable_gradient_checkpointing,
+    load_policy,
+    outputs_line,
+    restore_policy,
+    save_policy_checkpoint,
+    step_batch,
+    step_record,
+)
 from llmalign.sft_config import SFTConfig, SFTDataConfig
 from llmalign.toy import resolve_embedded
-from shared.loop import Plan, open_run, run_loop
+from shared.loop import Plan, run_recipe
 from shared.run import Run
 
-EVAL_TEMPERATURE = 1.0  # SFT has no sampling settings: held-out sampled accuracy is at T = 1
 IGNORE = -100  # the label of a token left out of the loss (prompt, padding), as transformers' losses use it
 
 # ----------------------------------------------------------------------------- data
@@ -315,7 +321,7 @@ class SFTRecipe:
         data_files = (d.train, d.test) if d.path is None else ()
         run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, *data_files) if p])
         rows, test_rows = load_sft_rows(config)
-        self.test_rows = test_rows[: d.eval_size]
+        self.held_out = HeldOut(run, test_rows[: d.eval_size], d, t.seed)
         model, self.tokenizer = load_policy(config.model, run.device)
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -335,7 +341,7 @@ class SFTRecipe:
             f"{t.mixed_precision}; output {run.out}"
         )
         self.all_rows = list(range(len(rows)))
-        self.model.train()  # evaluate() switches to eval mode and back
+        self.model.train()  # generate() switches to eval mode and back
         return Plan(
             start,
             steps,
@@ -348,46 +354,25 @@ class SFTRecipe:
         )
 
     def evaluate(self, done: int) -> dict:
-        d = self.config.data
-        self.model.eval()
-        with self.run.unwrapped_for_generation(self.model) as policy:
-            metrics = held_out_metrics(
-                policy,
-                self.tokenizer,
-                self.test_rows,
-                d.eval_max_new_tokens,
-                EVAL_TEMPERATURE,
-                d.eval_samples,
-                seed=self.config.train.seed + 12345,
-                run=self.run,
-            )
-        self.model.train()
-        return metrics
+        return self.held_out.metrics(self.model, self.tokenizer)
 
     def before_record(self) -> dict:
         return {"sequences_truncated": self.encoded.truncated}
 
     def report_before(self, before: dict) -> None:
-        self.run.print(f"held-out accuracy before ({len(self.test_rows)} problems): {self.describe(before)}")
+        self.held_out.report_before(before)
 
     def describe(self, result: dict) -> str:
-        return describe_held_out(result, EVAL_TEMPERATURE, self.config.data.eval_samples)
+        return self.held_out.describe(result)
 
     def update(self, step: int) -> dict:
         self.clock = time.perf_counter()
-        config = self.config
-        indices = iteration_rows(self.all_rows, step, config.train.batch_size, config.train.seed)  # the global batch
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)  # warm-up then constant: a function of the step alone
+        indices = step_batch(self.config, self.optimizer, self.all_rows, step)  # the global batch
         pad_id = self.tokenizer.pad_token_id
-        return train_step(self.run, config, self.model, self.optimizer, self.encoded, indices, pad_id)
+        return train_step(self.run, self.config, self.model, self.optimizer, self.encoded, indices, pad_id)
 
     def record(self, step: int, metrics: dict) -> dict:
-        return {
-            **{f"train/{k}": v for k, v in metrics.items()},
-            "train/lr": learning_rate(self.config, step),
-            "time/step": time.perf_counter() - self.clock,
-        }
+        return step_record(self.config, step, metrics, self.clock)
 
     def postfix(self, record: dict) -> dict:
         return {"loss": f"{record['train/loss']:.4f}"}
@@ -396,10 +381,8 @@ class SFTRecipe:
         save_policy_checkpoint(self.run, self.config, self.model, self.tokenizer, self.optimizer, done)
 
     def closing(self) -> str:
-        out = self.run.out
-        return f"metrics {out / 'metrics.jsonl'}, curves {out / 'sft_curves.png'}, model {out / 'final'}"
+        return outputs_line(self.run.out, "sft_curves.png")
 
 
 def train(config: SFTConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
-    run = open_run(config, resume, allow_config_change, tag="[llmalign]")
-    return run_loop(SFTRecipe(config), run, config.log.eval_every, config.log.checkpoint_every)
+    return run_recipe(SFTRecipe(config), config, resume, allow_config_change, tag="[llmalign]")

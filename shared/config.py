@@ -36,6 +36,12 @@ class ConfigError(ValueError):
     """A config problem, phrased as one line that names the field and the fix."""
 
 
+def need(condition: bool, field: str, message: str) -> None:
+    """Raise the one-line ConfigError for `field` unless `condition` holds: "config field 'FIELD': MESSAGE"."""
+    if not condition:
+        raise ConfigError(f"config field '{field}': {message}")
+
+
 SEED_LIMIT = 2**32  # seeds are in [0, 2**32): the generators seeded from seed * 10**6 + i stay within torch's 64 bits
 SAMPLES_PER_ITERATION_LIMIT = 2**20  # samples per iteration: published recipes use thousands; 10**12 failed allocating
 RENAMED_FIELDS = {  # old dotted name -> new one, for both front ends; refused with one line naming the new name

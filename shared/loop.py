@@ -26,6 +26,12 @@ A recipe is an object with
   where the outputs are) or instead of those two `finish(before, after)` (the end of the run after the plot;
   returns the run's result).
 
+A recipe whose iteration has checkpointed parts of its own (iterate: a round of three phases, each checkpointed)
+may append records and save checkpoints inside its stages, log its record at its own step (an `iteration` in
+`record`'s dict wins over the loop's), restart inside an iteration (`Plan.resumed_inside`: no evaluation before
+training) and let an update's FloatingPointError through unchanged (`Plan.wrap_nan_stop=False`: a nested run_loop,
+iterate's DPO round, already named its checkpoint).
+
 The order within an iteration is fixed (stages, record, last?, evaluate, append, logged, postfix, checkpoint):
 the random streams, and so the golden runs (tests/test_golden.py), depend on it.
 """
@@ -55,6 +61,8 @@ class Plan:
     curves: tuple[str, ...] = ()  # metrics.jsonl fields plotted at the end
     curve_file: str = "reward_curve.png"  # in the run directory
     title: str = ""  # of the plot
+    resumed_inside: bool = False  # restored from a checkpoint inside iteration `start` (iterate: after a phase)
+    wrap_nan_stop: bool = True  # False: an update's FloatingPointError passes through as it is (already named)
 
 
 def open_run(config: Any, resume: bool, allow_config_change: bool, tag: str) -> Run:
@@ -70,6 +78,12 @@ def open_run(config: Any, resume: bool, allow_config_change: bool, tag: str) -> 
     )
 
 
+def run_recipe(recipe: Any, config: Any, resume: bool, allow_config_change: bool, tag: str) -> dict:
+    """`run_loop` of `recipe` in the run of `config` (`open_run`), at its log.eval_every and log.checkpoint_every."""
+    run = open_run(config, resume, allow_config_change, tag)
+    return run_loop(recipe, run, config.log.eval_every, config.log.checkpoint_every)
+
+
 def eval_metrics(record: dict) -> dict:
     return {key: value for key, value in record.items() if key.startswith("eval/")}
 
@@ -78,7 +92,7 @@ def run_loop(recipe: Any, run: Run, eval_every: int, checkpoint_every: int) -> d
     """Run `recipe` (see the module docstring) from its set-up to its result; closes `run`."""
     plan = recipe.setup(run)
     before = {}
-    if plan.start == 0:
+    if plan.start == 0 and not plan.resumed_inside:
         before = recipe.evaluate(0)
         run.append({"iteration": 0, **before, **_call(recipe, "before_record", dict)})
         if before and hasattr(recipe, "report_before"):
@@ -99,6 +113,8 @@ def run_loop(recipe: Any, run: Run, eval_every: int, checkpoint_every: int) -> d
         try:
             metrics = recipe.update(batch)
         except FloatingPointError as error:
+            if not plan.wrap_nan_stop:
+                raise
             raise run.nan_stop(f"{plan.unit} {iteration + 1}", error) from None
         done = iteration + 1
         record = {"iteration": done, **recipe.record(batch, metrics)}

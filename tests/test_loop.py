@@ -76,3 +76,26 @@ def test_an_early_stop_evaluates_and_saves_as_the_last_iteration(tmp_path):
     got = records(tmp_path / "run")
     assert [r["iteration"] for r in got] == [0, 1, 2, 3] and "eval/done" in got[-1]
     assert recipe.saved == [3]
+
+
+class Phased(Counting):
+    """Iterate's shape: restored inside iteration `start`, its records logged at its own step, its NaN stop already
+    phrased by a nested run."""
+
+    def setup(self, run):
+        self.run = run
+        return Plan(start=1, total=3, label="phased", resumed_inside=True, wrap_nan_stop=False)
+
+    def record(self, batch, metrics):
+        return {"iteration": 10 * (batch[0] + 1)}
+
+
+def test_a_run_restored_inside_an_iteration_skips_the_before_evaluation_and_logs_at_its_own_step(tmp_path):
+    result = run_loop(Phased(), Run(tmp_path / "run", resume=False, tag="[t]"), eval_every=1, checkpoint_every=1)
+    assert [r["iteration"] for r in records(tmp_path / "run")] == [20, 30]
+    assert result["before"] == {}
+
+
+def test_a_nested_runs_nan_stop_passes_through_unchanged(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"^loss is nan$"):
+        run_loop(Phased(fail_at=1), Run(tmp_path / "run", resume=False, tag="[t]"), eval_every=0, checkpoint_every=1)
