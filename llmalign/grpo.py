@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 from shared.reward_calls import RewardError, RewardTimeout, scores_as_floats, with_deadline
 from llmalign.config import GRPOConfig
 from llmalign.data import iteration_rows, load_train_test, micro_batches, render_prompt, tokenize_prompts
+from llmalign.objectives import OBJECTIVES, correct_labels
 from llmalign.evaluate import Rollout, describe_held_out, generate, held_out_metrics, pad_left
 from llmalign.logprobs import completion_logprobs, real_token_positions
 from llmalign.policy import (
@@ -66,13 +67,11 @@ from llmalign.policy import (
 )
 from llmalign.rewards import build_reward
 from llmalign.toy import resolve_embedded
-from shared.advantages import compose_rewards
+from shared.advantages import compose_rewards, sequence_to_tokens
 from shared.allocation import dars_extra_rollouts, gvm_allocation
 from shared.config import ConfigError
-from shared.disco import disco_kl_sum, disco_loss
 from shared.filtering import zero_variance_group_mask
 from shared.kl import kl_k3
-from shared.losses import LOSS_AGGREGATIONS, aggregation_denominator, clipped_policy_loss
 from shared.ratio_check import METRIC as RATIO_METRIC
 from shared.ratio_check import FirstUpdateRatioCheck, ratio_deviation
 from shared.replay import ReplayBuffer
@@ -798,66 +797,16 @@ def micro_batch_loss(
 ) -> tuple[Tensor, dict]:
     """This micro-batch's share of its optimizer step's global loss: the shares of all the step's micro-batches on
     all ranks sum to that loss, and so do their gradients. `step` holds the step's global normalisers
-    (`step_normalisers`): a clipped loss is normalised as its own batch and weighted by its denominator over the
-    step's; DisCO's questions, tokens and batch KL go to `disco_loss`, which returns its share itself."""
+    (`Objective.normalisers`); the objective of algorithm.loss (llmalign.objectives) computes the share.
+    `advantages` [m, T] per token."""
     a = config.algorithm
-    if a.loss == "disco":
-        loss, metrics = disco_loss(
-            logp,
-            old,
-            mask,
-            correct,
-            group_ids,
-            score=a.disco_score,
-            tau=a.disco_tau,
-            delta=a.disco_delta,
-            penalty=a.disco_penalty,
-            questions=step["questions"],
-            kl_tokens=step["tokens"],
-            batch_kl=step["kl"],
-        )
-        weight = 1.0
-    else:
-        loss, metrics = clipped_policy_loss(
-            logp,
-            old,
-            advantages,
-            mask,
-            eps_low=a.clip_range,
-            eps_high=a.effective_clip_range_high,
-            aggregation=a.loss,
-            max_length=config.sampling.max_new_tokens,
-        )
-        weight = aggregation_denominator(a.loss, mask) / step["denominator"]
-        loss = loss * weight
-    if ref is not None:  # k3 per token, aggregated like the policy loss (the aggregations are linear)
-        kl = torch.where(mask.bool(), kl_k3(logp, ref), torch.zeros_like(logp))  # [n, C]
-        if a.loss == "disco":  # a token mean over the step, like the trust region
-            loss = loss + a.kl_beta * kl.sum() / max(step["tokens"], 1.0)
-        else:
-            loss = loss + a.kl_beta * weight * LOSS_AGGREGATIONS[a.loss](
-                kl, mask.bool(), config.sampling.max_new_tokens
-            )
+    objective = OBJECTIVES[a.loss]
+    loss, metrics, weight = objective.loss(config, logp, old, advantages, mask, correct, group_ids, step)
+    if ref is not None:  # k3 per token, aggregated as the objective aggregates its loss
+        kl = torch.where(mask.bool(), kl_k3(logp, ref), torch.zeros_like(logp))  # [m, T]
+        loss = loss + a.kl_beta * objective.kl_term(kl, mask, step, weight, config.sampling.max_new_tokens)
         metrics["kl"] = float(kl.detach().sum() / mask.sum().clamp(min=1))
     return loss, metrics
-
-
-def step_normalisers(
-    run: Run, config: GRPOConfig, mask: Tensor, part: list[int], row_group: Tensor | None = None
-) -> dict:
-    """The global normalisers of the optimizer step on rows `part` (sums over ranks): a clipped loss's denominator
-    (shared.losses.aggregation_denominator: rows for grpo and dr_grpo, tokens for dapo); for DisCO the questions
-    (groups with a kept completion) and the kept tokens, with "kl", the step's trust-region KL, 0 until
-    `trust_region_kl` sets it."""
-    a, G = config.algorithm, config.train.group_size
-    if a.loss != "disco":
-        return {"denominator": max(float(run.sum(aggregation_denominator(a.loss, mask[part]))), 1.0)}
-    step_mask = mask[part]  # [p, C]
-    if row_group is None:
-        questions = int(step_mask.reshape(-1, G * step_mask.shape[1]).any(dim=1).sum())  # parts hold whole groups
-    else:  # groups of unequal sizes: the distinct groups with a kept token
-        questions = len(set(row_group[part][step_mask.any(dim=1).cpu()].tolist()))
-    return {"questions": float(run.sum(questions)), "tokens": float(run.sum(float(step_mask.sum()))), "kl": 0.0}
 
 
 def trust_region_kl(run: Run, step: dict, local_kl_sum: float) -> float:
@@ -912,8 +861,11 @@ def update(
     """
     t, a, s = config.train, config.algorithm, config.sampling
     G = t.group_size
+    objective = OBJECTIVES[a.loss]
     steps_per_pass = 1 if t.full_batch_epochs else t.updates_per_pass
     mask = rollout.completion_mask * keep[:, None]  # [n, C] dropped samples/groups train on nothing
+    if advantages.dim() == 1:  # one value per sequence: on each of its tokens
+        advantages = sequence_to_tokens(advantages, mask.shape[1])  # [n, C]
     if groups is None:
         group_ids = torch.arange(len(keep), device=mask.device) // G  # [n] groups never straddle ranks
         logp_of = lambda m, rows: policy_logprobs(m, rollout, rows, G, a.shared_prefix, s.temperature)  # [m, C]
@@ -951,13 +903,13 @@ def update(
             real = len(micro)  # micro-batches past it repeat the last one with no gradient
             if groups is not None:
                 micro = micro + micro[-1:] * (run.most(len(micro)) - len(micro))
-            step = step_normalisers(run, config, mask, part, row_group)
-            hinge_needs_kl = a.loss == "disco" and a.disco_penalty > 0
+            step = objective.normalisers(run, mask, part, G, row_group)
+            hinge_needs_kl = objective.needs_step_kl(a)
             several = len(micro) > 1 if groups is None else run.any(len(micro) > 1)  # decided alike on every rank
             if hinge_needs_kl and several:  # a no-grad pass over the step, in the update's mode
                 with torch.no_grad():
                     local = sum(
-                        float(disco_kl_sum(logp_of(model, rows), old[rows], mask[rows])) * (k < real)
+                        objective.step_kl_sum(logp_of(model, rows), old[rows], mask[rows]) * (k < real)
                         for k, rows in enumerate(micro)
                     )
                 step["kl"] = trust_region_kl(run, step, local)
@@ -971,7 +923,7 @@ def update(
                             first_step_deviation, ratio_deviation(logp, old[rows], mask[rows])
                         )
                     if hinge_needs_kl and not several:  # the step's KL from this forward itself
-                        local = float(disco_kl_sum(logp.detach(), old[rows], mask[rows]))
+                        local = objective.step_kl_sum(logp.detach(), old[rows], mask[rows])
                         step["kl"] = trust_region_kl(run, step, local)
                     loss, metrics = micro_batch_loss(
                         config,
@@ -1214,9 +1166,7 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
             keep &= zero_std_keep
         if a.mask_overlong:
             keep &= ~truncated.cpu()
-        correct = torch.zeros_like(bad)  # [B*G] DisCO's o+ / o-: its named reward above the threshold
-        if a.loss == "disco":  # the config refuses a correct_reward that is not a configured reward
-            correct = scores[a.correct_reward].nan_to_num(0.0) > a.correct_threshold  # [B*G]
+        correct = correct_labels(OBJECTIVES[a.loss], scores, a.correct_reward, a.correct_threshold)  # [N]
         own = slice(sum(sizes[: block.start]), sum(sizes[: block.stop]))
         on_device = lambda x: x[own].to(run.device)  # [n] this rank's rows
         lengths = run.gather_rows(rollout.lengths).float()  # [N] of the fresh rollouts, before any replay
@@ -1325,12 +1275,7 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         progress.set_postfix(
             reward=f"{reward_stats['total/mean']:.3f}",
             length=f"{record['completion/mean_length']:.1f}",
-            **(
-                {"clip": f"{metrics['clip_frac']:.2f}"}
-                if "clip_frac" in metrics
-                # DisCO: no clip
-                else {"kl": f"{metrics.get('trust_region_kl', 0):.1e}"}
-            ),
+            **OBJECTIVES[a.loss].postfix(metrics),
         )
 
         # checkpoint
