@@ -610,61 +610,82 @@ def second_stage(
 # ----------------------------------------------------------------------------- Selective Sample Replay
 
 REPLAY_SCALARS = {"advantage": torch.float32, "truncated": torch.bool, "index": torch.int64}
-REPLAY_SEQUENCES = {"prompt": torch.int64, "completion": torch.int64}
+REPLAY_SEQUENCES = {"prompt": torch.int64, "completion": torch.int64, "token_advantage": torch.float32}
+REPLAY_CONSTANT = {"token_advantage": ("advantage", "completion")}  # saved as the scalar while it is constant
 
 
 def replay_buffer(config: GRPOConfig) -> ReplayBuffer:
     """algorithm.replay=ssr's buffer: per sample its prompt and completion token ids (unpadded, EOS included), its
-    advantage, whether it was truncated, and its training row's index (to read).
+    advantages per completion token and as one value (which decides admission and the replay probability), whether
+    it was truncated, and its training row's index (to read).
 
-    A replayed sample trains with its stored advantage (from the batch it was sampled in) and old log-probs
+    A replayed sample trains with its stored advantages (from the batch it was sampled in) and old log-probs
     recomputed by the update under the current policy, like every row: its ratio starts at 1, so the clip bounds
     the step from the current policy, not from the older one that sampled it. Storing the sampling policy's
     log-probs instead was not done (what VL-Rethinker's code does here was not checked); recomputing keeps the
-    buffer to token ids and advantages."""
-    return ReplayBuffer(config.replay.size, REPLAY_SCALARS, REPLAY_SEQUENCES, "advantage", config.replay.alpha)
+    buffer to token ids and advantages. While every entry's per-token advantages are its one value repeated (the
+    sequence-level objectives), the saved state holds only that value (`ReplayBuffer` constant_fields)."""
+    return ReplayBuffer(
+        config.replay.size,
+        REPLAY_SCALARS,
+        REPLAY_SEQUENCES,
+        "advantage",
+        config.replay.alpha,
+        constant_fields=REPLAY_CONSTANT,
+    )
 
 
-def replay_entries(run: Run, rollout: Rollout, sizes: list[int], advantages: Tensor, rows: list[dict]) -> list[dict]:
-    """Every rank's samples with their advantages (`advantages` [n] this rank's, 0 for what trains on nothing) as
-    buffer entries, gathered in rank order so every rank's buffer receives the same; `rows` are this rank's
-    prompt rows and `sizes` its group sizes."""
+def replay_entries(
+    run: Run, rollout: Rollout, sizes: list[int], token_advantages: Tensor, rows: list[dict]
+) -> list[dict]:
+    """Every rank's samples with their advantages (`token_advantages` [n, C] this rank's, 0 for what trains on
+    nothing) as buffer entries, gathered in rank order so every rank's buffer receives the same; `rows` are this
+    rank's prompt rows and `sizes` its group sizes. An entry's one advantage is its completion tokens' value when
+    they all hold the same (a sequence-level advantage), else their mean."""
     entries = []
     row_group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).tolist()
     lengths = rollout.lengths.tolist()
-    for i, advantage in enumerate(advantages.tolist()):
-        if advantage == 0.0:
+    for i, length in enumerate(lengths):
+        values = token_advantages[i, :length].cpu()  # [L_i]
+        if not bool(values.any()):
             continue  # the buffer would refuse it anyway; nothing to pickle
+        constant = bool((values == values[0]).all())
         g = row_group[i]
         entries.append(
             {
-                "advantage": torch.tensor(advantage, dtype=torch.float32),
+                "advantage": (values[0] if constant else values.double().mean()).to(torch.float32),
                 "truncated": rollout.truncated[i].cpu().clone(),
                 "index": torch.tensor(rows[g]["_index"], dtype=torch.int64),
                 "prompt": rollout.prompt_ids[g][rollout.prompt_mask[g].bool()].cpu(),
-                "completion": rollout.completion_ids[i, : lengths[i]].cpu(),
+                "completion": rollout.completion_ids[i, :length].cpu(),
+                "token_advantage": values.to(torch.float32),
             }
         )
     return run.gather_objects(entries)
 
 
-def with_replayed(rollout: Rollout, drawn: list[dict], pad_id: int) -> Rollout:
-    """This rank's rollout with the replayed samples `drawn` appended, each as a group of one (its own prompt)."""
+def with_replayed(rollout: Rollout, token_advantages: Tensor, drawn: list[dict], pad_id: int) -> tuple[Rollout, Tensor]:
+    """This rank's rollout and its per-token advantages [n, C] with the replayed samples `drawn` appended, each as a
+    group of one (its own prompt) with its stored advantages: ([n+k] rollout, [n+k, width])."""
     if not drawn:
-        return rollout
+        return rollout, token_advantages
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.prompt_ids.cpu(), rollout.prompt_mask.cpu())]
     prompt_ids, prompt_mask = pad_left(prompts + [entry["prompt"].tolist() for entry in drawn], pad_id)  # [b+k, P]
     width = max(rollout.completion_ids.shape[1], max(len(entry["completion"]) for entry in drawn))
     device = rollout.completion_ids.device
-    ids = F.pad(rollout.completion_ids, (0, width - rollout.completion_ids.shape[1]), value=pad_id)  # [n, width]
-    mask = F.pad(rollout.completion_mask, (0, width - rollout.completion_mask.shape[1]), value=0)  # [n, width]
+    grow = width - rollout.completion_ids.shape[1]
+    ids = F.pad(rollout.completion_ids, (0, grow), value=pad_id)  # [n, width]
+    mask = F.pad(rollout.completion_mask, (0, grow), value=0)  # [n, width]
     more_ids = torch.tensor(
         [e["completion"].tolist() + [pad_id] * (width - len(e["completion"])) for e in drawn], device=device
     )  # [k, width]
     more_mask = torch.tensor(
         [[1] * len(e["completion"]) + [0] * (width - len(e["completion"])) for e in drawn], device=device
     )  # [k, width]
-    return Rollout(
+    more_advantages = torch.stack(
+        [F.pad(e["token_advantage"], (0, width - len(e["token_advantage"]))) for e in drawn]
+    ).to(device)  # [k, width] 0 on padding
+    replayed = Rollout(
         prompt_ids.to(device),
         prompt_mask.to(device),
         torch.cat([ids, more_ids]),
@@ -672,6 +693,7 @@ def with_replayed(rollout: Rollout, drawn: list[dict], pad_id: int) -> Rollout:
         torch.cat([rollout.truncated, torch.stack([e["truncated"] for e in drawn]).to(device)]),
         list(rollout.texts) + ["<replayed>"] * len(drawn),
     )
+    return replayed, torch.cat([F.pad(token_advantages, (0, grow)), more_advantages])  # [n+k, width]
 
 
 @dataclasses.dataclass
@@ -1170,7 +1192,9 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
         own = slice(sum(sizes[: block.start]), sum(sizes[: block.stop]))
         on_device = lambda x: x[own].to(run.device)  # [n] this rank's rows
         lengths = run.gather_rows(rollout.lengths).float()  # [N] of the fresh rollouts, before any replay
-        trained_advantages = on_device(advantages.masked_fill(bad, 0.0))  # [n]
+        trained_advantages = sequence_to_tokens(
+            on_device(advantages.masked_fill(bad, 0.0)), rollout.completion_ids.shape[1]
+        )  # [n, C]
         trained_keep, trained_correct, trained_rollout = on_device(keep), on_device(correct), rollout
         groups = Groups(sizes[block.start : block.stop], list(block)) if config.uneven_groups else None
         replay_log = {}
@@ -1182,16 +1206,12 @@ def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = 
             )  # the same draws on every rank
             mine = drawn[run.rank :: run.world]  # replayed group j (global index B + j) trains on rank j mod W
             own_rows = rows[block.start : block.stop]
-            buffer.add(
-                replay_entries(
-                    run, rollout, sizes[block.start : block.stop], (advantages * (keep & ~bad))[own], own_rows
-                )
-            )
-            trained_rollout = with_replayed(rollout, mine, tokenizer.pad_token_id)
+            stored = sequence_to_tokens((advantages * (keep & ~bad))[own], rollout.completion_ids.shape[1])  # [n, C]
+            buffer.add(replay_entries(run, rollout, sizes[block.start : block.stop], stored, own_rows))
+            trained_rollout, trained_advantages = with_replayed(
+                rollout, trained_advantages, mine, tokenizer.pad_token_id
+            )  # [n+k, width]
             device = trained_advantages.device
-            trained_advantages = torch.cat(
-                [trained_advantages, torch.tensor([float(e["advantage"]) for e in mine], device=device)]
-            )
             trained_keep = torch.cat([trained_keep, torch.ones(len(mine), dtype=torch.bool, device=device)])
             trained_correct = torch.cat([trained_correct, torch.zeros(len(mine), dtype=torch.bool, device=device)])
             groups = Groups(

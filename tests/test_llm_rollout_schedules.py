@@ -110,9 +110,13 @@ def recorded(tmp_path, monkeypatch):
     original = grpo.update
 
     def recording_update(run, config, model, optimizer, reference, rollout, advantages, keep, correct, groups=None):
+        # per-token advantages [n, C]: a sequence's value on each of its completion tokens
+        assert advantages.shape == rollout.completion_mask.shape
+        constant = (advantages == advantages[:, :1]) | (rollout.completion_mask == 0)
+        assert bool(constant.all())
         updates.append(
             {
-                "advantages": advantages.detach().cpu().clone(),
+                "advantages": advantages[:, 0].detach().cpu().clone(),
                 "keep": keep.cpu().clone(),
                 "texts": list(rollout.texts),
                 "sizes": None if groups is None else list(groups.sizes),
