@@ -305,7 +305,7 @@ def test_gvm_run_allocates_what_its_first_stage_statistics_ask(tmp_path, recorde
 def test_gvm_gradient_norm_proxy_equals_autograd_on_the_logits():
     from llmalign import toy
     from llmalign.evaluate import generate
-    from llmalign.grpo import logit_gradient_norms
+    from llmalign.rollout import logit_gradient_norms
     from llmalign.logprobs import real_token_positions
 
     tokenizer = toy.build_tokenizer()
@@ -399,7 +399,7 @@ def test_rethink_continues_the_chosen_fraction_of_finished_rollouts_after_the_tr
     from llmalign.config import LMModelConfig
     from llmalign.data import render_prompt
     from llmalign.evaluate import generate
-    from llmalign.grpo import rethink
+    from llmalign.rollout import rethink
     from llmalign.policy import load_policy
     from llmalign.toy import resolve_embedded
 
