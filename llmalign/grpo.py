@@ -5,9 +5,12 @@
     llmalign grpo --config configs/llm/arith.yaml --resume              # continue the run
     accelerate launch --multi_gpu --num_processes 2 -m llmalign grpo --config configs/llm/arith.yaml
 
-Each iteration: rollout (B prompts x G completions with `generate`), reward (the configured
-functions, TRL's signature), advantage (shared.advantages), update (num_iterations passes, each
-split into updates_per_pass optimizer steps of micro-batches), log, checkpoint.
+The run is `GRPORecipe` in the one loop (shared.loop: evaluation, cadence, budgets, checkpoints, progress). Each
+iteration: rollout with its rewards (llmalign.rollout.sample_iteration: B prompts x G completions with `generate`,
+scored by the configured functions, TRL's signature, and refill / second stage / rethinking), advantage
+(`advantage_stage`: shared.advantages, broadcast to per-token advantages [n, C], and SSR replay), update
+(`update`: num_iterations passes, each split into updates_per_pass optimizer steps of micro-batches, the loss of
+algorithm.loss from llmalign.objectives.OBJECTIVES), log, checkpoint.
 
 Over W processes (`shared.run.Run`): B counts over all of them, and rank r samples the r-th contiguous block of
 B/W whole groups, from the seed (seed, iteration, rank). Every reward's values are gathered, so advantages (group
@@ -19,7 +22,7 @@ groups) compares the groups of one rank's block.
 
 The rollout of an iteration is one sampling round, or under algorithm.filter_zero_std=refill up to
 1 + max_refill_rounds of them (`refill`, DAPO dynamic sampling): each later round samples and scores about as
-many new prompts as should give the missing informative groups (`sample_round`), every rank deciding from the
+many new prompts as should give the missing informative groups (llmalign.rollout: `sample_round`), every rank deciding from the
 gathered rewards alike, and `assemble_batch` moves the chosen groups so that each rank again holds its block of
 B/W whole groups.
 
@@ -290,9 +293,16 @@ class StepRows:
 
 
 def optimizer_step(
-    run: Run, config: GRPOConfig, model, optimizer, params, layout: UpdateLayout, part: list[int], rows: StepRows,
+    run: Run,
+    config: GRPOConfig,
+    model,
+    optimizer,
+    params,
+    layout: UpdateLayout,
+    part: list[int],
+    rows: StepRows,
     totals: dict[str, list[float]],
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """One optimizer step on this rank's rows `part` (see `update`); appends the micro-batches' metrics and the
     gradient norm to `totals` and returns the step's largest ratio deviation from 1 over its kept tokens."""
     a = config.algorithm

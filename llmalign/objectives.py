@@ -33,8 +33,17 @@ class Objective(Protocol):
     def normalisers(
         self, run: Run, mask: Tensor, part: list[int], group_size: int, row_group: Tensor | None
     ) -> dict: ...
-    def loss(self, config, logp: Tensor, old: Tensor, advantages: Tensor, mask: Tensor, correct: Tensor,
-             group_ids: Tensor, step: dict) -> tuple[Tensor, dict, float]: ...  # fmt: skip
+    def loss(
+        self,
+        config,
+        logp: Tensor,
+        old: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        correct: Tensor,
+        group_ids: Tensor,
+        step: dict,
+    ) -> tuple[Tensor, dict, float]: ...  # (share of the step's loss, metrics, weight of the KL term)
     def kl_term(self, kl: Tensor, mask: Tensor, step: dict, weight: float, max_length: int) -> Tensor: ...
     def postfix(self, metrics: dict) -> dict: ...
 
