@@ -32,6 +32,7 @@ __all__ = [
     "clip_advantages",
     "compose_rewards",
     "group_advantages",
+    "sequence_to_tokens",
 ]
 
 NAN_POLICIES = ("raise", "mask")
@@ -196,6 +197,18 @@ def clip_advantages(advantages: Tensor, max_abs: float) -> Tensor:
     if not max_abs > 0:
         raise ValueError(f"max_abs must be > 0, got {max_abs}; to disable clipping, don't call clip_advantages")
     return advantages.clamp(-max_abs, max_abs)
+
+
+def sequence_to_tokens(advantages: Tensor, width: int) -> Tensor:
+    """[B] per-sequence advantages as per-token advantages [B, T=width]: each sequence's value on every token.
+
+    Per-token advantages are the interface between the advantage and the update: sequence methods (GRPO, Dr. GRPO,
+    DAPO) broadcast one value like this; token- or segment-level methods fill [B, T] themselves. Padding positions
+    hold the value too; the losses mask them.
+    """
+    if advantages.dim() != 1:
+        raise ValueError(f"advantages must be [B], got shape {tuple(advantages.shape)}")
+    return advantages[:, None].expand(-1, width).clone()  # [B, T]
 
 
 # ----------------------------------------------------------------------------- composition

@@ -21,6 +21,11 @@ zero-advantage samples never enter it, alpha is a parameter, and ``sample`` draw
 
 The buffer's ``state_dict`` is a flat dict of tensors (safetensors can save it): with it, a resumed run
 draws exactly what an uninterrupted one would, given the same ``torch.Generator`` state.
+
+Per-token advantages: an entry can hold its advantages per token (a sequence field) besides the scalar that
+decides admission and replay probability. Where that row is only the scalar repeated over the completion (every
+sequence-level method), ``constant_fields`` lets the state leave it out, so such a buffer saves exactly the tensors
+a buffer without the field saves, and loading rebuilds the row.
 """
 
 from __future__ import annotations
@@ -95,6 +100,9 @@ class ReplayBuffer:
         sequence_fields: name -> dtype of the 1-D fields.
         advantage_field: the scalar field that decides admission (!= 0) and replay probability.
         alpha: the SSR exponent of ``ssr_probabilities``.
+        constant_fields: sequence field -> (scalar field, sequence field): the first is usually the scalar repeated
+            over the other's length (per-token advantages of a sequence-level advantage). ``state_dict`` leaves it
+            out when that holds for every entry, and ``load_state_dict`` then rebuilds it.
     """
 
     def __init__(
@@ -104,6 +112,7 @@ class ReplayBuffer:
         sequence_fields: Mapping[str, torch.dtype] | None = None,
         advantage_field: str = "advantage",
         alpha: float = 1.0,
+        constant_fields: Mapping[str, tuple[str, str]] | None = None,
     ):
         self.capacity = check_replay_size(capacity, field="capacity")
         self.scalar_fields = dict(scalar_fields)
@@ -121,6 +130,13 @@ class ReplayBuffer:
             )
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha >= 0):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        self.constant_fields = dict(constant_fields or {})
+        for name, (scalar, like) in self.constant_fields.items():
+            if name not in self.sequence_fields or scalar not in self.scalar_fields or like not in self.sequence_fields:
+                raise ValueError(
+                    f"constant_fields[{name!r}] = ({scalar!r}, {like!r}) must name a sequence field, a scalar field "
+                    "and a sequence field of this buffer"
+                )
         self.advantage_field = advantage_field
         self.alpha = float(alpha)
         self.entries: list[dict[str, Tensor]] = []  # oldest first
@@ -208,6 +224,8 @@ class ReplayBuffer:
                 torch.stack([entry[name] for entry in self.entries]) if size else torch.zeros(0, dtype=dtype)
             )
         for name, dtype in self.sequence_fields.items():
+            if self._is_constant(name):
+                continue  # rebuilt from its scalar on loading
             lengths = torch.tensor([entry[name].numel() for entry in self.entries], dtype=torch.int64)  # [N]
             longest = int(lengths.max()) if size else 0
             values = torch.zeros(size, longest, dtype=dtype)  # [N, L_max]
@@ -217,12 +235,26 @@ class ReplayBuffer:
             state[f"sequence/{name}/lengths"] = lengths
         return state
 
+    def _is_constant(self, name: str) -> bool:
+        """Whether sequence field `name` is, in every entry, its scalar repeated over its length-giving field."""
+        if name not in self.constant_fields:
+            return False
+        scalar, like = self.constant_fields[name]
+        return all(
+            entry[name].numel() == entry[like].numel() and bool((entry[name] == entry[scalar]).all())
+            for entry in self.entries
+        )
+
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         """Restore the entries saved by ``state_dict``; refuses a state from a buffer with other fields,
         dtypes or capacity (a different capacity would evict differently, so the resumed run would differ)."""
         expected = {"capacity", "size"}
         expected |= {f"scalar/{name}" for name in self.scalar_fields}
-        expected |= {f"sequence/{name}/{part}" for name in self.sequence_fields for part in ("values", "lengths")}
+        left_out = {
+            name for name in self.constant_fields if f"sequence/{name}/values" not in state
+        }  # saved as their scalar repeated
+        stored = [name for name in self.sequence_fields if name not in left_out]
+        expected |= {f"sequence/{name}/{part}" for name in stored for part in ("values", "lengths")}
         if set(state) != expected:
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
             raise ValueError(
@@ -244,7 +276,8 @@ class ReplayBuffer:
                     f"scalar/{name} must be [{size}] of {dtype}, got {tuple(column.shape)} of {column.dtype}"
                 )
             columns[name] = list(column.unbind(0))
-        for name, dtype in self.sequence_fields.items():
+        for name in stored:
+            dtype = self.sequence_fields[name]
             values, lengths = state[f"sequence/{name}/values"], state[f"sequence/{name}/lengths"]
             if values.dtype != dtype or values.dim() != 2 or values.shape[0] != size or tuple(lengths.shape) != (size,):
                 raise ValueError(
@@ -255,6 +288,11 @@ class ReplayBuffer:
                 raise ValueError(f"sequence/{name}/lengths must lie in [0, {values.shape[1]}]")
             columns[name] = [values[row, : int(lengths[row])] for row in range(size)]
         entries = [{name: columns[name][row].clone() for name in columns} for row in range(size)]
+        for name in left_out:
+            scalar, like = self.constant_fields[name]
+            dtype = self.sequence_fields[name]
+            for entry in entries:
+                entry[name] = entry[scalar].to(dtype).expand(entry[like].numel()).clone()
         if any(float(entry[self.advantage_field]) == 0.0 for entry in entries):
             raise ValueError(f"replay buffer state holds an entry with {self.advantage_field} 0, which is never stored")
         self.entries = entries

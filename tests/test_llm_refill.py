@@ -36,7 +36,7 @@ RECORD = "LLMALIGN_REFILL_RECORD"
 def stub_sampler(rewards_per_round: list[list[list[float]]]):
     """`sample_round` over hand-set rewards ([round][group][completion]: the first `count` groups of a round are
     sampled); records the (round, count) it was asked for."""
-    from llmalign.grpo import informative_groups
+    from llmalign.rollout import informative_groups
 
     asked = []
 
@@ -59,7 +59,7 @@ def stub_sampler(rewards_per_round: list[list[list[float]]]):
     ],
 )
 def test_refill_stops_as_soon_as_the_batch_is_full(multiple, asked_counts, sampled, zero_std):
-    from llmalign.grpo import refill
+    from llmalign.rollout import refill
 
     rounds = [
         [[1, 0, 1], [1, 1, 1], [0, 0, 0], [0, 1, 0]],  # groups 0 and 3 informative
@@ -75,7 +75,7 @@ def test_refill_stops_as_soon_as_the_batch_is_full(multiple, asked_counts, sampl
 
 
 def test_refill_trains_on_what_it_found_when_the_rounds_run_out():
-    from llmalign.grpo import refill
+    from llmalign.rollout import refill
 
     rounds = [
         [[1, 1], [0, 1], [0, 0], [1, 1]],  # group 1; then ceil(3 * 4 / 1) = 12 capped at 4
@@ -91,7 +91,7 @@ def test_refill_trains_on_what_it_found_when_the_rounds_run_out():
 
 
 def test_refill_after_a_round_without_informative_groups_samples_a_whole_batch():
-    from llmalign.grpo import refill
+    from llmalign.rollout import refill
 
     sample_round, asked = stub_sampler([[[0, 0], [1, 1]], [[0, 1], [1, 0]]])
     plan = refill(sample_round, wanted=2, max_rounds=3)
@@ -101,7 +101,7 @@ def test_refill_after_a_round_without_informative_groups_samples_a_whole_batch()
 
 
 def test_refill_without_extra_rounds_keeps_the_first_round_as_sampled():
-    from llmalign.grpo import refill
+    from llmalign.rollout import refill
 
     sample_round, asked = stub_sampler([[[1, 1], [0, 1], [0, 0]]])
     plan = refill(sample_round, wanted=3, max_rounds=0)
@@ -111,7 +111,7 @@ def test_refill_without_extra_rounds_keeps_the_first_round_as_sampled():
 
 
 def test_refill_rows_are_a_seeded_stream_without_the_first_round():
-    from llmalign.grpo import refill_rows
+    from llmalign.rollout import refill_rows
 
     rows = [{"_index": i} for i in range(10)]
     taken = {0, 1, 2, 3}
@@ -353,7 +353,7 @@ def probe_round(run, round_: int, count: int):
     block of completions (random ids and lengths from a seed of (round, group), so any rank makes the same ones;
     padded to the block's longest, as `generate` pads), the hand-set scores."""
     from llmalign.evaluate import Rollout, pad_left
-    from llmalign.grpo import RoundSample
+    from llmalign.rollout import RoundSample
 
     groups = PROBE_ROUNDS[round_][:count]
     rows = []
@@ -383,7 +383,8 @@ def probe(out: Path) -> None:
     the plan and the batch (every rank's block, in rank order), then one update per case on it."""
     from llmalign import toy
     from llmalign.config import GRPOConfig
-    from llmalign.grpo import assemble_batch, informative_groups, refill, update
+    from llmalign.grpo import update
+    from llmalign.rollout import assemble_batch, informative_groups, refill
     from shared.advantages import compose_rewards
     from shared.config import load_config
     from shared.run import Run

@@ -110,9 +110,13 @@ def recorded(tmp_path, monkeypatch):
     original = grpo.update
 
     def recording_update(run, config, model, optimizer, reference, rollout, advantages, keep, correct, groups=None):
+        # per-token advantages [n, C]: a sequence's value on each of its completion tokens
+        assert advantages.shape == rollout.completion_mask.shape
+        constant = (advantages == advantages[:, :1]) | (rollout.completion_mask == 0)
+        assert bool(constant.all())
         updates.append(
             {
-                "advantages": advantages.detach().cpu().clone(),
+                "advantages": advantages[:, 0].detach().cpu().clone(),
                 "keep": keep.cpu().clone(),
                 "texts": list(rollout.texts),
                 "sizes": None if groups is None else list(groups.sizes),
@@ -301,7 +305,7 @@ def test_gvm_run_allocates_what_its_first_stage_statistics_ask(tmp_path, recorde
 def test_gvm_gradient_norm_proxy_equals_autograd_on_the_logits():
     from llmalign import toy
     from llmalign.evaluate import generate
-    from llmalign.grpo import logit_gradient_norms
+    from llmalign.rollout import logit_gradient_norms
     from llmalign.logprobs import real_token_positions
 
     tokenizer = toy.build_tokenizer()
@@ -395,7 +399,7 @@ def test_rethink_continues_the_chosen_fraction_of_finished_rollouts_after_the_tr
     from llmalign.config import LMModelConfig
     from llmalign.data import render_prompt
     from llmalign.evaluate import generate
-    from llmalign.grpo import rethink
+    from llmalign.rollout import rethink
     from llmalign.policy import load_policy
     from llmalign.toy import resolve_embedded
 

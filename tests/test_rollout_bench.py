@@ -38,10 +38,10 @@ def one_thread():
 
 @pytest.mark.timeout(300)
 def test_max_generated_tokens_stops_at_the_first_iteration_that_reaches_it(tmp_path, monkeypatch):
-    import llmalign.grpo as grpo
+    import llmalign.rollout as rollout_stage
 
     calls: list = []  # "iteration" at each iteration's start, then each generate call's completion tokens
-    real_generate, real_refill = grpo.generate, grpo.refill
+    real_generate, real_refill = rollout_stage.generate, rollout_stage.refill
 
     def counting_generate(*args, **kwargs):
         rollout = real_generate(*args, **kwargs)
@@ -52,8 +52,8 @@ def test_max_generated_tokens_stops_at_the_first_iteration_that_reaches_it(tmp_p
         calls.append("iteration")
         return real_refill(*args, **kwargs)
 
-    monkeypatch.setattr(grpo, "generate", counting_generate)
-    monkeypatch.setattr(grpo, "refill", marking_refill)
+    monkeypatch.setattr(rollout_stage, "generate", counting_generate)
+    monkeypatch.setattr(rollout_stage, "refill", marking_refill)
     out, budget = tmp_path / "run", 1000
     main(
         [

@@ -1,0 +1,761 @@
+"""The rollout stage of `llmalign grpo`: an iteration's completions and their rewards, and the samples replayed.
+
+`sample_iteration` returns the iteration's `IterationRollout`:
+- one sampling round of B prompts x G completions (`sample_round`: `generate` on this rank's block of whole
+  groups, Forced Rethinking of finished ones, `score` with every reward's values gathered), or under
+  algorithm.filter_zero_std=refill up to 1 + max_refill_rounds of them (`refill`, DAPO dynamic sampling), the
+  chosen groups moved so each rank holds its block (`assemble_batch`);
+- under rollout.schedule dars_et / dars_hw / gvm, a second stage on the batch's own prompts (`second_stage`, its
+  counts from the gathered first-stage statistics, `second_stage_counts`).
+Rewards are scored inside the rounds because refill decides from them. Selective Sample Replay (`replay_buffer`,
+`replay_entries`, `with_replayed`) needs the advantages and is called by the advantage stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from llmalign.config import GRPOConfig
+from llmalign.data import iteration_rows
+from llmalign.evaluate import Rollout, generate, pad_left
+from llmalign.logprobs import real_token_positions
+from shared.advantages import compose_rewards
+from shared.allocation import dars_extra_rollouts, gvm_allocation
+from shared.filtering import zero_variance_group_mask
+from shared.replay import ReplayBuffer
+from shared.reward_calls import RewardError, RewardTimeout, scores_as_floats
+from shared.run import Run
+
+RANK_SEED_STRIDE = 2**40  # rank r samples from seed + r * stride: rank 0 keeps the one-process seeds
+
+
+# ----------------------------------------------------------------------------- reward
+
+
+def score(
+    rewards: dict,
+    prompts: list[str],
+    rollout: Rollout,
+    rows: list[dict],
+    group_size: int,
+    step: int,
+    max_new_tokens: int,
+    drop_bad: bool,
+    first_index: int = 0,
+) -> dict[str, Tensor]:
+    """name -> [B*G] scores; None/NaN/inf become NaN when drop_bad, else raise RewardError. Completions are
+    named by their index in the global rollout, which starts at `first_index` on this rank. A reward past its
+    reward.timeout_s (RewardTimeout) is a RewardError, or under drop_bad its whole batch becomes NaN (dropped)."""
+    columns = {key: [row[key] for row in rows for _ in range(group_size)] for key in rows[0] if key != "prompt"}
+    completions = rollout.texts
+    expanded_prompts = [p for p in prompts for _ in range(group_size)]
+    scores = {}
+    for name, fn in rewards.items():
+        try:
+            values = fn(
+                expanded_prompts,
+                completions,
+                completion_ids=rollout.token_lists(),
+                group_size=group_size,
+                step=step,
+                max_completion_length=max_new_tokens,
+                **columns,
+            )
+        except RewardTimeout as error:
+            message = f"reward {name!r} {error} (iteration {step + 1}, first prompt {expanded_prompts[0][:60]!r})"
+            if not drop_bad:
+                raise RewardError(f"{message}; raise reward.timeout_s or fix the reward") from None
+            print(f"warning: {message}; its {len(completions)} completions are dropped", file=sys.stderr, flush=True)
+            scores[name] = torch.full((len(completions),), math.nan)  # [B*G] the whole batch dropped
+            continue
+        except Exception as error:
+            raise RewardError(
+                f"reward {name!r} raised {type(error).__name__}: {error} (iteration {step + 1}, "
+                f"first prompt {expanded_prompts[0][:60]!r})"
+            ) from error
+        if not isinstance(values, (list, tuple)) or len(values) != len(completions):
+            got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+            raise RewardError(
+                f"reward {name!r} returned {got} scores for {len(completions)} completions "
+                f"(iteration {step + 1}); return one float (or None) per completion"
+            )
+        try:
+            tensor, _ = scores_as_floats(values)  # [B*G]; None -> NaN
+        except ValueError as error:  # a str, dict, or an integer too large for a float: never dropped
+            raise RewardError(
+                f"reward {name!r} {error} (iteration {step + 1}); return one float (or None) per completion"
+            ) from None
+        bad = ~torch.isfinite(tensor)
+        if bad.any() and not drop_bad:
+            i = int(bad.nonzero()[0])
+            raise RewardError(
+                f"reward {name!r} gave {values[i]!r} for completion {first_index + i} (iteration "
+                f"{step + 1}, {int(bad.sum())} bad in the batch): {completions[i][:80]!r}; fix the "
+                f"reward or set reward.on_bad_score=drop to drop and count such samples"
+            )
+        scores[name] = tensor.masked_fill(bad, math.nan)
+    return scores
+
+
+def sample_round(
+    run: Run,
+    config: GRPOConfig,
+    model,
+    tokenizer,
+    rewards: dict,
+    rows: list[dict],
+    iteration: int,
+    round_: int,
+    drop_bad: bool,
+    timings: dict[str, float],
+    group_size: int | None = None,
+) -> RoundSample:
+    """Sample round `round_` of an iteration on the global prompts `rows`: this rank generates `group_size`
+    completions (None: train.group_size) for its block of them (from `rollout_seed`, for an exact resume), continues
+    rollout.rethink_fraction of the finished ones after the trigger (`rethink`), and scores them; every reward's
+    values are gathered over the round (a reward failure on any rank raises on all). Adds to time/rollout,
+    time/reward."""
+    t, s, r = config.train, config.sampling, config.rollout
+    G = group_size or t.group_size
+    clock = time.perf_counter()
+    block = run.block(len(rows))
+    mine = rows[block.start : block.stop]
+    torch.manual_seed(rollout_seed(t.seed, iteration, run.rank, round_))
+    rethought = eligible = 0
+    with run.unwrapped_for_generation(model) as policy:
+        rollout = generate(
+            policy,
+            tokenizer,
+            [row["_ids"] for row in mine],
+            G,
+            s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+        )
+        if r.rethink_fraction > 0:
+            rollout, rethought, eligible = rethink(
+                policy,
+                tokenizer,
+                rollout,
+                G,
+                r.rethink_fraction,
+                r.rethink_trigger,
+                s.max_new_tokens,
+                s.temperature,
+                s.top_p,
+                derived_seed(t.seed, iteration, run.rank, round_, 4),
+            )
+    timings["time/rollout"] += time.perf_counter() - clock
+    clock = time.perf_counter()
+    columns = [{k: v for k, v in row.items() if not k.startswith("_")} for row in mine]
+    local, failure = None, None
+    try:
+        local = score(
+            rewards,
+            [row["_text"] for row in mine],
+            rollout,
+            columns,
+            G,
+            iteration,
+            s.max_new_tokens,
+            drop_bad,
+            first_index=block.start * G,
+        )
+    except RewardError as error:
+        failure = str(error)
+    scores = gathered_scores(run, local, failure)  # name -> [n*G]
+    timings["time/reward"] += time.perf_counter() - clock
+    return RoundSample(rows, block, rollout, scores, rethought=rethought, rethink_eligible=eligible)
+
+
+def gathered_scores(
+    run: Run, local: dict[str, Tensor] | None, failure: str | None, uneven: bool = False
+) -> dict[str, Tensor]:
+    """Every reward's [B*G] values over the global rollout (rank order is rollout order), or the RewardError of
+    the first rank whose rewards failed, raised on every rank together. `uneven`: the ranks hold different
+    numbers of completions (a second stage), gathered with `Run.gather_rows`."""
+    failure = run.first_failure(failure)
+    if failure is not None:
+        raise RewardError(failure)
+    gather = run.gather_rows if uneven else run.gather
+    return {name: gather(values) for name, values in local.items()}
+
+
+# ----------------------------------------------------------------------------- rollout rounds
+
+
+@dataclasses.dataclass
+class RoundSample:
+    """One sampling round (or the assembled batch): the global rows, this rank's block of them, its rollout, and
+    every reward's scores over the global rollout."""
+
+    rows: list[dict]  # [n] global, in rollout order
+    block: range  # this rank's rows of `rows`
+    rollout: Rollout  # this rank's groups: [len(block) * G] completions (sum of its sizes under `sizes`)
+    scores: dict[str, Tensor]  # name -> [n * G] global (sum(sizes) under `sizes`), NaN: dropped
+    sizes: list[int] | None = None  # [n] global group sizes when they differ (a second stage); None: all G
+    rethought: int = 0  # this rank's completions continued after rollout.rethink_trigger
+    rethink_eligible: int = 0  # this rank's finished completions with room for the trigger
+
+
+@dataclasses.dataclass
+class RefillPlan:
+    """What `refill` sampled and chose: the batch's groups as (round, group index in that round) in sampling order,
+    how many of them are informative, the rounds after the first, and the groups sampled (zero-variance ones)."""
+
+    chosen: list[tuple[int, int]]
+    informative: int
+    rounds: int
+    sampled: int
+    zero_std: int
+
+
+def refill(sample_round: Callable[[int, int], Tensor], wanted: int, max_rounds: int, multiple: int = 1) -> RefillPlan:
+    """DAPO dynamic sampling (Yu et al. 2025, arXiv:2503.14476, Sec. 3.2: over-sample and keep the groups that
+    satisfy the constraint 0 < |{o_i | is_equivalent(a, o_i)}| < G of the DAPO objective, Eq. 8, until the batch
+    is full). `sample_round(r, n)` samples round r of n prompts (round 0: the iteration's own `wanted`) and returns
+    its groups' informative flags [n] bool, the same on every rank. Rounds go on while fewer than `wanted` groups
+    are informative and fewer than `max_rounds` rounds followed the first.
+
+    Departures from DAPO's code (verl, which samples a fixed gen_batch_size of prompts per round and stops with an
+    error past max_num_gen_batches), both measured on the embedded task (docs/llmalign.md):
+    - a refill round samples n = ceil(missing * sampled / informative) prompts, the missing groups over the
+      informative fraction seen so far this iteration (all `wanted` when none was informative yet), at most
+      `wanted`, rounded up to a multiple of `multiple` (the process count: whole groups per rank); a fixed round
+      of `wanted` prompts spent 64 completions on one missing group of 8;
+    - when the rounds run out the batch holds the informative groups found plus the earliest zero-variance ones
+      (which train on nothing) up to `wanted` groups, so every rank keeps a block of the same size.
+    The batch is the first `wanted` informative groups in sampling order; with max_rounds 0 it is the first round
+    as sampled (the 'drop' filter)."""
+    informative: list[tuple[int, int]] = []
+    uninformative: list[tuple[int, int]] = []
+    round_, count = 0, wanted
+    while True:
+        flags = sample_round(round_, count)  # [count]
+        for group, flag in enumerate(flags.tolist()):
+            (informative if flag else uninformative).append((round_, group))
+        missing = wanted - len(informative)
+        if missing <= 0 or round_ >= max_rounds:
+            break
+        round_ += 1
+        sampled = len(informative) + len(uninformative)
+        count = -(-missing * sampled // len(informative)) if informative else wanted  # ceil
+        count = -(-min(count, wanted) // multiple) * multiple  # wanted is a multiple of it
+    found = informative[:wanted]
+    chosen = sorted(found + uninformative[: wanted - len(found)])  # (round, group): sampling order
+    sampled = len(informative) + len(uninformative)
+    return RefillPlan(chosen, len(found), round_, sampled, len(uninformative))
+
+
+def informative_groups(scores: dict[str, Tensor], weights: dict[str, float], group_size: int) -> Tensor:
+    """[n] whether each group's weighted total reward varies (`zero_variance_group_mask`, dropped samples as 0,
+    the total the zero-std filter has always used)."""
+    total = sum(weights[name] * scores[name].nan_to_num(0.0) for name in scores)  # [n*G]
+    keep, _ = zero_variance_group_mask(total, torch.arange(len(total)) // group_size)  # [n*G]
+    return keep[::group_size]  # [n]
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (SHA-256), for streams that must not meet the trainer's other seeds."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def rollout_seed(seed: int, iteration: int, rank: int, round_: int) -> int:
+    """The generation seed of a round on a rank: round 0 keeps the seed the trainer has always used (so drop and
+    refill sample the same first round); later rounds have their own."""
+    if round_ == 0:
+        return seed * 1_000_003 + iteration + rank * RANK_SEED_STRIDE
+    return derived_seed(seed, iteration, rank, round_, 1)
+
+
+def refill_rows(rows: list[dict], iteration: int, start: int, count: int, seed: int, taken: set[int]) -> list[dict]:
+    """Positions start .. start + count - 1 of an iteration's refill stream (each refill round takes the next
+    ones): one seeded permutation of the training rows per iteration, leaving out the iteration's first-round rows
+    (`taken`, by `_index`) while others remain, wrapping around. A function of (seed, iteration), the first
+    round's rows and the round sizes, so a resumed run draws the same prompts with nothing saved (as
+    `iteration_rows`)."""
+    generator = torch.Generator().manual_seed(derived_seed(seed, iteration, 2))
+    order = torch.randperm(len(rows), generator=generator).tolist()
+    candidates = [i for i in order if i not in taken] or order
+    return [rows[candidates[(start + k) % len(candidates)]] for k in range(count)]
+
+
+def assemble_batch(
+    run: Run, rounds: list[RoundSample], chosen: list[tuple[int, int]], group_size: int, pad_id: int
+) -> RoundSample:
+    """The trained batch: the `chosen` (round, group) groups in that order, each rank holding its block of them
+    (`Run.redistribute` moves a group from the rank that sampled it); prompts re-padded on the left as `generate`
+    does, completions on the right to the longest. The first round itself when it is the whole choice."""
+    G = group_size
+    if chosen == [(0, group) for group in range(len(rounds[0].rows))]:
+        return rounds[0]
+    wanted, held = set(chosen), {}
+    for round_, sample in enumerate(rounds):
+        r = sample.rollout
+        for local, group in enumerate(sample.block):
+            if (round_, group) not in wanted:
+                continue
+            part = slice(local * G, (local + 1) * G)
+            held[(round_, group)] = (
+                r.completion_ids[part].cpu(),  # [G, C_round]
+                r.completion_mask[part].cpu(),  # [G, C_round]
+                r.truncated[part].cpu(),  # [G]
+                r.texts[part],
+            )
+    pieces = run.redistribute(held, chosen)
+    rows = [rounds[round_].rows[group] for round_, group in chosen]
+    block = run.block(len(rows))
+    prompt_ids, prompt_mask = pad_left([row["_ids"] for row in rows[block.start : block.stop]], pad_id)  # [b, P]
+    width = max(int(mask.sum(dim=1).max()) for _, mask, _, _ in pieces)  # the longest chosen completion
+    fit = lambda x, value: F.pad(x[:, :width], (0, width - min(x.shape[1], width)), value=value)  # [G, width]
+    device = rounds[0].rollout.completion_ids.device
+    rollout = Rollout(
+        prompt_ids.to(device),
+        prompt_mask.to(device),
+        torch.cat([fit(ids, pad_id) for ids, _, _, _ in pieces]).to(device),  # [b*G, width]
+        torch.cat([fit(mask, 0) for _, mask, _, _ in pieces]).to(device),  # [b*G, width]
+        torch.cat([truncated for _, _, truncated, _ in pieces]).to(device),  # [b*G]
+        [text for *_, texts in pieces for text in texts],
+    )
+    scores = {
+        name: torch.cat([rounds[round_].scores[name][group * G : (group + 1) * G] for round_, group in chosen])
+        for name in rounds[0].scores
+    }  # name -> [B*G]
+    return RoundSample(rows, block, rollout, scores)
+
+
+# ----------------------------------------------------------------------------- Forced Rethinking
+
+
+def rethink(
+    policy,
+    tokenizer,
+    rollout: Rollout,
+    group_size: int,
+    fraction: float,
+    trigger: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+) -> tuple[Rollout, int, int]:
+    """Forced Rethinking (Wang et al. 2025, VL-Rethinker, arXiv:2504.08837, Sec. 3): a fraction of the finished
+    rollouts get `trigger` appended and generation continues from prompt + completion + trigger; the completion
+    becomes completion (EOS dropped) + trigger + continuation, which is what is scored and trained.
+
+    Eligible: completions that ended with EOS and leave room for the trigger and at least one more token within
+    max_new_tokens (the continuation's budget is what is left, so no completion exceeds L_max and dr_grpo's
+    denominator and the length rewards keep their meaning). round(fraction * eligible) of them, drawn by a
+    generator from `seed` (a resumed run draws the same), are continued in one `generate` call; a continuation cut
+    at its budget without EOS is truncated. Departure: VL-Rethinker appends the trigger to the rollouts of its
+    training data (and rewards rethinking that fixes an answer); here the rollouts of the current policy are
+    continued, as issue 16 asks. Returns (rollout, continued, eligible)."""
+    trigger_ids = tokenizer(trigger, add_special_tokens=False)["input_ids"]
+    lengths = rollout.lengths  # [n] EOS included
+    room = max_new_tokens - (lengths - 1) - len(trigger_ids)  # [n] tokens left for the continuation
+    eligible = torch.nonzero(~rollout.truncated & (room >= 1)).flatten().cpu()  # [e]
+    count = math.floor(fraction * len(eligible) + 0.5)
+    if count == 0:
+        return rollout, 0, len(eligible)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = eligible[torch.randperm(len(eligible), generator=generator)[:count]].sort().values.tolist()
+    heads = []  # each chosen completion without its EOS, then the trigger
+    for row in chosen:
+        head = rollout.completion_ids[row, : int(lengths[row]) - 1].tolist()
+        heads.append(head + trigger_ids)
+    prefixes = []
+    for row, head in zip(chosen, heads):
+        prompt = rollout.prompt_ids[row // group_size][rollout.prompt_mask[row // group_size].bool()].tolist()
+        prefixes.append(prompt + head)
+    torch.manual_seed(derived_seed(seed, 1))
+    continued = generate(
+        policy, tokenizer, prefixes, 1, max(int(room[row]) for row in chosen), temperature=temperature, top_p=top_p
+    )
+    completions = [ids[: int(n)] for ids, n in zip(rollout.completion_ids.tolist(), lengths.tolist())]
+    truncated = rollout.truncated.clone()  # [n]
+    texts = list(rollout.texts)
+    for k, (row, head) in enumerate(zip(chosen, heads)):
+        budget = int(room[row])
+        tail = continued.completion_ids[k, : int(continued.lengths[k])].tolist()  # EOS included when it ended
+        ended = bool(not continued.truncated[k]) and len(tail) <= budget
+        completions[row] = head + tail[:budget]
+        truncated[row] = not ended
+        texts[row] = tokenizer.decode(completions[row], skip_special_tokens=True)
+    width = max(len(c) for c in completions)
+    pad = tokenizer.pad_token_id
+    device = rollout.completion_ids.device
+    ids = torch.tensor([c + [pad] * (width - len(c)) for c in completions], device=device)  # [n, width]
+    mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions], device=device)  # [n, width]
+    return Rollout(rollout.prompt_ids, rollout.prompt_mask, ids, mask, truncated, texts), count, len(eligible)
+
+
+# ----------------------------------------------------------------------------- second stage (DARS, GVM)
+
+
+def pass_rates(scores: dict[str, Tensor], sizes: list[int], reward: str, threshold: float) -> Tensor:
+    """[n] float64 fraction of each group's completions whose `reward` exceeds `threshold` (a dropped, NaN score
+    counts as wrong); groups are consecutive, of `sizes`."""
+    correct = (scores[reward].nan_to_num(0.0) > threshold).double()  # [sum(sizes)]
+    group_ids = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))  # [sum(sizes)]
+    totals = torch.zeros(len(sizes), dtype=torch.float64).index_add_(0, group_ids, correct)  # [n]
+    return totals / torch.tensor(sizes, dtype=torch.float64)
+
+
+@torch.no_grad()
+def logit_gradient_norms(
+    policy, rollout: Rollout, advantages: Tensor, group_size: int, temperature: float, chunk: int
+) -> Tensor:
+    """GVM's gradient-norm estimate G_i for this rank's groups [b] (float64): the exact norm of the gradient of the
+    group's sequence-mean policy-gradient loss, -(1/G) sum_j A_j (1/L_j) sum_t log pi(o_jt), with respect to the
+    logits z (temperature-scaled) of every completion token, from one no-grad forward:
+
+        d log softmax(z)[o] / dz = e_o - pi,   so   G_i^2 = sum_j (A_j / (G L_j))^2 sum_t ||e_{o_jt} - pi_jt||^2
+
+    (the positions are distinct variables, so the squared norms add). The parameter gradient is this vector times
+    the network's Jacobian; the logit gradient is the cheap last-layer proxy of importance-sampling work
+    (Katharopoulos & Fleuret 2018, arXiv:1803.00942, Sec. 3.3). Departure: GVM-RAFT (arXiv:2505.02391) estimates
+    G_i from the parameter gradients of the accepted samples, one backward per prompt; we use this proxy to avoid
+    that backward, and the group advantages A_j of the first stage (so all-correct and all-wrong groups, which
+    carry no GRPO gradient, get G_i = 0 and gvm_allocation's min_count)."""
+    lengths = rollout.lengths  # [n]
+    squared = []  # [n] sum_t ||e_o - pi||^2 per completion
+    for start in range(0, len(lengths), chunk):
+        rows = torch.arange(start, min(start + chunk, len(lengths)))
+        prompts = rows // group_size
+        input_ids = torch.cat([rollout.prompt_ids[prompts], rollout.completion_ids[rows]], dim=1)  # [m, P+C]
+        attention = torch.cat([rollout.prompt_mask[prompts], rollout.completion_mask[rows]], dim=1)  # [m, P+C]
+        P, C = rollout.prompt_ids.shape[1], rollout.completion_ids.shape[1]
+        logits = policy(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=real_token_positions(attention),
+            use_cache=False,
+        ).logits[:, P - 1 : P + C - 1]  # [m, C, V]
+        probs = torch.softmax(logits.float() / temperature, dim=-1)  # [m, C, V] float32, as the training forward
+        chosen = probs.gather(-1, rollout.completion_ids[rows][..., None]).squeeze(-1)  # [m, C]
+        per_token = (1.0 - 2.0 * chosen + probs.pow(2).sum(-1)).double()  # [m, C] ||e_o - pi||^2
+        squared.append((per_token * rollout.completion_mask[rows]).sum(dim=1).cpu())  # [m]
+    weight = advantages.double().cpu() / (group_size * lengths.double().cpu())  # [n]
+    per_row = weight.pow(2) * torch.cat(squared)  # [n]
+    return per_row.reshape(-1, group_size).sum(dim=1).sqrt()  # [b]
+
+
+def second_stage_counts(config: GRPOConfig, rates: Tensor, grad_norms: Tensor | None) -> Tensor:
+    """[n] second-stage rollouts per prompt of the batch, the same on every rank (a function of gathered
+    statistics): DARS's extra rollouts for the hard prompts or GVM's variance-minimising counts
+    (shared.allocation), under the budget rollout.extra_budget * prompts_per_iteration * group_size.
+
+    p_i is the fraction of the prompt's first-stage completions whose algorithm.correct_reward exceeds
+    algorithm.correct_threshold; GVM's G_i is `logit_gradient_norms` on the same completions. Both come from this
+    iteration's first stage only: statistics of earlier visits of a prompt (shared.stats.PromptStatTracker) are not
+    used, since the policy has moved since and the first stage is cheap (gvm_first_stage samples per prompt)."""
+    t, r = config.train, config.rollout
+    budget = r.extra_rollouts(t.prompts_per_iteration, t.group_size)
+    cap = r.max_total(t.group_size)
+    if r.schedule == "gvm":
+        first = r.gvm_first_stage
+        return gvm_allocation(
+            rates,
+            grad_norms,
+            budget,
+            min_count=r.min_rollouts_per_prompt,
+            max_count=None if cap is None else cap - first,
+        )
+    return dars_extra_rollouts(rates, r.dars_threshold, budget, r.schedule[-2:], t.group_size, max_rollouts=cap)
+
+
+def second_stage(
+    run: Run,
+    config: GRPOConfig,
+    model,
+    tokenizer,
+    rewards: dict,
+    batch: RoundSample,
+    extra: list[int],
+    iteration: int,
+    drop_bad: bool,
+    timings: dict[str, float],
+) -> RoundSample:
+    """The batch with each prompt's `extra[g]` second-stage rollouts joined to its group: this rank generates its
+    block's (one `generate` row per extra rollout, from a seed of (seed, iteration, rank)) and scores them (each
+    reward call gets them as groups of 1); the scores are gathered (ranks hold unequal numbers). Every group is
+    then its first-stage completions followed by its extra ones; `sizes` holds the group sizes."""
+    t, s = config.train, config.sampling
+    G = len(batch.scores[next(iter(batch.scores))]) // len(batch.rows)  # the first stage's group size
+    block, first = batch.block, batch.rollout
+    local = [g for g in block for _ in range(extra[g])]  # the global group of each extra rollout of this rank
+    scores_local, failure, rollout = None, None, None
+    if local:
+        clock = time.perf_counter()
+        torch.manual_seed(derived_seed(t.seed, iteration, run.rank, 3))
+        with run.unwrapped_for_generation(model) as policy:
+            rollout = generate(
+                policy,
+                tokenizer,
+                [batch.rows[g]["_ids"] for g in local],
+                1,
+                s.max_new_tokens,
+                temperature=s.temperature,
+                top_p=s.top_p,
+            )
+        timings["time/rollout"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        try:
+            scores_local = score(
+                rewards,
+                [batch.rows[g]["_text"] for g in local],
+                rollout,
+                [{k: v for k, v in batch.rows[g].items() if not k.startswith("_")} for g in local],
+                1,
+                iteration,
+                s.max_new_tokens,
+                drop_bad,
+                first_index=len(batch.scores[next(iter(batch.scores))]) + sum(extra[: block.start]),
+            )
+        except RewardError as error:
+            failure = str(error)
+        timings["time/reward"] += time.perf_counter() - clock
+    else:  # nothing to generate here: empty scores, so the gather still lines up
+        scores_local = {name: torch.zeros(0, dtype=values.dtype) for name, values in batch.scores.items()}
+    extra_scores = gathered_scores(run, scores_local, failure, uneven=True)  # name -> [sum(extra)]
+    sizes = [G + e for e in extra]
+    ends = torch.tensor(extra).cumsum(0).tolist()  # [n]
+    scores = {
+        name: torch.cat(
+            [
+                torch.cat([batch.scores[name][g * G : (g + 1) * G], extra_scores[name][ends[g] - extra[g] : ends[g]]])
+                for g in range(len(sizes))
+            ]
+        )
+        for name in batch.scores
+    }  # name -> [sum(sizes)]
+    if rollout is None:
+        return RoundSample(batch.rows, block, first, scores, sizes=sizes)
+    # this rank's rows, group by group: the first stage's G, then its extra ones
+    width = max(first.completion_ids.shape[1], rollout.completion_ids.shape[1])
+    fit = lambda x, value: F.pad(x, (0, width - x.shape[1]), value=value)  # [m, width]
+    ids, mask = fit(first.completion_ids, tokenizer.pad_token_id), fit(first.completion_mask, 0)
+    more_ids, more_mask = fit(rollout.completion_ids, tokenizer.pad_token_id), fit(rollout.completion_mask, 0)
+    order, texts, position = [], [], 0  # order: indices into cat(first rows, extra rows)
+    for local_group, g in enumerate(block):
+        order += list(range(local_group * G, (local_group + 1) * G))
+        order += [len(first.texts) + position + k for k in range(extra[g])]
+        texts += first.texts[local_group * G : (local_group + 1) * G] + rollout.texts[position : position + extra[g]]
+        position += extra[g]
+    order_t = torch.tensor(order, device=ids.device)
+    merged = Rollout(
+        first.prompt_ids,
+        first.prompt_mask,
+        torch.cat([ids, more_ids])[order_t],  # [sum(local sizes), width]
+        torch.cat([mask, more_mask])[order_t],  # [sum(local sizes), width]
+        torch.cat([first.truncated, rollout.truncated])[order_t],  # [sum(local sizes)]
+        texts,
+    )
+    return RoundSample(batch.rows, block, merged, scores, sizes=sizes)
+
+
+# ----------------------------------------------------------------------------- Selective Sample Replay
+
+REPLAY_SCALARS = {"advantage": torch.float32, "truncated": torch.bool, "index": torch.int64}
+REPLAY_SEQUENCES = {"prompt": torch.int64, "completion": torch.int64, "token_advantage": torch.float32}
+REPLAY_CONSTANT = {"token_advantage": ("advantage", "completion")}  # saved as the scalar while it is constant
+
+
+def replay_buffer(config: GRPOConfig) -> ReplayBuffer:
+    """algorithm.replay=ssr's buffer: per sample its prompt and completion token ids (unpadded, EOS included), its
+    advantages per completion token and as one value (which decides admission and the replay probability), whether
+    it was truncated, and its training row's index (to read).
+
+    A replayed sample trains with its stored advantages (from the batch it was sampled in) and old log-probs
+    recomputed by the update under the current policy, like every row: its ratio starts at 1, so the clip bounds
+    the step from the current policy, not from the older one that sampled it. Storing the sampling policy's
+    log-probs instead was not done (what VL-Rethinker's code does here was not checked); recomputing keeps the
+    buffer to token ids and advantages. While every entry's per-token advantages are its one value repeated (the
+    sequence-level objectives), the saved state holds only that value (`ReplayBuffer` constant_fields)."""
+    return ReplayBuffer(
+        config.replay.size,
+        REPLAY_SCALARS,
+        REPLAY_SEQUENCES,
+        "advantage",
+        config.replay.alpha,
+        constant_fields=REPLAY_CONSTANT,
+    )
+
+
+def replay_entries(
+    run: Run, rollout: Rollout, sizes: list[int], token_advantages: Tensor, rows: list[dict]
+) -> list[dict]:
+    """Every rank's samples with their advantages (`token_advantages` [n, C] this rank's, 0 for what trains on
+    nothing) as buffer entries, gathered in rank order so every rank's buffer receives the same; `rows` are this
+    rank's prompt rows and `sizes` its group sizes. An entry's one advantage is its completion tokens' value when
+    they all hold the same (a sequence-level advantage), else their mean."""
+    entries = []
+    row_group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).tolist()
+    lengths = rollout.lengths.tolist()
+    for i, length in enumerate(lengths):
+        values = token_advantages[i, :length].cpu()  # [L_i]
+        if not bool(values.any()):
+            continue  # the buffer would refuse it anyway; nothing to pickle
+        constant = bool((values == values[0]).all())
+        g = row_group[i]
+        entries.append(
+            {
+                "advantage": (values[0] if constant else values.double().mean()).to(torch.float32),
+                "truncated": rollout.truncated[i].cpu().clone(),
+                "index": torch.tensor(rows[g]["_index"], dtype=torch.int64),
+                "prompt": rollout.prompt_ids[g][rollout.prompt_mask[g].bool()].cpu(),
+                "completion": rollout.completion_ids[i, :length].cpu(),
+                "token_advantage": values.to(torch.float32),
+            }
+        )
+    return run.gather_objects(entries)
+
+
+def with_replayed(rollout: Rollout, token_advantages: Tensor, drawn: list[dict], pad_id: int) -> tuple[Rollout, Tensor]:
+    """This rank's rollout and its per-token advantages [n, C] with the replayed samples `drawn` appended, each as a
+    group of one (its own prompt) with its stored advantages: ([n+k] rollout, [n+k, width])."""
+    if not drawn:
+        return rollout, token_advantages
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(rollout.prompt_ids.cpu(), rollout.prompt_mask.cpu())]
+    prompt_ids, prompt_mask = pad_left(prompts + [entry["prompt"].tolist() for entry in drawn], pad_id)  # [b+k, P]
+    width = max(rollout.completion_ids.shape[1], max(len(entry["completion"]) for entry in drawn))
+    device = rollout.completion_ids.device
+    grow = width - rollout.completion_ids.shape[1]
+    ids = F.pad(rollout.completion_ids, (0, grow), value=pad_id)  # [n, width]
+    mask = F.pad(rollout.completion_mask, (0, grow), value=0)  # [n, width]
+    more_ids = torch.tensor(
+        [e["completion"].tolist() + [pad_id] * (width - len(e["completion"])) for e in drawn], device=device
+    )  # [k, width]
+    more_mask = torch.tensor(
+        [[1] * len(e["completion"]) + [0] * (width - len(e["completion"])) for e in drawn], device=device
+    )  # [k, width]
+    more_advantages = torch.stack(
+        [F.pad(e["token_advantage"], (0, width - len(e["token_advantage"]))) for e in drawn]
+    ).to(device)  # [k, width] 0 on padding
+    replayed = Rollout(
+        prompt_ids.to(device),
+        prompt_mask.to(device),
+        torch.cat([ids, more_ids]),
+        torch.cat([mask, more_mask]),
+        torch.cat([rollout.truncated, torch.stack([e["truncated"] for e in drawn]).to(device)]),
+        list(rollout.texts) + ["<replayed>"] * len(drawn),
+    )
+    return replayed, torch.cat([F.pad(token_advantages, (0, grow)), more_advantages])  # [n+k, width]
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclasses.dataclass
+class IterationRollout:
+    """What the rollout stage of an iteration hands to the advantage stage: the trained batch and how it was made."""
+
+    iteration: int
+    batch: RoundSample  # global rows, this rank's block and rollout, every reward's global scores, group sizes
+    sizes: list[int]  # [B] global group sizes (all the first stage's G0 without a second stage)
+    first_size: int  # G0, completions per prompt of the first stage
+    plan: RefillPlan  # the rounds sampled and the groups chosen
+    generated: int  # completion tokens generated this iteration on all ranks, EOS included
+    timings: dict[str, float]  # time/rollout, time/reward (time/update added by the update stage)
+    staged: dict  # the second stage's statistics, logged (empty without one)
+    rethink: dict  # train/rethought, train/rethink_eligible over all ranks (empty without Forced Rethinking)
+
+
+def sample_iteration(
+    run: Run, config: GRPOConfig, model, tokenizer, rewards: dict, train_rows: list[dict], iteration: int
+) -> IterationRollout:
+    """The rollout stage: one round of B prompts, or more under refill (`refill`), each rank sampling its block of
+    whole groups and every reward's values gathered; then each rank's block of the chosen groups (`assemble_batch`),
+    and the second stage when rollout.schedule asks for one (`staged_batch`)."""
+    t, a, r = config.train, config.algorithm, config.rollout
+    drop_bad = config.reward.on_bad_score == "drop"
+    G0 = r.first_stage_size(t.group_size)  # rollouts per prompt of the first stage
+    timings = {"time/rollout": 0.0, "time/reward": 0.0}
+    rounds: list[RoundSample] = []
+    taken: set[int] = set()  # the first round's rows, which later rounds leave out
+
+    def sample(round_: int, count: int) -> Tensor:
+        if round_ == 0:
+            rows = iteration_rows(train_rows, iteration, count, t.seed)  # the global batch
+            taken.update(row["_index"] for row in rows)
+        else:
+            drawn = sum(len(earlier.rows) for earlier in rounds[1:])  # by the earlier refill rounds
+            rows = refill_rows(train_rows, iteration, drawn, count, t.seed, taken)
+        rounds.append(
+            sample_round(run, config, model, tokenizer, rewards, rows, iteration, round_, drop_bad, timings, G0)
+        )
+        return informative_groups(rounds[-1].scores, config.reward.weights, G0)  # [count]
+
+    plan = refill(sample, t.prompts_per_iteration, a.refill_rounds, multiple=run.world)
+    generated = sum(int(one.rollout.lengths.sum()) for one in rounds)  # this rank's tokens, every round
+    batch = assemble_batch(run, rounds, plan.chosen, G0, tokenizer.pad_token_id)
+    staged = {}
+    if r.two_stage:
+        first_stage_tokens = int(batch.rollout.lengths.sum())  # this rank's, redistributed under refill
+        batch, staged = staged_batch(run, config, model, tokenizer, rewards, batch, iteration, timings, G0)
+        generated += int(batch.rollout.lengths.sum()) - first_stage_tokens  # its second-stage tokens
+    generated = int(run.sum(generated))  # all ranks
+    if a.filter_zero_std == "refill" and plan.informative < t.prompts_per_iteration:
+        run.print(
+            f"iteration {iteration + 1}: refill found {plan.informative} informative groups of "
+            f"{t.prompts_per_iteration} in {plan.rounds} more round(s) (algorithm.max_refill_rounds); "
+            f"training on those"
+        )
+    rethink = {}
+    if r.rethink_fraction > 0:  # over the iteration's first-stage rounds, all ranks
+        rethink["train/rethought"] = int(run.sum(sum(one.rethought for one in rounds)))
+        rethink["train/rethink_eligible"] = int(run.sum(sum(one.rethink_eligible for one in rounds)))
+    sizes = batch.sizes or [t.group_size] * len(batch.rows)  # [B] global group sizes
+    return IterationRollout(iteration, batch, sizes, G0, plan, generated, timings, staged, rethink)
+
+
+def staged_batch(
+    run: Run,
+    config: GRPOConfig,
+    model,
+    tokenizer,
+    rewards: dict,
+    batch: RoundSample,
+    iteration: int,
+    timings: dict[str, float],
+    G0: int,
+) -> tuple[RoundSample, dict]:
+    """DARS / GVM: more rollouts on the batch's own prompts (`second_stage`), their counts decided from gathered
+    statistics (`second_stage_counts`); returns the batch and the statistics logged."""
+    t, a, r, s = config.train, config.algorithm, config.rollout, config.sampling
+    drop_bad = config.reward.on_bad_score == "drop"
+    rates = pass_rates(batch.scores, [G0] * len(batch.rows), a.correct_reward, a.correct_threshold)  # [B]
+    grad_norms, staged = None, {}
+    if r.schedule == "gvm":
+        first_advantages, _ = compose_rewards(
+            batch.scores,
+            config.reward.weights,
+            torch.arange(len(batch.rows) * G0) // G0,
+            scale=a.scale,
+            nan_policy="mask" if drop_bad else "raise",
+        )  # [B*G0]
+        own_first = slice(batch.block.start * G0, batch.block.stop * G0)
+        with run.unwrapped_for_generation(model) as policy:
+            local_norms = logit_gradient_norms(
+                policy,
+                batch.rollout,
+                first_advantages[own_first].to(run.device),
+                G0,
+                s.temperature,
+                t.micro_batch_size,
+            )  # [b]
+        grad_norms = run.gather(local_norms.to(run.device)).cpu()  # [B] float64
+        staged["rollout/grad_norms"] = grad_norms.tolist()
+    extra = second_stage_counts(config, rates, grad_norms).tolist()  # [B]
+    staged.update({"rollout/pass_rates": rates.tolist(), "rollout/extra": extra})
+    batch = second_stage(run, config, model, tokenizer, rewards, batch, extra, iteration, drop_bad, timings)
+    return batch, staged
