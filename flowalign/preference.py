@@ -31,38 +31,31 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script (accelerate launch flowalign/preference.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from tqdm.auto import tqdm
 
-from flowalign import samplers
+from flowalign import plan, samplers
 from flowalign.adapters import CachedPromptEncoder
+from flowalign.command import RecipeCommand, script_main
 from flowalign.config import EMBEDDED_MODEL, FlowPreferenceConfig
+from flowalign.data import draw_prompts, read_image, read_pairs_file, read_prompts
+from flowalign.evaluation import evaluate, load_rewards, score
 from flowalign.lora import reference_model
-from flowalign.rewards.plugins import check_rewards_on_dummy_batch
-from flowalign.train import (
-    _fmt,
-    draw_prompts,
-    evaluate,
-    finish_run,
+from flowalign.model import (
     iteration_generator,
     load_adapter,
-    load_rewards,
     make_policy,
     plain_transformer,
-    read_prompts,
-    recipe_main,
     sample_noise,
     save_training_checkpoint,
-    score,
     velocity_fn_for,
 )
+from flowalign.report import finish_run, format_eval
+from flowalign.rewards.plugins import check_rewards_on_dummy_batch
+from flowalign.toy import ensure_digits_pipeline
 from shared.config import ConfigError
 from shared.preference import (
     FLOW_PREFERENCE_LOSSES,
@@ -88,71 +81,6 @@ class Pairs:
 
     def __len__(self) -> int:
         return len(self.pair_id)
-
-
-# ------------------------------------------------------------------------------ pairs from a file
-@dataclasses.dataclass
-class PairRecord:
-    line: int
-    prompt: str
-    winner: Path
-    loser: Path
-
-
-def _read_image(path: Path) -> torch.Tensor:
-    """[3, H, W] in [0, 1]; PIL's errors propagate (the caller names the line)."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as image:
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3]
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
-
-
-def read_pairs_file(path: str) -> tuple[list[PairRecord], tuple[int, int]]:
-    """Read and check every line of data.pairs_file: (records, (H, W) of the images). A line that is not a JSON
-    object with a non-empty "prompt" and "winner"/"loser" image paths (relative to the file) that open as images
-    of one size, the same on every line, is a ConfigError naming the line."""
-    field = "config field 'data.pairs_file'"
-    source = Path(path).expanduser()
-    try:
-        text = source.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{field}: cannot read {path} ({error}); give a UTF-8 jsonl file") from None
-    records, size = [], None
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        where = f"{field}: {path} line {number}"
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{where}: not JSON ({error.msg}); write one object per line") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "winner", "loser")):
-            raise ConfigError(f'{where}: needs string fields "prompt", "winner" and "loser"')
-        if not row["prompt"].strip():
-            raise ConfigError(f"{where}: empty prompt; give the prompt the images were made for")
-        images = {}
-        for side in ("winner", "loser"):
-            image_path = source.parent / row[side]
-            if not image_path.is_file():
-                raise ConfigError(f"{where}: {side} image {row[side]!r} not found next to the file")
-            try:
-                images[side] = _read_image(image_path)
-            except Exception as error:  # PIL raises several kinds for a broken file
-                raise ConfigError(f"{where}: {side} image {row[side]!r} is unreadable ({error})") from None
-        shapes = {side: tuple(image.shape[1:]) for side, image in images.items()}
-        if shapes["winner"] != shapes["loser"]:
-            raise ConfigError(f"{where}: winner is {shapes['winner']} and loser {shapes['loser']} pixels; sizes differ")
-        if size is not None and shapes["winner"] != size:
-            raise ConfigError(f"{where}: images are {shapes['winner']} pixels, earlier lines {size}; use one size")
-        size = shapes["winner"]
-        records.append(
-            PairRecord(number, row["prompt"].strip(), source.parent / row["winner"], source.parent / row["loser"])
-        )
-    if not records:
-        raise ConfigError(f"{field}: {path} holds no pairs; write one JSON object per line")
-    return records, size
 
 
 def encode_images(adapter, images: torch.Tensor) -> torch.Tensor:
@@ -229,8 +157,8 @@ def file_pairs(config, run, adapter, rewards, records, chosen: list[int], first:
     """This rank's block of the iteration's pairs from data.pairs_file (records[chosen]), encoded; scored by the
     rewards for smpo's label (diffusion_dpo needs no scores: NaN)."""
     mine = [records[i] for i in chosen]
-    winner = torch.stack([_read_image(r.winner) for r in mine])  # [B, 3, H, W]
-    loser = torch.stack([_read_image(r.loser) for r in mine])  # [B, 3, H, W]
+    winner = torch.stack([read_image(r.winner) for r in mine])  # [B, 3, H, W]
+    loser = torch.stack([read_image(r.loser) for r in mine])  # [B, 3, H, W]
     reward_winner = reward_loser = torch.full((len(mine),), math.nan)  # [B]
     if config.algorithm.name == "smpo":
         texts = [r.prompt for r in mine]
@@ -361,7 +289,7 @@ def update(config, run, adapter, optimizer, params, embeds, pairs: Pairs, total_
 
 def save_pairs_record(run: Run, path: Path, pairs: Pairs, record: dict, prompts: list[str]) -> None:
     """The first update's batch of this rank (log.save_pairs): safetensors, the prompts in its metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # only when log.save_pairs asks for the record
 
     tensors = {
         "winner": pairs.winner.float().cpu(),
@@ -393,8 +321,6 @@ def train(config: FlowPreferenceConfig, resume: bool = False, allow_config_chang
     )
     run.require_divisible(t.prompts_per_iteration, "train.prompts_per_iteration", "prompts")  # before the model loads
     if config.model.path == EMBEDDED_MODEL:  # built on first use: by the main process alone while the others wait
-        from flowalign.toy import ensure_digits_pipeline
-
         run.main_only(ensure_digits_pipeline)
     torch.manual_seed(t.seed)  # the LoRA initialisation, alike on every rank
     adapter = load_adapter(config, run.device)
@@ -458,7 +384,7 @@ def train(config: FlowPreferenceConfig, resume: bool = False, allow_config_chang
     if start == 0:
         before = evaluate_at(0)
         run.append({"iteration": 0, **before})
-        run.print(f"held-out reward before: {_fmt(before)}")
+        run.print(f"held-out reward before: {format_eval(before)}")
 
     progress = tqdm(range(start, t.iterations), desc=a.name, disable=not run.is_main, initial=start, total=t.iterations)
     record = {}
@@ -537,23 +463,14 @@ def train(config: FlowPreferenceConfig, resume: bool = False, allow_config_chang
     return finish_run(run, config, eval_prompts, before, final_eval)
 
 
-def _dry_run(config: FlowPreferenceConfig) -> None:
-    from flowalign.plan import preference_dry_run  # the planner is imported only when asked for
+COMMAND = RecipeCommand(
+    FlowPreferenceConfig,
+    train,
+    plan.preference_dry_run,
+    __doc__ or "",
+    "configs/flow/diffusion_dpo.yaml",
+    "model source, prompts, pairs file and rewards",
+)
 
-    preference_dry_run(config)
-
-
-def main(argv: list[str] | None = None) -> None:
-    recipe_main(
-        argv,
-        description=__doc__,
-        config_cls=FlowPreferenceConfig,
-        example="configs/flow/diffusion_dpo.yaml",
-        checks="model source, prompts, pairs file and rewards",
-        dry_run=_dry_run,
-        train_fn=train,
-    )
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the older command: python flowalign/preference.py --config ... (accelerate launch too)
+    script_main(COMMAND)

@@ -26,37 +26,42 @@ with the number of GPUs; here the same config gives the same run on 1 or N proce
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-from concurrent.futures import Future, ThreadPoolExecutor
 import dataclasses
-import json
 import math
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script (accelerate launch flowalign/train.py): make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from tqdm.auto import tqdm
 
-from flowalign import samplers
+from flowalign import plan, samplers
 from flowalign.adapters import CachedPromptEncoder
+from flowalign.command import RecipeCommand, script_main
 from flowalign.config import EMBEDDED_MODEL, FlowGRPOConfig
-from flowalign.lora import EMA, check_lora_targets, make_trainable, reference_model, save_lora_for_pipeline
-from flowalign.rewards.plugins import RewardError, call_reward, check_rewards_on_dummy_batch, load_reward
-from flowalign.visuals import save_image_grid
+from flowalign.data import draw_prompts, read_prompts
+from flowalign.evaluation import evaluate, load_rewards, score
+from flowalign.lora import EMA, reference_model
+from flowalign.model import (
+    iteration_generator,
+    load_adapter,
+    make_policy,
+    plain_transformer,
+    sample_noise,
+    save_training_checkpoint,
+    velocity_fn_for,
+)
+from flowalign.report import finish_run, format_eval
+from flowalign.rewards.plugins import RewardError, check_rewards_on_dummy_batch
+from flowalign.toy import ensure_digits_pipeline
 from shared.advantages import clip_advantages, compose_rewards
-from shared.checkpoint import WriteError
-from shared.config import ConfigError, describe, exit_on_config_error, load_config, read_text_file, to_dict
+from shared.config import ConfigError
 from shared.kl import gaussian_mean_kl
 from shared.losses import clipped_policy_loss
 from shared.ratio_check import METRIC as RATIO_METRIC, FirstUpdateRatioCheck, ratio_deviation
 from shared.run import Run
 from shared.runlog import plot_curves
-from shared.stats import PromptStatTracker, mean_with_standard_error, paired_gain
+from shared.stats import PromptStatTracker
 
 
 @dataclasses.dataclass
@@ -109,97 +114,6 @@ class Rollout:
         )
 
 
-def load_adapter(config: FlowGRPOConfig, device: torch.device):
-    """The pipeline adapter named by model.pipeline, loaded with from_pretrained (directory or hub id)."""
-    from flowalign import adapters
-
-    path = config.model.path
-    if path == EMBEDDED_MODEL:
-        from flowalign.toy import ensure_digits_pipeline
-
-        path = ensure_digits_pipeline()
-    adapter_class = {"sd3": adapters.SD3Adapter, "flux": getattr(adapters, "FluxAdapter", None)}[config.model.pipeline]
-    if adapter_class is None:
-        raise ConfigError("config field 'model.pipeline': the flux adapter is not available in this build; use sd3")
-    if config.model.lora:  # on a weightless copy, before the weights load
-        check_lora_targets(path, config.model.lora_targets)
-    remote = {"trust_remote_code": True} if config.model.allow_remote_code else {}  # off unless the config says so
-    return adapter_class.from_pretrained(path, dtype=getattr(torch, config.model.dtype), device=device, **remote)
-
-
-def _prompt_lines(path: str, field: str) -> list[str]:
-    text = read_text_file(
-        path, f"config field '{field}':", "give a UTF-8 text file, one prompt a line"
-    )  # missing or not UTF-8: a config error
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def read_prompts(config: FlowGRPOConfig) -> tuple[list[str], list[str]]:
-    """(training prompts, evaluation prompts). Training: data.prompts, data.prompts_file or data.prompts_dataset;
-    evaluation: data.eval_prompts, data.eval_prompts_file or data.eval_split, else the training prompts
-    (config.validate allows one source of each)."""
-    d = config.data
-    prompts = d.prompts
-    if d.prompts_file:
-        prompts = _prompt_lines(d.prompts_file, "data.prompts_file")
-    elif d.prompts_dataset:
-        from flowalign.prompts import dataset_prompts
-
-        prompts = dataset_prompts(d.prompts_dataset, d.prompts_split, d.prompts_column)
-    if not prompts:
-        raise ConfigError("config field 'data.prompts': no prompts; list some or set data.prompts_file")
-    eval_prompts = d.eval_prompts
-    if d.eval_prompts_file:
-        eval_prompts = _prompt_lines(d.eval_prompts_file, "data.eval_prompts_file")
-        if not eval_prompts:
-            raise ConfigError(
-                f"config field 'data.eval_prompts_file': {d.eval_prompts_file} holds no prompts; "
-                f"write one a line, or unset it to evaluate on the training prompts"
-            )
-    elif d.eval_split:
-        from flowalign.prompts import dataset_prompts
-
-        eval_prompts = dataset_prompts(d.prompts_dataset, d.eval_split, d.prompts_column, "data.eval_split")
-    return prompts, (eval_prompts or prompts)
-
-
-def iteration_generator(seed: int, iteration: int) -> torch.Generator:
-    """The iteration-level choices of iteration i come from (seed, i), alike on every rank: a resumed run draws
-    exactly what it would have. On the CPU, so the choices do not depend on the device either."""
-    return torch.Generator().manual_seed(seed * 1_000_000 + iteration)
-
-
-def sample_noise(device: torch.device, *keys: int | str, samples: range | list[int]) -> samplers.SampleNoise:
-    """One noise stream per sample, seeded from (keys..., global sample index)."""
-    return samplers.SampleNoise.seeded([samplers.stream_seed(*keys, i) for i in samples], device)
-
-
-def make_policy(config: FlowGRPOConfig, transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """LoRA (or full fine-tuning) with float32 trainable weights, and gradient checkpointing when asked for."""
-    m = config.model
-    params = make_trainable(transformer, m.lora, m.lora_rank, m.lora_alpha, m.lora_targets)
-    if config.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()  # diffusers: recompute each block in the backward pass
-    return params
-
-
-@contextlib.contextmanager
-def plain_transformer(run: Run, adapter):
-    """Rollouts, evaluation and the KL reference call the transformer itself, not its DDP wrapper: no gradient
-    hooks and no buffer broadcast, and peft's disable_adapters is there to call."""
-    wrapped = adapter.transformer
-    with run.unwrapped_for_generation(wrapped) as plain:
-        adapter.transformer = plain
-        try:
-            yield plain
-        finally:
-            adapter.transformer = wrapped
-
-
-def velocity_fn_for(adapter, embeds, guidance_scale: float):
-    return lambda latents, sigma: adapter.velocity(latents, sigma, embeds, guidance_scale)
-
-
 def sde_conventions(config: FlowGRPOConfig) -> samplers.SDEConventions:
     """The SDE step's conventions from the config (defaults: the official Flow-GRPO code's; README "Flow conventions")."""
     return samplers.SDEConventions(sigma_one=config.sampling.sigma_one, cps_log_prob=config.sampling.cps_log_prob)
@@ -219,13 +133,6 @@ def rescore_step(config: FlowGRPOConfig, rows, velocity: torch.Tensor):
         prev_sample=rows.next_latents,
         conventions=sde_conventions(config),
     )
-
-
-def draw_prompts(prompts: list[str], count: int, generator: torch.Generator) -> list[str]:
-    """The iteration's global prompt list (more asked than exist: go round again)."""
-    rounds = -(-count // len(prompts))
-    chosen = torch.cat([torch.randperm(len(prompts), generator=generator) for _ in range(rounds)])
-    return [prompts[i] for i in chosen[:count].tolist()]
 
 
 # ----------------------------------------------------------------------------------- rollout
@@ -361,12 +268,6 @@ def rollout(
 
 
 # ------------------------------------------------------------------------------------ reward
-def score(
-    rewards: dict, images: torch.Tensor, prompts: list[str], metadata: list[dict], allow_nonfinite: bool = False
-) -> dict[str, torch.Tensor]:
-    return {name: call_reward(name, fn, images, prompts, metadata, allow_nonfinite) for name, fn in rewards.items()}
-
-
 def per_prompt_trackers(config: FlowGRPOConfig) -> dict[str, PromptStatTracker]:
     """train.advantage_scale=per_prompt: one tracker for the weighted sum (sum_then_normalize) or one per reward
     (normalize_then_sum); {} for the other scales."""
@@ -548,134 +449,7 @@ def update(
     }
 
 
-# -------------------------------------------------------------------------------------- eval
-@torch.no_grad()
-def evaluate(
-    config: FlowGRPOConfig,
-    run: Run,
-    adapter,
-    encode,
-    rewards: dict,
-    prompts: list[str],
-    grid_path: Path | None,
-    scores_path: Path | None = None,
-) -> dict:
-    """ODE samples of the eval prompts from held-out noise, split over the ranks and gathered; mean reward per
-    reward fn (`eval/<name>`) and its standard error (`eval_se/<name>`); the image grid (at most GRID_SEEDS
-    columns) from the main process, and each sample's scores in `scores_path` (JSON, NaN as null), which the
-    end of the run pairs with the first evaluation's. Sample i (prompt i // seeds) draws its noise from
-    (eval, seed, i), so the numbers do not depend on the world size. Every rank samples the same count (the last
-    sample repeated as padding), so ranks make the same forward calls."""
-    s, seeds = config.sampling, config.data.eval_seeds
-    total = len(prompts) * seeds
-    per_rank = -(-total // run.world)
-    mine = range(run.rank * per_rank, (run.rank + 1) * per_rank)
-    index = [min(i, total - 1) for i in mine]
-    real = [i for i in mine if i < total]
-    embeds = encode(prompts)[[i // seeds for i in index]]
-    noise = adapter.initial_noise(
-        len(index), sample_noise(adapter.device, "eval", config.train.seed, samples=index).generators, s.height, s.width
-    )  # [n, C, h, w]
-    with plain_transformer(run, adapter):
-        trajectory = samplers.sample_trajectory(
-            velocity_fn_for(adapter, embeds, s.guidance_scale),
-            noise,
-            adapter.sigmas(s.eval_num_steps, s.height, s.width),
-            [],
-        )
-    images, scores, error = None, {}, None
-    if real:  # a rank holding only padding (fewer samples than ranks) scores nothing
-        images = adapter.decode(trajectory.final[: len(real)])  # [n, 3, H, W]
-        try:
-            scores = score(
-                rewards,
-                images,
-                [prompts[i // seeds] for i in real],
-                [{"split": "eval", "sample": i} for i in real],
-                allow_nonfinite=config.reward.on_bad_score == "drop",
-            )
-        except RewardError as failure:
-            error = failure
-    run.raise_together(error, RewardError)
-    gathered = run.gather_objects(
-        [(i, images[k].cpu(), {name: float(v[k]) for name, v in scores.items()}) for k, i in enumerate(real)]
-    )
-    gathered.sort(key=lambda item: item[0])  # sample order, as one process makes them
-    if grid_path is not None:
-        shown = min(seeds, GRID_SEEDS)
-        run.main_only(
-            lambda: save_image_grid(
-                torch.stack([image for i, image, _ in gathered if i % seeds < shown]),
-                rows=len(prompts),
-                path=grid_path,
-                labels=prompts,
-            )
-        )
-    values = {name: torch.tensor([item[2][name] for item in gathered]) for name in rewards}  # [P*S] each
-    if scores_path is not None:
-        run.main_only(lambda: write_eval_scores(scores_path, values))
-    metrics = {}
-    for name, value in values.items():  # dropped scores (NaN) left out
-        metrics[f"eval/{name}"], metrics[f"eval_se/{name}"], _ = mean_with_standard_error(value)
-    return metrics
-
-
-GRID_SEEDS = 8
-"""Columns of the evaluation image grid: the first seeds of each prompt (all of them are scored)."""
-
-
-def write_eval_scores(path: Path, values: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = {name: [v if math.isfinite(v) else None for v in value.tolist()] for name, value in values.items()}
-    path.write_text(json.dumps(rows))
-
-
-def read_eval_scores(path: Path) -> dict[str, torch.Tensor]:
-    rows = json.loads(path.read_text())
-    return {name: torch.tensor([float("nan") if v is None else v for v in value]) for name, value in rows.items()}
-
-
-def report_heldout(run: Run, config: FlowGRPOConfig, prompts: list[str], before: Path, after: Path) -> None:
-    """Print each eval reward before -> after, mean +- standard error, and the paired gain (same prompts, same
-    noise) with its standard error."""
-    if not (before.is_file() and after.is_file()):
-        return
-    first, last = read_eval_scores(before), read_eval_scores(after)
-    seeds = config.data.eval_seeds
-    run.print(
-        f"held-out reward, {len(prompts) * seeds} images ({len(prompts)} prompts x {seeds} held-out noise seeds), "
-        "mean +- standard error:"
-    )
-    for name in last:
-        if name not in first or first[name].shape != last[name].shape:
-            continue  # an eval reward added on resume, or the eval set changed: nothing to pair with
-        (m0, se0, _), (m1, se1, _) = mean_with_standard_error(first[name]), mean_with_standard_error(last[name])
-        gain, gain_se, n = paired_gain(first[name], last[name])
-        ratio = f", {abs(gain) / gain_se:.1f} standard errors" if gain_se > 0 else ""  # NaN or 0: no ratio to give
-        run.print(
-            f"  {name}: before {m0:.3f} +- {se0:.3f} -> after {m1:.3f} +- {se1:.3f}; "
-            f"gain {gain:+.3f} +- {gain_se:.3f} (paired over {n} images{ratio})"
-        )
-
-
 # -------------------------------------------------------------------------------------- main
-def load_rewards(config: FlowGRPOConfig) -> tuple[dict, dict]:
-    """(training rewards of reward.weights, evaluation-only rewards of eval.rewards), each call bounded by
-    reward.timeout_s (null: unbounded)."""
-    rewards = {
-        path: load_reward(path, config.reward.kwargs.get(path), timeout_s=config.reward.timeout_s)
-        for path in config.reward.weights
-    }
-    try:  # scored on the evaluation samples only
-        eval_rewards = {
-            path: load_reward(path, kwargs or None, timeout_s=config.reward.timeout_s)
-            for path, kwargs in config.eval.rewards.items()
-        }
-    except RewardError as error:  # its message names the reward; say which config field holds it
-        raise RewardError(f"eval.rewards: {error}") from None
-    return rewards, eval_rewards
-
-
 def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
     t, s, a = config.train, config.sampling, config.algorithm
     train_prompts, eval_prompts = read_prompts(config)
@@ -692,8 +466,6 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
 
     # setup: model, trainable parameters, optimizer, rewards, prompt embeddings
     if config.model.path == EMBEDDED_MODEL:  # built on first use: by the main process alone while the others wait
-        from flowalign.toy import ensure_digits_pipeline
-
         run.main_only(ensure_digits_pipeline)
     torch.manual_seed(t.seed)  # the LoRA initialisation, alike on every rank
     adapter = load_adapter(config, run.device)
@@ -768,7 +540,7 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
         )
         run.log_image("eval/images", run.out / "images" / "iter-000000.png", step=0)  # to the trackers that take one
         run.append({"iteration": 0, **history["before"]})
-        run.print(f"held-out reward before: {_fmt(history['before'])}")
+        run.print(f"held-out reward before: {format_eval(history['before'])}")
 
     drop_bad = config.reward.on_bad_score == "drop"
     # async: one worker thread scores while the main thread samples; sync: the same calls, run on submit
@@ -946,45 +718,6 @@ def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: boo
     return finish_run(run, config, eval_prompts, history.get("before"), final_eval)
 
 
-def finish_run(run: Run, config, eval_prompts: list[str], before: dict | None, final_eval: dict) -> dict:
-    """The end of a flow recipe (this one and flowalign/preference.py): held-out reward before -> after, with
-    standard errors and the paired gain from the first and last evaluations' stored scores, where the outputs
-    are; closes the run. Returns the eval/ means before (None on a resumed run) and after."""
-    if before is not None and final_eval:
-        run.print(f"held-out reward before: {_fmt(before)}")
-        run.print(f"held-out reward after : {_fmt(final_eval)}")
-    evaluations = sorted((run.out / "eval").glob("iter-*.json"))  # the first (iteration 0) and the last
-    if run.is_main and len(evaluations) >= 2 and evaluations[0].name == "iter-000000.json":
-        report_heldout(run, config, eval_prompts, evaluations[0], evaluations[-1])
-    run.print(f"metrics {run.out / 'metrics.jsonl'}, curve {run.out / 'reward_curve.png'}, images {run.out / 'images'}")
-    run.close()
-    return {"before": before and {k: v for k, v in before.items() if k.startswith("eval/")}, "after": final_eval}
-
-
-def save_training_checkpoint(
-    config, run: Run, adapter, optimizer, ema, iteration: int, trackers: dict[str, PromptStatTracker] | None = None
-) -> None:
-    model = adapter.transformer
-    states = {
-        "trainable": run.trainable_state(model),
-        "optimizer": run.optimizer_state(model, optimizer),
-        "trainer": {"iteration": iteration, "config": to_dict(config)},
-    }
-    if ema is not None:
-        states["ema"] = ema.shadow
-    if trackers:  # train.advantage_scale=per_prompt: the rewards each prompt's statistics pool (alike on all ranks)
-        states["stat_tracker"] = {name: tracker.state_dict() for name, tracker in trackers.items()}
-    writer = None
-    if config.model.lora:
-        writer = lambda tmp: save_lora_for_pipeline(
-            type(adapter.pipeline),
-            run.unwrap(model),
-            tmp / "lora",
-            states["trainable"],
-        )
-    run.save_checkpoint(iteration, states, keep_last=config.log.keep_last, extra_writer=writer)
-
-
 class _InlineExecutor:
     """The executor interface, running each call at once in the calling thread."""
 
@@ -1000,71 +733,14 @@ class _InlineExecutor:
         pass
 
 
-def _fmt(metrics: dict) -> str:
-    return ", ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in metrics.items() if k.startswith("eval/"))
+COMMAND = RecipeCommand(
+    FlowGRPOConfig,
+    train,
+    plan.dry_run,
+    __doc__ or "",
+    "configs/flow/flow_grpo.yaml",
+    "model source, prompts and rewards",
+)
 
-
-def recipe_main(argv, *, description: str, config_cls, example: str, checks: str, dry_run, train_fn) -> None:
-    """The command line of a flow recipe (this one and flowalign/preference.py): --config, --resume,
-    --allow-config-change, --describe, --dry-run and key=value overrides; user errors become one line and an exit
-    code (2 config, 3 reward, 4 training stopped, 5 write)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help=f"YAML recipe, e.g. {example}")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
-    parser.add_argument(
-        "--allow-config-change",
-        action="store_true",
-        help="with --resume: apply config changes beyond train.iterations, train.max_seconds and "
-        "log.* (refused without it)",
-    )
-    parser.add_argument("--describe", action="store_true", help="list every config field and exit")
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help=f"check the config, {checks}, print the plan and exit (no weights load)",
-    )
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=5")
-    args = parser.parse_args(argv)
-    if args.describe:
-        print("\n".join(describe(config_cls)))
-        return
-    try:
-        config = load_config(config_cls, args.config, args.overrides)
-        if args.dry_run:  # before read_prompts: a hub prompts dataset is checked by form, not downloaded
-            dry_run(config)
-            return
-        read_prompts(config)
-        train_fn(config, resume=args.resume, allow_config_change=args.allow_config_change)
-    except ConfigError as error:  # also a used log.output_dir, a bad pairs file or a batch that does not split
-        exit_on_config_error(error)
-    except WriteError as error:  # a full disk: the previous checkpoint is intact
-        print(f"write error: {error}", file=sys.stderr)
-        raise SystemExit(5) from None
-    except RewardError as error:
-        print(f"reward error: {error}", file=sys.stderr)
-        raise SystemExit(3) from None
-    except FloatingPointError as error:
-        print(f"training stopped: {error}", file=sys.stderr)
-        raise SystemExit(4) from None
-
-
-def _dry_run(config: FlowGRPOConfig) -> None:
-    from flowalign.plan import dry_run  # the planner is imported only when asked for
-
-    dry_run(config)
-
-
-def main(argv: list[str] | None = None) -> None:
-    recipe_main(
-        argv,
-        description=__doc__,
-        config_cls=FlowGRPOConfig,
-        example="configs/flow/flow_grpo.yaml",
-        checks="model source, prompts and rewards",
-        dry_run=_dry_run,
-        train_fn=train,
-    )
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the older command: python flowalign/train.py --config ... (accelerate launch too)
+    script_main(COMMAND)
