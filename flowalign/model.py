@@ -10,7 +10,9 @@ import torch
 from flowalign import adapters, samplers
 from flowalign.config import EMBEDDED_MODEL, FlowGRPOConfig
 from flowalign.toy import ensure_digits_pipeline
+from flowalign.adapters import CachedPromptEncoder
 from flowalign.lora import check_lora_targets, make_trainable, save_lora_for_pipeline
+from flowalign.rewards.plugins import check_rewards_on_dummy_batch
 from shared.config import ConfigError, to_dict
 from shared.run import Run
 from shared.stats import PromptStatTracker
@@ -89,3 +91,49 @@ def save_training_checkpoint(
             states["trainable"],
         )
     run.save_checkpoint(iteration, states, keep_last=config.log.keep_last, extra_writer=writer)
+
+
+def load_policy(config, run: Run, load) -> tuple:
+    """The pipeline (`load(config, device)`, load_adapter or a test's stand-in) with its trainable policy and
+    AdamW, prepared for the processes: (adapter, params, optimizer, latent shape). The embedded pipeline is built
+    on first use by the main process alone while the others wait; the LoRA initialisation is seeded alike on every
+    rank."""
+    t, s = config.train, config.sampling
+    if config.model.path == EMBEDDED_MODEL:
+        run.main_only(ensure_digits_pipeline)
+    torch.manual_seed(t.seed)  # the LoRA initialisation, alike on every rank
+    adapter = load(config, run.device)
+    try:
+        latent_shape = adapter.latent_shape(s.height, s.width)
+    except ValueError as error:  # a size the VAE and patching cannot take
+        raise ConfigError(f"config fields 'sampling.height', 'sampling.width': {error}") from None
+    params = make_policy(config, adapter.transformer)
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    adapter.transformer, optimizer = run.prepare(adapter.transformer, optimizer)
+    return adapter, params, optimizer, latent_shape
+
+
+def prompt_encoder(config, adapter, prompts: list[str]):
+    """prompts -> embeddings: cached once (model.offload_text_encoders, the encoders then leave the device) or
+    the adapter's encoder."""
+    return CachedPromptEncoder(adapter, prompts) if config.model.offload_text_encoders else adapter.encode_prompts
+
+
+def restore_policy(run: Run, adapter, optimizer) -> None:
+    """The trainable weights and the optimizer state of the checkpoint being resumed (run.checkpoint)."""
+    run.load_trainable(adapter.transformer, run.load("trainable"))
+    run.load_optimizer(adapter.transformer, optimizer, run.load("optimizer"))
+
+
+def check_rewards_first(config, adapter, rewards: dict, prompts: list[str]) -> None:
+    """Every reward called once on two decoded images before training (a broken reward fails in seconds)."""
+    s = config.sampling
+    first_images = adapter.decode(
+        adapter.initial_noise(2, iteration_generator(config.train.seed, -1), s.height, s.width)
+    )
+    check_rewards_on_dummy_batch(
+        rewards,
+        first_images,
+        [prompts[i % len(prompts)] for i in range(2)],
+        allow_nonfinite=config.reward.on_bad_score == "drop",
+    )

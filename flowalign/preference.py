@@ -35,27 +35,26 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from flowalign import plan, samplers
-from flowalign.adapters import CachedPromptEncoder
 from flowalign.command import RecipeCommand, script_main
-from flowalign.config import EMBEDDED_MODEL, FlowPreferenceConfig
+from flowalign.config import FlowPreferenceConfig
 from flowalign.data import draw_prompts, read_image, read_pairs_file, read_prompts
 from flowalign.evaluation import evaluate, load_rewards, score
 from flowalign.lora import reference_model
 from flowalign.model import (
+    check_rewards_first,
+    load_policy,
+    prompt_encoder,
+    restore_policy,
     iteration_generator,
     load_adapter,
-    make_policy,
     plain_transformer,
     sample_noise,
     save_training_checkpoint,
     velocity_fn_for,
 )
 from flowalign.report import finish_run, format_eval
-from flowalign.rewards.plugins import check_rewards_on_dummy_batch
-from flowalign.toy import ensure_digits_pipeline
 from shared.config import ConfigError
 from shared.preference import (
     FLOW_PREFERENCE_LOSSES,
@@ -64,8 +63,8 @@ from shared.preference import (
     flow_pair_inputs,
     smpo_label,
 )
+from shared.loop import Plan, open_run, run_loop
 from shared.run import Run
-from shared.runlog import plot_curves
 
 
 @dataclasses.dataclass
@@ -306,161 +305,160 @@ def save_pairs_record(run: Run, path: Path, pairs: Pairs, record: dict, prompts:
 
 
 # -------------------------------------------------------------------------------------- main
-def train(config: FlowPreferenceConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
-    t, s, a = config.train, config.sampling, config.algorithm
-    train_prompts, eval_prompts = read_prompts(config)
-    records, size = read_pairs_file(config.data.pairs_file) if config.data.pairs_file else (None, None)
-    run = Run(
-        config.log.output_dir,
-        resume,
-        tag="[flowalign]",
-        mixed_precision=t.mixed_precision,
-        config=config,
-        allow_config_change=allow_config_change,
-        trackers=config.log.report_to,
-    )
-    run.require_divisible(t.prompts_per_iteration, "train.prompts_per_iteration", "prompts")  # before the model loads
-    if config.model.path == EMBEDDED_MODEL:  # built on first use: by the main process alone while the others wait
-        run.main_only(ensure_digits_pipeline)
-    torch.manual_seed(t.seed)  # the LoRA initialisation, alike on every rank
-    adapter = load_adapter(config, run.device)
-    try:
-        latent_shape = adapter.latent_shape(s.height, s.width)
-    except ValueError as error:  # a size the VAE and patching cannot take
-        raise ConfigError(f"config fields 'sampling.height', 'sampling.width': {error}") from None
-    if records is not None:
-        expected = tuple(n * adapter.pipeline.vae_scale_factor for n in latent_shape[1:])
-        if size != expected:
-            raise ConfigError(
-                f"config field 'data.pairs_file': its images are {size[0]} x {size[1]} pixels, the model makes "
-                f"{expected[0]} x {expected[1]}; resize them or set sampling.height and sampling.width"
-            )
-    params = make_policy(config, adapter.transformer)
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    adapter.transformer, optimizer = run.prepare(adapter.transformer, optimizer)
-    rewards, eval_rewards = load_rewards(config)
-    pair_prompts = sorted({r.prompt for r in records}) if records is not None else []
-    encode = (
-        CachedPromptEncoder(adapter, train_prompts + eval_prompts + pair_prompts)
-        if config.model.offload_text_encoders
-        else adapter.encode_prompts
-    )
-    source = f"pairs from {config.data.pairs_file}" if records is not None else f"on-policy pairs ({a.pairs})"
-    run.print(
-        f"{a.name}: {source}, {t.prompts_per_iteration} prompts"
-        + (f" x {t.group_size} samples" if records is None else " (pairs)")
-        + f" per iteration over {run.world} process(es); {sum(p.numel() for p in params):,} trainable parameters; "
-        f"output {run.out}"
-    )
-    start = run.restore()
-    if run.checkpoint is not None:
-        run.load_trainable(adapter.transformer, run.load("trainable"))
-        run.load_optimizer(adapter.transformer, optimizer, run.load("optimizer"))
-    run.write_config(config)
-    first_images = adapter.decode(adapter.initial_noise(2, iteration_generator(t.seed, -1), s.height, s.width))
-    check_rewards_on_dummy_batch(
-        {**rewards, **eval_rewards},
-        first_images,
-        [train_prompts[i % len(train_prompts)] for i in range(2)],
-        allow_nonfinite=config.reward.on_bad_score == "drop",
-    )
-    all_rewards = {**rewards, **eval_rewards}
+@dataclasses.dataclass
+class PairBatch:
+    """One iteration's pairs as they pass from the rollout stage to the update."""
 
-    def evaluate_at(done: int) -> dict:
-        metrics = evaluate(
-            config,
-            run,
-            adapter,
-            encode,
-            all_rewards,
-            eval_prompts,
-            run.out / "images" / f"iter-{done:06d}.png",
-            run.out / "eval" / f"iter-{done:06d}.json",
+    index: int  # 0-based iteration
+    local_prompts: list[str]  # this rank's prompts (of its pairs)
+    pairs: Pairs
+    total_pairs: int  # over all ranks
+    stats: dict  # reward/... and pairs metrics
+    timings: dict[str, float]
+
+
+class FlowPreferenceRecipe:
+    """Diffusion-DPO / SmPO-Diffusion as the stages of shared.loop.run_loop: rollout (on-policy pairs, or pairs
+    from data.pairs_file) -> update."""
+
+    def __init__(self, config: FlowPreferenceConfig, train_prompts, eval_prompts, records, size):
+        self.config, self.train_prompts, self.eval_prompts = config, train_prompts, eval_prompts
+        self.records, self.size = records, size  # data.pairs_file's (None: on-policy pairs)
+
+    def setup(self, run: Run) -> Plan:
+        """Model, trainable parameters, optimizer, rewards, prompt embeddings; the checkpoint restored."""
+        config, t, a, records = self.config, self.config.train, self.config.algorithm, self.records
+        self.run = run
+        run.require_divisible(t.prompts_per_iteration, "train.prompts_per_iteration", "prompts")  # before the model
+        self.adapter, self.params, self.optimizer, latent_shape = load_policy(config, run, load_adapter)
+        if records is not None:
+            expected = tuple(n * self.adapter.pipeline.vae_scale_factor for n in latent_shape[1:])
+            if self.size != expected:
+                raise ConfigError(
+                    f"config field 'data.pairs_file': its images are {self.size[0]} x {self.size[1]} pixels, the "
+                    f"model makes {expected[0]} x {expected[1]}; resize them or set sampling.height and "
+                    f"sampling.width"
+                )
+        self.rewards, eval_rewards = load_rewards(config)
+        self.all_rewards = {**self.rewards, **eval_rewards}
+        pair_prompts = sorted({r.prompt for r in records}) if records is not None else []
+        self.encode = prompt_encoder(config, self.adapter, self.train_prompts + self.eval_prompts + pair_prompts)
+        source = f"pairs from {config.data.pairs_file}" if records is not None else f"on-policy pairs ({a.pairs})"
+        run.print(
+            f"{a.name}: {source}, {t.prompts_per_iteration} prompts"
+            + (f" x {t.group_size} samples" if records is None else " (pairs)")
+            + f" per iteration over {run.world} process(es); {sum(p.numel() for p in self.params):,} trainable "
+            f"parameters; output {run.out}"
         )
-        run.log_image("eval/images", run.out / "images" / f"iter-{done:06d}.png", step=done)
-        return metrics
+        start = run.restore()
+        if run.checkpoint is not None:
+            restore_policy(run, self.adapter, self.optimizer)
+        run.write_config(config)
+        check_rewards_first(config, self.adapter, self.all_rewards, self.train_prompts)
+        curves = [*(["reward/mean"] if records is None else []), *[f"eval/{n}" for n in self.all_rewards], "train/loss"]
+        title = f"{a.name} on {config.model.path}"
+        return Plan(start, t.iterations, a.name, t.max_seconds, curves=tuple(curves), title=title)
 
-    before = None
-    if start == 0:
-        before = evaluate_at(0)
-        run.append({"iteration": 0, **before})
-        run.print(f"held-out reward before: {format_eval(before)}")
-
-    progress = tqdm(range(start, t.iterations), desc=a.name, disable=not run.is_main, initial=start, total=t.iterations)
-    record = {}
-    for iteration in progress:
+    def rollout(self, iteration: int) -> PairBatch:
+        """The iteration's pairs: every rank draws the same global prompt (or pair) list and takes its block."""
+        config, run, t, records = self.config, self.run, self.config.train, self.records
         generator = iteration_generator(t.seed, iteration)  # shared by all ranks
         clock = time.perf_counter()
         block = run.block(t.prompts_per_iteration)
         if records is None:
-            prompts = draw_prompts(train_prompts, t.prompts_per_iteration, generator)
+            prompts = draw_prompts(self.train_prompts, t.prompts_per_iteration, generator)
             local_prompts = prompts[block.start : block.stop]
-            pairs, stats = on_policy_pairs(config, run, adapter, encode, rewards, local_prompts, block.start, iteration)
+            pairs, stats = on_policy_pairs(
+                config, run, self.adapter, self.encode, self.rewards, local_prompts, block.start, iteration
+            )
         else:
             chosen = draw_prompts(list(range(len(records))), t.prompts_per_iteration, generator)
             mine = chosen[block.start : block.stop]
             local_prompts = [records[i].prompt for i in mine]
-            pairs = file_pairs(config, run, adapter, rewards, records, mine, block.start)
+            pairs = file_pairs(config, run, self.adapter, self.rewards, records, mine, block.start)
             stats = {}
         total_pairs = int(run.sum(float(len(pairs))))
         gap = (pairs.reward_winner - pairs.reward_loser).double()  # [B]
         stats["pairs"] = total_pairs
         stats["reward/pair_gap"] = float(run.sum(float(gap.nansum())) / max(total_pairs, 1))
         timings = {"time/pairs": time.perf_counter() - clock}
+        return PairBatch(iteration, local_prompts, pairs, total_pairs, stats, timings)
 
+    def update(self, batch: PairBatch) -> dict:
+        """train.updates_per_iteration optimizer steps on the pairs (none when no pair was found: on-policy groups
+        whose samples all tie, on every rank); the first step's batch saved when log.save_pairs asks."""
+        config, run = self.config, self.run
         clock = time.perf_counter()
         metrics = {}
-        if total_pairs:  # on-policy groups whose samples all tie give no pair; no step then (on every rank)
-            embeds = encode(local_prompts)
-            adapter.transformer.train()
-            try:
-                for step in range(t.updates_per_iteration):
-                    step_metrics, batch = update(
-                        config, run, adapter, optimizer, params, embeds, pairs, total_pairs, iteration, step
-                    )
-                    if step == 0:
-                        metrics = step_metrics
-                        if config.log.save_pairs:
-                            save_pairs_record(
-                                run,
-                                run.out / "pairs" / f"iter-{iteration + 1:06d}.safetensors",
-                                pairs,
-                                batch,
-                                local_prompts,
-                            )
-            except FloatingPointError as error:
-                raise run.nan_stop(f"iteration {iteration + 1}", error) from None
-            adapter.transformer.eval()
-        timings["time/update"] = time.perf_counter() - clock
+        if batch.total_pairs:
+            embeds = self.encode(batch.local_prompts)
+            self.adapter.transformer.train()
+            for step in range(config.train.updates_per_iteration):
+                step_metrics, recorded = update(
+                    config,
+                    run,
+                    self.adapter,
+                    self.optimizer,
+                    self.params,
+                    embeds,
+                    batch.pairs,
+                    batch.total_pairs,
+                    batch.index,
+                    step,
+                )
+                if step == 0:
+                    metrics = step_metrics
+                    if config.log.save_pairs:
+                        path = run.out / "pairs" / f"iter-{batch.index + 1:06d}.safetensors"
+                        save_pairs_record(run, path, batch.pairs, recorded, batch.local_prompts)
+            self.adapter.transformer.eval()
+        batch.timings["time/update"] = time.perf_counter() - clock
+        return metrics
 
-        done = iteration + 1
-        last = run.is_last(done, t.iterations, t.max_seconds)
-        record = {
-            "iteration": done,
-            **stats,
+    def record(self, batch: PairBatch, metrics: dict) -> dict:
+        return {
+            **batch.stats,
             **{f"train/{k}": v for k, v in metrics.items()},
-            "world_size": run.world,
-            **timings,
+            "world_size": self.run.world,
+            **batch.timings,
         }
-        if run.due(done, config.log.eval_every, last):
-            record.update(evaluate_at(done))
-        run.append(record)
-        progress.set_postfix(pairs=total_pairs, loss=f"{metrics.get('loss', math.nan):.4f}")
-        if run.due(done, config.log.checkpoint_every, last):
-            save_training_checkpoint(config, run, adapter, optimizer, None, done)
-        if last:
-            break
 
-    final_eval = {k: v for k, v in record.items() if k.startswith("eval/")}
-    run.main_only(
-        lambda: plot_curves(
-            run.out / "metrics.jsonl",
-            run.out / "reward_curve.png",
-            [*(["reward/mean"] if records is None else []), *[f"eval/{n}" for n in all_rewards], "train/loss"],
-            f"{a.name} on {config.model.path}",
+    def evaluate(self, done: int) -> dict:
+        run = self.run
+        metrics = evaluate(
+            self.config,
+            run,
+            self.adapter,
+            self.encode,
+            self.all_rewards,
+            self.eval_prompts,
+            run.out / "images" / f"iter-{done:06d}.png",
+            run.out / "eval" / f"iter-{done:06d}.json",
         )
-    )
-    return finish_run(run, config, eval_prompts, before, final_eval)
+        run.log_image("eval/images", run.out / "images" / f"iter-{done:06d}.png", step=done)
+        return metrics
+
+    def report_before(self, before: dict) -> None:
+        self.run.print(f"held-out reward before: {format_eval(before)}")
+
+    def postfix(self, record: dict) -> dict:
+        return {"pairs": record["pairs"], "loss": f"{record.get('train/loss', math.nan):.4f}"}
+
+    def save(self, done: int) -> None:
+        save_training_checkpoint(self.config, self.run, self.adapter, self.optimizer, None, done)
+
+    def finish(self, before: dict, after: dict) -> dict:
+        return finish_run(self.run, self.config, self.eval_prompts, before or None, after)
+
+
+def train(config: FlowPreferenceConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
+    """Train `config` (see the module docstring); returns the held-out eval/ means before (None on a resumed
+    run) and after."""
+    train_prompts, eval_prompts = read_prompts(config)
+    records, size = read_pairs_file(config.data.pairs_file) if config.data.pairs_file else (None, None)
+    run = open_run(config, resume, allow_config_change, tag="[flowalign]")
+    recipe = FlowPreferenceRecipe(config, train_prompts, eval_prompts, records, size)
+    return run_loop(recipe, run, config.log.eval_every, config.log.checkpoint_every)
 
 
 COMMAND = RecipeCommand(

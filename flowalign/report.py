@@ -53,9 +53,10 @@ def report_heldout(run: Run, config: FlowGRPOConfig, prompts: list[str], before:
 
 
 def finish_run(run: Run, config, eval_prompts: list[str], before: dict | None, final_eval: dict) -> dict:
-    """The end of a flow recipe (this one and flowalign/preference.py): held-out reward before -> after, with
-    standard errors and the paired gain from the first and last evaluations' stored scores, where the outputs
-    are; closes the run. Returns the eval/ means before (None on a resumed run) and after."""
+    """The end of a flow recipe (flowalign/train.py and flowalign/preference.py; their `finish` for
+    shared.loop.run_loop, which then closes the run): held-out reward before -> after, with standard errors and
+    the paired gain from the first and last evaluations' stored scores, and where the outputs are. Returns the
+    eval/ means before (None on a resumed run) and after."""
     if before is not None and final_eval:
         run.print(f"held-out reward before: {format_eval(before)}")
         run.print(f"held-out reward after : {format_eval(final_eval)}")
@@ -63,5 +64,4 @@ def finish_run(run: Run, config, eval_prompts: list[str], before: dict | None, f
     if run.is_main and len(evaluations) >= 2 and evaluations[0].name == "iter-000000.json":
         report_heldout(run, config, eval_prompts, evaluations[0], evaluations[-1])
     run.print(f"metrics {run.out / 'metrics.jsonl'}, curve {run.out / 'reward_curve.png'}, images {run.out / 'images'}")
-    run.close()
     return {"before": before and {k: v for k, v in before.items() if k.startswith("eval/")}, "after": final_eval}

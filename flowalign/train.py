@@ -33,34 +33,33 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
-from tqdm.auto import tqdm
 
 from flowalign import plan, samplers
-from flowalign.adapters import CachedPromptEncoder
 from flowalign.command import RecipeCommand, script_main
-from flowalign.config import EMBEDDED_MODEL, FlowGRPOConfig
+from flowalign.config import FlowGRPOConfig
 from flowalign.data import draw_prompts, read_prompts
 from flowalign.evaluation import evaluate, load_rewards, score
 from flowalign.lora import EMA, reference_model
 from flowalign.model import (
+    check_rewards_first,
+    load_policy,
+    prompt_encoder,
+    restore_policy,
     iteration_generator,
     load_adapter,
-    make_policy,
     plain_transformer,
     sample_noise,
     save_training_checkpoint,
     velocity_fn_for,
 )
 from flowalign.report import finish_run, format_eval
-from flowalign.rewards.plugins import RewardError, check_rewards_on_dummy_batch
-from flowalign.toy import ensure_digits_pipeline
+from flowalign.rewards.plugins import RewardError
 from shared.advantages import clip_advantages, compose_rewards
-from shared.config import ConfigError
 from shared.kl import gaussian_mean_kl
 from shared.losses import clipped_policy_loss
 from shared.ratio_check import METRIC as RATIO_METRIC, FirstUpdateRatioCheck, ratio_deviation
+from shared.loop import Plan, open_run, run_loop
 from shared.run import Run
-from shared.runlog import plot_curves
 from shared.stats import PromptStatTracker
 
 
@@ -165,106 +164,132 @@ def rollout(
     noise = adapter.initial_noise(len(prompt_index), noise_source.generators, s.height, s.width)  # [n, C, h, w]
     if s.same_noise_per_group:
         noise = noise[::groups].repeat_interleave(groups, dim=0)
-    if tempflow:
+    sde_steps, trained = rollout_steps(config, window, iteration, generator)
+    parts = []
+    for chunk in torch.arange(len(prompts)).tensor_split(min(config.train.rollout_chunks, len(prompts))):
+        first, last = int(chunk[0]) * groups, (int(chunk[-1]) + 1) * groups  # this chunk's samples
+        chunk_prompts = prompt_index[first:last]  # [c]
+        if tempflow:
+            part = branch_chunk(
+                config,
+                adapter,
+                embeds,
+                noise[first:last],
+                noise_source[first:last],
+                sigmas,
+                trained,
+                chunk_prompts,
+                first_slot,
+            )
+        else:
+            part = trajectory_chunk(
+                config,
+                adapter,
+                embeds[chunk_prompts],
+                noise[first:last],
+                noise_source[first:last],
+                sigmas,
+                sde_steps,
+                trained,
+                chunk_prompts,
+                first_slot,
+                first_sample + torch.arange(first, last),
+            )
+        if on_chunk is not None:
+            on_chunk(part.final, part.prompt_index, part.sample_id)
+        parts.append(part)
+    return Rollout.cat(parts)
+
+
+def rollout_steps(config: FlowGRPOConfig, window, iteration: int, generator: torch.Generator):
+    """(the SDE steps of the sampler, the steps trained) of the iteration, alike on every rank. flow_grpo: SDE on
+    every noisy step, a random train.train_fraction of them trained; mixgrpo: the sliding window's steps, all
+    trained; tempflow: its branch steps (the SDE steps are the branches': None)."""
+    s, a = config.sampling, config.algorithm
+    if a.name == "tempflow":
         trained = samplers.select_branch_steps(
             s.num_steps,
             a.branch_steps,
             subset=a.branch_subset,
             window=window.steps(iteration, generator) if window else None,
         )
-    elif a.name == "mixgrpo":
+        return None, trained
+    if a.name == "mixgrpo":
         sde_steps = window.steps(iteration, generator)
-        trained = sde_steps
-    else:  # flow_grpo: SDE on every noisy step, train a random fraction of them
-        sde_steps = list(range(s.num_steps - 1))
-        count = max(1, math.ceil(a.train_fraction * len(sde_steps)))
-        trained = sorted(torch.randperm(len(sde_steps), generator=generator)[:count].tolist())
-    step_position = torch.zeros(s.num_steps, dtype=torch.long)  # tempflow: branch step -> its position in `trained`
-    step_position[trained] = torch.arange(len(trained))
+        return sde_steps, sde_steps
+    sde_steps = list(range(s.num_steps - 1))
+    count = max(1, math.ceil(a.train_fraction * len(sde_steps)))
+    return sde_steps, sorted(torch.randperm(len(sde_steps), generator=generator)[:count].tolist())
 
-    parts = []
-    for chunk in torch.arange(len(prompts)).tensor_split(min(config.train.rollout_chunks, len(prompts))):
-        first, last = int(chunk[0]) * groups, (int(chunk[-1]) + 1) * groups  # this chunk's samples
-        chunk_prompts = prompt_index[first:last]  # [c]
-        if tempflow:
-            tiled = lambda rows, p=chunk_prompts: embeds[p[torch.arange(rows) % len(p)]]
-            branches = samplers.branch_rollout(
-                lambda x, sigma, tiled=tiled: adapter.velocity(x, sigma, tiled(x.shape[0]), s.guidance_scale),
-                noise[first:last],
-                sigmas,
-                trained,
-                a.num_branches,
-                noise_level=s.noise_level,
-                kind=s.sde_kind,
-                generator=noise_source[first:last],
-                conventions=sde_conventions(config),
-            )
-            sample_prompt = chunk_prompts[branches.prompt_index]  # [r] one row per final sample
-            slot = first_slot + sample_prompt  # [r]
-            group_id = samplers.branch_group_ids(slot, branches.branch_step, s.num_steps)  # [r]
-            # global index: (prompt slot, branch step, branch), contiguous over the global batch
-            sample_id = (
-                slot * len(trained) + step_position[branches.branch_step]
-            ) * a.num_branches + branches.branch_index  # [r]
-            rows = StepBatch(
-                branches.latents,
-                branches.next_latents,
-                sigmas[branches.branch_step],
-                sigmas[branches.branch_step + 1],
-                branches.log_probs,
-                torch.zeros(len(group_id)),
-                sample_prompt,
-                branches.branch_step,
-            )
-            part = Rollout(
-                branches.final,
-                sample_prompt,
-                sample_id,
-                group_id,
-                rows,
-                torch.arange(len(group_id)),
-                trained,
-                branches.nfe,
-            )
-        else:
-            velocity = velocity_fn_for(adapter, embeds[chunk_prompts], s.guidance_scale)
-            trajectory = samplers.sample_trajectory(
-                velocity,
-                noise[first:last],
-                sigmas,
-                sde_steps,
-                noise_level=s.noise_level,
-                kind=s.sde_kind,
-                generator=noise_source[first:last],
-                flash_ratio=a.flash_ratio if a.name == "mixgrpo" else None,
-                conventions=sde_conventions(config),
-            )
-            row = trajectory.training_rows(trained)  # step-major rows of the trained SDE steps
-            rows = StepBatch(
-                row["latents"],
-                row["next_latents"],
-                row["sigma"],
-                row["sigma_next"],
-                row["log_prob"],
-                torch.zeros(len(row["step"])),
-                chunk_prompts[row["sample"]],
-                row["step"],
-            )
-            sample_id = first_sample + torch.arange(first, last)  # [c]
-            part = Rollout(
-                trajectory.final,
-                chunk_prompts,
-                sample_id,
-                first_slot + chunk_prompts,
-                rows,
-                row["sample"],
-                trained,
-                trajectory.nfe,
-            )
-        if on_chunk is not None:
-            on_chunk(part.final, part.prompt_index, part.sample_id)
-        parts.append(part)
-    return Rollout.cat(parts)
+
+def trajectory_chunk(
+    config, adapter, embeds, noise, noise_source, sigmas, sde_steps, trained, chunk_prompts, first_slot, sample_id
+) -> Rollout:
+    """flow_grpo / mixgrpo: one trajectory per sample (ODE steps outside `sde_steps`), its `trained` steps as rows.
+    chunk_prompts [c]: each sample's prompt index; sample_id [c]: global sample indices."""
+    s, a = config.sampling, config.algorithm
+    trajectory = samplers.sample_trajectory(
+        velocity_fn_for(adapter, embeds, s.guidance_scale),
+        noise,
+        sigmas,
+        sde_steps,
+        noise_level=s.noise_level,
+        kind=s.sde_kind,
+        generator=noise_source,
+        flash_ratio=a.flash_ratio if a.name == "mixgrpo" else None,
+        conventions=sde_conventions(config),
+    )
+    row = trajectory.training_rows(trained)  # step-major rows of the trained SDE steps
+    rows = StepBatch(
+        row["latents"],
+        row["next_latents"],
+        row["sigma"],
+        row["sigma_next"],
+        row["log_prob"],
+        torch.zeros(len(row["step"])),
+        chunk_prompts[row["sample"]],
+        row["step"],
+    )
+    group_id = first_slot + chunk_prompts  # [c] the global prompt slot
+    return Rollout(trajectory.final, chunk_prompts, sample_id, group_id, rows, row["sample"], trained, trajectory.nfe)
+
+
+def branch_chunk(config, adapter, embeds, noise, noise_source, sigmas, trained, chunk_prompts, first_slot) -> Rollout:
+    """tempflow: per prompt, one ODE trunk branching at each `trained` step into algorithm.num_branches SDE
+    branches (samplers.branch_rollout); one row (and one final sample) per branch, grouped by (slot, branch step)."""
+    s, a = config.sampling, config.algorithm
+    step_position = torch.zeros(s.num_steps, dtype=torch.long)  # branch step -> its position in `trained`
+    step_position[trained] = torch.arange(len(trained))
+    tiled = lambda rows: embeds[chunk_prompts[torch.arange(rows) % len(chunk_prompts)]]
+    branches = samplers.branch_rollout(
+        lambda x, sigma: adapter.velocity(x, sigma, tiled(x.shape[0]), s.guidance_scale),
+        noise,
+        sigmas,
+        trained,
+        a.num_branches,
+        noise_level=s.noise_level,
+        kind=s.sde_kind,
+        generator=noise_source,
+        conventions=sde_conventions(config),
+    )
+    sample_prompt = chunk_prompts[branches.prompt_index]  # [r] one row per final sample
+    slot = first_slot + sample_prompt  # [r]
+    group_id = samplers.branch_group_ids(slot, branches.branch_step, s.num_steps)  # [r]
+    # global index: (prompt slot, branch step, branch), contiguous over the global batch
+    sample_id = (slot * len(trained) + step_position[branches.branch_step]) * a.num_branches + branches.branch_index
+    rows = StepBatch(
+        branches.latents,
+        branches.next_latents,
+        sigmas[branches.branch_step],
+        sigmas[branches.branch_step + 1],
+        branches.log_probs,
+        torch.zeros(len(group_id)),
+        sample_prompt,
+        branches.branch_step,
+    )
+    return Rollout(
+        branches.final, sample_prompt, sample_id, group_id, rows, torch.arange(len(group_id)), trained, branches.nfe
+    )
 
 
 # ------------------------------------------------------------------------------------ reward
@@ -450,272 +475,272 @@ def update(
 
 
 # -------------------------------------------------------------------------------------- main
-def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
-    t, s, a = config.train, config.sampling, config.algorithm
-    train_prompts, eval_prompts = read_prompts(config)
-    run = Run(
-        config.log.output_dir,
-        resume,
-        tag="[flowalign]",
-        mixed_precision=t.mixed_precision,
-        config=config,
-        allow_config_change=allow_config_change,
-        trackers=config.log.report_to,
-    )
-    run.require_divisible(t.prompts_per_iteration, "train.prompts_per_iteration", "prompts")  # before the model loads
+@dataclasses.dataclass
+class Iteration:
+    """One iteration's batch as it passes through the stages (rollout -> reward -> advantage -> update)."""
 
-    # setup: model, trainable parameters, optimizer, rewards, prompt embeddings
-    if config.model.path == EMBEDDED_MODEL:  # built on first use: by the main process alone while the others wait
-        run.main_only(ensure_digits_pipeline)
-    torch.manual_seed(t.seed)  # the LoRA initialisation, alike on every rank
-    adapter = load_adapter(config, run.device)
-    try:
-        adapter.latent_shape(s.height, s.width)
-    except ValueError as error:  # a size the VAE and patching cannot take
-        raise ConfigError(f"config fields 'sampling.height', 'sampling.width': {error}") from None
-    params = make_policy(config, adapter.transformer)
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    adapter.transformer, optimizer = run.prepare(adapter.transformer, optimizer)
-    ema = EMA(params, t.ema_decay) if t.ema_decay else None
-    rewards, eval_rewards = load_rewards(config)
-    trackers = per_prompt_trackers(config)
-    window = None
-    if a.name == "mixgrpo" or a.branch_steps == "window":
-        window = samplers.SlidingWindow(
-            num_steps=s.num_steps - 1,
-            window_size=a.window_size,
-            stride=a.window_stride,
-            shift_interval=a.window_interval,
-            mode=a.window_mode,
-        )
-    too_long = adapter.prompts_over_context(train_prompts + eval_prompts)
-    if too_long:  # the text encoders truncate them: say so once, with a count
-        run.print(
-            f"warning: {len(too_long)} prompt(s) exceed the text encoder's context and are truncated, "
-            f"e.g. {too_long[0][:80]!r}"
-        )
-    encode = (
-        CachedPromptEncoder(adapter, train_prompts + eval_prompts)
-        if config.model.offload_text_encoders
-        else adapter.encode_prompts
-    )
-    per_prompt = t.group_size if a.name != "tempflow" else a.num_branches
-    samples_per_iteration = t.prompts_per_iteration * per_prompt
-    run.print(
-        f"{a.name}: {t.prompts_per_iteration} prompts x {per_prompt} samples = {samples_per_iteration} per "
-        f"iteration over {run.world} process(es) ({t.prompts_per_iteration // run.world} prompts each); "
-        f"{s.num_steps} steps; {sum(p.numel() for p in params):,} trainable parameters; mixed precision "
-        f"{run.accelerator.mixed_precision}; output {run.out}"
-    )
+    index: int  # 0-based iteration
+    prompts: list[str]  # the global prompt list, alike on every rank
+    first_slot: int  # global slot of this rank's first prompt
+    local_prompts: list[str]  # this rank's block of `prompts`
+    sampled: Rollout
+    jobs: list[Future]  # the reward scores of each rollout chunk, scored while the next chunk sampled
+    reward_seconds: float  # decode + scoring time spent on the main thread during the rollout
+    timings: dict[str, float]
+    scores: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # reward -> [N], the global batch
+    group_ids: torch.Tensor | None = None  # [N]
+    bad_sample: torch.Tensor | None = None  # [N] a reward gave NaN/inf: dropped
+    reward_stats: dict = dataclasses.field(default_factory=dict)
+    total_rows: int = 0  # (sample, step) rows trained, over all ranks
 
-    start = run.restore()
-    if run.checkpoint is not None:
-        run.load_trainable(adapter.transformer, run.load("trainable"))
-        run.load_optimizer(adapter.transformer, optimizer, run.load("optimizer"))
-        if ema is not None:
-            ema.shadow = [x.to(run.device) for x in run.load("ema")]
-        if trackers and (run.checkpoint / "stat_tracker.json").is_file():
-            for name, state in run.load("stat_tracker").items():
-                if name in trackers:  # rewards alone: a per_prompt_history changed on resume applies to them
-                    trackers[name].load_state_dict({"rewards": state["rewards"]})
-    run.write_config(config)
-    first_images = adapter.decode(adapter.initial_noise(2, iteration_generator(t.seed, -1), s.height, s.width))
-    check_rewards_on_dummy_batch(
-        {**rewards, **eval_rewards},
-        first_images,
-        [train_prompts[i % len(train_prompts)] for i in range(2)],
-        allow_nonfinite=config.reward.on_bad_score == "drop",
-    )
-    history = {}
-    if start == 0:
-        history["before"] = evaluate(
-            config,
-            run,
-            adapter,
-            encode,
-            {**rewards, **eval_rewards},
-            eval_prompts,
-            run.out / "images" / "iter-000000.png",
-            run.out / "eval" / "iter-000000.json",
-        )
-        run.log_image("eval/images", run.out / "images" / "iter-000000.png", step=0)  # to the trackers that take one
-        run.append({"iteration": 0, **history["before"]})
-        run.print(f"held-out reward before: {format_eval(history['before'])}")
 
-    drop_bad = config.reward.on_bad_score == "drop"
-    # async: one worker thread scores while the main thread samples; sync: the same calls, run on submit
-    scorer = ThreadPoolExecutor(max_workers=1) if config.reward.async_scoring else _InlineExecutor()
-    progress = tqdm(range(start, t.iterations), desc=a.name, disable=not run.is_main, initial=start, total=t.iterations)
-    ratio_check = FirstUpdateRatioCheck()  # warns once per run (per resumed run) when the on-policy ratio is off 1
-    record = {}
-    for iteration in progress:
-        generator = iteration_generator(t.seed, iteration)  # shared by all ranks
-        timings = {}
+class FlowGRPORecipe:
+    """Flow-GRPO / MixGRPO / TempFlow-GRPO as the stages of shared.loop.run_loop."""
 
-        # rollout: every rank draws the same global prompt list and samples its own block of whole groups;
-        # each chunk is decoded and handed to the scorer as soon as it is sampled
-        clock = time.perf_counter()
-        prompts = draw_prompts(train_prompts, t.prompts_per_iteration, generator)
-        block = run.block(len(prompts))
-        local_prompts = prompts[block.start : block.stop]
-        jobs, reward_seconds = [], [0.0]
+    def __init__(self, config: FlowGRPOConfig, train_prompts: list[str], eval_prompts: list[str]):
+        self.config, self.train_prompts, self.eval_prompts = config, train_prompts, eval_prompts
 
-        def score_chunk(final_chunk, chunk_prompt_index, chunk_sample_id):
-            started_chunk = time.perf_counter()
-            images = adapter.decode(final_chunk)  # [c, 3, H, W]
-            texts = [local_prompts[i] for i in chunk_prompt_index.tolist()]
-            metadata = [{"split": "train", "iteration": iteration + 1, "sample": i} for i in chunk_sample_id.tolist()]
-            jobs.append(
-                scorer.submit(score, rewards, images, texts, metadata, drop_bad)
-            )  # async: overlaps the next chunk
-            reward_seconds[0] += time.perf_counter() - started_chunk
-
-        with plain_transformer(run, adapter):
-            sampled = rollout(
-                config, adapter, encode, local_prompts, block.start, iteration, window, generator, on_chunk=score_chunk
+    def setup(self, run: Run) -> Plan:
+        """Model, trainable parameters, optimizer, rewards, prompt embeddings; the checkpoint restored."""
+        config, t, s, a = self.config, self.config.train, self.config.sampling, self.config.algorithm
+        self.run = run
+        run.require_divisible(t.prompts_per_iteration, "train.prompts_per_iteration", "prompts")  # before the model
+        self.adapter, self.params, self.optimizer, _ = load_policy(config, run, load_adapter)
+        self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
+        self.rewards, eval_rewards = load_rewards(config)
+        self.all_rewards = {**self.rewards, **eval_rewards}
+        self.trackers = per_prompt_trackers(config)
+        self.window = None
+        if a.name == "mixgrpo" or a.branch_steps == "window":
+            self.window = samplers.SlidingWindow(
+                num_steps=s.num_steps - 1,
+                window_size=a.window_size,
+                stride=a.window_stride,
+                shift_interval=a.window_interval,
+                mode=a.window_mode,
             )
-        timings["time/rollout"] = time.perf_counter() - clock - reward_seconds[0]
+        prompts = self.train_prompts + self.eval_prompts
+        too_long = self.adapter.prompts_over_context(prompts)
+        if too_long:  # the text encoders truncate them: say so once, with a count
+            run.print(
+                f"warning: {len(too_long)} prompt(s) exceed the text encoder's context and are truncated, "
+                f"e.g. {too_long[0][:80]!r}"
+            )
+        self.encode = prompt_encoder(config, self.adapter, prompts)
+        per_prompt = t.group_size if a.name != "tempflow" else a.num_branches
+        self.samples_per_iteration = t.prompts_per_iteration * per_prompt
+        run.print(
+            f"{a.name}: {t.prompts_per_iteration} prompts x {per_prompt} samples = {self.samples_per_iteration} per "
+            f"iteration over {run.world} process(es) ({t.prompts_per_iteration // run.world} prompts each); "
+            f"{s.num_steps} steps; {sum(p.numel() for p in self.params):,} trainable parameters; mixed precision "
+            f"{run.accelerator.mixed_precision}; output {run.out}"
+        )
+        start = run.restore()
+        if run.checkpoint is not None:
+            self.restore()
+        run.write_config(config)
+        check_rewards_first(config, self.adapter, self.all_rewards, self.train_prompts)
+        # async: one worker thread scores while the main thread samples; sync: the same calls, run on submit
+        self.scorer = ThreadPoolExecutor(max_workers=1) if config.reward.async_scoring else _InlineExecutor()
+        self.ratio_check = FirstUpdateRatioCheck()  # warns once per run (per resumed run) when the ratio is off 1
+        curves = ["reward/total/mean", *[f"eval/{name}" for name in self.all_rewards], "train/kl", "train/clip_frac"]
+        title = f"{a.name} on {config.model.path}"
+        return Plan(start, t.iterations, a.name, t.max_seconds, curves=tuple(curves), title=title)
 
-        # reward: gathered in rank order, so the advantages below see the global batch
+    def restore(self) -> None:
+        run = self.run
+        restore_policy(run, self.adapter, self.optimizer)
+        if self.ema is not None:
+            self.ema.shadow = [x.to(run.device) for x in run.load("ema")]
+        if self.trackers and (run.checkpoint / "stat_tracker.json").is_file():
+            for name, state in run.load("stat_tracker").items():
+                if name in self.trackers:  # rewards alone: a per_prompt_history changed on resume applies to them
+                    self.trackers[name].load_state_dict({"rewards": state["rewards"]})
+
+    def rollout(self, iteration: int) -> Iteration:
+        """Every rank draws the same global prompt list and samples its own block of whole groups; each chunk is
+        decoded and handed to the scorer as soon as it is sampled."""
+        config, run, t = self.config, self.run, self.config.train
+        generator = iteration_generator(t.seed, iteration)  # shared by all ranks
+        clock = time.perf_counter()
+        prompts = draw_prompts(self.train_prompts, t.prompts_per_iteration, generator)
+        block = run.block(len(prompts))
+        batch = Iteration(iteration, prompts, block.start, prompts[block.start : block.stop], None, [], 0.0, {})
+        with plain_transformer(run, self.adapter):
+            batch.sampled = rollout(
+                config,
+                self.adapter,
+                self.encode,
+                batch.local_prompts,
+                block.start,
+                iteration,
+                self.window,
+                generator,
+                on_chunk=lambda *chunk: self.score_chunk(batch, *chunk),
+            )
+        batch.timings["time/rollout"] = time.perf_counter() - clock - batch.reward_seconds
+        return batch
+
+    def score_chunk(self, batch: Iteration, final: torch.Tensor, prompt_index: torch.Tensor, sample_id: torch.Tensor):
+        """Decode a rollout chunk and submit its scoring (async: overlaps the next chunk's sampling)."""
+        started = time.perf_counter()
+        images = self.adapter.decode(final)  # [c, 3, H, W]
+        texts = [batch.local_prompts[i] for i in prompt_index.tolist()]
+        metadata = [{"split": "train", "iteration": batch.index + 1, "sample": i} for i in sample_id.tolist()]
+        drop_bad = self.config.reward.on_bad_score == "drop"
+        batch.jobs.append(self.scorer.submit(score, self.rewards, images, texts, metadata, drop_bad))
+        batch.reward_seconds += time.perf_counter() - started
+
+    def reward(self, batch: Iteration) -> Iteration:
+        """The chunks' scores, gathered in rank order, so the advantages see the global batch."""
+        run = self.run
         clock = time.perf_counter()
         chunk_scores, failure = [], None
         try:
-            chunk_scores = [job.result() for job in jobs]  # re-raises a reward's error here
+            chunk_scores = [job.result() for job in batch.jobs]  # re-raises a reward's error here
         except RewardError as error:
             failure = error
         run.raise_together(failure, RewardError)  # every rank stops together, with the failing rank's message
-        scores = {name: run.gather(torch.cat([chunk[name] for chunk in chunk_scores])) for name in rewards}  # [N] each
-        group_ids = run.gather(sampled.group_id)  # [N]
-        bad_sample = torch.stack(list(scores.values())).isnan().any(dim=0)  # [N] a reward gave NaN/inf
-        timings["time/reward"] = reward_seconds[0] + time.perf_counter() - clock  # decode + scoring not overlapped
+        batch.scores = {
+            name: run.gather(torch.cat([chunk[name] for chunk in chunk_scores])) for name in self.rewards
+        }  # [N] each
+        batch.group_ids = run.gather(batch.sampled.group_id)  # [N]
+        batch.bad_sample = torch.stack(list(batch.scores.values())).isnan().any(dim=0)  # [N] a reward gave NaN/inf
+        batch.timings["time/reward"] = batch.reward_seconds + time.perf_counter() - clock  # decode + not overlapped
+        return batch
 
-        # advantage (dropped samples: NaN rewards are masked out of the statistics and get advantage 0)
+    def advantage(self, batch: Iteration) -> Iteration:
+        """Group (or per-prompt) advantages of the global batch, this rank's rows' share; dropped samples (NaN
+        rewards) are masked out of the statistics and get advantage 0."""
+        config, t, s, a = self.config, self.config.train, self.config.sampling, self.config.algorithm
         by_prompt = t.advantage_scale == "per_prompt"  # advantages from the per-prompt trackers below
         advantages, reward_stats = compose_rewards(
-            scores,
+            batch.scores,
             config.reward.weights,
-            group_ids,
+            batch.group_ids,
             mode=config.reward.composition,
             scale="none" if by_prompt else t.advantage_scale,
-            nan_policy="mask" if drop_bad else "raise",
+            nan_policy="mask" if config.reward.on_bad_score == "drop" else "raise",
         )
         if by_prompt:  # group_ids are the global prompt slots (tempflow is refused): the samples' prompt texts
+            texts = [batch.prompts[g] for g in batch.group_ids.tolist()]
             advantages, tracked = per_prompt_advantages(
-                trackers, scores, config.reward.weights, [prompts[g] for g in group_ids.tolist()], ~bad_sample
+                self.trackers, batch.scores, config.reward.weights, texts, ~batch.bad_sample
             )
             reward_stats.update({f"per_prompt/{k}": v for k, v in tracked.items()})
-        advantages = advantages.masked_fill(bad_sample, 0.0)  # dropped from every reward, not just the bad one
-        reward_stats["dropped"] = int(bad_sample.sum())
+        advantages = advantages.masked_fill(batch.bad_sample, 0.0)  # dropped from every reward, not just the bad one
+        reward_stats["dropped"] = int(batch.bad_sample.sum())
+        batch.reward_stats = reward_stats
         advantages = clip_advantages(advantages, t.advantage_clip)  # [N]
-        mine = run.block(len(advantages))
-        batch = sampled.rows
-        batch.advantage = advantages[mine.start : mine.stop][sampled.row_sample]  # [R] this rank's rows
+        mine = self.run.block(len(advantages))
+        rows, sampled = batch.sampled.rows, batch.sampled
+        rows.advantage = advantages[mine.start : mine.stop][sampled.row_sample]  # [R] this rank's rows
         if a.noise_aware_weighting:
-            steps = sampled.trained_steps
             weights = samplers.noise_aware_weights(
-                adapter.sigmas(s.num_steps, s.height, s.width),
-                steps,
+                self.adapter.sigmas(s.num_steps, s.height, s.width),
+                sampled.trained_steps,
                 s.noise_level,
                 s.sde_kind,
                 a.noise_aware_normalization,
                 sde_conventions(config),
             )  # [K]
-            weight_of_step = torch.zeros(s.num_steps).index_copy_(0, torch.tensor(steps), weights)  # [T]
+            weight_of_step = torch.zeros(s.num_steps).index_copy_(0, torch.tensor(sampled.trained_steps), weights)
             # after advantage clipping, as TempFlow's released code (w * clip(A)); the clipped loss is linear in A
             # for a positive weight w: w * l(A) = l(w * A)
-            batch.advantage = batch.advantage * weight_of_step[batch.step]  # [R]
+            rows.advantage = rows.advantage * weight_of_step[rows.step]  # [R]
+        return batch
 
-        # update: a world-size invariant split of the rows into optimizer steps, group by group
+    def update(self, batch: Iteration) -> dict:
+        """A world-size invariant split of the rows into optimizer steps, group by group, then the steps."""
+        config, run, t, s = self.config, self.run, self.config.train, self.config.sampling
         clock = time.perf_counter()
-        row_key = sampled.sample_id[sampled.row_sample] * s.num_steps + batch.step  # [R]
+        rows, sampled = batch.sampled.rows, batch.sampled
+        row_key = sampled.sample_id[sampled.row_sample] * s.num_steps + rows.step  # [R]
         rows_of_part = update_parts(
-            row_key, block.start + batch.prompt_index, t.updates_per_iteration, t.seed, iteration
+            row_key, batch.first_slot + rows.prompt_index, t.updates_per_iteration, t.seed, batch.index
         )
-        part_rows = run.sum(torch.tensor([len(rows) for rows in rows_of_part])).long().tolist()  # [U] global counts
-        total_rows = sum(part_rows)
-        adapter.transformer.train()
-        try:
-            metrics = update(
-                config,
-                run,
-                adapter,
-                optimizer,
-                params,
-                encode(local_prompts),
-                batch,
-                list(zip(rows_of_part, part_rows)),
-                total_rows,
-            )
-        except FloatingPointError as error:
-            raise run.nan_stop(f"iteration {iteration + 1}", error) from None
-        adapter.transformer.eval()
-        if ema is not None:
-            ema.update()
-        timings["time/update"] = time.perf_counter() - clock
-        first_update_deviation = metrics.pop(RATIO_METRIC)  # already the maximum over ranks
-        warning = ratio_check.warning(first_update_deviation, f"iteration {iteration + 1}")
+        part_rows = run.sum(torch.tensor([len(r) for r in rows_of_part])).long().tolist()  # [U] global counts
+        batch.total_rows = sum(part_rows)
+        self.adapter.transformer.train()
+        metrics = update(
+            config,
+            run,
+            self.adapter,
+            self.optimizer,
+            self.params,
+            self.encode(batch.local_prompts),
+            rows,
+            list(zip(rows_of_part, part_rows)),
+            batch.total_rows,
+        )
+        self.adapter.transformer.eval()
+        if self.ema is not None:
+            self.ema.update()
+        batch.timings["time/update"] = time.perf_counter() - clock
+        warning = self.ratio_check.warning(metrics[RATIO_METRIC], f"iteration {batch.index + 1}")  # max over ranks
         if warning:
             run.print(warning)
+        return metrics
 
-        # log
-        done = iteration + 1
-        last = run.is_last(done, t.iterations, t.max_seconds)
-        record = {
-            "iteration": done,
-            **{f"reward/{k}": v for k, v in reward_stats.items()},
+    def record(self, batch: Iteration, metrics: dict) -> dict:
+        metrics = dict(metrics)
+        deviation = metrics.pop(RATIO_METRIC)
+        t = self.config.train
+        return {
+            **{f"reward/{k}": v for k, v in batch.reward_stats.items()},
             **{f"train/{k}": v for k, v in metrics.items()},
-            RATIO_METRIC: first_update_deviation,
-            "nfe/rollout": sampled.nfe,  # per process: batched velocity evaluations (CFG's doubled batch counts once)
-            "nfe/update_forward": total_rows * (2 if t.kl_beta > 0 else 1),  # per (sample, step) row; + reference
-            "nfe/update_backward": total_rows,
-            "samples": samples_per_iteration,
-            "world_size": run.world,
-            **timings,
+            RATIO_METRIC: deviation,
+            "nfe/rollout": batch.sampled.nfe,  # per process: batched velocity evaluations (CFG's batch counts once)
+            "nfe/update_forward": batch.total_rows * (2 if t.kl_beta > 0 else 1),  # per (sample, step) row; + ref
+            "nfe/update_backward": batch.total_rows,
+            "samples": self.samples_per_iteration,
+            "world_size": self.run.world,
+            **batch.timings,
         }
-        if run.due(done, config.log.eval_every, last):
-            with ema.swapped_in() if ema else contextlib.nullcontext():
-                record.update(
-                    evaluate(
-                        config,
-                        run,
-                        adapter,
-                        encode,
-                        {**rewards, **eval_rewards},
-                        eval_prompts,
-                        run.out / "images" / f"iter-{done:06d}.png",
-                        run.out / "eval" / f"iter-{done:06d}.json",
-                    )
-                )
-            run.log_image("eval/images", run.out / "images" / f"iter-{done:06d}.png", step=done)
-        run.append(record)
-        progress.set_postfix(
-            reward=f"{reward_stats['total/mean']:.3f}",
-            kl=f"{metrics.get('kl', 0):.2e}",
-            clip=f"{metrics['clip_frac']:.2f}",
-        )
 
-        # checkpoint (every rank takes part: the RNG states are gathered)
-        if run.due(done, config.log.checkpoint_every, last):
-            save_training_checkpoint(config, run, adapter, optimizer, ema, done, trackers)
-        if last:
-            break
+    def evaluate(self, done: int) -> dict:
+        """The held-out evaluation (with the EMA weights after training starts), its grid to the trackers."""
+        run = self.run
+        with self.ema.swapped_in() if self.ema and done else contextlib.nullcontext():
+            metrics = evaluate(
+                self.config,
+                run,
+                self.adapter,
+                self.encode,
+                self.all_rewards,
+                self.eval_prompts,
+                run.out / "images" / f"iter-{done:06d}.png",
+                run.out / "eval" / f"iter-{done:06d}.json",
+            )
+        run.log_image("eval/images", run.out / "images" / f"iter-{done:06d}.png", step=done)  # where taken
+        return metrics
 
-    scorer.shutdown()
-    final_eval = {k: v for k, v in record.items() if k.startswith("eval/")}
-    run.main_only(
-        lambda: plot_curves(
-            run.out / "metrics.jsonl",
-            run.out / "reward_curve.png",
-            [
-                "reward/total/mean",
-                *[f"eval/{name}" for name in [*rewards, *eval_rewards]],
-                "train/kl",
-                "train/clip_frac",
-            ],
-            f"{a.name} on {config.model.path}",
-        )
-    )
-    return finish_run(run, config, eval_prompts, history.get("before"), final_eval)
+    def report_before(self, before: dict) -> None:
+        self.run.print(f"held-out reward before: {format_eval(before)}")
+
+    def postfix(self, record: dict) -> dict:
+        return {
+            "reward": f"{record['reward/total/mean']:.3f}",
+            "kl": f"{record.get('train/kl', 0):.2e}",
+            "clip": f"{record['train/clip_frac']:.2f}",
+        }
+
+    def save(self, done: int) -> None:
+        """Every rank takes part: the RNG states are gathered."""
+        save_training_checkpoint(self.config, self.run, self.adapter, self.optimizer, self.ema, done, self.trackers)
+
+    def finish(self, before: dict, after: dict) -> dict:
+        self.scorer.shutdown()
+        return finish_run(self.run, self.config, self.eval_prompts, before or None, after)
+
+
+def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
+    """Train `config` (see the module docstring); returns the held-out eval/ means before (None on a resumed
+    run) and after."""
+    train_prompts, eval_prompts = read_prompts(config)
+    run = open_run(config, resume, allow_config_change, tag="[flowalign]")
+    recipe = FlowGRPORecipe(config, train_prompts, eval_prompts)
+    return run_loop(recipe, run, config.log.eval_every, config.log.checkpoint_every)
 
 
 class _InlineExecutor:
