@@ -19,19 +19,22 @@ import math
 from pathlib import Path
 
 from flowalign.config import EMBEDDED_MODEL, FlowGRPOConfig
+from flowalign.data import (
+    prompt_lines,
+    read_pairs_file,
+    read_prompts,
+)  # the readers training uses: same checks, same messages
+from flowalign.rewards.plugins import load_reward
+from shared.config import ConfigError
 from shared.plan import describe_source, format_plan, hub_id_problem, require_divisible, world_size
 
 
 def _prompt_source(config: FlowGRPOConfig) -> tuple[str, str]:
     """(training prompts, evaluation prompts) as plan lines; local sources are read in full."""
-    from flowalign.train import read_prompts  # the reader training uses: same checks, same messages
-
     d = config.data
     if d.prompts_dataset and not Path(d.prompts_dataset).expanduser().exists():
         problem = hub_id_problem(d.prompts_dataset)
         if problem is not None:
-            from shared.config import ConfigError
-
             raise ConfigError(
                 f"config field 'data.prompts_dataset': {d.prompts_dataset!r} is neither a local "
                 f"dataset nor a hub id ({problem}); give a file, a directory or org/name"
@@ -54,16 +57,12 @@ def _prompt_source(config: FlowGRPOConfig) -> tuple[str, str]:
 
 def read_eval_only(config: FlowGRPOConfig) -> list[str]:
     """The evaluation prompts of data.eval_prompts / data.eval_prompts_file, for a hub training dataset."""
-    from flowalign.train import _prompt_lines
-
     d = config.data
-    return _prompt_lines(d.eval_prompts_file, "data.eval_prompts_file") if d.eval_prompts_file else list(d.eval_prompts)
+    return prompt_lines(d.eval_prompts_file, "data.eval_prompts_file") if d.eval_prompts_file else list(d.eval_prompts)
 
 
 def plan_rows(config: FlowGRPOConfig) -> list[tuple[str, object]]:
     """Check the recipe (see the module docstring) and return its plan as (name, value) rows."""
-    from flowalign.rewards.plugins import load_reward
-
     m, s, a, t, r = config.model, config.sampling, config.algorithm, config.train, config.reward
     world = world_size()
     require_divisible(t.prompts_per_iteration, world, "train.prompts_per_iteration", "prompts")
@@ -134,9 +133,6 @@ def dry_run(config: FlowGRPOConfig) -> None:
 def preference_plan_rows(config) -> list[tuple[str, object]]:
     """The checks of `plan_rows` for a `FlowPreferenceConfig` (flowalign/preference.py), the pairs file read in
     full as training reads it, and its plan as (name, value) rows."""
-    from flowalign.preference import read_pairs_file
-    from flowalign.rewards.plugins import load_reward
-
     m, s, a, t, r = config.model, config.sampling, config.algorithm, config.train, config.reward
     world = world_size()
     require_divisible(t.prompts_per_iteration, world, "train.prompts_per_iteration", "prompts")

@@ -31,38 +31,30 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (accelerate launch flowalign/preference.py)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
-from tqdm.auto import tqdm
 
-from flowalign import samplers
-from flowalign.adapters import CachedPromptEncoder
-from flowalign.config import EMBEDDED_MODEL, FlowPreferenceConfig
+from flowalign import plan, samplers
+from flowalign.command import RecipeCommand, script_main
+from flowalign.config import FlowPreferenceConfig
+from flowalign.data import draw_prompts, read_image, read_pairs_file, read_prompts
+from flowalign.evaluation import evaluate, load_rewards, score
 from flowalign.lora import reference_model
-from flowalign.rewards.plugins import check_rewards_on_dummy_batch
-from flowalign.train import (
-    _fmt,
-    draw_prompts,
-    evaluate,
-    finish_run,
+from flowalign.model import (
+    check_rewards_first,
+    load_policy,
+    prompt_encoder,
+    restore_policy,
     iteration_generator,
     load_adapter,
-    load_rewards,
-    make_policy,
     plain_transformer,
-    read_prompts,
-    recipe_main,
     sample_noise,
     save_training_checkpoint,
-    score,
     velocity_fn_for,
 )
+from flowalign.report import finish_run, format_eval
 from shared.config import ConfigError
 from shared.preference import (
     FLOW_PREFERENCE_LOSSES,
@@ -71,8 +63,8 @@ from shared.preference import (
     flow_pair_inputs,
     smpo_label,
 )
+from shared.loop import Plan, open_run, run_loop
 from shared.run import Run
-from shared.runlog import plot_curves
 
 
 @dataclasses.dataclass
@@ -88,71 +80,6 @@ class Pairs:
 
     def __len__(self) -> int:
         return len(self.pair_id)
-
-
-# ------------------------------------------------------------------------------ pairs from a file
-@dataclasses.dataclass
-class PairRecord:
-    line: int
-    prompt: str
-    winner: Path
-    loser: Path
-
-
-def _read_image(path: Path) -> torch.Tensor:
-    """[3, H, W] in [0, 1]; PIL's errors propagate (the caller names the line)."""
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as image:
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # [H, W, 3]
-    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
-
-
-def read_pairs_file(path: str) -> tuple[list[PairRecord], tuple[int, int]]:
-    """Read and check every line of data.pairs_file: (records, (H, W) of the images). A line that is not a JSON
-    object with a non-empty "prompt" and "winner"/"loser" image paths (relative to the file) that open as images
-    of one size, the same on every line, is a ConfigError naming the line."""
-    field = "config field 'data.pairs_file'"
-    source = Path(path).expanduser()
-    try:
-        text = source.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{field}: cannot read {path} ({error}); give a UTF-8 jsonl file") from None
-    records, size = [], None
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        where = f"{field}: {path} line {number}"
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"{where}: not JSON ({error.msg}); write one object per line") from None
-        if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "winner", "loser")):
-            raise ConfigError(f'{where}: needs string fields "prompt", "winner" and "loser"')
-        if not row["prompt"].strip():
-            raise ConfigError(f"{where}: empty prompt; give the prompt the images were made for")
-        images = {}
-        for side in ("winner", "loser"):
-            image_path = source.parent / row[side]
-            if not image_path.is_file():
-                raise ConfigError(f"{where}: {side} image {row[side]!r} not found next to the file")
-            try:
-                images[side] = _read_image(image_path)
-            except Exception as error:  # PIL raises several kinds for a broken file
-                raise ConfigError(f"{where}: {side} image {row[side]!r} is unreadable ({error})") from None
-        shapes = {side: tuple(image.shape[1:]) for side, image in images.items()}
-        if shapes["winner"] != shapes["loser"]:
-            raise ConfigError(f"{where}: winner is {shapes['winner']} and loser {shapes['loser']} pixels; sizes differ")
-        if size is not None and shapes["winner"] != size:
-            raise ConfigError(f"{where}: images are {shapes['winner']} pixels, earlier lines {size}; use one size")
-        size = shapes["winner"]
-        records.append(
-            PairRecord(number, row["prompt"].strip(), source.parent / row["winner"], source.parent / row["loser"])
-        )
-    if not records:
-        raise ConfigError(f"{field}: {path} holds no pairs; write one JSON object per line")
-    return records, size
 
 
 def encode_images(adapter, images: torch.Tensor) -> torch.Tensor:
@@ -229,8 +156,8 @@ def file_pairs(config, run, adapter, rewards, records, chosen: list[int], first:
     """This rank's block of the iteration's pairs from data.pairs_file (records[chosen]), encoded; scored by the
     rewards for smpo's label (diffusion_dpo needs no scores: NaN)."""
     mine = [records[i] for i in chosen]
-    winner = torch.stack([_read_image(r.winner) for r in mine])  # [B, 3, H, W]
-    loser = torch.stack([_read_image(r.loser) for r in mine])  # [B, 3, H, W]
+    winner = torch.stack([read_image(r.winner) for r in mine])  # [B, 3, H, W]
+    loser = torch.stack([read_image(r.loser) for r in mine])  # [B, 3, H, W]
     reward_winner = reward_loser = torch.full((len(mine),), math.nan)  # [B]
     if config.algorithm.name == "smpo":
         texts = [r.prompt for r in mine]
@@ -361,7 +288,7 @@ def update(config, run, adapter, optimizer, params, embeds, pairs: Pairs, total_
 
 def save_pairs_record(run: Run, path: Path, pairs: Pairs, record: dict, prompts: list[str]) -> None:
     """The first update's batch of this rank (log.save_pairs): safetensors, the prompts in its metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # only when log.save_pairs asks for the record
 
     tensors = {
         "winner": pairs.winner.float().cpu(),
@@ -378,182 +305,170 @@ def save_pairs_record(run: Run, path: Path, pairs: Pairs, record: dict, prompts:
 
 
 # -------------------------------------------------------------------------------------- main
-def train(config: FlowPreferenceConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
-    t, s, a = config.train, config.sampling, config.algorithm
-    train_prompts, eval_prompts = read_prompts(config)
-    records, size = read_pairs_file(config.data.pairs_file) if config.data.pairs_file else (None, None)
-    run = Run(
-        config.log.output_dir,
-        resume,
-        tag="[flowalign]",
-        mixed_precision=t.mixed_precision,
-        config=config,
-        allow_config_change=allow_config_change,
-        trackers=config.log.report_to,
-    )
-    run.require_divisible(t.prompts_per_iteration, "train.prompts_per_iteration", "prompts")  # before the model loads
-    if config.model.path == EMBEDDED_MODEL:  # built on first use: by the main process alone while the others wait
-        from flowalign.toy import ensure_digits_pipeline
+@dataclasses.dataclass
+class PairBatch:
+    """One iteration's pairs as they pass from the rollout stage to the update."""
 
-        run.main_only(ensure_digits_pipeline)
-    torch.manual_seed(t.seed)  # the LoRA initialisation, alike on every rank
-    adapter = load_adapter(config, run.device)
-    try:
-        latent_shape = adapter.latent_shape(s.height, s.width)
-    except ValueError as error:  # a size the VAE and patching cannot take
-        raise ConfigError(f"config fields 'sampling.height', 'sampling.width': {error}") from None
-    if records is not None:
-        expected = tuple(n * adapter.pipeline.vae_scale_factor for n in latent_shape[1:])
-        if size != expected:
-            raise ConfigError(
-                f"config field 'data.pairs_file': its images are {size[0]} x {size[1]} pixels, the model makes "
-                f"{expected[0]} x {expected[1]}; resize them or set sampling.height and sampling.width"
-            )
-    params = make_policy(config, adapter.transformer)
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    adapter.transformer, optimizer = run.prepare(adapter.transformer, optimizer)
-    rewards, eval_rewards = load_rewards(config)
-    pair_prompts = sorted({r.prompt for r in records}) if records is not None else []
-    encode = (
-        CachedPromptEncoder(adapter, train_prompts + eval_prompts + pair_prompts)
-        if config.model.offload_text_encoders
-        else adapter.encode_prompts
-    )
-    source = f"pairs from {config.data.pairs_file}" if records is not None else f"on-policy pairs ({a.pairs})"
-    run.print(
-        f"{a.name}: {source}, {t.prompts_per_iteration} prompts"
-        + (f" x {t.group_size} samples" if records is None else " (pairs)")
-        + f" per iteration over {run.world} process(es); {sum(p.numel() for p in params):,} trainable parameters; "
-        f"output {run.out}"
-    )
-    start = run.restore()
-    if run.checkpoint is not None:
-        run.load_trainable(adapter.transformer, run.load("trainable"))
-        run.load_optimizer(adapter.transformer, optimizer, run.load("optimizer"))
-    run.write_config(config)
-    first_images = adapter.decode(adapter.initial_noise(2, iteration_generator(t.seed, -1), s.height, s.width))
-    check_rewards_on_dummy_batch(
-        {**rewards, **eval_rewards},
-        first_images,
-        [train_prompts[i % len(train_prompts)] for i in range(2)],
-        allow_nonfinite=config.reward.on_bad_score == "drop",
-    )
-    all_rewards = {**rewards, **eval_rewards}
+    index: int  # 0-based iteration
+    local_prompts: list[str]  # this rank's prompts (of its pairs)
+    pairs: Pairs
+    total_pairs: int  # over all ranks
+    stats: dict  # reward/... and pairs metrics
+    timings: dict[str, float]
 
-    def evaluate_at(done: int) -> dict:
-        metrics = evaluate(
-            config,
-            run,
-            adapter,
-            encode,
-            all_rewards,
-            eval_prompts,
-            run.out / "images" / f"iter-{done:06d}.png",
-            run.out / "eval" / f"iter-{done:06d}.json",
+
+class FlowPreferenceRecipe:
+    """Diffusion-DPO / SmPO-Diffusion as the stages of shared.loop.run_loop: rollout (on-policy pairs, or pairs
+    from data.pairs_file) -> update."""
+
+    def __init__(self, config: FlowPreferenceConfig, train_prompts, eval_prompts, records, size):
+        self.config, self.train_prompts, self.eval_prompts = config, train_prompts, eval_prompts
+        self.records, self.size = records, size  # data.pairs_file's (None: on-policy pairs)
+
+    def setup(self, run: Run) -> Plan:
+        """Model, trainable parameters, optimizer, rewards, prompt embeddings; the checkpoint restored."""
+        config, t, a, records = self.config, self.config.train, self.config.algorithm, self.records
+        self.run = run
+        run.require_divisible(t.prompts_per_iteration, "train.prompts_per_iteration", "prompts")  # before the model
+        self.adapter, self.params, self.optimizer, latent_shape = load_policy(config, run, load_adapter)
+        if records is not None:
+            expected = tuple(n * self.adapter.pipeline.vae_scale_factor for n in latent_shape[1:])
+            if self.size != expected:
+                raise ConfigError(
+                    f"config field 'data.pairs_file': its images are {self.size[0]} x {self.size[1]} pixels, the "
+                    f"model makes {expected[0]} x {expected[1]}; resize them or set sampling.height and "
+                    f"sampling.width"
+                )
+        self.rewards, eval_rewards = load_rewards(config)
+        self.all_rewards = {**self.rewards, **eval_rewards}
+        pair_prompts = sorted({r.prompt for r in records}) if records is not None else []
+        self.encode = prompt_encoder(config, self.adapter, self.train_prompts + self.eval_prompts + pair_prompts)
+        source = f"pairs from {config.data.pairs_file}" if records is not None else f"on-policy pairs ({a.pairs})"
+        run.print(
+            f"{a.name}: {source}, {t.prompts_per_iteration} prompts"
+            + (f" x {t.group_size} samples" if records is None else " (pairs)")
+            + f" per iteration over {run.world} process(es); {sum(p.numel() for p in self.params):,} trainable "
+            f"parameters; output {run.out}"
         )
-        run.log_image("eval/images", run.out / "images" / f"iter-{done:06d}.png", step=done)
-        return metrics
+        start = run.restore()
+        if run.checkpoint is not None:
+            restore_policy(run, self.adapter, self.optimizer)
+        run.write_config(config)
+        check_rewards_first(config, self.adapter, self.all_rewards, self.train_prompts)
+        curves = [*(["reward/mean"] if records is None else []), *[f"eval/{n}" for n in self.all_rewards], "train/loss"]
+        title = f"{a.name} on {config.model.path}"
+        return Plan(start, t.iterations, a.name, t.max_seconds, curves=tuple(curves), title=title)
 
-    before = None
-    if start == 0:
-        before = evaluate_at(0)
-        run.append({"iteration": 0, **before})
-        run.print(f"held-out reward before: {_fmt(before)}")
-
-    progress = tqdm(range(start, t.iterations), desc=a.name, disable=not run.is_main, initial=start, total=t.iterations)
-    record = {}
-    for iteration in progress:
+    def rollout(self, iteration: int) -> PairBatch:
+        """The iteration's pairs: every rank draws the same global prompt (or pair) list and takes its block."""
+        config, run, t, records = self.config, self.run, self.config.train, self.records
         generator = iteration_generator(t.seed, iteration)  # shared by all ranks
         clock = time.perf_counter()
         block = run.block(t.prompts_per_iteration)
         if records is None:
-            prompts = draw_prompts(train_prompts, t.prompts_per_iteration, generator)
+            prompts = draw_prompts(self.train_prompts, t.prompts_per_iteration, generator)
             local_prompts = prompts[block.start : block.stop]
-            pairs, stats = on_policy_pairs(config, run, adapter, encode, rewards, local_prompts, block.start, iteration)
+            pairs, stats = on_policy_pairs(
+                config, run, self.adapter, self.encode, self.rewards, local_prompts, block.start, iteration
+            )
         else:
             chosen = draw_prompts(list(range(len(records))), t.prompts_per_iteration, generator)
             mine = chosen[block.start : block.stop]
             local_prompts = [records[i].prompt for i in mine]
-            pairs = file_pairs(config, run, adapter, rewards, records, mine, block.start)
+            pairs = file_pairs(config, run, self.adapter, self.rewards, records, mine, block.start)
             stats = {}
         total_pairs = int(run.sum(float(len(pairs))))
         gap = (pairs.reward_winner - pairs.reward_loser).double()  # [B]
         stats["pairs"] = total_pairs
         stats["reward/pair_gap"] = float(run.sum(float(gap.nansum())) / max(total_pairs, 1))
         timings = {"time/pairs": time.perf_counter() - clock}
+        return PairBatch(iteration, local_prompts, pairs, total_pairs, stats, timings)
 
+    def update(self, batch: PairBatch) -> dict:
+        """train.updates_per_iteration optimizer steps on the pairs (none when no pair was found: on-policy groups
+        whose samples all tie, on every rank); the first step's batch saved when log.save_pairs asks."""
+        config, run = self.config, self.run
         clock = time.perf_counter()
         metrics = {}
-        if total_pairs:  # on-policy groups whose samples all tie give no pair; no step then (on every rank)
-            embeds = encode(local_prompts)
-            adapter.transformer.train()
-            try:
-                for step in range(t.updates_per_iteration):
-                    step_metrics, batch = update(
-                        config, run, adapter, optimizer, params, embeds, pairs, total_pairs, iteration, step
-                    )
-                    if step == 0:
-                        metrics = step_metrics
-                        if config.log.save_pairs:
-                            save_pairs_record(
-                                run,
-                                run.out / "pairs" / f"iter-{iteration + 1:06d}.safetensors",
-                                pairs,
-                                batch,
-                                local_prompts,
-                            )
-            except FloatingPointError as error:
-                raise run.nan_stop(f"iteration {iteration + 1}", error) from None
-            adapter.transformer.eval()
-        timings["time/update"] = time.perf_counter() - clock
+        if batch.total_pairs:
+            embeds = self.encode(batch.local_prompts)
+            self.adapter.transformer.train()
+            for step in range(config.train.updates_per_iteration):
+                step_metrics, recorded = update(
+                    config,
+                    run,
+                    self.adapter,
+                    self.optimizer,
+                    self.params,
+                    embeds,
+                    batch.pairs,
+                    batch.total_pairs,
+                    batch.index,
+                    step,
+                )
+                if step == 0:
+                    metrics = step_metrics
+                    if config.log.save_pairs:
+                        path = run.out / "pairs" / f"iter-{batch.index + 1:06d}.safetensors"
+                        save_pairs_record(run, path, batch.pairs, recorded, batch.local_prompts)
+            self.adapter.transformer.eval()
+        batch.timings["time/update"] = time.perf_counter() - clock
+        return metrics
 
-        done = iteration + 1
-        last = run.is_last(done, t.iterations, t.max_seconds)
-        record = {
-            "iteration": done,
-            **stats,
+    def record(self, batch: PairBatch, metrics: dict) -> dict:
+        return {
+            **batch.stats,
             **{f"train/{k}": v for k, v in metrics.items()},
-            "world_size": run.world,
-            **timings,
+            "world_size": self.run.world,
+            **batch.timings,
         }
-        if run.due(done, config.log.eval_every, last):
-            record.update(evaluate_at(done))
-        run.append(record)
-        progress.set_postfix(pairs=total_pairs, loss=f"{metrics.get('loss', math.nan):.4f}")
-        if run.due(done, config.log.checkpoint_every, last):
-            save_training_checkpoint(config, run, adapter, optimizer, None, done)
-        if last:
-            break
 
-    final_eval = {k: v for k, v in record.items() if k.startswith("eval/")}
-    run.main_only(
-        lambda: plot_curves(
-            run.out / "metrics.jsonl",
-            run.out / "reward_curve.png",
-            [*(["reward/mean"] if records is None else []), *[f"eval/{n}" for n in all_rewards], "train/loss"],
-            f"{a.name} on {config.model.path}",
+    def evaluate(self, done: int) -> dict:
+        run = self.run
+        metrics = evaluate(
+            self.config,
+            run,
+            self.adapter,
+            self.encode,
+            self.all_rewards,
+            self.eval_prompts,
+            run.out / "images" / f"iter-{done:06d}.png",
+            run.out / "eval" / f"iter-{done:06d}.json",
         )
-    )
-    return finish_run(run, config, eval_prompts, before, final_eval)
+        run.log_image("eval/images", run.out / "images" / f"iter-{done:06d}.png", step=done)
+        return metrics
+
+    def report_before(self, before: dict) -> None:
+        self.run.print(f"held-out reward before: {format_eval(before)}")
+
+    def postfix(self, record: dict) -> dict:
+        return {"pairs": record["pairs"], "loss": f"{record.get('train/loss', math.nan):.4f}"}
+
+    def save(self, done: int) -> None:
+        save_training_checkpoint(self.config, self.run, self.adapter, self.optimizer, None, done)
+
+    def finish(self, before: dict, after: dict) -> dict:
+        return finish_run(self.run, self.config, self.eval_prompts, before or None, after)
 
 
-def _dry_run(config: FlowPreferenceConfig) -> None:
-    from flowalign.plan import preference_dry_run  # the planner is imported only when asked for
-
-    preference_dry_run(config)
-
-
-def main(argv: list[str] | None = None) -> None:
-    recipe_main(
-        argv,
-        description=__doc__,
-        config_cls=FlowPreferenceConfig,
-        example="configs/flow/diffusion_dpo.yaml",
-        checks="model source, prompts, pairs file and rewards",
-        dry_run=_dry_run,
-        train_fn=train,
-    )
+def train(config: FlowPreferenceConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
+    """Train `config` (see the module docstring); returns the held-out eval/ means before (None on a resumed
+    run) and after."""
+    train_prompts, eval_prompts = read_prompts(config)
+    records, size = read_pairs_file(config.data.pairs_file) if config.data.pairs_file else (None, None)
+    run = open_run(config, resume, allow_config_change, tag="[flowalign]")
+    recipe = FlowPreferenceRecipe(config, train_prompts, eval_prompts, records, size)
+    return run_loop(recipe, run, config.log.eval_every, config.log.checkpoint_every)
 
 
-if __name__ == "__main__":
-    main()
+COMMAND = RecipeCommand(
+    FlowPreferenceConfig,
+    train,
+    plan.preference_dry_run,
+    __doc__ or "",
+    "configs/flow/diffusion_dpo.yaml",
+    "model source, prompts, pairs file and rewards",
+)
+
+if __name__ == "__main__":  # the older command: python flowalign/preference.py --config ... (accelerate launch too)
+    script_main(COMMAND)

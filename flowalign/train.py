@@ -26,37 +26,41 @@ with the number of GPUs; here the same config gives the same run on 1 or N proce
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-from concurrent.futures import Future, ThreadPoolExecutor
 import dataclasses
-import json
 import math
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script (accelerate launch flowalign/train.py): make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
-from tqdm.auto import tqdm
 
-from flowalign import samplers
-from flowalign.adapters import CachedPromptEncoder
-from flowalign.config import EMBEDDED_MODEL, FlowGRPOConfig
-from flowalign.lora import EMA, check_lora_targets, make_trainable, reference_model, save_lora_for_pipeline
-from flowalign.rewards.plugins import RewardError, call_reward, check_rewards_on_dummy_batch, load_reward
-from flowalign.visuals import save_image_grid
+from flowalign import plan, samplers
+from flowalign.command import RecipeCommand, script_main
+from flowalign.config import FlowGRPOConfig
+from flowalign.data import draw_prompts, read_prompts
+from flowalign.evaluation import evaluate, load_rewards, score
+from flowalign.lora import EMA, reference_model
+from flowalign.model import (
+    check_rewards_first,
+    load_policy,
+    prompt_encoder,
+    restore_policy,
+    iteration_generator,
+    load_adapter,
+    plain_transformer,
+    sample_noise,
+    save_training_checkpoint,
+    velocity_fn_for,
+)
+from flowalign.report import finish_run, format_eval
+from flowalign.rewards.plugins import RewardError
 from shared.advantages import clip_advantages, compose_rewards
-from shared.checkpoint import WriteError
-from shared.config import ConfigError, describe, exit_on_config_error, load_config, read_text_file, to_dict
 from shared.kl import gaussian_mean_kl
 from shared.losses import clipped_policy_loss
 from shared.ratio_check import METRIC as RATIO_METRIC, FirstUpdateRatioCheck, ratio_deviation
+from shared.loop import Plan, open_run, run_loop
 from shared.run import Run
-from shared.runlog import plot_curves
-from shared.stats import PromptStatTracker, mean_with_standard_error, paired_gain
+from shared.stats import PromptStatTracker
 
 
 @dataclasses.dataclass
@@ -109,97 +113,6 @@ class Rollout:
         )
 
 
-def load_adapter(config: FlowGRPOConfig, device: torch.device):
-    """The pipeline adapter named by model.pipeline, loaded with from_pretrained (directory or hub id)."""
-    from flowalign import adapters
-
-    path = config.model.path
-    if path == EMBEDDED_MODEL:
-        from flowalign.toy import ensure_digits_pipeline
-
-        path = ensure_digits_pipeline()
-    adapter_class = {"sd3": adapters.SD3Adapter, "flux": getattr(adapters, "FluxAdapter", None)}[config.model.pipeline]
-    if adapter_class is None:
-        raise ConfigError("config field 'model.pipeline': the flux adapter is not available in this build; use sd3")
-    if config.model.lora:  # on a weightless copy, before the weights load
-        check_lora_targets(path, config.model.lora_targets)
-    remote = {"trust_remote_code": True} if config.model.allow_remote_code else {}  # off unless the config says so
-    return adapter_class.from_pretrained(path, dtype=getattr(torch, config.model.dtype), device=device, **remote)
-
-
-def _prompt_lines(path: str, field: str) -> list[str]:
-    text = read_text_file(
-        path, f"config field '{field}':", "give a UTF-8 text file, one prompt a line"
-    )  # missing or not UTF-8: a config error
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def read_prompts(config: FlowGRPOConfig) -> tuple[list[str], list[str]]:
-    """(training prompts, evaluation prompts). Training: data.prompts, data.prompts_file or data.prompts_dataset;
-    evaluation: data.eval_prompts, data.eval_prompts_file or data.eval_split, else the training prompts
-    (config.validate allows one source of each)."""
-    d = config.data
-    prompts = d.prompts
-    if d.prompts_file:
-        prompts = _prompt_lines(d.prompts_file, "data.prompts_file")
-    elif d.prompts_dataset:
-        from flowalign.prompts import dataset_prompts
-
-        prompts = dataset_prompts(d.prompts_dataset, d.prompts_split, d.prompts_column)
-    if not prompts:
-        raise ConfigError("config field 'data.prompts': no prompts; list some or set data.prompts_file")
-    eval_prompts = d.eval_prompts
-    if d.eval_prompts_file:
-        eval_prompts = _prompt_lines(d.eval_prompts_file, "data.eval_prompts_file")
-        if not eval_prompts:
-            raise ConfigError(
-                f"config field 'data.eval_prompts_file': {d.eval_prompts_file} holds no prompts; "
-                f"write one a line, or unset it to evaluate on the training prompts"
-            )
-    elif d.eval_split:
-        from flowalign.prompts import dataset_prompts
-
-        eval_prompts = dataset_prompts(d.prompts_dataset, d.eval_split, d.prompts_column, "data.eval_split")
-    return prompts, (eval_prompts or prompts)
-
-
-def iteration_generator(seed: int, iteration: int) -> torch.Generator:
-    """The iteration-level choices of iteration i come from (seed, i), alike on every rank: a resumed run draws
-    exactly what it would have. On the CPU, so the choices do not depend on the device either."""
-    return torch.Generator().manual_seed(seed * 1_000_000 + iteration)
-
-
-def sample_noise(device: torch.device, *keys: int | str, samples: range | list[int]) -> samplers.SampleNoise:
-    """One noise stream per sample, seeded from (keys..., global sample index)."""
-    return samplers.SampleNoise.seeded([samplers.stream_seed(*keys, i) for i in samples], device)
-
-
-def make_policy(config: FlowGRPOConfig, transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """LoRA (or full fine-tuning) with float32 trainable weights, and gradient checkpointing when asked for."""
-    m = config.model
-    params = make_trainable(transformer, m.lora, m.lora_rank, m.lora_alpha, m.lora_targets)
-    if config.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()  # diffusers: recompute each block in the backward pass
-    return params
-
-
-@contextlib.contextmanager
-def plain_transformer(run: Run, adapter):
-    """Rollouts, evaluation and the KL reference call the transformer itself, not its DDP wrapper: no gradient
-    hooks and no buffer broadcast, and peft's disable_adapters is there to call."""
-    wrapped = adapter.transformer
-    with run.unwrapped_for_generation(wrapped) as plain:
-        adapter.transformer = plain
-        try:
-            yield plain
-        finally:
-            adapter.transformer = wrapped
-
-
-def velocity_fn_for(adapter, embeds, guidance_scale: float):
-    return lambda latents, sigma: adapter.velocity(latents, sigma, embeds, guidance_scale)
-
-
 def sde_conventions(config: FlowGRPOConfig) -> samplers.SDEConventions:
     """The SDE step's conventions from the config (defaults: the official Flow-GRPO code's; docs/conventions.md)."""
     return samplers.SDEConventions(sigma_one=config.sampling.sigma_one, cps_log_prob=config.sampling.cps_log_prob)
@@ -219,13 +132,6 @@ def rescore_step(config: FlowGRPOConfig, rows, velocity: torch.Tensor):
         prev_sample=rows.next_latents,
         conventions=sde_conventions(config),
     )
-
-
-def draw_prompts(prompts: list[str], count: int, generator: torch.Generator) -> list[str]:
-    """The iteration's global prompt list (more asked than exist: go round again)."""
-    rounds = -(-count // len(prompts))
-    chosen = torch.cat([torch.randperm(len(prompts), generator=generator) for _ in range(rounds)])
-    return [prompts[i] for i in chosen[:count].tolist()]
 
 
 # ----------------------------------------------------------------------------------- rollout
@@ -258,101 +164,36 @@ def rollout(
     noise = adapter.initial_noise(len(prompt_index), noise_source.generators, s.height, s.width)  # [n, C, h, w]
     if s.same_noise_per_group:
         noise = noise[::groups].repeat_interleave(groups, dim=0)
-    if tempflow:
-        trained = samplers.select_branch_steps(
-            s.num_steps,
-            a.branch_steps,
-            subset=a.branch_subset,
-            window=window.steps(iteration, generator) if window else None,
-        )
-    elif a.name == "mixgrpo":
-        sde_steps = window.steps(iteration, generator)
-        trained = sde_steps
-    else:  # flow_grpo: SDE on every noisy step, train a random fraction of them
-        sde_steps = list(range(s.num_steps - 1))
-        count = max(1, math.ceil(a.train_fraction * len(sde_steps)))
-        trained = sorted(torch.randperm(len(sde_steps), generator=generator)[:count].tolist())
-    step_position = torch.zeros(s.num_steps, dtype=torch.long)  # tempflow: branch step -> its position in `trained`
-    step_position[trained] = torch.arange(len(trained))
-
+    sde_steps, trained = rollout_steps(config, window, iteration, generator)
     parts = []
     for chunk in torch.arange(len(prompts)).tensor_split(min(config.train.rollout_chunks, len(prompts))):
         first, last = int(chunk[0]) * groups, (int(chunk[-1]) + 1) * groups  # this chunk's samples
         chunk_prompts = prompt_index[first:last]  # [c]
         if tempflow:
-            tiled = lambda rows, p=chunk_prompts: embeds[p[torch.arange(rows) % len(p)]]
-            branches = samplers.branch_rollout(
-                lambda x, sigma, tiled=tiled: adapter.velocity(x, sigma, tiled(x.shape[0]), s.guidance_scale),
+            part = branch_chunk(
+                config,
+                adapter,
+                embeds,
                 noise[first:last],
+                noise_source[first:last],
                 sigmas,
                 trained,
-                a.num_branches,
-                noise_level=s.noise_level,
-                kind=s.sde_kind,
-                generator=noise_source[first:last],
-                conventions=sde_conventions(config),
-            )
-            sample_prompt = chunk_prompts[branches.prompt_index]  # [r] one row per final sample
-            slot = first_slot + sample_prompt  # [r]
-            group_id = samplers.branch_group_ids(slot, branches.branch_step, s.num_steps)  # [r]
-            # global index: (prompt slot, branch step, branch), contiguous over the global batch
-            sample_id = (
-                slot * len(trained) + step_position[branches.branch_step]
-            ) * a.num_branches + branches.branch_index  # [r]
-            rows = StepBatch(
-                branches.latents,
-                branches.next_latents,
-                sigmas[branches.branch_step],
-                sigmas[branches.branch_step + 1],
-                branches.log_probs,
-                torch.zeros(len(group_id)),
-                sample_prompt,
-                branches.branch_step,
-            )
-            part = Rollout(
-                branches.final,
-                sample_prompt,
-                sample_id,
-                group_id,
-                rows,
-                torch.arange(len(group_id)),
-                trained,
-                branches.nfe,
+                chunk_prompts,
+                first_slot,
             )
         else:
-            velocity = velocity_fn_for(adapter, embeds[chunk_prompts], s.guidance_scale)
-            trajectory = samplers.sample_trajectory(
-                velocity,
+            part = trajectory_chunk(
+                config,
+                adapter,
+                embeds[chunk_prompts],
                 noise[first:last],
+                noise_source[first:last],
                 sigmas,
                 sde_steps,
-                noise_level=s.noise_level,
-                kind=s.sde_kind,
-                generator=noise_source[first:last],
-                flash_ratio=a.flash_ratio if a.name == "mixgrpo" else None,
-                conventions=sde_conventions(config),
-            )
-            row = trajectory.training_rows(trained)  # step-major rows of the trained SDE steps
-            rows = StepBatch(
-                row["latents"],
-                row["next_latents"],
-                row["sigma"],
-                row["sigma_next"],
-                row["log_prob"],
-                torch.zeros(len(row["step"])),
-                chunk_prompts[row["sample"]],
-                row["step"],
-            )
-            sample_id = first_sample + torch.arange(first, last)  # [c]
-            part = Rollout(
-                trajectory.final,
-                chunk_prompts,
-                sample_id,
-                first_slot + chunk_prompts,
-                rows,
-                row["sample"],
                 trained,
-                trajectory.nfe,
+                chunk_prompts,
+                first_slot,
+                first_sample + torch.arange(first, last),
             )
         if on_chunk is not None:
             on_chunk(part.final, part.prompt_index, part.sample_id)
@@ -360,13 +201,98 @@ def rollout(
     return Rollout.cat(parts)
 
 
+def rollout_steps(config: FlowGRPOConfig, window, iteration: int, generator: torch.Generator):
+    """(the SDE steps of the sampler, the steps trained) of the iteration, alike on every rank. flow_grpo: SDE on
+    every noisy step, a random train.train_fraction of them trained; mixgrpo: the sliding window's steps, all
+    trained; tempflow: its branch steps (the SDE steps are the branches': None)."""
+    s, a = config.sampling, config.algorithm
+    if a.name == "tempflow":
+        trained = samplers.select_branch_steps(
+            s.num_steps,
+            a.branch_steps,
+            subset=a.branch_subset,
+            window=window.steps(iteration, generator) if window else None,
+        )
+        return None, trained
+    if a.name == "mixgrpo":
+        sde_steps = window.steps(iteration, generator)
+        return sde_steps, sde_steps
+    sde_steps = list(range(s.num_steps - 1))
+    count = max(1, math.ceil(a.train_fraction * len(sde_steps)))
+    return sde_steps, sorted(torch.randperm(len(sde_steps), generator=generator)[:count].tolist())
+
+
+def trajectory_chunk(
+    config, adapter, embeds, noise, noise_source, sigmas, sde_steps, trained, chunk_prompts, first_slot, sample_id
+) -> Rollout:
+    """flow_grpo / mixgrpo: one trajectory per sample (ODE steps outside `sde_steps`), its `trained` steps as rows.
+    chunk_prompts [c]: each sample's prompt index; sample_id [c]: global sample indices."""
+    s, a = config.sampling, config.algorithm
+    trajectory = samplers.sample_trajectory(
+        velocity_fn_for(adapter, embeds, s.guidance_scale),
+        noise,
+        sigmas,
+        sde_steps,
+        noise_level=s.noise_level,
+        kind=s.sde_kind,
+        generator=noise_source,
+        flash_ratio=a.flash_ratio if a.name == "mixgrpo" else None,
+        conventions=sde_conventions(config),
+    )
+    row = trajectory.training_rows(trained)  # step-major rows of the trained SDE steps
+    rows = StepBatch(
+        row["latents"],
+        row["next_latents"],
+        row["sigma"],
+        row["sigma_next"],
+        row["log_prob"],
+        torch.zeros(len(row["step"])),
+        chunk_prompts[row["sample"]],
+        row["step"],
+    )
+    group_id = first_slot + chunk_prompts  # [c] the global prompt slot
+    return Rollout(trajectory.final, chunk_prompts, sample_id, group_id, rows, row["sample"], trained, trajectory.nfe)
+
+
+def branch_chunk(config, adapter, embeds, noise, noise_source, sigmas, trained, chunk_prompts, first_slot) -> Rollout:
+    """tempflow: per prompt, one ODE trunk branching at each `trained` step into algorithm.num_branches SDE
+    branches (samplers.branch_rollout); one row (and one final sample) per branch, grouped by (slot, branch step)."""
+    s, a = config.sampling, config.algorithm
+    step_position = torch.zeros(s.num_steps, dtype=torch.long)  # branch step -> its position in `trained`
+    step_position[trained] = torch.arange(len(trained))
+    tiled = lambda rows: embeds[chunk_prompts[torch.arange(rows) % len(chunk_prompts)]]
+    branches = samplers.branch_rollout(
+        lambda x, sigma: adapter.velocity(x, sigma, tiled(x.shape[0]), s.guidance_scale),
+        noise,
+        sigmas,
+        trained,
+        a.num_branches,
+        noise_level=s.noise_level,
+        kind=s.sde_kind,
+        generator=noise_source,
+        conventions=sde_conventions(config),
+    )
+    sample_prompt = chunk_prompts[branches.prompt_index]  # [r] one row per final sample
+    slot = first_slot + sample_prompt  # [r]
+    group_id = samplers.branch_group_ids(slot, branches.branch_step, s.num_steps)  # [r]
+    # global index: (prompt slot, branch step, branch), contiguous over the global batch
+    sample_id = (slot * len(trained) + step_position[branches.branch_step]) * a.num_branches + branches.branch_index
+    rows = StepBatch(
+        branches.latents,
+        branches.next_latents,
+        sigmas[branches.branch_step],
+        sigmas[branches.branch_step + 1],
+        branches.log_probs,
+        torch.zeros(len(group_id)),
+        sample_prompt,
+        branches.branch_step,
+    )
+    return Rollout(
+        branches.final, sample_prompt, sample_id, group_id, rows, torch.arange(len(group_id)), trained, branches.nfe
+    )
+
+
 # ------------------------------------------------------------------------------------ reward
-def score(
-    rewards: dict, images: torch.Tensor, prompts: list[str], metadata: list[dict], allow_nonfinite: bool = False
-) -> dict[str, torch.Tensor]:
-    return {name: call_reward(name, fn, images, prompts, metadata, allow_nonfinite) for name, fn in rewards.items()}
-
-
 def per_prompt_trackers(config: FlowGRPOConfig) -> dict[str, PromptStatTracker]:
     """train.advantage_scale=per_prompt: one tracker for the weighted sum (sum_then_normalize) or one per reward
     (normalize_then_sum); {} for the other scales."""
@@ -548,441 +474,273 @@ def update(
     }
 
 
-# -------------------------------------------------------------------------------------- eval
-@torch.no_grad()
-def evaluate(
-    config: FlowGRPOConfig,
-    run: Run,
-    adapter,
-    encode,
-    rewards: dict,
-    prompts: list[str],
-    grid_path: Path | None,
-    scores_path: Path | None = None,
-) -> dict:
-    """ODE samples of the eval prompts from held-out noise, split over the ranks and gathered; mean reward per
-    reward fn (`eval/<name>`) and its standard error (`eval_se/<name>`); the image grid (at most GRID_SEEDS
-    columns) from the main process, and each sample's scores in `scores_path` (JSON, NaN as null), which the
-    end of the run pairs with the first evaluation's. Sample i (prompt i // seeds) draws its noise from
-    (eval, seed, i), so the numbers do not depend on the world size. Every rank samples the same count (the last
-    sample repeated as padding), so ranks make the same forward calls."""
-    s, seeds = config.sampling, config.data.eval_seeds
-    total = len(prompts) * seeds
-    per_rank = -(-total // run.world)
-    mine = range(run.rank * per_rank, (run.rank + 1) * per_rank)
-    index = [min(i, total - 1) for i in mine]
-    real = [i for i in mine if i < total]
-    embeds = encode(prompts)[[i // seeds for i in index]]
-    noise = adapter.initial_noise(
-        len(index), sample_noise(adapter.device, "eval", config.train.seed, samples=index).generators, s.height, s.width
-    )  # [n, C, h, w]
-    with plain_transformer(run, adapter):
-        trajectory = samplers.sample_trajectory(
-            velocity_fn_for(adapter, embeds, s.guidance_scale),
-            noise,
-            adapter.sigmas(s.eval_num_steps, s.height, s.width),
-            [],
-        )
-    images, scores, error = None, {}, None
-    if real:  # a rank holding only padding (fewer samples than ranks) scores nothing
-        images = adapter.decode(trajectory.final[: len(real)])  # [n, 3, H, W]
-        try:
-            scores = score(
-                rewards,
-                images,
-                [prompts[i // seeds] for i in real],
-                [{"split": "eval", "sample": i} for i in real],
-                allow_nonfinite=config.reward.on_bad_score == "drop",
-            )
-        except RewardError as failure:
-            error = failure
-    run.raise_together(error, RewardError)
-    gathered = run.gather_objects(
-        [(i, images[k].cpu(), {name: float(v[k]) for name, v in scores.items()}) for k, i in enumerate(real)]
-    )
-    gathered.sort(key=lambda item: item[0])  # sample order, as one process makes them
-    if grid_path is not None:
-        shown = min(seeds, GRID_SEEDS)
-        run.main_only(
-            lambda: save_image_grid(
-                torch.stack([image for i, image, _ in gathered if i % seeds < shown]),
-                rows=len(prompts),
-                path=grid_path,
-                labels=prompts,
-            )
-        )
-    values = {name: torch.tensor([item[2][name] for item in gathered]) for name in rewards}  # [P*S] each
-    if scores_path is not None:
-        run.main_only(lambda: write_eval_scores(scores_path, values))
-    metrics = {}
-    for name, value in values.items():  # dropped scores (NaN) left out
-        metrics[f"eval/{name}"], metrics[f"eval_se/{name}"], _ = mean_with_standard_error(value)
-    return metrics
-
-
-GRID_SEEDS = 8
-"""Columns of the evaluation image grid: the first seeds of each prompt (all of them are scored)."""
-
-
-def write_eval_scores(path: Path, values: dict[str, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = {name: [v if math.isfinite(v) else None for v in value.tolist()] for name, value in values.items()}
-    path.write_text(json.dumps(rows))
-
-
-def read_eval_scores(path: Path) -> dict[str, torch.Tensor]:
-    rows = json.loads(path.read_text())
-    return {name: torch.tensor([float("nan") if v is None else v for v in value]) for name, value in rows.items()}
-
-
-def report_heldout(run: Run, config: FlowGRPOConfig, prompts: list[str], before: Path, after: Path) -> None:
-    """Print each eval reward before -> after, mean +- standard error, and the paired gain (same prompts, same
-    noise) with its standard error."""
-    if not (before.is_file() and after.is_file()):
-        return
-    first, last = read_eval_scores(before), read_eval_scores(after)
-    seeds = config.data.eval_seeds
-    run.print(
-        f"held-out reward, {len(prompts) * seeds} images ({len(prompts)} prompts x {seeds} held-out noise seeds), "
-        "mean +- standard error:"
-    )
-    for name in last:
-        if name not in first or first[name].shape != last[name].shape:
-            continue  # an eval reward added on resume, or the eval set changed: nothing to pair with
-        (m0, se0, _), (m1, se1, _) = mean_with_standard_error(first[name]), mean_with_standard_error(last[name])
-        gain, gain_se, n = paired_gain(first[name], last[name])
-        ratio = f", {abs(gain) / gain_se:.1f} standard errors" if gain_se > 0 else ""  # NaN or 0: no ratio to give
-        run.print(
-            f"  {name}: before {m0:.3f} +- {se0:.3f} -> after {m1:.3f} +- {se1:.3f}; "
-            f"gain {gain:+.3f} +- {gain_se:.3f} (paired over {n} images{ratio})"
-        )
-
-
 # -------------------------------------------------------------------------------------- main
-def load_rewards(config: FlowGRPOConfig) -> tuple[dict, dict]:
-    """(training rewards of reward.weights, evaluation-only rewards of eval.rewards), each call bounded by
-    reward.timeout_s (null: unbounded)."""
-    rewards = {
-        path: load_reward(path, config.reward.kwargs.get(path), timeout_s=config.reward.timeout_s)
-        for path in config.reward.weights
-    }
-    try:  # scored on the evaluation samples only
-        eval_rewards = {
-            path: load_reward(path, kwargs or None, timeout_s=config.reward.timeout_s)
-            for path, kwargs in config.eval.rewards.items()
-        }
-    except RewardError as error:  # its message names the reward; say which config field holds it
-        raise RewardError(f"eval.rewards: {error}") from None
-    return rewards, eval_rewards
+@dataclasses.dataclass
+class Iteration:
+    """One iteration's batch as it passes through the stages (rollout -> reward -> advantage -> update)."""
+
+    index: int  # 0-based iteration
+    prompts: list[str]  # the global prompt list, alike on every rank
+    first_slot: int  # global slot of this rank's first prompt
+    local_prompts: list[str]  # this rank's block of `prompts`
+    sampled: Rollout
+    jobs: list[Future]  # the reward scores of each rollout chunk, scored while the next chunk sampled
+    reward_seconds: float  # decode + scoring time spent on the main thread during the rollout
+    timings: dict[str, float]
+    scores: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # reward -> [N], the global batch
+    group_ids: torch.Tensor | None = None  # [N]
+    bad_sample: torch.Tensor | None = None  # [N] a reward gave NaN/inf: dropped
+    reward_stats: dict = dataclasses.field(default_factory=dict)
+    total_rows: int = 0  # (sample, step) rows trained, over all ranks
 
 
-def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
-    t, s, a = config.train, config.sampling, config.algorithm
-    train_prompts, eval_prompts = read_prompts(config)
-    run = Run(
-        config.log.output_dir,
-        resume,
-        tag="[flowalign]",
-        mixed_precision=t.mixed_precision,
-        config=config,
-        allow_config_change=allow_config_change,
-        trackers=config.log.report_to,
-    )
-    run.require_divisible(t.prompts_per_iteration, "train.prompts_per_iteration", "prompts")  # before the model loads
+class FlowGRPORecipe:
+    """Flow-GRPO / MixGRPO / TempFlow-GRPO as the stages of shared.loop.run_loop."""
 
-    # setup: model, trainable parameters, optimizer, rewards, prompt embeddings
-    if config.model.path == EMBEDDED_MODEL:  # built on first use: by the main process alone while the others wait
-        from flowalign.toy import ensure_digits_pipeline
+    def __init__(self, config: FlowGRPOConfig, train_prompts: list[str], eval_prompts: list[str]):
+        self.config, self.train_prompts, self.eval_prompts = config, train_prompts, eval_prompts
 
-        run.main_only(ensure_digits_pipeline)
-    torch.manual_seed(t.seed)  # the LoRA initialisation, alike on every rank
-    adapter = load_adapter(config, run.device)
-    try:
-        adapter.latent_shape(s.height, s.width)
-    except ValueError as error:  # a size the VAE and patching cannot take
-        raise ConfigError(f"config fields 'sampling.height', 'sampling.width': {error}") from None
-    params = make_policy(config, adapter.transformer)
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    adapter.transformer, optimizer = run.prepare(adapter.transformer, optimizer)
-    ema = EMA(params, t.ema_decay) if t.ema_decay else None
-    rewards, eval_rewards = load_rewards(config)
-    trackers = per_prompt_trackers(config)
-    window = None
-    if a.name == "mixgrpo" or a.branch_steps == "window":
-        window = samplers.SlidingWindow(
-            num_steps=s.num_steps - 1,
-            window_size=a.window_size,
-            stride=a.window_stride,
-            shift_interval=a.window_interval,
-            mode=a.window_mode,
-        )
-    too_long = adapter.prompts_over_context(train_prompts + eval_prompts)
-    if too_long:  # the text encoders truncate them: say so once, with a count
-        run.print(
-            f"warning: {len(too_long)} prompt(s) exceed the text encoder's context and are truncated, "
-            f"e.g. {too_long[0][:80]!r}"
-        )
-    encode = (
-        CachedPromptEncoder(adapter, train_prompts + eval_prompts)
-        if config.model.offload_text_encoders
-        else adapter.encode_prompts
-    )
-    per_prompt = t.group_size if a.name != "tempflow" else a.num_branches
-    samples_per_iteration = t.prompts_per_iteration * per_prompt
-    run.print(
-        f"{a.name}: {t.prompts_per_iteration} prompts x {per_prompt} samples = {samples_per_iteration} per "
-        f"iteration over {run.world} process(es) ({t.prompts_per_iteration // run.world} prompts each); "
-        f"{s.num_steps} steps; {sum(p.numel() for p in params):,} trainable parameters; mixed precision "
-        f"{run.accelerator.mixed_precision}; output {run.out}"
-    )
-
-    start = run.restore()
-    if run.checkpoint is not None:
-        run.load_trainable(adapter.transformer, run.load("trainable"))
-        run.load_optimizer(adapter.transformer, optimizer, run.load("optimizer"))
-        if ema is not None:
-            ema.shadow = [x.to(run.device) for x in run.load("ema")]
-        if trackers and (run.checkpoint / "stat_tracker.json").is_file():
-            for name, state in run.load("stat_tracker").items():
-                if name in trackers:  # rewards alone: a per_prompt_history changed on resume applies to them
-                    trackers[name].load_state_dict({"rewards": state["rewards"]})
-    run.write_config(config)
-    first_images = adapter.decode(adapter.initial_noise(2, iteration_generator(t.seed, -1), s.height, s.width))
-    check_rewards_on_dummy_batch(
-        {**rewards, **eval_rewards},
-        first_images,
-        [train_prompts[i % len(train_prompts)] for i in range(2)],
-        allow_nonfinite=config.reward.on_bad_score == "drop",
-    )
-    history = {}
-    if start == 0:
-        history["before"] = evaluate(
-            config,
-            run,
-            adapter,
-            encode,
-            {**rewards, **eval_rewards},
-            eval_prompts,
-            run.out / "images" / "iter-000000.png",
-            run.out / "eval" / "iter-000000.json",
-        )
-        run.log_image("eval/images", run.out / "images" / "iter-000000.png", step=0)  # to the trackers that take one
-        run.append({"iteration": 0, **history["before"]})
-        run.print(f"held-out reward before: {_fmt(history['before'])}")
-
-    drop_bad = config.reward.on_bad_score == "drop"
-    # async: one worker thread scores while the main thread samples; sync: the same calls, run on submit
-    scorer = ThreadPoolExecutor(max_workers=1) if config.reward.async_scoring else _InlineExecutor()
-    progress = tqdm(range(start, t.iterations), desc=a.name, disable=not run.is_main, initial=start, total=t.iterations)
-    ratio_check = FirstUpdateRatioCheck()  # warns once per run (per resumed run) when the on-policy ratio is off 1
-    record = {}
-    for iteration in progress:
-        generator = iteration_generator(t.seed, iteration)  # shared by all ranks
-        timings = {}
-
-        # rollout: every rank draws the same global prompt list and samples its own block of whole groups;
-        # each chunk is decoded and handed to the scorer as soon as it is sampled
-        clock = time.perf_counter()
-        prompts = draw_prompts(train_prompts, t.prompts_per_iteration, generator)
-        block = run.block(len(prompts))
-        local_prompts = prompts[block.start : block.stop]
-        jobs, reward_seconds = [], [0.0]
-
-        def score_chunk(final_chunk, chunk_prompt_index, chunk_sample_id):
-            started_chunk = time.perf_counter()
-            images = adapter.decode(final_chunk)  # [c, 3, H, W]
-            texts = [local_prompts[i] for i in chunk_prompt_index.tolist()]
-            metadata = [{"split": "train", "iteration": iteration + 1, "sample": i} for i in chunk_sample_id.tolist()]
-            jobs.append(
-                scorer.submit(score, rewards, images, texts, metadata, drop_bad)
-            )  # async: overlaps the next chunk
-            reward_seconds[0] += time.perf_counter() - started_chunk
-
-        with plain_transformer(run, adapter):
-            sampled = rollout(
-                config, adapter, encode, local_prompts, block.start, iteration, window, generator, on_chunk=score_chunk
+    def setup(self, run: Run) -> Plan:
+        """Model, trainable parameters, optimizer, rewards, prompt embeddings; the checkpoint restored."""
+        config, t, s, a = self.config, self.config.train, self.config.sampling, self.config.algorithm
+        self.run = run
+        run.require_divisible(t.prompts_per_iteration, "train.prompts_per_iteration", "prompts")  # before the model
+        self.adapter, self.params, self.optimizer, _ = load_policy(config, run, load_adapter)
+        self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
+        self.rewards, eval_rewards = load_rewards(config)
+        self.all_rewards = {**self.rewards, **eval_rewards}
+        self.trackers = per_prompt_trackers(config)
+        self.window = None
+        if a.name == "mixgrpo" or a.branch_steps == "window":
+            self.window = samplers.SlidingWindow(
+                num_steps=s.num_steps - 1,
+                window_size=a.window_size,
+                stride=a.window_stride,
+                shift_interval=a.window_interval,
+                mode=a.window_mode,
             )
-        timings["time/rollout"] = time.perf_counter() - clock - reward_seconds[0]
+        prompts = self.train_prompts + self.eval_prompts
+        too_long = self.adapter.prompts_over_context(prompts)
+        if too_long:  # the text encoders truncate them: say so once, with a count
+            run.print(
+                f"warning: {len(too_long)} prompt(s) exceed the text encoder's context and are truncated, "
+                f"e.g. {too_long[0][:80]!r}"
+            )
+        self.encode = prompt_encoder(config, self.adapter, prompts)
+        per_prompt = t.group_size if a.name != "tempflow" else a.num_branches
+        self.samples_per_iteration = t.prompts_per_iteration * per_prompt
+        run.print(
+            f"{a.name}: {t.prompts_per_iteration} prompts x {per_prompt} samples = {self.samples_per_iteration} per "
+            f"iteration over {run.world} process(es) ({t.prompts_per_iteration // run.world} prompts each); "
+            f"{s.num_steps} steps; {sum(p.numel() for p in self.params):,} trainable parameters; mixed precision "
+            f"{run.accelerator.mixed_precision}; output {run.out}"
+        )
+        start = run.restore()
+        if run.checkpoint is not None:
+            self.restore()
+        run.write_config(config)
+        check_rewards_first(config, self.adapter, self.all_rewards, self.train_prompts)
+        # async: one worker thread scores while the main thread samples; sync: the same calls, run on submit
+        self.scorer = ThreadPoolExecutor(max_workers=1) if config.reward.async_scoring else _InlineExecutor()
+        self.ratio_check = FirstUpdateRatioCheck()  # warns once per run (per resumed run) when the ratio is off 1
+        curves = ["reward/total/mean", *[f"eval/{name}" for name in self.all_rewards], "train/kl", "train/clip_frac"]
+        title = f"{a.name} on {config.model.path}"
+        return Plan(start, t.iterations, a.name, t.max_seconds, curves=tuple(curves), title=title)
 
-        # reward: gathered in rank order, so the advantages below see the global batch
+    def restore(self) -> None:
+        run = self.run
+        restore_policy(run, self.adapter, self.optimizer)
+        if self.ema is not None:
+            self.ema.shadow = [x.to(run.device) for x in run.load("ema")]
+        if self.trackers and (run.checkpoint / "stat_tracker.json").is_file():
+            for name, state in run.load("stat_tracker").items():
+                if name in self.trackers:  # rewards alone: a per_prompt_history changed on resume applies to them
+                    self.trackers[name].load_state_dict({"rewards": state["rewards"]})
+
+    def rollout(self, iteration: int) -> Iteration:
+        """Every rank draws the same global prompt list and samples its own block of whole groups; each chunk is
+        decoded and handed to the scorer as soon as it is sampled."""
+        config, run, t = self.config, self.run, self.config.train
+        generator = iteration_generator(t.seed, iteration)  # shared by all ranks
+        clock = time.perf_counter()
+        prompts = draw_prompts(self.train_prompts, t.prompts_per_iteration, generator)
+        block = run.block(len(prompts))
+        batch = Iteration(iteration, prompts, block.start, prompts[block.start : block.stop], None, [], 0.0, {})
+        with plain_transformer(run, self.adapter):
+            batch.sampled = rollout(
+                config,
+                self.adapter,
+                self.encode,
+                batch.local_prompts,
+                block.start,
+                iteration,
+                self.window,
+                generator,
+                on_chunk=lambda *chunk: self.score_chunk(batch, *chunk),
+            )
+        batch.timings["time/rollout"] = time.perf_counter() - clock - batch.reward_seconds
+        return batch
+
+    def score_chunk(self, batch: Iteration, final: torch.Tensor, prompt_index: torch.Tensor, sample_id: torch.Tensor):
+        """Decode a rollout chunk and submit its scoring (async: overlaps the next chunk's sampling)."""
+        started = time.perf_counter()
+        images = self.adapter.decode(final)  # [c, 3, H, W]
+        texts = [batch.local_prompts[i] for i in prompt_index.tolist()]
+        metadata = [{"split": "train", "iteration": batch.index + 1, "sample": i} for i in sample_id.tolist()]
+        drop_bad = self.config.reward.on_bad_score == "drop"
+        batch.jobs.append(self.scorer.submit(score, self.rewards, images, texts, metadata, drop_bad))
+        batch.reward_seconds += time.perf_counter() - started
+
+    def reward(self, batch: Iteration) -> Iteration:
+        """The chunks' scores, gathered in rank order, so the advantages see the global batch."""
+        run = self.run
         clock = time.perf_counter()
         chunk_scores, failure = [], None
         try:
-            chunk_scores = [job.result() for job in jobs]  # re-raises a reward's error here
+            chunk_scores = [job.result() for job in batch.jobs]  # re-raises a reward's error here
         except RewardError as error:
             failure = error
         run.raise_together(failure, RewardError)  # every rank stops together, with the failing rank's message
-        scores = {name: run.gather(torch.cat([chunk[name] for chunk in chunk_scores])) for name in rewards}  # [N] each
-        group_ids = run.gather(sampled.group_id)  # [N]
-        bad_sample = torch.stack(list(scores.values())).isnan().any(dim=0)  # [N] a reward gave NaN/inf
-        timings["time/reward"] = reward_seconds[0] + time.perf_counter() - clock  # decode + scoring not overlapped
+        batch.scores = {
+            name: run.gather(torch.cat([chunk[name] for chunk in chunk_scores])) for name in self.rewards
+        }  # [N] each
+        batch.group_ids = run.gather(batch.sampled.group_id)  # [N]
+        batch.bad_sample = torch.stack(list(batch.scores.values())).isnan().any(dim=0)  # [N] a reward gave NaN/inf
+        batch.timings["time/reward"] = batch.reward_seconds + time.perf_counter() - clock  # decode + not overlapped
+        return batch
 
-        # advantage (dropped samples: NaN rewards are masked out of the statistics and get advantage 0)
+    def advantage(self, batch: Iteration) -> Iteration:
+        """Group (or per-prompt) advantages of the global batch, this rank's rows' share; dropped samples (NaN
+        rewards) are masked out of the statistics and get advantage 0."""
+        config, t, s, a = self.config, self.config.train, self.config.sampling, self.config.algorithm
         by_prompt = t.advantage_scale == "per_prompt"  # advantages from the per-prompt trackers below
         advantages, reward_stats = compose_rewards(
-            scores,
+            batch.scores,
             config.reward.weights,
-            group_ids,
+            batch.group_ids,
             mode=config.reward.composition,
             scale="none" if by_prompt else t.advantage_scale,
-            nan_policy="mask" if drop_bad else "raise",
+            nan_policy="mask" if config.reward.on_bad_score == "drop" else "raise",
         )
         if by_prompt:  # group_ids are the global prompt slots (tempflow is refused): the samples' prompt texts
+            texts = [batch.prompts[g] for g in batch.group_ids.tolist()]
             advantages, tracked = per_prompt_advantages(
-                trackers, scores, config.reward.weights, [prompts[g] for g in group_ids.tolist()], ~bad_sample
+                self.trackers, batch.scores, config.reward.weights, texts, ~batch.bad_sample
             )
             reward_stats.update({f"per_prompt/{k}": v for k, v in tracked.items()})
-        advantages = advantages.masked_fill(bad_sample, 0.0)  # dropped from every reward, not just the bad one
-        reward_stats["dropped"] = int(bad_sample.sum())
+        advantages = advantages.masked_fill(batch.bad_sample, 0.0)  # dropped from every reward, not just the bad one
+        reward_stats["dropped"] = int(batch.bad_sample.sum())
+        batch.reward_stats = reward_stats
         advantages = clip_advantages(advantages, t.advantage_clip)  # [N]
-        mine = run.block(len(advantages))
-        batch = sampled.rows
-        batch.advantage = advantages[mine.start : mine.stop][sampled.row_sample]  # [R] this rank's rows
+        mine = self.run.block(len(advantages))
+        rows, sampled = batch.sampled.rows, batch.sampled
+        rows.advantage = advantages[mine.start : mine.stop][sampled.row_sample]  # [R] this rank's rows
         if a.noise_aware_weighting:
-            steps = sampled.trained_steps
             weights = samplers.noise_aware_weights(
-                adapter.sigmas(s.num_steps, s.height, s.width),
-                steps,
+                self.adapter.sigmas(s.num_steps, s.height, s.width),
+                sampled.trained_steps,
                 s.noise_level,
                 s.sde_kind,
                 a.noise_aware_normalization,
                 sde_conventions(config),
             )  # [K]
-            weight_of_step = torch.zeros(s.num_steps).index_copy_(0, torch.tensor(steps), weights)  # [T]
+            weight_of_step = torch.zeros(s.num_steps).index_copy_(0, torch.tensor(sampled.trained_steps), weights)
             # after advantage clipping, as TempFlow's released code (w * clip(A)); the clipped loss is linear in A
             # for a positive weight w: w * l(A) = l(w * A)
-            batch.advantage = batch.advantage * weight_of_step[batch.step]  # [R]
+            rows.advantage = rows.advantage * weight_of_step[rows.step]  # [R]
+        return batch
 
-        # update: a world-size invariant split of the rows into optimizer steps, group by group
+    def update(self, batch: Iteration) -> dict:
+        """A world-size invariant split of the rows into optimizer steps, group by group, then the steps."""
+        config, run, t, s = self.config, self.run, self.config.train, self.config.sampling
         clock = time.perf_counter()
-        row_key = sampled.sample_id[sampled.row_sample] * s.num_steps + batch.step  # [R]
+        rows, sampled = batch.sampled.rows, batch.sampled
+        row_key = sampled.sample_id[sampled.row_sample] * s.num_steps + rows.step  # [R]
         rows_of_part = update_parts(
-            row_key, block.start + batch.prompt_index, t.updates_per_iteration, t.seed, iteration
+            row_key, batch.first_slot + rows.prompt_index, t.updates_per_iteration, t.seed, batch.index
         )
-        part_rows = run.sum(torch.tensor([len(rows) for rows in rows_of_part])).long().tolist()  # [U] global counts
-        total_rows = sum(part_rows)
-        adapter.transformer.train()
-        try:
-            metrics = update(
-                config,
-                run,
-                adapter,
-                optimizer,
-                params,
-                encode(local_prompts),
-                batch,
-                list(zip(rows_of_part, part_rows)),
-                total_rows,
-            )
-        except FloatingPointError as error:
-            raise run.nan_stop(f"iteration {iteration + 1}", error) from None
-        adapter.transformer.eval()
-        if ema is not None:
-            ema.update()
-        timings["time/update"] = time.perf_counter() - clock
-        first_update_deviation = metrics.pop(RATIO_METRIC)  # already the maximum over ranks
-        warning = ratio_check.warning(first_update_deviation, f"iteration {iteration + 1}")
+        part_rows = run.sum(torch.tensor([len(r) for r in rows_of_part])).long().tolist()  # [U] global counts
+        batch.total_rows = sum(part_rows)
+        self.adapter.transformer.train()
+        metrics = update(
+            config,
+            run,
+            self.adapter,
+            self.optimizer,
+            self.params,
+            self.encode(batch.local_prompts),
+            rows,
+            list(zip(rows_of_part, part_rows)),
+            batch.total_rows,
+        )
+        self.adapter.transformer.eval()
+        if self.ema is not None:
+            self.ema.update()
+        batch.timings["time/update"] = time.perf_counter() - clock
+        warning = self.ratio_check.warning(metrics[RATIO_METRIC], f"iteration {batch.index + 1}")  # max over ranks
         if warning:
             run.print(warning)
+        return metrics
 
-        # log
-        done = iteration + 1
-        last = run.is_last(done, t.iterations, t.max_seconds)
-        record = {
-            "iteration": done,
-            **{f"reward/{k}": v for k, v in reward_stats.items()},
+    def record(self, batch: Iteration, metrics: dict) -> dict:
+        metrics = dict(metrics)
+        deviation = metrics.pop(RATIO_METRIC)
+        t = self.config.train
+        return {
+            **{f"reward/{k}": v for k, v in batch.reward_stats.items()},
             **{f"train/{k}": v for k, v in metrics.items()},
-            RATIO_METRIC: first_update_deviation,
-            "nfe/rollout": sampled.nfe,  # per process: batched velocity evaluations (CFG's doubled batch counts once)
-            "nfe/update_forward": total_rows * (2 if t.kl_beta > 0 else 1),  # per (sample, step) row; + reference
-            "nfe/update_backward": total_rows,
-            "samples": samples_per_iteration,
-            "world_size": run.world,
-            **timings,
+            RATIO_METRIC: deviation,
+            "nfe/rollout": batch.sampled.nfe,  # per process: batched velocity evaluations (CFG's batch counts once)
+            "nfe/update_forward": batch.total_rows * (2 if t.kl_beta > 0 else 1),  # per (sample, step) row; + ref
+            "nfe/update_backward": batch.total_rows,
+            "samples": self.samples_per_iteration,
+            "world_size": self.run.world,
+            **batch.timings,
         }
-        if run.due(done, config.log.eval_every, last):
-            with ema.swapped_in() if ema else contextlib.nullcontext():
-                record.update(
-                    evaluate(
-                        config,
-                        run,
-                        adapter,
-                        encode,
-                        {**rewards, **eval_rewards},
-                        eval_prompts,
-                        run.out / "images" / f"iter-{done:06d}.png",
-                        run.out / "eval" / f"iter-{done:06d}.json",
-                    )
-                )
-            run.log_image("eval/images", run.out / "images" / f"iter-{done:06d}.png", step=done)
-        run.append(record)
-        progress.set_postfix(
-            reward=f"{reward_stats['total/mean']:.3f}",
-            kl=f"{metrics.get('kl', 0):.2e}",
-            clip=f"{metrics['clip_frac']:.2f}",
-        )
 
-        # checkpoint (every rank takes part: the RNG states are gathered)
-        if run.due(done, config.log.checkpoint_every, last):
-            save_training_checkpoint(config, run, adapter, optimizer, ema, done, trackers)
-        if last:
-            break
+    def evaluate(self, done: int) -> dict:
+        """The held-out evaluation (with the EMA weights after training starts), its grid to the trackers."""
+        run = self.run
+        with self.ema.swapped_in() if self.ema and done else contextlib.nullcontext():
+            metrics = evaluate(
+                self.config,
+                run,
+                self.adapter,
+                self.encode,
+                self.all_rewards,
+                self.eval_prompts,
+                run.out / "images" / f"iter-{done:06d}.png",
+                run.out / "eval" / f"iter-{done:06d}.json",
+            )
+        run.log_image("eval/images", run.out / "images" / f"iter-{done:06d}.png", step=done)  # where taken
+        return metrics
 
-    scorer.shutdown()
-    final_eval = {k: v for k, v in record.items() if k.startswith("eval/")}
-    run.main_only(
-        lambda: plot_curves(
-            run.out / "metrics.jsonl",
-            run.out / "reward_curve.png",
-            [
-                "reward/total/mean",
-                *[f"eval/{name}" for name in [*rewards, *eval_rewards]],
-                "train/kl",
-                "train/clip_frac",
-            ],
-            f"{a.name} on {config.model.path}",
-        )
-    )
-    return finish_run(run, config, eval_prompts, history.get("before"), final_eval)
+    def report_before(self, before: dict) -> None:
+        self.run.print(f"held-out reward before: {format_eval(before)}")
+
+    def postfix(self, record: dict) -> dict:
+        return {
+            "reward": f"{record['reward/total/mean']:.3f}",
+            "kl": f"{record.get('train/kl', 0):.2e}",
+            "clip": f"{record['train/clip_frac']:.2f}",
+        }
+
+    def save(self, done: int) -> None:
+        """Every rank takes part: the RNG states are gathered."""
+        save_training_checkpoint(self.config, self.run, self.adapter, self.optimizer, self.ema, done, self.trackers)
+
+    def finish(self, before: dict, after: dict) -> dict:
+        self.scorer.shutdown()
+        return finish_run(self.run, self.config, self.eval_prompts, before or None, after)
 
 
-def finish_run(run: Run, config, eval_prompts: list[str], before: dict | None, final_eval: dict) -> dict:
-    """The end of a flow recipe (this one and flowalign/preference.py): held-out reward before -> after, with
-    standard errors and the paired gain from the first and last evaluations' stored scores, where the outputs
-    are; closes the run. Returns the eval/ means before (None on a resumed run) and after."""
-    if before is not None and final_eval:
-        run.print(f"held-out reward before: {_fmt(before)}")
-        run.print(f"held-out reward after : {_fmt(final_eval)}")
-    evaluations = sorted((run.out / "eval").glob("iter-*.json"))  # the first (iteration 0) and the last
-    if run.is_main and len(evaluations) >= 2 and evaluations[0].name == "iter-000000.json":
-        report_heldout(run, config, eval_prompts, evaluations[0], evaluations[-1])
-    run.print(f"metrics {run.out / 'metrics.jsonl'}, curve {run.out / 'reward_curve.png'}, images {run.out / 'images'}")
-    run.close()
-    return {"before": before and {k: v for k, v in before.items() if k.startswith("eval/")}, "after": final_eval}
-
-
-def save_training_checkpoint(
-    config, run: Run, adapter, optimizer, ema, iteration: int, trackers: dict[str, PromptStatTracker] | None = None
-) -> None:
-    model = adapter.transformer
-    states = {
-        "trainable": run.trainable_state(model),
-        "optimizer": run.optimizer_state(model, optimizer),
-        "trainer": {"iteration": iteration, "config": to_dict(config)},
-    }
-    if ema is not None:
-        states["ema"] = ema.shadow
-    if trackers:  # train.advantage_scale=per_prompt: the rewards each prompt's statistics pool (alike on all ranks)
-        states["stat_tracker"] = {name: tracker.state_dict() for name, tracker in trackers.items()}
-    writer = None
-    if config.model.lora:
-        writer = lambda tmp: save_lora_for_pipeline(
-            type(adapter.pipeline),
-            run.unwrap(model),
-            tmp / "lora",
-            states["trainable"],
-        )
-    run.save_checkpoint(iteration, states, keep_last=config.log.keep_last, extra_writer=writer)
+def train(config: FlowGRPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
+    """Train `config` (see the module docstring); returns the held-out eval/ means before (None on a resumed
+    run) and after."""
+    train_prompts, eval_prompts = read_prompts(config)
+    run = open_run(config, resume, allow_config_change, tag="[flowalign]")
+    recipe = FlowGRPORecipe(config, train_prompts, eval_prompts)
+    return run_loop(recipe, run, config.log.eval_every, config.log.checkpoint_every)
 
 
 class _InlineExecutor:
@@ -1000,71 +758,14 @@ class _InlineExecutor:
         pass
 
 
-def _fmt(metrics: dict) -> str:
-    return ", ".join(f"{k.removeprefix('eval/')}={v:.4f}" for k, v in metrics.items() if k.startswith("eval/"))
+COMMAND = RecipeCommand(
+    FlowGRPOConfig,
+    train,
+    plan.dry_run,
+    __doc__ or "",
+    "configs/flow/flow_grpo.yaml",
+    "model source, prompts and rewards",
+)
 
-
-def recipe_main(argv, *, description: str, config_cls, example: str, checks: str, dry_run, train_fn) -> None:
-    """The command line of a flow recipe (this one and flowalign/preference.py): --config, --resume,
-    --allow-config-change, --describe, --dry-run and key=value overrides; user errors become one line and an exit
-    code (2 config, 3 reward, 4 training stopped, 5 write)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help=f"YAML recipe, e.g. {example}")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in log.output_dir")
-    parser.add_argument(
-        "--allow-config-change",
-        action="store_true",
-        help="with --resume: apply config changes beyond train.iterations, train.max_seconds and "
-        "log.* (refused without it)",
-    )
-    parser.add_argument("--describe", action="store_true", help="list every config field and exit")
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help=f"check the config, {checks}, print the plan and exit (no weights load)",
-    )
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.iterations=5")
-    args = parser.parse_args(argv)
-    if args.describe:
-        print("\n".join(describe(config_cls)))
-        return
-    try:
-        config = load_config(config_cls, args.config, args.overrides)
-        if args.dry_run:  # before read_prompts: a hub prompts dataset is checked by form, not downloaded
-            dry_run(config)
-            return
-        read_prompts(config)
-        train_fn(config, resume=args.resume, allow_config_change=args.allow_config_change)
-    except ConfigError as error:  # also a used log.output_dir, a bad pairs file or a batch that does not split
-        exit_on_config_error(error)
-    except WriteError as error:  # a full disk: the previous checkpoint is intact
-        print(f"write error: {error}", file=sys.stderr)
-        raise SystemExit(5) from None
-    except RewardError as error:
-        print(f"reward error: {error}", file=sys.stderr)
-        raise SystemExit(3) from None
-    except FloatingPointError as error:
-        print(f"training stopped: {error}", file=sys.stderr)
-        raise SystemExit(4) from None
-
-
-def _dry_run(config: FlowGRPOConfig) -> None:
-    from flowalign.plan import dry_run  # the planner is imported only when asked for
-
-    dry_run(config)
-
-
-def main(argv: list[str] | None = None) -> None:
-    recipe_main(
-        argv,
-        description=__doc__,
-        config_cls=FlowGRPOConfig,
-        example="configs/flow/flow_grpo.yaml",
-        checks="model source, prompts and rewards",
-        dry_run=_dry_run,
-        train_fn=train,
-    )
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the older command: python flowalign/train.py --config ... (accelerate launch too)
+    script_main(COMMAND)

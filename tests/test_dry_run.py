@@ -8,17 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from flowalign.preference import main as flow_preference_main
-from flowalign.train import main as flow_main
+from flowalign import cli as flow_cli
+from flowalign.cli import flow_grpo_main as flow_main
 from llmalign.cli import main as llm_main
 
 REPO = Path(__file__).resolve().parents[1]
 FLOW_RECIPES = sorted(p.name for p in (REPO / "configs/flow").glob("*.yaml"))
 LLM_RECIPES = sorted(p.name for p in (REPO / "configs/llm").glob("*.yaml"))
-DPO_RECIPES = {"arith_dpo.yaml"}
-SFT_RECIPES = {"arith_sft.yaml", "arith_sft_long.yaml"}
-ITERATE_RECIPES = {"arith_iterate.yaml"}
-FLOW_PREFERENCE_RECIPES = {"diffusion_dpo.yaml", "smpo.yaml"}  # run by flowalign/preference.py
 
 
 class WeightsLoaded(AssertionError):
@@ -111,8 +107,7 @@ def exit_code(run, argv) -> int:
 @pytest.mark.parametrize("recipe", FLOW_RECIPES)
 def test_every_flow_recipe_passes_dry_run(recipe, no_weights, capsys):
     write_flow_prompts(no_weights)
-    run = flow_preference_main if recipe in FLOW_PREFERENCE_RECIPES else flow_main
-    run(["--config", str(REPO / "configs/flow" / recipe), "--dry-run"])
+    flow_cli.main(["train", str(REPO / "configs/flow" / recipe), "--dry-run"])  # routed by the YAML's recipe: key
     rows = plan(capsys)
     assert rows["world size"] == "1" and rows["rewards"]
 
@@ -219,16 +214,7 @@ def test_flow_dry_run_checks_reward_signatures(no_weights, capsys):
 def test_every_llm_recipe_passes_dry_run(recipe, no_weights, capsys):
     write_pairs(no_weights, 10)
     write_long_sft_rows(no_weights)
-    command = (
-        "dpo"
-        if recipe in DPO_RECIPES
-        else "sft"
-        if recipe in SFT_RECIPES
-        else "iterate"
-        if recipe in ITERATE_RECIPES
-        else "grpo"
-    )
-    llm_main([command, "--config", str(REPO / "configs/llm" / recipe), "--dry-run"])
+    llm_main(["train", str(REPO / "configs/llm" / recipe), "--dry-run"])  # routed by the YAML's recipe: key
     assert plan(capsys)["world size"] == "1"
 
 

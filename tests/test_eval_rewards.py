@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from flowalign.train import main as flow_main
+from flowalign.cli import flow_grpo_main as flow_main
 from flowalign.train import train
 from tests.test_llm_grpo import overrides as llm_overrides
 from tests.test_llm_scale import exit_codes

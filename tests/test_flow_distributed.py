@@ -278,7 +278,7 @@ def digits_adapter(digits: Path):
 
 def test_gradient_checkpointing_gives_the_same_lora_gradients(digits):
     from flowalign.config import FlowGRPOConfig
-    from flowalign.train import make_policy
+    from flowalign.model import make_policy
     from shared.config import load_config
 
     gradients = {}

@@ -14,7 +14,8 @@ from safetensors import safe_open
 
 from flowalign import samplers
 from flowalign.config import FlowPreferenceConfig
-from flowalign.preference import main, train
+from flowalign.cli import flow_preference_main as main
+from flowalign.preference import train
 from flowalign.toy import build_pipeline, build_tiny_components
 from shared.checkpoint import load_state
 from shared.config import load_config

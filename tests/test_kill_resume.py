@@ -64,7 +64,7 @@ def test_sigkill_then_resume_is_bit_identical(
 def test_resume_with_a_changed_config_is_refused_unless_allowed_and_then_the_new_lr_is_used(  # noqa: F811
     tiny_pipeline_dir, tmp_path, capsys
 ):
-    from flowalign.train import main
+    from flowalign.cli import flow_grpo_main as main
 
     out = tmp_path / "run"
     algorithm = EXTRA[1:3]
@@ -121,7 +121,7 @@ def test_a_full_disk_at_a_checkpoint_exits_5_with_one_line_and_resume_ends_bit_i
     import errno
 
     import shared.checkpoint as checkpoint_module
-    from flowalign.train import main
+    from flowalign.cli import flow_grpo_main as main
 
     out = tmp_path / "full"
     real = checkpoint_module.save_file

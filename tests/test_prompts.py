@@ -9,7 +9,8 @@ import pytest
 from flowalign import prompts as p
 from flowalign.config import FlowGRPOConfig
 from flowalign.rewards.ocr import quoted_text
-from flowalign.train import main as train_main, read_prompts
+from flowalign.cli import flow_grpo_main as train_main
+from flowalign.data import read_prompts
 from shared.config import ConfigError, load_config
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flowalign.train import main as flow_main
+from flowalign.cli import flow_grpo_main as flow_main
 from llmalign.cli import main as llm_main
 from shared.checkpoint import open_output_dir
 

@@ -245,7 +245,7 @@ def test_scores_as_floats_keeps_values_and_marks_none():
 
 
 def test_string_output_exits_3_through_the_cli(tiny_pipeline_dir, tmp_path, capsys):  # noqa: F811
-    from flowalign.train import main
+    from flowalign.cli import flow_grpo_main as main
     from tests.test_train_smoke import tiny_overrides
 
     with pytest.raises(SystemExit) as info:
@@ -263,7 +263,7 @@ def test_string_output_exits_3_through_the_cli(tiny_pipeline_dir, tmp_path, caps
 
 @pytest.mark.parametrize("path", [":digit_classifier_reward", ".:fn", "flowalign..rewards:fn", "flowalign.rewards:"])
 def test_empty_or_relative_module_names_exit_2_through_the_cli(tiny_pipeline_dir, tmp_path, capsys, path):  # noqa: F811
-    from flowalign.train import main
+    from flowalign.cli import flow_grpo_main as main
     from tests.test_train_smoke import tiny_overrides
 
     with pytest.raises(SystemExit) as info:

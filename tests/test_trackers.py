@@ -59,7 +59,7 @@ def assert_scalars_match_metrics(reader, metrics: list[dict]):
 
 @pytest.mark.timeout(600)
 def test_flow_run_writes_tensorboard_scalars_and_images_and_resume_continues_them(tiny_pipeline_dir, tmp_path):
-    from flowalign.train import main
+    from flowalign.cli import flow_grpo_main as main
 
     out = tmp_path / "run"
     main(
@@ -161,7 +161,7 @@ def test_a_named_tracker_not_installed_exits_2_naming_the_extra(tmp_path, capsys
     override = f"log.report_to=[tensorboard, {tracker}]"
     with pytest.raises(SystemExit) as exit_info:
         if command == "flow":
-            from flowalign.train import main
+            from flowalign.cli import flow_grpo_main as main
 
             main([f"log.output_dir={tmp_path / 'run'}", override])
         else:

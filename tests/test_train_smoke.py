@@ -190,7 +190,7 @@ def test_async_scoring_of_rollout_chunks_equals_sync(tiny_pipeline_dir, tmp_path
 
 
 def test_a_fresh_run_into_a_used_output_dir_exits_2_and_loses_nothing(tiny_pipeline_dir, tmp_path, capsys):
-    from flowalign.train import main
+    from flowalign.cli import flow_grpo_main as main
 
     train(tiny_config(tiny_pipeline_dir, tmp_path, "train.iterations=1"))
     metrics = (tmp_path / "metrics.jsonl").read_text()
@@ -294,7 +294,7 @@ def test_sde_conventions_come_from_the_config():
 
 
 def test_cps_with_noise_level_above_one_exits_2_naming_the_field(tmp_path, capsys):
-    from flowalign.train import main
+    from flowalign.cli import flow_grpo_main as main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["sampling.sde_kind=cps", "sampling.noise_level=1.2", f"log.output_dir={tmp_path / 'run'}"])

@@ -180,9 +180,9 @@ def run_case(name: str, root: Path) -> Path:
     out = root / "runs" / f"golden_{name}"
     argv = [*head, "--config", str(REPO / "configs" / yaml_path), *overrides, f"log.output_dir={out}"]
     if front == "flow":
-        from flowalign.train import main
+        from flowalign.cli import flow_grpo_main as main
     elif front == "flow_preference":
-        from flowalign.preference import main
+        from flowalign.cli import flow_preference_main as main
     else:
         from llmalign.cli import main
     main(argv)
