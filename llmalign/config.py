@@ -250,8 +250,10 @@ class LMRolloutConfig:
 
 @dataclasses.dataclass
 class LMAlgorithmConfig:
-    loss: Literal["grpo", "dr_grpo", "dapo", "disco"] = option(
-        "grpo", "grpo (sequence mean), dr_grpo (sum / (B*L_max), no std), dapo (token mean, clip-higher), disco"
+    loss: Literal["grpo", "dr_grpo", "dapo", "disco", "gspo"] = option(
+        "grpo",
+        "grpo (sequence mean), dr_grpo (sum / (B*L_max), no std), dapo (token mean, clip-higher), disco, gspo "
+        "(sequence-level ratio; the paper clips at clip_range=3e-4, clip_range_high=4e-4); llmalign.objectives",
     )
     advantage_scale: Optional[Literal["group", "batch", "none"]] = option(
         None, "advantage std: per group, batch or none (null: 'none' for dr_grpo, else 'group')"

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["LOSS_AGGREGATIONS", "aggregation_denominator", "clipped_policy_loss"]
+__all__ = ["LOSS_AGGREGATIONS", "aggregation_denominator", "clipped_policy_loss", "sequence_ratio_policy_loss"]
 
 
 # ----------------------------------------------------------------------------- aggregations
@@ -166,3 +166,54 @@ def aggregation_denominator(aggregation: str, mask: Tensor) -> int:
     if aggregation == "dapo":
         return int(keep.sum())
     return keep.shape[0]
+
+
+def sequence_ratio_policy_loss(
+    logp_new: Tensor,
+    logp_old: Tensor,
+    advantages: Tensor,
+    mask: Tensor | None = None,
+    eps_low: float = 3e-4,
+    eps_high: float | None = 4e-4,
+) -> tuple[Tensor, dict[str, float]]:
+    """GSPO's clipped objective with a sequence-level ratio (Zheng et al. 2025, arXiv:2507.18071, Eq. 5-7):
+
+        s_i = exp(mean_t (logp_new - logp_old))        (the length-normalised sequence likelihood ratio)
+        l_i = -min(s_i * A_i, clip(s_i, 1 - eps_low, 1 + eps_high) * A_i)
+        loss = mean of l_i over the rows with a kept token
+
+    A_i is the token mean of `advantages` over row i's kept tokens: GSPO is a sequence method, so a [B, T]
+    advantage constant along T (what the advantage stage hands over) gives the sequence's own value. The paper's
+    clip ranges are 3e-4 and 4e-4 (the defaults here): s_i is near 1, unlike a per-token ratio.
+
+    Returns (loss, metrics) with the keys of `clipped_policy_loss`, counted over sequences instead of tokens.
+    """
+    eps_high = eps_low if eps_high is None else eps_high
+    _check_inputs(logp_new, logp_old, advantages, mask)
+    B, T = logp_new.shape
+    keep = torch.ones_like(logp_new, dtype=torch.bool) if mask is None else mask.detach().bool()  # [B, T]
+    count = keep.sum(dim=1)  # [B]
+    adv = advantages.detach().to(logp_new.dtype)
+    adv = adv[:, None].expand(B, T) if adv.dim() == 1 else adv  # [B, T]
+    log_ratio = torch.where(keep, logp_new - logp_old.detach(), torch.zeros_like(logp_new))  # [B, T]; no -inf
+    seq_ratio = torch.exp(log_ratio.sum(dim=1) / count.clamp(min=1))  # [B]
+    seq_adv = torch.where(keep, adv, torch.zeros_like(adv)).sum(dim=1) / count.clamp(min=1)  # [B]
+    unclipped = seq_ratio * seq_adv  # [B]
+    clipped = torch.clamp(seq_ratio, 1.0 - eps_low, 1.0 + eps_high) * seq_adv  # [B]
+    rows = count > 0  # [B]
+    row_loss = torch.where(rows, -torch.minimum(unclipped, clipped), torch.zeros_like(unclipped))  # [B]
+    loss = row_loss.sum() / rows.sum().clamp(min=1)
+
+    with torch.no_grad():
+        n = int(rows.sum())
+        low = (rows & (seq_adv < 0) & (seq_ratio < 1.0 - eps_low)).sum().item()
+        high = (rows & (seq_adv > 0) & (seq_ratio > 1.0 + eps_high)).sum().item()
+        kept_ratio = seq_ratio[rows]
+        metrics = {
+            "clip_frac_low": low / n if n else 0.0,
+            "clip_frac_high": high / n if n else 0.0,
+            "clip_frac": (low + high) / n if n else 0.0,
+            "ratio_mean": float(kept_ratio.mean()) if n else float("nan"),
+            "ratio_max": float(kept_ratio.max()) if n else float("nan"),
+        }
+    return loss, metrics
