@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from typing import Any, Callable
 
 from flowalign.data import read_prompts
-from flowalign.rewards.plugins import RewardError
-from shared.checkpoint import WriteError
-from shared.config import ConfigError, describe, exit_on_config_error, load_config
+from shared.config import describe, load_config
+from shared.errors import user_errors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,24 +52,13 @@ def run_recipe(recipe: RecipeCommand, args: argparse.Namespace) -> None:
     if args.describe:
         print("\n".join(describe(recipe.config_class)))
         return
-    try:
+    with user_errors():  # a ConfigError also for a used log.output_dir, a bad pairs file, an unsplittable batch
         config = load_config(recipe.config_class, args.config, args.overrides)
         if args.dry_run:  # before read_prompts: a hub prompts dataset is checked by form, not downloaded
             recipe.dry_run(config)
             return
         read_prompts(config)
         recipe.train(config, resume=args.resume, allow_config_change=args.allow_config_change)
-    except ConfigError as error:  # also a used log.output_dir, a bad pairs file or a batch that does not split
-        exit_on_config_error(error)
-    except WriteError as error:  # a full disk: the previous checkpoint is intact
-        print(f"write error: {error}", file=sys.stderr)
-        raise SystemExit(5) from None
-    except RewardError as error:
-        print(f"reward error: {error}", file=sys.stderr)
-        raise SystemExit(3) from None
-    except FloatingPointError as error:
-        print(f"training stopped: {error}", file=sys.stderr)
-        raise SystemExit(4) from None
 
 
 def script_main(recipe: RecipeCommand, argv: list[str] | None = None) -> None:

@@ -112,3 +112,12 @@ def evaluate(
     for name, value in values.items():  # dropped scores (NaN) left out
         metrics[f"eval/{name}"], metrics[f"eval_se/{name}"], _ = mean_with_standard_error(value)
     return metrics
+
+
+def evaluate_at(config, run: Run, adapter, encode, rewards: dict, prompts: list[str], done: int) -> dict:
+    """`evaluate` after `done` iterations into the run's images/iter-N.png and eval/iter-N.json, its grid to the
+    trackers that take images."""
+    grid = run.out / "images" / f"iter-{done:06d}.png"
+    metrics = evaluate(config, run, adapter, encode, rewards, prompts, grid, run.out / "eval" / f"iter-{done:06d}.json")
+    run.log_image("eval/images", grid, step=done)
+    return metrics

@@ -40,7 +40,7 @@ from flowalign import plan, samplers
 from flowalign.command import RecipeCommand, script_main
 from flowalign.config import FlowPreferenceConfig
 from flowalign.data import draw_prompts, read_image, read_pairs_file, read_prompts
-from flowalign.evaluation import evaluate, load_rewards, score
+from flowalign.evaluation import evaluate_at, load_rewards, score
 from flowalign.lora import reference_model
 from flowalign.model import (
     check_rewards_first,
@@ -425,18 +425,7 @@ class FlowPreferenceRecipe:
 
     def evaluate(self, done: int) -> dict:
         run = self.run
-        metrics = evaluate(
-            self.config,
-            run,
-            self.adapter,
-            self.encode,
-            self.all_rewards,
-            self.eval_prompts,
-            run.out / "images" / f"iter-{done:06d}.png",
-            run.out / "eval" / f"iter-{done:06d}.json",
-        )
-        run.log_image("eval/images", run.out / "images" / f"iter-{done:06d}.png", step=done)
-        return metrics
+        return evaluate_at(self.config, run, self.adapter, self.encode, self.all_rewards, self.eval_prompts, done)
 
     def report_before(self, before: dict) -> None:
         self.run.print(f"held-out reward before: {format_eval(before)}")

@@ -38,7 +38,7 @@ from flowalign import plan, samplers
 from flowalign.command import RecipeCommand, script_main
 from flowalign.config import FlowGRPOConfig
 from flowalign.data import draw_prompts, read_prompts
-from flowalign.evaluation import evaluate, load_rewards, score
+from flowalign.evaluation import evaluate_at, load_rewards, score
 from flowalign.lora import EMA, reference_model
 from flowalign.model import (
     check_rewards_first,
@@ -702,18 +702,7 @@ class FlowGRPORecipe:
         """The held-out evaluation (with the EMA weights after training starts), its grid to the trackers."""
         run = self.run
         with self.ema.swapped_in() if self.ema and done else contextlib.nullcontext():
-            metrics = evaluate(
-                self.config,
-                run,
-                self.adapter,
-                self.encode,
-                self.all_rewards,
-                self.eval_prompts,
-                run.out / "images" / f"iter-{done:06d}.png",
-                run.out / "eval" / f"iter-{done:06d}.json",
-            )
-        run.log_image("eval/images", run.out / "images" / f"iter-{done:06d}.png", step=done)  # where taken
-        return metrics
+            return evaluate_at(self.config, run, self.adapter, self.encode, self.all_rewards, self.eval_prompts, done)
 
     def report_before(self, before: dict) -> None:
         self.run.print(f"held-out reward before: {format_eval(before)}")

@@ -26,6 +26,7 @@ import os
 import sys
 import typing
 
+from shared.errors import user_errors
 from shared.config import SEED_LIMIT, ConfigError, describe, exit_on_config_error, load_config, local_path_problem
 
 
@@ -44,35 +45,16 @@ def run_recipe(config_class, train, args: argparse.Namespace) -> None:
     if args.describe:
         print("\n".join(describe(config_class)))
         return
-    try:
-        config = load_config(config_class, args.config, args.overrides)
-    except ConfigError as error:
-        exit_on_config_error(error)
     from llmalign.data import DataError
-    from shared.checkpoint import WriteError
-    from shared.reward_calls import RewardError
 
-    try:
+    with user_errors((DataError,)):  # a ConfigError also once a model is loaded (a guidance model's vocabulary)
+        config = load_config(config_class, args.config, args.overrides)
         if args.dry_run:  # model source, data and rewards checked, the plan printed; no weights load
             from llmalign.plan import dry_run
 
             dry_run(config)
         else:
             train(config, resume=args.resume, allow_config_change=args.allow_config_change)
-    except ConfigError as error:  # found only once a model is loaded (a guidance model of another vocabulary)
-        exit_on_config_error(error)
-    except DataError as error:
-        print(f"data error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except RewardError as error:
-        print(f"reward error: {error}", file=sys.stderr)
-        raise SystemExit(3) from None
-    except FloatingPointError as error:
-        print(f"training stopped: {error}", file=sys.stderr)
-        raise SystemExit(4) from None
-    except WriteError as error:
-        print(f"write error: {error}", file=sys.stderr)
-        raise SystemExit(5) from None
 
 
 def _grpo():

@@ -135,19 +135,26 @@ def clipped_policy_loss(
     elem_loss = -torch.minimum(unclipped, clipped)  # [B, T]; zero where masked (adv = 0)
     loss = LOSS_AGGREGATIONS[aggregation](elem_loss, keep, max_length)
 
-    with torch.no_grad():
-        n = int(keep.sum())
-        low = (keep & (adv < 0) & (ratio < 1.0 - eps_low)).sum().item()
-        high = (keep & (adv > 0) & (ratio > 1.0 + eps_high)).sum().item()
-        kept_ratio = ratio[keep]
-        metrics = {
-            "clip_frac_low": low / n if n else 0.0,
-            "clip_frac_high": high / n if n else 0.0,
-            "clip_frac": (low + high) / n if n else 0.0,
-            "ratio_mean": float(kept_ratio.mean()) if n else float("nan"),
-            "ratio_max": float(kept_ratio.max()) if n else float("nan"),
-        }
-    return loss, metrics
+    return loss, clip_metrics(keep, adv, ratio, eps_low, eps_high)
+
+
+@torch.no_grad()
+def clip_metrics(keep: Tensor, adv: Tensor, ratio: Tensor, eps_low: float, eps_high: float) -> dict[str, float]:
+    """The clip statistics over the kept elements (tokens, or sequences for a sequence ratio), as python floats:
+    "clip_frac_low" (A < 0 and ratio < 1 - eps_low), "clip_frac_high" (A > 0 and ratio > 1 + eps_high),
+    "clip_frac" (their sum), "ratio_mean", "ratio_max"; with nothing kept the fractions are 0.0 and the ratio
+    statistics NaN."""
+    n = int(keep.sum())
+    low = (keep & (adv < 0) & (ratio < 1.0 - eps_low)).sum().item()
+    high = (keep & (adv > 0) & (ratio > 1.0 + eps_high)).sum().item()
+    kept_ratio = ratio[keep]
+    return {
+        "clip_frac_low": low / n if n else 0.0,
+        "clip_frac_high": high / n if n else 0.0,
+        "clip_frac": (low + high) / n if n else 0.0,
+        "ratio_mean": float(kept_ratio.mean()) if n else float("nan"),
+        "ratio_max": float(kept_ratio.max()) if n else float("nan"),
+    }
 
 
 def aggregation_denominator(aggregation: str, mask: Tensor) -> int:
@@ -204,16 +211,4 @@ def sequence_ratio_policy_loss(
     row_loss = torch.where(rows, -torch.minimum(unclipped, clipped), torch.zeros_like(unclipped))  # [B]
     loss = row_loss.sum() / rows.sum().clamp(min=1)
 
-    with torch.no_grad():
-        n = int(rows.sum())
-        low = (rows & (seq_adv < 0) & (seq_ratio < 1.0 - eps_low)).sum().item()
-        high = (rows & (seq_adv > 0) & (seq_ratio > 1.0 + eps_high)).sum().item()
-        kept_ratio = seq_ratio[rows]
-        metrics = {
-            "clip_frac_low": low / n if n else 0.0,
-            "clip_frac_high": high / n if n else 0.0,
-            "clip_frac": (low + high) / n if n else 0.0,
-            "ratio_mean": float(kept_ratio.mean()) if n else float("nan"),
-            "ratio_max": float(kept_ratio.max()) if n else float("nan"),
-        }
-    return loss, metrics
+    return loss, clip_metrics(rows, seq_adv, seq_ratio, eps_low, eps_high)

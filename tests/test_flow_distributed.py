@@ -97,7 +97,12 @@ def assert_same_training(one_process, two_processes) -> None:
     for a, b in zip(one, two):
         statistics = lambda r: {k: v for k, v in r.items() if k.startswith(("reward/", "eval/"))}
         assert statistics(a), a
-        assert_relatively_close(statistics(a), statistics(b))
+        means = lambda r: {k: v for k, v in statistics(r).items() if not k.endswith("/std")}
+        spreads = lambda r: {k: v for k, v in statistics(r).items() if k.endswith("/std")}
+        assert_relatively_close(means(a), means(b))
+        # a standard deviation cancels (values minus their mean), so it carries more of float32's batch-shape
+        # differences: measured 1.01e-5 relative on 2026-12-05 (the same at a7718e8 with that day's packages)
+        assert_relatively_close(spreads(a), spreads(b), rtol=5e-5)
         # the loss nearly cancels (a mean of +-advantage terms of size ~1): compare it on that scale
         assert a.get("train/loss") is None or abs(a["train/loss"] - b["train/loss"]) <= 1e-6
         # the first update is on-policy on every rank (the logged value is the maximum over the ranks)
@@ -108,11 +113,13 @@ def assert_same_training(one_process, two_processes) -> None:
     # The LoRA as one vector agrees to 1e-5 relative (measured ~1e-6). Tensor by tensor the small LoRA B matrices
     # differ more (measured up to 3.5e-5): float32 sums in other batch shapes and orders (DDP's all-reduce) reach
     # Adam's normalised step, which enlarges them where a gradient entry nearly cancels; it stays that way even
-    # with batches of identical composition on both sides (micro-batch 1: up to 8e-6).
+    # with batches of identical composition on both sides (micro-batch 1: up to 8e-6). With the packages of
+    # 2026-12-05 one LoRA B matrix differs by 1.1e-4 (the same at a7718e8), so the per-tensor bound is 3e-4; the
+    # whole vector's bound is unchanged.
     flat = lambda w: torch.cat([w[name].flatten() for name in sorted(w)])
     assert (flat(w1) - flat(w2)).norm() <= 1e-5 * flat(w1).norm()
     for name in w1:
-        assert (w1[name] - w2[name]).norm() <= 1e-4 * w1[name].norm(), name
+        assert (w1[name] - w2[name]).norm() <= 3e-4 * w1[name].norm(), name
 
 
 def assert_ranks_split_the_batch(probe, train_samples: int, eval_samples: int) -> None:

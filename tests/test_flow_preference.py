@@ -288,10 +288,15 @@ def test_two_processes_train_like_one(tiny_pipeline_dir, tmp_path):
         [json.loads(line) for line in (tmp_path / f"p{n}" / "metrics.jsonl").read_text().splitlines()] for n in (1, 2)
     ]
     assert [r["world_size"] for r in logs[1][1:]] == [2, 2]
+    # the loss is -log sigmoid of beta (500) times a difference of float32 errors, which beta enlarges: measured
+    # 2.9e-5 relative on 2026-12-05 (the same at a7718e8 with that day's packages); the rest stays at 1e-5
+    tolerance = lambda key: 1e-4 if key == "train/loss" else 1e-5
     for one, two in zip(*logs):
         assert one.get("pairs") == two.get("pairs") and (one.get("pairs") is None or one["pairs"] > 2)
         for key in ("train/loss", "reward/mean", "reward/pair_gap", "eval/flowalign.rewards:jpeg_incompressibility"):
-            assert (key in one) == (key in two) and (key not in one or one[key] == pytest.approx(two[key], rel=1e-5))
+            assert (key in one) == (key in two) and (
+                key not in one or one[key] == pytest.approx(two[key], rel=tolerance(key))
+            )
     assert all("train/loss" in r for r in logs[0][1:])
     w1, w2 = (load_state(tmp_path / f"p{n}" / "checkpoints" / "step-000002", "trainable") for n in (1, 2))
     flat = lambda w: torch.cat([w[name].flatten() for name in sorted(w)])
