@@ -300,6 +300,11 @@ class LMRolloutConfig:
 
 @dataclasses.dataclass
 class LMAlgorithmConfig:
+    name: Literal["grpo"] = option(
+        "grpo",
+        "the recipe's stages, from llmalign.grpo.ALGORITHMS: grpo (one group-relative advantage per completion, "
+        "the update's loss from algorithm.loss)",
+    )
     loss: Literal["grpo", "dr_grpo", "dapo", "disco", "gspo"] = option(
         "grpo",
         "grpo (sequence mean), dr_grpo (sum / (B*L_max), no std), dapo (token mean, clip-higher), disco, gspo "

@@ -826,10 +826,14 @@ class GRPORecipe:
         return f"metrics {out / 'metrics.jsonl'}, curves {out / 'reward_curve.png'}, model {out / 'final'}"
 
 
+# algorithm.name -> the recipe whose stages the loop runs (shared.loop); each takes the GRPOConfig
+ALGORITHMS: dict[str, Callable[[GRPOConfig], GRPORecipe]] = {"grpo": GRPORecipe}
+
+
 def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
     check_rollout(config)  # before the run directory is written
     run = open_run(config, resume, allow_config_change, tag="[llmalign]")
-    recipe = GRPORecipe(config)
+    recipe = ALGORITHMS[config.algorithm.name](config)
     try:
         return run_loop(recipe, run, config.log.eval_every, config.log.checkpoint_every)
     finally:
