@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import random
 import time
@@ -170,6 +171,16 @@ def _process_state_kept():
             torch.set_num_threads(threads)
 
 
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+def _rotary_reload_filter(record: logging.LogRecord) -> bool:
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" at every push_weights: a rotary layer has no checkpoint
+    weights (its cos/sin cache is computed from the config), so reload_weights finds none for it and, as the
+    warning's own code path does, puts the cache back unchanged. Said once per iteration it would read as a fault."""
+    return record.getMessage() != "RotaryEmbedding: Failed to load weights"
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -206,6 +217,7 @@ class VLLMEngine:
             import vllm
         except Exception as error:  # e.g. a torchaudio built for another torch
             raise ConfigError(VLLM_MISSING.format(why=f"does not import ({_first_line(error)})")) from None
+        logging.getLogger(RELOAD_LOGGER).addFilter(_rotary_reload_filter)
         self.tokenizer, self.max_model_len, self.dtype = tokenizer, max_model_len, getattr(torch, dtype)
         size = {"kv_cache_memory_bytes": kv_cache_mib * MIB} if kv_cache_mib > 0 else {}
         # beside a launcher's process group (accelerate launch, torchrun): vLLM's external_launcher backend reuses it,
