@@ -218,6 +218,17 @@ def engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vllm-kv-cache-mib", type=_at_least(0), default=64, help="as rollout.vllm_kv_cache_mib")
 
 
+def grouped_results(rows: list[dict], result: dict, column: str | None) -> dict:
+    """`llmalign eval --by COLUMN`: value -> (accuracy, mean completion length, rows), in first-seen order."""
+    groups: dict = {}
+    for row, correct, length in zip(rows, result["correct"], result["lengths"]) if column is not None else ():
+        groups.setdefault(row[column], []).append((correct, length))
+    return {
+        value: (sum(c for c, _ in pairs) / len(pairs), sum(n for _, n in pairs) / len(pairs), len(pairs))
+        for value, pairs in groups.items()
+    }
+
+
 def run_eval(args: argparse.Namespace) -> None:
     from llmalign.data import DataError, load_rows
     from llmalign.evaluate import accuracy_on
@@ -230,6 +241,9 @@ def run_eval(args: argparse.Namespace) -> None:
     except DataError as error:
         print(f"data error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    missing = [index for index, row in enumerate(rows) if args.by is not None and args.by not in row]
+    if missing:
+        exit_on_config_error(ConfigError(f"--by: row {missing[0]} of {args.data} has no column {args.by!r}"))
     try:
         model, tokenizer = load_for_sampling(run, args.model, args.adapter)
         engine = sampling_engine(args, model, tokenizer, rows)
@@ -243,6 +257,8 @@ def run_eval(args: argparse.Namespace) -> None:
             f"accuracy {result['accuracy']:.4f} on {len(rows)} rows (greedy), mean completion length "
             f"{result['mean_length']:.1f} tokens"
         )
+        for value, (accuracy, length, count) in grouped_results(rows, result, args.by).items():
+            print(f"  {args.by}={value}: accuracy {accuracy:.4f}, mean completion length {length:.1f} ({count} rows)")
     if engine is not None:
         engine.close()
     run.close()
@@ -335,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_at_least(1), default=None, help="evaluate the first N rows")
     ev.add_argument("--max-new-tokens", type=_at_least(1), default=64)
     ev.add_argument("--show", type=_at_least(0), default=3, help="print this many completions")
+    ev.add_argument("--by", default=None, help="also give accuracy and length per value of this data column (level)")
     ev.add_argument("--seed", type=_at_least(0, below=SEED_LIMIT), default=0, help="the engine's seed (greedy: unused)")
     engine_flags(ev)
     ev.set_defaults(run=run_eval)

@@ -200,7 +200,8 @@ def accuracy_on(
     engine=None,
 ) -> dict:
     """Held-out accuracy (answer extraction and matching of `llmalign.rewards`) and mean completion length in
-    tokens (EOS included) over `rows` with `prompt` and `answer`, and the (prompt, completion) samples. With
+    tokens (EOS included) over `rows` with `prompt` and `answer`, the (prompt, completion) samples, and each row's
+    correctness and length ("correct", "lengths", in the rows' order). With
     `score_fn` (eval.rewards), also "rewards": name -> the mean of its finite scores over the rows; an exception it
     raises on any rank is raised on every rank, after the same generate calls.
 
@@ -255,6 +256,8 @@ def accuracy_on(
         "accuracy": sum(correct) / n,
         "mean_length": sum(lengths) / n,
         "samples": [s for _, _, _, chunk, _ in results for s in chunk],
+        "correct": correct,  # per row, in the rows' order
+        "lengths": lengths,  # per row, EOS included
     }
     if score_fn is not None:
         scores = {

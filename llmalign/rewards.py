@@ -31,6 +31,8 @@ Formulas (L = completion length in tokens, "correct" = answers_match(extract_ans
 - length_budget ("Train Long, Think Short" curriculum): r = 1 if correct and L <= B(step) else 0, with
                  B(t) = max(B_min, B0 * decay^floor(t / period))                  (exponential)
                  B(t) = B0 - (B0 - B_min) * min(t / total_steps, 1)                (linear).
+- level_length (TLDR, length by level; our reading of arXiv:2505.07961, see make_level_length_reward):
+                 r = 1[correct] - alpha |L - T_level| / L_max, T_level the target of the prompt's `level` column.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ __all__ = [
     "make_cosine_length_reward",
     "make_grpo_lambda_reward",
     "make_length_budget_reward",
+    "make_level_length_reward",
     "make_soft_overlong_reward",
 ]
 
@@ -713,6 +716,55 @@ def make_length_budget_reward(
     return length_budget_reward
 
 
+@_factory
+def make_level_length_reward(
+    targets: dict[str, float], alpha: float = 1.0, max_length: int | None = None
+) -> TextRewardFn:
+    """Length by level (TLDR: Zhang et al. 2025, "Making Small Language Models Efficient Reasoners: Intervention,
+    Supervision, Reinforcement", arXiv:2505.07961): each prompt carries a level (its `level` column, also written
+    in the prompt so the policy can read it), and a completion of token length L is scored
+
+        r = 1[correct] - alpha * |L - T_level| / L_max
+
+    with T_level = targets[level] and L_max the completion budget. Correctness dominates (with alpha <= 1 a correct
+    completion never scores below a wrong one), and within each, the length nearest the level's target wins.
+
+    What was not checked: only the paper's abstract was at hand here (a GRPO-based, length-regularised method with
+    multi-level control, e.g. short, medium and long reasoning); its exact penalty and the levels' lengths could not
+    be read. This form (a distance to a per-level target, as L1's LCPO reward, Aggarwal and Welleck 2025,
+    arXiv:2503.04697, here over L_max instead of per token) is our choice: it orders the levels by construction, where a penalty only above a budget
+    leaves the longest level unshaped. Needs `answer`, `level` and `completion_ids`; None where answer is None."""
+    if not isinstance(targets, dict) or not targets:
+        raise ValueError("level_length: targets must map each level to its target length in tokens, e.g. {short: 35}")
+    for level, target in targets.items():
+        if not isinstance(target, (int, float)) or isinstance(target, bool) or target <= 0:
+            raise ValueError(f"level_length: targets[{level!r}] must be a positive number of tokens, got {target!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0:
+        raise ValueError(f"level_length: alpha must be a number >= 0, got {alpha!r}")
+
+    def level_length_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float | None]:
+        n = len(completions)
+        limit = _max_length(max_length, kwargs, "level_length")
+        lengths = _token_lengths(kwargs, n, "level_length")
+        levels = _column(
+            kwargs, "level", n, "level_length", "the data needs a 'level' column naming each prompt's level"
+        )
+        unknown = sorted({str(level) for level in levels if level not in targets})
+        if unknown:
+            raise ValueError(
+                f"reward 'level_length': level(s) {unknown} have no target; reward.kwargs.level_length.targets "
+                f"gives {sorted(targets)}"
+            )
+        correct = _correct(completions, _answers(kwargs, n, "level_length"))
+        return [
+            None if ok is None else float(ok) - alpha * abs(length - targets[level]) / limit
+            for ok, length, level in zip(correct, lengths, levels)
+        ]
+
+    level_length_reward.__name__ = "level_length"
+    return level_length_reward
+
+
 # ----------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------
@@ -724,6 +776,7 @@ BUILTIN_REWARDS: dict[str, Callable] = {
     "soft_overlong": make_soft_overlong_reward,
     "grpo_lambda": make_grpo_lambda_reward,
     "length_budget": make_length_budget_reward,
+    "level_length": make_level_length_reward,
 }
 
 

@@ -324,12 +324,59 @@ def ensure_arith_model(path: str | os.PathLike | None = None, mode: str = "full"
     return str(out)
 
 
+LEVELS = ("short", "medium", "long")  # length levels of the level-tagged task, in order
+
+
+def level_rows(rows: list[dict]) -> list[dict]:
+    """The rows with a length level each (LEVELS in turn, so each level holds a third), written at the start of the
+    prompt ("[short] Compute 8+5-7.\n") and kept in a `level` column for the level_length reward."""
+    tagged = []
+    for index, row in enumerate(rows):
+        level = LEVELS[index % len(LEVELS)]
+        tagged.append({**row, "prompt": f"[{level}] {row['prompt']}", "level": level})
+    return tagged
+
+
+def level_sft_rows(seed: int = 0) -> list[dict]:
+    """The build's supervised problems (make_split(TRAIN_PROBLEMS, seed), the prompts of sft.jsonl) with levels
+    (`level_rows`) and a completion each in the supervised styles' mix, drawn whatever the level: SFT on them
+    teaches the model to read a tagged prompt (the toy fails on any text it has not seen) without tying a length
+    to a level, which is what RL with the level_length reward is then left to learn."""
+    rng = random.Random(seed)
+    problems = make_split(TRAIN_PROBLEMS, seed)
+    rows = [{"prompt": p["prompt"], "completion": solution(p, **supervised_style(rng))} for p in problems]
+    return level_rows(rows)
+
+
+def level_split(root: str, name: str) -> str:
+    """`embedded:arith/levels/<name>`: the toy's train.jsonl or test.jsonl with length levels (`level_rows`), or
+    sft.jsonl (`level_sft_rows`), written beside the other cached builds (the shipped directory is not written to)
+    when missing or stale."""
+    if name not in ("train.jsonl", "test.jsonl", "sft.jsonl"):
+        raise FileNotFoundError(f"embedded:arith/levels/{name}: the levels are train.jsonl, test.jsonl and sft.jsonl")
+    if name == "sft.jsonl":
+        rows = level_sft_rows()
+    else:
+        rows = level_rows([json.loads(line) for line in (Path(root) / name).read_text().splitlines() if line.strip()])
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    out = default_cache_dir().parent / "arith-levels" / name
+    if not out.is_file() or out.read_text() != text:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(f".{name}.{os.getpid()}")
+        partial.write_text(text)
+        os.replace(partial, out)  # atomic: another process reading it sees the old or the new file, whole
+    return str(out)
+
+
 def resolve_embedded(path: str) -> str:
     """`embedded:arith` -> the cached model directory; `embedded:arith/test.jsonl` -> a file in it;
+    `embedded:arith/levels/train.jsonl` (or test.jsonl) -> that file with length levels (`level_split`);
     anything else unchanged (a local directory, a file or a hub id)."""
     if path == EMBEDDED_MODEL or path.startswith(EMBEDDED_MODEL + "/"):
         root = ensure_arith_model()
         rest = path[len(EMBEDDED_MODEL) :].lstrip("/")
+        if rest.startswith("levels/"):
+            return level_split(root, rest[len("levels/") :])
         return str(Path(root) / rest) if rest else root
     return path
 

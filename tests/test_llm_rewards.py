@@ -31,6 +31,7 @@ from llmalign.rewards import (
     make_cosine_length_reward,
     make_grpo_lambda_reward,
     make_length_budget_reward,
+    make_level_length_reward,
     make_soft_overlong_reward,
 )
 from shared.reward_calls import RewardError, call_with_deadline
@@ -672,6 +673,46 @@ def test_length_budget_errors():
         make_length_budget_reward(1000, 200)(["p"], ["5"], answer=["5"], completion_ids=ids(1))
 
 
+def test_level_length_reward_by_hand():
+    # r = 1[correct] - alpha |L - T_level| / L_max, targets short 30 / long 60, alpha 0.5, L_max 80 (the trainer's)
+    reward = make_level_length_reward(targets={"short": 30, "long": 60}, alpha=0.5)
+    scores = reward(
+        ["p"] * 5,
+        ["5", "5", "4", "5", "5"],
+        answer=["5", "5", "5", "5", None],
+        level=["short", "short", "short", "long", "long"],
+        completion_ids=ids(30, 70, 30, 20, 50),
+        max_completion_length=80,
+    )
+    # on target: 1; 40 over: 1 - 0.5 * 40/80 = 0.75; wrong on target: 0; long at 20: 1 - 0.5 * 40/80 = 0.75
+    assert scores[:4] == pytest.approx([1.0, 0.75, 0.0, 0.75])
+    assert scores[4] is None  # no reference answer
+    # the same completion is scored by its own level: 20 tokens is 10 from short's target, 40 from long's
+    both = reward(
+        ["p", "p"],
+        ["5", "5"],
+        answer=["5", "5"],
+        level=["short", "long"],
+        completion_ids=ids(20, 20),
+        max_completion_length=80,
+    )
+    assert both == pytest.approx([1 - 0.5 * 10 / 80, 1 - 0.5 * 40 / 80])
+
+
+def test_level_length_reward_errors():
+    with pytest.raises(ValueError, match="targets must map each level"):
+        make_level_length_reward(targets={})
+    with pytest.raises(ValueError, match=r"targets\['short'\] must be a positive number"):
+        make_level_length_reward(targets={"short": 0})
+    with pytest.raises(ValueError, match="alpha must be a number >= 0"):
+        make_level_length_reward(targets={"short": 30}, alpha=-1)
+    reward = make_level_length_reward(targets={"short": 30})
+    with pytest.raises(ValueError, match=r"level\(s\) \['medium'\] have no target"):
+        reward(["p"], ["5"], answer=["5"], level=["medium"], completion_ids=ids(3), max_completion_length=80)
+    with pytest.raises(ValueError, match="needs the keyword argument 'level'"):
+        reward(["p"], ["5"], answer=["5"], completion_ids=ids(3), max_completion_length=80)
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -683,6 +724,7 @@ def test_builtin_rewards_map_to_functions_and_factories():
         "soft_overlong",
         "grpo_lambda",
         "length_budget",
+        "level_length",
     }
     assert build_reward("accuracy", {}) is accuracy_reward
     assert build_reward("format", None) is format_reward
