@@ -81,6 +81,15 @@ def write_long_sft_rows(root: Path) -> None:
     write_rows(str(root / "runs/arith_sft_long.jsonl"), rows)
 
 
+def write_levels_stage_one(root: Path) -> None:
+    """configs/llm/arith_levels.yaml starts from stage 1's model (configs/llm/arith_levels_sft.yaml); the shipped
+    toy's directory stands in for it (a dry run checks the directory, it loads no weights)."""
+    from llmalign.toy import resolve_embedded
+
+    (root / "runs/llm_arith_levels_sft").mkdir(parents=True, exist_ok=True)
+    (root / "runs/llm_arith_levels_sft/final").symlink_to(resolve_embedded("embedded:arith"))
+
+
 def write_pairs(root: Path, count: int) -> None:
     """configs/llm/arith_dpo.yaml reads runs/arith_pairs.jsonl (made by `llmalign pairs`)."""
     (root / "runs").mkdir(exist_ok=True)
@@ -214,6 +223,7 @@ def test_flow_dry_run_checks_reward_signatures(no_weights, capsys):
 def test_every_llm_recipe_passes_dry_run(recipe, no_weights, capsys):
     write_pairs(no_weights, 10)
     write_long_sft_rows(no_weights)
+    write_levels_stage_one(no_weights)
     llm_main(["train", str(REPO / "configs/llm" / recipe), "--dry-run"])  # routed by the YAML's recipe: key
     assert plan(capsys)["world size"] == "1"
 
