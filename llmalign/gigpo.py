@@ -40,7 +40,15 @@ import torch
 from torch import Tensor
 
 from llmalign.config import GRPOConfig
-from llmalign.environments import Episodes, StepRow, environment_factory, episode_returns, run_episodes, task_id
+from llmalign.environments import (
+    Episodes,
+    StepRow,
+    checked_reset,
+    environment_factory,
+    episode_returns,
+    run_episodes,
+    task_id,
+)
 from llmalign.evaluate import derived_seed
 from llmalign.grpo import Groups, update
 from llmalign.policy import (
@@ -128,6 +136,7 @@ class EnvironmentRecipe:
         torch.manual_seed(t.seed)
         random.seed(t.seed)
         self.make = environment_factory(e.name, e.kwargs)
+        checked_reset(e.name, self.make(), 0)  # a factory or reset that fails does so before any weights load
         run.main_first(lambda: resolve_embedded(config.model.path))
         model, self.tokenizer = load_policy(config.model, run.device)
         if config.memory.gradient_checkpointing:
