@@ -295,3 +295,23 @@ def test_sigkill_then_resume_is_bit_identical(tiny_lm_dir, uninterrupted, tmp_pa
     assert resumed.keys() == uninterrupted.keys()
     for name in uninterrupted:
         assert torch.equal(resumed[name], uninterrupted[name]), name
+
+
+def test_the_guess_the_number_example_of_the_docs_trains(tiny_lm_dir, tmp_path, monkeypatch):  # noqa: F811
+    """docs/extending.md's environment, taken from the page as it is, two iterations: it resets, steps and trains."""
+    text = (ROOT / "docs/extending.md").read_text()
+    start = text.index("```python\n", text.index("## Multi-turn environments")) + len("```python\n")
+    (tmp_path / "guess_env.py").write_text(text[start : text.index("```", start)])
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "run"
+    main(
+        [
+            "grpo",
+            *overrides(tiny_lm_dir, out, "environment.name=guess_env:GuessTheNumber", "environment.kwargs={high: 5}"),
+        ]
+    )
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+    assert all(r["env/turns"] >= 1 and "reward/episode/mean" in r for r in records[1:])
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples[0]["turns"][0]["observation"] == "Guess a number from 1 to 5.\n"
