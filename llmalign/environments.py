@@ -14,7 +14,8 @@ environment.invalid_penalty charges.
 
 environment.name is an embedded environment (`ENVIRONMENTS`) or the import path 'module:Factory' of a callable
 that returns a fresh environment, called with environment.kwargs, once per trajectory. What reset and step return
-is checked on every call: a wrong type is one line naming the environment and the value (ConfigError, exit 2).
+is checked on every call: a wrong type, or an exception raised by the factory, reset or step, is one line naming
+the environment and the value (ConfigError, exit 2).
 
 One training row per turn (`run_episodes`): the row's prompt is the turn's observation, its completion the
 policy's action. The environment's tokens are all in prompts, so no loss ever falls on them, and each row's
@@ -129,7 +130,20 @@ def environment_factory(name: str, kwargs: dict | None = None) -> Callable[[], E
             raise ConfigError(f"config field 'environment.name': {name!r} does not load ({error})") from None
     if not callable(factory):
         raise ConfigError(f"config field 'environment.name': {name!r} is a {type(factory).__name__}, not callable")
-    return lambda: factory(**(kwargs or {}))
+    return lambda: _called(name, "the factory", factory, **(kwargs or {}))
+
+
+def _called(name: str, what: str, fn: Callable, *args, **kwargs) -> Any:
+    """fn(*args, **kwargs), an exception it raises (user code) as the one-line ConfigError naming the environment."""
+    try:
+        return fn(*args, **kwargs)
+    except ConfigError:
+        raise
+    except Exception as error:
+        shown = f" with environment.kwargs {kwargs}" if what == "the factory" else ""
+        raise ConfigError(
+            f"environment {name!r}: {what}{shown} raised {type(error).__name__}: {error}".splitlines()[0]
+        ) from None
 
 
 # ----------------------------------------------------------------------------- checked calls
@@ -141,7 +155,7 @@ def _shown(value: Any) -> str:
 
 
 def checked_reset(name: str, env: Environment, task: int) -> str:
-    observation = env.reset(task)
+    observation = _called(name, "reset", env.reset, task)
     if not isinstance(observation, str):
         raise ConfigError(
             f"environment {name!r}: reset returned {type(observation).__name__} {_shown(observation)}; "
@@ -153,7 +167,7 @@ def checked_reset(name: str, env: Environment, task: int) -> str:
 def checked_step(name: str, env: Environment, action: str) -> tuple[str, float, bool, bool]:
     """(observation, reward, done, valid) from env.step(action), or the one-line ConfigError naming the
     environment and what it returned."""
-    out = env.step(action)
+    out = _called(name, "step", env.step, action)
     usage = "return (observation: str, reward: float, done: bool) or with a 4th item, an info dict"
     if not isinstance(out, tuple) or len(out) not in (3, 4):
         raise ConfigError(f"environment {name!r}: step returned {type(out).__name__} {_shown(out)}; {usage}")

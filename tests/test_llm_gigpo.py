@@ -315,3 +315,37 @@ def test_the_guess_the_number_example_of_the_docs_trains(tiny_lm_dir, tmp_path, 
     assert all(r["env/turns"] >= 1 and "reward/episode/mean" in r for r in records[1:])
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples[0]["turns"][0]["observation"] == "Guess a number from 1 to 5.\n"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (None, None),
+        (
+            "environment.name=tests.test_llm_gigpo:BadReset",
+            "BadReset': the factory with environment.kwargs {'turns': 3}",
+        ),
+        (
+            "environment.name=tests.test_llm_gigpo:BadReset;environment.kwargs={}",
+            "environment 'tests.test_llm_gigpo:BadReset': reset returned int 7; return the first observation as a str",
+        ),
+        ("algorithm.loss=disco", "config field 'algorithm.loss': disco needs correct/wrong labels"),
+        ("algorithm.updates_per_pass=2", "config field 'algorithm.updates_per_pass': 2: ranks hold unequal numbers"),
+        ("environment.gamma=1.5", "config field 'environment.gamma': 1.5 is outside [0, 1]"),
+    ],
+)
+def test_dry_run_checks_the_environment(override, message, capsys):
+    """The shipped GiGPO recipe's dry run builds and resets its environment (no weights load: tests/test_dry_run.py
+    runs every shipped recipe under a guard); a bad environment or setting is one line, exit 2."""
+    args = ["grpo", "--config", str(ROOT / "configs/llm/arith_env_gigpo.yaml"), "--dry-run"]
+    if override is None:
+        main(args)
+        out = capsys.readouterr().out
+        assert "environment     : arith_chain {'turns': 3} (reset checked: 'Compute " in out
+        assert "gamma 0.95, omega 1, mean_norm, episode statistics over rows, invalid penalty 0.1" in out
+        return
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, *override.split(";")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
