@@ -217,48 +217,6 @@ def task_id(seed: int, stream: int, group: int) -> int:
     return derived_seed(seed, stream, group, 8) % 2**31
 
 
-def _group_episodes(
-    make: Callable[[], Environment], name: str, sampler, tokenizer, task: int, size: int, seeds: Callable, sampling
-) -> list[tuple[StepRow, Rollout, int]]:
-    """`size` trajectories of one task, turn by turn: the active ones' observations go to one generate call
-    (seeded from `seeds(turn)`: (torch seed, per-completion seeds)), their actions to their environments.
-    Returns (row, its one-row rollout slice, index in that slice) per turn of each trajectory."""
-    envs = [make() for _ in range(size)]
-    observations = [checked_reset(name, env, task) for env in envs]
-    active, out = list(range(size)), []
-    for turn in range(sampling["max_turns"]):
-        if not active:
-            break
-        ids = [tokenizer(observations[k], add_special_tokens=False)["input_ids"] for k in active]
-        longest = max(len(x) for x in ids)
-        if longest > sampling["max_prompt_length"]:
-            raise ConfigError(
-                f"config field 'data.max_prompt_length': environment {name!r} gave an observation of {longest} "
-                f"tokens, over {sampling['max_prompt_length']}; raise it"
-            )
-        torch_seed, completion_seeds = seeds(turn, active)
-        torch.manual_seed(torch_seed)
-        rollout = sampler.generate(
-            ids,
-            1,
-            sampling["max_new_tokens"],
-            temperature=sampling["temperature"],
-            top_p=sampling["top_p"],
-            greedy=sampling["greedy"],
-            sampling_logprobs=not sampling["greedy"],
-            seeds=completion_seeds,
-        )
-        still = []
-        for j, k in enumerate(active):
-            observation, reward, done, valid = checked_step(name, envs[k], rollout.texts[j])
-            out.append((StepRow(-1, k, turn, observations[k], reward, valid, done), rollout, j))
-            observations[k] = observation
-            if not done:
-                still.append(k)
-        active = still
-    return out
-
-
 def stack_rows(parts: list[tuple[Rollout, int]], pad_id: int) -> Rollout:
     """One Rollout of the given rows of several rollouts: prompts re-padded on the left, completions on the right."""
     prompts = [r.prompt_ids[j][r.prompt_mask[j].bool()].tolist() for r, j in parts]
@@ -279,6 +237,16 @@ def stack_rows(parts: list[tuple[Rollout, int]], pad_id: int) -> Rollout:
     return Rollout(prompt_ids, prompt_mask, ids, mask, truncated, texts, logprobs)
 
 
+def _turn_calls(active: list[tuple[int, int]], batched: bool) -> list[list[tuple[int, int]]]:
+    """The generate calls of a turn: every active (group, trajectory) in one call when `batched` (an engine with a
+    seed per completion), else one call per group (HF: a call's sampling depends on the batch it is in, and a
+    group's batch is the same whatever the world size)."""
+    if batched:
+        return [active]
+    groups = sorted({g for g, _ in active})
+    return [[(g, k) for g, k in active if g == group] for group in groups]
+
+
 def run_episodes(
     run: Run,
     make: Callable[[], Environment],
@@ -292,33 +260,67 @@ def run_episodes(
     sampling: dict,
     engine: RolloutEngine | None = None,
 ) -> Episodes:
-    """This rank's trajectories of the global groups `groups`: `size` per task `task_of(group)`, at most
-    sampling["max_turns"] turns each. Sampling is seeded per group and turn (`seed_of(group, trajectory or -1,
-    turn)`), never from the rank, and each group generates on its own, so a trajectory is the same whatever the
-    world size. `policy`: the plain model (`Run.unwrapped_for_generation`); `engine` generates instead when given.
-    An environment that returns a wrong type raises ConfigError on every rank together."""
+    """This rank's trajectories of the global groups `groups`: `size` per task `task_of(group)`, played turn by
+    turn, at most sampling["max_turns"] turns; each turn the active trajectories' observations are generated from
+    (`_turn_calls`) and their actions stepped. Sampling is seeded per group and turn (HF: torch's seed
+    `seed_of(group, -1, turn)` before each group's call; an engine: `seed_of(group, trajectory, turn)` per
+    completion), never from the rank, so a trajectory is the same whatever the world size. `policy`: the plain
+    model (`Run.unwrapped_for_generation`); `engine` generates instead when given. An environment that raises or
+    returns a wrong type raises ConfigError on every rank together."""
     sampler = engine or HFEngine(policy, tokenizer)
     rows, parts, failure = [], [], None
     try:
-        for group in groups:
-            seeds = lambda turn, active, g=group: (
-                seed_of(g, -1, turn),
-                None if engine is None else [seed_of(g, k, turn) for k in active],
-            )
-            turns = _group_episodes(make, name, sampler, tokenizer, task_of(group), size, seeds, sampling)
-            turns.sort(key=lambda item: (item[0].traj, item[0].turn))  # each trajectory's rows in time order
-            for row, rollout, j in turns:
-                rows.append(dataclasses.replace(row, group=group, traj=group * size + row.traj))
-                parts.append((rollout, j))
+        envs = {(g, k): make() for g in groups for k in range(size)}
+        observations = {key: checked_reset(name, env, task_of(key[0])) for key, env in envs.items()}
+        active = list(envs)
+        for turn in range(sampling["max_turns"]):
+            for call in _turn_calls(active, engine is not None) if active else []:
+                rollout = _generate(sampler, tokenizer, [observations[key] for key in call], name, sampling, turn)(
+                    seed_of(call[0][0], -1, turn), None if engine is None else [seed_of(g, k, turn) for g, k in call]
+                )
+                for j, (g, k) in enumerate(call):
+                    observation, reward, done, valid = checked_step(name, envs[g, k], rollout.texts[j])
+                    rows.append(StepRow(g, g * size + k, turn, observations[g, k], reward, valid, done))
+                    parts.append((rollout, j))
+                    observations[g, k] = None if done else observation
+            active = [key for key in active if observations[key] is not None]
     except ConfigError as error:
         failure = str(error)
     failure = run.first_failure(failure)
     if failure is not None:
         raise ConfigError(failure)
+    order = sorted(range(len(rows)), key=lambda i: (rows[i].group, rows[i].traj, rows[i].turn))
+    rows, parts = [rows[i] for i in order], [parts[i] for i in order]  # each trajectory's rows in time order
     if not parts:  # no group on this rank (an evaluation of fewer tasks than processes)
         return Episodes(rows, None, 0)
     rollout = stack_rows(parts, tokenizer.pad_token_id)
     return Episodes(rows, rollout, int(rollout.lengths.sum()))
+
+
+def _generate(sampler, tokenizer, observations: list[str], name: str, sampling: dict, turn: int):
+    """A function of (torch seed, per-completion seeds) that generates one action per observation."""
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in observations]
+    longest = max(len(x) for x in ids)
+    if longest > sampling["max_prompt_length"]:
+        raise ConfigError(
+            f"config field 'data.max_prompt_length': environment {name!r} gave an observation of {longest} tokens "
+            f"at turn {turn + 1}, over {sampling['max_prompt_length']}; raise it"
+        )
+
+    def generate(torch_seed: int, seeds: list[int] | None) -> Rollout:
+        torch.manual_seed(torch_seed)  # HF samples from torch's global RNG
+        return sampler.generate(
+            ids,
+            1,
+            sampling["max_new_tokens"],
+            temperature=sampling["temperature"],
+            top_p=sampling["top_p"],
+            greedy=sampling["greedy"],
+            sampling_logprobs=not sampling["greedy"],
+            seeds=seeds,
+        )
+
+    return generate
 
 
 def episode_returns(steps: list[StepRow]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
