@@ -349,3 +349,15 @@ def test_dry_run_checks_the_environment(override, message, capsys):
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_every_algorithm_name_has_a_recipe():
+    """algorithm.name's choices and llmalign.grpo.ALGORITHMS name the same recipes, and each one loads."""
+    import typing
+
+    from llmalign.config import LMAlgorithmConfig
+    from llmalign.grpo import ALGORITHMS, algorithm_recipe
+
+    names = typing.get_args(typing.get_type_hints(LMAlgorithmConfig)["name"])
+    assert set(names) == set(ALGORITHMS) and {"gigpo", "episode_grpo"} <= set(names)
+    assert all(callable(algorithm_recipe(name)) for name in names)
