@@ -361,3 +361,20 @@ def test_every_algorithm_name_has_a_recipe():
     names = typing.get_args(typing.get_type_hints(LMAlgorithmConfig)["name"])
     assert set(names) == set(ALGORITHMS) and {"gigpo", "episode_grpo"} <= set(names)
     assert all(callable(algorithm_recipe(name)) for name in names)
+
+
+def test_gigpo_on_vllm_rollouts(tmp_path):
+    """rollout.engine=vllm through the same generate call (one call per turn for every active trajectory, a seed per
+    completion): two iterations on the embedded model and arith_chain, the engine's log-probs those of the trainer."""
+    from tests.test_vllm_engine import LOGPROB_TOLERANCE, needs_vllm
+
+    if needs_vllm.args[0]:
+        pytest.skip(needs_vllm.kwargs["reason"])
+    out = tmp_path / "run"
+    small = ["train.iterations=2", "train.prompts_per_iteration=2", "train.group_size=4", "environment.eval_tasks=2"]
+    torch.set_num_threads(1)
+    config = str(ROOT / "configs/llm/arith_env_gigpo.yaml")
+    main(["grpo", "--config", config, *small, "rollout.engine=vllm", f"log.output_dir={out}"])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[1]["train/rows"] >= 2 * 4 * 3  # three turns or more per trajectory
+    assert records[1]["mismatch/max_abs_dlogp"] < LOGPROB_TOLERANCE  # iteration 1 checks the ratio: compared
