@@ -19,10 +19,10 @@ the environment and the value (ConfigError, exit 2).
 
 One training row per turn (`run_episodes`): the row's prompt is the turn's observation, its completion the
 policy's action. The environment's tokens are all in prompts, so no loss ever falls on them, and each row's
-completion is a plain completion for `llmalign.grpo.update`. This is GiGPO's own batch layout (arXiv:2505.10978,
-Sec. 4: every step of every trajectory is a row, with its anchor observation); the alternative, one row per
-episode with the observations masked out of the loss, would give the same per-token advantages only when the
-policy conditions on the whole history, which the observation-as-prompt layout leaves to the environment.
+completion is a plain completion for `llmalign.grpo.update`. This is GiGPO's batch layout (arXiv:2505.10978;
+verl-agent trains one row per step, each with its anchor observation). The alternative, one row per episode with
+the observations masked out of the loss, would let the policy read the whole history; here an environment that
+wants the policy to see history writes it into the observation (which then also decides which states repeat).
 """
 
 from __future__ import annotations
