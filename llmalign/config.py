@@ -1,6 +1,6 @@
 """The config dataclass of the text GRPO recipe (`llmalign grpo`, `llmalign/grpo.py`).
 
-Sections: model, data, sampling, rollout, algorithm, replay, train, reward, eval, budget, memory, log. The reward, eval,
+Sections: model, data, sampling, rollout, algorithm, environment, replay, train, reward, eval, budget, memory, log. The reward, eval,
 budget, memory and log sections are shared.sections' (declared once for both front ends); every other field is
 documented once, here; `llmalign grpo --describe` prints them all.
 """
@@ -24,6 +24,7 @@ from shared.sections import (
 )
 
 EMBEDDED_MODEL = "embedded:arith"  # the project's own tiny Qwen2 arithmetic model, built and cached on first use
+ENVIRONMENT_ALGORITHMS = ("gigpo", "episode_grpo")  # algorithm.name values that play the environment section
 
 
 @dataclasses.dataclass
@@ -300,10 +301,12 @@ class LMRolloutConfig:
 
 @dataclasses.dataclass
 class LMAlgorithmConfig:
-    name: Literal["grpo"] = option(
+    name: Literal["grpo", "gigpo", "episode_grpo"] = option(
         "grpo",
         "the recipe's stages, from llmalign.grpo.ALGORITHMS: grpo (one group-relative advantage per completion, "
-        "the update's loss from algorithm.loss)",
+        "the update's loss from algorithm.loss); gigpo (multi-turn episodes in the environment section, one row "
+        "per turn, episode + step-group advantages, llmalign.gigpo); episode_grpo (the same episodes, the episode "
+        "advantage alone: gigpo with environment.step_weight 0)",
     )
     loss: Literal["grpo", "dr_grpo", "dapo", "disco", "gspo"] = option(
         "grpo",
@@ -540,6 +543,69 @@ class LMTrainConfig:
         check_optimizer(self, "1e-5")
 
 
+@dataclasses.dataclass
+class LMEnvironmentConfig:
+    """The multi-turn environment of algorithm.name gigpo and episode_grpo (llmalign.environments, llmalign.gigpo):
+    train.prompts_per_iteration tasks per iteration, train.group_size trajectories per task. GiGPO's defaults
+    (Feng et al. 2025, arXiv:2505.10978, official runs): gamma 0.95, step_weight 1, mean_norm, penalty 0.1."""
+
+    name: str = option(
+        "arith_chain",
+        "an embedded environment (arith_chain: carry a running total through embedded:arith's 'Compute a+b-c.' "
+        "turns) or the import path 'module:Factory' of a callable returning a fresh environment",
+    )
+    kwargs: dict[str, Any] = option({}, "keyword arguments the environment's factory is called with")
+    max_turns: int = option(
+        5, "turns per trajectory at most (one generate call each); an episode not done by then ends"
+    )
+    gamma: float = option(0.95, "discount of the step returns G_t = r_t + gamma G_{t+1} (GiGPO Eq. 5)")
+    step_weight: float = option(1.0, "omega: the weight of the step advantage, A = A^E + omega A^S (GiGPO Eq. 8)")
+    mode: Literal["mean_norm", "mean_std_norm"] = option(
+        "mean_norm",
+        "normalisation of both advantages: mean_norm (x - mean) or mean_std_norm ((x - mean) / (std + eps))",
+    )
+    episode_statistics: Literal["rows", "trajectories"] = option(
+        "rows",
+        "the episode mean and std over every step row of the group (rows, the official code) or over one score "
+        "per trajectory (trajectories, Eq. 3 as written)",
+    )
+    invalid_penalty: float = option(
+        0.1, "subtracted from a row's episode score and step return when its action was invalid (info valid=False)"
+    )
+    eval_tasks: int = option(
+        16, "held-out tasks played greedily at start, every log.eval_every and at the end (0 = none)"
+    )
+
+    def check(self) -> None:
+        need(bool(self.name.strip()), "environment.name", "empty; name an embedded environment or 'module:Factory'")
+        need(self.max_turns >= 1, "environment.max_turns", f"{self.max_turns}; use at least 1")
+        need(0 <= self.gamma <= 1, "environment.gamma", f"{self.gamma} is outside [0, 1]; GiGPO uses 0.95")
+        need(math.isfinite(self.step_weight), "environment.step_weight", f"{self.step_weight}; give a finite number")
+        need(
+            math.isfinite(self.invalid_penalty) and self.invalid_penalty >= 0,
+            "environment.invalid_penalty",
+            f"{self.invalid_penalty}; use a finite number >= 0 (GiGPO: 0.1)",
+        )
+        need(self.eval_tasks >= 0, "environment.eval_tasks", f"{self.eval_tasks} is negative")
+
+
+def check_environment_recipe(config: "GRPOConfig") -> None:
+    """What the environment recipes do not do, refused before any model loads (one line, exit 2)."""
+    a, r = config.algorithm, config.rollout
+    why = f"algorithm.name={a.name} plays multi-turn episodes"
+    need(a.loss != "disco", "algorithm.loss", f"disco needs correct/wrong labels, which {why} has not; use grpo")
+    need(not a.shared_prefix, "algorithm.shared_prefix", f"true: every row of {why} has its own prompt; set false")
+    need(a.replay == "none", "algorithm.replay", f"{a.replay} is GRPO's; {why}: set none")
+    need(a.filter_zero_std is False, "algorithm.filter_zero_std", f"{a.filter_zero_std} is GRPO's; {why}: set false")
+    need(not r.two_stage, "rollout.schedule", f"{r.schedule} is GRPO's; {why}: set none")
+    need(r.rethink_fraction == 0, "rollout.rethink_fraction", f"{r.rethink_fraction} is GRPO's; {why}: set 0")
+    need(
+        a.updates_per_pass == 1 and a.full_batch_epochs is None,
+        "algorithm.updates_per_pass",
+        f"{a.updates_per_pass}: ranks hold unequal numbers of turns under {why}; use 1 (and no full_batch_epochs)",
+    )
+
+
 def check_reward_names(reward: RewardSection, evaluation: EvalSection) -> None:
     """llmalign's reward names: a builtin (llmalign.rewards.BUILTIN_REWARDS) or an import path 'module:name'; an
     eval reward may not take the name of a metric the held-out evaluation logs itself."""
@@ -593,6 +659,7 @@ class GRPOConfig:
     sampling: LMSamplingConfig = dataclasses.field(default_factory=LMSamplingConfig)
     rollout: LMRolloutConfig = dataclasses.field(default_factory=LMRolloutConfig)
     algorithm: LMAlgorithmConfig = dataclasses.field(default_factory=LMAlgorithmConfig)
+    environment: LMEnvironmentConfig = dataclasses.field(default_factory=LMEnvironmentConfig)
     replay: LMReplayConfig = dataclasses.field(default_factory=LMReplayConfig)
     train: LMTrainConfig = dataclasses.field(default_factory=LMTrainConfig)
     reward: RewardSection = section(RewardSection, weights={"accuracy": 1.0})
@@ -620,6 +687,8 @@ class GRPOConfig:
             "that scores correctness (a completion is correct when it exceeds algorithm.correct_threshold)",
         )
         self.check_allocation()
+        if a.name in ENVIRONMENT_ALGORITHMS:
+            check_environment_recipe(self)
         if a.replay == "ssr":
             from shared.replay import check_replay_size
 

@@ -44,6 +44,7 @@ Where the rollouts go (issue 16), each off by default:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import random
 import time
@@ -826,14 +827,29 @@ class GRPORecipe:
         return f"metrics {out / 'metrics.jsonl'}, curves {out / 'reward_curve.png'}, model {out / 'final'}"
 
 
-# algorithm.name -> the recipe whose stages the loop runs (shared.loop); each takes the GRPOConfig
-ALGORITHMS: dict[str, Callable[[GRPOConfig], GRPORecipe]] = {"grpo": GRPORecipe}
+# algorithm.name -> the recipe whose stages the loop runs (shared.loop); each takes the GRPOConfig. A recipe in its
+# own module that imports this one is named by its import path 'module:function', loaded when chosen (importing it
+# here would be an import cycle).
+ALGORITHMS: dict[str, Callable[[GRPOConfig], object] | str] = {
+    "grpo": GRPORecipe,
+    "gigpo": "llmalign.gigpo:gigpo_recipe",
+    "episode_grpo": "llmalign.gigpo:episode_grpo_recipe",
+}
+
+
+def algorithm_recipe(name: str) -> Callable[[GRPOConfig], object]:
+    """The recipe factory of algorithm.name (`ALGORITHMS`), imported when it is an import path."""
+    found = ALGORITHMS[name]
+    if isinstance(found, str):
+        module_name, _, attribute = found.partition(":")
+        found = getattr(importlib.import_module(module_name), attribute)
+    return found
 
 
 def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
     check_rollout(config)  # before the run directory is written
     run = open_run(config, resume, allow_config_change, tag="[llmalign]")
-    recipe = ALGORITHMS[config.algorithm.name](config)
+    recipe = algorithm_recipe(config.algorithm.name)(config)
     try:
         return run_loop(recipe, run, config.log.eval_every, config.log.checkpoint_every)
     finally:

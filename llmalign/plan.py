@@ -142,6 +142,7 @@ def grpo_plan(config) -> list[tuple[str, object]]:
     rollout = t.prompts_per_iteration * t.group_size
     steps_per_iteration = a.steps_per_rollout
     return [
+        *_environment_rows(config),
         (
             "algorithm",
             f"{a.loss} (clip {a.clip_range:g} / {a.effective_clip_range_high:g}, KL beta {a.kl_beta:g}, "
@@ -172,6 +173,29 @@ def grpo_plan(config) -> list[tuple[str, object]]:
         ),
         ("memory", _memory(config) + f", reference model {'kept' if a.kl_beta > 0 else 'none'}"),
         ("output", config.log.output_dir),
+    ]
+
+
+def _environment_rows(config) -> list[tuple[str, object]]:
+    """algorithm.name gigpo / episode_grpo: the environment built and reset once (a factory that does not load,
+    or a reset that returns no str, is the one line training would give), and its settings."""
+    from llmalign.config import ENVIRONMENT_ALGORITHMS
+
+    e = config.environment
+    if config.algorithm.name not in ENVIRONMENT_ALGORITHMS:
+        return []
+    from llmalign.environments import checked_reset, environment_factory
+
+    first = checked_reset(e.name, environment_factory(e.name, e.kwargs)(), 0)
+    omega = 0 if config.algorithm.name == "episode_grpo" else e.step_weight
+    return [
+        (
+            "environment",
+            f"{e.name} {e.kwargs or ''} (reset checked: {first[:40]!r}), at most {e.max_turns} turns, one row per turn; "
+            f"gamma {e.gamma:g}, omega {omega:g}, {e.mode}, episode statistics over {e.episode_statistics}, "
+            f"invalid penalty {e.invalid_penalty:g}; the global batch's prompts are tasks, its completions "
+            "trajectories; the data and reward sections are not read",
+        )
     ]
 
 
