@@ -57,6 +57,7 @@ from llmalign.data import load_train_test, micro_batches, render_prompt, tokeniz
 from llmalign.evaluate import Rollout, describe_held_out, held_out_metrics
 from llmalign.logprobs import completion_logprobs
 from llmalign.objectives import OBJECTIVES, correct_labels, engine_mismatch, rollout_corrected_advantages
+from llmalign.ppo import PPORecipe
 from llmalign.policy import (
     enable_gradient_checkpointing,
     load_policy,
@@ -815,8 +816,9 @@ class GRPORecipe:
             **OBJECTIVES[self.config.algorithm.loss].postfix(metrics),
         }
 
-    def save(self, done: int) -> None:
-        extra_states = {"budget": {"generated_tokens": self.generated_total}}
+    def save(self, done: int, more_states: dict | None = None) -> None:
+        """The policy's checkpoint; `more_states`: a composing recipe's own (the critic's), saved beside."""
+        extra_states = {"budget": {"generated_tokens": self.generated_total}, **(more_states or {})}
         if self.buffer is not None:
             extra_states["replay"] = self.buffer.state_dict()
         save_policy_checkpoint(self.run, self.config, self.model, self.tokenizer, self.optimizer, done, extra_states)
@@ -827,7 +829,10 @@ class GRPORecipe:
 
 
 # algorithm.name -> the recipe whose stages the loop runs (shared.loop); each takes the GRPOConfig
-ALGORITHMS: dict[str, Callable[[GRPOConfig], GRPORecipe]] = {"grpo": GRPORecipe}
+ALGORITHMS: dict[str, Callable[[GRPOConfig], object]] = {
+    "grpo": GRPORecipe,
+    "ppo": lambda config: PPORecipe(config, GRPORecipe(config)),  # GRPO's stages with a critic and GAE
+}
 
 
 def train(config: GRPOConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
