@@ -743,6 +743,11 @@ class GRPOConfig:
             f"{s.max_new_tokens} (a window never outgrows a response)",
         )
         need(
+            self.train.group_size == 1,
+            "train.group_size",
+            f"{self.train.group_size}: t_ppo holds one response per prompt (a freed slot takes one new prompt); set 1",
+        )
+        need(
             r.engine == "hf",
             "rollout.engine",
             f"{r.engine}: t_ppo generates its windows with hf; set rollout.engine=hf",

@@ -58,6 +58,7 @@ from llmalign.evaluate import Rollout, describe_held_out, held_out_metrics
 from llmalign.logprobs import completion_logprobs
 from llmalign.objectives import OBJECTIVES, correct_labels, engine_mismatch, rollout_corrected_advantages
 from llmalign.ppo import PPORecipe
+from llmalign.t_ppo import TPPORecipe
 from llmalign.policy import (
     enable_gradient_checkpointing,
     load_policy,
@@ -832,6 +833,7 @@ class GRPORecipe:
 ALGORITHMS: dict[str, Callable[[GRPOConfig], object]] = {
     "grpo": GRPORecipe,
     "ppo": lambda config: PPORecipe(config, GRPORecipe(config)),  # GRPO's stages with a critic and GAE
+    "t_ppo": lambda config: TPPORecipe(config, GRPORecipe(config)),  # PPO on windows of in-flight responses
 }
 
 
