@@ -124,3 +124,29 @@ def test_a_critic_without_a_token_classification_head_exits_2(tmp_path, tiny_lm_
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "critic.path" in err and err.count("\n") == 1
+
+
+@pytest.mark.timeout(300)
+def test_advantage_and_update_on_a_fixed_rollout_are_the_same_on_two_processes(tiny_lm_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.multiproc import run_processes
+
+    for world in (1, 2):
+        out = tmp_path / f"w{world}"
+        out.mkdir()
+        done = run_processes(world, ["-m", "tests.ppo_update_probe", str(tiny_lm_dir), str(out)], timeout=240)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one = load_file(str(tmp_path / "w1" / "ppo.world1.safetensors"))
+    two = load_file(str(tmp_path / "w2" / "ppo.world2.safetensors"))  # the name holds the world size it ran on
+    assert one.keys() == two.keys() and any(k.startswith("critic.") for k in one)
+    for key in one:
+        assert_close(two[key], one[key], atol=1e-5, rtol=1e-5, msg=key)
+    assert float(one["critic.score.weight"].abs().max()) > 0  # the critic's zero head moved
+    from transformers import AutoModelForCausalLM
+
+    initial = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).state_dict()
+    assert max(float((one[f"policy.{k}"] - initial[k]).abs().max()) for k in initial if f"policy.{k}" in one) > 1e-3
+    metrics = [json.loads((tmp_path / f"w{w}" / f"ppo.world{w}.json").read_text()) for w in (1, 2)]
+    for key in ("value_loss", "advantage_mean", "advantage_std", "value_mean"):
+        assert metrics[1][key] == pytest.approx(metrics[0][key], rel=1e-4, abs=1e-6), key
