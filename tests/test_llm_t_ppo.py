@@ -167,3 +167,15 @@ def test_bad_config_exits_2_with_one_line(tiny_lm_dir, tmp_path, capsys, overrid
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_dry_run_refuses_a_window_above_max_new_tokens(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = str(REPO / "configs" / "llm" / "arith_t_ppo.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["grpo", "--config", config, "--dry-run", "algorithm.window_tokens=81"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "config error: config field 'algorithm.window_tokens': 81 is above sampling.max_new_tokens=80; use at most "
+        "80 (a window never outgrows a response)\n"
+    )
