@@ -731,6 +731,7 @@ class GRPOConfig:
             ("algorithm.replay", a.replay, "none"),
             ("rollout.schedule", r.schedule, "none"),
             ("rollout.rethink_fraction", r.rethink_fraction, 0),
+            ("algorithm.full_batch_epochs", a.full_batch_epochs, None),  # the critic steps as num_iterations says
         ):
             need(value == off, field, f"{value!r} is GRPO's, not {a.name}'s; set it to {off!r}")
         if a.name != "t_ppo":
@@ -741,6 +742,11 @@ class GRPOConfig:
             "algorithm.window_tokens",
             f"{a.window_tokens} is above sampling.max_new_tokens={s.max_new_tokens}; use at most "
             f"{s.max_new_tokens} (a window never outgrows a response)",
+        )
+        need(
+            a.rollout_correction == "none",
+            "algorithm.rollout_correction",
+            f"{a.rollout_correction}: t_ppo's windows carry no engine log-probs to correct with; set it to none",
         )
         need(
             self.train.group_size == 1,

@@ -140,6 +140,8 @@ class WindowBatch:
     generated: int  # tokens generated this iteration, all ranks
     finished_rewards: list[float]  # every rank's finished responses' total rewards (NaN: dropped)
     finished_lengths: list[int]  # their lengths
+    responses: list[Response]  # the global batch, before this iteration's windows
+    windows: list[list[int]]  # this rank's windows' tokens
     advantages: Tensor | None = None  # [n, C] set by the advantage stage
     targets: CriticTargets | None = None
     groups: None = None  # all the same size (1)
@@ -191,7 +193,6 @@ class TPPORecipe:
         fresh = stream_rows(self.grpo.train_rows, self.drawn, B - len(self.inflight), config.train.seed)
         batch = self.inflight + [Response(row["_index"], self.drawn + k, []) for k, row in enumerate(fresh)]
         carried, self.drawn = len(self.inflight), self.drawn + len(fresh)
-        self.batch = batch
         mine = batch[run.block(B).start : run.block(B).stop]
         rows = [self.grpo.train_rows[r.row] for r in mine]
         contexts = [row["_ids"] + r.tokens for row, r in zip(rows, mine)]
@@ -209,7 +210,6 @@ class TPPORecipe:
             as_rollout(tokenizer, [row["_ids"] for row in rows], [r.tokens + w for r, w in zip(mine, windows)], cut),
             run.device,
         )
-        self.windows = windows
         timings = {"time/rollout": time.perf_counter() - clock}
         rewards, keep, finished_rewards = self.score(iteration, rows, full, finished, timings)
         if config.algorithm.mask_overlong:
@@ -229,6 +229,8 @@ class TPPORecipe:
             generated,
             finished_rewards,
             [n for part in run.gather_objects([lengths]) for n in part],
+            batch,
+            windows,
         )
 
     def score(self, iteration: int, rows: list[dict], full: Rollout, finished: list[bool], timings: dict):
@@ -296,11 +298,13 @@ class TPPORecipe:
         block = self.run.block(B)
         mine = [
             (block.start + k, window)
-            for k, (window, done) in enumerate(zip(self.windows, batch.finished.tolist()))
+            for k, (window, done) in enumerate(zip(batch.windows, batch.finished.tolist()))
             if not done
         ]
         grown = dict(item for part in self.run.gather_objects([mine]) for item in part)
-        self.inflight = [Response(r.row, r.uid, r.tokens + grown[k]) for k, r in enumerate(self.batch) if k in grown]
+        self.inflight = [
+            Response(r.row, r.uid, r.tokens + grown[k]) for k, r in enumerate(batch.responses) if k in grown
+        ]
 
     def record(self, batch: WindowBatch, metrics: dict) -> dict:
         totals = [x for x in batch.finished_rewards if x == x]  # NaN: dropped

@@ -97,6 +97,7 @@ def test_advantages_are_gae_on_the_recipes_values(tiny_lm_dir, tmp_path, whiten)
     [
         ("algorithm.loss=disco", "algorithm.loss"),
         ("algorithm.replay=ssr", "algorithm.replay"),
+        ("algorithm.full_batch_epochs=2", "algorithm.full_batch_epochs"),
         ("algorithm.window_tokens=4", "algorithm.window_tokens"),
         ("algorithm.gae_lambda=1.5", "algorithm.gae_lambda"),
         ("critic.value_clip=0", "critic.value_clip"),

@@ -77,7 +77,7 @@ def test_window_of_max_new_tokens_is_ppo_on_the_same_samples(tiny_lm_dir, tmp_pa
     t, p = recipes["t_ppo"], recipes["ppo"]
     windows = t.advantage(t.rollout(0))
     assert bool(windows.finished.all()) and windows.carried == 0
-    rows = [p.grpo.train_rows[r.row] for r in t.batch]
+    rows = [p.grpo.train_rows[r.row] for r in windows.responses]
     columns = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
     scores = score(p.grpo.rewards, [row["_text"] for row in rows], windows.rollout, columns, 1, 0, 12, False)
     plan = RefillPlan([(0, i) for i in range(PROMPTS)], PROMPTS, 0, PROMPTS, 0)
@@ -159,6 +159,7 @@ def test_sigkill_with_responses_in_flight_then_resume_is_bit_identical(tiny_lm_d
         ("algorithm.window_tokens=13", "algorithm.window_tokens"),  # above max_new_tokens=12
         ("train.group_size=2", "train.group_size"),
         ("algorithm.window_tokens=0", "algorithm.window_tokens"),
+        ("algorithm.rollout_correction=tis", "algorithm.rollout_correction"),
     ],
 )
 def test_bad_config_exits_2_with_one_line(tiny_lm_dir, tmp_path, capsys, override, message):
