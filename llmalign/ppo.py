@@ -47,6 +47,7 @@ class CriticTargets:
     critic_values: Tensor  # [n, C] V_old on critic_rollout
     returns: Tensor  # [n, C] the critic's targets
     critic_mask: Tensor  # [n, C] the tokens the critic trains on
+    critic_group_size: int  # completions per prompt of critic_rollout
     metrics: dict  # value and advantage statistics over all ranks
 
 
@@ -89,28 +90,21 @@ def critic_targets(
     metrics = {"advantage_mean": mean, "advantage_std": var**0.5, "value_mean": value_mean}
     policy_advantages = whitened(advantages, mask, mean, var) if a.whiten_advantages else advantages * mask
     if critic_side is None:
-        return CriticTargets(policy_advantages, rollout, values, returns, mask, metrics)
+        return CriticTargets(policy_advantages, rollout, values, returns, mask, group_size, metrics)
     full, rows = critic_side
     full_mask = full.completion_mask * rows[:, None]  # [n, C']
     full_values = critic.values(full, 1)  # [n, C']
     full_rewards = last_token_rewards(rewards.to(full_values.device, full_values.dtype), full_mask)  # [n, C']
     _, full_returns = gae_advantages(full_rewards, full_values, full_mask, **gae)  # [n, C']
-    return CriticTargets(policy_advantages, full, full_values, full_returns, full_mask, metrics)
+    return CriticTargets(policy_advantages, full, full_values, full_returns, full_mask, 1, metrics)
 
 
 def ppo_update(recipe, critic: Critic, trained, targets: CriticTargets) -> dict:
     """The policy's update (`GRPORecipe.update`: num_iterations x updates_per_pass PPO-clip steps on the per-token
     advantages), then the critic's on its targets."""
     metrics = recipe.update(trained)
-    metrics.update(
-        critic.update(
-            targets.critic_rollout,
-            1 if targets.critic_rollout is not trained.rollout else recipe.config.train.group_size,
-            targets.critic_values,
-            targets.returns,
-            targets.critic_mask,
-        )
-    )
+    t = targets
+    metrics.update(critic.update(t.critic_rollout, t.critic_group_size, t.critic_values, t.returns, t.critic_mask))
     return {**metrics, **targets.metrics}
 
 
