@@ -25,6 +25,7 @@ from shared.sections import (
 
 EMBEDDED_MODEL = "embedded:arith"  # the project's own tiny Qwen2 arithmetic model, built and cached on first use
 ENVIRONMENT_ALGORITHMS = ("gigpo", "episode_grpo")  # algorithm.name values that play the environment section
+CRITIC_ALGORITHMS = ("ppo", "t_ppo")  # algorithm.name values that train a critic (the critic section)
 
 
 @dataclasses.dataclass
@@ -301,12 +302,14 @@ class LMRolloutConfig:
 
 @dataclasses.dataclass
 class LMAlgorithmConfig:
-    name: Literal["grpo", "gigpo", "episode_grpo"] = option(
+    name: Literal["grpo", "gigpo", "episode_grpo", "ppo", "t_ppo"] = option(
         "grpo",
         "the recipe's stages, from llmalign.grpo.ALGORITHMS: grpo (one group-relative advantage per completion, "
         "the update's loss from algorithm.loss); gigpo (multi-turn episodes in the environment section, one row "
         "per turn, episode + step-group advantages, llmalign.gigpo); episode_grpo (the same episodes, the episode "
-        "advantage alone: gigpo with environment.step_weight 0)",
+        "advantage alone: gigpo with environment.step_weight 0); ppo (a critic (the critic section) and GAE per "
+        "token, llmalign.ppo); t_ppo (Truncated PPO: generation in windows of algorithm.window_tokens, EGAE on "
+        "unfinished responses, llmalign.t_ppo)",
     )
     loss: Literal["grpo", "dr_grpo", "dapo", "disco", "gspo"] = option(
         "grpo",
@@ -390,6 +393,26 @@ class LMAlgorithmConfig:
         "the cap C > 1 of algorithm.rollout_correction: tis weights are at most C, mis keeps ratios in [1/C, C] "
         "(2: the TIS blog's verl example, and verl's mask threshold)",
     )
+    gamma: float = option(
+        1.0,
+        "ppo, t_ppo: GAE's discount (1: an outcome reward at the end of a text is not discounted over its length, "
+        "as OpenRLHF's and VC-PPO's (arXiv:2503.01491) PPO for LLMs)",
+    )
+    gae_lambda: float = option(
+        0.95,
+        "ppo, t_ppo: GAE's lambda for the policy's advantages and the critic's returns (0.95: OpenRLHF's default "
+        "and VC-PPO's actor lambda; 1 gives Monte Carlo returns)",
+    )
+    whiten_advantages: bool = option(
+        True,
+        "ppo, t_ppo: shift and scale the per-token advantages to mean 0, std 1 over the kept tokens of the global "
+        "batch (as OpenRLHF and TRL's PPO); false: GAE's values as they are",
+    )
+    window_tokens: Optional[int] = option(
+        None,
+        "t_ppo: W, the tokens each in-flight response grows by per iteration (at most sampling.max_new_tokens; "
+        "null: sampling.max_new_tokens, every response finishes in one window and t_ppo trains as ppo)",
+    )
     rollout_correction_level: Literal["token", "sequence"] = option(
         "token",
         "mis: mask and weight each token by its own ratio (token) or whole completions by the product of their "
@@ -428,6 +451,13 @@ class LMAlgorithmConfig:
             "algorithm.rollout_correction",
             f"{self.rollout_correction} weights per-token policy-gradient terms, which algorithm.loss={self.loss} "
             "does not have; use grpo, dr_grpo or dapo, or algorithm.rollout_correction=none",
+        )
+        need(0 <= self.gamma <= 1, "algorithm.gamma", f"{self.gamma} must be in [0, 1], e.g. 1.0")
+        need(0 <= self.gae_lambda <= 1, "algorithm.gae_lambda", f"{self.gae_lambda} must be in [0, 1], e.g. 0.95")
+        need(
+            self.window_tokens is None or self.window_tokens >= 1,
+            "algorithm.window_tokens",
+            f"{self.window_tokens}; use at least 1 token per window",
         )
         need(self.num_iterations >= 1, "algorithm.num_iterations", f"{self.num_iterations}; use at least 1")
         need(self.updates_per_pass >= 1, "algorithm.updates_per_pass", f"{self.updates_per_pass}; use at least 1")
@@ -487,6 +517,35 @@ class LMAlgorithmConfig:
 
 
 @dataclasses.dataclass
+class LMCriticConfig:
+    """The value model of algorithm.name ppo and t_ppo (llmalign.critic); unused by grpo."""
+
+    path: Optional[str] = option(
+        None,
+        "the critic's model: a directory or hub id whose architecture transformers can load as "
+        "AutoModelForTokenClassification (a backbone; the value head is new, initialised to 0); null: model.path",
+    )
+    learning_rate: float = option(1e-5, "the critic's AdamW learning rate")
+    weight_decay: float = option(0.0, "the critic's AdamW weight decay")
+    max_grad_norm: float = option(1.0, "the critic's gradient clipping norm")
+    value_clip: Optional[float] = option(
+        0.2,
+        "eps of the clipped value loss max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2) / 2 (OpenAI "
+        "baselines' ppo2, OpenRLHF's value_clip, TRL's cliprange_value: 0.2); null: (V - R)^2 / 2",
+    )
+
+    def check(self) -> None:
+        need(
+            self.value_clip is None or self.value_clip > 0,
+            "critic.value_clip",
+            f"{self.value_clip} must be positive, e.g. 0.2 (null: no clipping)",
+        )
+        need(self.learning_rate > 0, "critic.learning_rate", f"{self.learning_rate} must be positive, e.g. 1e-5")
+        need(self.weight_decay >= 0, "critic.weight_decay", f"{self.weight_decay} must be >= 0")
+        need(self.max_grad_norm > 0, "critic.max_grad_norm", f"{self.max_grad_norm} must be positive, e.g. 1.0")
+
+
+@dataclasses.dataclass
 class LMReplayConfig:
     """algorithm.replay=ssr's buffer (shared.replay.ReplayBuffer), saved in every checkpoint."""
 
@@ -523,11 +582,7 @@ class LMTrainConfig:
 
     def check(self) -> None:
         need(self.iterations >= 0, "train.iterations", f"{self.iterations} is negative")
-        need(
-            self.group_size >= 2,
-            "train.group_size",
-            f"{self.group_size} < 2; group advantages need at least 2 completions per prompt",
-        )
+        need(self.group_size >= 1, "train.group_size", f"{self.group_size}; use at least 1 completion per prompt")
         need(
             self.prompts_per_iteration >= 1,
             "train.prompts_per_iteration",
@@ -662,6 +717,7 @@ class GRPOConfig:
     environment: LMEnvironmentConfig = dataclasses.field(default_factory=LMEnvironmentConfig)
     replay: LMReplayConfig = dataclasses.field(default_factory=LMReplayConfig)
     train: LMTrainConfig = dataclasses.field(default_factory=LMTrainConfig)
+    critic: LMCriticConfig = dataclasses.field(default_factory=LMCriticConfig)
     reward: RewardSection = section(RewardSection, weights={"accuracy": 1.0})
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     budget: BudgetSection = dataclasses.field(default_factory=BudgetSection)
@@ -673,6 +729,14 @@ class GRPOConfig:
         check_sections(self)
         check_reward_names(self.reward, self.eval)
         t, a, r = self.train, self.algorithm, self.rollout
+        if a.name in CRITIC_ALGORITHMS:
+            self.check_critic_algorithm()
+        else:
+            need(
+                t.group_size >= 2,
+                "train.group_size",
+                f"{t.group_size} < 2; group advantages need at least 2 completions per prompt",
+            )
         rollout = t.prompts_per_iteration * t.group_size
         need(
             rollout % a.updates_per_pass == 0,
@@ -722,6 +786,48 @@ class GRPOConfig:
                 f"{a.updates_per_pass} splits groups across optimizer steps, which {why} cannot do; use a divisor "
                 f"of train.prompts_per_iteration={t.prompts_per_iteration}",
             )
+
+    def check_critic_algorithm(self) -> None:
+        """ppo and t_ppo train on per-token GAE advantages: a per-token loss, none of GRPO's group machinery."""
+        a, r, s = self.algorithm, self.rollout, self.sampling
+        need(
+            a.loss in ("grpo", "dr_grpo", "dapo"),
+            "algorithm.loss",
+            f"{a.loss} under algorithm.name={a.name}; its per-token GAE advantages need grpo, dr_grpo or dapo",
+        )
+        for field, value, off in (
+            ("algorithm.filter_zero_std", a.filter_zero_std, False),
+            ("algorithm.replay", a.replay, "none"),
+            ("rollout.schedule", r.schedule, "none"),
+            ("rollout.rethink_fraction", r.rethink_fraction, 0),
+            ("algorithm.full_batch_epochs", a.full_batch_epochs, None),  # the critic steps as num_iterations says
+        ):
+            need(value == off, field, f"{value!r} is GRPO's, not {a.name}'s; set it to {off!r}")
+        if a.name != "t_ppo":
+            need(a.window_tokens is None, "algorithm.window_tokens", "is t_ppo's; set it to null")
+            return
+        need(
+            a.window_tokens is None or a.window_tokens <= s.max_new_tokens,
+            "algorithm.window_tokens",
+            f"{a.window_tokens} is above sampling.max_new_tokens={s.max_new_tokens}; use at most "
+            f"{s.max_new_tokens} (a window never outgrows a response)",
+        )
+        need(
+            a.rollout_correction == "none",
+            "algorithm.rollout_correction",
+            f"{a.rollout_correction}: t_ppo's windows carry no engine log-probs to correct with; set it to none",
+        )
+        need(
+            self.train.group_size == 1,
+            "train.group_size",
+            f"{self.train.group_size}: t_ppo holds one response per prompt (a freed slot takes one new prompt); set 1",
+        )
+        need(
+            r.engine == "hf",
+            "rollout.engine",
+            f"{r.engine}: t_ppo generates its windows with hf; set rollout.engine=hf",
+        )
+        need(not a.shared_prefix, "algorithm.shared_prefix", "t_ppo's windows have their own prefixes; set it false")
 
     @property
     def uneven_groups(self) -> bool:

@@ -58,6 +58,8 @@ from llmalign.data import load_train_test, micro_batches, render_prompt, tokeniz
 from llmalign.evaluate import Rollout, describe_held_out, held_out_metrics
 from llmalign.logprobs import completion_logprobs
 from llmalign.objectives import OBJECTIVES, correct_labels, engine_mismatch, rollout_corrected_advantages
+from llmalign.ppo import PPORecipe
+from llmalign.t_ppo import TPPORecipe
 from llmalign.policy import (
     enable_gradient_checkpointing,
     load_policy,
@@ -816,8 +818,9 @@ class GRPORecipe:
             **OBJECTIVES[self.config.algorithm.loss].postfix(metrics),
         }
 
-    def save(self, done: int) -> None:
-        extra_states = {"budget": {"generated_tokens": self.generated_total}}
+    def save(self, done: int, more_states: dict | None = None) -> None:
+        """The policy's checkpoint; `more_states`: a composing recipe's own (the critic's), saved beside."""
+        extra_states = {"budget": {"generated_tokens": self.generated_total}, **(more_states or {})}
         if self.buffer is not None:
             extra_states["replay"] = self.buffer.state_dict()
         save_policy_checkpoint(self.run, self.config, self.model, self.tokenizer, self.optimizer, done, extra_states)
@@ -834,6 +837,8 @@ ALGORITHMS: dict[str, Callable[[GRPOConfig], object] | str] = {
     "grpo": GRPORecipe,
     "gigpo": "llmalign.gigpo:gigpo_recipe",
     "episode_grpo": "llmalign.gigpo:episode_grpo_recipe",
+    "ppo": lambda config: PPORecipe(config, GRPORecipe(config)),  # GRPO's stages with a critic and GAE
+    "t_ppo": lambda config: TPPORecipe(config, GRPORecipe(config)),  # PPO on windows of in-flight responses
 }
 
 

@@ -18,6 +18,9 @@ is the one the issue and the paper's abstract describe. The paper's gamma and la
 critic), what reward an unfinished response carries (0 here unless the caller puts one in `rewards`), and how its
 tokens are filtered for the policy and value losses were not checked; gamma and lambda have no defaults here.
 
+The critic's loss (`clipped_value_loss`) and the advantages' whitening (`whitened`) are here too: the rest of PPO
+(arXiv:1707.06347) for a critic that GAE's returns train.
+
 Masked positions (padding, or tokens the policy did not produce, such as tool output between turns) are skipped:
 the next state of a kept token is the next kept token's, as in verl's multi-turn GAE. Masked positions get
 advantage and return 0.
@@ -28,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["egae_advantages", "gae_advantages", "last_token_rewards"]
+__all__ = ["clipped_value_loss", "egae_advantages", "gae_advantages", "last_token_rewards", "whitened"]
 
 
 def _check(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> None:
@@ -105,3 +108,38 @@ def last_token_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
     last = torch.where(kept, position, torch.full_like(position, -1)).amax(dim=1)  # [B]
     rewards = rewards if rewards.is_floating_point() else rewards.to(torch.get_default_dtype())
     return torch.where(position == last[:, None], rewards[:, None], torch.zeros((), dtype=rewards.dtype))  # [B, T]
+
+
+def clipped_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float | None
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO's clipped value loss per token: max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2) / 2.
+
+    Not in the PPO paper (arXiv:1707.06347, whose Eq. 9 has the plain (V - R)^2): it is OpenAI baselines' ppo2
+    code, kept by OpenRLHF (value_clip) and TRL (cliprange_value). It keeps the critic near the values the returns
+    were computed from, as the ratio clip keeps the policy near the old one. values [B, T] (with gradient),
+    old_values [B, T] the values the returns came from, returns [B, T], mask [B, T]; clip None: (V - R)^2 / 2.
+    Returns (per-token losses [B, T], 0 on masked positions, for the caller to aggregate; metrics: clipfrac, the
+    share of kept tokens where the clipped term is the larger)."""
+    if not values.shape == old_values.shape == returns.shape == mask.shape or values.dim() != 2:
+        shapes = [tuple(x.shape) for x in (values, old_values, returns, mask)]
+        raise ValueError(f"values, old_values, returns and mask must all be [B, T], got {shapes}")
+    kept = mask.bool()  # [B, T]
+    old_values, returns = old_values.detach(), returns.detach()
+    plain = (values - returns) ** 2  # [B, T]
+    if clip is None:
+        losses, clipped_larger = plain, torch.zeros_like(kept)
+    else:
+        moved = old_values + (values - old_values).clamp(-clip, clip)  # [B, T] clip(V, V_old - eps, V_old + eps)
+        far = (moved - returns) ** 2  # [B, T]
+        losses, clipped_larger = torch.maximum(plain, far), far > plain
+    losses = torch.where(kept, 0.5 * losses, torch.zeros_like(losses))  # [B, T]
+    count = max(int(kept.sum()), 1)
+    return losses, {"value_clipfrac": float((clipped_larger & kept).sum()) / count}
+
+
+def whitened(advantages: Tensor, mask: Tensor, mean: float, var: float, eps: float = 1e-8) -> Tensor:
+    """(A - mean) / sqrt(var + eps) on kept tokens, 0 elsewhere: advantages [B, T] whitened with the statistics
+    of the batch (the caller's: over every rank's kept tokens), as OpenRLHF's and TRL's masked_whiten."""
+    scaled = (advantages - mean) * (var + eps) ** -0.5  # [B, T]
+    return torch.where(mask.bool(), scaled, torch.zeros_like(scaled))
