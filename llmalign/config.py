@@ -300,10 +300,11 @@ class LMRolloutConfig:
 
 @dataclasses.dataclass
 class LMAlgorithmConfig:
-    name: Literal["grpo"] = option(
+    name: Literal["grpo", "spo_chain"] = option(
         "grpo",
         "the recipe's stages, from llmalign.grpo.ALGORITHMS: grpo (one group-relative advantage per completion, "
-        "the update's loss from algorithm.loss)",
+        "the update's loss from algorithm.loss); spo_chain (SPO, arXiv:2505.23564: segments cut at low-probability "
+        "tokens, each valued by Monte Carlo continuations, per-token segment advantages; llmalign.spo)",
     )
     loss: Literal["grpo", "dr_grpo", "dapo", "disco", "gspo"] = option(
         "grpo",
@@ -387,6 +388,24 @@ class LMAlgorithmConfig:
         "the cap C > 1 of algorithm.rollout_correction: tis weights are at most C, mis keeps ratios in [1/C, C] "
         "(2: the TIS blog's verl example, and verl's mask threshold)",
     )
+    spo_cut_every: int = option(
+        5,
+        "spo_chain: every k-th low-probability token (p < spo_prob_threshold), from the first, starts a segment "
+        "(the official interval; 1 = cut at every one)",
+    )
+    spo_continuations: int = option(
+        4, "spo_chain: continuations N sampled from each cut's prefix; its value is their mean reward"
+    )
+    spo_prob_threshold: float = option(
+        0.9, "spo_chain: a token is low-probability when the policy's p < this; only those enter the loss"
+    )
+    spo_max_cuts: Optional[int] = option(
+        None,
+        "spo_chain: keep at most this many cuts per completion, the first ones (null: all; the official cap is 10, commented out)",
+    )
+    spo_whiten: bool = option(
+        True, "spo_chain: whiten the token advantages over the batch's kept tokens, all ranks (the official trainer)"
+    )
     rollout_correction_level: Literal["token", "sequence"] = option(
         "token",
         "mis: mask and weight each token by its own ratio (token) or whole completions by the product of their "
@@ -425,6 +444,32 @@ class LMAlgorithmConfig:
             "algorithm.rollout_correction",
             f"{self.rollout_correction} weights per-token policy-gradient terms, which algorithm.loss={self.loss} "
             "does not have; use grpo, dr_grpo or dapo, or algorithm.rollout_correction=none",
+        )
+        need(
+            isinstance(self.spo_cut_every, int) and self.spo_cut_every >= 1,
+            "algorithm.spo_cut_every",
+            f"{self.spo_cut_every}; use an integer >= 1 (1 = cut at every low-probability token; official 5)",
+        )
+        need(
+            self.spo_continuations >= 1,
+            "algorithm.spo_continuations",
+            f"{self.spo_continuations}; use at least 1 continuation per cut (official 4)",
+        )
+        need(
+            0 < self.spo_prob_threshold <= 1,
+            "algorithm.spo_prob_threshold",
+            f"{self.spo_prob_threshold} must be in (0, 1], e.g. 0.9",
+        )
+        need(
+            self.spo_max_cuts is None or self.spo_max_cuts >= 1,
+            "algorithm.spo_max_cuts",
+            f"{self.spo_max_cuts}; use at least 1, or null for no cap",
+        )
+        need(
+            not self.name.startswith("spo") or self.loss in ("grpo", "dr_grpo", "dapo"),
+            "algorithm.loss",
+            f"{self.loss} does not train on per-token advantages, which algorithm.name={self.name} gives; use "
+            "grpo, dr_grpo or dapo (PPO-clip)",
         )
         need(self.num_iterations >= 1, "algorithm.num_iterations", f"{self.num_iterations}; use at least 1")
         need(self.updates_per_pass >= 1, "algorithm.updates_per_pass", f"{self.updates_per_pass}; use at least 1")
@@ -620,6 +665,8 @@ class GRPOConfig:
             "that scores correctness (a completion is correct when it exceeds algorithm.correct_threshold)",
         )
         self.check_allocation()
+        if a.name.startswith("spo"):
+            self.check_spo()
         if a.replay == "ssr":
             from shared.replay import check_replay_size
 
@@ -653,6 +700,23 @@ class GRPOConfig:
                 f"{a.updates_per_pass} splits groups across optimizer steps, which {why} cannot do; use a divisor "
                 f"of train.prompts_per_iteration={t.prompts_per_iteration}",
             )
+
+    def check_spo(self) -> None:
+        """SPO (llmalign.spo) values segments of the first-stage groups with its own continuations: refused beside a
+        second stage or replayed samples (rows without measured segments), and beside grpo_lambda (a continuation's
+        reward is scored among its cut's continuations, not its group)."""
+        a, r = self.algorithm, self.rollout
+        need(
+            not r.two_stage and a.replay == "none",
+            "algorithm.name",
+            f"{a.name} values the segments of the first stage's groups; set rollout.schedule=none and "
+            "algorithm.replay=none",
+        )
+        need(
+            "grpo_lambda" not in self.reward.weights,
+            "reward.weights",
+            f"grpo_lambda ranks whole groups, which {a.name}'s continuations are not; drop it",
+        )
 
     @property
     def uneven_groups(self) -> bool:
