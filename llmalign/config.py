@@ -300,11 +300,12 @@ class LMRolloutConfig:
 
 @dataclasses.dataclass
 class LMAlgorithmConfig:
-    name: Literal["grpo", "spo_chain"] = option(
+    name: Literal["grpo", "spo_chain", "spo_tree"] = option(
         "grpo",
         "the recipe's stages, from llmalign.grpo.ALGORITHMS: grpo (one group-relative advantage per completion, "
         "the update's loss from algorithm.loss); spo_chain (SPO, arXiv:2505.23564: segments cut at low-probability "
-        "tokens, each valued by Monte Carlo continuations, per-token segment advantages; llmalign.spo)",
+        "tokens, each valued by Monte Carlo continuations, per-token segment advantages; llmalign.spo); spo_tree (SPO's "
+        "tree: per prompt a tree of fixed-length segments whose leaves are the group, edge advantages; llmalign.spo_tree)",
     )
     loss: Literal["grpo", "dr_grpo", "dapo", "disco", "gspo"] = option(
         "grpo",
@@ -404,7 +405,21 @@ class LMAlgorithmConfig:
         "spo_chain: keep at most this many cuts per completion, the first ones (null: all; the official cap is 10, commented out)",
     )
     spo_whiten: bool = option(
-        True, "spo_chain: whiten the token advantages over the batch's kept tokens, all ranks (the official trainer)"
+        True, "spo_chain, spo_tree: whiten the token advantages over the batch's kept tokens, all ranks (the official trainer)"
+    )
+    spo_tree_branching: list[int] = option(
+        [4, 2],
+        "spo_tree: children of each node, level by level from the prompt; their product is the number of leaves, "
+        "which must equal train.group_size (official 6-6-6)",
+    )
+    spo_tree_segment_tokens: int = option(
+        32,
+        "spo_tree: tokens M of each segment but the last level's, which runs to sampling.max_new_tokens (official 600)",
+    )
+    spo_tree_advantage: Literal["rloo", "grpo"] = option(
+        "rloo",
+        "spo_tree: an edge's advantage V(child) - V(parent) (rloo, official default), or that over the std of the "
+        "parent's children's values + 1e-8 (grpo); shared.spo.spo_tree_advantages",
     )
     rollout_correction_level: Literal["token", "sequence"] = option(
         "token",
@@ -464,6 +479,16 @@ class LMAlgorithmConfig:
             self.spo_max_cuts is None or self.spo_max_cuts >= 1,
             "algorithm.spo_max_cuts",
             f"{self.spo_max_cuts}; use at least 1, or null for no cap",
+        )
+        need(
+            len(self.spo_tree_branching) >= 1 and all(b >= 1 for b in self.spo_tree_branching),
+            "algorithm.spo_tree_branching",
+            f"{self.spo_tree_branching}; give at least one level, each with 1 or more children, e.g. [4, 2]",
+        )
+        need(
+            self.spo_tree_segment_tokens >= 1,
+            "algorithm.spo_tree_segment_tokens",
+            f"{self.spo_tree_segment_tokens}; use at least 1 token per segment",
         )
         need(
             not self.name.startswith("spo") or self.loss in ("grpo", "dr_grpo", "dapo"),
@@ -716,6 +741,28 @@ class GRPOConfig:
             "grpo_lambda" not in self.reward.weights,
             "reward.weights",
             f"grpo_lambda ranks whole groups, which {a.name}'s continuations are not; drop it",
+        )
+        if a.name != "spo_tree":
+            return
+        leaves = math.prod(a.spo_tree_branching)
+        need(
+            leaves == self.train.group_size,
+            "algorithm.spo_tree_branching",
+            f"{a.spo_tree_branching} gives {leaves} leaves per prompt, but train.group_size is "
+            f"{self.train.group_size}; make their product the group size",
+        )
+        inner = (len(a.spo_tree_branching) - 1) * a.spo_tree_segment_tokens
+        need(
+            inner < self.sampling.max_new_tokens,
+            "algorithm.spo_tree_segment_tokens",
+            f"{a.spo_tree_segment_tokens} x {len(a.spo_tree_branching) - 1} levels before the last = {inner} tokens "
+            f"leave none of sampling.max_new_tokens={self.sampling.max_new_tokens} to the last level; shorten them",
+        )
+        need(
+            r.rethink_fraction == 0 and a.filter_zero_std != "refill",
+            "algorithm.name",
+            "spo_tree samples its own tree per prompt: set rollout.rethink_fraction=0 and leave "
+            "algorithm.filter_zero_std off of refill",
         )
 
     @property

@@ -77,6 +77,7 @@ from llmalign.rollout import (
     with_replayed,
 )
 from llmalign.spo import SPOChainRecipe
+from llmalign.spo_tree import SPOTreeRecipe
 from llmalign.toy import resolve_embedded
 from shared.advantages import compose_rewards, sequence_to_tokens
 from shared.config import ConfigError
@@ -837,6 +838,7 @@ class GRPORecipe:
 ALGORITHMS: dict[str, Callable[[GRPOConfig], object]] = {
     "grpo": GRPORecipe,
     "spo_chain": lambda config: SPOChainRecipe(config, GRPORecipe(config)),  # GRPO's stages, two of them changed
+    "spo_tree": lambda config: SPOTreeRecipe(config, GRPORecipe(config)),
 }
 
 
