@@ -405,7 +405,8 @@ class LMAlgorithmConfig:
         "spo_chain: keep at most this many cuts per completion, the first ones (null: all; the official cap is 10, commented out)",
     )
     spo_whiten: bool = option(
-        True, "spo_chain, spo_tree: whiten the token advantages over the batch's kept tokens, all ranks (the official trainer)"
+        True,
+        "spo_chain, spo_tree: whiten the token advantages over the batch's kept tokens, all ranks (the official trainer)",
     )
     spo_tree_branching: list[int] = option(
         [4, 2],

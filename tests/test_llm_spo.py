@@ -225,10 +225,12 @@ def test_chain_values_and_update_are_the_same_on_two_processes(tiny_lm_dir, tmp_
 
 # ----------------------------------------------------------------------------- resume, config
 
-KILL = [*SPO, "train.iterations=4", "algorithm.num_iterations=2", "log.keep_last=2"]
+KILL = ["train.iterations=4", "algorithm.num_iterations=2", "log.keep_last=2"]
 
 
-def test_sigkill_then_resume_is_bit_identical(tiny_lm_dir, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("algorithm", ["chain", "tree"])
+def test_sigkill_then_resume_is_bit_identical(tiny_lm_dir, tmp_path, algorithm):  # noqa: F811
+    KILL = [*(SPO if algorithm == "chain" else TREE), *globals()["KILL"]]
     torch.set_num_threads(1)
     main(["grpo", *overrides(tiny_lm_dir, tmp_path / "straight", *KILL)])
     uninterrupted = load_state(latest_checkpoint(tmp_path / "straight" / "checkpoints"), "trainable")
@@ -268,14 +270,162 @@ def test_sigkill_then_resume_is_bit_identical(tiny_lm_dir, tmp_path):  # noqa: F
         ("algorithm.replay=ssr", "algorithm.name"),
         ("rollout.schedule=dars_et", "algorithm.name"),
         ("reward.weights={grpo_lambda: 1.0}", "reward.weights"),
+        ("tree:algorithm.spo_tree_branching=[2,2]", "algorithm.spo_tree_branching"),  # 4 leaves, group_size 3
+        ("tree:algorithm.spo_tree_branching=[]", "algorithm.spo_tree_branching"),
+        ("tree:algorithm.spo_tree_segment_tokens=12", "algorithm.spo_tree_segment_tokens"),  # none left of 12
+        ("tree:algorithm.filter_zero_std=refill", "algorithm.name"),
+        ("tree:algorithm.loss=disco", "algorithm.loss"),
     ],
 )
 def test_bad_spo_config_exits_2_with_one_line(tiny_lm_dir, tmp_path, capsys, override, field):  # noqa: F811
+    tree = override.startswith("tree:")
     with pytest.raises(SystemExit) as exit_info:
-        main(["grpo", *overrides(tiny_lm_dir, tmp_path, *SPO), override])
+        main(["grpo", *overrides(tiny_lm_dir, tmp_path, *(TREE if tree else SPO)), override.removeprefix("tree:")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"'{field}'" in err and err.count("\n") == 1, err
+
+
+# ----------------------------------------------------------------------------- spo_tree
+
+TREE = [
+    "algorithm.name=spo_tree",
+    "algorithm.loss=dapo",
+    "algorithm.spo_tree_branching=[3,1]",
+    "algorithm.spo_tree_segment_tokens=4",
+    "reward.weights={accuracy: 0.5, tests.test_llm_spo:recording_length: 1.0}",
+]
+
+
+def test_tree_token_advantages_by_hand():
+    """Branching 2 x 2, M = 2, width 5; leaf rewards 1, 0, 0, 0, lengths 5, 5, 3, 2. Values: leaves 1, 0, 0, 0;
+    level-1 nodes A = (1 + 0) / 2 = 0.5, B = 0; the root 0.25. Edges (rloo): A +0.25, B -0.25, leaves +0.5, -0.5,
+    0, 0. Tokens 0-1 are level 1's segment, 2-4 level 2's. Leaf 1 shares A's tokens with leaf 0 (trained there
+    only); leaf 2's level-2 edge has advantage 0 (dropped); leaf 3 ended inside level 1 (no level-2 tokens) and
+    shares B's tokens with leaf 2."""
+    from llmalign.config import GRPOConfig
+    from llmalign.spo_tree import tree_parents, tree_token_advantages
+    from shared.config import load_config
+
+    assert tree_parents([2, 2]).tolist() == [-1, 0, 0, 1, 1, 2, 2]
+    config = load_config(
+        GRPOConfig,
+        None,
+        [
+            "algorithm.name=spo_tree",
+            "algorithm.spo_tree_branching=[2,2]",
+            "algorithm.spo_tree_segment_tokens=2",
+            "train.group_size=4",
+            "sampling.max_new_tokens=5",
+        ],
+    )
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    advantages, mask, values = tree_token_advantages(config, rewards, torch.tensor([5, 5, 3, 2]), 5)
+    assert values.tolist() == [0.25, 0.5, 0.0, 1.0, 0.0, 0.0, 0.0]
+    assert advantages.tolist() == [
+        [0.25, 0.25, 0.5, 0.5, 0.5],
+        [0.25, 0.25, -0.5, -0.5, -0.5],
+        [-0.25, -0.25, 0.0, 0.0, 0.0],
+        [-0.25, -0.25, 0.0, 0.0, 0.0],
+    ]
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]]
+
+
+def test_tree_rollout_shares_prefixes_and_its_advantages_are_the_recorded_rewards(tiny_lm_dir, tmp_path):  # noqa: F811
+    """One spo_tree iteration, branching 3 x 1, M = 4: each group's 3 leaves share nothing; leaf k's level-2
+    segment continues its own level-1 segment; values and per-token advantages by hand from the recorded rewards
+    (no whitening); every generated token counted once."""
+    from llmalign.config import GRPOConfig
+    from llmalign.grpo import ALGORITHMS
+    from shared.config import load_config
+    from shared.run import Run
+
+    args = overrides(tiny_lm_dir, tmp_path / "out", *TREE, "algorithm.spo_whiten=false", "algorithm.loss=dapo")
+    args = [a for a in args if not a.startswith("train.group_size")] + ["train.group_size=3"]
+    config = load_config(GRPOConfig, None, args)
+    recipe = ALGORITHMS["spo_tree"](config)
+    recipe.setup(Run(tmp_path / "run", resume=False, tag="[test]"))
+    CALLS.clear()
+    sampled = recipe.rollout(0)
+    trained = recipe.advantage(sampled)
+    rollout = sampled.batch.rollout
+    assert len(CALLS) == 1 and CALLS[0]["completions"] == rollout.texts  # the leaves are what the rewards scored
+    reward = torch.tensor(CALLS[0]["values"], dtype=torch.float64) + 0.5 * sampled.batch.scores["accuracy"].double()
+    lengths = rollout.lengths.tolist()
+    assert sampled.generated == sum(lengths)  # branching 3 x 1: no shared segment, every token once
+    for g in range(2):
+        r = reward[3 * g : 3 * g + 3]
+        root = float(r.mean())
+        for k in range(3):
+            row, n = 3 * g + k, lengths[3 * g + k]
+            # level 1: the edge from the prompt to node k (value: its one child's reward); level 2: child - node = 0
+            expected = [float(r[k]) - root] * min(n, 4) + [0.0] * (rollout.completion_ids.shape[1] - min(n, 4))
+            assert_close(trained.advantages[row].double().cpu(), torch.tensor(expected, dtype=torch.float64))
+            kept = [1 if t < min(n, 4) and abs(float(r[k]) - root) > 0 else 0 for t in range(len(expected))]
+            assert trained.token_mask[row].tolist() == kept
+
+
+def test_tree_levels_share_their_parents_segment(tiny_lm_dir, tmp_path):  # noqa: F811
+    """Branching 1 x 3 (one level-1 segment, three continuations of it): the group's 3 leaves start with the same
+    M tokens (when the segment did not end), the tree generates that segment once, and its edge trains in leaf 0
+    only."""
+    from llmalign.config import GRPOConfig
+    from llmalign.grpo import ALGORITHMS
+    from shared.config import load_config
+    from shared.run import Run
+
+    args = overrides(tiny_lm_dir, tmp_path / "out", *TREE, "algorithm.spo_tree_branching=[1,3]")
+    config = load_config(GRPOConfig, None, args)
+    recipe = ALGORITHMS["spo_tree"](config)
+    recipe.setup(Run(tmp_path / "run", resume=False, tag="[test]"))
+    sampled = recipe.rollout(0)
+    trained = recipe.advantage(sampled)
+    rollout = sampled.batch.rollout
+    ids, lengths = rollout.completion_ids.tolist(), rollout.lengths.tolist()
+    shared = 0
+    for g in range(2):
+        rows = range(3 * g, 3 * g + 3)
+        head = [ids[k][: min(4, lengths[k])] for k in rows]
+        assert head[0] == head[1] == head[2]  # the one level-1 segment
+        shared += 2 * len(head[0])  # generated once, in three leaves
+        for k in rows:
+            if k % 3:
+                assert trained.token_mask[k, :4].sum() == 0  # trained in the group's first leaf only
+    assert sampled.generated == sum(lengths) - shared
+
+
+@pytest.mark.timeout(400)
+def test_tree_run_is_the_same_on_two_processes(tiny_lm_dir, tmp_path):  # noqa: F811
+    from tests.multiproc import run_processes
+
+    args = ["-m", "llmalign", "grpo", *TREE, "train.iterations=1", "data.eval_size=2", "log.checkpoint_every=1"]
+    for world in (1, 2):
+        completed = run_processes(world, [*args[:3], *overrides(tiny_lm_dir, tmp_path / f"w{world}"), *args[3:]])
+        assert completed.returncode == 0, completed.stderr[-4000:]
+    one, two = (
+        [json.loads(line) for line in (tmp_path / f"w{w}" / "metrics.jsonl").read_text().splitlines()][-1]
+        for w in (1, 2)
+    )
+    for key in ("train/generated_tokens", "train/spo_tree_edges", "train/spo_tree_trained_tokens", "reward/total/mean"):
+        assert one[key] == two[key], key
+    a = load_state(latest_checkpoint(tmp_path / "w1" / "checkpoints"), "trainable")
+    b = load_state(latest_checkpoint(tmp_path / "w2" / "checkpoints"), "trainable")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert_close(b[name], a[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name, algorithm", [("arith_spo_chain", "spo_chain"), ("arith_spo_tree", "spo_tree")])
+def test_shipped_spo_recipes_load(name, algorithm):
+    import math
+
+    from llmalign.config import GRPOConfig
+    from shared.config import load_config
+
+    config = load_config(GRPOConfig, ROOT / "configs" / "llm" / f"{name}.yaml")
+    assert config.algorithm.name == algorithm and config.model.path == "embedded:arith"
+    if algorithm == "spo_tree":
+        assert math.prod(config.algorithm.spo_tree_branching) == config.train.group_size
 
 
 if __name__ == "__main__":
