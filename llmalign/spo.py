@@ -19,8 +19,8 @@
 Every continuation token counts in train/generated_tokens and budget.max_generated_tokens, so a run compares with
 GRPO at an equal token budget; train/spo_* log the cuts, continuations and values.
 
-World-size invariance: continuations of the global completion i are sampled in a call of their own seeded by
-derived_seed(seed, iteration, i, 6) (transformers' generate), or with per-continuation seeds (vLLM), never from the
+World-size invariance: the continuations of cut j of the global completion i are sampled in a call of their own
+seeded by derived_seed(seed, iteration, i, j, 6) (transformers' generate), or with per-continuation seeds (vLLM), never from the
 rank; the cuts come from each rank's own forward over its rows. So 1 process and 2 give the same values for the same
 rollout (tests/test_llm_spo.py).
 
@@ -109,21 +109,20 @@ def capped_cuts(cuts: Tensor, most: int | None) -> Tensor:
     return cuts & (cuts.long().cumsum(dim=1) <= most)  # [n, C]
 
 
-def continued_texts(tokenizer, heads: list[list[int]], continued: Rollout, copies: int, budgets: list[int]) -> Rollout:
-    """The full completions head + continuation (N = `copies` continuations per head, rows k*N .. k*N+N-1 of
-    `continued` continue head k), each continuation cut at its head's budget, as a Rollout the rewards score."""
+def continued_texts(tokenizer, heads: list[list[int]], continued: list[Rollout]) -> Rollout:
+    """The full completions head + continuation (`continued[k]`: the N continuations of head k), as a Rollout the
+    rewards score: rows k*N .. k*N+N-1 continue head k."""
     full, truncated = [], []
-    for r in range(continued.completion_ids.shape[0]):
-        k = r // copies
-        tail = continued.completion_ids[r, : int(continued.lengths[r])].tolist()  # EOS included when it ended
-        full.append(heads[k] + tail[: budgets[k]])
-        truncated.append(bool(continued.truncated[r]) or len(tail) > budgets[k])
+    for head, out in zip(heads, continued):
+        for r in range(out.completion_ids.shape[0]):
+            full.append(head + out.completion_ids[r, : int(out.lengths[r])].tolist())  # EOS included when it ended
+            truncated.append(bool(out.truncated[r]))
     pad = tokenizer.pad_token_id
     width = max(len(ids) for ids in full)
     ids = torch.tensor([c + [pad] * (width - len(c)) for c in full])  # [K*N, width]
     mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in full])  # [K*N, width]
     texts = tokenizer.batch_decode(full, skip_special_tokens=True)
-    return Rollout(continued.prompt_ids, continued.prompt_mask, ids, mask, torch.tensor(truncated), texts)
+    return Rollout(continued[0].prompt_ids, continued[0].prompt_mask, ids, mask, torch.tensor(truncated), texts)
 
 
 def row_values(
@@ -139,21 +138,25 @@ def row_values(
     global_row: int,
 ) -> tuple[list[float], int]:
     """The values of one completion's cuts `positions`: the mean weighted reward of N continuations from
-    prompt + completion[:j] for each j (one generate call, seeded from the global completion index), and the
-    tokens generated."""
+    prompt + completion[:j] for each j, and the tokens generated. One generate call per cut, with the cut's own
+    budget max_new_tokens - j (a prefix and its continuation then fit the engine's max_model_len, prompt +
+    max_new_tokens), seeded from the global completion index and the cut."""
     s, N, seed = config.sampling, config.algorithm.spo_continuations, config.train.seed
     heads = [completion[:j] for j in positions]
-    budgets = [s.max_new_tokens - j for j in positions]
-    torch.manual_seed(derived_seed(seed, iteration, global_row, 6))  # transformers' generate: torch's global RNG
-    continued = sampler.generate(
-        [prompt + head for head in heads],
-        N,
-        max(budgets),
-        temperature=s.temperature,
-        top_p=s.top_p,
-        seeds=[derived_seed(seed, iteration, global_row, j, k, 7) for j in positions for k in range(N)],
-    )  # [K*N] rows
-    full = continued_texts(tokenizer, heads, continued, N, budgets)
+    continued = []
+    for j, head in zip(positions, heads):
+        torch.manual_seed(derived_seed(seed, iteration, global_row, j, 6))  # transformers: torch's global RNG
+        continued.append(
+            sampler.generate(
+                [prompt + head],
+                N,
+                s.max_new_tokens - j,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                seeds=[derived_seed(seed, iteration, global_row, j, k, 7) for k in range(N)],
+            )
+        )  # [N] rows
+    full = continued_texts(tokenizer, heads, continued)
     columns = {key: value for key, value in row.items() if not key.startswith("_")}
     scores = score(
         rewards,
@@ -167,7 +170,7 @@ def row_values(
         first_index=global_row,
     )  # name -> [K*N]
     total = sum(config.reward.weights[name] * scores[name].nan_to_num(0.0) for name in scores)  # [K*N]
-    return total.double().view(len(positions), N).mean(dim=1).tolist(), int(continued.lengths.sum())
+    return total.double().view(len(positions), N).mean(dim=1).tolist(), sum(int(c.lengths.sum()) for c in continued)
 
 
 def chain_values(
