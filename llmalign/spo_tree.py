@@ -223,10 +223,13 @@ class SPOTreeRecipe:
         return dataclasses.replace(plan, label=f"spo_tree[{a.loss}]", title=title)
 
     def rollout(self, iteration: int) -> IterationRollout:
-        base = self.base
+        base, clock = self.base, time.perf_counter()
         if base.engine is not None:  # colocate: the engine samples from the weights of the last optimizer step
             base.engine.push_policy(base.run.unwrap(base.model))
+        pushed = time.perf_counter() - clock
         sampled = tree_rollout(base.run, self.config, base, iteration)
+        if base.engine is not None:
+            sampled.timings["time/weight_push"] = pushed
         base.generated_total += sampled.generated
         return sampled
 

