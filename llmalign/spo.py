@@ -20,16 +20,18 @@ Every continuation token counts in train/generated_tokens and budget.max_generat
 GRPO at an equal token budget; train/spo_* log the cuts, continuations and values.
 
 World-size invariance: the continuations of cut j of the global completion i are sampled in a call of their own
-seeded by derived_seed(seed, iteration, i, j, 6) (transformers' generate), or with per-continuation seeds (vLLM), never from the
-rank; the cuts come from each rank's own forward over its rows. So 1 process and 2 give the same values for the same
-rollout (tests/test_llm_spo.py).
+seeded by derived_seed(seed, iteration, i, j, 6) (transformers' generate), or with per-continuation seeds (vLLM),
+never from the rank; the cuts come from each rank's own forward over its rows. So 1 process and 2 give the same
+values for the same rollout (tests/test_llm_spo.py). Not tried under FSDP: its sharded forward needs every rank in
+each generate call, and ranks make as many calls as their completions have cuts.
 
 Departures from the paper's code (github.com/AIFrameResearch/SPO, see shared/spo.py): its values are the mean of
 one reward; here of reward.weights' weighted sum of the raw scores (no per-reward normalisation), the same total
 each completion's own reward r takes. A continuation cut at the length limit is scored as written (the official
 code gives the unfinished-response penalty, 0 in its configs; our rewards score truncated rollouts the same way).
 The cap on cuts per completion (spo_max_cuts, the first ones kept) is commented out in the official code: off by
-default. The prefix of a cut is the completion up to (not including) the cut token, so continuations re-sample it.
+default. The prefix of a cut is the completion up to (not including) the cut token, so continuations re-sample it. Under
+reward.on_bad_score=drop a continuation's dropped score counts 0 in its cut's value.
 """
 
 from __future__ import annotations
@@ -257,7 +259,7 @@ class SPOChainRecipe:
         plan = self.base.setup(run)
         a, s = self.config.algorithm, self.config.sampling
         run.print(
-            f"spo_chain: a cut at every {a.spo_cut_every}th token with p < {a.spo_prob_threshold:g} (at most "
+            f"spo_chain: a cut at every k-th token with p < {a.spo_prob_threshold:g}, k = {a.spo_cut_every} (at most "
             f"{a.spo_max_cuts or 'all'} per completion), {a.spo_continuations} continuations of up to "
             f"{s.max_new_tokens} tokens each, advantages {'whitened' if a.spo_whiten else 'not whitened'}"
         )
