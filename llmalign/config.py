@@ -304,8 +304,9 @@ class LMAlgorithmConfig:
         "grpo",
         "the recipe's stages, from llmalign.grpo.ALGORITHMS: grpo (one group-relative advantage per completion, "
         "the update's loss from algorithm.loss); spo_chain (SPO, arXiv:2505.23564: segments cut at low-probability "
-        "tokens, each valued by Monte Carlo continuations, per-token segment advantages; llmalign.spo); spo_tree (SPO's "
-        "tree: per prompt a tree of fixed-length segments whose leaves are the group, edge advantages; llmalign.spo_tree)",
+        "tokens, each valued by Monte Carlo continuations, per-token segment advantages; llmalign.spo); "
+        "spo_tree (SPO's tree: per prompt a tree of fixed-length segments whose leaves are the group, edge "
+        "advantages; llmalign.spo_tree)",
     )
     loss: Literal["grpo", "dr_grpo", "dapo", "disco", "gspo"] = option(
         "grpo",
@@ -402,11 +403,13 @@ class LMAlgorithmConfig:
     )
     spo_max_cuts: Optional[int] = option(
         None,
-        "spo_chain: keep at most this many cuts per completion, the first ones (null: all; the official cap is 10, commented out)",
+        "spo_chain: keep at most this many cuts per completion, the first ones (null: all; the official cap is "
+        "10, commented out)",
     )
     spo_whiten: bool = option(
         True,
-        "spo_chain, spo_tree: whiten the token advantages over the batch's kept tokens, all ranks (the official trainer)",
+        "spo_chain, spo_tree: whiten the token advantages over the batch's kept tokens, all ranks (the official "
+        "trainer)",
     )
     spo_tree_branching: list[int] = option(
         [4, 2],

@@ -79,7 +79,7 @@ def segment_advantages(cut_positions: list[int], values: list[float], reward: fl
 
 
 @pytest.mark.parametrize("whiten", [False, True])
-def test_chain_values_advantages_and_mask_are_those_of_the_measured_continuations(tiny_lm_dir, tmp_path, whiten):  # noqa: F811
+def test_chain_values_advantages_and_mask_are_the_measured_continuations(tiny_lm_dir, tmp_path, whiten):  # noqa: F811
     from llmalign.grpo import policy_logprobs
     from llmalign.rewards import accuracy_reward
     from shared.spo import spo_cutpoints
