@@ -22,6 +22,9 @@ re-encoded per edge, which a row per edge would need (Prefix Grouper shares one 
 them). The sum over tokens equals the edge rows' exactly, so algorithm.loss=dapo (token mean over the batch) gives
 the edge-row loss; grpo's per-row mean weighs a leaf row's edges by their share of its kept tokens instead.
 
+A row left out of the loss (a dropped score, algorithm.mask_truncated, on by default for dapo) takes the edges
+trained in it along: keep mask_truncated off with spo_tree (configs/llm/arith_spo_tree.yaml does).
+
 As the official code: edges whose advantage is exactly 0 are dropped (their tokens masked, also from the whitening
 statistics); the fixed windows are the official tree's (600 tokens there). A node that finished early (EOS inside
 its segment) is a leaf of the official tree; here its children are copies of it with empty segments, so the group
