@@ -302,10 +302,13 @@ class LMRolloutConfig:
 
 @dataclasses.dataclass
 class LMAlgorithmConfig:
-    name: Literal["grpo", "gigpo", "episode_grpo", "ppo", "t_ppo"] = option(
+    name: Literal["grpo", "spo_chain", "spo_tree", "gigpo", "episode_grpo", "ppo", "t_ppo"] = option(
         "grpo",
         "the recipe's stages, from llmalign.grpo.ALGORITHMS: grpo (one group-relative advantage per completion, "
-        "the update's loss from algorithm.loss); gigpo (multi-turn episodes in the environment section, one row "
+        "the update's loss from algorithm.loss); spo_chain (SPO, arXiv:2505.23564: segments cut at low-probability "
+        "tokens, each valued by Monte Carlo continuations, per-token segment advantages; llmalign.spo); "
+        "spo_tree (SPO's tree: per prompt a tree of fixed-length segments whose leaves are the group, edge "
+        "advantages; llmalign.spo_tree); gigpo (multi-turn episodes in the environment section, one row "
         "per turn, episode + step-group advantages, llmalign.gigpo); episode_grpo (the same episodes, the episode "
         "advantage alone: gigpo with environment.step_weight 0); ppo (a critic (the critic section) and GAE per "
         "token, llmalign.ppo); t_ppo (Truncated PPO: generation in windows of algorithm.window_tokens, EGAE on "
@@ -413,6 +416,41 @@ class LMAlgorithmConfig:
         "t_ppo: W, the tokens each in-flight response grows by per iteration (at most sampling.max_new_tokens; "
         "null: sampling.max_new_tokens, every response finishes in one window and t_ppo trains as ppo)",
     )
+    spo_cut_every: int = option(
+        5,
+        "spo_chain: every k-th low-probability token (p < spo_prob_threshold), from the first, starts a segment "
+        "(the official interval; 1 = cut at every one)",
+    )
+    spo_continuations: int = option(
+        4, "spo_chain: continuations N sampled from each cut's prefix; its value is their mean reward"
+    )
+    spo_prob_threshold: float = option(
+        0.9, "spo_chain: a token is low-probability when the policy's p < this; only those enter the loss"
+    )
+    spo_max_cuts: Optional[int] = option(
+        None,
+        "spo_chain: keep at most this many cuts per completion, the first ones (null: all; the official cap is "
+        "10, commented out)",
+    )
+    spo_whiten: bool = option(
+        True,
+        "spo_chain, spo_tree: whiten the token advantages over the batch's kept tokens, all ranks (the official "
+        "trainer)",
+    )
+    spo_tree_branching: list[int] = option(
+        [4, 2],
+        "spo_tree: children of each node, level by level from the prompt; their product is the number of leaves, "
+        "which must equal train.group_size (official 6-6-6)",
+    )
+    spo_tree_segment_tokens: int = option(
+        32,
+        "spo_tree: tokens M of each segment but the last level's, which runs to sampling.max_new_tokens (official 600)",
+    )
+    spo_tree_advantage: Literal["rloo", "grpo"] = option(
+        "rloo",
+        "spo_tree: an edge's advantage V(child) - V(parent) (rloo, official default), or that over the std of the "
+        "parent's children's values + 1e-8 (grpo); shared.spo.spo_tree_advantages",
+    )
     rollout_correction_level: Literal["token", "sequence"] = option(
         "token",
         "mis: mask and weight each token by its own ratio (token) or whole completions by the product of their "
@@ -458,6 +496,42 @@ class LMAlgorithmConfig:
             self.window_tokens is None or self.window_tokens >= 1,
             "algorithm.window_tokens",
             f"{self.window_tokens}; use at least 1 token per window",
+        )
+        need(
+            isinstance(self.spo_cut_every, int) and self.spo_cut_every >= 1,
+            "algorithm.spo_cut_every",
+            f"{self.spo_cut_every}; use an integer >= 1 (1 = cut at every low-probability token; official 5)",
+        )
+        need(
+            self.spo_continuations >= 1,
+            "algorithm.spo_continuations",
+            f"{self.spo_continuations}; use at least 1 continuation per cut (official 4)",
+        )
+        need(
+            0 < self.spo_prob_threshold <= 1,
+            "algorithm.spo_prob_threshold",
+            f"{self.spo_prob_threshold} must be in (0, 1], e.g. 0.9",
+        )
+        need(
+            self.spo_max_cuts is None or self.spo_max_cuts >= 1,
+            "algorithm.spo_max_cuts",
+            f"{self.spo_max_cuts}; use at least 1, or null for no cap",
+        )
+        need(
+            len(self.spo_tree_branching) >= 1 and all(b >= 1 for b in self.spo_tree_branching),
+            "algorithm.spo_tree_branching",
+            f"{self.spo_tree_branching}; give at least one level, each with 1 or more children, e.g. [4, 2]",
+        )
+        need(
+            self.spo_tree_segment_tokens >= 1,
+            "algorithm.spo_tree_segment_tokens",
+            f"{self.spo_tree_segment_tokens}; use at least 1 token per segment",
+        )
+        need(
+            not self.name.startswith("spo") or self.loss in ("grpo", "dr_grpo", "dapo"),
+            "algorithm.loss",
+            f"{self.loss} does not train on per-token advantages, which algorithm.name={self.name} gives; use "
+            "grpo, dr_grpo or dapo (PPO-clip)",
         )
         need(self.num_iterations >= 1, "algorithm.num_iterations", f"{self.num_iterations}; use at least 1")
         need(self.updates_per_pass >= 1, "algorithm.updates_per_pass", f"{self.updates_per_pass}; use at least 1")
@@ -753,6 +827,8 @@ class GRPOConfig:
         self.check_allocation()
         if a.name in ENVIRONMENT_ALGORITHMS:
             check_environment_recipe(self)
+        if a.name.startswith("spo"):
+            self.check_spo()
         if a.replay == "ssr":
             from shared.replay import check_replay_size
 
@@ -828,6 +904,45 @@ class GRPOConfig:
             f"{r.engine}: t_ppo generates its windows with hf; set rollout.engine=hf",
         )
         need(not a.shared_prefix, "algorithm.shared_prefix", "t_ppo's windows have their own prefixes; set it false")
+
+    def check_spo(self) -> None:
+        """SPO (llmalign.spo) values segments of the first-stage groups with its own continuations: refused beside a
+        second stage or replayed samples (rows without measured segments), and beside grpo_lambda (a continuation's
+        reward is scored among its cut's continuations, not its group)."""
+        a, r = self.algorithm, self.rollout
+        need(
+            not r.two_stage and a.replay == "none",
+            "algorithm.name",
+            f"{a.name} values the segments of the first stage's groups; set rollout.schedule=none and "
+            "algorithm.replay=none",
+        )
+        need(
+            "grpo_lambda" not in self.reward.weights,
+            "reward.weights",
+            f"grpo_lambda ranks whole groups, which {a.name}'s continuations are not; drop it",
+        )
+        if a.name != "spo_tree":
+            return
+        leaves = math.prod(a.spo_tree_branching)
+        need(
+            leaves == self.train.group_size,
+            "algorithm.spo_tree_branching",
+            f"{a.spo_tree_branching} gives {leaves} leaves per prompt, but train.group_size is "
+            f"{self.train.group_size}; make their product the group size",
+        )
+        inner = (len(a.spo_tree_branching) - 1) * a.spo_tree_segment_tokens
+        need(
+            inner < self.sampling.max_new_tokens,
+            "algorithm.spo_tree_segment_tokens",
+            f"{a.spo_tree_segment_tokens} x {len(a.spo_tree_branching) - 1} levels before the last = {inner} tokens "
+            f"leave none of sampling.max_new_tokens={self.sampling.max_new_tokens} to the last level; shorten them",
+        )
+        need(
+            r.rethink_fraction == 0 and a.filter_zero_std != "refill",
+            "algorithm.name",
+            "spo_tree samples its own tree per prompt: set rollout.rethink_fraction=0 and leave "
+            "algorithm.filter_zero_std off of refill",
+        )
 
     @property
     def uneven_groups(self) -> bool:

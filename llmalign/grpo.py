@@ -79,6 +79,8 @@ from llmalign.rollout import (
     score,
     with_replayed,
 )
+from llmalign.spo import SPOChainRecipe
+from llmalign.spo_tree import SPOTreeRecipe
 from llmalign.toy import resolve_embedded
 from shared.advantages import compose_rewards, sequence_to_tokens
 from shared.config import ConfigError
@@ -378,11 +380,13 @@ def update(
     correct: Tensor,
     groups: Groups | None = None,
     check_ratio: bool = True,
+    token_mask: Tensor | None = None,
 ) -> dict:
     """num_iterations passes over this rank's rows of the rollout, each updates_per_pass optimizer steps
     (algorithm.full_batch_epochs passes of one step each, DARS-B, when set; `optimizer_step`).
 
     `advantages`: [n, C] per token (the advantage stage's), or [n] per sequence, broadcast over the tokens.
+    `token_mask`: [n, C] tokens the loss keeps besides the completion mask (SPO's probability mask; None: all).
     `groups`: this rank's groups when their sizes differ (a second stage, replayed samples; None: all G). Step p
     then trains on the whole groups whose global index is p modulo the steps (`Groups.parts`), micro-batches never
     split a group where the loss needs whole ones, and a rank with fewer micro-batches than another repeats its
@@ -418,6 +422,8 @@ def update(
     """
     a = config.algorithm
     mask = rollout.completion_mask * keep[:, None]  # [n, C] dropped samples/groups train on nothing
+    if token_mask is not None:
+        mask = mask * token_mask.to(mask.dtype)  # [n, C]
     if advantages.dim() == 1:  # one value per sequence: on each of its tokens
         advantages = sequence_to_tokens(advantages, mask.shape[1])  # [n, C]
     layout = update_layout(config, rollout, len(keep), groups, mask.device)
@@ -499,6 +505,7 @@ class Advantaged:
     correct: Tensor  # [n] the objective's correct/incorrect labels (all False when it takes none)
     groups: Groups | None  # this rank's groups when their sizes differ (a second stage, replay)
     replay_log: dict  # train/replayed, ... under algorithm.replay=ssr
+    token_mask: Tensor | None = None  # [n, C] tokens the loss keeps besides the completion mask (SPO); None: all
 
 
 def advantage_stage(
@@ -744,6 +751,7 @@ class GRPORecipe:
             trained.correct,
             trained.groups,
             check_ratio=self.checks_ratio(trained.sampled.iteration),
+            token_mask=trained.token_mask,
         )
         trained.sampled.timings["time/update"] = time.perf_counter() - clock
         iteration = trained.sampled.iteration
@@ -835,6 +843,8 @@ class GRPORecipe:
 # here would be an import cycle).
 ALGORITHMS: dict[str, Callable[[GRPOConfig], object] | str] = {
     "grpo": GRPORecipe,
+    "spo_chain": lambda config: SPOChainRecipe(config, GRPORecipe(config)),  # GRPO's stages, two of them changed
+    "spo_tree": lambda config: SPOTreeRecipe(config, GRPORecipe(config)),
     "gigpo": "llmalign.gigpo:gigpo_recipe",
     "episode_grpo": "llmalign.gigpo:episode_grpo_recipe",
     "ppo": lambda config: PPORecipe(config, GRPORecipe(config)),  # GRPO's stages with a critic and GAE
