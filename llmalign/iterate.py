@@ -43,15 +43,38 @@ Every round's models are read back from disk in both cases, so a resumed round s
 The rounds run through the loop (shared.loop, `IterateRecipe`): one iteration a round, pairs as its rollout,
 DPO and extrapolation as its update.
 
-One process: every phase runs in this process (a multi-process launch is refused). rollout.engine=vllm: one vLLM
-engine samples every round's pairs and held-out completions, the round's policy pushed to it first.
+Processes: alone, or under `accelerate launch` on W processes (configs/accelerate/cpu_2proc.yaml on the CPU):
+
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml --num_cpu_threads_per_process 1 \
+        -m llmalign iterate --config configs/llm/arith_iterate.yaml
+
+  - pairs: rank r samples the batches r, r + W, ... of the round's prompts (`sample_completions`, as `llmalign
+    pairs` does: a batch seeded by its index, or under vLLM each completion by its batch, row and sample, never
+    the rank), gathered in batch order, so every rank ranks the same completions; the main process writes
+    pairs.jsonl, which every rank's DPO then reads;
+  - DPO: `llmalign dpo`'s own multi-process path (train.batch_size, a global count, divides by W). Its Run opens
+    inside this one: accelerate's state is per process, so it joins the same process group, and leaves it open
+    when it closes (shared.run.Run.close);
+  - extrapolation: every rank computes it from the same files (and keeps theta'_t for the next round); the main
+    process writes round-t/policy, every rank reads it back;
+  - held-out evaluation: split over the ranks and gathered (`llmalign.evaluate.accuracy_on`);
+  - checkpoints, logs, resume: as every trainer's (the main process writes; each rank's RNG state is kept).
+  The result does not depend on W: tested on 2 CPU processes against 1 (tests/test_llm_iterate.py, and
+  tests/test_vllm_engine.py with rollout.engine=vllm), two tiny rounds with one pair per DPO micro-batch write the
+  same pairs files, DPO results, policies and metrics bit for bit; a 2-process run SIGKILLed inside round 1's DPO
+  resumes on 2 processes to those weights. With several pairs per micro-batch the weights differ slightly, as
+  DPO's do (1 process forwards pairs padded together that 2 processes forward apart; measured on those rounds
+  with 2 pairs per micro-batch alone: 7e-6 at most after round 1, 1.6e-4 after round 2, the same pairs files and
+  metrics), so a later round may sample other completions.
+rollout.engine=vllm: one vLLM engine per process (beside a launcher, vLLM's external_launcher backend over its
+process group, as GRPO's), which samples the rank's share of every round's pairs and held-out completions, the
+round's policy pushed to it first.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -67,7 +90,7 @@ from llmalign.pairs import level_table, make_pairs, sample_completions
 from llmalign.policy import load_policy
 from llmalign.toy import resolve_embedded
 from shared.checkpoint import latest_checkpoint, point_symlink, replaced_atomically
-from shared.config import ConfigError, to_dict
+from shared.config import to_dict
 from shared.loop import Plan, eval_metrics, open_run, run_loop
 from shared.run import Run
 from shared.sections import LogSection
@@ -175,9 +198,10 @@ def train_round(config: IterateConfig, t: int, resume: bool, allow_config_change
     dpo.train(dpo_config, resume=again, allow_config_change=again and resume and allow_config_change)
 
 
-def extrapolate_round(config: IterateConfig, t: int, trained: Path, previous: dict[str, Tensor] | None):
+def extrapolate_round(run: Run, config: IterateConfig, t: int, trained: Path, previous: dict[str, Tensor] | None):
     """Phase 3: write pi_t = theta'_t + alpha (theta'_t - theta'_{t-1}) to round-t/policy (atomically); returns
-    theta'_t (the next round's theta'_{t-1})."""
+    theta'_t (the next round's theta'_{t-1}). Every rank computes it from the same files, the main process writes
+    it, and every rank leaves once it is in place."""
     model, tokenizer = load_model(config, str(trained), "cpu")
     current = trainable_weights(model)
     if previous is None:  # round 1: theta'_0 = theta_0, the initial model
@@ -187,9 +211,13 @@ def extrapolate_round(config: IterateConfig, t: int, trained: Path, previous: di
     with torch.no_grad():
         for name, value in moved.items():
             parameters[name].copy_(value)
-    with replaced_atomically(round_dir(config, t) / "policy") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+
+    def write() -> None:
+        with replaced_atomically(round_dir(config, t) / "policy") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+
+    run.main_only(write)
     return current
 
 
@@ -205,6 +233,7 @@ class IterateRecipe:
     def setup(self, run: Run) -> Plan:
         config, d = self.config, self.config.data
         self.run = run
+        run.require_divisible(config.train.batch_size, "train.batch_size", "pairs")  # each round's DPO splits it
         run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, d.train, d.test) if p])
         self.rows, test_rows = load_train_test(d, ("prompt", "answer"), resolve_embedded)
         self.held_out = HeldOut(run, test_rows[: d.eval_size], d, config.train.seed)
@@ -269,7 +298,7 @@ class IterateRecipe:
         if self.done <= base + 1:
             train_round(self.config, t, self.resume, self.allow_config_change)
             self.checkpoint(base + 2, t, "dpo")
-        self.previous = extrapolate_round(self.config, t, trained_model(self.config, t), self.previous)
+        self.previous = extrapolate_round(self.run, self.config, t, trained_model(self.config, t), self.previous)
         return {}
 
     def record(self, t: int, metrics: dict) -> dict:
@@ -300,10 +329,6 @@ class IterateRecipe:
 
 def train(config: IterateConfig, resume: bool = False, allow_config_change: bool = False) -> dict:
     """Run (or resume) the rounds; returns {"rounds": [held-out metrics of pi_0, pi_1, ..., pi_R]}."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError(
-            "llmalign iterate runs in one process; launch it without accelerate launch --num_processes > 1"
-        )
     if config.rollout.engine == "vllm":
         require_vllm()  # before the run directory is written
     run = open_run(config, resume, allow_config_change, tag="[llmalign]")

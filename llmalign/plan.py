@@ -294,12 +294,10 @@ def sft_plan(config) -> list[tuple[str, object]]:
 
 
 def iterate_plan(config) -> list[tuple[str, object]]:
-    """Check an IterateConfig (see the module docstring; one process) and return its plan as (name, value) rows."""
+    """Check an IterateConfig (see the module docstring) and return its plan as (name, value) rows."""
     t, a, d, p = config.train, config.algorithm, config.data, config.pairs
-    if world_size() > 1:
-        raise ConfigError(
-            "llmalign iterate runs in one process; launch it without accelerate launch --num_processes > 1"
-        )
+    world = world_size()
+    require_divisible(t.batch_size, world, "train.batch_size", "pairs")  # each round's DPO splits its batch
     model = describe_source(config.model.path, "model.path", embedded=EMBEDDED_MODEL)
     train, test, _ = _data_rows(d, ("prompt", "answer"))
     steps = (
@@ -316,13 +314,14 @@ def iterate_plan(config) -> list[tuple[str, object]]:
         ("train data", train),
         ("held-out data", test),
         ("prompt format", _format(d)),
-        ("world size", 1),
+        ("world size", world),
         ("rounds", config.iterate.rounds),
         (
             "pairs per round",
             f"{d.prompts_per_round} prompts x {p.group_size} completions (<= {p.max_new_tokens} tokens, temperature "
             f"{p.temperature:g}), at most {p.pairs_per_prompt} pair(s) per prompt",
         ),
+        ("global batch", f"{t.batch_size} pairs per DPO step, {t.batch_size // world} per process"),
         ("optimizer steps per round", steps),
         ("optimizer", f"AdamW lr {t.learning_rate:g}, warm-up {t.warmup_steps} steps, weight decay {t.weight_decay:g}"),
         ("tokens", f"prompt <= {d.max_prompt_length}, completion <= {d.max_completion_length}"),

@@ -2,7 +2,9 @@
 
 `Run` owns
 - the accelerator (accelerate: DDP, FSDP or DeepSpeed as `accelerate launch` chose; one process without it),
-  on its device (a GPU when there is one) and with its mixed precision;
+  on its device (a GPU when there is one) and with its mixed precision. A Run opened while another is open in
+  the process (iterate's DPO rounds, a nested run_loop) shares accelerate's per-process state and the process
+  group with it, and leaves the group open when it closes;
 - the run directory: the starting checkpoint decided once (`open_output_dir`), the config snapshot, and every
   log line and checkpoint, written by the main process alone while the others wait at a barrier;
 - the experiment trackers of log.report_to (`shared.trackers`), started and fed by the main process alone: each
@@ -190,6 +192,9 @@ class Run:
                 "config field 'memory.mixed_precision': fp16 needs a GPU (on the CPU accelerate does not "
                 "autocast to it); use bf16 or no"
             )
+        # a Run made inside another (iterate's DPO rounds) finds the process group open: accelerate's state is a
+        # per-process singleton, so it joins that group, and leaves it open at `close` for the outer run
+        self._owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         # cpu=True only where there is no GPU: on a GPU machine every process takes its own device
         self.accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
@@ -649,10 +654,11 @@ class Run:
 
     def close(self) -> None:
         """Close the trackers and leave the process group cleanly (a multi-process run would otherwise warn at
-        exit)."""
+        exit). A run opened inside another one, whose group was open before it (iterate's DPO rounds), leaves the
+        group to that run: the outer run goes on in it."""
         if self.is_main and self._trackers_started:
             for tracker in self.accelerator.trackers:
                 tracker.finish()
         self.barrier()
-        if self.world > 1 and torch.distributed.is_initialized():
+        if self._owns_group and self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

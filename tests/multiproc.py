@@ -45,6 +45,18 @@ def launch_command(processes: int) -> list[str]:
     ]
 
 
+def environment(env: dict | None = None) -> dict:
+    """The processes' environment: one thread each, this checkout first on the path, then `env`."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO),
+        **(env or {}),
+    }
+
+
 def run_processes(
     processes: int,
     args: list[str],
@@ -55,16 +67,30 @@ def run_processes(
 ) -> subprocess.CompletedProcess:
     """Run `python ARGS` in `processes` processes (a script path and its arguments, or `-m module ...`);
     `launcher`: other `accelerate launch` options in place of the multi-process defaults (a config file)."""
-    environment = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(REPO),
-        **(env or {}),
-    }
     command = ([ACCELERATE, "launch", *launcher] if launcher else launch_command(processes)) + list(args)
-    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=cwd, env=environment(env), capture_output=True, text=True, timeout=timeout)
+
+
+def start_processes(processes: int, args: list[str], cwd: Path = REPO) -> subprocess.Popen:
+    """`run_processes` without waiting, its output dropped: a run to kill (`kill_processes`)."""
+    command = launch_command(processes) + list(args)
+    return subprocess.Popen(command, cwd=cwd, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_processes(process: subprocess.Popen) -> None:
+    """SIGKILL a run that `start_processes` started, as a power cut would end it: its workers (children of the
+    launcher, each in a session of its own, so they are signalled by their ids), then the launcher itself."""
+    import signal
+
+    import psutil
+
+    for child in psutil.Process(process.pid).children(recursive=True):
+        try:
+            child.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    process.send_signal(signal.SIGKILL)
+    process.wait()
 
 
 def force_fsdp_on_cpu(accelerator) -> None:

@@ -287,6 +287,17 @@ def test_dpo_plan_steps_from_the_pairs(no_weights, capsys, monkeypatch):
     assert rows["global batch"] == "32 pairs per optimizer step" and rows["per process"] == "16 pairs"
 
 
+def test_iterate_plan_on_two_processes_and_a_batch_that_does_not_split(no_weights, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    llm_main(["iterate", "--config", str(REPO / "configs/llm/arith_iterate.yaml"), "--dry-run"])
+    rows = plan(capsys)
+    assert rows["world size"] == "2" and rows["global batch"] == "32 pairs per DPO step, 16 per process"
+    monkeypatch.setenv("WORLD_SIZE", "3")  # arith_iterate.yaml's 32 pairs per DPO step do not split over 3
+    assert exit_code(llm_main, ["iterate", "--config", str(REPO / "configs/llm/arith_iterate.yaml"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "train.batch_size" in err and "32 pairs do not split over 3 processes" in err
+
+
 @pytest.mark.parametrize(
     "command,override,field,code",
     [

@@ -10,7 +10,9 @@ completions, 2 DPO steps per round, 2 rounds):
   in float64;
 - resumed after a stop between phases, inside a round's DPO, or a SIGKILL, the run ends with the uninterrupted
   run's final weights and logged accuracies, bit for bit;
-- bad input is one line naming the field, exit 2, before any model loads.
+- bad input is one line naming the field, exit 2, before any model loads;
+- on 2 processes (accelerate launch, gloo) it writes the 1-process run's pairs files, policies and metrics bit for
+  bit, and a 2-process run SIGKILLed inside round 1's DPO resumes on 2 processes to those same weights.
 """
 
 import json
@@ -34,6 +36,7 @@ from llmalign.policy import load_policy
 from llmalign.config import LMModelConfig
 from llmalign.toy import resolve_embedded
 from shared.checkpoint import latest_checkpoint, load_state
+from tests.multiproc import kill_processes, run_processes, start_processes
 from tests.test_llm_dpo import direct_token_logps
 
 torch.set_num_threads(1)
@@ -277,3 +280,59 @@ def test_bad_input_is_one_line_and_exit_2_before_any_model_loads(override, field
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"'{field}'" in err
     assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------- two processes
+
+# 8 prompts in sampling batches of 4: rank r samples batch r (pairs.batch_size 4), so both ranks sample. One pair per
+# micro-batch: each of the 2 processes forwards its one pair of a step alone, as the 1 process does; the gradients
+# then agree bit for bit (each pair's gradient is halved, exactly, before DDP's two-term sum), whereas 2 pairs
+# padded into one micro-batch would give 1-process log-probs that differ in the last bits.
+TWO_PROCESSES = ("data.prompts_per_round=8", "memory.micro_batch_size=1")
+
+
+def assert_same_rounds(one, two, rounds=2):
+    """Two runs wrote the same pairs files, DPO results, policies and metrics.jsonl records."""
+    for t in range(1, rounds + 1):
+        pairs = (one / f"round-{t}" / "pairs.jsonl").read_bytes()
+        assert pairs and pairs == (two / f"round-{t}" / "pairs.jsonl").read_bytes(), t
+        for model in ("dpo/final", "policy"):
+            expected, got = weights(one / f"round-{t}" / model), weights(two / f"round-{t}" / model)
+            assert got.keys() == expected.keys()
+            assert all(torch.equal(got[name], expected[name]) for name in expected), (t, model)
+    assert records(two) == records(one)
+    assert (two / "final").resolve() == (two / f"round-{rounds}" / "policy").resolve()
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("iterate_world") / "one"
+    main(["iterate", *overrides(out, *TWO_PROCESSES)])
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_write_the_one_process_pairs_and_weights(one_process, tmp_path):
+    out = tmp_path / "two"
+    done = run_processes(2, ["-m", "llmalign", "iterate", *overrides(out, *TWO_PROCESSES)], timeout=280)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "over 2 process(es) (1 each" in done.stdout  # each round's DPO ran on both processes
+    assert_same_rounds(one_process, out)
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_killed_inside_a_rounds_dpo_resume_to_the_same_weights(one_process, tmp_path):
+    out = tmp_path / "killed"
+    process = start_processes(2, ["-m", "llmalign", "iterate", *overrides(out, *TWO_PROCESSES)])
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and process.poll() is None:  # kill once round 1's DPO has a checkpoint
+        if latest_checkpoint(out / "round-1" / "dpo" / "checkpoints") is not None:
+            break
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be killed"
+    kill_processes(process)
+    assert not (out / "round-2" / "dpo").exists()  # killed in round 1's DPO or the phases right after it
+    done = run_processes(2, ["-m", "llmalign", "iterate", *overrides(out, *TWO_PROCESSES), "--resume"], timeout=280)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "resumed from" in done.stdout
+    assert_same_rounds(one_process, out)

@@ -475,6 +475,25 @@ def test_iterate_with_vllm_pushes_each_rounds_policy(toy, tmp_path, monkeypatch)
 
 
 @needs_vllm
+def test_iterate_with_vllm_on_two_processes_equals_one(toy, tmp_path):
+    """Two rounds of llmalign iterate with rollout.engine=vllm under accelerate launch on 2 processes: one engine per
+    rank samples its batches of each round's pairs (seeded per batch, row and sample, never the rank) from the
+    round's policy pushed to it, and the DPO rounds run on both processes: the pairs files, DPO results, policies
+    and logged metrics are those of 1 process, bit for bit (tests.test_llm_iterate.TWO_PROCESSES: why the weights
+    can be equal), and no traceback at exit."""
+    from llmalign.cli import main
+    from tests.multiproc import run_processes
+    from tests.test_llm_iterate import TWO_PROCESSES, assert_same_rounds, overrides
+
+    engine = ("rollout.engine=vllm", "rollout.vllm_kv_cache_mib=4", *TWO_PROCESSES)
+    main(["iterate", *overrides(tmp_path / "one", *engine)])
+    done = run_processes(2, ["-m", "llmalign", "iterate", *overrides(tmp_path / "two", *engine)], timeout=500)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "over 2 process(es) (1 each" in done.stdout  # each round's DPO ran on both processes
+    assert_same_rounds(tmp_path / "one", tmp_path / "two")
+
+
+@needs_vllm
 def test_pairs_and_eval_with_vllm_on_two_processes_equal_one(toy, tmp_path, capsys):
     """llmalign pairs and eval --engine vllm under accelerate launch on 2 processes: the same pairs file (its
     seeds name the batch, row and sample, never the rank) and the same greedy accuracy as 1 process, and no
