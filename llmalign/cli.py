@@ -219,14 +219,18 @@ def engine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def grouped_results(rows: list[dict], result: dict, column: str | None) -> dict:
-    """`llmalign eval --by COLUMN`: value -> (accuracy, mean completion length, rows), in first-seen order."""
+    """`llmalign eval --by COLUMN`: value -> (accuracy, mean completion length, its standard error, rows), in
+    first-seen order (the standard error from the sample std, n - 1; 0 for a single row)."""
     groups: dict = {}
     for row, correct, length in zip(rows, result["correct"], result["lengths"]) if column is not None else ():
         groups.setdefault(row[column], []).append((correct, length))
-    return {
-        value: (sum(c for c, _ in pairs) / len(pairs), sum(n for _, n in pairs) / len(pairs), len(pairs))
-        for value, pairs in groups.items()
-    }
+    out = {}
+    for value, pairs in groups.items():
+        n, lengths = len(pairs), [length for _, length in pairs]
+        mean = sum(lengths) / n
+        variance = sum((length - mean) ** 2 for length in lengths) / (n - 1) if n > 1 else 0.0
+        out[value] = (sum(c for c, _ in pairs) / n, mean, (variance / n) ** 0.5, n)
+    return out
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -257,8 +261,11 @@ def run_eval(args: argparse.Namespace) -> None:
             f"accuracy {result['accuracy']:.4f} on {len(rows)} rows (greedy), mean completion length "
             f"{result['mean_length']:.1f} tokens"
         )
-        for value, (accuracy, length, count) in grouped_results(rows, result, args.by).items():
-            print(f"  {args.by}={value}: accuracy {accuracy:.4f}, mean completion length {length:.1f} ({count} rows)")
+        for value, (accuracy, length, error, count) in grouped_results(rows, result, args.by).items():
+            print(
+                f"  {args.by}={value}: accuracy {accuracy:.4f}, mean completion length {length:.1f} +- {error:.1f} "
+                f"({count} rows)"
+            )
     if engine is not None:
         engine.close()
     run.close()

@@ -718,6 +718,46 @@ class LMEnvironmentConfig:
         need(self.eval_tasks >= 0, "environment.eval_tasks", f"{self.eval_tasks} is negative")
 
 
+SPO_ALGORITHMS = ("spo_chain", "spo_tree")
+# algorithm fields and sections only some algorithm.name values read: set under another, they would do nothing
+ALGORITHM_OWNED = {
+    "algorithm.spo_cut_every": ("spo_chain",),
+    "algorithm.spo_continuations": ("spo_chain",),
+    "algorithm.spo_prob_threshold": ("spo_chain",),
+    "algorithm.spo_max_cuts": ("spo_chain",),
+    "algorithm.spo_whiten": SPO_ALGORITHMS,
+    "algorithm.spo_tree_branching": ("spo_tree",),
+    "algorithm.spo_tree_segment_tokens": ("spo_tree",),
+    "algorithm.spo_tree_advantage": ("spo_tree",),
+    "algorithm.gamma": ("ppo", "t_ppo"),
+    "algorithm.gae_lambda": ("ppo", "t_ppo"),
+    "algorithm.whiten_advantages": ("ppo", "t_ppo"),
+    "algorithm.window_tokens": ("t_ppo",),
+    "environment.step_weight": ("gigpo",),  # episode_grpo is gigpo with the step weight 0
+    "environment": ("gigpo", "episode_grpo"),
+    "critic": ("ppo", "t_ppo"),
+}
+
+
+def check_algorithm_owned_fields(config: "GRPOConfig") -> None:
+    """A field (or a whole section) that algorithm.name does not read is refused when it differs from its default,
+    naming the algorithms that read it: set under another algorithm it would silently do nothing."""
+    name = config.algorithm.name
+    defaults = type(config)()
+    for path, owners in ALGORITHM_OWNED.items():
+        if name in owners:
+            continue
+        value, default = config, defaults
+        for part in path.split("."):
+            value, default = getattr(value, part), getattr(default, part)
+        need(
+            value == default,
+            path,
+            f"is read by algorithm.name {' or '.join(owners)} only, and this run is {name}; leave it at its "
+            f"default or choose one of those algorithms",
+        )
+
+
 def check_environment_recipe(config: "GRPOConfig") -> None:
     """What the environment recipes do not do, refused before any model loads (one line, exit 2)."""
     a, r = config.algorithm, config.rollout
@@ -825,6 +865,7 @@ class GRPOConfig:
             "that scores correctness (a completion is correct when it exceeds algorithm.correct_threshold)",
         )
         self.check_allocation()
+        check_algorithm_owned_fields(self)
         if a.name in ENVIRONMENT_ALGORITHMS:
             check_environment_recipe(self)
         if a.name.startswith("spo"):

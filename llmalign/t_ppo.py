@@ -145,6 +145,7 @@ class WindowBatch:
     advantages: Tensor | None = None  # [n, C] set by the advantage stage
     targets: CriticTargets | None = None
     groups: None = None  # all the same size (1)
+    token_mask: None = None  # every window token the completion mask keeps trains (no SPO probability mask)
 
     @property
     def sampled(self) -> WindowBatch:  # GRPORecipe.update reads trained.sampled.iteration and .timings

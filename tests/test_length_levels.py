@@ -42,7 +42,8 @@ def test_level_sft_rows_are_the_supervised_problems_with_styles_drawn_whatever_t
 def test_grouped_results_by_hand():
     rows = [{"level": "a"}, {"level": "b"}, {"level": "a"}]
     result = {"correct": [True, False, False], "lengths": [10, 20, 30]}
-    assert grouped_results(rows, result, "level") == {"a": (0.5, 20.0, 2), "b": (0.0, 20.0, 1)}
+    # a: lengths 10 and 30, mean 20, sample std sqrt(((-10)^2 + 10^2) / 1) = 14.142, standard error 14.142 / sqrt(2) = 10
+    assert grouped_results(rows, result, "level") == {"a": (0.5, 20.0, 10.0, 2), "b": (0.0, 20.0, 0.0, 1)}
     assert grouped_results(rows, result, None) == {}
 
 

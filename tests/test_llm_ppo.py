@@ -1,8 +1,13 @@
 """algorithm.name ppo (llmalign/ppo.py, llmalign/critic.py) on a tiny Qwen2 built in the test: a 2-iteration run
 trains both models and saves the critic in the checkpoint; the recipe's advantages are shared.gae's on the values
-it computed; --resume is bit-identical; bad input exits 2 with one line."""
+it computed; SIGKILL then --resume is bit-identical; bad input exits 2 with one line."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -15,6 +20,7 @@ from shared.checkpoint import latest_checkpoint, load_state
 from shared.config import load_config
 from shared.gae import gae_advantages, last_token_rewards, whitened
 from shared.run import Run
+from tests.multiproc import REPO
 from tests.test_llm_grpo import overrides as grpo_overrides
 from tests.test_llm_grpo import tiny_lm_dir  # noqa: F401  (fixture)
 
@@ -47,17 +53,35 @@ def test_two_iterations_train_policy_and_critic_and_save_the_critic(tiny_lm_dir,
     assert all("train/value_loss" in r and "train/advantage_std" in r for r in records[1:])
 
 
-def test_resume_ends_bit_identical(tiny_lm_dir, tmp_path):
+def test_sigkill_then_resume_ends_bit_identical(tiny_lm_dir, tmp_path):
+    """Killed (SIGKILL) once its first checkpoint is on disk, then resumed: the policy, the critic and its AdamW
+    moments end as an uninterrupted run's."""
     torch.set_num_threads(1)
-    main(["grpo", *overrides(tiny_lm_dir, tmp_path / "straight", "train.iterations=3")])
-    main(["grpo", *overrides(tiny_lm_dir, tmp_path / "split", "train.iterations=1")])
-    main(["grpo", *overrides(tiny_lm_dir, tmp_path / "split", "train.iterations=3"), "--resume"])
-    for name in ("trainable", "critic"):
+    extra = ("train.iterations=3", "log.eval_every=0")
+    main(["grpo", *overrides(tiny_lm_dir, tmp_path / "straight", *extra)])
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "llmalign", "grpo", *overrides(tiny_lm_dir, out, *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and latest_checkpoint(out / "checkpoints") is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    main(["grpo", *overrides(tiny_lm_dir, out, *extra), "--resume"])
+    for name in ("trainable", "critic", "critic_optimizer"):
         straight = load_state(latest_checkpoint(tmp_path / "straight" / "checkpoints"), name)
-        resumed = load_state(latest_checkpoint(tmp_path / "split" / "checkpoints"), name)
-        assert straight.keys() == resumed.keys()
-        for key in straight:
-            assert torch.equal(straight[key], resumed[key]), (name, key)
+        resumed = load_state(latest_checkpoint(out / "checkpoints"), name)
+        if name != "critic_optimizer":
+            assert straight.keys() == resumed.keys()
+            for key in straight:
+                assert torch.equal(straight[key], resumed[key]), (name, key)
+        else:  # AdamW's moments and step counts, tensor by tensor
+            assert straight["state"].keys() == resumed["state"].keys()
+            for index, moments in straight["state"].items():
+                for key, value in moments.items():
+                    assert torch.equal(value, resumed["state"][index][key]), (name, index, key)
 
 
 @pytest.mark.parametrize("whiten", ["true", "false"])
