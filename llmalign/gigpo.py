@@ -50,7 +50,7 @@ from llmalign.environments import (
     task_id,
 )
 from llmalign.evaluate import derived_seed
-from llmalign.grpo import Groups, update
+from llmalign.grpo import Groups, restored_generated_tokens, update
 from llmalign.policy import (
     enable_gradient_checkpointing,
     load_policy,
@@ -147,6 +147,7 @@ class EnvironmentRecipe:
         self.model, self.optimizer = run.prepare(model, optimizer)
         start = restore_policy(run, self.model, self.optimizer)
         self.engine = self.start_engine()
+        self.generated_total = restored_generated_tokens(run, config.budget.max_generated_tokens)
         self.first_iteration = start
         self.ratio_check = FirstUpdateRatioCheck(LLM_COMPARED)
         run.write_config(config)
@@ -259,6 +260,8 @@ class EnvironmentRecipe:
             "train/rows": len(everything),
             "train/generated_tokens": int(run.sum(trained.episodes.generated)),
         }
+        self.generated_total += trained.stats["train/generated_tokens"]
+        trained.stats["train/generated_tokens_total"] = self.generated_total
         return trained
 
     def update(self, trained: Trained) -> dict:
@@ -313,8 +316,13 @@ class EnvironmentRecipe:
     def postfix(self, record: dict) -> dict:
         return {"reward": f"{record['reward/episode/mean']:.3f}", "turns": f"{record['env/turns']:.2f}"}
 
+    def stop_early(self) -> bool:
+        limit = self.config.budget.max_generated_tokens
+        return limit is not None and self.generated_total >= limit
+
     def save(self, done: int) -> None:
-        save_policy_checkpoint(self.run, self.config, self.model, self.tokenizer, self.optimizer, done)
+        budget = {"budget": {"generated_tokens": self.generated_total}}
+        save_policy_checkpoint(self.run, self.config, self.model, self.tokenizer, self.optimizer, done, budget)
 
     def closing(self) -> str:
         out = self.run.out

@@ -609,6 +609,20 @@ def load_rewards(config: GRPOConfig) -> tuple[dict, dict]:
     return rewards, eval_rewards
 
 
+def restored_generated_tokens(run: Run, limit: int | None) -> int:
+    """The completion tokens generated since the run started (budget.max_generated_tokens counts them; every recipe
+    saves them in its checkpoints as "budget"): 0 for a new run, the checkpoint's count on --resume."""
+    if run.checkpoint is None:
+        return 0
+    if (run.checkpoint / "budget.json").is_file():
+        return int(run.load("budget")["generated_tokens"])
+    if limit is not None:  # a checkpoint written before the count was saved
+        run.print(
+            "--resume: the checkpoint holds no generated-token count; budget.max_generated_tokens counts from here"
+        )
+    return 0
+
+
 class GRPORecipe:
     """GRPO in the loop's stages (shared.loop): rollout (with its rewards), advantage, update."""
 
@@ -667,15 +681,7 @@ class GRPORecipe:
         self.buffer = replay_buffer(self.config) if self.config.algorithm.replay == "ssr" else None
         if self.buffer is not None and run.checkpoint is not None:
             self.buffer.load_state_dict(run.load("replay"))
-        self.generated_total = 0  # completion tokens generated since the run started (budget.max_generated_tokens)
-        if run.checkpoint is not None:
-            if (run.checkpoint / "budget.json").is_file():
-                self.generated_total = int(run.load("budget")["generated_tokens"])
-            elif config.budget.max_generated_tokens is not None:  # a checkpoint written before the count was saved
-                run.print(
-                    "--resume: the checkpoint holds no generated-token count; budget.max_generated_tokens counts "
-                    "from here"
-                )
+        self.generated_total = restored_generated_tokens(run, config.budget.max_generated_tokens)
 
     def evaluate(self, done: int) -> dict:
         """Held-out metrics after `done` iterations; eval.rewards score the greedy completions (a reward that

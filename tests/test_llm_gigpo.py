@@ -297,6 +297,27 @@ def test_sigkill_then_resume_is_bit_identical(tiny_lm_dir, uninterrupted, tmp_pa
         assert torch.equal(resumed[name], uninterrupted[name]), name
 
 
+def test_generated_token_budget_stops_the_run_and_resumes_counting(tiny_lm_dir, tmp_path):  # noqa: F811
+    torch.set_num_threads(1)
+    out = tmp_path / "budget"
+    main(["grpo", *overrides(tiny_lm_dir, out, "train.iterations=4", "budget.max_generated_tokens=1")])
+    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/rows" in r]
+    assert [r["iteration"] for r in records] == [1]  # the first iteration's tokens reach the budget of 1
+    first = records[0]["train/generated_tokens"]
+    assert records[0]["train/generated_tokens_total"] == first >= 1
+    assert load_state(latest_checkpoint(out / "checkpoints"), "budget") == {"generated_tokens": first}
+    main(
+        [
+            "grpo",
+            *overrides(tiny_lm_dir, out, "train.iterations=4", f"budget.max_generated_tokens={first + 1}"),
+            "--resume",
+        ]
+    )
+    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "train/rows" in r]
+    assert [r["iteration"] for r in records] == [1, 2]  # one more iteration: the count went on from the checkpoint
+    assert records[1]["train/generated_tokens_total"] == first + records[1]["train/generated_tokens"]
+
+
 def test_the_guess_the_number_example_of_the_docs_trains(tiny_lm_dir, tmp_path, monkeypatch):  # noqa: F811
     """docs/extending.md's environment, taken from the page as it is, two iterations: it resets, steps and trains."""
     text = (ROOT / "docs/extending.md").read_text()
