@@ -444,7 +444,7 @@ def test_spo_trains_on_vllm_rollouts(algorithm, tmp_path):
             "train.iterations=1",
             "train.prompts_per_iteration=2",
             "sampling.max_new_tokens=40",
-            "algorithm.spo_tree_segment_tokens=12",
+            *(["algorithm.spo_tree_segment_tokens=12"] if algorithm == "spo_tree" else []),  # a tree field
             "data.eval_size=2",
             "data.eval_samples=1",
             "log.eval_every=0",
