@@ -7,6 +7,7 @@ rollout budget in generated tokens. Prints a markdown table, writes OUT/rollout_
     python benchmarks/rollout_bench.py --smoke --out DIR     # plumbing only: 1 seed, 2 methods, a tiny budget
     python benchmarks/rollout_bench.py --report benchmarks/out/rollout_bench.json   # table and plot again
     python benchmarks/rollout_bench.py --one '{...}'          # internal: one run and its evaluation, JSON out
+    python benchmarks/rollout_bench.py --methods grpo spo_chain spo_tree   # SPO at the same token budget (issue 25)
 
 The budget: every run has train.iterations far above what it needs and `budget.max_generated_tokens` = --budget,
 so it stops after the first iteration at which the completion tokens it generated (every refill round and
@@ -54,6 +55,9 @@ METHODS = {
     "dars_hw": ["rollout.schedule=dars_hw"],
     "gvm": ["rollout.schedule=gvm", "rollout.extra_budget=0.75"],
     "ssr": ["algorithm.replay=ssr", "replay.min_informative=64"],
+    # credit below the sequence (issue 25): the budget counts SPO's continuations and tree segments too
+    "spo_chain": ["algorithm.name=spo_chain"],
+    "spo_tree": ["algorithm.name=spo_tree", "algorithm.loss=dapo", "algorithm.mask_truncated=false"],
 }
 KS = (1, 4, 8)
 
