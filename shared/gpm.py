@@ -28,9 +28,10 @@ stored HEAD, not run):
   table that is sigmoid(2 s_ij)) and `chosen_probs_win` = row sum / K, the diagonal 1/2 included.
   `gpm_win_rates` keeps the mean over all K (self included) but uses the paper's P = sigmoid(s_ij);
   `antisymmetrize=True` gives the official sigmoid(s_ij - s_ji).
-- SPPO offset: the SPPO paper (arXiv 2405.00675) regresses log(pi / pi_t) on eta (P - 1/2); copies of
-  the uclaml/SPPO trainer found by searching code read `(logits_w - (1 / beta) * (chosen_probs_win - 0.5))
-  ** 2` (the official repository itself was not read). `sppo_targets` returns (P - 1/2) / beta.
+- SPPO offset: the SPPO paper (arXiv 2405.00675) regresses log(pi / pi_t) on eta (P - 1/2); the
+  official trainer, uclaml/SPPO `sppo/trainer.py` (loss_type "sppo", read at its stored HEAD), uses
+  loss_w = (logits_w - (1 / beta) (chosen_probs_win - 0.5))^2 and the same for the loser, averaged,
+  logits = log pi - log pi_ref: offset 1/2, eta = 1 / beta. `sppo_targets` returns (P - 1/2) / beta.
 Not checked: the paper's text beyond the formula above.
 """
 
@@ -157,8 +158,8 @@ def gpm_win_rates(table: Tensor, antisymmetrize: bool = False) -> Tensor:
 def sppo_targets(win_rates: Tensor, beta: float) -> Tensor:
     """SPPO regression target for log(pi / pi_ref): (P - 1/2) / beta (arXiv 2405.00675, eta = 1 / beta).
 
-    win_rates [...] -> [...]. The offset 1/2 is the paper's and the one in the SPPO trainer code found
-    by search (see the module docstring); the loss is (log-ratio - target)^2 per response.
+    win_rates [...] -> [...]. The offset 1/2 is the paper's and the official uclaml/SPPO trainer's
+    (see the module docstring); the loss there is (log-ratio - target)^2 per response.
     """
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")

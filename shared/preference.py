@@ -314,9 +314,12 @@ def srpo_loss(
 
     What was checked: there is no official code. The formula is the one given in our issue 26, with
     beta outside r (r is the plain log-ratio; beta multiplies each bracket of log-ratio differences,
-    as in IPO). The TRL proposal (huggingface/trl PR #1772, closed unmerged) was found, but only its
-    description could be read here, not its loss code, so where it puts beta is not checked; nor
-    was the paper's text. beta = 0.1 is this module's common default, not taken from the paper.
+    as in IPO). The TRL proposal (huggingface/trl PR #1772, closed unmerged) was read in its author's
+    fork, frasermince/trl `trl/trainer/srpo_trainer_2.py` (stored commit 295b8e8, not run): its
+    `srpo_loss` computes the same three squares term for term, with beta outside the plain
+    log-ratios and (1 - alpha) / alpha weights, so the two agree. Not checked: the paper's text, and
+    the PR's default beta and alpha (its config file was not available). beta = 0.1 is this module's
+    common default, not taken from the paper.
     """
     _check_pairs(
         policy_chosen=policy_chosen,
