@@ -124,3 +124,26 @@ def test_win_rates_by_hand():
 def test_sppo_targets_by_hand():
     # (P - 1/2) / beta: P = 0.75, beta 0.5 -> 0.5; P = 0.5 -> 0; P = 0.25 -> -0.5
     assert_close(sppo_targets(torch.tensor([0.75, 0.5, 0.25]), beta=0.5), torch.tensor([0.5, 0.0, -0.5]))
+
+
+def test_score_equals_explicit_block_matrix():
+    # R written out as the official loss.py builds it: R[i, i+1] = -1, R[i+1, i] = 1;
+    # score = (v_i @ R^T) . v_j / tau
+    torch.manual_seed(1)
+    v_i, v_j = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)  # [B, 2k]
+    R = torch.zeros(6, 6, dtype=torch.float64)
+    for i in range(0, 6, 2):
+        R[i, i + 1], R[i + 1, i] = -1.0, 1.0
+    assert_close(gpm_score(v_i, v_j), ((v_i @ R.T) * v_j).sum(-1) / 0.1)
+
+
+def test_pair_loss_gradient_by_hand():
+    # chosen (1, 0), rejected (0, 1), tau 1: s = c0 r1 - c1 r0 = 1; dL/ds = -(1 - sigmoid(1))
+    # ds/dc = (r1, -r0) = (1, 0), ds/dr = (-c1, c0) = (0, 1)
+    chosen = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    rejected = torch.tensor([[0.0, 1.0]], requires_grad=True)
+    losses, _ = gpm_pair_loss(chosen, rejected, tau=1.0)
+    losses.sum().backward()
+    g = -(1 - 1 / (1 + math.exp(-1.0)))
+    assert_close(chosen.grad, torch.tensor([[g, 0.0]]))
+    assert_close(rejected.grad, torch.tensor([[0.0, g]]))
