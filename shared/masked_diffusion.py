@@ -18,7 +18,8 @@ code, github.com/apple/ml-diffucoder `src/open_r1/coupled_grpo.py` (commit f735e
 - which positions: every position after the (left-padded, equal-length) prompt, so the official passes also
   mask the padding after a completion's EOS (the loss then multiplies by the completion mask). Here the masks
   are restricted to ``completion_mask``: padding is never masked (the brief's rule; a model's context at
-  padding positions therefore differs from the official one). Prompt tokens are never masked in either.
+  padding positions therefore differs from the official one). Prompt tokens are never masked in either pass
+  (the config's ``p_mask_prompt``, default 0.15, recipe 0.0, is not read by `coupled_grpo.py`).
 - a third, fully masked pass exists: all completion positions masked (weight 1).
 - the estimate per completion token j (``selective_log_softmax`` with weights ``[1, 1/t, 1/(1-t)]``):
 
@@ -30,7 +31,7 @@ code, github.com/apple/ml-diffucoder `src/open_r1/coupled_grpo.py` (commit f735e
 - masks across updates: one seed per inner GRPO iteration (``num_iterations``; random seeds in [0, 4096) when
   ``random_masking`` is true, the recipe's setting; 42 for every iteration otherwise), drawn at rollout time;
   the old-policy and reference log-probs of iteration k and the policy's log-probs at update k use the same
-  seed, hence the same t and masks. With gradient accumulation the rollout draws u for one micro-batch and
+  seed, hence the same t and masks (k = the micro-batch step counter mod ``num_iterations``). With gradient accumulation the rollout draws u for one micro-batch and
   tiles it over the micro-batches, so every micro-batch sees the same u as the update step that redraws it.
   Here a ``torch.Generator`` seeded the same way gives the same masks; the tiling is the caller's.
 - advantages: ``leave_one_out = True`` is hard-coded: A_i = r_i - (sum_g r - r_i) / (G - 1), divided by
