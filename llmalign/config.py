@@ -920,8 +920,7 @@ class GRPOConfig:
             ("algorithm.full_batch_epochs", a.full_batch_epochs, None),  # the critic steps as num_iterations says
         ):
             need(value == off, field, f"{value!r} is GRPO's, not {a.name}'s; set it to {off!r}")
-        if a.name != "t_ppo":
-            need(a.window_tokens is None, "algorithm.window_tokens", "is t_ppo's; set it to null")
+        if a.name != "t_ppo":  # ppo: algorithm.window_tokens is refused with the other t_ppo fields (ALGORITHM_OWNED)
             return
         need(
             a.window_tokens is None or a.window_tokens <= s.max_new_tokens,
