@@ -220,16 +220,18 @@ def engine_flags(parser: argparse.ArgumentParser) -> None:
 
 def grouped_results(rows: list[dict], result: dict, column: str | None) -> dict:
     """`llmalign eval --by COLUMN`: value -> (accuracy, mean completion length, its standard error, rows), in
-    first-seen order (the standard error from the sample std, n - 1; 0 for a single row)."""
+    first-seen order (shared.stats.mean_with_standard_error; 0 for a single row)."""
+    import torch
+
+    from shared.stats import mean_with_standard_error
+
     groups: dict = {}
     for row, correct, length in zip(rows, result["correct"], result["lengths"]) if column is not None else ():
         groups.setdefault(row[column], []).append((correct, length))
     out = {}
     for value, pairs in groups.items():
-        n, lengths = len(pairs), [length for _, length in pairs]
-        mean = sum(lengths) / n
-        variance = sum((length - mean) ** 2 for length in lengths) / (n - 1) if n > 1 else 0.0
-        out[value] = (sum(c for c, _ in pairs) / n, mean, (variance / n) ** 0.5, n)
+        mean, error, n = mean_with_standard_error(torch.tensor([length for _, length in pairs], dtype=torch.float64))
+        out[value] = (sum(c for c, _ in pairs) / n, mean, error if n > 1 else 0.0, n)
     return out
 
 
