@@ -5,6 +5,7 @@
     llmalign dpo --config configs/llm/arith_dpo.yaml algorithm.loss=ipo train.learning_rate=1e-5
     llmalign dpo --config configs/llm/arith_dpo.yaml --resume            # continue the run
     llmalign dpo data.train=p.jsonl algorithm.loss=modpo 'algorithm.modpo_weights=[0.7,0.3]' data.margin_column=margin
+    llmalign dpo --config configs/llm/arith_srpo.yaml                    # SRPO: also learns to revise into y_w
     accelerate launch --multi_gpu --num_processes 2 -m llmalign dpo --config configs/llm/arith_dpo.yaml
 
 Setup: every pair is tokenized once (prompt left-padded as the policy saw it; chosen and rejected each get
@@ -15,8 +16,16 @@ tokens and the model, so a stale cache is rebuilt. No reference model stays in m
 algorithm.reference=live a frozen copy does, or the adapter is switched off per batch). TGDPO's guidance
 log-probs are cached the same way and the guidance model is dropped after that one pass.
 
+SRPO (Choi et al., 2024, arXiv 2406.01660; shared.preference.srpo_loss) needs six sequences a pair: chosen and
+rejected given the prompt x (as DPO), and both again given each revision prompt (x, rejected) and (x, chosen):
+data.revision_template filled with x and that completion's text, tokenized whole and held to
+max_prompt_length + max_completion_length tokens. The six share one padded forward per micro-batch, and their
+reference log-probs go into the same cache (the template is in its fingerprint, through the tokens and by name).
+Only the offline objective on the given pairs is trained; the held-out evaluation generates from x alone (no
+revision pass at inference).
+
 Each step: batch_size pairs (epochs of a seeded permutation, so the data position is a function of the
-step alone), split into micro-batches whose chosen and rejected completions share one forward;
+step alone), split into micro-batches whose chosen and rejected completions (srpo: all six) share one forward;
 sequence log-prob = sum of completion token log-probs (ipo and simpo divide by the length inside the
 shared loss); the loss is shared.preference's (or shared.token_weights' for TGDPO), averaged over the
 step's pairs; clip, AdamW step, log, checkpoint. Dropout is off (`disable_dropout`), as in TRL's DPO: with
@@ -65,7 +74,7 @@ from llmalign.policy import (
 )
 from llmalign.toy import resolve_embedded
 from shared.config import ConfigError
-from shared.preference import PREFERENCE_LOSSES, chosen_nll_loss
+from shared.preference import PREFERENCE_LOSSES, chosen_nll_loss, srpo_loss
 from shared.loop import Plan, run_recipe
 from shared.run import Run
 from shared.token_weights import tgdpo_token_weights, weighted_dpo_sigmoid_loss
@@ -75,10 +84,24 @@ CACHE_VERSION = 1  # bump when the cached values' meaning changes, so old caches
 # ----------------------------------------------------------------------------- data
 
 
+# The sequences of a pair, block by block in a batch, as (prompt, completion): DPO's generation of chosen and
+# rejected from the prompt x, then srpo's four revisions, of either completion into chosen or rejected, starting
+# from (x, rejected) and from (x, chosen): the order of shared.preference.srpo_loss's arguments.
+SEQUENCES = {
+    "chosen": ("prompts", "chosen"),
+    "rejected": ("prompts", "rejected"),
+    "chosen_given_rejected": ("given_rejected", "chosen"),
+    "rejected_given_rejected": ("given_rejected", "rejected"),
+    "chosen_given_chosen": ("given_chosen", "chosen"),
+    "rejected_given_chosen": ("given_chosen", "rejected"),
+}
+
+
 @dataclass
 class EncodedPairs:
     """Token ids of every pair: the prompt, and chosen / rejected completions ending in end-of-text; for modpo
-    also each pair's reward margins of the other objectives."""
+    also each pair's reward margins of the other objectives; for srpo the revision prompts (x, rejected) and
+    (x, chosen)."""
 
     prompts: list[list[int]]
     chosen: list[list[int]]
@@ -86,18 +109,76 @@ class EncodedPairs:
     truncated_prompts: int = 0
     truncated_completions: int = 0
     margins: Tensor | None = None  # [N, K] r_k(chosen) - r_k(rejected) of K other objectives (modpo), else None
+    given_rejected: list[list[int]] | None = None  # srpo: the revision prompt filled with x and the rejected text
+    given_chosen: list[list[int]] | None = None  # srpo: ... with x and the chosen text
+    truncated_revisions: int = 0
 
     def __len__(self) -> int:
         return len(self.prompts)
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The sequences of each pair (keys of SEQUENCES): 2, or 6 with srpo's revisions."""
+        return tuple(SEQUENCES)[: 6 if self.given_rejected is not None else 2]
+
+    def sequence(self, name: str, i: int) -> tuple[list[int], list[int]]:
+        """(prompt ids, completion ids) of pair i's sequence `name`."""
+        prompts, completions = SEQUENCES[name]
+        return getattr(self, prompts)[i], getattr(self, completions)[i]
+
     def digest(self) -> str:
-        """sha256 of all the ids: a cache keyed on it follows any change of data, tokenizer or truncation."""
-        return hashlib.sha256(json.dumps([self.prompts, self.chosen, self.rejected]).encode()).hexdigest()
+        """sha256 of all the ids: a cache keyed on it follows any change of data, tokenizer, truncation or
+        revision template."""
+        ids = [self.prompts, self.chosen, self.rejected]
+        if self.given_rejected is not None:
+            ids += [self.given_rejected, self.given_chosen]
+        return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
 
 
-def encode_pairs(tokenizer, rows: list[dict], data: DPODataConfig) -> EncodedPairs:
+def fit_length(ids: list[list[int]], limit: int, overlong: str, keep_last: bool, problem: Callable[[int, int], str]):
+    """(ids, how many were cut) with every row at most `limit` long: a longer row raises DataError with
+    `problem(index, length)` (overlong="error"), or keeps its last or first `limit` ids (overlong="truncate")."""
+    cut = 0
+    for index, row in enumerate(ids):
+        if len(row) <= limit:
+            continue
+        if overlong == "error":
+            raise DataError(problem(index, len(row)))
+        ids[index] = row[-limit:] if keep_last else row[:limit]
+        cut += 1
+    return ids, cut
+
+
+def encode_revisions(tokenizer, texts: list[str], rows: list[dict], data: DPODataConfig, template: str):
+    """srpo's revision prompts: `template` filled with each rendered prompt and its rejected / chosen text,
+    tokenized whole; at most max_prompt_length + max_completion_length tokens each, the end kept when truncated.
+    Returns (given rejected, given chosen, how many were truncated)."""
+    limit = data.max_prompt_length + data.max_completion_length
+    encoded, truncated = {}, 0
+    for column in ("rejected", "chosen"):
+        filled = [template.format(prompt=text, completion=row[column]) for text, row in zip(texts, rows)]
+        ids = [list(r) for r in tokenizer(filled, add_special_tokens=False)["input_ids"]]
+        encoded[column], cut = fit_length(
+            ids,
+            limit,
+            data.overlong_prompts,
+            keep_last=True,  # as prompts: the end, the part the revision follows, matters most
+            problem=lambda index, length: (
+                f"row {index}: the revision prompt of data.revision_template given its {column} completion is "
+                f"{length} tokens, longer than data.max_prompt_length + data.max_completion_length = {limit}; "
+                f"raise them or set data.overlong_prompts=truncate to keep its last tokens"
+            ),
+        )
+        truncated += cut
+    return encoded["rejected"], encoded["chosen"], truncated
+
+
+def encode_pairs(
+    tokenizer, rows: list[dict], data: DPODataConfig, revision_template: str | None = None
+) -> EncodedPairs:
     """Prompts rendered (chat template for messages) and tokenized with the length check of
-    `tokenize_prompts`; completions tokenized without special tokens, then end-of-text appended."""
+    `tokenize_prompts`; completions tokenized without special tokens, then end-of-text appended; with a
+    revision template (srpo) also the revision prompts (`encode_revisions`)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError(
@@ -117,21 +198,27 @@ def encode_pairs(tokenizer, rows: list[dict], data: DPODataConfig) -> EncodedPai
     truncated = 0
     for column in ("chosen", "rejected"):
         ids = tokenizer([row[column] for row in rows], add_special_tokens=False)["input_ids"]
-        ids = [list(row) + [eos] for row in ids]
-        for index, row in enumerate(ids):
-            if len(row) <= data.max_completion_length:
-                continue
-            if data.overlong_completions == "error":
-                raise DataError(
-                    f"row {index}: the {column} completion is {len(row)} tokens (end-of-text included), "
-                    f"longer than data.max_completion_length={data.max_completion_length}; raise it or "
-                    f"set data.overlong_completions=truncate to keep its first tokens"
-                )
-            ids[index] = row[: data.max_completion_length]
-            truncated += 1
-        encoded[column] = ids
+        encoded[column], cut = fit_length(
+            [list(row) + [eos] for row in ids],
+            data.max_completion_length,
+            data.overlong_completions,
+            keep_last=False,
+            problem=lambda index, length: (
+                f"row {index}: the {column} completion is {length} tokens (end-of-text included), "
+                f"longer than data.max_completion_length={data.max_completion_length}; raise it or "
+                f"set data.overlong_completions=truncate to keep its first tokens"
+            ),
+        )
+        truncated += cut
     margins = pair_margins(rows, data.margin_column) if data.margin_column is not None else None
-    return EncodedPairs(prompts, encoded["chosen"], encoded["rejected"], truncated_prompts, truncated, margins)
+    revisions = (
+        encode_revisions(tokenizer, texts, rows, data, revision_template)
+        if revision_template is not None
+        else (None, None, 0)
+    )
+    return EncodedPairs(
+        prompts, encoded["chosen"], encoded["rejected"], truncated_prompts, truncated, margins, *revisions
+    )
 
 
 def _margin_number(value) -> float | None:
@@ -170,32 +257,41 @@ def pair_margins(rows: list[dict], column: str) -> Tensor:
 
 @dataclass
 class PairBatch:
-    """n pairs as 2n sequences: rows 0..n-1 the chosen completions, rows n..2n-1 the rejected ones,
-    each with its own copy of the prompt (group_size 1)."""
+    """n pairs as k n sequences (k = len(names): 2, or 6 for srpo), block by block in the order of `names`: rows
+    0..n-1 the chosen completions, rows n..2n-1 the rejected ones, then srpo's revisions; each row with its own
+    copy of its prompt (group_size 1)."""
 
     rows: list[int]  # [n] pair indices
-    prompt_ids: Tensor  # [2n, P] left-padded
-    prompt_mask: Tensor  # [2n, P]
-    completion_ids: Tensor  # [2n, C] right-padded, end-of-text included
-    completion_mask: Tensor  # [2n, C]
+    prompt_ids: Tensor  # [k n, P] left-padded
+    prompt_mask: Tensor  # [k n, P]
+    completion_ids: Tensor  # [k n, C] right-padded, end-of-text included
+    completion_mask: Tensor  # [k n, C]
+    names: tuple[str, ...] = ("chosen", "rejected")  # the blocks, keys of SEQUENCES
 
 
 def pair_batch(encoded: EncodedPairs, rows: list[int], pad_id: int, device: torch.device | str = "cpu") -> PairBatch:
-    prompt_ids, prompt_mask = pad_left([encoded.prompts[i] for i in rows] * 2, pad_id)  # [2n, P]
-    completions = [encoded.chosen[i] for i in rows] + [encoded.rejected[i] for i in rows]
+    """All sequences of the pairs `rows` in one padded batch: srpo's six per pair share one forward."""
+    sequences = [encoded.sequence(name, i) for name in encoded.names for i in rows]
+    prompt_ids, prompt_mask = pad_left([prompt for prompt, _ in sequences], pad_id)  # [k n, P]
+    completions = [completion for _, completion in sequences]
     width = max(len(c) for c in completions)
-    completion_ids = torch.tensor([c + [pad_id] * (width - len(c)) for c in completions], dtype=torch.long)  # [2n, C]
+    completion_ids = torch.tensor([c + [pad_id] * (width - len(c)) for c in completions], dtype=torch.long)  # [k n, C]
     completion_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in completions], dtype=torch.long)
     return PairBatch(
-        list(rows), prompt_ids.to(device), prompt_mask.to(device), completion_ids.to(device), completion_mask.to(device)
+        list(rows),
+        prompt_ids.to(device),
+        prompt_mask.to(device),
+        completion_ids.to(device),
+        completion_mask.to(device),
+        encoded.names,
     )
 
 
 def batch_token_logprobs(model, batch: PairBatch) -> Tensor:
-    """log pi(y_t | x, y_<t) per completion token, [2n, C], 0 at padding."""
+    """log pi(y_t | x, y_<t) per completion token, [k n, C], 0 at padding."""
     logp = completion_logprobs(
         model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids, batch.completion_mask, group_size=1
-    )  # [2n, C]
+    )  # [k n, C]
     return logp.where(batch.completion_mask.bool(), 0.0)
 
 
@@ -206,30 +302,30 @@ def batch_token_logprobs(model, batch: PairBatch) -> Tensor:
 def compute_token_logprobs(
     run: Run, model, encoded: EncodedPairs, pad_id: int, micro_batch_size: int, desc: str = "reference"
 ) -> dict[str, Tensor]:
-    """One pass over all pairs: {"chosen.i": [len chosen_i], "rejected.i": [len rejected_i]} token log-probs.
-    Rank r computes micro-batches r, r + W, ... with the plain (unwrapped) model, and every rank gets all of them."""
+    """One pass over all pairs: {"chosen.i": [len chosen_i], "rejected.i": [len rejected_i]} token log-probs (and
+    srpo's revisions, "chosen_given_rejected.i" etc.). Rank r computes micro-batches r, r + W, ... with the plain
+    (unwrapped) model, and every rank gets all of them."""
     device = next(model.parameters()).device
     chunks = micro_batches(list(range(len(encoded))), micro_batch_size)
     out = {}
     for rows in tqdm(chunks[run.rank :: run.world], desc=desc, mininterval=2, disable=not run.is_main):
         batch = pair_batch(encoded, rows, pad_id, device)
-        logp = batch_token_logprobs(model, batch).float().cpu()  # [2n, C]
-        n = len(rows)
-        for k, i in enumerate(rows):  # clone: safetensors stores tensors that do not share memory
-            out[f"chosen.{i}"] = logp[k, : len(encoded.chosen[i])].clone()
-            out[f"rejected.{i}"] = logp[n + k, : len(encoded.rejected[i])].clone()
+        logp = batch_token_logprobs(model, batch).float().cpu()  # [k n, C]
+        for row, (name, i) in enumerate((name, i) for name in batch.names for i in rows):
+            length = len(encoded.sequence(name, i)[1])  # clone: safetensors stores tensors that do not share memory
+            out[f"{name}.{i}"] = logp[row, :length].clone()
     return {key: value for part in run.gather_objects([out]) for key, value in part.items()}
 
 
 class CachedLogprobs:
-    """Token log-probs computed once, looked up per batch (`fn(batch) -> [2n, C]`)."""
+    """Token log-probs computed once, looked up per batch (`fn(batch) -> [k n, C]`)."""
 
     def __init__(self, tensors: dict[str, Tensor]):
         self.tensors = tensors
 
     def __call__(self, batch: PairBatch) -> Tensor:
-        rows = [self.tensors[f"chosen.{i}"] for i in batch.rows] + [self.tensors[f"rejected.{i}"] for i in batch.rows]
-        padded = pad_sequence(rows, batch_first=True)  # [2n, C]: the batch is exactly as wide as its longest row
+        rows = [self.tensors[f"{name}.{i}"] for name in batch.names for i in batch.rows]
+        padded = pad_sequence(rows, batch_first=True)  # [k n, C]: the batch is exactly as wide as its longest row
         return padded.to(batch.completion_ids.device)
 
 
@@ -242,7 +338,7 @@ class LiveLogprobs:
     @torch.no_grad()
     def __call__(self, batch: PairBatch) -> Tensor:
         with self.reference() as frozen:  # disable_adapter yields None: the policy itself, adapter off
-            return batch_token_logprobs(frozen if frozen is not None else self.model, batch)  # [2n, C]
+            return batch_token_logprobs(frozen if frozen is not None else self.model, batch)  # [k n, C]
 
 
 def file_digest(path: str | Path) -> str:
@@ -302,6 +398,8 @@ def cache_fingerprint(config: DPOConfig, data_path: str, encoded: EncodedPairs, 
         "tokens_sha256": encoded.digest(),
         "models": [model_fingerprint(resolve_embedded(m)) for m in models],
         "dtype": config.model.dtype,
+        # srpo: the revision prompts' tokens are in tokens_sha256 already; the template is named for a reader
+        **({"revision_template": config.revision_template} if config.revision_template is not None else {}),
     }
 
 
@@ -411,6 +509,26 @@ _LOSS_CALLS: dict[str, Callable[[Callable, Sequences, DPOAlgorithmConfig], tuple
 }
 
 
+# Per-pair metrics a loss returns besides the implied rewards, logged as train/<name> means.
+LOSS_METRICS = {
+    "srpo": ("srpo/generation_margin", "srpo/revision_margin_given_rejected", "srpo/revision_margin_given_chosen")
+}
+
+
+def srpo_pair_losses(a: DPOAlgorithmConfig, seq: Tensor, ref_seq: Tensor) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """srpo: (losses [n], chosen_rewards [n], rejected_rewards [n], its three margins [n] each) from the summed
+    log-probs [6n] of the policy and the reference, in the blocks of SEQUENCES. The rewards are DPO's implied ones
+    of generation, beta (logp - logp_ref) of chosen and rejected given x, so the margin and accuracy curves read
+    as DPO's do."""
+    n = seq.shape[0] // 6
+    policy, reference = seq.view(6, n).unbind(0), ref_seq.view(6, n).unbind(0)  # 6 x [n] each
+    beta = a.effective_beta
+    losses, margins = srpo_loss(*policy, *reference, beta=beta, alpha=a.effective_srpo_alpha)
+    chosen = (beta * (policy[0] - reference[0])).detach()  # [n]
+    rejected = (beta * (policy[1] - reference[1])).detach()  # [n]
+    return losses, chosen, rejected, {f"srpo/{name}": value for name, value in margins.items()}
+
+
 def pair_losses(
     a: DPOAlgorithmConfig,
     logp: Tensor,
@@ -418,14 +536,16 @@ def pair_losses(
     ref: Tensor | None,
     guide: Tensor | None,
     margins: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(losses [n], chosen_rewards [n], rejected_rewards [n]) of n pairs from token log-probs [2n, C]
-    (chosen rows first), the reference's [2n, C] (None for simpo), the guidance model's (TGDPO) and the
-    margins of the other objectives [n, K] (modpo)."""
-    n = logp.shape[0] // 2
+) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """(losses [n], chosen_rewards [n], rejected_rewards [n], the loss's other per-pair metrics {name: [n]}) of n
+    pairs from token log-probs [k n, C] (chosen rows first, then rejected, then srpo's revisions), the reference's
+    [k n, C] (None for simpo), the guidance model's (TGDPO) and the margins of the other objectives [n, K]
+    (modpo)."""
     keep = mask.bool()
-    seq = logp.where(keep, 0.0).sum(-1)  # [2n]
-    lengths = mask.sum(-1).to(logp.dtype)  # [2n] end-of-text included
+    seq = logp.where(keep, 0.0).sum(-1)  # [k n]
+    lengths = mask.sum(-1).to(logp.dtype)  # [k n] end-of-text included
+    n = logp.shape[0] // (6 if a.loss == "srpo" else 2)
+    extra = {}
     if a.tgdpo_alpha > 0:
         rhat = guide - ref  # [2n, C] the guidance model's per-token log-ratio to the reference
         weights_chosen, weights_rejected = tgdpo_token_weights(rhat[:n], rhat[n:], a.effective_beta, a.tgdpo_alpha)
@@ -440,6 +560,8 @@ def pair_losses(
             weights_rejected,
             label_smoothing=a.label_smoothing,
         )
+    elif a.loss == "srpo":
+        losses, chosen, rejected, extra = srpo_pair_losses(a, seq, ref.where(keep, 0.0).sum(-1))
     else:
         ref_seq = ref.where(keep, 0.0).sum(-1) if ref is not None else None  # [2n]
         sequences = Sequences(
@@ -454,7 +576,7 @@ def pair_losses(
         losses, chosen, rejected = _LOSS_CALLS[a.loss](PREFERENCE_LOSSES[a.loss], sequences, a)
     if a.nll_weight > 0:  # iterative RPO
         losses = losses + a.nll_weight * chosen_nll_loss(seq[:n], lengths[:n])  # [n]
-    return losses, chosen, rejected
+    return losses, chosen, rejected, extra
 
 
 def micro_batch_terms(
@@ -466,21 +588,23 @@ def micro_batch_terms(
     reference: Callable | None,
     guidance: Callable | None,
 ) -> dict[str, Tensor]:
-    """Loss terms of the pairs `rows` under the current policy: losses, implied rewards, sequence log-probs [n]."""
+    """Loss terms of the pairs `rows` under the current policy: losses, implied rewards, sequence log-probs [n],
+    and the loss's other metrics (srpo's margins) under their names."""
     batch = pair_batch(encoded, rows, pad_id, next(model.parameters()).device)
-    ref = reference(batch) if reference is not None else None  # [2n, C]
+    ref = reference(batch) if reference is not None else None  # [k n, C]
     guide = guidance(batch) if guidance is not None else None  # [2n, C]
-    logp = batch_token_logprobs(model, batch)  # [2n, C]
+    logp = batch_token_logprobs(model, batch)  # [k n, C] one forward for all sequences of the micro-batch
     margins = encoded.margins[rows].to(logp.device) if encoded.margins is not None else None  # [n, K] modpo
-    losses, chosen_rewards, rejected_rewards = pair_losses(a, logp, batch.completion_mask, ref, guide, margins)
-    seq = logp.detach().sum(-1)  # [2n] (0 at padding already)
+    losses, chosen_rewards, rejected_rewards, extra = pair_losses(a, logp, batch.completion_mask, ref, guide, margins)
+    seq = logp.detach().sum(-1)  # [k n] (0 at padding already)
     n = len(rows)
     return {
         "losses": losses,
         "chosen_rewards": chosen_rewards,
         "rejected_rewards": rejected_rewards,
         "chosen_logps": seq[:n],
-        "rejected_logps": seq[n:],
+        "rejected_logps": seq[n : 2 * n],
+        **extra,
     }
 
 
@@ -512,6 +636,8 @@ def train_step(
         "logps/chosen",
         "logps/rejected",
     )
+    extra = LOSS_METRICS.get(config.algorithm.loss, ())  # the loss's own per-pair metrics (srpo's margins)
+    names += extra
     sums = torch.zeros(len(names), dtype=torch.float64)  # this rank's sums over its pairs
     failure = None
     for index, rows in enumerate(micro):
@@ -532,6 +658,7 @@ def train_step(
                     (chosen > rejected).float().sum(),
                     terms["chosen_logps"].sum(),
                     terms["rejected_logps"].sum(),
+                    *(terms[name].sum() for name in extra),
                 ]
             )
             .double()
@@ -542,7 +669,7 @@ def train_step(
         raise FloatingPointError(failure)
     grad_norm = run.clip_grad_norm(model, [p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
     optimizer.step()
-    means = run.sum(sums) / len(indices)  # [7] over the global batch
+    means = run.sum(sums) / len(indices)  # [len(names)] over the global batch
     return {**dict(zip(names, means.tolist())), "grad_norm": grad_norm}
 
 
@@ -595,7 +722,7 @@ class DPORecipe:
         if config.memory.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.pad_id = pad_id = self.tokenizer.pad_token_id
-        self.encoded = encoded = encode_pairs(self.tokenizer, rows, d)
+        self.encoded = encoded = encode_pairs(self.tokenizer, rows, d, config.revision_template)
         # on the plain model, before any checkpoint is loaded: the reference is the initial model
         self.reference, reference_note = (
             REFERENCE_SOURCES[a.reference](run, config, model, encoded, data_path, pad_id)
@@ -611,8 +738,14 @@ class DPORecipe:
         steps = t.steps if t.steps is not None else math.ceil(t.epochs * len(rows) / t.batch_size)
         tgdpo = f", TGDPO alpha {a.tgdpo_alpha} guided by {a.guidance_model}" if self.guidance is not None else ""
         modpo = f", weights {a.modpo_weights} on margins from column {d.margin_column!r}" if a.loss == "modpo" else ""
+        srpo = (
+            f", alpha {a.effective_srpo_alpha}, revision prompt {config.revision_template!r} "
+            f"({encoded.truncated_revisions} truncated)"
+            if a.loss == "srpo"
+            else ""
+        )
         run.print(
-            f"dpo[{a.loss}] beta {a.effective_beta}{tgdpo}{modpo}: {len(rows)} pairs, {t.batch_size} per step over "
+            f"dpo[{a.loss}] beta {a.effective_beta}{tgdpo}{modpo}{srpo}: {len(rows)} pairs, {t.batch_size} per step over "
             f"{run.world} process(es) ({t.batch_size // run.world} each, in micro-batches of {config.memory.micro_batch_size}) "
             f"-> {steps} steps = {steps * t.batch_size / len(rows):.2f} epochs, {sum(p.numel() for p in params):,} "
             f"trainable parameters, {encoded.truncated_prompts} prompts and {encoded.truncated_completions} "
@@ -633,6 +766,7 @@ class DPORecipe:
                 "train/rewards/accuracy",
                 "train/logps/chosen",
                 "train/logps/rejected",
+                *(f"train/{name}" for name in LOSS_METRICS.get(a.loss, ())),
                 "eval/accuracy",
                 "eval/sampled_accuracy",
             ),
@@ -647,6 +781,11 @@ class DPORecipe:
         return {
             "prompts_truncated": self.encoded.truncated_prompts,
             "completions_truncated": self.encoded.truncated_completions,
+            **(
+                {"revision_prompts_truncated": self.encoded.truncated_revisions}
+                if self.config.revision_template
+                else {}
+            ),
         }
 
     def report_before(self, before: dict) -> None:

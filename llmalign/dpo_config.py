@@ -8,6 +8,7 @@ them all.
 from __future__ import annotations
 
 import dataclasses
+import string
 import typing
 from typing import Literal, Optional
 
@@ -16,6 +17,29 @@ from shared.config import need, option, section
 from shared.sections import BudgetSection, LogSection, MemorySection, check_optimizer, check_sections
 
 REFERENCE_FREE_LOSSES = ("simpo",)
+# srpo's revision prompt "x, y" when data.revision_template is null: the arith toy's prompts end in a newline and
+# its completions follow them directly, so the revised answer starts on a new line as a first answer does
+DEFAULT_REVISION_TEMPLATE = "{prompt}{completion}\nRevised answer:\n"
+REVISION_PLACEHOLDERS = ("prompt", "completion")
+
+
+def template_problem(template: str) -> str | None:
+    """Why `template` is not a revision template (exactly the placeholders {prompt} and {completion}, each at least
+    once, nothing else between braces), or None."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)]
+    except ValueError as error:
+        return f"cannot be filled ({error}); write a literal brace as {{{{ or }}}}"
+    names = [name for name, _, _ in fields if name is not None]
+    unknown = sorted({repr("{" + name + "}") for name in names if name not in REVISION_PLACEHOLDERS})
+    if unknown:
+        return f"has the unknown placeholder(s) {', '.join(unknown)}; only {{prompt}} and {{completion}} are filled"
+    if any(spec or conversion for name, spec, conversion in fields if name is not None):
+        return "has a placeholder with a format spec or conversion; write them plain, {prompt} and {completion}"
+    missing = [f"{{{name}}}" for name in REVISION_PLACEHOLDERS if name not in names]
+    if missing:
+        return f"lacks {' and '.join(missing)}; e.g. {DEFAULT_REVISION_TEMPLATE!r}"
+    return None
 
 
 @dataclasses.dataclass
@@ -49,6 +73,14 @@ class DPODataConfig(LMDataSourceConfig):
     overlong_completions: Literal["error", "truncate"] = option(
         "error", "a longer completion stops with its row (error) or keeps its first tokens and is counted (truncate)"
     )
+    revision_template: Optional[str] = option(
+        None,
+        "srpo: the revision prompt (x, y) under which the policy revises completion y into y': the text with "
+        "{prompt} (the prompt as the policy sees it, chat messages through the chat template) and {completion} "
+        "(y's text) filled in, tokenized whole. It may hold data.max_prompt_length + data.max_completion_length "
+        "tokens; a longer one follows data.overlong_prompts (error, or keep its last tokens) and is counted "
+        f"(null: {DEFAULT_REVISION_TEMPLATE!r}; other losses: leave null)",
+    )
 
     def check(self) -> None:
         need(
@@ -68,18 +100,27 @@ class DPODataConfig(LMDataSourceConfig):
             "data.max_completion_length",
             f"{self.max_completion_length}; use at least 1",
         )
+        if self.revision_template is not None:
+            problem = template_problem(self.revision_template)
+            need(problem is None, "data.revision_template", f"{self.revision_template!r} {problem}")
 
 
 @dataclasses.dataclass
 class DPOAlgorithmConfig:
-    loss: Literal["sigmoid", "dpop", "ipo", "robust", "hinge", "simpo", "modpo"] = option(
+    loss: Literal["sigmoid", "dpop", "ipo", "robust", "hinge", "simpo", "modpo", "srpo"] = option(
         "sigmoid",
         "preference loss of shared.preference: sigmoid (DPO), dpop (DPO-Positive: the chosen answer may "
         "not fall below the reference), ipo, robust (noisy labels), hinge (SLiC), simpo (reference-free, "
         "length-normalised), modpo (multi-objective DPO: the margin of other objectives' rewards from "
-        "data.margin_column, weighted by algorithm.modpo_weights)",
+        "data.margin_column, weighted by algorithm.modpo_weights), srpo (self-improving robust: also trains the "
+        "revision of either completion into the chosen one under data.revision_template; six sequences a pair, "
+        "so a micro-batch of m pairs is one forward of 6 m sequences)",
     )
-    beta: Optional[float] = option(None, "beta of the loss (IPO's tau) (null: 2.0 for simpo as in its paper, else 0.1)")
+    beta: Optional[float] = option(
+        None,
+        "beta of the loss (IPO's tau) (null: 2.0 for simpo as in its paper, else 0.1; for srpo 0.1 is "
+        "shared.preference.srpo_loss's default, not a value checked against the paper)",
+    )
     label_smoothing: float = option(
         0.0, "sigmoid: label smoothing e of cDPO; robust: the assumed label flip rate e (in [0, 0.5))"
     )
@@ -89,6 +130,11 @@ class DPOAlgorithmConfig:
         None,
         "modpo: objective weights [w_0, w_1, ..., w_K] summing to 1, w_0 > 0: w_0 for the preference the pairs "
         "hold, w_k for the k-th margin of data.margin_column; the logit is (beta D - sum_k w_k margin_k) / w_0",
+    )
+    srpo_alpha: Optional[float] = option(
+        None,
+        "srpo: weight alpha in [0, 1] of the two revision-only squares; 1 - alpha weighs the generation-plus-"
+        "revision square (null: 0.8, the value given with the loss; other losses: leave null)",
     )
     nll_weight: float = option(
         0.0,
@@ -126,6 +172,18 @@ class DPOAlgorithmConfig:
         need(self.simpo_gamma >= 0, "algorithm.simpo_gamma", f"{self.simpo_gamma} must be >= 0, e.g. 0.5")
         need(self.dpop_lambda >= 0, "algorithm.dpop_lambda", f"{self.dpop_lambda} must be >= 0, e.g. 50")
         self.check_modpo_weights()
+        if self.loss != "srpo":
+            need(
+                self.srpo_alpha is None,
+                "algorithm.srpo_alpha",
+                f"{self.srpo_alpha} is set but algorithm.loss={self.loss} does not use it; set loss=srpo or "
+                f"srpo_alpha=null",
+            )
+        need(
+            self.srpo_alpha is None or 0 <= self.srpo_alpha <= 1,
+            "algorithm.srpo_alpha",
+            f"{self.srpo_alpha} must be in [0, 1], e.g. 0.8",
+        )
         need(self.nll_weight >= 0, "algorithm.nll_weight", f"{self.nll_weight} must be >= 0 (0 = off), e.g. 1.0")
         need(self.tgdpo_alpha >= 0, "algorithm.tgdpo_alpha", f"{self.tgdpo_alpha} must be >= 0 (0 = off)")
         if self.tgdpo_alpha > 0:
@@ -175,6 +233,10 @@ class DPOAlgorithmConfig:
     @property
     def effective_beta(self) -> float:
         return self.beta if self.beta is not None else (2.0 if self.loss == "simpo" else 0.1)
+
+    @property
+    def effective_srpo_alpha(self) -> float:
+        return self.srpo_alpha if self.srpo_alpha is not None else 0.8
 
     @property
     def uses_reference(self) -> bool:
@@ -231,6 +293,12 @@ class DPOConfig:
             f"{self.data.margin_column!r} is set but algorithm.loss={a.loss} does not use it; set loss=modpo or "
             f"margin_column=null",
         )
+        need(
+            a.loss == "srpo" or self.data.revision_template is None,
+            "data.revision_template",
+            f"{self.data.revision_template!r} is set but algorithm.loss={a.loss} does not use it; set loss=srpo or "
+            f"revision_template=null",
+        )
         if a.guidance_model is not None:
             need(
                 a.guidance_model != self.model.path,
@@ -238,3 +306,10 @@ class DPOConfig:
                 f"{a.guidance_model!r} is model.path, the reference itself: its log-ratio is 0 and TGDPO would be "
                 f"plain DPO; give another model, e.g. a DPO-trained run's final/",
             )
+
+    @property
+    def revision_template(self) -> str | None:
+        """srpo: the revision template in force (data.revision_template, or the default); other losses: None."""
+        if self.algorithm.loss != "srpo":
+            return None
+        return self.data.revision_template if self.data.revision_template is not None else DEFAULT_REVISION_TEMPLATE
