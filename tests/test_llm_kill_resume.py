@@ -1,5 +1,5 @@
-"""`llmalign grpo` killed with SIGKILL resumes from its last checkpoint with --resume and ends with
-weights bit-identical to an uninterrupted run (CPU, one thread on both sides)."""
+"""`llmalign grpo` (and `llmalign dpo` with the srpo loss) killed with SIGKILL resumes from its last checkpoint
+with --resume and ends with weights bit-identical to an uninterrupted run (CPU, one thread on both sides)."""
 
 import json
 import os
@@ -29,30 +29,36 @@ def uninterrupted(tiny_lm_dir, tmp_path_factory):  # noqa: F811
     return load_state(latest_checkpoint(out / "checkpoints"), "trainable")
 
 
-@pytest.mark.parametrize("kill_after_checkpoint, extra_wait", [(1, 0.0), (2, 0.05), (3, 0.0)])
-def test_sigkill_then_resume_is_bit_identical(
-    tiny_lm_dir,
-    uninterrupted,
-    tmp_path,  # noqa: F811
-    kill_after_checkpoint,
-    extra_wait,
-):
-    out = tmp_path / "killed"
-    command = [sys.executable, "-m", "llmalign", "grpo", *overrides(tiny_lm_dir, out, *EXTRA)]
+def kill_after_checkpoint(args: list[str], out: Path, checkpoint: int, extra_wait: float = 0.0) -> None:
+    """Run `python -m llmalign ARGS` (its log.output_dir `out`) and SIGKILL it once checkpoint `checkpoint` is
+    written, `extra_wait` seconds later (sometimes in the middle of the next iteration or checkpoint write)."""
+    command = [sys.executable, "-m", "llmalign", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = f"step-{kill_after_checkpoint:06d}"
+    target = f"step-{checkpoint:06d}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        checkpoint = latest_checkpoint(out / "checkpoints")
-        if checkpoint is not None and checkpoint.name >= target:
+        latest = latest_checkpoint(out / "checkpoints")
+        if latest is not None and latest.name >= target:
             break
         time.sleep(0.01)
-    time.sleep(extra_wait)  # sometimes kill in the middle of the next iteration or checkpoint write
+    time.sleep(extra_wait)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert latest_checkpoint(out / "checkpoints").name >= target
+
+
+@pytest.mark.parametrize("kill_after, extra_wait", [(1, 0.0), (2, 0.05), (3, 0.0)])
+def test_sigkill_then_resume_is_bit_identical(
+    tiny_lm_dir,
+    uninterrupted,
+    tmp_path,  # noqa: F811
+    kill_after,
+    extra_wait,
+):
+    out = tmp_path / "killed"
+    kill_after_checkpoint(["grpo", *overrides(tiny_lm_dir, out, *EXTRA)], out, kill_after, extra_wait)
 
     torch.set_num_threads(1)
     main(["grpo", *overrides(tiny_lm_dir, out, *EXTRA), "--resume"])
@@ -61,6 +67,24 @@ def test_sigkill_then_resume_is_bit_identical(
     assert resumed.keys() == uninterrupted.keys()
     for name in uninterrupted:
         assert torch.equal(resumed[name], uninterrupted[name]), name
+
+
+def test_srpo_sigkill_then_resume_is_bit_identical(tiny, tmp_path):  # noqa: F811
+    """`llmalign dpo` with algorithm.loss=srpo (six sequences a pair, their reference log-probs cached): killed
+    after its 2nd of 12 checkpoints, resumed (the cache read back), it ends with the uninterrupted run's weights."""
+    extra = ["algorithm.loss=srpo", "data.test=null", "train.steps=12", "log.keep_last=2", "train.warmup_steps=3"]
+    torch.set_num_threads(1)
+    main(["dpo", *dpo_overrides(tiny, tmp_path / "straight", *extra)])
+    out = tmp_path / "killed"
+    kill_after_checkpoint(["dpo", *dpo_overrides(tiny, out, *extra)], out, 2)
+    main(["dpo", *dpo_overrides(tiny, out, *extra), "--resume"])
+    straight, resumed = (
+        load_state(latest_checkpoint(tmp_path / name / "checkpoints"), "trainable") for name in ("straight", "killed")
+    )
+    assert latest_checkpoint(out / "checkpoints").name == "step-000012"
+    assert resumed.keys() == straight.keys()
+    for name in straight:
+        assert torch.equal(resumed[name], straight[name]), name
 
 
 def test_grpo_resume_with_a_changed_config_is_refused_unless_allowed_and_then_the_new_lr_is_used(  # noqa: F811
