@@ -79,6 +79,7 @@ class DPODataConfig(LMDataSourceConfig):
         "{prompt} (the prompt as the policy sees it, chat messages through the chat template) and {completion} "
         "(y's text) filled in, tokenized whole. It may hold data.max_prompt_length + data.max_completion_length "
         "tokens; a longer one follows data.overlong_prompts (error, or keep its last tokens) and is counted "
+        "(quote it as a YAML string on the command line: unquoted braces read as a mapping) "
         f"(null: {DEFAULT_REVISION_TEMPLATE!r}; other losses: leave null)",
     )
 
