@@ -252,5 +252,6 @@ def test_bad_input_exits_2_with_one_line(tiny, tmp_path, capsys, extra, message)
     with pytest.raises(SystemExit) as exit_info:
         main(["dpo", *overrides(tiny, tmp_path, *SRPO, *extra)])
     assert exit_info.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if "Loading weights" not in line]  # progress bars
+    err = capsys.readouterr().err.splitlines()
+    lines = [line for line in err if line.strip() and "Loading weights" not in line]  # not the loader's progress bar
     assert len(lines) == 1 and message in lines[0], lines  # the data error comes after the model loaded
