@@ -95,11 +95,12 @@ class EncodedPairs:
         return hashlib.sha256(json.dumps([self.prompts, self.chosen, self.rejected]).encode()).hexdigest()
 
 
-def encode_pairs(tokenizer, rows: list[dict], data: DPODataConfig) -> EncodedPairs:
+def encode_pairs(tokenizer, rows: list[dict], data: DPODataConfig, end_of_text: bool = True) -> EncodedPairs:
     """Prompts rendered (chat template for messages) and tokenized with the length check of
-    `tokenize_prompts`; completions tokenized without special tokens, then end-of-text appended."""
+    `tokenize_prompts`; completions tokenized without special tokens, then end-of-text appended (unless
+    `end_of_text=False`: the reward model scores the completion's own last token)."""
     eos = tokenizer.eos_token_id
-    if eos is None:
+    if eos is None and end_of_text:
         raise DataError(
             "the tokenizer of model.path has no end-of-text token (eos_token); DPO appends it to every "
             "completion, so use a tokenizer that defines one"
@@ -117,13 +118,14 @@ def encode_pairs(tokenizer, rows: list[dict], data: DPODataConfig) -> EncodedPai
     truncated = 0
     for column in ("chosen", "rejected"):
         ids = tokenizer([row[column] for row in rows], add_special_tokens=False)["input_ids"]
-        ids = [list(row) + [eos] for row in ids]
+        ids = [list(row) + ([eos] if end_of_text else []) for row in ids]
         for index, row in enumerate(ids):
             if len(row) <= data.max_completion_length:
                 continue
             if data.overlong_completions == "error":
                 raise DataError(
-                    f"row {index}: the {column} completion is {len(row)} tokens (end-of-text included), "
+                    f"row {index}: the {column} completion is {len(row)} tokens"
+                    f"{' (end-of-text included)' if end_of_text else ''}, "
                     f"longer than data.max_completion_length={data.max_completion_length}; raise it or "
                     f"set data.overlong_completions=truncate to keep its first tokens"
                 )
