@@ -166,8 +166,8 @@ def pair_outputs(model, encoded: EncodedPairs, rows: list[int], pad_id: int) -> 
 
 # kind -> (chosen [n, D], rejected [n, D], algorithm) -> (losses [n], {"probability", "score"} [n])
 PAIR_LOSSES: dict[str, Callable[[Tensor, Tensor, RMAlgorithmConfig], tuple[Tensor, dict[str, Tensor]]]] = {
-    "bt": lambda w, l, a: bradley_terry_loss(w[:, 0], l[:, 0]),
-    "gpm": lambda w, l, a: gpm_pair_loss(w, l, tau=a.tau, normalize=a.normalize),
+    "bt": lambda chosen, rejected, a: bradley_terry_loss(chosen[:, 0], rejected[:, 0]),
+    "gpm": lambda chosen, rejected, a: gpm_pair_loss(chosen, rejected, tau=a.tau, normalize=a.normalize),
 }
 
 
