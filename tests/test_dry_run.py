@@ -90,6 +90,15 @@ def write_levels_stage_one(root: Path) -> None:
     (root / "runs/llm_arith_levels_sft/final").symlink_to(resolve_embedded("embedded:arith"))
 
 
+def write_smoke_backbone(root: Path) -> None:
+    """configs/llm/arith_rm_cyclic_gpm.yaml trains on the toy's smoke build in runs/arith_smoke (the command in its
+    header); the shipped toy's directory stands in for it (a dry run loads no weights)."""
+    from llmalign.toy import resolve_embedded
+
+    (root / "runs").mkdir(exist_ok=True)
+    (root / "runs/arith_smoke").symlink_to(resolve_embedded("embedded:arith"))
+
+
 def write_pairs(root: Path, count: int) -> None:
     """configs/llm/arith_dpo.yaml reads runs/arith_pairs.jsonl (made by `llmalign pairs`)."""
     (root / "runs").mkdir(exist_ok=True)
@@ -224,6 +233,7 @@ def test_every_llm_recipe_passes_dry_run(recipe, no_weights, capsys):
     write_pairs(no_weights, 10)
     write_long_sft_rows(no_weights)
     write_levels_stage_one(no_weights)
+    write_smoke_backbone(no_weights)
     llm_main(["train", str(REPO / "configs/llm" / recipe), "--dry-run"])  # routed by the YAML's recipe: key
     assert plan(capsys)["world size"] == "1"
 
@@ -285,6 +295,16 @@ def test_dpo_plan_steps_from_the_pairs(no_weights, capsys, monkeypatch):
     rows = plan(capsys)
     assert rows["optimizer steps"] == "5 (ceil(16 epochs x 10 pairs / 32))"  # arith_dpo: epochs 16, batch 32
     assert rows["global batch"] == "32 pairs per optimizer step" and rows["per process"] == "16 pairs"
+
+
+def test_rm_plan_steps_from_the_embedded_pairs(no_weights, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    llm_main(["rm", "--config", str(REPO / "configs/llm/arith_rm_gpm.yaml"), "--dry-run"])
+    rows = plan(capsys)
+    assert rows["optimizer steps"] == "94 (ceil(2 epochs x 1500 pairs / 32))"  # arith_rm_gpm: epochs 2, batch 32
+    assert rows["global batch"] == "32 pairs per optimizer step" and rows["per process"] == "16 pairs"
+    assert rows["held-out data"] == "200 rows from embedded:arith/rm/answers_test.jsonl"
+    assert rows["algorithm"] == "rm[gpm] (gpm: 2 outputs, tau 0.1, normalize False)"
 
 
 def test_iterate_plan_on_two_processes_and_a_batch_that_does_not_split(no_weights, capsys, monkeypatch):
