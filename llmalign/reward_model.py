@@ -19,8 +19,12 @@ RewardTrainer: no end-of-text token is appended to the completion (the head read
 with the toy's end-of-text also its padding token, transformers' pooling, the rightmost non-padding token, would skip
 an appended one), sequences are left-padded with positions that count real tokens only (so a score does not depend
 on the batch it is computed in), and dropout is off (`disable_dropout`), so training is deterministic and resumes
-bit-identically. The GPM head is the plain linear head of the official training model (no normalisation unless
-algorithm.normalize, no learnable tau, no prompt-dependent R).
+bit-identically. The heads are those of the official GPM training model (general-preference/general-preference-model,
+`general_preference/models/rw_model_general_preference.py`, read, not run): a linear layer without bias on the last
+token of a left-padded sequence, 1 output (BT) or value_head_dim = 2k (default 2), positions counted over real tokens,
+no normalisation in training (algorithm.normalize adds it). Not here: its optional prompt head (a prompt-dependent
+R), its learnable tau; its optional head initialisation (std 1 / (hidden + 1)) is replaced by transformers' default
+(std = the config's initializer_range).
 
 Each step: train.batch_size pairs (epochs of a seeded permutation, a function of the step alone), rank r takes the
 r-th contiguous block and adds its pairs' loss sum over the global batch size, so the step equals one process's
@@ -225,8 +229,7 @@ def held_out_accuracy(run: Run, a: RMAlgorithmConfig, model, encoded: EncodedPai
     for rows in chunks[run.rank :: run.world]:
         sums += _sums(*pair_terms(a, model, encoded, rows, pad_id))
     means = run.sum(sums) / len(encoded)  # [3]
-    names = ("loss", "accuracy", "margin")
-    return {f"eval/{name}": value for name, value in zip(names, means.tolist())}
+    return {f"eval/{name}": value for name, value in zip(STEP_METRICS, means.tolist())}
 
 
 # ----------------------------------------------------------------------------- recipe
