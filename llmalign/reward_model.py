@@ -48,7 +48,6 @@ import json
 import math
 import random
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -114,14 +113,12 @@ def load_reward_backbone(config: LMModelConfig, head_size: int, device: torch.de
     from transformers import AutoModelForSequenceClassification
 
     tokenizer = reward_tokenizer(config)
-    with warnings.catch_warnings():  # "newly initialized: score.weight": the head is new by design
-        warnings.simplefilter("ignore")
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_embedded(config.path),
-            num_labels=head_size,
-            dtype=getattr(torch, config.dtype),
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    model = AutoModelForSequenceClassification.from_pretrained(  # it reports score.weight as new: the head is
+        resolve_embedded(config.path),
+        num_labels=head_size,
+        dtype=getattr(torch, config.dtype),
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return model.to(device), tokenizer
 
 
