@@ -458,6 +458,7 @@ def resolve_embedded(path: str) -> str:
     """`embedded:arith` -> the cached model directory; `embedded:arith/test.jsonl` -> a file in it;
     `embedded:arith/levels/train.jsonl` (or test.jsonl) -> that file with length levels (`level_split`);
     `embedded:arith/rm/cyclic_train.jsonl` (and the other RM_SPLITS) -> reward-model pairs (`rm_split`);
+    `embedded:arith/smoke` -> the smoke build's directory (`ensure_arith_model(mode="smoke")`);
     anything else unchanged (a local directory, a file or a hub id)."""
     if path == EMBEDDED_MODEL or path.startswith(EMBEDDED_MODEL + "/"):
         root = ensure_arith_model()
@@ -466,6 +467,8 @@ def resolve_embedded(path: str) -> str:
             return level_split(root, rest[len("levels/") :])
         if rest.startswith("rm/"):
             return rm_split(root, rest[len("rm/") :])
+        if rest == "smoke":  # the smoke build (hidden 32, 2 layers, 20 SFT steps), built into the cache once
+            return ensure_arith_model(mode="smoke")
         return str(Path(root) / rest) if rest else root
     return path
 

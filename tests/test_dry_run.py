@@ -90,15 +90,6 @@ def write_levels_stage_one(root: Path) -> None:
     (root / "runs/llm_arith_levels_sft/final").symlink_to(resolve_embedded("embedded:arith"))
 
 
-def write_smoke_backbone(root: Path) -> None:
-    """configs/llm/arith_rm_cyclic_gpm.yaml trains on the toy's smoke build in runs/arith_smoke (the command in its
-    header); the shipped toy's directory stands in for it (a dry run loads no weights)."""
-    from llmalign.toy import resolve_embedded
-
-    (root / "runs").mkdir(exist_ok=True)
-    (root / "runs/arith_smoke").symlink_to(resolve_embedded("embedded:arith"))
-
-
 def write_pairs(root: Path, count: int) -> None:
     """configs/llm/arith_dpo.yaml reads runs/arith_pairs.jsonl (made by `llmalign pairs`)."""
     (root / "runs").mkdir(exist_ok=True)
@@ -233,7 +224,6 @@ def test_every_llm_recipe_passes_dry_run(recipe, no_weights, capsys):
     write_pairs(no_weights, 10)
     write_long_sft_rows(no_weights)
     write_levels_stage_one(no_weights)
-    write_smoke_backbone(no_weights)
     llm_main(["train", str(REPO / "configs/llm" / recipe), "--dry-run"])  # routed by the YAML's recipe: key
     assert plan(capsys)["world size"] == "1"
 
