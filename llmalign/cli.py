@@ -5,12 +5,13 @@
     llmalign dpo --config configs/llm/arith_dpo.yaml [key=value ...] [--resume [--allow-config-change]] [--describe]
     llmalign sft --config configs/llm/arith_sft.yaml [key=value ...] [--resume [--allow-config-change]] [--describe]
     llmalign iterate --config configs/llm/arith_iterate.yaml [key=value ...] [--resume [--allow-config-change]]
-    llmalign grpo|dpo|sft|iterate --config ... --dry-run      # check config, model source, data, rewards; print the plan
+    llmalign rm --config configs/llm/arith_rm_gpm.yaml [key=value ...] [--resume [--allow-config-change]] [--describe]
+    llmalign grpo|dpo|sft|iterate|rm --config ... --dry-run      # check config, model source, data, rewards; print the plan
     llmalign pairs --model DIR --data FILE --out pairs.jsonl [--adapter DIR] [--group-size G]
                    [--pairs-per-prompt K] [--max-new-tokens N] [--temperature T] [--limit N] [--seed S]
                    [--format-check | --no-format-check] [--engine hf|vllm [--vllm-kv-cache-mib M]]
     llmalign eval --model DIR --data FILE [--limit N] [--max-new-tokens N] [--engine hf|vllm]
-    accelerate launch --multi_gpu --num_processes N -m llmalign {grpo,dpo,sft,pairs,eval} ...   # N processes
+    accelerate launch --multi_gpu --num_processes N -m llmalign {grpo,dpo,sft,rm,pairs,eval} ...   # N processes
 
 Batch sizes count over all processes; pairs and eval split their prompts over the processes and the main
 process alone writes.
@@ -86,6 +87,13 @@ def _sft():
     return SFTConfig, sft.train
 
 
+def _rm():
+    from llmalign import reward_model
+    from llmalign.rm_config import RMConfig
+
+    return RMConfig, reward_model.train
+
+
 def _iterate():
     from llmalign import iterate
     from llmalign.iterate_config import IterateConfig
@@ -95,7 +103,7 @@ def _iterate():
 
 # recipe name (a YAML's top-level `recipe:` key, and its subcommand) -> (config class, train function), imported
 # only when that recipe runs
-RECIPES = {"grpo": _grpo, "dpo": _dpo, "sft": _sft, "iterate": _iterate}
+RECIPES = {"grpo": _grpo, "dpo": _dpo, "sft": _sft, "iterate": _iterate, "rm": _rm}
 
 
 def run_named_recipe(args: argparse.Namespace) -> None:
@@ -294,8 +302,10 @@ def recipe_flags(parser: argparse.ArgumentParser, resume_help: str, override_exa
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="llmalign", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,grpo,dpo,sft,iterate,pairs,eval}")
-    train = sub.add_parser("train", help="the recipe the YAML's top-level recipe: key names (grpo, dpo, sft, iterate)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,grpo,dpo,sft,iterate,rm,pairs,eval}")
+    train = sub.add_parser(
+        "train", help="the recipe the YAML's top-level recipe: key names (grpo, dpo, sft, iterate, rm)"
+    )
     train.add_argument("config", help="YAML recipe with a recipe: key, e.g. configs/llm/arith.yaml")
     recipe_flags(train, "continue from the latest checkpoint in log.output_dir", "train.iterations=5")
     train.set_defaults(run=run_train)
@@ -327,6 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
             "arith_iterate",
             "continue the run, mid-round too",
             "iterate.momentum=0.3",
+        ),
+        (
+            "rm",
+            "reward model (Bradley-Terry or GPM) on preference pairs",
+            "arith_rm_gpm",
+            None,
+            "algorithm.kind=bt",
         ),
     ):
         command = sub.add_parser(name, help=help_text)

@@ -442,20 +442,23 @@ def dataset_rows(
 
 
 def load_train_test(
-    data, required: Sequence[str] = ("prompt", "answer"), resolve: Callable[[str], str] = str
+    data,
+    required: Sequence[str] = ("prompt", "answer"),
+    resolve: Callable[[str], str] = str,
+    test_required: Sequence[str] = ("prompt", "answer"),
 ) -> tuple[list[dict], list[dict]]:
     """(training rows, held-out rows) of a recipe's data section, columns mapped and prompts formatted.
 
     data.path set: both come from that dataset (load_dataset_splits), the training rows from split data.split
     (default 'train'), the held-out rows from data.test_split (None: no held-out rows). Otherwise from the
     files data.train and data.test, as load_rows reads them (`resolve` turns 'embedded:...' paths into files).
-    Training rows need the columns `required`, held-out rows 'prompt' and 'answer'; data.<name>_column names
-    the source column of each (prompt, answer, and for pairs chosen, rejected)."""
+    Training rows need the columns `required`, held-out rows `test_required` (prompt and answer, or the reward
+    model's pairs); data.<name>_column names the source column of each (prompt, answer, and for pairs chosen,
+    rejected)."""
 
     def column_map(targets: Sequence[str]) -> ColumnMap:
         return {target: (getattr(data, f"{target}_column", target), f"data.{target}_column") for target in targets}
 
-    test_required = ("prompt", "answer")
     if data.path is not None:
         splits = load_dataset_splits(data.path, data.subset)
         train_rows = dataset_rows(

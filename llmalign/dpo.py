@@ -174,13 +174,14 @@ def encode_revisions(tokenizer, texts: list[str], rows: list[dict], data: DPODat
 
 
 def encode_pairs(
-    tokenizer, rows: list[dict], data: DPODataConfig, revision_template: str | None = None
+    tokenizer, rows: list[dict], data: DPODataConfig, revision_template: str | None = None, end_of_text: bool = True
 ) -> EncodedPairs:
     """Prompts rendered (chat template for messages) and tokenized with the length check of
-    `tokenize_prompts`; completions tokenized without special tokens, then end-of-text appended; with a
-    revision template (srpo) also the revision prompts (`encode_revisions`)."""
+    `tokenize_prompts`; completions tokenized without special tokens, then end-of-text appended (unless
+    `end_of_text=False`: the reward model scores the completion's own last token); with a revision template
+    (srpo) also the revision prompts (`encode_revisions`)."""
     eos = tokenizer.eos_token_id
-    if eos is None:
+    if eos is None and end_of_text:
         raise DataError(
             "the tokenizer of model.path has no end-of-text token (eos_token); DPO appends it to every "
             "completion, so use a tokenizer that defines one"
@@ -199,12 +200,13 @@ def encode_pairs(
     for column in ("chosen", "rejected"):
         ids = tokenizer([row[column] for row in rows], add_special_tokens=False)["input_ids"]
         encoded[column], cut = fit_length(
-            [list(row) + [eos] for row in ids],
+            [list(row) + ([eos] if end_of_text else []) for row in ids],
             data.max_completion_length,
             data.overlong_completions,
             keep_last=False,
             problem=lambda index, length: (
-                f"row {index}: the {column} completion is {length} tokens (end-of-text included), "
+                f"row {index}: the {column} completion is {length} tokens"
+                f"{' (end-of-text included)' if end_of_text else ''}, "
                 f"longer than data.max_completion_length={data.max_completion_length}; raise it or "
                 f"set data.overlong_completions=truncate to keep its first tokens"
             ),

@@ -1,4 +1,4 @@
-"""`llmalign grpo|dpo|sft|iterate --config ... --dry-run`: check a text recipe and print its plan, loading no weights.
+"""`llmalign grpo|dpo|sft|iterate|rm --config ... --dry-run`: check a text recipe and print its plan, loading no weights.
 
 Checks, each one line and an exit code as training would give (2 config or data, 3 a reward):
   - the config (load_config already validated its fields);
@@ -32,7 +32,9 @@ class _PlannedWorld:
         require_divisible(value, self.world, field, what)
 
 
-def _data_rows(data, required: tuple[str, ...]) -> tuple[str, str, int]:
+def _data_rows(
+    data, required: tuple[str, ...], test_required: tuple[str, ...] = ("prompt", "answer")
+) -> tuple[str, str, int]:
     """(training source, held-out source, training row count or -1) as plan lines; hub datasets not loaded."""
     from llmalign.data import load_train_test
     from llmalign.toy import resolve_embedded
@@ -52,7 +54,7 @@ def _data_rows(data, required: tuple[str, ...]) -> tuple[str, str, int]:
         )
         test = f"split {data.test_split} of the hub dataset (not downloaded)" if data.test_split else "none"
         return train, test, -1
-    train_rows, test_rows = load_train_test(data, required, resolve_embedded)
+    train_rows, test_rows = load_train_test(data, required, resolve_embedded, test_required)
     source = data.path or data.train
     test_source = (f"split {data.test_split}" if data.path and data.test_split else data.test) if test_rows else "none"
     return f"{len(train_rows)} rows from {source}", f"{len(test_rows)} rows from {test_source}", len(train_rows)
@@ -217,14 +219,7 @@ def dpo_plan(config) -> list[tuple[str, object]]:
         else None
     )
     train, test, pairs = _data_rows(d, ("prompt", "chosen", "rejected"))
-    if t.steps is not None:
-        steps = f"{t.steps} (train.steps)"
-    elif pairs >= 0:
-        steps = (
-            f"{math.ceil(t.epochs * pairs / t.batch_size)} (ceil({t.epochs:g} epochs x {pairs} pairs / {t.batch_size}))"
-        )
-    else:
-        steps = f"ceil({t.epochs:g} epochs x the dataset's pairs / {t.batch_size}) (dataset not loaded)"
+    steps = _pair_steps(t, pairs)
     rows = [
         ("algorithm", f"dpo[{a.loss}], reference {a.reference if a.uses_reference else 'none'}"),
         ("model", model),
@@ -245,6 +240,17 @@ def dpo_plan(config) -> list[tuple[str, object]]:
         ("output", config.log.output_dir),
     ]
     return rows
+
+
+def _pair_steps(t, pairs: int) -> str:
+    """The optimizer steps of a pair recipe (DPO, rm) from train.steps or the epochs over `pairs` (-1: not loaded)."""
+    if t.steps is not None:
+        return f"{t.steps} (train.steps)"
+    if pairs >= 0:
+        return (
+            f"{math.ceil(t.epochs * pairs / t.batch_size)} (ceil({t.epochs:g} epochs x {pairs} pairs / {t.batch_size}))"
+        )
+    return f"ceil({t.epochs:g} epochs x the dataset's pairs / {t.batch_size}) (dataset not loaded)"
 
 
 def sft_plan(config) -> list[tuple[str, object]]:
@@ -323,13 +329,47 @@ def iterate_plan(config) -> list[tuple[str, object]]:
     ]
 
 
+def rm_plan(config) -> list[tuple[str, object]]:
+    """Check an RMConfig (see the module docstring) and return its plan as (name, value) rows."""
+    t, a, d = config.train, config.algorithm, config.data
+    world = world_size()
+    require_divisible(t.batch_size, world, "train.batch_size", "pairs")
+    model = describe_source(config.model.path, "model.path", embedded=EMBEDDED_MODEL)
+    pair_columns = ("prompt", "chosen", "rejected")
+    train, test, pairs = _data_rows(d, pair_columns, pair_columns)
+    steps = _pair_steps(t, pairs)
+    head = (
+        "bt: 1 output, -log sigmoid(r_w - r_l)"
+        if a.kind == "bt"
+        else f"gpm: {a.gpm_dim} outputs, tau {a.tau:g}, normalize {a.normalize}"
+    )
+    return [
+        ("algorithm", f"rm[{a.kind}] ({head})"),
+        ("model", model),
+        ("train data", train),
+        ("held-out data", test),
+        ("prompt format", _format(d)),
+        ("world size", world),
+        ("global batch", f"{t.batch_size} pairs per optimizer step"),
+        ("per process", f"{t.batch_size // world} pairs"),
+        ("optimizer steps", steps),
+        ("optimizer", f"AdamW lr {t.learning_rate:g}, warm-up {t.warmup_steps} steps, weight decay {t.weight_decay:g}"),
+        ("tokens", f"prompt <= {d.max_prompt_length}, completion <= {d.max_completion_length}"),
+        ("memory", _memory(config)),
+        ("output", config.log.output_dir),
+    ]
+
+
 def dry_run(config) -> None:
-    """Print the checked plan of a GRPO, DPO, SFT or iterate config; raises as training would on a bad recipe."""
+    """Print the checked plan of a GRPO, DPO, SFT, iterate or rm config; raises as training would on a bad recipe."""
     from llmalign.config import GRPOConfig
     from llmalign.iterate_config import IterateConfig
+    from llmalign.rm_config import RMConfig
     from llmalign.sft_config import SFTConfig
 
-    if isinstance(config, IterateConfig):
+    if isinstance(config, RMConfig):
+        rows = rm_plan(config)
+    elif isinstance(config, IterateConfig):
         rows = iterate_plan(config)
     elif isinstance(config, SFTConfig):
         rows = sft_plan(config)

@@ -138,16 +138,26 @@ def restore_policy(run: Run, model, optimizer) -> int:
 
 
 def save_policy_checkpoint(
-    run: Run, config, model, tokenizer, optimizer, step: int, extra_states: dict | None = None
+    run: Run,
+    config,
+    model,
+    tokenizer,
+    optimizer,
+    step: int,
+    extra_states: dict | None = None,
+    model_files: dict[str, str] | None = None,
 ) -> None:
     """Training state (shared.checkpoint, through `run`) plus the model in from_pretrained form: the LoRA adapter
     (PeftModel.from_pretrained) or the full model and tokenizer (AutoModelForCausalLM); `final` points at the
     newest. Every rank calls it; the main process writes. extra_states: more named states of the trainer (GRPO's
-    replay buffer), saved beside them."""
+    replay buffer), saved beside them; model_files: file name -> text written beside the model (the reward
+    model's reward_model.json)."""
 
     def write_model(directory: Path) -> None:
         run.unwrap(model).save_pretrained(directory / "model")
         tokenizer.save_pretrained(directory / "model")
+        for name, text in (model_files or {}).items():
+            (directory / "model" / name).write_text(text)
 
     states = {
         "trainable": run.trainable_state(model),
@@ -167,10 +177,11 @@ def learning_rate(config, step: int) -> float:
 
 
 def step_batch(config, optimizer, rows: list[int], step: int) -> list[int]:
-    """The global batch of `step` for SFT and DPO (train.batch_size of `rows`, epochs of a seeded permutation:
-    `iteration_rows`), with the optimizer's learning rate set for the step (`learning_rate`)."""
+    """The global batch of `step` for SFT, DPO and rm (train.batch_size of `rows`, epochs of a seeded permutation:
+    `iteration_rows`), with the optimizer's learning rate set for the step (`learning_rate`, times a parameter
+    group's "lr_scale": the reward model's head)."""
     for group in optimizer.param_groups:
-        group["lr"] = learning_rate(config, step)
+        group["lr"] = learning_rate(config, step) * group.get("lr_scale", 1.0)
     return iteration_rows(rows, step, config.train.batch_size, config.train.seed)
 
 

@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -107,6 +108,23 @@ def make_problem(rng: random.Random) -> dict:
     """One problem: a o1 b o2 c with operands in [0, MAX_OPERAND] and o in {+, -}."""
     a, b, c = (rng.randint(0, MAX_OPERAND) for _ in range(3))
     o1, o2 = rng.choice("+-"), rng.choice("+-")
+    return problem_of(a, o1, b, o2, c)
+
+
+PROMPT_PATTERN = re.compile(r"Compute (\d)([+-])(\d)([+-])(\d)\.\n")
+
+
+def problem_from_prompt(prompt: str) -> dict:
+    """The problem of a prompt `make_problem` wrote ("Compute 8+5-7.\\n"), its steps and answer worked out again."""
+    match = PROMPT_PATTERN.fullmatch(prompt)
+    if match is None:
+        raise ValueError(f"{prompt!r} is not a prompt of the arithmetic toy ('Compute a+b-c.\\n')")
+    a, o1, b, o2, c = match.groups()
+    return problem_of(int(a), o1, int(b), o2, int(c))
+
+
+def problem_of(a: int, o1: str, b: int, o2: str, c: int) -> dict:
+    """The problem a o1 b o2 c: its prompt, answer, worked steps and the redundant check step."""
     partial = a + b if o1 == "+" else a - b
     answer = partial + c if o2 == "+" else partial - c
     return {
@@ -358,25 +376,99 @@ def level_split(root: str, name: str) -> str:
         rows = level_sft_rows()
     else:
         rows = level_rows([json.loads(line) for line in (Path(root) / name).read_text().splitlines() if line.strip()])
+    return _cached_rows(default_cache_dir().parent / "arith-levels" / name, rows)
+
+
+def _cached_rows(out: Path, rows: list[dict]) -> str:
+    """`rows` as JSON lines at `out`, (re)written only when missing or different; returns its path."""
     text = "".join(json.dumps(row) + "\n" for row in rows)
-    out = default_cache_dir().parent / "arith-levels" / name
     if not out.is_file() or out.read_text() != text:
         out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(f".{name}.{os.getpid()}")
+        partial = out.with_name(f".{out.name}.{os.getpid()}")
         partial.write_text(text)
         os.replace(partial, out)  # atomic: another process reading it sees the old or the new file, whole
     return str(out)
 
 
+# ----------------------------------------------------------------------------- reward-model pairs
+
+CYCLIC_PROMPTS = {"train": 400, "test": 100}  # prompts of the cyclic pair sets (3 pairs each)
+
+
+def answer_class(answer: int) -> int:
+    """The class of a cyclic-preference completion: (last digit of the answer) mod 3, so 0 3 6 9 -> 0, 1 4 7 -> 1,
+    2 5 8 -> 2."""
+    return (abs(answer) % 10) % 3
+
+
+def cyclic_pairs(prompts: list[str], seed: int) -> list[dict]:
+    """Preference pairs that are cyclic by construction: per prompt, one direct answer of each class
+    (`answer_class`) drawn from 0..99, x0, x1, x2, and the three pairs x1 > x0, x2 > x1, x0 > x2 (y_a > y_b iff
+    c(a) = c(b) + 1 mod 3). Any scalar reward orders at most two of a prompt's three pairs right (it would need
+    r(x1) > r(x0) > r(x2) > r(x1)), so its accuracy on these pairs is at most 2/3 whatever it learned."""
+    rng = random.Random(seed)
+    by_class = {k: [n for n in range(100) if answer_class(n) == k] for k in range(3)}
+    rows = []
+    for prompt in prompts:
+        x = [f"The answer is {rng.choice(by_class[k])}" for k in range(3)]  # the class digit is the last token
+        for winner in range(3):
+            loser = (winner - 1) % 3
+            rows.append(
+                {"prompt": prompt, "chosen": x[winner], "rejected": x[loser], "cycle_edge": f"{winner}>{loser}"}
+            )
+    return rows
+
+
+def answer_pairs(prompts: list[str], seed: int) -> list[dict]:
+    """Transitive pairs: per prompt, the worked solution (correct) over the same solution with a wrong final answer
+    (off by 1 or 2); in half of them the last step's result is changed to the wrong answer too, so the two still
+    agree and only the arithmetic tells which is right."""
+    rng = random.Random(seed)
+    rows = []
+    for prompt in prompts:
+        problem = problem_from_prompt(prompt)
+        wrong = int(problem["answer"]) + rng.choice((-2, -1, 1, 2))
+        steps = problem["steps"]
+        if rng.random() < 0.5:  # the last step agrees with the wrong answer
+            steps = steps[: steps.rindex("=") + 1] + str(wrong)
+        rejected = {**problem, "answer": str(wrong), "steps": steps}
+        rows.append(
+            {"prompt": prompt, "chosen": solution(problem, with_check=False), "rejected": solution(rejected, False)}
+        )
+    return rows
+
+
+RM_SPLITS = ("cyclic_train.jsonl", "cyclic_test.jsonl", "answers_train.jsonl", "answers_test.jsonl")
+
+
+def rm_split(root: str, name: str) -> str:
+    """`embedded:arith/rm/<name>`: reward-model pairs on the toy's prompts, training pairs from train.jsonl and
+    held-out pairs from test.jsonl (disjoint prompts): cyclic_* (`cyclic_pairs`, the first CYCLIC_PROMPTS prompts)
+    or answers_* (`answer_pairs`, every prompt), written beside the other cached builds when missing or stale."""
+    if name not in RM_SPLITS:
+        raise FileNotFoundError(f"embedded:arith/rm/{name}: the reward-model pair files are {', '.join(RM_SPLITS)}")
+    kind, split = name.removesuffix(".jsonl").split("_")
+    source = [json.loads(line)["prompt"] for line in (Path(root) / f"{split}.jsonl").read_text().splitlines() if line]
+    seed = 0 if split == "train" else 1
+    rows = cyclic_pairs(source[: CYCLIC_PROMPTS[split]], seed) if kind == "cyclic" else answer_pairs(source, seed)
+    return _cached_rows(default_cache_dir().parent / "arith-rm" / name, rows)
+
+
 def resolve_embedded(path: str) -> str:
     """`embedded:arith` -> the cached model directory; `embedded:arith/test.jsonl` -> a file in it;
     `embedded:arith/levels/train.jsonl` (or test.jsonl) -> that file with length levels (`level_split`);
+    `embedded:arith/rm/cyclic_train.jsonl` (and the other RM_SPLITS) -> reward-model pairs (`rm_split`);
+    `embedded:arith/smoke` -> the smoke build's directory (`ensure_arith_model(mode="smoke")`);
     anything else unchanged (a local directory, a file or a hub id)."""
     if path == EMBEDDED_MODEL or path.startswith(EMBEDDED_MODEL + "/"):
         root = ensure_arith_model()
         rest = path[len(EMBEDDED_MODEL) :].lstrip("/")
         if rest.startswith("levels/"):
             return level_split(root, rest[len("levels/") :])
+        if rest.startswith("rm/"):
+            return rm_split(root, rest[len("rm/") :])
+        if rest == "smoke":  # the smoke build (hidden 32, 2 layers, 20 SFT steps), built into the cache once
+            return ensure_arith_model(mode="smoke")
         return str(Path(root) / rest) if rest else root
     return path
 

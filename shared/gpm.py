@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "bradley_terry_loss",
     "gpm_pair_loss",
     "gpm_probability",
     "gpm_score",
@@ -139,6 +140,21 @@ def gpm_pair_loss(
     logits = (raw - (margin if margin is not None else 0.0)) / tau  # [B]
     losses = -F.logsigmoid(logits)  # [B]
     return losses, {"probability": torch.sigmoid(logits).detach(), "score": (raw / tau).detach()}
+
+
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Bradley-Terry reward-model loss -log sigmoid(r_w - r_l) (InstructGPT, Ouyang et al., 2022, arXiv 2203.02155,
+    eq. 1; TRL's RewardTrainer), the scalar baseline GPM is compared with.
+
+    chosen, rejected [B] scalar rewards. Returns (losses [B], metrics: "probability" = sigmoid(r_w - r_l) and
+    "score" = r_w - r_l, both detached [B]). TRL's optional margin and reward-centering terms are not here.
+    """
+    if chosen.shape != rejected.shape or chosen.dim() != 1:
+        raise ValueError(
+            f"chosen and rejected must both be [B] of one shape, got {tuple(chosen.shape)} and {tuple(rejected.shape)}"
+        )
+    logits = chosen - rejected  # [B]
+    return -F.logsigmoid(logits), {"probability": torch.sigmoid(logits).detach(), "score": logits.detach()}
 
 
 def gpm_win_rates(table: Tensor, antisymmetrize: bool = False) -> Tensor:

@@ -14,12 +14,13 @@ from flowalign.config import FlowGRPOConfig, FlowPreferenceConfig
 from llmalign.config import GRPOConfig, LMDataSourceConfig
 from llmalign.dpo_config import DPOConfig
 from llmalign.iterate_config import IterateConfig
+from llmalign.rm_config import RMConfig
 from llmalign.sft_config import SFTConfig
 from shared import sections
 from shared.config import ConfigError, describe, load_config, to_dict
 from shared.run import with_current_names
 
-RECIPES = (FlowGRPOConfig, FlowPreferenceConfig, GRPOConfig, DPOConfig, SFTConfig, IterateConfig)
+RECIPES = (FlowGRPOConfig, FlowPreferenceConfig, GRPOConfig, DPOConfig, SFTConfig, IterateConfig, RMConfig)
 
 
 def section_types(cls) -> dict[str, type]:

@@ -287,6 +287,16 @@ def test_dpo_plan_steps_from_the_pairs(no_weights, capsys, monkeypatch):
     assert rows["global batch"] == "32 pairs per optimizer step" and rows["per process"] == "16 pairs"
 
 
+def test_rm_plan_steps_from_the_embedded_pairs(no_weights, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    llm_main(["rm", "--config", str(REPO / "configs/llm/arith_rm_gpm.yaml"), "--dry-run"])
+    rows = plan(capsys)
+    assert rows["optimizer steps"] == "750 (ceil(16 epochs x 1500 pairs / 32))"  # arith_rm_gpm: epochs 16, batch 32
+    assert rows["global batch"] == "32 pairs per optimizer step" and rows["per process"] == "16 pairs"
+    assert rows["held-out data"] == "200 rows from embedded:arith/rm/answers_test.jsonl"
+    assert rows["algorithm"] == "rm[gpm] (gpm: 2 outputs, tau 0.1, normalize False)"
+
+
 def test_iterate_plan_on_two_processes_and_a_batch_that_does_not_split(no_weights, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     llm_main(["iterate", "--config", str(REPO / "configs/llm/arith_iterate.yaml"), "--dry-run"])

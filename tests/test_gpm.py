@@ -8,6 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from shared.gpm import (
+    bradley_terry_loss,
     gpm_pair_loss,
     gpm_probability,
     gpm_score,
@@ -147,3 +148,13 @@ def test_pair_loss_gradient_by_hand():
     g = -(1 - 1 / (1 + math.exp(-1.0)))
     assert_close(chosen.grad, torch.tensor([[g, 0.0]]))
     assert_close(rejected.grad, torch.tensor([[0.0, g]]))
+
+
+def test_bradley_terry_loss_by_hand():
+    # r_w - r_l = (2 - 1, 0 - 0, -1 - 1) = (1, 0, -2): -log sigmoid = log(1 + e^-1), log 2, log(1 + e^2)
+    losses, metrics = bradley_terry_loss(torch.tensor([2.0, 0.0, -1.0]), torch.tensor([1.0, 0.0, 1.0]))
+    assert_close(losses, torch.tensor([math.log(1 + math.exp(-1)), math.log(2), math.log(1 + math.exp(2))]))
+    assert_close(metrics["probability"], torch.tensor([1 / (1 + math.exp(-1)), 0.5, 1 / (1 + math.exp(2))]))
+    assert_close(metrics["score"], torch.tensor([1.0, 0.0, -2.0]))
+    with pytest.raises(ValueError):
+        bradley_terry_loss(torch.zeros(2, 1), torch.zeros(2, 1))
