@@ -126,7 +126,8 @@ def grpo_plan(config) -> list[tuple[str, object]]:
     world = world_size()
     check_world_split(_PlannedWorld(world), config)
     check_rollout(config)
-    model = describe_source(config.model.path, "model.path", embedded=EMBEDDED_MODEL)
+    model = describe_source(config.model.path, "model.path", embedded=_embedded_name(config.model.path))
+    model += f", {_model_kind(config.model.path, a.name)}"
     train, test, _ = _data_rows(d, ("prompt", "answer"))
     for name in r.weights:  # the builder training uses: a bad path or kwargs is a RewardError naming it, exit 3
         build_reward(name, r.kwargs.get(name))
@@ -174,6 +175,25 @@ def grpo_plan(config) -> list[tuple[str, object]]:
         ("memory", _memory(config) + f", reference model {'kept' if a.kl_beta > 0 else 'none'}"),
         ("output", config.log.output_dir),
     ]
+
+
+def _embedded_name(path: str) -> str:
+    """The embedded toy `path` names (embedded:arith or one of llmalign.toy.OTHER_EMBEDDED), else embedded:arith."""
+    from llmalign.toy import OTHER_EMBEDDED
+
+    return next((name for name in OTHER_EMBEDDED if path == name or path.startswith(name + "/")), EMBEDDED_MODEL)
+
+
+def _model_kind(path: str, algorithm: str) -> str:
+    """The model's kind as its config declares it (llmalign.policy.declared_architectures), refused when the
+    algorithm trains the other kind (coupled_grpo: masked-diffusion, every other: causal), as training refuses it."""
+    from llmalign.policy import CAUSAL, MASKED_DIFFUSION, declared_architectures, model_kind, refuse_other_kind
+
+    architectures = declared_architectures(path)
+    kind = MASKED_DIFFUSION if algorithm == "coupled_grpo" else CAUSAL
+    refuse_other_kind(architectures, kind, "config field 'model.path':", path)
+    found = model_kind(architectures)
+    return f"{found.replace('_', '-')} LM" if found else "model kind not known until it loads"
 
 
 def _environment_rows(config) -> list[tuple[str, object]]:
@@ -298,7 +318,8 @@ def iterate_plan(config) -> list[tuple[str, object]]:
     t, a, d, p = config.train, config.algorithm, config.data, config.pairs
     world = world_size()
     require_divisible(t.batch_size, world, "train.batch_size", "pairs")  # each round's DPO splits its batch
-    model = describe_source(config.model.path, "model.path", embedded=EMBEDDED_MODEL)
+    model = describe_source(config.model.path, "model.path", embedded=_embedded_name(config.model.path))
+    model += f", {_model_kind(config.model.path, a.name)}"
     train, test, _ = _data_rows(d, ("prompt", "answer"))
     steps = (
         f"{t.steps} (train.steps)"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import time
 import warnings
 from pathlib import Path
@@ -53,6 +54,13 @@ def model_kind(architectures: list[str] | None) -> str | None:
     return None
 
 
+def refuse_other_kind(architectures: list[str] | None, kind: str, where: str, path: str) -> None:
+    """A ConfigError when `architectures` name a model of another kind than `kind` (one line, exit 2)."""
+    found = model_kind(architectures)
+    if found is not None and found != kind:
+        raise ConfigError(f"{where} {path!r} is a {found.replace('_', '-')} LM ({architectures[0]}); {KIND_USE[kind]}")
+
+
 def check_model_kind(path: str, kind: str, where: str, remote: dict) -> None:
     """Refuse, before any weights load, a model of the other kind than the recipe trains (one line, exit 2)."""
     from transformers import AutoConfig
@@ -61,9 +69,24 @@ def check_model_kind(path: str, kind: str, where: str, remote: dict) -> None:
         architectures = getattr(AutoConfig.from_pretrained(path, **remote), "architectures", None)
     except (OSError, ValueError):  # no readable config: the tokenizer's or model's load says why
         return
-    found = model_kind(architectures)
-    if found is not None and found != kind:
-        raise ConfigError(f"{where} {path!r} is a {found.replace('_', '-')} LM ({architectures[0]}); {KIND_USE[kind]}")
+    refuse_other_kind(architectures, kind, where, path)
+
+
+EMBEDDED_ARCHITECTURES = {"embedded:arith": ["Qwen2ForCausalLM"], "embedded:arith-mdm": ["BertForMaskedLM"]}
+
+
+def declared_architectures(path: str) -> list[str] | None:
+    """The architectures of an embedded toy or a local model directory's config.json, read without building,
+    loading or downloading anything (the dry run's); None when not known here (a hub id)."""
+    if path in EMBEDDED_ARCHITECTURES:
+        return EMBEDDED_ARCHITECTURES[path]
+    config_file = Path(path).expanduser() / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        return json.loads(config_file.read_text()).get("architectures")
+    except (ValueError, AttributeError):  # not a JSON object: the load will say so
+        return None
 
 
 def load_policy(
