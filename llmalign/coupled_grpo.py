@@ -87,7 +87,9 @@ class CoupledGRPORecipe:
             f"coupled_grpo: {s.max_new_tokens} completion positions unmasked in {a.diffusion_steps} steps "
             f"({a.diffusion_confidence} first), {a.diffusion_masks} masks, t ~ U(0.2, 0.8) per rollout"
         )
-        return dataclasses.replace(plan, label=f"coupled_grpo[{a.diffusion_masks}]", title=f"Coupled-GRPO on {self.config.model.path}")
+        return dataclasses.replace(
+            plan, label=f"coupled_grpo[{a.diffusion_masks}]", title=f"Coupled-GRPO on {self.config.model.path}"
+        )
 
     def rollout(self, iteration: int):
         return self.grpo.rollout(iteration)
@@ -103,7 +105,9 @@ class CoupledGRPORecipe:
         own = slice(block.start * G, block.stop * G)
         width = trained.rollout.completion_ids.shape[1]
         trained.advantages = sequence_to_tokens(advantages[own].to(run.device), width)  # [n, C]
-        masks = rollout_masks(config, sampled.iteration, own.start, trained.rollout.completion_mask, trained.trained_keep)
+        masks = rollout_masks(
+            config, sampled.iteration, own.start, trained.rollout.completion_mask, trained.trained_keep
+        )
         return CoupledBatch(trained, masks)
 
     def update(self, batch: CoupledBatch) -> dict:

@@ -107,7 +107,9 @@ def sft_batch(tokenizer, problems: list[dict]) -> tuple[torch.Tensor, torch.Tens
     return torch.tensor(prompts), torch.tensor(completions)
 
 
-def masked_diffusion_loss(model, prompt: torch.Tensor, completion: torch.Tensor, mask_id: int, generator) -> torch.Tensor:
+def masked_diffusion_loss(
+    model, prompt: torch.Tensor, completion: torch.Tensor, mask_id: int, generator
+) -> torch.Tensor:
     """LLaDA's SFT loss (arXiv 2502.09992, Eq. 5): t ~ U(eps, 1] per sequence, each completion token masked with
     probability t, -sum over masked tokens of log p(token) / t, divided by N * L. prompt [N, P], completion [N, L]."""
     n, length = completion.shape

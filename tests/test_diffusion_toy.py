@@ -39,7 +39,9 @@ def test_masked_diffusion_loss_by_hand():
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([prompt[i].tolist() + noisy])).logits[0, prompt.shape[1] :]
         logp = torch.log_softmax(logits, -1)
-        total += sum(-logp[j, completion[i, j]].item() / t[i].item() for j in range(completion.shape[1]) if masked[i, j])
+        total += sum(
+            -logp[j, completion[i, j]].item() / t[i].item() for j in range(completion.shape[1]) if masked[i, j]
+        )
     assert masked.any() and not masked.all()
     assert loss.item() == pytest.approx(total / completion.numel(), rel=1e-5)
 
