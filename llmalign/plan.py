@@ -147,7 +147,12 @@ def grpo_plan(config) -> list[tuple[str, object]]:
         (
             "algorithm",
             f"{a.loss} (clip {a.clip_range:g} / {a.effective_clip_range_high:g}, KL beta {a.kl_beta:g}, "
-            f"advantage std {a.scale})",
+            + (
+                f"advantage std {a.scale})"
+                if a.name != "coupled_grpo"
+                else f"leave-one-out advantages, unscaled; {a.diffusion_masks} masks, {a.diffusion_steps} unmasking "
+                f"steps, {a.diffusion_confidence} first)"
+            ),
         ),
         ("model", model),
         ("train data", train),
