@@ -14,7 +14,10 @@ token masked with probability t, the cross-entropy of the masked tokens weighted
 number of completion positions; the prompt is never masked. Only the direct answer style is supervised (the worked
 styles of the causal toy would double L and the cost of every rollout and update).
 
-    python -m llmalign.diffusion_toy build            # ~/.cache/flowalign/arith-mdm-v1 (embedded:arith-mdm)
+The full build is shipped in `llmalign/embedded/arith-mdm-v1` (its digest is SHIPPED_DIGEST); `embedded:arith-mdm`
+loads it, and builds into the cache only when the shipped copy is missing or differs.
+
+    python -m llmalign.diffusion_toy build            # ~/.cache/flowalign/arith-mdm-v1 (what is shipped)
     python -m llmalign.diffusion_toy build --quick    # fewer steps: for tests (~15 s)
 
 Layout of a build directory: config.json, model.safetensors, tokenizer files (loadable with
@@ -43,7 +46,14 @@ from llmalign.toy import (
     solution,
 )
 from shared.checkpoint import replaced_atomically
-from shared.embedded import MISSING, build_threads, cache_problem, directory_digest, record_digest
+from shared.embedded import (
+    MISSING,
+    build_threads,
+    cache_problem,
+    directory_digest,
+    record_digest,
+    shipped_or_none,
+)
 
 CACHE_NAME = "arith-mdm-v1"
 EMBEDDED_MODEL = "embedded:arith-mdm"
@@ -147,6 +157,11 @@ def pretrain(model, tokenizer, problems: list[dict], steps: int, batch_size: int
     return sum(tail) / len(tail)
 
 
+SHIPPED_DIR = Path(__file__).parent / "embedded" / CACHE_NAME
+SHIPPED_DIGEST = "sha256:da5bd3f4c2cb37d8aa3d1ce8aa3e93712ea50fef9b6972e68632af19edddfb72"
+"""`shared.embedded.directory_digest` of the shipped full build; docs/results.md names it."""
+
+
 def default_cache_dir(mode: str = "full") -> Path:
     """$FLOWALIGN_CACHE/arith-mdm-v1 (default ~/.cache/flowalign); the quick build in ...-quick."""
     root = Path(os.environ.get("FLOWALIGN_CACHE") or Path.home() / ".cache" / "flowalign")
@@ -210,8 +225,13 @@ def _build(out: Path, mode: str, seed: int, progress: bool) -> dict:
 
 
 def ensure_mdm_model(path: str | os.PathLike | None = None, mode: str = "full") -> str:
-    """The directory of the trained toy (`path`, else `default_cache_dir(mode)`), built first when missing,
-    incomplete or damaged (shared.embedded.cache_problem)."""
+    """The directory of the trained toy: `path` if given, else the shipped copy (full mode, when its digest is
+    SHIPPED_DIGEST), else `default_cache_dir(mode)`, built first when missing, incomplete or damaged
+    (shared.embedded.cache_problem)."""
+    if path is None and mode == "full":
+        shipped = shipped_or_none(SHIPPED_DIR, SHIPPED_DIGEST, is_complete)
+        if shipped is not None:
+            return str(shipped)
     out = Path(path).expanduser() if path is not None else default_cache_dir(mode)
     problem = cache_problem(out, is_complete)
     if problem is not None:

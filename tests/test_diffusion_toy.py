@@ -3,6 +3,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch
 from llmalign import diffusion_toy, toy
 from llmalign.toy import resolve_embedded
 from shared.embedded import DIGEST_FILE, directory_digest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_completions_are_padded_with_eos_to_the_fixed_length():
@@ -73,9 +76,34 @@ def test_quick_build_reloads_with_the_auto_classes(quick_build):
     assert rows == [{"prompt": p["prompt"], "answer": p["answer"]} for p in expected]
 
 
-def test_embedded_name_resolves_to_the_cached_build(quick_build, tmp_path, monkeypatch):
+def test_embedded_name_is_the_shipped_build_and_it_reads_its_reported_accuracy():
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from llmalign.diffusion import DiffusionSampler
+    from llmalign.evaluate import accuracy_on
+
+    shipped = diffusion_toy.SHIPPED_DIR
+    assert resolve_embedded("embedded:arith-mdm") == str(shipped)  # no build, no cache
+    assert resolve_embedded("embedded:arith-mdm/test.jsonl") == str(shipped / "test.jsonl")
+    assert directory_digest(shipped) == diffusion_toy.SHIPPED_DIGEST
+    results = (ROOT / "docs" / "results.md").read_text()
+    assert f"`{diffusion_toy.CACHE_NAME}` {diffusion_toy.SHIPPED_DIGEST}" in results
+    report = json.loads((shipped / "llmalign.json").read_text())
+    assert report["sizes"] == diffusion_toy.BUILD_SIZES["full"]
+    # its held-out greedy accuracy, measured again: the build's figure, and between the bar and saturation
+    model, tokenizer = AutoModelForMaskedLM.from_pretrained(shipped), AutoTokenizer.from_pretrained(shipped)
+    test = [json.loads(line) for line in (shipped / "test.jsonl").read_text().splitlines()]
+    sampler = DiffusionSampler(tokenizer, diffusion_toy.SAMPLER_STEPS, "max_prob", model)
+    torch.set_num_threads(1)
+    greedy = accuracy_on(model, tokenizer, test, diffusion_toy.COMPLETION_LENGTH, batch_size=100, engine=sampler)
+    assert greedy["accuracy"] == pytest.approx(report["test_greedy_accuracy"], abs=0.01)
+    assert diffusion_toy.QUALITY_BAR["test_greedy_accuracy"] <= greedy["accuracy"] <= 0.9
+
+
+def test_a_shipped_copy_that_differs_gives_way_to_the_cached_build(quick_build, tmp_path, monkeypatch):
     out, _ = quick_build
     monkeypatch.setenv("FLOWALIGN_CACHE", str(tmp_path))
+    monkeypatch.setattr(diffusion_toy, "SHIPPED_DIGEST", "sha256:" + "0" * 64)
     shutil.copytree(out, diffusion_toy.default_cache_dir())  # a complete build with its digest: used, not rebuilt
     assert resolve_embedded("embedded:arith-mdm") == str(diffusion_toy.default_cache_dir())
     assert resolve_embedded("embedded:arith-mdm/test.jsonl") == str(diffusion_toy.default_cache_dir() / "test.jsonl")
