@@ -35,6 +35,7 @@ official passes also mask padding after EOS; here padding is never masked (share
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
@@ -115,7 +116,8 @@ class CoupledGRPORecipe:
         mask_id, temperature = grpo.tokenizer.mask_token_id, self.config.sampling.temperature
         G = self.config.train.group_size
         logp_of = lambda model, rows: masked_token_logps(model, trained.rollout, rows, G, masks, mask_id, temperature)
-        return update(
+        clock = time.perf_counter()
+        metrics = update(
             self.run,
             self.config,
             grpo.model,
@@ -129,6 +131,8 @@ class CoupledGRPORecipe:
             token_mask=masks.loss_mask(),
             logp_of=logp_of,
         )
+        trained.sampled.timings["time/update"] = time.perf_counter() - clock
+        return metrics
 
     def record(self, batch: CoupledBatch, metrics: dict) -> dict:
         record = self.grpo.record(batch.trained, metrics)
