@@ -191,7 +191,8 @@ def _embedded_name(path: str) -> str:
 
 def _model_kind(path: str, algorithm: str) -> str:
     """The model's kind as its config declares it (llmalign.policy.declared_architectures), refused when the
-    algorithm trains the other kind (coupled_grpo: masked-diffusion, every other: causal), as training refuses it."""
+    algorithm (or recipe: sft, dpo, iterate) trains the other kind (coupled_grpo: masked-diffusion, every other:
+    causal), as training refuses it."""
     from llmalign.policy import CAUSAL, MASKED_DIFFUSION, declared_architectures, model_kind, refuse_other_kind
 
     architectures = declared_architectures(path)
@@ -242,7 +243,8 @@ def dpo_plan(config) -> list[tuple[str, object]]:
     t, a, d = config.train, config.algorithm, config.data
     world = world_size()
     require_divisible(t.batch_size, world, "train.batch_size", "pairs")
-    model = describe_source(config.model.path, "model.path", embedded=EMBEDDED_MODEL)
+    model = describe_source(config.model.path, "model.path", embedded=_embedded_name(config.model.path))
+    model += f", {_model_kind(config.model.path, 'causal')}"
     guidance = (
         describe_source(a.guidance_model, "algorithm.guidance_model", embedded=EMBEDDED_MODEL)
         if a.guidance_model is not None
@@ -284,7 +286,8 @@ def sft_plan(config) -> list[tuple[str, object]]:
     t, d = config.train, config.data
     world = world_size()
     require_divisible(t.batch_size, world, "train.batch_size", "sequences")
-    model = describe_source(config.model.path, "model.path", embedded=EMBEDDED_MODEL)
+    model = describe_source(config.model.path, "model.path", embedded=_embedded_name(config.model.path))
+    model += f", {_model_kind(config.model.path, 'causal')}"
     train, test, count = _data_rows(d, d.required_columns)
     if t.steps is not None:
         steps = f"{t.steps} (train.steps)"
@@ -324,7 +327,7 @@ def iterate_plan(config) -> list[tuple[str, object]]:
     world = world_size()
     require_divisible(t.batch_size, world, "train.batch_size", "pairs")  # each round's DPO splits its batch
     model = describe_source(config.model.path, "model.path", embedded=_embedded_name(config.model.path))
-    model += f", {_model_kind(config.model.path, a.name)}"
+    model += f", {_model_kind(config.model.path, 'iterate')}"
     train, test, _ = _data_rows(d, ("prompt", "answer"))
     steps = (
         f"{t.steps} (train.steps)"

@@ -331,3 +331,19 @@ def test_the_two_model_kinds_refuse_each_other(tiny_mdm_dir, tiny_lm_dir, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a masked-diffusion LM (BertForMaskedLM)" in err[0]
     assert "this recipe trains causal LMs" in err[0]
+
+
+@pytest.mark.parametrize(
+    "config, model, message",
+    [
+        ("arith_coupled_grpo.yaml", "embedded:arith", "is a causal LM (Qwen2ForCausalLM)"),
+        ("arith.yaml", "embedded:arith-mdm", "is a masked-diffusion LM (BertForMaskedLM)"),
+        ("arith_sft.yaml", "embedded:arith-mdm", "is a masked-diffusion LM (BertForMaskedLM)"),
+    ],
+)
+def test_the_dry_run_refuses_the_other_model_kind(config, model, message, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["train", str(ROOT / "configs/llm" / config), f"model.path={model}", "--dry-run"])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.path" in err[0] and message in err[0]
