@@ -62,7 +62,8 @@ def confidence_of(logits: Tensor, confidence: str) -> Tensor:
     logp = torch.log_softmax(logits, dim=-1)  # [N, L, V]
     if confidence == "max_prob":
         return logp.max(dim=-1).values.exp()  # [N, L]
-    return (logp.exp() * logp).sum(dim=-1)  # [N, L] = -entropy
+    finite = logp.clamp(min=torch.finfo(logp.dtype).min)  # a token of probability 0 (the mask) adds 0, not 0 * -inf
+    return (logp.exp() * finite).sum(dim=-1)  # [N, L] = -entropy
 
 
 @torch.no_grad()

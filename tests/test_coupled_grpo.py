@@ -105,16 +105,23 @@ def test_sampler_commits_the_configured_counts_and_leaves_no_mask(model_and_toke
         assert torch.bincount(row, minlength=4).tolist() == [3, 3, 2, 2]
 
 
-def test_greedy_commits_the_most_confident_position_first(model_and_tokenizer):
+@pytest.mark.parametrize("confidence", ["max_prob", "neg_entropy"])
+def test_greedy_commits_the_most_confident_position_first(model_and_tokenizer, confidence):
     model, tokenizer = model_and_tokenizer
     ids = torch.tensor(prompts(tokenizer, 2))
     mask = torch.ones_like(ids)
-    _, step_of = unmask(model, ids, mask, L, L, tokenizer.mask_token_id, "max_prob")  # one token per step
+    _, step_of = unmask(model, ids, mask, L, L, tokenizer.mask_token_id, confidence)  # one token per step
     masked = torch.cat([ids, torch.full((2, L), tokenizer.mask_token_id)], dim=1)
     with torch.no_grad():
         logits = model(input_ids=masked).logits[:, ids.shape[1] :]  # [2, L, V] the first step's view
-    logits[..., tokenizer.mask_token_id] = -torch.inf
-    first = logits.softmax(-1).max(-1).values.argmax(dim=1)  # [2] the most confident position
+    keep = torch.arange(logits.shape[-1]) != tokenizer.mask_token_id
+    probs = logits[..., keep].softmax(-1)  # [2, L, V-1] the mask token is never predicted
+    if confidence == "max_prob":
+        score = probs.max(-1).values
+    else:  # the entropy by hand, over the tokens that can be predicted
+        score = (probs * probs.log()).sum(-1)
+    assert score.isfinite().all()
+    first = score.argmax(dim=1)  # [2] the most confident position
     assert step_of[torch.arange(2), first].tolist() == [0, 0]
 
 
