@@ -13,6 +13,7 @@ from flowalign.model import plain_transformer, sample_noise, velocity_fn_for
 from flowalign.report import write_eval_scores
 from flowalign.rewards.plugins import RewardError, call_reward, load_reward
 from flowalign.visuals import save_image_grid
+from shared.reward_calls import is_groupwise
 from shared.run import Run
 from shared.stats import mean_with_standard_error
 
@@ -38,9 +39,18 @@ def load_rewards(config: FlowGRPOConfig) -> tuple[dict, dict]:
 
 
 def score(
-    rewards: dict, images: torch.Tensor, prompts: list[str], metadata: list[dict], allow_nonfinite: bool = False
+    rewards: dict,
+    images: torch.Tensor,
+    prompts: list[str],
+    metadata: list[dict],
+    allow_nonfinite: bool = False,
+    groups: list[int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    return {name: call_reward(name, fn, images, prompts, metadata, allow_nonfinite) for name, fn in rewards.items()}
+    """name -> scores [B]; `groups` (image i's group id) for the groupwise rewards (shared.reward_calls)."""
+    return {
+        name: call_reward(name, fn, images, prompts, metadata, allow_nonfinite, groups=groups)
+        for name, fn in rewards.items()
+    }
 
 
 @torch.no_grad()
@@ -78,11 +88,12 @@ def evaluate(
             [],
         )
     images, scores, error = None, {}, None
+    alone = {name: fn for name, fn in rewards.items() if not is_groupwise(fn)}  # scored here, each image alone
     if real:  # a rank holding only padding (fewer samples than ranks) scores nothing
         images = adapter.decode(trajectory.final[: len(real)])  # [n, 3, H, W]
         try:
             scores = score(
-                rewards,
+                alone,
                 images,
                 [prompts[i // seeds] for i in real],
                 [{"split": "eval", "sample": i} for i in real],
@@ -105,13 +116,42 @@ def evaluate(
                 labels=prompts,
             )
         )
-    values = {name: torch.tensor([item[2][name] for item in gathered]) for name in rewards}  # [P*S] each
+    values = {name: torch.tensor([item[2][name] for item in gathered]) for name in alone}  # [P*S] each
+    values.update(groupwise_eval_scores(config, run, rewards, gathered, prompts, seeds))
+    values = {name: values[name] for name in rewards}  # the configured order
     if scores_path is not None:
         run.main_only(lambda: write_eval_scores(scores_path, values))
     metrics = {}
     for name, value in values.items():  # dropped scores (NaN) left out
         metrics[f"eval/{name}"], metrics[f"eval_se/{name}"], _ = mean_with_standard_error(value)
     return metrics
+
+
+def groupwise_eval_scores(config, run: Run, rewards: dict, gathered: list, prompts: list[str], seeds: int) -> dict:
+    """name -> [P*S] scores of the groupwise rewards (shared.reward_calls) on the gathered evaluation images (sample
+    order), each prompt's seeds one group: a prompt's seeds may lie on several ranks, so the main process scores
+    them all and shares the scores; a failure stops every rank with its message."""
+    groupwise = {name: fn for name, fn in rewards.items() if is_groupwise(fn)}
+    if not groupwise:
+        return {}
+    result, error = [], None
+    if run.is_main:
+        order = [i for i, _, _ in gathered]
+        try:
+            result = [
+                score(
+                    groupwise,
+                    torch.stack([image for _, image, _ in gathered]),  # [P*S, 3, H, W]
+                    [prompts[i // seeds] for i in order],
+                    [{"split": "eval", "sample": i} for i in order],
+                    allow_nonfinite=config.reward.on_bad_score == "drop",
+                    groups=[i // seeds for i in order],
+                )
+            ]
+        except RewardError as failure:
+            error = failure
+    run.raise_together(error, RewardError)
+    return run.gather_objects(result)[0]
 
 
 def evaluate_at(config, run: Run, adapter, encode, rewards: dict, prompts: list[str], done: int) -> dict:

@@ -134,7 +134,9 @@ def on_policy_pairs(config, run, adapter, encode, rewards, prompts, first_slot, 
     images = adapter.decode(final)  # [n, 3, H, W]
     texts = [prompts[i // groups] for i in range(count)]
     metadata = [{"split": "train", "iteration": iteration + 1, "sample": first + i} for i in range(count)]
-    scores = score(rewards, images, texts, metadata, config.reward.on_bad_score == "drop")
+    scores = score(
+        rewards, images, texts, metadata, config.reward.on_bad_score == "drop", [i // groups for i in range(count)]
+    )
     total = sum(config.reward.weights[name] * value.double() for name, value in scores.items())  # [n]
     chosen = select_pairs(total.view(len(prompts), groups), a.pairs, a.min_reward_gap)
     group = torch.tensor([g for g, _, _ in chosen], dtype=torch.long)  # [B]
@@ -162,7 +164,14 @@ def file_pairs(config, run, adapter, rewards, records, chosen: list[int], first:
     reward_winner = reward_loser = torch.full((len(mine),), math.nan)  # [B]
     if config.algorithm.name == "smpo":
         texts = [r.prompt for r in mine]
-        both = score(rewards, torch.cat([winner, loser]), texts + texts, [{"split": "pairs"}] * (2 * len(mine)))
+        pair_groups = list(range(len(mine))) * 2  # a groupwise reward compares each pair's winner and loser
+        both = score(
+            rewards,
+            torch.cat([winner, loser]),
+            texts + texts,
+            [{"split": "pairs"}] * (2 * len(mine)),
+            groups=pair_groups,
+        )
         total = sum(config.reward.weights[name] * value.double() for name, value in both.items()).float()  # [2B]
         reward_winner, reward_loser = total[: len(mine)], total[len(mine) :]
     return Pairs(

@@ -59,7 +59,9 @@ from shared.advantages import clip_advantages, compose_rewards
 from shared.kl import gaussian_mean_kl
 from shared.losses import clipped_policy_loss
 from shared.ratio_check import FLOW_COMPARED, METRIC as RATIO_METRIC, FirstUpdateRatioCheck, ratio_deviation
+from shared.config import need
 from shared.loop import Plan, open_run, run_loop
+from shared.reward_calls import is_groupwise
 from shared.run import Run
 from shared.stats import PromptStatTracker
 
@@ -509,6 +511,13 @@ class FlowGRPORecipe:
         self.adapter, self.params, self.optimizer, _ = load_policy(config, run, load_adapter)
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
         self.rewards, eval_rewards = load_rewards(config)
+        grouped = [name for name, fn in self.rewards.items() if is_groupwise(fn)]
+        need(
+            a.name != "tempflow" or not grouped,
+            "reward.weights",
+            f"{grouped[:1]} is groupwise (it compares the images of one prompt), but tempflow scores the branches of "
+            "each step apart; use flow_grpo or mixgrpo, or a reward that scores each image alone",
+        )
         self.all_rewards = {**self.rewards, **eval_rewards}
         self.trackers = per_prompt_trackers(config)
         self.window = None
@@ -591,7 +600,8 @@ class FlowGRPORecipe:
         texts = [batch.local_prompts[i] for i in prompt_index.tolist()]
         metadata = [{"split": "train", "iteration": batch.index + 1, "sample": i} for i in sample_id.tolist()]
         drop_bad = self.config.reward.on_bad_score == "drop"
-        batch.jobs.append(self.scorer.submit(score, self.rewards, images, texts, metadata, drop_bad))
+        groups = prompt_index.tolist()  # a chunk holds whole groups (chunks split the prompts)
+        batch.jobs.append(self.scorer.submit(score, self.rewards, images, texts, metadata, drop_bad, groups))
         batch.reward_seconds += time.perf_counter() - started
 
     def reward(self, batch: Iteration) -> Iteration:

@@ -315,13 +315,20 @@ class LMAlgorithmConfig:
         "unfinished responses, llmalign.t_ppo); coupled_grpo (DiffuCoder, arXiv 2506.20639: a masked-diffusion LM, "
         "rollouts by unmasking, leave-one-out advantages, the coupled log-prob estimate; llmalign.coupled_grpo)",
     )
-    loss: Literal["grpo", "dr_grpo", "dapo", "disco", "gspo"] = option(
+    loss: Literal["grpo", "dr_grpo", "dapo", "disco", "gspo", "sppo"] = option(
         "grpo",
         "grpo (sequence mean), dr_grpo (sum / (B*L_max), no std), dapo (token mean, clip-higher), disco, gspo "
-        "(sequence-level ratio; the paper clips at clip_range=3e-4, clip_range_high=4e-4); llmalign.objectives",
+        "(sequence-level ratio; the paper clips at clip_range=3e-4, clip_range_high=4e-4), sppo (SPPO's squared "
+        "loss on the sequence log-ratio, target (reward - group mean) / algorithm.sppo_beta: with a groupwise "
+        "win-rate reward such as a GPM's, GPO); llmalign.objectives",
     )
     advantage_scale: Optional[Literal["group", "batch", "none"]] = option(
-        None, "advantage std: per group, batch or none (null: 'none' for dr_grpo, else 'group')"
+        None, "advantage std: per group, batch or none (null: 'none' for dr_grpo and sppo, else 'group')"
+    )
+    sppo_beta: float = option(
+        1e-3,
+        "sppo: beta = 1 / eta of the target (P - 1/2) / beta (1e-3: the official SPPO pipeline's; a larger value "
+        "asks for a smaller move per iteration)",
     )
     clip_range: float = option(
         0.2,
@@ -483,6 +490,7 @@ class LMAlgorithmConfig:
         )
         need(self.kl_beta >= 0, "algorithm.kl_beta", f"{self.kl_beta} must be >= 0 (0 = no KL)")
         need(self.disco_tau > 0, "algorithm.disco_tau", f"{self.disco_tau} must be positive, e.g. 10")
+        self.check_sppo()
         need(self.disco_delta >= 0, "algorithm.disco_delta", f"{self.disco_delta} must be >= 0")
         need(self.disco_penalty >= 0, "algorithm.disco_penalty", f"{self.disco_penalty} must be >= 0")
         need(
@@ -578,7 +586,21 @@ class LMAlgorithmConfig:
 
     @property
     def scale(self) -> str:
-        return self.advantage_scale or ("none" if self.loss == "dr_grpo" else "group")
+        return self.advantage_scale or ("none" if self.loss in ("dr_grpo", "sppo") else "group")
+
+    def check_sppo(self) -> None:
+        need(self.sppo_beta > 0, "algorithm.sppo_beta", f"{self.sppo_beta} must be positive, e.g. 1e-3")
+        need(
+            self.loss == "sppo" or self.sppo_beta == 1e-3,
+            "algorithm.sppo_beta",
+            f"{self.sppo_beta} is set but algorithm.loss={self.loss} does not use it; set loss=sppo or leave it",
+        )
+        need(
+            self.loss != "sppo" or self.scale == "none",
+            "algorithm.advantage_scale",
+            f"{self.advantage_scale}: sppo's target is the reward minus its group mean (P - 1/2 for a win rate), "
+            "unscaled; set advantage_scale=none or null",
+        )
 
     @property
     def effective_clip_range_high(self) -> float:

@@ -70,6 +70,7 @@ from llmalign.policy import (
 from llmalign.rewards import build_reward
 from llmalign.rollout import (
     IterationRollout,
+    check_groupwise_rewards,
     check_rollout,
     derived_seed,
     replay_buffer,
@@ -648,6 +649,8 @@ class GRPORecipe:
         run.main_first(lambda: [resolve_embedded(p) for p in (config.model.path, *data_files) if p])
         self.train_rows, test_rows = load_train_test(d, resolve=resolve_embedded)  # data.path, or train/test
         self.test_rows = test_rows[: d.eval_size]
+        self.rewards, self.eval_rewards = load_rewards(config)
+        check_groupwise_rewards(config, self.rewards, self.eval_rewards)
         model, self.tokenizer = self.load(config.model, run.device)
         if config.memory.gradient_checkpointing:
             enable_gradient_checkpointing(model)
@@ -657,7 +660,6 @@ class GRPORecipe:
         )
         for index, (row, text, ids) in enumerate(zip(self.train_rows, texts, prompt_ids)):
             row["_text"], row["_ids"], row["_index"] = text, ids, index
-        self.rewards, self.eval_rewards = load_rewards(config)
         self.reference = reference_policy(model, config.model.lora) if a.kl_beta > 0 else None
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)

@@ -4,6 +4,8 @@
   aggregated as a sequence mean (grpo, Shao et al. 2024, arXiv:2402.03300, Eq. 3), over B * L_max (dr_grpo, Liu
   et al. 2025, arXiv:2503.20783, Eq. 4) or as a token mean (dapo, Yu et al. 2025, arXiv:2503.14476, Eq. 8);
 - gspo: the clip on the sequence-level ratio (Zheng et al. 2025, arXiv:2507.18071), a mean over sequences;
+- sppo: SPPO's squared regression of the sequence log-ratio on (P - 1/2) / beta (Wu et al. 2024, arXiv:2405.00675;
+  with a GPM win-rate reward this is GPO, Zhang et al. 2024, arXiv:2410.02197), a mean over sequences;
 - disco: the discriminative objective with its squared-hinge trust region (Li et al. 2025, arXiv:2505.12366;
   shared.disco.disco_loss), which takes correct/incorrect labels instead of advantages.
 
@@ -27,7 +29,13 @@ from torch import Tensor
 
 from shared.disco import disco_kl_sum, disco_loss
 from shared.config import ConfigError
-from shared.losses import LOSS_AGGREGATIONS, aggregation_denominator, clipped_policy_loss, sequence_ratio_policy_loss
+from shared.losses import (
+    LOSS_AGGREGATIONS,
+    aggregation_denominator,
+    clipped_policy_loss,
+    sequence_ratio_policy_loss,
+    sppo_policy_loss,
+)
 from shared.rollout_correction import correction_weights, mismatch_metrics, mismatch_statistics
 from shared.run import Run
 
@@ -177,12 +185,38 @@ class GSPOObjective:
         return {"clip": f"{metrics['clip_frac']:.2f}"} if "clip_frac" in metrics else {}
 
 
+class SPPOObjective:
+    """SPPO's squared loss on the sequence log-ratio to the sampling policy (shared.losses.sppo_policy_loss), a
+    mean over sequences; micro-batches and the k3 KL term are weighted as grpo's (rows with a kept token)."""
+
+    name = "sppo"
+    needs_labels = False
+
+    def needs_step_kl(self, algorithm) -> bool:
+        return False
+
+    def normalisers(self, run: Run, mask: Tensor, part: list[int], group_size: int, row_group: Tensor | None) -> dict:
+        return {"denominator": max(float(run.sum(aggregation_denominator("grpo", mask[part]))), 1.0)}
+
+    def loss(self, config, logp, old, advantages, mask, correct, group_ids, step) -> tuple[Tensor, dict, float]:
+        loss, metrics = sppo_policy_loss(logp, old, advantages, mask, beta=config.algorithm.sppo_beta)
+        weight = aggregation_denominator("grpo", mask) / step["denominator"]
+        return loss * weight, metrics, weight
+
+    def kl_term(self, kl: Tensor, mask: Tensor, step: dict, weight: float, max_length: int) -> Tensor:
+        return weight * LOSS_AGGREGATIONS["grpo"](kl, mask.bool(), max_length)
+
+    def postfix(self, metrics: dict) -> dict:
+        return {"logr": f"{metrics['log_ratio_mean']:.2f}"} if "log_ratio_mean" in metrics else {}
+
+
 OBJECTIVES: dict[str, Objective] = {
     "grpo": ClippedObjective("grpo"),
     "dr_grpo": ClippedObjective("dr_grpo"),
     "dapo": ClippedObjective("dapo"),
     "disco": DiscoObjective(),
     "gspo": GSPOObjective(),
+    "sppo": SPPOObjective(),
 }
 
 

@@ -118,9 +118,8 @@ def _rollout_rows(config) -> list[tuple[str, object]]:
 def grpo_plan(config) -> list[tuple[str, object]]:
     """Check a GRPOConfig (see the module docstring) and return its plan as (name, value) rows."""
     from llmalign.grpo import check_world_split
-    from llmalign.rewards import build_reward
-    from llmalign.rollout import check_rollout
-    from shared.reward_calls import RewardError
+    from llmalign.grpo import load_rewards
+    from llmalign.rollout import check_groupwise_rewards, check_rollout
 
     t, a, s, d, r = config.train, config.algorithm, config.sampling, config.data, config.reward
     world = world_size()
@@ -129,13 +128,7 @@ def grpo_plan(config) -> list[tuple[str, object]]:
     model = describe_source(config.model.path, "model.path", embedded=_embedded_name(config.model.path))
     model += f", {_model_kind(config.model.path, a.name)}"
     train, test, _ = _data_rows(d, ("prompt", "answer"))
-    for name in r.weights:  # the builder training uses: a bad path or kwargs is a RewardError naming it, exit 3
-        build_reward(name, r.kwargs.get(name))
-    try:  # scored on the held-out greedy completions only; built as training builds them
-        for name, kwargs in config.eval.rewards.items():
-            build_reward(name, kwargs or None)
-    except RewardError as error:
-        raise RewardError(f"eval.rewards: {error}") from None
+    check_groupwise_rewards(config, *load_rewards(config))  # as training builds them: a bad one is exit 3
     rewards = "; ".join(
         f"{name} x {weight:g}" + (f" {r.kwargs[name]}" if name in r.kwargs else "")
         for name, weight in r.weights.items()

@@ -35,7 +35,14 @@ from shared.allocation import DARS_MAX_THRESHOLD, dars_extra_rollouts, gvm_alloc
 from shared.config import need
 from shared.filtering import zero_variance_group_mask
 from shared.replay import ReplayBuffer
-from shared.reward_calls import RewardError, RewardTimeout, scores_as_floats
+from shared.reward_calls import (
+    GroupOutputError,
+    RewardError,
+    RewardTimeout,
+    is_groupwise,
+    score_groups,
+    scores_as_floats,
+)
 from shared.run import Run
 
 RANK_SEED_STRIDE = 2**40  # rank r samples from seed + r * stride: rank 0 keeps the one-process seeds
@@ -114,6 +121,62 @@ def start_engine(
 # ----------------------------------------------------------------------------- reward
 
 
+def call_text_reward(
+    fn, prompts: list[str], completions: list[str], columns: dict, group_size: int, step: int, max_new_tokens: int
+) -> list:
+    """One text reward's values for the batch: a batch reward is called once with every completion; a groupwise
+    one (shared.reward_calls) once per group of `group_size` consecutive completions, with that group's prompt and
+    its slice of every column, its output checked (GroupOutputError)."""
+    common = {"group_size": group_size, "step": step, "max_completion_length": max_new_tokens}
+    if not is_groupwise(fn):
+        return fn(prompts, completions, **columns, **common)
+
+    def call_group(members: list[int]):
+        part = slice(members[0], members[-1] + 1)  # a group is contiguous
+        return fn(prompts[members[0]], completions[part], **{k: v[part] for k, v in columns.items()}, **common)
+
+    return score_groups([i // group_size for i in range(len(completions))], call_group)
+
+
+GROUPWISE_ALGORITHMS = ("grpo",)  # algorithm.name values whose every reward call holds whole groups
+
+
+def check_groupwise_rewards(config: GRPOConfig, rewards: dict, eval_rewards: dict) -> None:
+    """A groupwise reward where a call would not hold a prompt's whole group is refused (one line, exit 2): it
+    would compare a completion with itself alone. Training calls score groups of train.group_size under
+    GROUPWISE_ALGORITHMS with no second sampling stage; Forced Rethinking rescores single completions, and
+    eval.rewards score one greedy completion per prompt."""
+    a, r = config.algorithm, config.rollout
+    for name, fn in rewards.items():
+        if not is_groupwise(fn):
+            continue
+        where = f"reward {name!r} is groupwise (it compares the completions of one prompt)"
+        need(
+            a.name in GROUPWISE_ALGORITHMS,
+            "algorithm.name",
+            f"{a.name}: {where}, but {a.name} also scores completions outside their groups; use "
+            f"{' or '.join(GROUPWISE_ALGORITHMS)}, or a reward that scores each completion alone",
+        )
+        need(
+            not r.two_stage,
+            "rollout.schedule",
+            f"{r.schedule}: {where}, but a second stage scores its extra "
+            "rollouts apart from the first; set rollout.schedule=none",
+        )
+        need(
+            r.rethink_fraction == 0,
+            "rollout.rethink_fraction",
+            f"{r.rethink_fraction}: {where}, but a rethought completion is rescored alone; set 0",
+        )
+    for name, fn in eval_rewards.items():
+        need(
+            not is_groupwise(fn),
+            "eval.rewards",
+            f"{name!r} is groupwise, but the held-out evaluation scores one greedy completion per prompt; judge "
+            "held-out completions with a reward that scores each alone",
+        )
+
+
 def score(
     rewards: dict,
     prompts: list[str],
@@ -129,20 +192,13 @@ def score(
     named by their index in the global rollout, which starts at `first_index` on this rank. A reward past its
     reward.timeout_s (RewardTimeout) is a RewardError, or under drop_bad its whole batch becomes NaN (dropped)."""
     columns = {key: [row[key] for row in rows for _ in range(group_size)] for key in rows[0] if key != "prompt"}
+    columns["completion_ids"] = rollout.token_lists()
     completions = rollout.texts
     expanded_prompts = [p for p in prompts for _ in range(group_size)]
     scores = {}
     for name, fn in rewards.items():
         try:
-            values = fn(
-                expanded_prompts,
-                completions,
-                completion_ids=rollout.token_lists(),
-                group_size=group_size,
-                step=step,
-                max_completion_length=max_new_tokens,
-                **columns,
-            )
+            values = call_text_reward(fn, expanded_prompts, completions, columns, group_size, step, max_new_tokens)
         except RewardTimeout as error:
             message = f"reward {name!r} {error} (iteration {step + 1}, first prompt {expanded_prompts[0][:60]!r})"
             if not drop_bad:
@@ -150,6 +206,8 @@ def score(
             print(f"warning: {message}; its {len(completions)} completions are dropped", file=sys.stderr, flush=True)
             scores[name] = torch.full((len(completions),), math.nan)  # [B*G] the whole batch dropped
             continue
+        except GroupOutputError as error:
+            raise RewardError(f"reward {name!r} {error} (iteration {step + 1})") from None
         except Exception as error:
             raise RewardError(
                 f"reward {name!r} raised {type(error).__name__}: {error} (iteration {step + 1}, "

@@ -20,7 +20,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["LOSS_AGGREGATIONS", "aggregation_denominator", "clipped_policy_loss", "sequence_ratio_policy_loss"]
+__all__ = [
+    "LOSS_AGGREGATIONS",
+    "aggregation_denominator",
+    "clipped_policy_loss",
+    "sequence_ratio_policy_loss",
+    "sppo_policy_loss",
+]
 
 
 # ----------------------------------------------------------------------------- aggregations
@@ -212,3 +218,41 @@ def sequence_ratio_policy_loss(
     loss = row_loss.sum() / rows.sum().clamp(min=1)
 
     return loss, clip_metrics(rows, seq_adv, seq_ratio, eps_low, eps_high)
+
+
+def sppo_policy_loss(
+    logp_new: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor | None = None, beta: float = 1e-3
+) -> tuple[Tensor, dict[str, float]]:
+    """SPPO's squared loss on a group's samples (Wu et al. 2024, arXiv:2405.00675; the GPO of Zhang et al. 2024,
+    arXiv:2410.02197, trains on a general preference model's scores with it):
+
+        l_i = (log pi(y_i) / pi_t(y_i) - (P(y_i > pi_t) - 1/2) / beta)^2,   loss = mean of l_i
+
+    with log pi / pi_t the sum over the completion's kept tokens of (logp_new - logp_old) (pi_t: the policy that
+    sampled the group) and P(y_i > pi_t) - 1/2 the sequence's advantage A_i, the token mean of `advantages` over
+    its kept tokens as in `sequence_ratio_policy_loss`. The offset 1/2 and eta = 1/beta are the official trainer's
+    (uclaml/SPPO `sppo/trainer.py`, loss_w = (logits_w - (P_w - 0.5) / beta)^2; its pipeline's beta is 1e-3, the
+    default here). How A_i becomes P - 1/2: a groupwise win-rate reward averages 1/2 over its group (P_ij + P_ji =
+    1), so the group-centred advantage with no std (algorithm.scale=none) is exactly P_i - 1/2.
+
+    Departures from the official code: one term per sampled completion instead of a chosen/rejected pair's two,
+    and pi_t is the group's sampling policy (refreshed every iteration), not the start of a data round.
+    Returns (loss, metrics: log_ratio_mean, target_mean_abs), the loss a mean over rows with a kept token."""
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    _check_inputs(logp_new, logp_old, advantages, mask)
+    B, T = logp_new.shape
+    keep = torch.ones_like(logp_new, dtype=torch.bool) if mask is None else mask.detach().bool()  # [B, T]
+    count = keep.sum(dim=1)  # [B]
+    adv = advantages.detach().to(logp_new.dtype)
+    adv = adv[:, None].expand(B, T) if adv.dim() == 1 else adv  # [B, T]
+    log_ratio = torch.where(keep, logp_new - logp_old.detach(), torch.zeros_like(logp_new)).sum(dim=1)  # [B]
+    target = torch.where(keep, adv, torch.zeros_like(adv)).sum(dim=1) / count.clamp(min=1) / beta  # [B]
+    rows = count > 0  # [B]
+    row_loss = torch.where(rows, (log_ratio - target) ** 2, torch.zeros_like(log_ratio))  # [B]
+    loss = row_loss.sum() / rows.sum().clamp(min=1)
+    kept = max(int(rows.sum()), 1)
+    return loss, {
+        "log_ratio_mean": float(log_ratio.detach()[rows].sum()) / kept,
+        "target_mean_abs": float(target[rows].abs().sum()) / kept,
+    }

@@ -12,6 +12,13 @@ batch.
 The two front ends call rewards with different arguments, so there is one alias per signature here:
 `ImageRewardFn` (flowalign: images [B, 3, H, W] in [0, 1], prompts, metadata -> scores [B]) and `TextRewardFn`
 (llmalign: prompts, completions, **columns -> list of floats or None).
+
+A reward marked `groupwise = True` (the `groupwise` decorator, or the attribute set by its factory) sees one group
+per call: the completions (or images) sampled for ONE prompt, and returns one score per member, so it can compare
+them (a preference model's win rates, a ranking by pairwise wins). Both front ends call it through
+`score_groups`, with the same arguments as a batch reward except that the prompt is one string:
+llmalign `fn(prompt, completions, **columns)` (each column holds the group's values), flowalign
+`fn(images [G, 3, H, W], prompt, metadata)`. The deadline applies to each group's call.
 """
 
 from __future__ import annotations
@@ -170,6 +177,48 @@ def with_deadline(fn: Callable, timeout_s: float | None) -> Callable:
         return call_with_deadline(fn, args, kwargs, timeout_s)
 
     return bounded
+
+
+def groupwise(fn: Callable) -> Callable:
+    """Mark `fn` as a groupwise reward (see the module docstring): called once per group, one score per member."""
+    fn.groupwise = True
+    return fn
+
+
+def is_groupwise(fn: Callable) -> bool:
+    """Marked `groupwise = True` (kept through `with_deadline`, whose wrapper copies the function's attributes)."""
+    return getattr(fn, "groupwise", False) is True
+
+
+class GroupOutputError(ValueError):
+    """A groupwise reward's output for one group is not one number (or None) per member."""
+
+
+def score_groups(group_of: list[int], call_group: Callable[[list[int]], Any]) -> list:
+    """A groupwise reward's scores of a batch whose item i belongs to group `group_of[i]`: `call_group(members)`
+    calls the reward on the items `members` (their indices, in batch order) and returns what it returned; the
+    scores come back at their items' places as floats, None where the reward gave None. A group's output that is
+    not one number per member raises GroupOutputError saying so (the caller names the reward); what the reward
+    itself raises passes through."""
+    members: dict[int, list[int]] = {}
+    for index, group in enumerate(group_of):
+        members.setdefault(group, []).append(index)
+    scores: list = [None] * len(group_of)
+    for group, indices in members.items():
+        output = call_group(indices)
+        try:
+            values, missing = scores_as_floats(output)  # [g] one group's
+        except ValueError as error:
+            raise GroupOutputError(f"{error} for group {group}") from None
+        if values.numel() != len(indices):
+            raise GroupOutputError(
+                f"returned {values.numel()} scores for group {group} of {len(indices)}; a groupwise reward returns "
+                "one score per member of the group it is given"
+            )
+        dropped = set(missing)
+        for position, (index, value) in enumerate(zip(indices, values.tolist())):
+            scores[index] = None if position in dropped else value
+    return scores
 
 
 def _as_float(value: Any, position: int) -> float:

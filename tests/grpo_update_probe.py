@@ -58,6 +58,14 @@ CASES = {  # name -> overrides; each splits the rollout differently over micro-b
         "algorithm.updates_per_pass=2",
         "memory.micro_batch_size=2",
     ],
+    # GPO's squared loss (algorithm.loss=sppo): the sequence log-ratio summed over tokens, two steps, a KL term
+    "sppo_two_steps_kl": [
+        "algorithm.loss=sppo",
+        "algorithm.sppo_beta=0.5",
+        "algorithm.updates_per_pass=2",
+        "algorithm.kl_beta=0.1",
+        "memory.micro_batch_size=2",
+    ],
     "grpo_mis_sequence": [
         "algorithm.rollout_correction=mis",
         "algorithm.rollout_correction_level=sequence",

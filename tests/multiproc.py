@@ -93,6 +93,25 @@ def kill_processes(process: subprocess.Popen) -> None:
     process.wait()
 
 
+def kill_at_checkpoint(processes: int, args: list[str], checkpoints: Path, at_least: int = 1) -> None:
+    """Start `python ARGS` on `processes` processes (`start_processes`), wait until checkpoint `at_least` (or a
+    later one) is in `checkpoints`, and SIGKILL the run (`kill_processes`); fails if the run ended first."""
+    import time
+
+    from shared.checkpoint import latest_checkpoint
+
+    process = start_processes(processes, args)
+    target, deadline = f"step-{at_least:06d}", time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        checkpoint = latest_checkpoint(checkpoints)
+        if checkpoint is not None and checkpoint.name >= target:
+            break
+        time.sleep(0.01)
+    ended = process.poll()
+    kill_processes(process)
+    assert ended is None, "the run ended before it could be killed"
+
+
 def force_fsdp_on_cpu(accelerator) -> None:
     """Put `accelerator` on accelerate's FSDP path on a CPU-only machine, where accelerate 1.15 never chooses FSDP
     by itself (its processes run as MULTI_CPU DDP). The plugin is the one accelerate builds from the FSDP_*

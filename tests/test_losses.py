@@ -151,3 +151,22 @@ def test_bad_arguments():
         clipped_policy_loss(logp, logp, torch.ones(2), torch.full((2, 3), 0.5))
     with pytest.raises(ValueError, match="eps_low"):
         clipped_policy_loss(logp, logp, torch.ones(2), eps_low=1.0)
+
+
+def test_sppo_loss_by_hand():
+    """Row 0: log-ratio 0.5 + 0 (the third token masked), target 0.25 / 0.5 = 0.5, loss 0; row 1: log-ratio 1,
+    target -0.5, loss 1.5^2 = 2.25; row 2 has no kept token and is left out: loss (0 + 2.25) / 2 = 1.125, and the
+    gradient on each of row 1's tokens is 2 * 1.5 / 2 = 1.5."""
+    from shared.losses import sppo_policy_loss
+
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0], [-4.0, -4.0, -4.0]], requires_grad=True)
+    old = torch.tensor([[-1.5, -2.0, -2.5], [-2.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 0, 0]])
+    advantages = torch.tensor([0.25, -0.25, 7.0])[:, None].expand(3, 3)  # [B, T] one value per sequence
+    loss, metrics = sppo_policy_loss(logp, old, advantages, mask, beta=0.5)
+    assert loss.item() == pytest.approx(1.125)
+    assert metrics == pytest.approx({"log_ratio_mean": 0.75, "target_mean_abs": 0.5})
+    loss.backward()
+    assert torch.equal(logp.grad, torch.tensor([[0.0, 0.0, 0.0], [1.5, 1.5, 1.5], [0.0, 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="beta must be positive"):
+        sppo_policy_loss(logp, old, advantages, mask, beta=0.0)

@@ -21,9 +21,12 @@ from shared.reward_calls import (
     ImageRewardFn,
     RewardError,
     RewardTimeout,
+    GroupOutputError,
     call_with_deadline,  # noqa: F401 (re-exported for flowalign.rewards.server and users)
     import_path_problem,  # noqa: F401 (re-exported)
+    is_groupwise,
     load_callable,
+    score_groups,
     scores_as_floats,
     with_deadline,
 )
@@ -44,14 +47,24 @@ def call_reward(
     metadata: list[dict],
     allow_nonfinite: bool = False,
     drop_timeouts: bool | None = None,
+    groups: list[int] | None = None,
 ) -> torch.Tensor:
     """Call one reward and check its output: one float per image, finite unless `allow_nonfinite`
     (then None/NaN/inf come back as NaN, for the caller to drop). A call past the reward's deadline
     (`load_reward(..., timeout_s)`) is a RewardError, or with `drop_timeouts` (default: `allow_nonfinite`)
-    a batch of NaN, with a warning on stderr."""
+    a batch of NaN, with a warning on stderr. A groupwise reward (shared.reward_calls) is called once per group
+    of `groups` (image i's group id) as fn(images [g, 3, H, W], prompt, metadata); without `groups` it is a
+    RewardError (the caller scores images that are not groups)."""
     drop_timeouts = allow_nonfinite if drop_timeouts is None else drop_timeouts
+    if groups is None and is_groupwise(fn):
+        raise RewardError(
+            f"reward '{name}' is groupwise (it compares the images of one prompt), but is asked to "
+            "score images that are not a prompt's group"
+        )
     try:
-        scores = fn(images, prompts, metadata)
+        scores = _call(fn, images, prompts, metadata, groups)
+    except GroupOutputError as error:
+        raise RewardError(f"reward '{name}' {error}") from None
     except RewardTimeout as error:
         message = f"reward '{name}' {error} (batch of {len(prompts)}, first prompt {prompts[0]!r})"
         if not drop_timeouts:
@@ -87,10 +100,19 @@ def call_reward(
     return scores
 
 
+def _call(fn: ImageRewardFn, images: torch.Tensor, prompts: list[str], metadata: list[dict], groups):
+    """The reward's raw output for the batch: one call, or for a groupwise reward one call per group."""
+    if not is_groupwise(fn):
+        return fn(images, prompts, metadata)
+    return score_groups(
+        groups, lambda members: fn(images[members], prompts[members[0]], [metadata[i] for i in members])
+    )
+
+
 def check_rewards_on_dummy_batch(
     rewards: dict[str, ImageRewardFn], images: torch.Tensor, prompts: list[str], allow_nonfinite: bool = False
 ) -> None:
     """Run each reward once on a small batch so a broken reward fails before training, not after a rollout.
     A timeout here stops the run even under drop: a reward that never answers has nothing to drop."""
-    for name, fn in rewards.items():
-        call_reward(name, fn, images, prompts, [{} for _ in prompts], allow_nonfinite, drop_timeouts=False)
+    for name, fn in rewards.items():  # the batch as one group for a groupwise reward
+        call_reward(name, fn, images, prompts, [{} for _ in prompts], allow_nonfinite, False, [0] * len(prompts))
