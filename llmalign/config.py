@@ -302,7 +302,7 @@ class LMRolloutConfig:
 
 @dataclasses.dataclass
 class LMAlgorithmConfig:
-    name: Literal["grpo", "spo_chain", "spo_tree", "gigpo", "episode_grpo", "ppo", "t_ppo"] = option(
+    name: Literal["grpo", "spo_chain", "spo_tree", "gigpo", "episode_grpo", "ppo", "t_ppo", "coupled_grpo"] = option(
         "grpo",
         "the recipe's stages, from llmalign.grpo.ALGORITHMS: grpo (one group-relative advantage per completion, "
         "the update's loss from algorithm.loss); spo_chain (SPO, arXiv:2505.23564: segments cut at low-probability "
@@ -312,7 +312,8 @@ class LMAlgorithmConfig:
         "per turn, episode + step-group advantages, llmalign.gigpo); episode_grpo (the same episodes, the episode "
         "advantage alone: gigpo with environment.step_weight 0); ppo (a critic (the critic section) and GAE per "
         "token, llmalign.ppo); t_ppo (Truncated PPO: generation in windows of algorithm.window_tokens, EGAE on "
-        "unfinished responses, llmalign.t_ppo)",
+        "unfinished responses, llmalign.t_ppo); coupled_grpo (DiffuCoder, arXiv 2506.20639: a masked-diffusion LM, "
+        "rollouts by unmasking, leave-one-out advantages, the coupled log-prob estimate; llmalign.coupled_grpo)",
     )
     loss: Literal["grpo", "dr_grpo", "dapo", "disco", "gspo", "sppo"] = option(
         "grpo",
@@ -457,6 +458,22 @@ class LMAlgorithmConfig:
         "rloo",
         "spo_tree: an edge's advantage V(child) - V(parent) (rloo, official default), or that over the std of the "
         "parent's children's values + 1e-8 (grpo); shared.spo.spo_tree_advantages",
+    )
+    diffusion_steps: int = option(
+        20,
+        "coupled_grpo: unmasking steps of the sampler over the sampling.max_new_tokens completion positions, an "
+        "equal number committed per step (the remainder on the first steps); at most max_new_tokens",
+    )
+    diffusion_confidence: Literal["max_prob", "neg_entropy"] = option(
+        "max_prob",
+        "coupled_grpo: which masked positions the sampler commits first: the highest probability of their "
+        "distribution, or the lowest entropy",
+    )
+    diffusion_masks: Literal["coupled", "single"] = option(
+        "coupled",
+        "coupled_grpo: coupled (the paper: the fully masked pass plus two complementary masks, every completion "
+        "token scored) or single (the paper's ablation: one random mask, its tokens scored with weight 1/t, the "
+        "others left out of the loss)",
     )
     rollout_correction_level: Literal["token", "sequence"] = option(
         "token",
@@ -758,6 +775,9 @@ ALGORITHM_OWNED = {
     "environment.step_weight": ("gigpo",),  # episode_grpo is gigpo with the step weight 0
     "environment": ("gigpo", "episode_grpo"),
     "critic": ("ppo", "t_ppo"),
+    "algorithm.diffusion_steps": ("coupled_grpo",),
+    "algorithm.diffusion_confidence": ("coupled_grpo",),
+    "algorithm.diffusion_masks": ("coupled_grpo",),
 }
 
 
@@ -794,6 +814,33 @@ def check_environment_recipe(config: "GRPOConfig") -> None:
         a.updates_per_pass == 1 and a.full_batch_epochs is None,
         "algorithm.updates_per_pass",
         f"{a.updates_per_pass}: ranks hold unequal numbers of turns under {why}; use 1 (and no full_batch_epochs)",
+    )
+
+
+def check_coupled_grpo(config: "GRPOConfig") -> None:
+    """What coupled_grpo (a masked-diffusion LM, llmalign.coupled_grpo) does not do, refused before any model loads."""
+    a, r, s = config.algorithm, config.rollout, config.sampling
+    why = "coupled_grpo samples by unmasking (llmalign.diffusion)"
+    need(
+        a.loss in ("grpo", "dr_grpo", "dapo"),
+        "algorithm.loss",
+        f"{a.loss}: coupled_grpo trains per-token estimates with grpo, dr_grpo or dapo (the paper: dapo's token mean)",
+    )
+    need(r.engine == "hf", "rollout.engine", f"{r.engine}: {why}, not with an engine; set hf")
+    need(s.top_p == 1.0, "sampling.top_p", f"{s.top_p}: {why} from the full distribution; set 1.0")
+    need(not a.shared_prefix, "algorithm.shared_prefix", f"true: a causal LM's prefix sharing; {why}: set false")
+    need(a.replay == "none", "algorithm.replay", f"{a.replay} is GRPO's; {why}: set none")
+    need(not r.two_stage, "rollout.schedule", f"{r.schedule} is GRPO's; {why}: set none")
+    need(r.rethink_fraction == 0, "rollout.rethink_fraction", f"{r.rethink_fraction} is GRPO's; {why}: set 0")
+    need(
+        a.rollout_correction == "none",
+        "algorithm.rollout_correction",
+        f"{a.rollout_correction}: {why}, which records no sampling log-probs; set none",
+    )
+    need(
+        1 <= a.diffusion_steps <= s.max_new_tokens,
+        "algorithm.diffusion_steps",
+        f"{a.diffusion_steps}: use 1 to sampling.max_new_tokens={s.max_new_tokens} (at least one token per step)",
     )
 
 
@@ -890,6 +937,8 @@ class GRPOConfig:
         check_algorithm_owned_fields(self)
         if a.name in ENVIRONMENT_ALGORITHMS:
             check_environment_recipe(self)
+        if a.name == "coupled_grpo":
+            check_coupled_grpo(self)
         if a.name.startswith("spo"):
             self.check_spo()
         if a.replay == "ssr":

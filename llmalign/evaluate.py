@@ -162,6 +162,16 @@ def generate(
     model.train(was_training)
     completion_ids = output[:, prompt_ids.shape[1] :]  # [B*G, C']
     logprobs = recorder.finish(completion_ids) if recorder is not None else None  # [B*G, C']
+    return completion_rollout(tokenizer, prompt_ids, prompt_mask, completion_ids, logprobs)
+
+
+def completion_rollout(
+    tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor, logprobs: Tensor | None = None
+) -> Rollout:
+    """The `Rollout` of generated `completion_ids` [B*G, C']: each cut after its first EOS (kept in the mask; what
+    follows is padding), truncated where there is none, decoded. Shared by `generate` and the masked-diffusion
+    sampler (llmalign.diffusion), which fills all C' positions and leaves text after the EOS to be cut here."""
+    device = completion_ids.device
     is_eos = completion_ids == tokenizer.eos_token_id  # [B*G, C']
     ended = is_eos.any(dim=1)  # [B*G]
     first_eos = torch.where(

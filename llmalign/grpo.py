@@ -382,12 +382,15 @@ def update(
     groups: Groups | None = None,
     check_ratio: bool = True,
     token_mask: Tensor | None = None,
+    logp_of: Callable[[object, list[int]], Tensor] | None = None,
 ) -> dict:
     """num_iterations passes over this rank's rows of the rollout, each updates_per_pass optimizer steps
     (algorithm.full_batch_epochs passes of one step each, DARS-B, when set; `optimizer_step`).
 
     `advantages`: [n, C] per token (the advantage stage's), or [n] per sequence, broadcast over the tokens.
     `token_mask`: [n, C] tokens the loss keeps besides the completion mask (SPO's probability mask; None: all).
+    `logp_of`: (model, rows) -> [m, C] per-token log-probs in place of the causal forward (`update_layout`'s): the
+    masked-diffusion estimate of coupled_grpo, for the old, reference and policy log-probs alike.
     `groups`: this rank's groups when their sizes differ (a second stage, replayed samples; None: all G). Step p
     then trains on the whole groups whose global index is p modulo the steps (`Groups.parts`), micro-batches never
     split a group where the loss needs whole ones, and a rank with fewer micro-batches than another repeats its
@@ -428,6 +431,8 @@ def update(
     if advantages.dim() == 1:  # one value per sequence: on each of its tokens
         advantages = sequence_to_tokens(advantages, mask.shape[1])  # [n, C]
     layout = update_layout(config, rollout, len(keep), groups, mask.device)
+    if logp_of is not None:
+        layout = dataclasses.replace(layout, logp_of=logp_of)
     # else: the one step's own forward, detached; a rollout correction weights the advantages before any step
     recompute_old = check_ratio or a.steps_per_rollout > 1 or a.rollout_correction != "none"
     with torch.no_grad():
@@ -627,8 +632,11 @@ def restored_generated_tokens(run: Run, limit: int | None) -> int:
 class GRPORecipe:
     """GRPO in the loop's stages (shared.loop): rollout (with its rewards), advantage, update."""
 
-    def __init__(self, config: GRPOConfig):
+    def __init__(self, config: GRPOConfig, load=load_policy, engine=start_engine):
         self.config = config
+        # how the policy loads and what samples it: (model config, device) -> (model, tokenizer), and
+        # (run, config, tokenizer, train rows, test rows) -> an engine or None (generate); coupled_grpo passes its own
+        self.load, self.start_engine = load, engine
 
     def setup(self, run: Run) -> Plan:
         config, t, a, d = self.config, self.config.train, self.config.algorithm, self.config.data
@@ -643,7 +651,7 @@ class GRPORecipe:
         self.test_rows = test_rows[: d.eval_size]
         self.rewards, self.eval_rewards = load_rewards(config)
         check_groupwise_rewards(config, self.rewards, self.eval_rewards)
-        model, self.tokenizer = load_policy(config.model, run.device)
+        model, self.tokenizer = self.load(config.model, run.device)
         if config.memory.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         texts = [render_prompt(self.tokenizer, row["prompt"]) for row in self.train_rows]
@@ -657,7 +665,7 @@ class GRPORecipe:
         optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
         self.model, self.optimizer = run.prepare(model, optimizer)
         start = restore_policy(run, self.model, self.optimizer)
-        self.engine = start_engine(
+        self.engine = self.start_engine(
             run, config, self.tokenizer, self.train_rows, self.test_rows
         )  # None: rollout.engine=hf
         self.first_iteration = start  # log.ratio_check_every: checked here, resumed or not
@@ -857,6 +865,7 @@ ALGORITHMS: dict[str, Callable[[GRPOConfig], object] | str] = {
     "episode_grpo": "llmalign.gigpo:episode_grpo_recipe",
     "ppo": lambda config: PPORecipe(config, GRPORecipe(config)),  # GRPO's stages with a critic and GAE
     "t_ppo": lambda config: TPPORecipe(config, GRPORecipe(config)),  # PPO on windows of in-flight responses
+    "coupled_grpo": "llmalign.coupled_grpo:coupled_grpo_recipe",  # a masked-diffusion LM
 }
 
 

@@ -127,7 +127,8 @@ def grpo_plan(config) -> list[tuple[str, object]]:
     world = world_size()
     check_world_split(_PlannedWorld(world), config)
     check_rollout(config)
-    model = describe_source(config.model.path, "model.path", embedded=EMBEDDED_MODEL)
+    model = describe_source(config.model.path, "model.path", embedded=_embedded_name(config.model.path))
+    model += f", {_model_kind(config.model.path, a.name)}"
     train, test, _ = _data_rows(d, ("prompt", "answer"))
     check_groupwise_rewards(config, *load_rewards(config))  # as training builds them: a bad one is exit 3
     rewards = "; ".join(
@@ -141,7 +142,12 @@ def grpo_plan(config) -> list[tuple[str, object]]:
         (
             "algorithm",
             f"{a.loss} (clip {a.clip_range:g} / {a.effective_clip_range_high:g}, KL beta {a.kl_beta:g}, "
-            f"advantage std {a.scale})",
+            + (
+                f"advantage std {a.scale})"
+                if a.name != "coupled_grpo"
+                else f"leave-one-out advantages, unscaled; {a.diffusion_masks} masks, {a.diffusion_steps} unmasking "
+                f"steps, {a.diffusion_confidence} first)"
+            ),
         ),
         ("model", model),
         ("train data", train),
@@ -169,6 +175,26 @@ def grpo_plan(config) -> list[tuple[str, object]]:
         ("memory", _memory(config) + f", reference model {'kept' if a.kl_beta > 0 else 'none'}"),
         ("output", config.log.output_dir),
     ]
+
+
+def _embedded_name(path: str) -> str:
+    """The embedded toy `path` names (embedded:arith or one of llmalign.toy.OTHER_EMBEDDED), else embedded:arith."""
+    from llmalign.toy import OTHER_EMBEDDED
+
+    return next((name for name in OTHER_EMBEDDED if path == name or path.startswith(name + "/")), EMBEDDED_MODEL)
+
+
+def _model_kind(path: str, algorithm: str) -> str:
+    """The model's kind as its config declares it (llmalign.policy.declared_architectures), refused when the
+    algorithm (or recipe: sft, dpo, iterate) trains the other kind (coupled_grpo: masked-diffusion, every other:
+    causal), as training refuses it."""
+    from llmalign.policy import CAUSAL, MASKED_DIFFUSION, declared_architectures, model_kind, refuse_other_kind
+
+    architectures = declared_architectures(path)
+    kind = MASKED_DIFFUSION if algorithm == "coupled_grpo" else CAUSAL
+    refuse_other_kind(architectures, kind, "config field 'model.path':", path)
+    found = model_kind(architectures)
+    return f"{found.replace('_', '-')} LM" if found else "model kind not known until it loads"
 
 
 def _environment_rows(config) -> list[tuple[str, object]]:
@@ -212,7 +238,8 @@ def dpo_plan(config) -> list[tuple[str, object]]:
     t, a, d = config.train, config.algorithm, config.data
     world = world_size()
     require_divisible(t.batch_size, world, "train.batch_size", "pairs")
-    model = describe_source(config.model.path, "model.path", embedded=EMBEDDED_MODEL)
+    model = describe_source(config.model.path, "model.path", embedded=_embedded_name(config.model.path))
+    model += f", {_model_kind(config.model.path, 'causal')}"
     guidance = (
         describe_source(a.guidance_model, "algorithm.guidance_model", embedded=EMBEDDED_MODEL)
         if a.guidance_model is not None
@@ -258,7 +285,8 @@ def sft_plan(config) -> list[tuple[str, object]]:
     t, d = config.train, config.data
     world = world_size()
     require_divisible(t.batch_size, world, "train.batch_size", "sequences")
-    model = describe_source(config.model.path, "model.path", embedded=EMBEDDED_MODEL)
+    model = describe_source(config.model.path, "model.path", embedded=_embedded_name(config.model.path))
+    model += f", {_model_kind(config.model.path, 'causal')}"
     train, test, count = _data_rows(d, d.required_columns)
     if t.steps is not None:
         steps = f"{t.steps} (train.steps)"
@@ -297,7 +325,8 @@ def iterate_plan(config) -> list[tuple[str, object]]:
     t, a, d, p = config.train, config.algorithm, config.data, config.pairs
     world = world_size()
     require_divisible(t.batch_size, world, "train.batch_size", "pairs")  # each round's DPO splits its batch
-    model = describe_source(config.model.path, "model.path", embedded=EMBEDDED_MODEL)
+    model = describe_source(config.model.path, "model.path", embedded=_embedded_name(config.model.path))
+    model += f", {_model_kind(config.model.path, 'iterate')}"
     train, test, _ = _data_rows(d, ("prompt", "answer"))
     steps = (
         f"{t.steps} (train.steps)"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import time
 import warnings
 from pathlib import Path
@@ -31,11 +32,71 @@ from shared.config import ConfigError, local_path_problem, to_dict
 from shared.run import Run
 
 
-def load_policy(config: LMModelConfig, device: torch.device | str = "cpu", field: str = "model.path"):
+CAUSAL, MASKED_DIFFUSION = "causal", "masked_diffusion"
+MODEL_CLASSES = {CAUSAL: "AutoModelForCausalLM", MASKED_DIFFUSION: "AutoModelForMaskedLM"}
+"""The model kinds llmalign trains, and the transformers auto class that loads each."""
+KIND_USE = {
+    CAUSAL: "this recipe trains causal LMs (generate and left-to-right log-probs); give a *ForCausalLM model, or "
+    "train this one with `llmalign grpo` algorithm.name=coupled_grpo",
+    MASKED_DIFFUSION: "algorithm.name=coupled_grpo trains masked-diffusion LMs (a *ForMaskedLM with a mask token); "
+    "give one, e.g. embedded:arith-mdm, or train this model with another algorithm",
+}
+
+
+def model_kind(architectures: list[str] | None) -> str | None:
+    """The kind of a model from its config's `architectures`: a *ForMaskedLM is a masked-diffusion LM, a
+    *ForCausalLM a causal LM; None when neither (not judged: the loader's own errors speak)."""
+    names = architectures or []
+    if any(name.endswith("ForMaskedLM") for name in names):
+        return MASKED_DIFFUSION
+    if any(name.endswith("ForCausalLM") for name in names):
+        return CAUSAL
+    return None
+
+
+def refuse_other_kind(architectures: list[str] | None, kind: str, where: str, path: str) -> None:
+    """A ConfigError when `architectures` name a model of another kind than `kind` (one line, exit 2)."""
+    found = model_kind(architectures)
+    if found is not None and found != kind:
+        raise ConfigError(f"{where} {path!r} is a {found.replace('_', '-')} LM ({architectures[0]}); {KIND_USE[kind]}")
+
+
+def check_model_kind(path: str, kind: str, where: str, remote: dict) -> None:
+    """Refuse, before any weights load, a model of the other kind than the recipe trains (one line, exit 2)."""
+    from transformers import AutoConfig
+
+    try:
+        architectures = getattr(AutoConfig.from_pretrained(path, **remote), "architectures", None)
+    except (OSError, ValueError):  # no readable config: the tokenizer's or model's load says why
+        return
+    refuse_other_kind(architectures, kind, where, path)
+
+
+EMBEDDED_ARCHITECTURES = {"embedded:arith": ["Qwen2ForCausalLM"], "embedded:arith-mdm": ["BertForMaskedLM"]}
+
+
+def declared_architectures(path: str) -> list[str] | None:
+    """The architectures of an embedded toy or a local model directory's config.json, read without building,
+    loading or downloading anything (the dry run's); None when not known here (a hub id)."""
+    if path in EMBEDDED_ARCHITECTURES:
+        return EMBEDDED_ARCHITECTURES[path]
+    config_file = Path(path).expanduser() / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        return json.loads(config_file.read_text()).get("architectures")
+    except (ValueError, AttributeError):  # not a JSON object: the load will say so
+        return None
+
+
+def load_policy(
+    config: LMModelConfig, device: torch.device | str = "cpu", field: str = "model.path", kind: str = CAUSAL
+):
     """(model, tokenizer) from a directory or hub id, on `device`, with a LoRA adapter when config.lora. A path
-    that cannot be loaded and LoRA targets that match nothing are ConfigErrors naming `field` and
-    model.lora_targets."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    that cannot be loaded, a model of another `kind` (CAUSAL or MASKED_DIFFUSION, `check_model_kind`) and LoRA
+    targets that match nothing are ConfigErrors naming `field` and model.lora_targets."""
+    import transformers
+    from transformers import AutoTokenizer
 
     path = resolve_embedded(config.path)
     where = field if field.startswith("--") else f"config field '{field}':"  # a flag (llmalign eval) or a field
@@ -43,6 +104,7 @@ def load_policy(config: LMModelConfig, device: torch.device | str = "cpu", field
     if problem is not None:  # a missing local directory: said before transformers takes it for a hub id
         raise ConfigError(f"{where} {problem}")
     remote = {"trust_remote_code": True} if config.allow_remote_code else {}  # off unless the config says so
+    check_model_kind(path, kind, where, remote)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **remote)
     except OSError as error:  # not a model directory, or a hub id that is not there (or not reachable)
@@ -51,24 +113,28 @@ def load_policy(config: LMModelConfig, device: torch.device | str = "cpu", field
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked everywhere; any id will do
+    if kind == MASKED_DIFFUSION and tokenizer.mask_token_id is None:
+        raise ConfigError(f"{where} {path!r} has no mask token in its tokenizer; a masked-diffusion LM needs one")
+    auto_class = getattr(transformers, MODEL_CLASSES[kind])
     if config.lora:
-        check_lora_targets(path, config, remote)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, config.dtype), **remote).to(device)
+        check_lora_targets(path, config, remote, kind)
+    model = auto_class.from_pretrained(path, dtype=getattr(torch, config.dtype), **remote).to(device)
     if config.lora:
         from peft import get_peft_model
 
         try:
-            model = get_peft_model(model, _lora_config(config))
+            model = get_peft_model(model, _lora_config(config, kind))
         except ValueError as error:  # peft: no module of the model matches the targets
             raise ConfigError(_targets_message(config, error)) from None
     return model, tokenizer
 
 
-def _lora_config(config: LMModelConfig):
+def _lora_config(config: LMModelConfig, kind: str = CAUSAL):
     from peft import LoraConfig
 
+    task_type = "CAUSAL_LM" if kind == CAUSAL else None  # peft has no masked-LM task: the plain PeftModel
     return LoraConfig(
-        r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=config.lora_targets, task_type="CAUSAL_LM"
+        r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=config.lora_targets, task_type=task_type
     )
 
 
@@ -80,18 +146,20 @@ def _targets_message(config: LMModelConfig, error: BaseException) -> str:
     )
 
 
-def check_lora_targets(path: str, config: LMModelConfig, remote: dict) -> None:
+def check_lora_targets(path: str, config: LMModelConfig, remote: dict, kind: str = CAUSAL) -> None:
     """Refuse LoRA targets that match no module, on a weightless (meta-device) copy of the model built from its
     config: a second, where loading the weights first (minutes for a large model) and failing then wastes them."""
+    import transformers
     from accelerate import init_empty_weights
     from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    auto_class = getattr(transformers, MODEL_CLASSES[kind])
     with warnings.catch_warnings(), init_empty_weights():  # meta tensors: no memory, no weights read
         warnings.simplefilter("ignore")
-        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, **remote), **remote)
+        skeleton = auto_class.from_config(AutoConfig.from_pretrained(path, **remote), **remote)
         try:
-            get_peft_model(skeleton, _lora_config(config))
+            get_peft_model(skeleton, _lora_config(config, kind))
         except ValueError as error:  # peft: no module matches, or one of a kind LoRA cannot wrap
             raise ConfigError(_targets_message(config, error)) from None
 

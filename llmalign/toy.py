@@ -35,6 +35,7 @@ marks a complete build).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import random
@@ -454,12 +455,22 @@ def rm_split(root: str, name: str) -> str:
     return _cached_rows(default_cache_dir().parent / "arith-rm" / name, rows)
 
 
+# other embedded toys, by their name: the import path 'module:function' of their resolver (path -> path), imported
+# when named (those modules build on this one's tokenizer and task, so importing them here would be a cycle)
+OTHER_EMBEDDED = {"embedded:arith-mdm": "llmalign.diffusion_toy:resolve_mdm"}  # the masked-diffusion toy
+
+
 def resolve_embedded(path: str) -> str:
     """`embedded:arith` -> the cached model directory; `embedded:arith/test.jsonl` -> a file in it;
     `embedded:arith/levels/train.jsonl` (or test.jsonl) -> that file with length levels (`level_split`);
     `embedded:arith/rm/cyclic_train.jsonl` (and the other RM_SPLITS) -> reward-model pairs (`rm_split`);
     `embedded:arith/smoke` -> the smoke build's directory (`ensure_arith_model(mode="smoke")`);
-    anything else unchanged (a local directory, a file or a hub id)."""
+    `embedded:arith-mdm[/file]` -> the masked-diffusion toy's (`OTHER_EMBEDDED`); anything else unchanged (a local
+    directory, a file or a hub id)."""
+    for name, resolver in OTHER_EMBEDDED.items():
+        if path == name or path.startswith(name + "/"):
+            module_name, _, attribute = resolver.partition(":")
+            return getattr(importlib.import_module(module_name), attribute)(path)
     if path == EMBEDDED_MODEL or path.startswith(EMBEDDED_MODEL + "/"):
         root = ensure_arith_model()
         rest = path[len(EMBEDDED_MODEL) :].lstrip("/")

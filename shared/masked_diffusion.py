@@ -57,6 +57,7 @@ __all__ = [
     "leave_one_out_advantages",
     "masks_from_uniforms",
     "sample_mask_ratio",
+    "single_mask_token_logps",
 ]
 
 MASK_RATIO_RANGE = (0.2, 0.8)  # official: random.uniform(0.2, 0.8), one value per batch
@@ -162,6 +163,22 @@ def coupled_token_logps(
     if completion_mask is not None:
         estimate = estimate * completion_mask.to(estimate.dtype)  # [B, L]
     return estimate
+
+
+def single_mask_token_logps(logp_a: Tensor, mask_a: Tensor, t: Tensor | float) -> Tensor:
+    """The ablation of the coupling in DiffuCoder (arXiv 2506.20639): one random mask, no complementary pass.
+
+        logp_j = logp_a_j / t   if mask_a_j   else 0
+
+    One masked pass (mask_a masked) scores only the tokens it masks, weighted 1/t as pass A of the coupled
+    estimate; a token outside mask_a gets no estimate and must be left out of the loss (the caller's token mask:
+    ``mask_a``). logp_a, mask_a [B, L]; t scalar or [B]. Returns [B, L]. The official code has no such mode (its
+    recipe always couples); this is the ablation's stated form, without its fully masked pass.
+    """
+    if logp_a.shape != mask_a.shape or logp_a.dim() != 2:
+        raise ValueError(f"logp_a {tuple(logp_a.shape)} and mask_a {tuple(mask_a.shape)} must have one shape [B, L]")
+    ratio = _ratio_per_sample(t, logp_a.shape[0], logp_a.device).to(logp_a.dtype)[:, None]  # [B, 1]
+    return torch.where(mask_a.bool(), logp_a / ratio, torch.zeros_like(logp_a))  # [B, L]
 
 
 def leave_one_out_advantages(rewards: Tensor, group_size: int, scale: bool = False, eps: float = 1e-4) -> Tensor:

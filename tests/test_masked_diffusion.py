@@ -14,6 +14,7 @@ from shared.masked_diffusion import (
     leave_one_out_advantages,
     masks_from_uniforms,
     sample_mask_ratio,
+    single_mask_token_logps,
 )
 
 # Two sequences of length 6: prompt (P), completion (C), padding after EOS (-).
@@ -160,3 +161,15 @@ def test_leave_one_out_is_group_mean_advantage_times_g_over_g_minus_1():
     rewards = torch.rand(12, generator=torch.Generator().manual_seed(0))
     groups = torch.arange(4).repeat_interleave(3)
     assert_close(leave_one_out_advantages(rewards, 3), 1.5 * group_advantages(rewards, groups, scale="none"))
+
+
+def test_single_mask_estimate_by_hand():
+    # the ablation: logp_a / t on mask_a, 0 elsewhere. t = 0.25 in row 0, 0.5 in row 1.
+    logp_a = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -4.0, -0.1]])
+    mask_a = torch.tensor([[True, False, True], [False, True, False]])
+    got = single_mask_token_logps(logp_a, mask_a, torch.tensor([0.25, 0.5]))
+    assert_close(got, torch.tensor([[-4.0, 0.0, -12.0], [0.0, -8.0, 0.0]]))
+    # a scalar t: the official one ratio per batch
+    assert_close(single_mask_token_logps(logp_a, mask_a, 0.5)[0], torch.tensor([-2.0, 0.0, -6.0]))
+    with pytest.raises(ValueError, match="one shape"):
+        single_mask_token_logps(logp_a, mask_a[:, :2], 0.5)
