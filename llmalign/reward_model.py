@@ -420,12 +420,20 @@ def make_gpm_reward(path: str, device: str = "cpu", antisymmetrize: bool = False
     """A GROUPWISE reward (`fn.groupwise = True`) fn(prompt, completions, **kwargs) -> list[float] for the K
     completions of one prompt: completion i's mean win probability (1/K) sum_j sigmoid(S_ij) against the group, self
     included (shared.gpm.gpm_win_rates; antisymmetrize: the official sigmoid(S_ij - S_ji)), from ONE forward of the K
-    completions."""
-    rm = load_reward_model(path, device)
-    rm.require("gpm", "make_gpm_reward")
+    completions. The model loads at the first call (a dry run builds the reward without its weights); its
+    reward_model.json is read at once, so a path that is not a GPM fails before training."""
+    info_file = Path(path) / RM_FILE
+    if not info_file.is_file():
+        raise ValueError(f"{path} has no {RM_FILE}; give the final/ directory of an `llmalign rm` run")
+    kind = json.loads(info_file.read_text()).get("kind")
+    if kind != "gpm":
+        raise ValueError(f"{path} holds a {kind} reward model; make_gpm_reward needs a GPM (algorithm.kind=gpm)")
+    loaded: list[RewardModel] = []
 
     def gpm_reward(prompt, completions: list[str], **kwargs) -> list[float]:
-        return gpm_win_rates(rm.score_table(prompt, completions), antisymmetrize).tolist()  # [K]
+        if not loaded:
+            loaded.append(load_reward_model(path, device))
+        return gpm_win_rates(loaded[0].score_table(prompt, completions), antisymmetrize).tolist()  # [K]
 
     gpm_reward.groupwise = True
     return gpm_reward

@@ -224,6 +224,9 @@ def test_every_llm_recipe_passes_dry_run(recipe, no_weights, capsys):
     write_pairs(no_weights, 10)
     write_long_sft_rows(no_weights)
     write_levels_stage_one(no_weights)
+    judge = no_weights / "runs/llm_arith_rm_gpm/final"  # arith_gpo.yaml's judge: only its kind is read
+    judge.mkdir(parents=True, exist_ok=True)
+    (judge / "reward_model.json").write_text(json.dumps({"kind": "gpm", "dim": 2, "tau": 0.1, "normalize": False}))
     llm_main(["train", str(REPO / "configs/llm" / recipe), "--dry-run"])  # routed by the YAML's recipe: key
     assert plan(capsys)["world size"] == "1"
 

@@ -203,7 +203,10 @@ def test_two_processes_equal_one_process(tiny, tmp_path):
     one_w, two_w = trained_weights(tmp_path / "one"), trained_weights(tmp_path / "two")
     assert one_w.keys() == two_w.keys()
     for name in one_w:
-        assert_close(two_w[name], one_w[name], atol=1e-5, rtol=1e-5, msg=name)
+        # the key bias's true gradient is 0 (it adds q.b_k to a whole row of scores, which softmax ignores), so
+        # AdamW turns the gradient's rounding noise into lr-sized steps that differ with the reduction order
+        if not name.endswith("k_proj.bias"):
+            assert_close(two_w[name], one_w[name], atol=1e-5, rtol=1e-5, msg=name)
     for a, b in zip(records_of(tmp_path / "one"), records_of(tmp_path / "two"), strict=True):
         assert a.keys() == b.keys()
         for key in a:
@@ -321,6 +324,8 @@ def test_bt_reward_is_the_loaded_models_scalar(saved):
 def test_groupwise_gpm_reward_is_one_forward_and_equals_pairwise(saved, monkeypatch):
     prompt = "Compute 3+4-2.\n"
     completions = ["<think>3+4=7 7-2=5</think><answer>5</answer>", "<answer>6</answer>", "5", "I do not know", "x"]
+    with pytest.raises(ValueError, match="holds a bt reward model; make_gpm_reward needs a GPM"):
+        make_gpm_reward(str(saved["bt"]))  # refused when built, from its reward_model.json (the weights load lazily)
     reward = make_gpm_reward(str(saved["gpm"]))
     assert reward.groupwise is True
     calls = []
