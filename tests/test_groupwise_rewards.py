@@ -9,7 +9,8 @@ import torch
 
 from llmalign.cli import main
 from shared.reward_calls import GroupOutputError, groupwise, is_groupwise, score_groups, with_deadline
-from tests.multiproc import run_processes
+from shared.checkpoint import latest_checkpoint, load_state
+from tests.multiproc import kill_at_checkpoint, run_processes
 from tests.test_llm_grpo import overrides, tiny_lm_dir  # noqa: F401  (fixture)
 from tests.test_train_smoke import ALGORITHMS, tiny_config, tiny_overrides, tiny_pipeline_dir  # noqa: F401  (fixture)
 
@@ -191,6 +192,26 @@ def test_flow_groupwise_evaluation_on_two_processes_equals_one(tiny_pipeline_dir
     evals = lambda records: [{k: v for k, v in r.items() if k.startswith("eval")} for r in records]
     assert evals(results[1]) == evals(results[2])
     assert len(results[1]) == 2 and all(evals(results[1]))
+    # the training groups too: iteration 1's rewards, scored per group on whichever rank holds it, gathered
+    train_rewards = lambda records: {k: v for k, v in records[1].items() if k.startswith("reward/")}
+    assert train_rewards(results[1]) and train_rewards(results[1]) == train_rewards(results[2])
+
+
+def test_flow_groupwise_reward_sigkill_then_resume_is_bit_identical(tiny_pipeline_dir, tmp_path):  # noqa: F811
+    from flowalign.train import train
+
+    reward = "reward.weights={tests.test_groupwise_rewards:brightness_rank: 1.0}"
+    extra = (reward, "train.group_size=2", "train.iterations=3", "log.checkpoint_every=1", "log.eval_every=0")
+    train(tiny_config(tiny_pipeline_dir, tmp_path / "straight", *extra))
+    out = tmp_path / "killed"
+    args = ["flowalign/train.py", *tiny_overrides(tiny_pipeline_dir, out, *extra)]
+    kill_at_checkpoint(1, args, out / "checkpoints")
+    train(tiny_config(tiny_pipeline_dir, out, *extra), resume=True)
+    straight = load_state(latest_checkpoint(tmp_path / "straight" / "checkpoints"), "trainable")
+    resumed = load_state(latest_checkpoint(out / "checkpoints"), "trainable")
+    assert straight.keys() == resumed.keys() and latest_checkpoint(out / "checkpoints").name == "step-000003"
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
 
 
 def test_flow_tempflow_refuses_a_groupwise_reward_in_one_line(tiny_pipeline_dir, tmp_path, capsys):  # noqa: F811
