@@ -30,7 +30,9 @@ EMBEDDED_MODEL = "embedded:digits"  # the project's own tiny SD3 pipeline, built
 @dataclasses.dataclass
 class ModelConfig:
     path: str = option(EMBEDDED_MODEL, "diffusers pipeline: local directory, hub id, or 'embedded:digits'")
-    pipeline: Literal["sd3", "flux"] = option("sd3", "pipeline family: sd3 (SD3, SD3.5) or flux (FLUX.1)")
+    pipeline: Literal["sd3", "flux", "qwenimage"] = option(
+        "sd3", "pipeline family: sd3 (SD3, SD3.5), flux (FLUX.1) or qwenimage (Qwen-Image)"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the transformer and frozen parts")
     lora: bool = option(True, "train a LoRA adapter (true) or the full transformer (false)")
     lora_rank: int = option(32, "LoRA rank r")

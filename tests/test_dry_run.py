@@ -126,6 +126,7 @@ FLOW_NUMBERS = [
     ("sd35_medium_pickscore.yaml", 8, 48, 24, 1000 * 2, 48 * 24 * 9),  # 9 noisy steps of 10, all trained
     ("sd35_medium_ocr.yaml", 4, 48, 24, 1000 * 2, 48 * 24 * 9),
     ("flux_dev_mixgrpo.yaml", 4, 32, 12, 300 * 4, 32 * 12 * 4),  # a window of 4 of the 24 noisy steps
+    ("qwen_image_mixgrpo.yaml", 4, 32, 12, 300 * 4, 32 * 12 * 4),  # the same window on Qwen-Image
     ("flow_grpo.yaml", 2, 10, 8, 200 * 2, 10 * 8 * 9),
 ]
 
