@@ -830,3 +830,166 @@ class QwenImageAdapter:
         vae = self.pipeline.vae
         z = _denormalized_latents(latents[:, :, None], vae)  # [B, C, 1, h, w]
         return _unit_range(vae.decode(z, return_dict=False)[0][:, :, 0])  # [B, 3, H, W]
+
+
+# ----------------------------------------------------------------------------- Wan (text-to-video)
+
+WAN_DEFAULT_MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default UMT5 length
+WAN_DEFAULT_NUM_FRAMES = 81  # WanPipeline.__call__'s default (5 s at 16 fps)
+
+
+class WanAdapter:
+    """`FlowPipelineAdapter` for `WanPipeline` (Wan 2.1 text-to-video; a Wan 2.2 pipeline with one transformer):
+    UMT5 token conditioning zero-padded to max_sequence_length, video latents [B, C, F, h, w] with a frame axis
+    (F = (num_frames - 1) / 4 + 1 latent frames for the VAE's temporal factor 4), transformer called at
+    timestep = sigma * 1000, CFG v = v_u + g (v_c - v_u) against "" from one batched forward of [uncond, cond]
+    (the pipeline runs the two forwards separately). decode returns videos [B, F', 3, H, W]: frame-major, so a
+    frame is an image (rewards score frames; flowalign.rewards.plugins.call_reward averages them).
+
+    The frame count is fixed per adapter (num_frames): the protocol's height/width arguments stay as they are.
+    Departure from the pipeline: Wan ships UniPCMultistepScheduler, whose timesteps are int(sigma * 1000); the
+    samplers here step in continuous sigma and call the transformer at sigma * 1000 unrounded (the same as the
+    pipeline with FlowMatchEulerDiscreteScheduler, which tests/test_wan_adapter.py checks)."""
+
+    def __init__(
+        self,
+        pipeline,
+        max_sequence_length: int = WAN_DEFAULT_MAX_SEQUENCE_LENGTH,
+        num_frames: int = WAN_DEFAULT_NUM_FRAMES,
+    ):
+        if getattr(pipeline, "transformer_2", None) is not None or pipeline.config.get("expand_timesteps", False):
+            raise ValueError(
+                "Wan 2.2's two-transformer (A14B) and expand_timesteps (TI2V-5B) pipelines are not supported; "
+                "load a one-transformer text-to-video pipeline such as Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+            )
+        temporal = pipeline.vae_scale_factor_temporal
+        if num_frames < 1 or (num_frames - 1) % temporal:
+            raise ValueError(
+                f"num_frames must be {temporal}k + 1 (the VAE compresses {temporal} frames into one after the "
+                f"first), got {num_frames}; e.g. {(max(num_frames, 1) - 1) // temporal * temporal + 1} or 81"
+            )
+        if max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be >= 1 (UMT5 tokens), got {max_sequence_length}")
+        self.pipeline = pipeline
+        # what velocity() calls: a trainer may put its DDP/FSDP wrapper here
+        self.transformer = pipeline.transformer
+        self.scheduler = pipeline.scheduler
+        self.max_sequence_length = max_sequence_length
+        self.num_frames = num_frames
+        _freeze_all_but_transformer(pipeline)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        max_sequence_length: int | None = None,
+        num_frames: int | None = None,
+        **pipeline_kwargs,
+    ) -> WanAdapter:
+        """Load with `WanPipeline.from_pretrained` (local directory or hub id); as FluxAdapter.from_pretrained, with
+        the pipeline's 512 text tokens and 81 frames as defaults. The VAE loads in `dtype` too (diffusers' Wan
+        example keeps it float32; pass vae=... in pipeline_kwargs for that)."""
+        from diffusers import WanPipeline
+
+        pipeline, length = _load_pipeline(
+            WanPipeline,
+            path_or_hub_id,
+            dtype,
+            device,
+            max_sequence_length,
+            WAN_DEFAULT_MAX_SEQUENCE_LENGTH,
+            pipeline_kwargs,
+        )
+        return cls(pipeline, max_sequence_length=length, num_frames=num_frames or WAN_DEFAULT_NUM_FRAMES)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipeline.transformer.dtype
+
+    def prompts_over_context(self, prompts: list[str]) -> list[str]:
+        """Prompts the UMT5 tokenizer cuts at max_sequence_length."""
+        return _prompts_over_context(self.pipeline, prompts, "tokenizer", self.max_sequence_length)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        """The pipeline's own `encode_prompt` for `prompts` and for "" (the negative fields): [B, L, D] each, L =
+        max_sequence_length (the pipeline zero-pads every prompt to it). No pooled embedding, no mask."""
+        _check_prompts(prompts)
+        embeds, negative = self.pipeline.encode_prompt(
+            prompt=list(prompts),
+            negative_prompt="",
+            do_classifier_free_guidance=True,
+            max_sequence_length=self.max_sequence_length,
+            device=self.device,
+        )  # [B, L, D], [B, L, D]
+        return PromptEmbeds(embeds.to(self.dtype), None, negative.to(self.dtype), None)
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int, int]:
+        """(C, F, h, w) of the latents of a num_frames x height x width video: F = (num_frames - 1) / 4 + 1, h =
+        height / VAE factor (8). Default size: the pipeline's 480 x 832."""
+        factor = self.pipeline.vae_scale_factor_spatial
+        patch = self.pipeline.transformer.config.patch_size  # (frames, rows, columns)
+        height, width = height or 480, width or 832
+        if height % (factor * patch[1]) or width % (factor * patch[2]):  # the pipeline would round down; we refuse
+            raise ValueError(
+                f"height and width must be multiples of {factor * patch[1]} (VAE factor {factor} x patch size "
+                f"{patch[1]}); got height={height}, width={width}"
+            )
+        frames = (self.num_frames - 1) // self.pipeline.vae_scale_factor_temporal + 1
+        return (self.pipeline.transformer.config.in_channels, frames, height // factor, width // factor)
+
+    def initial_noise(
+        self, batch: int, generator: torch.Generator | None = None, height: int | None = None, width: int | None = None
+    ) -> torch.Tensor:
+        """Standard normal latents [B, C, F, h, w] in float32, as the pipeline draws them whatever the transformer's
+        dtype (same generator -> same noise as `pipeline(..., generator=generator)`)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (batch, *self.latent_shape(height, width))
+        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)  # [B, C, F, h, w]
+
+    def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """The scheduler's noise levels for `num_steps` steps, ending with 0: [T + 1] (Wan's flow_shift applied by
+        the scheduler; no resolution-dependent shift). Sets the scheduler's timesteps, as the pipeline does."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        self.scheduler.set_timesteps(num_steps, device=self.device)
+        return self.scheduler.sigmas.clone().float()  # [T + 1]
+
+    def velocity(
+        self, latents: torch.Tensor, sigma: float | torch.Tensor, embeds: PromptEmbeds, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
+        """Predicted v = noise - x0 at noise level sigma: [B, C, F, h, w], in the transformer's dtype. The transformer
+        is called at timestep = sigma * num_train_timesteps (1000) on [B, C, F, h, w] (it patches itself). CFG as
+        in the class docstring when guidance_scale > 1. Differentiable outside no_grad."""
+        if latents.ndim != 5:
+            raise ValueError(f"latents must be [B, C, F, h, w] (a frame axis), got shape {tuple(latents.shape)}")
+        sigma = _sigma_per_sample(sigma, embeds, latents)  # [B]
+        timestep = sigma * self.scheduler.config.num_train_timesteps  # [B]
+        x = latents.to(self.dtype)  # [B, C, F, h, w]
+        if guidance_scale > 1:
+            v = self.transformer(
+                hidden_states=torch.cat([x, x]),  # [2B, C, F, h, w]
+                timestep=torch.cat([timestep, timestep]),
+                encoder_hidden_states=torch.cat([embeds.negative_prompt_embeds, embeds.prompt_embeds]),
+                return_dict=False,
+            )[0]
+            v_uncond, v_cond = v.chunk(2)  # [B, C, F, h, w] each
+            return v_uncond + guidance_scale * (v_cond - v_uncond)
+        return self.transformer(
+            hidden_states=x, timestep=timestep, encoder_hidden_states=embeds.prompt_embeds, return_dict=False
+        )[0]  # [B, C, F, h, w]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Videos [B, F', 3, H, W] in [0, 1] (float32), F' = num_frames: latents de-normalised per channel (x *
+        latents_std + latents_mean), decoded by the video VAE ([B, 3, F', H, W]), x / 2 + 1/2 clamped, frames
+        first, as the pipeline's output_type="pt". Differentiable outside no_grad."""
+        vae = self.pipeline.vae
+        video = vae.decode(_denormalized_latents(latents, vae), return_dict=False)[0]  # [B, 3, F', H, W]
+        return _unit_range(video.permute(0, 2, 1, 3, 4))  # [B, F', 3, H, W]

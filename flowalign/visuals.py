@@ -12,7 +12,10 @@ from PIL import Image, ImageDraw
 def save_image_grid(
     images: torch.Tensor, rows: int, path: str | Path, labels: list[str] | None = None, min_cell: int = 64
 ) -> None:
-    """images [rows*cols, 3, H, W] in [0, 1], row-major -> one PNG; small images are upscaled (nearest)."""
+    """images [rows*cols, 3, H, W] in [0, 1], row-major -> one PNG; small images are upscaled (nearest). Videos
+    [rows*cols, F, 3, H, W]: each cell is the sample's F frames side by side, left to right (a frame strip)."""
+    if images.ndim == 5:
+        images = images.permute(0, 2, 3, 1, 4).flatten(3)  # [N, 3, H, F*W]: frame f at columns f*W .. (f+1)*W
     count, _, height, width = images.shape
     cols = count // rows
     zoom = max(1, -(-min_cell // max(height, width)))  # ceil: tiny toy images stay visible

@@ -127,6 +127,7 @@ FLOW_NUMBERS = [
     ("sd35_medium_ocr.yaml", 4, 48, 24, 1000 * 2, 48 * 24 * 9),
     ("flux_dev_mixgrpo.yaml", 4, 32, 12, 300 * 4, 32 * 12 * 4),  # a window of 4 of the 24 noisy steps
     ("qwen_image_mixgrpo.yaml", 4, 32, 12, 300 * 4, 32 * 12 * 4),  # the same window on Qwen-Image
+    ("wan2.1_t2v_1.3b_mixgrpo.yaml", 8, 16, 8, 300 * 4, 16 * 8 * 4),  # the same window on 81-frame videos
     ("flow_grpo.yaml", 2, 10, 8, 200 * 2, 10 * 8 * 9),
 ]
 

@@ -239,3 +239,24 @@ def test_latent_shape_decode_and_errors(adapter):
         )
         raw = adapter.pipeline.vae.decode(z[:, :, None]).sample[:, :, 0]  # the latents config of tiny_components
         assert_close(adapter.decode(latents), (raw / 2 + 0.5).clamp(0, 1))
+
+
+def test_trains_through_the_flow_grpo_recipe(saved, tmp_path):
+    from diffusers import QwenImagePipeline
+
+    from flowalign.train import train
+    from shared.checkpoint import latest_checkpoint, load_state
+    from tests.test_train_smoke import tiny_config
+
+    (saved / "flowalign.json").write_text('{"max_sequence_length": 64}')
+    config = tiny_config(
+        saved, tmp_path / "run", "model.pipeline=qwenimage", "sampling.height=16", "sampling.width=16",
+        "algorithm.name=flow_grpo",
+    )  # fmt: skip
+    train(config)
+    first = load_state(tmp_path / "run" / "checkpoints" / "step-000001", "trainable")
+    trained = load_state(latest_checkpoint(tmp_path / "run" / "checkpoints"), "trainable")
+    assert trained and all(not torch.equal(first[name], trained[name]) for name in trained)
+    fresh = QwenImagePipeline.from_pretrained(saved)
+    fresh.load_lora_weights(str(latest_checkpoint(tmp_path / "run" / "checkpoints") / "lora"))
+    assert any("lora" in name for name, _ in fresh.transformer.named_parameters())
