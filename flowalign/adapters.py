@@ -11,9 +11,11 @@ An adapter turns a pipeline into the few operations flow-matching RL needs:
     images = adapter.decode(x)                          # [B, 3, H, W] in [0, 1]
 
 Conventions (those of diffusers' flow-matching schedulers): x_sigma = (1 - sigma) * x0 + sigma * noise and
-the model predicts v = noise - x0. With that loop `SD3Adapter` reproduces `StableDiffusion3Pipeline.__call__`
-(tests/test_adapters.py checks it). Model-specific code (SD3 now, FLUX later) stays inside the
-adapter class; the trainer sees only `FlowPipelineAdapter`.
+the model predicts v = noise - x0. With that loop each adapter reproduces its pipeline's `__call__`:
+`SD3Adapter` (tests/test_adapters.py), `FluxAdapter` (tests/test_flux_adapter.py), `QwenImageAdapter`
+(tests/test_qwen_image_adapter.py) and `WanAdapter` (tests/test_wan_adapter.py), whose latents carry a frame axis
+([B, C, F, h, w]) and whose decode gives videos [B, F, 3, H, W]. Model-specific code stays inside the adapter
+class; the trainer sees only `FlowPipelineAdapter`. docs/extending.md "Add a model" says how to add a family.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ _MASK_FIELDS = ("prompt_mask", "negative_prompt_mask")  # [B, L]
 
 @runtime_checkable
 class FlowPipelineAdapter(Protocol):
-    """What samplers and trainers may use of a flow-matching text-to-image pipeline."""
+    """What samplers and trainers may use of a flow-matching text-to-image (or text-to-video) pipeline. Shapes for
+    images; a video adapter adds a frame axis: latents [B, C, F, h, w], decode -> [B, F, 3, H, W]."""
 
     transformer: nn.Module  # the velocity model; train it or wrap it with LoRA
     pipeline: Any  # the diffusers pipeline (for saving, or calling it directly)
@@ -124,7 +127,7 @@ class FlowPipelineAdapter(Protocol):
 
     def prompts_over_context(self, prompts: list[str]) -> list[str]: ...
 
-    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]: ...
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, ...]: ...
 
     def initial_noise(
         self, batch: int, generator: torch.Generator | None = None, height: int | None = None, width: int | None = None

@@ -152,6 +152,10 @@ def test_latent_shape_decode_and_errors(adapter):
         adapter.latent_shape(36, 32)
     with pytest.raises(ValueError, match=r"num_frames must be 4k \+ 1"):
         WanAdapter(adapter.pipeline, SEQ, num_frames=6)
+    components = adapter.pipeline.components
+    for extra in ({"transformer_2": components["transformer"]}, {"expand_timesteps": True}):  # Wan 2.2 A14B, TI2V
+        with pytest.raises(ValueError, match="two-transformer .A14B. and expand_timesteps"):
+            WanAdapter(type(adapter.pipeline)(**{**components, **extra}), SEQ, FRAMES)
     with pytest.raises(ValueError, match="frame axis"):
         adapter.velocity(torch.zeros(2, 4, 8, 8), 0.5, adapter.encode_prompts(PROMPTS))
     latents = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(4))
