@@ -371,26 +371,17 @@ class SD3Adapter:
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """(C, h, w) of the latents for a height x width image (default: the pipeline's default
         size, transformer sample_size * VAE factor)."""
-        factor = self.pipeline.vae_scale_factor
-        multiple = factor * self.pipeline.patch_size
-        height = height or self.pipeline.default_sample_size * factor
-        width = width or self.pipeline.default_sample_size * factor
-        if height % multiple or width % multiple:
-            raise ValueError(
-                f"height and width must be multiples of {multiple} (VAE factor {factor} x patch size "
-                f"{self.pipeline.patch_size}); got height={height}, width={width}"
-            )
-        return (self.pipeline.transformer.config.in_channels, height // factor, width // factor)
+        p = self.pipeline
+        default = p.default_sample_size * p.vae_scale_factor
+        h, w = _latent_size(height, width, default, default, p.vae_scale_factor, p.patch_size)
+        return (p.transformer.config.in_channels, h, w)
 
     def initial_noise(
         self, batch: int, generator: torch.Generator | None = None, height: int | None = None, width: int | None = None
     ) -> torch.Tensor:
         """Standard normal latents [B, C, h, w], drawn as the pipeline draws them (same generator
         -> same noise as `pipeline(..., generator=generator)`)."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        shape = (batch, *self.latent_shape(height, width))
-        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)  # [B, C, h, w]
+        return _pipeline_noise(self, batch, generator, height, width)  # [B, C, h, w]
 
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """The scheduler's noise levels for `num_steps` steps, shift applied, ending with 0: [T + 1].
@@ -476,6 +467,43 @@ def _unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tens
     patches = tokens.reshape(b, height // FLUX_PATCH, width // FLUX_PATCH, c, FLUX_PATCH, FLUX_PATCH)
     # patches: [B, i, j, C, di, dj]
     return patches.permute(0, 3, 1, 4, 2, 5).reshape(b, c, height, width)  # [B, C, h, w]
+
+
+def _latent_size(height, width, default_height: int, default_width: int, factor: int, patch: int) -> tuple[int, int]:
+    """(h, w) of the latents of a height x width image (None: the pipeline's default size). The pipelines round a
+    size that is not a multiple of VAE factor x patch size down; we refuse it, so sizes mean what they say."""
+    height, width = height or default_height, width or default_width
+    if height % (factor * patch) or width % (factor * patch):
+        raise ValueError(
+            f"height and width must be multiples of {factor * patch} (VAE factor {factor} x patch size "
+            f"{patch}); got height={height}, width={width}"
+        )
+    return height // factor, width // factor
+
+
+def _packed_latent_shape(pipeline, height, width) -> tuple[int, int, int]:
+    """(C, h, w) of FLUX's and Qwen-Image's unpacked latents: C = in_channels / 4 (the transformer sees 2x2 patches),
+    h = height / VAE factor; default size default_sample_size (128) * VAE factor."""
+    default = pipeline.default_sample_size * pipeline.vae_scale_factor
+    h, w = _latent_size(height, width, default, default, pipeline.vae_scale_factor, FLUX_PATCH)
+    return (pipeline.transformer.config.in_channels // (FLUX_PATCH * FLUX_PATCH), h, w)
+
+
+def _pipeline_noise(adapter, batch: int, generator, height, width, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Standard normal latents of `adapter.latent_shape`, drawn by diffusers' randn_tensor as the pipelines draw
+    them (the same generator gives the same noise), in `dtype` (default: the transformer's)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    shape = (batch, *adapter.latent_shape(height, width))
+    return randn_tensor(shape, generator=generator, device=adapter.device, dtype=dtype or adapter.dtype)
+
+
+def _packed_input(latents: torch.Tensor, sigma, embeds: PromptEmbeds, dtype: torch.dtype):
+    """(image tokens [B, N, 4C], sigma [B], (h, w)) of latents [B, C, h, w] for FLUX's and Qwen-Image's transformers."""
+    h, w = latents.shape[-2:]
+    if h % FLUX_PATCH or w % FLUX_PATCH:
+        raise ValueError(f"latents height and width must be even (2x2 patches), got shape {tuple(latents.shape)}")
+    return _pack_latents(latents.to(dtype)), _sigma_per_sample(sigma, embeds, latents), (h, w)
 
 
 def _image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
@@ -564,28 +592,14 @@ class FluxAdapter:
         """(C, h, w) of the unpacked latents for a height x width image: C = in_channels / 4 (the
         transformer sees 2x2 patches), h = height / VAE factor. Default size: the pipeline's
         default_sample_size (128) * VAE factor."""
-        factor = self.pipeline.vae_scale_factor
-        multiple = factor * FLUX_PATCH
-        height = height or self.pipeline.default_sample_size * factor
-        width = width or self.pipeline.default_sample_size * factor
-        if height % multiple or width % multiple:
-            # The pipeline would silently round down; we refuse, so sizes always mean what they say.
-            raise ValueError(
-                f"height and width must be multiples of {multiple} (VAE factor {factor} x patch size "
-                f"{FLUX_PATCH}); got height={height}, width={width}"
-            )
-        channels = self.pipeline.transformer.config.in_channels // (FLUX_PATCH * FLUX_PATCH)
-        return (channels, height // factor, width // factor)
+        return _packed_latent_shape(self.pipeline, height, width)
 
     def initial_noise(
         self, batch: int, generator: torch.Generator | None = None, height: int | None = None, width: int | None = None
     ) -> torch.Tensor:
         """Standard normal latents [B, C, h, w], drawn unpacked as the pipeline draws them before
         packing (same generator -> same noise as `pipeline(..., generator=generator)`)."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        shape = (batch, *self.latent_shape(height, width))
-        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)  # [B, C, h, w]
+        return _pipeline_noise(self, batch, generator, height, width)  # [B, C, h, w]
 
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """FluxPipeline's noise levels, ending with 0: [T + 1]. Base sigmas linspace(1, 1/T, T); with
@@ -605,11 +619,7 @@ class FluxAdapter:
         the transformer is called at timestep = sigma (FluxPipeline passes t / 1000; the model scales
         by 1000 inside) and its output is unpacked. Guidance as in the class docstring.
         Differentiable outside no_grad."""
-        h, w = latents.shape[-2:]
-        if h % FLUX_PATCH or w % FLUX_PATCH:
-            raise ValueError(f"latents height and width must be even (2x2 patches), got shape {tuple(latents.shape)}")
-        sigma = _sigma_per_sample(sigma, embeds, latents)  # [B]
-        tokens = _pack_latents(latents.to(self.dtype))  # [B, N, 4C]
+        tokens, sigma, (h, w) = _packed_input(latents, sigma, embeds, self.dtype)  # [B, N, 4C], [B]
         img_ids = _image_ids(h, w, latents.device, self.dtype)  # [N, 3]
         txt_ids = torch.zeros(embeds.prompt_embeds.shape[1], 3, device=latents.device, dtype=self.dtype)  # [L, 3]
         distilled = bool(self.pipeline.transformer.config.guidance_embeds)  # self.transformer may be a DDP wrapper
@@ -763,27 +773,14 @@ class QwenImageAdapter:
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """(C, h, w) of the unpacked latents of a height x width image: C = in_channels / 4 (2x2 patches), h = height
         / VAE factor (8). Default size: default_sample_size (128) * VAE factor = 1024."""
-        factor = self.pipeline.vae_scale_factor
-        multiple = factor * FLUX_PATCH
-        height = height or self.pipeline.default_sample_size * factor
-        width = width or self.pipeline.default_sample_size * factor
-        if height % multiple or width % multiple:  # the pipeline would round down; we refuse
-            raise ValueError(
-                f"height and width must be multiples of {multiple} (VAE factor {factor} x patch size "
-                f"{FLUX_PATCH}); got height={height}, width={width}"
-            )
-        channels = self.pipeline.transformer.config.in_channels // (FLUX_PATCH * FLUX_PATCH)
-        return (channels, height // factor, width // factor)
+        return _packed_latent_shape(self.pipeline, height, width)
 
     def initial_noise(
         self, batch: int, generator: torch.Generator | None = None, height: int | None = None, width: int | None = None
     ) -> torch.Tensor:
         """Standard normal latents [B, C, h, w]: the pipeline draws [B, 1, C, h, w] (a frame axis of 1) before
         packing, the same numbers in the same order, so the same generator gives the same noise."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        shape = (batch, *self.latent_shape(height, width))
-        return randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)  # [B, C, h, w]
+        return _pipeline_noise(self, batch, generator, height, width)  # [B, C, h, w]
 
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """QwenImagePipeline's noise levels, ending with 0: [T + 1]; the FLUX form (`_dynamic_shift_sigmas`) on the
@@ -799,11 +796,7 @@ class QwenImageAdapter:
         into 2x2-patch tokens with img_shapes (1, h/2, w/2) for the rotary positions, the text mask is passed, the
         transformer is called at timestep = sigma (the pipeline passes t / 1000) and its output unpacked. Guidance as
         in the class docstring. Differentiable outside no_grad."""
-        h, w = latents.shape[-2:]
-        if h % FLUX_PATCH or w % FLUX_PATCH:
-            raise ValueError(f"latents height and width must be even (2x2 patches), got shape {tuple(latents.shape)}")
-        sigma = _sigma_per_sample(sigma, embeds, latents)  # [B]
-        tokens = _pack_latents(latents.to(self.dtype))  # [B, N, 4C]
+        tokens, sigma, (h, w) = _packed_input(latents, sigma, embeds, self.dtype)  # [B, N, 4C], [B]
         cfg = guidance_scale > 1
         if cfg:  # one batched forward of [uncond, cond]
             tokens, sigma = torch.cat([tokens, tokens]), torch.cat([sigma, sigma])  # [2B, N, 4C], [2B]
@@ -936,26 +929,18 @@ class WanAdapter:
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int, int]:
         """(C, F, h, w) of the latents of a num_frames x height x width video: F = (num_frames - 1) / 4 + 1, h =
         height / VAE factor (8). Default size: the pipeline's 480 x 832."""
-        factor = self.pipeline.vae_scale_factor_spatial
-        patch = self.pipeline.transformer.config.patch_size  # (frames, rows, columns)
-        height, width = height or 480, width or 832
-        if height % (factor * patch[1]) or width % (factor * patch[2]):  # the pipeline would round down; we refuse
-            raise ValueError(
-                f"height and width must be multiples of {factor * patch[1]} (VAE factor {factor} x patch size "
-                f"{patch[1]}); got height={height}, width={width}"
-            )
-        frames = (self.num_frames - 1) // self.pipeline.vae_scale_factor_temporal + 1
-        return (self.pipeline.transformer.config.in_channels, frames, height // factor, width // factor)
+        p = self.pipeline
+        patch = p.transformer.config.patch_size[1]  # (frames, rows, columns): 2x2 patches within a frame
+        h, w = _latent_size(height, width, 480, 832, p.vae_scale_factor_spatial, patch)
+        frames = (self.num_frames - 1) // p.vae_scale_factor_temporal + 1
+        return (p.transformer.config.in_channels, frames, h, w)
 
     def initial_noise(
         self, batch: int, generator: torch.Generator | None = None, height: int | None = None, width: int | None = None
     ) -> torch.Tensor:
         """Standard normal latents [B, C, F, h, w] in float32, as the pipeline draws them whatever the transformer's
         dtype (same generator -> same noise as `pipeline(..., generator=generator)`)."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        shape = (batch, *self.latent_shape(height, width))
-        return randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)  # [B, C, F, h, w]
+        return _pipeline_noise(self, batch, generator, height, width, torch.float32)  # [B, C, F, h, w]
 
     def sigmas(self, num_steps: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
         """The scheduler's noise levels for `num_steps` steps, ending with 0: [T + 1] (Wan's flow_shift applied by
