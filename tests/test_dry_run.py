@@ -145,6 +145,14 @@ def test_flow_plan_numbers(recipe, world, prompts, group, steps, rows_per_iterat
     assert rows["update rows"] == f"{rows_per_iteration} (sample, step) rows per iteration"
 
 
+def test_video_recipe_plan_names_its_frames(no_weights, capsys):
+    write_flow_prompts(no_weights)
+    flow_main(["--config", str(REPO / "configs/flow/wan2.1_t2v_1.3b_mixgrpo.yaml"), "--dry-run"])
+    rows = plan(capsys)
+    assert rows["model"].endswith("pipeline wan")
+    assert rows["sampling"] == "noise level 0.7 (flow_grpo), guidance 5, 480 x 832 px, 81 frames"
+
+
 def test_flow_dry_run_refuses_a_batch_that_does_not_split(no_weights, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")  # flow_grpo.yaml's 10 prompts do not split over 4 processes
     assert exit_code(flow_main, ["--config", str(REPO / "configs/flow/flow_grpo.yaml"), "--dry-run"]) == 2

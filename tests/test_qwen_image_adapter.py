@@ -13,6 +13,7 @@ from flowalign.config import FlowGRPOConfig
 from flowalign.model import load_adapter
 from shared.config import ConfigError
 from flowalign.adapters import (
+    CachedPromptEncoder,
     FlowPipelineAdapter,
     PromptEmbeds,
     QwenImageAdapter,
@@ -193,6 +194,13 @@ def test_embeddings_drop_the_template_and_pad_with_a_mask(adapter):
     x = adapter.initial_noise(1, torch.Generator().manual_seed(4), SIZE, SIZE)
     with torch.no_grad():
         assert_close(adapter.velocity(x, 0.5, joined[0], 4.0), adapter.velocity(x, 0.5, alone, 4.0), atol=1e-5, rtol=0)
+    # CachedPromptEncoder (model.offload_text_encoders) encodes one prompt a batch here: rows of 8 and 11 tokens.
+    cached = CachedPromptEncoder(adapter, PROMPTS, batch_size=1)(list(reversed(PROMPTS)))
+    assert cached.prompt_embeds.shape[1] == 11 and cached.prompt_mask.sum(1).tolist() == [11, 8]
+    x2 = adapter.initial_noise(2, torch.Generator().manual_seed(5), SIZE, SIZE)
+    with torch.no_grad():
+        expected = adapter.velocity(x2, 0.5, embeds[[1, 0]], 4.0)
+        assert_close(adapter.velocity(x2, 0.5, cached, 4.0), expected, atol=1e-5, rtol=0)
     assert adapter.prompts_over_context(PROMPTS + ["a red cat"]) == []
     # counted after the dropped prefix, the template suffix included (what the pipeline cuts): 8 and 11 tokens
     assert QwenImageAdapter(adapter.pipeline, max_sequence_length=9).prompts_over_context(PROMPTS) == [PROMPTS[1]]
