@@ -102,3 +102,12 @@ def test_grid_cells_of_videos_are_frame_strips(tmp_path):
     cell = 4 * 6  # one frame, zoomed
     centres = [[int(grid[r * cell + cell // 2, f * cell + cell // 2, 0]) for f in range(3)] for r in range(2)]
     assert centres == [[0, 128, 255], [255, 0, 51]]  # round(255 * level)
+    # The GIF beside it plays the grid frame by frame: frame f shows each sample's frame f in its cell.
+    gif = Image.open(tmp_path / "grid.gif")
+    assert gif.n_frames == 3 and gif.size == (4 * 16, 2 * 4 * 16)  # one 4x4 cell per row, zoomed 64 / 4 = 16x
+    levels = []
+    for f in range(3):
+        gif.seek(f)
+        rgb = np.asarray(gif.convert("RGB"))
+        levels.append([int(rgb[r * 64 + 32, 32, 0]) for r in range(2)])
+    assert levels == [[0, 255], [128, 0], [255, 51]]

@@ -192,3 +192,4 @@ def test_trains_through_the_flow_grpo_recipe(saved, tmp_path):
     grid = Image.open(sorted((tmp_path / "run" / "images").glob("iter-*.png"))[-1])
     # 3 prompts x 1 seed: 3 rows of 32 px, each a strip of 5 frames of 32 px after the labels (8 px a character + 8)
     assert grid.size == (8 * len("the digit three") + 8 + FRAMES * SIZE, 3 * SIZE)
+    assert Image.open(sorted((tmp_path / "run" / "images").glob("iter-*.gif"))[-1]).n_frames == FRAMES
