@@ -16,6 +16,7 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,14 +29,12 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from benchmarks.cpu_flops import matmul_peak  # noqa: E402
 
+RECIPE = ROOT / "configs" / "flow" / "mixgrpo.yaml"
 GOAL = 0.40  # the update's share of the bf16 matmul peak we aim for
 
 
-def recipe_config(precision: str, iterations: int, out: Path):
-    from flowalign.config import FlowGRPOConfig
-    from shared.config import load_config
-
-    overrides = [
+def overrides(precision: str, iterations: int, out: Path) -> list[str]:
+    return [
         f"log.output_dir={out}",
         f"train.iterations={iterations}",
         "budget.max_seconds=100000",
@@ -43,15 +42,14 @@ def recipe_config(precision: str, iterations: int, out: Path):
         "log.checkpoint_every=0",
         f"memory.mixed_precision={precision}",
     ]
-    return load_config(FlowGRPOConfig, ROOT / "configs" / "flow" / "mixgrpo.yaml", overrides)
 
 
 def timed_run(precision: str, iterations: int, out: Path) -> dict[str, float]:
-    """Median rollout and update seconds per iteration (the first iteration dropped)."""
-    from flowalign.train import train
-
+    """Median rollout and update seconds per iteration (the first iteration dropped). A process of its own per run:
+    accelerate's state, mixed precision included, is fixed once per process."""
     shutil.rmtree(out, ignore_errors=True)
-    train(recipe_config(precision, iterations, out))
+    command = [sys.executable, "flowalign/train.py", "--config", str(RECIPE), *overrides(precision, iterations, out)]
+    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][2:]
     return {key: statistics.median(r[f"time/{key}"] for r in records) for key in ("rollout", "update")}
 
@@ -72,7 +70,10 @@ def update_flops_per_iteration(out: Path, iterations: int = 2) -> float:
     flow_train.update = counting_update
     try:
         shutil.rmtree(out, ignore_errors=True)
-        flow_train.train(recipe_config("no", iterations, out))
+        from flowalign.config import FlowGRPOConfig
+        from shared.config import load_config
+
+        flow_train.train(load_config(FlowGRPOConfig, RECIPE, overrides("no", iterations, out)))
     finally:
         flow_train.update = plain_update
     return counted["flops"] / iterations

@@ -25,12 +25,15 @@ from shared.sections import (
 )
 
 EMBEDDED_MODEL = "embedded:digits"  # the project's own tiny SD3 pipeline, built and cached on first use
+WAN_TEMPORAL_FACTOR = 4  # AutoencoderKLWan's scale_factor_temporal (Wan 2.1 and 2.2)
 
 
 @dataclasses.dataclass
 class ModelConfig:
     path: str = option(EMBEDDED_MODEL, "diffusers pipeline: local directory, hub id, or 'embedded:digits'")
-    pipeline: Literal["sd3", "flux"] = option("sd3", "pipeline family: sd3 (SD3, SD3.5) or flux (FLUX.1)")
+    pipeline: Literal["sd3", "flux", "qwenimage", "wan"] = option(
+        "sd3", "pipeline family: sd3 (SD3, SD3.5), flux (FLUX.1), qwenimage (Qwen-Image) or wan (Wan 2.1 text-to-video)"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "dtype of the transformer and frozen parts")
     lora: bool = option(True, "train a LoRA adapter (true) or the full transformer (false)")
     lora_rank: int = option(32, "LoRA rank r")
@@ -72,6 +75,11 @@ class SamplingConfig:
     width: Optional[int] = option(
         None, "image width in pixels for rollouts and evaluation (null: the pipeline's default)"
     )
+    num_frames: Optional[int] = option(
+        None,
+        "video frames per sample, model.pipeline=wan only: 4k + 1 (the Wan VAE packs 4 frames into one latent frame "
+        "after the first; null: the pipeline's 81)",
+    )
 
     def check(self) -> None:
         need(self.num_steps >= 1, "sampling.num_steps", f"{self.num_steps}; use at least 1")
@@ -83,12 +91,24 @@ class SamplingConfig:
         )
         for field, value in (("sampling.height", self.height), ("sampling.width", self.width)):
             need(value is None or value > 0, field, f"{value} must be positive or null (the pipeline's default)")
+        need(
+            self.num_frames is None or (self.num_frames >= 1 and (self.num_frames - 1) % WAN_TEMPORAL_FACTOR == 0),
+            "sampling.num_frames",
+            f"{self.num_frames} is not 4k + 1 (the Wan VAE's temporal compression is 4); use e.g. 81, 49, 17 or 5",
+        )
 
     def check_against_model(self, transformer: typing.Mapping, vae: typing.Mapping) -> None:
         """height and width against the transformer's position embedding (its and the VAE's config.json). SD3 crops
         a fixed grid of pos_embed_max_size^2 patch positions: diffusers' PatchEmbed.cropped_pos_embed refuses
         (size // VAE factor) // patch_size > pos_embed_max_size, so the largest size is their product. FLUX's
         rotary positions have no such limit (no pos_embed_max_size)."""
+        temporal = vae.get("scale_factor_temporal")
+        if self.num_frames is not None and temporal:
+            need(
+                (self.num_frames - 1) % temporal == 0,
+                "sampling.num_frames",
+                f"{self.num_frames} is not {temporal}k + 1 (this VAE's temporal compression is {temporal})",
+            )
         limit = transformer.get("pos_embed_max_size")
         if limit is None:
             return
@@ -267,6 +287,15 @@ class TrainConfig:
         )
 
 
+def check_frames(model: ModelConfig, sampling: SamplingConfig) -> None:
+    """sampling.num_frames belongs to the video family only."""
+    need(
+        sampling.num_frames is None or model.pipeline == "wan",
+        "sampling.num_frames",
+        f"{sampling.num_frames} is for videos (model.pipeline=wan), but model.pipeline is {model.pipeline}; unset it",
+    )
+
+
 def check_reward_paths(reward: RewardSection, evaluation: EvalSection) -> None:
     """flowalign names every reward by its import path 'module:name' (no builtin names)."""
     for path in [*reward.weights, *reward.kwargs]:
@@ -360,6 +389,7 @@ class FlowGRPOConfig:
         s, a, t = self.sampling, self.algorithm, self.train
         need(s.num_steps >= 2, "sampling.num_steps", f"{s.num_steps} is too few; use at least 2")
         s.check_sde()
+        check_frames(self.model, s)
         a.check_steps(s.num_steps - 1)  # the last step lands on sigma = 0 and has no noise
         check_reward_paths(self.reward, self.eval)
         self.budget.refuse_token_budget(self.RECIPE)
@@ -495,5 +525,11 @@ class FlowPreferenceConfig:
         and sde_kind are unused: on-policy samples are ODE samples)."""
         check_sections(self)
         check_reward_paths(self.reward, self.eval)
+        need(
+            self.model.pipeline != "wan",
+            "model.pipeline",
+            "wan (video) is not supported by the preference recipe (its VAE encoding and pairs are images); use the "
+            "flow_grpo recipe",
+        )
         self.budget.refuse_token_budget(self.RECIPE)
         self.log.refuse_ratio_check(self.RECIPE, "has no importance ratio to check")

@@ -20,18 +20,26 @@ from shared.run import Run
 from shared.stats import PromptStatTracker
 
 
+ADAPTERS = {  # model.pipeline -> adapter class
+    "sd3": adapters.SD3Adapter,
+    "flux": adapters.FluxAdapter,
+    "qwenimage": adapters.QwenImageAdapter,
+    "wan": adapters.WanAdapter,
+}
+
+
 def load_adapter(config: FlowGRPOConfig, device: torch.device):
     """The pipeline adapter named by model.pipeline, loaded with from_pretrained (directory or hub id)."""
     path = config.model.path
     if path == EMBEDDED_MODEL:
         path = ensure_digits_pipeline()
-    adapter_class = {"sd3": adapters.SD3Adapter, "flux": getattr(adapters, "FluxAdapter", None)}[config.model.pipeline]
-    if adapter_class is None:
-        raise ConfigError("config field 'model.pipeline': the flux adapter is not available in this build; use sd3")
+    adapter_class = ADAPTERS[config.model.pipeline]
     if config.model.lora:  # on a weightless copy, before the weights load
         check_lora_targets(path, config.model.lora_targets)
-    remote = {"trust_remote_code": True} if config.model.allow_remote_code else {}  # off unless the config says so
-    return adapter_class.from_pretrained(path, dtype=getattr(torch, config.model.dtype), device=device, **remote)
+    kwargs = {"trust_remote_code": True} if config.model.allow_remote_code else {}  # off unless the config says so
+    if config.model.pipeline == "wan":  # the frame count is the video adapter's own (None: the pipeline's 81)
+        kwargs["num_frames"] = config.sampling.num_frames
+    return adapter_class.from_pretrained(path, dtype=getattr(torch, config.model.dtype), device=device, **kwargs)
 
 
 def check_image_size(config: FlowGRPOConfig) -> None:

@@ -90,7 +90,9 @@ def plan_rows(config: FlowGRPOConfig) -> list[tuple[str, object]]:
     else:
         rows_per_sample = None
         trained = f"branch steps: {a.branch_steps}" + (f" {a.branch_subset}" if a.branch_steps == "subset" else "")
-    size = f"{s.height or 'default'} x {s.width or 'default'} px"
+    size = f"{s.height or 'default'} x {s.width or 'default'} px" + (
+        f", {s.num_frames or 'default'} frames" if m.pipeline == "wan" else ""
+    )
     rows: list[tuple[str, object]] = [
         ("algorithm", a.name),
         ("model", f"{model}, pipeline {m.pipeline}"),

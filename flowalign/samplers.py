@@ -5,6 +5,9 @@ Conventions (those of diffusers' flow-matching schedulers): x_sigma = (1 - sigma
 the model predicts v = noise - x0, sampling runs sigma from ~1 down to 0 and dt = sigma_next - sigma < 0.
 Samplers never see a model: they take `velocity_fn(latents [B, ...], sigma: float | Tensor[B]) -> v`
 and the schedule `sigmas` [T + 1] (decreasing, last = 0) as a diffusers flow-matching scheduler makes it.
+Latents are images [B, C, H, W] or videos [B, C, F, H, W] alike: every step is elementwise with a per-sample
+sigma broadcast over the non-batch dims, and log-probs average over all of them (C*F*H*W for a video;
+tests/test_video_frames.py). Shape comments below write the image case.
 
 Randomness: every sampler takes `generator`, either a torch.Generator (one stream for the whole batch) or a
 `SampleNoise` (one stream per sample, so a sample's noise does not depend on the batch or the process it is in).

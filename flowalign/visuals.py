@@ -10,9 +10,28 @@ from PIL import Image, ImageDraw
 
 
 def save_image_grid(
-    images: torch.Tensor, rows: int, path: str | Path, labels: list[str] | None = None, min_cell: int = 64
+    images: torch.Tensor,
+    rows: int,
+    path: str | Path,
+    labels: list[str] | None = None,
+    min_cell: int = 64,
+    fps: int = 16,
 ) -> None:
-    """images [rows*cols, 3, H, W] in [0, 1], row-major -> one PNG; small images are upscaled (nearest)."""
+    """images [rows*cols, 3, H, W] in [0, 1], row-major -> one PNG; small images are upscaled (nearest). Videos
+    [rows*cols, F, 3, H, W]: each cell of the PNG is the sample's F frames side by side, left to right (a frame
+    strip), and an animated GIF beside it (path with .gif) plays the grid frame by frame at `fps` (Wan: 16)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if images.ndim == 5:
+        strips = images.permute(0, 2, 3, 1, 4).flatten(3)  # [N, 3, H, F*W]: frame f at columns f*W .. (f+1)*W
+        _grid_canvas(strips, rows, labels, min_cell).save(path)
+        frames = [_grid_canvas(images[:, f], rows, labels, min_cell) for f in range(images.shape[1])]
+        frames[0].save(Path(path).with_suffix(".gif"), save_all=True, append_images=frames[1:], duration=1000 // fps)
+        return
+    _grid_canvas(images, rows, labels, min_cell).save(path)
+
+
+def _grid_canvas(images: torch.Tensor, rows: int, labels: list[str] | None, min_cell: int) -> Image.Image:
+    """images [rows*cols, 3, H, W] in [0, 1] as one labelled RGB canvas."""
     count, _, height, width = images.shape
     cols = count // rows
     zoom = max(1, -(-min_cell // max(height, width)))  # ceil: tiny toy images stay visible
@@ -27,5 +46,4 @@ def save_image_grid(
         draw = ImageDraw.Draw(canvas)
         for r, label in enumerate(labels[:rows]):
             draw.text((4, r * height * zoom + height * zoom // 2 - 5), label, fill="black")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    return canvas

@@ -126,6 +126,8 @@ FLOW_NUMBERS = [
     ("sd35_medium_pickscore.yaml", 8, 48, 24, 1000 * 2, 48 * 24 * 9),  # 9 noisy steps of 10, all trained
     ("sd35_medium_ocr.yaml", 4, 48, 24, 1000 * 2, 48 * 24 * 9),
     ("flux_dev_mixgrpo.yaml", 4, 32, 12, 300 * 4, 32 * 12 * 4),  # a window of 4 of the 24 noisy steps
+    ("qwen_image_mixgrpo.yaml", 4, 32, 12, 300 * 4, 32 * 12 * 4),  # the same window on Qwen-Image
+    ("wan2.1_t2v_1.3b_mixgrpo.yaml", 8, 16, 8, 300 * 4, 16 * 8 * 4),  # the same window on 81-frame videos
     ("flow_grpo.yaml", 2, 10, 8, 200 * 2, 10 * 8 * 9),
 ]
 
@@ -141,6 +143,14 @@ def test_flow_plan_numbers(recipe, world, prompts, group, steps, rows_per_iterat
     assert rows["per process"] == f"{prompts // world} prompts, {prompts * group // world} samples"
     assert rows["optimizer steps"].startswith(f"{steps} (")
     assert rows["update rows"] == f"{rows_per_iteration} (sample, step) rows per iteration"
+
+
+def test_video_recipe_plan_names_its_frames(no_weights, capsys):
+    write_flow_prompts(no_weights)
+    flow_main(["--config", str(REPO / "configs/flow/wan2.1_t2v_1.3b_mixgrpo.yaml"), "--dry-run"])
+    rows = plan(capsys)
+    assert rows["model"].endswith("pipeline wan")
+    assert rows["sampling"] == "noise level 0.7 (flow_grpo), guidance 5, 480 x 832 px, 81 frames"
 
 
 def test_flow_dry_run_refuses_a_batch_that_does_not_split(no_weights, capsys, monkeypatch):

@@ -26,6 +26,8 @@ def test_every_shipped_recipe_loads():
         "sd35_medium_pickscore",
         "sd35_medium_ocr",
         "flux_dev_mixgrpo",
+        "qwen_image_mixgrpo",
+        "wan2.1_t2v_1.3b_mixgrpo",
     }  # real models (dry run only)
     assert names["flux_dev_mixgrpo"].name == "mixgrpo" and names["sd35_medium_ocr"].name == "flow_grpo"
     assert names["mixgrpo_flash"].name == "mixgrpo" and names["mixgrpo_flash"].flash_ratio == 0.4
@@ -52,12 +54,30 @@ def test_every_shipped_recipe_loads():
         (["train.iteratons=3"], "did you mean 'train.iterations'?"),
         (["budget.max_seconds=-1"], "config field 'budget.max_seconds': -1.0 must be positive or null"),
         (["train.learning_rate=.inf"], "config field 'train.learning_rate': inf is not a finite number"),
+        (
+            ["model.pipeline=wan", "sampling.num_frames=80"],
+            "config field 'sampling.num_frames': 80 is not 4k + 1 (the Wan VAE's temporal compression is 4)",
+        ),
+        (["sampling.num_frames=5"], "config field 'sampling.num_frames': 5 is for videos (model.pipeline=wan)"),
+        (["model.pipeline=hunyuan"], "config field 'model.pipeline'"),
     ],
 )
 def test_impossible_values_are_refused(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config(FlowGRPOConfig, ROOT / "configs" / "flow" / "flow_grpo.yaml", overrides)
     assert message in str(info.value)
+
+
+def test_video_settings_load_and_preference_refuses_video():
+    config = load_config(
+        FlowGRPOConfig, ROOT / "configs" / "flow" / "flow_grpo.yaml", ["model.pipeline=wan", "sampling.num_frames=13"]
+    )
+    assert config.sampling.num_frames == 13
+    config.sampling.check_against_model({}, {"scale_factor_temporal": 4})  # 13 = 4 * 3 + 1
+    with pytest.raises(ConfigError, match="'sampling.num_frames': 13 is not 8k . 1 .this VAE's temporal compression"):
+        config.sampling.check_against_model({}, {"scale_factor_temporal": 8})  # a VAE read from its config.json
+    with pytest.raises(ConfigError, match="config field 'model.pipeline': wan .video. is not supported by the pref"):
+        load_config(FlowPreferenceConfig, ROOT / "configs" / "flow" / "diffusion_dpo.yaml", ["model.pipeline=wan"])
 
 
 def test_cli_refuses_bad_config_with_one_line_and_exit_2():

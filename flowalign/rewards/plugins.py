@@ -54,7 +54,10 @@ def call_reward(
     (`load_reward(..., timeout_s)`) is a RewardError, or with `drop_timeouts` (default: `allow_nonfinite`)
     a batch of NaN, with a warning on stderr. A groupwise reward (shared.reward_calls) is called once per group
     of `groups` (image i's group id) as fn(images [g, 3, H, W], prompt, metadata); without `groups` it is a
-    RewardError (the caller scores images that are not groups)."""
+    RewardError (the caller scores images that are not groups). Videos [B, F, 3, H, W] are scored frame by frame
+    and averaged (`_frame_averaged`)."""
+    if images.ndim == 5:  # videos [B, F, 3, H, W]: an image reward scores each frame
+        return _frame_averaged(name, fn, images, prompts, metadata, allow_nonfinite, drop_timeouts, groups)
     drop_timeouts = allow_nonfinite if drop_timeouts is None else drop_timeouts
     if groups is None and is_groupwise(fn):
         raise RewardError(
@@ -98,6 +101,35 @@ def call_reward(
             "reward.on_bad_score=drop to drop and count such samples"
         )
     return scores
+
+
+def _frame_averaged(
+    name: str,
+    fn: ImageRewardFn,
+    videos: torch.Tensor,
+    prompts: list[str],
+    metadata: list[dict],
+    allow_nonfinite: bool,
+    drop_timeouts: bool | None,
+    groups: list[int] | None,
+) -> torch.Tensor:
+    """A video's score under an image reward: the mean of its F frames' scores, [B]. The reward gets the B * F frames
+    [B*F, 3, H, W] in one call, video-major, each with its video's prompt and metadata plus {"frame": f}; a groupwise
+    reward gets frame f of every video of a group together (group id g * F + f). A frame the reward drops (NaN
+    under allow_nonfinite) drops its video. A first form: temporal rewards (motion, consistency) need their own
+    video reward."""
+    batch, frames = videos.shape[:2]
+    scores = call_reward(
+        name,
+        fn,
+        videos.flatten(0, 1),  # [B*F, 3, H, W]
+        [prompt for prompt in prompts for _ in range(frames)],
+        [{**meta, "frame": f} for meta in metadata for f in range(frames)],
+        allow_nonfinite,
+        drop_timeouts,
+        None if groups is None else [group * frames + f for group in groups for f in range(frames)],
+    )  # [B*F]
+    return scores.reshape(batch, frames).mean(dim=1)  # [B]
 
 
 def _call(fn: ImageRewardFn, images: torch.Tensor, prompts: list[str], metadata: list[dict], groups):
