@@ -216,6 +216,8 @@ def test_bad_settings_and_a_missing_key_are_one_line_at_load(monkeypatch):
         load_reward("flowalign.rewards.judge:vlm_judge", {"model": "m", "timeout_s": 0})
     with pytest.raises(RewardError, match="template 'Rate it': must contain \\{prompt\\}"):
         load_reward("flowalign.rewards.judge:vlm_judge", {"model": "m", "template": "Rate it"})
+    with pytest.raises(RewardError, match="template 'Rate \\{prompt\\} on \\{scale\\}': only \\{prompt\\} may stand"):
+        load_reward("flowalign.rewards.judge:vlm_judge", {"model": "m", "template": "Rate {prompt} on {scale}"})
     with pytest.raises(RewardError, match="calling it with reward.kwargs .* failed"):
         load_reward("flowalign.rewards.judge:vlm_judge", {"model": "m", "temprature": 0.5})
 
@@ -309,3 +311,16 @@ def test_a_flow_run_goes_on_past_the_judges_failures_under_drop(stub, tiny_pipel
         re.search(r"got no score \(image \d+: no score in the answer 'no idea'", w) for w in warnings
     )
     assert (out / "checkpoints" / "step-000002").is_dir()
+
+
+def test_the_answer_parsers_by_hand():
+    from flowalign.rewards.judge import AnswerError, parse_choice, parse_score
+
+    default = r"-?\d+(?:\.\d+)?"
+    assert parse_score("7.5", default, 0, 10) == 0.75 and parse_score("Score: 3/10", default, 0, 10) == 0.3
+    assert parse_score("4", default, 1, 5) == 0.75  # (4 - 1) / (5 - 1)
+    # a pattern with a group reads the group: the final score, not the first number of the reasoning
+    assert parse_score("Image 1 shows a 3. Final score: 8", r"score:\s*(\d+)", 0, 10) == 0.8
+    assert parse_choice("Image B is better than image A.") == 0.0 and parse_choice("A") == 1.0
+    with pytest.raises(AnswerError, match="names neither A nor B: 'a cat'"):
+        parse_choice("a cat")  # a lower-case article is not an answer

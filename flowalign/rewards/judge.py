@@ -117,6 +117,13 @@ class JudgeSettings:
             re.compile(self.score_pattern)
         except re.error as error:
             raise ValueError(f"score_pattern {self.score_pattern!r} is not a regular expression ({error})") from None
+        try:
+            self.template.format(prompt="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"template {self.template!r}: only {{prompt}} may stand in braces ({type(error).__name__}: {error}); "
+                "write a literal brace as {{ or }}"
+            ) from None
 
 
 def image_data_url(image: torch.Tensor) -> str:
@@ -154,7 +161,13 @@ def parse_score(text: str, pattern: str, low: float, high: float) -> float:
     found = re.search(pattern, text)
     if found is None:
         raise AnswerError(f"no score in the answer {_shown(text)}")
-    number = float(found.group(1) if found.groups() else found.group(0))
+    matched = found.group(1) if found.groups() and found.group(1) is not None else found.group(0)
+    try:
+        number = float(matched)
+    except ValueError:
+        raise AnswerError(
+            f"score_pattern matched {_shown(matched)}, not a number, in the answer {_shown(text)}"
+        ) from None
     if not (math.isfinite(number) and low <= number <= high):
         raise AnswerError(f"score {number:g} outside {low:g}-{high:g} in the answer {_shown(text)}")
     return (number - low) / (high - low)
