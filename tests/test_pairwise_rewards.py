@@ -19,6 +19,7 @@ from shared.pairwise import (
     win_rate_scorer,
     win_rates,
 )
+from tests.test_llm_grpo import overrides, tiny_lm_dir  # noqa: F401  (fixture)
 from tests.test_train_smoke import ALGORITHMS, tiny_config
 
 NAN = math.nan
@@ -138,6 +139,45 @@ def test_a_text_comparator_through_llmalign_call_text_reward():
     scores = call_text_reward(fn, prompts, completions, {"answer": ["1"] * 6}, group_size=3, step=0, max_new_tokens=8)
     # group p: "aa" beats "a", loses to "aaa" -> 1/2; "a" 0; "aaa" 1. group q: "b" ties "b" and loses -> 1/4 each
     assert scores == pytest.approx([0.5, 0.0, 1.0, 0.25, 0.25, 1.0])
+
+
+def longer_wins_batch(prompts, completions, group_size, **columns):
+    """The same win rates from a batch reward, by hand: per group, the mean over the others of longer_wins."""
+    scores = []
+    for start in range(0, len(completions), group_size):
+        group = completions[start : start + group_size]
+        for i, mine in enumerate(group):
+            others = [other for j, other in enumerate(group) if j != i]
+            scores.append(sum(longer_wins(None, mine, other) for other in others) / len(others))
+    return scores
+
+
+def test_llmalign_grpo_with_the_pairwise_reward_equals_the_same_win_rates_from_a_batch_reward(tiny_lm_dir, tmp_path):  # noqa: F811
+    from llmalign.cli import main
+
+    pairwise = "llmalign.rewards:make_pairwise_win_rate_reward"
+    runs = {
+        "pairwise": [
+            f"reward.weights={{{pairwise}: 1.0}}",
+            f"reward.kwargs={{{pairwise}: {{comparator: tests.test_pairwise_rewards:longer_wins}}}}",
+        ],
+        "batch": ["reward.weights={tests.test_pairwise_rewards:longer_wins_batch: 1.0}"],
+    }
+    logged = {}
+    for name, reward in runs.items():
+        main(["grpo", *overrides(tiny_lm_dir, tmp_path / name, *reward)])
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        drop = ("time/", "timestamp", "tokens_per_second")
+        logged[name] = [
+            {k.replace(pairwise, "R").replace("tests.test_pairwise_rewards:longer_wins_batch", "R"): v}
+            for line in lines
+            for k, v in json.loads(line).items()
+            if not k.startswith(drop)
+        ]
+    assert logged["pairwise"] == logged["batch"]
+    means = [v for entry in logged["pairwise"] for k, v in entry.items() if k.endswith("R/mean")]
+    assert len(means) == 2 and all(m == pytest.approx(0.5) for m in means)  # a group's win rates average 1/2
+    assert any(v > 0 for entry in logged["pairwise"] for k, v in entry.items() if k.endswith("R/std"))  # it varied
 
 
 # ----------------------------------------------------------------------------- flowalign
