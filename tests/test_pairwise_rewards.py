@@ -183,6 +183,18 @@ def test_llmalign_grpo_with_the_pairwise_reward_equals_the_same_win_rates_from_a
 # ----------------------------------------------------------------------------- flowalign
 
 
+def test_a_group_of_one_image_is_one_line_naming_the_reward():
+    from flowalign.rewards.pairwise import win_rate_reward
+    from flowalign.rewards.plugins import RewardError, call_reward
+
+    reward = win_rate_reward(lambda prompt, a, b: 0.5)
+    images = torch.zeros(3, 3, 4, 4)
+    pairs = call_reward("w", reward, images[:2], ["p", "p"], [{}] * 2, groups=[0, 0])
+    assert pairs.tolist() == [0.5, 0.5]  # every comparison a tie
+    with pytest.raises(RewardError, match="reward 'w' raised ValueError: a group of 1 has no other member to compare"):
+        call_reward("w", reward, images, ["p", "p", "q"], [{}] * 3, groups=[0, 0, 1])
+
+
 def image_probe(directory: str):
     """Factory: a batch reward (trained at weight 0) that saves every batch it is asked to score, so the test can
     recompute the pairwise reward from the very images it saw."""
