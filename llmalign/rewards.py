@@ -66,6 +66,7 @@ __all__ = [
     "make_grpo_lambda_reward",
     "make_length_budget_reward",
     "make_level_length_reward",
+    "make_pairwise_win_rate_reward",
     "make_soft_overlong_reward",
 ]
 
@@ -763,6 +764,30 @@ def make_level_length_reward(
 
     level_length_reward.__name__ = "level_length"
     return level_length_reward
+
+
+@_factory
+def make_pairwise_win_rate_reward(
+    comparator: str | Callable,
+    comparator_kwargs: dict | None = None,
+    pairing: str = "unordered",
+    failed_pair: str = "drop",
+    max_workers: int = 1,
+) -> TextRewardFn:
+    """A GROUPWISE reward fn(prompt, completions, **columns) -> each completion's win rate against the others of
+    its group under a pairwise comparator fn(prompt, a, b) -> P(a > b) in [0, 1] or None (no answer): Pref-GRPO's
+    reward (arXiv:2508.20751), the same wrapper as flowalign's images (shared.pairwise.win_rate_scorer, where
+    pairing, failed_pair and max_workers are described). `comparator` is the callable or its import path, built
+    with `comparator_kwargs`."""
+    from shared.pairwise import win_rate_scorer  # torch: only when building
+
+    score = win_rate_scorer(comparator, comparator_kwargs, pairing, failed_pair, max_workers)
+
+    def pairwise_win_rate_reward(prompt, completions: list[str], **kwargs) -> list[float | None]:
+        return score(prompt, completions)
+
+    pairwise_win_rate_reward.groupwise = True
+    return pairwise_win_rate_reward
 
 
 # ----------------------------------------------------------------------------------------------
