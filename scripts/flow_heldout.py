@@ -19,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flowalign.config import FlowGRPOConfig  # noqa: E402
 from flowalign.rewards.plugins import load_reward  # noqa: E402
-from flowalign.train import evaluate, load_adapter, make_policy, read_prompts  # noqa: E402
+from flowalign.data import read_prompts  # noqa: E402
+from flowalign.evaluation import evaluate  # noqa: E402
+from flowalign.model import load_adapter, make_policy  # noqa: E402
 from shared.checkpoint import latest_checkpoint, load_state, load_trainable_state  # noqa: E402
 from shared.config import load_config  # noqa: E402
 from shared.run import Run  # noqa: E402

@@ -10,6 +10,7 @@ from PIL import Image
 from flowalign.rewards.plugins import load_reward
 from flowalign.rewards import jpeg_compressibility
 from flowalign.score import load_batch, main
+from tests.test_train_smoke import tiny_pipeline_dir  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,3 +80,23 @@ def test_the_reward_template_loads_and_scores():
         sys.path.remove(str(ROOT / "scripts"))
     images = torch.stack([torch.full((3, 4, 4), 0.25), torch.full((3, 4, 4), 0.75)])
     torch.testing.assert_close(reward(images, ["a", "b"], [{}, {}]), torch.tensor([0.0, -0.5]))
+
+
+def test_flow_heldout_script_equals_the_trainers_own_final_evaluation(tiny_pipeline_dir, tmp_path):  # noqa: F811
+    """scripts/flow_heldout.py (the "400 images" scorer of docs/results.md) reloads a run's config and newest LoRA and
+    must score the same held-out images as the run's last evaluation did."""
+    import importlib.util
+    import json
+
+    from flowalign.train import train
+    from tests.test_train_smoke import tiny_config
+
+    out = tmp_path / "run"
+    train(tiny_config(tiny_pipeline_dir, out, "train.iterations=1", "log.checkpoint_every=1", "data.eval_seeds=2"))
+    spec = importlib.util.spec_from_file_location("flow_heldout", ROOT / "scripts" / "flow_heldout.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    scores = script.heldout(out, out / "config.json", seeds=2)
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    evals = {k: v for k, v in last.items() if k.startswith("eval/")}
+    assert evals and {k: scores[k] for k in evals} == pytest.approx(evals, abs=1e-6)
