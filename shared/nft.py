@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["diffusion_nft_loss", "optimality_probability", "velocity_gap"]
+__all__ = ["diffusion_nft_loss", "old_policy_decay", "optimality_probability", "velocity_gap"]
 
 ADAPTIVE_FLOOR = 1e-5  # the official code's lower bound on the adaptive weight
 
@@ -87,3 +87,12 @@ def velocity_gap(velocity: Tensor, reference_velocity: Tensor) -> Tensor:
     (mean over C, h, w of (v - v_ref)^2; the update weighs its batch mean by algorithm.kl_beta)."""
     dims = tuple(range(1, velocity.ndim))
     return ((velocity - reference_velocity.detach()) ** 2).mean(dim=dims)  # [R]
+
+
+def old_policy_decay(optimizer_steps: int, rate: float, maximum: float, start: int = 0) -> float:
+    """DiffusionNFT's soft update of the sampling ("old") policy, its code's return_decay: after each iteration
+    old <- d old + (1 - d) current with d = min(rate (steps - start), maximum), and d = 0 before `start` steps.
+    The official decay_type 1 is (0.001, 0.5, 0), type 2 (0.0075, 0.999, 75), type 0 d = 0 (on-policy)."""
+    if optimizer_steps < start:
+        return 0.0
+    return min((optimizer_steps - start) * rate, maximum)

@@ -2,10 +2,18 @@
 gradient; the flow recipe's `algorithm.name: diffusion_nft` (smoke, config errors, 1 vs 2 processes, SIGKILL
 resume)."""
 
+import json
+import math
+
 import pytest
 import torch
 
-from shared.nft import diffusion_nft_loss, optimality_probability, velocity_gap
+from flowalign.config import FlowGRPOConfig
+from flowalign.train import train
+from shared.checkpoint import load_state
+from shared.config import ConfigError, load_config
+from shared.nft import diffusion_nft_loss, old_policy_decay, optimality_probability, velocity_gap
+from tests.test_train_smoke import tiny_config, tiny_pipeline_dir  # noqa: F401  (fixture)
 
 # One row, two latent elements (shape [1, 2]): x0 = [1, 0], eps = [0, 2], t = 0.5
 #   x_t = 0.5 * [1, 0] + 0.5 * [0, 2] = [0.5, 1];   target velocity eps - x0 = [-1, 2]
@@ -101,3 +109,55 @@ def test_beta_one_positive_policy_is_the_trained_one_and_no_gradient_reaches_the
     loss, _ = diffusion_nft_loss(PERFECT, old, NOISED, CLEAN, T, torch.tensor([1.0]), beta=1.0, adaptive=False)
     assert loss.item() == 0.0
     assert not loss.requires_grad  # v_old is detached: the only input needing a gradient was it
+
+
+def test_old_policy_decay_schedules_by_hand():
+    # decay_type 1 (0.001, 0.5, 0): 0 steps -> 0, 1 -> 0.001, 300 -> 0.3, 500 -> 0.5, 900 -> min(0.9, 0.5) = 0.5
+    assert [old_policy_decay(s, 0.001, 0.5) for s in (0, 1, 300, 500, 900)] == pytest.approx([0, 0.001, 0.3, 0.5, 0.5])
+    # decay_type 2 (0.0075, 0.999, 75): 74 -> 0 (before start), 75 -> 0, 175 -> 0.75, 300 -> min(1.6875, .999)
+    assert [old_policy_decay(s, 0.0075, 0.999, 75) for s in (74, 75, 175, 300)] == pytest.approx([0, 0, 0.75, 0.999])
+
+
+# ------------------------------------------------------------------------------------------ the flow recipe
+NFT = ["algorithm.name=diffusion_nft", "algorithm.kl_beta=1e-3", "algorithm.train_fraction=0.5"]  # 2 of 4 levels
+
+
+def test_bad_nft_fields_are_one_line_config_errors(tmp_path):
+    for override, field in (
+        ("algorithm.nft_beta=0", "algorithm.nft_beta"),
+        ("algorithm.nft_beta=1.5", "algorithm.nft_beta"),
+        ("algorithm.nft_old_decay_max=1.0", "algorithm.nft_old_decay_max"),
+        ("algorithm.nft_old_decay_rate=-0.1", "algorithm.nft_old_decay_rate"),
+        ("algorithm.noise_aware_weighting=true", "algorithm.noise_aware_weighting"),
+    ):
+        with pytest.raises(ConfigError, match=field) as error:
+            load_config(FlowGRPOConfig, None, ["algorithm.name=diffusion_nft", override])
+        assert "\n" not in str(error.value)
+    # the SDE noise level is not used: 0 is accepted for diffusion_nft, refused for flow_grpo
+    load_config(FlowGRPOConfig, None, ["algorithm.name=diffusion_nft", "sampling.noise_level=0"])
+    with pytest.raises(ConfigError, match="sampling.noise_level"):
+        load_config(FlowGRPOConfig, None, ["sampling.noise_level=0"])
+
+
+def test_two_iterations_change_the_lora_log_finite_losses_and_soft_update_the_old_policy(tiny_pipeline_dir, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    # decay d = min(0.3 x optimizer steps, 0.9): after iteration 1 (2 steps) d = 0.6, after iteration 2 d = 0.9
+    decay = ["algorithm.nft_old_decay_rate=0.3", "algorithm.nft_old_decay_max=0.9"]
+    train(tiny_config(tiny_pipeline_dir, out, *NFT, *decay))
+    first, second = (out / "checkpoints" / f"step-00000{i}" for i in (1, 2))
+    w1, w2 = load_state(first, "trainable"), load_state(second, "trainable")
+    assert w1 and all(not torch.equal(w1[name], w2[name]) for name in w1)  # every tensor moved
+    assert all(w2[name].abs().sum() > 0 for name in w2 if "lora_B" in name)  # from peft's zero init
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 1, 2]
+    for record in records[1:]:
+        assert all(math.isfinite(record[k]) for k in ("train/loss", "train/kl", "train/nft_positive"))
+        # 2 prompts x 2 samples x 2 noise levels = 8 rows, each one trained forward + one reference forward
+        assert record["nfe/update_backward"] == 8 and record["nfe/update_forward"] == 16
+    # LoRA B starts at 0 in both copies, so after iteration 1 the old copy's B is (1 - 0.6) x the trained B, and
+    # after iteration 2 it is 0.9 x that + 0.1 x the trained B of iteration 2
+    names = list(w1)  # the trainable parameters in model order, as the old copy lists them
+    old1, old2 = (dict(zip(names, load_state(c, "old_policy"))) for c in (first, second))
+    for name in (n for n in names if "lora_B" in n):
+        assert torch.allclose(old1[name], 0.4 * w1[name], atol=1e-7)
+        assert torch.allclose(old2[name], 0.9 * old1[name] + 0.1 * w2[name], atol=1e-7)
