@@ -775,7 +775,7 @@ class FlowGRPORecipe:
         return {
             "reward": f"{record['reward/total/mean']:.3f}",
             "kl": f"{record.get('train/kl', 0):.2e}",
-            "clip": f"{record.get('train/clip_frac', 0):.2f}",
+            **({"clip": f"{record['train/clip_frac']:.2f}"} if "train/clip_frac" in record else {}),  # ratio-based
         }
 
     def save(self, done: int) -> None:
