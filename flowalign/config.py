@@ -143,11 +143,14 @@ class SamplingConfig:
 
 @dataclasses.dataclass
 class AlgorithmConfig:
-    name: Literal["flow_grpo", "mixgrpo", "tempflow"] = option("flow_grpo", "which rollout/training scheme")
+    name: Literal["flow_grpo", "mixgrpo", "tempflow", "diffusion_nft"] = option(
+        "flow_grpo", "which rollout/training scheme (flowalign/train.py's ALGORITHMS)"
+    )
     clip_range: float = option(1e-4, "PPO clip epsilon on the per-step ratio (Flow-GRPO: 1e-4); llmalign's too")
     kl_beta: float = option(
         0.01,
-        "weight of the Gaussian-mean KL to the reference (LoRA disabled), in algorithm.kl_form's units; 0 = off",
+        "weight of the Gaussian-mean KL to the reference (LoRA disabled), in algorithm.kl_form's units; 0 = off. "
+        "diffusion_nft: weight of the mean squared velocity gap to the reference (official 1e-4)",
     )
     kl_form: Literal["flow_grpo", "exact_step"] = option(
         "flow_grpo",
@@ -173,7 +176,12 @@ class AlgorithmConfig:
         "optimizer steps per iteration (flow GRPO makes one pass over each rollout): the global batch of (sample, "
         "step) rows is split in this many parts, the same split whatever the number of processes",
     )
-    train_fraction: float = option(1.0, "flow_grpo: fraction of the SDE steps trained each iteration (random subset)")
+    train_fraction: float = option(
+        1.0,
+        "flow_grpo: fraction of the SDE steps trained each iteration (random subset); diffusion_nft: each sample is "
+        "trained at int(fraction x sampling.num_steps) of the schedule's noise levels, its own random subset "
+        "(official 0.99: 9 of 10)",
+    )
     window_size: int = option(4, "mixgrpo: SDE window length w")
     window_stride: int = option(1, "mixgrpo: window moves by s steps ...")
     window_interval: int = option(25, "mixgrpo: ... every tau iterations")
@@ -185,6 +193,22 @@ class AlgorithmConfig:
     branch_subset: list[int] = option([], "tempflow: branch step indices when branch_steps = subset")
     num_branches: int = option(4, "tempflow: SDE samples K drawn at each branch step")
     noise_aware_weighting: bool = option(False, "scale each step's loss by its noise scale (TempFlow-GRPO)")
+    nft_beta: float = option(
+        1.0,
+        "diffusion_nft: beta of the implicit policies v+ = beta v + (1 - beta) v_old and v- = (1 + beta) v_old - "
+        "beta v, in (0, 1] (official: 1.0; 0.1 for OCR and multi-reward)",
+    )
+    nft_adaptive_weighting: bool = option(
+        True, "diffusion_nft: divide each row's x0 error by its detached mean absolute error (official: on)"
+    )
+    nft_old_decay_rate: float = option(
+        0.001,
+        "diffusion_nft: after each iteration the sampling (old) policy becomes d old + (1 - d) current with "
+        "d = min(rate x (optimizer steps - start), max), 0 before start (official decay_type 1: 0.001, 0.5, 0; "
+        "type 2: 0.0075, 0.999, 75; type 0: max 0, always on-policy)",
+    )
+    nft_old_decay_max: float = option(0.5, "diffusion_nft: the old policy's decay d is at most this, in [0, 1)")
+    nft_old_decay_start: int = option(0, "diffusion_nft: optimizer steps before the old policy's decay starts")
     noise_aware_normalization: Literal["schedule", "trained_steps"] = option(
         "schedule",
         "noise-aware weights divided by the mean noise scale of the schedule's noisy steps (schedule: fixed, "
@@ -224,6 +248,8 @@ class AlgorithmConfig:
                 "algorithm.flash_ratio",
                 f"{self.flash_ratio} must be in (0, 1], e.g. 0.4",
             )
+        if self.name == "diffusion_nft":
+            self.check_nft()
         if self.name == "tempflow":
             need(self.num_branches >= 2, "algorithm.num_branches", f"{self.num_branches} < 2; branches form the groups")
             need(
@@ -231,6 +257,21 @@ class AlgorithmConfig:
                 "algorithm.branch_subset",
                 "empty; list step indices or use branch_steps=all",
             )
+
+    def check_nft(self) -> None:
+        need(0 < self.nft_beta <= 1, "algorithm.nft_beta", f"{self.nft_beta} is outside (0, 1]; the official uses 1.0")
+        need(self.nft_old_decay_rate >= 0, "algorithm.nft_old_decay_rate", f"{self.nft_old_decay_rate} must be >= 0")
+        need(
+            0 <= self.nft_old_decay_max < 1,
+            "algorithm.nft_old_decay_max",
+            f"{self.nft_old_decay_max} is outside [0, 1); 1 would freeze the sampling policy (official: 0.5)",
+        )
+        need(self.nft_old_decay_start >= 0, "algorithm.nft_old_decay_start", f"{self.nft_old_decay_start} is negative")
+        need(
+            not self.noise_aware_weighting,
+            "algorithm.noise_aware_weighting",
+            "weighs SDE steps; diffusion_nft trains on noised clean samples, not on steps; set it false",
+        )
 
     def check_steps(self, trainable_steps: int) -> None:
         """The window and the branch steps must fit in the schedule's noisy steps (sampling.num_steps - 1)."""
@@ -388,7 +429,8 @@ class FlowGRPOConfig:
         check_sections(self)
         s, a, t = self.sampling, self.algorithm, self.train
         need(s.num_steps >= 2, "sampling.num_steps", f"{s.num_steps} is too few; use at least 2")
-        s.check_sde()
+        if a.name != "diffusion_nft":  # diffusion_nft samples by ODE: no SDE noise level
+            s.check_sde()
         check_frames(self.model, s)
         a.check_steps(s.num_steps - 1)  # the last step lands on sigma = 0 and has no noise
         check_reward_paths(self.reward, self.eval)

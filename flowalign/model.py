@@ -92,8 +92,17 @@ def velocity_fn_for(adapter, embeds, guidance_scale: float):
 
 
 def save_training_checkpoint(
-    config, run: Run, adapter, optimizer, ema, iteration: int, trackers: dict[str, PromptStatTracker] | None = None
+    config,
+    run: Run,
+    adapter,
+    optimizer,
+    ema,
+    iteration: int,
+    trackers: dict[str, PromptStatTracker] | None = None,
+    old_policy=None,
 ) -> None:
+    """The trainable weights, optimizer, EMA, per-prompt trackers and (DiffusionNFT) the sampling policy's
+    weights `old_policy.shadow`."""
     model = adapter.transformer
     states = {
         "trainable": run.trainable_state(model),
@@ -102,6 +111,8 @@ def save_training_checkpoint(
     }
     if ema is not None:
         states["ema"] = ema.shadow
+    if old_policy is not None:
+        states["old_policy"] = old_policy.shadow
     if trackers:  # algorithm.advantage_scale=per_prompt: the rewards each prompt's statistics pool (alike on all ranks)
         states["stat_tracker"] = {name: tracker.state_dict() for name, tracker in trackers.items()}
     writer = None

@@ -87,6 +87,9 @@ def plan_rows(config: FlowGRPOConfig) -> list[tuple[str, object]]:
     elif a.name == "flow_grpo":
         rows_per_sample = max(1, math.ceil(a.train_fraction * noisy))
         trained = f"{rows_per_sample} of {noisy}"
+    elif a.name == "diffusion_nft":
+        rows_per_sample = max(1, int(a.train_fraction * s.num_steps))  # flowalign/nft.py's levels_per_sample
+        trained = f"ODE samples, each forward-noised at {rows_per_sample} of the {s.num_steps} noise levels"
     else:
         rows_per_sample = None
         trained = f"branch steps: {a.branch_steps}" + (f" {a.branch_subset}" if a.branch_steps == "subset" else "")
@@ -110,7 +113,7 @@ def plan_rows(config: FlowGRPOConfig) -> list[tuple[str, object]]:
     rows += [
         ("iterations", t.iterations),
         ("optimizer steps", f"{t.iterations * a.updates_per_pass} ({a.updates_per_pass} per iteration)"),
-        ("optimizer", f"AdamW lr {t.learning_rate:g}, clip {a.clip_range:g}, KL beta {a.kl_beta:g} ({a.kl_form})"),
+        ("optimizer", f"AdamW lr {t.learning_rate:g}, " + _loss_line(config)),
         ("sampling", f"noise level {s.noise_level:g} ({s.sde_kind}), guidance {s.guidance_scale:g}, {size}"),
         (
             "trainable",
@@ -125,6 +128,17 @@ def plan_rows(config: FlowGRPOConfig) -> list[tuple[str, object]]:
         ("output", config.log.output_dir),
     ]
     return rows
+
+
+def _loss_line(config: FlowGRPOConfig) -> str:
+    a = config.algorithm
+    if a.name == "diffusion_nft":
+        return (
+            f"NFT beta {a.nft_beta:g}, adaptive weighting {a.nft_adaptive_weighting}, advantage clip "
+            f"{a.advantage_clip:g}, velocity-gap KL beta {a.kl_beta:g}, old policy decay min({a.nft_old_decay_rate:g} "
+            f"x (steps - {a.nft_old_decay_start}), {a.nft_old_decay_max:g})"
+        )
+    return f"clip {a.clip_range:g}, KL beta {a.kl_beta:g} ({a.kl_form})"
 
 
 def dry_run(config: FlowGRPOConfig) -> None:

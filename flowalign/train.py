@@ -1,4 +1,5 @@
-"""GRPO for flow-matching image models: Flow-GRPO, MixGRPO (+Flash) and TempFlow-GRPO in one recipe.
+"""Online RL for flow-matching image models: Flow-GRPO, MixGRPO (+Flash), TempFlow-GRPO and DiffusionNFT in one
+recipe, each an entry of ALGORITHMS (its rollout chunk, its trained steps, its update).
 
     python flowalign/train.py --config configs/flow/flow_grpo.yaml [key=value ...] [--resume [--allow-config-change]]
     accelerate launch --multi_gpu --num_processes 2 flowalign/train.py --config configs/flow/flow_grpo.yaml
@@ -6,7 +7,8 @@
     python flowalign/train.py --describe            # every config field, documented
 
 Each iteration: rollout (SDE steps with log-probs) -> reward -> advantage (shared/) -> update
-(clipped policy loss + KL to the LoRA-disabled reference, shared/) -> log -> checkpoint.
+(clipped policy loss + KL to the LoRA-disabled reference, shared/) -> log -> checkpoint. DiffusionNFT
+(flowalign/nft.py) samples by ODE with its old policy and trains on forward-noised final samples instead.
 
 Several processes (shared/run.py owns the accelerator, the run directory and the collectives). Batch sizes are
 global and a run does not depend on the number of processes:
@@ -31,10 +33,11 @@ import dataclasses
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import torch
 
-from flowalign import plan, samplers
+from flowalign import nft, plan, samplers
 from flowalign.command import RecipeCommand, script_main
 from flowalign.config import FlowGRPOConfig
 from flowalign.data import draw_prompts, read_prompts
@@ -61,6 +64,7 @@ from shared.losses import clipped_policy_loss
 from shared.ratio_check import FLOW_COMPARED, METRIC as RATIO_METRIC, FirstUpdateRatioCheck, ratio_deviation
 from shared.config import need
 from shared.loop import Plan, open_run, run_loop
+from shared.nft import old_policy_decay
 from shared.reward_calls import is_groupwise
 from shared.run import Run
 from shared.stats import PromptStatTracker
@@ -94,7 +98,7 @@ class Rollout:
     prompt_index: torch.Tensor  # [N] index into this rank's prompts
     sample_id: torch.Tensor  # [N] global sample index (reward metadata "sample"; update row keys)
     group_id: torch.Tensor  # [N] advantage group, global (the prompt's slot, and the branch step for tempflow)
-    rows: StepBatch  # [R] the (sample, step) rows to train, without advantages yet
+    rows: StepBatch | nft.NFTRows  # [R] the (sample, step) rows to train, without advantages yet
     row_sample: torch.Tensor  # [R] which of the N samples each row belongs to
     trained_steps: list[int]  # the denoising steps trained this iteration (the same on every rank)
     nfe: int  # batched velocity evaluations
@@ -103,7 +107,8 @@ class Rollout:
     def cat(chunks: list["Rollout"]) -> "Rollout":
         """One rollout from sequentially sampled chunks (row_sample shifted to index the joined samples)."""
         offsets = torch.tensor([0] + [len(c.final) for c in chunks[:-1]]).cumsum(0).tolist()  # first sample of each
-        rows = StepBatch(*(torch.cat([getattr(c.rows, f.name) for c in chunks]) for f in dataclasses.fields(StepBatch)))
+        kind = type(chunks[0].rows)
+        rows = kind(*(torch.cat([getattr(c.rows, f.name) for c in chunks]) for f in dataclasses.fields(kind)))
         return Rollout(
             torch.cat([c.final for c in chunks]),
             torch.cat([c.prompt_index for c in chunks]),
@@ -172,32 +177,18 @@ def rollout(
     for chunk in torch.arange(len(prompts)).tensor_split(min(config.train.rollout_chunks, len(prompts))):
         first, last = int(chunk[0]) * groups, (int(chunk[-1]) + 1) * groups  # this chunk's samples
         chunk_prompts = prompt_index[first:last]  # [c]
-        if tempflow:
-            part = branch_chunk(
-                config,
-                adapter,
-                embeds,
-                noise[first:last],
-                noise_source[first:last],
-                sigmas,
-                trained,
-                chunk_prompts,
-                first_slot,
-            )
-        else:
-            part = trajectory_chunk(
-                config,
-                adapter,
-                embeds[chunk_prompts],
-                noise[first:last],
-                noise_source[first:last],
-                sigmas,
-                sde_steps,
-                trained,
-                chunk_prompts,
-                first_slot,
-                first_sample + torch.arange(first, last),
-            )
+        part = ALGORITHMS[a.name].chunk(
+            config,
+            adapter,
+            embeds,
+            noise[first:last],
+            noise_source[first:last],
+            sigmas,
+            (sde_steps, trained),
+            chunk_prompts,
+            first_slot,
+            first_sample + torch.arange(first, last),
+        )
         if on_chunk is not None:
             on_chunk(part.final, part.prompt_index, part.sample_id)
         parts.append(part)
@@ -205,34 +196,52 @@ def rollout(
 
 
 def rollout_steps(config: FlowGRPOConfig, window, iteration: int, generator: torch.Generator):
-    """(the SDE steps of the sampler, the steps trained) of the iteration, alike on every rank. flow_grpo: SDE on
-    every noisy step, a random train.train_fraction of them trained; mixgrpo: the sliding window's steps, all
-    trained; tempflow: its branch steps (the SDE steps are the branches': None)."""
+    """(the SDE steps of the sampler, the steps trained) of the iteration, alike on every rank: the algorithm's
+    `steps` (ALGORITHMS)."""
+    return ALGORITHMS[config.algorithm.name].steps(config, window, iteration, generator)
+
+
+def flow_grpo_steps(config: FlowGRPOConfig, window, iteration: int, generator: torch.Generator):
+    """flow_grpo: SDE on every noisy step, a random train.train_fraction of them trained."""
     s, a = config.sampling, config.algorithm
-    if a.name == "tempflow":
-        trained = samplers.select_branch_steps(
-            s.num_steps,
-            a.branch_steps,
-            subset=a.branch_subset,
-            window=window.steps(iteration, generator) if window else None,
-        )
-        return None, trained
-    if a.name == "mixgrpo":
-        sde_steps = window.steps(iteration, generator)
-        return sde_steps, sde_steps
     sde_steps = list(range(s.num_steps - 1))
     count = max(1, math.ceil(a.train_fraction * len(sde_steps)))
     return sde_steps, sorted(torch.randperm(len(sde_steps), generator=generator)[:count].tolist())
 
 
-def trajectory_chunk(
-    config, adapter, embeds, noise, noise_source, sigmas, sde_steps, trained, chunk_prompts, first_slot, sample_id
-) -> Rollout:
-    """flow_grpo / mixgrpo: one trajectory per sample (ODE steps outside `sde_steps`), its `trained` steps as rows.
-    chunk_prompts [c]: each sample's prompt index; sample_id [c]: global sample indices."""
+def mixgrpo_steps(config: FlowGRPOConfig, window, iteration: int, generator: torch.Generator):
+    """mixgrpo: the sliding window's steps, all trained."""
+    sde_steps = window.steps(iteration, generator)
+    return sde_steps, sde_steps
+
+
+def tempflow_steps(config: FlowGRPOConfig, window, iteration: int, generator: torch.Generator):
+    """tempflow: its branch steps (the SDE steps are the branches': None)."""
     s, a = config.sampling, config.algorithm
+    trained = samplers.select_branch_steps(
+        s.num_steps,
+        a.branch_steps,
+        subset=a.branch_subset,
+        window=window.steps(iteration, generator) if window else None,
+    )
+    return None, trained
+
+
+def ode_steps(config: FlowGRPOConfig, window, iteration: int, generator: torch.Generator):
+    """diffusion_nft: no SDE step; the noise levels trained are drawn per sample (flowalign/nft.py)."""
+    return [], []
+
+
+def trajectory_chunk(
+    config, adapter, embeds, noise, noise_source, sigmas, steps, chunk_prompts, first_slot, sample_id
+) -> Rollout:
+    """flow_grpo / mixgrpo: one trajectory per sample (ODE steps outside the SDE steps), its trained steps as rows.
+    steps: (SDE steps, trained steps); chunk_prompts [c]: each sample's prompt index; sample_id [c]: global sample
+    indices."""
+    s, a = config.sampling, config.algorithm
+    sde_steps, trained = steps
     trajectory = samplers.sample_trajectory(
-        velocity_fn_for(adapter, embeds, s.guidance_scale),
+        velocity_fn_for(adapter, embeds[chunk_prompts], s.guidance_scale),
         noise,
         sigmas,
         sde_steps,
@@ -257,10 +266,12 @@ def trajectory_chunk(
     return Rollout(trajectory.final, chunk_prompts, sample_id, group_id, rows, row["sample"], trained, trajectory.nfe)
 
 
-def branch_chunk(config, adapter, embeds, noise, noise_source, sigmas, trained, chunk_prompts, first_slot) -> Rollout:
-    """tempflow: per prompt, one ODE trunk branching at each `trained` step into algorithm.num_branches SDE
-    branches (samplers.branch_rollout); one row (and one final sample) per branch, grouped by (slot, branch step)."""
+def branch_chunk(config, adapter, embeds, noise, noise_source, sigmas, steps, chunk_prompts, first_slot, _) -> Rollout:
+    """tempflow: per prompt, one ODE trunk branching at each trained step (steps: (None, trained)) into
+    algorithm.num_branches SDE branches (samplers.branch_rollout); one row (and one final sample) per branch,
+    grouped by (slot, branch step); the global sample ids are the branches' own."""
     s, a = config.sampling, config.algorithm
+    trained = steps[1]
     step_position = torch.zeros(s.num_steps, dtype=torch.long)  # branch step -> its position in `trained`
     step_position[trained] = torch.arange(len(trained))
     tiled = lambda rows: embeds[chunk_prompts[torch.arange(rows) % len(chunk_prompts)]]
@@ -293,6 +304,16 @@ def branch_chunk(config, adapter, embeds, noise, noise_source, sigmas, trained, 
     return Rollout(
         branches.final, sample_prompt, sample_id, group_id, rows, torch.arange(len(group_id)), trained, branches.nfe
     )
+
+
+def nft_rollout_chunk(
+    config, adapter, embeds, noise, noise_source, sigmas, steps, chunk_prompts, first_slot, sample_id
+):
+    """diffusion_nft: ODE samples and their forward-noised rows (flowalign/nft.py), grouped by prompt slot."""
+    final, rows, row_sample, nfe = nft.nft_chunk(
+        config, adapter, embeds[chunk_prompts], noise, noise_source, sigmas, chunk_prompts
+    )
+    return Rollout(final, chunk_prompts, sample_id, first_slot + chunk_prompts, rows, row_sample, [], nfe)
 
 
 # ------------------------------------------------------------------------------------ reward
@@ -477,6 +498,26 @@ def update(
     }
 
 
+# --------------------------------------------------------------------------------- algorithms
+@dataclasses.dataclass(frozen=True)
+class FlowAlgorithm:
+    """One entry of the flow algorithm map: what a config's algorithm.name changes in the recipe."""
+
+    steps: Callable  # (config, window, iteration, generator) -> (SDE steps, trained steps), alike on every rank
+    chunk: Callable  # (config, adapter, embeds, noise, noise_source, sigmas, steps, chunk_prompts, first_slot,
+    #                   sample_id) -> Rollout of one chunk of this rank's prompts
+    update: Callable  # (config, run, adapter, optimizer, params, embeds, rows, parts, total_rows) -> metrics
+    old_policy: bool = False  # sample with a separate, slowly following copy of the trained weights (saved)
+
+
+ALGORITHMS: dict[str, FlowAlgorithm] = {
+    "flow_grpo": FlowAlgorithm(flow_grpo_steps, trajectory_chunk, update),
+    "mixgrpo": FlowAlgorithm(mixgrpo_steps, trajectory_chunk, update),
+    "tempflow": FlowAlgorithm(tempflow_steps, branch_chunk, update),
+    "diffusion_nft": FlowAlgorithm(ode_steps, nft_rollout_chunk, nft.update, old_policy=True),
+}
+
+
 # -------------------------------------------------------------------------------------- main
 @dataclasses.dataclass
 class Iteration:
@@ -498,7 +539,7 @@ class Iteration:
 
 
 class FlowGRPORecipe:
-    """Flow-GRPO / MixGRPO / TempFlow-GRPO as the stages of shared.loop.run_loop."""
+    """Flow-GRPO / MixGRPO / TempFlow-GRPO / DiffusionNFT as the stages of shared.loop.run_loop."""
 
     def __init__(self, config: FlowGRPOConfig, train_prompts: list[str], eval_prompts: list[str]):
         self.config, self.train_prompts, self.eval_prompts = config, train_prompts, eval_prompts
@@ -510,6 +551,8 @@ class FlowGRPORecipe:
         run.require_divisible(t.prompts_per_iteration, "train.prompts_per_iteration", "prompts")  # before the model
         self.adapter, self.params, self.optimizer, _ = load_policy(config, run, load_adapter)
         self.ema = EMA(self.params, t.ema_decay) if t.ema_decay else None
+        self.algorithm = ALGORITHMS[a.name]
+        self.old = EMA(self.params, 0.0) if self.algorithm.old_policy else None  # the sampling policy, if separate
         self.rewards, eval_rewards = load_rewards(config)
         grouped = [name for name, fn in self.rewards.items() if is_groupwise(fn)]
         need(
@@ -564,6 +607,8 @@ class FlowGRPORecipe:
         restore_policy(run, self.adapter, self.optimizer)
         if self.ema is not None:
             self.ema.shadow = [x.to(run.device) for x in run.load("ema")]
+        if self.old is not None:
+            self.old.shadow = [x.to(run.device) for x in run.load("old_policy")]
         if self.trackers and (run.checkpoint / "stat_tracker.json").is_file():
             for name, state in run.load("stat_tracker").items():
                 if name in self.trackers:  # rewards alone: a per_prompt_history changed on resume applies to them
@@ -578,7 +623,7 @@ class FlowGRPORecipe:
         prompts = draw_prompts(self.train_prompts, t.prompts_per_iteration, generator)
         block = run.block(len(prompts))
         batch = Iteration(iteration, prompts, block.start, prompts[block.start : block.stop], None, [], 0.0, {})
-        with plain_transformer(run, self.adapter):
+        with plain_transformer(run, self.adapter), self.old.swapped_in() if self.old else contextlib.nullcontext():
             batch.sampled = rollout(
                 config,
                 self.adapter,
@@ -675,7 +720,7 @@ class FlowGRPORecipe:
         part_rows = run.sum(torch.tensor([len(r) for r in rows_of_part])).long().tolist()  # [U] global counts
         batch.total_rows = sum(part_rows)
         self.adapter.transformer.train()
-        metrics = update(
+        metrics = self.algorithm.update(
             config,
             run,
             self.adapter,
@@ -689,20 +734,26 @@ class FlowGRPORecipe:
         self.adapter.transformer.eval()
         if self.ema is not None:
             self.ema.update()
+        if self.old is not None:  # DiffusionNFT's soft update of the sampling policy
+            a = config.algorithm
+            steps = (batch.index + 1) * a.updates_per_pass  # optimizer steps so far
+            self.old.decay = old_policy_decay(steps, a.nft_old_decay_rate, a.nft_old_decay_max, a.nft_old_decay_start)
+            self.old.update()
         batch.timings["time/update"] = time.perf_counter() - clock
-        warning = self.ratio_check.warning(metrics[RATIO_METRIC], f"iteration {batch.index + 1}")  # max over ranks
-        if warning:
-            run.print(warning)
+        if RATIO_METRIC in metrics:  # the algorithms with an importance ratio
+            warning = self.ratio_check.warning(metrics[RATIO_METRIC], f"iteration {batch.index + 1}")  # max over ranks
+            if warning:
+                run.print(warning)
         return metrics
 
     def record(self, batch: Iteration, metrics: dict) -> dict:
         metrics = dict(metrics)
-        deviation = metrics.pop(RATIO_METRIC)
+        deviation = metrics.pop(RATIO_METRIC, None)
         a = self.config.algorithm
         return {
             **{f"reward/{k}": v for k, v in batch.reward_stats.items()},
             **{f"train/{k}": v for k, v in metrics.items()},
-            RATIO_METRIC: deviation,
+            **({RATIO_METRIC: deviation} if deviation is not None else {}),
             "nfe/rollout": batch.sampled.nfe,  # per process: batched velocity evaluations (CFG's batch counts once)
             "nfe/update_forward": batch.total_rows * (2 if a.kl_beta > 0 else 1),  # per (sample, step) row; + ref
             "nfe/update_backward": batch.total_rows,
@@ -724,12 +775,14 @@ class FlowGRPORecipe:
         return {
             "reward": f"{record['reward/total/mean']:.3f}",
             "kl": f"{record.get('train/kl', 0):.2e}",
-            "clip": f"{record['train/clip_frac']:.2f}",
+            **({"clip": f"{record['train/clip_frac']:.2f}"} if "train/clip_frac" in record else {}),  # ratio-based
         }
 
     def save(self, done: int) -> None:
         """Every rank takes part: the RNG states are gathered."""
-        save_training_checkpoint(self.config, self.run, self.adapter, self.optimizer, self.ema, done, self.trackers)
+        save_training_checkpoint(
+            self.config, self.run, self.adapter, self.optimizer, self.ema, done, self.trackers, self.old
+        )
 
     def finish(self, before: dict, after: dict) -> dict:
         self.scorer.shutdown()

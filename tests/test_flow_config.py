@@ -22,6 +22,7 @@ def test_every_shipped_recipe_loads():
         "mixgrpo",
         "mixgrpo_flash",
         "tempflow",  # the embedded default's recipes
+        "diffusion_nft",
         *preference,
         "sd35_medium_pickscore",
         "sd35_medium_ocr",
@@ -30,6 +31,7 @@ def test_every_shipped_recipe_loads():
         "wan2.1_t2v_1.3b_mixgrpo",
     }  # real models (dry run only)
     assert names["flux_dev_mixgrpo"].name == "mixgrpo" and names["sd35_medium_ocr"].name == "flow_grpo"
+    assert names["diffusion_nft"].name == "diffusion_nft"
     assert names["mixgrpo_flash"].name == "mixgrpo" and names["mixgrpo_flash"].flash_ratio == 0.4
     assert names["diffusion_dpo"].name == "diffusion_dpo" and names["smpo"].name == "smpo"
     assert names["tempflow"].noise_aware_weighting
