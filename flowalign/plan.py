@@ -109,6 +109,7 @@ def plan_rows(config: FlowGRPOConfig) -> list[tuple[str, object]]:
         ("iterations", t.iterations),
         ("optimizer steps", f"{t.iterations * a.updates_per_pass} ({a.updates_per_pass} per iteration)"),
         ("optimizer", f"AdamW lr {t.learning_rate:g}, clip {a.clip_range:g}, KL beta {a.kl_beta:g} ({a.kl_form})"),
+        ("policy loss", f"GRPO-Guard ({a.guard_average})" if a.guard else "Flow-GRPO clipped ratio"),
         ("sampling", f"noise level {s.noise_level:g} ({s.sde_kind}), guidance {s.guidance_scale:g}, {size}"),
         (
             "trainable",
