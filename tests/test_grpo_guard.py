@@ -4,11 +4,16 @@ against the sampler's own log-probs, and the gradient against a closed form."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from flowalign import samplers
+from flowalign.config import FlowGRPOConfig
+from shared.config import ConfigError, load_config
 from shared.guard import GUARD_LOSSES, guard_log_ratio, guard_loss_after_ratio, guard_loss_before_ratio
 
 
@@ -129,3 +134,60 @@ def test_the_two_orders_differ_off_policy():
     before, _, _ = guard_loss_before_ratio(x, new, old, std, dt, adv, 0.7)
     after, _, _ = guard_loss_after_ratio(x, new, old, std, dt, adv, 0.7)
     assert before.item() == pytest.approx(-2.2974425, abs=1e-6) and after.item() == pytest.approx(-1.7)
+
+
+# ----------------------------------------------------------------------------- config
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["algorithm.name=tempflow", "algorithm.guard=true"],
+            "config field 'algorithm.guard': GRPO-Guard applies to flow_grpo and mixgrpo, not tempflow",
+        ),
+        (
+            ["algorithm.guard=true", "sampling.sde_kind=cps"],
+            "config field 'algorithm.guard': GRPO-Guard's RatioNorm and 1/dt reweighting are derived for the "
+            "Flow-GRPO SDE step; set sampling.sde_kind=flow_grpo or algorithm.guard=false",
+        ),
+        (
+            ["algorithm.guard_average=after_ratio"],
+            "config field 'algorithm.guard_average': after_ratio is read only with algorithm.guard=true",
+        ),
+        (["algorithm.guard=true", "algorithm.guard_average=middle"], "algorithm.guard_average"),
+    ],
+)
+def test_bad_guard_combinations_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(FlowGRPOConfig, ROOT / "configs" / "flow" / "flow_grpo.yaml", overrides)
+    assert message in str(info.value)
+
+
+def test_guard_on_a_preference_recipe_is_an_unknown_field_with_one_line_and_exit_2():
+    done = subprocess.run(
+        [
+            sys.executable,
+            "flowalign/preference.py",
+            "--config",
+            "configs/flow/diffusion_dpo.yaml",
+            "algorithm.guard=true",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("config error: unknown config field 'algorithm.guard'"), lines
+
+
+def test_guard_is_accepted_on_both_flow_algorithms():
+    for name in ("flow_grpo", "mixgrpo"):
+        config = load_config(
+            FlowGRPOConfig,
+            ROOT / "configs" / "flow" / "flow_grpo.yaml",
+            [f"algorithm.name={name}", "algorithm.guard=true", "algorithm.guard_average=after_ratio"],
+        )
+        assert config.algorithm.guard and config.algorithm.guard_average == "after_ratio"

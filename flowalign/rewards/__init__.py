@@ -54,6 +54,29 @@ def digit_classifier_reward(path: str | None = None) -> ImageRewardFn:
     return reward
 
 
+def digit_mlp_reward(path: str | None = None) -> ImageRewardFn:
+    """A held-out judge of the toy's digits: the probability a second, differently built classifier (a two-layer MLP,
+    seed 1, no augmentation: flowalign/digit_mlp.py) gives to the digit the prompt names, in [0, 1]. Meant for
+    `eval.rewards` next to a run trained on digit_classifier_reward, to see over-optimisation of the trained one.
+
+    path: a directory with its model.safetensors + config.json; default: the shipped copy (built if missing)."""
+    from flowalign import digit_mlp, toy
+
+    state: dict = {}
+
+    @torch.no_grad()
+    def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
+        _check_batch(images, prompts)
+        if "model" not in state:
+            state["model"] = digit_mlp.load_digit_mlp(path)
+        model = state["model"] = state["model"].to(images.device)
+        target = torch.tensor([toy.digit_in_prompt(p) for p in prompts], device=images.device)  # [B]
+        probs = model(images).float().softmax(dim=-1)  # [B, 10]
+        return probs.gather(1, target[:, None]).squeeze(1)  # [B]
+
+    return reward
+
+
 def jpeg_size_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     """Size in kB (1000 bytes) of each image saved as JPEG at `quality`: [B] float32.
     Pixels are quantised as round(255 * x), as an 8-bit image file would hold them."""
@@ -90,6 +113,7 @@ def jpeg_incompressibility(quality: int = 95) -> ImageRewardFn:
 
 REWARDS: dict[str, Callable[..., ImageRewardFn]] = {
     "digit_classifier": digit_classifier_reward,
+    "digit_mlp": digit_mlp_reward,
     "jpeg_compressibility": jpeg_compressibility,
     "jpeg_incompressibility": jpeg_incompressibility,
 }
