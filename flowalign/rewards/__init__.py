@@ -46,12 +46,19 @@ def digit_classifier_reward(path: str | None = None) -> ImageRewardFn:
 
     @torch.no_grad()
     def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
-        _check_batch(images, prompts)
-        target = torch.tensor([toy.digit_in_prompt(p) for p in prompts], device=images.device)  # [B]
-        probs = classifier(images.device)(images).float().softmax(dim=-1)  # [B, 10]
-        return probs.gather(1, target[:, None]).squeeze(1)  # [B]
+        return _named_digit_probability(classifier(images.device), images, prompts)  # [B]
 
     return reward
+
+
+def _named_digit_probability(model: torch.nn.Module, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """softmax(model(images))[the digit each prompt names]: [B] in [0, 1]."""
+    from flowalign import toy
+
+    _check_batch(images, prompts)
+    target = torch.tensor([toy.digit_in_prompt(p) for p in prompts], device=images.device)  # [B]
+    probs = model(images).float().softmax(dim=-1)  # [B, 10]
+    return probs.gather(1, target[:, None]).squeeze(1)  # [B]
 
 
 def digit_mlp_reward(path: str | None = None) -> ImageRewardFn:
@@ -60,19 +67,16 @@ def digit_mlp_reward(path: str | None = None) -> ImageRewardFn:
     `eval.rewards` next to a run trained on digit_classifier_reward, to see over-optimisation of the trained one.
 
     path: a directory with its model.safetensors + config.json; default: the shipped copy (built if missing)."""
-    from flowalign import digit_mlp, toy
+    from flowalign import digit_mlp
 
     state: dict = {}
 
     @torch.no_grad()
     def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
-        _check_batch(images, prompts)
-        if "model" not in state:
+        if "model" not in state:  # loaded on the first call, not when the factory runs
             state["model"] = digit_mlp.load_digit_mlp(path)
-        model = state["model"] = state["model"].to(images.device)
-        target = torch.tensor([toy.digit_in_prompt(p) for p in prompts], device=images.device)  # [B]
-        probs = model(images).float().softmax(dim=-1)  # [B, 10]
-        return probs.gather(1, target[:, None]).squeeze(1)  # [B]
+        state["model"] = state["model"].to(images.device)
+        return _named_digit_probability(state["model"], images, prompts)  # [B]
 
     return reward
 
