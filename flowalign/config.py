@@ -215,8 +215,30 @@ class AlgorithmConfig:
         "as TempFlow's released code) or of this iteration's trained steps (trained_steps: first form)",
     )
 
+    guard: bool = option(
+        False,
+        "flow_grpo, mixgrpo: GRPO-Guard (arXiv 2510.22319): RatioNorm (each step's log-ratio re-centred by its bias "
+        "||mu - mu_old||^2 / (2 s^2) and scaled by the step's std s) and each step's loss divided by its dt",
+    )
+    guard_average: Literal["before_ratio", "after_ratio"] = option(
+        "before_ratio",
+        "algorithm.guard: average the log-ratio over the latent elements before forming one ratio per step (the "
+        "official code) or form, clip and average a ratio per latent element (after_ratio; flow_grpo issue #223)",
+    )
+
     def check(self) -> None:
         need(self.clip_range > 0, "algorithm.clip_range", f"{self.clip_range} must be positive, e.g. 1e-4")
+        need(
+            not self.guard or self.name in ("flow_grpo", "mixgrpo"),
+            "algorithm.guard",
+            f"GRPO-Guard applies to flow_grpo and mixgrpo, not {self.name} (its branch rows keep no old step "
+            "mean); set algorithm.guard=false",
+        )
+        need(
+            self.guard or self.guard_average == "before_ratio",
+            "algorithm.guard_average",
+            f"{self.guard_average} is read only with algorithm.guard=true; set that, or leave guard_average alone",
+        )
         need(self.kl_beta >= 0, "algorithm.kl_beta", f"{self.kl_beta} must be >= 0")
         need(self.advantage_clip > 0, "algorithm.advantage_clip", f"{self.advantage_clip} must be positive, e.g. 5.0")
         need(
@@ -433,6 +455,12 @@ class FlowGRPOConfig:
             s.check_sde()
         check_frames(self.model, s)
         a.check_steps(s.num_steps - 1)  # the last step lands on sigma = 0 and has no noise
+        need(
+            not a.guard or s.sde_kind == "flow_grpo",
+            "algorithm.guard",
+            "GRPO-Guard's RatioNorm and 1/dt reweighting are derived for the Flow-GRPO SDE step; set "
+            "sampling.sde_kind=flow_grpo or algorithm.guard=false",
+        )
         check_reward_paths(self.reward, self.eval)
         self.budget.refuse_token_budget(self.RECIPE)
         self.log.refuse_ratio_check(

@@ -114,6 +114,7 @@ def plan_rows(config: FlowGRPOConfig) -> list[tuple[str, object]]:
         ("iterations", t.iterations),
         ("optimizer steps", f"{t.iterations * a.updates_per_pass} ({a.updates_per_pass} per iteration)"),
         ("optimizer", f"AdamW lr {t.learning_rate:g}, " + _loss_line(config)),
+        ("policy loss", _policy_loss_name(a)),
         ("sampling", f"noise level {s.noise_level:g} ({s.sde_kind}), guidance {s.guidance_scale:g}, {size}"),
         (
             "trainable",
@@ -128,6 +129,12 @@ def plan_rows(config: FlowGRPOConfig) -> list[tuple[str, object]]:
         ("output", config.log.output_dir),
     ]
     return rows
+
+
+def _policy_loss_name(a) -> str:
+    if a.name == "diffusion_nft":
+        return "DiffusionNFT (implicit positive and negative velocities on the forward process)"
+    return f"GRPO-Guard ({a.guard_average})" if a.guard else "Flow-GRPO clipped ratio"
 
 
 def _loss_line(config: FlowGRPOConfig) -> str:

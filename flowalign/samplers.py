@@ -404,6 +404,7 @@ class Trajectory:
     sigmas: Tensor  # [T + 1] the schedule actually used (compressed after the window with Flash)
     final: Tensor  # [B, ...]
     nfe: int  # velocity_fn calls (one per step; CFG's doubled batch counts as one)
+    means: Tensor | None = None  # [T, B, ...] each step's mean (x' itself on ODE steps); kept when asked (GRPO-Guard)
 
     def training_rows(self, steps: list[int] | None = None) -> dict[str, Tensor]:
         """Flatten `steps` (default: sde_steps) step-major into rows: latents/next_latents [R, ...], sigma,
@@ -423,6 +424,7 @@ class Trajectory:
             "log_prob": self.log_probs[step, sample],
             "step": step,
             "sample": sample,
+            **({"mean": self.means[step, sample]} if self.means is not None else {}),
         }
 
 
@@ -436,6 +438,7 @@ def sample_trajectory(
     generator: torch.Generator | SampleNoise | None = None,
     flash_ratio: float | None = None,
     conventions: SDEConventions = OFFICIAL,
+    keep_means: bool = False,
 ) -> Trajectory:
     """Integrate from sigmas[0] to sigmas[-1]: SDE with log-probs on `sde_steps`, Euler ODE elsewhere
     (MixGRPO's mixed sampling; all steps SDE = Flow-GRPO, none = plain ODE sampling).
@@ -444,7 +447,7 @@ def sample_trajectory(
     on a tail compressed to max(1, round(n_tail * flash_ratio)) steps (compressed_sigmas); the steps
     before and inside the window are unchanged (accelerating them hurts, per the paper). With no SDE
     steps the whole schedule is compressed. velocity_fn is called with a python float sigma. conventions: see
-    SDEConventions.
+    SDEConventions. keep_means: also record each step's mean (the old policy's, for GRPO-Guard's RatioNorm).
     """
     num_steps = _check_sigmas(sigmas)
     sde = sorted(set(int(j) for j in sde_steps))
@@ -459,14 +462,14 @@ def sample_trajectory(
         num_steps = sigmas.numel() - 1
     x = initial_latents
     zeros = torch.zeros(x.shape[0], device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    states, nexts, log_probs = [], [], []
+    states, nexts, log_probs, means = [], [], [], []
     previous = None  # (x0, lambda) of the last deterministic step, for the multistep solver
     for step in range(num_steps):
         sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])
         v = velocity_fn(x, sigma)  # [B, C, H, W]
         log_prob = zeros
         if step in sde:
-            x_next, log_prob, _, _ = sde_step_with_logprob(
+            x_next, log_prob, mean, _ = sde_step_with_logprob(
                 x, v, sigma, sigma_next, noise_level, kind, generator=generator, conventions=conventions
             )
         elif step >= solver_start:
@@ -477,8 +480,11 @@ def sample_trajectory(
         deterministic = 0 < sigma < 1 and step not in sde
         previous = (x.to(_math_dtype(x)) - sigma * v.to(_math_dtype(x)), _log_snr(sigma)) if deterministic else None
         states.append(x), nexts.append(x_next), log_probs.append(log_prob)
+        if keep_means:
+            means.append(mean if step in sde else x_next)
         x = x_next
-    return Trajectory(torch.stack(states), torch.stack(nexts), torch.stack(log_probs), sde, sigmas, x, num_steps)
+    kept = torch.stack(means) if keep_means else None  # [T, B, ...]
+    return Trajectory(torch.stack(states), torch.stack(nexts), torch.stack(log_probs), sde, sigmas, x, num_steps, kept)
 
 
 @dataclasses.dataclass

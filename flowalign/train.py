@@ -60,6 +60,7 @@ from flowalign.report import finish_run, format_eval
 from flowalign.rewards.plugins import RewardError
 from shared.advantages import clip_advantages, compose_rewards
 from shared.kl import gaussian_mean_kl
+from shared.guard import GUARD_LOSSES
 from shared.losses import clipped_policy_loss
 from shared.ratio_check import FLOW_COMPARED, METRIC as RATIO_METRIC, FirstUpdateRatioCheck, ratio_deviation
 from shared.config import need
@@ -82,6 +83,7 @@ class StepBatch:
     advantage: torch.Tensor  # [R] (already multiplied by the noise-aware weight when that is on)
     prompt_index: torch.Tensor  # [R] index into this rank's prompts of the iteration
     step: torch.Tensor  # [R] index of the denoising step
+    old_mean: torch.Tensor  # [R, C, h, w] the sampling policy's step mean (GRPO-Guard); [R, 0] when not kept
 
     def rows(self, index: torch.Tensor) -> "StepBatch":
         return StepBatch(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
@@ -250,6 +252,7 @@ def trajectory_chunk(
         generator=noise_source,
         flash_ratio=a.flash_ratio if a.name == "mixgrpo" else None,
         conventions=sde_conventions(config),
+        keep_means=a.guard,
     )
     row = trajectory.training_rows(trained)  # step-major rows of the trained SDE steps
     rows = StepBatch(
@@ -261,6 +264,7 @@ def trajectory_chunk(
         torch.zeros(len(row["step"])),
         chunk_prompts[row["sample"]],
         row["step"],
+        row.get("mean", torch.zeros(len(row["step"]), 0)),
     )
     group_id = first_slot + chunk_prompts  # [c] the global prompt slot
     return Rollout(trajectory.final, chunk_prompts, sample_id, group_id, rows, row["sample"], trained, trajectory.nfe)
@@ -300,6 +304,7 @@ def branch_chunk(config, adapter, embeds, noise, noise_source, sigmas, steps, ch
         torch.zeros(len(group_id)),
         sample_prompt,
         branches.branch_step,
+        torch.zeros(len(group_id), 0),  # GRPO-Guard does not apply to tempflow (config refuses it)
     )
     return Rollout(
         branches.final, sample_prompt, sample_id, group_id, rows, torch.arange(len(group_id)), trained, branches.nfe
@@ -395,6 +400,36 @@ def update_parts(
     return result
 
 
+def step_policy_loss(a, rows: StepBatch, log_prob, mean, std):
+    """The policy loss of a micro-batch of (sample, step) rows: Flow-GRPO's clipped loss on the per-step ratio, or
+    with algorithm.guard GRPO-Guard's (shared.guard, averaging order algorithm.guard_average). Returns (loss,
+    metrics, clipped [m]: each row's clipped share, 0/1, or the fraction of its elements for guard after_ratio)."""
+    if a.guard:
+        step_size = rows.sigma - rows.sigma_next  # [m] dt > 0
+        loss, ratio, clipped = GUARD_LOSSES[a.guard_average](
+            rows.next_latents, mean, rows.old_mean, std, step_size, rows.advantage, a.clip_range
+        )  # ratio, clipped [m]
+        low, high = clipped * (rows.advantage < 0), clipped * (rows.advantage > 0)  # [m] each
+        metrics = {
+            "clip_frac_low": low.mean().item(),
+            "clip_frac_high": high.mean().item(),
+            "clip_frac": clipped.mean().item(),
+            "ratio_mean": ratio.mean().item(),
+            "ratio_max": ratio.max().item(),
+        }
+        return loss, metrics, clipped
+    loss, metrics = clipped_policy_loss(
+        log_prob[:, None], rows.old_log_prob[:, None], rows.advantage, eps_low=a.clip_range, aggregation="grpo"
+    )  # one "token" per step
+    with torch.no_grad():
+        ratio = (log_prob.detach() - rows.old_log_prob).exp()  # [m]
+        # clipped as clipped_policy_loss counts it: the clip is active for the sign of A
+        clipped = ((rows.advantage < 0) & (ratio < 1 - a.clip_range)) | (
+            (rows.advantage > 0) & (ratio > 1 + a.clip_range)
+        )  # [m]
+    return loss, metrics, clipped
+
+
 def update(
     config: FlowGRPOConfig,
     run: Run,
@@ -434,13 +469,7 @@ def update(
             with run.sync_gradients(model, last=index == micro_count - 1):
                 velocity = adapter.velocity(rows.latents, rows.sigma, step_embeds, s.guidance_scale)  # [m, C, h, w]
                 _, log_prob, mean, std = rescore_step(config, rows, velocity)
-                loss, metrics = clipped_policy_loss(
-                    log_prob[:, None],
-                    rows.old_log_prob[:, None],
-                    rows.advantage,
-                    eps_low=a.clip_range,
-                    aggregation="grpo",
-                )  # one "token" per step
+                loss, metrics, clipped = step_policy_loss(a, rows, log_prob, mean, std)
                 if a.kl_beta > 0:
                     with (
                         torch.no_grad(),
@@ -457,11 +486,6 @@ def update(
                 run.backward(loss * weight)
             if real:
                 with torch.no_grad():
-                    ratio = (log_prob.detach() - rows.old_log_prob).exp()  # [m]
-                    # clipped as clipped_policy_loss counts it: the clip is active for the sign of A
-                    clipped = ((rows.advantage < 0) & (ratio < 1 - a.clip_range)) | (
-                        (rows.advantage > 0) & (ratio > 1 + a.clip_range)
-                    )  # [m]
                     clipped_of_step.index_add_(0, rows.step, clipped.double())
                     rows_of_step.index_add_(0, rows.step, torch.ones(len(micro), dtype=torch.float64))
                     if part_index == 0:  # no optimizer step yet this iteration: on-policy

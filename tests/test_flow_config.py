@@ -21,6 +21,7 @@ def test_every_shipped_recipe_loads():
         "flow_grpo",
         "mixgrpo",
         "mixgrpo_flash",
+        "mixgrpo_guard",
         "tempflow",  # the embedded default's recipes
         "diffusion_nft",
         *preference,
@@ -35,6 +36,7 @@ def test_every_shipped_recipe_loads():
     assert names["mixgrpo_flash"].name == "mixgrpo" and names["mixgrpo_flash"].flash_ratio == 0.4
     assert names["diffusion_dpo"].name == "diffusion_dpo" and names["smpo"].name == "smpo"
     assert names["tempflow"].noise_aware_weighting
+    assert names["mixgrpo_guard"].guard and not names["mixgrpo"].guard
 
 
 @pytest.mark.parametrize(

@@ -46,10 +46,37 @@ def digit_classifier_reward(path: str | None = None) -> ImageRewardFn:
 
     @torch.no_grad()
     def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
-        _check_batch(images, prompts)
-        target = torch.tensor([toy.digit_in_prompt(p) for p in prompts], device=images.device)  # [B]
-        probs = classifier(images.device)(images).float().softmax(dim=-1)  # [B, 10]
-        return probs.gather(1, target[:, None]).squeeze(1)  # [B]
+        return _named_digit_probability(classifier(images.device), images, prompts)  # [B]
+
+    return reward
+
+
+def _named_digit_probability(model: torch.nn.Module, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """softmax(model(images))[the digit each prompt names]: [B] in [0, 1]."""
+    from flowalign import toy
+
+    _check_batch(images, prompts)
+    target = torch.tensor([toy.digit_in_prompt(p) for p in prompts], device=images.device)  # [B]
+    probs = model(images).float().softmax(dim=-1)  # [B, 10]
+    return probs.gather(1, target[:, None]).squeeze(1)  # [B]
+
+
+def digit_mlp_reward(path: str | None = None) -> ImageRewardFn:
+    """A held-out judge of the toy's digits: the probability a second, differently built classifier (a two-layer MLP,
+    seed 1, no augmentation: flowalign/digit_mlp.py) gives to the digit the prompt names, in [0, 1]. Meant for
+    `eval.rewards` next to a run trained on digit_classifier_reward, to see over-optimisation of the trained one.
+
+    path: a directory with its model.safetensors + config.json; default: the shipped copy (built if missing)."""
+    from flowalign import digit_mlp
+
+    state: dict = {}
+
+    @torch.no_grad()
+    def reward(images: torch.Tensor, prompts: list[str], metadata: list[dict] | None = None) -> torch.Tensor:
+        if "model" not in state:  # loaded on the first call, not when the factory runs
+            state["model"] = digit_mlp.load_digit_mlp(path)
+        state["model"] = state["model"].to(images.device)
+        return _named_digit_probability(state["model"], images, prompts)  # [B]
 
     return reward
 
@@ -90,6 +117,7 @@ def jpeg_incompressibility(quality: int = 95) -> ImageRewardFn:
 
 REWARDS: dict[str, Callable[..., ImageRewardFn]] = {
     "digit_classifier": digit_classifier_reward,
+    "digit_mlp": digit_mlp_reward,
     "jpeg_compressibility": jpeg_compressibility,
     "jpeg_incompressibility": jpeg_incompressibility,
 }
