@@ -27,9 +27,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from benchmarks.cpu_flops import matmul_peak  # noqa: E402
+from benchmarks.cpu_flops import matmul_peak, matmul_rate  # noqa: E402
 
 RECIPE = ROOT / "configs" / "flow" / "mixgrpo.yaml"
+MODEL_MATMUL = (1280, 64, 64)  # [rows, k, n]: 80 samples x 16 image tokens through a 64-wide layer of the toy
 GOAL = 0.40  # the update's share of the bf16 matmul peak we aim for
 
 
@@ -86,6 +87,7 @@ def main() -> dict:
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="bf16_bench-"))
     peaks = {"no": matmul_peak(dtype=torch.float32), "bf16": matmul_peak(dtype=torch.bfloat16)}
+    narrow = {p: matmul_rate(*MODEL_MATMUL, dtype=d) for p, d in (("no", torch.float32), ("bf16", torch.bfloat16))}
     flops = update_flops_per_iteration(scratch / "flops")
     runs: dict[str, list[dict]] = {"no": [], "bf16": []}
     for repeat in range(args.repeats):
@@ -99,6 +101,8 @@ def main() -> dict:
     lines = [
         f"matmul peak (1024^3, {threads} threads): float32 {peaks['no'] / 1e9:.0f} GFLOP/s, "
         f"bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s ({peaks['bf16'] / peaks['no']:.1f}x)",
+        f"a matmul at the model's width ({' x '.join(map(str, MODEL_MATMUL))}): float32 {narrow['no'] / 1e9:.0f} "
+        f"GFLOP/s, bf16 {narrow['bf16'] / 1e9:.0f} GFLOP/s",
         f"update FLOPs per iteration (MixGRPO, embedded digits): {flops / 1e9:.1f} GFLOP",
         "",
         "| precision | rollout s/it | update s/it | update GFLOP/s | of the float32 peak | of the bf16 peak |",

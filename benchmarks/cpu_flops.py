@@ -18,14 +18,19 @@ sys.path.insert(0, str(ROOT))
 
 
 def matmul_peak(size: int = 1024, repeats: int = 20, dtype: torch.dtype = torch.float32) -> float:
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    return matmul_rate(size, size, size, repeats, dtype)
+
+
+def matmul_rate(m: int, k: int, n: int, repeats: int = 20, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of the fastest of `repeats` [m, k] x [k, n] matmuls."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     a @ b  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
         times.append(time.perf_counter() - start)
-    return 2 * size**3 / min(times)
+    return 2 * m * k * n / min(times)
 
 
 def update_step_flops() -> tuple[float, float]:
