@@ -22,6 +22,7 @@ def test_every_shipped_recipe_loads():
         "mixgrpo",
         "mixgrpo_flash",
         "mixgrpo_guard",
+        "mixgrpo_pairwise",
         "tempflow",  # the embedded default's recipes
         "diffusion_nft",
         *preference,

@@ -166,7 +166,9 @@ def test_advantage_and_update_on_a_fixed_rollout_are_the_same_on_two_processes(t
     two = load_file(str(tmp_path / "w2" / "ppo.world2.safetensors"))  # the name holds the world size it ran on
     assert one.keys() == two.keys() and any(k.startswith("critic.") for k in one)
     for key in one:
-        assert_close(two[key], one[key], atol=1e-5, rtol=1e-5, msg=key)
+        # AdamW steps of ~lr on coordinates whose gradient is mostly rounding: the largest gap measured 1.5e-5
+        # (critic gate_proj, weights ~0.09) on 2026-12-06's packages, 1e-5 before
+        assert_close(two[key], one[key], atol=3e-5, rtol=1e-5, msg=key)
     assert float(one["critic.score.weight"].abs().max()) > 0  # the critic's zero head moved
     from transformers import AutoModelForCausalLM
 

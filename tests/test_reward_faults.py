@@ -1,6 +1,7 @@
 """A broken reward is reported with its name before or during training; with reward.on_bad_score=drop
 its NaN samples get advantage 0 and are counted instead."""
 
+import dataclasses
 import json
 import threading
 import time
@@ -123,7 +124,8 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_checkpoint(tiny_pipelin
     import flowalign.train as recipe
 
     config = tiny_config(tiny_pipeline_dir, tmp_path / "run", "train.iterations=3")
-    real_update, calls = recipe.update, {"n": 0}
+    algorithm = recipe.ALGORITHMS[config.algorithm.name]  # the recipe calls its algorithm's update
+    real_update, calls = algorithm.update, {"n": 0}
 
     def update_that_fails_on_the_second_call(*args):
         calls["n"] += 1
@@ -131,7 +133,8 @@ def test_nan_loss_stops_with_the_iteration_and_keeps_the_checkpoint(tiny_pipelin
             raise FloatingPointError("loss became nan; lower train.learning_rate or check the rewards")
         return real_update(*args)
 
-    monkeypatch.setattr(recipe, "update", update_that_fails_on_the_second_call)
+    failing = dataclasses.replace(algorithm, update=update_that_fails_on_the_second_call)
+    monkeypatch.setitem(recipe.ALGORITHMS, config.algorithm.name, failing)
     with pytest.raises(FloatingPointError, match="iteration 2: loss became nan.*last good checkpoint is .*step-000001"):
         recipe.train(config)
     from shared.checkpoint import latest_checkpoint, load_state
