@@ -74,6 +74,7 @@ from llmalign.toy import resolve_embedded
 from shared.config import ConfigError, local_path_problem
 from shared.gpm import bradley_terry_loss, gpm_pair_loss, gpm_probability, gpm_score_table, gpm_win_rates
 from shared.loop import Plan, run_recipe
+from shared.reward_calls import groupwise
 from shared.run import Run
 
 RM_FILE = "reward_model.json"  # beside the saved model: what its head means
@@ -385,15 +386,20 @@ class RewardModel:
             raise ValueError(f"{what} needs a {kind} reward model, but this one is {self.kind} ({RM_FILE})")
 
 
+def read_model_info(path: str | Path) -> dict:
+    """The kind, dim, tau and normalize `llmalign rm` wrote in `path`'s reward_model.json."""
+    info_file = Path(path) / RM_FILE
+    if not info_file.is_file():
+        raise ValueError(f"{path} has no {RM_FILE}; give the final/ directory of an `llmalign rm` run")
+    return json.loads(info_file.read_text())
+
+
 def load_reward_model(path: str | Path, device: torch.device | str = "cpu") -> RewardModel:
     """The reward model `llmalign rm` saved in `path` (RUN/final): from_pretrained without remote code, in eval
     mode, with the kind, dim, tau and normalize of its reward_model.json."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    info_file = Path(path) / RM_FILE
-    if not info_file.is_file():
-        raise ValueError(f"{path} has no {RM_FILE}; give the final/ directory of an `llmalign rm` run")
-    info = json.loads(info_file.read_text())
+    info = read_model_info(path)
     tokenizer = padded_left(AutoTokenizer.from_pretrained(path))
     model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
     if model.config.num_labels != info["dim"]:
@@ -422,20 +428,17 @@ def make_gpm_reward(path: str, device: str = "cpu", antisymmetrize: bool = False
     included (shared.gpm.gpm_win_rates; antisymmetrize: the official sigmoid(S_ij - S_ji)), from ONE forward of the K
     completions. The model loads at the first call (a dry run builds the reward without its weights); its
     reward_model.json is read at once, so a path that is not a GPM fails before training."""
-    info_file = Path(path) / RM_FILE
-    if not info_file.is_file():
-        raise ValueError(f"{path} has no {RM_FILE}; give the final/ directory of an `llmalign rm` run")
-    kind = json.loads(info_file.read_text()).get("kind")
+    kind = read_model_info(path).get("kind")
     if kind != "gpm":
         raise ValueError(f"{path} holds a {kind} reward model; make_gpm_reward needs a GPM (algorithm.kind=gpm)")
     loaded: list[RewardModel] = []
 
+    @groupwise
     def gpm_reward(prompt, completions: list[str], **kwargs) -> list[float]:
         if not loaded:
             loaded.append(load_reward_model(path, device))
         return gpm_win_rates(loaded[0].score_table(prompt, completions), antisymmetrize).tolist()  # [K]
 
-    gpm_reward.groupwise = True
     return gpm_reward
 
 

@@ -780,13 +780,14 @@ def make_pairwise_win_rate_reward(
     pairing, failed_pair and max_workers are described). `comparator` is the callable or its import path, built
     with `comparator_kwargs`."""
     from shared.pairwise import win_rate_scorer  # torch: only when building
+    from shared.reward_calls import groupwise
 
     score = win_rate_scorer(comparator, comparator_kwargs, pairing, failed_pair, max_workers)
 
+    @groupwise
     def pairwise_win_rate_reward(prompt, completions: list[str], **kwargs) -> list[float | None]:
         return score(prompt, completions)
 
-    pairwise_win_rate_reward.groupwise = True
     return pairwise_win_rate_reward
 
 
